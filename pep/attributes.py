@@ -1,0 +1,71 @@
+"""The `pep/v1` policy input document, built from facts about one request (pure; no aiohttp types)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+from pep.routing import Route
+
+VERSION = "pep/v1"
+
+
+def rfc3339_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased names; repeated fields joined with `, ` as RFC 9110 5.3 allows."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        key = name.lower()
+        prior = out.get(key)
+        out[key] = value if prior is None else f"{prior}, {value}"
+    return out
+
+
+def query_map(query: str) -> dict[str, list[str]]:
+    """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged)."""
+    if not query:
+        return {}
+    return parse_qs(query, keep_blank_values=True)
+
+
+def document(
+    *,
+    request_id: str,
+    method: str,
+    scheme: str,
+    host: str,
+    path: str,
+    query: str,
+    headers: dict[str, str],
+    body_bytes: int | None,
+    route: Route,
+    upstream_url: str,
+    subject: dict[str, Any],
+) -> dict[str, Any]:
+    """The document sent to the PDP. `headers` must already exclude credentials and PEP-owned headers."""
+    return {
+        "version": VERSION,
+        "request": {
+            "id": request_id,
+            "time": rfc3339_now(),
+            "method": method,
+            "scheme": scheme,
+            "host": host,
+            "path": path,
+            "query": query_map(query),
+            "headers": headers,
+            "body_bytes": body_bytes,
+        },
+        "route": {
+            "name": route.name,
+            "protocol": route.config.protocol,
+            "upstream": route.upstream,
+            "upstream_url": upstream_url,
+        },
+        "subject": subject,
+    }

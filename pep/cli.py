@@ -1,0 +1,60 @@
+"""Command line: `pep run`, `pep check`, `pep demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pep import __version__
+from pep.config import ConfigError, load
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pep", description="failclosed-pep: a fail-closed policy proxy")
+    parser.add_argument("--version", action="version", version=f"failclosed-pep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start the proxy and its admin listener")
+    run.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    sub.add_parser("demo", help="run the quickstart: a tool API, a PDP and the PEP on loopback")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from pep.demo import main as demo_main
+
+        return demo_main()
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        print("ok")
+        return 0
+    return _run(config)
+
+
+def _run(config: object) -> int:
+    import uvloop
+
+    from pep.app import serve
+    from pep.config import Config
+    from pep.decision_log import DecisionLogError
+
+    assert isinstance(config, Config)
+    try:
+        uvloop.run(serve(config))
+    except DecisionLogError as exc:
+        print(f"{config.source}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"{config.source}: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0

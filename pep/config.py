@@ -1,0 +1,446 @@
+"""YAML configuration into typed, frozen objects. Every problem is reported as `file: key.path: message`.
+
+All problems are collected, not just the first, so one `pep check` run shows everything to fix. Keys that
+belong to capabilities this version does not have are refused by name rather than silently ignored: a config
+that asks for credential injection must not start a proxy that does not inject.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
+
+NOT_YET = "is not supported by this version of failclosed-pep"
+
+
+class ConfigError(Exception):
+    """The config cannot be used. `problems` holds one `file: key.path: message` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    workload: str | None = None
+    agent_header: str | None = None  # lower-cased
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    open_ms: int = 5000
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PdpConfig:
+    kind: str
+    url: str
+    timeout_ms: int = 250
+    retries: int = 1
+    max_in_flight: int = 512
+    max_response_bytes: int = 1048576
+    breaker: BreakerConfig = BreakerConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLogConfig:
+    sink: str = "stdout"  # stdout | file | none
+    path: str | None = None
+    include_arguments: bool = False
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    path_prefix: str
+    upstream: str
+    strip_prefix: bool = False
+    protocol: str = "http"
+    max_body_bytes: int | None = None
+    timeout_ms: int = 30000
+    keep_caller_credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    listen: Address
+    admin_listen: Address
+    identity: Identity
+    pdp: PdpConfig
+    decision_log: DecisionLogConfig
+    routes: tuple[RouteConfig, ...]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Reader:
+    """Reads one mapping level at a time, recording problems with their key paths."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def mapping(
+        self, value: Any, path: str, known: set[str], not_yet: frozenset[str] = frozenset()
+    ) -> Mapping[str, Any] | None:
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, got {_kind(value)}")
+            return None
+        for key in value:
+            sub = _join(path, str(key))
+            if key in not_yet:
+                self.error(sub, NOT_YET)
+            elif key not in known:
+                self.error(sub, f"unknown key (expected one of: {', '.join(sorted(known))})")
+        return value
+
+    def string(
+        self, m: Mapping[str, Any], key: str, path: str, *, required: bool = False, default: str | None = None
+    ) -> str | None:
+        if key not in m:
+            if required:
+                self.error(_join(path, key), "is required")
+            return default
+        value = m[key]
+        if not isinstance(value, str) or not value:
+            self.error(_join(path, key), f"must be a non-empty string, got {_kind(value)}")
+            return default
+        return value
+
+    def integer(self, m: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
+        if key not in m:
+            return default
+        value = m[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(_join(path, key), f"must be an integer, got {_kind(value)}")
+            return default
+        if not lo <= value <= hi:
+            self.error(_join(path, key), f"must be between {lo} and {hi}, got {value}")
+            return default
+        return value
+
+    def boolean(self, m: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        if key not in m:
+            return default
+        value = m[key]
+        if not isinstance(value, bool):
+            self.error(_join(path, key), f"must be true or false, got {_kind(value)}")
+            return default
+        return value
+
+    def choice(
+        self,
+        m: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: str | None,
+        allowed: tuple[str, ...],
+        later: tuple[str, ...] = (),
+    ) -> str | None:
+        value = self.string(m, key, path, required=default is None, default=default)
+        if value is None:
+            return None
+        if value in later:
+            self.error(_join(path, key), f"{value!r} {NOT_YET}")
+            return None
+        if value not in allowed:
+            self.error(_join(path, key), f"must be one of {', '.join(allowed)}, got {value!r}")
+            return None
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def parse_address(text: str) -> Address:
+    """`host:port` or `[v6]:port`; port 0 asks the OS for a free port."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"must look like host:port, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return Address(host, port)
+
+
+def _http_url(r: _Reader, value: str | None, path: str, *, allow_path: bool = True) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.error(path, f"must be an http:// or https:// URL with a host, got {value!r}")
+        return None
+    if parts.username or parts.password:
+        r.error(path, "must not carry user credentials (use a credential file)")
+        return None
+    if parts.query or parts.fragment:
+        r.error(path, "must not have a query or a fragment")
+        return None
+    if not allow_path and parts.path not in ("", "/"):
+        r.error(path, "must not have a path")
+        return None
+    try:
+        _ = parts.port
+    except ValueError:
+        r.error(path, f"has an invalid port: {value!r}")
+        return None
+    return value
+
+
+def _address(r: _Reader, m: Mapping[str, Any], key: str, default: str | None) -> Address | None:
+    text = r.string(m, key, "", required=default is None, default=default)
+    if text is None:
+        return None
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        r.error(key, str(exc))
+        return None
+
+
+def _identity(r: _Reader, value: Any) -> Identity:
+    m = r.mapping(value, "identity", {"workload", "agent_header"}, frozenset({"jwt", "mtls"}))
+    if m is None:
+        return Identity()
+    header = r.string(m, "agent_header", "identity")
+    if header is not None and not HEADER_NAME.match(header):
+        r.error("identity.agent_header", f"is not a valid header name: {header!r}")
+        header = None
+    return Identity(workload=r.string(m, "workload", "identity"), agent_header=header and header.lower())
+
+
+def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
+    m = r.mapping(
+        value,
+        "pdp",
+        {"kind", "url", "timeout_ms", "retries", "max_in_flight", "max_response_bytes", "breaker"},
+    )
+    if m is None:
+        return None
+    kind = r.choice(m, "kind", "pdp", None, ("opa",), later=("authzen", "cedar"))
+    url = _http_url(r, r.string(m, "url", "pdp", required=kind == "opa"), "pdp.url")
+    breaker = BreakerConfig()
+    if "breaker" in m:
+        b = r.mapping(m["breaker"], "pdp.breaker", {"failure_threshold", "open_ms", "half_open_probes"})
+        if b is not None:
+            breaker = BreakerConfig(
+                failure_threshold=r.integer(b, "failure_threshold", "pdp.breaker", 5, 1, 1000),
+                open_ms=r.integer(b, "open_ms", "pdp.breaker", 5000, 1, 3_600_000),
+                half_open_probes=r.integer(b, "half_open_probes", "pdp.breaker", 1, 1, 1000),
+            )
+    cfg = PdpConfig(
+        kind=kind or "",
+        url=url or "",
+        timeout_ms=r.integer(m, "timeout_ms", "pdp", 250, 1, 60_000),
+        retries=r.integer(m, "retries", "pdp", 1, 0, 10),
+        max_in_flight=r.integer(m, "max_in_flight", "pdp", 512, 1, 1_000_000),
+        max_response_bytes=r.integer(m, "max_response_bytes", "pdp", 1048576, 64, 64 * 1048576),
+        breaker=breaker,
+    )
+    return cfg if kind and url else None
+
+
+def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
+    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required"})
+    if m is None:
+        return DecisionLogConfig()
+    sink = r.choice(m, "sink", "decision_log", "stdout", ("stdout", "file", "none")) or "stdout"
+    path = r.string(m, "path", "decision_log", required=sink == "file")
+    if path is not None and sink != "file":
+        r.error("decision_log.path", "is only used with sink: file")
+    return DecisionLogConfig(
+        sink=sink,
+        path=path,
+        include_arguments=r.boolean(m, "include_arguments", "decision_log", False),
+        required=r.boolean(m, "required", "decision_log", False),
+    )
+
+
+_ROUTE_KEYS = {
+    "name",
+    "match",
+    "upstream",
+    "strip_prefix",
+    "protocol",
+    "max_body_bytes",
+    "timeout_ms",
+    "keep_caller_credentials",
+}
+_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity", "filter_tools_list", "deny_status"})
+
+
+def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
+    m = r.mapping(value, path, _ROUTE_KEYS, _ROUTE_LATER)
+    if m is None:
+        return None
+    name = r.string(m, "name", path, required=True)
+    if name is not None and not ROUTE_NAME.match(name):
+        r.error(f"{path}.name", f"must match [a-z0-9][a-z0-9_-]*, got {name!r}")
+        name = None
+    prefix = None
+    if "match" not in m:
+        r.error(f"{path}.match", "is required")
+    else:
+        mm = r.mapping(m["match"], f"{path}.match", {"path_prefix"}, frozenset({"host"}))
+        if mm is not None:
+            prefix = r.string(mm, "path_prefix", f"{path}.match", required=True)
+            if prefix is not None and not _PREFIX_OK.match(prefix):
+                r.error(
+                    f"{path}.match.path_prefix",
+                    f"must start with / and hold only unreserved path characters, got {prefix!r}",
+                )
+                prefix = None
+            elif prefix is not None and any(seg in (".", "..") for seg in prefix.split("/")):
+                r.error(f"{path}.match.path_prefix", "must not contain dot segments")
+                prefix = None
+    upstream = _http_url(r, r.string(m, "upstream", path, required=True), f"{path}.upstream")
+    protocol = r.choice(m, "protocol", path, "http", ("http",), later=("mcp", "openai")) or "http"
+    max_body = None
+    if "max_body_bytes" in m:
+        max_body = r.integer(m, "max_body_bytes", path, 1048576, 0, 1 << 40)
+    route = RouteConfig(
+        name=name or "",
+        path_prefix=prefix or "",
+        upstream=upstream or "",
+        strip_prefix=r.boolean(m, "strip_prefix", path, False),
+        protocol=protocol,
+        max_body_bytes=max_body,
+        timeout_ms=r.integer(m, "timeout_ms", path, 30000, 1, 86_400_000),
+        keep_caller_credentials=r.boolean(m, "keep_caller_credentials", path, False),
+    )
+    return route if name and prefix and upstream else None
+
+
+_TOP_KEYS = {"version", "listen", "admin_listen", "identity", "pdp", "decision_log", "routes"}
+
+
+def parse(data: Any, source: str) -> Config:
+    """Validate an already-loaded YAML document. Raises ConfigError with every problem found."""
+    r = _Reader(source)
+    m = r.mapping(data, "", _TOP_KEYS)
+    if m is None:
+        raise ConfigError(r.problems)
+    if "version" not in m:
+        r.error("version", "is required (version: 1)")
+    elif m["version"] != 1 or isinstance(m["version"], bool):
+        r.error("version", f"must be 1, got {m['version']!r}")
+    listen = _address(r, m, "listen", None)
+    admin = _address(r, m, "admin_listen", "127.0.0.1:9901")
+    if listen and admin and listen == admin and listen.port != 0:
+        r.error("admin_listen", "must differ from listen: the admin endpoints are never served on the proxy port")
+    identity = _identity(r, m["identity"]) if "identity" in m else Identity()
+    pdp = None
+    if "pdp" not in m:
+        r.error("pdp", "is required")
+    else:
+        pdp = _pdp(r, m["pdp"])
+    log = _decision_log(r, m["decision_log"]) if "decision_log" in m else DecisionLogConfig()
+    routes: list[RouteConfig] = []
+    raw_routes = m.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        r.error("routes", "must be a list with at least one route")
+    else:
+        for i, raw in enumerate(raw_routes):
+            route = _route(r, raw, f"routes[{i}]")
+            if route is not None:
+                routes.append(route)
+        names: dict[str, int] = {}
+        prefixes: dict[str, int] = {}
+        for i, route in enumerate(routes):
+            if route.name in names:
+                r.error(f"routes[{i}].name", f"duplicates the name of routes[{names[route.name]}]")
+            names.setdefault(route.name, i)
+            if route.path_prefix in prefixes:
+                r.error(
+                    f"routes[{i}].match.path_prefix",
+                    f"duplicates the prefix of routes[{prefixes[route.path_prefix]}]",
+                )
+            prefixes.setdefault(route.path_prefix, i)
+    if r.problems or listen is None or admin is None or pdp is None:
+        raise ConfigError(r.problems or [f"{source}: invalid configuration"])
+    return Config(source, listen, admin, identity, pdp, log, tuple(routes))
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{source}: cannot read: {exc}"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}: {where}{problem}"]) from None
+    return parse(data, source)

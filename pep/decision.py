@@ -1,0 +1,133 @@
+"""Decisions: the closed set of reasons, and the only value that lets a request through.
+
+The guarantee is made structural here: the forwarding code takes an `Allow`, and an `Allow` can only be built
+with the mint key, which `engine.py` claims once at import. Nothing else in the process can create one.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class Reason(enum.StrEnum):
+    """Why a request was decided as it was. A closed set: these are metric label values."""
+
+    ALLOWED = "allowed"
+    POLICY_DENIED = "policy_denied"
+    PDP_UNDEFINED = "pdp_undefined"
+    PDP_MALFORMED = "pdp_malformed"
+    PDP_ERROR_STATUS = "pdp_error_status"
+    PDP_TIMEOUT = "pdp_timeout"
+    PDP_UNREACHABLE = "pdp_unreachable"
+    PDP_OVERLOADED = "pdp_overloaded"
+    CIRCUIT_OPEN = "circuit_open"
+    OBLIGATION_UNSUPPORTED = "obligation_unsupported"
+    BODY_TOO_LARGE = "body_too_large"
+    BODY_UNREADABLE = "body_unreadable"
+    REQUEST_AMBIGUOUS = "request_ambiguous"
+    NO_ROUTE = "no_route"
+    CREDENTIAL_UNAVAILABLE = "credential_unavailable"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
+    IDENTITY_MISSING = "identity_missing"
+    IDENTITY_INVALID = "identity_invalid"
+    IDENTITY_UNAVAILABLE = "identity_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+DENY_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r is not Reason.ALLOWED)
+
+# Reasons meaning "the PDP could not decide" (as opposed to a policy or request verdict); protocols that
+# distinguish the two (MCP's -32603 vs -32001) use this set.
+UNDECIDED_REASONS: frozenset[Reason] = frozenset(
+    {
+        Reason.PDP_UNDEFINED,
+        Reason.PDP_MALFORMED,
+        Reason.PDP_ERROR_STATUS,
+        Reason.PDP_TIMEOUT,
+        Reason.PDP_UNREACHABLE,
+        Reason.PDP_OVERLOADED,
+        Reason.CIRCUIT_OPEN,
+        Reason.INTERNAL_ERROR,
+        Reason.AUDIT_UNAVAILABLE,
+        Reason.CREDENTIAL_UNAVAILABLE,
+        Reason.IDENTITY_UNAVAILABLE,
+    }
+)
+
+
+class _MintKey:
+    """The capability to create an Allow. Exactly one instance exists and only one caller may claim it."""
+
+    __slots__ = ()
+
+
+def _one_key() -> tuple[Callable[[], _MintKey], Callable[[object], bool]]:
+    key = _MintKey()
+    claimed = False
+
+    def claim() -> _MintKey:
+        nonlocal claimed
+        if claimed:
+            raise RuntimeError("the Allow mint key has already been claimed")
+        claimed = True
+        return key
+
+    def is_key(candidate: object) -> bool:
+        return candidate is key
+
+    return claim, is_key
+
+
+# `claim_mint_key` hands the key to its single owner (the decision engine); a second claim raises.
+claim_mint_key, _is_mint_key = _one_key()
+
+
+class Allow:
+    """An explicit, in-time allow for one exact request: method and upstream URL are bound at decision time.
+
+    The forwarder sends `method` to `upstream_url` as stored here, so what is forwarded is what was decided.
+    """
+
+    __slots__ = ("decision_id", "headers", "method", "request_id", "route", "upstream_url")
+
+    def __init__(
+        self,
+        key: _MintKey,
+        *,
+        decision_id: str,
+        request_id: str,
+        route: str,
+        method: str,
+        upstream_url: str,
+        headers: tuple[tuple[str, str], ...],
+    ) -> None:
+        if not _is_mint_key(key):
+            raise TypeError("an Allow can only be created by the decision engine")
+        self.decision_id = decision_id
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.upstream_url = upstream_url
+        self.headers = headers  # obligation headers the PDP asked for, already vetted
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise AttributeError("Allow is immutable")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"Allow(decision_id={self.decision_id!r}, route={self.route!r}, method={self.method!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """A refusal with its reason; `detail` is for the decision log only, never sent to the caller."""
+
+    reason: Reason
+    decision_id: str
+    detail: str = ""
+
+
+Decision = Allow | Deny

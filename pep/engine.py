@@ -1,0 +1,144 @@
+"""The decision engine: one deadline, budgeted retries, a bulkhead and a circuit breaker around a PDP.
+
+This is the only module that can mint an `Allow`. Everything that is not an explicit, well-formed allow that
+arrived before the deadline becomes a `Deny` with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pep.breaker import Breaker, Permit, State
+from pep.config import PdpConfig
+from pep.decision import Allow, Deny, Reason, claim_mint_key
+from pep.headers import obligation_problem
+from pep.ids import new_id
+from pep.metrics import Metrics
+from pep.pdp import Failure, Pdp, Verdict
+
+_MINT = claim_mint_key()
+
+_TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
+
+# A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
+# failed attempt took), so a retry is never started just to time out.
+MIN_RETRY_SHARE = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What to decide: the document for the PDP, and the exact request an Allow would be bound to."""
+
+    document: dict[str, Any]
+    request_id: str
+    route: str
+    method: str
+    upstream_url: str
+    obligation_forbidden: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A decision with the facts the decision log records about how it was reached."""
+
+    decision: Allow | Deny
+    attempts: int
+    pdp_ms: float | None
+    note: str | None = None
+
+
+class Engine:
+    """Asks the PDP under `pdp.timeout_ms`, `retries`, `max_in_flight` and the breaker settings."""
+
+    def __init__(
+        self,
+        pdp: Pdp,
+        config: PdpConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pdp = pdp
+        self.config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._timeout_s = config.timeout_ms / 1000
+        self._min_retry_s = self._timeout_s * MIN_RETRY_SHARE
+        self._max_in_flight = config.max_in_flight
+        self._retries = config.retries
+        b = config.breaker
+        self.breaker = Breaker(
+            b.failure_threshold, b.open_ms / 1000, b.half_open_probes, clock, metrics.circuit_transition
+        )
+        self.in_flight = 0
+        metrics.bind_engine(self)
+
+    @property
+    def circuit(self) -> State:
+        return self.breaker.state
+
+    async def decide(self, check: Check) -> Outcome:
+        decision_id = new_id()
+        if self.in_flight >= self._max_in_flight:
+            return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None)
+        permit = self.breaker.acquire()
+        if permit is None:
+            return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
+        self.in_flight += 1
+        try:
+            result, attempts, pdp_s = await self._ask(check, permit)
+        finally:
+            self.in_flight -= 1
+        pdp_ms = round(pdp_s * 1000, 3)
+        if isinstance(result, Failure):
+            return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail)
+        if not result.allow:
+            return Outcome(Deny(result.reason, decision_id, result.note or ""), attempts, pdp_ms, result.note)
+        if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
+            return Outcome(Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem), attempts, pdp_ms, problem)
+        allow = Allow(
+            _MINT,
+            decision_id=decision_id,
+            request_id=check.request_id,
+            route=check.route,
+            method=check.method,
+            upstream_url=check.upstream_url,
+            headers=result.headers,
+        )
+        return Outcome(allow, attempts, pdp_ms, result.note)
+
+    async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float]:
+        """Attempts inside one deadline. Always reports to the breaker, also when cancelled."""
+        clock = self._clock
+        observe = self._metrics.pdp_duration
+        start = clock()
+        deadline = start + self._timeout_s
+        attempts = 0
+        result: Verdict | Failure | None = None
+        try:
+            while True:
+                attempts += 1
+                began = clock()
+                t0 = time.perf_counter()
+                try:
+                    async with asyncio.timeout(deadline - began):
+                        result = await self.pdp.ask(check.document, check.request_id)
+                except TimeoutError:
+                    result = _TIMEOUT
+                observe[result.outcome if isinstance(result, Failure) else "ok"].observe(time.perf_counter() - t0)
+                if isinstance(result, Verdict) or not result.retryable or attempts > self._retries:
+                    break
+                now = clock()
+                left = deadline - now
+                if left <= 0 or left < self._min_retry_s or left < now - began:
+                    break
+        finally:
+            if isinstance(result, Verdict):
+                self.breaker.success(permit)
+            elif result is not None or permit.probe:
+                # A failed answer, or a probe that was cancelled (the breaker must not stay half-open).
+                self.breaker.failure(permit)
+        return result, attempts, clock() - start

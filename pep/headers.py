@@ -1,0 +1,112 @@
+"""Header hygiene, both ways: what the caller may send on, what the upstream may send back, what a PDP may add.
+
+Pure functions over header pairs, so they can be property-tested without sockets.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 plus the legacy Proxy-Connection; Proxy-Authenticate/-Authorization are single-hop by definition.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "trailer",
+    }
+)
+
+# Credentials the caller may hold that never reach the PDP, and never the upstream unless a route keeps them.
+CALLER_CREDENTIALS: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+# Set by the PEP alone: a caller's copy is dropped, and a PDP obligation may not set them either.
+PEP_OWNED: frozenset[str] = frozenset(
+    {
+        "x-request-id",
+        "x-pep-decision-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+    }
+)
+
+# Framing is the PEP's business: it is recomputed for whatever body is forwarded.
+FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
+
+METHOD_OVERRIDE: frozenset[str] = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """Header names the sender listed in `Connection` (lower-cased): they end at this hop."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], also_drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """The header pairs that may cross this hop: hop-by-hop, Connection-named and `also_drop` removed."""
+    named = connection_named(headers)
+    drop = HOP_BY_HOP | named | also_drop if named else HOP_BY_HOP | also_drop
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def request_drop_set(credential_header: str | None, keep_caller_credentials: bool) -> frozenset[str]:
+    """Caller headers never forwarded on a route (besides hop-by-hop ones)."""
+    drop = set(PEP_OWNED | FRAMING)
+    if not keep_caller_credentials:
+        drop |= CALLER_CREDENTIALS
+    if credential_header:
+        drop.add(credential_header.lower())
+    return frozenset(drop)
+
+
+def policy_drop_set(credential_header: str | None) -> frozenset[str]:
+    """Headers never shown to the PDP: credentials (always) and what the PEP sets itself."""
+    drop = set(CALLER_CREDENTIALS | PEP_OWNED | FRAMING - {"host"})
+    if credential_header:
+        drop.add(credential_header.lower())
+    return frozenset(drop)
+
+
+def obligation_forbidden(credential_header: str | None) -> frozenset[str]:
+    """Header names a PDP obligation may not set: hop-by-hop, framing, PEP-owned and the route's credential."""
+    forbidden = set(HOP_BY_HOP | FRAMING | PEP_OWNED)
+    if credential_header:
+        forbidden.add(credential_header.lower())
+    return frozenset(forbidden)
+
+
+def obligation_problem(pairs: Iterable[tuple[str, str]], forbidden: frozenset[str]) -> str | None:
+    """Why these PDP-requested headers cannot be applied, or None when all of them can."""
+    for name, value in pairs:
+        if not _TOKEN.match(name):
+            return f"header name {name[:64]!r} is not a valid token"
+        if name.lower() in forbidden:
+            return f"header {name.lower()!r} may not be set by the PDP"
+        if _BAD_VALUE.search(value):
+            return f"header {name.lower()!r} has a control character in its value"
+    return None
+
+
+def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers for the caller: hop-by-hop and Connection-named ones removed.
+
+    Content-Length is kept (the body is relayed unchanged); Transfer-Encoding is the PEP's own framing.
+    """
+    return CIMultiDict(end_to_end(headers))

@@ -1,0 +1,62 @@
+"""Request integrity, first layer: targets two parsers could read differently end in `request_ambiguous`.
+
+Pure functions of the request line and headers. The PEP decides on, and forwards, the raw path as sent; these
+checks refuse the paths an upstream might decode or normalise into something the policy never saw.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Container
+
+from pep.headers import METHOD_OVERRIDE
+
+# Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
+_ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+# Outside visible ASCII, plus `\` and `#` (a fragment is never sent; a backslash is a separator to some servers).
+_PATH_BAD = re.compile(r"[^\x21-\x7e]|[\\#]")
+_QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
+
+
+def path_problem(path: str) -> str | None:
+    """Why this raw path (without the query) is ambiguous, or None."""
+    if not path.startswith("/"):
+        return "the path does not start with /"
+    if _PATH_BAD.search(path):
+        return "backslash, fragment, control or non-ASCII character in the path"
+    if "%" in path:
+        for m in _ENCODED.finditer(path):
+            code = m.group(1).lower()
+            if code != "2e":  # an encoded dot is only a problem as a dot segment (checked below)
+                return f"encoded {'%' + code!r} in the path"
+    elif "." not in path:
+        return None
+    for segment in path.split("/"):
+        if segment and _is_dot_segment(segment):
+            return "dot segment in the path"
+    return None
+
+
+def _is_dot_segment(segment: str) -> bool:
+    """`.` and `..`, raw or percent-encoded in any case, encoded percents included (`%252e`)."""
+    if len(segment) > 2 and "%" not in segment:
+        return False
+    s = segment.lower()
+    while "%25" in s:
+        s = s.replace("%25", "%")
+    return s.replace("%2e", ".") in (".", "..")
+
+
+def query_problem(query: str) -> str | None:
+    """The query is forwarded as sent; only characters that cannot be sent as they are are refused."""
+    if query and _QUERY_BAD.search(query):
+        return "fragment, control or non-ASCII character in the query"
+    return None
+
+
+def override_header(names: Container[str]) -> str | None:
+    """The first method-override header present (`names` may be a case-insensitive header map), or None."""
+    for name in METHOD_OVERRIDE:
+        if name in names:
+            return f"method-override header {name!r}"
+    return None

@@ -1,0 +1,106 @@
+"""Prometheus metrics of DESIGN.md, in a registry per runtime, with children bound once, not per request.
+
+No label ever takes a value from the request: routes come from the config, reasons from the closed set.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pep import __version__
+from pep.breaker import State
+from pep.decision import DENY_REASONS, Reason
+
+UNMATCHED = "_unmatched"
+PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
+UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit")
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _EngineView(Protocol):
+    in_flight: int
+
+    @property
+    def circuit(self) -> State: ...
+
+
+class Metrics:
+    """All metric families, and pre-bound children for every label combination the PEP can produce."""
+
+    def __init__(self, routes: tuple[str, ...]) -> None:
+        self.registry = r = CollectorRegistry()
+        decisions = Counter(
+            "pep_decisions_total",
+            "Decisions by route, outcome and reason.",
+            ["route", "decision", "reason"],
+            registry=r,
+        )
+        self.decisions: dict[tuple[str, Reason], Counter] = {}
+        for route in (*routes, UNMATCHED):
+            if route != UNMATCHED:
+                self.decisions[route, Reason.ALLOWED] = decisions.labels(route, "allow", Reason.ALLOWED.value)
+            for reason in DENY_REASONS:
+                self.decisions[route, reason] = decisions.labels(route, "deny", reason.value)
+        duration = Histogram(
+            "pep_decision_duration_seconds",
+            "Time from request to decision, by route.",
+            ["route"],
+            registry=r,
+            buckets=_FAST,
+        )
+        self.decision_duration = {route: duration.labels(route) for route in (*routes, UNMATCHED)}
+        pdp = Histogram(
+            "pep_pdp_request_duration_seconds",
+            "PDP attempts by outcome.",
+            ["outcome"],
+            registry=r,
+            buckets=_FAST,
+        )
+        self.pdp_duration = {o: pdp.labels(o) for o in PDP_OUTCOMES}
+        self.pdp_in_flight = Gauge("pep_pdp_in_flight", "Decisions waiting for the PDP.", registry=r)
+        self.circuit_state = Gauge("pep_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r)
+        transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
+        self.transitions = {s: transitions.labels(s.name.lower()) for s in State}
+        up = Histogram(
+            "pep_upstream_request_duration_seconds",
+            "Upstream time to response headers, by route.",
+            ["route"],
+            registry=r,
+            buckets=_SLOW,
+        )
+        self.upstream_duration = {route: up.labels(route) for route in routes}
+        responses = Counter(
+            "pep_upstream_responses_total",
+            "Upstream responses by route and status class.",
+            ["route", "code_class"],
+            registry=r,
+        )
+        self.upstream_responses = {(route, c): responses.labels(route, c) for route in routes for c in CODE_CLASSES}
+        failures = Counter(
+            "pep_upstream_failures_total",
+            "Allowed requests that got no upstream response (answered 502/504/413).",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.upstream_failures = {(route, k): failures.labels(route, k) for route in routes for k in UPSTREAM_FAILURES}
+        self.requests_in_flight = Gauge("pep_requests_in_flight", "Requests being handled.", registry=r)
+        self.decision_log_dropped = Counter(
+            "pep_decision_log_dropped_total",
+            "Decision log lines dropped (queue full or write error).",
+            registry=r,
+        )
+        reloads = Counter("pep_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
+        self.config_reloads = {res: reloads.labels(res) for res in ("success", "error")}
+        Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
+
+    def bind_engine(self, engine: _EngineView) -> None:
+        """Gauges read live from the engine at scrape time instead of being updated per request."""
+        self.pdp_in_flight.set_function(lambda: engine.in_flight)
+        self.circuit_state.set_function(lambda: int(engine.circuit))
+
+    def circuit_transition(self, _old: State, new: State) -> None:
+        self.transitions[new].inc()

@@ -1,0 +1,63 @@
+"""The pooled HTTP client to a PDP: one keep-alive pool, bounded answers, and transport errors classified."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiohttp
+
+from pep import __version__
+from pep.decision import Reason
+from pep.pdp import Failure
+
+_READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    status: int
+    content_type: str
+    body: bytes
+    oversize: bool  # the answer was longer than max_response_bytes; `body` is incomplete
+
+
+class HttpTransport:
+    """POSTs bytes and returns the status, content type and body (at most `max_response_bytes`).
+
+    Time limits are the caller's (the engine wraps each attempt in the decision deadline), so the session has
+    none of its own. Redirects are never followed: a 3xx is an error status like any other non-2xx.
+    """
+
+    def __init__(self, max_response_bytes: int, max_connections: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
+            skip_auto_headers=("Accept-Encoding",),
+            headers={"User-Agent": f"failclosed-pep/{__version__}", "Accept": "application/json"},
+        )
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> RawAnswer | Failure:
+        limit = self.max_response_bytes
+        try:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
+                content_type = resp.headers.get("Content-Type", "")
+                if resp.content_length is not None and resp.content_length > limit:
+                    resp.close()
+                    return RawAnswer(resp.status, content_type, b"", True)
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := await resp.content.read(_READ_CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        resp.close()
+                        return RawAnswer(resp.status, content_type, b"", True)
+                    chunks.append(chunk)
+                return RawAnswer(resp.status, content_type, b"".join(chunks), False)
+        except (aiohttp.ClientError, OSError) as exc:
+            return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
+
+    async def close(self) -> None:
+        await self._session.close()

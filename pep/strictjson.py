@@ -1,0 +1,83 @@
+"""Strict JSON reading for bytes that decide something: one object, valid UTF-8, no duplicate keys.
+
+orjson validates the grammar and UTF-8 fast, but, like every JSON library, keeps the last of duplicate keys
+silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so a
+second pass with the standard library's pair hook refuses duplicates. It runs only when the text holds more
+than one `:`, which every duplicate needs, so the common `{"result":true}` answer costs one orjson call.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+
+class JsonError(ValueError):
+    """The bytes are not one acceptable JSON value; the message says why (for logs, not for callers)."""
+
+
+def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JsonError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant)
+
+
+def loads(data: bytes, max_depth: int = 64) -> Any:
+    """Parse one JSON value from `data`, refusing duplicate keys, trailing data and nesting over `max_depth`."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise JsonError(f"invalid JSON: {exc}") from None
+    if isinstance(value, dict | list) and _may_repeat_keys(data):
+        try:
+            _DECODER.decode(data.decode("utf-8"))
+        except RecursionError:
+            raise JsonError("nested too deeply") from None
+        except json.JSONDecodeError as exc:  # pragma: no cover - orjson accepted it already
+            raise JsonError(f"invalid JSON: {exc}") from None
+    if max_depth and _depth_exceeds(value, max_depth):
+        raise JsonError(f"nested deeper than {max_depth}")
+    return value
+
+
+def loads_object(data: bytes, max_depth: int = 64) -> dict[str, Any]:
+    """Like `loads`, but the value must be a JSON object."""
+    value = loads(data, max_depth)
+    if not isinstance(value, dict):
+        raise JsonError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _may_repeat_keys(data: bytes) -> bool:
+    # A duplicate needs two keys in one object, so at least two colons. The common PDP answer
+    # `{"result":true}` has one and skips the slower second pass.
+    return data.count(b":") > 1
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in item)
+    return False

@@ -1,0 +1,137 @@
+"""The pooled client to upstreams. It sends only what an `Allow` names, and relays the answer as it streams."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from pep.decision import Allow
+from pep.headers import end_to_end, response_headers
+from pep.metrics import Metrics
+from pep.responses import upstream_failure
+from pep.routing import Route
+
+_CHUNK = 65536
+
+
+class _Limited:
+    """Streams a request body without a Content-Length, stopping once it exceeds the route's limit."""
+
+    __slots__ = ("_content", "_limit", "exceeded")
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._content.iter_any():
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise ValueError("request body over max_body_bytes")
+            yield chunk
+
+
+class Upstream:
+    """One keep-alive pool for all routes; per-route timeouts; no decompression, cookies or proxy env."""
+
+    def __init__(self, metrics: Metrics, max_connections: int = 1000) -> None:
+        self._metrics = metrics
+        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=60),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
+        t = self._timeouts.get(route.name)
+        if t is None:
+            # Connecting and each wait for data (headers, then every body chunk) are bounded; a stream that
+            # keeps sending may run longer than timeout_ms.
+            seconds = route.config.timeout_ms / 1000
+            t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+        return t
+
+    def headers_for(self, request: web.BaseRequest, allow: Allow, route: Route) -> CIMultiDict[str]:
+        """Caller headers that may cross, plus the ones the PEP alone sets, plus PDP obligations."""
+        headers = CIMultiDict(end_to_end(request.headers, route.request_drop))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        headers["X-Forwarded-For"] = peer[0] if peer else "unknown"
+        headers["X-Forwarded-Proto"] = request.scheme
+        host = request.headers.get("Host")
+        if host is not None:
+            headers["X-Forwarded-Host"] = host
+        headers["X-Request-ID"] = allow.request_id
+        headers["X-PEP-Decision-ID"] = allow.decision_id
+        for name, value in allow.headers:
+            headers.popall(name, None)
+            headers[name] = value
+        return headers
+
+    async def forward(self, request: web.BaseRequest, allow: Allow, route: Route) -> web.StreamResponse:
+        """Send the allowed request and stream the response back; 502/504 when no response comes."""
+        metrics = self._metrics
+        headers = self.headers_for(request, allow, route)
+        limited: _Limited | None = None
+        data: object = None
+        if request.body_exists:
+            limit = route.config.max_body_bytes
+            if limit is not None and request.content_length is None:
+                limited = _Limited(request.content, limit)
+                data = limited.chunks()
+            else:
+                data = request.content
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                allow.method,
+                URL(allow.upstream_url, encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=self._timeout(route),
+            ) as up:
+                metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
+                metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
+                return await _relay(request, up)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            kind = "timeout"
+        except aiohttp.ClientConnectorError:
+            kind = "connect"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            if limited is not None and limited.exceeded:
+                kind = "body_limit"
+            elif isinstance(exc, ValueError):
+                raise
+            else:
+                kind = "reset"
+        metrics.upstream_failures[route.name, kind].inc()
+        return upstream_failure(kind, allow.request_id, allow.decision_id)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
+    await resp.prepare(request)
+    try:
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        # The status line is already out: the only honest signal left is an unfinished body.
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    await resp.write_eof()
+    return resp
