@@ -77,6 +77,10 @@ class DecisionLog:
             await asyncio.sleep(FLUSH_S)
             await self._flush(loop)
 
+    async def flush(self) -> None:
+        """Write what is queued now (tests and shutdown; the flusher does this every FLUSH_S)."""
+        await self._flush(asyncio.get_running_loop())
+
     async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._pending or self._fd is None:
             return

@@ -1,0 +1,126 @@
+"""A recording upstream on a real socket. Every request it sees is kept, so tests can prove nothing arrived.
+
+Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events, `/slow?ms=M` answers late, `/hang` never answers,
+`/reset` resets mid-response, `/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from pep.app import bound_address
+
+
+@dataclass
+class Received:
+    method: str
+    target: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass
+class RecordingUpstream:
+    seen: list[Received] = field(default_factory=list)
+    port: int = 0
+    disconnects: int = 0
+    connections: set[tuple[str, int]] = field(default_factory=set)
+    _runner: web.ServerRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        server = web.Server(self._handle, handler_cancellation=True, access_log=None, auto_decompress=False)
+        self._runner = web.ServerRunner(server)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = bound_address(site)[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Received(request.method, request.raw_path, CIMultiDict(request.headers), body))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.connections.add(peer[:2])
+        path = request.rel_url.path
+        q = request.rel_url.query
+        try:
+            if path.startswith("/sse"):
+                return await self._sse(request, int(q.get("n", "3")), int(q.get("gap_ms", "50")) / 1000)
+            if path.startswith("/slow"):
+                await asyncio.sleep(int(q.get("ms", "100")) / 1000)
+            elif path.startswith("/hang"):
+                await asyncio.sleep(30)
+            elif path.startswith("/reset"):
+                return await self._reset(request)
+            elif path.startswith("/big"):
+                resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                await resp.prepare(request)
+                left = int(q.get("bytes", "1000000"))
+                while left > 0:
+                    n = min(left, 65536)
+                    await resp.write(b"x" * n)
+                    left -= n
+                await resp.write_eof()
+                return resp
+            elif path.startswith("/status/"):
+                return web.Response(status=int(path.rsplit("/", 1)[1]), body=b"status")
+        except asyncio.CancelledError:
+            self.disconnects += 1
+            raise
+        echo = {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": {str(k): v for k, v in request.headers.items()},
+            "body_len": len(body),
+        }
+        return web.Response(
+            body=orjson.dumps(echo),
+            content_type="application/json",
+            headers={
+                "Connection": "keep-alive, x-upstream-secret",
+                "X-Upstream-Secret": "s",
+                "Keep-Alive": "timeout=5",
+                "X-Upstream": "yes",
+            },
+        )
+
+    async def _sse(self, request: web.BaseRequest, n: int, gap: float) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
+                await asyncio.sleep(gap)
+        except (asyncio.CancelledError, ConnectionError):
+            self.disconnects += 1
+            raise
+        await resp.write_eof()
+        return resp
+
+    async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return resp
