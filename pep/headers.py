@@ -67,8 +67,12 @@ def end_to_end(
 
 
 def request_drop_set(credential_header: str | None, keep_caller_credentials: bool) -> frozenset[str]:
-    """Caller headers never forwarded on a route (besides hop-by-hop ones)."""
-    drop = set(PEP_OWNED | FRAMING)
+    """Caller headers never forwarded on a route (besides hop-by-hop ones).
+
+    Content-Length stays: the parser has checked it and the body is forwarded unchanged, so the upstream sees
+    the same framing the caller chose (a chunked request stays chunked).
+    """
+    drop = set(PEP_OWNED | FRAMING - {"content-length"})
     if not keep_caller_credentials:
         drop |= CALLER_CREDENTIALS
     if credential_header:
