@@ -74,6 +74,12 @@ class Proxy:
         self.in_flight += 1
         try:
             return await self._handle(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug outside the decision itself (logging, metrics): still a denial, never a bare 500.
+            log.exception("internal error while handling a request")
+            return deny(Reason.INTERNAL_ERROR, request_id(request.headers.get("X-Request-ID")))
         finally:
             self.in_flight -= 1
 
@@ -107,7 +113,10 @@ class Proxy:
         if isinstance(decision, Allow) and route is not None:
             return await self._upstream.forward(request, decision, route)
         assert isinstance(decision, Deny)
-        return deny(decision.reason, rid, status)
+        response = deny(decision.reason, rid, status)
+        if status == 505:
+            response.force_close()
+        return response
 
     async def _decide(self, request: web.BaseRequest, rid: str) -> tuple[Route | None, dict[str, Any] | None, Outcome]:
         raw_target = request.raw_path

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -91,6 +91,9 @@ class Upstream:
                 data = limited.chunks()
             else:
                 data = request.content
+        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+            # Only now, after the allow: a denied client is answered before it ever sends its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         started = time.perf_counter()
         try:
             async with self._session.request(
