@@ -234,14 +234,18 @@ def parse_address(text: str) -> Address:
 def _http_url(r: _Reader, value: str | None, path: str, *, allow_path: bool = True) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # e.g. an unclosed `[` in an IPv6 host
+        r.error(path, f"is not a valid URL ({exc}): {value!r}")
+        return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         r.error(path, f"must be an http:// or https:// URL with a host, got {value!r}")
         return None
     if parts.username or parts.password:
         r.error(path, "must not carry user credentials (use a credential file)")
         return None
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or "?" in value or "#" in value:  # an empty `?` would swallow the path
         r.error(path, "must not have a query or a fragment")
         return None
     if not allow_path and parts.path not in ("", "/"):
@@ -390,7 +394,7 @@ def parse(data: Any, source: str) -> Config:
         raise ConfigError(r.problems)
     if "version" not in m:
         r.error("version", "is required (version: 1)")
-    elif m["version"] != 1 or isinstance(m["version"], bool):
+    elif type(m["version"]) is not int or m["version"] != 1:
         r.error("version", f"must be 1, got {m['version']!r}")
     listen = _address(r, m, "listen", None)
     admin = _address(r, m, "admin_listen", "127.0.0.1:9901")
@@ -408,13 +412,15 @@ def parse(data: Any, source: str) -> Config:
     if not isinstance(raw_routes, list) or not raw_routes:
         r.error("routes", "must be a list with at least one route")
     else:
+        indexed: list[tuple[int, RouteConfig]] = []  # the index in the file, for key paths
         for i, raw in enumerate(raw_routes):
             route = _route(r, raw, f"routes[{i}]")
             if route is not None:
+                indexed.append((i, route))
                 routes.append(route)
         names: dict[str, int] = {}
         prefixes: dict[str, int] = {}
-        for i, route in enumerate(routes):
+        for i, route in indexed:
             if route.name in names:
                 r.error(f"routes[{i}].name", f"duplicates the name of routes[{names[route.name]}]")
             names.setdefault(route.name, i)

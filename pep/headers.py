@@ -36,6 +36,10 @@ PEP_OWNED: frozenset[str] = frozenset(
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-real-ip",
         "forwarded",
     }
 )
@@ -44,6 +48,9 @@ PEP_OWNED: frozenset[str] = frozenset(
 FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
 
 METHOD_OVERRIDE: frozenset[str] = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# Headers some frameworks (Symfony, Zend, IIS rewrite) take as the real path: the upstream would serve a path
+# the policy never saw.
+PATH_OVERRIDE: frozenset[str] = frozenset({"x-original-url", "x-rewrite-url"})
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

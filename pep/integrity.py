@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container
+from urllib.parse import unquote
 
-from pep.headers import METHOD_OVERRIDE
+from pep.headers import METHOD_OVERRIDE, PATH_OVERRIDE
 
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
 # Outside visible ASCII, plus `\` and `#` (a fragment is never sent; a backslash is a separator to some servers).
 _PATH_BAD = re.compile(r"[^\x21-\x7e]|[\\#]")
 _QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
+# What a percent-decoded segment must not hold: separators and control characters.
+_DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
+# More layers of percent-encoding than this in one segment is refused outright.
+_MAX_DECODES = 4
 
 
 def path_problem(path: str) -> str | None:
@@ -34,17 +39,39 @@ def path_problem(path: str) -> str | None:
     for segment in path.split("/"):
         if segment and _is_dot_segment(segment):
             return "dot segment in the path"
+        if "%" in segment and (problem := _decoding_problem(segment)):
+            return problem
     return None
 
 
 def _is_dot_segment(segment: str) -> bool:
-    """`.` and `..`, raw or percent-encoded in any case, encoded percents included (`%252e`)."""
+    """`.` and `..`, raw or percent-encoded in any case, encoded percents included (`%252e`).
+
+    Path parameters are ignored: servlet containers drop `;...` before normalising, so `..;x` is `..` to them.
+    """
+    segment = segment.partition(";")[0]
     if len(segment) > 2 and "%" not in segment:
         return False
     s = segment.lower()
     while "%25" in s:
         s = s.replace("%25", "%")
     return s.replace("%2e", ".") in (".", "..")
+
+
+def _decoding_problem(segment: str) -> str | None:
+    """Decode a segment as often as an upstream might. Encoded hex digits (`%2%65` is `%2e`, then `.`;
+    `%%32%66` is `%2f`, then `/`) must not reveal a dot segment, a separator or a control character.
+    """
+    for _ in range(_MAX_DECODES + 1):
+        decoded = unquote(segment)
+        if decoded == segment:
+            return None
+        if _DECODED_BAD.search(decoded):
+            return "percent-encoded separator or control character in the path"
+        if decoded.partition(";")[0] in (".", ".."):
+            return "dot segment in the path"
+        segment = decoded
+    return "percent-encoding nested too deeply in the path"
 
 
 def query_problem(query: str) -> str | None:
@@ -55,8 +82,11 @@ def query_problem(query: str) -> str | None:
 
 
 def override_header(names: Container[str]) -> str | None:
-    """The first method-override header present (`names` may be a case-insensitive header map), or None."""
+    """The first method- or path-override header present (`names` may be a case-insensitive header map)."""
     for name in METHOD_OVERRIDE:
         if name in names:
             return f"method-override header {name!r}"
+    for name in PATH_OVERRIDE:
+        if name in names:
+            return f"path-override header {name!r}"
     return None

@@ -1,0 +1,567 @@
+"""pep.engine.Engine against a scripted fake PDP: deadline, retries, bulkhead, breaker, and the Allow mint."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from pep import decision
+from pep.breaker import State
+from pep.config import BreakerConfig, PdpConfig
+from pep.decision import Allow, Deny, Reason
+from pep.engine import Check, Engine, Outcome
+from pep.headers import obligation_forbidden
+from pep.metrics import Metrics
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
+from pep.pdp.opa import malformed, status_failure
+
+Answer = Verdict | Failure
+Step = Answer | Callable[[], Awaitable[Answer]]
+
+UNREACHABLE = Failure(Reason.PDP_UNREACHABLE, "unreachable", True, "ConnectionRefusedError")
+DOCUMENT: dict[str, Any] = {"version": "pep/v1", "request": {"method": "GET", "path": "/tools/search"}}
+
+
+class FakePdp:
+    """Answers from a script, one step per call; the last step repeats. Records every call."""
+
+    def __init__(self, *script: Step) -> None:
+        assert script
+        self.script = script
+        self.calls: list[tuple[dict[str, Any], str]] = []
+        self.closed = False
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        self.calls.append((document, request_id))
+        step = self.script[min(len(self.calls), len(self.script)) - 1]
+        if isinstance(step, Verdict | Failure):
+            return step
+        return await step()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hang() -> Callable[[], Awaitable[Answer]]:
+    async def step() -> Answer:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return step
+
+
+def after(seconds: float, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    async def step() -> Answer:
+        await asyncio.sleep(seconds)
+        return answer
+
+    return step
+
+
+def gated(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    async def step() -> Answer:
+        await gate.wait()
+        return answer
+
+    return step
+
+
+def raising(exc: Exception) -> Callable[[], Awaitable[Answer]]:
+    async def step() -> Answer:
+        raise exc
+
+    return step
+
+
+def make_engine(
+    pdp: FakePdp,
+    *,
+    timeout_ms: int = 250,
+    retries: int = 1,
+    max_in_flight: int = 512,
+    threshold: int = 5,
+    open_ms: int = 5000,
+    probes: int = 1,
+    clock: Callable[[], float] | None = None,
+) -> Engine:
+    config = PdpConfig(
+        kind="opa",
+        url="http://127.0.0.1:8181/v1/data/pep/authz",
+        timeout_ms=timeout_ms,
+        retries=retries,
+        max_in_flight=max_in_flight,
+        breaker=BreakerConfig(threshold, open_ms, probes),
+    )
+    metrics = Metrics(("tools",))
+    if clock is None:
+        return Engine(pdp, config, metrics)
+    return Engine(pdp, config, metrics, clock=clock)
+
+
+def check(request_id: str = "req-1", method: str = "POST", url: str = "http://up:9000/tools/search?q=1") -> Check:
+    return Check(
+        document=DOCUMENT,
+        request_id=request_id,
+        route="tools",
+        method=method,
+        upstream_url=url,
+        obligation_forbidden=obligation_forbidden(None),
+    )
+
+
+def circuit(engine: Engine) -> State:
+    """The circuit state, read through a call so that mypy does not narrow the property between reads."""
+    return engine.circuit
+
+
+def denied(outcome: Outcome) -> Deny:
+    assert isinstance(outcome.decision, Deny), outcome
+    return outcome.decision
+
+
+def sample(engine: Engine, name: str, labels: dict[str, str] | None = None) -> float:
+    value = engine._metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+async def wait_for_calls(pdp: FakePdp, n: int) -> None:
+    for _ in range(1000):
+        if len(pdp.calls) >= n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the PDP was called {len(pdp.calls)} times, expected {n}")
+
+
+async def open_circuit(engine: Engine, pdp_calls: FakePdp) -> None:
+    for _ in range(engine.config.breaker.failure_threshold):
+        denied(await engine.decide(check()))
+    assert circuit(engine) is State.OPEN
+    assert pdp_calls.calls
+
+
+# --- allow and deny -------------------------------------------------------------------------------------------
+
+
+async def test_allow_is_bound_to_the_exact_request() -> None:
+    pdp = FakePdp(ALLOWED)
+    engine = make_engine(pdp)
+    outcome = await engine.decide(check("req-42", "DELETE", "http://up:9000/tools/x?y=%41"))
+    allow = outcome.decision
+    assert isinstance(allow, Allow)
+    assert allow.request_id == "req-42"
+    assert allow.method == "DELETE"
+    assert allow.upstream_url == "http://up:9000/tools/x?y=%41"
+    assert allow.route == "tools"
+    assert allow.headers == ()
+    assert re.fullmatch(r"[0-9a-f]{32}", allow.decision_id)
+    assert outcome.attempts == 1
+    assert outcome.pdp_ms is not None
+    assert outcome.pdp_ms >= 0
+    assert pdp.calls == [(DOCUMENT, "req-42")]
+    assert engine.in_flight == 0
+
+
+async def test_each_decision_has_its_own_id() -> None:
+    engine = make_engine(FakePdp(ALLOWED, DENIED))
+    first, second = await engine.decide(check()), await engine.decide(check())
+    assert first.decision.decision_id != second.decision.decision_id
+
+
+async def test_allow_carries_vetted_obligation_headers_and_note() -> None:
+    headers = (("x-tenant", "acme"), ("X-Policy", "v7"))
+    engine = make_engine(FakePdp(Verdict(True, Reason.ALLOWED, headers, "rule 7")))
+    outcome = await engine.decide(check())
+    assert isinstance(outcome.decision, Allow)
+    assert outcome.decision.headers == headers
+    assert outcome.note == "rule 7"
+
+
+async def test_policy_deny() -> None:
+    pdp = FakePdp(Verdict(False, Reason.POLICY_DENIED, note="no email tools"))
+    outcome = await make_engine(pdp).decide(check())
+    deny = denied(outcome)
+    assert deny.reason is Reason.POLICY_DENIED
+    assert deny.detail == "no email tools"
+    assert outcome.note == "no email tools"
+    assert outcome.attempts == 1
+
+
+async def test_undefined_is_a_deny() -> None:
+    outcome = await make_engine(FakePdp(UNDEFINED)).decide(check())
+    assert denied(outcome).reason is Reason.PDP_UNDEFINED
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        UNREACHABLE,
+        status_failure(500),
+        status_failure(503),
+        status_failure(404),
+        status_failure(302),
+        malformed("result is a str"),
+        Failure(Reason.PDP_TIMEOUT, "timeout", False, "slow"),
+    ],
+)
+async def test_failure_is_a_deny_with_its_reason(failure: Failure) -> None:
+    outcome = await make_engine(FakePdp(failure), retries=0).decide(check())
+    deny = denied(outcome)
+    assert deny.reason is failure.reason
+    assert deny.detail == failure.detail
+    assert outcome.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("x-ok", "1"), ("Host", "evil.example")),
+        (("Content-Length", "0"),),
+        (("transfer-encoding", "chunked"),),
+        (("connection", "close"),),
+        (("x-request-id", "forged"),),
+        (("x-pep-decision-id", "forged"),),
+        (("x-forwarded-for", "10.0.0.1"),),
+        (("x-ok", "a\r\nx-injected: 1"),),
+        (("bad name", "1"),),
+    ],
+)
+async def test_forbidden_obligations_deny(headers: tuple[tuple[str, str], ...]) -> None:
+    outcome = await make_engine(FakePdp(Verdict(True, Reason.ALLOWED, headers))).decide(check())
+    deny = denied(outcome)
+    assert deny.reason is Reason.OBLIGATION_UNSUPPORTED
+    assert deny.detail
+
+
+async def test_route_credential_header_is_a_forbidden_obligation() -> None:
+    engine = make_engine(FakePdp(Verdict(True, Reason.ALLOWED, (("x-api-key", "k"),))))
+    c = check()
+    guarded = Check(c.document, c.request_id, c.route, c.method, c.upstream_url, obligation_forbidden("X-Api-Key"))
+    assert denied(await engine.decide(guarded)).reason is Reason.OBLIGATION_UNSUPPORTED
+
+
+# --- retries --------------------------------------------------------------------------------------------------
+
+
+async def test_retryable_failure_is_retried_once_by_default() -> None:
+    pdp = FakePdp(UNREACHABLE, ALLOWED)
+    outcome = await make_engine(pdp).decide(check())
+    assert isinstance(outcome.decision, Allow)
+    assert outcome.attempts == 2
+    assert len(pdp.calls) == 2
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+async def test_retries_stop_after_the_configured_count(retries: int) -> None:
+    pdp = FakePdp(status_failure(503))
+    outcome = await make_engine(pdp, retries=retries, timeout_ms=1000).decide(check())
+    assert denied(outcome).reason is Reason.PDP_ERROR_STATUS
+    assert outcome.attempts == retries + 1
+    assert len(pdp.calls) == retries + 1
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_retryable_statuses(status: int) -> None:
+    pdp = FakePdp(status_failure(status), DENIED)
+    outcome = await make_engine(pdp).decide(check())
+    assert denied(outcome).reason is Reason.POLICY_DENIED
+    assert outcome.attempts == 2
+
+
+@pytest.mark.parametrize(
+    "first",
+    [DENIED, UNDEFINED, status_failure(400), status_failure(500), status_failure(404), malformed("duplicate key")],
+)
+async def test_no_retry_after_a_well_formed_answer_or_a_non_retryable_failure(first: Answer) -> None:
+    pdp = FakePdp(first, ALLOWED)
+    outcome = await make_engine(pdp, retries=3).decide(check())
+    assert isinstance(outcome.decision, Deny)
+    assert outcome.attempts == 1
+    assert len(pdp.calls) == 1
+
+
+async def test_no_retry_when_the_remaining_budget_is_too_small() -> None:
+    pdp = FakePdp(after(0.12, UNREACHABLE), ALLOWED)
+    outcome = await make_engine(pdp, timeout_ms=200, retries=3).decide(check())
+    assert denied(outcome).reason is Reason.PDP_UNREACHABLE
+    assert outcome.attempts == 1
+    assert len(pdp.calls) == 1
+
+
+async def test_a_slow_retry_is_cut_by_the_one_deadline() -> None:
+    pdp = FakePdp(UNREACHABLE, hang())
+    started = time.monotonic()
+    outcome = await make_engine(pdp, timeout_ms=50, retries=1).decide(check())
+    assert denied(outcome).reason is Reason.PDP_TIMEOUT
+    assert outcome.attempts == 2
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_hung_pdp_times_out() -> None:
+    pdp = FakePdp(hang())
+    engine = make_engine(pdp, timeout_ms=50)
+    started = time.monotonic()
+    outcome = await engine.decide(check())
+    elapsed = time.monotonic() - started
+    assert denied(outcome).reason is Reason.PDP_TIMEOUT
+    assert outcome.attempts == 1  # a timeout leaves no budget to retry in
+    assert 0.04 <= elapsed < 1.0
+    assert engine.breaker.failures == 1
+    assert engine.in_flight == 0
+    assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "timeout"}) == 1
+
+
+async def test_a_late_allow_is_a_timeout() -> None:
+    pdp = FakePdp(after(0.2, ALLOWED))
+    outcome = await make_engine(pdp, timeout_ms=50).decide(check())
+    assert denied(outcome).reason is Reason.PDP_TIMEOUT
+
+
+async def test_pdp_outcomes_are_observed() -> None:
+    engine = make_engine(FakePdp(UNREACHABLE, status_failure(503), DENIED, ALLOWED), retries=1, timeout_ms=1000)
+    await engine.decide(check())  # unreachable, then 503
+    await engine.decide(check())  # deny
+    await engine.decide(check())  # allow
+    count = "pep_pdp_request_duration_seconds_count"
+    assert sample(engine, count, {"outcome": "unreachable"}) == 1
+    assert sample(engine, count, {"outcome": "error"}) == 1
+    assert sample(engine, count, {"outcome": "ok"}) == 2
+    assert sample(engine, count, {"outcome": "timeout"}) == 0
+
+
+# --- bulkhead -------------------------------------------------------------------------------------------------
+
+
+async def test_bulkhead_denies_at_once_without_calling_the_pdp() -> None:
+    gate = asyncio.Event()
+    pdp = FakePdp(gated(gate, ALLOWED))
+    engine = make_engine(pdp, max_in_flight=2, timeout_ms=5000)
+    blocked = [asyncio.create_task(engine.decide(check())) for _ in range(2)]
+    await wait_for_calls(pdp, 2)
+    assert engine.in_flight == 2
+    assert sample(engine, "pep_pdp_in_flight") == 2
+    outcome = await asyncio.wait_for(engine.decide(check()), timeout=0.05)
+    assert denied(outcome).reason is Reason.PDP_OVERLOADED
+    assert outcome.attempts == 0
+    assert outcome.pdp_ms is None
+    assert len(pdp.calls) == 2
+    gate.set()
+    for task in blocked:
+        assert isinstance((await task).decision, Allow)
+    assert engine.in_flight == 0
+    assert isinstance((await engine.decide(check())).decision, Allow)
+
+
+async def test_overload_does_not_use_up_a_probe() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = FakePdp(UNREACHABLE, gated(gate, ALLOWED))
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, max_in_flight=1, clock=clock)
+    denied(await engine.decide(check()))
+    assert circuit(engine) is State.OPEN
+    clock.now += 1.0
+    probe = asyncio.create_task(engine.decide(check()))
+    await wait_for_calls(pdp, 2)
+    assert denied(await engine.decide(check())).reason is Reason.PDP_OVERLOADED
+    gate.set()
+    assert isinstance((await probe).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+# --- circuit breaker ------------------------------------------------------------------------------------------
+
+
+async def test_circuit_opens_after_the_threshold_and_denies_without_calling_the_pdp() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(status_failure(500))
+    engine = make_engine(pdp, retries=0, threshold=3, open_ms=5000, clock=clock)
+    for _ in range(2):
+        assert denied(await engine.decide(check())).reason is Reason.PDP_ERROR_STATUS
+    assert circuit(engine) is State.CLOSED
+    assert denied(await engine.decide(check())).reason is Reason.PDP_ERROR_STATUS
+    assert circuit(engine) is State.OPEN
+    assert sample(engine, "pep_circuit_state") == 2
+    assert sample(engine, "pep_circuit_transitions_total", {"to": "open"}) == 1
+    for _ in range(5):
+        outcome = await engine.decide(check())
+        assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+        assert outcome.attempts == 0
+    assert len(pdp.calls) == 3
+
+
+async def test_retries_of_one_decision_are_one_breaker_failure() -> None:
+    pdp = FakePdp(UNREACHABLE)
+    engine = make_engine(pdp, retries=2, threshold=2, timeout_ms=1000)
+    await engine.decide(check())
+    assert len(pdp.calls) == 3
+    assert circuit(engine) is State.CLOSED
+    assert engine.breaker.failures == 1
+
+
+async def test_well_formed_answers_are_breaker_successes() -> None:
+    pdp = FakePdp(UNREACHABLE, DENIED, malformed("x"), UNDEFINED, status_failure(500), ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=2)
+    for _ in range(10):
+        await engine.decide(check())
+    assert circuit(engine) is State.CLOSED
+    assert engine.breaker.failures == 0
+
+
+async def test_malformed_answers_are_breaker_failures() -> None:
+    pdp = FakePdp(malformed("result is a str"))
+    engine = make_engine(pdp, retries=0, threshold=2)
+    await engine.decide(check())
+    await engine.decide(check())
+    assert circuit(engine) is State.OPEN
+
+
+async def test_probe_success_closes_the_circuit() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=2, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 0.999
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN
+    clock.now += 0.001
+    assert circuit(engine) is State.HALF_OPEN
+    assert sample(engine, "pep_circuit_state") == 1
+    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+    assert sample(engine, "pep_circuit_state") == 0
+    for to in ("open", "half_open", "closed"):
+        assert sample(engine, "pep_circuit_transitions_total", {"to": to}) == 1
+
+
+async def test_half_open_denies_beyond_the_probes_at_once() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = FakePdp(UNREACHABLE, gated(gate, DENIED))
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, probes=1, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    probe = asyncio.create_task(engine.decide(check()))
+    await wait_for_calls(pdp, 2)
+    for _ in range(3):
+        outcome = await asyncio.wait_for(engine.decide(check()), timeout=0.05)
+        assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+    assert len(pdp.calls) == 2
+    gate.set()
+    assert denied(await probe).reason is Reason.POLICY_DENIED  # a deny is a well-formed answer: success
+    assert circuit(engine) is State.CLOSED
+
+
+async def test_failed_probe_reopens() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(status_failure(503))
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    assert denied(await engine.decide(check())).reason is Reason.PDP_ERROR_STATUS
+    assert circuit(engine) is State.OPEN
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN
+    assert len(pdp.calls) == 2
+
+
+async def test_timed_out_probe_reopens() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(UNREACHABLE, hang())
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, timeout_ms=30, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
+    assert circuit(engine) is State.OPEN
+
+
+async def test_cancelled_probe_counts_as_a_failure() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(UNREACHABLE, hang(), ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, timeout_ms=10_000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    probe = asyncio.create_task(engine.decide(check()))
+    await wait_for_calls(pdp, 2)
+    assert circuit(engine) is State.HALF_OPEN
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert circuit(engine) is State.OPEN  # not stuck half-open with its only probe gone
+    assert engine.in_flight == 0
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN
+    clock.now += 1.0  # a fresh open period has passed: the next probe is admitted
+    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+async def test_cancelled_call_while_closed_is_not_a_pdp_failure() -> None:
+    pdp = FakePdp(hang())
+    engine = make_engine(pdp, threshold=1, timeout_ms=10_000)
+    task = asyncio.create_task(engine.decide(check()))
+    await wait_for_calls(pdp, 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert circuit(engine) is State.CLOSED
+    assert engine.in_flight == 0
+
+
+async def test_exception_in_a_probe_reopens_and_propagates() -> None:
+    clock = FakeClock()
+    pdp = FakePdp(UNREACHABLE, raising(RuntimeError("bug")))
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    with pytest.raises(RuntimeError, match="bug"):
+        await engine.decide(check())
+    assert circuit(engine) is State.OPEN
+    assert engine.in_flight == 0
+
+
+# --- the Allow mint -------------------------------------------------------------------------------------------
+
+
+def test_allow_cannot_be_made_outside_the_engine() -> None:
+    fields: dict[str, Any] = {
+        "decision_id": "d",
+        "request_id": "r",
+        "route": "tools",
+        "method": "GET",
+        "upstream_url": "http://up/",
+        "headers": (),
+    }
+    with pytest.raises(TypeError, match="only be created by the decision engine"):
+        Allow(object(), **fields)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Allow(None, **fields)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Allow(decision._MintKey(), **fields)
+
+
+def test_the_mint_key_is_already_claimed_by_the_engine() -> None:
+    with pytest.raises(RuntimeError, match="already been claimed"):
+        decision.claim_mint_key()
+
+
+async def test_allow_is_immutable() -> None:
+    outcome = await make_engine(FakePdp(ALLOWED)).decide(check())
+    allow = outcome.decision
+    assert isinstance(allow, Allow)
+    with pytest.raises(AttributeError):
+        allow.upstream_url = "http://evil/"
+    with pytest.raises(AttributeError):
+        allow.method = "DELETE"
+    with pytest.raises(AttributeError):
+        allow.extra = 1
+    assert allow.upstream_url == "http://up:9000/tools/search?q=1"
+    assert "decision_id" in repr(allow)

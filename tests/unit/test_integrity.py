@@ -1,0 +1,276 @@
+"""pep.integrity: targets two parsers could read differently are refused (`request_ambiguous`)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from pep.integrity import override_header, path_problem, query_problem
+
+AMBIGUOUS_PATHS = [
+    # raw dot segments
+    "/.",
+    "/..",
+    "/a/./b",
+    "/a/../b",
+    "/a/..",
+    "/a/.",
+    "/./a",
+    "/a/b/../../../etc/passwd",
+    # percent-encoded dot segments, any case, mixed with raw dots
+    "/a/%2e/b",
+    "/a/%2E/b",
+    "/a/%2e%2e/b",
+    "/a/%2E%2e/b",
+    "/a/%2e%2E",
+    "/a/.%2e/b",
+    "/a/%2e./b",
+    "/%2E%2E/secret",
+    # double (and deeper) encoded dots
+    "/a/%252e/b",
+    "/a/%252e%252e/b",
+    "/a/%252E%252E",
+    "/a/.%252e/b",
+    "/a/%25252e%25252e/b",
+    # encoded slash and backslash, any case, double encoded
+    "/a/%2f/b",
+    "/a/%2F..",
+    "/a%2fb",
+    "/a/%5c/b",
+    "/a/%5C",
+    "/a/%252f/b",
+    "/a/%252F",
+    "/a/%255c",
+    "/a/%25252f",
+    # raw backslash
+    "/a\\b",
+    "/a/..\\b",
+    "/\\",
+    # NUL and control characters, raw and encoded
+    "/a\x00b",
+    "/a\nb",
+    "/a\rb",
+    "/a\tb",
+    "/a\x1fb",
+    "/a\x7fb",
+    "/a%00b",
+    "/a%0ab",
+    "/a%0Ab",
+    "/a%0d%0aSet-Cookie:x",
+    "/a%1F",
+    "/a%1f",
+    "/a%7f",
+    "/a%7F",
+    "/a%09b",
+    "/a%2500",
+    # spaces, fragments, non-ASCII
+    "/a b",
+    "/a#frag",
+    "/a/#",
+    "/caf\u00e9",
+    "/a/\u2025",
+    "/a/\uff0e\uff0e",
+    "/a\u0085",
+    # not a path at all
+    "",
+    "a/b",
+    "*",
+    "http://h/a",
+]
+
+CLEAN_PATHS = [
+    "/",
+    "/a/b",
+    "/a/b/",
+    "//a//b",
+    "/a/.hidden",
+    "/a/..hidden",
+    "/a/...",
+    "/a/..../b",
+    "/a/v1.2/x",
+    "/a/file.tar.gz",
+    "/a/file%2Ename",
+    "/a/file%2ename",
+    "/a/%2e%2e%2e",
+    "/a/x%2e",
+    "/a/%41",
+    "/a/%25",
+    "/a/100%25done",
+    "/a/%C3%A9",
+    "/a/%20b",
+    "/a/%3F%23",
+    "/a;v=1/b",
+    "/a/b;jsessionid=1",
+    "/a/;/b",
+    "/a/~user/!$&'()*+,=:@",
+    "/mcp",
+]
+
+
+@pytest.mark.parametrize("path", AMBIGUOUS_PATHS)
+def test_ambiguous_paths_are_refused(path: str) -> None:
+    problem = path_problem(path)
+    assert problem is not None
+    assert isinstance(problem, str)
+    assert problem
+
+
+@pytest.mark.parametrize("path", CLEAN_PATHS)
+def test_clean_paths_pass(path: str) -> None:
+    assert path_problem(path) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        # the hex digits of an encoded character encoded themselves: a second decode yields `.`, `/` or NUL
+        "/a/%2%65/b",
+        "/a/%%32%65/b",
+        "/a/%%32%45%2%65",
+        "/a/%252%65",
+        "/a/%2%66etc",
+        "/a/%%35%63",
+        "/a/%%30%30",
+        "/a/%%37%66",
+    ],
+)
+def test_nested_encodings_are_refused(path: str) -> None:
+    assert path_problem(path) is not None
+
+
+@pytest.mark.parametrize("path", ["/a/..;/admin", "/a/.;x/b", "/a/%2e%2e;jsessionid=1/b", "/..;"])
+def test_dot_segments_with_path_parameters_are_refused(path: str) -> None:
+    """Servlet containers drop `;params` from a segment before normalising: `/..;/` is `/../` to them."""
+    assert path_problem(path) is not None
+
+
+@pytest.mark.parametrize("path", ["/a/..%3b/b", "/a/%2e%2e%3bx/b"])
+def test_encoded_path_parameter_after_dots_is_refused(path: str) -> None:
+    assert path_problem(path) is not None
+
+
+def test_percent_encoding_nested_too_deeply_is_refused() -> None:
+    assert path_problem("/a/%25252541") is None  # four layers decode to `A`
+    assert path_problem("/a/%2525252541") == "percent-encoding nested too deeply in the path"
+    assert path_problem("/" + "%" + "25" * 4000 + "41") is not None  # bounded work, whatever the depth
+
+
+def test_problem_texts_say_what_is_wrong() -> None:
+    assert path_problem("/a/../b") == "dot segment in the path"
+    assert path_problem("/a/%2F") == "encoded '%2f' in the path"
+    assert path_problem("a") == "the path does not start with /"
+    assert "backslash" in (path_problem("/a\\b") or "")
+
+
+@pytest.mark.parametrize("query", ["", "a=1", "a=1&b=2", "q=%2e%2e%2f", "x=%00", "a=b?c", "a=/..\\", "a=%ZZ", ";"])
+def test_queries_are_forwarded_as_sent(query: str) -> None:
+    assert query_problem(query) is None
+
+
+@pytest.mark.parametrize("query", ["a=#b", "#", "a= b", "a=\x00", "a=\r\n", "a=\x7f", "a=\u00e9", "a=\t"])
+def test_queries_with_unsendable_characters_are_refused(query: str) -> None:
+    assert query_problem(query) is not None
+
+
+@pytest.mark.parametrize(
+    "name", ["x-http-method-override", "X-HTTP-Method-Override", "x-http-method", "X-Method-Override"]
+)
+def test_method_override_headers_are_found_case_insensitively(name: str) -> None:
+    headers: CIMultiDict[str] = CIMultiDict([("Accept", "*/*"), (name, "DELETE")])
+    problem = override_header(headers)
+    assert problem is not None
+    assert name.lower() in problem
+
+
+def test_no_override_header() -> None:
+    headers: CIMultiDict[str] = CIMultiDict(
+        [("Accept", "*/*"), ("X-HTTP-Method-Overrides", "x"), ("X-Method", "DELETE"), ("Method", "PUT")]
+    )
+    assert override_header(headers) is None
+    assert override_header(CIMultiDict()) is None
+    assert override_header({"x-http-method"}) is not None  # any container of lower-case names
+
+
+# --- property -------------------------------------------------------------------------------------------------
+
+# Tokens that build the tricky segments: dots, percent signs, and the hex digits of `.`, `/`, `\` and NUL,
+# themselves percent-encoded (`%32` is `2`, `%65` is `e`, `%66` is `f`, `%35` is `5`, `%63` is `c`).
+TOKENS = st.sampled_from(
+    [
+        ".",
+        "..",
+        "%",
+        "%25",
+        "2",
+        "e",
+        "E",
+        "f",
+        "5",
+        "c",
+        "0",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%5c",
+        "%00",
+        "%32",
+        "%35",
+        "%30",
+        "%65",
+        "%45",
+        "%66",
+        "%63",
+        "%41",
+        "a",
+        "x",
+        ";",
+        "\\",
+    ]
+)
+TOKEN_SEGMENT = st.lists(TOKENS, min_size=0, max_size=6).map("".join)
+
+
+@st.composite
+def nested_segment(draw: st.DrawFn) -> str:
+    """A dangerous or harmless segment percent-encoded 0-3 times, each time only some characters (any case)."""
+    segment = draw(st.sampled_from([".", "..", "/", "\\", "\x00", "a.", ".a", "...", "a/b"]))
+    for _ in range(draw(st.integers(0, 3))):
+        segment = "".join(f"%{ord(c):02{draw(st.sampled_from('xX'))}}" if draw(st.booleans()) else c for c in segment)
+    return segment
+
+
+SEGMENT = st.one_of(TOKEN_SEGMENT, nested_segment())
+PATH = st.lists(SEGMENT, min_size=1, max_size=4).map(lambda segs: "/" + "/".join(segs))
+
+
+def fully_decoded(segment: str) -> str:
+    while (decoded := unquote(segment)) != segment:
+        segment = decoded
+    return segment
+
+
+@given(PATH)
+@example("/a/%2%65")
+@example("/a/%%32%65%%32%65")
+@example("/a/%2%66")
+@example("/a/%252%65/b")
+def test_accepted_paths_never_decode_to_dot_segments_or_separators(path: str) -> None:
+    if path_problem(path) is not None:
+        return
+    for segment in path.split("/"):
+        decoded = fully_decoded(segment)
+        assert decoded not in (".", ".."), (path, segment)
+        assert "/" not in decoded, (path, segment)
+        assert "\\" not in decoded, (path, segment)
+        assert "\x00" not in decoded, (path, segment)
+
+
+@given(st.text(max_size=20))
+def test_any_text_gets_an_answer(path: str) -> None:
+    problem = path_problem("/" + path)
+    assert problem is None or isinstance(problem, str)
+    assert query_problem(path) is None or isinstance(query_problem(path), str)

@@ -1,0 +1,158 @@
+"""pep.strictjson: one JSON value, valid UTF-8, no duplicate keys, nothing after it, bounded depth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pep.strictjson import JsonError, loads, loads_object
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"result":true}', {"result": True}),
+        (b'{"a":1,"b":{"c":[1,2,{"d":null}]}}', {"a": 1, "b": {"c": [1, 2, {"d": None}]}}),
+        (b' \n{"a" : "x:y"}\t\r\n', {"a": "x:y"}),
+        (b"[]", []),
+        (b"true", True),
+        (b"1.5", 1.5),
+        (b'"\\u00e9"', "\u00e9"),
+        ('{"k":"\u00e9\U0001f600"}'.encode(), {"k": "\u00e9\U0001f600"}),
+        (b'{"a":{"b":1},"c":{"b":2}}', {"a": {"b": 1}, "c": {"b": 2}}),  # the same key in different objects
+        (b'[{"a":1},{"a":2}]', [{"a": 1}, {"a": 2}]),
+    ],
+)
+def test_valid_json(data: bytes, expected: Any) -> None:
+    assert loads(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":1,"a":2}',
+        b'{"a":1,"a":1}',
+        b'{"result":true,"result":false}',
+        b'{"x":{"allow":false,"allow":true}}',
+        b'[{"ok":1},{"a":1,"b":2,"a":3}]',
+        b'{"a":[[[{"b":{"c":1,"c":2}}]]]}',
+        b'{"a":1,"\\u0061":2}',  # the same key, once escaped
+        b'{"\\u00e9":1,"\xc3\xa9":2}',
+    ],
+)
+def test_duplicate_keys_at_any_depth_are_refused(data: bytes) -> None:
+    with pytest.raises(JsonError, match="duplicate key"):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":1}{"a":2}',
+        b'{"a":1} x',
+        b'{"a":1},',
+        b"true false",
+        b"[] []",
+        b'{"a":1}\x00',
+    ],
+)
+def test_trailing_data_is_refused(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"NaN", b"Infinity", b"-Infinity", b'{"a":NaN}', b"[Infinity]", b'{"a":-Infinity}', b"1e400", b"[-1e999]"],
+)
+def test_non_finite_numbers_are_refused(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":"\xff"}',
+        b'{"a":"\xc3"}',
+        b'{"\xed\xa0\x80":1}',  # an encoded surrogate is not UTF-8
+        b'{"a":"\xc0\xae"}',  # overlong `.`
+        b'["\\ud800"]',  # a lone surrogate escape
+        b"\xef\xbb\xbf{}",  # a byte order mark
+        b"\xff\xfe{\x00}\x00",
+    ],
+)
+def test_invalid_utf8_and_unpaired_surrogates_are_refused(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b" ", b"{", b'{"a":}', b"{'a':1}", b'{"a":1,}', b"[1,]", b"01", b'{"a":undefined}', b'"\x01"', b"//c\n{}"],
+)
+def test_invalid_grammar_is_refused(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+def test_depth_limit() -> None:
+    assert loads(b"[" * 64 + b"]" * 64) is not None
+    with pytest.raises(JsonError, match="nested deeper than 64"):
+        loads(b"[" * 65 + b"]" * 65)
+    nested = b'{"a":' * 65 + b"1" + b"}" * 65
+    with pytest.raises(JsonError):
+        loads(nested)
+    assert loads(b'{"a":' * 3 + b"1" + b"}" * 3, max_depth=3) == {"a": {"a": {"a": 1}}}
+    with pytest.raises(JsonError):
+        loads(b'{"a":' * 4 + b"1" + b"}" * 4, max_depth=3)
+
+
+def test_very_deep_nesting_is_an_error_not_a_crash() -> None:
+    for depth in (1000, 5000, 100_000):
+        with pytest.raises(JsonError):
+            loads(b"[" * depth + b"]" * depth)
+        with pytest.raises(JsonError):
+            loads(b'{"a":' * depth + b"1" + b"}" * depth)
+
+
+def test_loads_object_requires_an_object() -> None:
+    assert loads_object(b'{"a":1}') == {"a": 1}
+    for data in (b"[]", b"true", b"null", b'"x"', b"1"):
+        with pytest.raises(JsonError, match="expected a JSON object"):
+            loads_object(data)
+    with pytest.raises(JsonError):
+        loads_object(b'{"a":1,"a":2}')
+
+
+def test_json_error_is_a_value_error() -> None:
+    assert issubclass(JsonError, ValueError)
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON)
+def test_round_trip_of_any_json_value(value: Any) -> None:
+    assert loads(orjson.dumps(value), max_depth=0) == value
+
+
+@given(st.dictionaries(st.text(max_size=3), JSON, min_size=1, max_size=4), st.data())
+def test_an_injected_duplicate_key_is_always_refused(obj: dict[str, Any], data: st.DataObject) -> None:
+    key = data.draw(st.sampled_from(sorted(obj)))
+    encoded = orjson.dumps(obj)
+    duplicated = encoded[:-1] + b"," + orjson.dumps(key) + b":" + orjson.dumps(obj[key]) + b"}"
+    with pytest.raises(JsonError, match="duplicate key"):
+        loads(duplicated, max_depth=0)
