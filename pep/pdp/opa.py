@@ -18,7 +18,9 @@ _NOTE_MAX = 256
 def is_json_content_type(value: str) -> bool:
     """`application/json` or `application/*+json`, parameters allowed, case-insensitive."""
     media = value.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
+    )
 
 
 def status_failure(status: int) -> Failure:
@@ -36,6 +38,8 @@ def parse_answer(answer: RawAnswer) -> Verdict | Failure:
         return status_failure(answer.status)
     if answer.oversize:
         return malformed("answer larger than pdp.max_response_bytes")
+    if answer.undecodable:
+        return malformed("answer body could not be decoded (Content-Encoding)")
     if not is_json_content_type(answer.content_type):
         return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 
 from pep import __version__
 from pep.decision import Reason
@@ -19,6 +20,7 @@ class RawAnswer:
     content_type: str
     body: bytes
     oversize: bool  # the answer was longer than max_response_bytes; `body` is incomplete
+    undecodable: bool = False  # the body does not decode under its Content-Encoding; `body` is empty
 
 
 class HttpTransport:
@@ -49,12 +51,20 @@ class HttpTransport:
                     return RawAnswer(resp.status, content_type, b"", True)
                 chunks: list[bytes] = []
                 size = 0
-                while chunk := await resp.content.read(_READ_CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        resp.close()
-                        return RawAnswer(resp.status, content_type, b"", True)
-                    chunks.append(chunk)
+                try:
+                    while chunk := await resp.content.read(_READ_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            resp.close()
+                            return RawAnswer(resp.status, content_type, b"", True)
+                        chunks.append(chunk)
+                except aiohttp.ClientPayloadError as exc:
+                    # Bytes arrived but do not decode (a corrupt gzip body): a malformed answer, not a transport
+                    # error, so it is neither reported as unreachable nor retried.
+                    if not isinstance(exc.__cause__, ContentEncodingError):
+                        raise
+                    resp.close()
+                    return RawAnswer(resp.status, content_type, b"", False, undecodable=True)
                 return RawAnswer(resp.status, content_type, b"".join(chunks), False)
         except (aiohttp.ClientError, OSError) as exc:
             return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
