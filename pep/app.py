@@ -89,7 +89,9 @@ class Server:
 
     async def stop(self) -> None:
         self.shutting_down = True
-        for runner in reversed(self._runners):
+        # Proxy first, admin last: while the proxy drains its in-flight requests, /readyz still answers
+        # 503 `shutting_down` instead of the admin port already refusing connections.
+        for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         if self._upstream is not None:

@@ -52,6 +52,10 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),
         )
+        # aiohttp silently resends GET/HEAD/PUT/DELETE/... once when the connection drops before a response,
+        # even after the upstream read (and maybe acted on) the request. One allow is one delivery: a drop is a
+        # 502 `reset`, never a second copy. There is no public switch; aiohttp's own test client sets this too.
+        self._session._retry_connection = False
 
     def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
         t = self._timeouts.get(route.name)

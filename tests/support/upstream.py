@@ -1,7 +1,8 @@
 """A recording upstream on a real socket. Every request it sees is kept, so tests can prove nothing arrived.
 
 Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events, `/slow?ms=M` answers late, `/hang` never answers,
-`/reset` resets mid-response, `/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
+`/reset` resets mid-response, `/drop` resets after reading the request without answering at all,
+`/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class RecordingUpstream:
     seen: list[Received] = field(default_factory=list)
     port: int = 0
     disconnects: int = 0
+    # Largest request body the upstream reads (aiohttp's default is 1 MiB); raise it for big-upload tests.
+    client_max_size: int = 1024**2
     connections: set[tuple[str, int]] = field(default_factory=set)
     _runner: web.ServerRunner | None = None
 
@@ -52,6 +55,8 @@ class RecordingUpstream:
             self._runner = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.client_max_size != request.client_max_size:
+            request = request.clone(client_max_size=self.client_max_size)
         body = await request.read()
         self.seen.append(Received(request.method, request.raw_path, CIMultiDict(request.headers), body))
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -68,6 +73,8 @@ class RecordingUpstream:
                 await asyncio.sleep(30)
             elif path.startswith("/reset"):
                 return await self._reset(request)
+            elif path.startswith("/drop"):
+                return self._drop(request)
             elif path.startswith("/big"):
                 resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
                 await resp.prepare(request)
@@ -112,6 +119,16 @@ class RecordingUpstream:
             raise
         await resp.write_eof()
         return resp
+
+    def _drop(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The whole request was read (and recorded); the connection is reset before any response byte."""
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return web.Response(status=599)  # never sent: the transport is gone
 
     async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Length": "100000"})
