@@ -14,6 +14,11 @@ from pep.headers import METHOD_OVERRIDE, PATH_OVERRIDE
 
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+# Every `%` with what follows it: a well-formed escape has two hex digits.
+_ESCAPE = re.compile(r"%([0-9a-fA-F]{2})?")
+# RFC 3986 2.3: encoding these changes nothing for a normalising server, but a `/%61dmin` would miss an
+# `/admin` route here and be served as /admin there. Well-behaved clients never encode them.
+_UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # Outside visible ASCII, plus `\` and `#` (a fragment is never sent; a backslash is a separator to some servers).
 _PATH_BAD = re.compile(r"[^\x21-\x7e]|[\\#]")
 _QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
@@ -30,10 +35,14 @@ def path_problem(path: str) -> str | None:
     if _PATH_BAD.search(path):
         return "backslash, fragment, control or non-ASCII character in the path"
     if "%" in path:
-        for m in _ENCODED.finditer(path):
-            code = m.group(1).lower()
-            if code != "2e":  # an encoded dot is only a problem as a dot segment (checked below)
-                return f"encoded {'%' + code!r} in the path"
+        for m in _ESCAPE.finditer(path):
+            pair = m.group(1)
+            if pair is None:
+                return "malformed percent-encoding in the path"
+            if chr(int(pair, 16)) in _UNRESERVED:
+                return f"percent-encoded unreserved character %{pair} in the path"
+        if encoded := _ENCODED.search(path):
+            return f"encoded {encoded.group(0).lower()!r} in the path"
     elif "." not in path:
         return None
     for segment in path.split("/"):

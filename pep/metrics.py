@@ -82,7 +82,7 @@ class Metrics:
         self.upstream_responses = {(route, c): responses.labels(route, c) for route in routes for c in CODE_CLASSES}
         failures = Counter(
             "pep_upstream_failures_total",
-            "Allowed requests that got no upstream response (answered 502/504/413).",
+            "Allowed requests whose upstream exchange failed: no response (502/504/413) or cut mid-body.",
             ["route", "kind"],
             registry=r,
         )

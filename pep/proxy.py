@@ -143,9 +143,11 @@ class Proxy:
         upstream_url = route.upstream_url(path, query)
         subject = self._subject
         if self._agent_header is not None:
-            agent = headers.get(self._agent_header)
-            if agent is not None:
-                subject = {"workload": self._workload, "agent": agent}
+            agents = headers.getall(self._agent_header, ())
+            if len(agents) > 1:
+                return route, None, _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
+            if agents:
+                subject = {"workload": self._workload, "agent": agents[0]}
         document = attributes.document(
             request_id=rid,
             method=request.method,

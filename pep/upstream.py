@@ -110,7 +110,10 @@ class Upstream:
             ) as up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
-                return await _relay(request, up)
+                response, complete = await _relay(request, up)
+                if not complete:
+                    metrics.upstream_failures[route.name, "reset"].inc()
+                return response
         except (TimeoutError, aiohttp.ServerTimeoutError):
             kind = "timeout"
         except aiohttp.ClientConnectorError:
@@ -129,7 +132,8 @@ class Upstream:
         await self._session.close()
 
 
-async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
+    """Stream the upstream response to the caller; False when it broke off after the status line was sent."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
     await resp.prepare(request)
     try:
@@ -139,6 +143,6 @@ async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> web.St
         # The status line is already out: the only honest signal left is an unfinished body.
         if request.transport is not None:
             request.transport.abort()
-        return resp
+        return resp, False
     await resp.write_eof()
-    return resp
+    return resp, True

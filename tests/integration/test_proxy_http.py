@@ -19,6 +19,7 @@ import aiohttp
 import httpx
 import orjson
 import pytest
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
@@ -183,7 +184,7 @@ async def test_strip_prefix_joins_with_exactly_one_slash(
 async def test_path_and_query_are_forwarded_byte_for_byte(
     pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
 ) -> None:
-    path = "/tools/a%20b/c%2Bd;p=1/%7Euser/%C3%A9"
+    path = "/tools/a%20b/c%2Bd;p=1/~user/%C3%A9"
     query = "a=%2F&b=%20&c&d=1&d=2&e=x+y&f=%2e%2e"
     async with aiohttp.ClientSession() as s, s.get(raw(f"{pep.url}{path}?{query}")) as r:
         assert r.status == 200
@@ -463,6 +464,18 @@ async def test_keep_caller_credentials_forwards_them_but_still_hides_them_from_t
 # --- the policy input document ----------------------------------------------------------------------------------
 
 
+async def test_a_repeated_agent_header_is_ambiguous(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    # The PDP would decide for one agent while the upstream sees both: refuse instead.
+    headers = CIMultiDict([("X-Agent-ID", "agent-1"), ("X-Agent-ID", "agent-2")])
+    async with aiohttp.ClientSession() as s, s.get(pep.url + "/tools/x", headers=headers) as r:
+        assert r.status == 403
+        assert r.headers["x-pep-reason"] == "request_ambiguous"
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+
+
 async def test_policy_input_has_the_pep_v1_shape(
     pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
 ) -> None:
@@ -525,8 +538,8 @@ async def test_client_closing_a_stream_cancels_the_upstream_request(
         first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
         assert first == b"id: 0\ndata: event 0\n\n"
         r.close()  # drops the connection mid-stream
-    # `>= 1`: RecordingUpstream counts one cancelled SSE handler twice (in `_sse` and again in `_handle`).
     assert await wait_for(lambda: upstream.disconnects >= 1, 2.0), "the upstream stream was not cancelled"
+    assert upstream.disconnects == 1
     assert len(upstream.seen) == 1
     assert await wait_for(lambda: _in_flight_zero(pep), 2.0)
 
@@ -634,6 +647,12 @@ async def test_upstream_reset_mid_body_reaches_the_client_as_a_truncated_respons
     assert failed or len(body) < 100_000
     text = await scrape(pep)
     assert metric(text, "pep_decisions_total", decision="deny") == 0
+    for _ in range(40):  # the handler counts the cut after the client has already seen it
+        text = await scrape(pep)
+        if metric(text, "pep_upstream_failures_total", route="tools", kind="reset") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert metric(text, "pep_upstream_failures_total", route="tools", kind="reset") == 1
     # The PEP itself stays healthy for the next request.
     async with aiohttp.ClientSession() as s, s.get(pep.url + "/tools/x") as r:
         assert r.status == 200

@@ -114,7 +114,7 @@ class RecordingUpstream:
             for i in range(n):
                 await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
                 await asyncio.sleep(gap)
-        except (asyncio.CancelledError, ConnectionError):
+        except ConnectionError:
             self.disconnects += 1
             raise
         await resp.write_eof()

@@ -82,6 +82,30 @@ AMBIGUOUS_PATHS = [
     "http://h/a",
 ]
 
+# Encoded unreserved characters and malformed escapes: refused because parsers differ on them (routing here
+# on `/%61dmin`, an upstream serving `/admin`).
+ENCODED_UNRESERVED_OR_MALFORMED = [
+    "/a/file%2Ename",
+    "/a/file%2ename",
+    "/a/%2e%2e%2e",
+    "/a/x%2e",
+    "/a/%41",
+    "/%61dmin",
+    "/a/%7Euser",
+    "/a/%5F",
+    "/a/%30",
+    "/a/%zz",
+    "/a/%2",
+    "/a/100%",
+    "/a/%g0",
+]
+
+
+@pytest.mark.parametrize("path", ENCODED_UNRESERVED_OR_MALFORMED)
+def test_encoded_unreserved_and_malformed_escapes_are_refused(path: str) -> None:
+    assert path_problem(path) is not None
+
+
 CLEAN_PATHS = [
     "/",
     "/a/b",
@@ -93,11 +117,6 @@ CLEAN_PATHS = [
     "/a/..../b",
     "/a/v1.2/x",
     "/a/file.tar.gz",
-    "/a/file%2Ename",
-    "/a/file%2ename",
-    "/a/%2e%2e%2e",
-    "/a/x%2e",
-    "/a/%41",
     "/a/%25",
     "/a/100%25done",
     "/a/%C3%A9",
