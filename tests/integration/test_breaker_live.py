@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
+from tests.support.observe import metric
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -67,14 +67,6 @@ async def bpep(make_pep: PepFactory, clock: FakeClock) -> RunningPep:
     return running
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
-
-
 class View:
     """What an operator sees: the circuit gauge, transition counters and readiness."""
 
@@ -93,8 +85,8 @@ async def observe(client: aiohttp.ClientSession, pep: RunningPep) -> View:
         ready = r.status
         body = orjson.loads(await r.read())
     assert body["ready"] is (ready == 200)
-    transitions = {to: sample(text, "pep_circuit_transitions_total", to=to) for to in ("closed", "open", "half_open")}
-    return View(sample(text, "pep_circuit_state"), transitions, ready, list(body["reasons"]))
+    transitions = {to: metric(text, "pep_circuit_transitions_total", to=to) for to in ("closed", "open", "half_open")}
+    return View(metric(text, "pep_circuit_state"), transitions, ready, list(body["reasons"]))
 
 
 async def call(client: aiohttp.ClientSession, pep: RunningPep, path: str = "/tools/x") -> tuple[int, str | None]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
+from tests.support.observe import metric
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -72,14 +72,6 @@ async def timed_get(client: aiohttp.ClientSession, url: str) -> tuple[int, str |
         return r.status, r.headers.get("x-pep-reason"), time.perf_counter() - t0
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
-
-
 async def test_hung_pdp_is_a_timeout_within_the_deadline(
     make_pep: PepFactory, fault_pdp: FaultPdp, upstream: RecordingUpstream, client: aiohttp.ClientSession
 ) -> None:
@@ -100,8 +92,8 @@ async def test_hung_pdp_is_a_timeout_within_the_deadline(
     assert (status, reason, elapsed < BOUND_S) == (403, "pdp_timeout", True)
     async with client.get(pep.admin_url + "/metrics") as r:
         text = await r.text()
-    assert sample(text, "pep_pdp_request_duration_seconds_count", outcome="timeout") == 2
-    assert sample(text, "pep_decisions_total", route="tools", decision="deny", reason="pdp_timeout") == 2
+    assert metric(text, "pep_pdp_request_duration_seconds_count", outcome="timeout") == 2
+    assert metric(text, "pep_decisions_total", route="tools", decision="deny", reason="pdp_timeout") == 2
     assert upstream.seen == []
 
 
@@ -206,7 +198,7 @@ async def test_bulkhead_denies_overload_instead_of_queueing(
             await asyncio.sleep(0.005)
         assert len(fault_pdp.requests) == 2
         async with client.get(pep.admin_url + "/metrics") as r:
-            assert sample(await r.text(), "pep_pdp_in_flight") == 2
+            assert metric(await r.text(), "pep_pdp_in_flight") == 2
         rest = await asyncio.gather(*(timed_get(client, pep.url + f"/tools/c{i}") for i in range(3)))
         done = await asyncio.gather(*first)
 
@@ -227,8 +219,8 @@ async def test_bulkhead_denies_overload_instead_of_queueing(
     assert (status, reason) == (200, None)
     async with client.get(pep.admin_url + "/metrics") as r:
         text = await r.text()
-    assert sample(text, "pep_pdp_in_flight") == 0
-    assert sample(text, "pep_decisions_total", route="tools", decision="deny", reason="pdp_overloaded") == 3
+    assert metric(text, "pep_pdp_in_flight") == 0
+    assert metric(text, "pep_decisions_total", route="tools", decision="deny", reason="pdp_overloaded") == 3
 
 
 async def test_bulkhead_five_concurrent_against_two_slots(

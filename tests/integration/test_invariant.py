@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from pep.decision import DENY_REASONS
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import MODES, FaultPdp, Mode
+from tests.support.observe import LOG_KEYS, metric
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -30,24 +30,6 @@ WORKERS = 20
 TIMEOUT_MS = 50
 RUN_BOUND_S = 45.0
 
-LOG_KEYS = frozenset(
-    {
-        "time",
-        "request_id",
-        "decision_id",
-        "route",
-        "method",
-        "path",
-        "subject",
-        "mcp_method",
-        "mcp_name",
-        "decision",
-        "reason",
-        "pdp_ms",
-        "attempts",
-        "circuit",
-    }
-)
 DENY_VALUES = frozenset(r.value for r in DENY_REASONS)
 
 # Allows are weighted up so that plenty of traffic reaches the upstream while everything else goes on.
@@ -107,15 +89,6 @@ def make_specs(rng: random.Random) -> list[Spec]:
         body = rng.randbytes(rng.choice((0, 1, 100, 5000, 40000))) if method in {"POST", "PUT", "PATCH"} else None
         specs.append(Spec(f"inv-{i:05d}", method, rng.choice(PATHS), body, rng.random() < 0.1))
     return specs
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    found = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                found += float(s.value)
-    return found
 
 
 async def run_chaos(
@@ -249,13 +222,13 @@ async def test_no_upstream_byte_without_a_logged_in_time_allow(
     async with aiohttp.ClientSession() as session:
         async with session.get(pep.admin_url + "/metrics") as r:
             text = await r.text()
-        assert sample(text, "pep_decisions_total") == TOTAL
-        assert sample(text, "pep_decisions_total", decision="allow") == len(allows)
+        assert metric(text, "pep_decisions_total") == TOTAL
+        assert metric(text, "pep_decisions_total", decision="allow") == len(allows)
         for reason, count in reasons.items():
             if reason != "allowed":
-                assert sample(text, "pep_decisions_total", decision="deny", reason=reason) == count
-        assert sample(text, "pep_requests_in_flight") == 0
-        assert sample(text, "pep_pdp_in_flight") == 0
+                assert metric(text, "pep_decisions_total", decision="deny", reason=reason) == count
+        assert metric(text, "pep_requests_in_flight") == 0
+        assert metric(text, "pep_pdp_in_flight") == 0
 
         # After the storm, a healthy PDP gets traffic flowing again.
         fault_pdp.set("allow")
@@ -342,7 +315,7 @@ async def test_callers_that_give_up_never_cause_an_unlogged_forward(
             while True:
                 async with session.get(pep.admin_url + "/metrics") as r:
                     text = await r.text()
-                if sample(text, "pep_requests_in_flight") == 0 and sample(text, "pep_pdp_in_flight") == 0:
+                if metric(text, "pep_requests_in_flight") == 0 and metric(text, "pep_pdp_in_flight") == 0:
                     break
                 await asyncio.sleep(0.02)
 

@@ -21,30 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import MODES, FaultPdp, Mode
+from tests.support.observe import LOG_KEYS, metric
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
 
 HEX_ID = re.compile(r"[0-9a-f]{32}\Z")
 PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
-LOG_KEYS = frozenset(
-    {
-        "time",
-        "request_id",
-        "decision_id",
-        "route",
-        "method",
-        "path",
-        "subject",
-        "mcp_method",
-        "mcp_name",
-        "decision",
-        "reason",
-        "pdp_ms",
-        "attempts",
-        "circuit",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -195,15 +178,6 @@ async def scrape(session: aiohttp.ClientSession, pep: RunningPep) -> str:
         return await r.text()
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample; 0.0 when the series has not been exported."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
-
-
 def total(text: str, name: str, **labels: str) -> float:
     """The sum over all samples of `name` whose labels include `labels`."""
     found = 0.0
@@ -280,14 +254,14 @@ async def test_fault_mode_denies_and_nothing_reaches_upstream(
     assert isinstance(entry["pdp_ms"], float | int)
 
     text = await scrape(client, pep)
-    assert sample(text, "pep_decisions_total", route="tools", decision="deny", reason=expect.reason) == 1
+    assert metric(text, "pep_decisions_total", route="tools", decision="deny", reason=expect.reason) == 1
     assert total(text, "pep_decisions_total") == 1
-    assert sample(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 0
+    assert metric(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 0
     for outcome in PDP_OUTCOMES:
         want = expect.attempts if outcome == expect.outcome else 0
-        got = sample(text, "pep_pdp_request_duration_seconds_count", outcome=outcome)
+        got = metric(text, "pep_pdp_request_duration_seconds_count", outcome=outcome)
         assert got == want, f"outcome={outcome}"
-    assert sample(text, "pep_pdp_in_flight") == 0
+    assert metric(text, "pep_pdp_in_flight") == 0
 
 
 @pytest.mark.parametrize("mode", ALLOW_MODES)
@@ -335,9 +309,9 @@ async def test_allow_mode_reaches_upstream_exactly_once(
     assert got.headers["x-pep-decision-id"] != "forged-by-caller"
 
     text = await scrape(client, pep)
-    assert sample(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 1
+    assert metric(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 1
     assert total(text, "pep_decisions_total") == 1
-    assert sample(text, "pep_pdp_request_duration_seconds_count", outcome="ok") == 1
+    assert metric(text, "pep_pdp_request_duration_seconds_count", outcome="ok") == 1
 
 
 async def test_generated_request_id_when_caller_sends_none(
@@ -379,7 +353,7 @@ async def test_retryable_failures_are_retried_within_budget(
     (entry,) = await pep.log_entries()
     assert entry["attempts"] == retries + 1
     text = await scrape(client, pep)
-    assert sample(text, "pep_pdp_request_duration_seconds_count", outcome=DENY_CASES[mode].outcome) == retries + 1
+    assert metric(text, "pep_pdp_request_duration_seconds_count", outcome=DENY_CASES[mode].outcome) == retries + 1
     assert upstream.seen == []
 
 

@@ -20,11 +20,11 @@ import httpx
 import orjson
 import pytest
 from multidict import CIMultiDict
-from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
+from tests.support.observe import metric
 from tests.support.upstream import RecordingUpstream
 
 Mutate = Callable[[dict[str, Any]], None]
@@ -58,16 +58,6 @@ async def scrape(pep: RunningPep) -> str:
     async with aiohttp.ClientSession() as s, s.get(pep.admin_url + "/metrics") as r:
         assert r.status == 200
         return await r.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels` (0.0 when none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 async def wait_for(predicate: Callable[[], bool], seconds: float = 2.0) -> bool:
