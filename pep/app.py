@@ -101,7 +101,7 @@ class Server:
         await self.decision_log.close()
 
 
-async def serve(config: Config, ready: Callable[[Server], None] | None = None) -> None:
+async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
     server = Server(config)
     await server.start()
@@ -114,8 +114,6 @@ async def serve(config: Config, ready: Callable[[Server], None] | None = None) -
         file=sys.stderr,
         flush=True,
     )
-    if ready is not None:
-        ready(server)
     try:
         await stop.wait()
     finally:

@@ -38,24 +38,6 @@ class Reason(enum.StrEnum):
 
 DENY_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r is not Reason.ALLOWED)
 
-# Reasons meaning "the PDP could not decide" (as opposed to a policy or request verdict); protocols that
-# distinguish the two (MCP's -32603 vs -32001) use this set.
-UNDECIDED_REASONS: frozenset[Reason] = frozenset(
-    {
-        Reason.PDP_UNDEFINED,
-        Reason.PDP_MALFORMED,
-        Reason.PDP_ERROR_STATUS,
-        Reason.PDP_TIMEOUT,
-        Reason.PDP_UNREACHABLE,
-        Reason.PDP_OVERLOADED,
-        Reason.CIRCUIT_OPEN,
-        Reason.INTERNAL_ERROR,
-        Reason.AUDIT_UNAVAILABLE,
-        Reason.CREDENTIAL_UNAVAILABLE,
-        Reason.IDENTITY_UNAVAILABLE,
-    }
-)
-
 
 class _MintKey:
     """The capability to create an Allow. Exactly one instance exists and only one caller may claim it."""

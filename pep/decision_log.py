@@ -68,9 +68,6 @@ class DecisionLog:
         self._pending.append(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
         return True
 
-    def can_record(self) -> bool:
-        return not self.enabled or len(self._pending) < self._max
-
     async def _flusher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
