@@ -15,10 +15,15 @@ from pep.config import Address, Config
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
 from pep.metrics import Metrics
+from pep.pdp import Pdp
+from pep.pdp.authzen import AuthzenPdp
+from pep.pdp.cedar import CedarPdp
+from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
-from pep.pdp.transport import HttpTransport
+from pep.pdp.transport import HttpTransport, tls_context
 from pep.proxy import Proxy
 from pep.routing import RouteTable
+from pep.secret_file import FileSecret
 from pep.upstream import Upstream
 
 # Header phase and idle keep-alive limit on the agent-facing listener (aiohttp's AppRunner default is 3630 s).
@@ -32,6 +37,22 @@ def bound_address(site: web.TCPSite) -> tuple[str, int]:
         raise RuntimeError("the listener has no socket")
     host, port = sockets[0].getsockname()[:2]
     return str(host), int(port)
+
+
+def build_pdp(cfg: Config) -> Pdp:
+    """The PDP client for `pdp.kind`. Raises CedarLoadError or OSError/ssl.SSLError for unusable files."""
+    pdp = cfg.pdp
+    mappings = {r.name: CompiledMapping.compile(r.mapping) for r in cfg.routes if r.mapping is not None}
+    if pdp.kind == "cedar":
+        assert pdp.policies is not None
+        return CedarPdp(pdp.policies, pdp.entities, mappings)
+    tls = tls_context(pdp.tls.ca_file, pdp.tls.cert_file, pdp.tls.key_file) if pdp.tls is not None else None
+    transport = HttpTransport(pdp.max_response_bytes, pdp.max_in_flight, tls)
+    auth = FileSecret(pdp.auth.value_file, pdp.auth.format) if pdp.auth is not None else None
+    if pdp.kind == "authzen":
+        header = pdp.auth.header if pdp.auth is not None else "authorization"
+        return AuthzenPdp(pdp.url, transport, mappings, auth, header)
+    return OpaPdp(pdp.url, transport, auth, pdp.auth.header if pdp.auth is not None else "authorization")
 
 
 class Server:
@@ -59,8 +80,7 @@ class Server:
     async def _start(self) -> None:
         cfg = self.config
         await self.decision_log.start()
-        transport = HttpTransport(cfg.pdp.max_response_bytes, cfg.pdp.max_in_flight)
-        self.engine = engine = Engine(OpaPdp(cfg.pdp.url, transport), cfg.pdp, self.metrics, self.clock)
+        self.engine = engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
         self._upstream = Upstream(self.metrics)
         proxy = Proxy(cfg, RouteTable(cfg.routes), engine, self._upstream, self.decision_log, self.metrics)
 
@@ -87,6 +107,16 @@ class Server:
         host, port = bound_address(site)
         return Address(host, port)
 
+    def reload_policies(self) -> None:
+        """SIGHUP: re-read in-process policies (Cedar). A failure keeps the policies in force."""
+        reload = getattr(self.engine.pdp if self.engine else None, "reload", None)
+        if reload is None:
+            return
+        problem = reload()
+        self.metrics.config_reloads["error" if problem else "success"].inc()
+        message = f"policy reload failed, keeping the last good policies: {problem}" if problem else "policies reloaded"
+        print(f"failclosed-pep: {message}", file=sys.stderr, flush=True)
+
     async def stop(self) -> None:
         self.shutting_down = True
         # Proxy first, admin last: while the proxy drains its in-flight requests, /readyz still answers
@@ -109,6 +139,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_policies)
     print(
         f"failclosed-pep: proxy on {server.proxy_address}, admin on {server.admin_address}",
         file=sys.stderr,

@@ -19,7 +19,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="config file (YAML)")
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, help="config file (YAML)")
-    sub.add_parser("demo", help="run the quickstart: a tool API, a PDP and the PEP on loopback")
+    demo = sub.add_parser("demo", help="run the quickstart: a tool API, a PDP and the PEP on loopback")
+    demo.add_argument(
+        "--pdp",
+        choices=("cedar", "cerbos", "opa"),
+        default="cedar",
+        help="the PDP to decide with (default: the embedded Cedar PDP)",
+    )
     return parser
 
 
@@ -28,11 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from pep.demo import main as demo_main
 
-        return demo_main()
+        return demo_main(args.pdp)
     try:
         config = load(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    from pep.preflight import file_problems
+
+    problems = file_problems(config)
+    if problems:
+        for problem in problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":

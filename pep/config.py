@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
@@ -54,6 +55,7 @@ class Address:
 class Identity:
     workload: str | None = None
     agent_header: str | None = None  # lower-cased
+    attributes: tuple[tuple[str, str], ...] = ()  # static facts about the workload, `subject.attributes`
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +66,36 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS to the PDP: a CA bundle to trust, and optionally a client certificate (mTLS)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PdpAuth:
+    """A header the PEP sends to the PDP, its value read from a file (`format` holds `{}` for the value)."""
+
+    value_file: str
+    header: str = "authorization"
+    format: str = "Bearer {}"
+
+
+@dataclass(frozen=True, slots=True)
 class PdpConfig:
     kind: str
-    url: str
+    url: str = ""  # opa: the data path; authzen: the PDP base URL
     timeout_ms: int = 250
     retries: int = 1
     max_in_flight: int = 512
     max_response_bytes: int = 1048576
     breaker: BreakerConfig = BreakerConfig()
+    tls: TlsConfig | None = None
+    auth: PdpAuth | None = None
+    policies: str | None = None  # cedar: a .cedar file or a directory of them
+    entities: str | None = None  # cedar: an entities JSON file
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +104,19 @@ class DecisionLogConfig:
     path: str | None = None
     include_arguments: bool = False
     required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMapping:
+    """Per-route changes to the default AuthZEN/Cedar mapping. Values are literals or `$dotted.path` references
+    into the `pep/v1` document. `None` keeps the default; properties given here replace the default ones."""
+
+    subject_type: str | None = None
+    subject_properties: tuple[tuple[str, str], ...] | None = None
+    action: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    resource_properties: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +129,7 @@ class RouteConfig:
     max_body_bytes: int | None = None
     timeout_ms: int = 30000
     keep_caller_credentials: bool = False
+    mapping: RouteMapping | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +196,29 @@ class _Reader:
             self.error(_join(path, key), f"must be a non-empty string, got {_kind(value)}")
             return default
         return value
+
+    def string_map(
+        self, m: Mapping[str, Any], key: str, path: str, reserved: frozenset[str] = frozenset()
+    ) -> tuple[tuple[str, str], ...] | None:
+        """A mapping of names to strings, in the order written; None when the key is absent."""
+        if key not in m:
+            return None
+        where = _join(path, key)
+        value = m[key]
+        if not isinstance(value, dict):
+            self.error(where, f"must be a mapping of names to strings, got {_kind(value)}")
+            return None
+        pairs: list[tuple[str, str]] = []
+        for name, item in value.items():
+            if not isinstance(name, str) or not ATTRIBUTE_NAME.match(name):
+                self.error(where, f"{name!r} is not a valid name ([A-Za-z_][A-Za-z0-9_]*)")
+            elif name in reserved:
+                self.error(f"{where}.{name}", "is a reserved name")
+            elif not isinstance(item, str):
+                self.error(f"{where}.{name}", f"must be a string, got {_kind(item)}")
+            else:
+                pairs.append((name, item))
+        return tuple(pairs)
 
     def integer(self, m: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
         if key not in m:
@@ -271,26 +332,49 @@ def _address(r: _Reader, m: Mapping[str, Any], key: str, default: str | None) ->
 
 
 def _identity(r: _Reader, value: Any) -> Identity:
-    m = r.mapping(value, "identity", {"workload", "agent_header"}, frozenset({"jwt", "mtls"}))
+    m = r.mapping(value, "identity", {"workload", "agent_header", "attributes"}, frozenset({"jwt", "mtls"}))
     if m is None:
         return Identity()
     header = r.string(m, "agent_header", "identity")
     if header is not None and not HEADER_NAME.match(header):
         r.error("identity.agent_header", f"is not a valid header name: {header!r}")
         header = None
-    return Identity(workload=r.string(m, "workload", "identity"), agent_header=header and header.lower())
+    attributes = r.string_map(m, "attributes", "identity", reserved=frozenset({"workload", "agent", "claims"}))
+    return Identity(
+        workload=r.string(m, "workload", "identity"),
+        agent_header=header and header.lower(),
+        attributes=attributes or (),
+    )
+
+
+_PDP_KEYS = {
+    "kind",
+    "url",
+    "timeout_ms",
+    "retries",
+    "max_in_flight",
+    "max_response_bytes",
+    "breaker",
+    "tls",
+    "auth",
+    "policies",
+    "entities",
+}
+_KIND_KEYS = {"opa": {"url", "tls", "auth"}, "authzen": {"url", "tls", "auth"}, "cedar": {"policies", "entities"}}
 
 
 def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
-    m = r.mapping(
-        value,
-        "pdp",
-        {"kind", "url", "timeout_ms", "retries", "max_in_flight", "max_response_bytes", "breaker"},
-    )
+    m = r.mapping(value, "pdp", _PDP_KEYS)
     if m is None:
         return None
-    kind = r.choice(m, "kind", "pdp", None, ("opa",), later=("authzen", "cedar"))
-    url = _http_url(r, r.string(m, "url", "pdp", required=kind == "opa"), "pdp.url")
+    kind = r.choice(m, "kind", "pdp", None, ("opa", "authzen", "cedar"))
+    if kind is not None:
+        for key in sorted(({"url", "tls", "auth", "policies", "entities"} - _KIND_KEYS[kind]) & set(m)):
+            r.error(f"pdp.{key}", f"is not used with kind {kind}")
+    remote = kind in ("opa", "authzen")
+    url = _http_url(r, r.string(m, "url", "pdp", required=remote), "pdp.url")
+    if url and kind == "authzen":
+        url = url.rstrip("/")
     breaker = BreakerConfig()
     if "breaker" in m:
         b = r.mapping(m["breaker"], "pdp.breaker", {"failure_threshold", "open_ms", "half_open_probes"})
@@ -300,6 +384,27 @@ def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
                 open_ms=r.integer(b, "open_ms", "pdp.breaker", 5000, 1, 3_600_000),
                 half_open_probes=r.integer(b, "half_open_probes", "pdp.breaker", 1, 1, 1000),
             )
+    tls = None
+    if "tls" in m and (t := r.mapping(m["tls"], "pdp.tls", {"ca_file", "cert_file", "key_file"})) is not None:
+        tls = TlsConfig(
+            ca_file=r.string(t, "ca_file", "pdp.tls"),
+            cert_file=r.string(t, "cert_file", "pdp.tls"),
+            key_file=r.string(t, "key_file", "pdp.tls"),
+        )
+        if (tls.cert_file is None) != (tls.key_file is None):
+            r.error("pdp.tls", "cert_file and key_file go together")
+    auth = None
+    if "auth" in m and (a := r.mapping(m["auth"], "pdp.auth", {"header", "format", "value_file"})) is not None:
+        header = r.string(a, "header", "pdp.auth", default="authorization") or "authorization"
+        fmt = r.string(a, "format", "pdp.auth", default="Bearer {}") or "Bearer {}"
+        value_file = r.string(a, "value_file", "pdp.auth", required=True)
+        if not HEADER_NAME.match(header):
+            r.error("pdp.auth.header", f"is not a valid header name: {header!r}")
+        if fmt.count("{}") != 1:
+            r.error("pdp.auth.format", "must hold {} exactly once, where the value goes")
+        if value_file is not None:
+            auth = PdpAuth(value_file=value_file, header=header.lower(), format=fmt)
+    policies = r.string(m, "policies", "pdp", required=kind == "cedar")
     cfg = PdpConfig(
         kind=kind or "",
         url=url or "",
@@ -308,8 +413,13 @@ def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
         max_in_flight=r.integer(m, "max_in_flight", "pdp", 512, 1, 1_000_000),
         max_response_bytes=r.integer(m, "max_response_bytes", "pdp", 1048576, 64, 64 * 1048576),
         breaker=breaker,
+        tls=tls,
+        auth=auth,
+        policies=policies,
+        entities=r.string(m, "entities", "pdp"),
     )
-    return cfg if kind and url else None
+    ok = kind is not None and (url if remote else policies)
+    return cfg if ok else None
 
 
 def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
@@ -337,6 +447,7 @@ _ROUTE_KEYS = {
     "max_body_bytes",
     "timeout_ms",
     "keep_caller_credentials",
+    "mapping",
 }
 _ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity", "filter_tools_list", "deny_status"})
 
@@ -379,8 +490,26 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         max_body_bytes=max_body,
         timeout_ms=r.integer(m, "timeout_ms", path, 30000, 1, 86_400_000),
         keep_caller_credentials=r.boolean(m, "keep_caller_credentials", path, False),
+        mapping=_mapping(r, m["mapping"], f"{path}.mapping") if "mapping" in m else None,
     )
     return route if name and prefix and upstream else None
+
+
+def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
+    m = r.mapping(value, path, {"subject", "action", "resource"})
+    if m is None:
+        return None
+    subject = r.mapping(m.get("subject", {}), f"{path}.subject", {"type", "properties"}) or {}
+    action = r.mapping(m.get("action", {}), f"{path}.action", {"name"}) or {}
+    resource = r.mapping(m.get("resource", {}), f"{path}.resource", {"type", "id", "properties"}) or {}
+    return RouteMapping(
+        subject_type=r.string(subject, "type", f"{path}.subject"),
+        subject_properties=r.string_map(subject, "properties", f"{path}.subject"),
+        action=r.string(action, "name", f"{path}.action"),
+        resource_type=r.string(resource, "type", f"{path}.resource"),
+        resource_id=r.string(resource, "id", f"{path}.resource"),
+        resource_properties=r.string_map(resource, "properties", f"{path}.resource"),
+    )
 
 
 _TOP_KEYS = {"version", "listen", "admin_listen", "identity", "pdp", "decision_log", "routes"}
@@ -430,6 +559,10 @@ def parse(data: Any, source: str) -> Config:
                     f"duplicates the prefix of routes[{prefixes[route.path_prefix]}]",
                 )
             prefixes.setdefault(route.path_prefix, i)
+    if pdp is not None and pdp.kind == "opa":
+        for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+            if isinstance(raw, dict) and "mapping" in raw:
+                r.error(f"routes[{i}].mapping", "is only used with pdp.kind authzen or cedar (OPA gets the document)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
     return Config(source, listen, admin, identity, pdp, log, tuple(routes))

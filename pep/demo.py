@@ -1,7 +1,9 @@
-"""`pep demo`: a tool API and an OPA-shaped PDP in this process, the PEP as a real `pep run` child process.
+"""`pep demo`: a tool API, a PDP and the PEP (a real `pep run` child process), all on free loopback ports.
 
-It shows the three outcomes that matter (an allow, a policy deny, a PDP outage deny), prints the decision
-log, stops everything it started, and exits non-zero if any outcome is not the expected one.
+It shows the three outcomes that matter: an allow, a policy deny, and a fail-closed deny when the PDP cannot
+decide. It prints the metrics and the decision log, stops everything it started, and exits non-zero if any
+outcome was not the expected one. PDPs: `cedar` (embedded, the default: nothing else to run), `cerbos` (the
+real Cerbos binary that `make` installs) and `opa` (a small OPA-shaped PDP in this process).
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +27,38 @@ from aiohttp import web
 
 from pep.app import bound_address
 
-# The demo policy, as it would read in Rego (config/policies/demo.rego holds the same rules):
-#   allow if { input.route.name == "tools"; input.request.method == "GET"
-#              startswith(input.request.path, "/tools/search") }
-DEMO_POLICY_PATH = "/v1/data/pep/authz"
+POLICIES = Path(__file__).resolve().parent.parent / "config" / "policies"
+CERBOS_DEFAULT = Path(".pdp/cerbos/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64")
+OPA_PATH = "/v1/data/pep/authz"
+WORKLOAD = "spiffe://demo.local/ns/agents/sa/support-bot"
+
+
+class DemoError(Exception):
+    """Something the demo needs is missing; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Step:
+    title: str
+    method: str
+    path: str
+    expect: tuple[int, str]
+
+
+@dataclass
+class Scenario:
+    """One PDP kind: the `pdp:` and `routes:` YAML for it, and what the third step does to show fail-closed."""
+
+    pdp_yaml: str
+    routes_yaml: str
+    steps: tuple[Step, Step, Step]
+    before_third: Callable[[], Awaitable[None]] | None = None
+    note: str = ""
+    cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 def demo_policy(doc: dict[str, Any]) -> dict[str, Any]:
+    """The OPA-shaped demo PDP's policy; config/policies/demo.rego holds the same rules in Rego."""
     req = doc.get("request", {})
     if doc.get("route", {}).get("name") != "tools":
         return {"allow": False, "reason": "unknown route"}
@@ -39,31 +70,32 @@ def demo_policy(doc: dict[str, Any]) -> dict[str, Any]:
 def pdp_app() -> web.Application:
     async def decide(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
-        return web.json_response({"result": demo_policy(body["input"])}, dumps=lambda o: orjson.dumps(o).decode())
+        return web.Response(body=orjson.dumps({"result": demo_policy(body["input"])}), content_type="application/json")
 
     app = web.Application()
-    app.router.add_post(DEMO_POLICY_PATH, decide)
+    app.router.add_post(OPA_PATH, decide)
     return app
 
 
 def tool_app() -> web.Application:
     async def search(request: web.Request) -> web.Response:
         q = request.query.get("q", "")
-        return web.json_response(
-            {
-                "tool": "search",
-                "query": q,
-                "results": [f"article about {q}"],
-                "decision_id": request.headers.get("X-PEP-Decision-ID"),
-            }
-        )
+        body = {
+            "tool": "search",
+            "query": q,
+            "results": [f"article about {q}"],
+            "decision_id": request.headers.get("X-PEP-Decision-ID"),
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def shell(_request: web.Request) -> web.Response:
-        return web.json_response({"tool": "shell", "ran": True})
+    async def other(request: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps({"tool": request.path.rsplit("/", 1)[-1], "ran": True}), content_type="application/json"
+        )
 
     app = web.Application()
     app.router.add_get("/tools/search", search)
-    app.router.add_post("/tools/shell", shell)
+    app.router.add_route("*", "/tools/{name}", other)
     return app
 
 
@@ -75,27 +107,149 @@ async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
     return runner, bound_address(site)[1]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _routes(*names: str, mapping: bool) -> str:
+    lines = []
+    for name in names:
+        lines.append(f"  - name: {name}\n    match: {{path_prefix: /tools/{name}}}\n    upstream: {{tool}}")
+        if mapping:
+            lines.append(
+                f"    mapping: {{action: {{name: tools/call}}, resource: {{type: tool, id: {name},"
+                f" properties: {{name: {name}}}}}}}"
+            )
+    return "\n".join(lines)
+
+
+async def _cedar() -> Scenario:
+    return Scenario(
+        pdp_yaml=f"  kind: cedar\n  policies: {POLICIES / 'demo.cedar'}",
+        routes_yaml="  - name: tools\n    match: {path_prefix: /tools}\n    upstream: {tool}",
+        steps=(
+            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
+            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            Step(
+                "3. the PDP cannot decide (a policy fails to evaluate): fail closed",
+                "GET",
+                "/tools/lookup_order?id=42",
+                (403, "pdp_error_status"),
+            ),
+        ),
+        note="the embedded Cedar PDP evaluates config/policies/demo.cedar in process",
+    )
+
+
+async def _opa() -> Scenario:
+    pdp, port = await _start(pdp_app())
+    scenario = Scenario(
+        pdp_yaml=f"  kind: opa\n  url: http://127.0.0.1:{port}{OPA_PATH}",
+        routes_yaml="  - name: tools\n    match: {path_prefix: /tools}\n    upstream: {tool}",
+        steps=(
+            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
+            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            Step(
+                "3. PDP outage (the PDP is stopped): fail closed",
+                "GET",
+                "/tools/search?q=refunds",
+                (403, "pdp_unreachable"),
+            ),
+        ),
+        before_third=pdp.cleanup,
+        note=f"an OPA-shaped demo PDP on 127.0.0.1:{port} (policy: config/policies/demo.rego)",
+    )
+    scenario.cleanup.append(pdp.cleanup)
+    return scenario
+
+
+def _cerbos_binary() -> Path:
+    binary = Path(os.environ.get("CERBOS_BIN", CERBOS_DEFAULT))
+    if not binary.is_file():
+        raise DemoError(f"the Cerbos binary is not at {binary}: run `make demo PDP=cerbos`, which installs it")
+    return binary
+
+
+async def _cerbos() -> Scenario:
+    binary = _cerbos_binary()
+    http, grpc = _free_port(), _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        str(binary),
+        "server",
+        f"--set=server.httpListenAddr=127.0.0.1:{http}",
+        f"--set=server.grpcListenAddr=127.0.0.1:{grpc}",
+        "--set=storage.driver=disk",
+        f"--set=storage.disk.directory={POLICIES / 'cerbos'}",
+        "--set=telemetry.disabled=true",
+        "--set=audit.enabled=false",
+        "--log-level=warn",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+    async def stop() -> None:
+        if proc.returncode is None:
+            proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{http}/_cerbos/health") as r:
+                    if r.status == 200:
+                        break
+            await asyncio.sleep(0.05)
+        else:
+            await stop()
+            raise DemoError("Cerbos did not become healthy")
+    scenario = Scenario(
+        pdp_yaml=f"  kind: authzen\n  url: http://127.0.0.1:{http}",
+        routes_yaml=_routes("search", "shell", mapping=True),
+        steps=(
+            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
+            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            Step(
+                "3. PDP outage (Cerbos is stopped): fail closed",
+                "GET",
+                "/tools/search?q=refunds",
+                (403, "pdp_unreachable"),
+            ),
+        ),
+        before_third=stop,
+        note=f"the real Cerbos PDP (pid {proc.pid}) on 127.0.0.1:{http}, over AuthZEN (config/policies/cerbos)",
+    )
+    scenario.cleanup.append(stop)
+    return scenario
+
+
+SCENARIOS: dict[str, Callable[[], Awaitable[Scenario]]] = {"cedar": _cedar, "cerbos": _cerbos, "opa": _opa}
+
 CONFIG = """\
 version: 1
 listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
 identity:
-  workload: spiffe://demo.local/ns/agents/sa/support-bot
+  workload: {workload}
+  attributes: {{tenant: acme, company_domain: acme.example}}
 pdp:
-  kind: opa
-  url: http://127.0.0.1:{pdp_port}{policy_path}
+{pdp}
   timeout_ms: 250
 decision_log: {{sink: file, path: {log_path}}}
 routes:
-  - name: tools
-    match: {{path_prefix: /tools}}
-    upstream: http://127.0.0.1:{tool_port}
+{routes}
 """
 
 _LISTENING = re.compile(rb"proxy on ([0-9.]+):(\d+), admin on ([0-9.]+):(\d+)")
 
 
-async def _start_pep(config_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+@contextlib.asynccontextmanager
+async def _pep(config_path: Path) -> AsyncIterator[tuple[int, int]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -106,80 +260,18 @@ async def _start_pep(config_path: Path) -> tuple[asyncio.subprocess.Process, int
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert proc.stderr is not None
-    line = await asyncio.wait_for(proc.stderr.readline(), 15)
-    m = _LISTENING.search(line)
-    if m is None:
-        proc.kill()
-        raise RuntimeError(f"the PEP did not start: {line.decode(errors='replace')}")
-    return proc, int(m.group(2)), int(m.group(4))
-
-
-async def _show(session: aiohttp.ClientSession, title: str, method: str, url: str, expect: tuple[int, str]) -> bool:
-    async with session.request(method, url) as resp:
-        body = await resp.read()
-        reason = resp.headers.get("x-pep-reason", "allowed")
-        ok = (resp.status, reason) == expect
-        print(
-            f"\n== {title}\n   {method} {url}\n   -> {resp.status} x-pep-reason={reason}"
-            f"   [{'as expected' if ok else f'UNEXPECTED, wanted {expect}'}]"
-        )
-        print(f"   {body.decode(errors='replace')[:300]}")
-        return ok
-
-
-async def run_demo() -> int:
-    tools, tool_port = await _start(tool_app())
-    pdp, pdp_port = await _start(pdp_app())
-    workdir = Path(tempfile.mkdtemp(prefix="pep-demo-"))
-    log_path = workdir / "decisions.jsonl"
-    config_path = workdir / "pep.yaml"
-    config_path.write_text(
-        CONFIG.format(pdp_port=pdp_port, policy_path=DEMO_POLICY_PATH, log_path=log_path, tool_port=tool_port)
-    )
-    print(f"demo tool API on 127.0.0.1:{tool_port}, demo OPA-shaped PDP on 127.0.0.1:{pdp_port}")
-    print(f"config: {config_path}")
-    proc, proxy_port, admin_port = await _start_pep(config_path)
-    print(f"failclosed-pep (pid {proc.pid}) on 127.0.0.1:{proxy_port}, admin on 127.0.0.1:{admin_port}")
-    base = f"http://127.0.0.1:{proxy_port}"
-    results = []
     try:
-        async with aiohttp.ClientSession() as session:
-            results.append(
-                await _show(
-                    session,
-                    "1. allowed: the agent searches",
-                    "GET",
-                    f"{base}/tools/search?q=refunds",
-                    (200, "allowed"),
-                )
-            )
-            results.append(
-                await _show(
-                    session,
-                    "2. policy deny: the agent tries a shell",
-                    "POST",
-                    f"{base}/tools/shell",
-                    (403, "policy_denied"),
-                )
-            )
-            await pdp.cleanup()
-            print("\n   (the PDP is now stopped)")
-            results.append(
-                await _show(
-                    session,
-                    "3. PDP outage: fail closed",
-                    "GET",
-                    f"{base}/tools/search?q=refunds",
-                    (403, "pdp_unreachable"),
-                )
-            )
-            async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
-                text = await resp.text()
-            print("\n== metrics (pep_decisions_total, non-zero):")
-            for line in text.splitlines():
-                if line.startswith("pep_decisions_total{") and not line.endswith(" 0.0"):
-                    print(f"   {line}")
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 15)
+        m = _LISTENING.search(line)
+        if m is None:
+            rest = await asyncio.wait_for(proc.stderr.read(), 5)
+            raise DemoError(f"the PEP did not start: {(line + rest).decode(errors='replace')}")
+        print(
+            f"failclosed-pep (pid {proc.pid}) on 127.0.0.1:{m.group(2).decode()}, admin on 127.0.0.1:"
+            f"{m.group(4).decode()}"
+        )
+        yield int(m.group(2)), int(m.group(4))
     finally:
         if proc.returncode is None:
             proc.terminate()
@@ -188,25 +280,68 @@ async def run_demo() -> int:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await pdp.cleanup()
+
+
+async def _show(session: aiohttp.ClientSession, base: str, step: Step) -> bool:
+    async with session.request(step.method, base + step.path) as resp:
+        body = await resp.read()
+        reason = resp.headers.get("x-pep-reason", "allowed")
+        ok = (resp.status, reason) == step.expect
+        print(
+            f"\n== {step.title}\n   {step.method} {step.path}\n   -> {resp.status} x-pep-reason={reason}"
+            f"   [{'as expected' if ok else f'UNEXPECTED, wanted {step.expect}'}]"
+        )
+        print(f"   {body.decode(errors='replace')[:300]}")
+        return ok
+
+
+async def run_demo(pdp: str = "cedar") -> int:
+    tools, tool_port = await _start(tool_app())
+    workdir = Path(tempfile.mkdtemp(prefix="pep-demo-"))
+    log_path = workdir / "decisions.jsonl"
+    config_path = workdir / "pep.yaml"
+    results: list[bool] = []
+    scenario: Scenario | None = None
+    try:
+        scenario = await SCENARIOS[pdp]()
+        routes = scenario.routes_yaml.replace("{tool}", f"http://127.0.0.1:{tool_port}")
+        config_path.write_text(
+            CONFIG.format(workload=WORKLOAD, pdp=scenario.pdp_yaml, log_path=log_path, routes=routes)
+        )
+        print(f"demo tool API on 127.0.0.1:{tool_port}; PDP: {scenario.note}\nconfig: {config_path}")
+        async with _pep(config_path) as (proxy_port, admin_port), aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{proxy_port}"
+            first, second, third = scenario.steps
+            results.append(await _show(session, base, first))
+            results.append(await _show(session, base, second))
+            if scenario.before_third is not None:
+                await scenario.before_third()
+            results.append(await _show(session, base, third))
+            async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+                text = await resp.text()
+            print("\n== metrics (pep_decisions_total, non-zero):")
+            for line in text.splitlines():
+                if line.startswith("pep_decisions_total{") and not line.endswith(" 0.0"):
+                    print(f"   {line}")
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+    finally:
+        for stop in scenario.cleanup if scenario else []:
+            await stop()
         await tools.cleanup()
-    ok = all(results) and len(results) == 3
-    await asyncio.to_thread(_report, log_path, config_path, workdir, ok)
+    ok = len(results) == 3 and all(results)
+    await asyncio.to_thread(_report, log_path, workdir, ok)
     return 0 if ok else 1
 
 
-def _report(log_path: Path, config_path: Path, workdir: Path, ok: bool) -> None:
-    print(f"\n== decision log ({log_path}):")
+def _report(log_path: Path, workdir: Path, ok: bool) -> None:
+    print(f"\n== decision log ({log_path.name}):")
     if log_path.exists():
         for line in log_path.read_text().splitlines():
             print(f"   {line}")
     print("\ndemo: " + ("all three outcomes as expected" if ok else "SOMETHING WAS NOT AS EXPECTED"))
-    for path in (log_path, config_path):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    with contextlib.suppress(OSError):
-        workdir.rmdir()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
-def main() -> int:
-    return asyncio.run(run_demo())
+def main(pdp: str = "cedar") -> int:
+    return asyncio.run(run_demo(pdp))

@@ -22,6 +22,7 @@ from pep.pdp import Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
+_NO_BREAKER = Permit(False, 0)
 _TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
 
 # A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
@@ -70,21 +71,24 @@ class Engine:
         self._max_in_flight = config.max_in_flight
         self._retries = config.retries
         b = config.breaker
-        self.breaker = Breaker(
-            b.failure_threshold, b.open_ms / 1000, b.half_open_probes, clock, metrics.circuit_transition
+        # In-process PDPs (Cedar) cannot be unreachable or slow in the breaker's sense: no breaker for them.
+        self.breaker: Breaker | None = (
+            Breaker(b.failure_threshold, b.open_ms / 1000, b.half_open_probes, clock, metrics.circuit_transition)
+            if pdp.remote
+            else None
         )
         self.in_flight = 0
         metrics.bind_engine(self)
 
     @property
     def circuit(self) -> State:
-        return self.breaker.state
+        return self.breaker.state if self.breaker is not None else State.CLOSED
 
     async def decide(self, check: Check) -> Outcome:
         decision_id = new_id()
         if self.in_flight >= self._max_in_flight:
             return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None)
-        permit = self.breaker.acquire()
+        permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
         self.in_flight += 1
@@ -128,6 +132,8 @@ class Engine:
                         result = await self.pdp.ask(check.document, check.request_id)
                 except TimeoutError:
                     result = _TIMEOUT
+                if isinstance(result, Verdict) and clock() > deadline:
+                    result = _TIMEOUT  # an in-process answer cannot be interrupted, but a late one is not used
                 observe[result.outcome if isinstance(result, Failure) else "ok"].observe(time.perf_counter() - t0)
                 if isinstance(result, Verdict) or not result.retryable or attempts > self._retries:
                     break
@@ -136,9 +142,12 @@ class Engine:
                 if left <= 0 or left < self._min_retry_s or left < now - began:
                     break
         finally:
-            if isinstance(result, Verdict):
-                self.breaker.success(permit)
+            breaker = self.breaker
+            if breaker is None:
+                pass
+            elif isinstance(result, Verdict):
+                breaker.success(permit)
             elif result is not None or permit.probe:
                 # A failed answer, or a probe that was cancelled (the breaker must not stay half-open).
-                self.breaker.failure(permit)
+                breaker.failure(permit)
         return result, attempts, clock() - start

@@ -66,9 +66,16 @@ class Proxy:
         self._workload = config.identity.workload
         # The agent header is only believed from callers on this machine (a loopback listener).
         self._agent_header = config.identity.agent_header if config.listen.is_loopback else None
-        self._subject: dict[str, Any] = {"workload": self._workload, "agent": None}
+        self._attributes = dict(config.identity.attributes)
+        self._subject: dict[str, Any] = self._subject_for(None)
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
+
+    def _subject_for(self, agent: str | None) -> dict[str, Any]:
+        subject: dict[str, Any] = {"workload": self._workload, "agent": agent}
+        if self._attributes:
+            subject["attributes"] = self._attributes
+        return subject
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
@@ -147,7 +154,7 @@ class Proxy:
             if len(agents) > 1:
                 return route, None, _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
             if agents:
-                subject = {"workload": self._workload, "agent": agents[0]}
+                subject = self._subject_for(agents[0])
         document = attributes.document(
             request_id=rid,
             method=request.method,

@@ -38,7 +38,12 @@ UNDEFINED = Verdict(False, Reason.PDP_UNDEFINED)
 
 
 class Pdp(Protocol):
-    """One PDP kind. `ask` makes exactly one attempt; deadlines and retries belong to the engine."""
+    """One PDP kind. `ask` makes exactly one attempt; deadlines and retries belong to the engine.
+
+    `remote` is False for in-process engines: nothing can be unreachable, so the engine gives them no breaker.
+    """
+
+    remote: bool
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure: ...
 

@@ -6,46 +6,20 @@ from typing import Any
 
 import orjson
 
-from pep import strictjson
 from pep.decision import Reason
 from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
+from pep.pdp.answer import malformed, read_object
 from pep.pdp.transport import HttpTransport, RawAnswer
+from pep.secret_file import FileSecret
 
-_RETRYABLE_STATUS = frozenset({502, 503, 504})
 _NOTE_MAX = 256
-
-
-def is_json_content_type(value: str) -> bool:
-    """`application/json` or `application/*+json`, parameters allowed, case-insensitive."""
-    media = value.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
-    )
-
-
-def status_failure(status: int) -> Failure:
-    """A non-2xx answer (redirects included): an error, retryable only for 502/503/504."""
-    return Failure(Reason.PDP_ERROR_STATUS, "error", status in _RETRYABLE_STATUS, f"status {status}")
-
-
-def malformed(detail: str) -> Failure:
-    return Failure(Reason.PDP_MALFORMED, "error", False, detail)
 
 
 def parse_answer(answer: RawAnswer) -> Verdict | Failure:
     """Classify one OPA answer. Pure: the whole strictness of the OPA contract lives here."""
-    if not 200 <= answer.status < 300:
-        return status_failure(answer.status)
-    if answer.oversize:
-        return malformed("answer larger than pdp.max_response_bytes")
-    if answer.undecodable:
-        return malformed("answer body could not be decoded (Content-Encoding)")
-    if not is_json_content_type(answer.content_type):
-        return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
-    try:
-        obj = strictjson.loads_object(answer.body)
-    except strictjson.JsonError as exc:
-        return malformed(str(exc)[:200])
+    obj = read_object(answer)
+    if isinstance(obj, Failure):
+        return obj
     if "result" not in obj:
         return UNDEFINED
     result = obj["result"]
@@ -75,13 +49,24 @@ def parse_answer(answer: RawAnswer) -> Verdict | Failure:
 class OpaPdp:
     """One attempt against an OPA data path over the shared keep-alive pool."""
 
-    def __init__(self, url: str, transport: HttpTransport) -> None:
+    remote = True
+
+    def __init__(
+        self, url: str, transport: HttpTransport, auth: FileSecret | None = None, auth_header: str = "authorization"
+    ) -> None:
         self.url = url
         self._transport = transport
+        self._auth = auth
+        self._auth_header = auth_header
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
         body = orjson.dumps({"input": document})
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        if self._auth is not None:
+            value = self._auth.value()
+            if value is None:
+                return Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
+            headers[self._auth_header] = value
         answer = await self._transport.post(self.url, body, headers)
         if isinstance(answer, Failure):
             return answer

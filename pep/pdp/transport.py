@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,19 +22,31 @@ class RawAnswer:
     body: bytes
     oversize: bool  # the answer was longer than max_response_bytes; `body` is incomplete
     undecodable: bool = False  # the body does not decode under its Content-Encoding; `body` is empty
+    request_id: str | None = None  # the X-Request-ID the PDP echoed, if any
+    cache_control: str | None = None
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """Verifying client context: the CA file (or the system's CAs), and a client certificate for mTLS."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 class HttpTransport:
-    """POSTs bytes and returns the status, content type and body (at most `max_response_bytes`).
+    """Sends bytes and returns the status, content type and body (at most `max_response_bytes`).
 
     Time limits are the caller's (the engine wraps each attempt in the decision deadline), so the session has
     none of its own. Redirects are never followed: a 3xx is an error status like any other non-2xx.
     """
 
-    def __init__(self, max_response_bytes: int, max_connections: int) -> None:
+    def __init__(self, max_response_bytes: int, max_connections: int, tls: ssl.SSLContext | None = None) -> None:
         self.max_response_bytes = max_response_bytes
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls if tls is not None else True
+            ),
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
@@ -42,13 +55,22 @@ class HttpTransport:
         )
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> RawAnswer | Failure:
+        return await self.exchange("POST", url, body, headers)
+
+    async def get(self, url: str, headers: dict[str, str]) -> RawAnswer | Failure:
+        return await self.exchange("GET", url, None, headers)
+
+    async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> RawAnswer | Failure:
         limit = self.max_response_bytes
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                content_type = resp.headers.get("Content-Type", "")
+            async with self._session.request(method, url, data=body, headers=headers, allow_redirects=False) as resp:
+                h = resp.headers
+                content_type = h.get("Content-Type", "")
+                echoed = h.get("X-Request-ID")
+                cache = h.get("Cache-Control")
                 if resp.content_length is not None and resp.content_length > limit:
                     resp.close()
-                    return RawAnswer(resp.status, content_type, b"", True)
+                    return RawAnswer(resp.status, content_type, b"", True, False, echoed, cache)
                 chunks: list[bytes] = []
                 size = 0
                 try:
@@ -56,7 +78,7 @@ class HttpTransport:
                         size += len(chunk)
                         if size > limit:
                             resp.close()
-                            return RawAnswer(resp.status, content_type, b"", True)
+                            return RawAnswer(resp.status, content_type, b"", True, False, echoed, cache)
                         chunks.append(chunk)
                 except aiohttp.ClientPayloadError as exc:
                     # Bytes arrived but do not decode (a corrupt gzip body): a malformed answer, not a transport
@@ -64,8 +86,8 @@ class HttpTransport:
                     if not isinstance(exc.__cause__, ContentEncodingError):
                         raise
                     resp.close()
-                    return RawAnswer(resp.status, content_type, b"", False, undecodable=True)
-                return RawAnswer(resp.status, content_type, b"".join(chunks), False)
+                    return RawAnswer(resp.status, content_type, b"", False, True, echoed, cache)
+                return RawAnswer(resp.status, content_type, b"".join(chunks), False, False, echoed, cache)
         except (aiohttp.ClientError, OSError) as exc:
             return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
 

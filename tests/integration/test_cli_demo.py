@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,13 +68,22 @@ def _config(tmp_path: Path, log_path: Path) -> Path:
     return path
 
 
-async def test_demo_shows_allow_deny_and_outage() -> None:
-    proc = await _pep("demo")
+@pytest.mark.parametrize(
+    ("args", "third"),
+    [
+        ((), "pdp_error_status"),  # the default: embedded Cedar, a policy that cannot be evaluated
+        (("--pdp", "opa"), "pdp_unreachable"),
+        (("--pdp", "cerbos"), "pdp_unreachable"),  # the real Cerbos binary that `make test` installs
+    ],
+    ids=["cedar", "opa", "cerbos"],
+)
+async def test_demo_shows_allow_deny_and_fail_closed(args: tuple[str, ...], third: str) -> None:
+    proc = await _pep("demo", *args)
     code, out, err = await _finish(proc, 60)
     assert code == 0, out + err
     assert re.search(r"-> 200 x-pep-reason=allowed\s+\[as expected\]", out), out
     assert re.search(r"-> 403 x-pep-reason=policy_denied\s+\[as expected\]", out), out
-    assert re.search(r"-> 403 x-pep-reason=pdp_unreachable\s+\[as expected\]", out), out
+    assert re.search(rf"-> 403 x-pep-reason={third}\s+\[as expected\]", out), out
     assert "UNEXPECTED" not in out
     assert "demo: all three outcomes as expected" in out
 

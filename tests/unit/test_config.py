@@ -284,7 +284,7 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("no-prefix", lambda c: route0(c).update(match={}), "routes[0].match.path_prefix: is required"),
     ("file-no-path", lambda c: c.update(decision_log={"sink": "file"}), "decision_log.path: is required"),
     # bad choices and paths
-    ("pdp-kind", lambda c: c["pdp"].update(kind="xacml"), "pdp.kind: must be one of opa, got 'xacml'"),
+    ("pdp-kind", lambda c: c["pdp"].update(kind="xacml"), "pdp.kind: must be one of opa, authzen, cedar, got 'xacml'"),
     ("sink", lambda c: c.update(decision_log={"sink": "syslog"}), "decision_log.sink: must be one of"),
     ("path-stdout", lambda c: c.update(decision_log={"path": "/x"}), "decision_log.path: is only used with sink: file"),
     ("protocol", lambda c: route0(c).update(protocol="grpc"), "routes[0].protocol: must be one of http"),
@@ -317,9 +317,22 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("url-port", lambda c: route0(c).update(upstream="http://h:99999/"), "routes[0].upstream: has an invalid port"),
     ("url-port-text", lambda c: route0(c).update(upstream="http://h:x/"), "routes[0].upstream: has an invalid port"),
     ("url-bad-ipv6", lambda c: route0(c).update(upstream="http://[::1/x"), "routes[0].upstream: is not a valid URL"),
+    # keys that belong to another PDP kind
+    ("cedar-url", lambda c: c["pdp"].update(kind="cedar", policies="/p"), "pdp.url: is not used with kind cedar"),
+    ("cedar-needs-policies", lambda c: c.update(pdp={"kind": "cedar"}), "pdp.policies: is required"),
+    ("opa-policies", lambda c: c["pdp"].update(policies="/p"), "pdp.policies: is not used with kind opa"),
+    (
+        "opa-mapping",
+        lambda c: route0(c).update(mapping={"action": {"name": "call"}}),
+        "routes[0].mapping: is only used with pdp.kind authzen or cedar",
+    ),
+    ("tls-half", lambda c: c["pdp"].update(tls={"cert_file": "/c"}), "pdp.tls: cert_file and key_file go together"),
+    ("auth-format", lambda c: c["pdp"].update(auth={"value_file": "/t", "format": "x"}), "pdp.auth.format: must hold"),
+    ("auth-file", lambda c: c["pdp"].update(auth={"header": "x-key"}), "pdp.auth.value_file: is required"),
+    ("attr-name", lambda c: c.update(identity={"attributes": {"a-b": "x"}}), "identity.attributes: 'a-b' is not"),
+    ("attr-reserved", lambda c: c.update(identity={"attributes": {"agent": "x"}}), "identity.attributes.agent: is a"),
+    ("attr-type", lambda c: c.update(identity={"attributes": {"n": 1}}), "identity.attributes.n: must be a string"),
     # keys of later capabilities: refused by name
-    ("later-authzen", lambda c: c["pdp"].update(kind="authzen"), f"pdp.kind: 'authzen' {NOT_YET}"),
-    ("later-cedar", lambda c: c["pdp"].update(kind="cedar"), f"pdp.kind: 'cedar' {NOT_YET}"),
     ("later-jwt", lambda c: c.update(identity={"jwt": {"issuers": ["https://i"]}}), f"identity.jwt: {NOT_YET}"),
     ("later-mtls", lambda c: c.update(identity={"mtls": {"ca_file": "/x"}}), f"identity.mtls: {NOT_YET}"),
     ("later-credential", lambda c: route0(c).update(credential={"header": "x"}), f"routes[0].credential: {NOT_YET}"),

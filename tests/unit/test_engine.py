@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 
 from pep import decision
-from pep.breaker import State
+from pep.breaker import Breaker, State
 from pep.config import BreakerConfig, PdpConfig
 from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome
 from pep.headers import obligation_forbidden
 from pep.metrics import Metrics
 from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
-from pep.pdp.opa import malformed, status_failure
+from pep.pdp.answer import malformed, status_failure
 
 Answer = Verdict | Failure
 Step = Answer | Callable[[], Awaitable[Answer]]
@@ -27,8 +27,15 @@ UNREACHABLE = Failure(Reason.PDP_UNREACHABLE, "unreachable", True, "ConnectionRe
 DOCUMENT: dict[str, Any] = {"version": "pep/v1", "request": {"method": "GET", "path": "/tools/search"}}
 
 
+def breaker_of(engine: Engine) -> Breaker:
+    assert engine.breaker is not None
+    return engine.breaker
+
+
 class FakePdp:
     """Answers from a script, one step per call; the last step repeats. Records every call."""
+
+    remote = True
 
     def __init__(self, *script: Step) -> None:
         assert script
@@ -318,7 +325,7 @@ async def test_a_hung_pdp_times_out() -> None:
     assert denied(outcome).reason is Reason.PDP_TIMEOUT
     assert outcome.attempts == 1  # a timeout leaves no budget to retry in
     assert 0.04 <= elapsed < 1.0
-    assert engine.breaker.failures == 1
+    assert breaker_of(engine).failures == 1
     assert engine.in_flight == 0
     assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "timeout"}) == 1
 
@@ -407,7 +414,7 @@ async def test_retries_of_one_decision_are_one_breaker_failure() -> None:
     await engine.decide(check())
     assert len(pdp.calls) == 3
     assert circuit(engine) is State.CLOSED
-    assert engine.breaker.failures == 1
+    assert breaker_of(engine).failures == 1
 
 
 async def test_well_formed_answers_are_breaker_successes() -> None:
@@ -416,7 +423,7 @@ async def test_well_formed_answers_are_breaker_successes() -> None:
     for _ in range(10):
         await engine.decide(check())
     assert circuit(engine) is State.CLOSED
-    assert engine.breaker.failures == 0
+    assert breaker_of(engine).failures == 0
 
 
 async def test_malformed_answers_are_breaker_failures() -> None:

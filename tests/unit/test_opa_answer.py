@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from pep.decision import Reason
 from pep.pdp import Failure, Verdict
-from pep.pdp.opa import is_json_content_type, parse_answer
+from pep.pdp.answer import is_json_content_type
+from pep.pdp.opa import parse_answer
 from pep.pdp.transport import RawAnswer
 
 JSON_CT = "application/json"

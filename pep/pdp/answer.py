@@ -1,0 +1,45 @@
+"""Reading a PDP's HTTP answer strictly: the rules OPA and AuthZEN share before their own fields are looked at."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pep import strictjson
+from pep.decision import Reason
+from pep.pdp import Failure
+from pep.pdp.transport import RawAnswer
+
+_RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+def is_json_content_type(value: str) -> bool:
+    """`application/json` or `application/*+json`, parameters allowed, case-insensitive."""
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
+    )
+
+
+def status_failure(status: int) -> Failure:
+    """A non-2xx answer (redirects included): an error, retryable only for 502/503/504."""
+    return Failure(Reason.PDP_ERROR_STATUS, "error", status in _RETRYABLE_STATUS, f"status {status}")
+
+
+def malformed(detail: str) -> Failure:
+    return Failure(Reason.PDP_MALFORMED, "error", False, detail)
+
+
+def read_object(answer: RawAnswer) -> dict[str, Any] | Failure:
+    """The answer's JSON object, or why there is none: status, size, encoding, content type, strict JSON."""
+    if not 200 <= answer.status < 300:
+        return status_failure(answer.status)
+    if answer.oversize:
+        return malformed("answer larger than pdp.max_response_bytes")
+    if answer.undecodable:
+        return malformed("answer body could not be decoded (Content-Encoding)")
+    if not is_json_content_type(answer.content_type):
+        return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
+    try:
+        return strictjson.loads_object(answer.body)
+    except strictjson.JsonError as exc:
+        return malformed(str(exc)[:200])

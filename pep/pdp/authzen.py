@@ -1,0 +1,270 @@
+"""OpenID AuthZEN Authorization API 1.0: discovery, single evaluations and batches, read strictly.
+
+Endpoints come only from the PDP's metadata document, whose `policy_decision_point` must equal the configured
+base URL (the spec's defence against mix-ups). Without valid metadata nothing is guessed: every request is denied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from pep.decision import Reason
+from pep.pdp import Failure, Verdict
+from pep.pdp.answer import malformed, read_object
+from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
+from pep.pdp.transport import HttpTransport, RawAnswer
+from pep.secret_file import FileSecret
+
+WELL_KNOWN = "/.well-known/authzen-configuration"
+DEFAULT_TTL_S = 300.0  # metadata lifetime when the PDP sends no Cache-Control max-age
+_NOTE_MAX = 256
+_REASON_KEYS = ("reason", "reason_admin", "reason_user")
+
+
+def metadata_url(base: str) -> str:
+    """RFC 8615: the well-known segment goes between the authority and the base URL's path."""
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{parts.path.rstrip('/')}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+def ttl_of(cache_control: str | None, default: float) -> float:
+    """Seconds the metadata may be reused: `max-age`, 0 for `no-store`/`no-cache`, else the default."""
+    if not cache_control:
+        return default
+    for token in cache_control.lower().split(","):
+        name, _, value = token.strip().partition("=")
+        if name in ("no-store", "no-cache"):
+            return 0.0
+        if name == "max-age" and value.strip().isdigit():
+            return float(value.strip())
+    return default
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    evaluation: str
+    evaluations: str | None
+
+
+def _unreachable(detail: str, outcome: str = "error") -> Failure:
+    return Failure(Reason.PDP_UNREACHABLE, outcome, True, f"discovery: {detail}")
+
+
+def parse_metadata(answer: RawAnswer | Failure, base: str) -> Endpoints | Failure:
+    """Validate a metadata answer. Any failure to read it is `pdp_unreachable`; a mismatch is `pdp_malformed`."""
+    if isinstance(answer, Failure):
+        return _unreachable(answer.detail, answer.outcome)
+    obj = read_object(answer)
+    if isinstance(obj, Failure):
+        return _unreachable(obj.detail)
+    pdp = obj.get("policy_decision_point")
+    if not isinstance(pdp, str) or pdp.rstrip("/") != base.rstrip("/"):
+        return malformed(f"discovery: policy_decision_point {str(pdp)[:100]!r} is not {base!r}")
+    origin = _origin(base)
+    found: dict[str, str | None] = {}
+    for key, required in (("access_evaluation_endpoint", True), ("access_evaluations_endpoint", False)):
+        url = obj.get(key)
+        if url is None and not required:
+            found[key] = None
+            continue
+        if not isinstance(url, str) or _origin(url) != origin:
+            return malformed(f"discovery: {key} {str(url)[:100]!r} is not on the PDP's origin")
+        found[key] = url
+    evaluation = found["access_evaluation_endpoint"]
+    assert evaluation is not None
+    return Endpoints(evaluation, found["access_evaluations_endpoint"])
+
+
+def _note(context: dict[str, Any] | None) -> str | None:
+    """A reason from the decision context, for the decision log. Key names are not standardised."""
+    if not context:
+        return None
+    for key in _REASON_KEYS:
+        if key in context:
+            value = context[key]
+            text = value if isinstance(value, str) else orjson.dumps(value).decode()
+            return text[:_NOTE_MAX]
+    return None
+
+
+def parse_decision(obj: Any) -> Verdict | Failure:
+    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations."""
+    if not isinstance(obj, dict):
+        return malformed(f"a decision is a {type(obj).__name__}, not an object")
+    if "decision" not in obj:
+        return Verdict(False, Reason.PDP_UNDEFINED)
+    decision = obj["decision"]
+    if not isinstance(decision, bool):
+        return malformed(f"decision is a {type(decision).__name__}, not a boolean")
+    context = obj.get("context")
+    if context is not None and not isinstance(context, dict):
+        return malformed("context is not an object")
+    note = _note(context)
+    if not decision:
+        return Verdict(False, Reason.POLICY_DENIED, note=note)
+    obligations = context.get("obligations") if context else None
+    if obligations:
+        # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
+        return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
+    return Verdict(True, Reason.ALLOWED, note=note)
+
+
+def _read(answer: RawAnswer | Failure, request_id: str) -> dict[str, Any] | Failure:
+    if isinstance(answer, Failure):
+        return answer
+    obj = read_object(answer)
+    if isinstance(obj, Failure):
+        return obj
+    if answer.request_id is not None and answer.request_id != request_id:
+        return malformed("X-Request-ID echoed by the PDP differs from the one sent")
+    return obj
+
+
+def parse_evaluation(answer: RawAnswer | Failure, request_id: str) -> Verdict | Failure:
+    obj = _read(answer, request_id)
+    return obj if isinstance(obj, Failure) else parse_decision(obj)
+
+
+def parse_evaluations(answer: RawAnswer | Failure, request_id: str, count: int) -> list[Verdict | Failure]:
+    """A batch answer under `execute_all`: one result per request, in order; a missing result is a deny."""
+    obj = _read(answer, request_id)
+    if isinstance(obj, Failure):
+        return [obj] * count
+    results = obj.get("evaluations")
+    if not isinstance(results, list):
+        return [malformed("evaluations is not a list")] * count
+    if len(results) > count:
+        return [malformed(f"{len(results)} results for {count} evaluations")] * count
+    missing = Verdict(False, Reason.PDP_UNDEFINED, note="no result for this evaluation")
+    return [parse_decision(r) for r in results] + [missing] * (count - len(results))
+
+
+def _member(parts: Parts) -> dict[str, Any]:
+    return {"subject": parts.subject, "action": parts.action, "resource": parts.resource, "context": parts.context}
+
+
+class AuthzenPdp:
+    """An AuthZEN PDP behind its base URL. Metadata is fetched once per TTL by one request at a time."""
+
+    remote = True
+
+    def __init__(
+        self,
+        base_url: str,
+        transport: HttpTransport,
+        mappings: dict[str, CompiledMapping] | None = None,
+        auth: FileSecret | None = None,
+        auth_header: str = "authorization",
+        clock: Callable[[], float] = time.monotonic,
+        default_ttl: float = DEFAULT_TTL_S,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._transport = transport
+        self._mappings = mappings or {}
+        self._auth = auth
+        self._auth_header = auth_header
+        self._clock = clock
+        self._default_ttl = default_ttl
+        self._endpoints: Endpoints | None = None
+        self._expires = float("-inf")
+        self._discovery: asyncio.Task[Endpoints | Failure] | None = None
+
+    def _headers(self, request_id: str) -> dict[str, str] | Failure:
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        if self._auth is not None:
+            value = self._auth.value()
+            if value is None:
+                return Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
+            headers[self._auth_header] = value
+        return headers
+
+    async def endpoints(self) -> Endpoints | Failure:
+        if self._endpoints is not None and self._clock() < self._expires:
+            return self._endpoints
+        task = self._discovery
+        if task is None or task.done():
+            task = self._discovery = asyncio.get_running_loop().create_task(self._discover())
+        # Shielded: a caller whose deadline passes leaves the fetch running for the others.
+        return await asyncio.shield(task)
+
+    async def _discover(self) -> Endpoints | Failure:
+        headers = self._headers("discovery")
+        if isinstance(headers, Failure):
+            return headers
+        headers.pop("Content-Type")
+        headers.pop("X-Request-ID")
+        answer = await self._transport.get(metadata_url(self.base_url), headers)
+        result = parse_metadata(answer, self.base_url)
+        if isinstance(result, Endpoints):
+            cache = answer.cache_control if isinstance(answer, RawAnswer) else None
+            self._endpoints = result
+            self._expires = self._clock() + ttl_of(cache, self._default_ttl)
+        else:
+            self._endpoints = None  # never fall back to stale or default endpoints
+        return result
+
+    def _parts(self, document: dict[str, Any]) -> Parts | Verdict:
+        try:
+            return map_document(document, self._mappings.get(document["route"]["name"]))
+        except MappingError as exc:
+            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        parts = self._parts(document)
+        if isinstance(parts, Verdict):
+            return parts
+        endpoints = await self.endpoints()
+        if isinstance(endpoints, Failure):
+            return endpoints
+        headers = self._headers(request_id)
+        if isinstance(headers, Failure):
+            return headers
+        answer = await self._transport.post(endpoints.evaluation, orjson.dumps(_member(parts)), headers)
+        return parse_evaluation(answer, request_id)
+
+    async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
+        """One result per document, in order. Uses the batch endpoint (execute_all) when the PDP has one."""
+        mapped = [self._parts(d) for d in documents]
+        todo = [(i, p) for i, p in enumerate(mapped) if isinstance(p, Parts)]
+        results: list[Verdict | Failure] = [
+            p if isinstance(p, Verdict) else Verdict(False, Reason.PDP_UNDEFINED) for p in mapped
+        ]
+        if not todo:
+            return results
+        endpoints = await self.endpoints()
+        if isinstance(endpoints, Failure):
+            return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
+        if endpoints.evaluations is None:
+            answers = await asyncio.gather(*(self.ask(documents[i], f"{request_id}-{i}") for i, _ in todo))
+            for (i, _), verdict in zip(todo, answers, strict=True):
+                results[i] = verdict
+            return results
+        headers = self._headers(request_id)
+        if isinstance(headers, Failure):
+            return [headers] * len(documents)
+        body = {"options": {"evaluations_semantic": "execute_all"}, "evaluations": [_member(p) for _, p in todo]}
+        answer = await self._transport.post(endpoints.evaluations, orjson.dumps(body), headers)
+        for (i, _), verdict in zip(todo, parse_evaluations(answer, request_id, len(todo)), strict=True):
+            results[i] = verdict
+        return results
+
+    async def close(self) -> None:
+        task = self._discovery
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._transport.close()

@@ -1,0 +1,167 @@
+"""An embedded Cedar PDP (cedarpy): policies parsed once, evaluated in process, any evaluation error a deny.
+
+Principal, action, resource and context come from the same mapping as AuthZEN (`pep/pdp/mapping.py`), with entity
+types upper-cased (`agent` -> `Agent`). Cedar has no null and no float: nulls are left out, and floats become
+decimals when Cedar's decimal can hold them exactly (4 places), strings otherwise. A record key Cedar reads as
+an escape (`__entity`, `__extn`, `__expr`) would let a tool argument forge an entity reference, so such a record
+is passed as its JSON text instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+from pep.decision import Reason
+from pep.pdp import Failure, Verdict
+from pep.pdp.mapping import CompiledMapping, MappingError, map_document
+
+_ESCAPES = frozenset({"__entity", "__extn", "__expr"})
+_I64 = 2**63
+_DECIMAL_MAX = 922337203685477.5807
+_NOTE_MAX = 256
+
+
+class CedarLoadError(Exception):
+    """The policies or entities cannot be used; the message names the config key and the file."""
+
+
+def cedar_type(authzen_type: str) -> str:
+    return authzen_type[:1].upper() + authzen_type[1:]
+
+
+def cedar_value(value: Any) -> Any:
+    """A JSON value as Cedar's JSON entity/context format reads it (see the module docstring)."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if -_I64 <= value < _I64 else str(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and abs(value) <= _DECIMAL_MAX and round(value, 4) == value:
+            return {"__extn": {"fn": "decimal", "arg": f"{value:.4f}"}}
+        return str(value)
+    if isinstance(value, list):
+        return [cedar_value(v) for v in value if v is not None]
+    if isinstance(value, dict):
+        if _ESCAPES & value.keys():
+            return json.dumps(value, sort_keys=True)
+        return {str(k): cedar_value(v) for k, v in value.items() if v is not None}
+    return str(value)
+
+
+def _policy_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix == ".cedar" and p.is_file())
+    return [path]
+
+
+def load_policies(path: str) -> cedarpy.PolicySet:
+    """Parse a `.cedar` file, or every `.cedar` file of a directory (in name order), into one policy set."""
+    texts = []
+    for file in _policy_files(Path(path)):
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CedarLoadError(f"pdp.policies: cannot read {str(file)!r}: {exc}") from None
+    if Path(path).is_dir() and not texts:
+        raise CedarLoadError(f"pdp.policies: no .cedar file in {path!r}")
+    try:
+        return cedarpy.PolicySet.from_str("\n".join(texts))
+    except ValueError as exc:
+        raise CedarLoadError(f"pdp.policies: {path!r}: {exc}") from None
+
+
+def load_entities(path: str | None) -> list[dict[str, Any]]:
+    if path is None:
+        return []
+    try:
+        entities = json.loads(Path(path).read_text(encoding="utf-8"))
+        cedarpy.Entities.from_json_str(json.dumps(entities))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CedarLoadError(f"pdp.entities: {path!r}: {exc}") from None
+    if not isinstance(entities, list):
+        raise CedarLoadError(f"pdp.entities: {path!r}: must be a JSON list of entities")
+    return entities
+
+
+class CedarPdp:
+    """Evaluates in process. There is nothing remote to fail, so the engine gives it no circuit breaker."""
+
+    remote = False
+
+    def __init__(
+        self, policies: str, entities: str | None = None, mappings: dict[str, CompiledMapping] | None = None
+    ) -> None:
+        self._policies_path = policies
+        self._entities_path = entities
+        self._mappings = mappings or {}
+        self._load()
+
+    def _load(self) -> None:
+        policies = load_policies(self._policies_path)
+        entities = load_entities(self._entities_path)
+        self._policies = policies
+        self._file_entities = {(e["uid"]["type"], e["uid"]["id"]): e for e in entities}
+        self._base = cedarpy.Entities.from_json_str(json.dumps(entities))
+
+    def reload(self) -> str | None:
+        """Re-read the files; on any problem keep the policies in force and say why."""
+        try:
+            self._load()
+        except CedarLoadError as exc:
+            return str(exc)
+        return None
+
+    def _entities(self, generated: list[dict[str, Any]]) -> cedarpy.Entities:
+        known = [e for e in generated if (e["uid"]["type"], e["uid"]["id"]) in self._file_entities]
+        if not known:
+            return self._base.with_added_json_str(json.dumps(generated))
+        # An entity the file also defines keeps the file's parents and attributes, and gains the request's.
+        merged = dict(self._file_entities)
+        for e in generated:
+            key = (e["uid"]["type"], e["uid"]["id"])
+            if key in merged:
+                attrs = {**e["attrs"], **merged[key].get("attrs", {})}
+                merged[key] = {**merged[key], "attrs": attrs}
+            else:
+                merged[key] = e
+        return cedarpy.Entities.from_json_str(json.dumps(list(merged.values())))
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        try:
+            parts = map_document(document, self._mappings.get(document["route"]["name"]))
+        except MappingError as exc:
+            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
+        principal = {"type": cedar_type(parts.subject["type"]), "id": str(parts.subject["id"])}
+        resource = {"type": cedar_type(parts.resource["type"]), "id": str(parts.resource["id"])}
+        generated = [
+            {"uid": principal, "attrs": cedar_value(parts.subject.get("properties") or {}), "parents": []},
+            {"uid": resource, "attrs": cedar_value(parts.resource.get("properties") or {}), "parents": []},
+        ]
+        if principal == resource:
+            generated.pop()
+        request = {
+            "principal": principal,
+            "action": {"type": "Action", "id": str(parts.action["name"])},
+            "resource": resource,
+            "context": cedar_value(parts.context),
+        }
+        try:
+            result = cedarpy.is_authorized(request, self._policies, self._entities(generated))
+        except (ValueError, TypeError) as exc:
+            return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar rejected the request: {exc}"[:_NOTE_MAX])
+        errors = result.diagnostics.errors
+        if errors:
+            # Cedar skips a policy whose evaluation fails and may still allow; a PEP must not.
+            return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar: {'; '.join(errors)}"[:_NOTE_MAX])
+        reasons = ", ".join(result.diagnostics.reasons)[:_NOTE_MAX] or None
+        if result.allowed is True:
+            return Verdict(True, Reason.ALLOWED, note=reasons)
+        return Verdict(False, Reason.POLICY_DENIED, note=reasons)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,181 @@
+"""From the `pep/v1` document to subject, action, resource and context: the shape AuthZEN and Cedar decide on.
+
+One mapping serves both PDP kinds, so a policy written for one sees the same facts in the other. Pure functions;
+per-route changes are compiled once at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pep.config import RouteMapping
+
+_MISSING = object()
+_FACTS = ("route", "method", "host", "path", "query")
+
+
+class MappingError(ValueError):
+    """The document does not hold what the mapping needs (e.g. the resource id path is absent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A mapping value: a literal string, or a dotted path into the document (`$request.headers.x-tenant`)."""
+
+    literal: str | None
+    path: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        if text.startswith("$$"):
+            return cls(text[1:])
+        if text.startswith("$"):
+            return cls(None, tuple(text[1:].split(".")))
+        return cls(text)
+
+    def resolve(self, doc: dict[str, Any]) -> Any:
+        if self.literal is not None:
+            return self.literal
+        value: Any = doc
+        for part in self.path:
+            if isinstance(value, dict):
+                value = value.get(part, _MISSING)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return None
+            if value is _MISSING:
+                return None
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledMapping:
+    subject_type: Ref | None
+    subject_properties: tuple[tuple[str, Ref], ...] | None
+    action: Ref | None
+    resource_type: Ref | None
+    resource_id: Ref | None
+    resource_properties: tuple[tuple[str, Ref], ...] | None
+
+    @classmethod
+    def compile(cls, m: RouteMapping) -> CompiledMapping:
+        def ref(text: str | None) -> Ref | None:
+            return Ref.parse(text) if text is not None else None
+
+        def props(pairs: tuple[tuple[str, str], ...] | None) -> tuple[tuple[str, Ref], ...] | None:
+            return tuple((k, Ref.parse(v)) for k, v in pairs) if pairs is not None else None
+
+        return cls(
+            ref(m.subject_type),
+            props(m.subject_properties),
+            ref(m.action),
+            ref(m.resource_type),
+            ref(m.resource_id),
+            props(m.resource_properties),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The four AuthZEN members; Cedar builds its principal, action, resource and context from the same."""
+
+    subject: dict[str, Any]
+    action: dict[str, Any]
+    resource: dict[str, Any]
+    context: dict[str, Any]
+
+
+def subject_id(doc: dict[str, Any]) -> str:
+    """The verified token's `sub`, else the agent header, else the workload; never empty."""
+    subject = doc.get("subject") or {}
+    claims = subject.get("claims") or {}
+    for candidate in (claims.get("sub"), subject.get("agent"), subject.get("workload")):
+        if isinstance(candidate, str) and candidate:
+            return candidate
+    return "anonymous"
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def default_parts(doc: dict[str, Any]) -> Parts:
+    request = doc["request"]
+    route = doc["route"]
+    subject = doc.get("subject") or {}
+    mcp = doc.get("mcp")
+    model = doc.get("model")
+    facts: dict[str, Any] = {
+        "route": route["name"],
+        "method": request["method"],
+        "host": request.get("host"),
+        "path": request["path"],
+        "query": request.get("query") or {},
+    }
+    if mcp is not None:
+        method = mcp.get("method") or ""
+        name = mcp.get("name")
+        action = method
+        kind = method.split("/", 1)[0]
+        rtype = {"tools": "tool", "prompts": "prompt", "resources": "resource"}.get(kind) if name else None
+        resource = {"type": rtype or "route", "id": name if rtype else route["name"]}
+        facts["name"] = name
+        facts["arguments"] = mcp.get("arguments")
+    elif model is not None:
+        action = "model.invoke"
+        resource = {"type": "model", "id": model.get("name") or route["name"]}
+        facts.update(name=model.get("name"), stream=model.get("stream"), tools=model.get("tools"))
+    else:
+        action = request["method"]
+        resource = {"type": "route", "id": route["name"]}
+    facts = _drop_none(facts)
+    properties = _drop_none(
+        {
+            "workload": subject.get("workload"),
+            "agent": subject.get("agent"),
+            "claims": subject.get("claims") or {},
+            **(subject.get("attributes") or {}),
+        }
+    )
+    context = dict(facts)
+    context["request_id"] = request["id"]
+    context["time"] = request["time"]
+    return Parts(
+        subject={"type": "agent", "id": subject_id(doc), "properties": properties},
+        action={"name": action},
+        resource={**resource, "properties": facts},
+        context=context,
+    )
+
+
+def map_document(doc: dict[str, Any], mapping: CompiledMapping | None) -> Parts:
+    """The default parts, with a route's changes applied. Raises MappingError when a needed value is absent."""
+    parts = default_parts(doc)
+    if mapping is None:
+        return parts
+    if mapping.subject_type is not None:
+        parts.subject["type"] = _required(mapping.subject_type, doc, "subject.type")
+    if mapping.subject_properties is not None:
+        parts.subject["properties"] = _properties(mapping.subject_properties, doc)
+    if mapping.action is not None:
+        parts.action["name"] = _required(mapping.action, doc, "action.name")
+    if mapping.resource_type is not None:
+        parts.resource["type"] = _required(mapping.resource_type, doc, "resource.type")
+    if mapping.resource_id is not None:
+        parts.resource["id"] = _required(mapping.resource_id, doc, "resource.id")
+    if mapping.resource_properties is not None:
+        parts.resource["properties"] = _properties(mapping.resource_properties, doc)
+    return parts
+
+
+def _required(ref: Ref, doc: dict[str, Any], name: str) -> str:
+    value = ref.resolve(doc)
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise MappingError(f"{name} maps to nothing usable ({value!r})")
+    return str(value)
+
+
+def _properties(pairs: tuple[tuple[str, Ref], ...], doc: dict[str, Any]) -> dict[str, Any]:
+    return _drop_none({name: ref.resolve(doc) for name, ref in pairs})
