@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,13 +44,15 @@ def ttl_of(cache_control: str | None, default: float) -> float:
     """Seconds the metadata may be reused: `max-age`, 0 for `no-store`/`no-cache`, else the default."""
     if not cache_control:
         return default
+    max_age: float | None = None
     for token in cache_control.lower().split(","):
         name, _, value = token.strip().partition("=")
+        value = value.strip()
         if name in ("no-store", "no-cache"):
-            return 0.0
-        if name == "max-age" and value.strip().isdigit():
-            return float(value.strip())
-    return default
+            return 0.0  # wherever it appears, also after a max-age
+        if name == "max-age" and max_age is None and value.isascii() and value.isdigit():  # not "²" or "٣"
+            max_age = float(value)
+    return default if max_age is None else max_age
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,17 @@ def parse_evaluations(answer: RawAnswer | Failure, request_id: str, count: int) 
     return [parse_decision(r) for r in results] + [missing] * (count - len(results))
 
 
+def _distinct(parts: Iterable[Parts]) -> bool:
+    """True when no two items name the same subject, action and resource (type and id)."""
+    seen: set[tuple[Any, ...]] = set()
+    for p in parts:
+        key = (p.subject["type"], p.subject["id"], p.action["name"], p.resource["type"], p.resource["id"])
+        if key in seen:
+            return False
+        seen.add(key)
+    return True
+
+
 def _member(parts: Parts) -> dict[str, Any]:
     return {"subject": parts.subject, "action": parts.action, "resource": parts.resource, "context": parts.context}
 
@@ -247,7 +260,9 @@ class AuthzenPdp:
         endpoints = await self.endpoints()
         if isinstance(endpoints, Failure):
             return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
-        if endpoints.evaluations is None:
+        if endpoints.evaluations is None or not _distinct(p for _, p in todo):
+            # Cerbos 0.55 answers every item of a batch that names the same resource with the first item's
+            # decision, whatever their properties: items that are not distinct are asked one by one.
             answers = await asyncio.gather(*(self.ask(documents[i], f"{request_id}-{i}") for i, _ in todo))
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
