@@ -5,7 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP_PIN := pip==26.3 setuptools==84.2.1
 
-.PHONY: venv test lint typecheck unit demo clean
+# Cerbos, the real third-party AuthZEN PDP of the e2e suite: the platform binary from npm, pinned and checked.
+CERBOS_VERSION := 0.55.0
+CERBOS_SHA256  := 1bb7264706e49f868551b355ef0a8e3b57947cccfe0551fb3dfae503f458ff7b
+CERBOS_DIR     := .pdp/cerbos
+CERBOS_BIN     := $(CURDIR)/$(CERBOS_DIR)/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
+export CERBOS_BIN
+
+.PHONY: venv test lint typecheck unit demo clean cerbos cerbos-policies
 
 venv: $(STAMP)
 
@@ -27,11 +34,25 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-test: lint typecheck
+cerbos: $(CERBOS_BIN)
+
+# A file target: installed and verified once. A checksum mismatch removes the binary and fails the build.
+$(CERBOS_BIN):
+	@command -v npm >/dev/null || { echo "npm is required to install Cerbos $(CERBOS_VERSION) (tests, make demo PDP=cerbos)" >&2; exit 1; }
+	npm install --prefix $(CERBOS_DIR) --no-save --no-audit --no-fund @cerbos/cerbos-linux-x64@$(CERBOS_VERSION)
+	echo "$(CERBOS_SHA256)  $@" | sha256sum -c - || { rm -f "$@"; exit 1; }
+
+# Compiles the Cerbos policies and runs their test suites (*_test.yaml).
+cerbos-policies: $(CERBOS_BIN)
+	$(CERBOS_BIN) compile config/policies/cerbos
+
+test: lint typecheck cerbos-policies
 	$(BIN)/pytest -q
 
-demo: venv
-	$(BIN)/pep demo
+# PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
+PDP ?= cedar
+demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
+	$(BIN)/pep demo --pdp $(PDP)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info

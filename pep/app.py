@@ -51,7 +51,8 @@ def build_pdp(cfg: Config) -> Pdp:
     auth = FileSecret(pdp.auth.value_file, pdp.auth.format) if pdp.auth is not None else None
     if pdp.kind == "authzen":
         header = pdp.auth.header if pdp.auth is not None else "authorization"
-        return AuthzenPdp(pdp.url, transport, mappings, auth, header)
+        # Discovery gets the decision deadline as its own bound (callers stop waiting then anyway).
+        return AuthzenPdp(pdp.url, transport, mappings, auth, header, discovery_timeout=pdp.timeout_ms / 1000)
     return OpaPdp(pdp.url, transport, auth, pdp.auth.header if pdp.auth is not None else "authorization")
 
 

@@ -25,6 +25,7 @@ from pep.secret_file import FileSecret
 
 WELL_KNOWN = "/.well-known/authzen-configuration"
 DEFAULT_TTL_S = 300.0  # metadata lifetime when the PDP sends no Cache-Control max-age
+DISCOVERY_TIMEOUT_S = 5.0  # one metadata fetch; callers still give up at their own decision deadline
 _NOTE_MAX = 256
 _REASON_KEYS = ("reason", "reason_admin", "reason_user")
 
@@ -35,9 +36,21 @@ def metadata_url(base: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{parts.path.rstrip('/')}"
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def same_pdp(a: str, b: str) -> bool:
+    """Two PDP identifiers name the same PDP: same origin (default ports implied) and path (a trailing `/` aside)."""
+    try:
+        return _origin(a) == _origin(b) and urlsplit(a).path.rstrip("/") == urlsplit(b).path.rstrip("/")
+    except ValueError:
+        return False
 
 
 def ttl_of(cache_control: str | None, default: float) -> float:
@@ -65,6 +78,13 @@ def _unreachable(detail: str, outcome: str = "error") -> Failure:
     return Failure(Reason.PDP_UNREACHABLE, outcome, True, f"discovery: {detail}")
 
 
+def _safe_origin(url: str, origin: tuple[str, str, int | None]) -> bool:
+    try:
+        return _origin(url) == origin
+    except ValueError:
+        return False
+
+
 def parse_metadata(answer: RawAnswer | Failure, base: str) -> Endpoints | Failure:
     """Validate a metadata answer. Any failure to read it is `pdp_unreachable`; a mismatch is `pdp_malformed`."""
     if isinstance(answer, Failure):
@@ -73,7 +93,7 @@ def parse_metadata(answer: RawAnswer | Failure, base: str) -> Endpoints | Failur
     if isinstance(obj, Failure):
         return _unreachable(obj.detail)
     pdp = obj.get("policy_decision_point")
-    if not isinstance(pdp, str) or pdp.rstrip("/") != base.rstrip("/"):
+    if not isinstance(pdp, str) or not same_pdp(pdp, base):
         return malformed(f"discovery: policy_decision_point {str(pdp)[:100]!r} is not {base!r}")
     origin = _origin(base)
     found: dict[str, str | None] = {}
@@ -82,7 +102,7 @@ def parse_metadata(answer: RawAnswer | Failure, base: str) -> Endpoints | Failur
         if url is None and not required:
             found[key] = None
             continue
-        if not isinstance(url, str) or _origin(url) != origin:
+        if not isinstance(url, str) or not _safe_origin(url, origin):
             return malformed(f"discovery: {key} {str(url)[:100]!r} is not on the PDP's origin")
         found[key] = url
     evaluation = found["access_evaluation_endpoint"]
@@ -155,10 +175,10 @@ def parse_evaluations(answer: RawAnswer | Failure, request_id: str, count: int) 
 
 
 def _distinct(parts: Iterable[Parts]) -> bool:
-    """True when no two items name the same subject, action and resource (type and id)."""
+    """True when no two items name the same subject id and resource (type and id), whatever their actions."""
     seen: set[tuple[Any, ...]] = set()
     for p in parts:
-        key = (p.subject["type"], p.subject["id"], p.action["name"], p.resource["type"], p.resource["id"])
+        key = (p.subject["id"], p.resource["type"], p.resource["id"])
         if key in seen:
             return False
         seen.add(key)
@@ -183,6 +203,7 @@ class AuthzenPdp:
         auth_header: str = "authorization",
         clock: Callable[[], float] = time.monotonic,
         default_ttl: float = DEFAULT_TTL_S,
+        discovery_timeout: float = DISCOVERY_TIMEOUT_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._transport = transport
@@ -191,6 +212,7 @@ class AuthzenPdp:
         self._auth_header = auth_header
         self._clock = clock
         self._default_ttl = default_ttl
+        self._discovery_timeout = discovery_timeout
         self._endpoints: Endpoints | None = None
         self._expires = float("-inf")
         self._discovery: asyncio.Task[Endpoints | Failure] | None = None
@@ -219,7 +241,13 @@ class AuthzenPdp:
             return headers
         headers.pop("Content-Type")
         headers.pop("X-Request-ID")
-        answer = await self._transport.get(metadata_url(self.base_url), headers)
+        answer: RawAnswer | Failure
+        try:
+            # Its own bound: a hung PDP must not keep the shared fetch (and so every later request) waiting.
+            async with asyncio.timeout(self._discovery_timeout):
+                answer = await self._transport.get(metadata_url(self.base_url), headers)
+        except TimeoutError:
+            answer = Failure(Reason.PDP_TIMEOUT, "timeout", True, "no metadata answer in time")
         result = parse_metadata(answer, self.base_url)
         if isinstance(result, Endpoints):
             cache = answer.cache_control if isinstance(answer, RawAnswer) else None
@@ -261,8 +289,8 @@ class AuthzenPdp:
         if isinstance(endpoints, Failure):
             return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
         if endpoints.evaluations is None or not _distinct(p for _, p in todo):
-            # Cerbos 0.55 answers every item of a batch that names the same resource with the first item's
-            # decision, whatever their properties: items that are not distinct are asked one by one.
+            # Cerbos 0.55 groups a batch by subject id and resource and decides each group on its first item's
+            # properties, whatever the actions: items that are not distinct that way are asked one by one.
             answers = await asyncio.gather(*(self.ask(documents[i], f"{request_id}-{i}") for i, _ in todo))
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict

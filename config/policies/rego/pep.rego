@@ -1,0 +1,59 @@
+# The support-agent tool policy for OPA (data path /v1/data/pep/authz), the Rego copy of "one policy, three engines".
+# The same rules live in config/policies/cedar/pep.cedar and config/policies/cerbos/; tests/e2e/test_three_engines.py
+# runs one table of requests through all three and expects the same decisions.
+#
+# - tools/call of `search` and `lookup_order`: allowed;
+# - tools/call of `send_email`: allowed only when the string argument `to` ends with "@" + the agent's company
+#   domain (subject.attributes.company_domain, from identity.attributes), compared case-sensitively;
+#   a missing or non-string `to`, or an agent without a company domain, is a deny;
+# - `shell`: never, whatever else says allow;
+# - everything else (other tools, other MCP methods, plain HTTP): denied by default.
+package pep.authz
+
+default allow := false
+
+allow if {
+	permitted
+	not forbidden
+}
+
+always_allowed_tools := {"search", "lookup_order"}
+
+tool_call if input.mcp.method == "tools/call"
+
+permitted if {
+	tool_call
+	input.mcp.name in always_allowed_tools
+}
+
+permitted if {
+	tool_call
+	input.mcp.name == "send_email"
+	own_domain_recipient
+}
+
+own_domain_recipient if {
+	to := input.mcp.arguments.to
+	is_string(to)
+	domain := input.subject.attributes.company_domain
+	is_string(domain)
+	domain != ""
+	endswith(to, concat("", ["@", domain]))
+}
+
+forbidden if input.mcp.name == "shell"
+
+reason := "shell is never allowed" if forbidden
+
+else := "send_email only to the agent's company domain" if {
+	tool_call
+	input.mcp.name == "send_email"
+	not own_domain_recipient
+}
+
+else := "tool not allowed" if {
+	tool_call
+	not permitted
+}
+
+else := "only tools/call is allowed" if not tool_call
