@@ -74,8 +74,9 @@ class Endpoints:
     evaluations: str | None
 
 
-def _unreachable(detail: str, outcome: str = "error") -> Failure:
-    return Failure(Reason.PDP_UNREACHABLE, outcome, True, f"discovery: {detail}")
+def _unreachable(failure: Failure) -> Failure:
+    """Any failure to read the metadata denies `pdp_unreachable`; it is retried only when the cause would be."""
+    return Failure(Reason.PDP_UNREACHABLE, failure.outcome, failure.retryable, f"discovery: {failure.detail}")
 
 
 def _safe_origin(url: str, origin: tuple[str, str, int | None]) -> bool:
@@ -88,10 +89,10 @@ def _safe_origin(url: str, origin: tuple[str, str, int | None]) -> bool:
 def parse_metadata(answer: RawAnswer | Failure, base: str) -> Endpoints | Failure:
     """Validate a metadata answer. Any failure to read it is `pdp_unreachable`; a mismatch is `pdp_malformed`."""
     if isinstance(answer, Failure):
-        return _unreachable(answer.detail, answer.outcome)
+        return _unreachable(answer)
     obj = read_object(answer)
     if isinstance(obj, Failure):
-        return _unreachable(obj.detail)
+        return _unreachable(obj)
     pdp = obj.get("policy_decision_point")
     if not isinstance(pdp, str) or not same_pdp(pdp, base):
         return malformed(f"discovery: policy_decision_point {str(pdp)[:100]!r} is not {base!r}")
@@ -138,7 +139,7 @@ def parse_decision(obj: Any) -> Verdict | Failure:
     if not decision:
         return Verdict(False, Reason.POLICY_DENIED, note=note)
     obligations = context.get("obligations") if context else None
-    if obligations:
+    if obligations is not None and obligations != []:
         # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
         return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
     return Verdict(True, Reason.ALLOWED, note=note)

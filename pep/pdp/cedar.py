@@ -85,6 +85,10 @@ def load_entities(path: str | None) -> list[dict[str, Any]]:
         raise CedarLoadError(f"pdp.entities: {path!r}: {exc}") from None
     if not isinstance(entities, list):
         raise CedarLoadError(f"pdp.entities: {path!r}: must be a JSON list of entities")
+    for e in entities:  # Cedar also reads a uid written as {"__entity": {type, id}}: one form for the merge below
+        uid = e["uid"]
+        if "__entity" in uid:
+            e["uid"] = uid["__entity"]
     return entities
 
 
@@ -104,9 +108,10 @@ class CedarPdp:
     def _load(self) -> None:
         policies = load_policies(self._policies_path)
         entities = load_entities(self._entities_path)
-        self._policies = policies
-        self._file_entities = {(e["uid"]["type"], e["uid"]["id"]): e for e in entities}
-        self._base = cedarpy.Entities.from_json_str(json.dumps(entities))
+        file_entities = {(e["uid"]["type"], e["uid"]["id"]): e for e in entities}
+        base = cedarpy.Entities.from_json_str(json.dumps(entities))
+        # Only now, with everything read: a reload that fails half-way changes nothing.
+        self._policies, self._file_entities, self._base = policies, file_entities, base
 
     def reload(self) -> str | None:
         """Re-read the files; on any problem keep the policies in force and say why."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,19 +101,21 @@ class FaultPdp:
     port: int = 0
     requests: list[Seen] = field(default_factory=list)
     hang_limit: float = 30.0
+    tls: ssl.SSLContext | None = None  # a server context: serve HTTPS instead of HTTP
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/data/pep/authz"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1/data/pep/authz"
 
     def set(self, name_or_mode: str | Mode) -> None:
         mode = MODES[name_or_mode] if isinstance(name_or_mode, str) else name_or_mode
         self.mode = mode
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def apply(self, name_or_mode: str | Mode) -> None:
