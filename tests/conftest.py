@@ -82,29 +82,41 @@ class RunningPep:
 PepFactory = Callable[..., Any]
 
 
+class PepStarter:
+    """Starts PEPs from a config builder (a dict the test may change), stopping them all at `close()`."""
+
+    def __init__(self, tmp_path: Path, build: Callable[[Path], dict[str, Any]], source: str) -> None:
+        self._tmp_path = tmp_path
+        self._build = build
+        self._source = source
+        self._started: list[Server] = []
+
+    async def __call__(
+        self, mutate: Callable[[dict[str, Any]], None] | None = None, clock: Callable[[], float] | None = None
+    ) -> RunningPep:
+        log_path = self._tmp_path / f"decisions-{len(self._started)}.jsonl"
+        raw = copy.deepcopy(self._build(log_path))
+        if mutate is not None:
+            mutate(raw)
+        config = parse(raw, self._source)
+        server = Server(config, clock=clock) if clock is not None else Server(config)
+        await server.start()
+        self._started.append(server)
+        return RunningPep(server, log_path)
+
+    async def close(self) -> None:
+        for server in self._started:
+            await server.stop()
+
+
 @pytest.fixture
 async def make_pep(
     tmp_path: Path, fault_pdp: FaultPdp, upstream: RecordingUpstream
 ) -> AsyncIterator[Callable[..., Any]]:
     """`await make_pep(mutate=lambda cfg: ..., clock=...)` starts a PEP against the fixtures' PDP and upstream."""
-    started: list[Server] = []
-
-    async def factory(
-        mutate: Callable[[dict[str, Any]], None] | None = None, clock: Callable[[], float] | None = None
-    ) -> RunningPep:
-        log_path = tmp_path / f"decisions-{len(started)}.jsonl"
-        raw = copy.deepcopy(base_config(fault_pdp.url, upstream.url, log_path))
-        if mutate is not None:
-            mutate(raw)
-        config = parse(raw, "test.yaml")
-        server = Server(config, clock=clock) if clock is not None else Server(config)
-        await server.start()
-        started.append(server)
-        return RunningPep(server, log_path)
-
-    yield factory
-    for server in started:
-        await server.stop()
+    starter = PepStarter(tmp_path, lambda log: base_config(fault_pdp.url, upstream.url, log), "test.yaml")
+    yield starter
+    await starter.close()
 
 
 @pytest.fixture

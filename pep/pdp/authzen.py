@@ -20,7 +20,7 @@ from pep.decision import Reason
 from pep.pdp import Failure, Verdict
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
-from pep.pdp.transport import HttpTransport, RawAnswer
+from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
 WELL_KNOWN = "/.well-known/authzen-configuration"
@@ -219,13 +219,7 @@ class AuthzenPdp:
         self._discovery: asyncio.Task[Endpoints | Failure] | None = None
 
     def _headers(self, request_id: str) -> dict[str, str] | Failure:
-        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
-        if self._auth is not None:
-            value = self._auth.value()
-            if value is None:
-                return Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
-            headers[self._auth_header] = value
-        return headers
+        return request_headers(request_id, self._auth, self._auth_header)
 
     async def endpoints(self) -> Endpoints | Failure:
         if self._endpoints is not None and self._clock() < self._expires:

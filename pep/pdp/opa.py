@@ -9,7 +9,7 @@ import orjson
 from pep.decision import Reason
 from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
 from pep.pdp.answer import malformed, read_object
-from pep.pdp.transport import HttpTransport, RawAnswer
+from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
 _NOTE_MAX = 256
@@ -61,12 +61,9 @@ class OpaPdp:
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
         body = orjson.dumps({"input": document})
-        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
-        if self._auth is not None:
-            value = self._auth.value()
-            if value is None:
-                return Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
-            headers[self._auth_header] = value
+        headers = request_headers(request_id, self._auth, self._auth_header)
+        if isinstance(headers, Failure):
+            return headers
         answer = await self._transport.post(self.url, body, headers)
         if isinstance(answer, Failure):
             return answer

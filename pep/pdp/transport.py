@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from pep import __version__
 from pep.decision import Reason
 from pep.pdp import Failure
+from pep.secret_file import FileSecret
 
 _READ_CHUNK = 65536
 
@@ -32,6 +33,17 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
     if cert_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context
+
+
+def request_headers(request_id: str, auth: FileSecret | None, auth_header: str) -> dict[str, str] | Failure:
+    """Headers of a decision request: JSON, the request id, and the PEP's credential for the PDP if any."""
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+    if auth is not None:
+        value = auth.value()
+        if value is None:
+            return Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
+        headers[auth_header] = value
+    return headers
 
 
 class HttpTransport:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pep.app import Server
-from pep.config import parse
-from tests.conftest import RunningPep
+from tests.conftest import PepStarter
 from tests.support.cerbos import POLICIES, CerbosServer, CerbosUnavailable, check_version, find_binary
 from tests.support.upstream import RecordingUpstream
 
@@ -97,21 +94,6 @@ async def make_cerbos_pep(
     tmp_path: Path, cerbos: CerbosServer, upstream: RecordingUpstream
 ) -> AsyncIterator[CerbosPepFactory]:
     """`await make_cerbos_pep(mutate=..., clock=...)`: a PEP on loopback deciding with the Cerbos fixture."""
-    started: list[Server] = []
-
-    async def factory(
-        mutate: Callable[[dict[str, Any]], None] | None = None, clock: Callable[[], float] | None = None
-    ) -> RunningPep:
-        log_path = tmp_path / f"decisions-{len(started)}.jsonl"
-        raw = copy.deepcopy(cerbos_config(cerbos.url, upstream.url, log_path))
-        if mutate is not None:
-            mutate(raw)
-        config = parse(raw, "cerbos-test.yaml")
-        server = Server(config, clock=clock) if clock is not None else Server(config)
-        await server.start()
-        started.append(server)
-        return RunningPep(server, log_path)
-
-    yield factory
-    for server in started:
-        await server.stop()
+    starter = PepStarter(tmp_path, lambda log: cerbos_config(cerbos.url, upstream.url, log), "cerbos-test.yaml")
+    yield starter
+    await starter.close()

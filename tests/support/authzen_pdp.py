@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from pep.app import bound_address
+from tests.support.loopback import LoopbackServer
 
 WELL_KNOWN = "/.well-known/authzen-configuration"
 EVALUATION = "/access/v1/evaluation"
@@ -47,7 +47,7 @@ class Seen:
 
 
 @dataclass
-class AuthzenTestPdp:
+class AuthzenTestPdp(LoopbackServer):
     base_path: str = ""  # e.g. "/tenant1": the PDP's base URL has a path
     port: int = 0
     metadata: dict[str, Any] | None = None
@@ -63,7 +63,6 @@ class AuthzenTestPdp:
     drop_evaluations: bool = False
     echo: str = "same"  # same | none | wrong
     seen: list[Seen] = field(default_factory=list)
-    _runner: web.ServerRunner | None = None
 
     @property
     def origin(self) -> str:
@@ -100,16 +99,7 @@ class AuthzenTestPdp:
 
     async def start(self) -> None:
         server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = bound_address(site)[1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.serve(web.ServerRunner(server))
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read()

@@ -15,7 +15,7 @@ import orjson
 import regorus
 from aiohttp import web
 
-from pep.app import bound_address
+from tests.support.loopback import LoopbackServer
 
 REGO_DIR = Path(__file__).resolve().parents[2] / "config" / "policies" / "rego"
 _DATA_PREFIX = "/v1/data/"
@@ -32,14 +32,13 @@ def _first_line(exc: Exception) -> str:
 
 
 @dataclass
-class RegoPdp:
+class RegoPdp(LoopbackServer):
     """Serves the `.rego` files under `policy_dir` on 127.0.0.1:`port` (0: a free port, known after start)."""
 
     policy_dir: Path = REGO_DIR
     port: int = 0
     inputs: list[Any] = field(default_factory=list)  # every input document evaluated, in order
     _engine: Any = None  # regorus.Engine with the policies loaded; cloned per request (it holds the input)
-    _runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
@@ -78,16 +77,7 @@ class RegoPdp:
         app = web.Application()
         app.router.add_post("/v1/data", self._handle)
         app.router.add_post("/v1/data/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = bound_address(site)[1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.serve(web.AppRunner(app, access_log=None))
 
     async def _handle(self, request: web.Request) -> web.Response:
         parts = [p for p in request.path[len(_DATA_PREFIX) :].split("/") if p]

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from pep.app import bound_address
+from tests.support.loopback import LoopbackServer
 
 
 @dataclass
@@ -28,14 +28,13 @@ class Received:
 
 
 @dataclass
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     seen: list[Received] = field(default_factory=list)
     port: int = 0
     disconnects: int = 0
     # Largest request body the upstream reads (aiohttp's default is 1 MiB); raise it for big-upload tests.
     client_max_size: int = 1024**2
     connections: set[tuple[str, int]] = field(default_factory=set)
-    _runner: web.ServerRunner | None = None
 
     @property
     def url(self) -> str:
@@ -43,16 +42,7 @@ class RecordingUpstream:
 
     async def start(self) -> None:
         server = web.Server(self._handle, handler_cancellation=True, access_log=None, auto_decompress=False)
-        self._runner = web.ServerRunner(server)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = bound_address(site)[1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.serve(web.ServerRunner(server))
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.client_max_size != request.client_max_size:
