@@ -140,9 +140,13 @@ class CerbosServer:
                 if not self.running:
                     raise CerbosExited(f"cerbos exited during start-up: {self.log_tail()}")
                 try:
+                    # Healthy, and the AuthZEN gateway answers too (it may come up a moment after the health check).
                     async with session.get(f"{self.url}/_cerbos/health") as resp:
-                        if resp.status == 200 and (await resp.json()).get("status") == "SERVING":
-                            return
+                        healthy = resp.status == 200 and (await resp.json()).get("status") == "SERVING"
+                    if healthy:
+                        async with session.get(f"{self.url}/.well-known/authzen-configuration") as resp:
+                            if resp.status == 200:
+                                return
                 except (aiohttp.ClientError, TimeoutError, ValueError):
                     pass
                 await asyncio.sleep(_POLL_S)
