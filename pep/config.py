@@ -130,6 +130,7 @@ class RouteConfig:
     timeout_ms: int = 30000
     keep_caller_credentials: bool = False
     mapping: RouteMapping | None = None
+    deny_status: int = 403  # mcp routes: 200 for clients that cannot cope with a 403 (never forwarded either way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,8 +449,9 @@ _ROUTE_KEYS = {
     "timeout_ms",
     "keep_caller_credentials",
     "mapping",
+    "deny_status",
 }
-_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity", "filter_tools_list", "deny_status"})
+_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity", "filter_tools_list"})
 
 
 def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
@@ -477,10 +479,18 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
                 r.error(f"{path}.match.path_prefix", "must not contain dot segments")
                 prefix = None
     upstream = _http_url(r, r.string(m, "upstream", path, required=True), f"{path}.upstream")
-    protocol = r.choice(m, "protocol", path, "http", ("http",), later=("mcp", "openai")) or "http"
-    max_body = None
+    protocol = r.choice(m, "protocol", path, "http", ("http", "mcp", "openai")) or "http"
+    # Routes that read bodies always have a limit; plain HTTP routes only when one is set.
+    max_body = None if protocol == "http" else 1048576
     if "max_body_bytes" in m:
         max_body = r.integer(m, "max_body_bytes", path, 1048576, 0, 1 << 40)
+    deny_status = 403
+    if "deny_status" in m:
+        deny_status = r.integer(m, "deny_status", path, 403, 200, 403)
+        if deny_status not in (200, 403):
+            r.error(f"{path}.deny_status", f"must be 403 or 200, got {deny_status}")
+        elif deny_status == 200 and protocol != "mcp":
+            r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     route = RouteConfig(
         name=name or "",
         path_prefix=prefix or "",
@@ -491,6 +501,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         timeout_ms=r.integer(m, "timeout_ms", path, 30000, 1, 86_400_000),
         keep_caller_credentials=r.boolean(m, "keep_caller_credentials", path, False),
         mapping=_mapping(r, m["mapping"], f"{path}.mapping") if "mapping" in m else None,
+        deny_status=deny_status,
     )
     return route if name and prefix and upstream else None
 

@@ -67,12 +67,12 @@ claim_mint_key, _is_mint_key = _one_key()
 
 
 class Allow:
-    """An explicit, in-time allow for one exact request: method and upstream URL are bound at decision time.
-
-    The forwarder sends `method` to `upstream_url` as stored here, so what is forwarded is what was decided.
+    """An explicit, in-time allow for one exact request: method, upstream URL and (on inspected routes) the
+    body are bound at decision time. The forwarder sends what is stored here, so what is forwarded is what was
+    decided.
     """
 
-    __slots__ = ("decision_id", "headers", "method", "request_id", "route", "upstream_url")
+    __slots__ = ("body", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class Allow:
         method: str,
         upstream_url: str,
         headers: tuple[tuple[str, str], ...],
+        body: bytes | None = None,
     ) -> None:
         if not _is_mint_key(key):
             raise TypeError("an Allow can only be created by the decision engine")
@@ -93,6 +94,7 @@ class Allow:
         self.method = method
         self.upstream_url = upstream_url
         self.headers = headers  # obligation headers the PDP asked for, already vetted
+        self.body = body  # on inspected routes, the exact bytes decided on and to be forwarded
 
     def __setattr__(self, name: str, value: object) -> None:
         if hasattr(self, name):

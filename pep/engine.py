@@ -40,6 +40,12 @@ class Check:
     method: str
     upstream_url: str
     obligation_forbidden: frozenset[str]
+    more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
+    body: bytes | None = None  # an inspected body, bound into the Allow
+
+    @property
+    def documents(self) -> tuple[dict[str, Any], ...]:
+        return (self.document, *self.more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,7 @@ class Outcome:
     attempts: int
     pdp_ms: float | None
     note: str | None = None
+    reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
 
 
 class Engine:
@@ -93,16 +100,18 @@ class Engine:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
         self.in_flight += 1
         try:
-            result, attempts, pdp_s = await self._ask(check, permit)
+            result, attempts, pdp_s, each = await self._ask(check, permit)
         finally:
             self.in_flight -= 1
         pdp_ms = round(pdp_s * 1000, 3)
         if isinstance(result, Failure):
-            return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail)
+            return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail, each)
         if not result.allow:
-            return Outcome(Deny(result.reason, decision_id, result.note or ""), attempts, pdp_ms, result.note)
+            note = result.note
+            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
-            return Outcome(Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem), attempts, pdp_ms, problem)
+            deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
+            return Outcome(deny, attempts, pdp_ms, problem, each)
         allow = Allow(
             _MINT,
             decision_id=decision_id,
@@ -111,10 +120,25 @@ class Engine:
             method=check.method,
             upstream_url=check.upstream_url,
             headers=result.headers,
+            body=check.body,
         )
-        return Outcome(allow, attempts, pdp_ms, result.note)
+        return Outcome(allow, attempts, pdp_ms, result.note, each)
 
-    async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float]:
+    async def _ask_once(self, check: Check) -> tuple[Verdict | Failure, tuple[Reason, ...]]:
+        """One attempt for every message of the check; several are combined so that all must allow."""
+        pdp = self.pdp
+        if not check.more:
+            return await pdp.ask(check.document, check.request_id), ()
+        docs = list(check.documents)
+        ask_many = getattr(pdp, "ask_many", None)
+        if ask_many is not None:
+            results: list[Verdict | Failure] = await ask_many(docs, check.request_id)
+        else:
+            rid = check.request_id
+            results = list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
+        return combine(results), tuple(r.reason for r in results)
+
+    async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
         """Attempts inside one deadline. Always reports to the breaker, also when cancelled."""
         clock = self._clock
         observe = self._metrics.pdp_duration
@@ -122,6 +146,7 @@ class Engine:
         deadline = start + self._timeout_s
         attempts = 0
         result: Verdict | Failure | None = None
+        each: tuple[Reason, ...] = ()
         try:
             while True:
                 attempts += 1
@@ -129,7 +154,7 @@ class Engine:
                 t0 = time.perf_counter()
                 try:
                     async with asyncio.timeout(deadline - began):
-                        result = await self.pdp.ask(check.document, check.request_id)
+                        result, each = await self._ask_once(check)
                 except TimeoutError:
                     result = _TIMEOUT
                 if isinstance(result, Verdict) and clock() > deadline:
@@ -150,4 +175,19 @@ class Engine:
             elif result is not None or permit.probe:
                 # A failed answer, or a probe that was cancelled (the breaker must not stay half-open).
                 breaker.failure(permit)
-        return result, attempts, clock() - start
+        return result, attempts, clock() - start, each
+
+
+def combine(results: list[Verdict | Failure]) -> Verdict | Failure:
+    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation."""
+    verdicts: list[Verdict] = []
+    for r in results:
+        if isinstance(r, Failure):
+            return r
+        verdicts.append(r)
+    for v in verdicts:
+        if not v.allow:
+            return v
+    headers = tuple(h for v in verdicts for h in v.headers)
+    notes = "; ".join(v.note for v in verdicts if v.note)
+    return Verdict(True, Reason.ALLOWED, headers, notes or None)

@@ -22,7 +22,9 @@ from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.responses import deny
+from pep.protocols import PLAIN, Inspected, Message, Refused, mcp, openai
+from pep.protocols.body import read_body
+from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
 from pep.upstream import Upstream
 
@@ -46,6 +48,54 @@ def _authority_matches(target: URL, host_header: str | None) -> bool:
     return (target.host.lower(), target.port) == ((host.host or "").lower(), host.port)
 
 
+class _Case:
+    """What the handler learns about a request on the way to its decision (for the log and the answer)."""
+
+    __slots__ = ("document", "inspected", "route")
+
+    def __init__(self) -> None:
+        self.route: Route | None = None
+        self.document: dict[str, Any] | None = None
+        self.inspected: Inspected | None = None
+
+
+def decision_reason(decision: Allow | Deny) -> Reason:
+    return Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
+
+
+def _with_facts(document: dict[str, Any], message: Message) -> dict[str, Any]:
+    if message.key is None:
+        return document
+    return {**document, message.key: message.facts}
+
+
+async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspected | Refused:
+    """Read and parse the body where the route's protocol needs it; plain routes stream it later."""
+    protocol = route.config.protocol
+    method = request.method
+    if protocol == "mcp":
+        if method != "POST":
+            return Inspected((mcp.http_action(method),), None)
+    elif protocol != "openai" or not openai.invokes_model(method, path):
+        return PLAIN
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        # The body is needed for the decision, so the caller may send it now.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    body = await read_body(request, route.config.max_body_bytes or 0)
+    if isinstance(body, Refused):
+        return body
+    return mcp.inspect(body, request.headers) if protocol == "mcp" else openai.inspect(body)
+
+
+def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
+    protocol = route.config.protocol if route is not None else "http"
+    if protocol == "mcp" and route is not None:
+        return deny_mcp(reason, rid, inspected, route.config.deny_status)
+    if protocol == "openai":
+        return deny_openai(reason, rid)
+    return deny(reason, rid)
+
+
 class Proxy:
     """The catch-all handler of the agent-facing listener."""
 
@@ -67,6 +117,7 @@ class Proxy:
         # The agent header is only believed from callers on this machine (a loopback listener).
         self._agent_header = config.identity.agent_header if config.listen.is_loopback else None
         self._attributes = dict(config.identity.attributes)
+        self._include_arguments = config.decision_log.include_arguments
         self._subject: dict[str, Any] = self._subject_for(None)
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
@@ -93,24 +144,24 @@ class Proxy:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         rid = request_id(request.headers.get("X-Request-ID"))
-        route: Route | None = None
+        case = _Case()
         status = 403
-        document: dict[str, Any] | None = None
         try:
             if request.version not in _HTTP_1:
                 status = 505
                 outcome = _early(Reason.REQUEST_AMBIGUOUS, f"HTTP version {request.version}")
             else:
-                route, document, outcome = await self._decide(request, rid)
+                outcome = await self._decide(request, rid, case)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("internal error while deciding request %s", rid)
             outcome = _early(Reason.INTERNAL_ERROR, f"{type(exc).__name__}")
+        route = case.route
 
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
-        entry = self._entry(request, rid, route_name, document, outcome)
+        entry = self._entry(request, rid, route_name, case, outcome)
         if not self._log.record(entry) and self._log.required and isinstance(decision, Allow):
             decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, "decision log unavailable")
         metrics = self._metrics
@@ -120,41 +171,49 @@ class Proxy:
         if isinstance(decision, Allow) and route is not None:
             return await self._upstream.forward(request, decision, route)
         assert isinstance(decision, Deny)
-        response = deny(decision.reason, rid, status)
         if status == 505:
+            response = deny(decision.reason, rid, status)
             response.force_close()
-        return response
+            return response
+        return _denial(route, case.inspected, decision.reason, rid)
 
-    async def _decide(self, request: web.BaseRequest, rid: str) -> tuple[Route | None, dict[str, Any] | None, Outcome]:
+    async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
         raw_target = request.raw_path
         rel = request.rel_url
         path = rel.raw_path
         query = rel.raw_query_string
         headers = request.headers
         if request.method == "CONNECT":
-            return None, None, _early(Reason.NO_ROUTE, "no route allows tunnels")
+            return _early(Reason.NO_ROUTE, "no route allows tunnels")
         if "#" in raw_target:
-            return None, None, _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
+            return _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
         if not raw_target.startswith("/") and not _authority_matches(request.url, headers.get("Host")):
-            return None, None, _early(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
+            return _early(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
         problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
         if problem:
-            return None, None, _early(Reason.REQUEST_AMBIGUOUS, problem)
-        route = self._routes.match(path)
+            return _early(Reason.REQUEST_AMBIGUOUS, problem)
+        route = case.route = self._routes.match(path)
         if route is None:
-            return None, None, _early(Reason.NO_ROUTE, "no route matches the path")
+            return _early(Reason.NO_ROUTE, "no route matches the path")
         length = request.content_length
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:
-            return route, None, _early(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}")
+            return _early(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}")
         upstream_url = route.upstream_url(path, query)
         subject = self._subject
         if self._agent_header is not None:
             agents = headers.getall(self._agent_header, ())
             if len(agents) > 1:
-                return route, None, _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
+                return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
             if agents:
                 subject = self._subject_for(agents[0])
+        inspected = await _inspect(request, route, path)
+        if isinstance(inspected, Refused):
+            return _early(inspected.reason, inspected.detail)
+        case.inspected = inspected
+        body = inspected.body
+        if body is not None:
+            length = len(body)
         document = attributes.document(
             request_id=rid,
             method=request.method,
@@ -168,17 +227,36 @@ class Proxy:
             upstream_url=upstream_url,
             subject=subject,
         )
-        check = Check(document, rid, route.name, request.method, upstream_url, route.obligation_forbidden)
-        return route, document, await self._engine.decide(check)
+        documents = [_with_facts(document, m) for m in inspected.messages]
+        case.document = documents[0]
+        check = Check(
+            documents[0],
+            rid,
+            route.name,
+            request.method,
+            upstream_url,
+            route.obligation_forbidden,
+            more=tuple(documents[1:]),
+            body=body,
+        )
+        return await self._engine.decide(check)
+
+    def _message_entry(self, message: Message, reason: Reason) -> dict[str, Any]:
+        facts = message.facts
+        entry = {"mcp_method": facts["method"], "mcp_name": facts["name"], "reason": reason.value}
+        if self._include_arguments:
+            entry["arguments"] = facts["arguments"]
+        return entry
 
     def _entry(
         self,
         request: web.BaseRequest,
         rid: str,
         route_name: str,
-        document: dict[str, Any] | None,
+        case: _Case,
         outcome: Outcome,
     ) -> dict[str, Any]:
+        document = case.document
         decision = outcome.decision
         allow = isinstance(decision, Allow)
         entry: dict[str, Any] = {
@@ -197,6 +275,18 @@ class Proxy:
             "attempts": outcome.attempts,
             "circuit": self._engine.circuit.name.lower(),
         }
+        messages = case.inspected.messages if case.inspected is not None else ()
+        if messages and messages[0].key == "mcp":
+            first = messages[0].facts
+            entry["mcp_method"] = first["method"]
+            entry["mcp_name"] = first["name"]
+            if self._include_arguments:
+                entry["arguments"] = first["arguments"]
+            if len(messages) > 1:
+                reasons = outcome.reasons or (decision_reason(decision),) * len(messages)
+                entry["messages"] = [self._message_entry(m, r) for m, r in zip(messages, reasons, strict=False)]
+        elif messages and messages[0].key == "model":
+            entry["model"] = messages[0].facts["name"]
         if outcome.note:
             entry["detail"] = outcome.note
         return entry

@@ -6,6 +6,7 @@ import orjson
 from aiohttp import web
 
 from pep.decision import Reason
+from pep.protocols import NO_ID, Inspected
 
 MESSAGES: dict[Reason, str] = {
     Reason.POLICY_DENIED: "The policy denied this request.",
@@ -31,6 +32,32 @@ MESSAGES: dict[Reason, str] = {
 
 _JSON = "application/json"
 
+# The PDP could not decide (JSON-RPC -32603, "internal") as opposed to a decision against the request (-32001).
+UNDECIDED: frozenset[Reason] = frozenset(
+    {
+        Reason.PDP_UNDEFINED,
+        Reason.PDP_MALFORMED,
+        Reason.PDP_ERROR_STATUS,
+        Reason.PDP_TIMEOUT,
+        Reason.PDP_UNREACHABLE,
+        Reason.PDP_OVERLOADED,
+        Reason.CIRCUIT_OPEN,
+        Reason.AUDIT_UNAVAILABLE,
+        Reason.INTERNAL_ERROR,
+    }
+)
+MCP_DENIED = -32001
+MCP_UNDECIDED = -32603
+
+
+def _deny_headers(reason: Reason, request_id: str) -> dict[str, str]:
+    return {
+        "x-pep-decision": "deny",
+        "x-pep-reason": reason.value,
+        "x-request-id": request_id,
+        "cache-control": "no-store",
+    }
+
 
 def deny(reason: Reason, request_id: str, status: int = 403) -> web.Response:
     """A denial for a plain HTTP route: `{"error": {code, reason, message, request_id}}`."""
@@ -44,13 +71,42 @@ def deny(reason: Reason, request_id: str, status: int = 403) -> web.Response:
             }
         }
     )
-    headers = {
-        "x-pep-decision": "deny",
-        "x-pep-reason": reason.value,
-        "x-request-id": request_id,
-        "cache-control": "no-store",
+    return web.Response(status=status, body=body, headers=_deny_headers(reason, request_id), content_type=_JSON)
+
+
+def deny_mcp(reason: Reason, request_id: str, inspected: Inspected | None, deny_status: int) -> web.Response:
+    """A JSON-RPC error for each request of the body (its id), -32001 for a refusal, -32603 when undecided.
+
+    With `deny_status: 200` the status is 200 for requests (the JSON-RPC error carries the denial) and 202 for
+    notifications and responses (which expect no body). GET, DELETE and bodies that could not be read get 403.
+    """
+    messages = inspected.messages if inspected is not None else ()
+    ids = [m.rpc_id for m in messages if m.rpc_id is not NO_ID]
+    headers = _deny_headers(reason, request_id)
+    if inspected is None or inspected.body is None:
+        return deny(reason, request_id)
+    if not ids:
+        if deny_status == 200:
+            return web.Response(status=202, headers=headers)
+        return deny(reason, request_id)
+    error = {
+        "code": MCP_UNDECIDED if reason in UNDECIDED else MCP_DENIED,
+        "message": MESSAGES[reason],
+        "data": {"reason": reason.value, "request_id": request_id},
     }
-    return web.Response(status=status, body=body, headers=headers, content_type=_JSON)
+    replies = [{"jsonrpc": "2.0", "id": rpc_id, "error": error} for rpc_id in ids]
+    body = orjson.dumps(replies if inspected.batch else replies[0])
+    return web.Response(status=deny_status, body=body, headers=headers, content_type=_JSON)
+
+
+def deny_openai(reason: Reason, request_id: str) -> web.Response:
+    """OpenAI's error shape; `x-should-retry: false` keeps the SDKs from retrying a refusal."""
+    body = orjson.dumps(
+        {"error": {"message": MESSAGES[reason], "type": "permission_denied", "code": reason.value, "param": None}}
+    )
+    headers = _deny_headers(reason, request_id)
+    headers["x-should-retry"] = "false"
+    return web.Response(status=403, body=body, headers=headers, content_type=_JSON)
 
 
 _UPSTREAM_FAILURES = {

@@ -88,14 +88,20 @@ class Upstream:
         headers = self.headers_for(request, allow, route)
         limited: _Limited | None = None
         data: object = None
-        if request.body_exists:
+        if allow.body is not None:
+            data = allow.body
+        elif request.body_exists:
             limit = route.config.max_body_bytes
             if limit is not None and request.content_length is None:
                 limited = _Limited(request.content, limit)
                 data = limited.chunks()
             else:
                 data = request.content
-        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        if (
+            allow.body is None
+            and request.version == HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
             # Only now, after the allow: a denied client is answered before it ever sends its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         started = time.perf_counter()

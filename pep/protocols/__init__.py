@@ -1,0 +1,42 @@
+"""How a route's protocol turns a request into what is decided: one or more messages, each a set of facts.
+
+A plain HTTP route has one message and no facts. An MCP route has one message per JSON-RPC message in the body
+(a 2025-03-26 batch has several), an OpenAI route one with the model facts. The exact bytes read are what is
+forwarded, so the decision covers exactly the body the upstream gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pep.decision import Reason
+
+NO_ID: Any = object()  # a JSON-RPC message without an id (notification), distinct from an explicit null
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One thing to decide: `facts` become the document's `mcp` or `model` section (under `key`)."""
+
+    key: str | None = None  # "mcp", "model", or None for plain HTTP
+    facts: dict[str, Any] = field(default_factory=dict)
+    rpc_id: Any = NO_ID  # the JSON-RPC id to answer a denial with
+
+
+@dataclass(frozen=True, slots=True)
+class Inspected:
+    messages: tuple[Message, ...]
+    body: bytes | None  # the exact bytes to forward, or None when the body is streamed
+    batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The request cannot be decided as it is: a denial before the PDP is asked."""
+
+    reason: Reason
+    detail: str
+
+
+PLAIN = Inspected((Message(),), None)

@@ -1,0 +1,148 @@
+"""MCP over Streamable HTTP (2025-03-26 to 2026-07-28): every message on an MCP route is decided.
+
+POST bodies are read whole and strictly (`strictjson`: one JSON value, valid UTF-8, no duplicate keys, a depth
+limit) and must have the JSON-RPC 2.0 shape. Action names (`mcp.method`):
+- requests and notifications: their method (`tools/call`, `notifications/initialized`, ...);
+- responses the client sends to server requests: `mcp/response`;
+- `GET` on the route (the server stream): `mcp/stream`; `DELETE` (end of session): `mcp/session/delete`;
+  any other HTTP method: `mcp/http/<METHOD>`.
+`mcp.name` is the tool or prompt name (`params.name`) or the resource URI (`params.uri`). Mirrored headers
+(`Mcp-Method`, `Mcp-Name`) are never trusted: present ones must match the body, and 2026-07-28 requests must
+carry them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any
+
+from pep import strictjson
+from pep.decision import Reason
+from pep.protocols import NO_ID, Inspected, Message, Refused
+
+BATCH_VERSION = "2025-03-26"  # the only version with JSON-RPC batches
+HEADER_VERSION = "2026-07-28"  # from this version on, Mcp-Method/Mcp-Name are required and mirror the body
+MAX_DEPTH = 64
+_NAMED_BY = {
+    "tools/call": "name",
+    "prompts/get": "name",
+    "resources/read": "uri",
+    "resources/subscribe": "uri",
+    "resources/unsubscribe": "uri",
+}
+_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
+
+
+def http_action(method: str) -> Message:
+    """A request on an MCP route that carries no JSON-RPC body."""
+    return Message(
+        "mcp",
+        {
+            "method": _HTTP_ACTIONS.get(method, f"mcp/http/{method}"),
+            "name": None,
+            "arguments": None,
+            "protocol_version": None,
+        },
+    )
+
+
+def decode_header(value: str) -> str | None:
+    """A mirrored header value: plain, or `=?base64?...?=` for values that are not safe ASCII."""
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return value
+
+
+def _message(obj: Any, version: str | None) -> Message | str:
+    """One JSON-RPC 2.0 message, or what is wrong with it."""
+    if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
+        return "not a JSON-RPC 2.0 message"
+    rpc_id = obj.get("id", NO_ID)
+    if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, str | int | None)):
+        return "a JSON-RPC id must be a string, a number or null"
+    method = obj.get("method")
+    if method is None:
+        if rpc_id is NO_ID or ("result" in obj) == ("error" in obj):
+            return "a JSON-RPC response needs an id and exactly one of result and error"
+        return Message(
+            "mcp", {"method": "mcp/response", "name": None, "arguments": None, "protocol_version": version}, rpc_id
+        )
+    if not isinstance(method, str) or not method:
+        return "method must be a non-empty string"
+    params = obj.get("params")
+    if params is not None and not isinstance(params, dict | list):
+        return "params must be an object or an array"
+    name: Any = None
+    arguments: Any = None
+    if isinstance(params, dict):
+        field = _NAMED_BY.get(method)
+        if field is not None:
+            name = params.get(field)
+            if name is not None and not isinstance(name, str):
+                return f"params.{field} must be a string"
+        arguments = params.get("arguments")
+        if arguments is not None and not isinstance(arguments, dict):
+            return "params.arguments must be an object"
+        meta = params.get("_meta")
+        if isinstance(meta, dict) and isinstance(meta.get(_META_VERSION), str):
+            if version is not None and meta[_META_VERSION] != version:
+                return "MCP-Protocol-Version header disagrees with params._meta"
+            version = meta[_META_VERSION]
+        elif method == "initialize" and isinstance(params.get("protocolVersion"), str):
+            version = version or params["protocolVersion"]
+    facts = {"method": method, "name": name, "arguments": arguments, "protocol_version": version}
+    return Message("mcp", facts, rpc_id)
+
+
+def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
+    """The messages of one POST body, checked against the mirrored headers."""
+    try:
+        value = strictjson.loads(body, MAX_DEPTH)
+    except strictjson.JsonError as exc:
+        # A duplicate key is unreadable too: the upstream might act on the value the PEP did not see.
+        return Refused(Reason.BODY_UNREADABLE, f"MCP body: {exc}"[:200])
+    version = headers.get("MCP-Protocol-Version")
+    batch = isinstance(value, list)
+    if batch:
+        if version not in (None, BATCH_VERSION):
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"a JSON-RPC batch is not valid in MCP {version}")
+        if not value:
+            return Refused(Reason.BODY_UNREADABLE, "an empty JSON-RPC batch")
+        items = value
+    else:
+        items = [value]
+    messages: list[Message] = []
+    for item in items:
+        message = _message(item, version)
+        if isinstance(message, str):
+            return Refused(Reason.BODY_UNREADABLE, message)
+        messages.append(message)
+    if not batch and (problem := _header_problem(messages[0], headers)):
+        return Refused(Reason.REQUEST_AMBIGUOUS, problem)
+    return Inspected(tuple(messages), body, batch)
+
+
+def _header_problem(message: Message, headers: Mapping[str, str]) -> str | None:
+    facts = message.facts
+    method = facts["method"]
+    version = facts["protocol_version"]
+    requires = version is not None and version >= HEADER_VERSION and method != "mcp/response"
+    sent_method = headers.get("Mcp-Method")
+    if sent_method is None:
+        if requires:
+            return f"MCP {version} requires the Mcp-Method header"
+    elif decode_header(sent_method) != method:
+        return "Mcp-Method header disagrees with the body"
+    sent_name = headers.get("Mcp-Name")
+    if sent_name is None:
+        if requires and method in _NAMED_BY:
+            return f"MCP {version} requires the Mcp-Name header for {method}"
+    elif decode_header(sent_name) != facts["name"]:
+        return "Mcp-Name header disagrees with the body"
+    return None
