@@ -131,6 +131,7 @@ class RouteConfig:
     keep_caller_credentials: bool = False
     mapping: RouteMapping | None = None
     deny_status: int = 403  # mcp routes: 200 for clients that cannot cope with a 403 (never forwarded either way)
+    filter_tools_list: bool = False  # mcp routes: remove the tools the PDP denies from tools/list answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +451,9 @@ _ROUTE_KEYS = {
     "keep_caller_credentials",
     "mapping",
     "deny_status",
+    "filter_tools_list",
 }
-_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity", "filter_tools_list"})
+_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity"})
 
 
 def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
@@ -491,6 +493,8 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", f"must be 403 or 200, got {deny_status}")
         elif deny_status == 200 and protocol != "mcp":
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
+    if m.get("filter_tools_list") is True and protocol != "mcp":
+        r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
     route = RouteConfig(
         name=name or "",
         path_prefix=prefix or "",
@@ -502,6 +506,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         keep_caller_credentials=r.boolean(m, "keep_caller_credentials", path, False),
         mapping=_mapping(r, m["mapping"], f"{path}.mapping") if "mapping" in m else None,
         deny_status=deny_status,
+        filter_tools_list=r.boolean(m, "filter_tools_list", path, False),
     )
     return route if name and prefix and upstream else None
 

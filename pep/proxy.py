@@ -22,11 +22,11 @@ from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import PLAIN, Inspected, Message, Refused, mcp, openai
+from pep.protocols import PLAIN, Inspected, Message, Refused, mcp, openai, tools_filter
 from pep.protocols.body import read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
-from pep.upstream import Upstream
+from pep.upstream import Rewrite, Upstream
 
 log = logging.getLogger("pep.proxy")
 _HTTP_1 = (HttpVersion11, HttpVersion10)
@@ -46,6 +46,11 @@ def _authority_matches(target: URL, host_header: str | None) -> bool:
     except (ValueError, TypeError):
         return False
     return (target.host.lower(), target.port) == ((host.host or "").lower(), host.port)
+
+
+# A tool the PDP answered about: allowed, or refused for itself (not "the PDP could not decide").
+_TOOL_VERDICTS = frozenset({Reason.ALLOWED, Reason.POLICY_DENIED, Reason.PDP_UNDEFINED, Reason.OBLIGATION_UNSUPPORTED})
+_REASON_VALUES = frozenset(r.value for r in Reason)
 
 
 class _Case:
@@ -169,7 +174,8 @@ class Proxy:
         metrics.decisions[route_name, reason].inc()
         metrics.decision_duration[route_name].observe(time.perf_counter() - started)
         if isinstance(decision, Allow) and route is not None:
-            return await self._upstream.forward(request, decision, route)
+            rewrite = self._tools_filter(route, case, decision)
+            return await self._upstream.forward(request, decision, route, rewrite)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -240,6 +246,77 @@ class Proxy:
             body=body,
         )
         return await self._engine.decide(check)
+
+    def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
+        """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
+        inspected = case.inspected
+        document = case.document
+        if not route.config.filter_tools_list or inspected is None or document is None or inspected.batch:
+            return None
+        facts = inspected.messages[0].facts
+        if facts.get("method") != "tools/list":
+            return None
+        engine = self._engine
+        url = document["route"]["upstream_url"]
+        rid = allow.request_id
+
+        async def decide(names: list[str]) -> list[bool] | str:
+            docs = [{**document, "mcp": {**facts, "method": "tools/call", "name": n, "arguments": None}} for n in names]
+            check = Check(docs[0], rid, route.name, "POST", url, route.obligation_forbidden, more=tuple(docs[1:]))
+            outcome = await engine.decide(check)
+            decision = outcome.decision
+            reasons = outcome.reasons or (decision_reason(decision),) * len(names)
+            self._log.record(self._filter_entry(rid, route, document, outcome, names, reasons))
+            undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
+            if undecided or len(reasons) != len(names):
+                return (undecided[0] if undecided else decision_reason(decision)).value
+            return [r is Reason.ALLOWED for r in reasons]
+
+        async def rewrite(body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
+            version = facts.get("protocol_version")
+            try:
+                if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
+                    filtered, _ = await tools_filter.filter_sse(body, decide, version)
+                else:
+                    filtered, _ = await tools_filter.filter_json(body, decide, version)
+            except tools_filter.FilterError as exc:
+                if str(exc) in _REASON_VALUES:  # the PDP could not decide: the caller gets that denial
+                    return deny_mcp(Reason(str(exc)), rid, inspected, route.config.deny_status)
+                return None  # the answer was unreadable: the forwarder answers 502, never the unfiltered list
+            return filtered
+
+        return rewrite
+
+    def _filter_entry(
+        self,
+        rid: str,
+        route: Route,
+        document: dict[str, Any],
+        outcome: Outcome,
+        names: list[str],
+        reasons: tuple[Reason, ...],
+    ) -> dict[str, Any]:
+        allowed = isinstance(outcome.decision, Allow)
+        return {
+            "time": attributes.rfc3339_now(),
+            "request_id": rid,
+            "decision_id": outcome.decision.decision_id,
+            "route": route.name,
+            "method": "POST",
+            "path": document["request"]["path"],
+            "subject": document["subject"],
+            "mcp_method": "tools/list",
+            "mcp_name": None,
+            "decision": "allow" if allowed else "deny",
+            "reason": decision_reason(outcome.decision).value,
+            "pdp_ms": outcome.pdp_ms,
+            "attempts": outcome.attempts,
+            "circuit": self._engine.circuit.name.lower(),
+            "filtered": {
+                "kept": [n for n, r in zip(names, reasons, strict=False) if r is Reason.ALLOWED],
+                "removed": [n for n, r in zip(names, reasons, strict=False) if r is not Reason.ALLOWED],
+            },
+        }
 
     def _message_entry(self, message: Message, reason: Reason) -> dict[str, Any]:
         facts = message.facts

@@ -114,6 +114,7 @@ _UPSTREAM_FAILURES = {
     "reset": (502, "upstream_unavailable", "The upstream closed the connection without a response."),
     "timeout": (504, "upstream_timeout", "The upstream did not answer in time."),
     "body_limit": (413, "body_too_large", "The request body is larger than this route allows."),
+    "unfilterable": (502, "upstream_unreadable", "The upstream's tool list could not be read to be filtered."),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -17,6 +17,11 @@ from pep.responses import upstream_failure
 from pep.routing import Route
 
 _CHUNK = 65536
+REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (tools/list filtering)
+
+# Rewrites a whole upstream answer (body, content type): new body bytes, a response to send instead, or None
+# when the answer cannot be read (then the caller gets a 502, never the answer unchanged).
+Rewrite = Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]]
 
 
 class _Limited:
@@ -82,10 +87,18 @@ class Upstream:
             headers[name] = value
         return headers
 
-    async def forward(self, request: web.BaseRequest, allow: Allow, route: Route) -> web.StreamResponse:
-        """Send the allowed request and stream the response back; 502/504 when no response comes."""
+    async def forward(
+        self, request: web.BaseRequest, allow: Allow, route: Route, rewrite: Rewrite | None = None
+    ) -> web.StreamResponse:
+        """Send the allowed request and stream the response back; 502/504 when no response comes.
+
+        With `rewrite`, the response is read whole (at most REWRITE_LIMIT bytes, identity encoding only) and
+        what `rewrite` returns is sent instead: new body bytes, or a response of its own.
+        """
         metrics = self._metrics
         headers = self.headers_for(request, allow, route)
+        if rewrite is not None:
+            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
         limited: _Limited | None = None
         data: object = None
         if allow.body is not None:
@@ -116,6 +129,12 @@ class Upstream:
             ) as up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
+                if rewrite is not None:
+                    rewritten = await _rewritten(up, rewrite)
+                    if rewritten is not None:
+                        return rewritten
+                    metrics.upstream_failures[route.name, "unfilterable"].inc()
+                    return upstream_failure("unfilterable", allow.request_id, allow.decision_id)
                 response, complete = await _relay(request, up)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
@@ -136,6 +155,26 @@ class Upstream:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.StreamResponse | None:
+    """The rewritten response, or None when the upstream's answer cannot be read whole."""
+    encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in up.content.iter_any():
+        size += len(chunk)
+        if size > REWRITE_LIMIT:
+            return None
+        chunks.append(chunk)
+    result = await rewrite(b"".join(chunks), up.headers.get("Content-Type", ""))
+    if result is None or isinstance(result, web.StreamResponse):
+        return result
+    headers = response_headers(up.headers)
+    headers.popall("Content-Length", None)
+    return web.Response(status=up.status, reason=up.reason, headers=headers, body=result)
 
 
 async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
