@@ -338,10 +338,9 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("later-credential", lambda c: route0(c).update(credential={"header": "x"}), f"routes[0].credential: {NOT_YET}"),
     ("later-tunnel", lambda c: route0(c).update(tunnel=True), f"routes[0].tunnel: {NOT_YET}"),
     ("later-identity", lambda c: route0(c).update(require_identity=True), f"routes[0].require_identity: {NOT_YET}"),
-    ("later-filter", lambda c: route0(c).update(filter_tools_list=True), f"routes[0].filter_tools_list: {NOT_YET}"),
+    ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
-    ("later-filter", lambda c: route0(c).update(filter_tools_list=True), f"routes[0].filter_tools_list: {NOT_YET}"),
     ("later-host", lambda c: route0(c)["match"].update(host="api.example.com"), f"routes[0].match.host: {NOT_YET}"),
 ]
 
