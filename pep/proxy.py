@@ -80,6 +80,9 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     method = request.method
     if protocol == "mcp":
         if method != "POST":
+            if request.body_exists:
+                # Only POST bodies are read; a body elsewhere would reach the upstream undecided.
+                return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
             return Inspected((mcp.http_action(method),), None)
     elif protocol != "openai" or not openai.invokes_model(method, path):
         return PLAIN

@@ -81,7 +81,8 @@ def deny_mcp(reason: Reason, request_id: str, inspected: Inspected | None, deny_
     notifications and responses (which expect no body). GET, DELETE and bodies that could not be read get 403.
     """
     messages = inspected.messages if inspected is not None else ()
-    ids = [m.rpc_id for m in messages if m.rpc_id is not NO_ID]
+    # Requests only: a response the client sent is never answered (its id is from the server's id space).
+    ids = [m.rpc_id for m in messages if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response"]
     headers = _deny_headers(reason, request_id)
     if inspected is None or inspected.body is None:
         return deny(reason, request_id)

@@ -33,6 +33,7 @@ _NAMED_BY = {
     "resources/unsubscribe": "uri",
 }
 _META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 _HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
 
 
@@ -102,6 +103,9 @@ def _message(obj: Any, version: str | None) -> Message | str:
 
 def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
     """The messages of one POST body, checked against the mirrored headers."""
+    getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
+    if getall is not None and any(len(getall(name, ())) > 1 for name in _MIRRORED):
+        return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header")
     try:
         value = strictjson.loads(body, MAX_DEPTH)
     except strictjson.JsonError as exc:
@@ -114,6 +118,8 @@ def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
             return Refused(Reason.REQUEST_AMBIGUOUS, f"a JSON-RPC batch is not valid in MCP {version}")
         if not value:
             return Refused(Reason.BODY_UNREADABLE, "an empty JSON-RPC batch")
+        if "Mcp-Method" in headers or "Mcp-Name" in headers:
+            return Refused(Reason.REQUEST_AMBIGUOUS, "mirrored MCP headers cannot describe a batch")
         items = value
     else:
         items = [value]
@@ -123,6 +129,8 @@ def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
         if isinstance(message, str):
             return Refused(Reason.BODY_UNREADABLE, message)
         messages.append(message)
+    if batch and any(m.facts["protocol_version"] not in (None, BATCH_VERSION) for m in messages):
+        return Refused(Reason.REQUEST_AMBIGUOUS, "a batch element declares an MCP version without batches")
     if not batch and (problem := _header_problem(messages[0], headers)):
         return Refused(Reason.REQUEST_AMBIGUOUS, problem)
     return Inspected(tuple(messages), body, batch)

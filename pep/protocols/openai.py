@@ -6,6 +6,7 @@ other request on the route (`GET /v1/models`) is decided on its HTTP facts alone
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pep import strictjson
@@ -15,8 +16,13 @@ from pep.protocols import Inspected, Message, Refused
 ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses")
 
 
+_PATH_PARAMS = re.compile(r";[^/]*")
+
+
 def invokes_model(method: str, path: str) -> bool:
-    return method == "POST" and path.rstrip("/").endswith(ENDPOINTS)
+    """A POST to a model endpoint, also behind path parameters (`/v1/chat;x/completions`): servlet-style
+    upstreams drop `;x` and would serve it as one."""
+    return method == "POST" and _PATH_PARAMS.sub("", path).rstrip("/").endswith(ENDPOINTS)
 
 
 def _tool_names(tools: Any) -> list[str] | str:
@@ -29,8 +35,12 @@ def _tool_names(tools: Any) -> list[str] | str:
         if not isinstance(tool, dict):
             return "each tool must be an object"
         function = tool.get("function")
-        name = function.get("name") if isinstance(function, dict) else tool.get("name")
-        if name is None:
+        name = tool.get("name")
+        if isinstance(function, dict):
+            if "name" in tool and function.get("name") != name:
+                return "a tool has two different names"  # servers differ on which one they use
+            name = function.get("name")
+        if name is None and "function" not in tool and tool.get("type") != "function":
             name = tool.get("type")  # built-in tools (web_search, ...) are named by their type
         if not isinstance(name, str):
             return "a tool has no name"
@@ -52,4 +62,7 @@ def inspect(body: bytes) -> Inspected | Refused:
     tools = _tool_names(obj.get("tools"))
     if isinstance(tools, str):
         return Refused(Reason.BODY_UNREADABLE, tools)
-    return Inspected((Message("model", {"name": model, "stream": stream, "tools": tools}),), body)
+    functions = _tool_names(obj.get("functions"))  # chat completions' deprecated form, still accepted
+    if isinstance(functions, str):
+        return Refused(Reason.BODY_UNREADABLE, f"functions: {functions}")
+    return Inspected((Message("model", {"name": model, "stream": stream, "tools": tools + functions}),), body)

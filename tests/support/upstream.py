@@ -1,6 +1,7 @@
 """A recording upstream on a real socket. Every request it sees is kept, so tests can prove nothing arrived.
 
-Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events, `/slow?ms=M` answers late, `/hang` never answers,
+Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events (`&done=1`: then `data: [DONE]`, as OpenAI ends
+a stream), `/slow?ms=M` answers late, `/hang` never answers,
 `/reset` resets mid-response, `/drop` resets after reading the request without answering at all,
 `/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
 """
@@ -56,7 +57,8 @@ class RecordingUpstream(LoopbackServer):
         q = request.rel_url.query
         try:
             if path.startswith("/sse"):
-                return await self._sse(request, int(q.get("n", "3")), int(q.get("gap_ms", "50")) / 1000)
+                gap = int(q.get("gap_ms", "50")) / 1000
+                return await self._sse(request, int(q.get("n", "3")), gap, q.get("done") == "1")
             if path.startswith("/slow"):
                 await asyncio.sleep(int(q.get("ms", "100")) / 1000)
             elif path.startswith("/hang"):
@@ -97,13 +99,15 @@ class RecordingUpstream(LoopbackServer):
             },
         )
 
-    async def _sse(self, request: web.BaseRequest, n: int, gap: float) -> web.StreamResponse:
+    async def _sse(self, request: web.BaseRequest, n: int, gap: float, done: bool = False) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
             for i in range(n):
                 await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
                 await asyncio.sleep(gap)
+            if done:
+                await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
             self.disconnects += 1
             raise

@@ -1,0 +1,661 @@
+"""pep.protocols.mcp: how an MCP POST body becomes decided messages, and what is refused before the PDP."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from pep.decision import Reason
+from pep.protocols import NO_ID, Inspected, Message, Refused, mcp
+
+V_BATCH = "2025-03-26"
+V_0618 = "2025-06-18"
+V_1125 = "2025-11-25"
+V_2026 = "2026-07-28"
+META = "io.modelcontextprotocol/protocolVersion"
+
+
+def hdrs(*pairs: tuple[str, str], **named: str) -> CIMultiDict[str]:
+    """Request headers; keyword names use `_` for `-` (`Mcp_Method=...`)."""
+    out: CIMultiDict[str] = CIMultiDict(pairs)
+    for k, v in named.items():
+        out.add(k.replace("_", "-"), v)
+    return out
+
+
+def rpc(method: str | None = "ping", rpc_id: Any = 1, params: Any = NO_ID, **extra: Any) -> bytes:
+    obj: dict[str, Any] = {"jsonrpc": "2.0"}
+    if rpc_id is not NO_ID:
+        obj["id"] = rpc_id
+    if method is not None:
+        obj["method"] = method
+    if params is not NO_ID:
+        obj["params"] = params
+    obj.update(extra)
+    return orjson.dumps(obj)
+
+
+def ok(body: bytes, headers: CIMultiDict[str] | None = None) -> Inspected:
+    result = mcp.inspect(body, headers if headers is not None else CIMultiDict())
+    assert isinstance(result, Inspected), result
+    assert result.body == body  # the exact bytes decided are the bytes forwarded
+    return result
+
+
+def refused(body: bytes, headers: CIMultiDict[str] | None = None) -> Reason:
+    result = mcp.inspect(body, headers if headers is not None else CIMultiDict())
+    assert isinstance(result, Refused), result
+    assert result.detail
+    return result.reason
+
+
+def only(result: Inspected) -> Message:
+    assert not result.batch
+    assert len(result.messages) == 1
+    return result.messages[0]
+
+
+# --- shapes and facts ---------------------------------------------------------------------------------------
+
+
+def test_tools_call_request_facts() -> None:
+    body = rpc("tools/call", 7, {"name": "send_email", "arguments": {"to": "a@b", "n": [1, 2]}})
+    message = only(ok(body))
+    assert message.key == "mcp"
+    assert message.rpc_id == 7
+    assert message.facts == {
+        "method": "tools/call",
+        "name": "send_email",
+        "arguments": {"to": "a@b", "n": [1, 2]},
+        "protocol_version": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "name"),
+    [
+        ("tools/call", {"name": "t"}, "t"),
+        ("prompts/get", {"name": "greet", "arguments": {"who": "x"}}, "greet"),
+        ("resources/read", {"uri": "file:///etc/motd"}, "file:///etc/motd"),
+        ("resources/subscribe", {"uri": "db://rows/1"}, "db://rows/1"),
+        ("resources/unsubscribe", {"uri": "db://rows/1"}, "db://rows/1"),
+        # Only the field that names the target counts: a `name` on a resource read or a `uri` on a call is not it.
+        ("resources/read", {"name": "decoy", "uri": "file:///a"}, "file:///a"),
+        ("tools/call", {"name": "real", "uri": "file:///decoy"}, "real"),
+        ("tools/list", {"name": "ignored"}, None),
+        ("resources/list", {"uri": "ignored"}, None),
+        ("tools/call", {}, None),
+        ("tools/call", NO_ID, None),
+        ("tools/call", ["positional"], None),
+    ],
+)
+def test_name_comes_from_the_field_the_method_uses(method: str, params: Any, name: str | None) -> None:
+    assert only(ok(rpc(method, 1, params))).facts["name"] == name
+
+
+@pytest.mark.parametrize("rpc_id", [0, -1, 2**53, "abc", "", None])
+def test_request_ids_kept_as_sent(rpc_id: Any) -> None:
+    message = only(ok(rpc("ping", rpc_id)))
+    assert message.rpc_id == rpc_id
+    assert message.rpc_id is not NO_ID
+    assert type(message.rpc_id) is type(rpc_id)
+
+
+def test_notification_has_no_id() -> None:
+    message = only(ok(rpc("notifications/initialized", NO_ID)))
+    assert message.rpc_id is NO_ID
+    assert message.facts["method"] == "notifications/initialized"
+    assert message.facts["name"] is None
+    assert message.facts["arguments"] is None
+
+
+def test_null_id_is_not_a_notification() -> None:
+    assert only(ok(rpc("ping", None))).rpc_id is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        rpc(None, 5, result={"content": []}),
+        rpc(None, "s-1", error={"code": -1, "message": "no"}),
+        rpc(None, None, error={"code": -32700, "message": "parse error"}),
+    ],
+)
+def test_client_responses_are_mcp_response(body: bytes) -> None:
+    message = only(ok(body))
+    assert message.facts == {"method": "mcp/response", "name": None, "arguments": None, "protocol_version": None}
+    assert message.rpc_id is not NO_ID
+
+
+def test_response_carries_the_header_version() -> None:
+    message = only(ok(rpc(None, 5, result={}), hdrs(MCP_Protocol_Version=V_0618)))
+    assert message.facts["protocol_version"] == V_0618
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        rpc(None, NO_ID, result={}),  # a response needs an id
+        rpc(None, 1),  # neither result nor error
+        rpc(None, 1, result={}, error={"code": 1, "message": "x"}),  # both
+    ],
+)
+def test_malformed_responses_are_unreadable(body: bytes) -> None:
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+# --- the protocol version -----------------------------------------------------------------------------------
+
+
+def test_version_from_the_header() -> None:
+    assert only(ok(rpc("tools/list"), hdrs(MCP_Protocol_Version=V_1125))).facts["protocol_version"] == V_1125
+
+
+def test_header_name_is_case_insensitive() -> None:
+    headers = hdrs(("mcp-protocol-version", V_0618))
+    assert only(ok(rpc("tools/list"), headers)).facts["protocol_version"] == V_0618
+
+
+def test_version_from_meta() -> None:
+    body = rpc("tools/list", 1, {"_meta": {META: V_1125}})
+    assert only(ok(body)).facts["protocol_version"] == V_1125
+
+
+def test_version_from_meta_matching_the_header() -> None:
+    body = rpc("tools/list", 1, {"_meta": {META: V_1125}})
+    assert only(ok(body, hdrs(MCP_Protocol_Version=V_1125))).facts["protocol_version"] == V_1125
+
+
+def test_version_from_initialize() -> None:
+    body = rpc("initialize", 0, {"protocolVersion": V_0618, "capabilities": {}, "clientInfo": {"name": "c"}})
+    assert only(ok(body)).facts["protocol_version"] == V_0618
+
+
+def test_initialize_params_do_not_override_the_header() -> None:
+    body = rpc("initialize", 0, {"protocolVersion": V_0618})
+    assert only(ok(body, hdrs(MCP_Protocol_Version=V_1125))).facts["protocol_version"] == V_1125
+
+
+def test_protocol_version_param_counts_only_on_initialize() -> None:
+    assert only(ok(rpc("tools/list", 1, {"protocolVersion": V_0618}))).facts["protocol_version"] is None
+
+
+@pytest.mark.parametrize("meta", [{META: 20250618}, {META: None}, "not an object", ["x"], {"other": V_0618}])
+def test_meta_without_a_string_version_is_ignored(meta: Any) -> None:
+    assert only(ok(rpc("tools/list", 1, {"_meta": meta}))).facts["protocol_version"] is None
+
+
+def test_header_disagreeing_with_meta_is_unreadable() -> None:
+    body = rpc("tools/list", 1, {"_meta": {META: V_1125}})
+    assert refused(body, hdrs(MCP_Protocol_Version=V_0618)) is Reason.BODY_UNREADABLE
+
+
+# --- HTTP actions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "action"),
+    [("GET", "mcp/stream"), ("DELETE", "mcp/session/delete"), ("PUT", "mcp/http/PUT"), ("PATCH", "mcp/http/PATCH")],
+)
+def test_http_actions(method: str, action: str) -> None:
+    message = mcp.http_action(method)
+    assert message.key == "mcp"
+    assert message.rpc_id is NO_ID
+    assert message.facts == {"method": action, "name": None, "arguments": None, "protocol_version": None}
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"   ",
+        b"{",
+        b'{"jsonrpc":"2.0","id":1,"method":"ping"',
+        b'{"jsonrpc":"2.0","id":1,"method":"ping"} {}',  # trailing data
+        b'{"jsonrpc":"2.0","id":1,"method":"ping"}x',
+        b'{"jsonrpc":"2.0","id":NaN,"method":"ping"}',
+        b"{'jsonrpc':'2.0'}",
+        b'{"jsonrpc":"2.0","id":1,"method":"ping",}',
+        b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}',  # a BOM is not JSON
+    ],
+)
+def test_invalid_json_is_unreadable(body: bytes) -> None:
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xff"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xc3"}}',  # truncated sequence
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\xed\xa0\x80"}}',  # encoded surrogate
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\ud800"}}',  # lone surrogate escape
+        '{"jsonrpc":"2.0","id":1,"method":"ping"}'.encode("utf-16"),
+    ],
+)
+def test_invalid_utf8_is_unreadable(body: bytes) -> None:
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}',
+        b'{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"safe","name":"rm_rf"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"to":"a","to":"b"}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"x":{"y":1,"y":1}}}}',
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping","id":3}]',
+    ],
+)
+def test_duplicate_keys_are_unreadable(body: bytes) -> None:
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+def _nested(depth: int) -> bytes:
+    """A tools/call whose arguments bring the whole body to `depth` levels of nesting."""
+    inner = "1"
+    for _ in range(depth - 2):  # the message object and params are two levels; arguments is the first of these
+        inner = '{"a":' + inner + "}"
+    return ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":' + inner + "}}").encode()
+
+
+def test_depth_limit() -> None:
+    assert mcp.MAX_DEPTH == 64
+    ok(_nested(64))
+    assert refused(_nested(65)) is Reason.BODY_UNREADABLE
+    assert refused(_nested(5000)) is Reason.BODY_UNREADABLE
+    assert refused(b"[" * 100_000 + b"]" * 100_000) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":1,"method":"ping"}',
+        b'{"jsonrpc":"1.0","id":1,"method":"ping"}',
+        b'{"jsonrpc":2.0,"id":1,"method":"ping"}',
+        b'{"jsonrpc":null,"id":1,"method":"ping"}',
+        b"null",
+        b"1",
+        b'"tools/call"',
+        b"true",
+        b"{}",
+    ],
+)
+def test_not_jsonrpc_2_is_unreadable(body: bytes) -> None:
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize("rpc_id", [True, False, 1.5, 1.0, 1e3, {"a": 1}, [1], {}])
+def test_bad_id_types_are_unreadable(rpc_id: Any) -> None:
+    assert refused(rpc("ping", rpc_id)) is Reason.BODY_UNREADABLE
+    assert refused(rpc(None, rpc_id, result={})) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize("method", [1, True, {"m": 1}, ["ping"], ""])
+def test_method_must_be_a_non_empty_string(method: Any) -> None:
+    assert refused(orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method})) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize("params", ["x", 1, True, 1.5])
+def test_params_must_be_an_object_or_an_array(params: Any) -> None:
+    assert refused(rpc("tools/call", 1, params)) is Reason.BODY_UNREADABLE
+
+
+def test_null_params_are_no_params() -> None:
+    assert only(ok(rpc("tools/call", 1, None))).facts["name"] is None
+
+
+@pytest.mark.parametrize(
+    ("method", "field"),
+    [
+        ("tools/call", "name"),
+        ("prompts/get", "name"),
+        ("resources/read", "uri"),
+        ("resources/subscribe", "uri"),
+        ("resources/unsubscribe", "uri"),
+    ],
+)
+@pytest.mark.parametrize("value", [1, True, ["a"], {"a": 1}])
+def test_name_and_uri_must_be_strings(method: str, field: str, value: Any) -> None:
+    assert refused(rpc(method, 1, {field: value})) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize("arguments", [[1, 2], "a=1", 1, True])
+@pytest.mark.parametrize("method", ["tools/call", "prompts/get", "completion/complete"])
+def test_arguments_must_be_an_object(method: str, arguments: Any) -> None:
+    assert refused(rpc(method, 1, {"name": "t", "arguments": arguments})) is Reason.BODY_UNREADABLE
+
+
+# --- batches ------------------------------------------------------------------------------------------------
+
+BATCH = orjson.dumps(
+    [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "a", "arguments": {"x": 1}}},
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}},
+        {"jsonrpc": "2.0", "id": "r", "result": {}},
+        {"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "file:///b"}},
+    ]
+)
+
+
+@pytest.mark.parametrize("headers", [hdrs(), hdrs(MCP_Protocol_Version=V_BATCH)])
+def test_batch_is_one_message_per_element(headers: CIMultiDict[str]) -> None:
+    result = ok(BATCH, headers)
+    assert result.batch
+    version = headers.get("MCP-Protocol-Version")
+    assert [(m.facts["method"], m.facts["name"], m.rpc_id) for m in result.messages] == [
+        ("tools/call", "a", 1),
+        ("notifications/progress", None, NO_ID),
+        ("mcp/response", None, "r"),
+        ("resources/read", "file:///b", 2),
+    ]
+    assert result.messages[0].facts["arguments"] == {"x": 1}
+    assert all(m.key == "mcp" and m.facts["protocol_version"] == version for m in result.messages)
+
+
+def test_single_element_batch_is_still_a_batch() -> None:
+    result = ok(b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]')
+    assert result.batch
+    assert len(result.messages) == 1
+
+
+@pytest.mark.parametrize("version", [V_0618, V_1125, V_2026, "2099-01-01", "garbage"])
+def test_batch_refused_after_2025_03_26(version: str) -> None:
+    assert refused(BATCH, hdrs(MCP_Protocol_Version=version)) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_empty_batch_is_unreadable() -> None:
+    assert refused(b"[]") is Reason.BODY_UNREADABLE
+    assert refused(b" [ ] ", hdrs(MCP_Protocol_Version=V_BATCH)) is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"jsonrpc": "1.0", "id": 2, "method": "ping"},
+        {"jsonrpc": "2.0", "id": True, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": 3}},
+        [{"jsonrpc": "2.0", "id": 2, "method": "ping"}],  # nested batch
+        "ping",
+        None,
+    ],
+)
+def test_one_bad_element_refuses_the_batch(bad: Any) -> None:
+    body = orjson.dumps([{"jsonrpc": "2.0", "id": 1, "method": "ping"}, bad])
+    assert refused(body) is Reason.BODY_UNREADABLE
+
+
+def test_batch_element_meta_must_agree_with_the_header() -> None:
+    body = orjson.dumps([{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": {META: V_0618}}}])
+    assert refused(body, hdrs(MCP_Protocol_Version=V_BATCH)) is Reason.BODY_UNREADABLE
+
+
+# --- mirrored headers ---------------------------------------------------------------------------------------
+
+
+def b64(text: str) -> str:
+    return "=?base64?" + base64.b64encode(text.encode()).decode() + "?="
+
+
+CALL = rpc("tools/call", 1, {"name": "send_email", "arguments": {}})
+READ = rpc("resources/read", 1, {"uri": "file:///r\u00e9sum\u00e9.txt"})
+
+
+def test_2026_requires_mcp_method() -> None:
+    assert refused(rpc("tools/list"), hdrs(MCP_Protocol_Version=V_2026)) is Reason.REQUEST_AMBIGUOUS
+    message = only(ok(rpc("tools/list"), hdrs(MCP_Protocol_Version=V_2026, Mcp_Method="tools/list")))
+    assert message.facts["protocol_version"] == V_2026
+
+
+def test_2026_from_meta_also_requires_mcp_method() -> None:
+    body = rpc("tools/list", 1, {"_meta": {META: V_2026}})
+    assert refused(body) is Reason.REQUEST_AMBIGUOUS
+    ok(body, hdrs(Mcp_Method="tools/list"))
+
+
+@pytest.mark.parametrize(("body", "name"), [(CALL, "send_email"), (READ, "file:///r\u00e9sum\u00e9.txt")])
+def test_2026_requires_mcp_name_for_named_methods(body: bytes, name: str) -> None:
+    method = orjson.loads(body)["method"]
+    assert refused(body, hdrs(MCP_Protocol_Version=V_2026, Mcp_Method=method)) is Reason.REQUEST_AMBIGUOUS
+    good = hdrs(MCP_Protocol_Version=V_2026, Mcp_Method=method, Mcp_Name=b64(name))
+    assert only(ok(body, good)).facts["name"] == name
+
+
+def test_2026_prompts_get_requires_mcp_name() -> None:
+    body = rpc("prompts/get", 1, {"name": "greet"})
+    assert refused(body, hdrs(MCP_Protocol_Version=V_2026, Mcp_Method="prompts/get")) is Reason.REQUEST_AMBIGUOUS
+    ok(body, hdrs(MCP_Protocol_Version=V_2026, Mcp_Method="prompts/get", Mcp_Name="greet"))
+
+
+def test_2026_unnamed_method_needs_no_mcp_name() -> None:
+    ok(rpc("resources/list"), hdrs(MCP_Protocol_Version=V_2026, Mcp_Method="resources/list"))
+
+
+def test_2026_notifications_need_mcp_method_too() -> None:
+    body = rpc("notifications/cancelled", NO_ID, {"requestId": 1})
+    assert refused(body, hdrs(MCP_Protocol_Version=V_2026)) is Reason.REQUEST_AMBIGUOUS
+    ok(body, hdrs(MCP_Protocol_Version=V_2026, Mcp_Method="notifications/cancelled"))
+
+
+def test_2026_responses_need_no_mirrored_headers() -> None:
+    ok(rpc(None, 3, result={}), hdrs(MCP_Protocol_Version=V_2026))
+
+
+@pytest.mark.parametrize("version", [None, V_BATCH, V_0618, V_1125, V_2026])
+@pytest.mark.parametrize(
+    "mirrored",
+    [
+        {"Mcp-Method": "tools/list"},  # the wrong method
+        {"Mcp-Method": "tools/call", "Mcp-Name": "read_file"},  # the wrong name
+        {"Mcp-Method": "Tools/Call", "Mcp-Name": "send_email"},  # values are case-sensitive
+        {"Mcp-Method": "tools/call", "Mcp-Name": "send_email "},
+        {"Mcp-Method": "tools/call", "Mcp-Name": ""},
+        {"Mcp-Method": b64("tools/list"), "Mcp-Name": "send_email"},
+        {"Mcp-Method": "tools/call", "Mcp-Name": b64("read_file")},
+        {"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?not base64!?="},  # invalid base64: a mismatch
+        {"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?c2VuZF9lbWFpbA?="},  # missing padding
+        {"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?" + base64.b64encode(b"\xff\xfe").decode() + "?="},
+    ],
+)
+def test_mirrored_headers_that_disagree_are_ambiguous(version: str | None, mirrored: dict[str, str]) -> None:
+    headers = hdrs(*mirrored.items())
+    if version is not None:
+        headers["MCP-Protocol-Version"] = version
+    assert refused(CALL, headers) is Reason.REQUEST_AMBIGUOUS
+
+
+@pytest.mark.parametrize("version", [None, V_0618, V_2026])
+@pytest.mark.parametrize(
+    "mirrored",
+    [
+        {"Mcp-Method": "tools/call", "Mcp-Name": "send_email"},
+        {"mcp-method": "tools/call", "mcp-name": "send_email"},
+        {"Mcp-Method": b64("tools/call"), "Mcp-Name": b64("send_email")},
+    ],
+)
+def test_mirrored_headers_that_agree_are_accepted(version: str | None, mirrored: dict[str, str]) -> None:
+    headers = hdrs(*mirrored.items())
+    if version is not None:
+        headers["MCP-Protocol-Version"] = version
+    assert only(ok(CALL, headers)).facts["name"] == "send_email"
+
+
+def test_older_versions_do_not_require_mirrored_headers() -> None:
+    for version in (V_BATCH, V_0618, V_1125):
+        ok(CALL, hdrs(MCP_Protocol_Version=version))
+
+
+def test_mcp_name_on_a_method_without_a_name_is_ambiguous() -> None:
+    assert refused(rpc("tools/list"), hdrs(Mcp_Method="tools/list", Mcp_Name="x")) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_mcp_method_on_a_response_is_ambiguous() -> None:
+    assert refused(rpc(None, 1, result={}), hdrs(Mcp_Method="tools/call")) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_non_ascii_name_compared_after_base64_decoding() -> None:
+    name = "file:///r\u00e9sum\u00e9.txt"
+    ok(READ, hdrs(Mcp_Method="resources/read", Mcp_Name=b64(name)))
+    assert refused(READ, hdrs(Mcp_Method="resources/read", Mcp_Name=b64("file:///resume.txt"))) is (
+        Reason.REQUEST_AMBIGUOUS
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "decoded"),
+    [
+        ("tools/call", "tools/call"),
+        (b64("caf\u00e9"), "caf\u00e9"),
+        ("=?base64??=", ""),
+        ("=?base64?!!!?=", None),
+        ("=?base64?" + base64.b64encode(b"\xc3").decode() + "?=", None),
+        ("=?base64?YQ==", "=?base64?YQ=="),  # not the encoded form: taken literally
+    ],
+)
+def test_decode_header(value: str, decoded: str | None) -> None:
+    assert mcp.decode_header(value) == decoded
+
+
+def test_repeated_mirrored_header_is_ambiguous() -> None:
+    """Two `Mcp-Name` fields: the PEP must not check one while the upstream reads the other."""
+    headers = hdrs(("Mcp-Method", "tools/call"), ("Mcp-Name", "send_email"), ("Mcp-Name", "delete_all"))
+    assert refused(CALL, headers) is Reason.REQUEST_AMBIGUOUS
+    headers = hdrs(("Mcp-Method", "tools/call"), ("Mcp-Method", "tools/list"), ("Mcp-Name", "send_email"))
+    assert refused(CALL, headers) is Reason.REQUEST_AMBIGUOUS
+    headers = hdrs(("MCP-Protocol-Version", V_BATCH), ("MCP-Protocol-Version", V_2026))
+    assert refused(BATCH, headers) is Reason.REQUEST_AMBIGUOUS
+
+
+# --- properties ---------------------------------------------------------------------------------------------
+
+_KEYS = st.sampled_from(
+    ["jsonrpc", "id", "method", "params", "name", "uri", "arguments", "_meta", META, "result", "error", "x"]
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["2.0", "tools/call", "resources/read", "initialize", "", V_BATCH, V_2026])
+)
+JSON_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS | st.text(max_size=4), inner, max_size=5),
+    max_leaves=16,
+)
+# Objects close to a JSON-RPC message, so that the accepting paths are explored as well as the refusals.
+MESSAGES = st.fixed_dictionaries(
+    {"jsonrpc": st.just("2.0") | JSON_VALUES},
+    optional={
+        "id": st.integers(-5, 5) | st.text(max_size=3) | JSON_VALUES,
+        "method": st.sampled_from(["tools/call", "prompts/get", "resources/read", "initialize", "ping"]) | JSON_VALUES,
+        "params": st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.text(max_size=4) | JSON_VALUES,
+                "uri": st.text(max_size=4) | JSON_VALUES,
+                "arguments": st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=3) | JSON_VALUES,
+                "_meta": st.fixed_dictionaries({META: st.sampled_from([V_BATCH, V_0618, V_2026])}) | JSON_VALUES,
+                "protocolVersion": st.sampled_from([V_BATCH, V_2026]) | JSON_VALUES,
+            },
+        )
+        | JSON_VALUES,
+        "result": JSON_VALUES,
+        "error": JSON_VALUES,
+    },
+)
+# Mostly well-formed messages, so that a good share of the examples is accepted and the facts are checked.
+NEAR_MESSAGES = st.fixed_dictionaries(
+    {"jsonrpc": st.just("2.0")},
+    optional={
+        "id": st.integers(-5, 5) | st.text(max_size=3) | st.none(),
+        "method": st.sampled_from(["tools/call", "prompts/get", "resources/read", "initialize", "ping", "x"]),
+        "params": st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.text(max_size=4),
+                "uri": st.text(max_size=4),
+                "arguments": st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=3),
+                "_meta": st.fixed_dictionaries({META: st.sampled_from([V_BATCH, V_0618])}),
+                "protocolVersion": st.sampled_from([V_BATCH, V_2026]),
+            },
+        ),
+        "result": JSON_VALUES,
+    },
+)
+BODIES = (
+    JSON_VALUES
+    | MESSAGES
+    | NEAR_MESSAGES
+    | NEAR_MESSAGES
+    | st.lists(MESSAGES | NEAR_MESSAGES, max_size=4)
+    | st.lists(NEAR_MESSAGES, min_size=1, max_size=4)
+)
+HEADERS: st.SearchStrategy[dict[str, str]] = st.just({}) | st.dictionaries(
+    st.sampled_from(["MCP-Protocol-Version", "Mcp-Method", "Mcp-Name"]),
+    st.sampled_from([V_BATCH, V_0618, V_2026, "tools/call", "ping", "", b64("tools/call"), "=?base64?@?="])
+    | st.text(max_size=6),
+    max_size=3,
+)
+
+
+def _check(body: bytes, headers: dict[str, str], value: Any) -> None:
+    result = mcp.inspect(body, CIMultiDict(headers))
+    assert isinstance(result, Inspected | Refused)
+    if isinstance(result, Refused):
+        assert result.reason in (Reason.BODY_UNREADABLE, Reason.REQUEST_AMBIGUOUS)
+        return
+    assert result.body == body
+    assert result.messages
+    assert result.batch == isinstance(value, list)
+    if result.batch:
+        assert len(result.messages) == len(value)
+    for message in result.messages:
+        method = message.facts["method"]
+        assert isinstance(method, str)
+        assert method
+        assert message.key == "mcp"
+        assert set(message.facts) == {"method", "name", "arguments", "protocol_version"}
+        assert message.facts["name"] is None or isinstance(message.facts["name"], str)
+        assert message.facts["arguments"] is None or isinstance(message.facts["arguments"], dict)
+
+
+@settings(max_examples=400, deadline=None)
+@given(BODIES, HEADERS)
+def test_inspect_never_raises_and_methods_are_named(value: Any, headers: dict[str, str]) -> None:
+    _check(orjson.dumps(value), headers, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), HEADERS)
+def test_inspect_never_raises_on_arbitrary_bytes(body: bytes, headers: dict[str, str]) -> None:
+    result = mcp.inspect(body, CIMultiDict(headers))
+    assert isinstance(result, Inspected | Refused)
+    if isinstance(result, Inspected):
+        assert all(isinstance(m.facts["method"], str) and m.facts["method"] for m in result.messages)
+
+
+def test_a_batch_with_mirrored_headers_is_ambiguous() -> None:
+    body = b'[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]'
+    refused = mcp.inspect(body, CIMultiDict({"Mcp-Method": "tools/list"}))
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.REQUEST_AMBIGUOUS
+
+
+def test_a_batch_element_declaring_a_later_version_is_ambiguous() -> None:
+    meta = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}
+    body = orjson.dumps([{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": meta}])
+    refused = mcp.inspect(body, CIMultiDict())
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.REQUEST_AMBIGUOUS
