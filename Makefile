@@ -5,6 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP_PIN := pip==26.3 setuptools==84.2.1
 
+# A second venv with the last MCP SDK 1.x: it cannot share .venv with the 2.x SDK. The e2e tests run its
+# client and server scripts (tests/support/mcp1/) as child processes with this interpreter.
+MCP1_VENV  := .venv-mcp1
+MCP1_BIN   := $(MCP1_VENV)/bin
+MCP1_STAMP := $(MCP1_VENV)/.installed
+MCP1_PIN   := mcp==1.30.0
+
 # Cerbos, the real third-party AuthZEN PDP of the e2e suite: the platform binary from npm, pinned and checked.
 CERBOS_VERSION := 0.55.0
 CERBOS_SHA256  := 1bb7264706e49f868551b355ef0a8e3b57947cccfe0551fb3dfae503f458ff7b
@@ -12,9 +19,11 @@ CERBOS_DIR     := .pdp/cerbos
 CERBOS_BIN     := $(CURDIR)/$(CERBOS_DIR)/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
 export CERBOS_BIN
 
-.PHONY: venv test lint typecheck unit demo clean cerbos cerbos-policies
+.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies
 
 venv: $(STAMP)
+
+venv-mcp1: $(MCP1_STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -24,12 +33,26 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 		-c requirements/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# A file target like $(STAMP): exactly the pins of requirements/constraints-mcp1.txt (checked), rebuilt when they change.
+$(MCP1_STAMP): requirements/constraints-mcp1.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	test -x $(MCP1_BIN)/python || $(PYTHON) -m venv $(MCP1_VENV)
+	$(MCP1_BIN)/python -m pip install --quiet --disable-pip-version-check $(PIP_PIN)
+	$(MCP1_BIN)/python -m pip install --quiet --disable-pip-version-check \
+		-c requirements/constraints-mcp1.txt '$(MCP1_PIN)'
+	$(MCP1_BIN)/python -m pip freeze --disable-pip-version-check > $(MCP1_VENV)/freeze.txt
+	grep -v '^#' requirements/constraints-mcp1.txt | diff - $(MCP1_VENV)/freeze.txt \
+		|| { echo "$(MCP1_VENV) differs from requirements/constraints-mcp1.txt (above); pin every package" >&2; exit 1; }
+	touch $(MCP1_STAMP)
+
 lint: venv
 	$(BIN)/ruff check pep tests
 	$(BIN)/ruff format --check pep tests
 
-typecheck: venv
+# The 1.x scripts are excluded from the first run (they import the 1.x SDK) and checked against .venv-mcp1.
+typecheck: venv $(MCP1_STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --python-executable $(MCP1_BIN)/python tests/support/mcp1/*.py
 
 unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -46,7 +69,7 @@ $(CERBOS_BIN):
 cerbos-policies: $(CERBOS_BIN)
 	$(CERBOS_BIN) compile config/policies/cerbos
 
-test: lint typecheck cerbos-policies
+test: lint typecheck cerbos-policies $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -55,4 +78,4 @@ demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
 clean:
-	rm -rf $(VENV) .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(MCP1_VENV) .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info

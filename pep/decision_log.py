@@ -37,6 +37,8 @@ class DecisionLog:
         self._own_fd = False
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
         self.enabled = config.sink != "none"
 
     def open(self) -> None:
@@ -69,31 +71,32 @@ class DecisionLog:
         return True
 
     async def _flusher(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            await self._flush(loop)
+        stopping = self._stopping
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), FLUSH_S)
+            await self.flush()
 
     async def flush(self) -> None:
-        """Write what is queued now (tests and shutdown; the flusher does this every FLUSH_S)."""
-        await self._flush(asyncio.get_running_loop())
-
-    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._pending or self._fd is None:
-            return
-        lines, self._pending = self._pending, []
-        try:
-            await loop.run_in_executor(self._executor, _write_all, self._fd, b"".join(lines))
-        except OSError:
-            self._dropped.inc(len(lines))
+        """Write what is queued now, after any write already under way (lines keep their order)."""
+        async with self._lock:
+            if not self._pending or self._fd is None:
+                return
+            lines, self._pending = self._pending, []
+            write = asyncio.get_running_loop().run_in_executor(self._executor, _write_all, self._fd, b"".join(lines))
+            try:
+                # Shielded: a caller that is cancelled must not cancel lines already taken from the queue.
+                await asyncio.shield(write)
+            except OSError:
+                self._dropped.inc(len(lines))
 
     async def close(self) -> None:
+        """Stop the flusher without cancelling a write, then write everything still queued."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
-        await self._flush(asyncio.get_running_loop())
+        await self.flush()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

@@ -79,6 +79,12 @@ class RegoPdp(LoopbackServer):
         app.router.add_post("/v1/data/{path:.*}", self._handle)
         await self.serve(web.AppRunner(app, access_log=None))
 
+    async def stop(self) -> None:
+        await super().stop()
+        # A regorus engine must be freed on the thread that made it; left in the app's reference cycle, the
+        # cyclic GC would free it later on whatever thread runs it (an SDK's worker thread) and raise there.
+        self._engine = None
+
     async def _handle(self, request: web.Request) -> web.Response:
         parts = [p for p in request.path[len(_DATA_PREFIX) :].split("/") if p]
         query = ".".join(["data", *parts])
