@@ -78,6 +78,9 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     """Read and parse the body where the route's protocol needs it; plain routes stream it later."""
     protocol = route.config.protocol
     method = request.method
+    if route.config.filter_tools_list and "Last-Event-ID" in request.headers:
+        # A resumed stream may replay a tools/list answer that would then bypass the filter.
+        return Refused(Reason.REQUEST_AMBIGUOUS, "Last-Event-ID on a route that filters tools/list")
     if protocol == "mcp":
         if method != "POST":
             if request.body_exists:
@@ -254,11 +257,14 @@ class Proxy:
         """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
         inspected = case.inspected
         document = case.document
-        if not route.config.filter_tools_list or inspected is None or document is None or inspected.batch:
+        if not route.config.filter_tools_list or inspected is None or document is None:
             return None
-        facts = inspected.messages[0].facts
-        if facts.get("method") != "tools/list":
+        # A tools/list inside a batch is filtered too: a batch must not be a way around the filter.
+        listing = [m.facts for m in inspected.messages if m.facts.get("method") == "tools/list"]
+        if not listing:
             return None
+        facts = listing[0]
+        batch = inspected.batch
         engine = self._engine
         url = document["route"]["upstream_url"]
         rid = allow.request_id
@@ -279,9 +285,9 @@ class Proxy:
             version = facts.get("protocol_version")
             try:
                 if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
-                    filtered, _ = await tools_filter.filter_sse(body, decide, version)
+                    filtered, _ = await tools_filter.filter_sse(body, decide, version, batch)
                 else:
-                    filtered, _ = await tools_filter.filter_json(body, decide, version)
+                    filtered, _ = await tools_filter.filter_json(body, decide, version, batch)
             except tools_filter.FilterError as exc:
                 if str(exc) in _REASON_VALUES:  # the PDP could not decide: the caller gets that denial
                     return deny_mcp(Reason(str(exc)), rid, inspected, route.config.deny_status)

@@ -22,11 +22,22 @@ class FilterError(Exception):
     """The answer could not be filtered; the message says why (for the decision log)."""
 
 
-async def _filter_message(message: Any, decide: Decide, version: str | None) -> tuple[Any, list[str]]:
-    """The message with denied tools removed, and the names removed. Non-results pass unchanged."""
+async def _filter_message(message: Any, decide: Decide, version: str | None, batch: bool) -> tuple[Any, list[str]]:
+    """The message with denied tools removed, and the names removed. Non-results pass unchanged.
+
+    An array (a batch answer, or an answer some clients accept wrapped in one) is filtered element by element. In
+    the answer to a batch, results without `tools` answer the batch's other requests and pass unchanged.
+    """
+    if isinstance(message, list):
+        done = [await _filter_message(m, decide, version, batch) for m in message]
+        if all(new is old for (new, _), old in zip(done, message, strict=True)):
+            return message, []
+        return [new for new, _ in done], [name for _, removed in done for name in removed]
     if not isinstance(message, dict) or "result" not in message:
         return message, []
     result = message["result"]
+    if batch and not (isinstance(result, dict) and "tools" in result):
+        return message, []
     tools = result.get("tools") if isinstance(result, dict) else None
     if not isinstance(tools, list):
         raise FilterError("a tools/list result without a tools list")
@@ -50,14 +61,19 @@ def _load(data: bytes) -> Any:
         raise FilterError(f"tools/list answer: {exc}") from None
 
 
-async def filter_json(body: bytes, decide: Decide, version: str | None) -> tuple[bytes, list[str]]:
-    message, removed = await _filter_message(_load(body), decide, version)
+async def filter_json(body: bytes, decide: Decide, version: str | None, batch: bool = False) -> tuple[bytes, list[str]]:
+    message, removed = await _filter_message(_load(body), decide, version, batch)
     return orjson.dumps(message), removed
 
 
-async def filter_sse(body: bytes, decide: Decide, version: str | None) -> tuple[bytes, list[str]]:
-    """Rewrite the event holding the result; other events, comments and fields are kept as they were."""
-    events = body.replace(b"\r\n", b"\n").split(b"\n\n")
+async def filter_sse(body: bytes, decide: Decide, version: str | None, batch: bool = False) -> tuple[bytes, list[str]]:
+    """Rewrite the event holding the result; other events, comments and fields are kept (with LF line ends).
+
+    Lines end with CRLF, LF or a lone CR, and a leading BOM is skipped, as SSE clients read them: an event the
+    client would see must not be missed here.
+    """
+    body = body.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    events = body.split(b"\n\n")
     out: list[bytes] = []
     removed_all: list[str] = []
     for event in events:
@@ -67,7 +83,7 @@ async def filter_sse(body: bytes, decide: Decide, version: str | None) -> tuple[
             out.append(event)
             continue
         message = _load(b"\n".join(data_lines))
-        rewritten, removed = await _filter_message(message, decide, version)
+        rewritten, removed = await _filter_message(message, decide, version, batch)
         if rewritten is message:
             out.append(event)
             continue
