@@ -12,6 +12,7 @@ from aiohttp import web
 
 from pep.admin import admin_app
 from pep.config import Address, Config
+from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
 from pep.metrics import Metrics
@@ -70,6 +71,8 @@ class Server:
         self.admin_address: Address | None = None
         self.engine: Engine | None = None
         self._upstream: Upstream | None = None
+        self.credentials: dict[str, CredentialSource] = {}
+        self._reopen_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         try:
@@ -83,7 +86,10 @@ class Server:
         await self.decision_log.start()
         self.engine = engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
         self._upstream = Upstream(self.metrics)
-        proxy = Proxy(cfg, RouteTable(cfg.routes), engine, self._upstream, self.decision_log, self.metrics)
+        self.credentials = {r.name: CredentialSource(r.credential) for r in cfg.routes if r.credential is not None}
+        proxy = Proxy(
+            cfg, RouteTable(cfg.routes), engine, self._upstream, self.decision_log, self.metrics, self.credentials
+        )
 
         # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
         # one handler and gets a decision.
@@ -108,8 +114,20 @@ class Server:
         host, port = bound_address(site)
         return Address(host, port)
 
+    def reload(self) -> None:
+        """SIGHUP: re-read credential files, reopen the decision log file, re-read Cedar policies."""
+        for source in self.credentials.values():
+            source.refresh()
+        self._reopen_task = asyncio.get_running_loop().create_task(self._reopen_log())
+        self.reload_policies()
+
+    async def _reopen_log(self) -> None:
+        problem = await self.decision_log.reopen()
+        if problem is not None:
+            print(f"failclosed-pep: {problem}", file=sys.stderr, flush=True)
+
     def reload_policies(self) -> None:
-        """SIGHUP: re-read in-process policies (Cedar). A failure keeps the policies in force."""
+        """Re-read in-process policies (Cedar). A failure keeps the policies in force."""
         reload = getattr(self.engine.pdp if self.engine else None, "reload", None)
         if reload is None:
             return
@@ -140,7 +158,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_policies)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     print(
         f"failclosed-pep: proxy on {server.proxy_address}, admin on {server.admin_address}",
         file=sys.stderr,

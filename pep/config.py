@@ -120,6 +120,16 @@ class RouteMapping:
 
 
 @dataclass(frozen=True, slots=True)
+class Credential:
+    """The upstream credential a route injects on allowed requests; exactly one of value_file and value_env."""
+
+    header: str  # lower-cased
+    format: str = "{}"
+    value_file: str | None = None
+    value_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     path_prefix: str
@@ -131,6 +141,7 @@ class RouteConfig:
     keep_caller_credentials: bool = False
     mapping: RouteMapping | None = None
     deny_status: int = 403  # mcp routes: 200 for clients that cannot cope with a 403 (never forwarded either way)
+    credential: Credential | None = None
     filter_tools_list: bool = False  # mcp routes: remove the tools the PDP denies from tools/list answers
 
 
@@ -452,8 +463,9 @@ _ROUTE_KEYS = {
     "mapping",
     "deny_status",
     "filter_tools_list",
+    "credential",
 }
-_ROUTE_LATER = frozenset({"credential", "tunnel", "require_identity"})
+_ROUTE_LATER = frozenset({"tunnel", "require_identity"})
 
 
 def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
@@ -507,8 +519,30 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         mapping=_mapping(r, m["mapping"], f"{path}.mapping") if "mapping" in m else None,
         deny_status=deny_status,
         filter_tools_list=r.boolean(m, "filter_tools_list", path, False),
+        credential=_credential(r, m["credential"], f"{path}.credential") if "credential" in m else None,
     )
     return route if name and prefix and upstream else None
+
+
+def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
+    m = r.mapping(value, path, {"header", "format", "value_file", "value_env"})
+    if m is None:
+        return None
+    header = r.string(m, "header", path, required=True)
+    fmt = r.string(m, "format", path, default="{}") or "{}"
+    value_file = r.string(m, "value_file", path)
+    value_env = r.string(m, "value_env", path)
+    if header is not None and not HEADER_NAME.match(header):
+        r.error(f"{path}.header", f"is not a valid header name: {header!r}")
+        header = None
+    if fmt.count("{}") != 1:
+        r.error(f"{path}.format", "must hold {} exactly once, where the value goes")
+    if (value_file is None) == (value_env is None):
+        r.error(path, "needs exactly one of value_file and value_env (secrets are never inline)")
+        return None
+    if header is None:
+        return None
+    return Credential(header.lower(), fmt, value_file, value_env)
 
 
 def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:

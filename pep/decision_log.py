@@ -38,6 +38,7 @@ class DecisionLog:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
+        self.failing = False  # the last write failed
         self._stopping = asyncio.Event()
         self.enabled = config.sink != "none"
 
@@ -61,14 +62,16 @@ class DecisionLog:
             self._task = asyncio.get_running_loop().create_task(self._flusher())
 
     def record(self, entry: dict[str, Any]) -> bool:
-        """Queue one line. False when the line was dropped (queue full): a `required` log then means deny."""
+        """Queue one line. False when it cannot be relied on to be written (the queue is full, or the last
+        write failed): a `required` log then means deny. After a failure, lines are still queued, so the next
+        successful write clears the failure."""
         if not self.enabled:
             return True
         if len(self._pending) >= self._max:
             self._dropped.inc()
             return False
         self._pending.append(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
-        return True
+        return not self.failing
 
     async def _flusher(self) -> None:
         stopping = self._stopping
@@ -89,6 +92,25 @@ class DecisionLog:
                 await asyncio.shield(write)
             except OSError:
                 self._dropped.inc(len(lines))
+                self.failing = True
+            else:
+                self.failing = False
+
+    async def reopen(self) -> str | None:
+        """SIGHUP: open the file sink again (log rotation moved the old file away). Under the writer lock, so
+        no write goes to a closed descriptor. On failure the old file stays in use and the reason is returned."""
+        if self.config.sink != "file" or not self._own_fd:
+            return None
+        path = self.config.path or ""
+        async with self._lock:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            except OSError as exc:
+                return f"decision_log.path: cannot reopen {path!r}: {exc.strerror}; still writing to the old file"
+            old, self._fd = self._fd, fd
+            if old is not None:
+                os.close(old)
+        return None
 
     async def close(self) -> None:
         """Stop the flusher without cancelling a write, then write everything still queued."""

@@ -16,6 +16,7 @@ from yarl import URL
 
 from pep import attributes, integrity
 from pep.config import Config
+from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.decision_log import DecisionLog
 from pep.engine import Check, Engine, Outcome
@@ -56,12 +57,13 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("document", "inspected", "route")
+    __slots__ = ("credential", "document", "inspected", "route")
 
     def __init__(self) -> None:
         self.route: Route | None = None
         self.document: dict[str, Any] | None = None
         self.inspected: Inspected | None = None
+        self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
 
 
 def decision_reason(decision: Allow | Deny) -> Reason:
@@ -118,12 +120,14 @@ class Proxy:
         upstream: Upstream,
         decision_log: DecisionLog,
         metrics: Metrics,
+        credentials: dict[str, CredentialSource] | None = None,
     ) -> None:
         self._routes = routes
         self._engine = engine
         self._upstream = upstream
         self._log = decision_log
         self._metrics = metrics
+        self._credentials = credentials or {}
         self._workload = config.identity.workload
         # The agent header is only believed from callers on this machine (a loopback listener).
         self._agent_header = config.identity.agent_header if config.listen.is_loopback else None
@@ -181,7 +185,7 @@ class Proxy:
         metrics.decision_duration[route_name].observe(time.perf_counter() - started)
         if isinstance(decision, Allow) and route is not None:
             rewrite = self._tools_filter(route, case, decision)
-            return await self._upstream.forward(request, decision, route, rewrite)
+            return await self._upstream.forward(request, decision, route, rewrite, case.credential)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -211,6 +215,13 @@ class Proxy:
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:
             return _early(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}")
+        source = self._credentials.get(route.name)
+        if source is not None:
+            value = source.value()
+            if value is None:
+                # Named by path only: the value never appears in a log.
+                return _early(Reason.CREDENTIAL_UNAVAILABLE, "the route's credential is missing or empty")
+            case.credential = (source.header, value)
         upstream_url = route.upstream_url(path, query)
         subject = self._subject
         if self._agent_header is not None:

@@ -22,14 +22,15 @@ class Route:
 
     @classmethod
     def build(cls, cfg: RouteConfig) -> Route:
+        credential = cfg.credential.header if cfg.credential is not None else None
         return cls(
             config=cfg,
             name=cfg.name,
             prefix=cfg.path_prefix,
             upstream=cfg.upstream,
-            request_drop=request_drop_set(None, cfg.keep_caller_credentials),
-            policy_drop=policy_drop_set(None),
-            obligation_forbidden=obligation_forbidden(None),
+            request_drop=request_drop_set(credential, cfg.keep_caller_credentials),
+            policy_drop=policy_drop_set(credential),
+            obligation_forbidden=obligation_forbidden(credential),
         )
 
     def matches(self, path: str) -> bool:

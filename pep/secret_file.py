@@ -30,6 +30,11 @@ class FileSecret:
             self._refresh()
         return self._value
 
+    def refresh(self) -> None:
+        """Look at the file now (SIGHUP), not at the next check."""
+        self._checked = self._clock()
+        self._refresh()
+
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)

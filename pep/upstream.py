@@ -71,8 +71,10 @@ class Upstream:
             t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
         return t
 
-    def headers_for(self, request: web.BaseRequest, allow: Allow, route: Route) -> CIMultiDict[str]:
-        """Caller headers that may cross, plus the ones the PEP alone sets, plus PDP obligations."""
+    def headers_for(
+        self, request: web.BaseRequest, allow: Allow, route: Route, credential: tuple[str, str] | None = None
+    ) -> CIMultiDict[str]:
+        """Caller headers that may cross, plus the ones the PEP alone sets: PDP obligations, the credential."""
         headers = CIMultiDict(end_to_end(request.headers, route.request_drop))
         peer = request.transport.get_extra_info("peername") if request.transport else None
         headers["X-Forwarded-For"] = peer[0] if peer else "unknown"
@@ -85,10 +87,18 @@ class Upstream:
         for name, value in allow.headers:
             headers.popall(name, None)
             headers[name] = value
+        if credential is not None:
+            headers.popall(credential[0], None)
+            headers[credential[0]] = credential[1]
         return headers
 
     async def forward(
-        self, request: web.BaseRequest, allow: Allow, route: Route, rewrite: Rewrite | None = None
+        self,
+        request: web.BaseRequest,
+        allow: Allow,
+        route: Route,
+        rewrite: Rewrite | None = None,
+        credential: tuple[str, str] | None = None,
     ) -> web.StreamResponse:
         """Send the allowed request and stream the response back; 502/504 when no response comes.
 
@@ -96,7 +106,7 @@ class Upstream:
         what `rewrite` returns is sent instead: new body bytes, or a response of its own.
         """
         metrics = self._metrics
-        headers = self.headers_for(request, allow, route)
+        headers = self.headers_for(request, allow, route, credential)
         if rewrite is not None:
             headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
         limited: _Limited | None = None

@@ -335,7 +335,22 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     # keys of later capabilities: refused by name
     ("later-jwt", lambda c: c.update(identity={"jwt": {"issuers": ["https://i"]}}), f"identity.jwt: {NOT_YET}"),
     ("later-mtls", lambda c: c.update(identity={"mtls": {"ca_file": "/x"}}), f"identity.mtls: {NOT_YET}"),
-    ("later-credential", lambda c: route0(c).update(credential={"header": "x"}), f"routes[0].credential: {NOT_YET}"),
+    ("cred-no-value", lambda c: route0(c).update(credential={"header": "x"}), "routes[0].credential: needs exactly"),
+    (
+        "cred-both",
+        lambda c: route0(c).update(credential={"header": "x", "value_file": "/f", "value_env": "E"}),
+        "routes[0].credential: needs exactly one",
+    ),
+    (
+        "cred-format",
+        lambda c: route0(c).update(credential={"header": "x", "format": "Bearer", "value_env": "E"}),
+        "routes[0].credential.format: must hold",
+    ),
+    (
+        "cred-header",
+        lambda c: route0(c).update(credential={"header": "x y", "value_env": "E"}),
+        "routes[0].credential.header: is not a valid header name",
+    ),
     ("later-tunnel", lambda c: route0(c).update(tunnel=True), f"routes[0].tunnel: {NOT_YET}"),
     ("later-identity", lambda c: route0(c).update(require_identity=True), f"routes[0].require_identity: {NOT_YET}"),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
@@ -368,8 +383,8 @@ def test_top_level_must_be_a_mapping() -> None:
 
 
 def test_later_keys_are_refused_not_ignored_nor_reported_as_unknown() -> None:
-    found = problems(mutated(lambda c: route0(c).update(credential={"header": "authorization"})))
-    assert found == [f"f.yaml: routes[0].credential: {NOT_YET}"]
+    found = problems(mutated(lambda c: route0(c).update(tunnel=True)))
+    assert found == [f"f.yaml: routes[0].tunnel: {NOT_YET}"]
 
 
 def test_duplicate_route_names_and_prefixes() -> None:
