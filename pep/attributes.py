@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
+from pep.config import Identity
+from pep.protocols import Message
 from pep.routing import Route
 
 VERSION = "pep/v1"
@@ -69,3 +71,18 @@ def document(
         },
         "subject": subject,
     }
+
+
+def subject(identity: Identity, agent: str | None) -> dict[str, Any]:
+    """The document's `subject`: the configured workload and attributes, and the agent header's value."""
+    out: dict[str, Any] = {"workload": identity.workload, "agent": agent}
+    if identity.attributes:
+        out["attributes"] = dict(identity.attributes)
+    return out
+
+
+def with_facts(document: dict[str, Any], message: Message) -> dict[str, Any]:
+    """The document for one message: its `mcp` or `model` facts added (plain HTTP: the document itself)."""
+    if message.key is None:
+        return document
+    return {**document, message.key: message.facts}

@@ -1,4 +1,4 @@
-"""Command line: `pep run`, `pep check`, `pep demo`."""
+"""Command line: `pep run`, `pep check`, `pep explain`, `pep demo`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="config file (YAML)")
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    explain = sub.add_parser(
+        "explain", help="print the policy input, the PDP's answer and the decision for one request (nothing is sent on)"
+    )
+    explain.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    explain.add_argument("-X", "--method", help="HTTP method (default: GET, or POST with --body)")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], metavar="K:V", help="a request header (repeatable)"
+    )
+    explain.add_argument("--body", metavar="FILE", help="the request body, read from FILE (- for stdin)")
+    explain.add_argument("url", metavar="URL", help="http://host/path?query as the agent would call it, or /path")
     demo = sub.add_parser("demo", help="run the quickstart: a tool API, a PDP and the PEP on loopback")
     demo.add_argument(
         "--pdp",
@@ -51,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print("ok")
         return 0
+    if args.command == "explain":
+        from pep.explain import run as explain
+
+        return explain(config, args.url, args.method, args.header, args.body)
     return _run(config)
 
 

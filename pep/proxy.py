@@ -23,8 +23,8 @@ from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import PLAIN, Inspected, Message, Refused, mcp, openai, tools_filter
-from pep.protocols.body import read_body
+from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
+from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
 from pep.upstream import Rewrite, Upstream
@@ -70,34 +70,18 @@ def decision_reason(decision: Allow | Deny) -> Reason:
     return Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
 
 
-def _with_facts(document: dict[str, Any], message: Message) -> dict[str, Any]:
-    if message.key is None:
-        return document
-    return {**document, message.key: message.facts}
-
-
 async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspected | Refused:
     """Read and parse the body where the route's protocol needs it; plain routes stream it later."""
-    protocol = route.config.protocol
-    method = request.method
-    if route.config.filter_tools_list and "Last-Event-ID" in request.headers:
-        # A resumed stream may replay a tools/list answer that would then bypass the filter.
-        return Refused(Reason.REQUEST_AMBIGUOUS, "Last-Event-ID on a route that filters tools/list")
-    if protocol == "mcp":
-        if method != "POST":
-            if request.body_exists:
-                # Only POST bodies are read; a body elsewhere would reach the upstream undecided.
-                return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
-            return Inspected((mcp.http_action(method),), None)
-    elif protocol != "openai" or not openai.invokes_model(method, path):
-        return PLAIN
+    early = dispatch.before_body(route.config, request.method, path, request.headers, request.body_exists)
+    if early is not None:
+        return early
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         # The body is needed for the decision, so the caller may send it now.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = await read_body(request, route.config.max_body_bytes or 0)
     if isinstance(body, Refused):
         return body
-    return mcp.inspect(body, request.headers) if protocol == "mcp" else openai.inspect(body)
+    return dispatch.parse(route.config, request.headers, body)
 
 
 def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
@@ -131,17 +115,14 @@ class Proxy:
         self._workload = config.identity.workload
         # The agent header is only believed from callers on this machine (a loopback listener).
         self._agent_header = config.identity.agent_header if config.listen.is_loopback else None
-        self._attributes = dict(config.identity.attributes)
+        self._identity = config.identity
         self._include_arguments = config.decision_log.include_arguments
         self._subject: dict[str, Any] = self._subject_for(None)
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
 
     def _subject_for(self, agent: str | None) -> dict[str, Any]:
-        subject: dict[str, Any] = {"workload": self._workload, "agent": agent}
-        if self._attributes:
-            subject["attributes"] = self._attributes
-        return subject
+        return attributes.subject(self._identity, agent)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
@@ -191,7 +172,10 @@ class Proxy:
             response = deny(decision.reason, rid, status)
             response.force_close()
             return response
-        return _denial(route, case.inspected, decision.reason, rid)
+        response = _denial(route, case.inspected, decision.reason, rid)
+        if decision.detail == BODY_DEADLINE:
+            response.force_close()  # the rest of the body is not waited for: say so
+        return response
 
     async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
         raw_target = request.raw_path
@@ -250,7 +234,7 @@ class Proxy:
             upstream_url=upstream_url,
             subject=subject,
         )
-        documents = [_with_facts(document, m) for m in inspected.messages]
+        documents = [attributes.with_facts(document, m) for m in inspected.messages]
         case.document = documents[0]
         check = Check(
             documents[0],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -13,6 +14,7 @@ from yarl import URL
 from pep.decision import Allow
 from pep.headers import end_to_end, response_headers
 from pep.metrics import Metrics
+from pep.protocols import body as request_body
 from pep.responses import upstream_failure
 from pep.routing import Route
 
@@ -24,21 +26,31 @@ REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (to
 Rewrite = Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]]
 
 
-class _Limited:
-    """Streams a request body without a Content-Length, stopping once it exceeds the route's limit."""
+class _BodyStream:
+    """Streams a request body to the upstream. Each chunk must arrive within BODY_READ_TIMEOUT_S (`stalled`);
+    with a `limit` (a body without a Content-Length), it stops once the body exceeds it (`exceeded`)."""
 
-    __slots__ = ("_content", "_limit", "exceeded")
+    __slots__ = ("_content", "_limit", "exceeded", "stalled")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
         self._content = content
         self._limit = limit
         self.exceeded = False
+        self.stalled = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self._content.iter_any():
+        while True:
+            try:
+                async with asyncio.timeout(request_body.BODY_READ_TIMEOUT_S):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.stalled = True
+                raise
+            if not chunk:
+                return
             seen += len(chunk)
-            if seen > self._limit:
+            if self._limit is not None and seen > self._limit:
                 self.exceeded = True
                 raise ValueError("request body over max_body_bytes")
             yield chunk
@@ -109,17 +121,15 @@ class Upstream:
         headers = self.headers_for(request, allow, route, credential)
         if rewrite is not None:
             headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
-        limited: _Limited | None = None
+        stream: _BodyStream | None = None
         data: object = None
         if allow.body is not None:
             data = allow.body
         elif request.body_exists:
-            limit = route.config.max_body_bytes
-            if limit is not None and request.content_length is None:
-                limited = _Limited(request.content, limit)
-                data = limited.chunks()
-            else:
-                data = request.content
+            # A Content-Length over the limit was denied before the PDP; only a chunked body is counted here.
+            limit = route.config.max_body_bytes if request.content_length is None else None
+            stream = _BodyStream(request.content, limit)
+            data = stream.chunks()
         if (
             allow.body is None
             and request.version == HttpVersion11
@@ -148,20 +158,29 @@ class Upstream:
                 response, complete = await _relay(request, up)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
+                if stream is not None and stream.stalled:  # the upstream answered before the body stalled
+                    request_body.end_connection(request)
                 return response
         except (TimeoutError, aiohttp.ServerTimeoutError):
             kind = "timeout"
         except aiohttp.ClientConnectorError:
             kind = "connect"
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            if limited is not None and limited.exceeded:
+            if stream is not None and stream.exceeded:
                 kind = "body_limit"
             elif isinstance(exc, ValueError):
                 raise
             else:
                 kind = "reset"
+        if stream is not None and stream.stalled:
+            # The caller stopped sending its body: the upstream request is aborted, the caller's connection ends.
+            kind = "body_timeout"
+            request_body.end_connection(request)
         metrics.upstream_failures[route.name, kind].inc()
-        return upstream_failure(kind, allow.request_id, allow.decision_id)
+        response = upstream_failure(kind, allow.request_id, allow.decision_id)
+        if kind == "body_timeout":
+            response.force_close()
+        return response
 
     async def close(self) -> None:
         await self._session.close()

@@ -1,0 +1,44 @@
+"""Which protocol rule applies to a request on a route: the pure part, shared by the proxy and `pep explain`.
+
+`before_body` answers everything that needs no body; when it returns None, the body must be read (within the
+route's limit) and given to `parse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pep.config import RouteConfig
+from pep.decision import Reason
+from pep.protocols import PLAIN, Inspected, Refused, mcp, openai
+
+
+def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
+    """A Content-Encoding other than identity on an inspected route: the PEP would decide on other bytes."""
+    encoding = headers.get("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        return Refused(Reason.BODY_UNREADABLE, f"content-encoding {encoding[:32]!r} on an inspected route")
+    return None
+
+
+def before_body(
+    route: RouteConfig, method: str, path: str, headers: Mapping[str, str], has_body: bool
+) -> Inspected | Refused | None:
+    if route.filter_tools_list and "Last-Event-ID" in headers:
+        # A resumed stream may replay a tools/list answer that would then bypass the filter.
+        return Refused(Reason.REQUEST_AMBIGUOUS, "Last-Event-ID on a route that filters tools/list")
+    if route.protocol == "mcp":
+        if method != "POST":
+            if has_body:
+                # Only POST bodies are read; a body elsewhere would reach the upstream undecided.
+                return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
+            return Inspected((mcp.http_action(method),), None)
+        return encoding_problem(headers)
+    if route.protocol == "openai" and openai.invokes_model(method, path):
+        return encoding_problem(headers)
+    return PLAIN
+
+
+def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
+    """The messages of a body that `before_body` asked to read."""
+    return mcp.inspect(body, headers) if route.protocol == "mcp" else openai.inspect(body)
