@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, split_authority
+
 ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -143,6 +145,8 @@ class RouteConfig:
     deny_status: int = 403  # mcp routes: 200 for clients that cannot cope with a 403 (never forwarded either way)
     credential: Credential | None = None
     filter_tools_list: bool = False  # mcp routes: remove the tools the PDP denies from tools/list answers
+    host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
+    tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,8 +468,9 @@ _ROUTE_KEYS = {
     "deny_status",
     "filter_tools_list",
     "credential",
+    "tunnel",
 }
-_ROUTE_LATER = frozenset({"tunnel", "require_identity"})
+_ROUTE_LATER = frozenset({"require_identity"})
 
 
 def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
@@ -477,12 +482,21 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         r.error(f"{path}.name", f"must match [a-z0-9][a-z0-9_-]*, got {name!r}")
         name = None
     prefix = None
+    host = None
+    match_ok = False
     if "match" not in m:
         r.error(f"{path}.match", "is required")
     else:
-        mm = r.mapping(m["match"], f"{path}.match", {"path_prefix"}, frozenset({"host"}))
+        mm = r.mapping(m["match"], f"{path}.match", {"path_prefix", "host"})
         if mm is not None:
-            prefix = r.string(mm, "path_prefix", f"{path}.match", required=True)
+            match_ok = True
+            if "host" not in mm and "path_prefix" not in mm:
+                r.error(f"{path}.match.path_prefix", "is required unless match.host is given")
+                match_ok = False
+            host = _match_host(r, r.string(mm, "host", f"{path}.match"), f"{path}.match.host")
+            if "host" in mm and host is None:
+                match_ok = False
+            prefix = r.string(mm, "path_prefix", f"{path}.match", default="/" if "host" in mm else None)
             if prefix is not None and not _PREFIX_OK.match(prefix):
                 r.error(
                     f"{path}.match.path_prefix",
@@ -507,6 +521,11 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     if m.get("filter_tools_list") is True and protocol != "mcp":
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    tunnel = r.boolean(m, "tunnel", path, False)
+    if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
+        r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
+    elif tunnel and host is not None and upstream:
+        _tunnel_upstream(r, host, upstream, path)
     route = RouteConfig(
         name=name or "",
         path_prefix=prefix or "",
@@ -520,8 +539,31 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         deny_status=deny_status,
         filter_tools_list=r.boolean(m, "filter_tools_list", path, False),
         credential=_credential(r, m["credential"], f"{path}.credential") if "credential" in m else None,
+        host=host,
+        tunnel=tunnel,
     )
-    return route if name and prefix and upstream else None
+    return route if name and prefix and upstream and match_ok else None
+
+
+def _match_host(r: _Reader, value: str | None, path: str) -> str | None:
+    """`host` or `host:port`, lower-cased; no scheme, user info, path or query."""
+    if value is None:
+        return None
+    if split_authority(value) is None:
+        r.error(path, f"must be a host or host:port (no scheme, path or user info), got {value!r}")
+        return None
+    return value.lower()
+
+
+def _tunnel_upstream(r: _Reader, host: str, upstream: str, path: str) -> None:
+    """A tunnel goes to the upstream's host:port, which must be the host:port CONNECT names."""
+    parts = urlsplit(upstream)
+    wanted = split_authority(host)
+    assert wanted is not None
+    target = (wanted[0], wanted[1] or CONNECT_DEFAULT_PORT)
+    actual = ((parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme, 0))
+    if actual != target:
+        r.error(f"{path}.upstream", f"must name the tunnel's host and port {target[0]}:{target[1]} (tunnel: true)")
 
 
 def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
@@ -598,17 +640,22 @@ def parse(data: Any, source: str) -> Config:
                 indexed.append((i, route))
                 routes.append(route)
         names: dict[str, int] = {}
-        prefixes: dict[str, int] = {}
+        prefixes: dict[tuple[str | None, str], int] = {}
+        tunnels: dict[tuple[str, int], int] = {}
         for i, route in indexed:
             if route.name in names:
                 r.error(f"routes[{i}].name", f"duplicates the name of routes[{names[route.name]}]")
             names.setdefault(route.name, i)
-            if route.path_prefix in prefixes:
-                r.error(
-                    f"routes[{i}].match.path_prefix",
-                    f"duplicates the prefix of routes[{prefixes[route.path_prefix]}]",
-                )
-            prefixes.setdefault(route.path_prefix, i)
+            key = (route.host, route.path_prefix)
+            if key in prefixes:
+                what = "prefix" if route.host is None else "host and prefix"
+                r.error(f"routes[{i}].match.path_prefix", f"duplicates the {what} of routes[{prefixes[key]}]")
+            prefixes.setdefault(key, i)
+            if route.tunnel and route.host is not None and (parts := split_authority(route.host)) is not None:
+                target = (parts[0], parts[1] or CONNECT_DEFAULT_PORT)
+                if target in tunnels:
+                    r.error(f"routes[{i}].tunnel", f"duplicates the tunnel of routes[{tunnels[target]}]")
+                tunnels.setdefault(target, i)
     if pdp is not None and pdp.kind == "opa":
         for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
             if isinstance(raw, dict) and "mapping" in raw:

@@ -126,13 +126,13 @@ def facts(config: Config, routes: RouteTable, request: Request) -> Facts:
     """The proxy's path from a request to a `Check`, in its order; the first refusal ends it."""
     path, query, headers, method = request.path, request.query, request.headers, request.method
     if method == "CONNECT":
-        return Facts(None, None, Refused(Reason.NO_ROUTE, "no route allows tunnels"))
+        return Facts(None, None, Refused(Reason.NO_ROUTE, "explain does not decide CONNECT (tunnels: host:port)"))
     if request.fragment:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, "fragment in the request target"))
     problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
     if problem:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, problem))
-    route = routes.match(path)
+    route = routes.match(path, headers.get("Host"), request.scheme)
     if route is None:
         return Facts(None, None, Refused(Reason.NO_ROUTE, "no route matches the path"))
     upstream_url = route.upstream_url(path, query)

@@ -14,7 +14,8 @@ from typing import Any
 from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
-from pep import attributes, integrity
+from pep import attributes, integrity, tunnel
+from pep.authority import resolve_authority
 from pep.config import Config
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
@@ -164,6 +165,8 @@ class Proxy:
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
         metrics.decisions[route_name, reason].inc()
         metrics.decision_duration[route_name].observe(time.perf_counter() - started)
+        if isinstance(decision, Allow) and route is not None and request.method == "CONNECT":
+            return await tunnel.splice(request, decision, route)
         if isinstance(decision, Allow) and route is not None:
             rewrite = self._tools_filter(route, case, decision)
             return await self._upstream.forward(request, decision, route, rewrite, case.credential)
@@ -173,7 +176,7 @@ class Proxy:
             response.force_close()
             return response
         response = _denial(route, case.inspected, decision.reason, rid)
-        if decision.detail == BODY_DEADLINE:
+        if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
             response.force_close()  # the rest of the body is not waited for: say so
         return response
 
@@ -184,7 +187,7 @@ class Proxy:
         query = rel.raw_query_string
         headers = request.headers
         if request.method == "CONNECT":
-            return _early(Reason.NO_ROUTE, "no route allows tunnels")
+            return await self._decide_connect(request, rid, case)
         if "#" in raw_target:
             return _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
         if not raw_target.startswith("/") and not _authority_matches(request.url, headers.get("Host")):
@@ -192,7 +195,7 @@ class Proxy:
         problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
-        route = case.route = self._routes.match(path)
+        route = case.route = self._routes.match(path, headers.get("Host"), request.scheme)
         if route is None:
             return _early(Reason.NO_ROUTE, "no route matches the path")
         length = request.content_length
@@ -207,13 +210,9 @@ class Proxy:
                 return _early(Reason.CREDENTIAL_UNAVAILABLE, "the route's credential is missing or empty")
             case.credential = (source.header, value)
         upstream_url = route.upstream_url(path, query)
-        subject = self._subject
-        if self._agent_header is not None:
-            agents = headers.getall(self._agent_header, ())
-            if len(agents) > 1:
-                return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
-            if agents:
-                subject = self._subject_for(agents[0])
+        subject = self._request_subject(request)
+        if subject is None:
+            return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
         inspected = await _inspect(request, route, path)
         if isinstance(inspected, Refused):
             return _early(inspected.reason, inspected.detail)
@@ -247,6 +246,61 @@ class Proxy:
             body=body,
         )
         return await self._engine.decide(check)
+
+    def _request_subject(self, request: web.BaseRequest) -> dict[str, Any] | None:
+        """The subject, with the agent header's value when one is configured; None when it was sent twice."""
+        if self._agent_header is None:
+            return self._subject
+        agents = request.headers.getall(self._agent_header, ())
+        if len(agents) > 1:
+            return None
+        return self._subject_for(agents[0]) if agents else self._subject
+
+    async def _decide_connect(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
+        """CONNECT host:port: decided once, on the authority, by a `tunnel: true` route for it.
+
+        The policy input has `request.method` CONNECT, `request.host` the target as sent, `request.path` empty,
+        and `route.upstream_url` the host:port the tunnel would go to (the route's upstream)."""
+        target = request.raw_path
+        named = resolve_authority(target, None)
+        if named is None:
+            return _early(Reason.REQUEST_AMBIGUOUS, "a CONNECT target must be host:port")
+        host_header = request.headers.get("Host")
+        if host_header is not None and resolve_authority(host_header, None) != named:
+            return _early(Reason.REQUEST_AMBIGUOUS, "CONNECT target disagrees with Host")
+        problem = integrity.override_header(request.headers)
+        if problem:
+            return _early(Reason.REQUEST_AMBIGUOUS, problem)
+        route = case.route = self._routes.tunnel(target)
+        if route is None or route.tunnel_target is None:
+            return _early(Reason.NO_ROUTE, f"no tunnel route for {target}")
+        subject = self._request_subject(request)
+        if subject is None:
+            return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
+        upstream_url = route.tunnel_target
+        document = attributes.document(
+            request_id=rid,
+            method="CONNECT",
+            scheme=request.scheme,
+            host=target,
+            path="",
+            query="",
+            headers=attributes.header_map(end_to_end(request.headers, route.policy_drop)),
+            body_bytes=None,
+            route=route,
+            upstream_url=upstream_url,
+            subject=subject,
+        )
+        case.document = document
+        check = Check(document, rid, route.name, "CONNECT", upstream_url, route.obligation_forbidden)
+        outcome = await self._engine.decide(check)
+        allow = outcome.decision
+        if isinstance(allow, Allow) and allow.headers:
+            # Header obligations cannot be applied inside a tunnel: an allow that needs them is not one.
+            detail = "header obligations cannot be applied to a tunnel"
+            deny = Deny(Reason.OBLIGATION_UNSUPPORTED, allow.decision_id, detail)
+            return Outcome(deny, outcome.attempts, outcome.pdp_ms, detail)
+        return outcome
 
     def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
         """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
@@ -346,7 +400,7 @@ class Proxy:
             "decision_id": decision.decision_id,
             "route": route_name,
             "method": request.method,
-            "path": request.rel_url.raw_path,
+            "path": document["request"]["path"] if document else request.rel_url.raw_path,
             "subject": document["subject"] if document else self._subject,
             "mcp_method": None,
             "mcp_name": None,

@@ -1,9 +1,16 @@
-"""The route table: longest whole-segment `path_prefix` wins, and the exact upstream URL for a request."""
+"""The route table: longest whole-segment `path_prefix` wins, then a matching `host`; and the exact upstream URL.
+
+Forward-proxy mode: a route with `match.host` matches only requests whose authority (the Host header, which an
+absolute-form target must agree with) names that host and port, the scheme's default port when none is written.
+CONNECT is matched separately (`RouteTable.tunnel`), on host:port, and only by routes with `tunnel: true`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, format_authority, resolve_authority, split_authority
 from pep.config import RouteConfig
 from pep.headers import obligation_forbidden, policy_drop_set, request_drop_set
 
@@ -19,10 +26,24 @@ class Route:
     request_drop: frozenset[str]  # caller headers never forwarded
     policy_drop: frozenset[str]  # caller headers never shown to the PDP
     obligation_forbidden: frozenset[str]  # headers a PDP obligation may not set
+    host: str | None = None  # match.host: lower-cased, IPv6 without brackets
+    port: int | None = None  # match.host's explicit port (None: the scheme's default)
+    tunnel_target: str | None = None  # tunnel routes: the upstream's host:port, where a CONNECT goes
 
     @classmethod
     def build(cls, cfg: RouteConfig) -> Route:
         credential = cfg.credential.header if cfg.credential is not None else None
+        host: str | None = None
+        port: int | None = None
+        if cfg.host is not None:
+            parts = split_authority(cfg.host)
+            if parts is None:
+                raise ValueError(f"route {cfg.name}: match.host {cfg.host!r} is not an authority")
+            host, port = parts
+        target = None
+        if cfg.tunnel:
+            up = urlsplit(cfg.upstream)
+            target = format_authority((up.hostname or "").lower(), up.port or DEFAULT_PORTS.get(up.scheme, 443))
         return cls(
             config=cfg,
             name=cfg.name,
@@ -31,7 +52,16 @@ class Route:
             request_drop=request_drop_set(credential, cfg.keep_caller_credentials),
             policy_drop=policy_drop_set(credential),
             obligation_forbidden=obligation_forbidden(credential),
+            host=host,
+            port=port,
+            tunnel_target=target,
         )
+
+    def matches_authority(self, host: str, port: int, default_port: int) -> bool:
+        """Routes without `match.host` match any authority; others the same host and (effective) port."""
+        if self.host is None:
+            return True
+        return self.host == host and (self.port if self.port is not None else default_port) == port
 
     def matches(self, path: str) -> bool:
         """Whole segments: `/mcp` matches `/mcp` and `/mcp/x`, not `/mcpx`; `/crm/` matches `/crm/...`."""
@@ -60,15 +90,34 @@ class Route:
 
 
 class RouteTable:
-    """Routes ordered longest prefix first, so the first match is the most specific."""
+    """Routes ordered longest prefix first, then host routes before the others: the first match is the most
+    specific."""
 
     __slots__ = ("routes",)
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        self.routes = tuple(sorted((Route.build(r) for r in routes), key=lambda r: -len(r.prefix)))
+        built = (Route.build(r) for r in routes)
+        self.routes = tuple(sorted(built, key=lambda r: (-len(r.prefix), r.host is None)))
 
-    def match(self, path: str) -> Route | None:
+    def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:
+        """The route for `path` on `authority` (the Host header; None or malformed: only routes without host)."""
+        default_port = DEFAULT_PORTS.get(scheme, 80)
+        named = resolve_authority(authority, default_port) if authority else None
         for route in self.routes:
-            if route.matches(path):
+            if not route.matches(path):
+                continue
+            if route.host is None:
+                return route
+            if named is not None and route.matches_authority(named[0], named[1], default_port):
+                return route
+        return None
+
+    def tunnel(self, authority: str) -> Route | None:
+        """The `tunnel: true` route for a CONNECT target `host:port` (the port is required)."""
+        named = resolve_authority(authority, None)
+        if named is None:
+            return None
+        for route in self.routes:
+            if route.config.tunnel and route.matches_authority(named[0], named[1], CONNECT_DEFAULT_PORT):
                 return route
         return None

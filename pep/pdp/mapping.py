@@ -127,6 +127,10 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         action = "model.invoke"
         resource = {"type": "model", "id": model.get("name") or route["name"]}
         facts.update(name=model.get("name"), stream=model.get("stream"), tools=model.get("tools"))
+    elif request["method"] == "CONNECT":
+        action = "connect"  # a tunnel, decided on host:port alone (`host`); its contents are never inspected
+        resource = {"type": "route", "id": route["name"]}
+        facts["upstream"] = route.get("upstream_url")
     else:
         action = request["method"]
         resource = {"type": "route", "id": route["name"]}

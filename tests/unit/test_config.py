@@ -351,12 +351,28 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         lambda c: route0(c).update(credential={"header": "x y", "value_env": "E"}),
         "routes[0].credential.header: is not a valid header name",
     ),
-    ("later-tunnel", lambda c: route0(c).update(tunnel=True), f"routes[0].tunnel: {NOT_YET}"),
+    ("tunnel-without-host", lambda c: route0(c).update(tunnel=True), "routes[0].tunnel: needs match.host"),
+    ("tunnel-not-bool", lambda c: route0(c).update(tunnel="yes"), "routes[0].tunnel: must be true or false"),
     ("later-identity", lambda c: route0(c).update(require_identity=True), f"routes[0].require_identity: {NOT_YET}"),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
-    ("later-host", lambda c: route0(c)["match"].update(host="api.example.com"), f"routes[0].match.host: {NOT_YET}"),
+    (
+        "host-scheme",
+        lambda c: route0(c)["match"].update(host="http://api.example.com"),
+        "routes[0].match.host: must be",
+    ),
+    ("host-path", lambda c: route0(c)["match"].update(host="api.example.com/x"), "routes[0].match.host: must be"),
+    ("host-userinfo", lambda c: route0(c)["match"].update(host="u@api.example.com"), "routes[0].match.host: must be"),
+    ("host-bad-port", lambda c: route0(c)["match"].update(host="api.example.com:0"), "routes[0].match.host: must be"),
+    ("host-empty", lambda c: route0(c)["match"].update(host=""), "routes[0].match.host: must be a non-empty"),
+    (
+        "tunnel-upstream-elsewhere",
+        lambda c: c["routes"][0].update(
+            match={"host": "api.example.com:8443"}, upstream="https://other:8443", tunnel=True
+        ),
+        "routes[0].upstream: must name the tunnel's host and port api.example.com:8443",
+    ),
 ]
 
 
@@ -383,8 +399,52 @@ def test_top_level_must_be_a_mapping() -> None:
 
 
 def test_later_keys_are_refused_not_ignored_nor_reported_as_unknown() -> None:
-    found = problems(mutated(lambda c: route0(c).update(tunnel=True)))
-    assert found == [f"f.yaml: routes[0].tunnel: {NOT_YET}"]
+    found = problems(mutated(lambda c: route0(c).update(require_identity=True)))
+    assert found == [f"f.yaml: routes[0].require_identity: {NOT_YET}"]
+
+
+def test_host_routes_forward_proxy_mode() -> None:
+    def hosts(c: dict[str, Any]) -> None:
+        c["routes"].append({"name": "api", "match": {"host": "API.Example.com"}, "upstream": "https://api.example.com"})
+        c["routes"].append(
+            {
+                "name": "api-tunnel",
+                "match": {"host": "api.example.com:443", "path_prefix": "/v1"},
+                "upstream": "https://api.example.com",
+                "tunnel": True,
+            }
+        )
+        c["routes"].append({"name": "v6", "match": {"host": "[::1]:8080"}, "upstream": "http://[::1]:8080"})
+
+    cfg = parse(mutated(hosts), SRC)
+    crm, api, tunnel, v6 = cfg.routes
+    assert (crm.host, crm.tunnel) == (None, False)
+    assert (api.host, api.path_prefix, api.tunnel) == ("api.example.com", "/", False)
+    assert (tunnel.host, tunnel.path_prefix, tunnel.tunnel) == ("api.example.com:443", "/v1", True)
+    assert v6.host == "[::1]:8080"
+
+
+def test_host_routes_duplicates() -> None:
+    def dup(c: dict[str, Any]) -> None:
+        c["routes"].append({"name": "a", "match": {"host": "h.example"}, "upstream": "http://h.example"})
+        c["routes"].append({"name": "b", "match": {"host": "h.example", "path_prefix": "/"}, "upstream": "http://h"})
+        c["routes"].append({"name": "c", "match": {"path_prefix": "/"}, "upstream": "http://h"})  # no host: distinct
+        c["routes"].append(
+            {"name": "t1", "match": {"host": "t.example"}, "upstream": "https://t.example", "tunnel": True}
+        )
+        c["routes"].append(
+            {
+                "name": "t2",
+                "match": {"host": "t.example:443", "path_prefix": "/x"},
+                "upstream": "https://t.example",
+                "tunnel": True,
+            }
+        )
+
+    assert problems(mutated(dup)) == [
+        "f.yaml: routes[2].match.path_prefix: duplicates the host and prefix of routes[1]",
+        "f.yaml: routes[5].tunnel: duplicates the tunnel of routes[4]",
+    ]
 
 
 def test_duplicate_route_names_and_prefixes() -> None:
@@ -427,7 +487,7 @@ def test_several_errors_are_reported_at_once() -> None:
         c["pdp"]["breaker"] = {"open_ms": -5}
         route0(c)["name"] = "Bad Name"
         route0(c)["match"]["path_prefix"] = "nope"
-        c["routes"].append({"name": "two", "match": {"host": "x"}, "upstream": "ftp://h"})
+        c["routes"].append({"name": "two", "match": {"host": "http://x"}, "upstream": "ftp://h"})
 
     found = problems(mutated(broken))
     paths = [p.split(": ")[1] for p in found]
@@ -440,7 +500,6 @@ def test_several_errors_are_reported_at_once() -> None:
             "routes[0].name",
             "routes[0].match.path_prefix",
             "routes[1].match.host",
-            "routes[1].match.path_prefix",
             "routes[1].upstream",
         ]
     )

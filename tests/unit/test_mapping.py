@@ -282,3 +282,17 @@ def test_compiled_mapping_keeps_none_as_default() -> None:
     assert m.resource_id is None
     assert m.subject_properties is None
     assert isinstance(map_document(doc(), m), Parts)
+
+
+def test_connect_is_the_connect_action_on_the_route_with_its_host() -> None:
+    d = doc(method="CONNECT", path="", query={}, route="egress")
+    d["request"]["host"] = "api.example.com:443"
+    d["route"]["upstream_url"] = "api.example.com:443"
+    parts = default_parts(d)
+    assert parts.action == {"name": "connect"}
+    assert parts.resource["type"] == "route"
+    assert parts.resource["id"] == "egress"
+    props = parts.resource["properties"]
+    assert props["method"] == "CONNECT"
+    assert props["host"] == "api.example.com:443"
+    assert props["upstream"] == "api.example.com:443"

@@ -20,8 +20,8 @@ def route(prefix: str, upstream: str = "http://127.0.0.1:9000", strip: bool = Fa
     return Route.build(cfg("r", prefix, upstream, strip))
 
 
-def matched(table: RouteTable, path: str) -> str | None:
-    found = table.match(path)
+def matched(table: RouteTable, path: str, authority: str | None = None, scheme: str = "http") -> str | None:
+    found = table.match(path, authority, scheme)
     return None if found is None else found.name
 
 
@@ -215,3 +215,99 @@ def test_upstream_path_ends_with_the_remainder_unchanged(
     assert joined == remainder if remainder.startswith("/") else joined == "/" + remainder
     # the path part of the URL is the upstream's path plus the remainder, nothing decoded
     assert urlsplit(url).path.endswith(remainder)
+
+
+# --- host matching (forward-proxy mode) -------------------------------------------------------------------------
+
+
+def hcfg(
+    name: str, host: str | None, prefix: str = "/", upstream: str = "http://u", tunnel: bool = False
+) -> RouteConfig:
+    return RouteConfig(name=name, path_prefix=prefix, upstream=upstream, host=host, tunnel=tunnel)
+
+
+@pytest.mark.parametrize(
+    ("route_host", "authority", "scheme", "expected"),
+    [
+        ("api.example.com", "api.example.com", "http", True),
+        ("api.example.com", "API.Example.COM", "http", True),  # case-insensitive
+        ("API.example.com", "api.example.com", "http", True),
+        ("api.example.com", "api.example.com:80", "http", True),  # the default port is implied
+        ("api.example.com:80", "api.example.com", "http", True),
+        ("api.example.com", "api.example.com:443", "https", True),
+        ("api.example.com", "api.example.com:443", "http", False),
+        ("api.example.com", "api.example.com:8080", "http", False),
+        ("api.example.com:8080", "api.example.com:8080", "http", True),
+        ("api.example.com:8080", "api.example.com", "http", False),
+        ("api.example.com", "api.example.com.evil", "http", False),
+        ("api.example.com", "evil.api.example.com", "http", False),
+        ("api.example.com", "xapi.example.com", "http", False),
+        ("api.example.com", "api.example.com/x", "http", False),  # not an authority
+        ("api.example.com", "user@api.example.com", "http", False),
+        ("api.example.com", None, "http", False),  # no Host: host routes never match
+        ("[::1]:8080", "[::1]:8080", "http", True),
+        ("127.0.0.1:9000", "127.0.0.1:9000", "http", True),
+        ("127.0.0.1:9000", "127.0.0.1:9001", "http", False),
+    ],
+)
+def test_host_route_matches_authority(route_host: str, authority: str | None, scheme: str, expected: bool) -> None:
+    table = RouteTable((hcfg("h", route_host),))
+    assert (matched(table, "/any/path", authority, scheme) == "h") is expected
+
+
+def test_longest_prefix_first_then_host() -> None:
+    routes = (
+        hcfg("any-root", None),
+        hcfg("api-root", "api.example.com"),
+        hcfg("any-v1", None, "/v1"),
+        hcfg("api-v1", "api.example.com", "/v1"),
+        hcfg("other-v1-admin", "other.example", "/v1/admin"),
+    )
+    for order in (routes, tuple(reversed(routes))):
+        table = RouteTable(order)
+        assert matched(table, "/x", "api.example.com") == "api-root"
+        assert matched(table, "/x", "other.example") == "any-root"
+        assert matched(table, "/x", None) == "any-root"
+        assert matched(table, "/v1/x", "api.example.com") == "api-v1"
+        assert matched(table, "/v1/x", "other.example") == "any-v1"
+        assert matched(table, "/v1/admin", "other.example") == "other-v1-admin"
+        # A longer prefix without host wins over a host route with a shorter prefix.
+        assert matched(table, "/v1/admin", "api.example.com") == "api-v1"
+
+
+def test_host_routes_only_no_route_for_other_hosts() -> None:
+    table = RouteTable((hcfg("api", "api.example.com"),))
+    assert matched(table, "/", "api.example.com") == "api"
+    assert matched(table, "/", "api.example.org") is None
+    assert matched(table, "/", "") is None
+
+
+def tunnel_name(table: RouteTable, authority: str) -> str | None:
+    found = table.tunnel(authority)
+    return None if found is None else found.name
+
+
+def test_tunnel_needs_a_tunnel_route_with_that_host_and_port() -> None:
+    table = RouteTable(
+        (
+            hcfg("plain", "plain.example:443", upstream="https://plain.example"),
+            hcfg("api", "api.example.com", upstream="https://api.example.com", tunnel=True),
+            hcfg("local", "127.0.0.1:9000", upstream="http://127.0.0.1:9000", tunnel=True),
+            hcfg("any", None),
+        )
+    )
+    assert tunnel_name(table, "api.example.com:443") == "api"  # no port on the route: 443
+    assert tunnel_name(table, "API.EXAMPLE.COM:443") == "api"
+    assert tunnel_name(table, "api.example.com:80") is None
+    assert tunnel_name(table, "api.example.com") is None  # CONNECT needs a port
+    assert tunnel_name(table, "plain.example:443") is None  # tunnel: false
+    assert tunnel_name(table, "127.0.0.1:9000") == "local"
+    assert tunnel_name(table, "127.0.0.1:9001") is None
+    assert tunnel_name(table, "evil.example:443") is None
+    assert tunnel_name(table, "/x") is None
+    found = table.tunnel("api.example.com:443")
+    assert found is not None
+    assert found.tunnel_target == "api.example.com:443"
+    local = table.tunnel("127.0.0.1:9000")
+    assert local is not None
+    assert local.tunnel_target == "127.0.0.1:9000"
