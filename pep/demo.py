@@ -125,13 +125,19 @@ def _routes(*names: str, mapping: bool) -> str:
     return "\n".join(lines)
 
 
+# What every scenario shows first (the third step is each PDP kind's own way to fail closed).
+ALLOWED_STEP = Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed"))
+DENIED_STEP = Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied"))
+TOOLS_ROUTE = "  - name: tools\n    match: {path_prefix: /tools}\n    upstream: {tool}"
+
+
 async def _cedar() -> Scenario:
     return Scenario(
         pdp_yaml=f"  kind: cedar\n  policies: {POLICIES / 'demo.cedar'}",
-        routes_yaml="  - name: tools\n    match: {path_prefix: /tools}\n    upstream: {tool}",
+        routes_yaml=TOOLS_ROUTE,
         steps=(
-            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
-            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            ALLOWED_STEP,
+            DENIED_STEP,
             Step(
                 "3. the PDP cannot decide (a policy fails to evaluate): fail closed",
                 "GET",
@@ -147,10 +153,10 @@ async def _opa() -> Scenario:
     pdp, port = await _start(pdp_app())
     scenario = Scenario(
         pdp_yaml=f"  kind: opa\n  url: http://127.0.0.1:{port}{OPA_PATH}",
-        routes_yaml="  - name: tools\n    match: {path_prefix: /tools}\n    upstream: {tool}",
+        routes_yaml=TOOLS_ROUTE,
         steps=(
-            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
-            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            ALLOWED_STEP,
+            DENIED_STEP,
             Step(
                 "3. PDP outage (the PDP is stopped): fail closed",
                 "GET",
@@ -212,8 +218,8 @@ async def _cerbos() -> Scenario:
         pdp_yaml=f"  kind: authzen\n  url: http://127.0.0.1:{http}",
         routes_yaml=_routes("search", "shell", mapping=True),
         steps=(
-            Step("1. allowed: the agent searches", "GET", "/tools/search?q=refunds", (200, "allowed")),
-            Step("2. policy deny: the agent tries a shell", "POST", "/tools/shell", (403, "policy_denied")),
+            ALLOWED_STEP,
+            DENIED_STEP,
             Step(
                 "3. PDP outage (Cerbos is stopped): fail closed",
                 "GET",
