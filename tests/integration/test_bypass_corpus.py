@@ -15,21 +15,20 @@ import asyncio
 import contextlib
 import gzip
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 
 import pep.app
 import pep.protocols.body
 from tests.conftest import PepStarter, RunningPep, base_config
-from tests.support.loopback import LoopbackServer
 from tests.support.observe import metric
+from tests.support.policy_pdp import PolicyPdp
 from tests.support.upstream import Received, RecordingUpstream
 
 READ_TIMEOUT = 3.0  # the longest any answer (or the connection closing) may take
@@ -56,26 +55,11 @@ def policy(doc: dict[str, Any]) -> bool:
     return request["method"] in ("GET", "POST") and not request["path"].startswith("/tools/admin")
 
 
-@dataclass
-class CorpusPdp(LoopbackServer):
+class CorpusPdp(PolicyPdp):
     """An OPA-shaped PDP applying `policy`, keeping every input document."""
 
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/data/pep/authz"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/data/pep/authz", self._decide)
-        await self.serve(web.AppRunner(app, access_log=None))
-
-    async def _decide(self, request: web.Request) -> web.Response:
-        doc = (await request.json())["input"]
-        self.inputs.append(doc)
-        return web.json_response({"result": policy(doc)})
+    def decide(self, doc: dict[str, Any]) -> Any:
+        return policy(doc)
 
 
 def corpus_routes(cfg: dict[str, Any]) -> None:

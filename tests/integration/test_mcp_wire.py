@@ -12,19 +12,18 @@ import gzip
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from tests.conftest import PepStarter, RunningPep, base_config
 from tests.support.fault_pdp import FaultPdp
-from tests.support.loopback import LoopbackServer
+from tests.support.policy_pdp import PolicyPdp
 from tests.support.upstream import RecordingUpstream
 
 Mutate = Callable[[dict[str, Any]], None]
@@ -163,27 +162,13 @@ async def chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
 
 
 @dataclass
-class NamePdp(LoopbackServer):
+class NamePdp(PolicyPdp):
     """An OPA-shaped PDP that denies the MCP names in `denied`, allows everything else, and keeps every input."""
 
     denied: frozenset[str] = frozenset()
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    port: int = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/data/pep/authz"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/data/pep/authz", self._decide)
-        await self.serve(web.AppRunner(app, access_log=None))
-
-    async def _decide(self, request: web.Request) -> web.Response:
-        doc = (await request.json())["input"]
-        self.inputs.append(doc)
-        name = (doc.get("mcp") or {}).get("name")
-        return web.json_response({"result": name not in self.denied})
+    def decide(self, doc: dict[str, Any]) -> Any:
+        return (doc.get("mcp") or {}).get("name") not in self.denied
 
 
 @pytest.fixture
