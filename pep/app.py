@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +16,9 @@ from pep.config import Address, Config
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
+from pep.identity.keys import FileKeys, KeySource
+from pep.identity.spiffe import server_context
+from pep.identity.subject import build_identity
 from pep.metrics import Metrics
 from pep.pdp import Pdp
 from pep.pdp.authzen import AuthzenPdp
@@ -73,6 +77,7 @@ class Server:
         self._upstream: Upstream | None = None
         self.credentials: dict[str, CredentialSource] = {}
         self._reopen_task: asyncio.Task[None] | None = None
+        self.keys: KeySource | None = None
 
     async def start(self) -> None:
         try:
@@ -87,8 +92,14 @@ class Server:
         self.engine = engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
         self._upstream = Upstream(self.metrics)
         self.credentials = {r.name: CredentialSource(r.credential) for r in cfg.routes if r.credential is not None}
+        fetches = self.metrics.jwks_fetches
+        identifier, self.keys = build_identity(cfg, lambda ok: fetches[ok].inc())
+        if self.keys is not None:
+            await self.keys.start()
+        token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
+        routes = RouteTable(cfg.routes, token_header)
         proxy = Proxy(
-            cfg, RouteTable(cfg.routes), engine, self._upstream, self.decision_log, self.metrics, self.credentials
+            cfg, routes, engine, self._upstream, self.decision_log, self.metrics, self.credentials, identifier
         )
 
         # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
@@ -101,15 +112,16 @@ class Server:
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
         admin = admin_app(self.metrics, lambda: engine.circuit, lambda: self.shutting_down)
-        self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen)
+        tls = server_context(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen, tls)
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
 
-    async def _bind(self, runner: web.BaseRunner, address: Address) -> Address:
+    async def _bind(self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None) -> Address:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+        site = web.TCPSite(runner, address.host, address.port, backlog=1024, ssl_context=tls)
         await site.start()
         host, port = bound_address(site)
         return Address(host, port)
@@ -118,6 +130,8 @@ class Server:
         """SIGHUP: re-read credential files, reopen the decision log file, re-read Cedar policies."""
         for source in self.credentials.values():
             source.refresh()
+        if isinstance(self.keys, FileKeys):
+            self.keys.refresh()
         self._reopen_task = asyncio.get_running_loop().create_task(self._reopen_log())
         self.reload_policies()
 
@@ -147,6 +161,8 @@ class Server:
             await self._upstream.close()
         if self.engine is not None:
             await self.engine.pdp.close()
+        if self.keys is not None:
+            await self.keys.close()
         await self.decision_log.close()
 
 

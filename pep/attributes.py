@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
-from pep.config import Identity
 from pep.protocols import Message
 from pep.routing import Route
 
@@ -71,14 +70,6 @@ def document(
         },
         "subject": subject,
     }
-
-
-def subject(identity: Identity, agent: str | None) -> dict[str, Any]:
-    """The document's `subject`: the configured workload and attributes, and the agent header's value."""
-    out: dict[str, Any] = {"workload": identity.workload, "agent": agent}
-    if identity.attributes:
-        out["attributes"] = dict(identity.attributes)
-    return out
 
 
 def with_facts(document: dict[str, Any], message: Message) -> dict[str, Any]:

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         "-H", "--header", action="append", default=[], metavar="K:V", help="a request header (repeatable)"
     )
     explain.add_argument("--body", metavar="FILE", help="the request body, read from FILE (- for stdin)")
+    explain.add_argument(
+        "--peer-spiffe-id", metavar="ID", help="the caller's SPIFFE ID, as a client certificate would present it (mTLS)"
+    )
     explain.add_argument("url", metavar="URL", help="http://host/path?query as the agent would call it, or /path")
     demo = sub.add_parser("demo", help="run the quickstart: a tool API, a PDP and the PEP on loopback")
     demo.add_argument(
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         from pep.explain import run as explain
 
-        return explain(config, args.url, args.method, args.header, args.body)
+        return explain(config, args.url, args.method, args.header, args.body, args.peer_spiffe_id)
     return _run(config)
 
 

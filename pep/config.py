@@ -53,11 +53,48 @@ class Address:
             return False
 
 
+# Asymmetric JWS algorithms only: `none` and the HMAC family are never accepted (an HMAC key is a shared secret,
+# and an HMAC "verified" with a public key is the classic algorithm-confusion forgery).
+DEFAULT_JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """Verified bearer tokens: who may issue them, for whom, and where the signing keys come from."""
+
+    issuers: tuple[str, ...]
+    audiences: tuple[str, ...]
+    jwks_file: str | None = None
+    jwks_url: str | None = None  # https only
+    jwks_ca_file: str | None = None  # CA bundle for jwks_url (default: the system's)
+    algorithms: tuple[str, ...] = ()  # set by the parser: DEFAULT_JWT_ALGORITHMS unless configured
+    header: str = "authorization"  # lower-cased; `authorization` and `proxy-authorization` carry `Bearer <token>`
+    leeway_ms: int = 30000
+    claims: tuple[str, ...] = ()  # copied into `subject.claims` when present in the token
+    cache_size: int = 10000  # verified tokens remembered (by hash) until they expire; 0: none
+    jwks_timeout_ms: int = 2000
+    jwks_min_refresh_ms: int = 10000  # no two fetches of jwks_url closer than this (unknown `kid` floods)
+    jwks_cache_ms: int = 300000  # how long keys are fresh when the answer has no Cache-Control max-age
+    jwks_max_stale_ms: int = 3600000  # keys kept while refetching fails, past their freshness; then dropped
+
+
+@dataclass(frozen=True, slots=True)
+class MtlsConfig:
+    """Client certificates on the agent-facing listener; the peer's spiffe:// URI SAN is `subject.workload`."""
+
+    ca_file: str  # the trust bundle client certificates must chain to
+    cert_file: str  # the listener's own certificate chain
+    key_file: str
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     workload: str | None = None
     agent_header: str | None = None  # lower-cased
     attributes: tuple[tuple[str, str], ...] = ()  # static facts about the workload, `subject.attributes`
+    jwt: JwtConfig | None = None
+    mtls: MtlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +184,7 @@ class RouteConfig:
     filter_tools_list: bool = False  # mcp routes: remove the tools the PDP denies from tools/list answers
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
+    require_identity: bool = False  # a verified token is required (identity.jwt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,19 +387,112 @@ def _address(r: _Reader, m: Mapping[str, Any], key: str, default: str | None) ->
 
 
 def _identity(r: _Reader, value: Any) -> Identity:
-    m = r.mapping(value, "identity", {"workload", "agent_header", "attributes"}, frozenset({"jwt", "mtls"}))
+    m = r.mapping(value, "identity", {"workload", "agent_header", "attributes", "jwt", "mtls"})
     if m is None:
         return Identity()
     header = r.string(m, "agent_header", "identity")
     if header is not None and not HEADER_NAME.match(header):
         r.error("identity.agent_header", f"is not a valid header name: {header!r}")
         header = None
-    attributes = r.string_map(m, "attributes", "identity", reserved=frozenset({"workload", "agent", "claims"}))
+    reserved = frozenset({"workload", "agent", "claims", "id"})
+    attributes = r.string_map(m, "attributes", "identity", reserved=reserved)
+    jwt = _jwt(r, m["jwt"]) if "jwt" in m else None
+    if jwt is not None and header is not None and header.lower() == jwt.header:
+        r.error("identity.agent_header", "must differ from identity.jwt.header")
+    mtls = None
+    if "mtls" in m and (t := r.mapping(m["mtls"], "identity.mtls", {"ca_file", "cert_file", "key_file"})):
+        ca, cert, key = (r.string(t, k, "identity.mtls", required=True) for k in ("ca_file", "cert_file", "key_file"))
+        mtls = MtlsConfig(ca, cert, key) if ca and cert and key else None
     return Identity(
         workload=r.string(m, "workload", "identity"),
         agent_header=header and header.lower(),
         attributes=attributes or (),
+        jwt=jwt,
+        mtls=mtls,
     )
+
+
+_JWT_KEYS = {
+    "issuers",
+    "audiences",
+    "jwks_file",
+    "jwks_url",
+    "jwks_ca_file",
+    "algorithms",
+    "header",
+    "leeway_ms",
+    "claims",
+    "cache_size",
+    "jwks_timeout_ms",
+    "jwks_min_refresh_ms",
+    "jwks_cache_ms",
+    "jwks_max_stale_ms",
+}
+
+
+def _strings(r: _Reader, m: Mapping[str, Any], key: str, path: str, *, required: bool) -> tuple[str, ...] | None:
+    """A non-empty list of non-empty strings (None when absent, or with the problem recorded)."""
+    where = _join(path, key)
+    if key not in m:
+        if required:
+            r.error(where, "is required")
+        return None
+    value = m[key]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        r.error(where, f"must be a non-empty list of non-empty strings, got {_kind(value)}")
+        return None
+    return tuple(value)
+
+
+def _jwt(r: _Reader, value: Any) -> JwtConfig | None:
+    path = "identity.jwt"
+    m = r.mapping(value, path, _JWT_KEYS)
+    if m is None:
+        return None
+    issuers = _strings(r, m, "issuers", path, required=True)
+    audiences = _strings(r, m, "audiences", path, required=True)
+    algorithms = _strings(r, m, "algorithms", path, required=False) or DEFAULT_JWT_ALGORITHMS
+    for alg in algorithms:
+        if alg.lower() == "none":
+            r.error(f"{path}.algorithms", "must not contain none: an unsigned token proves nothing")
+        elif alg.upper().startswith("HS"):
+            r.error(f"{path}.algorithms", f"{alg} is an HMAC algorithm; only asymmetric signatures are verified")
+        elif alg not in JWT_ALGORITHMS:
+            r.error(f"{path}.algorithms", f"{alg!r} is not one of {', '.join(JWT_ALGORITHMS)}")
+    claims = _strings(r, m, "claims", path, required=False) or ()
+    jwks_file = r.string(m, "jwks_file", path)
+    jwks_url = r.string(m, "jwks_url", path)
+    if (jwks_file is None) == (jwks_url is None):
+        r.error(path, "needs exactly one of jwks_file and jwks_url")
+    if jwks_url is not None:
+        jwks_url = _http_url(r, jwks_url, f"{path}.jwks_url")
+        if jwks_url is not None and not jwks_url.startswith("https://"):
+            r.error(f"{path}.jwks_url", "must be an https:// URL (signing keys are fetched over TLS)")
+            jwks_url = None
+    ca_file = r.string(m, "jwks_ca_file", path)
+    if ca_file is not None and "jwks_url" not in m:
+        r.error(f"{path}.jwks_ca_file", "is only used with jwks_url")
+    header = r.string(m, "header", path, default="authorization") or "authorization"
+    if not HEADER_NAME.match(header):
+        r.error(f"{path}.header", f"is not a valid header name: {header!r}")
+    ms = 86_400_000
+    cfg = JwtConfig(
+        issuers=issuers or (),
+        audiences=audiences or (),
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        jwks_ca_file=ca_file,
+        algorithms=algorithms,
+        header=header.lower(),
+        leeway_ms=r.integer(m, "leeway_ms", path, 30000, 0, 600_000),
+        claims=claims,
+        cache_size=r.integer(m, "cache_size", path, 10000, 0, 10_000_000),
+        jwks_timeout_ms=r.integer(m, "jwks_timeout_ms", path, 2000, 1, 60_000),
+        jwks_min_refresh_ms=r.integer(m, "jwks_min_refresh_ms", path, 10000, 0, ms),
+        jwks_cache_ms=r.integer(m, "jwks_cache_ms", path, 300000, 1000, ms),
+        jwks_max_stale_ms=r.integer(m, "jwks_max_stale_ms", path, 3600000, 0, 7 * ms),
+    )
+    return cfg if issuers and audiences and (jwks_file or jwks_url) else None
 
 
 _PDP_KEYS = {
@@ -469,12 +600,12 @@ _ROUTE_KEYS = {
     "filter_tools_list",
     "credential",
     "tunnel",
+    "require_identity",
 }
-_ROUTE_LATER = frozenset({"require_identity"})
 
 
 def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
-    m = r.mapping(value, path, _ROUTE_KEYS, _ROUTE_LATER)
+    m = r.mapping(value, path, _ROUTE_KEYS)
     if m is None:
         return None
     name = r.string(m, "name", path, required=True)
@@ -541,6 +672,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         credential=_credential(r, m["credential"], f"{path}.credential") if "credential" in m else None,
         host=host,
         tunnel=tunnel,
+        require_identity=r.boolean(m, "require_identity", path, False),
     )
     return route if name and prefix and upstream and match_ok else None
 
@@ -660,6 +792,10 @@ def parse(data: Any, source: str) -> Config:
         for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
             if isinstance(raw, dict) and "mapping" in raw:
                 r.error(f"routes[{i}].mapping", "is only used with pdp.kind authzen or cedar (OPA gets the document)")
+    if not (isinstance(m.get("identity"), dict) and "jwt" in m["identity"]):
+        for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+            if isinstance(raw, dict) and raw.get("require_identity") is True:
+                r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
     return Config(source, listen, admin, identity, pdp, log, tuple(routes))

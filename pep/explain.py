@@ -27,6 +27,8 @@ from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome, combine
 from pep.headers import end_to_end
+from pep.identity import Refusal as IdentityRefusal
+from pep.identity.subject import Identifier, build_identity
 from pep.ids import request_id
 from pep.metrics import Metrics
 from pep.pdp import Failure, Pdp, Verdict
@@ -122,8 +124,12 @@ def _inspect(route: Route, request: Request, body: bytes | None) -> Inspected | 
     return dispatch.parse(route.config, request.headers, body or b"")
 
 
-def facts(config: Config, routes: RouteTable, request: Request) -> Facts:
-    """The proxy's path from a request to a `Check`, in its order; the first refusal ends it."""
+async def facts(
+    config: Config, routes: RouteTable, request: Request, identifier: Identifier, peer_id: str | None = None
+) -> Facts:
+    """The proxy's path from a request to a `Check`, in its order; the first refusal ends it.
+
+    `peer_id` stands in for the SPIFFE ID of a client certificate on an mTLS listener."""
     path, query, headers, method = request.path, request.query, request.headers, request.method
     if method == "CONNECT":
         return Facts(None, None, Refused(Reason.NO_ROUTE, "explain does not decide CONNECT (tunnels: host:port)"))
@@ -140,19 +146,15 @@ def facts(config: Config, routes: RouteTable, request: Request) -> Facts:
     body = _read(request.body, limit)
     if limit is not None and body is not None and len(body) > limit:
         return Facts(route, upstream_url, Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes"))
+    peercert = {"subjectAltName": (("URI", peer_id),)} if peer_id else None
+    subject = await identifier.subject(headers, lambda: peercert, route.config.require_identity)
+    if isinstance(subject, IdentityRefusal):
+        return Facts(route, upstream_url, Refused(subject.reason, subject.detail))
     credential = route.config.credential
     if credential is not None and CredentialSource(credential).value() is None:
         # Only whether the value is there: it is never read into the report.
         refused = Refused(Reason.CREDENTIAL_UNAVAILABLE, "the route's credential is missing or empty")
         return Facts(route, upstream_url, refused)
-    agent: str | None = None
-    # The agent header is only believed on a loopback listener, as by the proxy.
-    agent_header = config.identity.agent_header if config.listen.is_loopback else None
-    if agent_header is not None:
-        agents = headers.getall(agent_header, ())
-        if len(agents) > 1:
-            return Facts(route, upstream_url, Refused(Reason.REQUEST_AMBIGUOUS, "more than one agent header"))
-        agent = agents[0] if agents else None
     inspected = _inspect(route, request, body)
     if isinstance(inspected, Refused):
         return Facts(route, upstream_url, inspected)
@@ -168,7 +170,7 @@ def facts(config: Config, routes: RouteTable, request: Request) -> Facts:
         body_bytes=len(body) if body is not None else 0,
         route=route,
         upstream_url=upstream_url,
-        subject=attributes.subject(config.identity, agent),
+        subject=subject,
     )
     documents = [attributes.with_facts(document, m) for m in inspected.messages]
     check = Check(
@@ -267,9 +269,17 @@ def _pdp_section(config: Config, outcome: Outcome, recorder: _Recorder, batch: b
     return section
 
 
-async def explain(config: Config, request: Request) -> dict[str, Any]:
+async def explain(config: Config, request: Request, peer_id: str | None = None) -> dict[str, Any]:
     """The report `pep explain` prints."""
-    found = facts(config, RouteTable(config.routes), request)
+    identifier, keys = build_identity(config)
+    token_header = config.identity.jwt.header if config.identity.jwt is not None else None
+    try:
+        if keys is not None:
+            await keys.start()
+        found = await facts(config, RouteTable(config.routes, token_header), request, identifier, peer_id)
+    finally:
+        if keys is not None:
+            await keys.close()
     route_name = found.route.name if found.route is not None else None
     if found.check is None:
         refused = found.refused
@@ -309,7 +319,14 @@ def dumps(report: dict[str, Any]) -> str:
         return json.dumps(report, indent=2, ensure_ascii=False)
 
 
-def run(config: Config, url: str, method: str | None, headers: Sequence[str], body_file: str | None) -> int:
+def run(
+    config: Config,
+    url: str,
+    method: str | None,
+    headers: Sequence[str],
+    body_file: str | None,
+    peer_id: str | None = None,
+) -> int:
     """`pep explain`: prints the report; 0 for allow, 1 for deny, 2 when the request or the PDP cannot be set up."""
     body: IO[bytes] | None = None
     try:
@@ -322,7 +339,7 @@ def run(config: Config, url: str, method: str | None, headers: Sequence[str], bo
         return EXIT_CONFIG
     try:
         request = parse_request(url, method, headers, body, str(config.listen))
-        report = asyncio.run(explain(config, request))
+        report = asyncio.run(explain(config, request, peer_id))
     except UsageError as exc:
         print(f"pep explain: {exc}", file=sys.stderr)
         return EXIT_CONFIG

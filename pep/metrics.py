@@ -95,6 +95,10 @@ class Metrics:
         )
         reloads = Counter("pep_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
         self.config_reloads = {res: reloads.labels(res) for res in ("success", "error")}
+        fetches = Counter(
+            "pep_jwks_fetches_total", "Fetches of identity.jwt.jwks_url by result.", ["result"], registry=r
+        )
+        self.jwks_fetches = {ok: fetches.labels("success" if ok else "error") for ok in (True, False)}
         Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
 
     def bind_engine(self, engine: _EngineView) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ssl
 
 from pep.config import Config
+from pep.identity.keys import FileKeys, KeysError
+from pep.identity.spiffe import server_context
 from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.transport import tls_context
 from pep.secret_file import FileSecret
@@ -31,4 +33,20 @@ def file_problems(config: Config) -> list[str]:
             problems.append(f"{src}: pdp.tls: {exc}")
     if pdp.auth is not None and FileSecret(pdp.auth.value_file).value() is None:
         problems.append(f"{src}: pdp.auth.value_file: {pdp.auth.value_file!r} is missing, unreadable or empty")
+    jwt = config.identity.jwt
+    if jwt is not None and jwt.jwks_file is not None:
+        try:
+            FileKeys(jwt.jwks_file, jwt.algorithms).load()
+        except KeysError as exc:
+            problems.append(f"{src}: identity.jwt.jwks_file: {jwt.jwks_file!r} {str(exc).removeprefix('jwks_file ')}")
+    if jwt is not None and jwt.jwks_ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=jwt.jwks_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"{src}: identity.jwt.jwks_ca_file: {exc}")
+    if config.identity.mtls is not None:
+        try:
+            server_context(config.identity.mtls)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"{src}: identity.mtls: {exc}")
     return problems

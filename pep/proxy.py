@@ -22,6 +22,8 @@ from pep.decision import Allow, Deny, Reason
 from pep.decision_log import DecisionLog
 from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
+from pep.identity import Refusal
+from pep.identity.subject import Identifier
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
 from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
@@ -58,13 +60,14 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("credential", "document", "inspected", "route")
+    __slots__ = ("challenge", "credential", "document", "inspected", "route")
 
     def __init__(self) -> None:
         self.route: Route | None = None
         self.document: dict[str, Any] | None = None
         self.inspected: Inspected | None = None
         self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
+        self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
 
 
 def decision_reason(decision: Allow | Deny) -> Reason:
@@ -106,6 +109,7 @@ class Proxy:
         decision_log: DecisionLog,
         metrics: Metrics,
         credentials: dict[str, CredentialSource] | None = None,
+        identifier: Identifier | None = None,
     ) -> None:
         self._routes = routes
         self._engine = engine
@@ -113,17 +117,12 @@ class Proxy:
         self._log = decision_log
         self._metrics = metrics
         self._credentials = credentials or {}
-        self._workload = config.identity.workload
         # The agent header is only believed from callers on this machine (a loopback listener).
-        self._agent_header = config.identity.agent_header if config.listen.is_loopback else None
-        self._identity = config.identity
+        self._identifier = identifier or Identifier(config.identity, None, config.listen.is_loopback)
         self._include_arguments = config.decision_log.include_arguments
-        self._subject: dict[str, Any] = self._subject_for(None)
+        self._subject: dict[str, Any] = self._identifier.static
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
-
-    def _subject_for(self, agent: str | None) -> dict[str, Any]:
-        return attributes.subject(self._identity, agent)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
@@ -176,6 +175,9 @@ class Proxy:
             response.force_close()
             return response
         response = _denial(route, case.inspected, decision.reason, rid)
+        if case.challenge is not None:
+            response.set_status(401)
+            response.headers["WWW-Authenticate"] = case.challenge
         if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
             response.force_close()  # the rest of the body is not waited for: say so
         return response
@@ -202,6 +204,9 @@ class Proxy:
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:
             return _early(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}")
+        subject = await self._subject_of(request, route, case)
+        if isinstance(subject, Outcome):
+            return subject
         source = self._credentials.get(route.name)
         if source is not None:
             value = source.value()
@@ -210,9 +215,6 @@ class Proxy:
                 return _early(Reason.CREDENTIAL_UNAVAILABLE, "the route's credential is missing or empty")
             case.credential = (source.header, value)
         upstream_url = route.upstream_url(path, query)
-        subject = self._request_subject(request)
-        if subject is None:
-            return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
         inspected = await _inspect(request, route, path)
         if isinstance(inspected, Refused):
             return _early(inspected.reason, inspected.detail)
@@ -247,14 +249,18 @@ class Proxy:
         )
         return await self._engine.decide(check)
 
-    def _request_subject(self, request: web.BaseRequest) -> dict[str, Any] | None:
-        """The subject, with the agent header's value when one is configured; None when it was sent twice."""
-        if self._agent_header is None:
-            return self._subject
-        agents = request.headers.getall(self._agent_header, ())
-        if len(agents) > 1:
-            return None
-        return self._subject_for(agents[0]) if agents else self._subject
+    async def _subject_of(self, request: web.BaseRequest, route: Route, case: _Case) -> dict[str, Any] | Outcome:
+        """The verified subject, or the denial (with its 401 challenge where one applies)."""
+        transport = request.transport
+
+        def peercert() -> dict[str, Any] | None:
+            return transport.get_extra_info("peercert") if transport is not None else None
+
+        found = await self._identifier.subject(request.headers, peercert, route.config.require_identity)
+        if isinstance(found, Refusal):
+            case.challenge = found.challenge
+            return _early(found.reason, found.detail)
+        return found
 
     async def _decide_connect(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
         """CONNECT host:port: decided once, on the authority, by a `tunnel: true` route for it.
@@ -274,9 +280,9 @@ class Proxy:
         route = case.route = self._routes.tunnel(target)
         if route is None or route.tunnel_target is None:
             return _early(Reason.NO_ROUTE, f"no tunnel route for {target}")
-        subject = self._request_subject(request)
-        if subject is None:
-            return _early(Reason.REQUEST_AMBIGUOUS, "more than one agent header")
+        subject = await self._subject_of(request, route, case)
+        if isinstance(subject, Outcome):
+            return subject
         upstream_url = route.tunnel_target
         document = attributes.document(
             request_id=rid,

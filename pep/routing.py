@@ -31,8 +31,11 @@ class Route:
     tunnel_target: str | None = None  # tunnel routes: the upstream's host:port, where a CONNECT goes
 
     @classmethod
-    def build(cls, cfg: RouteConfig) -> Route:
+    def build(cls, cfg: RouteConfig, token_header: str | None = None) -> Route:
+        """`token_header` (identity.jwt.header) is a caller credential: never shown to the PDP, and not
+        forwarded unless the route keeps caller credentials."""
         credential = cfg.credential.header if cfg.credential is not None else None
+        token = frozenset({token_header} if token_header else ())
         host: str | None = None
         port: int | None = None
         if cfg.host is not None:
@@ -49,8 +52,9 @@ class Route:
             name=cfg.name,
             prefix=cfg.path_prefix,
             upstream=cfg.upstream,
-            request_drop=request_drop_set(credential, cfg.keep_caller_credentials),
-            policy_drop=policy_drop_set(credential),
+            request_drop=request_drop_set(credential, cfg.keep_caller_credentials)
+            | (frozenset() if cfg.keep_caller_credentials else token),
+            policy_drop=policy_drop_set(credential) | token,
             obligation_forbidden=obligation_forbidden(credential),
             host=host,
             port=port,
@@ -95,8 +99,8 @@ class RouteTable:
 
     __slots__ = ("routes",)
 
-    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        built = (Route.build(r) for r in routes)
+    def __init__(self, routes: tuple[RouteConfig, ...], token_header: str | None = None) -> None:
+        built = (Route.build(r, token_header) for r in routes)
         self.routes = tuple(sorted(built, key=lambda r: (-len(r.prefix), r.host is None)))
 
     def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:

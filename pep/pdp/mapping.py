@@ -88,10 +88,9 @@ class Parts:
 
 
 def subject_id(doc: dict[str, Any]) -> str:
-    """The verified token's `sub`, else the agent header, else the workload; never empty."""
+    """The verified token's `sub` (`subject.id`), else the agent, else the workload; never empty."""
     subject = doc.get("subject") or {}
-    claims = subject.get("claims") or {}
-    for candidate in (claims.get("sub"), subject.get("agent"), subject.get("workload")):
+    for candidate in (subject.get("id"), subject.get("agent"), subject.get("workload")):
         if isinstance(candidate, str) and candidate:
             return candidate
     return "anonymous"

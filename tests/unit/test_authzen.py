@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pep.cache_control import ttl_of
 from pep.decision import Reason
 from pep.pdp import Failure, Verdict
 from pep.pdp.authzen import (
@@ -20,7 +21,6 @@ from pep.pdp.authzen import (
     parse_evaluation,
     parse_evaluations,
     parse_metadata,
-    ttl_of,
 )
 from pep.pdp.transport import RawAnswer
 

@@ -14,7 +14,6 @@ import pytest
 
 from pep import cli
 from pep.config import (
-    NOT_YET,
     Address,
     BreakerConfig,
     Config,
@@ -333,8 +332,12 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("attr-reserved", lambda c: c.update(identity={"attributes": {"agent": "x"}}), "identity.attributes.agent: is a"),
     ("attr-type", lambda c: c.update(identity={"attributes": {"n": 1}}), "identity.attributes.n: must be a string"),
     # keys of later capabilities: refused by name
-    ("later-jwt", lambda c: c.update(identity={"jwt": {"issuers": ["https://i"]}}), f"identity.jwt: {NOT_YET}"),
-    ("later-mtls", lambda c: c.update(identity={"mtls": {"ca_file": "/x"}}), f"identity.mtls: {NOT_YET}"),
+    (
+        "jwt-audiences",
+        lambda c: c.update(identity={"jwt": {"issuers": ["https://i"], "jwks_file": "/x"}}),
+        "identity.jwt.audiences: is required",
+    ),
+    ("mtls-cert", lambda c: c.update(identity={"mtls": {"ca_file": "/x"}}), "identity.mtls.cert_file: is required"),
     ("cred-no-value", lambda c: route0(c).update(credential={"header": "x"}), "routes[0].credential: needs exactly"),
     (
         "cred-both",
@@ -353,7 +356,11 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("tunnel-without-host", lambda c: route0(c).update(tunnel=True), "routes[0].tunnel: needs match.host"),
     ("tunnel-not-bool", lambda c: route0(c).update(tunnel="yes"), "routes[0].tunnel: must be true or false"),
-    ("later-identity", lambda c: route0(c).update(require_identity=True), f"routes[0].require_identity: {NOT_YET}"),
+    (
+        "identity-needs-jwt",
+        lambda c: route0(c).update(require_identity=True),
+        "routes[0].require_identity: needs identity.jwt",
+    ),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
@@ -398,9 +405,9 @@ def test_top_level_must_be_a_mapping() -> None:
     assert problems(None) == ["f.yaml: must be a mapping, got nothing"]
 
 
-def test_later_keys_are_refused_not_ignored_nor_reported_as_unknown() -> None:
+def test_require_identity_without_a_token_source_is_refused() -> None:
     found = problems(mutated(lambda c: route0(c).update(require_identity=True)))
-    assert found == [f"f.yaml: routes[0].require_identity: {NOT_YET}"]
+    assert found == ["f.yaml: routes[0].require_identity: needs identity.jwt (where verified tokens come from)"]
 
 
 def test_host_routes_forward_proxy_mode() -> None:

@@ -114,13 +114,13 @@ def test_model_without_a_name_is_the_route_and_nones_are_dropped() -> None:
 @pytest.mark.parametrize(
     ("subject", "expected"),
     [
-        ({"workload": "w", "agent": "a", "claims": {"sub": "alice"}}, "alice"),
+        ({"workload": "w", "agent": "a", "id": "alice"}, "alice"),
         ({"workload": "w", "agent": "a", "claims": {}}, "a"),
         ({"workload": "w", "agent": "a"}, "a"),
         ({"workload": "w", "agent": None}, "w"),
         ({"workload": "w", "agent": ""}, "w"),
-        ({"workload": "w", "agent": "a", "claims": {"sub": ""}}, "a"),
-        ({"workload": "w", "agent": "a", "claims": {"sub": 42}}, "a"),  # not a string
+        ({"workload": "w", "agent": "a", "id": ""}, "a"),
+        ({"workload": "w", "agent": "a", "id": 42}, "a"),  # not a string
         ({"workload": None, "agent": None}, "anonymous"),
         ({"workload": "", "agent": None, "claims": None}, "anonymous"),
         ({}, "anonymous"),
@@ -143,6 +143,7 @@ def test_identity_attributes_are_flattened_into_subject_properties() -> None:
     subject = {
         "workload": "spiffe://w",
         "agent": "bot-1",
+        "id": "alice",
         "claims": {"sub": "alice", "department": "support"},
         "attributes": {"team": "support", "tier": "gold", "nothing": None},
     }

@@ -1,0 +1,44 @@
+"""SPIFFE over mTLS: the listener's TLS context, and the caller's SPIFFE ID from its verified certificate.
+
+The TLS handshake does the trust decision (`CERT_REQUIRED` against the trust bundle), so a caller with no
+certificate or an untrusted one never gets an HTTP exchange at all. What remains per request is reading the ID:
+an X509-SVID has exactly one URI SAN, a `spiffe://trust-domain/path` (SPIFFE ID and X509-SVID specs).
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from typing import Any
+
+from pep.config import MtlsConfig
+from pep.identity import Refusal, invalid
+
+# spiffe://<trust domain>/<path>: lower-case trust domain, path segments of [A-Za-z0-9._-], no dot segments.
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
+MAX_ID_BYTES = 2048
+
+
+def server_context(cfg: MtlsConfig) -> ssl.SSLContext:
+    """TLS 1.2+ with a required client certificate that chains to `ca_file`. Raises OSError/ssl.SSLError."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cfg.ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def spiffe_id(peercert: dict[str, Any] | None) -> str | Refusal:
+    """The SPIFFE ID of a verified peer certificate (`ssl.SSLSocket.getpeercert()`), or why there is none."""
+    if not peercert:
+        return invalid("no verified client certificate")
+    uris = [value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI"]
+    if len(uris) != 1:
+        return invalid("the client certificate must carry exactly one URI SAN (an X509-SVID)")
+    uri = uris[0]
+    if len(uri) > MAX_ID_BYTES or not isinstance(uri, str) or not _SPIFFE_ID.match(uri):
+        return invalid("the client certificate URI SAN is not a valid spiffe:// ID")
+    segments = uri[len("spiffe://") :].split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        return invalid("the client certificate URI SAN is not a valid spiffe:// ID")
+    return uri
