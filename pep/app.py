@@ -17,7 +17,7 @@ from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
 from pep.identity.keys import FileKeys, KeySource
-from pep.identity.spiffe import server_context
+from pep.identity.spiffe import ListenerTls
 from pep.identity.subject import build_identity
 from pep.metrics import Metrics
 from pep.pdp import Pdp
@@ -78,6 +78,7 @@ class Server:
         self.credentials: dict[str, CredentialSource] = {}
         self._reopen_task: asyncio.Task[None] | None = None
         self.keys: KeySource | None = None
+        self.listener_tls: ListenerTls | None = None
 
     async def start(self) -> None:
         try:
@@ -112,7 +113,8 @@ class Server:
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
         admin = admin_app(self.metrics, lambda: engine.circuit, lambda: self.shutting_down)
-        tls = server_context(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        tls = self.listener_tls.listener if self.listener_tls is not None else None
         self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen, tls)
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
@@ -127,11 +129,14 @@ class Server:
         return Address(host, port)
 
     def reload(self) -> None:
-        """SIGHUP: re-read credential files, reopen the decision log file, re-read Cedar policies."""
+        """SIGHUP: re-read credential files, the JWKS file and the mTLS certificates, reopen the decision log
+        file, re-read Cedar policies."""
         for source in self.credentials.values():
             source.refresh()
         if isinstance(self.keys, FileKeys):
             self.keys.refresh()
+        if self.listener_tls is not None:
+            self.listener_tls.refresh()
         self._reopen_task = asyncio.get_running_loop().create_task(self._reopen_log())
         self.reload_policies()
 

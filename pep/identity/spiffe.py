@@ -7,8 +7,12 @@ an X509-SVID has exactly one URI SAN, a `spiffe://trust-domain/path` (SPIFFE ID 
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pep.config import MtlsConfig
@@ -26,6 +30,58 @@ def server_context(cfg: MtlsConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+CHECK_S = 1.0  # the certificate files are looked at (three stats) at most this often
+
+
+class ListenerTls:
+    """The mTLS listener's TLS context, following its files: SVIDs rotate (hourly, by default), so a changed
+    `cert_file`, `key_file` or `ca_file` takes effect for new connections without a restart.
+
+    The listener keeps one context; its SNI callback, which OpenSSL calls on every handshake (with no server name
+    too), hands the connection the current context. A changed file set that cannot be loaded (a half-written
+    rotation) keeps the last good context and is retried at the next check."""
+
+    def __init__(self, cfg: MtlsConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._stamp = self._stamps()
+        self.current = server_context(cfg)
+        self._checked = clock()
+        self.problem: str | None = None
+        self.listener = server_context(cfg)
+        self.listener.sni_callback = self._select
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self._cfg.ca_file, self._cfg.cert_file, self._cfg.key_file):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def refresh(self) -> None:
+        """Reload if a file changed (SIGHUP calls this too)."""
+        self._checked = self._clock()
+        stamp = self._stamps()
+        if stamp == self._stamp:
+            return
+        try:
+            self.current = server_context(self._cfg)
+        except (OSError, ssl.SSLError) as exc:
+            if self.problem is None:
+                print(f"failclosed-pep: identity.mtls: keeping the last good certificates: {exc}", file=sys.stderr)
+            self.problem = str(exc)
+            return
+        self._stamp, self.problem = stamp, None
+
+    def _select(self, conn: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if self._clock() - self._checked >= CHECK_S:
+            self.refresh()
+        conn.context = self.current
 
 
 def spiffe_id(peercert: dict[str, Any] | None) -> str | Refusal:
