@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import ssl
 import sys
@@ -64,8 +65,9 @@ def build_pdp(cfg: Config) -> Pdp:
 class Server:
     """The proxy and admin listeners with everything they share. `start()` binds; `stop()` releases all."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # a worker: `listen` is shared with the other workers (SO_REUSEPORT)
         self.clock = clock
         self.shutting_down = False
         self.metrics = Metrics(tuple(r.name for r in config.routes))
@@ -115,15 +117,19 @@ class Server:
         admin = admin_app(self.metrics, lambda: engine.circuit, lambda: self.shutting_down)
         self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
-        self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen, tls)
+        self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen, tls, self.reuse_port)
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
 
-    async def _bind(self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None) -> Address:
+    async def _bind(
+        self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None, reuse_port: bool = False
+    ) -> Address:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, backlog=1024, ssl_context=tls)
+        site = web.TCPSite(
+            runner, address.host, address.port, backlog=1024, ssl_context=tls, reuse_port=reuse_port or None
+        )
         await site.start()
         host, port = bound_address(site)
         return Address(host, port)
@@ -171,20 +177,21 @@ class Server:
         await self.decision_log.close()
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    server = Server(config)
+async def serve(config: Config, worker: int | None = None, report_fd: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT. A worker (see pep/workers.py) shares `listen` and tells the supervisor the
+    port of its private admin listener on `report_fd`."""
+    server = Server(config, reuse_port=worker is not None)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    print(
-        f"failclosed-pep: proxy on {server.proxy_address}, admin on {server.admin_address}",
-        file=sys.stderr,
-        flush=True,
-    )
+    who = "failclosed-pep" if worker is None else f"failclosed-pep worker {worker}"
+    print(f"{who}: proxy on {server.proxy_address}, admin on {server.admin_address}", file=sys.stderr, flush=True)
+    if report_fd is not None and server.admin_address is not None:
+        os.write(report_fd, f"{server.admin_address.port}\n".encode())
+        os.close(report_fd)
     try:
         await stop.wait()
     finally:

@@ -17,6 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the proxy and its admin listener")
     run.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    run.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:PORT:FD, set by the `workers` supervisor
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, help="config file (YAML)")
     explain = sub.add_parser(
@@ -68,19 +69,33 @@ def main(argv: list[str] | None = None) -> int:
         from pep.explain import run as explain
 
         return explain(config, args.url, args.method, args.header, args.body, args.peer_spiffe_id)
-    return _run(config)
+    return _run(config, args.config, args.worker)
 
 
-def _run(config: object) -> int:
+def _run(config: object, path: str, worker: str | None) -> int:
+    import dataclasses
+
     import uvloop
 
     from pep.app import serve
-    from pep.config import Config
+    from pep.config import Address, Config
     from pep.decision_log import DecisionLogError
 
     assert isinstance(config, Config)
     try:
-        uvloop.run(serve(config))
+        if worker is not None:
+            index, port, fd = (int(part) for part in worker.split(":"))
+            # The shared port the supervisor holds; a private loopback admin port, reported on `fd`.
+            mine = dataclasses.replace(
+                config, listen=Address(config.listen.host, port), admin_listen=Address("127.0.0.1", 0)
+            )
+            uvloop.run(serve(mine, index, fd))
+        elif config.workers > 1:
+            from pep.workers import Supervisor
+
+            return uvloop.run(Supervisor(config, path).run())
+        else:
+            uvloop.run(serve(config))
     except DecisionLogError as exc:
         print(f"{config.source}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

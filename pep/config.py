@@ -196,6 +196,7 @@ class Config:
     pdp: PdpConfig
     decision_log: DecisionLogConfig
     routes: tuple[RouteConfig, ...]
+    workers: int = 1  # processes sharing `listen` (SO_REUSEPORT); a supervisor serves `admin_listen`
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -736,7 +737,7 @@ def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
     )
 
 
-_TOP_KEYS = {"version", "listen", "admin_listen", "identity", "pdp", "decision_log", "routes"}
+_TOP_KEYS = {"version", "listen", "admin_listen", "identity", "pdp", "decision_log", "routes", "workers"}
 
 
 def parse(data: Any, source: str) -> Config:
@@ -754,6 +755,7 @@ def parse(data: Any, source: str) -> Config:
     if listen and admin and listen == admin and listen.port != 0:
         r.error("admin_listen", "must differ from listen: the admin endpoints are never served on the proxy port")
     identity = _identity(r, m["identity"]) if "identity" in m else Identity()
+    workers = r.integer(m, "workers", "", 1, 1, 64)
     pdp = None
     if "pdp" not in m:
         r.error("pdp", "is required")
@@ -798,7 +800,7 @@ def parse(data: Any, source: str) -> Config:
                 r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes))
+    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers)
 
 
 def load(path: str | Path) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -86,7 +87,10 @@ class DecisionLog:
             if not self._pending or self._fd is None:
                 return
             lines, self._pending = self._pending, []
-            write = asyncio.get_running_loop().run_in_executor(self._executor, _write_all, self._fd, b"".join(lines))
+            # A shared stdout (a pipe, with `workers`) keeps each write within PIPE_BUF and on line boundaries,
+            # so lines from several processes never interleave; a file opened O_APPEND takes one write.
+            chunks = _chunks(lines, select.PIPE_BUF) if not self._own_fd else [b"".join(lines)]
+            write = asyncio.get_running_loop().run_in_executor(self._executor, _write_all, self._fd, chunks)
             try:
                 # Shielded: a caller that is cancelled must not cancel lines already taken from the queue.
                 await asyncio.shield(write)
@@ -127,8 +131,25 @@ class DecisionLog:
             self._fd = None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _chunks(lines: list[bytes], limit: int) -> list[bytes]:
+    """Whole lines joined into pieces of at most `limit` bytes (a longer line is a piece of its own)."""
+    out: list[bytes] = []
+    piece: list[bytes] = []
+    size = 0
+    for line in lines:
+        if piece and size + len(line) > limit:
+            out.append(b"".join(piece))
+            piece, size = [], 0
+        piece.append(line)
+        size += len(line)
+    if piece:
+        out.append(b"".join(piece))
+    return out
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    for data in chunks:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]

@@ -20,6 +20,7 @@ import yaml
 
 from tests.conftest import RunningPep
 from tests.support.observe import metric
+from tests.support.process import pep_env, read_line
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -165,25 +166,6 @@ async def test_reload_policies_is_a_no_op_for_a_remote_pdp(make_pep: PepFactory,
 # --- SIGHUP to a real `pep run` -----------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for key in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
-        env.pop(key, None)
-    return env
-
-
-async def _line(stream: asyncio.StreamReader, want: str, seconds: float) -> str:
-    """The next stderr line holding `want`, read within `seconds`."""
-    async with asyncio.timeout(seconds):
-        while True:
-            line = (await stream.readline()).decode(errors="replace")
-            if not line:
-                raise AssertionError(f"pep closed stderr before printing {want!r}")
-            if want in line:
-                return line
-
-
 async def test_sighup_reloads_the_policies_of_a_running_pep(
     tmp_path: Path, policy_file: Path, upstream: RecordingUpstream, client: aiohttp.ClientSession
 ) -> None:
@@ -207,11 +189,11 @@ async def test_sighup_reloads_the_policies_of_a_running_pep(
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
-        env=_env(),
+        env=pep_env(),
     )
     try:
         assert proc.stderr is not None
-        m = _LISTENING.search(await _line(proc.stderr, "proxy on", 20))
+        m = _LISTENING.search(await read_line(proc.stderr, "proxy on", 20))
         assert m is not None
         url = f"http://127.0.0.1:{m.group(2)}"
         admin = f"http://127.0.0.1:{m.group(4)}"
@@ -219,13 +201,13 @@ async def test_sighup_reloads_the_policies_of_a_running_pep(
 
         rewrite(policy_file, POST_TOOLS)
         os.kill(proc.pid, signal.SIGHUP)  # only the PID started above
-        await _line(proc.stderr, "policies reloaded", 10)
+        await read_line(proc.stderr, "policies reloaded", 10)
         assert await call(client, url + "/tools/x", "POST") == (200, None)
         assert await call(client, url + "/tools/x") == (403, "policy_denied")
 
         rewrite(policy_file, BROKEN)
         os.kill(proc.pid, signal.SIGHUP)
-        line = await _line(proc.stderr, "policy reload failed", 10)
+        line = await read_line(proc.stderr, "policy reload failed", 10)
         assert "pdp.policies" in line
         assert await call(client, url + "/tools/x", "POST") == (200, None)
         async with client.get(admin + "/metrics") as r:

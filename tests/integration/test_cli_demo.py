@@ -17,16 +17,10 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.support.process import pep_env
+
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"failclosed-pep: proxy on ([0-9.]+):(\d+), admin on ([0-9.]+):(\d+)")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("HTTP_PROXY", None)
-    env.pop("http_proxy", None)
-    return env
 
 
 async def _pep(*args: str) -> asyncio.subprocess.Process:
@@ -38,7 +32,7 @@ async def _pep(*args: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
-        env=_env(),
+        env=pep_env(),
     )
 
 

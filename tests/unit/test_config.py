@@ -332,6 +332,8 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("attr-reserved", lambda c: c.update(identity={"attributes": {"agent": "x"}}), "identity.attributes.agent: is a"),
     ("attr-type", lambda c: c.update(identity={"attributes": {"n": 1}}), "identity.attributes.n: must be a string"),
     # keys of later capabilities: refused by name
+    ("workers-zero", lambda c: c.update(workers=0), "workers: must be between 1 and 64, got 0"),
+    ("workers-text", lambda c: c.update(workers="2"), "workers: must be an integer, got a string"),
     (
         "jwt-audiences",
         lambda c: c.update(identity={"jwt": {"issuers": ["https://i"], "jwks_file": "/x"}}),

@@ -1,0 +1,94 @@
+"""`workers: 2`: two `pep run` processes share one port (SO_REUSEPORT) under a supervisor that merges their
+metrics, reports readiness for all, forwards signals and restarts a worker that dies. A real process tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.support.observe import metric
+from tests.support.process import alive, children, ensure_stopped, read_line, start_pep
+from tests.support.upstream import RecordingUpstream
+
+_UP = re.compile(r"(\d+) workers on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
+REQUESTS = 60
+
+
+def config(tmp_path: Path, upstream: RecordingUpstream) -> Path:
+    policy = tmp_path / "policy.cedar"
+    policy.write_text('permit(principal, action == Action::"GET", resource);\n')
+    path = tmp_path / "pep.yaml"
+    raw = {
+        "version": 1,
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "workers": 2,
+        "pdp": {"kind": "cedar", "policies": str(policy)},
+        "decision_log": {"sink": "file", "path": str(tmp_path / "decisions.jsonl")},
+        "routes": [{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream.url}],
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+async def fresh_connection_gets(url: str, n: int) -> list[int]:
+    """`n` GETs, each on its own connection (the kernel spreads connections, not requests, over workers)."""
+    statuses = []
+    for _ in range(n):
+        async with aiohttp.ClientSession() as s, s.get(url, headers={"connection": "close"}) as r:
+            statuses.append(r.status)
+    return statuses
+
+
+async def test_two_workers_share_the_port_merge_metrics_and_survive_a_crash(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    proc = await start_pep("run", "-c", str(config(tmp_path, upstream)))
+    try:
+        assert proc.stderr is not None
+        m = _UP.search(await read_line(proc.stderr, "workers on", 30))
+        assert m is not None
+        assert m.group(1) == "2"
+        url, admin = f"http://127.0.0.1:{m.group(2)}/tools/x", f"http://127.0.0.1:{m.group(3)}"
+        workers = children(proc.pid)
+        assert len(workers) == 2
+
+        assert await fresh_connection_gets(url, REQUESTS) == [200] * REQUESTS
+        assert len(upstream.seen) == REQUESTS
+        async with aiohttp.ClientSession() as s:
+            async with s.get(admin + "/metrics") as r:
+                text = await r.text()
+            async with s.get(admin + "/readyz") as r:
+                assert (r.status, await r.json()) == (200, {"ready": True, "reasons": []})
+        per_worker = [metric(text, "pep_decisions_total", reason="allowed", route="tools", worker=w) for w in "01"]
+        assert sum(per_worker) == REQUESTS
+        assert min(per_worker) > 0, per_worker  # both took connections
+        assert metric(text, "pep_workers") == 2
+        assert "_created" not in text.replace("pep_worker_restarts_created", "")
+
+        # SIGHUP reaches both workers (each re-reads its Cedar policies).
+        os.kill(proc.pid, signal.SIGHUP)
+        await read_line(proc.stderr, "policies reloaded", 10)
+        await read_line(proc.stderr, "policies reloaded", 10)
+
+        os.kill(workers[0], signal.SIGKILL)  # a child of the process this test started
+        await read_line(proc.stderr, "restarting", 10)
+        await read_line(proc.stderr, "worker ", 30)  # the replacement is listening
+        assert await fresh_connection_gets(url, 10) == [200] * 10
+        async with aiohttp.ClientSession() as s, s.get(admin + "/metrics") as r:
+            text = await r.text()
+        assert metric(text, "pep_worker_restarts_total") == 1
+
+        survivors = children(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+        assert not [pid for pid in survivors if alive(pid)]  # no worker outlives the supervisor
+    finally:
+        await ensure_stopped(proc)
