@@ -27,7 +27,7 @@ from pep.pdp.cedar import CedarPdp
 from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
 from pep.pdp.transport import HttpTransport, tls_context
-from pep.proxy import Proxy
+from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret
 from pep.upstream import Upstream
@@ -101,9 +101,8 @@ class Server:
             await self.keys.start()
         token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
         routes = RouteTable(cfg.routes, token_header)
-        proxy = Proxy(
-            cfg, routes, engine, self._upstream, self.decision_log, self.metrics, self.credentials, identifier
-        )
+        runtime = Runtime(cfg, routes, engine, identifier, self.credentials)
+        self.proxy = proxy = Proxy(runtime, self._upstream, self.decision_log, self.metrics)
 
         # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
         # one handler and gets a decision.

@@ -40,11 +40,6 @@ class Metrics:
             registry=r,
         )
         self.decisions: dict[tuple[str, Reason], Counter] = {}
-        for route in (*routes, UNMATCHED):
-            if route != UNMATCHED:
-                self.decisions[route, Reason.ALLOWED] = decisions.labels(route, "allow", Reason.ALLOWED.value)
-            for reason in DENY_REASONS:
-                self.decisions[route, reason] = decisions.labels(route, "deny", reason.value)
         duration = Histogram(
             "pep_decision_duration_seconds",
             "Time from request to decision, by route.",
@@ -52,7 +47,7 @@ class Metrics:
             registry=r,
             buckets=_FAST,
         )
-        self.decision_duration = {route: duration.labels(route) for route in (*routes, UNMATCHED)}
+        self.decision_duration: dict[str, Histogram] = {}
         pdp = Histogram(
             "pep_pdp_request_duration_seconds",
             "PDP attempts by outcome.",
@@ -72,21 +67,23 @@ class Metrics:
             registry=r,
             buckets=_SLOW,
         )
-        self.upstream_duration = {route: up.labels(route) for route in routes}
+        self.upstream_duration: dict[str, Histogram] = {}
         responses = Counter(
             "pep_upstream_responses_total",
             "Upstream responses by route and status class.",
             ["route", "code_class"],
             registry=r,
         )
-        self.upstream_responses = {(route, c): responses.labels(route, c) for route in routes for c in CODE_CLASSES}
+        self.upstream_responses: dict[tuple[str, str], Counter] = {}
         failures = Counter(
             "pep_upstream_failures_total",
             "Allowed requests whose upstream exchange failed: no response (502/504/413/408) or cut mid-body.",
             ["route", "kind"],
             registry=r,
         )
-        self.upstream_failures = {(route, k): failures.labels(route, k) for route in routes for k in UPSTREAM_FAILURES}
+        self.upstream_failures: dict[tuple[str, str], Counter] = {}
+        self._route_families = (decisions, duration, up, responses, failures)
+        self.bind_routes((*routes, UNMATCHED))
         self.requests_in_flight = Gauge("pep_requests_in_flight", "Requests being handled.", registry=r)
         self.decision_log_dropped = Counter(
             "pep_decision_log_dropped_total",
@@ -100,6 +97,25 @@ class Metrics:
         )
         self.jwks_fetches = {ok: fetches.labels("success" if ok else "error") for ok in (True, False)}
         Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
+
+    def bind_routes(self, routes: tuple[str, ...]) -> None:
+        """Children for every label combination of these routes (at start, and for routes a reload adds).
+        Children of routes a reload removed stay, with their counts: series never go backwards."""
+        decisions, duration, up, responses, failures = self._route_families
+        for route in routes:
+            if route in self.decision_duration:
+                continue
+            self.decision_duration[route] = duration.labels(route)
+            for reason in DENY_REASONS:
+                self.decisions[route, reason] = decisions.labels(route, "deny", reason.value)
+            if route == UNMATCHED:
+                continue
+            self.decisions[route, Reason.ALLOWED] = decisions.labels(route, "allow", Reason.ALLOWED.value)
+            self.upstream_duration[route] = up.labels(route)
+            for c in CODE_CLASSES:
+                self.upstream_responses[route, c] = responses.labels(route, c)
+            for k in UPSTREAM_FAILURES:
+                self.upstream_failures[route, k] = failures.labels(route, k)
 
     def bind_engine(self, engine: _EngineView) -> None:
         """Gauges read live from the engine at scrape time instead of being updated per request."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
@@ -60,9 +61,10 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("challenge", "credential", "document", "inspected", "route")
+    __slots__ = ("challenge", "credential", "document", "inspected", "route", "rt")
 
-    def __init__(self) -> None:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt  # the config this request is decided and logged under
         self.route: Route | None = None
         self.document: dict[str, Any] | None = None
         self.inspected: Inspected | None = None
@@ -97,30 +99,29 @@ def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, ri
     return deny(reason, rid)
 
 
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What one config decides about requests: swapped whole by a reload, so a request never mixes two."""
+
+    config: Config
+    routes: RouteTable
+    engine: Engine
+    identifier: Identifier
+    credentials: dict[str, CredentialSource]
+
+    @property
+    def include_arguments(self) -> bool:
+        return self.config.decision_log.include_arguments
+
+
 class Proxy:
     """The catch-all handler of the agent-facing listener."""
 
-    def __init__(
-        self,
-        config: Config,
-        routes: RouteTable,
-        engine: Engine,
-        upstream: Upstream,
-        decision_log: DecisionLog,
-        metrics: Metrics,
-        credentials: dict[str, CredentialSource] | None = None,
-        identifier: Identifier | None = None,
-    ) -> None:
-        self._routes = routes
-        self._engine = engine
+    def __init__(self, runtime: Runtime, upstream: Upstream, decision_log: DecisionLog, metrics: Metrics) -> None:
+        self.runtime = runtime  # replaced whole by a reload; each request keeps the one it started with
         self._upstream = upstream
         self._log = decision_log
         self._metrics = metrics
-        self._credentials = credentials or {}
-        # The agent header is only believed from callers on this machine (a loopback listener).
-        self._identifier = identifier or Identifier(config.identity, None, config.listen.is_loopback)
-        self._include_arguments = config.decision_log.include_arguments
-        self._subject: dict[str, Any] = self._identifier.static
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
 
@@ -140,7 +141,7 @@ class Proxy:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         rid = request_id(request.headers.get("X-Request-ID"))
-        case = _Case()
+        case = _Case(self.runtime)
         status = 403
         try:
             if request.version not in _HTTP_1:
@@ -197,7 +198,7 @@ class Proxy:
         problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
-        route = case.route = self._routes.match(path, headers.get("Host"), request.scheme)
+        route = case.route = case.rt.routes.match(path, headers.get("Host"), request.scheme)
         if route is None:
             return _early(Reason.NO_ROUTE, "no route matches the path")
         length = request.content_length
@@ -207,7 +208,7 @@ class Proxy:
         subject = await self._subject_of(request, route, case)
         if isinstance(subject, Outcome):
             return subject
-        source = self._credentials.get(route.name)
+        source = case.rt.credentials.get(route.name)
         if source is not None:
             value = source.value()
             if value is None:
@@ -247,7 +248,7 @@ class Proxy:
             more=tuple(documents[1:]),
             body=body,
         )
-        return await self._engine.decide(check)
+        return await case.rt.engine.decide(check)
 
     async def _subject_of(self, request: web.BaseRequest, route: Route, case: _Case) -> dict[str, Any] | Outcome:
         """The verified subject, or the denial (with its 401 challenge where one applies)."""
@@ -256,7 +257,7 @@ class Proxy:
         def peercert() -> dict[str, Any] | None:
             return transport.get_extra_info("peercert") if transport is not None else None
 
-        found = await self._identifier.subject(request.headers, peercert, route.config.require_identity)
+        found = await case.rt.identifier.subject(request.headers, peercert, route.config.require_identity)
         if isinstance(found, Refusal):
             case.challenge = found.challenge
             return _early(found.reason, found.detail)
@@ -277,7 +278,7 @@ class Proxy:
         problem = integrity.override_header(request.headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
-        route = case.route = self._routes.tunnel(target)
+        route = case.route = case.rt.routes.tunnel(target)
         if route is None or route.tunnel_target is None:
             return _early(Reason.NO_ROUTE, f"no tunnel route for {target}")
         subject = await self._subject_of(request, route, case)
@@ -299,7 +300,7 @@ class Proxy:
         )
         case.document = document
         check = Check(document, rid, route.name, "CONNECT", upstream_url, route.obligation_forbidden)
-        outcome = await self._engine.decide(check)
+        outcome = await case.rt.engine.decide(check)
         allow = outcome.decision
         if isinstance(allow, Allow) and allow.headers:
             # Header obligations cannot be applied inside a tunnel: an allow that needs them is not one.
@@ -320,7 +321,7 @@ class Proxy:
             return None
         facts = listing[0]
         batch = inspected.batch
-        engine = self._engine
+        engine = case.rt.engine
         url = document["route"]["upstream_url"]
         rid = allow.request_id
 
@@ -330,7 +331,7 @@ class Proxy:
             outcome = await engine.decide(check)
             decision = outcome.decision
             reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            self._log.record(self._filter_entry(rid, route, document, outcome, names, reasons))
+            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine))
             undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
             if undecided or len(reasons) != len(names):
                 return (undecided[0] if undecided else decision_reason(decision)).value
@@ -351,41 +352,11 @@ class Proxy:
 
         return rewrite
 
-    def _filter_entry(
-        self,
-        rid: str,
-        route: Route,
-        document: dict[str, Any],
-        outcome: Outcome,
-        names: list[str],
-        reasons: tuple[Reason, ...],
-    ) -> dict[str, Any]:
-        allowed = isinstance(outcome.decision, Allow)
-        return {
-            "time": attributes.rfc3339_now(),
-            "request_id": rid,
-            "decision_id": outcome.decision.decision_id,
-            "route": route.name,
-            "method": "POST",
-            "path": document["request"]["path"],
-            "subject": document["subject"],
-            "mcp_method": "tools/list",
-            "mcp_name": None,
-            "decision": "allow" if allowed else "deny",
-            "reason": decision_reason(outcome.decision).value,
-            "pdp_ms": outcome.pdp_ms,
-            "attempts": outcome.attempts,
-            "circuit": self._engine.circuit.name.lower(),
-            "filtered": {
-                "kept": [n for n, r in zip(names, reasons, strict=False) if r is Reason.ALLOWED],
-                "removed": [n for n, r in zip(names, reasons, strict=False) if r is not Reason.ALLOWED],
-            },
-        }
-
-    def _message_entry(self, message: Message, reason: Reason) -> dict[str, Any]:
+    @staticmethod
+    def _message_entry(message: Message, reason: Reason, include_arguments: bool) -> dict[str, Any]:
         facts = message.facts
         entry = {"mcp_method": facts["method"], "mcp_name": facts["name"], "reason": reason.value}
-        if self._include_arguments:
+        if include_arguments:
             entry["arguments"] = facts["arguments"]
         return entry
 
@@ -400,6 +371,7 @@ class Proxy:
         document = case.document
         decision = outcome.decision
         allow = isinstance(decision, Allow)
+        rt = case.rt
         entry: dict[str, Any] = {
             "time": document["request"]["time"] if document else attributes.rfc3339_now(),
             "request_id": rid,
@@ -407,27 +379,61 @@ class Proxy:
             "route": route_name,
             "method": request.method,
             "path": document["request"]["path"] if document else request.rel_url.raw_path,
-            "subject": document["subject"] if document else self._subject,
+            "subject": document["subject"] if document else rt.identifier.static,
             "mcp_method": None,
             "mcp_name": None,
             "decision": "allow" if allow else "deny",
             "reason": Reason.ALLOWED.value if allow else decision.reason.value,  # type: ignore[union-attr]
             "pdp_ms": outcome.pdp_ms,
             "attempts": outcome.attempts,
-            "circuit": self._engine.circuit.name.lower(),
+            "circuit": rt.engine.circuit.name.lower(),
         }
         messages = case.inspected.messages if case.inspected is not None else ()
         if messages and messages[0].key == "mcp":
             first = messages[0].facts
             entry["mcp_method"] = first["method"]
             entry["mcp_name"] = first["name"]
-            if self._include_arguments:
+            if rt.include_arguments:
                 entry["arguments"] = first["arguments"]
             if len(messages) > 1:
                 reasons = outcome.reasons or (decision_reason(decision),) * len(messages)
-                entry["messages"] = [self._message_entry(m, r) for m, r in zip(messages, reasons, strict=False)]
+                entry["messages"] = [
+                    self._message_entry(m, r, rt.include_arguments) for m, r in zip(messages, reasons, strict=False)
+                ]
         elif messages and messages[0].key == "model":
             entry["model"] = messages[0].facts["name"]
         if outcome.note:
             entry["detail"] = outcome.note
         return entry
+
+
+def _filter_entry(
+    rid: str,
+    route: Route,
+    document: dict[str, Any],
+    outcome: Outcome,
+    names: list[str],
+    reasons: tuple[Reason, ...],
+    engine: Engine,
+) -> dict[str, Any]:
+    allowed = isinstance(outcome.decision, Allow)
+    return {
+        "time": attributes.rfc3339_now(),
+        "request_id": rid,
+        "decision_id": outcome.decision.decision_id,
+        "route": route.name,
+        "method": "POST",
+        "path": document["request"]["path"],
+        "subject": document["subject"],
+        "mcp_method": "tools/list",
+        "mcp_name": None,
+        "decision": "allow" if allowed else "deny",
+        "reason": decision_reason(outcome.decision).value,
+        "pdp_ms": outcome.pdp_ms,
+        "attempts": outcome.attempts,
+        "circuit": engine.circuit.name.lower(),
+        "filtered": {
+            "kept": [n for n, r in zip(names, reasons, strict=False) if r is Reason.ALLOWED],
+            "removed": [n for n, r in zip(names, reasons, strict=False) if r is not Reason.ALLOWED],
+        },
+    }
