@@ -3,30 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from pep.admin import admin_app
-from pep.config import Address, Config
+from pep.config import Address, Config, ConfigError, load
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
-from pep.identity.keys import FileKeys, KeySource
+from pep.identity.keys import FileKeys, KeysError, KeySource
 from pep.identity.spiffe import ListenerTls
 from pep.identity.subject import build_identity
 from pep.metrics import Metrics
 from pep.pdp import Pdp
 from pep.pdp.authzen import AuthzenPdp
-from pep.pdp.cedar import CedarPdp
+from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
 from pep.pdp.transport import HttpTransport, tls_context
+from pep.preflight import file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret
@@ -62,25 +66,59 @@ def build_pdp(cfg: Config) -> Pdp:
     return OpaPdp(pdp.url, transport, auth, pdp.auth.header if pdp.auth is not None else "authorization")
 
 
-class Server:
-    """The proxy and admin listeners with everything they share. `start()` binds; `stop()` releases all."""
+def _pdp_identity(cfg: Config) -> tuple[object, ...]:
+    """What the PDP client is built from: equal means a reload keeps the engine (and its breaker state)."""
+    return (cfg.pdp, tuple((r.name, r.mapping) for r in cfg.routes if r.mapping is not None))
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic, reuse_port: bool = False) -> None:
+
+# Keys a running process cannot change: they are bound sockets, processes, or open files.
+_RESTART_ONLY = ("listen", "admin_listen", "workers", "decision_log")
+
+
+class ReloadError(Exception):
+    """A new config that cannot be used; the message says why (the last good config stays in force)."""
+
+
+class Server:
+    """The proxy and admin listeners with everything they share. `start()` binds; `stop()` releases all.
+
+    `adjust` is applied to every config read from the file (a worker's shared port and private admin port)."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.monotonic,
+        reuse_port: bool = False,
+        adjust: Callable[[Config], Config] | None = None,
+    ) -> None:
         self.config = config
         self.reuse_port = reuse_port  # a worker: `listen` is shared with the other workers (SO_REUSEPORT)
         self.clock = clock
+        self._adjust = adjust or (lambda c: c)
         self.shutting_down = False
         self.metrics = Metrics(tuple(r.name for r in config.routes))
         self.decision_log = DecisionLog(config.decision_log, self.metrics)
         self._runners: list[web.BaseRunner] = []
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
-        self.engine: Engine | None = None
+        self.proxy: Proxy | None = None
         self._upstream: Upstream | None = None
-        self.credentials: dict[str, CredentialSource] = {}
-        self._reopen_task: asyncio.Task[None] | None = None
-        self.keys: KeySource | None = None
         self.listener_tls: ListenerTls | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._retired: list[Runtime] = []  # replaced runtimes whose clients close once their requests are done
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self.proxy.runtime if self.proxy is not None else None
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.proxy.runtime.engine if self.proxy is not None else None
+
+    @property
+    def credentials(self) -> dict[str, CredentialSource]:
+        return self.proxy.runtime.credentials if self.proxy is not None else {}
 
     async def start(self) -> None:
         try:
@@ -92,17 +130,8 @@ class Server:
     async def _start(self) -> None:
         cfg = self.config
         await self.decision_log.start()
-        self.engine = engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
         self._upstream = Upstream(self.metrics)
-        self.credentials = {r.name: CredentialSource(r.credential) for r in cfg.routes if r.credential is not None}
-        fetches = self.metrics.jwks_fetches
-        identifier, self.keys = build_identity(cfg, lambda ok: fetches[ok].inc())
-        if self.keys is not None:
-            await self.keys.start()
-        token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
-        routes = RouteTable(cfg.routes, token_header)
-        runtime = Runtime(cfg, routes, engine, identifier, self.credentials)
-        self.proxy = proxy = Proxy(runtime, self._upstream, self.decision_log, self.metrics)
+        self.proxy = proxy = Proxy(await self._build(cfg, None), self._upstream, self.decision_log, self.metrics)
 
         # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
         # one handler and gets a decision.
@@ -113,13 +142,17 @@ class Server:
             keepalive_timeout=KEEPALIVE_S,
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
-        admin = admin_app(self.metrics, lambda: engine.circuit, lambda: self.shutting_down)
+        admin = admin_app(self.metrics, lambda: proxy.runtime.engine.circuit, lambda: self.shutting_down)
         self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
-        self.proxy_address = await self._bind(web.ServerRunner(proxy_server), cfg.listen, tls, self.reuse_port)
+        grace = cfg.shutdown_grace_ms / 1000
+        self.proxy_address = await self._bind(
+            web.ServerRunner(proxy_server, shutdown_timeout=grace), cfg.listen, tls, self.reuse_port
+        )
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
+        self._spawn(self._watch_config(_stamp(cfg.source)))  # stamped now: a change from here on is seen
 
     async def _bind(
         self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None, reuse_port: bool = False
@@ -133,65 +166,205 @@ class Server:
         host, port = bound_address(site)
         return Address(host, port)
 
+    async def _build(self, cfg: Config, old: Runtime | None) -> Runtime:
+        """The runtime for `cfg`, reusing what `old` already has for equal config (the engine with its breaker,
+        the identity key source, credential sources). Raises ReloadError, closing whatever it opened."""
+        same_pdp = old is not None and _pdp_identity(old.config) == _pdp_identity(cfg)
+        same_identity = old is not None and old.config.identity == cfg.identity
+        engine = None
+        keys = None
+        try:
+            if old is not None and same_pdp:
+                engine = old.engine
+                reload = getattr(engine.pdp, "reload", None)  # in-process policies are re-read on every reload
+                problem = reload() if reload is not None else None
+                if problem:
+                    raise ReloadError(problem)
+            else:
+                engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
+            if old is not None and same_identity:
+                identifier, keys = old.identifier, old.keys
+            else:
+                fetches = self.metrics.jwks_fetches
+                identifier, keys = build_identity(cfg, lambda ok: fetches[ok].inc())
+                if keys is not None:
+                    await keys.start()
+        except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
+            await self._discard(old, engine, keys)
+            raise ReloadError(str(exc)) from None
+        except BaseException:
+            await self._discard(old, engine, keys)
+            raise
+        previous = old.credentials if old is not None else {}
+        credentials = {}
+        for route in cfg.routes:
+            if route.credential is None:
+                continue
+            source = previous.get(route.name)
+            credentials[route.name] = (
+                source if source and source.config == route.credential else CredentialSource(route.credential)
+            )
+        token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
+        self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
+        return Runtime(cfg, RouteTable(cfg.routes, token_header), engine, identifier, credentials, keys)
+
+    async def _discard(self, old: Runtime | None, engine: Engine | None, keys: KeySource | None) -> None:
+        """Close what a failed build created (never what it reused from `old`)."""
+        if engine is not None and (old is None or engine is not old.engine):
+            await engine.pdp.close()
+            if old is not None:
+                self.metrics.bind_engine(old.engine)  # the gauges follow the engine in force
+        if keys is not None and (old is None or keys is not old.keys):
+            await keys.close()
+
     def reload(self) -> None:
-        """SIGHUP: re-read credential files, the JWKS file and the mTLS certificates, reopen the decision log
-        file, re-read Cedar policies."""
-        for source in self.credentials.values():
-            source.refresh()
-        if isinstance(self.keys, FileKeys):
-            self.keys.refresh()
+        """SIGHUP: re-read the files the config names now (credentials, JWKS file, mTLS certificates), then
+        re-read the config itself and reopen the decision log file, in the background."""
+        runtime = self.runtime
+        if runtime is not None:
+            for source in runtime.credentials.values():
+                source.refresh()
+            if isinstance(runtime.keys, FileKeys):
+                runtime.keys.refresh()
         if self.listener_tls is not None:
             self.listener_tls.refresh()
-        self._reopen_task = asyncio.get_running_loop().create_task(self._reopen_log())
-        self.reload_policies()
+        self._spawn(self._reopen_log())
+        self._spawn(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
+        await self.reload_config()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _reopen_log(self) -> None:
         problem = await self.decision_log.reopen()
         if problem is not None:
             print(f"failclosed-pep: {problem}", file=sys.stderr, flush=True)
 
-    def reload_policies(self) -> None:
-        """Re-read in-process policies (Cedar). A failure keeps the policies in force."""
-        reload = getattr(self.engine.pdp if self.engine else None, "reload", None)
-        if reload is None:
-            return
-        problem = reload()
-        self.metrics.config_reloads["error" if problem else "success"].inc()
-        message = f"policy reload failed, keeping the last good policies: {problem}" if problem else "policies reloaded"
-        print(f"failclosed-pep: {message}", file=sys.stderr, flush=True)
+    async def reload_config(self) -> bool:
+        """Read the config file again and swap it in whole, or keep the last good one and say why.
+
+        Requests in flight finish on the config they started with. Counted in pep_config_reloads_total."""
+        async with self._reload_lock:
+            try:
+                await self._swap()
+            except ReloadError as exc:
+                self.metrics.config_reloads["error"].inc()
+                message = f"config reload failed, keeping the last good config: {exc}"
+                print(f"failclosed-pep: {message}", file=sys.stderr, flush=True)
+                return False
+            self.metrics.config_reloads["success"].inc()
+            print("failclosed-pep: config reloaded", file=sys.stderr, flush=True)
+            return True
+
+    async def _swap(self) -> None:
+        proxy = self.proxy
+        if proxy is None or self.shutting_down:
+            raise ReloadError("the server is not running")
+        try:
+            cfg = self._adjust(load(self.config.source))
+        except ConfigError as exc:
+            raise ReloadError("; ".join(exc.problems)) from None
+        problems = file_problems(cfg)
+        if problems:
+            raise ReloadError("; ".join(problems))
+        changed = [k for k in _RESTART_ONLY if getattr(cfg, k) != getattr(self.config, k)]
+        if cfg.identity.mtls != self.config.identity.mtls:
+            changed.append("identity.mtls")
+        if changed:
+            raise ReloadError(f"{', '.join(changed)} cannot change without a restart")
+        old = proxy.runtime
+        new = await self._build(cfg, old)
+        proxy.runtime = new  # one assignment: the next request sees all of the new config
+        self.config = cfg
+        if new.engine is not old.engine or new.keys is not old.keys:
+            self._retired.append(old)
+            # No request still deciding under the old engine outlives its deadline (plus the retries in it).
+            self._spawn(self._retire(old, new, old.config.pdp.timeout_ms / 1000 + 1.0))
+
+    async def _retire(self, old: Runtime, new: Runtime, after: float) -> None:
+        await asyncio.sleep(after)
+        await self._close_runtime(old, keep=new)
+        with contextlib.suppress(ValueError):
+            self._retired.remove(old)
+
+    @staticmethod
+    async def _close_runtime(runtime: Runtime, keep: Runtime | None = None) -> None:
+        if keep is None or runtime.engine is not keep.engine:
+            await runtime.engine.pdp.close()
+        if runtime.keys is not None and (keep is None or runtime.keys is not keep.keys):
+            await runtime.keys.close()
+
+    async def _watch_config(self, stamp: tuple[int, int, int] | None) -> None:
+        """Reload when the config file changes (a ConfigMap update swaps a symlink); checked once a second."""
+        path = self.config.source
+        while True:
+            await asyncio.sleep(CONFIG_CHECK_S)
+            now = _stamp(path)
+            if now != stamp and now is not None:
+                stamp = now
+                await self.reload_config()
 
     async def stop(self) -> None:
         self.shutting_down = True
-        # Proxy first, admin last: while the proxy drains its in-flight requests, /readyz still answers
-        # 503 `shutting_down` instead of the admin port already refusing connections.
+        for task in list(self._tasks):
+            task.cancel()
+        # Proxy first, admin last: while the proxy drains its in-flight requests (up to shutdown_grace_ms),
+        # /readyz still answers 503 `shutting_down` instead of the admin port already refusing connections.
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
         if self._upstream is not None:
             await self._upstream.close()
-        if self.engine is not None:
-            await self.engine.pdp.close()
-        if self.keys is not None:
-            await self.keys.close()
+        if self.proxy is not None:
+            await self._close_runtime(self.proxy.runtime)
+        for old in self._retired:
+            await self._close_runtime(old, keep=self.runtime)
+        self._retired.clear()
         await self.decision_log.close()
 
 
-async def serve(config: Config, worker: int | None = None, report_fd: int | None = None) -> None:
-    """Run until SIGTERM or SIGINT. A worker (see pep/workers.py) shares `listen` and tells the supervisor the
-    port of its private admin listener on `report_fd`."""
-    server = Server(config, reuse_port=worker is not None)
+CONFIG_CHECK_S = 1.0
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def for_worker(config: Config, port: int) -> Config:
+    """A worker's view of the config: the supervisor's shared port, and a private loopback admin port."""
+    return dataclasses.replace(config, listen=Address(config.listen.host, port), admin_listen=Address("127.0.0.1", 0))
+
+
+async def serve(config: Config, worker: tuple[int, int, int] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain for up to `shutdown_grace_ms`. A worker (pep/workers.py),
+    given as (index, shared port, report fd), shares `listen` and reports its admin port on the fd."""
+    if worker is None:
+        server = Server(config)
+    else:
+        port = worker[1]
+        server = Server(for_worker(config, port), reuse_port=True, adjust=lambda c: for_worker(c, port))
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    who = "failclosed-pep" if worker is None else f"failclosed-pep worker {worker}"
+    who = "failclosed-pep" if worker is None else f"failclosed-pep worker {worker[0]}"
     print(f"{who}: proxy on {server.proxy_address}, admin on {server.admin_address}", file=sys.stderr, flush=True)
-    if report_fd is not None and server.admin_address is not None:
-        os.write(report_fd, f"{server.admin_address.port}\n".encode())
-        os.close(report_fd)
+    if worker is not None and server.admin_address is not None:
+        os.write(worker[2], f"{server.admin_address.port}\n".encode())
+        os.close(worker[2])
     try:
         await stop.wait()
+        grace = server.config.shutdown_grace_ms / 1000
+        print(f"{who}: shutting down, draining requests for up to {grace:g} s", file=sys.stderr, flush=True)
     finally:
         await server.stop()

@@ -73,23 +73,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: object, path: str, worker: str | None) -> int:
-    import dataclasses
-
     import uvloop
 
     from pep.app import serve
-    from pep.config import Address, Config
+    from pep.config import Config
     from pep.decision_log import DecisionLogError
 
     assert isinstance(config, Config)
     try:
         if worker is not None:
             index, port, fd = (int(part) for part in worker.split(":"))
-            # The shared port the supervisor holds; a private loopback admin port, reported on `fd`.
-            mine = dataclasses.replace(
-                config, listen=Address(config.listen.host, port), admin_listen=Address("127.0.0.1", 0)
-            )
-            uvloop.run(serve(mine, index, fd))
+            uvloop.run(serve(config, (index, port, fd)))
         elif config.workers > 1:
             from pep.workers import Supervisor
 

@@ -197,6 +197,7 @@ class Config:
     decision_log: DecisionLogConfig
     routes: tuple[RouteConfig, ...]
     workers: int = 1  # processes sharing `listen` (SO_REUSEPORT); a supervisor serves `admin_listen`
+    shutdown_grace_ms: int = 25000  # SIGTERM: in-flight requests may finish within this, then are closed
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -737,7 +738,17 @@ def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
     )
 
 
-_TOP_KEYS = {"version", "listen", "admin_listen", "identity", "pdp", "decision_log", "routes", "workers"}
+_TOP_KEYS = {
+    "version",
+    "listen",
+    "admin_listen",
+    "identity",
+    "pdp",
+    "decision_log",
+    "routes",
+    "workers",
+    "shutdown_grace_ms",
+}
 
 
 def parse(data: Any, source: str) -> Config:
@@ -756,6 +767,7 @@ def parse(data: Any, source: str) -> Config:
         r.error("admin_listen", "must differ from listen: the admin endpoints are never served on the proxy port")
     identity = _identity(r, m["identity"]) if "identity" in m else Identity()
     workers = r.integer(m, "workers", "", 1, 1, 64)
+    grace = r.integer(m, "shutdown_grace_ms", "", 25000, 0, 3_600_000)
     pdp = None
     if "pdp" not in m:
         r.error("pdp", "is required")
@@ -800,7 +812,7 @@ def parse(data: Any, source: str) -> Config:
                 r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers)
+    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace)
 
 
 def load(path: str | Path) -> Config:

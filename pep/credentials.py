@@ -18,9 +18,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class CredentialSource:
-    __slots__ = ("_file", "_static", "header")
+    __slots__ = ("_file", "_static", "config", "header")
 
     def __init__(self, config: Credential, environ: Mapping[str, str] = os.environ) -> None:
+        self.config = config
         self.header = config.header
         self._file: FileSecret | None = None
         self._static: str | None = None

@@ -44,9 +44,23 @@ def file_problems(config: Config) -> list[str]:
             ssl.create_default_context(cafile=jwt.jwks_ca_file)
         except (OSError, ssl.SSLError) as exc:
             problems.append(f"{src}: identity.jwt.jwks_ca_file: {exc}")
-    if config.identity.mtls is not None:
-        try:
-            server_context(config.identity.mtls)
-        except (OSError, ssl.SSLError) as exc:
-            problems.append(f"{src}: identity.mtls: {exc}")
+    mtls = config.identity.mtls
+    if mtls is not None:
+        files = (("ca_file", mtls.ca_file), ("cert_file", mtls.cert_file), ("key_file", mtls.key_file))
+        unreadable = [(key, problem) for key, path in files if (problem := _unreadable(path)) is not None]
+        problems.extend(f"{src}: identity.mtls.{key}: {problem}" for key, problem in unreadable)
+        if not unreadable:  # all three open: what is left is their contents (not PEM, a key of another cert)
+            try:
+                server_context(mtls)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(f"{src}: identity.mtls: {exc}")
     return problems
+
+
+def _unreadable(path: str) -> str | None:
+    """Why `path` cannot be opened for reading, or None. (ssl's own errors do not say which file they mean.)"""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return f"{path!r}: {exc.strerror or exc}"

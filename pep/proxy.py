@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from pep.decision_log import DecisionLog
 from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.identity import Refusal
+from pep.identity.keys import KeySource
 from pep.identity.subject import Identifier
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
@@ -99,6 +101,16 @@ def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, ri
     return deny(reason, rid)
 
 
+def _peercert(request: web.BaseRequest) -> Callable[[], dict[str, Any] | None]:
+    """Reads the verified client certificate of the request's connection (mTLS listener), when asked."""
+    transport = request.transport
+
+    def peercert() -> dict[str, Any] | None:
+        return transport.get_extra_info("peercert") if transport is not None else None
+
+    return peercert
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     """What one config decides about requests: swapped whole by a reload, so a request never mixes two."""
@@ -108,6 +120,7 @@ class Runtime:
     engine: Engine
     identifier: Identifier
     credentials: dict[str, CredentialSource]
+    keys: KeySource | None = None  # identity.jwt's key source, started and closed with the runtime
 
     @property
     def include_arguments(self) -> bool:
@@ -252,12 +265,7 @@ class Proxy:
 
     async def _subject_of(self, request: web.BaseRequest, route: Route, case: _Case) -> dict[str, Any] | Outcome:
         """The verified subject, or the denial (with its 401 challenge where one applies)."""
-        transport = request.transport
-
-        def peercert() -> dict[str, Any] | None:
-            return transport.get_extra_info("peercert") if transport is not None else None
-
-        found = await case.rt.identifier.subject(request.headers, peercert, route.config.require_identity)
+        found = await case.rt.identifier.subject(request.headers, _peercert(request), route.config.require_identity)
         if isinstance(found, Refusal):
             case.challenge = found.challenge
             return _early(found.reason, found.detail)
@@ -379,7 +387,7 @@ class Proxy:
             "route": route_name,
             "method": request.method,
             "path": document["request"]["path"] if document else request.rel_url.raw_path,
-            "subject": document["subject"] if document else rt.identifier.static,
+            "subject": document["subject"] if document else rt.identifier.unverified(_peercert(request)),
             "mcp_method": None,
             "mcp_name": None,
             "decision": "allow" if allow else "deny",

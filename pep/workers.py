@@ -42,7 +42,7 @@ from pep.config import Address, Config
 
 RESTART_DELAY_S = 1.0
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 35.0  # a worker drains in-flight requests before it exits
+STOP_MARGIN_S = 10.0  # past twice the workers' drain (aiohttp waits up to the grace, then again for cancellation)
 SCRAPE_TIMEOUT_S = 2.0
 
 
@@ -243,7 +243,7 @@ class Supervisor:
             if process is None:
                 continue
             try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+                await asyncio.wait_for(process.wait(), 2 * self.config.shutdown_grace_ms / 1000 + STOP_MARGIN_S)
             except TimeoutError:
                 process.kill()
                 await process.wait()

@@ -9,9 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from pep.app import Server
-from pep.config import parse
+from pep.config import load
 from tests.support.fault_pdp import FaultPdp
 from tests.support.upstream import RecordingUpstream
 
@@ -98,7 +99,10 @@ class PepStarter:
         raw = copy.deepcopy(self._build(log_path))
         if mutate is not None:
             mutate(raw)
-        config = parse(raw, self._source)
+        # A real file, as `pep run` reads: a reload (SIGHUP, a file change) reads it again.
+        path = self._tmp_path / f"{len(self._started)}-{self._source}"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        config = load(path)
         server = Server(config, clock=clock) if clock is not None else Server(config)
         await server.start()
         self._started.append(server)

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import aiohttp
 import orjson
 from jwt import PyJWK
-from jwt.exceptions import PyJWKError
+from jwt.exceptions import PyJWKError, PyJWTError
 
 from pep.cache_control import ttl_of
 from pep.config import JwtConfig
@@ -82,7 +82,7 @@ class KeySet:
                     continue
                 try:
                     key = PyJWK(jwk, algorithm=alg)
-                except (PyJWKError, ValueError, TypeError):
+                except (PyJWKError, PyJWTError, ValueError, TypeError):  # e.g. InvalidKeyError for bad coordinates
                     continue
                 fitting.setdefault(alg, []).append(key)
                 if isinstance(kid, str):

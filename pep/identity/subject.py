@@ -49,6 +49,15 @@ class Identifier:
             out["attributes"] = self._attributes
         return out
 
+    def unverified(self, peercert: PeerCert) -> dict[str, Any]:
+        """The subject a decision log line shows for a request refused before its subject was built: the static
+        one, except on an mTLS listener, where the configured workload is nobody's identity: there it is the
+        peer's SPIFFE ID, or None when its certificate carries no valid one."""
+        if not self._mtls:
+            return self.static
+        found = spiffe_id(peercert())
+        return self.build(found if isinstance(found, str) else None, None)
+
     async def subject(
         self, headers: CIMultiDictProxy[str] | CIMultiDict[str], peercert: PeerCert, token_required: bool
     ) -> dict[str, Any] | Refusal:

@@ -1,5 +1,5 @@
 """The embedded Cedar PDP in a running PEP: decisions by route and method, no circuit breaker for an in-process PDP,
-and policy reloads (Server.reload_policies, and SIGHUP to a real `pep run`) that keep the last good policies."""
+and policy reloads (Server.reload_config, and SIGHUP to a real `pep run`) that keep the last good policies."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ async def test_evaluation_errors_never_open_a_circuit(
     assert "missing" in entries[0]["detail"]
 
 
-async def test_reload_policies_changes_the_decision_and_keeps_the_last_good_ones(
+async def test_reload_rereads_policies_and_keeps_the_last_good_ones(
     make_pep: PepFactory,
     policy_file: Path,
     upstream: RecordingUpstream,
@@ -131,36 +131,40 @@ async def test_reload_policies_changes_the_decision_and_keeps_the_last_good_ones
     assert await call(client, pep.url + "/tools/x", "POST") == (403, "policy_denied")
 
     rewrite(policy_file, POST_TOOLS)
-    pep.server.reload_policies()
+    assert await pep.server.reload_config()
     assert await call(client, pep.url + "/tools/x", "POST") == (200, None)
     assert await call(client, pep.url + "/tools/x") == (403, "policy_denied")
     text = await scrape(client, pep)
     assert metric(text, "pep_config_reloads_total", result="success") == 1
     assert metric(text, "pep_config_reloads_total", result="error") == 0
-    assert "policies reloaded" in capsys.readouterr().err
+    assert "config reloaded" in capsys.readouterr().err
 
     rewrite(policy_file, BROKEN)
-    pep.server.reload_policies()
+    assert not await pep.server.reload_config()
     assert await call(client, pep.url + "/tools/x", "POST") == (200, None)  # still the last good policies
     text = await scrape(client, pep)
     assert metric(text, "pep_config_reloads_total", result="success") == 1
     assert metric(text, "pep_config_reloads_total", result="error") == 1
     err = capsys.readouterr().err
-    assert "policy reload failed, keeping the last good policies" in err
+    assert "config reload failed, keeping the last good config" in err
     assert "pdp.policies" in err
 
     rewrite(policy_file, None)
-    pep.server.reload_policies()
+    assert not await pep.server.reload_config()
     assert await call(client, pep.url + "/tools/x", "POST") == (200, None)
     assert metric(await scrape(client, pep), "pep_config_reloads_total", result="error") == 2
     assert len(upstream.seen) == 3
 
 
-async def test_reload_policies_is_a_no_op_for_a_remote_pdp(make_pep: PepFactory, client: aiohttp.ClientSession) -> None:
-    pep: RunningPep = await make_pep()  # OPA: nothing in process to reload
-    pep.server.reload_policies()
+async def test_reload_keeps_a_remote_pdp_client_and_its_breaker(
+    make_pep: PepFactory, client: aiohttp.ClientSession
+) -> None:
+    pep: RunningPep = await make_pep()  # OPA: the same pdp config, so the same engine
+    engine = pep.server.engine
+    assert await pep.server.reload_config()
+    assert pep.server.engine is engine
     text = await scrape(client, pep)
-    assert metric(text, "pep_config_reloads_total") == 0
+    assert metric(text, "pep_config_reloads_total", result="success") == 1
 
 
 # --- SIGHUP to a real `pep run` -----------------------------------------------------------------------------------
@@ -201,13 +205,13 @@ async def test_sighup_reloads_the_policies_of_a_running_pep(
 
         rewrite(policy_file, POST_TOOLS)
         os.kill(proc.pid, signal.SIGHUP)  # only the PID started above
-        await read_line(proc.stderr, "policies reloaded", 10)
+        await read_line(proc.stderr, "config reloaded", 10)
         assert await call(client, url + "/tools/x", "POST") == (200, None)
         assert await call(client, url + "/tools/x") == (403, "policy_denied")
 
         rewrite(policy_file, BROKEN)
         os.kill(proc.pid, signal.SIGHUP)
-        line = await read_line(proc.stderr, "policy reload failed", 10)
+        line = await read_line(proc.stderr, "config reload failed", 10)
         assert "pdp.policies" in line
         assert await call(client, url + "/tools/x", "POST") == (200, None)
         async with client.get(admin + "/metrics") as r:

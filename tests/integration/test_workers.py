@@ -72,10 +72,10 @@ async def test_two_workers_share_the_port_merge_metrics_and_survive_a_crash(
         assert metric(text, "pep_workers") == 2
         assert "_created" not in text.replace("pep_worker_restarts_created", "")
 
-        # SIGHUP reaches both workers (each re-reads its Cedar policies).
+        # SIGHUP reaches both workers (each re-reads its config and Cedar policies).
         os.kill(proc.pid, signal.SIGHUP)
-        await read_line(proc.stderr, "policies reloaded", 10)
-        await read_line(proc.stderr, "policies reloaded", 10)
+        await read_line(proc.stderr, "config reloaded", 10)
+        await read_line(proc.stderr, "config reloaded", 10)
 
         os.kill(workers[0], signal.SIGKILL)  # a child of the process this test started
         await read_line(proc.stderr, "restarting", 10)
