@@ -69,7 +69,7 @@ $(CERBOS_BIN):
 cerbos-policies: $(CERBOS_BIN)
 	$(CERBOS_BIN) compile config/policies/cerbos
 
-test: lint typecheck cerbos-policies $(MCP1_STAMP)
+test: lint typecheck cerbos-policies deploy-check $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -77,5 +77,7 @@ PDP ?= cedar
 demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
-clean:
+clean: deploy-clean
 	rm -rf $(VENV) $(MCP1_VENV) .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+
+include deploy/deploy.mk
