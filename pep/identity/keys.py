@@ -117,6 +117,10 @@ class KeySource:
     async def lookup(self, kid: str | None, alg: str) -> Lookup:
         raise NotImplementedError
 
+    def poll(self) -> None:
+        """Cheap, on every token (cache hits too): notice a changed key source, so a removed key stops
+        verifying cached tokens. Files: one stat at most once a second; URLs: nothing (fetches are on demand)."""
+
     async def start(self) -> None:
         """Load or fetch once at start (a URL that is down is not fatal: tokens are refused until it is up)."""
 
@@ -170,9 +174,12 @@ class FileKeys(KeySource):
         with contextlib.suppress(KeysError):  # the failure is kept as the reason tokens are refused
             self.load()
 
-    async def lookup(self, kid: str | None, alg: str) -> Lookup:
+    def poll(self) -> None:
         if self._clock() - self._checked >= CHECK_S:
             self.refresh()
+
+    async def lookup(self, kid: str | None, alg: str) -> Lookup:
+        self.poll()
         keys = self._keys
         if keys is None:
             return Lookup(None, self._problem)
@@ -227,7 +234,7 @@ class UrlKeys(KeySource):
         return Lookup(keys.get(kid, alg), None)
 
     def _keys_now(self) -> KeySet | None:
-        if self._keys is not None and self._clock() >= self._drop_at:
+        if self._keys is not None and self._problem and self._clock() >= self._drop_at:
             self._keys = None  # stale for too long: refusing beats trusting keys that may have been revoked
             self._problem = f"jwks_url keys expired and could not be refreshed ({self._problem})"
         return self._keys
@@ -269,7 +276,9 @@ class UrlKeys(KeySource):
         async with self._session.get(self.url, allow_redirects=False, headers={"accept": "application/json"}) as r:
             if r.status != 200:
                 raise KeysError(f"answered HTTP {r.status}")
-            raw = await r.content.read(MAX_JWKS_BYTES + 1)
-            if len(raw) > MAX_JWKS_BYTES:
-                raise KeysError(f"answer is larger than {MAX_JWKS_BYTES} bytes")
-            return raw, r.headers.get("Cache-Control")
+            raw = bytearray()
+            while chunk := await r.content.read(MAX_JWKS_BYTES + 1 - len(raw)):
+                raw += chunk
+                if len(raw) > MAX_JWKS_BYTES:
+                    raise KeysError(f"answer is larger than {MAX_JWKS_BYTES} bytes")
+            return bytes(raw), r.headers.get("Cache-Control")

@@ -100,6 +100,7 @@ class TokenVerifier:
     async def verify(self, token: str) -> Verified | Refusal:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         cache = self._cache
+        self.keys.poll()
         if self._key_changes != self.keys.changes:  # new keys: what was verified with the old ones is re-checked
             cache.clear()
             self._key_changes = self.keys.changes
