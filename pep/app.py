@@ -11,7 +11,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -35,6 +35,9 @@ from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret
 from pep.upstream import Upstream
+
+if TYPE_CHECKING:
+    from pep.otel import Tracing
 
 # Header phase and idle keep-alive limit on the agent-facing listener (aiohttp's AppRunner default is 3630 s).
 KEEPALIVE_S = 75.0
@@ -72,7 +75,7 @@ def _pdp_identity(cfg: Config) -> tuple[object, ...]:
 
 
 # Keys a running process cannot change: they are bound sockets, processes, or open files.
-_RESTART_ONLY = ("listen", "admin_listen", "workers", "decision_log")
+_RESTART_ONLY = ("listen", "admin_listen", "workers", "decision_log", "tracing")
 
 
 class ReloadError(Exception):
@@ -90,6 +93,7 @@ class Server:
         clock: Callable[[], float] = time.monotonic,
         reuse_port: bool = False,
         adjust: Callable[[Config], Config] | None = None,
+        span_exporter: Any = None,
     ) -> None:
         self.config = config
         self.reuse_port = reuse_port  # a worker: `listen` is shared with the other workers (SO_REUSEPORT)
@@ -107,6 +111,8 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self._retired: list[Runtime] = []  # replaced runtimes whose clients close once their requests are done
+        self._span_exporter = span_exporter  # tests: an in-memory exporter instead of the configured one
+        self.tracing: Tracing | None = None
 
     @property
     def runtime(self) -> Runtime | None:
@@ -132,6 +138,10 @@ class Server:
         await self.decision_log.start()
         self._upstream = Upstream(self.metrics)
         self.proxy = proxy = Proxy(await self._build(cfg, None), self._upstream, self.decision_log, self.metrics)
+        if cfg.tracing is not None:
+            from pep.otel import Tracing  # only with tracing on: no OpenTelemetry import otherwise
+
+            proxy.spans = self.tracing = Tracing(cfg.tracing, self._span_exporter)
 
         # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
         # one handler and gets a decision.
@@ -324,6 +334,8 @@ class Server:
         for old in self._retired:
             await self._close_runtime(old, keep=self.runtime)
         self._retired.clear()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports what is buffered
         await self.decision_log.close()
 
 

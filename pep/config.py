@@ -187,6 +187,19 @@ class RouteConfig:
     require_identity: bool = False  # a verified token is required (identity.jwt)
 
 
+OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Spans through the OpenTelemetry SDK (the `otel` extra). Without this key the PEP records no spans."""
+
+    exporter: str = "otlp"  # otlp (HTTP/protobuf) | console (stderr)
+    endpoint: str = OTLP_ENDPOINT
+    service_name: str = "failclosed-pep"
+    sample_ratio: float = 1.0  # for traces the PEP starts; a caller's sampled flag is followed
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     source: str
@@ -198,6 +211,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     workers: int = 1  # processes sharing `listen` (SO_REUSEPORT); a supervisor serves `admin_listen`
     shutdown_grace_ms: int = 25000  # SIGTERM: in-flight requests may finish within this, then are closed
+    tracing: TracingConfig | None = None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -402,7 +416,8 @@ def _identity(r: _Reader, value: Any) -> Identity:
     if jwt is not None and header is not None and header.lower() == jwt.header:
         r.error("identity.agent_header", "must differ from identity.jwt.header")
     mtls = None
-    if "mtls" in m and (t := r.mapping(m["mtls"], "identity.mtls", {"ca_file", "cert_file", "key_file"})):
+    mtls_keys = {"ca_file", "cert_file", "key_file"}
+    if "mtls" in m and (t := r.mapping(m["mtls"], "identity.mtls", mtls_keys)) is not None:
         ca, cert, key = (r.string(t, k, "identity.mtls", required=True) for k in ("ca_file", "cert_file", "key_file"))
         mtls = MtlsConfig(ca, cert, key) if ca and cert and key else None
     return Identity(
@@ -570,6 +585,26 @@ def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
     )
     ok = kind is not None and (url if remote else policies)
     return cfg if ok else None
+
+
+def _tracing(r: _Reader, value: Any) -> TracingConfig | None:
+    m = r.mapping(value, "tracing", {"exporter", "endpoint", "service_name", "sample_ratio"})
+    if m is None:
+        return None
+    exporter = r.choice(m, "exporter", "tracing", "otlp", ("otlp", "console")) or "otlp"
+    endpoint = _http_url(r, r.string(m, "endpoint", "tracing", default=OTLP_ENDPOINT), "tracing.endpoint")
+    if "endpoint" in m and exporter != "otlp":
+        r.error("tracing.endpoint", "is only used with exporter: otlp")
+    ratio = m.get("sample_ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        r.error("tracing.sample_ratio", f"must be a number from 0 to 1, got {ratio!r}")
+        ratio = 1.0
+    return TracingConfig(
+        exporter=exporter,
+        endpoint=endpoint or OTLP_ENDPOINT,
+        service_name=r.string(m, "service_name", "tracing", default="failclosed-pep") or "failclosed-pep",
+        sample_ratio=float(ratio),
+    )
 
 
 def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
@@ -748,6 +783,7 @@ _TOP_KEYS = {
     "routes",
     "workers",
     "shutdown_grace_ms",
+    "tracing",
 }
 
 
@@ -768,6 +804,7 @@ def parse(data: Any, source: str) -> Config:
     identity = _identity(r, m["identity"]) if "identity" in m else Identity()
     workers = r.integer(m, "workers", "", 1, 1, 64)
     grace = r.integer(m, "shutdown_grace_ms", "", 25000, 0, 3_600_000)
+    tracing = _tracing(r, m["tracing"]) if "tracing" in m else None
     pdp = None
     if "pdp" not in m:
         r.error("pdp", "is required")
@@ -812,7 +849,7 @@ def parse(data: Any, source: str) -> Config:
                 r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace)
+    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing)
 
 
 def load(path: str | Path) -> Config:

@@ -41,6 +41,8 @@ PEP_OWNED: frozenset[str] = frozenset(
         "x-forwarded-server",
         "x-real-ip",
         "forwarded",
+        "traceparent",  # kept or started by the PEP (pep/trace.py), then set on the upstream request
+        "tracestate",
     }
 )
 

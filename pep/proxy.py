@@ -7,6 +7,7 @@ is a `Deny(internal_error)`: the only path to the upstream goes through `Upstrea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
+from pep.trace import CURRENT as CURRENT_TRACE
+from pep.trace import Spans, Trace, from_headers
 from pep.upstream import Rewrite, Upstream
 
 log = logging.getLogger("pep.proxy")
@@ -63,15 +66,29 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("challenge", "credential", "document", "inspected", "route", "rt")
+    __slots__ = ("challenge", "credential", "document", "inspected", "outcome", "route", "rt", "trace")
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, trace: Trace) -> None:
         self.rt = rt  # the config this request is decided and logged under
+        self.trace = trace
+        self.outcome: Outcome | None = None
         self.route: Route | None = None
         self.document: dict[str, Any] | None = None
         self.inspected: Inspected | None = None
         self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
+
+    def span_attributes(self) -> dict[str, Any]:
+        """What the request's span records (tracing on only)."""
+        outcome = self.outcome
+        decision = outcome.decision if outcome is not None else None
+        return {
+            "pep.route": self.route.name if self.route is not None else UNMATCHED,
+            "pep.decision": None if decision is None else ("allow" if isinstance(decision, Allow) else "deny"),
+            "pep.reason": None if decision is None else decision_reason(decision).value,
+            "pep.pdp.attempts": outcome.attempts if outcome is not None else None,
+            "pep.pdp.ms": outcome.pdp_ms if outcome is not None else None,
+        }
 
 
 def decision_reason(decision: Allow | Deny) -> Reason:
@@ -132,6 +149,7 @@ class Proxy:
 
     def __init__(self, runtime: Runtime, upstream: Upstream, decision_log: DecisionLog, metrics: Metrics) -> None:
         self.runtime = runtime  # replaced whole by a reload; each request keeps the one it started with
+        self.spans: Spans | None = None  # OpenTelemetry spans, when the config has `tracing`
         self._upstream = upstream
         self._log = decision_log
         self._metrics = metrics
@@ -140,21 +158,32 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
+        trace = from_headers(request.headers)
+        spans = self.spans
+        if spans is not None:
+            spans.start(trace, request.method)
+        token = CURRENT_TRACE.set(trace)  # read by the PDP client and the forwarder (same task)
+        response: web.StreamResponse | None = None
+        case = _Case(self.runtime, trace)
         try:
-            return await self._handle(request)
+            response = await self._handle(request, case)
+            return response
         except asyncio.CancelledError:
             raise
         except Exception:
             # A bug outside the decision itself (logging, metrics): still a denial, never a bare 500.
             log.exception("internal error while handling a request")
-            return deny(Reason.INTERNAL_ERROR, request_id(request.headers.get("X-Request-ID")))
+            response = deny(Reason.INTERNAL_ERROR, request_id(request.headers.get("X-Request-ID")))
+            return response
         finally:
+            CURRENT_TRACE.reset(token)
             self.in_flight -= 1
+            if spans is not None:
+                spans.finish(trace, case.span_attributes(), response.status if response is not None else None)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, case: _Case) -> web.StreamResponse:
         started = time.perf_counter()
         rid = request_id(request.headers.get("X-Request-ID"))
-        case = _Case(self.runtime)
         status = 403
         try:
             if request.version not in _HTTP_1:
@@ -174,6 +203,7 @@ class Proxy:
         entry = self._entry(request, rid, route_name, case, outcome)
         if not self._log.record(entry) and self._log.required and isinstance(decision, Allow):
             decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, "decision log unavailable")
+        case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
         metrics.decisions[route_name, reason].inc()
@@ -339,7 +369,7 @@ class Proxy:
             outcome = await engine.decide(check)
             decision = outcome.decision
             reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine))
+            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace))
             undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
             if undecided or len(reasons) != len(names):
                 return (undecided[0] if undecided else decision_reason(decision)).value
@@ -395,6 +425,7 @@ class Proxy:
             "pdp_ms": outcome.pdp_ms,
             "attempts": outcome.attempts,
             "circuit": rt.engine.circuit.name.lower(),
+            "trace_id": case.trace.trace_id,
         }
         messages = case.inspected.messages if case.inspected is not None else ()
         if messages and messages[0].key == "mcp":
@@ -423,6 +454,7 @@ def _filter_entry(
     names: list[str],
     reasons: tuple[Reason, ...],
     engine: Engine,
+    trace: Trace,
 ) -> dict[str, Any]:
     allowed = isinstance(outcome.decision, Allow)
     return {
@@ -440,6 +472,7 @@ def _filter_entry(
         "pdp_ms": outcome.pdp_ms,
         "attempts": outcome.attempts,
         "circuit": engine.circuit.name.lower(),
+        "trace_id": trace.trace_id,
         "filtered": {
             "kept": [n for n, r in zip(names, reasons, strict=False) if r is Reason.ALLOWED],
             "removed": [n for n, r in zip(names, reasons, strict=False) if r is not Reason.ALLOWED],

@@ -17,6 +17,7 @@ from pep.metrics import Metrics
 from pep.protocols import body as request_body
 from pep.responses import upstream_failure
 from pep.routing import Route
+from pep.trace import CURRENT as CURRENT_TRACE
 
 _CHUNK = 65536
 REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (tools/list filtering)
@@ -96,6 +97,9 @@ class Upstream:
             headers["X-Forwarded-Host"] = host
         headers["X-Request-ID"] = allow.request_id
         headers["X-PEP-Decision-ID"] = allow.decision_id
+        trace = CURRENT_TRACE.get()
+        if trace is not None:
+            headers.update(trace.headers())
         for name, value in allow.headers:
             headers.popall(name, None)
             headers[name] = value

@@ -12,6 +12,7 @@ from pep import __version__
 from pep.decision import Reason
 from pep.pdp import Failure
 from pep.secret_file import FileSecret
+from pep.trace import CURRENT as CURRENT_TRACE
 
 _READ_CHUNK = 65536
 
@@ -38,6 +39,9 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
 def request_headers(request_id: str, auth: FileSecret | None, auth_header: str) -> dict[str, str] | Failure:
     """Headers of a decision request: JSON, the request id, and the PEP's credential for the PDP if any."""
     headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+    trace = CURRENT_TRACE.get()
+    if trace is not None:
+        headers.update(trace.headers())
     if auth is not None:
         value = auth.value()
         if value is None:

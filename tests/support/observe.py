@@ -21,6 +21,7 @@ LOG_KEYS = frozenset(
         "pdp_ms",
         "attempts",
         "circuit",
+        "trace_id",
     }
 )
 

@@ -332,6 +332,22 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("attr-reserved", lambda c: c.update(identity={"attributes": {"agent": "x"}}), "identity.attributes.agent: is a"),
     ("attr-type", lambda c: c.update(identity={"attributes": {"n": 1}}), "identity.attributes.n: must be a string"),
     # keys of later capabilities: refused by name
+    (
+        "tracing-exporter",
+        lambda c: c.update(tracing={"exporter": "jaeger"}),
+        "tracing.exporter: must be one of otlp, console",
+    ),
+    (
+        "tracing-ratio",
+        lambda c: c.update(tracing={"sample_ratio": 2}),
+        "tracing.sample_ratio: must be a number from 0 to 1",
+    ),
+    (
+        "tracing-endpoint",
+        lambda c: c.update(tracing={"exporter": "console", "endpoint": "http://x:4318/v1/traces"}),
+        "tracing.endpoint: is only used with exporter: otlp",
+    ),
+    ("grace-negative", lambda c: c.update(shutdown_grace_ms=-1), "shutdown_grace_ms: must be between 0 and 3600000"),
     ("workers-zero", lambda c: c.update(workers=0), "workers: must be between 1 and 64, got 0"),
     ("workers-text", lambda c: c.update(workers="2"), "workers: must be an integer, got a string"),
     (

@@ -1,0 +1,94 @@
+"""W3C Trace Context: the caller's `traceparent`/`tracestate` kept, or a trace started, for the PDP and upstream.
+
+Without `tracing` in the config the PEP takes part in no trace itself: a valid `traceparent` goes on to the PDP
+and the upstream unchanged, so their spans hang under the caller's; a missing or invalid one is replaced by a
+new trace (and an invalid one's `tracestate` dropped, as the spec asks), so the PDP request, the upstream
+request and the decision log line share one trace id. The cost is one header lookup and, for a new trace, two
+random ids. With `tracing` (pep/otel.py) the PEP's own span becomes the parent of what it sends on.
+
+The request's trace lives in a ContextVar: the PDP client and the upstream forwarder run in the handler's
+task (or tasks it creates, which copy the context), so nothing has to be threaded through their signatures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+from multidict import CIMultiDictProxy
+
+_HEX_LOWER = re.compile(r"[0-9a-f]+\Z")
+_INVALID_TRACE = "0" * 32
+_INVALID_SPAN = "0" * 16
+MAX_TRACESTATE = 512  # the spec's minimum a vendor must propagate; longer lists are truncated by members
+
+
+class Trace:
+    """One request's position in a trace: the trace id, the span the PEP's requests hang under, flags."""
+
+    __slots__ = ("flags", "parent_id", "remote", "span", "state", "trace_id")
+
+    def __init__(self, trace_id: str, parent_id: str, flags: str, state: str | None, remote: bool) -> None:
+        self.remote = remote  # the caller's trace (else started here)
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.flags = flags
+        self.state = state
+        self.span: Any = None  # the PEP's own span, when tracing is on
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id}-{self.parent_id}-{self.flags}"
+
+    def headers(self) -> dict[str, str]:
+        """What the PDP request and the upstream request carry."""
+        out = {"traceparent": self.traceparent}
+        if self.state:
+            out["tracestate"] = self.state
+        return out
+
+
+CURRENT: ContextVar[Trace | None] = ContextVar("pep_trace", default=None)
+
+
+def parse_traceparent(value: str) -> tuple[str, str, str] | None:
+    """(trace id, parent id, flags) of a valid `traceparent`, else None (W3C Trace Context level 1, 3.2)."""
+    if len(value) < 55 or value[2] != "-" or value[35] != "-" or value[52] != "-":
+        return None
+    version, trace_id, parent_id, flags = value[:2], value[3:35], value[36:52], value[53:55]
+    if version == "ff" or not _HEX_LOWER.match(version):
+        return None
+    if version == "00" and len(value) != 55:
+        return None
+    if len(value) > 55 and value[55] != "-":  # a later version may append fields, after a dash
+        return None
+    if not (_HEX_LOWER.match(trace_id) and _HEX_LOWER.match(parent_id) and _HEX_LOWER.match(flags)):
+        return None
+    if trace_id == _INVALID_TRACE or parent_id == _INVALID_SPAN:
+        return None
+    return trace_id, parent_id, flags
+
+
+def from_headers(headers: CIMultiDictProxy[str]) -> Trace:
+    """The caller's trace when it sent exactly one valid `traceparent`, else a new one (not sampled: the PEP
+    recorded nothing that a sampled flag would promise)."""
+    parents = headers.getall("traceparent", ())
+    found = parse_traceparent(parents[0]) if len(parents) == 1 else None
+    if found is None:
+        return Trace(os.urandom(16).hex(), os.urandom(8).hex(), "00", None, remote=False)
+    states = headers.getall("tracestate", ())
+    state = ",".join(states) if states else None
+    if state is not None and len(state) > MAX_TRACESTATE:
+        state = None  # rather none than a list cut in the middle of a member
+    trace_id, parent_id, flags = found
+    return Trace(trace_id, parent_id, flags, state, remote=True)
+
+
+class Spans(Protocol):
+    """What the proxy needs of span recording (pep/otel.py); None when tracing is off."""
+
+    def start(self, trace: Trace, method: str) -> None: ...
+
+    def finish(self, trace: Trace, attributes: dict[str, Any], status: int | None) -> None: ...
