@@ -6,7 +6,7 @@ Run with the deploy tools' venv (PyYAML). Subcommands:
       Core resources go to CORE_YAML (for kubernetes-validate), the Prometheus Operator resources to CRDS_JSON
       (for validate_crds.cjs). A kind that is in neither list is an error, never skipped.
   pod RENDERED OUTDIR
-      Checks the properties deploy/OPERATIONS.md promises of the agent pod (hardened containers, the native
+      Checks the properties the README (Operations) promises of the agent pod (hardened containers, the native
       sidecars, probes on the admin port, the Secret mounted only into the PEP container, PodMonitor and
       NetworkPolicy aimed at that port), and writes the PEP config found in the rendered ConfigMap to
       OUTDIR/config.yaml for `pep check`, with the files it names replaced by stand-ins (see below).
