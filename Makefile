@@ -46,8 +46,8 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 	touch $(MCP1_STAMP)
 
 lint: venv
-	$(BIN)/ruff check pep tests
-	$(BIN)/ruff format --check pep tests
+	$(BIN)/ruff check pep tests bench
+	$(BIN)/ruff format --check pep tests bench
 
 # The 1.x scripts are excluded from the first run (they import the 1.x SDK) and checked against .venv-mcp1.
 typecheck: venv $(MCP1_STAMP)
@@ -69,7 +69,8 @@ $(CERBOS_BIN):
 cerbos-policies: $(CERBOS_BIN)
 	$(CERBOS_BIN) compile config/policies/cerbos
 
-test: lint typecheck cerbos-policies deploy-check $(MCP1_STAMP)
+# bench-smoke: every benchmark target and variant for a second or so, so the benchmark never rots (numbers: make bench).
+test: lint typecheck cerbos-policies deploy-check bench-smoke $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -78,6 +79,7 @@ demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
 clean: deploy-clean
-	rm -rf $(VENV) $(MCP1_VENV) .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 include deploy/deploy.mk
+include bench/bench.mk

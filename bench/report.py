@@ -1,0 +1,286 @@
+"""Medians, ratios against Envoy, the goals of issue 7, and the Markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.openloop import percentile
+
+# Per-run numbers whose median over the repetitions is reported.
+MEDIAN_KEYS = (
+    "closed_rps",
+    "closed_p50_us",
+    "closed_p99_us",
+    "c1_p50_us",
+    "c1_p99_us",
+    "open_p50_us",
+    "open_p99_us",
+    "open_p999_us",
+    "open_achieved_rate",
+    "open_send_lag_p99_us",
+    "cpu_us_per_request",
+    "requests_per_cpu_s",
+    "peak_rss_kib",
+    "foreign_cpu_cores",
+    "load_side_cpu_us_per_request",
+    "stub_connections_per_1k",
+)
+# pep/Envoy ratios: for throughput higher is better, for everything else lower is better.
+RATIO_KEYS = (
+    "closed_rps",
+    "requests_per_cpu_s",
+    "closed_p99_us",
+    "c1_p50_us",
+    "open_p50_us",
+    "open_p99_us",
+    "open_p999_us",
+    "cpu_us_per_request",
+    "peak_rss_kib",
+)
+THROUGHPUT_GOAL = 0.6
+THROUGHPUT_AIM = 1.0
+ADDED_LATENCY_GOAL = 1.5
+
+
+def summarize(case: dict[str, Any]) -> None:
+    """Adds `median` (and pooled open-loop percentiles) to a case with runs; drops the raw latencies."""
+    for discarded in case.get("discarded_noisy_runs", []):
+        discarded.pop("_open_latencies_us", None)
+    runs = case.get("runs", [])
+    if not runs:
+        return
+    median: dict[str, Any] = {}
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        median[key] = statistics.median(values) if values else None
+    busy = [r["core_busy"] for r in runs]
+    median["core_busy"] = [round(statistics.median(c), 3) for c in zip(*busy, strict=True)]
+    pooled = sorted(v for r in runs for v in r.pop("_open_latencies_us", []))
+    median["open_pooled"] = {
+        "n": len(pooled),
+        "p50_us": percentile(pooled, 50),
+        "p99_us": percentile(pooled, 99),
+        "p999_us": percentile(pooled, 99.9),
+    }
+    case["median"] = median
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def added_latency(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """p50 at 1 connection minus the direct p50, per proxy target, and each one's ratio to Envoy's."""
+    direct = cases.get("direct", {}).get("median", {}).get("c1_p50_us")
+    envoy = cases.get("envoy", {}).get("median", {}).get("c1_p50_us")
+    out: dict[str, Any] = {}
+    envoy_added = envoy - direct if envoy is not None and direct is not None else None
+    for key, case in cases.items():
+        value = case.get("median", {}).get("c1_p50_us")
+        if key == "direct" or value is None or direct is None:
+            continue
+        added = value - direct
+        out[key] = {
+            "added_p50_us": added,
+            "vs_envoy": _ratio(added, envoy_added) if key != "envoy" and envoy_added and envoy_added > 0 else None,
+        }
+    return out
+
+
+def ratios(cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """pep-variant / Envoy for each ratio key (medians)."""
+    envoy = cases.get("envoy", {}).get("median")
+    if not envoy:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for key, case in cases.items():
+        median = case.get("median")
+        if key in ("direct", "envoy") or not median:
+            continue
+        out[key] = {k: _ratio(median.get(k), envoy.get(k)) for k in RATIO_KEYS}
+    return out
+
+
+def goals(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The three goals of issue 7 for every PEP variant that has an Envoy to compare with. Reported, not asserted."""
+    out: list[dict[str, Any]] = []
+    for workload, cases in results.items():
+        envoy = cases.get("envoy", {}).get("median")
+        if not envoy:
+            continue
+        added = added_latency(cases)
+        for key, case in cases.items():
+            median = case.get("median")
+            if not key.startswith("pep") or not median or key == "pep_workers2":
+                continue
+            rps = _ratio(median["closed_rps"], envoy["closed_rps"])
+            per_cpu = _ratio(median["requests_per_cpu_s"], envoy["requests_per_cpu_s"])
+            out.append(
+                {
+                    "goal": "throughput per core >= 0.6x Envoy (aim 1.0x)",
+                    "workload": workload,
+                    "target": key,
+                    "value": rps,
+                    "met": rps is not None and rps >= THROUGHPUT_GOAL,
+                    "aim_met": rps is not None and rps >= THROUGHPUT_AIM,
+                    "per_cpu_second": per_cpu,
+                    "detail": f"{median['closed_rps']:.0f} vs {envoy['closed_rps']:.0f} req/s on one core; "
+                    f"per CPU-second of the proxy: {_x(per_cpu)}",
+                }
+            )
+            ratio = added.get(key, {}).get("vs_envoy")
+            pep_added = added.get(key, {}).get("added_p50_us")
+            envoy_added = added.get("envoy", {}).get("added_p50_us")
+            out.append(
+                {
+                    "goal": "added p50 latency at 1 connection <= 1.5x Envoy's",
+                    "workload": workload,
+                    "target": key,
+                    "value": ratio,
+                    "met": ratio is not None and ratio <= ADDED_LATENCY_GOAL,
+                    "detail": f"{_ms(pep_added)} vs {_ms(envoy_added)} ms added over direct",
+                }
+            )
+            p99 = _ratio(median["closed_p99_us"], envoy["closed_p99_us"])
+            out.append(
+                {
+                    "goal": "p99 at 16 connections no worse than Envoy's",
+                    "workload": workload,
+                    "target": key,
+                    "value": p99,
+                    "met": p99 is not None and p99 <= 1.0,
+                    "detail": f"{_ms(median['closed_p99_us'])} vs {_ms(envoy['closed_p99_us'])} ms",
+                }
+            )
+    return out
+
+
+def _ms(us: float | None) -> str:
+    if us is None:
+        return "n/a"
+    return f"{us / 1000:.3f}" if abs(us) < 10000 else f"{us / 1000:.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        f"# failclosed-pep benchmark ({report['mode']})",
+        "",
+        f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}",
+        f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, aiohttp {m['aiohttp']}, "
+        f"failclosed-pep {m['pep']} (commit {m['commit']})",
+        f"- {s['repetitions']} repetition(s), targets interleaved; medians. Closed loop: wrk -t1 -c{s['connections']} "
+        f"{s['closed_s']} s (`--latency`); 1 connection: wrk -t1 -c1 {s['single_s']} s; open loop: "
+        f"{s['open_rate']:g} req/s for {s['open_s']:g} s, latency from the intended send time (bench/openloop.py).",
+        f"- Proxy on core {s['proxy_cores']} (workers: 2 on cores 0,1); nginx stubs and load generators on core "
+        f"{s['load_cores']}; loopback only. CPU/req and peak RSS are the proxy process's (direct: n/a); "
+        "`other work`: CPU used by anything but the benchmark during the closed-loop run (should be ~0).",
+        f"- Started {report['started']}, took {report['elapsed_s']:.0f} s.",
+        "",
+        "| workload | target | req/s c16 | p50 / p99 c16 ms | p50 / p99 c1 ms | added p50 c1 ms "
+        f"| open {s['open_rate']:g}/s p50 / p99 / p99.9 ms | CPU µs/req | peak RSS MiB | other work, cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, cases in report["results"].items():
+        added = report["added_latency"].get(workload, {})
+        for key, case in cases.items():
+            med = case.get("median")
+            if not med:
+                what, _, why = case["status"].partition(": ")
+                lines.append(f"| {workload} | {key} | **{what.upper()}**: {why} | | | | | | | |")
+                continue
+            rss = med["peak_rss_kib"] / 1024 if med["peak_rss_kib"] is not None else None
+            add = added.get(key, {}).get("added_p50_us")
+            lines.append(
+                f"| {workload} | {key} | {_num(med['closed_rps'])} "
+                f"| {_ms(med['closed_p50_us'])} / {_ms(med['closed_p99_us'])} "
+                f"| {_ms(med['c1_p50_us'])} / {_ms(med['c1_p99_us'])} | {_ms(add) if key != 'direct' else '-'} "
+                f"| {_ms(med['open_p50_us'])} / {_ms(med['open_p99_us'])} / {_ms(med['open_p999_us'])} "
+                f"| {_num(med['cpu_us_per_request'])} | {_num(rss, 1)} | {_num(med['foreign_cpu_cores'], 2)} |"
+            )
+    lines += [
+        "",
+        "## PEP / Envoy (ratio of medians; throughput: higher is better, the rest: lower is better)",
+        "",
+        "| workload | target | req/s c16 | req per CPU-s | p99 c16 | p50 c1 | added p50 c1 | open p50 | open p99 "
+        "| open p99.9 | CPU/req | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, per_target in report["ratios"].items():
+        added = report["added_latency"].get(workload, {})
+        for key, r in per_target.items():
+            lines.append(
+                f"| {workload} | {key} | {_x(r['closed_rps'])} | {_x(r['requests_per_cpu_s'])} "
+                f"| {_x(r['closed_p99_us'])} | {_x(r['c1_p50_us'])} "
+                f"| {_x(added.get(key, {}).get('vs_envoy'))} | {_x(r['open_p50_us'])} | {_x(r['open_p99_us'])} "
+                f"| {_x(r['open_p999_us'])} | {_x(r['cpu_us_per_request'])} | {_x(r['peak_rss_kib'])} |"
+            )
+    lines += ["", "## Goals (issue 7; reported, never asserted)", ""]
+    for g in report["goals"]:
+        verdict = "met" if g["met"] else "NOT MET"
+        aim = " (aim 1.0x met)" if g.get("aim_met") else ""
+        lines.append(
+            f"- **{verdict}**{aim}: {g['goal']}: {g['workload']}/{g['target']}: {_x(g['value'])} ({g['detail']})"
+        )
+    w = report["workers"]
+    lines += ["", "## Workers (1 -> 2)", ""]
+    if w["status"] == "ok":
+        lines.append(
+            f"- `workers: 2` on cores 0,1: {_num(w['rps_2'])} req/s vs {_num(w['rps_1'])} req/s with one worker: "
+            f"scaling {_x(w['scaling'])} (core 1 also runs nginx and wrk, so 2.0x is out of reach here)."
+        )
+    else:
+        what, _, why = w["status"].partition(": ")
+        lines.append(f"- **{what.upper()}**: {why}")
+    alloc = report.get("allocation")
+    if alloc:
+        lines += [
+            "",
+            f"## Memory allocated per request (tracemalloc, {alloc.get('requests', '?')} sequential requests)",
+            "",
+            "Peak traced memory above the live memory at the start of each window: a lower bound of the bytes "
+            "allocated per request (bench/alloc.py explains the windows).",
+            "",
+            "| workload | PEP handler | end to end (client + PEP) | client only (no PEP) | PEP share estimate "
+            "| retained/request |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for workload in report["results"]:
+            a = alloc.get(workload)
+            if not a:
+                continue
+            cells = [
+                a["handler_bytes"].get("median"),
+                a["end_to_end_bytes"]["median"],
+                a["client_only_bytes"]["median"],
+                a["pep_share_bytes_estimate"],
+            ]
+            row = " | ".join(f"{_num(c)} B" for c in cells)
+            lines.append(f"| {workload} | {row} | {_num(a['retained_bytes_per_request'], 1)} B |")
+    for prof in report.get("profiles", []):
+        lines += [
+            "",
+            f"## Profile: pep, {prof['workload']} (py-spy, {prof['samples']} samples under wrk -c16; "
+            "not part of the numbers above)",
+            "",
+            "| self | function | | inclusive | function |",
+            "|---:|---|---|---:|---|",
+        ]
+        for own, inc in zip(prof["self"][:12], prof["inclusive"][:12], strict=False):
+            own_share, inc_share = own["share"] * 100, inc["share"] * 100
+            lines.append(f"| {own_share:.1f}% | `{own['function']}` | | {inc_share:.1f}% | `{inc['function']}` |")
+    for warning in report.get("warnings", []):
+        lines += ["", f"**WARNING: {warning}**"]
+    return "\n".join(lines) + "\n"
