@@ -5,16 +5,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp.http_exceptions import ContentEncodingError
-
 from pep import __version__
 from pep.decision import Reason
 from pep.pdp import Failure
+from pep.pdp.http1 import ExchangeError, Http1Client
 from pep.secret_file import FileSecret
 from pep.trace import CURRENT as CURRENT_TRACE
-
-_READ_CHUNK = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,22 +49,14 @@ def request_headers(request_id: str, auth: FileSecret | None, auth_header: str) 
 class HttpTransport:
     """Sends bytes and returns the status, content type and body (at most `max_response_bytes`).
 
-    Time limits are the caller's (the engine wraps each attempt in the decision deadline), so the session has
+    Time limits are the caller's (the engine wraps each attempt in the decision deadline), so the client has
     none of its own. Redirects are never followed: a 3xx is an error status like any other non-2xx.
     """
 
     def __init__(self, max_response_bytes: int, max_connections: int, tls: ssl.SSLContext | None = None) -> None:
         self.max_response_bytes = max_response_bytes
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls if tls is not None else True
-            ),
-            timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            skip_auto_headers=("Accept-Encoding",),
-            headers={"User-Agent": f"failclosed-pep/{__version__}", "Accept": "application/json"},
-        )
+        fixed = f"User-Agent: failclosed-pep/{__version__}\r\nAccept: application/json\r\n"
+        self._client = Http1Client(max_response_bytes, max_connections, tls, fixed)
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> RawAnswer | Failure:
         return await self.exchange("POST", url, body, headers)
@@ -77,35 +65,14 @@ class HttpTransport:
         return await self.exchange("GET", url, None, headers)
 
     async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> RawAnswer | Failure:
-        limit = self.max_response_bytes
         try:
-            async with self._session.request(method, url, data=body, headers=headers, allow_redirects=False) as resp:
-                h = resp.headers
-                content_type = h.get("Content-Type", "")
-                echoed = h.get("X-Request-ID")
-                cache = h.get("Cache-Control")
-                if resp.content_length is not None and resp.content_length > limit:
-                    resp.close()
-                    return RawAnswer(resp.status, content_type, b"", True, False, echoed, cache)
-                chunks: list[bytes] = []
-                size = 0
-                try:
-                    while chunk := await resp.content.read(_READ_CHUNK):
-                        size += len(chunk)
-                        if size > limit:
-                            resp.close()
-                            return RawAnswer(resp.status, content_type, b"", True, False, echoed, cache)
-                        chunks.append(chunk)
-                except aiohttp.ClientPayloadError as exc:
-                    # Bytes arrived but do not decode (a corrupt gzip body): a malformed answer, not a transport
-                    # error, so it is neither reported as unreachable nor retried.
-                    if not isinstance(exc.__cause__, ContentEncodingError):
-                        raise
-                    resp.close()
-                    return RawAnswer(resp.status, content_type, b"", False, True, echoed, cache)
-                return RawAnswer(resp.status, content_type, b"".join(chunks), False, False, echoed, cache)
-        except (aiohttp.ClientError, OSError) as exc:
+            a = await self._client.exchange(method, url, body, headers)
+        except (ExchangeError, OSError) as exc:  # ssl.SSLError is an OSError
             return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
+        except ValueError as exc:
+            return Failure(Reason.PDP_UNREACHABLE, "error", False, str(exc))
+        body_out = b"" if a.oversize else a.body
+        return RawAnswer(a.status, a.content_type, body_out, a.oversize, a.undecodable, a.request_id, a.cache_control)
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._client.close()

@@ -273,9 +273,9 @@ async def test_failed_discovery_is_unreachable_and_not_remembered(
     assert upstream.seen == []
     assert az.evaluations == []
     # Each decision fetched the document again: a failure is never cached. Only a transport error is retried
-    # (retries: 1), and aiohttp itself resends an idempotent GET once when the server drops the connection.
+    # (retries: 1); the PDP client never resends on its own.
     fetched = len(az.discoveries)
-    assert fetched == (8 if fault == "drop" else 2)
+    assert fetched == (4 if fault == "drop" else 2)
     text = await scrape(client, pep)
     assert metric(text, "pep_decisions_total", route="tools", decision="deny", reason="pdp_unreachable") == 2
 
