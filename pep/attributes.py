@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -13,8 +13,17 @@ from pep.routing import Route
 VERSION = "pep/v1"
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, reused within that second
+
+
 def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC with milliseconds, `2026-11-24T12:00:00.000Z`; formatted once per second, not per request."""
+    now = time.time()
+    sec = int(now)
+    cached = _second
+    if cached[0] != sec:
+        cached[0], cached[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"
 
 
 def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -622,6 +622,16 @@ async def test_upstream_timeout_is_504(make_pep: MakePep, upstream: RecordingUps
     assert metric(text, "pep_decisions_total", decision="deny") == 0
 
 
+async def test_a_small_response_cut_mid_body_is_a_clean_502(make_pep: MakePep) -> None:
+    """Up to 64 KiB with a Content-Length is read whole before anything is sent: a cut is answered 502 `reset`."""
+    pep: RunningPep = await make_pep(mutate=strip)
+    async with aiohttp.ClientSession() as s, s.get(pep.url + "/tools/reset?length=5000") as r:
+        assert r.status == 502
+        assert r.headers["x-pep-upstream-error"] == "reset"
+        assert r.headers["x-pep-decision"] == "allow"
+    assert metric(await scrape(pep), "pep_upstream_failures_total", route="tools", kind="reset") == 1
+
+
 async def test_upstream_reset_mid_body_reaches_the_client_as_a_truncated_response(make_pep: MakePep) -> None:
     pep: RunningPep = await make_pep(mutate=strip)
     body = b""

@@ -2,7 +2,7 @@
 
 Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events (`&done=1`: then `data: [DONE]`, as OpenAI ends
 a stream), `/slow?ms=M` answers late, `/hang` never answers,
-`/reset` resets mid-response, `/drop` resets after reading the request without answering at all,
+`/reset` resets mid-response (`?length=N`: the announced Content-Length, 100000 by default), `/drop` resets after reading the request without answering at all,
 `/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
 """
 
@@ -64,7 +64,7 @@ class RecordingUpstream(LoopbackServer):
             elif path.startswith("/hang"):
                 await asyncio.sleep(30)
             elif path.startswith("/reset"):
-                return await self._reset(request)
+                return await self._reset(request, int(q.get("length", "100000")))
             elif path.startswith("/drop"):
                 return self._drop(request)
             elif path.startswith("/big"):
@@ -124,8 +124,8 @@ class RecordingUpstream(LoopbackServer):
             transport.abort()
         return web.Response(status=599)  # never sent: the transport is gone
 
-    async def _reset(self, request: web.BaseRequest) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+    async def _reset(self, request: web.BaseRequest, length: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(length)})
         await resp.prepare(request)
         await resp.write(b"x" * 1000)
         transport = request.transport
