@@ -2,7 +2,8 @@
 
 Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events (`&done=1`: then `data: [DONE]`, as OpenAI ends
 a stream), `/slow?ms=M` answers late, `/hang` never answers,
-`/reset` resets mid-response (`?length=N`: the announced Content-Length, 100000 by default), `/drop` resets after reading the request without answering at all,
+`/reset` resets mid-response (`?length=N`: the Content-Length it announces, default 100000),
+`/drop` resets after reading the request without answering at all,
 `/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
 """
 
