@@ -136,6 +136,8 @@ class Server:
     async def _start(self) -> None:
         cfg = self.config
         await self.decision_log.start()
+        loop = asyncio.get_running_loop()
+        self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         self._upstream = Upstream(self.metrics)
         self.proxy = proxy = Proxy(await self._build(cfg, None), self._upstream, self.decision_log, self.metrics)
         if cfg.tracing is not None:

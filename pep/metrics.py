@@ -85,6 +85,8 @@ class Metrics:
         self._route_families = (decisions, duration, up, responses, failures)
         self.bind_routes((*routes, UNMATCHED))
         self.requests_in_flight = Gauge("pep_requests_in_flight", "Requests being handled.", registry=r)
+        # Read at scrape time: a leak of tasks (a stream or a fetch never finished) shows as growth here.
+        self.event_loop_tasks = Gauge("pep_event_loop_tasks", "Tasks alive in the event loop.", registry=r)
         self.decision_log_dropped = Counter(
             "pep_decision_log_dropped_total",
             "Decision log lines dropped (queue full or write error).",
