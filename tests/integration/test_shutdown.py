@@ -13,27 +13,16 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.support.process import ensure_stopped, read_line, start_pep
+from tests.support.process import cedar_config, ensure_stopped, read_line, start_pep
 from tests.support.upstream import RecordingUpstream
 
 _UP = re.compile(r"proxy on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
 
 
 def config(tmp_path: Path, upstream: RecordingUpstream, grace_ms: int) -> Path:
-    policy = tmp_path / "policy.cedar"
-    policy.write_text("permit(principal, action, resource);\n")
-    path = tmp_path / "pep.yaml"
-    raw = {
-        "version": 1,
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "shutdown_grace_ms": grace_ms,
-        "pdp": {"kind": "cedar", "policies": str(policy)},
-        "decision_log": {"sink": "file", "path": str(tmp_path / "decisions.jsonl")},
-        "routes": [
-            {"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream.url, "strip_prefix": True}
-        ],
-    }
+    path = cedar_config(tmp_path, upstream.url, "permit(principal, action, resource);\n", shutdown_grace_ms=grace_ms)
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"][0]["strip_prefix"] = True  # /tools/slow reaches the upstream as /slow
     path.write_text(yaml.safe_dump(raw))
     return path
 

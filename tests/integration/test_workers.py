@@ -10,10 +10,9 @@ import signal
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from tests.support.observe import metric
-from tests.support.process import alive, children, ensure_stopped, read_line, start_pep
+from tests.support.process import alive, cedar_config, children, ensure_stopped, read_line, start_pep
 from tests.support.upstream import RecordingUpstream
 
 _UP = re.compile(r"(\d+) workers on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
@@ -21,20 +20,7 @@ REQUESTS = 60
 
 
 def config(tmp_path: Path, upstream: RecordingUpstream) -> Path:
-    policy = tmp_path / "policy.cedar"
-    policy.write_text('permit(principal, action == Action::"GET", resource);\n')
-    path = tmp_path / "pep.yaml"
-    raw = {
-        "version": 1,
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "workers": 2,
-        "pdp": {"kind": "cedar", "policies": str(policy)},
-        "decision_log": {"sink": "file", "path": str(tmp_path / "decisions.jsonl")},
-        "routes": [{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream.url}],
-    }
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return cedar_config(tmp_path, upstream.url, 'permit(principal, action == Action::"GET", resource);\n', workers=2)
 
 
 async def fresh_connection_gets(url: str, n: int) -> list[int]:

@@ -7,6 +7,9 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,3 +64,22 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def cedar_config(tmp_path: Path, upstream_url: str, policy: str, **top: Any) -> Path:
+    """A config file for `pep run`: one `/tools` route to `upstream_url`, the embedded Cedar PDP with `policy`,
+    ports chosen by the OS, a decision log file; `top` adds or replaces top-level keys."""
+    policy_file = tmp_path / "policy.cedar"
+    policy_file.write_text(policy)
+    raw: dict[str, Any] = {
+        "version": 1,
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "pdp": {"kind": "cedar", "policies": str(policy_file)},
+        "decision_log": {"sink": "file", "path": str(tmp_path / "decisions.jsonl")},
+        "routes": [{"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream_url}],
+        **top,
+    }
+    path = tmp_path / "pep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

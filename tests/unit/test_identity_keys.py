@@ -24,7 +24,6 @@ from tests.support.jwt_keys import (
     ISSUER,
     JwksServer,
     SigningKey,
-    ec_key,
     ed_key,
     jwks,
     rsa_key,
@@ -33,21 +32,6 @@ from tests.support.jwt_keys import (
 
 ALL = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 DEFAULT = ("RS256", "ES256", "EdDSA")
-
-
-@pytest.fixture(scope="module")
-def rsa() -> SigningKey:
-    return rsa_key("rsa-1")
-
-
-@pytest.fixture(scope="module")
-def ec() -> SigningKey:
-    return ec_key("ec-1")
-
-
-@pytest.fixture(scope="module")
-def ed() -> SigningKey:
-    return ed_key("ed-1")
 
 
 def parse(*keys: SigningKey | dict[str, Any], algorithms: tuple[str, ...] = DEFAULT) -> KeySet:

@@ -22,8 +22,6 @@ from tests.support.jwt_keys import (
     ISSUER,
     SigningKey,
     claims,
-    ec_key,
-    ed_key,
     hmac_token,
     jwks,
     raw_token,
@@ -32,21 +30,6 @@ from tests.support.jwt_keys import (
     unsigned_token,
     write_jwks,
 )
-
-
-@pytest.fixture(scope="module")
-def rsa() -> SigningKey:
-    return rsa_key("rsa-1")
-
-
-@pytest.fixture(scope="module")
-def ec() -> SigningKey:
-    return ec_key("ec-1")
-
-
-@pytest.fixture(scope="module")
-def ed() -> SigningKey:
-    return ed_key("ed-1")
 
 
 class Clock:
