@@ -27,9 +27,15 @@ def cerbos_binary() -> Path:
 
 
 @pytest.fixture
-async def cerbos(cerbos_binary: Path, tmp_path: Path) -> AsyncIterator[CerbosServer]:
-    """A started Cerbos serving config/policies/cerbos; stopped (resumed first if frozen) whatever the test did."""
-    server = CerbosServer(cerbos_binary, POLICIES, tmp_path / "cerbos.log")
+def cerbos_policies() -> Path:
+    """The policy directory Cerbos serves; a test module overrides this fixture to serve its own."""
+    return POLICIES
+
+
+@pytest.fixture
+async def cerbos(cerbos_binary: Path, cerbos_policies: Path, tmp_path: Path) -> AsyncIterator[CerbosServer]:
+    """A started Cerbos serving `cerbos_policies`; stopped (resumed first if frozen) whatever the test did."""
+    server = CerbosServer(cerbos_binary, cerbos_policies, tmp_path / "cerbos.log")
     await server.start()
     try:
         yield server

@@ -44,13 +44,9 @@ def test_the_refund_policy_passes_its_cerbos_test_suite(cerbos_binary: Path) -> 
 
 
 @pytest.fixture
-async def cerbos(cerbos_binary: Path, tmp_path: Path) -> AsyncIterator[CerbosServer]:
-    server = CerbosServer(cerbos_binary, POLICIES, tmp_path / "cerbos.log")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+def cerbos_policies() -> Path:
+    """This module's policy (tests/e2e/conftest.py's `cerbos` serves it)."""
+    return POLICIES
 
 
 @pytest.fixture
