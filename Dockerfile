@@ -21,10 +21,11 @@ WORKDIR /src
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY pyproject.toml README.md ./
 COPY pep/ pep/
-# pip and setuptools at the versions of the Makefile's PIP_PIN; the build backend is that setuptools.
+# pip and setuptools at the versions of the Makefile's PIP_PIN; the build backend is that setuptools. The otel extra
+# is included: `tracing` in the config then works without another image.
 RUN python -m venv /opt/pep \
     && /opt/pep/bin/pip install --no-cache-dir pip==26.3 setuptools==84.2.1 \
-    && /opt/pep/bin/pip install --no-cache-dir --no-build-isolation -c requirements/constraints.txt . \
+    && /opt/pep/bin/pip install --no-cache-dir --no-build-isolation -c requirements/constraints.txt '.[otel]' \
     && /opt/pep/bin/pip uninstall --yes pip setuptools
 
 # Runtime stage: the same base (the venv's interpreter is /usr/local/bin/python3.11 in both), the venv, a
