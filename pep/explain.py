@@ -328,6 +328,12 @@ def run(
     peer_id: str | None = None,
 ) -> int:
     """`pep explain`: prints the report; 0 for allow, 1 for deny, 2 when the request or the PDP cannot be set up."""
+    if peer_id is not None and config.identity.mtls is None:
+        print(
+            "pep explain: --peer-spiffe-id needs identity.mtls in the config (no listener asks for one)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     body: IO[bytes] | None = None
     try:
         if body_file == "-":

@@ -160,3 +160,11 @@ def test_peer_spiffe_id_and_a_token_together(
         "claims": {"department": "sales"},
     }
     assert token not in output
+
+
+def test_a_peer_id_without_mtls_in_the_config_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, {})
+    assert main(["explain", "-c", str(config), "--peer-spiffe-id", SPIFFE_ID, URL]) == 2
+    assert "--peer-spiffe-id needs identity.mtls" in capsys.readouterr().err
