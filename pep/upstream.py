@@ -228,16 +228,24 @@ async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.Stream
 
 
 async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
-    """Stream the upstream response to the caller; False when it broke off after the status line was sent."""
+    """Stream the upstream response to the caller; False when the upstream broke off after the status line was
+    sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
     await resp.prepare(request)
+    chunks = up.content.iter_any()
     try:
-        async for chunk in up.content.iter_any():
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                # The status line is already out: the only honest signal left is an unfinished body.
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp, False
             await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        # The status line is already out: the only honest signal left is an unfinished body.
-        if request.transport is not None:
-            request.transport.abort()
-        return resp, False
-    await resp.write_eof()
+        await resp.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        pass  # writing to the caller failed: it is gone; leaving the `async with` closes the upstream response
     return resp, True

@@ -265,7 +265,14 @@ class Http1Client:
                 self._all.discard(conn)
                 raise
             if conn.reusable:
-                self._idle.setdefault(target.key, deque()).append(conn)
+                idle = self._idle.setdefault(target.key, deque())
+                idle.append(conn)
+                # Reuse is last-in first-out, so the oldest idle connections sit at the left: close those past
+                # IDLE_S here, or a burst would keep its high-water mark of connections open for good.
+                while idle and conn.used - idle[0].used >= IDLE_S:
+                    stale = idle.popleft()
+                    stale.abort()
+                    self._all.discard(stale)
             else:
                 conn.abort()
                 self._all.discard(conn)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from pep.pdp import http1
 from pep.pdp.http1 import Answer, ExchangeError, Http1Client
 
 LIMIT = 1024
@@ -234,6 +235,29 @@ def test_a_refused_connection_is_an_os_error() -> None:
             port = server.port
         with pytest.raises(OSError):
             await c.exchange("GET", f"http://127.0.0.1:{port}/", None, {})
+        await c.close()
+
+    run(asyncio.new_event_loop, main)
+
+
+def test_idle_connections_past_the_idle_limit_are_closed_when_one_is_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http1, "IDLE_S", 0.05)
+
+    async def main() -> None:
+        c = client()
+        async with Scripted(*(answer() for _ in range(4))) as server:
+            await asyncio.gather(post(c, server), post(c, server))  # a burst: two connections, both kept idle
+            idle = next(iter(c._idle.values()))
+            older = idle[0]
+            for _ in range(2):  # the newer one keeps being reused; the older one only ages
+                await asyncio.sleep(0.03)
+                await post(c, server)
+            assert len(idle) == 1
+            assert older not in idle  # closed when the newer one came back
+            assert older.closed
+            assert server.connections == 2  # nothing new was opened
         await c.close()
 
     run(asyncio.new_event_loop, main)
