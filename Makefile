@@ -46,8 +46,8 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 	touch $(MCP1_STAMP)
 
 lint: venv
-	$(BIN)/ruff check pep tests bench
-	$(BIN)/ruff format --check pep tests bench
+	$(BIN)/ruff check pep tests bench reliability
+	$(BIN)/ruff format --check pep tests bench reliability
 
 # The 1.x scripts are excluded from the first run (they import the 1.x SDK) and checked against .venv-mcp1.
 typecheck: venv $(MCP1_STAMP)
@@ -70,7 +70,8 @@ cerbos-policies: $(CERBOS_BIN)
 	$(CERBOS_BIN) compile config/policies/cerbos
 
 # bench-smoke: every benchmark target and variant for a second or so, so the benchmark never rots (numbers: make bench).
-test: lint typecheck cerbos-policies deploy-check bench-smoke $(MCP1_STAMP)
+# reliability-smoke: 22 s of open-loop load through two pep run processes under chaos (full: make reliability).
+test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -78,8 +79,9 @@ PDP ?= cedar
 demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
-clean: deploy-clean
+clean: deploy-clean reliability-clean
 	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 include deploy/deploy.mk
 include bench/bench.mk
+include reliability/reliability.mk

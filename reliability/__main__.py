@@ -1,0 +1,3 @@
+from reliability.run import main
+
+raise SystemExit(main())
