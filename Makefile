@@ -46,8 +46,8 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 	touch $(MCP1_STAMP)
 
 lint: venv
-	$(BIN)/ruff check pep tests bench reliability
-	$(BIN)/ruff format --check pep tests bench reliability
+	$(BIN)/ruff check pep tests bench reliability fuzz
+	$(BIN)/ruff format --check pep tests bench reliability fuzz
 
 # The 1.x scripts are excluded from the first run (they import the 1.x SDK) and checked against .venv-mcp1.
 typecheck: venv $(MCP1_STAMP)
@@ -71,7 +71,8 @@ cerbos-policies: $(CERBOS_BIN)
 
 # bench-smoke: every benchmark target and variant for a second or so, so the benchmark never rots (numbers: make bench).
 # reliability-smoke: 22 s of open-loop load through two pep run processes under chaos (full: make reliability).
-test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke $(MCP1_STAMP)
+# fuzz-smoke: every atheris harness for 10 s from the committed seeds (full: make fuzz).
+test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -85,3 +86,4 @@ clean: deploy-clean reliability-clean
 include deploy/deploy.mk
 include bench/bench.mk
 include reliability/reliability.mk
+include fuzz/fuzz.mk

@@ -79,6 +79,8 @@ def _decoding_problem(segment: str) -> str | None:
             return "percent-encoded separator or control character in the path"
         if decoded.partition(";")[0] in (".", ".."):
             return "dot segment in the path"
+        if any(m.group(1) and chr(int(m.group(1), 16)) in _UNRESERVED for m in _ESCAPE.finditer(decoded)):
+            return "percent-encoded unreserved character behind an encoded percent in the path"
         segment = decoded
     return "percent-encoding nested too deeply in the path"
 

@@ -9,6 +9,7 @@ than one `:`, which every duplicate needs, so the common `{"result":true}` answe
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -33,7 +34,18 @@ def _no_constant(name: str) -> Any:
     raise JsonError(f"{name} is not JSON")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant)
+def _int64(text: str) -> int:
+    # orjson reads integers outside i64/u64 as floats (100000000000000000001 becomes 1e+20): the policy would see
+    # another number than a reader of exact integers, so such a number is refused rather than rounded.
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise JsonError(f"integer {text[:24]}... beyond 64 bits")
+    return value
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
+# 2**64 has 20 digits: a number with fewer is read exactly by orjson; one with more needs the second pass.
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
 
 
 def loads(data: bytes, max_depth: int = 64) -> Any:
@@ -42,7 +54,7 @@ def loads(data: bytes, max_depth: int = 64) -> Any:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
-    if isinstance(value, dict | list) and _may_repeat_keys(data):
+    if (isinstance(value, dict | list) and _may_repeat_keys(data)) or _LONG_NUMBER.search(data):
         try:
             _DECODER.decode(data.decode("utf-8"))
         except RecursionError:

@@ -76,6 +76,8 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ExchangeError(f"unparsable answer: {exc}"))
+        except httptools.HttpParserUpgrade:  # not an HttpParserError: a 101 answer switching protocols
+            self._fail(ExchangeError("unparsable answer: a protocol upgrade"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -86,6 +88,10 @@ class _Connection(asyncio.Protocol):
                 self._fail(ExchangeError("connection closed before a complete answer"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._parser is None:  # another message after the answer, in the same read: nobody asked for it
+            raise httptools.HttpParserError("data after the answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
@@ -105,11 +111,15 @@ class _Connection(asyncio.Protocol):
                 self._answer.oversize = True
         elif key == b"transfer-encoding":
             self._framed = True
+            if value.strip().lower() != b"chunked":  # a coding under the chunks that is not undone here
+                self._answer.undecodable = True
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the final one follows on the same connection
+            self._answer = Answer()  # none of its headers describe the final answer
+            self._encoding, self._framed = "", False
             return
         self._answer.status = status
         self._headers_done = True
@@ -128,7 +138,7 @@ class _Connection(asyncio.Protocol):
         self._chunks.append(body)
 
     def on_message_complete(self) -> None:
-        if not self._headers_done:  # the end of an interim 1xx answer
+        if not self._headers_done or self._parser is None:  # an interim 1xx answer's end, or an answer handed over
             return
         self._complete()
 

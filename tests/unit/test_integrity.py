@@ -173,8 +173,8 @@ def test_encoded_path_parameter_after_dots_is_refused(path: str) -> None:
 
 
 def test_percent_encoding_nested_too_deeply_is_refused() -> None:
-    assert path_problem("/a/%25252541") is None  # four layers decode to `A`
-    assert path_problem("/a/%2525252541") == "percent-encoding nested too deeply in the path"
+    assert path_problem("/a/%25252521") is None  # four layers decode to `!`
+    assert path_problem("/a/%2525252521") == "percent-encoding nested too deeply in the path"
     assert path_problem("/" + "%" + "25" * 4000 + "41") is not None  # bounded work, whatever the depth
 
 

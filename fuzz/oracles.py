@@ -1,0 +1,697 @@
+"""What must hold for any input: the invariants both fuzzing engines check.
+
+The atheris harnesses (fuzz/fuzz_*.py) and the hypothesis properties (tests/unit/test_fuzz_*.py) feed inputs to
+the PEP's pure readers and hand each result to a `check_*` function here. A broken invariant raises
+`OracleError` with what was wrong. The expectations are written from the contract (shared DESIGN.md) and from
+independent references, not from the code under test: strict JSON is re-read with the standard library, paths
+are percent-decoded byte by byte, and the PDP client's answers are compared with what h11 reads from the same
+bytes.
+
+No atheris here: the unit suite imports this module from the project's main virtualenv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import CIMultiDict
+
+from pep.decision import Reason
+from pep.pdp import Failure, Verdict
+from pep.pdp.http1 import Answer, ExchangeError, _Connection
+from pep.pdp.transport import RawAnswer
+from pep.protocols import NO_ID, Inspected, Refused
+
+
+class OracleError(AssertionError):
+    """An invariant does not hold for this input."""
+
+
+# pep/ bugs the oracles found and whose fixes have not landed: an input that shows only such a bug is counted in
+# `known_hits` instead of failing, so the fuzzers keep looking for new ones (pin each with a strict xfail test).
+# Empty: the six found so far are fixed (docs/reliability.md, Fuzzing), so an input showing one again fails
+# (`known` refuses a name not listed here).
+KNOWN_BUGS: dict[str, str] = {}
+known_hits: Counter[str] = Counter()
+
+
+def known(bug: str) -> bool:
+    """Count an input that shows the known bug `bug`; always True (for use in conditions)."""
+    assert bug in KNOWN_BUGS
+    known_hits[bug] += 1
+    return True
+
+
+def examples(n: int) -> int:
+    """A property's example count: `n`, times PEP_FUZZ_SCALE (default 1). The unit suite stays fast; a longer
+    run asks for more (`PEP_FUZZ_SCALE=50 pytest tests/unit/test_fuzz_*.py`)."""
+    return n * max(1, int(os.environ.get("PEP_FUZZ_SCALE", "1")))
+
+
+def require(condition: bool, what: str, *context: object) -> None:
+    if not condition:
+        shown = " | ".join(repr(c)[:300] for c in context)
+        raise OracleError(f"{what}: {shown}" if shown else what)
+
+
+# --- request integrity (pep/integrity.py, pep/authority.py) ---------------------------------------------------
+
+MAX_DECODES = 4  # pep/integrity.py decodes a segment up to 4 times, refusing anything nested deeper
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_WELL_FORMED = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+_CONTROL = frozenset(range(0x20)) | {0x7F}
+METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+
+
+def percent_decode(data: bytes) -> bytes:
+    """One round of percent-decoding, byte by byte, as a server that decodes to bytes would do it."""
+    return _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), data)
+
+
+def decoding_layers(segment: bytes, rounds: int = MAX_DECODES) -> list[bytes]:
+    """The segment as sent and after each round of decoding that still changes it (at most `rounds + 1`)."""
+    layers = [segment]
+    for _ in range(rounds + 1):
+        decoded = percent_decode(layers[-1])
+        if decoded == layers[-1]:
+            break
+        layers.append(decoded)
+    return layers
+
+
+def _is_dot(layer: bytes) -> bool:
+    # `..;x` is `..` to servlet containers, which drop path parameters before normalising.
+    return layer.partition(b";")[0] in (b".", b"..")
+
+
+def check_path(path: str, problem: str | None) -> None:
+    """An accepted path is visible ASCII without `\\` or `#`, its escapes are well-formed and encode no unreserved
+    character, and no segment is (or decodes, in up to MAX_DECODES rounds, to) a dot segment, a separator or a
+    control character; a segment that still changes after MAX_DECODES rounds is refused."""
+    require(problem is None or (isinstance(problem, str) and bool(problem)), "path_problem answers a reason", problem)
+    if problem is not None:
+        return
+    require(path.startswith("/"), "accepted path starts with /", path)
+    require(all(0x21 <= ord(c) <= 0x7E and c not in "\\#" for c in path), "accepted path is visible ASCII", path)
+    for escape in _WELL_FORMED.finditer(path):
+        byte = int(escape.group(0)[1:], 16)
+        require(byte not in _UNRESERVED, "accepted path has no percent-encoded unreserved character", path)
+    require(path.count("%") == len(_WELL_FORMED.findall(path)), "every % in an accepted path is an escape", path)
+    for segment in path.split("/"):
+        layers = decoding_layers(segment.encode("ascii"))
+        require(len(layers) <= MAX_DECODES + 1, "accepted segment decodes to a fixed point", path, layers)
+        for layer in layers:
+            require(not _is_dot(layer), "accepted path has no dot segment, raw or decoded", path, layer)
+            require(b"/" not in layer and b"\\" not in layer, "accepted path has no encoded separator", path, layer)
+            require(not _CONTROL.intersection(layer), "accepted path has no control character", path, layer)
+
+
+def check_query(query: str, problem: str | None) -> None:
+    """The query is forwarded as sent: accepted when it is visible ASCII without `#`."""
+    require(problem is None or isinstance(problem, str), "query_problem answers a reason", problem)
+    if problem is None:
+        require(all(0x21 <= ord(c) <= 0x7E and c != "#" for c in query), "accepted query is visible ASCII", query)
+    else:
+        require(query != "", "an empty query is fine", query)
+
+
+def check_override(names: Sequence[str], problem: str | None) -> None:
+    """Method- and path-override headers are refused, whatever their case; nothing else is."""
+    expected = any(n.lower() in METHOD_OVERRIDES | PATH_OVERRIDES for n in names)
+    require((problem is not None) == expected, "override header refused exactly when present", list(names), problem)
+
+
+def check_authority(
+    text: str,
+    split: tuple[str, int | None] | None,
+    resolved: tuple[str, int] | None,
+    default_port: int | None,
+    formatted: Callable[[str, int], str],
+    resplit: Callable[[str], tuple[str, int | None] | None],
+) -> None:
+    """A split authority is a lower-case host and a port in range; formatting it back gives the same parts."""
+    if split is None:
+        require(resolved is None, "resolve refuses what split refuses", text)
+        return
+    host, port = split
+    require(bool(host) and host == host.lower(), "host is non-empty and lower-case", text, split)
+    require(not any(c in host for c in "/?#@ \t\r\n\\[]"), "host has no delimiter", text, split)
+    require(port is None or 1 <= port <= 65535, "port in range", text, split)
+    require(not any(c in text for c in "/?#@ \t\r\n\\"), "an authority has no path, query or user info", text)
+    if port is not None or default_port is not None:
+        effective = port if port is not None else default_port
+        assert effective is not None
+        require(resolved == (host, effective), "resolve uses the explicit port, else the default", text, resolved)
+        require(resplit(formatted(host, effective)) == (host, effective), "format round-trips", text, split)
+    else:
+        require(resolved is None, "no port and no default: not resolved", text, resolved)
+
+
+# --- strict JSON (pep/strictjson.py) --------------------------------------------------------------------------
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _Duplicate(next(k for k in keys if keys.count(k) > 1))
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def container_depth(value: Any) -> int:
+    """Nesting of arrays and objects: 0 for a scalar, 1 for `[]`, 2 for `[[]]`."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, dict | list)]:
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """What the standard library reads from the bytes: the value, or why they are not one strict JSON value."""
+
+    value: Any
+    problem: str | None
+
+
+def _int64(text: str) -> int:
+    """Integers are exact, and within 64 bits: a wider one would be rounded by orjson, so the PEP refuses it."""
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"integer beyond 64 bits: {text[:24]}")
+    return value
+
+
+def reference_loads(data: bytes, max_depth: int = 64) -> Reference:
+    """Strict UTF-8, RFC 8259 grammar, no duplicate keys, no NaN/Infinity, integers exact and within 64 bits,
+    nesting limit."""
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
+    except _Duplicate as exc:
+        return Reference(None, f"duplicate key {exc}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return Reference(None, f"{type(exc).__name__}: {exc}"[:100])
+    if max_depth and container_depth(value) > max_depth:
+        return Reference(None, "too deep")
+    return Reference(value, None)
+
+
+def _rounded_big_int(pep: Any, exact: Any) -> bool:
+    """The PEP's float where the bytes hold an integer beyond 64 bits (known bug json-int-beyond-64-bits)."""
+    if type(pep) is not float or type(exact) is not int or -(2**63) <= exact < 2**64:
+        return False
+    try:
+        return pep == float(exact) and known("json-int-beyond-64-bits")
+    except OverflowError:
+        return False
+
+
+def same_json(pep: Any, exact: Any) -> bool:
+    """Equal values of equal types all the way down (1, 1.0 and True are three different values): what the PEP
+    read (`pep`) and what the reference read (`exact`)."""
+    if type(pep) is not type(exact):
+        return _rounded_big_int(pep, exact)
+    if isinstance(pep, dict):
+        return pep.keys() == exact.keys() and all(same_json(pep[k], exact[k]) for k in pep)
+    if isinstance(pep, list):
+        return len(pep) == len(exact) and all(same_json(x, y) for x, y in zip(pep, exact, strict=True))
+    return bool(pep == exact)
+
+
+def check_strict(data: bytes, max_depth: int, outcome: Any, error: Exception | None) -> None:
+    """`strictjson.loads` accepts only what the reference reads, and reads the same value from it."""
+    ref = reference_loads(data, max_depth)
+    if error is not None:
+        require(isinstance(error, ValueError), "strictjson raises only JsonError", data, error)
+        return
+    require(ref.problem is None, "strictjson accepted bytes the reference refuses", data, ref.problem)
+    require(same_json(outcome, ref.value), "strictjson and the reference read the same value", data, outcome)
+
+
+# --- body readers (pep/protocols/dispatch.py, mcp.py, openai.py) ---------------------------------------------
+
+BODY_REFUSALS = frozenset({Reason.BODY_UNREADABLE, Reason.REQUEST_AMBIGUOUS})
+NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+NAMED_BY |= {"resources/subscribe": "uri", "resources/unsubscribe": "uri"}
+MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
+BATCH_VERSION = "2025-03-26"
+MODEL_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+MCP_MAX_DEPTH = 64
+
+
+def _mirrored(value: str) -> str | None:
+    if value.startswith("=?base64?") and value.endswith("?="):
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return value
+
+
+def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
+    require(isinstance(result, Inspected | Refused), "an Inspected or a Refused", result)
+    if isinstance(result, Refused):
+        require(result.reason in allowed, "refused with a reason from the closed set", result)
+        require(isinstance(result.detail, str) and bool(result.detail), "a refusal says why", result)
+        return True
+    return False
+
+
+def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
+    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch decided as one message per
+    element, with facts taken from that element; mirrored headers agree with the body."""
+    if _refusal(result, BODY_REFUSALS):
+        return
+    assert isinstance(result, Inspected)
+    ref = reference_loads(body, MCP_MAX_DEPTH)
+    require(ref.problem is None, "MCP body accepted that the reference refuses", body, ref.problem)
+    require(result.body == body, "the decided body is the body read", body)
+    value = ref.value
+    batch = isinstance(value, list)
+    require(result.batch == batch, "batch flag matches the body", body)
+    items = value if batch else [value]
+    require(len(items) >= 1 and len(result.messages) == len(items), "one message per batch element", body)
+    for name in MIRRORED:
+        require(len(headers.getall(name, ())) <= 1, "a repeated mirrored header is refused", name)
+    if batch:
+        require("Mcp-Method" not in headers and "Mcp-Name" not in headers, "no mirrored headers on a batch", body)
+        require(headers.get("MCP-Protocol-Version") in (None, BATCH_VERSION), "batches only in 2025-03-26", body)
+    for message, item in zip(result.messages, items, strict=True):
+        require(message.key == "mcp", "MCP facts", message)
+        require(isinstance(item, dict) and item.get("jsonrpc") == "2.0", "each element is JSON-RPC 2.0", item)
+        if "id" in item:
+            require(same_json(message.rpc_id, item["id"]), "the element's id", item, message.rpc_id)
+            require(isinstance(item["id"], str | int | None) and not isinstance(item["id"], bool), "id type", item)
+        else:
+            require(message.rpc_id is NO_ID, "a notification has no id", item)
+        facts = message.facts
+        method = item.get("method")
+        params = item.get("params")
+        if method is None:
+            require(facts["method"] == "mcp/response", "a response is mcp/response", item, facts)
+            require("id" in item and (("result" in item) != ("error" in item)), "a response has id and one of", item)
+            continue
+        require(isinstance(method, str) and bool(method) and facts["method"] == method, "method is named", item)
+        field = NAMED_BY.get(method)
+        named = params.get(field) if isinstance(params, dict) and field else None
+        require(facts["name"] == named, "name is params.name or params.uri", item, facts)
+        arguments = params.get("arguments") if isinstance(params, dict) else None
+        require(same_json(facts["arguments"], arguments), "arguments are params.arguments", item, facts)
+        require(arguments is None or isinstance(arguments, dict), "arguments are an object", item)
+        if not batch:
+            sent_method, sent_name = headers.get("Mcp-Method"), headers.get("Mcp-Name")
+            require(sent_method is None or _mirrored(sent_method) == method, "Mcp-Method agrees", item, sent_method)
+            require(sent_name is None or _mirrored(sent_name) == named, "Mcp-Name agrees", item, sent_name)
+
+
+def check_openai(body: bytes, result: Inspected | Refused) -> None:
+    """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
+    if _refusal(result, frozenset({Reason.BODY_UNREADABLE})):
+        return
+    assert isinstance(result, Inspected)
+    ref = reference_loads(body)
+    require(ref.problem is None and isinstance(ref.value, dict), "model body accepted that the reference refuses", body)
+    obj = ref.value
+    require(result.body == body and len(result.messages) == 1, "one message, the body read", body)
+    facts = result.messages[0].facts
+    require(result.messages[0].key == "model", "model facts", result)
+    model = obj["model"]
+    require(isinstance(model, str) and bool(model) and facts["name"] == model, "model name", obj)
+    require(same_json(facts["stream"], obj.get("stream", False)), "stream is the body's boolean", obj, facts)
+    tools = facts["tools"]
+    require(isinstance(tools, list) and all(isinstance(t, str) for t in tools), "tool names are strings", facts)
+    listed = [obj.get(k) for k in ("tools", "functions") if obj.get(k) is not None]
+    require(len(tools) == sum(len(t) for t in listed), "one name per tool and function", obj, facts)
+
+
+def invokes_model(method: str, path: str) -> bool:
+    """A POST whose last path segments (path parameters and empty segments aside) name a model endpoint."""
+    segments = [s.partition(";")[0] for s in path.split("/")]
+    tail = "/".join(s for s in segments if s)
+    return method == "POST" and any(tail == e or tail.endswith("/" + e) for e in MODEL_ENDPOINTS)
+
+
+def check_dispatch(
+    protocol: str,
+    filter_tools_list: bool,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    has_body: bool,
+    early: Inspected | Refused | None,
+) -> None:
+    """A body is read and inspected whenever the route's protocol decides on it: no body of an MCP route, and
+    no model call on an OpenAI route, reaches the upstream on its HTTP facts alone; an encoded body is never
+    inspected (the PEP would decide on other bytes than the upstream reads)."""
+    if filter_tools_list and "Last-Event-ID" in headers:
+        require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    if early is None:
+        require((protocol == "mcp" and method == "POST") or protocol == "openai", "only inspected routes read", path)
+        require(protocol != "openai" or invokes_model(method, path), "openai routes read model calls only", path)
+        encoding = headers.get("Content-Encoding")
+        require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read", headers)
+        return
+    if _refusal(early, BODY_REFUSALS):
+        return
+    assert isinstance(early, Inspected)
+    require(early.body is None, "no body bytes decided before the body is read", early)
+    if protocol == "mcp":
+        require(not has_body, "an MCP body is never forwarded undecided", method, path)
+        require(method != "POST", "an MCP POST is always read", method, path)
+        (message,) = early.messages
+        require(message.key == "mcp" and str(message.facts["method"]).startswith("mcp/"), "an MCP action", early)
+    elif protocol == "openai":
+        require(not invokes_model(method, path), "a model call is always read", method, path)
+
+
+# --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def is_json_media(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json":
+        return True
+    top, _, sub = media.partition("/")
+    return top == "application" and sub.endswith("+json") and len(sub) > len("+json")
+
+
+def answer_object(answer: RawAnswer) -> tuple[Reason, dict[str, Any]] | Reason:
+    """DESIGN, "How a PDP answer becomes a reason", before the PDP kind's own fields: the object, or a reason."""
+    if not 200 <= answer.status < 300:
+        return Reason.PDP_ERROR_STATUS
+    if answer.oversize or answer.undecodable or not is_json_media(answer.content_type):
+        return Reason.PDP_MALFORMED
+    ref = reference_loads(answer.body)
+    if ref.problem is not None or not isinstance(ref.value, dict):
+        return Reason.PDP_MALFORMED
+    return Reason.ALLOWED, ref.value
+
+
+def opa_expected(answer: RawAnswer) -> Reason:
+    """OPA: allow iff `result` is true, or an object whose `allow` is true (headers, if any, an object of strings)."""
+    read = answer_object(answer)
+    if isinstance(read, Reason):
+        return read
+    result = read[1].get("result", _MISSING)
+    if result is _MISSING:
+        return Reason.PDP_UNDEFINED
+    if isinstance(result, bool):
+        return Reason.ALLOWED if result else Reason.POLICY_DENIED
+    if not isinstance(result, dict):
+        return Reason.PDP_MALFORMED
+    allow = result.get("allow", _MISSING)
+    if allow is _MISSING:
+        return Reason.PDP_UNDEFINED
+    if not isinstance(allow, bool):
+        return Reason.PDP_MALFORMED
+    if not allow:
+        return Reason.POLICY_DENIED
+    headers = result.get("headers")
+    if headers is not None and not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
+        return Reason.PDP_MALFORMED
+    return Reason.ALLOWED
+
+
+def authzen_decision_expected(obj: Any) -> Reason:
+    """AuthZEN: allow iff `decision` is true and there are no obligations the PEP would have to carry out."""
+    if not isinstance(obj, dict):
+        return Reason.PDP_MALFORMED
+    if "decision" not in obj:
+        return Reason.PDP_UNDEFINED
+    decision, context = obj["decision"], obj.get("context")
+    if not isinstance(decision, bool) or (context is not None and not isinstance(context, dict)):
+        return Reason.PDP_MALFORMED
+    if not decision:
+        return Reason.POLICY_DENIED
+    obligations = context.get("obligations") if context else None
+    return Reason.ALLOWED if obligations in (None, []) else Reason.OBLIGATION_UNSUPPORTED
+
+
+def _authzen_object(answer: RawAnswer, request_id: str) -> dict[str, Any] | Reason:
+    read = answer_object(answer)
+    if isinstance(read, Reason):
+        return read
+    if answer.request_id is not None and answer.request_id != request_id:
+        return Reason.PDP_MALFORMED  # an echoed X-Request-ID that differs
+    return read[1]
+
+
+def authzen_expected(answer: RawAnswer, request_id: str) -> Reason:
+    obj = _authzen_object(answer, request_id)
+    return obj if isinstance(obj, Reason) else authzen_decision_expected(obj)
+
+
+def authzen_batch_expected(answer: RawAnswer, request_id: str, count: int) -> list[Reason]:
+    obj = _authzen_object(answer, request_id)
+    if isinstance(obj, Reason):
+        return [obj] * count
+    results = obj.get("evaluations")
+    if not isinstance(results, list) or len(results) > count:
+        return [Reason.PDP_MALFORMED] * count
+    return [authzen_decision_expected(r) for r in results] + [Reason.PDP_UNDEFINED] * (count - len(results))
+
+
+def check_verdict(expected: Reason, outcome: Verdict | Failure, context: object) -> None:
+    """The outcome is allow exactly when the contract says so, with the contract's reason."""
+    require(isinstance(outcome, Verdict | Failure), "a Verdict or a Failure", outcome)
+    allowed = isinstance(outcome, Verdict) and outcome.allow
+    require(allowed == (expected is Reason.ALLOWED), "allow exactly on the documented allow shapes", context, outcome)
+    require(outcome.reason is expected, "the documented reason", context, expected, outcome)
+    if isinstance(outcome, Verdict):
+        require(outcome.allow == (outcome.reason is Reason.ALLOWED), "a Verdict allows iff its reason is allowed")
+    else:
+        require(not outcome.retryable or outcome.reason is Reason.PDP_ERROR_STATUS, "only statuses retry", outcome)
+
+
+def check_opa(answer: RawAnswer, outcome: Verdict | Failure) -> None:
+    check_verdict(opa_expected(answer), outcome, answer)
+    if isinstance(outcome, Verdict) and outcome.allow:
+        result = reference_loads(answer.body).value["result"]
+        headers = result.get("headers") if isinstance(result, dict) else None
+        require(outcome.headers == tuple((headers or {}).items()), "obligation headers as the PDP sent them", answer)
+
+
+def check_authzen(answer: RawAnswer, request_id: str, outcome: Verdict | Failure) -> None:
+    check_verdict(authzen_expected(answer, request_id), outcome, (answer, request_id))
+
+
+def check_authzen_batch(answer: RawAnswer, request_id: str, count: int, outcomes: Sequence[Verdict | Failure]) -> None:
+    expected = authzen_batch_expected(answer, request_id, count)
+    require(len(outcomes) == count, "one result per evaluation", answer, count, outcomes)
+    for reason, outcome in zip(expected, outcomes, strict=True):
+        check_verdict(reason, outcome, (answer, request_id, count))
+
+
+# --- the PDP's HTTP/1.1 client (pep/pdp/http1.py) -------------------------------------------------------------
+
+REQUEST = b"POST /v1/data/pep/authz HTTP/1.1\r\nHost: pdp\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class _Transport:
+    """Stands in for the event loop's socket transport: `abort` closes it and reports the loss on the next turn,
+    and once closed it delivers nothing more, as asyncio's and uvloop's transports do."""
+
+    def __init__(self, protocol: _Connection) -> None:
+        self.protocol = protocol
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """How one exchange ended: an Answer, an error (raised by the exchange), still waiting, or an exception that
+    escaped the protocol's callbacks into the event loop (never allowed)."""
+
+    answer: Answer | None
+    error: BaseException | None
+    escaped: BaseException | None
+    pending: bool
+
+
+async def exchange(chunks: Sequence[bytes], eof: bool, limit: int) -> Exchange:
+    """Feed a server's bytes, read by read, to one exchange of the PDP client's connection; then the server
+    closes the connection (`eof`) or not."""
+    conn = _Connection(limit)
+    transport = _Transport(conn)
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(conn.exchange(REQUEST))
+    await asyncio.sleep(0)
+    escaped: BaseException | None = None
+    for chunk in chunks:
+        if transport.closed:
+            break
+        try:
+            conn.data_received(chunk)
+        except Exception as exc:  # a real transport logs a fatal error and closes the connection with it
+            escaped = exc
+            transport.closed = True
+            conn.connection_lost(exc)
+            break
+        await asyncio.sleep(0)
+    if eof and not transport.closed:
+        transport.closed = True
+        conn.connection_lost(None)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Exchange(None, None, escaped, True)
+    error = task.exception()
+    return Exchange(None if error is not None else task.result(), error, escaped, False)
+
+
+@dataclass(frozen=True, slots=True)
+class H11Reading:
+    """What h11 reads from the same bytes: the final response, its body, and whether it was complete."""
+
+    status: int | None
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    complete: bool
+    error: str | None
+    interim_headers: bool = False  # a 1xx answer before it carried headers
+    trailing: bytes = b""  # bytes after the end of the final response
+
+
+_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9] ([0-9]{3}))( [^\r\n]*)?\r\n")
+_HEADER_LINES = re.compile(rb"(?:[^\r\n]+\r\n)*\r\n")
+
+
+def _without_transfer_encoding(data: bytes) -> bytes:
+    if data.startswith(b"\r\n"):
+        return data
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    lines = data[:end].split(b"\r\n")
+    kept = [line for line in lines if not line.lower().startswith(b"transfer-encoding:")]
+    return b"".join(line + b"\r\n" for line in kept) + b"\r\n" + data[end + 4 :]
+
+
+def as_h11_reads_it(data: bytes) -> bytes:
+    """The bytes with leniencies of llhttp that make nothing ambiguous undone, so that h11 (strict there) reads
+    the same messages: empty lines before a status line (RFC 9112 2.2 asks servers to ignore them before a request
+    line) are dropped, each reason phrase (never read by the PEP, and which llhttp lets hold a NUL) becomes `R`,
+    and a 204 or 304 answer loses a Transfer-Encoding field (it has no body either way)."""
+    out = b""
+    while True:
+        data = data.lstrip(b"\r\n")
+        line = _STATUS_LINE.match(data)
+        if line is None:
+            return out + data
+        out += line.group(1) + b" R\r\n"
+        data = data[line.end() :]
+        if line.group(2) in (b"204", b"304"):  # no body, whatever its framing says (RFC 9112 6.3): h11 reads
+            return out + _without_transfer_encoding(data)  # only chunked, llhttp ignores the field
+        if not line.group(2).startswith(b"1"):  # the final answer: the rest is its headers and body
+            return out + data
+        head = _HEADER_LINES.match(data)  # an interim answer: headers only, then the next status line
+        if head is None:
+            return out + data
+        out, data = out + head.group(0), data[head.end() :]
+
+
+def h11_reading(data: bytes, eof: bool) -> H11Reading:
+    import h11
+
+    data = as_h11_reads_it(data)
+
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="POST", target="/", headers=[("Host", "pdp"), ("Content-Length", "2")]))
+    conn.send(h11.Data(data=b"{}"))
+    conn.send(h11.EndOfMessage())
+    status: int | None = None
+    headers: list[tuple[bytes, bytes]] = []
+    body: list[bytes] = []
+    interim_headers = False
+    try:
+        conn.receive_data(data)
+        if eof:
+            conn.receive_data(b"")
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                interim_headers = interim_headers or bool(event.headers)
+            elif isinstance(event, h11.Response):
+                status, headers = event.status_code, list(event.headers)
+            elif isinstance(event, h11.Data):
+                body.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                trailing = conn.trailing_data[0]
+                return H11Reading(status, headers, b"".join(body), True, None, interim_headers, trailing)
+            elif event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return H11Reading(status, headers, b"".join(body), False, None, interim_headers)
+    except h11.RemoteProtocolError as exc:
+        return H11Reading(status, headers, b"".join(body), False, str(exc), interim_headers)
+
+
+def _last(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    values = [v for k, v in headers if k == name]
+    return values[-1] if values else None
+
+
+def check_exchange(data: bytes, eof: bool, limit: int, result: Exchange) -> None:
+    """Any bytes end in an Answer, an ExchangeError or nothing yet: no other exception. A 2xx Answer only comes
+    from a complete, valid response (as h11 reads it), and carries that response's status, headers and body."""
+    upgrade = type(result.escaped).__name__ == "HttpParserUpgrade" and known("http1-upgrade-escapes")
+    require(result.escaped is None or upgrade, "no exception escapes the protocol callbacks", data, result.escaped)
+    if result.error is not None:
+        require(isinstance(result.error, ExchangeError), "an exchange fails with ExchangeError", data, result.error)
+    answer = result.answer
+    if answer is None or not 200 <= answer.status < 300:
+        return
+    reading = h11_reading(data, eof)
+    if answer.oversize:  # reported as soon as it is known, without reading the rest; never allowed (malformed)
+        return
+    if reading.error == "Only Transfer-Encoding: chunked is supported" and known("http1-transfer-coding"):
+        return
+    require(reading.status == answer.status, "the final response's status", data, reading.status, answer.status)
+    require(reading.complete, "a 2xx answer only from a complete response", data, eof, reading)
+    # llhttp keeps the trailing whitespace of a field value, h11 drops it (RFC 9110 5.5): both are compared without.
+    content_type = _last(reading.headers, b"content-type")
+    expected_type = content_type.decode("latin-1") if content_type is not None else ""
+    request_id = _last(reading.headers, b"x-request-id")
+    expected_id = request_id.decode("latin-1") if request_id is not None else None
+    got_type = answer.content_type.rstrip(" \t")
+    got_id = answer.request_id.rstrip(" \t") if answer.request_id is not None else None
+    if (got_type, got_id) != (expected_type, expected_id) and (
+        (reading.interim_headers and known("http1-interim-headers"))
+        or (reading.trailing and known("http1-bytes-after-answer"))
+    ):
+        return
+    require(got_type == expected_type, "the final response's content type", data, answer.content_type)
+    require(got_id == expected_id, "the final response's X-Request-ID", data, answer.request_id)
+    encoding = _last(reading.headers, b"content-encoding")
+    if encoding in (None, b"", b"identity"):
+        require(answer.body == reading.body, "the final response's body", data, answer.body, reading.body)
+        require(len(answer.body) <= limit, "the body is within the limit", data)

@@ -1,0 +1,139 @@
+"""Writes the seed corpora (fuzz/corpus/<harness>/): small valid and nearly valid inputs of each harness's input
+format, so that the fuzzers start from the shapes that matter. Deterministic; the files are committed.
+
+    python -m fuzz.seeds        (any interpreter: it needs only the standard library)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+CORPUS = Path(__file__).parent / "corpus"
+
+INTEGRITY = [
+    "/tools/search\nq=1&x=%20\napi.example.com:443\naccept,user-agent",
+    "/a/./b\n\n[::1]:8080\nx-http-method-override",
+    "/a/%2e%2E/b\na=b#c\nexample.com\nX-Original-URL",
+    "/a/%252e%252e/b;x\n\nEXAMPLE.com:0\nx-rewrite-url,X-HTTP-Method",
+    "/a/%%32%65/%2%66\n%00\n[fe80::1]\nx-method-override",
+    "/a/..;jsessionid=1/b\n\nhost:65536\n",
+    "/%61dmin/%7e/%41\nx=\u00e9\n127.0.0.1:9901\naccept",
+    "/mcp\n\n@evil.com\n",
+    "/v1/chat/completions\nstream=true\nexample.com:443/path\n",
+    "/a\\b/c%5c%00%0a%7f\n\n[v6]\n",
+]
+
+MCP = [
+    {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "send_email", "arguments": {"to": "a"}}},
+    {"jsonrpc": "2.0", "id": "x", "method": "resources/read", "params": {"uri": "file:///etc/passwd"}},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+    {"jsonrpc": "2.0", "id": 2, "result": {"content": []}},
+    {"jsonrpc": "2.0", "id": 3, "method": "initialize", "params": {"protocolVersion": "2025-03-26"}},
+    [{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, {"jsonrpc": "2.0", "id": 2, "method": "prompts/get"}],
+    {
+        "jsonrpc": "2.0",
+        "id": 4,
+        "method": "tools/call",
+        "params": {"name": "t", "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}},
+    },
+]
+MODEL = [
+    {"model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": "m", "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "web_search"}]},
+    {"model": "m", "functions": [{"name": "g"}], "input": "x"},
+]
+RAW_BODIES = [
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}',
+    b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","\\u006eame":"b"}}',
+    b'{"model":"m","max_tokens":100000000000000000001}',
+    b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+    b'\xef\xbb\xbf{"model":"m"}',
+    b'{"model":"m"} {}',
+    b'{"model":NaN}',
+    b"[]",
+]
+# (byte 0, byte 1, byte 2) of fuzz_bodies: mcp POST plain; mcp POST with all mirrored headers; openai POST to a
+# model endpoint; mcp GET with a body; openai with gzip; http route
+BODY_CONFIGS = [
+    bytes([0, 0, 0]),
+    bytes([0, 7, 0b000101]),
+    bytes([1, 0x40, 0]),
+    bytes([0x68, 0, 0]),
+    bytes([1, 0x48, 0]),
+    bytes([2, 0x80, 0]),
+]
+
+OPA = [
+    b'{"result":true}',
+    b'{"result":false}',
+    b'{"result":{"allow":true,"headers":{"x-tenant":"t"},"reason":"ok"}}',
+    b'{"result":{"allow":"true"}}',
+    b"{}",
+    b'{"result":false,"result":true}',
+    b'{"result":true} x',
+    b'{"decision_id":"d","result":{"allow":1}}',
+]
+AUTHZEN = [
+    b'{"decision":true}',
+    b'{"decision":false,"context":{"reason_admin":{"en":"no"}}}',
+    b'{"decision":true,"context":{"obligations":[{"id":"log"}]}}',
+    b'{"evaluations":[{"decision":true},{"decision":false},{}]}',
+    b'{"decision":1}',
+]
+# (byte 0, byte 1, byte 2) of fuzz_pdp_answers: a 200 JSON answer echoing nothing, echoing the id sent, a 503, a
+# text/plain 200, an oversize one, a batch of three
+ANSWER_CONFIGS = [
+    bytes([0, 0, 0]),
+    bytes([0, 0, 0x10]),
+    bytes([29, 0, 0]),
+    bytes([0, 9, 0]),
+    bytes([0, 0, 3]),
+    bytes([0, 0, 0x80]),
+]
+
+RESPONSES = [
+    b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"result":true}',
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-ID: rid-1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b'5\r\n{"res\r\na\r\nult":true}\r\n0\r\n\r\n',
+    b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n\r\n{"decision":true}',
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}",
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nCache-Control: max-age=5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 999999\r\n\r\n{",
+    b'HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{"res',
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+    b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
+    + gzip.compress(b'{"result":true}', mtime=0),
+]
+
+
+def write(harness: str, inputs: list[bytes]) -> None:
+    folder = CORPUS / harness
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for data in inputs:
+        (folder / hashlib.sha1(data, usedforsecurity=False).hexdigest()[:16]).write_bytes(data)
+
+
+def main() -> None:
+    write("integrity", [s.encode() for s in INTEGRITY])
+    bodies = [json.dumps(v, separators=(",", ":")).encode() for v in MCP + MODEL] + RAW_BODIES
+    write(
+        "bodies",
+        [config + body for config in BODY_CONFIGS for body in bodies[:: len(BODY_CONFIGS) - 1]]
+        + [BODY_CONFIGS[i % 3] + body for i, body in enumerate(bodies)],
+    )
+    answers = OPA + AUTHZEN
+    write(
+        "pdp_answers",
+        [config + body for config in ANSWER_CONFIGS[1:] for body in answers[::4]]
+        + [ANSWER_CONFIGS[0] + body for body in answers],
+    )
+    write("pdp_http1", [bytes([b]) + r for r in RESPONSES for b in (0, 1)] + [bytes([0b1111]) + RESPONSES[1]])
+
+
+if __name__ == "__main__":
+    main()
