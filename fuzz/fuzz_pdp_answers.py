@@ -29,16 +29,7 @@ with instrument_imports(include=["pep"]):
     from pep.pdp.transport import RawAnswer
 
 STATUSES = (200,) * 16 + (201, 204, 299, 0, 100, 199, 300, 302, 304, 400, 404, 500, 502, 503, 504, 999)
-CONTENT_TYPES = ("application/json",) * 8 + (
-    "application/json; charset=utf-8",
-    "Application/JSON",
-    " application/json ;x=1",
-    "application/problem+json",
-    "application/+json",
-    "application/jsonx",
-    "text/json",
-    "",
-)
+CONTENT_TYPES = ("application/json",) * 8 + oracles.ODD_CONTENT_TYPES
 REQUEST_IDS = (None, "rid-1", "rid-2", "")
 
 

@@ -386,6 +386,19 @@ def check_dispatch(
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------
 
+# Content types a PDP might send beside the usual one, for both fuzzers: near misses of application/json.
+ODD_CONTENT_TYPES = (
+    "application/json; charset=utf-8",
+    "Application/JSON",
+    " application/json ;x=1",
+    "application/problem+json",
+    "application/+json",
+    "application/jsonx",
+    "text/json",
+    "text/plain",
+    "",
+)
+
 _MISSING: Any = object()
 
 

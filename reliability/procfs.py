@@ -106,11 +106,3 @@ def classify(sockets: tuple[TcpSocket, ...], roles: dict[str, tuple[str, int]]) 
                 break
         counts[f"{role}:{s.state}"] += 1
     return dict(counts)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
