@@ -201,12 +201,22 @@ def _int64(text: str) -> int:
     return value
 
 
+def _finite(text: str) -> float:
+    """A number too large for a double is not one the PEP can read (orjson refuses it as infinity)."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number beyond a double: {text[:24]}")
+    return value
+
+
 def reference_loads(data: bytes, max_depth: int = 64) -> Reference:
     """Strict UTF-8, RFC 8259 grammar, no duplicate keys, no NaN/Infinity, integers exact and within 64 bits,
     nesting limit."""
     try:
         text = data.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
+        value = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite
+        )
     except _Duplicate as exc:
         return Reference(None, f"duplicate key {exc}")
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

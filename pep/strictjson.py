@@ -44,8 +44,9 @@ def _int64(text: str) -> int:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
-# 2**64 has 20 digits: a number with fewer is read exactly by orjson; one with more needs the second pass.
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+# A number of 19 digits or more may lie outside i64/u64 (-2**63 has 19 digits): those take the second pass, which
+# checks the range; shorter ones are read exactly by orjson.
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
 def loads(data: bytes, max_depth: int = 64) -> Any:

@@ -156,3 +156,22 @@ def test_an_injected_duplicate_key_is_always_refused(obj: dict[str, Any], data: 
     duplicated = encoded[:-1] + b"," + orjson.dumps(key) + b":" + orjson.dumps(obj[key]) + b"}"
     with pytest.raises(JsonError, match="duplicate key"):
         loads(duplicated, max_depth=0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"cents":100000000000000000001}',  # 21 digits: beyond u64
+        b'{"":-9999999929999999999}',  # 19 digits, below -2**63 (found by atheris)
+        b"[18446744073709551616]",  # 2**64
+        b'{"x":5e1555310311110}',  # beyond a double (found by atheris)
+    ],
+)
+def test_numbers_a_parser_would_round_are_refused(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize("number", [2**63 - 1, -(2**63), 2**64 - 1, 1234567890123456789])
+def test_numbers_within_64_bits_are_read_exactly(number: int) -> None:
+    assert loads(b'{"n":%d}' % number) == {"n": number}
