@@ -18,6 +18,7 @@ import contextlib
 import os
 import ssl
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -109,23 +110,27 @@ class Lookup:
         self.problem = problem  # None with key None: no key fits the token (identity_invalid)
 
 
-class KeySource:
+class KeySource(ABC):
     """Where keys come from. `lookup` never raises; `changes` counts key-set replacements (cache invalidation)."""
 
     changes = 0
 
+    @abstractmethod
     async def lookup(self, kid: str | None, alg: str) -> Lookup:
-        raise NotImplementedError
+        """The key for (kid, alg), or why there is none."""
 
     def poll(self) -> None:
         """Cheap, on every token (cache hits too): notice a changed key source, so a removed key stops
         verifying cached tokens. Files: one stat at most once a second; URLs: nothing (fetches are on demand)."""
+        return None  # the default: nothing to look at
 
     async def start(self) -> None:
         """Load or fetch once at start (a URL that is down is not fatal: tokens are refused until it is up)."""
+        return None  # the default: nothing to load
 
     async def close(self) -> None:
         """Release what the source holds."""
+        return None  # the default: nothing held
 
 
 class FileKeys(KeySource):
