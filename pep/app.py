@@ -33,7 +33,7 @@ from pep.pdp.transport import HttpTransport, tls_context
 from pep.preflight import file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
-from pep.secret_file import FileSecret
+from pep.secret_file import FileSecret, Stamp, file_stamp
 from pep.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Server:
         self.proxy: Proxy | None = None
         self._upstream: Upstream | None = None
         self.listener_tls: ListenerTls | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._reload_lock = asyncio.Lock()
         self._retired: list[Runtime] = []  # replaced runtimes whose clients close once their requests are done
         self._span_exporter = span_exporter  # tests: an in-memory exporter instead of the configured one
@@ -164,7 +164,7 @@ class Server:
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
-        self._spawn(self._watch_config(_stamp(cfg.source)))  # stamped now: a change from here on is seen
+        self._spawn(self._watch_config(file_stamp(cfg.source)))  # stamped now: a change from here on is seen
 
     async def _bind(
         self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None, reuse_port: bool = False
@@ -183,30 +183,9 @@ class Server:
         the identity key source, credential sources). Raises ReloadError, closing whatever it opened."""
         same_pdp = old is not None and _pdp_identity(old.config) == _pdp_identity(cfg)
         same_identity = old is not None and old.config.identity == cfg.identity
-        engine = None
-        keys = None
-        try:
-            if old is not None and same_pdp:
-                engine = old.engine
-                reload = getattr(engine.pdp, "reload", None)  # in-process policies are re-read on every reload
-                problem = reload() if reload is not None else None
-                if problem:
-                    raise ReloadError(problem)
-            else:
-                engine = Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
-            if old is not None and same_identity:
-                identifier, keys = old.identifier, old.keys
-            else:
-                fetches = self.metrics.jwks_fetches
-                identifier, keys = build_identity(cfg, lambda ok: fetches[ok].inc())
-                if keys is not None:
-                    await keys.start()
-        except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
-            await self._discard(old, engine, keys)
-            raise ReloadError(str(exc)) from None
-        except BaseException:
-            await self._discard(old, engine, keys)
-            raise
+        # The parts that hold nothing open first, so that nothing can fail after the policies are swapped.
+        token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
+        routes = RouteTable(cfg.routes, token_header)
         previous = old.credentials if old is not None else {}
         credentials = {}
         for route in cfg.routes:
@@ -216,9 +195,36 @@ class Server:
             credentials[route.name] = (
                 source if source and source.config == route.credential else CredentialSource(route.credential)
             )
-        token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
+        engine = None
+        keys = None
+        try:
+            engine = (
+                old.engine
+                if old is not None and same_pdp
+                else Engine(build_pdp(cfg), cfg.pdp, self.metrics, self.clock)
+            )
+            if old is not None and same_identity:
+                identifier, keys = old.identifier, old.keys
+            else:
+                fetches = self.metrics.jwks_fetches
+                identifier, keys = build_identity(cfg, lambda ok: fetches[ok].inc())
+                if keys is not None:
+                    await keys.start()
+            if old is not None and engine is old.engine:
+                # In-process policies are re-read on every reload, last: this changes the engine in force, so
+                # nothing after it may fail and leave the old config running with the new policies.
+                reload = getattr(engine.pdp, "reload", None)
+                problem = reload() if reload is not None else None
+                if problem:
+                    raise ReloadError(problem)
+        except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
+            await self._discard(old, engine, keys)
+            raise ReloadError(str(exc)) from None
+        except BaseException:
+            await self._discard(old, engine, keys)
+            raise
         self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
-        return Runtime(cfg, RouteTable(cfg.routes, token_header), engine, identifier, credentials, keys)
+        return Runtime(cfg, routes, engine, identifier, credentials, keys)
 
     async def _discard(self, old: Runtime | None, engine: Engine | None, keys: KeySource | None) -> None:
         """Close what a failed build created (never what it reused from `old`)."""
@@ -241,12 +247,9 @@ class Server:
         if self.listener_tls is not None:
             self.listener_tls.refresh()
         self._spawn(self._reopen_log())
-        self._spawn(self._reload_logged())
+        self._spawn(self.reload_config())
 
-    async def _reload_logged(self) -> None:
-        await self.reload_config()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -310,12 +313,12 @@ class Server:
         if runtime.keys is not None and (keep is None or runtime.keys is not keep.keys):
             await runtime.keys.close()
 
-    async def _watch_config(self, stamp: tuple[int, int, int] | None) -> None:
+    async def _watch_config(self, stamp: Stamp | None) -> None:
         """Reload when the config file changes (a ConfigMap update swaps a symlink); checked once a second."""
         path = self.config.source
         while True:
             await asyncio.sleep(CONFIG_CHECK_S)
-            now = _stamp(path)
+            now = file_stamp(path)
             if now != stamp and now is not None:
                 stamp = now
                 await self.reload_config()
@@ -342,14 +345,6 @@ class Server:
 
 
 CONFIG_CHECK_S = 1.0
-
-
-def _stamp(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def for_worker(config: Config, port: int) -> Config:

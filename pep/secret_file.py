@@ -12,6 +12,18 @@ from collections.abc import Callable
 
 CHECK_S = 1.0
 
+Stamp = tuple[int, int, int]
+
+
+def file_stamp(path: str) -> Stamp | None:
+    """What changes when a file is rewritten or swapped (inode, mtime, size); None when it cannot be looked at.
+    Shared by everything that re-reads a file when it changes: secrets, JWKS, certificates, the config."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
 
 class FileSecret:
     def __init__(self, path: str, fmt: str = "{}", clock: Callable[[], float] = time.monotonic) -> None:
@@ -19,7 +31,7 @@ class FileSecret:
         self._format = fmt
         self._clock = clock
         self._checked = float("-inf")
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: Stamp | None = None
         self._value: str | None = None
 
     def value(self) -> str | None:
@@ -36,12 +48,10 @@ class FileSecret:
         self._refresh()
 
     def _refresh(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
+        stamp = file_stamp(self.path)
+        if stamp is None:
             self._stamp, self._value = None, None
             return
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
             return
         try:

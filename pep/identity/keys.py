@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -29,6 +28,7 @@ from jwt.exceptions import PyJWKError, PyJWTError
 
 from pep.cache_control import ttl_of
 from pep.config import JwtConfig
+from pep.secret_file import Stamp, file_stamp
 
 MAX_JWKS_BYTES = 1 << 20
 CHECK_S = 1.0  # a jwks_file is looked at (one stat) at most this often
@@ -141,7 +141,7 @@ class FileKeys(KeySource):
         self._algorithms = algorithms
         self._clock = clock
         self._checked = float("-inf")
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: Stamp | None = None
         self._keys: KeySet | None = None
         self._problem = "not loaded yet"
         self.changes = 0
@@ -149,11 +149,10 @@ class FileKeys(KeySource):
     def load(self) -> None:
         """Read the file now. Raises KeysError (with the reason) when it cannot be used."""
         self._checked = self._clock()
+        stamp = file_stamp(self.path)
+        if stamp is not None and stamp == self._stamp and self._keys is not None:
+            return
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp and self._keys is not None:
-                return
             with open(self.path, "rb") as f:
                 raw = f.read(MAX_JWKS_BYTES + 1)
         except OSError as exc:

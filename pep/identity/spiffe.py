@@ -7,7 +7,6 @@ an X509-SVID has exactly one URI SAN, a `spiffe://trust-domain/path` (SPIFFE ID 
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 from pep.config import MtlsConfig
 from pep.identity import Refusal, invalid
+from pep.secret_file import Stamp, file_stamp
 
 # spiffe://<trust domain>/<path>: lower-case trust domain, path segments of [A-Za-z0-9._-], no dot segments.
 _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
@@ -53,15 +53,8 @@ class ListenerTls:
         self.listener = server_context(cfg)
         self.listener.sni_callback = self._select
 
-    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        out: list[tuple[int, int, int] | None] = []
-        for path in (self._cfg.ca_file, self._cfg.cert_file, self._cfg.key_file):
-            try:
-                st = os.stat(path)
-                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                out.append(None)
-        return tuple(out)
+    def _stamps(self) -> tuple[Stamp | None, ...]:
+        return tuple(file_stamp(path) for path in (self._cfg.ca_file, self._cfg.cert_file, self._cfg.key_file))
 
     def refresh(self) -> None:
         """Reload if a file changed (SIGHUP calls this too)."""
