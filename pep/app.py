@@ -8,7 +8,6 @@ import dataclasses
 import os
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from pep.preflight import file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret, Stamp, file_stamp
+from pep.stderr import say
 from pep.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ class Server:
     async def _reopen_log(self) -> None:
         problem = await self.decision_log.reopen()
         if problem is not None:
-            print(f"failclosed-pep: {problem}", file=sys.stderr, flush=True)
+            say(f"failclosed-pep: {problem}")
 
     async def reload_config(self) -> bool:
         """Read the config file again and swap it in whole, or keep the last good one and say why.
@@ -269,10 +269,10 @@ class Server:
             except ReloadError as exc:
                 self.metrics.config_reloads["error"].inc()
                 message = f"config reload failed, keeping the last good config: {exc}"
-                print(f"failclosed-pep: {message}", file=sys.stderr, flush=True)
+                say(f"failclosed-pep: {message}")
                 return False
             self.metrics.config_reloads["success"].inc()
-            print("failclosed-pep: config reloaded", file=sys.stderr, flush=True)
+            say("failclosed-pep: config reloaded")
             return True
 
     async def _swap(self) -> None:
@@ -367,13 +367,13 @@ async def serve(config: Config, worker: tuple[int, int, int] | None = None) -> N
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     who = "failclosed-pep" if worker is None else f"failclosed-pep worker {worker[0]}"
-    print(f"{who}: proxy on {server.proxy_address}, admin on {server.admin_address}", file=sys.stderr, flush=True)
+    say(f"{who}: proxy on {server.proxy_address}, admin on {server.admin_address}")
     if worker is not None and server.admin_address is not None:
         os.write(worker[2], f"{server.admin_address.port}\n".encode())
         os.close(worker[2])
     try:
         await stop.wait()
         grace = server.config.shutdown_grace_ms / 1000
-        print(f"{who}: shutting down, draining requests for up to {grace:g} s", file=sys.stderr, flush=True)
+        say(f"{who}: shutting down, draining requests for up to {grace:g} s")
     finally:
         await server.stop()

@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from pep import __version__
 from pep.app import KEEPALIVE_S, bound_address
 from pep.config import Address, Config
+from pep.stderr import say
 
 RESTART_DELAY_S = 1.0
 START_TIMEOUT_S = 30.0
@@ -139,7 +140,7 @@ class Supervisor:
             code = await process.wait()
             if self.stopping:
                 return
-            print(f"failclosed-pep: worker {worker.index} exited ({code}); restarting", file=sys.stderr, flush=True)
+            say(f"failclosed-pep: worker {worker.index} exited ({code}); restarting")
             await asyncio.sleep(RESTART_DELAY_S)
             if self.stopping:
                 return
@@ -206,7 +207,7 @@ class Supervisor:
             for worker in self.workers:
                 await self.spawn(worker)
                 if worker.admin_port is None:
-                    print(f"failclosed-pep: worker {worker.index} did not start", file=sys.stderr, flush=True)
+                    say(f"failclosed-pep: worker {worker.index} did not start")
                     return 1
             await runner.setup()
             admin = self.config.admin_listen
@@ -214,11 +215,7 @@ class Supervisor:
             await site.start()
             host, port = bound_address(site)
             listen = Address(self.config.listen.host, self.port)
-            print(
-                f"failclosed-pep: {len(self.workers)} workers on {listen}, admin on {Address(host, port)}",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"failclosed-pep: {len(self.workers)} workers on {listen}, admin on {Address(host, port)}")
             watchers = [loop.create_task(self.watch(w)) for w in self.workers]
             await stop.wait()
             return 0

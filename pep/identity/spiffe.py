@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from pep.config import MtlsConfig
 from pep.identity import Refusal, invalid
 from pep.secret_file import Stamp, file_stamp
+from pep.stderr import say
 
 # spiffe://<trust domain>/<path>: lower-case trust domain, path segments of [A-Za-z0-9._-], no dot segments.
 _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
@@ -66,7 +66,7 @@ class ListenerTls:
             self.current = server_context(self._cfg)
         except (OSError, ssl.SSLError) as exc:
             if self.problem is None:
-                print(f"failclosed-pep: identity.mtls: keeping the last good certificates: {exc}", file=sys.stderr)
+                say(f"failclosed-pep: identity.mtls: keeping the last good certificates: {exc}")
             self.problem = str(exc)
             return
         self._stamp, self.problem = stamp, None

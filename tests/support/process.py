@@ -30,14 +30,19 @@ async def start_pep(*args: str, stdout: int = asyncio.subprocess.DEVNULL) -> asy
 
 
 async def read_line(stream: asyncio.StreamReader, want: str, seconds: float) -> str:
-    """The next stderr line holding `want`, read within `seconds`."""
-    async with asyncio.timeout(seconds):
-        while True:
-            line = (await stream.readline()).decode(errors="replace")
-            if not line:
-                raise AssertionError(f"pep closed stderr before printing {want!r}")
-            if want in line:
-                return line
+    """The next stderr line holding `want`, read within `seconds` (the lines passed over are in the error)."""
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                line = (await stream.readline()).decode(errors="replace")
+                if not line:
+                    raise AssertionError(f"pep closed stderr before printing {want!r}; it printed: {seen}")
+                if want in line:
+                    return line
+                seen.append(line.rstrip())
+    except TimeoutError:
+        raise AssertionError(f"pep did not print {want!r} within {seconds} s; it printed: {seen}") from None
 
 
 async def ensure_stopped(proc: asyncio.subprocess.Process) -> None:
