@@ -347,6 +347,15 @@ class Server:
 CONFIG_CHECK_S = 1.0
 
 
+async def _orphan_watch(parent: int, stop: asyncio.Event) -> None:
+    """A worker stops when its supervisor is gone (even SIGKILLed, which forwards nothing): re-parented, its
+    parent id changes. Checked once a second."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing signals a parent's death; polling is the way
+        await asyncio.sleep(1.0)
+    say("failclosed-pep: the supervisor is gone; stopping this worker")
+    stop.set()
+
+
 def for_worker(config: Config, port: int) -> Config:
     """A worker's view of the config: the supervisor's shared port, and a private loopback admin port."""
     return dataclasses.replace(config, listen=Address(config.listen.host, port), admin_listen=Address("127.0.0.1", 0))
@@ -371,9 +380,14 @@ async def serve(config: Config, worker: tuple[int, int, int] | None = None) -> N
     if worker is not None and server.admin_address is not None:
         os.write(worker[2], f"{server.admin_address.port}\n".encode())
         os.close(worker[2])
+        watch = loop.create_task(_orphan_watch(os.getppid(), stop))
+    else:
+        watch = None
     try:
         await stop.wait()
         grace = server.config.shutdown_grace_ms / 1000
         say(f"{who}: shutting down, draining requests for up to {grace:g} s")
     finally:
+        if watch is not None:
+            watch.cancel()
         await server.stop()

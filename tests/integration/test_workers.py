@@ -78,3 +78,23 @@ async def test_two_workers_share_the_port_merge_metrics_and_survive_a_crash(
         assert not [pid for pid in survivors if alive(pid)]  # no worker outlives the supervisor
     finally:
         await ensure_stopped(proc)
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, upstream: RecordingUpstream) -> None:
+    proc = await start_pep("run", "-c", str(config(tmp_path, upstream)))
+    workers: list[int] = []
+    try:
+        assert proc.stderr is not None
+        await read_line(proc.stderr, "workers on", 30)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)  # nothing is forwarded: each worker must notice on its own
+        await proc.wait()
+        async with asyncio.timeout(15):
+            while [pid for pid in workers if alive(pid)]:  # noqa: ASYNC110 - other processes' state, polled
+                await asyncio.sleep(0.1)
+    finally:
+        await ensure_stopped(proc)
+        for pid in workers:  # only the children of the process this test started
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
