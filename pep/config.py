@@ -25,6 +25,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
 NOT_YET = "is not supported by this version of failclosed-pep"
+MIB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -143,6 +144,7 @@ class DecisionLogConfig:
     path: str | None = None
     include_arguments: bool = False
     required: bool = False
+    max_pending_bytes: int = 16 * MIB  # lines queued or being written; over it a line is dropped (counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,18 +610,22 @@ def _tracing(r: _Reader, value: Any) -> TracingConfig | None:
 
 
 def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
-    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required"})
+    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required", "max_pending_bytes"})
     if m is None:
         return DecisionLogConfig()
     sink = r.choice(m, "sink", "decision_log", "stdout", ("stdout", "file", "none")) or "stdout"
     path = r.string(m, "path", "decision_log", required=sink == "file")
     if path is not None and sink != "file":
         r.error("decision_log.path", "is only used with sink: file")
+    required = r.boolean(m, "required", "decision_log", False)
+    if required and sink == "none":
+        r.error("decision_log.required", "needs a sink to write to (stdout or file), not none")
     return DecisionLogConfig(
         sink=sink,
         path=path,
         include_arguments=r.boolean(m, "include_arguments", "decision_log", False),
-        required=r.boolean(m, "required", "decision_log", False),
+        required=required,
+        max_pending_bytes=r.integer(m, "max_pending_bytes", "decision_log", 16 * MIB, MIB, 1024 * MIB),
     )
 
 

@@ -92,6 +92,16 @@ class Metrics:
             "Decision log lines dropped (queue full or write error).",
             registry=r,
         )
+        # Read at scrape time: lines queued or being written; growth means the sink is slower than the decisions.
+        self.decision_log_pending_bytes = Gauge(
+            "pep_decision_log_pending_bytes", "Decision log bytes queued or being written.", registry=r
+        )
+        self.decision_log_write_seconds = Histogram(
+            "pep_decision_log_write_duration_seconds",
+            "Decision log batch writes, from start to return; with required: true, allows wait for them.",
+            registry=r,
+            buckets=_FAST,
+        )
         reloads = Counter("pep_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
         self.config_reloads = {res: reloads.labels(res) for res in ("success", "error")}
         fetches = Counter(

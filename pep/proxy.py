@@ -201,8 +201,14 @@ class Proxy:
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
         entry = self._entry(request, rid, route_name, case, outcome)
-        if not self._log.record(entry) and self._log.required and isinstance(decision, Allow):
-            decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, "decision log unavailable")
+        if isinstance(decision, Allow) and self._log.required:
+            # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
+            problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
+            if problem is not None:
+                decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                self._log.record(_unaudited(entry, problem))
+        else:
+            self._log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
@@ -362,6 +368,7 @@ class Proxy:
         engine = case.rt.engine
         url = document["route"]["upstream_url"]
         rid = allow.request_id
+        log = self._log
 
         async def decide(names: list[str]) -> list[bool] | str:
             docs = [{**document, "mcp": {**facts, "method": "tools/call", "name": n, "arguments": None}} for n in names]
@@ -369,7 +376,15 @@ class Proxy:
             outcome = await engine.decide(check)
             decision = outcome.decision
             reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace))
+            entry = _filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace)
+            if log.required and Reason.ALLOWED in reasons:
+                # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
+                problem = await log.commit(entry, _log_budget(case.rt, outcome))
+                if problem is not None:
+                    log.record(_unaudited(entry, problem))
+                    return Reason.AUDIT_UNAVAILABLE.value
+            else:
+                log.record(entry)
             undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
             if undecided or len(reasons) != len(names):
                 return (undecided[0] if undecided else decision_reason(decision)).value
@@ -444,6 +459,17 @@ class Proxy:
         if outcome.note:
             entry["detail"] = outcome.note
         return entry
+
+
+def _log_budget(rt: Runtime, outcome: Outcome) -> float:
+    """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
+    written the allow's line within it."""
+    return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
+
+
+def _unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
+    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
+    return {**entry, "decision": "deny", "reason": Reason.AUDIT_UNAVAILABLE.value, "detail": problem}
 
 
 def _filter_entry(

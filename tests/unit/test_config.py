@@ -186,6 +186,9 @@ def test_decision_log_sinks() -> None:
     assert cfg.decision_log.sink == "none"
     cfg = parse(mutated(lambda c: c.update(decision_log={"sink": "file", "path": "/tmp/d.jsonl"})), SRC)
     assert cfg.decision_log.path == "/tmp/d.jsonl"
+    assert cfg.decision_log.max_pending_bytes == 16 * 1024 * 1024
+    cfg = parse(mutated(lambda c: c.update(decision_log={"max_pending_bytes": 1024 * 1024 * 1024})), SRC)
+    assert cfg.decision_log.max_pending_bytes == 1024 * 1024 * 1024
 
 
 def test_boundary_values_are_accepted() -> None:
@@ -286,6 +289,21 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("pdp-kind", lambda c: c["pdp"].update(kind="xacml"), "pdp.kind: must be one of opa, authzen, cedar, got 'xacml'"),
     ("sink", lambda c: c.update(decision_log={"sink": "syslog"}), "decision_log.sink: must be one of"),
     ("path-stdout", lambda c: c.update(decision_log={"path": "/x"}), "decision_log.path: is only used with sink: file"),
+    (
+        "log-bytes-small",
+        lambda c: c.update(decision_log={"max_pending_bytes": 65536}),
+        "decision_log.max_pending_bytes: must be between 1048576 and 1073741824, got 65536",
+    ),
+    (
+        "log-bytes-text",
+        lambda c: c.update(decision_log={"max_pending_bytes": "16MiB"}),
+        "decision_log.max_pending_bytes: must be an integer",
+    ),
+    (
+        "required-nowhere",
+        lambda c: c.update(decision_log={"sink": "none", "required": True}),
+        "decision_log.required: needs a sink to write to (stdout or file), not none",
+    ),
     ("protocol", lambda c: route0(c).update(protocol="grpc"), "routes[0].protocol: must be one of http"),
     ("agent-header", lambda c: c.update(identity={"agent_header": "x agent"}), "identity.agent_header: is not a valid"),
     ("prefix-relative", lambda c: route0(c).update(match={"path_prefix": "crm"}), "routes[0].match.path_prefix: must"),
