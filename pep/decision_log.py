@@ -64,6 +64,9 @@ class DecisionLog:
         self.required = config.required
         self.enabled = config.sink != "none"
         self._max_bytes = config.max_pending_bytes
+        # With a required log, best-effort lines (denials) may fill only part of the queue: a flood of denied
+        # requests must not leave the allows of other callers no room, and deny them.
+        self._best_effort_max = self._max_bytes * 3 // 4 if config.required else self._max_bytes
         self._dropped = metrics.decision_log_dropped
         self._write_seconds = metrics.decision_log_write_seconds
         self._sink = Sink(config)
@@ -121,7 +124,7 @@ class DecisionLog:
 
     def _queue(self, line: bytes, wait: bool) -> _Batch | None:
         size = len(line)
-        if self._held + size > self._max_bytes:
+        if self._held + size > (self._max_bytes if wait else self._best_effort_max):
             self._dropped.inc()
             return None
         self._held += size

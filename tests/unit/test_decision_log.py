@@ -134,3 +134,19 @@ async def test_the_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
     await log.close()
     assert len(lines(tmp_path / "d")) == kept
     assert log._held == 0
+
+
+async def test_denials_cannot_crowd_out_the_allows_of_a_required_log(tmp_path: Path) -> None:
+    config = DecisionLogConfig(sink="file", path=str(tmp_path / "d"), required=True, max_pending_bytes=64 * 1024)
+    log = DecisionLog(config, Metrics(("r",)))
+    await log.start()
+    gate = Gate(log)  # the sink is slower than a flood of denied requests
+    line = {"decision": "deny", "mcp_name": "x" * MIB}
+    kept = sum(log.record(line) for _ in range(200))
+    assert log._held <= 48 * 1024 < log._held + 1100  # best-effort lines stopped at three quarters
+    allowed = asyncio.ensure_future(log.commit({"decision": "allow", "mcp_name": "x" * MIB}, 5.0))
+    await asyncio.sleep(0.05)
+    await gate.open()
+    assert await allowed is None  # the allow still had room
+    await log.close()
+    assert len(lines(tmp_path / "d")) == kept + 1
