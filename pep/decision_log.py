@@ -78,7 +78,6 @@ class DecisionLog:
         self._since = 0.0  # when the write under way began
         self._held = 0  # bytes queued or being written
         self.writes = 0  # batch writes that returned (group commit makes this far fewer than lines)
-        self.failing = False  # the last write failed
         metrics.decision_log_pending_bytes.set_function(lambda: self._held)
 
     def open(self) -> None:
@@ -155,7 +154,6 @@ class DecisionLog:
         self._inflight = None
         self._held -= batch.size
         self.writes += 1
-        self.failing = error is not None
         if error is not None:
             self._dropped.inc(len(batch.lines))
         batch.finish(error)
