@@ -149,7 +149,8 @@ def check_parameters(path: str, problem: str | None) -> None:
 def _field_name(pair: str) -> str:
     """A field's name as PHP reads it (the most lenient reader): decoded, NUL-ended, leading spaces dropped,
     ` ` and `.` as `_`, up to a `[`."""
-    name = percent_decode(pair.split("=", 1)[0].replace("+", " ").encode("latin-1")).decode("latin-1")
+    raw = pair.split("=", 1)[0].replace("+", " ").encode("utf-8", "surrogatepass")
+    name = percent_decode(raw).decode("latin-1")
     name = name.split("\x00", 1)[0].lstrip(" ").replace(" ", "_").replace(".", "_")
     return name.split("[", 1)[0]
 

@@ -140,7 +140,7 @@ def method_override_field(fields: str) -> str | None:
         return None
     for pair in re.split("[&;]", fields):
         name = pair.partition("=")[0]
-        decoded = unquote_to_bytes(name.replace("+", " ")).decode("latin-1")
+        decoded = unquote_to_bytes(name.replace("+", " ").encode("utf-8", "surrogatepass")).decode("latin-1")
         decoded = decoded.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
         if decoded.lower() == _METHOD_FIELD:
             return f"method-override field {name[:64]!r}"

@@ -257,6 +257,12 @@ def test_other_fields_are_not_method_overrides(fields: str) -> None:
     assert method_override_field(fields) is None
 
 
+def test_method_override_field_reads_any_text() -> None:
+    """Found by fuzzing: a lone surrogate (undecodable input bytes) in a name must not raise."""
+    assert method_override_field("\udca9=1&_method=x") is not None
+    assert method_override_field("\udca9\u00e9=1") is None
+
+
 def test_a_method_field_in_the_query_is_refused_on_a_post_only() -> None:
     """Rails, Laravel, Symfony and Spring take `_method` as the method of a POST, never of another method."""
     assert request_problem("POST", "/tools/x", "_method=DELETE", CIMultiDict()) is not None
