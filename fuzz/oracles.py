@@ -71,7 +71,22 @@ _WELL_FORMED = re.compile(r"%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 _CONTROL = frozenset(range(0x20)) | {0x7F}
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+# DESIGN: "path-override headers that frameworks honour" (the list README.md gives).
+PATH_OVERRIDES = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-uri",
+        "x-forwarded-path",
+        "x-forwarded-url",
+        "x-envoy-original-path",
+        "x-replaced-path",
+        "x-original-path",
+        "x-override-url",
+        "x-http-path-override",
+    }
+)
 
 
 def percent_decode(data: bytes) -> bytes:
@@ -98,7 +113,8 @@ def _is_dot(layer: bytes) -> bool:
 def check_path(path: str, problem: str | None) -> None:
     """An accepted path is visible ASCII without `\\` or `#`, its escapes are well-formed and encode no unreserved
     character, and no segment is (or decodes, in up to MAX_DECODES rounds, to) a dot segment, a separator or a
-    control character; a segment that still changes after MAX_DECODES rounds is refused."""
+    control character; a segment that still changes after MAX_DECODES rounds is refused. No segment is empty (`//`,
+    which nginx merges), nor empty before its parameters (`/;x/`), but the last (`/a/`)."""
     require(problem is None or (isinstance(problem, str) and bool(problem)), "path_problem answers a reason", problem)
     if problem is not None:
         return
@@ -108,13 +124,42 @@ def check_path(path: str, problem: str | None) -> None:
         byte = int(escape.group(0)[1:], 16)
         require(byte not in _UNRESERVED, "accepted path has no percent-encoded unreserved character", path)
     require(path.count("%") == len(_WELL_FORMED.findall(path)), "every % in an accepted path is an escape", path)
-    for segment in path.split("/"):
+    segments = path.split("/")
+    # Empty segments, also behind parameters (`/;x/` is `//` to a servlet container): only the root and a trailing `/`.
+    inner = [seg.partition(";")[0] for seg in segments[1:-1]]
+    require(all(inner) and not segments[-1].startswith(";"), "accepted path has no empty segment but a last one", path)
+    for segment in segments:
         layers = decoding_layers(segment.encode("ascii"))
         require(len(layers) <= MAX_DECODES + 1, "accepted segment decodes to a fixed point", path, layers)
         for layer in layers:
             require(not _is_dot(layer), "accepted path has no dot segment, raw or decoded", path, layer)
             require(b"/" not in layer and b"\\" not in layer, "accepted path has no encoded separator", path, layer)
             require(not _CONTROL.intersection(layer), "accepted path has no control character", path, layer)
+
+
+def check_parameters(path: str, problem: str | None) -> None:
+    """For a path `path_problem` accepts: path parameters are refused exactly when a segment holds `;` as sent or
+    after any round of decoding (`%3b`, `%253b`, `%3%62`)."""
+    require(problem is None or (isinstance(problem, str) and bool(problem)), "parameter_problem answers a reason")
+    layers = [layer for seg in path.split("/") for layer in decoding_layers(seg.encode("ascii"))]
+    expected = any(b";" in layer for layer in layers)
+    require((problem is not None) == expected, "a path parameter refused exactly when present", path, problem)
+
+
+def _field_name(pair: str) -> str:
+    """A field's name as PHP reads it (the most lenient reader): decoded, NUL-ended, leading spaces dropped,
+    ` ` and `.` as `_`, up to a `[`."""
+    raw = pair.split("=", 1)[0].replace("+", " ").encode("utf-8", "surrogatepass")
+    name = percent_decode(raw).decode("latin-1")
+    name = name.split("\x00", 1)[0].lstrip(" ").replace(" ", "_").replace(".", "_")
+    return name.split("[", 1)[0]
+
+
+def check_method_field(fields: str, problem: str | None) -> None:
+    """A `_method` field (any case, `&` or `;` separated) is refused exactly when present."""
+    names = [_field_name(pair) for part in fields.split("&") for pair in part.split(";")]
+    expected = any(n.lower() == "_method" for n in names)
+    require((problem is not None) == expected, "a _method field refused exactly when present", fields, problem)
 
 
 def check_query(query: str, problem: str | None) -> None:
@@ -375,11 +420,13 @@ def check_dispatch(
     inspected (the PEP would decide on other bytes than the upstream reads)."""
     if filter_tools_list and "Last-Event-ID" in headers:
         require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    form = method == "POST" and has_body and is_form(headers)
     if early is None:
-        require((protocol == "mcp" and method == "POST") or protocol == "openai", "only inspected routes read", path)
-        require(protocol != "openai" or invokes_model(method, path), "openai routes read model calls only", path)
+        inspected = (protocol == "mcp" and method == "POST") or (protocol == "openai" and invokes_model(method, path))
+        require(inspected or form, "only inspected routes and form POSTs are read", protocol, method, path)
         encoding = headers.get("Content-Encoding")
-        require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read", headers)
+        if inspected:
+            require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read")
         return
     if _refusal(early, BODY_REFUSALS):
         return
@@ -392,6 +439,24 @@ def check_dispatch(
         require(message.key == "mcp" and str(message.facts["method"]).startswith("mcp/"), "an MCP action", early)
     elif protocol == "openai":
         require(not invokes_model(method, path), "a model call is always read", method, path)
+    require(not form, "a form POST is read (for a _method field)", protocol, method, headers)
+
+
+def is_form(headers: Mapping[str, str]) -> bool:
+    """A body Rack reads as a form: no Content-Type, or (any of them) urlencoded."""
+    values = list(headers.getall("Content-Type", ())) if isinstance(headers, CIMultiDict) else []
+    return not values or any("x-www-form-urlencoded" in v.lower() or not v.strip() for v in values)
+
+
+def check_form(body: bytes, result: Inspected | Refused) -> None:
+    """A form body is forwarded as read, one plain message, unless it holds a `_method` field."""
+    if _refusal(result, frozenset({Reason.REQUEST_AMBIGUOUS})):
+        check_method_field(body.decode("latin-1"), "refused")
+        return
+    assert isinstance(result, Inspected)
+    require(result.body == body and len(result.messages) == 1, "the form body as read, one message", body)
+    require(result.messages[0].key is None, "no facts from a form", result)
+    check_method_field(body.decode("latin-1"), None)
 
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------

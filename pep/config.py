@@ -187,6 +187,7 @@ class RouteConfig:
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
+    allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -644,6 +645,7 @@ _ROUTE_KEYS = {
     "credential",
     "tunnel",
     "require_identity",
+    "allow_path_parameters",
 }
 
 
@@ -677,10 +679,12 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
                     f"must start with / and hold only unreserved path characters, got {prefix!r}",
                 )
                 prefix = None
-            elif prefix is not None and any(seg in (".", "..") for seg in prefix.split("/")):
-                r.error(f"{path}.match.path_prefix", "must not contain dot segments")
-                prefix = None
+            elif prefix is not None:
+                prefix = _prefix(r, prefix, f"{path}.match.path_prefix", m.get("allow_path_parameters") is True)
     upstream = _http_url(r, r.string(m, "upstream", path, required=True), f"{path}.upstream")
+    if upstream is not None and (problem := _path_shape(urlsplit(upstream).path)):
+        r.error(f"{path}.upstream", f"its path must not contain {problem}")
+        upstream = None
     protocol = r.choice(m, "protocol", path, "http", ("http", "mcp", "openai")) or "http"
     # Routes that read bodies always have a limit; plain HTTP routes only when one is set.
     max_body = None if protocol == "http" else 1048576
@@ -716,8 +720,30 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         host=host,
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
+        allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
     )
     return route if name and prefix and upstream and match_ok else None
+
+
+def _path_shape(path: str) -> str | None:
+    """What a configured path must not hold, as requests may not: dot segments, empty segments, `/;`."""
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return "dot segments"
+    if "//" in path or "/;" in path:
+        return "empty segments (// or /;)"
+    return None
+
+
+def _prefix(r: _Reader, prefix: str, path: str, parameters: bool) -> str | None:
+    """A path prefix holds no segment a request may not hold: requests with them are refused before routing, and a
+    `;` only matches on a route that accepts path parameters."""
+    if problem := _path_shape(prefix):
+        r.error(path, f"must not contain {problem}")
+        return None
+    if ";" in prefix and not parameters:
+        r.error(path, "must not contain ; (a path parameter) unless the route has allow_path_parameters: true")
+        return None
+    return prefix
 
 
 def _match_host(r: _Reader, value: str | None, path: str) -> str | None:

@@ -121,7 +121,10 @@ def _inspect(route: Route, request: Request, body: bytes | None) -> Inspected | 
     early = dispatch.before_body(route.config, request.method, request.path, request.headers, bool(body))
     if early is not None:
         return early
-    return dispatch.parse(route.config, request.headers, body or b"")
+    limit = dispatch.read_limit(route.config)
+    if body is not None and len(body) > limit:  # a form body on a route without max_body_bytes
+        return Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes")
+    return dispatch.parse(route.config, request.method, request.path, request.headers, body or b"")
 
 
 async def facts(
@@ -135,13 +138,15 @@ async def facts(
         return Facts(None, None, Refused(Reason.NO_ROUTE, "explain does not decide CONNECT (tunnels: host:port)"))
     if request.fragment:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, "fragment in the request target"))
-    problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
+    problem = integrity.request_problem(method, path, query, headers)
     if problem:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, problem))
     route = routes.match(path, headers.get("Host"), request.scheme)
     if route is None:
         return Facts(None, None, Refused(Reason.NO_ROUTE, "no route matches the path"))
     upstream_url = route.upstream_url(path, query)
+    if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+        return Facts(route, upstream_url, Refused(Reason.REQUEST_AMBIGUOUS, problem))
     limit = route.config.max_body_bytes
     body = _read(request.body, limit)
     if limit is not None and body is not None and len(body) > limit:

@@ -103,10 +103,10 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         # The body is needed for the decision, so the caller may send it now.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = await read_body(request, route.config.max_body_bytes or 0)
+    body = await read_body(request, dispatch.read_limit(route.config))
     if isinstance(body, Refused):
         return body
-    return dispatch.parse(route.config, request.headers, body)
+    return dispatch.parse(route.config, request.method, path, request.headers, body)
 
 
 def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
@@ -244,12 +244,14 @@ class Proxy:
             return _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
         if not raw_target.startswith("/") and not _authority_matches(request.url, headers.get("Host")):
             return _early(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
-        problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
+        problem = integrity.request_problem(request.method, path, query, headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
         route = case.route = case.rt.routes.match(path, headers.get("Host"), request.scheme)
         if route is None:
             return _early(Reason.NO_ROUTE, "no route matches the path")
+        if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+            return _early(Reason.REQUEST_AMBIGUOUS, problem)
         length = request.content_length
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from multidict import MultiMapping
+
+from pep import integrity
 from pep.config import RouteConfig
 from pep.decision import Reason
 from pep.protocols import PLAIN, Inspected, Refused, mcp, openai
+
+# The most a form body is read on a route without `max_body_bytes` (plain http routes): it is read whole, to find
+# a `_method` field, where the body of any other plain request is streamed.
+FORM_BODY_LIMIT = 1048576
 
 
 def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
@@ -36,9 +43,35 @@ def before_body(
         return encoding_problem(headers)
     if route.protocol == "openai" and openai.invokes_model(method, path):
         return encoding_problem(headers)
+    if method == "POST" and has_body and is_form(headers):
+        return None  # read, for `parse` to look for a `_method` field
     return PLAIN
 
 
-def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
+def is_form(headers: Mapping[str, str]) -> bool:
+    """A body an upstream framework may read as urlencoded form fields: Content-Type
+    application/x-www-form-urlencoded (any parameters, any case), or none at all (Rack reads a POST without one as
+    a form). Every Content-Type field counts, since an upstream may read another one than the PEP."""
+    if isinstance(headers, MultiMapping):
+        values = list(headers.getall("Content-Type", ()))
+    else:
+        values = [headers["Content-Type"]] if "Content-Type" in headers else []
+    return not values or any(not v.strip() or "x-www-form-urlencoded" in v.lower() for v in values)
+
+
+def read_limit(route: RouteConfig) -> int:
+    """How many body bytes may be read to decide: the route's `max_body_bytes`, else (plain http routes, which read
+    only form bodies) FORM_BODY_LIMIT."""
+    return route.max_body_bytes if route.max_body_bytes is not None else FORM_BODY_LIMIT
+
+
+def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
     """The messages of a body that `before_body` asked to read."""
-    return mcp.inspect(body, headers) if route.protocol == "mcp" else openai.inspect(body)
+    if route.protocol == "mcp":
+        return mcp.inspect(body, headers)
+    if route.protocol == "openai" and openai.invokes_model(method, path):
+        return openai.inspect(body)
+    # A form body: forwarded as read unless a framework would take a field of it as the method.
+    if problem := integrity.method_override_field(body.decode("latin-1")):
+        return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in the form body")
+    return Inspected(PLAIN.messages, body)

@@ -122,6 +122,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert route.timeout_ms == 30000
     assert route.max_body_bytes is None  # no limit on http routes unless set
     assert route.keep_caller_credentials is False
+    assert route.allow_path_parameters is False
 
 
 def test_full_config_file_is_read_as_written(tmp_path: Path) -> None:
@@ -321,6 +322,41 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         lambda c: route0(c).update(match={"path_prefix": "/./"}),
         "routes[0].match.path_prefix: must not contain dot segments",
     ),
+    (
+        "prefix-empty-segment",
+        lambda c: route0(c).update(match={"path_prefix": "/a//b"}),
+        "routes[0].match.path_prefix: must not contain empty segments (// or /;)",
+    ),
+    (
+        "prefix-leading-double-slash",
+        lambda c: route0(c).update(match={"path_prefix": "//crm/"}),
+        "routes[0].match.path_prefix: must not contain empty segments",
+    ),
+    (
+        "prefix-parameter",
+        lambda c: route0(c).update(match={"path_prefix": "/crm;v=1/"}),
+        "routes[0].match.path_prefix: must not contain ; (a path parameter) unless the route has allow_path_parameters",
+    ),
+    (
+        "prefix-empty-before-parameter",
+        lambda c: route0(c).update(match={"path_prefix": "/crm/;v=1"}, allow_path_parameters=True),
+        "routes[0].match.path_prefix: must not contain empty segments (// or /;)",
+    ),
+    (
+        "allow-path-parameters-not-bool",
+        lambda c: route0(c).update(allow_path_parameters="yes"),
+        "routes[0].allow_path_parameters: must be",
+    ),
+    (
+        "upstream-empty-segment",
+        lambda c: route0(c).update(upstream="https://crm.internal//api/"),
+        "routes[0].upstream: its path must not contain empty segments (// or /;)",
+    ),
+    (
+        "upstream-dot-segment",
+        lambda c: route0(c).update(upstream="https://crm.internal/api/../admin"),
+        "routes[0].upstream: its path must not contain dot segments",
+    ),
     # URLs
     ("url-no-scheme", lambda c: c["pdp"].update(url="127.0.0.1:8181/v1/data"), "pdp.url: must be an http:// or https"),
     ("url-ftp", lambda c: c["pdp"].update(url="ftp://h/x"), "pdp.url: must be an http:// or https://"),
@@ -515,6 +551,14 @@ def test_duplicate_key_paths_count_invalid_routes_too() -> None:
         "f.yaml: routes[2].name: duplicates the name of routes[1]",
         "f.yaml: routes[2].match.path_prefix: duplicates the prefix of routes[1]",
     ]
+
+
+def test_allow_path_parameters_is_read_and_permits_a_parameter_in_the_prefix() -> None:
+    data = minimal()
+    route0(data).update(match={"path_prefix": "/crm;v=1/"}, allow_path_parameters=True)
+    (route,) = parse(data, SRC).routes
+    assert route.allow_path_parameters is True
+    assert route.path_prefix == "/crm;v=1/"
 
 
 def test_prefixes_differing_by_a_trailing_slash_are_distinct() -> None:

@@ -18,7 +18,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from fuzz.oracles import check_dispatch, check_mcp, check_openai, check_strict, examples
+from fuzz.oracles import check_dispatch, check_form, check_mcp, check_openai, check_strict, examples, invokes_model
 from pep import strictjson
 from pep.config import RouteConfig
 from pep.decision import Reason
@@ -117,9 +117,12 @@ MODEL_CALL = NEAR_MODEL_CALL | st.fixed_dictionaries(
     },
 )
 MIRRORED: st.SearchStrategy[dict[str, str]] = st.just({}) | st.dictionaries(
-    st.sampled_from(["MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Content-Encoding", "Last-Event-ID"]),
+    st.sampled_from(
+        ["MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Content-Encoding", "Last-Event-ID", "Content-Type"]
+    ),
     st.sampled_from(["2025-03-26", "2026-07-28", "tools/call", "ping", "f", "", "gzip", "identity", " Identity "])
-    | st.sampled_from(["=?base64?dG9vbHMvY2FsbA==?=", "=?base64?@?=", "=?base64??="]),
+    | st.sampled_from(["=?base64?dG9vbHMvY2FsbA==?=", "=?base64?@?=", "=?base64??="])
+    | st.sampled_from(["application/json", "Application/X-WWW-Form-Urlencoded; charset=utf-8", "text/plain"]),
     max_size=3,
 )
 
@@ -144,6 +147,15 @@ def bodies(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> bytes:
         i = draw(st.integers(0, len(data) - 1))
         return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
     return data
+
+
+# urlencoded form bodies, with and without a `_method` field in its spellings (PHP reads `.method` as `_method`)
+FORMS = st.lists(
+    st.sampled_from(
+        ["_method", "%5Fmethod", "_METHOD", ".method", "+_method", "_method[x]", "method", "a", ""]
+    ).flatmap(lambda name: st.sampled_from(["", "=DELETE", "=", "=_method"]).map(lambda value: name + value)),
+    max_size=3,
+).flatmap(lambda pairs: st.sampled_from(["&", ";"]).map(lambda sep: sep.join(pairs).encode()))
 
 
 def route(protocol: str, filter_tools_list: bool = False) -> RouteConfig:
@@ -171,7 +183,7 @@ PATHS = st.lists(
     method=st.sampled_from(["POST", "POST", "GET", "DELETE", "PUT", "PATCH", "OPTIONS"]),
     path=PATHS,
     headers=MIRRORED,
-    body=bodies(RPC) | bodies(MODEL_CALL) | st.binary(max_size=32),
+    body=bodies(RPC) | bodies(MODEL_CALL) | st.binary(max_size=32) | FORMS,
     has_body=st.booleans(),
 )
 def test_dispatch_reads_every_body_it_decides_on(
@@ -189,12 +201,14 @@ def test_dispatch_reads_every_body_it_decides_on(
     check_dispatch(protocol, filter_tools_list, method, path, sent, has_body, early)
     event(f"before_body: {type(early).__name__}")
     if early is None:
-        parsed = dispatch.parse(config, sent, body)
+        parsed = dispatch.parse(config, method, path, sent, body)
         event(f"parse: {type(parsed).__name__}")
         if protocol == "mcp":
             check_mcp(body, sent, parsed)
-        else:
+        elif protocol == "openai" and invokes_model(method, path):
             check_openai(body, parsed)
+        else:
+            check_form(body, parsed)
 
 
 @settings(max_examples=examples(400), deadline=None)
