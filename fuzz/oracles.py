@@ -314,10 +314,17 @@ def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
     return False
 
 
+MAX_BATCH_MESSAGES = 16  # the route default
+
+
 def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
-    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch decided as one message per
-    element, with facts taken from that element; mirrored headers agree with the body."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch of at most
+    MAX_BATCH_MESSAGES decided as one message per element, with facts taken from that element; mirrored headers
+    agree with the body. Only such an over-long batch is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            value = reference_loads(body, MCP_MAX_DEPTH).value
+            require(isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES, "too large: a long batch", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body, MCP_MAX_DEPTH)
@@ -328,6 +335,7 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
     batch = isinstance(value, list)
     require(result.batch == batch, "batch flag matches the body", body)
     items = value if batch else [value]
+    require(len(items) <= MAX_BATCH_MESSAGES, "a batch over max_batch_messages is refused", body)
     for item in items:
         params = item.get("params") if isinstance(item, dict) else None
         spelled = not misspelled(item, MCP_READS) and not misspelled(params, MCP_PARAMS_READS)

@@ -41,4 +41,6 @@ def before_body(
 
 def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
     """The messages of a body that `before_body` asked to read."""
-    return mcp.inspect(body, headers) if route.protocol == "mcp" else openai.inspect(body)
+    if route.protocol == "mcp":
+        return mcp.inspect(body, headers, route.max_batch_messages)
+    return openai.inspect(body)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pep import strictjson
+from pep.config import DEFAULT_MAX_BATCH_MESSAGES
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected, Message, Refused
 from pep.protocols.spelling import Spelling
@@ -123,8 +124,13 @@ def _message(obj: Any, version: str | None) -> Message | str:
     return Message("mcp", facts, rpc_id)
 
 
-def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
-    """The messages of one POST body, checked against the mirrored headers."""
+def inspect(
+    body: bytes, headers: Mapping[str, str], max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+) -> Inspected | Refused:
+    """The messages of one POST body, checked against the mirrored headers.
+
+    A batch of more than `max_batch_messages` is `body_too_large`: each message is one PDP decision, and the
+    route decides at most that many for one body (like `max_body_bytes`, a bound on what one body may cost)."""
     getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
     if getall is not None and any(len(getall(name, ())) > 1 for name in _MIRRORED):
         return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header")
@@ -144,6 +150,9 @@ def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
             return Refused(Reason.BODY_UNREADABLE, "an empty JSON-RPC batch")
         if "Mcp-Method" in headers or "Mcp-Name" in headers:
             return Refused(Reason.REQUEST_AMBIGUOUS, "mirrored MCP headers cannot describe a batch")
+        if len(value) > max_batch_messages:
+            detail = f"a JSON-RPC batch of {len(value)} messages, over max_batch_messages {max_batch_messages}"
+            return Refused(Reason.BODY_TOO_LARGE, detail)
         items = value
     else:
         items = [value]

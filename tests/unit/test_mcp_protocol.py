@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from pep.config import RouteConfig
 from pep.decision import Reason
-from pep.protocols import NO_ID, Inspected, Message, Refused, mcp
+from pep.protocols import NO_ID, Inspected, Message, Refused, dispatch, mcp
 
 V_BATCH = "2025-03-26"
 V_0618 = "2025-06-18"
@@ -708,3 +709,40 @@ def test_keys_equal_under_case_folding_are_ambiguous(body: bytes) -> None:
 )
 def test_keys_distinct_under_case_folding_are_read(body: bytes) -> None:
     ok(body)
+
+
+# --- the bound on messages per batch ------------------------------------------------------------------------------
+
+
+def pings(count: int) -> bytes:
+    return b"[" + b",".join(rpc("ping", NO_ID) for _ in range(count)) + b"]"
+
+
+def test_a_batch_holds_at_most_max_batch_messages() -> None:
+    assert len(ok(pings(16)).messages) == 16  # the default, DEFAULT_MAX_BATCH_MESSAGES
+    result = mcp.inspect(pings(17), CIMultiDict())
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.BODY_TOO_LARGE
+    assert "17 messages" in result.detail
+    assert "max_batch_messages 16" in result.detail
+
+
+def test_the_batch_bound_is_the_routes() -> None:
+    assert isinstance(mcp.inspect(pings(3), CIMultiDict(), max_batch_messages=3), Inspected)
+    refused_4 = mcp.inspect(pings(4), CIMultiDict(), max_batch_messages=3)
+    assert isinstance(refused_4, Refused)
+    assert refused_4.reason is Reason.BODY_TOO_LARGE
+    assert isinstance(mcp.inspect(pings(3000), CIMultiDict(), max_batch_messages=1000), Refused)
+    one = mcp.inspect(pings(1), CIMultiDict(), max_batch_messages=1)
+    assert isinstance(one, Inspected)
+    assert one.batch
+
+
+def test_dispatch_applies_the_routes_batch_bound() -> None:
+    route = RouteConfig(
+        name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp", max_batch_messages=2
+    )
+    assert isinstance(dispatch.parse(route, CIMultiDict(), pings(2)), Inspected)
+    refused_3 = dispatch.parse(route, CIMultiDict(), pings(3))
+    assert isinstance(refused_3, Refused)
+    assert refused_3.reason is Reason.BODY_TOO_LARGE
