@@ -65,6 +65,11 @@ class Pdp(abc.ABC):
         exchanges at a time. A PDP with a batch endpoint overrides this to ask once."""
         return await ask_each(self.ask, list(enumerate(documents)), request_id, concurrency)
 
+    def reload(self) -> str | None:
+        """Re-read what the PDP loaded from files at start (a config reload); why not, or None. A remote PDP
+        has nothing to re-read."""
+        return None
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
