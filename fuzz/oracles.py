@@ -314,6 +314,33 @@ MODEL_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
 MCP_MAX_DEPTH = 64
 
 
+# The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
+MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
+MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
+MODEL_READS = ("model", "stream", "tools", "functions")
+MODEL_TOOL_READS = ("type", "name", "function")
+
+
+def folds_together(value: Any) -> bool:
+    """Some object, at any depth, has two keys equal under Unicode case folding."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len({k.casefold() for k in item}) != len(item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def misspelled(obj: Any, reads: Sequence[str]) -> bool:
+    """`obj` has a key that folds to one the PEP reads without being it."""
+    folded = {r.casefold() for r in reads}
+    return isinstance(obj, dict) and any(k not in reads and k.casefold() in folded for k in obj)
+
+
 def _mirrored(value: str) -> str | None:
     if value.startswith("=?base64?") and value.endswith("?="):
         try:
@@ -332,19 +359,32 @@ def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
     return False
 
 
+MAX_BATCH_MESSAGES = 16  # the route default
+
+
 def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
-    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch decided as one message per
-    element, with facts taken from that element; mirrored headers agree with the body."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch of at most
+    MAX_BATCH_MESSAGES decided as one message per element, with facts taken from that element; mirrored headers
+    agree with the body. Only such an over-long batch is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            value = reference_loads(body, MCP_MAX_DEPTH).value
+            require(isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES, "too large: a long batch", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body, MCP_MAX_DEPTH)
     require(ref.problem is None, "MCP body accepted that the reference refuses", body, ref.problem)
     require(result.body == body, "the decided body is the body read", body)
     value = ref.value
+    require(not folds_together(value), "no keys equal under case folding anywhere", body)
     batch = isinstance(value, list)
     require(result.batch == batch, "batch flag matches the body", body)
     items = value if batch else [value]
+    require(len(items) <= MAX_BATCH_MESSAGES, "a batch over max_batch_messages is refused", body)
+    for item in items:
+        params = item.get("params") if isinstance(item, dict) else None
+        spelled = not misspelled(item, MCP_READS) and not misspelled(params, MCP_PARAMS_READS)
+        require(spelled, "the keys the PEP reads are spelled exactly", item)
     require(len(items) >= 1 and len(result.messages) == len(items), "one message per batch element", body)
     for name in MIRRORED:
         require(len(headers.getall(name, ())) <= 1, "a repeated mirrored header is refused", name)
@@ -381,12 +421,17 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
 
 def check_openai(body: bytes, result: Inspected | Refused) -> None:
     """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
-    if _refusal(result, frozenset({Reason.BODY_UNREADABLE})):
+    if _refusal(result, BODY_REFUSALS):
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body)
     require(ref.problem is None and isinstance(ref.value, dict), "model body accepted that the reference refuses", body)
     obj = ref.value
+    require(not folds_together(obj), "no keys equal under case folding anywhere", body)
+    tools = obj.get("tools")
+    listed_tools = tools if isinstance(tools, list) else []
+    spelled = not misspelled(obj, MODEL_READS) and not any(misspelled(t, MODEL_TOOL_READS) for t in listed_tools)
+    require(spelled, "the keys the PEP reads are spelled exactly", obj)
     require(result.body == body and len(result.messages) == 1, "one message, the body read", body)
     facts = result.messages[0].facts
     require(result.messages[0].key == "model", "model facts", result)

@@ -210,13 +210,10 @@ class Server:
                 identifier, keys = build_identity(cfg, lambda ok: fetches[ok].inc())
                 if keys is not None:
                     await keys.start()
-            if old is not None and engine is old.engine:
-                # In-process policies are re-read on every reload, last: this changes the engine in force, so
-                # nothing after it may fail and leave the old config running with the new policies.
-                reload = getattr(engine.pdp, "reload", None)
-                problem = reload() if reload is not None else None
-                if problem:
-                    raise ReloadError(problem)
+            # In-process policies are re-read on every reload that keeps the engine, last: this changes the engine
+            # in force, so nothing after it may fail and leave the old config running with the new policies.
+            if old is not None and engine is old.engine and (problem := engine.pdp.reload()):
+                raise ReloadError(problem)
         except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
             await self._discard(old, engine, keys)
             raise ReloadError(str(exc)) from None

@@ -170,6 +170,12 @@ class Credential:
     value_env: str | None = None
 
 
+# MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
+# one body from becoming thousands of PDP calls under one deadline.
+DEFAULT_MAX_BATCH_MESSAGES = 16
+MAX_BATCH_MESSAGES_LIMIT = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
@@ -188,6 +194,7 @@ class RouteConfig:
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
     allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -646,6 +653,7 @@ _ROUTE_KEYS = {
     "tunnel",
     "require_identity",
     "allow_path_parameters",
+    "max_batch_messages",
 }
 
 
@@ -699,6 +707,9 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     if m.get("filter_tools_list") is True and protocol != "mcp":
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
+    if "max_batch_messages" in m and protocol != "mcp":
+        r.error(f"{path}.max_batch_messages", "is only for protocol: mcp (JSON-RPC batches)")
     tunnel = r.boolean(m, "tunnel", path, False)
     if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
         r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
@@ -721,6 +732,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
         allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
+        max_batch_messages=max_batch,
     )
     return route if name and prefix and upstream and match_ok else None
 

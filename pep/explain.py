@@ -31,7 +31,7 @@ from pep.identity import Refusal as IdentityRefusal
 from pep.identity.subject import Identifier, build_identity
 from pep.ids import request_id
 from pep.metrics import Metrics
-from pep.pdp import Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
 from pep.pdp.cedar import CedarLoadError
 from pep.protocols import Inspected, Refused, dispatch
 from pep.routing import Route, RouteTable
@@ -191,8 +191,9 @@ async def facts(
     return Facts(route, upstream_url, None, check, inspected)
 
 
-class _Recorder:
-    """The configured PDP, keeping each document's answer of the last attempt. The engine sees the same PDP."""
+class _Recorder(Pdp):
+    """The configured PDP, keeping each document's answer of the last attempt. The engine sees the same PDP, and
+    a batch goes to the PDP's own `ask_many` (one exchange with an AuthZEN batch endpoint)."""
 
     def __init__(self, pdp: Pdp, documents: Sequence[dict[str, Any]]) -> None:
         self.remote = pdp.remote
@@ -207,18 +208,16 @@ class _Recorder:
         self.answers[i] = result
         return result
 
-    async def close(self) -> None:
-        await self._pdp.close()
-
-
-class _BatchRecorder(_Recorder):
-    """For PDPs that decide several documents in one exchange (AuthZEN), so the engine keeps using it."""
-
-    async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
         self.answers = [None] * len(self.answers)
-        results: list[Verdict | Failure] = await getattr(self._pdp, "ask_many")(documents, request_id)  # noqa: B009
+        results = await self._pdp.ask_many(documents, request_id, concurrency)
         self.answers = list(results)
         return results
+
+    async def close(self) -> None:
+        await self._pdp.close()
 
 
 def answer_dict(answer: Verdict | Failure) -> dict[str, Any]:
@@ -244,8 +243,7 @@ async def ask(config: Config, check: Check) -> tuple[Outcome, _Recorder]:
     from pep.app import build_pdp
 
     pdp = build_pdp(config)
-    kind = _BatchRecorder if hasattr(pdp, "ask_many") else _Recorder
-    recorder = kind(pdp, check.documents)
+    recorder = _Recorder(pdp, check.documents)
     engine = Engine(recorder, config.pdp, Metrics(tuple(r.name for r in config.routes)))
     try:
         outcome = await engine.decide(check)

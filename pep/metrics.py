@@ -56,7 +56,9 @@ class Metrics:
             buckets=_FAST,
         )
         self.pdp_duration = {o: pdp.labels(o) for o in PDP_OUTCOMES}
-        self.pdp_in_flight = Gauge("pep_pdp_in_flight", "Decisions waiting for the PDP.", registry=r)
+        self.pdp_in_flight = Gauge(
+            "pep_pdp_in_flight", "Slots of max_in_flight taken by decisions waiting for the PDP.", registry=r
+        )
         self.circuit_state = Gauge("pep_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r)
         transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
         self.transitions = {s: transitions.labels(s.name.lower()) for s in State}

@@ -17,7 +17,7 @@ from typing import Any
 import cedarpy
 
 from pep.decision import Reason
-from pep.pdp import Failure, Verdict
+from pep.pdp import Failure, Pdp, Verdict
 from pep.pdp.mapping import CompiledMapping, MappingError, map_document
 
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
@@ -92,7 +92,7 @@ def load_entities(path: str | None) -> list[dict[str, Any]]:
     return entities
 
 
-class CedarPdp:
+class CedarPdp(Pdp):
     """Evaluates in process. There is nothing remote to fail, so the engine gives it no circuit breaker."""
 
     remote = False

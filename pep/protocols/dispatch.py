@@ -68,7 +68,7 @@ def read_limit(route: RouteConfig) -> int:
 def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
     """The messages of a body that `before_body` asked to read."""
     if route.protocol == "mcp":
-        return mcp.inspect(body, headers)
+        return mcp.inspect(body, headers, route.max_batch_messages)
     if route.protocol == "openai" and openai.invokes_model(method, path):
         return openai.inspect(body)
     # A form body: forwarded as read unless a framework would take a field of it as the method.

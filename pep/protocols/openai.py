@@ -1,7 +1,9 @@
 """OpenAI-style model APIs: the model, the stream flag and the tool names of a call become `model` facts.
 
 Only the endpoints that invoke a model are read (chat completions, completions, embeddings, responses); any
-other request on the route (`GET /v1/models`) is decided on its HTTP facts alone.
+other request on the route (`GET /v1/models`) is decided on its HTTP facts alone. As on MCP routes, keys equal
+under case folding, or a key that folds to one read here without being it (`Model`, `STREAM`), are
+`request_ambiguous`: OpenAI-compatible Go servers (Ollama) bind them to the field the PEP read.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from typing import Any
 from pep import strictjson
 from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused
+from pep.protocols.spelling import Spelling
 
 ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/responses")
 
 
 _PATH_PARAMS = re.compile(r";[^/]*")
+# What the PEP reads from the call, from each tool and from each function: each must be spelled exactly.
+_CALL_KEYS = Spelling("model", "stream", "tools", "functions")
+_TOOL_KEYS = Spelling("type", "name", "function")
+_FUNCTION_KEYS = Spelling("name")
 
 
 def invokes_model(method: str, path: str) -> bool:
@@ -48,11 +55,32 @@ def _tool_names(tools: Any) -> list[str] | str:
     return names
 
 
+def _spelling_problem(obj: dict[str, Any]) -> str | None:
+    """A key of the call, of a tool or of a function that folds to a name read here without being it."""
+    if problem := _CALL_KEYS.problem(obj, "model API body"):
+        return problem
+    for key, spelling in (("tools", _TOOL_KEYS), ("functions", _FUNCTION_KEYS)):
+        listed = obj.get(key)
+        for item in listed if isinstance(listed, list) else ():
+            if not isinstance(item, dict):
+                continue
+            if problem := spelling.problem(item, key):
+                return problem
+            function = item.get("function") if key == "tools" else None
+            if isinstance(function, dict) and (problem := _FUNCTION_KEYS.problem(function, "tools[].function")):
+                return problem
+    return None
+
+
 def inspect(body: bytes) -> Inspected | Refused:
     try:
-        obj = strictjson.loads_object(body)
+        obj = strictjson.loads_object(body, fold_keys=True)
+    except strictjson.FoldedKeys as exc:
+        return Refused(Reason.REQUEST_AMBIGUOUS, f"model API body: {exc}"[:200])
     except strictjson.JsonError as exc:
         return Refused(Reason.BODY_UNREADABLE, f"model API body: {exc}"[:200])
+    if (problem := _spelling_problem(obj)) is not None:
+        return Refused(Reason.REQUEST_AMBIGUOUS, problem)
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         return Refused(Reason.BODY_UNREADABLE, "model must be a non-empty string")

@@ -422,6 +422,45 @@ CORPUS: list[Case] = [
         mcp(b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"delete_all"}}'),
         "body_unreadable",
     ),
+    # keys equal under case folding: a Go server (encoding/json) binds `Name` to name, and keeps the last
+    denied(
+        "mcp-name-in-two-cases",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","Name":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-name-only-in-another-case",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-method-in-two-cases",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-argument-with-long-s",
+        mcp(
+            '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"s":"a","\u017f":"b"}}}'.encode()
+        ),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-key-with-kelvin-sign-in-a-batch",
+        mcp(
+            b"["
+            + call("search")
+            + b',{"jsonrpc":"2.0","id":2,"method":"tools/call",'
+            + b'"params":{"name":"search","arguments":{"k":1,"\\u212a":2}}}]'
+        ),
+        "request_ambiguous",
+    ),
+    denied(
+        "openai-model-in-two-cases", openai(b'{"model":"gpt-ok","Model":"gpt-evil","messages":[]}'), "request_ambiguous"
+    ),
+    denied(
+        "openai-stream-in-another-case", openai(b'{"model":"gpt-ok","STREAM":true,"messages":[]}'), "request_ambiguous"
+    ),
     denied("mcp-byte-order-mark", mcp(b"\xef\xbb\xbf" + call("search")), "body_unreadable"),
     denied("openai-duplicate-model", openai(b'{"model":"gpt-ok","model":"gpt-evil","messages":[]}'), "body_unreadable"),
     denied("mcp-batch-mixing-allowed-and-denied", mcp(BATCH_MIXED), "policy_denied"),

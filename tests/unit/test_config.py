@@ -123,6 +123,13 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert route.max_body_bytes is None  # no limit on http routes unless set
     assert route.keep_caller_credentials is False
     assert route.allow_path_parameters is False
+    assert route.max_batch_messages == 16
+
+
+@pytest.mark.parametrize("value", [1, 1000])
+def test_max_batch_messages_on_mcp_routes(value: int) -> None:
+    cfg = parse(mutated(lambda c: route0(c).update(protocol="mcp", max_batch_messages=value)), SRC)
+    assert cfg.routes[0].max_batch_messages == value
 
 
 def test_full_config_file_is_read_as_written(tmp_path: Path) -> None:
@@ -434,6 +441,22 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "routes[0].require_identity: needs identity.jwt",
     ),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
+    ("batch-http", lambda c: route0(c).update(max_batch_messages=8), "routes[0].max_batch_messages: is only for"),
+    (
+        "batch-zero",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages=0),
+        "routes[0].max_batch_messages: must be between 1 and 1000, got 0",
+    ),
+    (
+        "batch-huge",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages=1001),
+        "routes[0].max_batch_messages: must be between 1 and 1000, got 1001",
+    ),
+    (
+        "batch-text",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages="16"),
+        "routes[0].max_batch_messages: must be an integer",
+    ),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
     (

@@ -4,7 +4,8 @@ pep/protocols/dispatch.py on a route of each protocol, mcp.py and openai.py behi
 - Any request gets an Inspected or a Refused with a reason from the closed set, never an exception; a body that
   the route's protocol decides on is always read (nothing reaches the upstream on its HTTP facts alone).
 - What is accepted is what the standard library reads strictly from the same bytes (same values, same types).
-- A duplicate key anywhere, however it is spelled (`"a"` and `"\\u0061"`), is refused.
+- A duplicate key anywhere, however it is spelled (`"a"` and `"\\u0061"`), is refused; so are two keys equal
+  under case folding (`name` and `Name`, `s` and U+017F), as `request_ambiguous`.
 - A JSON-RPC batch is one message per element, each with that element's facts.
 """
 
@@ -24,7 +25,7 @@ from pep.config import RouteConfig
 from pep.decision import Reason
 from pep.protocols import Inspected, Refused, dispatch, mcp, openai
 
-KEYS = st.sampled_from(["a", "b", "id", "name", "é", "\u2028", "😀", ""])
+KEYS = st.sampled_from(["a", "b", "id", "name", "é", "\u2028", "😀", "", "Name", "\u212a"])
 JSON = st.recursive(
     st.none()
     | st.booleans()
@@ -255,8 +256,11 @@ def spell(key: str, how: int) -> str:
     return '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"'
 
 
-def dump_with_duplicate(value: Any, target: int, key: str, spellings: tuple[int, int]) -> tuple[str, int]:
-    """JSON text of `value` where the `target`-th object (depth first) starts with `key` twice."""
+def dump_with_duplicate(
+    value: Any, target: int, key: str, spellings: tuple[int, int], other: str | None = None
+) -> tuple[str, int]:
+    """JSON text of `value` where the `target`-th object (depth first) starts with `key` twice (or with `key`,
+    then `other`)."""
     counter = 0
 
     def dump(v: Any) -> str:
@@ -264,9 +268,11 @@ def dump_with_duplicate(value: Any, target: int, key: str, spellings: tuple[int,
         if isinstance(v, dict):
             index = counter
             counter += 1
-            members = [f"{json.dumps(k)}:{dump(x)}" for k, x in v.items() if not (index == target and k == key)]
+            added = {key, key if other is None else other}
+            members = [f"{json.dumps(k)}:{dump(x)}" for k, x in v.items() if not (index == target and k in added)]
             if index == target:
-                members = [f"{spell(key, spellings[0])}:1", f"{spell(key, spellings[1])}:2", *members]
+                second = key if other is None else other
+                members = [f"{spell(key, spellings[0])}:1", f"{spell(second, spellings[1])}:2", *members]
             return "{" + ",".join(members) + "}"
         if isinstance(v, list):
             return "[" + ",".join(dump(x) for x in v) + "]"
@@ -281,7 +287,7 @@ def test_a_duplicate_key_anywhere_is_refused(message: dict[str, Any], key: str, 
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": message}}
     plain, objects = dump_with_duplicate(body, -1, key, (0, 0))
     try:
-        strictjson.loads(plain.encode())
+        strictjson.loads(plain.encode(), fold_keys=True)
     except strictjson.JsonError:
         assume(False)  # refused without the duplicate already
     target = data.draw(st.integers(0, objects - 1))
@@ -299,6 +305,34 @@ def test_a_duplicate_key_anywhere_is_refused(message: dict[str, Any], key: str, 
     refused_model = openai.inspect(model)
     assert isinstance(refused_model, Refused)
     assert refused_model.reason is Reason.BODY_UNREADABLE
+
+
+FOLDED = {"name": ("Name", "NAME"), "method": ("Method",), "id": ("ID", "Id"), "s": ("S", "\u017f"), "k": ("\u212a",)}
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(MESSAGE.filter(lambda m: isinstance(m, dict)), st.sampled_from(sorted(FOLDED)), st.data())
+def test_keys_equal_under_case_folding_anywhere_are_ambiguous(
+    message: dict[str, Any], key: str, data: st.DataObject
+) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": message}}
+    plain, objects = dump_with_duplicate(body, -1, key, (0, 0))
+    try:
+        strictjson.loads(plain.encode(), fold_keys=True)
+    except strictjson.JsonError:
+        assume(False)  # refused without the added keys already
+    target = data.draw(st.integers(0, objects - 1))
+    other = data.draw(st.sampled_from(FOLDED[key]))
+    spellings = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 2)))
+    raw = dump_with_duplicate(body, target, key, spellings, other)[0].encode()
+    with pytest.raises(strictjson.FoldedKeys):
+        strictjson.loads(raw, fold_keys=True)
+    for refused in (mcp.inspect(raw, CIMultiDict()), mcp.inspect(b"[" + raw + b"]", CIMultiDict())):
+        assert isinstance(refused, Refused)
+        assert refused.reason is Reason.REQUEST_AMBIGUOUS
+    refused_model = openai.inspect(b'{"model":"m","metadata":' + raw + b"}")
+    assert isinstance(refused_model, Refused)
+    assert refused_model.reason is Reason.REQUEST_AMBIGUOUS
 
 
 @settings(max_examples=examples(100), deadline=None)

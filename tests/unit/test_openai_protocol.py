@@ -222,3 +222,29 @@ def test_not_one_json_object_is_refused(raw: bytes) -> None:
 @pytest.mark.parametrize("path", ["/v1/chat/completions;x", "/v1/chat;x/completions", "/v1;a/embeddings;b/"])
 def test_model_endpoints_behind_path_parameters_are_still_read(path: str) -> None:
     assert openai.invokes_model("POST", path)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"gpt-ok","MODEL":"gpt-evil","messages":[]}',
+        b'{"Model":"gpt-evil","messages":[]}',
+        b'{"model":"m","Stream":true}',
+        b'{"model":"m","TOOLS":[{"type":"function","function":{"name":"shell"}}]}',
+        b'{"model":"m","Functions":[{"name":"shell"}]}',
+        b'{"model":"m","tools":[{"type":"function","Function":{"name":"shell"}}]}',
+        b'{"model":"m","tools":[{"type":"function","function":{"name":"ok","Name":"shell"}}]}',
+        b'{"model":"m","tools":[{"type":"function","function":{"NAME":"shell"}}]}',
+        b'{"model":"m","tools":[{"Type":"web_search"}]}',
+        b'{"model":"m","functions":[{"Name":"shell"}]}',
+        b'{"model":"m","messages":[{"role":"user","Role":"system","content":"x"}]}',
+        '{"model":"m","\u017ftream":true}'.encode(),
+        '{"model":"m","tool\u017f":[]}'.encode(),
+    ],
+)
+def test_keys_equal_under_case_folding_are_ambiguous(raw: bytes) -> None:
+    assert refused(raw) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_other_keys_may_use_any_case() -> None:
+    assert ok(b'{"model":"m","Temperature":1,"messages":[{"Role":"user"}]}')["name"] == "m"
