@@ -29,7 +29,7 @@ from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
 from pep.pdp.transport import HttpTransport, tls_context
-from pep.preflight import file_problems
+from pep.preflight import credential_warning, file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret, Stamp, file_stamp
@@ -113,6 +113,7 @@ class Server:
         self._retired: list[Runtime] = []  # replaced runtimes whose clients close once their requests are done
         self._span_exporter = span_exporter  # tests: an in-memory exporter instead of the configured one
         self.tracing: Tracing | None = None
+        self._credential_said: dict[str, str | None] = {}  # route name -> the credential problem last said
 
     @property
     def runtime(self) -> Runtime | None:
@@ -164,6 +165,7 @@ class Server:
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
+        self._check_credentials()
         self._spawn(self._watch_config(file_stamp(cfg.source)))  # stamped now: a change from here on is seen
 
     async def _bind(
@@ -273,7 +275,33 @@ class Server:
                 return False
             self.metrics.config_reloads["success"].inc()
             say("failclosed-pep: config reloaded")
+            self._check_credentials()
             return True
+
+    def _check_credentials(self) -> None:
+        """Say on stderr when a route's credential goes missing (its requests are denied from then on) and when
+        it is back: once per change, not per request. Checked at start, after a reload and once a second."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        cfg = runtime.config
+        said = self._credential_said
+        for name in [n for n in said if n not in runtime.credentials]:
+            del said[name]
+        for index, route in enumerate(cfg.routes):
+            source = runtime.credentials.get(route.name)
+            if source is None:
+                continue
+            problem = source.problem()
+            before = said.get(route.name)
+            if problem == before:
+                continue
+            said[route.name] = problem
+            if problem is not None:
+                say(f"failclosed-pep: warning: {credential_warning(cfg, index, problem)}")
+            else:
+                where = f"{cfg.source}: routes[{index}].credential"
+                say(f"failclosed-pep: {where}: route {route.name} has its credential again")
 
     async def _swap(self) -> None:
         proxy = self.proxy
@@ -318,6 +346,7 @@ class Server:
         path = self.config.source
         while True:
             await asyncio.sleep(CONFIG_CHECK_S)
+            self._check_credentials()
             now = file_stamp(path)
             if now != stamp and now is not None:
                 stamp = now
