@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from pep.admin import admin_app
-from pep.config import Address, Config, ConfigError, load
+from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
@@ -28,6 +28,7 @@ from pep.pdp.authzen import AuthzenPdp
 from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
+from pep.pdp.reachability import Reachability
 from pep.pdp.transport import HttpTransport, tls_context
 from pep.preflight import credential_warning, file_problems
 from pep.proxy import Proxy, Runtime
@@ -114,6 +115,11 @@ class Server:
         self._span_exporter = span_exporter  # tests: an in-memory exporter instead of the configured one
         self.tracing: Tracing | None = None
         self._credential_said: dict[str, str | None] = {}  # route name -> the credential problem last said
+        self.reachability = Reachability(self._pdp_config, say, self.metrics.pdp_reachable.set)
+
+    def _pdp_config(self) -> PdpConfig:
+        """The PDP config in force (the probe follows reloads)."""
+        return self.proxy.runtime.config.pdp if self.proxy is not None else self.config.pdp
 
     @property
     def runtime(self) -> Runtime | None:
@@ -155,7 +161,13 @@ class Server:
             keepalive_timeout=KEEPALIVE_S,
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
-        admin = admin_app(self.metrics, lambda: proxy.runtime.engine.circuit, lambda: self.shutting_down)
+        reachability = self.reachability
+        admin = admin_app(
+            self.metrics,
+            lambda: proxy.runtime.engine.circuit,
+            lambda: self.shutting_down,
+            lambda: not reachability.reached,
+        )
         self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
         grace = cfg.shutdown_grace_ms / 1000
@@ -165,6 +177,9 @@ class Server:
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
+        # Known before start() returns (at most PROBE_TIMEOUT_S): a PDP that is not there is said at once.
+        await reachability.probe()
+        self._spawn(reachability.run())
         self._check_credentials()
         self._spawn(self._watch_config(file_stamp(cfg.source)))  # stamped now: a change from here on is seen
 
@@ -276,6 +291,7 @@ class Server:
             self.metrics.config_reloads["success"].inc()
             say("failclosed-pep: config reloaded")
             self._check_credentials()
+            self.reachability.wake()  # the PDP may have moved
             return True
 
     def _check_credentials(self) -> None:

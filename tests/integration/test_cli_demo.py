@@ -98,6 +98,9 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc = await _pep("run", "-c", str(config))
     try:
         assert proc.stderr is not None
+        # The PDP of this config is not there: said first, then the listening line.
+        warning = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode(errors="replace")
+        assert warning.startswith("failclosed-pep: warning: PDP http://127.0.0.1:9 unreachable: "), warning
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode(errors="replace")
         m = _LISTENING.search(line)
         assert m is not None, line
