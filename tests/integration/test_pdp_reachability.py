@@ -176,18 +176,19 @@ async def test_an_embedded_cedar_pdp_is_always_reachable(
     assert "PDP" not in capsys.readouterr().err
 
 
+def point_pdp_at(config: Path, url: str) -> None:
+    raw = yaml.safe_load(config.read_text())
+    raw["pdp"]["url"] = url
+    config.write_text(yaml.safe_dump(raw))
+
+
 async def test_a_reload_to_a_pdp_that_is_not_there_is_not_ready(
     make_pep: PepStarter, absent_pdp: FaultPdp, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pep: RunningPep = await make_pep()
     assert (await status(pep.admin_url + "/readyz"))[0] == 200
-    path = Path(pep.server.config.source)
-    raw = yaml.safe_load(path.read_text())
-    raw["pdp"]["url"] = absent_pdp.url
-    path.write_text(yaml.safe_dump(raw))
+    point_pdp_at(Path(pep.server.config.source), absent_pdp.url)
     assert await pep.server.reload_config()
-    async with asyncio.timeout(3):
-        while (await status(pep.admin_url + "/readyz"))[0] == 200:
-            await asyncio.sleep(0.05)
+    await pep.server.reachability.probe()  # what the woken prober does next, awaited here
     assert await status(pep.admin_url + "/readyz") == (503, {"ready": False, "reasons": ["pdp_unreachable"]})
     assert f"PDP http://127.0.0.1:{absent_pdp.port} unreachable" in capsys.readouterr().err
