@@ -32,7 +32,7 @@ from tests.support.mcp_servers import (
 )
 from tests.support.sdk_stack import AGENT, PDP_KINDS, PdpUnderTest, at_least, pep_config, settled_log
 
-POLICY_DENY = -32001  # JSON-RPC code of a policy denial (DESIGN.md, "Deny responses")
+POLICY_DENY = -32001  # JSON-RPC code of a policy denial (README, "In front of an MCP server": denials)
 UNDECIDED = -32603  # the PDP could not decide
 CALL_BOUND_S = 5.0  # no SDK call may take longer than this, allowed or denied
 EMAIL_OK = {"to": "bob@acme.example", "subject": "Your refund", "body": "It is on its way."}

@@ -1,4 +1,4 @@
-"""`pep check` reads the files a config names (DESIGN.md "Command line"): Cedar policies and entities, the CA bundle
+"""`pep check` reads the files a config names (README, "Configuration"): Cedar policies and entities, the CA bundle
 and client certificate for TLS to the PDP, the PDP token. Exit 2 with `file: key.path: what is wrong` lines on
 stderr, or 0 and `ok` on stdout."""
 
