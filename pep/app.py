@@ -72,8 +72,8 @@ def build_pdp(cfg: Config) -> Pdp:
 
 
 def watched_files(cfg: Config) -> tuple[str, ...]:
-    """What a change of means a reload: the config file, and the Cedar policies (a file, or a directory and its
-    `.cedar` files) and entities it names. Everything else a config names is re-read by its own user."""
+    """The files whose change means a reload: the config file, and the Cedar policies (a file, or a directory and
+    its `.cedar` files) and entities it names. Everything else a config names is re-read by its own user."""
     files = [cfg.source]
     pdp = cfg.pdp
     if pdp.kind == "cedar" and pdp.policies is not None:
