@@ -2,7 +2,7 @@
 
 The atheris harnesses (fuzz/fuzz_*.py) and the hypothesis properties (tests/unit/test_fuzz_*.py) feed inputs to
 the PEP's pure readers and hand each result to a `check_*` function here. A broken invariant raises
-`OracleError` with what was wrong. The expectations are written from the contract (shared DESIGN.md) and from
+`OracleError` with what was wrong. The expectations are written from the contract (the README) and from
 independent references, not from the code under test: strict JSON is re-read with the standard library, paths
 are percent-decoded byte by byte, and the PDP client's answers are compared with what h11 reads from the same
 bytes.
@@ -531,7 +531,7 @@ def is_json_media(content_type: str) -> bool:
 
 
 def answer_object(answer: RawAnswer) -> tuple[Reason, dict[str, Any]] | Reason:
-    """DESIGN, "How a PDP answer becomes a reason", before the PDP kind's own fields: the object, or a reason."""
+    """README, "PDPs" (how an answer becomes a reason), before the PDP kind's own fields: the object, or a reason."""
     if not 200 <= answer.status < 300:
         return Reason.PDP_ERROR_STATUS
     if answer.oversize or answer.undecodable or not is_json_media(answer.content_type):

@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md, in a registry per runtime, with children bound once, not per request.
+"""The Prometheus metrics (README, "Metrics"), in a registry per runtime, with children bound once, not per request.
 
 No label ever takes a value from the request: routes come from the config, reasons from the closed set.
 """
@@ -60,6 +60,9 @@ class Metrics:
             "pep_pdp_in_flight", "Slots of max_in_flight taken by decisions waiting for the PDP.", registry=r
         )
         self.circuit_state = Gauge("pep_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r)
+        self.pdp_reachable = Gauge(
+            "pep_pdp_reachable", "1 when the last connection probe reached the PDP (always 1 for Cedar).", registry=r
+        )
         transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
         self.transitions = {s: transitions.labels(s.name.lower()) for s in State}
         up = Histogram(

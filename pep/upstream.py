@@ -11,6 +11,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from pep import redirects
 from pep.decision import Allow
 from pep.headers import end_to_end, response_headers
 from pep.metrics import Metrics
@@ -153,8 +154,9 @@ class Upstream:
             ) as up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
+                headers_out = _answer_headers(up, route)
                 if rewrite is not None:
-                    rewritten = await _rewritten(up, rewrite)
+                    rewritten = await _rewritten(up, rewrite, headers_out)
                     if rewritten is not None:
                         return rewritten
                     metrics.upstream_failures[route.name, "unfilterable"].inc()
@@ -163,10 +165,9 @@ class Upstream:
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
                     body = await up.read()
-                    headers_out = response_headers(up.headers)
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up)
+                response, complete = await _relay(request, up, headers_out)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -207,7 +208,17 @@ def _whole_body_fits(request: web.BaseRequest, up: aiohttp.ClientResponse) -> bo
     return not up.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
-async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.StreamResponse | None:
+def _answer_headers(up: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+    """The upstream's response headers as the caller gets them: hop-by-hop ones dropped, and no header naming
+    the upstream's own address (pep/redirects.py)."""
+    headers = response_headers(up.headers)
+    redirects.rewrite(headers, route)
+    return headers
+
+
+async def _rewritten(
+    up: aiohttp.ClientResponse, rewrite: Rewrite, headers: CIMultiDict[str]
+) -> web.StreamResponse | None:
     """The rewritten response, or None when the upstream's answer cannot be read whole."""
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -222,15 +233,16 @@ async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.Stream
     result = await rewrite(b"".join(chunks), up.headers.get("Content-Type", ""))
     if result is None or isinstance(result, web.StreamResponse):
         return result
-    headers = response_headers(up.headers)
     headers.popall("Content-Length", None)
     return web.Response(status=up.status, reason=up.reason, headers=headers, body=result)
 
 
-async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
+async def _relay(
+    request: web.BaseRequest, up: aiohttp.ClientResponse, headers: CIMultiDict[str]
+) -> tuple[web.StreamResponse, bool]:
     """Stream the upstream response to the caller; False when the upstream broke off after the status line was
     sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops."""
-    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
+    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     await resp.prepare(request)
     chunks = up.content.iter_any()
     try:

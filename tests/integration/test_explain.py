@@ -1,4 +1,4 @@
-"""`pep explain` (DESIGN.md "Command line"): the policy input a request would produce, the PDP's answer and the
+"""`pep explain` (README, "Running"): the policy input a request would produce, the PDP's answer and the
 decision, printed as JSON without forwarding anything. Exit 0 for allow, 1 for deny, 2 for a config or usage error.
 
 `pep.cli.main` runs its own event loop, so it is called in a worker thread while the fault PDP serves on the

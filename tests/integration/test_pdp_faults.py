@@ -2,7 +2,7 @@
 
 Each case runs a fresh PEP against the byte-level fault PDP and a recording upstream, and checks the answer the
 caller gets (status, headers, JSON body), what the PDP and the upstream received, the decision log line and the
-metrics, against DESIGN.md "How a PDP answer becomes a reason".
+metrics, against the README, "PDPs" (how an answer becomes a reason).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _deny(reason: str, outcome: str, attempts: int = 1, pdp_requests: int | None
     return Expect(reason, attempts if pdp_requests is None else pdp_requests, attempts, outcome)
 
 
-# Every mode of the shared fault PDP that must deny, with its reason (DESIGN.md), with retries: 1.
+# Every mode of the shared fault PDP that must deny, with its reason (README, "PDPs"), with retries: 1.
 DENY_CASES: dict[str, Expect] = {
     # Well-formed answers that are not an allow.
     "deny": _deny("policy_denied", "ok"),

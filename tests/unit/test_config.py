@@ -692,10 +692,13 @@ def test_yaml_errors_carry_key_paths(tmp_path: Path) -> None:
 
 
 def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["check", "-c", str(write(tmp_path, FULL_YAML))]) == 0
+    # The decision log's directory must exist where the check runs, as where `pep run` starts.
+    yaml_text = FULL_YAML.replace("/var/log/pep/decisions.jsonl", str(tmp_path / "decisions.jsonl"))
+    assert cli.main(["check", "-c", str(write(tmp_path, yaml_text))]) == 0
     out, err = capsys.readouterr()
     assert out == "ok\n"
     assert err == ""
+    assert not (tmp_path / "decisions.jsonl").exists()  # checked, not created
 
 
 def test_cli_check_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
