@@ -155,7 +155,7 @@ class Server:
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
         admin = admin_app(self.metrics, lambda: proxy.runtime.engine.circuit, lambda: self.shutting_down)
-        self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        self.listener_tls = proxy.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
         grace = cfg.shutdown_grace_ms / 1000
         self.proxy_address = await self._bind(

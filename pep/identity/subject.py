@@ -23,7 +23,8 @@ from pep.identity.keys import FileKeys, KeySource, UrlKeys
 from pep.identity.spiffe import spiffe_id
 from pep.identity.tokens import TokenVerifier, read_token
 
-PeerCert = Callable[[], dict[str, Any] | None]
+# The request's verified client certificate; a Refusal when it no longer passes (`ListenerTls.peer`); None: none.
+PeerCert = Callable[[], dict[str, Any] | Refusal | None]
 
 
 class Identifier:
