@@ -376,7 +376,13 @@ async def test_a_refused_token_is_denied_and_nothing_is_forwarded(
     assert_untouched(fault_pdp, upstream)
     (entry,) = await jwt_pep.log_entries()
     assert (entry["decision"], entry["reason"], entry["route"]) == ("deny", case.reason, "secure")
-    assert entry["subject"] == {"workload": WORKLOAD, "agent": None, "id": None, "claims": None}
+    assert entry["subject"] == {
+        "workload": WORKLOAD,
+        "agent": None,
+        "id": None,
+        "claims": None,
+        "unverified_agent": None,
+    }
     # The token, or any part of it, is in no answer and no log line.
     log_text = jwt_pep.log_path.read_text()
     answer_text = answer.body.decode() + " ".join(f"{k}: {v}" for k, v in answer.headers.items())
@@ -424,15 +430,17 @@ async def test_the_pdp_gets_the_verified_subject_and_never_the_token(
             "agent": "agent-act",
             "id": "u-act",
             "claims": {"department": "sales", "azp": "agent-azp"},
+            "unverified_agent": None,
         },
         {
             "workload": WORKLOAD,
             "agent": "agent-azp",
             "id": "u-azp",
             "claims": {"department": "sales", "azp": "agent-azp"},
+            "unverified_agent": None,
         },
-        {"workload": WORKLOAD, "agent": "cid-only", "id": "u-cid", "claims": {}},
-        {"workload": WORKLOAD, "agent": None, "id": "u-none", "claims": {}},
+        {"workload": WORKLOAD, "agent": "cid-only", "id": "u-cid", "claims": {}, "unverified_agent": None},
+        {"workload": WORKLOAD, "agent": None, "id": "u-none", "claims": {}, "unverified_agent": None},
     ]
     assert len(upstream.seen) == 4
     # The raw token: in no PDP request (body or headers), no log line, no metric, and not upstream.
@@ -461,7 +469,10 @@ async def test_on_a_route_that_does_not_require_a_token(
 ) -> None:
     answer = await call(client, jwt_pep.url + "/tools/x", {"x-agent-id": "from-header"})
     assert answer.status == 200
-    assert subjects(fault_pdp) == [{"workload": WORKLOAD, "agent": "from-header", "id": None, "claims": None}]
+    # Next to verified names, the agent header (nobody verified it) is only ever `unverified_agent`.
+    assert subjects(fault_pdp) == [
+        {"workload": WORKLOAD, "agent": None, "id": None, "claims": None, "unverified_agent": "from-header"}
+    ]
     assert len(upstream.seen) == 1
     # A token that is presented is verified all the same: an invalid one is refused, not ignored.
     expired = keys.rsa.sign(claims(iat=_now() - 7200, exp=_now() - 3600))
@@ -478,6 +489,7 @@ async def test_on_a_route_that_does_not_require_a_token(
         "agent": None,
         "id": "u-7",
         "claims": {"department": "ops"},
+        "unverified_agent": None,
     }
     assert len(fault_pdp.requests) == 3
     assert len(upstream.seen) == 3
@@ -766,7 +778,9 @@ async def test_an_unknown_kid_refetches_and_a_rotated_key_is_accepted(
     assert answer.status == 200
     assert jwks_server.requests == 3
     assert len(upstream.seen) == 1
-    assert subjects(fault_pdp) == [{"workload": WORKLOAD, "agent": None, "id": "rotated", "claims": {}}]
+    assert subjects(fault_pdp) == [
+        {"workload": WORKLOAD, "agent": None, "id": "rotated", "claims": {}, "unverified_agent": None}
+    ]
 
 
 async def test_a_flood_of_unknown_kids_is_rate_limited(
@@ -1035,6 +1049,7 @@ async def test_a_valid_token_on_an_mcp_route(
         "agent": "mcp-agent",
         "id": "mcp-user",
         "claims": {"department": "support", "azp": "mcp-agent"},
+        "unverified_agent": None,
     }
     assert seen.body["input"]["mcp"]["name"] == "search"
     (forwarded,) = upstream.seen
