@@ -7,6 +7,7 @@ is a `Deny(internal_error)`: the only path to the upstream goes through `Upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import ssl
@@ -228,13 +229,15 @@ class Proxy:
             response.headers["WWW-Authenticate"] = case.challenge
         if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
             response.force_close()  # the rest of the body is not waited for: say so
-        if case.drop_session and request.transport is not None:
+        transport = request.transport
+        if case.drop_session and transport is not None:
             # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
             # client's next connection makes a full handshake instead of resuming what no longer passes.
             response.force_close()
-            await response.prepare(request)
-            await response.write_eof()
-            request.transport.abort()
+            with contextlib.suppress(ConnectionError):  # a client already gone gets no answer; still aborted
+                await response.prepare(request)
+                await response.write_eof()
+            transport.abort()
         return response
 
     async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
