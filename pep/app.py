@@ -183,7 +183,7 @@ class Server:
             lambda: self.shutting_down,
             lambda: not reachability.reached,
         )
-        self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        self.listener_tls = proxy.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
         grace = cfg.shutdown_grace_ms / 1000
         self.proxy_address = await self._bind(

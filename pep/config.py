@@ -420,7 +420,7 @@ def _identity(r: _Reader, value: Any) -> Identity:
     if header is not None and not HEADER_NAME.match(header):
         r.error("identity.agent_header", f"is not a valid header name: {header!r}")
         header = None
-    reserved = frozenset({"workload", "agent", "claims", "id"})
+    reserved = frozenset({"workload", "agent", "unverified_agent", "claims", "id"})
     attributes = r.string_map(m, "attributes", "identity", reserved=reserved)
     jwt = _jwt(r, m["jwt"]) if "jwt" in m else None
     if jwt is not None and header is not None and header.lower() == jwt.header:
@@ -870,6 +870,13 @@ def parse(data: Any, source: str) -> Config:
         prefixes: dict[tuple[str | None, str], int] = {}
         tunnels: dict[tuple[str, int], int] = {}
         for i, route in indexed:
+            mixed = identity.jwt is not None and not route.require_identity  # callers with and without a token
+            if mixed and route.mapping is not None and route.mapping.subject_type is not None:
+                r.error(
+                    f"routes[{i}].mapping.subject.type",
+                    "would give callers with a verified token and callers without one the same type (the type "
+                    "is what tells them apart): set require_identity: true on this route, or leave the type",
+                )
             if route.name in names:
                 r.error(f"routes[{i}].name", f"duplicates the name of routes[{names[route.name]}]")
             names.setdefault(route.name, i)

@@ -7,10 +7,11 @@ is a `Deny(internal_error)`: the only path to the upstream goes through `Upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.identity import Refusal
 from pep.identity.keys import KeySource
-from pep.identity.subject import Identifier
+from pep.identity.spiffe import ListenerTls
+from pep.identity.subject import Identifier, PeerCert
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
 from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
@@ -66,7 +68,7 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("challenge", "credential", "document", "inspected", "outcome", "route", "rt", "trace")
+    __slots__ = ("challenge", "credential", "document", "drop_session", "inspected", "outcome", "route", "rt", "trace")
 
     def __init__(self, rt: Runtime, trace: Trace) -> None:
         self.rt = rt  # the config this request is decided and logged under
@@ -77,6 +79,7 @@ class _Case:
         self.inspected: Inspected | None = None
         self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
+        self.drop_session = False  # the connection's client certificate no longer passes: abort after the answer
 
     def span_attributes(self) -> dict[str, Any]:
         """What the request's span records (tracing on only)."""
@@ -118,12 +121,13 @@ def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, ri
     return deny(reason, rid)
 
 
-def _peercert(request: web.BaseRequest) -> Callable[[], dict[str, Any] | None]:
+def _peercert(request: web.BaseRequest, listener: ListenerTls | None) -> PeerCert:
     """Reads the verified client certificate of the request's connection (mTLS listener), when asked."""
     transport = request.transport
 
-    def peercert() -> dict[str, Any] | None:
-        return transport.get_extra_info("peercert") if transport is not None else None
+    def peercert() -> dict[str, Any] | Refusal | None:
+        conn = transport.get_extra_info("ssl_object") if transport is not None and listener is not None else None
+        return listener.peer(conn) if listener is not None and isinstance(conn, ssl.SSLObject) else None
 
     return peercert
 
@@ -150,6 +154,7 @@ class Proxy:
     def __init__(self, runtime: Runtime, upstream: Upstream, decision_log: DecisionLog, metrics: Metrics) -> None:
         self.runtime = runtime  # replaced whole by a reload; each request keeps the one it started with
         self.spans: Spans | None = None  # OpenTelemetry spans, when the config has `tracing`
+        self.listener_tls: ListenerTls | None = None  # the mTLS listener's contexts, when identity.mtls is set
         self._upstream = upstream
         self._log = decision_log
         self._metrics = metrics
@@ -230,6 +235,15 @@ class Proxy:
             response.headers["WWW-Authenticate"] = case.challenge
         if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
             response.force_close()  # the rest of the body is not waited for: say so
+        transport = request.transport
+        if case.drop_session and transport is not None:
+            # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
+            # client's next connection makes a full handshake instead of resuming what no longer passes.
+            response.force_close()
+            with contextlib.suppress(ConnectionError):  # a client already gone gets no answer; still aborted
+                await response.prepare(request)
+                await response.write_eof()
+            transport.abort()
         return response
 
     async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
@@ -303,9 +317,11 @@ class Proxy:
 
     async def _subject_of(self, request: web.BaseRequest, route: Route, case: _Case) -> dict[str, Any] | Outcome:
         """The verified subject, or the denial (with its 401 challenge where one applies)."""
-        found = await case.rt.identifier.subject(request.headers, _peercert(request), route.config.require_identity)
+        peercert = _peercert(request, self.listener_tls)
+        found = await case.rt.identifier.subject(request.headers, peercert, route.config.require_identity)
         if isinstance(found, Refusal):
             case.challenge = found.challenge
+            case.drop_session = found.drop_session
             return _early(found.reason, found.detail)
         return found
 
@@ -427,6 +443,7 @@ class Proxy:
         decision = outcome.decision
         allow = isinstance(decision, Allow)
         rt = case.rt
+        subject = document["subject"] if document else rt.identifier.unverified(_peercert(request, self.listener_tls))
         entry: dict[str, Any] = {
             "time": document["request"]["time"] if document else attributes.rfc3339_now(),
             "request_id": rid,
@@ -434,7 +451,7 @@ class Proxy:
             "route": route_name,
             "method": request.method,
             "path": document["request"]["path"] if document else request.rel_url.raw_path,
-            "subject": document["subject"] if document else rt.identifier.unverified(_peercert(request)),
+            "subject": subject,
             "mcp_method": None,
             "mcp_name": None,
             "decision": "allow" if allow else "deny",

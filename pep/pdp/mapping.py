@@ -87,13 +87,26 @@ class Parts:
     context: dict[str, Any]
 
 
-def subject_id(doc: dict[str, Any]) -> str:
-    """The verified token's `sub` (`subject.id`), else the agent, else the workload; never empty."""
+USER = "user"  # a verified token's `sub`
+AGENT = "agent"  # the workload behind the listener: the peer's SPIFFE ID (mTLS), else `identity.workload`
+ANONYMOUS = "anonymous"  # neither
+
+
+def principal(doc: dict[str, Any]) -> tuple[str, str]:
+    """Whom the decision is about, as (type, id); the type says where the id comes from.
+
+    Names from different sources must never be one principal: a caller with no token must not become the user
+    whose token says `sub: alice`, however it names itself. So the id is only ever a name the PEP verified or
+    was configured with, and the type tells them apart: the agent header (which nobody verified) is never an id,
+    only a property; ids are scoped to their type (AuthZEN), and each type is its own entity type in Cedar."""
     subject = doc.get("subject") or {}
-    for candidate in (subject.get("id"), subject.get("agent"), subject.get("workload")):
-        if isinstance(candidate, str) and candidate:
-            return candidate
-    return "anonymous"
+    sub = subject.get("id")
+    if isinstance(sub, str) and sub:
+        return USER, sub
+    workload = subject.get("workload")
+    if isinstance(workload, str) and workload:
+        return AGENT, workload
+    return ANONYMOUS, ANONYMOUS
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +151,7 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         {
             "workload": subject.get("workload"),
             "agent": subject.get("agent"),
+            "unverified_agent": subject.get("unverified_agent"),
             "claims": subject.get("claims") or {},
             **(subject.get("attributes") or {}),
         }
@@ -145,8 +159,9 @@ def default_parts(doc: dict[str, Any]) -> Parts:
     context = dict(facts)
     context["request_id"] = request["id"]
     context["time"] = request["time"]
+    kind, name = principal(doc)
     return Parts(
-        subject={"type": "agent", "id": subject_id(doc), "properties": properties},
+        subject={"type": kind, "id": name, "properties": properties},
         action={"name": action},
         resource={**resource, "properties": facts},
         context=context,

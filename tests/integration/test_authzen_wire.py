@@ -117,7 +117,7 @@ async def test_allow_reaches_upstream_with_the_default_mapping(
     assert set(body) == {"subject", "action", "resource", "context"}
     assert body["subject"] == {
         "type": "agent",
-        "id": "bot-7",
+        "id": "spiffe://test/agent",  # the workload: the agent header is a property, never the id
         "properties": {"workload": "spiffe://test/agent", "agent": "bot-7", "claims": {}, "team": "support"},
     }
     assert body["action"] == {"name": "GET"}
@@ -169,7 +169,11 @@ async def test_a_route_mapping_changes_what_the_pdp_sees(
     )
     assert status == 200
     body = az.evaluations[0].body
-    assert body["subject"] == {"type": "user", "id": "bot", "properties": {"origin": "$sidecar", "agent_id": "bot"}}
+    assert body["subject"] == {
+        "type": "user",
+        "id": "spiffe://test/agent",
+        "properties": {"origin": "$sidecar", "agent_id": "bot"},
+    }
     assert body["action"] == {"name": "read"}
     assert body["resource"] == {"type": "tenant", "id": "acme", "properties": {"tenant_header": "t-1"}}
     assert body["context"]["path"] == "/tools/items"  # the context keeps the default facts

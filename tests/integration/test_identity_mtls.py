@@ -252,6 +252,7 @@ async def test_the_workload_comes_from_the_certificate_and_the_caller_from_the_t
         "agent": "support-bot",  # from the token's azp: the agent header is not believed next to a token
         "id": "user-42",
         "claims": {"department": "support"},
+        "unverified_agent": None,
     }
     assert "authorization" not in doc["request"]["headers"]
     [seen] = upstream.seen

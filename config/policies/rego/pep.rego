@@ -7,14 +7,26 @@
 #   domain (subject.attributes.company_domain, from identity.attributes), compared case-sensitively;
 #   a missing or non-string `to`, or an agent without a company domain, is a deny;
 # - `shell`: never, whatever else says allow;
-# - everything else (other tools, other MCP methods, plain HTTP): denied by default.
+# - everything else (other tools, other MCP methods, plain HTTP): denied by default;
+# - all of it for identified callers only: a verified token's subject (input.subject.id) or the workload
+#   (input.subject.workload); a caller with neither, whatever its agent header says, gets nothing.
 package pep.authz
 
 default allow := false
 
 allow if {
+	identified
 	permitted
 	not forbidden
+}
+
+identified if named(input.subject.id)
+
+identified if named(input.subject.workload)
+
+named(value) if {
+	is_string(value)
+	value != ""
 }
 
 always_allowed_tools := {"search", "lookup_order"}
@@ -43,7 +55,9 @@ own_domain_recipient if {
 
 forbidden if input.mcp.name == "shell"
 
-reason := "shell is never allowed" if forbidden
+reason := "the caller is not identified" if not identified
+
+else := "shell is never allowed" if forbidden
 
 else := "send_email only to the agent's company domain" if {
 	tool_call
