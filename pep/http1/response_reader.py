@@ -96,6 +96,23 @@ def _fields(block: bytes, limits: Limits) -> Fields:
     return fields
 
 
+def _framing(fields: Fields) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """Content-Length, Transfer-Encoding and Connection (lists joined), as far as a head has them."""
+    length: bytes | None = None
+    coding: bytes | None = None
+    connection: bytes | None = None
+    for name, value in fields:
+        if len(name) in (10, 14, 17):  # the lengths of the names below: most fields skip lower()
+            key = name.lower()
+            if key == b"content-length":
+                length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = value if connection is None else connection + b"," + value
+    return length, coding, connection
+
+
 def _new_parser(callbacks: object) -> httptools.HttpResponseParser:
     return httptools.HttpResponseParser(callbacks)
 
@@ -227,9 +244,12 @@ class ResponseReader:
             return NEED_DATA
         (version, status, reason), block = head
         fields = _fields(block, self._limits)
+        length, coding, connection = _framing(fields)
+        if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too
+            raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
         if status < 200:
             return self._informational_response(status, reason, version, fields)
-        return self._response(status, reason, version, fields)
+        return self._response(status, reason, version, fields, length, coding, persists(version, connection))
 
     def _informational_response(
         self, status: int, reason: bytes, version: bytes, fields: Fields
@@ -244,22 +264,16 @@ class ResponseReader:
                 raise ProtocolError(f"more than {self._limits.max_informational} 1xx answers", 502)
         return InformationalResponse(status, reason, version, fields)
 
-    def _response(self, status: int, reason: bytes, version: bytes, fields: Fields) -> Response:
-        length: bytes | None = None
-        coding: bytes | None = None
-        connection: bytes | None = None
-        for name, value in fields:
-            if len(name) in (10, 14, 17):  # the lengths of the names below: most fields skip lower()
-                key = name.lower()
-                if key == b"content-length":
-                    length = value  # llhttp refused a second one, and anything but digits
-                elif key == b"transfer-encoding":
-                    coding = value if coding is None else coding + b"," + value
-                elif key == b"connection":
-                    connection = value if connection is None else connection + b"," + value
-        keep_alive = persists(version, connection)
-        if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):
-            raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
+    def _response(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        fields: Fields,
+        length: bytes | None,
+        coding: bytes | None,
+        keep_alive: bool,
+    ) -> Response:
         content_length: int | None = None
         if self._method == b"CONNECT" and status < 300:
             framing = _TUNNEL
