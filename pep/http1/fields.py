@@ -88,5 +88,7 @@ def persists(version: bytes, connection: bytes | None) -> bool:
     `keep-alive, close` keep the connection."""
     if connection is None:
         return version == b"1.1"
+    if len(connection) == 10 and connection.lower() == b"keep-alive":  # what most clients send
+        return True
     tokens = comma_tokens(connection)
     return b"close" not in tokens and (version == b"1.1" or b"keep-alive" in tokens)

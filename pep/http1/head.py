@@ -57,7 +57,7 @@ class HeadScanner(Generic[T]):
     def __init__(
         self,
         limits: Limits,
-        new_parser: Callable[[object], Parser],
+        new_parser: type[Parser],
         check_line: Callable[[bytes], T],
         server: bool,
     ) -> None:

@@ -114,10 +114,6 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     raise ProtocolError("malformed request line (not method SP target SP version)")
 
 
-def _new_parser(callbacks: object) -> httptools.HttpRequestParser:
-    return httptools.HttpRequestParser(callbacks)
-
-
 def _form(method: bytes, target: bytes) -> TargetForm:
     if method == _CONNECT:
         m = _AUTHORITY.fullmatch(target)
@@ -208,7 +204,7 @@ class RequestReader:
         self._buf = bytearray()
         self._eof = False
         self._state = _IDLE
-        self._head = HeadScanner(limits, _new_parser, _request_line, server=True)
+        self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, server=True)
         self._body: BodyReader | None = None
         self._error: ProtocolError | None = None
         self._keep_alive = False

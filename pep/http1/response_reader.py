@@ -113,10 +113,6 @@ def _framing(fields: Fields) -> tuple[bytes | None, bytes | None, bytes | None]:
     return length, coding, connection
 
 
-def _new_parser(callbacks: object) -> httptools.HttpResponseParser:
-    return httptools.HttpResponseParser(callbacks)
-
-
 class ResponseReader:
     """Bytes from one server connection in, responses out. Per exchange: `start(method)` before (or as) the
     request is sent, then `receive_data` / `receive_eof` and `next_event` until EndOfMessage.
@@ -145,7 +141,7 @@ class ResponseReader:
         self._buf = bytearray()
         self._eof = False
         self._state = _IDLE
-        self._head = HeadScanner(limits, _new_parser, _status_line, server=False)
+        self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, server=False)
         self._body: BodyReader | None = None
         self._error: ProtocolError | None = None
         self._keep_alive = False
