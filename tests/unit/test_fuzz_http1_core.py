@@ -7,6 +7,9 @@ harness fuzz/fuzz_http1_core.py, checked by the same oracles (fuzz/http1_oracles
   bytes: request line or status, fields, body, trailers, where the message ends, keep-alive; bytes after an
   answer are an error exactly when h11 finds some; a body limit is reported only for a longer body.
 
+The PDP client's fuzzer (tests/unit/test_fuzz_http1.py) is pointed at the core too: its generated answers must
+be read whole, as h11 reads them.
+
 Messages are generated well-formed under the PEP's rules (pipelined requests, every framing, odd but valid
 spacing, obs-text, trailers, 1xx answers), and then damaged: cut short, extended, or with a byte changed. The
 well-formed ones must also be accepted whole: the core refuses nothing h11 and the rules allow.
@@ -29,6 +32,7 @@ from fuzz.http1_oracles import (
 )
 from fuzz.oracles import examples
 from pep.http1 import Limits
+from tests.unit.test_fuzz_http1 import responses as pdp_answers
 
 TINY = Limits(
     max_line_bytes=40,
@@ -202,6 +206,20 @@ def test_well_formed_responses_are_read_whole_as_h11_reads_them(
     reading = response_holds(data, eof, method, draw.draw(reads(data)), None, None)
     assert reading.error is None, reading
     assert reading.messages, reading
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(pdp_answers(), st.booleans(), st.data())
+def test_the_pdp_client_fuzzers_answers_are_read_as_h11_reads_them(
+    answer: tuple[bytes, str], eof: bool, draw: st.DataObject
+) -> None:
+    """The answers the PDP client's own fuzzer generates (tests/unit/test_fuzz_http1.py), read by the core: the
+    reader that is to replace the one in pep/pdp/http1.py reads them whole, as h11 does, with their codings
+    left to the caller."""
+    data, framing = answer
+    reading = response_holds(data, eof, b"POST", draw.draw(reads(data)), None, None)
+    assert reading.error is None, reading
+    assert reading.messages[0].complete or (framing == "close" and not eof), reading
 
 
 @settings(max_examples=examples(200), deadline=None)
