@@ -495,3 +495,8 @@ def test_state_transitions_are_checked() -> None:
     reader.receive_eof()
     with pytest.raises(LocalProtocolError):
         reader.receive_data(b"x")
+
+
+def test_limits_must_allow_something() -> None:
+    with pytest.raises(ValueError, match="max_fields"):
+        Limits(max_fields=0)
