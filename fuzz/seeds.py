@@ -110,6 +110,23 @@ RESPONSES = [
     + gzip.compress(b'{"result":true}', mtime=0),
 ]
 
+REQUESTS = [
+    b"GET /tools/search?q=1 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+    b"POST /mcp HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: a\r\n b\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\nhi",
+    b"OPTIONS * HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+    b"GET http://h/x HTTP/2.0\r\nHost: h\r\n\r\n",
+]
+# (byte 0, byte 1) of fuzz_http1_core: requests, no limit; requests in 3 reads with EOF and a 4-byte limit; a
+# response to GET in one read; to HEAD with EOF; to CONNECT in 2 reads; to POST with tiny limits and a limit of 8
+CORE_REQUESTS = [bytes([0, 255]), bytes([0b1010, 4])]
+CORE_RESPONSES = [bytes([1, 255]), bytes([0b100011, 255]), bytes([0b1100101, 255]), bytes([0b11000001, 8])]
+
 
 def write(harness: str, inputs: list[bytes]) -> None:
     folder = CORPUS / harness
@@ -135,6 +152,10 @@ def main() -> None:
         + [ANSWER_CONFIGS[0] + body for body in answers],
     )
     write("pdp_http1", [bytes([b]) + r for r in RESPONSES for b in (0, 1)] + [bytes([0b1111]) + RESPONSES[1]])
+    write(
+        "http1_core",
+        [c + r for c in CORE_REQUESTS for r in REQUESTS] + [c + r for c in CORE_RESPONSES for r in RESPONSES[::2]],
+    )
 
 
 if __name__ == "__main__":
