@@ -79,7 +79,7 @@ def test_one_input(data: bytes) -> None:
     early = dispatch.before_body(route, method, path, headers, has_body)
     oracles.check_dispatch(protocol, filtering, method, path, headers, has_body, early)
     if early is None:
-        parsed = dispatch.parse(route, headers, body)
+        parsed = dispatch.parse(route, headers, body, path)
         if protocol == "mcp":
             oracles.check_mcp(body, headers, parsed)
         else:

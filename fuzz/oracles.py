@@ -265,7 +265,17 @@ NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"
 NAMED_BY |= {"resources/subscribe": "uri", "resources/unsubscribe": "uri"}
 MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 BATCH_VERSION = "2025-03-26"
-MODEL_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+# Model calls by the last path segments (any case; "*" one segment), longest first; True where the body is read.
+MODEL_ENDPOINTS = (
+    ("threads/*/runs", True),
+    *((e, True) for e in ("chat/completions", "images/generations", "images/edits", "images/variations")),
+    *((e, True) for e in ("audio/transcriptions", "audio/translations", "audio/speech", "threads/runs")),
+    ("assistants/*", True),
+    ("fine_tuning/jobs", True),
+    ("realtime/*", False),
+    *((e, True) for e in ("completions", "embeddings", "responses", "moderations", "assistants")),
+    *((e, False) for e in ("batches", "files", "uploads", "realtime")),
+)
 MCP_MAX_DEPTH = 64
 
 
@@ -355,10 +365,17 @@ def check_openai(body: bytes, result: Inspected | Refused) -> None:
 
 
 def invokes_model(method: str, path: str) -> bool:
-    """A POST whose last path segments (path parameters and empty segments aside) name a model endpoint."""
-    segments = [s.partition(";")[0] for s in path.split("/")]
-    tail = "/".join(s for s in segments if s)
-    return method == "POST" and any(tail == e or tail.endswith("/" + e) for e in MODEL_ENDPOINTS)
+    """A POST whose last path segments (path parameters and empty segments aside, in any letter case) name a
+    model endpoint whose body names the model (the longest match decides)."""
+    if method != "POST":
+        return False
+    segments = [s.lower() for s in (s.partition(";")[0] for s in path.split("/")) if s]
+    for pattern, read in MODEL_ENDPOINTS:
+        wanted = pattern.split("/")
+        tail = segments[-len(wanted) :] if len(segments) >= len(wanted) else None
+        if tail is not None and all(w in ("*", t) for w, t in zip(wanted, tail, strict=True)):
+            return read
+    return False
 
 
 def check_dispatch(
@@ -392,6 +409,11 @@ def check_dispatch(
         require(message.key == "mcp" and str(message.facts["method"]).startswith("mcp/"), "an MCP action", early)
     elif protocol == "openai":
         require(not invokes_model(method, path), "a model call is always read", method, path)
+        if method == "POST":
+            (message,) = early.messages
+            facts = message.facts
+            require(message.key == "model" and facts["read"] is False, "an unread POST is an unread model call", early)
+            require(facts["name"] is None, "an unread model call names no model", early)
 
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------

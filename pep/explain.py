@@ -121,7 +121,7 @@ def _inspect(route: Route, request: Request, body: bytes | None) -> Inspected | 
     early = dispatch.before_body(route.config, request.method, request.path, request.headers, bool(body))
     if early is not None:
         return early
-    return dispatch.parse(route.config, request.headers, body or b"")
+    return dispatch.parse(route.config, request.headers, body or b"", request.path)
 
 
 async def facts(

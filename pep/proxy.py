@@ -106,7 +106,7 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     body = await read_body(request, route.config.max_body_bytes or 0)
     if isinstance(body, Refused):
         return body
-    return dispatch.parse(route.config, request.headers, body)
+    return dispatch.parse(route.config, request.headers, body, path)
 
 
 def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
@@ -441,6 +441,7 @@ class Proxy:
                 ]
         elif messages and messages[0].key == "model":
             entry["model"] = messages[0].facts["name"]
+            entry["endpoint"] = messages[0].facts["endpoint"]
         if outcome.note:
             entry["detail"] = outcome.note
         return entry

@@ -34,11 +34,27 @@ def before_body(
                 return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
             return Inspected((mcp.http_action(method),), None)
         return encoding_problem(headers)
-    if route.protocol == "openai" and openai.invokes_model(method, path):
+    if route.protocol == "openai":
+        call = openai.classify(method, path)
+        if call is None:
+            return PLAIN
+        if isinstance(call, Refused):
+            return call
+        if not call.read:
+            # The PEP cannot see which model this runs: decided on the endpoint, the body streams through.
+            return Inspected((openai.unread_message(call),), None)
         return encoding_problem(headers)
     return PLAIN
 
 
-def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
-    """The messages of a body that `before_body` asked to read."""
-    return mcp.inspect(body, headers) if route.protocol == "mcp" else openai.inspect(body)
+def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes, path: str | None = None) -> Inspected | Refused:
+    """The messages of a body that `before_body` asked to read (`path`: the request's, for model calls)."""
+    if route.protocol == "mcp":
+        return mcp.inspect(body, headers)
+    call = openai.classify("POST", path) if path is not None else None
+    if isinstance(call, Refused):
+        return call
+    getall = getattr(headers, "getall", None)  # a repeated Content-Type: the upstream may parse by the other
+    if getall is not None and len(getall("Content-Type", ())) > 1:
+        return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
+    return openai.inspect(body, call, headers.get("Content-Type"))

@@ -189,7 +189,7 @@ def test_dispatch_reads_every_body_it_decides_on(
     check_dispatch(protocol, filter_tools_list, method, path, sent, has_body, early)
     event(f"before_body: {type(early).__name__}")
     if early is None:
-        parsed = dispatch.parse(config, sent, body)
+        parsed = dispatch.parse(config, sent, body, path)
         event(f"parse: {type(parsed).__name__}")
         if protocol == "mcp":
             check_mcp(body, sent, parsed)
