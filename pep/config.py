@@ -185,6 +185,7 @@ class RouteConfig:
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
+    decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -638,6 +639,7 @@ _ROUTE_KEYS = {
     "credential",
     "tunnel",
     "require_identity",
+    "decide_answer_tool_calls",
 }
 
 
@@ -689,6 +691,8 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     if m.get("filter_tools_list") is True and protocol != "mcp":
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    if "decide_answer_tool_calls" in m and protocol != "openai":
+        r.error(f"{path}.decide_answer_tool_calls", "is only for protocol: openai")
     tunnel = r.boolean(m, "tunnel", path, False)
     if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
         r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
@@ -710,6 +714,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         host=host,
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
+        decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
     )
     return route if name and prefix and upstream and match_ok else None
 

@@ -18,6 +18,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from pep import attributes, integrity, tunnel
+from pep.answers import ModelAnswers
 from pep.authority import resolve_authority
 from pep.config import Config
 from pep.credentials import CredentialSource
@@ -30,7 +31,7 @@ from pep.identity.keys import KeySource
 from pep.identity.subject import Identifier
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
+from pep.protocols import Inspected, Message, Refused, dispatch, openai, tools_filter
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
@@ -212,7 +213,8 @@ class Proxy:
             return await tunnel.splice(request, decision, route)
         if isinstance(decision, Allow) and route is not None:
             rewrite = self._tools_filter(route, case, decision)
-            return await self._upstream.forward(request, decision, route, rewrite, case.credential)
+            answers = self._model_answers(route, case, decision)
+            return await self._upstream.forward(request, decision, route, rewrite, case.credential, answers)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -346,6 +348,26 @@ class Proxy:
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, allow.decision_id, detail)
             return Outcome(deny, outcome.attempts, outcome.pdp_ms, detail)
         return outcome
+
+    def _model_answers(self, route: Route, case: _Case, allow: Allow) -> ModelAnswers | None:
+        """For an allowed model call whose answers can call tools: the check its answer must pass."""
+        inspected = case.inspected
+        document = case.document
+        if inspected is None or document is None or inspected.messages[0].key != "model":
+            return None
+        if inspected.messages[0].facts["endpoint"] not in openai.ANSWERING_KINDS:
+            return None
+        failures = self._metrics.upstream_failures
+        return ModelAnswers(
+            case.rt.engine,
+            self._log.record,
+            failures[route.name, "unreadable"].inc,
+            route,
+            document,
+            allow,
+            route.config.decide_answer_tool_calls,
+            case.trace.trace_id,
+        )
 
     def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
         """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""

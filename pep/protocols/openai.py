@@ -68,6 +68,7 @@ _TABLE: tuple[tuple[tuple[str, ...], Endpoint], ...] = (
 )
 UNKNOWN = Endpoint("unknown", _UNREAD)
 CHAT = _TABLE[1][1]
+ANSWERING_KINDS = frozenset(e.kind for _, e in _TABLE if e.answers)
 ENDPOINT_KINDS = (*dict.fromkeys(e.kind for _, e in _TABLE), UNKNOWN.kind)
 _NAMING = ("deployments", "engines")  # `{naming}/{model}/<endpoint>`: the path names the model
 _FACT_KEYS = frozenset({"model", "stream", "tools", "functions", "n"})
