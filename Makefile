@@ -19,7 +19,11 @@ CERBOS_DIR     := .pdp/cerbos
 CERBOS_BIN     := $(CURDIR)/$(CERBOS_DIR)/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
 export CERBOS_BIN
 
-.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies
+# An Express upstream for the model API tests (Express routes paths case-insensitively): pinned by its lockfile.
+EXPRESS_DIR   := tests/support/express
+EXPRESS_STAMP := $(EXPRESS_DIR)/node_modules/.installed
+
+.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies express
 
 venv: $(STAMP)
 
@@ -59,6 +63,13 @@ unit: venv
 
 cerbos: $(CERBOS_BIN)
 
+express: $(EXPRESS_STAMP)
+
+$(EXPRESS_STAMP): $(EXPRESS_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is required for the Express test upstream (make test)" >&2; exit 1; }
+	npm ci --prefix $(EXPRESS_DIR) --no-audit --no-fund
+	touch $@
+
 # A file target: installed and verified once. A checksum mismatch removes the binary and fails the build.
 $(CERBOS_BIN):
 	@command -v npm >/dev/null || { echo "npm is required to install Cerbos $(CERBOS_VERSION) (tests, make demo PDP=cerbos)" >&2; exit 1; }
@@ -72,7 +83,7 @@ cerbos-policies: $(CERBOS_BIN)
 # bench-smoke: every benchmark target and variant for a second or so, so the benchmark never rots (numbers: make bench).
 # reliability-smoke: 22 s of open-loop load through two pep run processes under chaos (full: make reliability).
 # fuzz-smoke: every atheris harness for 10 s from the committed seeds (full: make fuzz).
-test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke $(MCP1_STAMP)
+test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke $(MCP1_STAMP) $(EXPRESS_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -81,7 +92,7 @@ demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
 clean: deploy-clean reliability-clean
-	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(MCP1_VENV) $(EXPRESS_DIR)/node_modules .venv-bench bench/results .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 include deploy/deploy.mk
 include bench/bench.mk
