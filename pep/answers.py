@@ -96,10 +96,11 @@ class ModelAnswers:
         return body
 
     async def gate(self, chunk: bytes | None) -> tuple[bytes, bool]:
+        problem: AnswerError | None = None
         try:
             events = self._reader.feed(chunk) if chunk is not None else self._reader.finish()
         except AnswerError as exc:
-            return self._unreadable(str(exc), b"")
+            events, problem = exc.before, exc
         out: list[bytes] = []
         for event in events:
             reason = await self._decide(event.findings)
@@ -107,6 +108,8 @@ class ModelAnswers:
                 out.append(error_event(reason.value, MESSAGES[reason]))
                 return b"".join(out), True
             out.append(event.raw)
+        if problem is not None:
+            return self._unreadable(str(problem), b"".join(out))
         return b"".join(out), False
 
     def _unreadable(self, why: str, before: bytes) -> tuple[bytes, bool]:

@@ -29,7 +29,12 @@ _VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
 
 
 class AnswerError(ValueError):
-    """The answer cannot be read; the message says why (for the decision log)."""
+    """The answer cannot be read; the message says why (for the log). In a stream, `before` holds the events
+    read whole before the one that could not be (they may still be relayed)."""
+
+    def __init__(self, message: str, before: list[Event] | None = None) -> None:
+        super().__init__(message)
+        self.before = before or []
 
 
 @dataclass(slots=True)
@@ -86,7 +91,7 @@ def scan(value: Any, found: Findings) -> None:
     while stack:
         node = stack.pop()
         if isinstance(node, list):
-            stack.extend(node)
+            stack.extend(reversed(node))  # in document order
             continue
         if not isinstance(node, dict):
             continue
@@ -104,7 +109,7 @@ def scan(value: Any, found: Findings) -> None:
         kind = node.get("type")
         if isinstance(kind, str) and (kind.endswith("_call") or kind in _NAMED_TYPES):
             found.add_tool(node.get("name") if kind in _NAMED_TYPES else kind[: -len("_call")])
-        stack.extend(node.values())
+        stack.extend(reversed(node.values()))
 
 
 def read_json(body: bytes) -> Findings:
@@ -155,14 +160,17 @@ class EventReader:
             self._line += chunk[start:at]
             self._skip_lf = byte == 13
             start = at + 1
-            event = self._end_line()
+            try:
+                event = self._end_line()
+            except AnswerError as exc:
+                raise AnswerError(str(exc), events) from None
             if event is not None:
                 events.append(event)
         if start < len(chunk):
             self._skip_lf = False
             self._line += chunk[start:]
         if self._size + len(self._line) > MAX_EVENT:
-            raise AnswerError("an event larger than the inspector reads")
+            raise AnswerError("an event larger than the inspector reads", events)
         return events
 
     def finish(self) -> list[Event]:
