@@ -19,11 +19,7 @@ CERBOS_DIR     := .pdp/cerbos
 CERBOS_BIN     := $(CURDIR)/$(CERBOS_DIR)/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
 export CERBOS_BIN
 
-# An Express upstream for the model API tests (Express routes paths case-insensitively): pinned by its lockfile.
-EXPRESS_DIR   := tests/support/express
-EXPRESS_STAMP := $(EXPRESS_DIR)/node_modules/.installed
-
-.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies express
+.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies
 
 venv: $(STAMP)
 
@@ -63,13 +59,6 @@ unit: venv
 
 cerbos: $(CERBOS_BIN)
 
-express: $(EXPRESS_STAMP)
-
-$(EXPRESS_STAMP): $(EXPRESS_DIR)/package-lock.json
-	@command -v npm >/dev/null || { echo "npm is required for the Express test upstream (make test)" >&2; exit 1; }
-	npm ci --prefix $(EXPRESS_DIR) --no-audit --no-fund
-	touch $@
-
 # A file target: installed and verified once. A checksum mismatch removes the binary and fails the build.
 $(CERBOS_BIN):
 	@command -v npm >/dev/null || { echo "npm is required to install Cerbos $(CERBOS_VERSION) (tests, make demo PDP=cerbos)" >&2; exit 1; }
@@ -83,7 +72,9 @@ cerbos-policies: $(CERBOS_BIN)
 # bench-smoke: every benchmark target and variant for a second or so, so the benchmark never rots (numbers: make bench).
 # reliability-smoke: 22 s of open-loop load through two pep run processes under chaos (full: make reliability).
 # fuzz-smoke: every atheris harness for 10 s from the committed seeds (full: make fuzz).
-test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke $(MCP1_STAMP) $(EXPRESS_STAMP)
+# readers: nginx, Tomcat and Express, the real upstreams of tests/e2e/test_path_readers.py.
+# go-deps: the Go toolchain the tests build tests/support/gojson/ with (Go's encoding/json as a reference reader).
+test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke readers go-deps $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -91,10 +82,12 @@ PDP ?= cedar
 demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
-clean: deploy-clean reliability-clean
-	rm -rf $(VENV) $(MCP1_VENV) $(EXPRESS_DIR)/node_modules .venv-bench bench/results .pdp .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+clean: deploy-clean reliability-clean readers-clean
+	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .gotest .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 include deploy/deploy.mk
 include bench/bench.mk
 include reliability/reliability.mk
 include fuzz/fuzz.mk
+include tests/readers.mk
+include tests/go.mk

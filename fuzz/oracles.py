@@ -2,7 +2,7 @@
 
 The atheris harnesses (fuzz/fuzz_*.py) and the hypothesis properties (tests/unit/test_fuzz_*.py) feed inputs to
 the PEP's pure readers and hand each result to a `check_*` function here. A broken invariant raises
-`OracleError` with what was wrong. The expectations are written from the contract (shared DESIGN.md) and from
+`OracleError` with what was wrong. The expectations are written from the contract (the README) and from
 independent references, not from the code under test: strict JSON is re-read with the standard library, paths
 are percent-decoded byte by byte, and the PDP client's answers are compared with what h11 reads from the same
 bytes.
@@ -71,7 +71,22 @@ _WELL_FORMED = re.compile(r"%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 _CONTROL = frozenset(range(0x20)) | {0x7F}
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+# DESIGN: "path-override headers that frameworks honour" (the list README.md gives).
+PATH_OVERRIDES = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-uri",
+        "x-forwarded-path",
+        "x-forwarded-url",
+        "x-envoy-original-path",
+        "x-replaced-path",
+        "x-original-path",
+        "x-override-url",
+        "x-http-path-override",
+    }
+)
 
 
 def percent_decode(data: bytes) -> bytes:
@@ -98,7 +113,8 @@ def _is_dot(layer: bytes) -> bool:
 def check_path(path: str, problem: str | None) -> None:
     """An accepted path is visible ASCII without `\\` or `#`, its escapes are well-formed and encode no unreserved
     character, and no segment is (or decodes, in up to MAX_DECODES rounds, to) a dot segment, a separator or a
-    control character; a segment that still changes after MAX_DECODES rounds is refused."""
+    control character; a segment that still changes after MAX_DECODES rounds is refused. No segment is empty (`//`,
+    which nginx merges), nor empty before its parameters (`/;x/`), but the last (`/a/`)."""
     require(problem is None or (isinstance(problem, str) and bool(problem)), "path_problem answers a reason", problem)
     if problem is not None:
         return
@@ -108,13 +124,42 @@ def check_path(path: str, problem: str | None) -> None:
         byte = int(escape.group(0)[1:], 16)
         require(byte not in _UNRESERVED, "accepted path has no percent-encoded unreserved character", path)
     require(path.count("%") == len(_WELL_FORMED.findall(path)), "every % in an accepted path is an escape", path)
-    for segment in path.split("/"):
+    segments = path.split("/")
+    # Empty segments, also behind parameters (`/;x/` is `//` to a servlet container): only the root and a trailing `/`.
+    inner = [seg.partition(";")[0] for seg in segments[1:-1]]
+    require(all(inner) and not segments[-1].startswith(";"), "accepted path has no empty segment but a last one", path)
+    for segment in segments:
         layers = decoding_layers(segment.encode("ascii"))
         require(len(layers) <= MAX_DECODES + 1, "accepted segment decodes to a fixed point", path, layers)
         for layer in layers:
             require(not _is_dot(layer), "accepted path has no dot segment, raw or decoded", path, layer)
             require(b"/" not in layer and b"\\" not in layer, "accepted path has no encoded separator", path, layer)
             require(not _CONTROL.intersection(layer), "accepted path has no control character", path, layer)
+
+
+def check_parameters(path: str, problem: str | None) -> None:
+    """For a path `path_problem` accepts: path parameters are refused exactly when a segment holds `;` as sent or
+    after any round of decoding (`%3b`, `%253b`, `%3%62`)."""
+    require(problem is None or (isinstance(problem, str) and bool(problem)), "parameter_problem answers a reason")
+    layers = [layer for seg in path.split("/") for layer in decoding_layers(seg.encode("ascii"))]
+    expected = any(b";" in layer for layer in layers)
+    require((problem is not None) == expected, "a path parameter refused exactly when present", path, problem)
+
+
+def _field_name(pair: str) -> str:
+    """A field's name as PHP reads it (the most lenient reader): decoded, NUL-ended, leading spaces dropped,
+    ` ` and `.` as `_`, up to a `[`."""
+    raw = pair.split("=", 1)[0].replace("+", " ").encode("utf-8", "surrogatepass")
+    name = percent_decode(raw).decode("latin-1")
+    name = name.split("\x00", 1)[0].lstrip(" ").replace(" ", "_").replace(".", "_")
+    return name.split("[", 1)[0]
+
+
+def check_method_field(fields: str, problem: str | None) -> None:
+    """A `_method` field (any case, `&` or `;` separated) is refused exactly when present."""
+    names = [_field_name(pair) for part in fields.split("&") for pair in part.split(";")]
+    expected = any(n.lower() == "_method" for n in names)
+    require((problem is not None) == expected, "a _method field refused exactly when present", fields, problem)
 
 
 def check_query(query: str, problem: str | None) -> None:
@@ -279,6 +324,33 @@ MODEL_ENDPOINTS = (
 MCP_MAX_DEPTH = 64
 
 
+# The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
+MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
+MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
+MODEL_READS = ("model", "stream", "tools", "functions", "n")
+MODEL_TOOL_READS = ("type", "name", "function")
+
+
+def folds_together(value: Any) -> bool:
+    """Some object, at any depth, has two keys equal under Unicode case folding."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len({k.casefold() for k in item}) != len(item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def misspelled(obj: Any, reads: Sequence[str]) -> bool:
+    """`obj` has a key that folds to one the PEP reads without being it."""
+    folded = {r.casefold() for r in reads}
+    return isinstance(obj, dict) and any(k not in reads and k.casefold() in folded for k in obj)
+
+
 def _mirrored(value: str) -> str | None:
     if value.startswith("=?base64?") and value.endswith("?="):
         try:
@@ -297,19 +369,32 @@ def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
     return False
 
 
+MAX_BATCH_MESSAGES = 16  # the route default
+
+
 def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
-    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch decided as one message per
-    element, with facts taken from that element; mirrored headers agree with the body."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch of at most
+    MAX_BATCH_MESSAGES decided as one message per element, with facts taken from that element; mirrored headers
+    agree with the body. Only such an over-long batch is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            value = reference_loads(body, MCP_MAX_DEPTH).value
+            require(isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES, "too large: a long batch", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body, MCP_MAX_DEPTH)
     require(ref.problem is None, "MCP body accepted that the reference refuses", body, ref.problem)
     require(result.body == body, "the decided body is the body read", body)
     value = ref.value
+    require(not folds_together(value), "no keys equal under case folding anywhere", body)
     batch = isinstance(value, list)
     require(result.batch == batch, "batch flag matches the body", body)
     items = value if batch else [value]
+    require(len(items) <= MAX_BATCH_MESSAGES, "a batch over max_batch_messages is refused", body)
+    for item in items:
+        params = item.get("params") if isinstance(item, dict) else None
+        spelled = not misspelled(item, MCP_READS) and not misspelled(params, MCP_PARAMS_READS)
+        require(spelled, "the keys the PEP reads are spelled exactly", item)
     require(len(items) >= 1 and len(result.messages) == len(items), "one message per batch element", body)
     for name in MIRRORED:
         require(len(headers.getall(name, ())) <= 1, "a repeated mirrored header is refused", name)
@@ -346,12 +431,16 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
 
 def check_openai(body: bytes, result: Inspected | Refused) -> None:
     """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
-    if _refusal(result, frozenset({Reason.BODY_UNREADABLE})):
+    if _refusal(result, BODY_REFUSALS):
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body)
     require(ref.problem is None and isinstance(ref.value, dict), "model body accepted that the reference refuses", body)
     obj = ref.value
+    require(not folds_together(obj), "no keys equal under case folding anywhere", body)
+    listed_tools = [t for k in ("tools", "functions") if isinstance(obj.get(k), list) for t in obj[k]]
+    spelled = not misspelled(obj, MODEL_READS) and not any(misspelled(t, MODEL_TOOL_READS) for t in listed_tools)
+    require(spelled, "the keys the PEP reads are spelled exactly", obj)
     require(result.body == body and len(result.messages) == 1, "one message, the body read", body)
     facts = result.messages[0].facts
     require(result.messages[0].key == "model", "model facts", result)
@@ -392,11 +481,13 @@ def check_dispatch(
     inspected (the PEP would decide on other bytes than the upstream reads)."""
     if filter_tools_list and "Last-Event-ID" in headers:
         require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    form = method == "POST" and has_body and is_form(headers)
     if early is None:
-        require((protocol == "mcp" and method == "POST") or protocol == "openai", "only inspected routes read", path)
-        require(protocol != "openai" or invokes_model(method, path), "openai routes read model calls only", path)
+        inspected = (protocol == "mcp" and method == "POST") or (protocol == "openai" and invokes_model(method, path))
+        require(inspected or form, "only inspected routes and form POSTs are read", protocol, method, path)
         encoding = headers.get("Content-Encoding")
-        require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read", headers)
+        if inspected:
+            require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read")
         return
     if _refusal(early, BODY_REFUSALS):
         return
@@ -414,6 +505,38 @@ def check_dispatch(
             facts = message.facts
             require(message.key == "model" and facts["read"] is False, "an unread POST is an unread model call", early)
             require(facts["name"] is None, "an unread model call names no model", early)
+    require(not form, "a form POST is read (for a _method field)", protocol, method, headers)
+
+
+def is_form(headers: Mapping[str, str]) -> bool:
+    """A body Rack reads as a form: no Content-Type, or (any of them) urlencoded."""
+    values = list(headers.getall("Content-Type", ())) if isinstance(headers, CIMultiDict) else []
+    return not values or any("x-www-form-urlencoded" in v.lower() or not v.strip() for v in values)
+
+
+def check_form(body: bytes, result: Inspected | Refused, unread_model: bool = False) -> None:
+    """A form body is forwarded as read, one plain message (on an openai route: an unread model call's), unless it
+    holds a `_method` field."""
+    if _refusal(result, frozenset({Reason.REQUEST_AMBIGUOUS})):
+        check_method_field(body.decode("latin-1"), "refused")
+        return
+    assert isinstance(result, Inspected)
+    require(result.body == body and len(result.messages) == 1, "the form body as read, one message", body)
+    message = result.messages[0]
+    if unread_model:
+        unread = message.key == "model" and message.facts["read"] is False and message.facts["name"] is None
+        require(unread, "an unread model call's facts, none from the form", result)
+    else:
+        require(message.key is None, "no facts from a form", result)
+    check_method_field(body.decode("latin-1"), None)
+
+
+def check_model_call(body: bytes, headers: Mapping[str, str], result: Inspected | Refused) -> None:
+    """A model call read through dispatch: as `check_openai`, and a body a framework may read as a form (no
+    Content-Type, or an urlencoded one) is accepted only without a `_method` field."""
+    check_openai(body, result)
+    if isinstance(result, Inspected) and is_form(headers):
+        check_method_field(body.decode("latin-1"), None)
 
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------
@@ -443,7 +566,7 @@ def is_json_media(content_type: str) -> bool:
 
 
 def answer_object(answer: RawAnswer) -> tuple[Reason, dict[str, Any]] | Reason:
-    """DESIGN, "How a PDP answer becomes a reason", before the PDP kind's own fields: the object, or a reason."""
+    """README, "PDPs" (how an answer becomes a reason), before the PDP kind's own fields: the object, or a reason."""
     if not 200 <= answer.status < 300:
         return Reason.PDP_ERROR_STATUS
     if answer.oversize or answer.undecodable or not is_json_media(answer.content_type):

@@ -24,6 +24,8 @@ INTEGRITY = [
     "/mcp\n\n@evil.com\n",
     "/v1/chat/completions\nstream=true\nexample.com:443/path\n",
     "/a\\b/c%5c%00%0a%7f\n\n[v6]\n",
+    "//tools//admin/;x/a%3Bb;c\n_method=DELETE&.method=x\n127.0.0.1\nx-forwarded-uri,X-Envoy-Original-Path",
+    "/tools/x%3%62;v=1/\n%5Fmethod[]=PUT;a=1\nexample.com\nx-original-uri,x-forwarded-prefix",
 ]
 
 MCP = [

@@ -25,6 +25,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
 NOT_YET = "is not supported by this version of failclosed-pep"
+MIB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -143,6 +144,7 @@ class DecisionLogConfig:
     path: str | None = None
     include_arguments: bool = False
     required: bool = False
+    max_pending_bytes: int = 16 * MIB  # lines queued or being written; over it a line is dropped (counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,12 @@ class Credential:
     value_env: str | None = None
 
 
+# MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
+# one body from becoming thousands of PDP calls under one deadline.
+DEFAULT_MAX_BATCH_MESSAGES = 16
+MAX_BATCH_MESSAGES_LIMIT = 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
@@ -186,6 +194,8 @@ class RouteConfig:
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
     decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
+    allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -609,18 +619,22 @@ def _tracing(r: _Reader, value: Any) -> TracingConfig | None:
 
 
 def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
-    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required"})
+    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required", "max_pending_bytes"})
     if m is None:
         return DecisionLogConfig()
     sink = r.choice(m, "sink", "decision_log", "stdout", ("stdout", "file", "none")) or "stdout"
     path = r.string(m, "path", "decision_log", required=sink == "file")
     if path is not None and sink != "file":
         r.error("decision_log.path", "is only used with sink: file")
+    required = r.boolean(m, "required", "decision_log", False)
+    if required and sink == "none":
+        r.error("decision_log.required", "needs a sink to write to (stdout or file), not none")
     return DecisionLogConfig(
         sink=sink,
         path=path,
         include_arguments=r.boolean(m, "include_arguments", "decision_log", False),
-        required=r.boolean(m, "required", "decision_log", False),
+        required=required,
+        max_pending_bytes=r.integer(m, "max_pending_bytes", "decision_log", 16 * MIB, MIB, 1024 * MIB),
     )
 
 
@@ -640,6 +654,8 @@ _ROUTE_KEYS = {
     "tunnel",
     "require_identity",
     "decide_answer_tool_calls",
+    "allow_path_parameters",
+    "max_batch_messages",
 }
 
 
@@ -673,10 +689,12 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
                     f"must start with / and hold only unreserved path characters, got {prefix!r}",
                 )
                 prefix = None
-            elif prefix is not None and any(seg in (".", "..") for seg in prefix.split("/")):
-                r.error(f"{path}.match.path_prefix", "must not contain dot segments")
-                prefix = None
+            elif prefix is not None:
+                prefix = _prefix(r, prefix, f"{path}.match.path_prefix", m.get("allow_path_parameters") is True)
     upstream = _http_url(r, r.string(m, "upstream", path, required=True), f"{path}.upstream")
+    if upstream is not None and (problem := _path_shape(urlsplit(upstream).path)):
+        r.error(f"{path}.upstream", f"its path must not contain {problem}")
+        upstream = None
     protocol = r.choice(m, "protocol", path, "http", ("http", "mcp", "openai")) or "http"
     # Routes that read bodies always have a limit; plain HTTP routes only when one is set.
     max_body = None if protocol == "http" else 1048576
@@ -693,6 +711,9 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
     if "decide_answer_tool_calls" in m and protocol != "openai":
         r.error(f"{path}.decide_answer_tool_calls", "is only for protocol: openai")
+    max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
+    if "max_batch_messages" in m and protocol != "mcp":
+        r.error(f"{path}.max_batch_messages", "is only for protocol: mcp (JSON-RPC batches)")
     tunnel = r.boolean(m, "tunnel", path, False)
     if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
         r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
@@ -715,8 +736,31 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
         decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
+        allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
+        max_batch_messages=max_batch,
     )
     return route if name and prefix and upstream and match_ok else None
+
+
+def _path_shape(path: str) -> str | None:
+    """What a configured path must not hold, as requests may not: dot segments, empty segments, `/;`."""
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return "dot segments"
+    if "//" in path or "/;" in path:
+        return "empty segments (// or /;)"
+    return None
+
+
+def _prefix(r: _Reader, prefix: str, path: str, parameters: bool) -> str | None:
+    """A path prefix holds no segment a request may not hold: requests with them are refused before routing, and a
+    `;` only matches on a route that accepts path parameters."""
+    if problem := _path_shape(prefix):
+        r.error(path, f"must not contain {problem}")
+        return None
+    if ";" in prefix and not parameters:
+        r.error(path, "must not contain ; (a path parameter) unless the route has allow_path_parameters: true")
+        return None
+    return prefix
 
 
 def _match_host(r: _Reader, value: str | None, path: str) -> str | None:

@@ -37,6 +37,21 @@ class CredentialSource:
             return None
         return value
 
+    def problem(self) -> str | None:
+        """Why `value()` is None, as `key: what` naming the file or variable (never the value), or None."""
+        value = self._file.value() if self._file is not None else self._static
+        if self._file is not None:
+            where = f"value_file: {self._file.path!r}"
+            missing = "is missing, unreadable or empty"
+        else:
+            where = f"value_env: {self.config.value_env}"
+            missing = "is not set or empty"
+        if value is None:
+            return f"{where} {missing}"
+        if _CONTROL.search(value):
+            return f"{where} holds a control character"
+        return None
+
     def refresh(self) -> None:
         if self._file is not None:
             self._file.refresh()

@@ -18,7 +18,7 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
@@ -28,6 +28,11 @@ _TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline pass
 # A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
 # failed attempt took), so a retry is never started just to time out.
 MIN_RETRY_SHARE = 0.1
+
+# A decision about several documents (a JSON-RPC batch, a filtered tool list) has at most BATCH_CONCURRENCY PDP
+# exchanges open at once, and never more than 1/BATCH_SHARE of `max_in_flight`: the slots it takes are counted
+# against `max_in_flight`, so one caller's batch leaves the bulkhead and the PDP pool to the others.
+BATCH_SHARE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +96,26 @@ class Engine:
     def circuit(self) -> State:
         return self.breaker.state if self.breaker is not None else State.CLOSED
 
+    def slots(self, check: Check) -> int:
+        """How many of `max_in_flight` the check takes: 1, or for several documents the exchanges it may have
+        open at once (at most BATCH_CONCURRENCY, and 1/BATCH_SHARE of `max_in_flight`)."""
+        if not check.more:
+            return 1
+        return max(1, min(len(check.more) + 1, BATCH_CONCURRENCY, self._max_in_flight // BATCH_SHARE))
+
     async def decide(self, check: Check) -> Outcome:
         decision_id = new_id()
-        if self.in_flight >= self._max_in_flight:
+        slots = self.slots(check)
+        if self.in_flight + slots > self._max_in_flight:
             return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None)
         permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
-        self.in_flight += 1
+        self.in_flight += slots
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit)
+            result, attempts, pdp_s, each = await self._ask(check, permit, slots)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= slots
         pdp_ms = round(pdp_s * 1000, 3)
         if isinstance(result, Failure):
             return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail, each)
@@ -124,22 +137,18 @@ class Engine:
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each)
 
-    async def _ask_once(self, check: Check) -> tuple[Verdict | Failure, tuple[Reason, ...]]:
+    async def _ask_once(self, check: Check, slots: int) -> tuple[Verdict | Failure, tuple[Reason, ...]]:
         """One attempt for every message of the check; several are combined so that all must allow."""
-        pdp = self.pdp
         if not check.more:
-            return await pdp.ask(check.document, check.request_id), ()
-        docs = list(check.documents)
-        ask_many = getattr(pdp, "ask_many", None)
-        if ask_many is not None:
-            results: list[Verdict | Failure] = await ask_many(docs, check.request_id)
-        else:
-            rid = check.request_id
-            results = list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
+            return await self.pdp.ask(check.document, check.request_id), ()
+        results = await self.pdp.ask_many(check.documents, check.request_id, slots)
         return combine(results), tuple(r.reason for r in results)
 
-    async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline. Always reports to the breaker, also when cancelled."""
+    async def _ask(
+        self, check: Check, permit: Permit, slots: int
+    ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
+        """Attempts inside one deadline. Always reports to the breaker, also when cancelled: once per check, so
+        a batch that times out is one failure, not one per message."""
         clock = self._clock
         observe = self._metrics.pdp_duration
         start = clock()
@@ -154,7 +163,7 @@ class Engine:
                 t0 = time.perf_counter()
                 try:
                     async with asyncio.timeout(deadline - began):
-                        result, each = await self._ask_once(check)
+                        result, each = await self._ask_once(check, slots)
                 except TimeoutError:
                     result = _TIMEOUT
                 if isinstance(result, Verdict) and clock() > deadline:

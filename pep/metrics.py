@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md, in a registry per runtime, with children bound once, not per request.
+"""The Prometheus metrics (README, "Metrics"), in a registry per runtime, with children bound once, not per request.
 
 No label ever takes a value from the request: routes come from the config, reasons from the closed set.
 """
@@ -56,8 +56,13 @@ class Metrics:
             buckets=_FAST,
         )
         self.pdp_duration = {o: pdp.labels(o) for o in PDP_OUTCOMES}
-        self.pdp_in_flight = Gauge("pep_pdp_in_flight", "Decisions waiting for the PDP.", registry=r)
+        self.pdp_in_flight = Gauge(
+            "pep_pdp_in_flight", "Slots of max_in_flight taken by decisions waiting for the PDP.", registry=r
+        )
         self.circuit_state = Gauge("pep_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r)
+        self.pdp_reachable = Gauge(
+            "pep_pdp_reachable", "1 when the last connection probe reached the PDP (always 1 for Cedar).", registry=r
+        )
         transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
         self.transitions = {s: transitions.labels(s.name.lower()) for s in State}
         up = Histogram(
@@ -91,6 +96,16 @@ class Metrics:
             "pep_decision_log_dropped_total",
             "Decision log lines dropped (queue full or write error).",
             registry=r,
+        )
+        # Read at scrape time: lines queued or being written; growth means the sink is slower than the decisions.
+        self.decision_log_pending_bytes = Gauge(
+            "pep_decision_log_pending_bytes", "Decision log bytes queued or being written.", registry=r
+        )
+        self.decision_log_write_seconds = Histogram(
+            "pep_decision_log_write_duration_seconds",
+            "Decision log batch writes, from start to return; with required: true, allows wait for them.",
+            registry=r,
+            buckets=_FAST,
         )
         reloads = Counter("pep_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
         self.config_reloads = {res: reloads.labels(res) for res in ("success", "error")}

@@ -104,10 +104,10 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         # The body is needed for the decision, so the caller may send it now.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = await read_body(request, route.config.max_body_bytes or 0)
+    body = await read_body(request, dispatch.read_limit(route.config))
     if isinstance(body, Refused):
         return body
-    return dispatch.parse(route.config, request.headers, body, path)
+    return dispatch.parse(route.config, request.method, path, request.headers, body)
 
 
 def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
@@ -202,8 +202,14 @@ class Proxy:
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
         entry = self._entry(request, rid, route_name, case, outcome)
-        if not self._log.record(entry) and self._log.required and isinstance(decision, Allow):
-            decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, "decision log unavailable")
+        if isinstance(decision, Allow) and self._log.required:
+            # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
+            problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
+            if problem is not None:
+                decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                self._log.record(_unaudited(entry, problem))
+        else:
+            self._log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
@@ -240,12 +246,14 @@ class Proxy:
             return _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
         if not raw_target.startswith("/") and not _authority_matches(request.url, headers.get("Host")):
             return _early(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
-        problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
+        problem = integrity.request_problem(request.method, path, query, headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
         route = case.route = case.rt.routes.match(path, headers.get("Host"), request.scheme)
         if route is None:
             return _early(Reason.NO_ROUTE, "no route matches the path")
+        if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+            return _early(Reason.REQUEST_AMBIGUOUS, problem)
         length = request.content_length
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:
@@ -384,6 +392,7 @@ class Proxy:
         engine = case.rt.engine
         url = document["route"]["upstream_url"]
         rid = allow.request_id
+        log = self._log
 
         async def decide(names: list[str]) -> list[bool] | str:
             docs = [{**document, "mcp": {**facts, "method": "tools/call", "name": n, "arguments": None}} for n in names]
@@ -391,7 +400,15 @@ class Proxy:
             outcome = await engine.decide(check)
             decision = outcome.decision
             reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace))
+            entry = _filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace)
+            if log.required and Reason.ALLOWED in reasons:
+                # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
+                problem = await log.commit(entry, _log_budget(case.rt, outcome))
+                if problem is not None:
+                    log.record(_unaudited(entry, problem))
+                    return Reason.AUDIT_UNAVAILABLE.value
+            else:
+                log.record(entry)
             undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
             if undecided or len(reasons) != len(names):
                 return (undecided[0] if undecided else decision_reason(decision)).value
@@ -467,6 +484,17 @@ class Proxy:
         if outcome.note:
             entry["detail"] = outcome.note
         return entry
+
+
+def _log_budget(rt: Runtime, outcome: Outcome) -> float:
+    """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
+    written the allow's line within it."""
+    return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
+
+
+def _unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
+    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
+    return {**entry, "decision": "deny", "reason": Reason.AUDIT_UNAVAILABLE.value, "detail": problem}
 
 
 def _filter_entry(

@@ -1,4 +1,4 @@
-"""Responses the PEP makes itself: denials (DESIGN.md shapes) and failures after an allow (502/504/413/408)."""
+"""Responses the PEP makes itself: denials (README, "Denials") and failures after an allow (502/504/413/408)."""
 
 from __future__ import annotations
 

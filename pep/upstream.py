@@ -12,6 +12,7 @@ from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from pep import redirects
 from pep.decision import Allow
 from pep.headers import end_to_end, response_headers
 from pep.metrics import Metrics
@@ -173,8 +174,9 @@ class Upstream:
             ) as up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
+                headers_out = _answer_headers(up, route)
                 if rewrite is not None:
-                    rewritten = await _rewritten(up, rewrite)
+                    rewritten = await _rewritten(up, rewrite, headers_out)
                     if rewritten is not None:
                         return rewritten
                     metrics.upstream_failures[route.name, "unfilterable"].inc()
@@ -184,25 +186,20 @@ class Upstream:
                     encoding = up.headers.get("Content-Encoding", "identity")
                     mode = answers.mode(up.status, up.headers.get("Content-Type", ""), encoding)
                 if mode == "whole":
-                    rewritten = await _rewritten(up, answers.whole)  # type: ignore[union-attr]
+                    rewritten = await _rewritten(up, answers.whole, headers_out)  # type: ignore[union-attr]
                     if rewritten is not None:
                         return rewritten
                 if mode in ("whole", "unreadable"):
                     metrics.upstream_failures[route.name, "unreadable"].inc()
                     return upstream_failure("unreadable", allow.request_id, allow.decision_id)
-                if mode == "events":
-                    response, complete = await _relay(request, up, answers.gate)  # type: ignore[union-attr]
-                    if not complete:
-                        metrics.upstream_failures[route.name, "reset"].inc()
-                    return response
-                if _whole_body_fits(request, up):
+                gate = answers.gate if mode == "events" and answers is not None else None
+                if gate is None and _whole_body_fits(request, up):
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
                     body = await up.read()
-                    headers_out = response_headers(up.headers)
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up)
+                response, complete = await _relay(request, up, headers_out, gate)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -243,7 +240,17 @@ def _whole_body_fits(request: web.BaseRequest, up: aiohttp.ClientResponse) -> bo
     return not up.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
-async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.StreamResponse | None:
+def _answer_headers(up: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+    """The upstream's response headers as the caller gets them: hop-by-hop ones dropped, and no header naming
+    the upstream's own address (pep/redirects.py)."""
+    headers = response_headers(up.headers)
+    redirects.rewrite(headers, route)
+    return headers
+
+
+async def _rewritten(
+    up: aiohttp.ClientResponse, rewrite: Rewrite, headers: CIMultiDict[str]
+) -> web.StreamResponse | None:
     """The rewritten response, or None when the upstream's answer cannot be read whole."""
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -258,18 +265,16 @@ async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.Stream
     result = await rewrite(b"".join(chunks), up.headers.get("Content-Type", ""))
     if result is None or isinstance(result, web.StreamResponse):
         return result
-    headers = response_headers(up.headers)
     headers.popall("Content-Length", None)
     return web.Response(status=up.status, reason=up.reason, headers=headers, body=result)
 
 
 async def _relay(
-    request: web.BaseRequest, up: aiohttp.ClientResponse, gate: Gate | None = None
+    request: web.BaseRequest, up: aiohttp.ClientResponse, headers: CIMultiDict[str], gate: Gate | None = None
 ) -> tuple[web.StreamResponse, bool]:
     """Stream the upstream response to the caller; False when the upstream broke off after the status line was
     sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops. With a
     `gate`, only what it returns is relayed, and the stream ends where it says so."""
-    headers = response_headers(up.headers)
     if gate is not None:
         headers.popall("Content-Length", None)  # the gate may end the body early or replace its end
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)

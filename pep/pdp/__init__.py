@@ -6,8 +6,11 @@ a classification means for the request and for the circuit breaker.
 
 from __future__ import annotations
 
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pep.decision import Reason
 
@@ -37,14 +40,61 @@ DENIED = Verdict(False, Reason.POLICY_DENIED)
 UNDEFINED = Verdict(False, Reason.PDP_UNDEFINED)
 
 
-class Pdp(Protocol):
-    """One PDP kind. `ask` makes exactly one attempt; deadlines and retries belong to the engine.
+Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]
+
+# The most PDP exchanges one decision about several documents keeps open at once (the engine may allow fewer).
+BATCH_CONCURRENCY = 16
+
+
+class Pdp(abc.ABC):
+    """One PDP kind: everything the engine and `pep explain` call on it. `ask` makes exactly one attempt;
+    deadlines and retries belong to the engine.
 
     `remote` is False for in-process engines: nothing can be unreachable, so the engine gives them no breaker.
     """
 
     remote: bool
 
+    @abc.abstractmethod
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure: ...
 
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
+        """One answer per document, in order (a JSON-RPC batch, a filtered tool list), with at most `concurrency`
+        exchanges at a time. A PDP with a batch endpoint overrides this to ask once."""
+        return await ask_each(self.ask, list(enumerate(documents)), request_id, concurrency)
+
+    def reload(self) -> str | None:
+        """Re-read what the PDP loaded from files at start (a config reload); why not, or None. A remote PDP
+        has nothing to re-read."""
+        return None
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+async def ask_each(
+    ask: Ask, items: Sequence[tuple[int, dict[str, Any]]], request_id: str, concurrency: int
+) -> list[Verdict | Failure]:
+    """Each `(index, document)` asked on its own as `{request_id}-{index}`, at most `concurrency` at a time.
+
+    A few workers take the documents in turn, so a batch never has more exchanges open than the engine counted
+    for it, and the PDP pool is left to other requests. Each worker yields to the event loop after an answer: an
+    in-process PDP (Cedar) never suspends, and a batch must not hold the loop for all its documents at once.
+    """
+    results: list[Verdict | Failure | None] = [None] * len(items)
+    turns = iter(range(len(items)))
+
+    async def worker() -> None:
+        for position in turns:
+            index, document = items[position]
+            results[position] = await ask(document, f"{request_id}-{index}")
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as workers:
+        for _ in range(max(1, min(concurrency, len(items)))):
+            workers.create_task(worker())
+    answers = [r for r in results if r is not None]
+    assert len(answers) == len(items)
+    return answers

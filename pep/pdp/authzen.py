@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +18,7 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import Failure, Verdict
+from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict, ask_each
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
@@ -176,7 +176,7 @@ def _member(parts: Parts) -> dict[str, Any]:
     return {"subject": parts.subject, "action": parts.action, "resource": parts.resource, "context": parts.context}
 
 
-class AuthzenPdp:
+class AuthzenPdp(Pdp):
     """An AuthZEN PDP behind its base URL. Metadata is fetched once per TTL by one request at a time."""
 
     remote = True
@@ -257,8 +257,11 @@ class AuthzenPdp:
         answer = await self._transport.post(endpoints.evaluation, orjson.dumps(_member(parts)), headers)
         return parse_evaluation(answer, request_id)
 
-    async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
-        """One result per document, in order. Uses the batch endpoint (execute_all) when the PDP has one."""
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
+        """One result per document, in order: one exchange with the batch endpoint (execute_all) when the PDP has
+        one, else each on its own, at most `concurrency` at a time."""
         mapped = [self._parts(d) for d in documents]
         todo = [(i, p) for i, p in enumerate(mapped) if isinstance(p, Parts)]
         results: list[Verdict | Failure] = [
@@ -272,7 +275,7 @@ class AuthzenPdp:
         if endpoints.evaluations is None or not _distinct(p for _, p in todo):
             # Cerbos 0.55 groups a batch by subject id and resource and decides each group on its first item's
             # properties, whatever the actions: items that are not distinct that way are asked one by one.
-            answers = await asyncio.gather(*(self.ask(documents[i], f"{request_id}-{i}") for i, _ in todo))
+            answers = await ask_each(self.ask, [(i, documents[i]) for i, _ in todo], request_id, concurrency)
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
             return results

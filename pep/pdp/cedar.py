@@ -17,7 +17,7 @@ from typing import Any
 import cedarpy
 
 from pep.decision import Reason
-from pep.pdp import Failure, Verdict
+from pep.pdp import Failure, Pdp, Verdict
 from pep.pdp.mapping import CompiledMapping, MappingError, map_document
 
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
@@ -53,7 +53,8 @@ def cedar_value(value: Any) -> Any:
     return str(value)
 
 
-def _policy_files(path: Path) -> list[Path]:
+def policy_files(path: Path) -> list[Path]:
+    """The `.cedar` files `pdp.policies` names: the file itself, or a directory's, in name order."""
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix == ".cedar" and p.is_file())
     return [path]
@@ -62,7 +63,7 @@ def _policy_files(path: Path) -> list[Path]:
 def load_policies(path: str) -> cedarpy.PolicySet:
     """Parse a `.cedar` file, or every `.cedar` file of a directory (in name order), into one policy set."""
     texts = []
-    for file in _policy_files(Path(path)):
+    for file in policy_files(Path(path)):
         try:
             texts.append(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
@@ -92,7 +93,7 @@ def load_entities(path: str | None) -> list[dict[str, Any]]:
     return entities
 
 
-class CedarPdp:
+class CedarPdp(Pdp):
     """Evaluates in process. There is nothing remote to fail, so the engine gives it no circuit breaker."""
 
     remote = False

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from pep.decision import Reason
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -46,7 +46,7 @@ def parse_answer(answer: RawAnswer) -> Verdict | Failure:
     return Verdict(True, Reason.ALLOWED, tuple(headers.items()), note)
 
 
-class OpaPdp:
+class OpaPdp(Pdp):
     """One attempt against an OPA data path over the shared keep-alive pool."""
 
     remote = True

@@ -9,12 +9,15 @@ fact, and a body `model` that differs is `request_ambiguous`. Endpoints whose bo
 (`batches`, `files`, `uploads`, `realtime`, any POST it does not know) are not read: their facts say so
 (`read: false`, `name: null`) and the body streams through if the policy allows such an endpoint by name.
 Requests with other methods (`GET /v1/models`) are decided on their HTTP facts alone.
+
+As on MCP routes, keys equal under case folding anywhere in a JSON body, or a key that folds to one read here
+without being it (`Model`, `STREAM`, `N`), are `request_ambiguous`: OpenAI-compatible Go servers (Ollama) and
+ASP.NET Core bind them to the field the PEP read. Form fields are held to the same rule (`pep/protocols/spelling`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -22,6 +25,7 @@ from urllib.parse import unquote_to_bytes
 from pep import strictjson
 from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused, multipart
+from pep.protocols.spelling import Spelling
 
 INVOKE = "model.invoke"
 TOOL_CALL = "model.tool_call"
@@ -71,7 +75,13 @@ CHAT = _TABLE[1][1]
 ANSWERING_KINDS = frozenset(e.kind for _, e in _TABLE if e.answers)
 ENDPOINT_KINDS = (*dict.fromkeys(e.kind for _, e in _TABLE), UNKNOWN.kind)
 _NAMING = ("deployments", "engines")  # `{naming}/{model}/<endpoint>`: the path names the model
-_FACT_KEYS = frozenset({"model", "stream", "tools", "functions", "n"})
+# What the PEP reads from a JSON call, from each tool or function, and from a tool's function; from a form, its
+# fields. Each must be spelled exactly.
+_CALL_KEYS = Spelling("model", "stream", "tools", "functions", "n")
+_TOOL_KEYS = Spelling("type", "name", "function")
+_FUNCTION_KEYS = Spelling("name")
+_FORM_FIELDS = ("model", "stream", "n")
+_FORM_KEYS = Spelling(*_FORM_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +192,34 @@ def _tool_names(tools: Any) -> list[str] | str:
     return names
 
 
-def _case_variant(keys: Iterable[str]) -> str | None:
-    """A key that only differs in case from a fact key (`Model`): ASP.NET Core and other case-insensitive
-    binders may read it as the fact, so the PEP would decide on another value than the upstream uses."""
-    for key in keys:
-        if key not in _FACT_KEYS and key.lower() in _FACT_KEYS:
-            return key
+def _spelling_problem(obj: dict[str, Any]) -> str | None:
+    """A key of the call, of a tool or function, or of a tool's function that folds to a name read here without
+    being it (`_tool_names` reads the same keys from `tools` and `functions` items)."""
+    if problem := _CALL_KEYS.problem(obj, "model API body"):
+        return problem
+    for key in ("tools", "functions"):
+        listed = obj.get(key)
+        for item in listed if isinstance(listed, list) else ():
+            if not isinstance(item, dict):
+                continue
+            if problem := _TOOL_KEYS.problem(item, key):
+                return problem
+            function = item.get("function")
+            if isinstance(function, dict) and (problem := _FUNCTION_KEYS.problem(function, f"{key}[].function")):
+                return problem
+    return None
+
+
+def _form_spelling_problem(names: tuple[str, ...]) -> str | None:
+    """Two field names equal under case folding, or one that folds to a field read here without being it: a
+    case-insensitive binder (ASP.NET Core) reads it as that field. A repeated name (an array) is not a problem."""
+    if problem := _FORM_KEYS.problem(names, "form"):
+        return problem
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(strictjson.fold(name), name)
+        if other != name:
+            return f"form fields {other[:40]!r} and {name[:40]!r} are equal under case folding"
     return None
 
 
@@ -199,13 +231,15 @@ def _count(value: Any) -> int | str:
     return value
 
 
-def _json_facts(body: bytes) -> dict[str, Any] | str:
+def _json_facts(body: bytes) -> dict[str, Any] | Refused | str:
     try:
-        obj = strictjson.loads_object(body)
+        obj = strictjson.loads_object(body, fold_keys=True)
+    except strictjson.FoldedKeys as exc:
+        return Refused(Reason.REQUEST_AMBIGUOUS, f"model API body: {exc}"[:200])
     except strictjson.JsonError as exc:
         return f"model API body: {exc}"
-    if (variant := _case_variant(obj)) is not None:
-        return f"a body key {variant[:32]!r} differs only in case from a fact key"
+    if (problem := _spelling_problem(obj)) is not None:
+        return Refused(Reason.REQUEST_AMBIGUOUS, problem[:200])
     model = obj.get("model")
     stream = obj.get("stream", False)
     if not isinstance(stream, bool):
@@ -225,12 +259,12 @@ def _json_facts(body: bytes) -> dict[str, Any] | str:
 _DIGITS = re.compile(r"[1-9][0-9]{0,8}")
 
 
-def _form_facts(body: bytes, content_type: str) -> dict[str, Any] | str:
-    form = multipart.fields(body, content_type, ("model", "stream", "n"))
+def _form_facts(body: bytes, content_type: str) -> dict[str, Any] | Refused | str:
+    form = multipart.fields(body, content_type, _FORM_FIELDS)
     if isinstance(form, str):
         return form
-    if (variant := _case_variant(form.names)) is not None:
-        return f"a form field {variant[:32]!r} differs only in case from a fact field"
+    if (problem := _form_spelling_problem(form.names)) is not None:
+        return Refused(Reason.REQUEST_AMBIGUOUS, problem[:200])
     stream_text = form.values.get("stream")
     if stream_text not in (None, "true", "false"):
         return "stream must be true or false"
@@ -261,6 +295,8 @@ def inspect(body: bytes, call: Call | None = None, content_type: str | None = No
         return Refused(Reason.BODY_UNREADABLE, f"{endpoint.kind} takes a multipart/form-data body")
     else:
         facts = _json_facts(body)
+    if isinstance(facts, Refused):
+        return facts
     if isinstance(facts, str):
         return Refused(Reason.BODY_UNREADABLE, facts[:200])
     model = facts["model"]

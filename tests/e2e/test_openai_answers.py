@@ -38,7 +38,7 @@ from tests.support.sdk_stack import AGENT, ALLOWED_MODEL, DENIED_MODEL, PDP_KIND
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Where is my refund?"}]
 BOUND_S = 10.0
-EXPRESS = Path(__file__).resolve().parents[1] / "support" / "express"
+EXPRESS = Path(__file__).resolve().parents[1] / "support" / "readers"
 PERMISSIVE = 'permit (principal, action == Action::"POST", resource == Route::"models");\n'
 
 
@@ -131,11 +131,12 @@ async def test_azure_deployment_is_the_decided_model(models: OpenAiUpstream, tmp
 
 @contextlib.contextmanager
 def express_upstream() -> Iterator[str]:
-    """The Express server of tests/support/express (installed by `make express`), on a free loopback port."""
+    """The Express server of tests/support/readers/openai_express.js (Express installed by `make express`), on a free
+    loopback port."""
     node = shutil.which("node")
     assert node is not None, "node is required (make express installs the Express upstream)"
     assert (EXPRESS / "node_modules" / "express").is_dir(), "run `make express` first"
-    process = subprocess.Popen([node, str(EXPRESS / "server.js")], stdout=subprocess.PIPE, env=dict(os.environ))
+    process = subprocess.Popen([node, str(EXPRESS / "openai_express.js")], stdout=subprocess.PIPE, env=dict(os.environ))
     try:
         assert process.stdout is not None
         line = process.stdout.readline().decode()
@@ -164,12 +165,15 @@ async def test_model_endpoints_in_any_letter_case(tmp_path: Path) -> None:
                     cast_to=ChatCompletion,
                 )
                 assert done.choices[0].message.content == "served by express"
-                for path in ("/Chat/Completions", "/CHAT/completions/", "/chat;v=1/Completions"):
+                # A path parameter is refused before any reading (the route does not set allow_path_parameters).
+                paths = {"/Chat/Completions": "policy_denied", "/CHAT/completions/": "policy_denied"}
+                paths["/chat;v=1/Completions"] = "request_ambiguous"
+                for path, reason in paths.items():
                     with pytest.raises(openai.PermissionDeniedError) as caught:
                         await asyncio.to_thread(
                             sdk.post, path, body={"model": DENIED_MODEL, "messages": MESSAGES}, cast_to=ChatCompletion
                         )
-                    assert caught.value.code == "policy_denied"
+                    assert caught.value.code == reason
                 async with httpx.AsyncClient() as http:
                     seen = (await http.get(f"{base}/seen")).json()
             assert [(s["path"], s["model"]) for s in seen] == [("/v1/Chat/Completions", ALLOWED_MODEL)]

@@ -23,7 +23,7 @@ from tests.support.upstream import RecordingUpstream
 
 MakePep = Callable[..., Any]
 
-DESIGN_METRICS = (
+DOCUMENTED_METRICS = (
     "pep_decisions_total",
     "pep_decision_duration_seconds",
     "pep_pdp_request_duration_seconds",
@@ -75,7 +75,7 @@ async def test_metrics_expose_every_design_metric(pep: RunningPep) -> None:
     assert status == 200
     assert ctype.startswith("text/plain")
     names = sample_names(text)
-    for metric in DESIGN_METRICS:
+    for metric in DOCUMENTED_METRICS:
         present = metric in names or any(n.startswith(metric + "_") for n in names)
         assert present, f"{metric} missing from /metrics"
         assert f"# TYPE {metric} " in text, metric

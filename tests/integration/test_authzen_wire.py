@@ -1,8 +1,8 @@
 """AuthZEN on the wire: the PEP against a scriptable AuthZEN PDP, both on loopback sockets.
 
 What the PDP receives (discovery, X-Request-ID, the default and a route's mapping, the PDP credential), and what
-every answer or misbehaviour becomes for the caller, the upstream, the decision log and /metrics (DESIGN.md
-"PDP protocols" and "How a PDP answer becomes a reason"). The batch client is driven directly at the end.
+every answer or misbehaviour becomes for the caller, the upstream, the decision log and /metrics (README,
+"AuthZEN" and "Default mapping"). The batch client is driven directly at the end.
 """
 
 from __future__ import annotations

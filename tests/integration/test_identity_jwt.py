@@ -162,7 +162,7 @@ def subjects(pdp: FaultPdp) -> list[dict[str, Any]]:
 
 
 def assert_http_denial(answer: Answer, reason: str, request_id: str | None = None) -> None:
-    """DESIGN.md "Deny responses" for an http route: the headers and `{"error": {...}}`."""
+    """README "Denials" for an http route: the headers and `{"error": {...}}`."""
     assert answer.headers["x-pep-decision"] == "deny"
     assert answer.headers["x-pep-reason"] == reason
     rid = answer.headers["x-request-id"]

@@ -322,7 +322,7 @@ def test_check_names_a_missing_mtls_file_by_its_key(
     code, out, err = check(path, capsys)
     assert code == EXIT_CONFIG
     assert out == ""
-    # `file: key.path: what is wrong` (DESIGN.md): which of the three files, and where it was looked for.
+    # `file: key.path: what is wrong` (README, "Configuration"): which of the three files, and where it was looked for.
     assert err.startswith(f"{path}: identity.mtls.{key}: "), err
     assert missing in err
 

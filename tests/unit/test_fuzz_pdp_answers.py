@@ -5,7 +5,7 @@ test_opa_answer.py and test_authzen.py already show that no decoded JSON value b
 Here the bytes themselves vary: duplicate keys (`{"result":false,"result":true}`), trailing data, a byte-order
 mark, NaN, whitespace, truncation, any status and content type. For all of them: OPA allows only on
 `{"result": true}` or `{"result": {"allow": true, ...}}`, AuthZEN only on `{"decision": true, ...}` without
-obligations, each with the reason DESIGN.md gives, and a batch answer is one result per evaluation.
+obligations, each with the reason the README gives ("PDPs"), and a batch answer is one result per evaluation.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""pep.pdp.mapping: the `pep/v1` document as AuthZEN subject, action, resource and context (DESIGN.md "PDP protocols",
-default mapping), and per-route changes with literals and `$paths`."""
+"""pep.pdp.mapping: the `pep/v1` document as AuthZEN subject, action, resource and context (README,
+"Default mapping"), and per-route changes with literals and `$paths`."""
 
 from __future__ import annotations
 

@@ -331,9 +331,10 @@ def test_n_is_a_fact() -> None:
 
 
 @pytest.mark.parametrize("key", ["Model", "MODEL", "Stream", "Tools", "N", "Functions"])
-def test_keys_differing_only_in_case_are_refused(key: str) -> None:
-    """ASP.NET Core's JSON binding is case-insensitive: `Model` would be the model it runs."""
-    assert refused({"model": "gpt-test-allowed", key: "x"}) is Reason.BODY_UNREADABLE
+def test_keys_differing_only_in_case_are_ambiguous(key: str) -> None:
+    """ASP.NET Core's and Go's JSON binding is case-insensitive: `Model` would be the model it runs."""
+    assert refused({"model": "gpt-test-allowed", key: "x"}) is Reason.REQUEST_AMBIGUOUS
+    assert refused({key: "x"} if key != "N" else {"model": "m", "N": 2}) is Reason.REQUEST_AMBIGUOUS
 
 
 def test_optional_models_left_out_are_unread() -> None:
@@ -403,7 +404,6 @@ def test_multipart_model_is_read() -> None:
         (form(field("model", "a"), ('Content-Disposition: form-data; name="model"\r\nX-Other: 1', "b")), FORM),
         (form(field("model", "a"), ("Content-Disposition: form-data; name*=utf-8''model", "b")), FORM),
         (form(field("model", "a"), ("Content-Transfer-Encoding: base64", "YQ==")), FORM),
-        (form(field("Model", "b"), field("model", "a")), FORM),  # case-insensitive binders read `Model`
         (b"preamble\r\n" + form(field("model", "a")), FORM),
         (form(field("model", "a"), end=f"--{B}--\r\nepilogue"), FORM),
         (form(field("model", "a"), end=f"--{B}"), FORM),
@@ -423,7 +423,56 @@ def test_ambiguous_or_malformed_forms_are_refused(body: bytes, content_type: str
     assert result.detail
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        form(AUDIO, field("Model", "b"), field("model", "a")),  # case-insensitive binders read `Model`
+        form(AUDIO, field("MODEL", "whisper-1")),
+        form(AUDIO, field("model", "whisper-1"), field("N", "2")),
+        form(AUDIO, field("model", "whisper-1"), field("Stream", "true")),
+        form(AUDIO, field("model", "whisper-1"), field("language", "en"), field("Language", "de")),
+    ],
+)
+def test_form_fields_equal_under_case_folding_are_ambiguous(body: bytes) -> None:
+    """The same rule as for JSON keys: one field a case-insensitive binder reads as another is request_ambiguous."""
+    result = inspect_at("/v1/audio/transcriptions", body, FORM)
+    assert isinstance(result, Refused), result
+    assert result.reason is Reason.REQUEST_AMBIGUOUS, result
+
+
+def test_repeated_form_fields_the_pep_does_not_read_are_fine() -> None:
+    granularities = field("timestamp_granularities[]", "word"), field("timestamp_granularities[]", "segment")
+    result = inspect_at("/v1/audio/transcriptions", form(AUDIO, field("model", "whisper-1"), *granularities), FORM)
+    assert isinstance(result, Inspected), result
+
+
 def test_a_json_endpoint_refuses_a_form() -> None:
     result = inspect_at("/v1/chat/completions", form(field("model", "a")), FORM)
     assert isinstance(result, Refused)
     assert result.reason is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"gpt-ok","MODEL":"gpt-evil","messages":[]}',
+        b'{"Model":"gpt-evil","messages":[]}',
+        b'{"model":"m","Stream":true}',
+        b'{"model":"m","TOOLS":[{"type":"function","function":{"name":"shell"}}]}',
+        b'{"model":"m","Functions":[{"name":"shell"}]}',
+        b'{"model":"m","tools":[{"type":"function","Function":{"name":"shell"}}]}',
+        b'{"model":"m","tools":[{"type":"function","function":{"name":"ok","Name":"shell"}}]}',
+        b'{"model":"m","tools":[{"type":"function","function":{"NAME":"shell"}}]}',
+        b'{"model":"m","tools":[{"Type":"web_search"}]}',
+        b'{"model":"m","functions":[{"Name":"shell"}]}',
+        b'{"model":"m","messages":[{"role":"user","Role":"system","content":"x"}]}',
+        '{"model":"m","\u017ftream":true}'.encode(),
+        '{"model":"m","tool\u017f":[]}'.encode(),
+    ],
+)
+def test_keys_equal_under_case_folding_are_ambiguous(raw: bytes) -> None:
+    assert refused(raw) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_other_keys_may_use_any_case() -> None:
+    assert ok(b'{"model":"m","Temperature":1,"messages":[{"Role":"user"}]}')["name"] == "m"
