@@ -651,13 +651,27 @@ async def test_openai_model_facts(mcp_pep: RunningPep, fault_pdp: FaultPdp, upst
     reply = await send(mcp_pep, "/v1/responses", body)
     assert reply.status == 200
     doc = policy_input(fault_pdp)
-    assert doc["model"] == {"name": "gpt-4o-mini", "stream": False, "tools": ["web_search"]}
+    assert doc["model"] == {
+        "action": "model.invoke",
+        "endpoint": "responses",
+        "name": "gpt-4o-mini",
+        "read": True,
+        "stream": False,
+        "n": 1,
+        "tools": ["web_search"],
+    }
     assert doc["route"]["protocol"] == "openai"
     assert "mcp" not in doc
     assert [(r.target, r.body) for r in upstream.seen] == [("/v1/responses", body)]
     reply = await send(mcp_pep, "/v1/chat/completions/", CHAT)
     assert reply.status == 200
-    assert policy_input(fault_pdp)["model"] == {"name": "gpt-4o-mini", "stream": False, "tools": ["get_weather"]}
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["endpoint"], facts["name"], facts["stream"], facts["tools"]) == (
+        "chat.completions",
+        "gpt-4o-mini",
+        False,
+        ["get_weather"],
+    )
     entries = await mcp_pep.log_entries()
     assert [e["model"] for e in entries] == ["gpt-4o-mini", "gpt-4o-mini"]
 
@@ -715,26 +729,33 @@ async def test_openai_stream_passes_through_to_done(
 ) -> None:
     n, gap = 3, 0.15
     body = orjson.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []})
-    path = f"/llm/sse/chat/completions?n={n}&gap_ms={int(gap * 1000)}&done=1"
+    path = f"/llm/sse/chat/completions?n={n}&gap_ms={int(gap * 1000)}&done=1&json=1"
     events, arrivals, started, ended = await _stream(mcp_pep, path, body)
-    assert b"".join(events) == b"".join(f"id: {i}\ndata: event {i}\n\n".encode() for i in range(n)) + (
+    # Each event is read (it calls no tool, names no model) and relayed whole as it arrives.
+    assert b"".join(events) == b"".join(f'id: {i}\ndata: {{"event": {i}}}\n\n'.encode() for i in range(n)) + (
         b"data: [DONE]\n\n"
     )
     assert events[-1] == b"data: [DONE]\n\n"
     assert_unbuffered(arrivals, started, ended, gap)
-    assert policy_input(fault_pdp)["model"] == {"name": "gpt-4o-mini", "stream": True, "tools": []}
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["name"], facts["stream"], facts["tools"]) == ("gpt-4o-mini", True, [])
+    assert len(fault_pdp.requests) == 1  # the answer asked nothing more
     assert [r.body for r in upstream.seen] == [body]
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("POST", "/v1/files")])
-async def test_other_openai_requests_are_decided_without_model_facts(
+async def test_other_openai_requests_are_decided_without_reading_the_body(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, method: str, path: str
 ) -> None:
+    """A GET has HTTP facts only; a POST the PEP cannot read (a file upload) is an unread model call."""
     body = None if method == "GET" else b"not json at all"
     reply = await send(mcp_pep, path, body, method=method)
     assert reply.status == 200
     doc = policy_input(fault_pdp)
-    assert "model" not in doc
+    if method == "GET":
+        assert "model" not in doc
+    else:
+        assert (doc["model"]["endpoint"], doc["model"]["read"], doc["model"]["name"]) == ("files", False, None)
     assert doc["request"]["method"] == method
     assert doc["route"]["protocol"] == "openai"
     assert [(r.method, r.target) for r in upstream.seen] == [(method, path)]
