@@ -83,6 +83,8 @@ def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str]
         getall = getattr(headers, "getall", None)  # a repeated Content-Type: the upstream may parse by the other
         if getall is not None and len(getall("Content-Type", ())) > 1:
             return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
+        if is_form(headers) and (problem := integrity.method_override_field(body.decode("latin-1"))):
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in a model call body a framework may read as a form")
         return openai.inspect(body, call, headers.get("Content-Type"))
     # A form body: forwarded as read unless a framework would take a field of it as the method. On an openai route
     # it is an unread model call (a `_method` field would make it another request than the one decided).

@@ -743,6 +743,53 @@ async def test_openai_stream_passes_through_to_done(
     assert [r.body for r in upstream.seen] == [body]
 
 
+async def _post_bare(pep: RunningPep, path: str, body: bytes, content_type: str | None) -> Reply:
+    """A POST with exactly this Content-Type, or none at all (aiohttp would add application/octet-stream)."""
+    headers = {"Content-Type": content_type} if content_type is not None else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(pep.url + path, data=body, headers=headers, skip_auto_headers=["Content-Type"]) as r,
+    ):
+        return Reply(r.status, r.headers, await asyncio.wait_for(r.read(), 5))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type"),
+    [
+        ("/v1/files", b"purpose=batch&_method=DELETE", None),
+        ("/v1/batches", b"a=1&%5Fmethod=PUT", "application/x-www-form-urlencoded"),
+        ("/v1/chat/completions", b'{"model":"gpt-4o-mini","x":"&_method=DELETE&"}', None),
+    ],
+    ids=["unread-no-content-type", "unread-urlencoded", "read-no-content-type"],
+)
+async def test_a_method_override_field_in_a_model_call_is_ambiguous(
+    mcp_pep: RunningPep,
+    fault_pdp: FaultPdp,
+    upstream: RecordingUpstream,
+    path: str,
+    body: bytes,
+    content_type: str | None,
+) -> None:
+    """A body a framework may read as a form (no Content-Type, or urlencoded) must not carry `_method`: Rails
+    would serve the POST the PEP decided as a DELETE. Unread endpoints are read for that field alone."""
+    reply = await _post_bare(mcp_pep, path, body, content_type)
+    assert reply.status == 403
+    assert_denied(reply, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+
+
+async def test_an_unread_model_call_with_a_form_body_is_forwarded_as_read(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    body = b"purpose=batch&method=x"
+    reply = await _post_bare(mcp_pep, "/v1/files", body, None)
+    assert reply.status == 200
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["endpoint"], facts["read"], facts["name"]) == ("files", False, None)
+    assert [(r.method, r.target, r.body) for r in upstream.seen] == [("POST", "/v1/files", body)]
+
+
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("POST", "/v1/files")])
 async def test_other_openai_requests_are_decided_without_reading_the_body(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, method: str, path: str
