@@ -5,8 +5,11 @@ For an allowed model call whose answers can call tools (chat completions, comple
 body it expects JSON from), event by event for `text/event-stream`. Each tool it calls is asked about as
 `model.tool_call`, and an answering model that is neither the decided one nor a dated version of it as
 `model.answer`, with the request's document; each name once per answer, every such decision in the decision
-log. A refusal replaces a JSON answer with the OpenAI-style 403; in a stream, the events before the refused one
-have been relayed, an `error` event follows, and the stream ends. An answer that cannot be read (encoded, not
+log. With a required decision log (`required: true`) an allow here is committed like the request's own allow
+(and like `filter_tools_list`'s): what it lets through reaches the agent only once its line is written, else
+the answer is stopped as `audit_unavailable`; denials stay best-effort. A refusal replaces a JSON answer with
+the OpenAI-style 403; in a stream, the events before the refused one have been relayed, an `error` event
+follows, and the stream ends. An answer that cannot be read (encoded, not
 UTF-8, not JSON) is never relayed: a 502, or mid-stream an `error` event.
 """
 
@@ -21,7 +24,8 @@ from aiohttp import web
 
 from pep import attributes
 from pep.decision import Allow, Reason
-from pep.engine import Check, Engine
+from pep.decision_log import DecisionLog, unaudited
+from pep.engine import Check, Engine, Outcome
 from pep.protocols.model_answer import AnswerError, EventReader, Findings, read_json, same_model
 from pep.protocols.openai import ANSWER, TOOL_CALL
 from pep.responses import MESSAGES, deny_openai
@@ -53,7 +57,8 @@ class ModelAnswers:
     def __init__(
         self,
         engine: Engine,
-        record: Callable[[dict[str, Any]], object],
+        decision_log: DecisionLog,
+        log_budget: Callable[[Outcome], float],
         unreadable: Callable[[], None],
         route: Route,
         document: dict[str, Any],
@@ -62,7 +67,8 @@ class ModelAnswers:
         trace_id: str | None = None,
     ) -> None:
         self._engine = engine
-        self._record = record
+        self._log = decision_log
+        self._log_budget = log_budget  # seconds a required log may take to write an allow's line
         self._count_unreadable = unreadable
         self._route = route
         self._document = document
@@ -152,7 +158,15 @@ class ModelAnswers:
             {"tool" if action == TOOL_CALL else "model": name, "reason": r.value}
             for (action, name), r in zip(asks, reasons, strict=False)
         ]
-        self._record(self._entry(items, decision.decision_id, overall, outcome))
+        entry = self._entry(items, decision.decision_id, overall, outcome)
+        if overall is Reason.ALLOWED and self._log.required:
+            # What this allow lets through reaches the agent only once its line is written, like any allow.
+            problem = await self._log.commit(entry, self._log_budget(outcome))
+            if problem is not None:
+                self._log.record(unaudited(entry, problem))
+                overall = Reason.AUDIT_UNAVAILABLE
+        else:
+            self._log.record(entry)
         if overall is not Reason.ALLOWED:
             self.refused = overall
             return overall

@@ -23,7 +23,7 @@ from pep.authority import resolve_authority
 from pep.config import Config
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
-from pep.decision_log import DecisionLog
+from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.identity import Refusal
@@ -207,7 +207,7 @@ class Proxy:
             problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
             if problem is not None:
                 decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
-                self._log.record(_unaudited(entry, problem))
+                self._log.record(unaudited(entry, problem))
         else:
             self._log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
@@ -366,9 +366,11 @@ class Proxy:
         if inspected.messages[0].facts["endpoint"] not in openai.ANSWERING_KINDS:
             return None
         failures = self._metrics.upstream_failures
+        rt = case.rt
         return ModelAnswers(
-            case.rt.engine,
-            self._log.record,
+            rt.engine,
+            self._log,
+            lambda outcome: _log_budget(rt, outcome),
             failures[route.name, "unreadable"].inc,
             route,
             document,
@@ -405,7 +407,7 @@ class Proxy:
                 # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
                 problem = await log.commit(entry, _log_budget(case.rt, outcome))
                 if problem is not None:
-                    log.record(_unaudited(entry, problem))
+                    log.record(unaudited(entry, problem))
                     return Reason.AUDIT_UNAVAILABLE.value
             else:
                 log.record(entry)
@@ -490,11 +492,6 @@ def _log_budget(rt: Runtime, outcome: Outcome) -> float:
     """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
     written the allow's line within it."""
     return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
-
-
-def _unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
-    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
-    return {**entry, "decision": "deny", "reason": Reason.AUDIT_UNAVAILABLE.value, "detail": problem}
 
 
 def _filter_entry(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,3 +128,64 @@ async def test_error_answers_pass_and_streams_stop_at_what_cannot_be_read(
                 assert events[2:] == [b""]  # nothing after the error event: no shell, no [DONE]
     finally:
         await starter.close()
+
+
+# --- a required decision log ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogRemovingUpstream(CannedUpstream):
+    """Removes the PEP's log directory when the model call arrives (its own line is written by then), before
+    answering: the answer's decisions cannot be logged."""
+
+    directory: Path | None = None
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        if self.directory is not None:
+            shutil.rmtree(self.directory)
+            self.directory = None
+        return await super()._answer(request)
+
+
+@pytest.mark.parametrize("answer", ["json", "sse"])
+async def test_an_answer_allow_reaches_the_agent_only_once_logged(tmp_path: Path, answer: str) -> None:
+    """With `required: true` the tools an answer may call are shown to the agent only after the line allowing
+    them is written, as the request's own allow is before any byte goes upstream."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    search = orjson.dumps(
+        {
+            "model": ALLOWED_MODEL,
+            "choices": [
+                {"index": 0, "message": {"tool_calls": [{"type": "function", "function": {"name": "search"}}]}}
+            ],
+        }
+    )
+    body = (JSON, search) if answer == "json" else (SSE, delta("search") + b"data: [DONE]\n\n")
+    upstream = LogRemovingUpstream(answers=[(200, *body)], directory=directory)
+    await upstream.start()
+    pdp = await PdpUnderTest.start("cedar", tmp_path)
+
+    def config(log: Path) -> dict[str, Any]:
+        raw = pep_config(pdp.config, log, models_upstream=upstream.url)
+        raw["decision_log"] = {"sink": "file", "path": str(directory / "audit.jsonl"), "required": True}
+        return raw
+
+    starter = PepStarter(tmp_path, config, "a.yaml")
+    try:
+        pep = await starter()
+        request = {"model": ALLOWED_MODEL, "messages": [], "stream": answer == "sse"}
+        async with httpx.AsyncClient(base_url=pep.url, headers={"x-agent-id": AGENT}, timeout=10) as http:
+            got = await http.post("/v1/chat/completions", json=request)
+    finally:
+        await starter.close()
+        await upstream.stop()
+    assert upstream.served == 1  # the call itself was logged, then forwarded; the log went away meanwhile
+    assert b"search" not in got.content
+    if answer == "json":
+        assert (got.status_code, got.json()["error"]["code"]) == (403, "audit_unavailable")
+    else:
+        (error_event, end) = got.content.split(b"\n\n")
+        assert end == b""
+        assert error_event.split(b"\n")[0] == b"event: error"
+        assert orjson.loads(error_event.split(b"\n")[1].removeprefix(b"data: "))["error"]["code"] == "audit_unavailable"
