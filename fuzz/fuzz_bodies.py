@@ -83,9 +83,9 @@ def test_one_input(data: bytes) -> None:
         if protocol == "mcp":
             oracles.check_mcp(body, headers, parsed)
         elif protocol == "openai" and oracles.invokes_model(method, path):
-            oracles.check_openai(body, parsed)
+            oracles.check_model_call(body, headers, parsed)
         else:
-            oracles.check_form(body, parsed)
+            oracles.check_form(body, parsed, unread_model=protocol == "openai")
     # each reader on its own, whatever the route
     oracles.check_mcp(body, headers, mcp.inspect(body, headers))
     oracles.check_openai(body, openai.inspect(body))

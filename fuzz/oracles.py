@@ -310,14 +310,24 @@ NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"
 NAMED_BY |= {"resources/subscribe": "uri", "resources/unsubscribe": "uri"}
 MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 BATCH_VERSION = "2025-03-26"
-MODEL_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+# Model calls by the last path segments (any case; "*" one segment), longest first; True where the body is read.
+MODEL_ENDPOINTS = (
+    ("threads/*/runs", True),
+    *((e, True) for e in ("chat/completions", "images/generations", "images/edits", "images/variations")),
+    *((e, True) for e in ("audio/transcriptions", "audio/translations", "audio/speech", "threads/runs")),
+    ("assistants/*", True),
+    ("fine_tuning/jobs", True),
+    ("realtime/*", False),
+    *((e, True) for e in ("completions", "embeddings", "responses", "moderations", "assistants")),
+    *((e, False) for e in ("batches", "files", "uploads", "realtime")),
+)
 MCP_MAX_DEPTH = 64
 
 
 # The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
 MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
 MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
-MODEL_READS = ("model", "stream", "tools", "functions")
+MODEL_READS = ("model", "stream", "tools", "functions", "n")
 MODEL_TOOL_READS = ("type", "name", "function")
 
 
@@ -428,8 +438,7 @@ def check_openai(body: bytes, result: Inspected | Refused) -> None:
     require(ref.problem is None and isinstance(ref.value, dict), "model body accepted that the reference refuses", body)
     obj = ref.value
     require(not folds_together(obj), "no keys equal under case folding anywhere", body)
-    tools = obj.get("tools")
-    listed_tools = tools if isinstance(tools, list) else []
+    listed_tools = [t for k in ("tools", "functions") if isinstance(obj.get(k), list) for t in obj[k]]
     spelled = not misspelled(obj, MODEL_READS) and not any(misspelled(t, MODEL_TOOL_READS) for t in listed_tools)
     require(spelled, "the keys the PEP reads are spelled exactly", obj)
     require(result.body == body and len(result.messages) == 1, "one message, the body read", body)
@@ -445,10 +454,17 @@ def check_openai(body: bytes, result: Inspected | Refused) -> None:
 
 
 def invokes_model(method: str, path: str) -> bool:
-    """A POST whose last path segments (path parameters and empty segments aside) name a model endpoint."""
-    segments = [s.partition(";")[0] for s in path.split("/")]
-    tail = "/".join(s for s in segments if s)
-    return method == "POST" and any(tail == e or tail.endswith("/" + e) for e in MODEL_ENDPOINTS)
+    """A POST whose last path segments (path parameters and empty segments aside, in any letter case) name a
+    model endpoint whose body names the model (the longest match decides)."""
+    if method != "POST":
+        return False
+    segments = [s.lower() for s in (s.partition(";")[0] for s in path.split("/")) if s]
+    for pattern, read in MODEL_ENDPOINTS:
+        wanted = pattern.split("/")
+        tail = segments[-len(wanted) :] if len(segments) >= len(wanted) else None
+        if tail is not None and all(w in ("*", t) for w, t in zip(wanted, tail, strict=True)):
+            return read
+    return False
 
 
 def check_dispatch(
@@ -484,6 +500,11 @@ def check_dispatch(
         require(message.key == "mcp" and str(message.facts["method"]).startswith("mcp/"), "an MCP action", early)
     elif protocol == "openai":
         require(not invokes_model(method, path), "a model call is always read", method, path)
+        if method == "POST":
+            (message,) = early.messages
+            facts = message.facts
+            require(message.key == "model" and facts["read"] is False, "an unread POST is an unread model call", early)
+            require(facts["name"] is None, "an unread model call names no model", early)
     require(not form, "a form POST is read (for a _method field)", protocol, method, headers)
 
 
@@ -493,15 +514,29 @@ def is_form(headers: Mapping[str, str]) -> bool:
     return not values or any("x-www-form-urlencoded" in v.lower() or not v.strip() for v in values)
 
 
-def check_form(body: bytes, result: Inspected | Refused) -> None:
-    """A form body is forwarded as read, one plain message, unless it holds a `_method` field."""
+def check_form(body: bytes, result: Inspected | Refused, unread_model: bool = False) -> None:
+    """A form body is forwarded as read, one plain message (on an openai route: an unread model call's), unless it
+    holds a `_method` field."""
     if _refusal(result, frozenset({Reason.REQUEST_AMBIGUOUS})):
         check_method_field(body.decode("latin-1"), "refused")
         return
     assert isinstance(result, Inspected)
     require(result.body == body and len(result.messages) == 1, "the form body as read, one message", body)
-    require(result.messages[0].key is None, "no facts from a form", result)
+    message = result.messages[0]
+    if unread_model:
+        unread = message.key == "model" and message.facts["read"] is False and message.facts["name"] is None
+        require(unread, "an unread model call's facts, none from the form", result)
+    else:
+        require(message.key is None, "no facts from a form", result)
     check_method_field(body.decode("latin-1"), None)
+
+
+def check_model_call(body: bytes, headers: Mapping[str, str], result: Inspected | Refused) -> None:
+    """A model call read through dispatch: as `check_openai`, and a body a framework may read as a form (no
+    Content-Type, or an urlencoded one) is accepted only without a `_method` field."""
+    check_openai(body, result)
+    if isinstance(result, Inspected) and is_form(headers):
+        check_method_field(body.decode("latin-1"), None)
 
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------

@@ -108,6 +108,8 @@ RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
     b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
     + gzip.compress(b'{"result":true}', mtime=0),
+    # control characters in the reason phrase (llhttp passes them)
+    b"HTTP/1.1 200 O\x01\x00K\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
 ]
 
 REQUESTS = [

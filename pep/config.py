@@ -193,6 +193,7 @@ class RouteConfig:
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
+    decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
     allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
     max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
 
@@ -652,6 +653,7 @@ _ROUTE_KEYS = {
     "credential",
     "tunnel",
     "require_identity",
+    "decide_answer_tool_calls",
     "allow_path_parameters",
     "max_batch_messages",
 }
@@ -707,6 +709,8 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     if m.get("filter_tools_list") is True and protocol != "mcp":
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    if "decide_answer_tool_calls" in m and protocol != "openai":
+        r.error(f"{path}.decide_answer_tool_calls", "is only for protocol: openai")
     max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
     if "max_batch_messages" in m and protocol != "mcp":
         r.error(f"{path}.max_batch_messages", "is only for protocol: mcp (JSON-RPC batches)")
@@ -731,6 +735,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         host=host,
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
+        decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
         allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
         max_batch_messages=max_batch,
     )

@@ -19,7 +19,7 @@ from pep.log_line import encode
 from pep.log_sink import DecisionLogError, Sink, Writer
 from pep.metrics import Metrics
 
-__all__ = ["CLOSE_WAIT_S", "FLUSH_S", "STALL_S", "DecisionLog", "DecisionLogError"]
+__all__ = ["CLOSE_WAIT_S", "FLUSH_S", "STALL_S", "DecisionLog", "DecisionLogError", "unaudited"]
 
 FLUSH_S = 0.2
 # A write under way for longer than this is stuck (a pipe nobody reads, a hung disk): allows are denied at once
@@ -212,6 +212,11 @@ class DecisionLog:
         # another file. The daemon thread then ends with the process.
         if writer.stop(0.0 if stuck else CLOSE_WAIT_S) and not stuck:
             self._sink.close()
+
+
+def unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
+    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
+    return {**entry, "decision": "deny", "reason": "audit_unavailable", "detail": problem}
 
 
 def _why(error: BaseException) -> str:

@@ -19,11 +19,12 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from pep import attributes, integrity, tunnel
+from pep.answers import ModelAnswers
 from pep.authority import resolve_authority
 from pep.config import Config
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
-from pep.decision_log import DecisionLog
+from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.identity import Refusal
@@ -32,7 +33,7 @@ from pep.identity.spiffe import ListenerTls
 from pep.identity.subject import Identifier, PeerCert
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
+from pep.protocols import Inspected, Message, Refused, dispatch, openai, tools_filter
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
@@ -211,7 +212,7 @@ class Proxy:
             problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
             if problem is not None:
                 decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
-                self._log.record(_unaudited(entry, problem))
+                self._log.record(unaudited(entry, problem))
         else:
             self._log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
@@ -223,7 +224,8 @@ class Proxy:
             return await tunnel.splice(request, decision, route)
         if isinstance(decision, Allow) and route is not None:
             rewrite = self._tools_filter(route, case, decision)
-            return await self._upstream.forward(request, decision, route, rewrite, case.credential)
+            answers = self._model_answers(route, case, decision)
+            return await self._upstream.forward(request, decision, route, rewrite, case.credential, answers)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -371,6 +373,28 @@ class Proxy:
             return Outcome(deny, outcome.attempts, outcome.pdp_ms, detail)
         return outcome
 
+    def _model_answers(self, route: Route, case: _Case, allow: Allow) -> ModelAnswers | None:
+        """For an allowed model call whose answers can call tools: the check its answer must pass."""
+        inspected = case.inspected
+        document = case.document
+        if inspected is None or document is None or inspected.messages[0].key != "model":
+            return None
+        if inspected.messages[0].facts["endpoint"] not in openai.ANSWERING_KINDS:
+            return None
+        failures = self._metrics.upstream_failures
+        rt = case.rt
+        return ModelAnswers(
+            rt.engine,
+            self._log,
+            lambda outcome: _log_budget(rt, outcome),
+            failures[route.name, "unreadable"].inc,
+            route,
+            document,
+            allow,
+            route.config.decide_answer_tool_calls,
+            case.trace.trace_id,
+        )
+
     def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
         """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
         inspected = case.inspected
@@ -399,7 +423,7 @@ class Proxy:
                 # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
                 problem = await log.commit(entry, _log_budget(case.rt, outcome))
                 if problem is not None:
-                    log.record(_unaudited(entry, problem))
+                    log.record(unaudited(entry, problem))
                     return Reason.AUDIT_UNAVAILABLE.value
             else:
                 log.record(entry)
@@ -475,6 +499,7 @@ class Proxy:
                 ]
         elif messages and messages[0].key == "model":
             entry["model"] = messages[0].facts["name"]
+            entry["endpoint"] = messages[0].facts["endpoint"]
         if outcome.note:
             entry["detail"] = outcome.note
         return entry
@@ -484,11 +509,6 @@ def _log_budget(rt: Runtime, outcome: Outcome) -> float:
     """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
     written the allow's line within it."""
     return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
-
-
-def _unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
-    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
-    return {**entry, "decision": "deny", "reason": Reason.AUDIT_UNAVAILABLE.value, "detail": problem}
 
 
 def _filter_entry(

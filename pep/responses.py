@@ -116,6 +116,7 @@ _UPSTREAM_FAILURES = {
     "timeout": (504, "upstream_timeout", "The upstream did not answer in time."),
     "body_limit": (413, "body_too_large", "The request body is larger than this route allows."),
     "unfilterable": (502, "upstream_unreadable", "The upstream's tool list could not be read to be filtered."),
+    "unreadable": (502, "upstream_unreadable", "The model's answer could not be read to be decided."),
     "body_timeout": (408, "request_timeout", "The request body did not arrive in time."),
 }
 

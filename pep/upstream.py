@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -26,6 +27,23 @@ REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (to
 # Rewrites a whole upstream answer (body, content type): new body bytes, a response to send instead, or None
 # when the answer cannot be read (then the caller gets a 502, never the answer unchanged).
 Rewrite = Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]]
+
+# Reads a streamed answer as it arrives (None once it has ended): the bytes to relay now, and True when the stream
+# ends there (a refused event is never relayed: the gate returns an error event instead and ends the stream).
+Gate = Callable[[bytes | None], Awaitable[tuple[bytes, bool]]]
+
+
+class AnswerCheck(Protocol):
+    """Inspects an answer before any byte of it reaches the caller (model answers: pep/answers.py)."""
+
+    def mode(self, status: int, content_type: str, content_encoding: str) -> str:
+        """`pass` (relay unchanged), `whole` (read whole, then `whole`), `events` (through `gate`), or
+        `unreadable` (a 502, nothing relayed)."""
+        ...
+
+    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None: ...
+
+    async def gate(self, chunk: bytes | None) -> tuple[bytes, bool]: ...
 
 
 class _BodyStream:
@@ -116,16 +134,18 @@ class Upstream:
         route: Route,
         rewrite: Rewrite | None = None,
         credential: tuple[str, str] | None = None,
+        answers: AnswerCheck | None = None,
     ) -> web.StreamResponse:
         """Send the allowed request and stream the response back; 502/504 when no response comes.
 
         With `rewrite`, the response is read whole (at most REWRITE_LIMIT bytes, identity encoding only) and
-        what `rewrite` returns is sent instead: new body bytes, or a response of its own.
+        what `rewrite` returns is sent instead: new body bytes, or a response of its own. With `answers`, the answer
+        is inspected as `answers.mode` says, and what is unreadable is a 502 `unreadable`.
         """
         metrics = self._metrics
         headers = self.headers_for(request, allow, route, credential)
-        if rewrite is not None:
-            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
+        if rewrite is not None or answers is not None:
+            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten or inspected
         stream: _BodyStream | None = None
         data: object = None
         if allow.body is not None:
@@ -161,13 +181,25 @@ class Upstream:
                         return rewritten
                     metrics.upstream_failures[route.name, "unfilterable"].inc()
                     return upstream_failure("unfilterable", allow.request_id, allow.decision_id)
-                if _whole_body_fits(request, up):
+                mode = "pass"
+                if answers is not None:
+                    encoding = up.headers.get("Content-Encoding", "identity")
+                    mode = answers.mode(up.status, up.headers.get("Content-Type", ""), encoding)
+                if mode == "whole":
+                    rewritten = await _rewritten(up, answers.whole, headers_out)  # type: ignore[union-attr]
+                    if rewritten is not None:
+                        return rewritten
+                if mode in ("whole", "unreadable"):
+                    metrics.upstream_failures[route.name, "unreadable"].inc()
+                    return upstream_failure("unreadable", allow.request_id, allow.decision_id)
+                gate = answers.gate if mode == "events" and answers is not None else None
+                if gate is None and _whole_body_fits(request, up):
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
                     body = await up.read()
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up, headers_out)
+                response, complete = await _relay(request, up, headers_out, gate)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -238,13 +270,17 @@ async def _rewritten(
 
 
 async def _relay(
-    request: web.BaseRequest, up: aiohttp.ClientResponse, headers: CIMultiDict[str]
+    request: web.BaseRequest, up: aiohttp.ClientResponse, headers: CIMultiDict[str], gate: Gate | None = None
 ) -> tuple[web.StreamResponse, bool]:
     """Stream the upstream response to the caller; False when the upstream broke off after the status line was
-    sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops."""
+    sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops. With a
+    `gate`, only what it returns is relayed, and the stream ends where it says so."""
+    if gate is not None:
+        headers.popall("Content-Length", None)  # the gate may end the body early or replace its end
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     await resp.prepare(request)
     chunks = up.content.iter_any()
+    stop = False
     try:
         while True:
             try:
@@ -256,7 +292,18 @@ async def _relay(
                 if request.transport is not None:
                     request.transport.abort()
                 return resp, False
-            await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
+            if gate is None:
+                await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
+                continue
+            out, stop = await gate(chunk)
+            if out:
+                await resp.write(out)
+            if stop:
+                break
+        if gate is not None and not stop:
+            out, _ = await gate(None)
+            if out:
+                await resp.write(out)
         await resp.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass  # writing to the caller failed: it is gone; leaving the `async with` closes the upstream response

@@ -2,15 +2,19 @@
 # Included by the top-level Makefile. Tomcat comes from Debian by package name with a minimum version checked
 # (tomcat10-common: catalina.sh, the jars and the JSP compiler; no system service is installed or started), as
 # bench-deps takes nginx; Express is pinned exactly by tests/support/readers/package-lock.json (npm ci).
+# `make express` installs Express alone: the one install serves the path readers and the model API upstream of
+# tests/e2e/test_openai_answers.py (tests/support/readers/openai_express.js).
 
 READERS_DIR       := tests/support/readers
 READERS_STAMP     := $(READERS_DIR)/node_modules/.package-lock.json
 READERS_APT       := tomcat10-common
 READERS_TOMCAT_MIN := 10.1
 
-.PHONY: readers readers-tomcat readers-clean
+.PHONY: readers readers-tomcat readers-clean express
 
-readers: bench-deps readers-tomcat $(READERS_STAMP)
+readers: bench-deps readers-tomcat express
+
+express: $(READERS_STAMP)
 
 # Installed only when missing; apt-get needs root (without it this fails with the command to run).
 readers-tomcat:
@@ -32,7 +36,7 @@ readers-tomcat:
 
 # A file target: npm ci installs exactly the lockfile, again whenever it changes.
 $(READERS_STAMP): $(READERS_DIR)/package.json $(READERS_DIR)/package-lock.json
-	@command -v npm >/dev/null || { echo "npm is required to install Express for the path differential tests" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo "npm is required to install Express (the path differential and model API tests)" >&2; exit 1; }
 	npm ci --prefix $(READERS_DIR) --no-audit --no-fund
 	touch $@
 

@@ -136,9 +136,7 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         facts["name"] = name
         facts["arguments"] = mcp.get("arguments")
     elif model is not None:
-        action = "model.invoke"
-        resource = {"type": "model", "id": model.get("name") or route["name"]}
-        facts.update(name=model.get("name"), stream=model.get("stream"), tools=model.get("tools"))
+        action, resource = _model_parts(model, facts)
     elif request["method"] == "CONNECT":
         action = "connect"  # a tunnel, decided on host:port alone (`host`); its contents are never inspected
         resource = {"type": "route", "id": route["name"]}
@@ -166,6 +164,31 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         resource={**resource, "properties": facts},
         context=context,
     )
+
+
+def _model_parts(model: dict[str, Any], facts: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """A model call (`model.invoke`: the model, or for a call whose model the PEP cannot see, the endpoint), a
+    tool an answer calls (`model.tool_call`: the tool), or a model that answered in another's place
+    (`model.answer`: the answering model)."""
+    action = model.get("action") or "model.invoke"
+    name = model.get("name")
+    facts.update(
+        endpoint=model.get("endpoint"),
+        read=model.get("read"),
+        stream=model.get("stream"),
+        n=model.get("n"),
+        tools=model.get("tools"),
+    )
+    if action == "model.tool_call":
+        facts.update(name=model.get("tool"), model=name)
+        return action, {"type": "tool", "id": str(model.get("tool"))}
+    if action == "model.answer":
+        facts.update(name=model.get("answered"), decided=name)
+        return action, {"type": "model", "id": str(model.get("answered"))}
+    facts["name"] = name
+    if name is None:
+        return action, {"type": "endpoint", "id": str(model.get("endpoint") or "unknown")}
+    return action, {"type": "model", "id": name}
 
 
 def map_document(doc: dict[str, Any], mapping: CompiledMapping | None) -> Parts:

@@ -41,8 +41,15 @@ def before_body(
                 return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
             return Inspected((mcp.http_action(method),), None)
         return encoding_problem(headers)
-    if route.protocol == "openai" and openai.invokes_model(method, path):
-        return encoding_problem(headers)
+    if route.protocol == "openai":
+        call = openai.classify(method, path)
+        if isinstance(call, Refused):
+            return call
+        if call is not None and call.read:
+            return encoding_problem(headers)
+        if call is not None and not (has_body and is_form(headers)):
+            # The PEP cannot see which model this runs: decided on the endpoint, the body streams through.
+            return Inspected((openai.unread_message(call),), None)
     if method == "POST" and has_body and is_form(headers):
         return None  # read, for `parse` to look for a `_method` field
     return PLAIN
@@ -69,9 +76,18 @@ def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str]
     """The messages of a body that `before_body` asked to read."""
     if route.protocol == "mcp":
         return mcp.inspect(body, headers, route.max_batch_messages)
-    if route.protocol == "openai" and openai.invokes_model(method, path):
-        return openai.inspect(body)
-    # A form body: forwarded as read unless a framework would take a field of it as the method.
+    call = openai.classify(method, path) if route.protocol == "openai" else None
+    if isinstance(call, Refused):
+        return call
+    if call is not None and call.read:
+        getall = getattr(headers, "getall", None)  # a repeated Content-Type: the upstream may parse by the other
+        if getall is not None and len(getall("Content-Type", ())) > 1:
+            return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
+        if is_form(headers) and (problem := integrity.method_override_field(body.decode("latin-1"))):
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in a model call body a framework may read as a form")
+        return openai.inspect(body, call, headers.get("Content-Type"))
+    # A form body: forwarded as read unless a framework would take a field of it as the method. On an openai route
+    # it is an unread model call (a `_method` field would make it another request than the one decided).
     if problem := integrity.method_override_field(body.decode("latin-1")):
         return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in the form body")
-    return Inspected(PLAIN.messages, body)
+    return Inspected((openai.unread_message(call),) if call is not None else PLAIN.messages, body)

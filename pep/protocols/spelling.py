@@ -7,7 +7,7 @@ server (encoding/json) binds `Name` to its `name` field.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 from pep.strictjson import fold
 
@@ -21,8 +21,9 @@ class Spelling:
         self.names = frozenset(names)
         self._folded = {fold(name): name for name in names}
 
-    def problem(self, obj: dict[str, Any], where: str) -> str | None:
-        """Why `obj` is ambiguous (a key that folds to a read name without being it), or None."""
+    def problem(self, obj: Iterable[str], where: str) -> str | None:
+        """Why `obj` (an object's keys, or a form's field names) is ambiguous (a key that folds to a read name
+        without being it), or None."""
         for key in obj:
             if key not in self.names:
                 expected = self._folded.get(fold(key))

@@ -4,7 +4,9 @@
 - config/mcp.yaml with config/policies/mcp.cedar: the MCP 2.x SDK client, in both session shapes, against a real
   MCP server: the session plumbing is allowed, the tool list is filtered, an allowed tool runs, the shell is
   refused and never reaches the server.
-- config/openai.yaml with config/policies/openai.cedar: the openai SDK, the API key from the PEP's environment.
+- config/openai.yaml with config/policies/openai.cedar: the openai SDK, the API key from the PEP's environment;
+  an allowed model on an allowed endpoint, the tools its answers may call (and not the shell), and the endpoints
+  whose model the PEP cannot see (files, batches) denied until the policy names them, as its last comment shows.
 - config/container.yaml, the image's default config, with its policy where the Dockerfile puts it.
 
 Only processes started here are signalled, by their own PID.
@@ -36,13 +38,16 @@ POLICY_DENY = -32001
 BOUND_S = 15.0
 
 
-def local_copy(name: str, tmp_path: Path, upstream: str) -> Path:
-    """The shipped config with free loopback ports and the test's upstream; everything else as shipped."""
+def local_copy(name: str, tmp_path: Path, upstream: str, policies: Path | None = None) -> Path:
+    """The shipped config with free loopback ports and the test's upstream (and `policies`, when given);
+    everything else as shipped."""
     raw = yaml.safe_load((CONFIG / name).read_text())
     raw["listen"] = "127.0.0.1:0"
     raw["admin_listen"] = "127.0.0.1:0"
     (route,) = raw["routes"]
     route["upstream"] = upstream
+    if policies is not None:
+        raw["pdp"]["policies"] = str(policies)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -166,3 +171,58 @@ async def test_the_openai_quickstart_with_the_openai_sdk(tmp_path: Path, models:
         await client.close()
     assert [r.model for r in models.seen if r.model] == ["gpt-4o-mini"]  # the denied model never reached it
     assert {r.headers.get("authorization") for r in models.seen} == {"Bearer sk-the-peps-own"}
+
+
+async def test_the_openai_quickstart_decides_what_answers_call(tmp_path: Path, models: OpenAiUpstream) -> None:
+    """The tools the policy names reach the agent in an answer; the shell does not, and neither does an allowed
+    model on an endpoint the policy does not name."""
+    config = local_copy("openai.yaml", tmp_path, models.url)
+    env = {**pep_env(), "OPENAI_API_KEY": "sk-the-peps-own"}
+    messages: Any = [{"role": "user", "content": "Where is my refund?"}]
+    async with pep_run(config, env) as proxy:
+        client = openai.AsyncOpenAI(base_url=f"{proxy}/v1", api_key="the-agent-holds-none", max_retries=0)
+        async with asyncio.timeout(BOUND_S):
+            models.calls = ["search", "lookup_order"]
+            answer = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            called = [c.function.name for c in answer.choices[0].message.tool_calls or [] if c.type == "function"]
+            assert called == ["search", "lookup_order"]
+            models.calls = ["search", "shell"]
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.embeddings.create(model="gpt-4o-mini", input="refunds")
+        await client.close()
+    assert [r.path for r in models.seen] == ["/v1/chat/completions"] * 2  # the embeddings call never reached it
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["as-shipped", "files-allowed-by-name"])
+async def test_the_openai_quickstart_denies_unread_endpoints_unless_named(
+    tmp_path: Path, models: OpenAiUpstream, allowed: bool
+) -> None:
+    """A file upload (its JSONL may name any model) and a batch are denied as shipped; enabling the policy's own
+    commented example allows file uploads by name, and only those."""
+    policies = None
+    if allowed:
+        shipped = (CONFIG / "policies" / "openai.cedar").read_text()
+        example = '// permit (principal, action == Action::"model.invoke", resource == Endpoint::"files");'
+        assert example in shipped
+        policies = tmp_path / "openai.cedar"
+        policies.write_text(shipped.replace(example, example.removeprefix("// ")))
+    config = local_copy("openai.yaml", tmp_path, models.url, policies)
+    env = {**pep_env(), "OPENAI_API_KEY": "sk-the-peps-own"}
+    batch_line = b'{"custom_id":"1","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o"}}\n'
+    async with pep_run(config, env) as proxy:
+        client = openai.AsyncOpenAI(base_url=f"{proxy}/v1", api_key="the-agent-holds-none", max_retries=0)
+        async with asyncio.timeout(BOUND_S):
+            upload = client.files.create(file=("requests.jsonl", batch_line), purpose="batch")
+            if allowed:
+                await upload
+            else:
+                with pytest.raises(openai.PermissionDeniedError):
+                    await upload
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.batches.create(
+                    input_file_id="file-1", endpoint="/v1/chat/completions", completion_window="24h"
+                )
+        await client.close()
+    assert [r.path for r in models.seen] == (["/v1/files"] if allowed else [])

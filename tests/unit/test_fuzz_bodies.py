@@ -19,7 +19,16 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from fuzz.oracles import check_dispatch, check_form, check_mcp, check_openai, check_strict, examples, invokes_model
+from fuzz.oracles import (
+    check_dispatch,
+    check_form,
+    check_mcp,
+    check_model_call,
+    check_openai,
+    check_strict,
+    examples,
+    invokes_model,
+)
 from pep import strictjson
 from pep.config import RouteConfig
 from pep.decision import Reason
@@ -207,9 +216,9 @@ def test_dispatch_reads_every_body_it_decides_on(
         if protocol == "mcp":
             check_mcp(body, sent, parsed)
         elif protocol == "openai" and invokes_model(method, path):
-            check_openai(body, parsed)
+            check_model_call(body, sent, parsed)
         else:
-            check_form(body, parsed)
+            check_form(body, parsed, unread_model=protocol == "openai")
 
 
 @settings(max_examples=examples(400), deadline=None)

@@ -101,14 +101,34 @@ def test_model_request() -> None:
     assert parts.context["stream"] is True
 
 
-def test_model_without_a_name_is_the_route_and_nones_are_dropped() -> None:
-    parts = default_parts(doc(method="POST", model={"name": None, "stream": False, "tools": None}))
-    assert parts.resource["type"] == "model"
-    assert parts.resource["id"] == "tools"
+def test_model_without_a_name_is_its_endpoint_and_nones_are_dropped() -> None:
+    """A call whose model the PEP cannot see is decided on its endpoint: a policy allows such endpoints by name."""
+    model = {"action": "model.invoke", "endpoint": "batches", "name": None, "read": False, "stream": None, "n": None}
+    parts = default_parts(doc(method="POST", model={**model, "tools": []}))
+    assert parts.action == {"name": "model.invoke"}
+    assert (parts.resource["type"], parts.resource["id"]) == ("endpoint", "batches")
     props = parts.resource["properties"]
     assert "name" not in props
-    assert "tools" not in props
-    assert props["stream"] is False  # False is a value, not an absence
+    assert "stream" not in props
+    assert (props["endpoint"], props["read"], props["tools"]) == ("batches", False, [])
+    named = default_parts(doc(method="POST", model={"name": "m", "stream": False, "tools": None}))
+    assert named.resource["properties"]["stream"] is False  # False is a value, not an absence
+    assert "tools" not in named.resource["properties"]
+
+
+def test_answer_side_model_documents() -> None:
+    """A tool an answer calls is the tool resource under action model.tool_call; a model answering in another's
+    place is a model resource under model.answer; both keep the decided model as a property."""
+    base = {"endpoint": "chat.completions", "name": "gpt-x", "read": True, "stream": True, "n": 2, "tools": ["s"]}
+    call = default_parts(doc(method="POST", model={**base, "action": "model.tool_call", "tool": "send_email"}))
+    assert call.action == {"name": "model.tool_call"}
+    assert (call.resource["type"], call.resource["id"]) == ("tool", "send_email")
+    assert (call.resource["properties"]["name"], call.resource["properties"]["model"]) == ("send_email", "gpt-x")
+    assert call.context["n"] == 2
+    answer = default_parts(doc(method="POST", model={**base, "action": "model.answer", "answered": "gpt-y"}))
+    assert answer.action == {"name": "model.answer"}
+    assert (answer.resource["type"], answer.resource["id"]) == ("model", "gpt-y")
+    assert (answer.resource["properties"]["name"], answer.resource["properties"]["decided"]) == ("gpt-y", "gpt-x")
 
 
 @pytest.mark.parametrize(
