@@ -326,7 +326,7 @@ MCP_MAX_DEPTH = 64
 
 # The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
 MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
-MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
+MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion", "ref", "argument", "inputResponses")
 MODEL_READS = ("model", "stream", "tools", "functions", "n")
 MODEL_TOOL_READS = ("type", "name", "function")
 
@@ -419,7 +419,10 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
         require(isinstance(method, str) and bool(method) and facts["method"] == method, "method is named", item)
         field = NAMED_BY.get(method)
         named = params.get(field) if isinstance(params, dict) and field else None
-        require(facts["name"] == named, "name is params.name or params.uri", item, facts)
+        if method == "completion/complete" and isinstance(params, dict) and isinstance(params.get("ref"), dict):
+            ref = params["ref"]
+            named = ref.get({"ref/prompt": "name", "ref/resource": "uri"}.get(ref.get("type"), ""))
+        require(facts["name"] == named, "name is params.name or params.uri (a completion's params.ref)", item, facts)
         arguments = params.get("arguments") if isinstance(params, dict) else None
         require(same_json(facts["arguments"], arguments), "arguments are params.arguments", item, facts)
         require(arguments is None or isinstance(arguments, dict), "arguments are an object", item)
@@ -479,8 +482,10 @@ def check_dispatch(
     """A body is read and inspected whenever the route's protocol decides on it: no body of an MCP route, and
     no model call on an OpenAI route, reaches the upstream on its HTTP facts alone; an encoded body is never
     inspected (the PEP would decide on other bytes than the upstream reads)."""
-    if filter_tools_list and "Last-Event-ID" in headers:
-        require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    resumes = "Last-Event-ID" in headers
+    repeated = isinstance(headers, CIMultiDict) and len(headers.getall("Last-Event-ID", [])) > 1
+    if protocol == "mcp" and resumes and (method != "GET" or repeated):
+        require(isinstance(early, Refused), "only a GET resumes an MCP stream", method, headers, early)
     form = method == "POST" and has_body and is_form(headers)
     if early is None:
         inspected = (protocol == "mcp" and method == "POST") or (protocol == "openai" and invokes_model(method, path))

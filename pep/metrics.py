@@ -15,7 +15,7 @@ from pep.decision import DENY_REASONS, Reason
 
 UNMATCHED = "_unmatched"
 PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
-UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unfilterable", "unreadable")
+UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unreadable")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

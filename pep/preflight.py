@@ -19,6 +19,7 @@ from pep.identity.keys import FileKeys, KeysError
 from pep.identity.spiffe import server_context
 from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.transport import tls_context
+from pep.seal import SealKeyError, key_file_warning, read_key
 from pep.secret_file import FileSecret
 
 
@@ -35,12 +36,17 @@ def startup_problems(config: Config) -> list[str]:
 
 
 def startup_warnings(config: Config) -> list[str]:
-    """`file: key.path: message` for what starts but denies at once: a route credential that is not there."""
-    return [
+    """`file: key.path: message` for what starts but denies at once (a route credential that is not there), and a
+    seal key file every user of the machine may read."""
+    warnings = [
         credential_warning(config, i, problem)
         for i, route in enumerate(config.routes)
         if route.credential is not None and (problem := CredentialSource(route.credential).problem()) is not None
     ]
+    for i, path in enumerate(config.seal_key_files):
+        if (problem := key_file_warning(path)) is not None:
+            warnings.append(f"{config.source}: seal_key_files[{i}]: {problem}")
+    return warnings
 
 
 def credential_warning(config: Config, index: int, problem: str) -> str:
@@ -69,6 +75,11 @@ def file_problems(config: Config) -> list[str]:
             problems.append(f"{src}: pdp.tls: {exc}")
     if pdp.auth is not None and FileSecret(pdp.auth.value_file).value() is None:
         problems.append(f"{src}: pdp.auth.value_file: {pdp.auth.value_file!r} is missing, unreadable or empty")
+    for i, path in enumerate(config.seal_key_files):
+        try:
+            read_key(path)
+        except SealKeyError as exc:
+            problems.append(f"{src}: seal_key_files[{i}]: {exc}")
     jwt = config.identity.jwt
     if jwt is not None and jwt.jwks_file is not None:
         try:

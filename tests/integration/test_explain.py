@@ -345,6 +345,7 @@ async def test_an_mcp_call_puts_its_facts_in_the_document(
         "name": "search",
         "arguments": {"q": "refunds"},
         "protocol_version": None,
+        "direction": "client_to_server",
     }
     assert report["upstream_url"] == "http://127.0.0.1:9001/mcp"
 
