@@ -154,6 +154,10 @@ class Upstream:
         data: object = None
         if allow.body is not None:
             data = allow.body
+            # The decided bytes frame themselves: they may differ from what the caller sent (an MCP reply with the
+            # server's own id put back, pep/protocols/mcp_replies.py).
+            headers.popall("Content-Length", None)
+            headers["Content-Length"] = str(len(allow.body))
         elif request.body_exists:
             # A Content-Length over the limit was denied before the PDP; only a chunked body is counted here.
             limit = route.config.max_body_bytes if request.content_length is None else None
