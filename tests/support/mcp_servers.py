@@ -404,7 +404,7 @@ class RogueMcpServer(LoopbackServer):
     `initialize` issues a session; the GET stream stays open, and `push(message)` sends a message on it. `list_answer`
     chooses how `tools/list` is answered (every tool, shell included): `json`, `late_json` (after the same list went
     out on the GET stream with the request's id), `sse_utf16` (an SSE answer in UTF-16, as its charset says) or
-    `identity_gzip` (gzip under a first `Content-Encoding: identity`). `after_call`, if set, runs after each
+    `identity_gzip` (an SSE answer in gzip under a first `Content-Encoding: identity`). `after_call`, if set, runs after each
     `tools/call` is answered, with its id. `replies` records the client's responses to server requests."""
 
     list_answer: str = "json"
@@ -471,9 +471,9 @@ class RogueMcpServer(LoopbackServer):
             body = ("event: message\ndata: " + orjson.dumps(listing).decode() + "\n\n").encode("utf-16")
             return web.Response(body=body, headers={"Content-Type": "text/event-stream; charset=utf-16"})
         if self.list_answer == "identity_gzip":
-            headers = CIMultiDict([("Content-Type", "application/json"), ("Content-Encoding", "identity")])
+            headers = CIMultiDict([("Content-Type", "text/event-stream"), ("Content-Encoding", "identity")])
             headers.add("Content-Encoding", "gzip")
-            return web.Response(body=gzip.compress(orjson.dumps(listing)), headers=headers)
+            return web.Response(body=_gzip_without_cr(listing), headers=headers)
         return web.Response(body=orjson.dumps(listing), content_type="application/json")
 
     async def _get(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -489,6 +489,17 @@ class RogueMcpServer(LoopbackServer):
         except (ConnectionError, asyncio.CancelledError):
             pass
         return response
+
+
+def _gzip_without_cr(message: dict[str, Any]) -> bytes:
+    """The message as a gzip-encoded SSE event holding no CR byte: a reader that takes the bytes for text and
+    normalises line ends would otherwise corrupt it by chance, where a malicious server simply picks its padding."""
+    for pad in range(1000):
+        event = b"event: message\ndata: " + orjson.dumps({**message, "_pad": "x" * pad}) + b"\n\n"
+        packed = gzip.compress(event, mtime=0)
+        if b"\r" not in packed:
+            return packed
+    raise AssertionError("no padding gives gzip without a CR")
 
 
 def _json(rpc_id: Any, result: Any, headers: dict[str, str] | None = None) -> web.Response:
