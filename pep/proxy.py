@@ -34,11 +34,10 @@ from pep.identity.subject import Identifier, PeerCert
 from pep.ids import new_id, request_id
 from pep.mcp_answers import AnswerContext, McpAnswers
 from pep.metrics import UNMATCHED, Metrics
-from pep.pdp.mapping import principal
 from pep.protocols import NO_ID, Inspected, Message, Refused, dispatch, mcp_replies, openai
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.protocols.mcp_answer import LISTS, Stream
-from pep.protocols.mcp_tokens import Resumption, Tokens
+from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
 from pep.seal import Sealer
@@ -421,16 +420,13 @@ class Proxy:
     ) -> Inspected | Refused:
         """An MCP request with what its replies answer (their ids opened), or why it cannot be forwarded. A GET
         with `Last-Event-ID` must carry an event id the PEP relayed: it resumes that stream, read as before."""
-        kind, name = principal({"subject": subject})
-        session = request.headers.get("Mcp-Session-Id")
-        tokens = case.tokens = Tokens(case.rt.sealer, route.name, f"{kind}:{name}", session)
-        if request.method == "GET" and "Last-Event-ID" in request.headers:
-            opened = tokens.open_event_id(request.headers["Last-Event-ID"])
-            if isinstance(opened, str):
-                return Refused(Reason.REQUEST_AMBIGUOUS, f"Last-Event-ID: {opened}")
-            case.resume = opened
-            case.replaced = (("Last-Event-ID", opened.event_id),)
-        return mcp_replies.restore(inspected, tokens, route.config.filter_tools_list)
+        tokens = case.tokens = for_caller(case.rt.sealer, route.name, subject, request.headers)
+        prepared, case.resume = mcp_replies.prepare(
+            request.method, request.headers, inspected, tokens, route.config.filter_tools_list
+        )
+        if case.resume is not None:
+            case.replaced = (("Last-Event-ID", case.resume.event_id),)
+        return prepared
 
     def _mcp_answers(self, request: web.BaseRequest, route: Route, case: _Case, allow: Allow) -> McpAnswers | None:
         """For an allowed MCP POST or GET: the check its answer must pass, message by message."""

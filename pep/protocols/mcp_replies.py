@@ -19,6 +19,7 @@ covers exactly those bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -26,7 +27,22 @@ import orjson
 from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused
 from pep.protocols.mcp_answer import CLIENT_TO_SERVER, visibility_facts
-from pep.protocols.mcp_tokens import Tokens
+from pep.protocols.mcp_tokens import Resumption, Tokens
+
+
+def prepare(
+    method: str, headers: Mapping[str, str], inspected: Inspected, tokens: Tokens, filter_tools: bool
+) -> tuple[Inspected | Refused, Resumption | None]:
+    """An MCP request as it is decided and forwarded, once the caller is known: its replies opened (`restore`),
+    and for a `GET` with `Last-Event-ID` the stream it resumes (the id must be one the PEP relayed, to this
+    caller and session). The proxy and `pep explain` both call this."""
+    resume = None
+    if method == "GET" and "Last-Event-ID" in headers:
+        opened = tokens.open_event_id(headers["Last-Event-ID"])
+        if isinstance(opened, str):
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"Last-Event-ID: {opened}"), None
+        resume = opened
+    return restore(inspected, tokens, filter_tools), resume
 
 
 def reply_facts(replies_to: str, reply: dict[str, Any], version: str | None) -> dict[str, Any]:

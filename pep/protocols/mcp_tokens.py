@@ -19,10 +19,11 @@ connection or to another worker.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pep.pdp.mapping import principal
 from pep.seal import Sealer, Unsealed
 
 TOKEN_TTL_S = 86400.0  # how long a relayed id stays answerable (a server request waiting on a person, a resumption)
@@ -104,3 +105,10 @@ class Tokens:
             None if pending is None else tuple((p[0], str(p[1])) for p in pending),
             version if isinstance(version, str) else None,
         )
+
+
+def for_caller(sealer: Sealer, route: str, subject: dict[str, Any], headers: Mapping[str, str]) -> Tokens:
+    """The tokens of one caller (the principal the PDP sees: a verified user, the workload, or anonymous) on one
+    MCP route and session."""
+    kind, name = principal({"subject": subject})
+    return Tokens(sealer, route, f"{kind}:{name}", headers.get("Mcp-Session-Id"))

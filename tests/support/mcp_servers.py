@@ -404,8 +404,8 @@ class RogueMcpServer(LoopbackServer):
     `initialize` issues a session; the GET stream stays open, and `push(message)` sends a message on it. `list_answer`
     chooses how `tools/list` is answered (every tool, shell included): `json`, `late_json` (after the same list went
     out on the GET stream with the request's id), `sse_utf16` (an SSE answer in UTF-16, as its charset says) or
-    `identity_gzip` (an SSE answer in gzip under a first `Content-Encoding: identity`). `after_call`, if set, runs after each
-    `tools/call` is answered, with its id. `replies` records the client's responses to server requests."""
+    `identity_gzip` (an SSE answer in gzip under a first `Content-Encoding: identity`). `after_call`, if set, runs
+    after each `tools/call` is answered, with its id. `replies` records the client's responses to server requests."""
 
     list_answer: str = "json"
     after_call: Callable[[Any], Coroutine[Any, Any, None]] | None = None
