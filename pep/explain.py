@@ -169,7 +169,10 @@ async def facts(
     if route.config.protocol == "mcp":
         # Replies and resumptions carry tokens a running PEP sealed: they open here only with its seal_key_files.
         tokens = for_caller(_sealer(config), route.name, subject, headers)
-        inspected, _ = mcp_replies.prepare(method, headers, inspected, tokens, route.config.filter_tools_list)
+        route_config = route.config
+        inspected, _ = mcp_replies.prepare(
+            method, headers, inspected, tokens, route_config.filter_tools_list, route_config.max_batch_messages
+        )
         if isinstance(inspected, Refused):
             return Facts(route, upstream_url, inspected)
     rid = request_id(headers.get("X-Request-ID"))

@@ -421,8 +421,9 @@ class Proxy:
         """An MCP request with what its replies answer (their ids opened), or why it cannot be forwarded. A GET
         with `Last-Event-ID` must carry an event id the PEP relayed: it resumes that stream, read as before."""
         tokens = case.tokens = for_caller(case.rt.sealer, route.name, subject, request.headers)
+        config = route.config
         prepared, case.resume = mcp_replies.prepare(
-            request.method, request.headers, inspected, tokens, route.config.filter_tools_list
+            request.method, request.headers, inspected, tokens, config.filter_tools_list, config.max_batch_messages
         )
         if case.resume is not None:
             case.replaced = (("Last-Event-ID", case.resume.event_id),)

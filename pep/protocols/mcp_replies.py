@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from pep.config import DEFAULT_MAX_BATCH_MESSAGES
 from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused
 from pep.protocols.mcp_answer import CLIENT_TO_SERVER, visibility_facts
@@ -31,7 +32,12 @@ from pep.protocols.mcp_tokens import Resumption, Tokens
 
 
 def prepare(
-    method: str, headers: Mapping[str, str], inspected: Inspected, tokens: Tokens, filter_tools: bool
+    method: str,
+    headers: Mapping[str, str],
+    inspected: Inspected,
+    tokens: Tokens,
+    filter_tools: bool,
+    max_messages: int = DEFAULT_MAX_BATCH_MESSAGES,
 ) -> tuple[Inspected | Refused, Resumption | None]:
     """An MCP request as it is decided and forwarded, once the caller is known: its replies opened (`restore`),
     and for a `GET` with `Last-Event-ID` the stream it resumes (the id must be one the PEP relayed, to this
@@ -42,7 +48,7 @@ def prepare(
         if isinstance(opened, str):
             return Refused(Reason.REQUEST_AMBIGUOUS, f"Last-Event-ID: {opened}"), None
         resume = opened
-    return restore(inspected, tokens, filter_tools), resume
+    return restore(inspected, tokens, filter_tools, max_messages), resume
 
 
 def reply_facts(replies_to: str, reply: dict[str, Any], version: str | None) -> dict[str, Any]:
@@ -65,13 +71,17 @@ def reply_facts(replies_to: str, reply: dict[str, Any], version: str | None) -> 
     elif replies_to == "sampling/createMessage":
         blocks = result.get("content")
         blocks = blocks if isinstance(blocks, list) else [blocks]
-        used = [b.get("name") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
-        facts["tools"] = [str(name) for name in used]
+        used = [str(b.get("name")) for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+        facts["tools"] = list(dict.fromkeys(used))  # each tool once
     return facts
 
 
-def restore(inspected: Inspected, tokens: Tokens, filter_tools: bool) -> Inspected | Refused:
-    """The messages and body with every reply opened, or why a reply cannot be forwarded."""
+def restore(
+    inspected: Inspected, tokens: Tokens, filter_tools: bool, max_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+) -> Inspected | Refused:
+    """The messages and body with every reply opened, or why a reply cannot be forwarded. The messages a body
+    adds (input responses, the visibility of each tool a sampling reply used) count against the route's
+    `max_batch_messages`, as a batch's do: each is a PDP decision."""
     value = inspected.value
     messages = inspected.messages
     replies = any(m.facts.get("method") == "mcp/response" for m in messages)
@@ -116,6 +126,11 @@ def restore(inspected: Inspected, tokens: Tokens, filter_tools: bool) -> Inspect
             item = {**item, "params": {**item["params"], "inputResponses": restored}}
         out.append(message)
         items.append(item)
+    if len(out) + len(extra) > max_messages:
+        detail = (
+            f"{len(out) + len(extra)} messages to decide (replies included), over max_batch_messages {max_messages}"
+        )
+        return Refused(Reason.BODY_TOO_LARGE, detail)
     body = orjson.dumps(items if inspected.batch else items[0])
     return Inspected((*out, *extra), body, inspected.batch, items if inspected.batch else items[0])
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from pep.decision import Reason
@@ -291,3 +293,63 @@ def test_completion_names_its_target() -> None:
         CIMultiDict(),
     )
     assert isinstance(bad, Refused)
+
+
+def test_what_a_body_adds_to_decide_counts_against_the_batch_bound() -> None:
+    """A sampling reply naming one tool a thousand times is one visibility decision; answers beyond the route's
+    `max_batch_messages` are refused before the PDP is asked, as a long batch is."""
+    t = tokens()
+    used = [{"type": "tool_use", "name": "search", "id": str(i), "input": {}} for i in range(1000)]
+    reply = {
+        "jsonrpc": "2.0",
+        "id": t.request_id("s", "sampling/createMessage"),
+        "result": {"role": "assistant", "model": "m", "content": used},
+    }
+    restored = restore(inspect(reply), t, filter_tools=True)
+    assert isinstance(restored, Inspected)
+    assert [m.facts["method"] for m in restored.messages] == ["mcp/response", "tools/list"]
+    answers = {t.input_key(f"k{i}", "elicitation/create"): {"action": "decline"} for i in range(20)}
+    retry = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "inputResponses": answers}}
+    refused = restore(inspect(retry), t, filter_tools=False, max_messages=16)
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.BODY_TOO_LARGE
+    assert isinstance(restore(inspect(retry), t, filter_tools=False, max_messages=21), Inspected)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+MESSAGES = st.fixed_dictionaries(
+    {"jsonrpc": st.just("2.0")},
+    optional={
+        "id": st.sampled_from([1, "1", 7, None, True]),
+        "method": st.sampled_from(["ping", "sampling/createMessage", "elicitation/create", "", 3]),
+        "params": JSON | st.fixed_dictionaries({"tools": JSON, "requestedSchema": JSON, "url": JSON, "mode": JSON}),
+        "result": JSON
+        | st.fixed_dictionaries({"tools": JSON, "inputRequests": JSON, "resultType": st.just("input_required")}),
+        "error": JSON,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(MESSAGES | st.lists(MESSAGES, max_size=3) | JSON, st.booleans())
+def test_an_answer_is_read_or_unreadable_never_anything_else(value: Any, get: bool) -> None:
+    stream = Stream([] if get else [(1, "tools/list"), (7, "tools/call")], get=get)
+    try:
+        incoming = stream.read(value)
+        for message in incoming:
+            if isinstance(message, Response) and "result" in message.message:
+                if message.answers == "tools/list":
+                    filtered(message.message, "tools/list", {"search"}, None)
+                input_requests(message.message)
+            if isinstance(message, ServerMessage):
+                server_facts(message.method, message.params, None)
+    except Unreadable:
+        return
+    for message in incoming:
+        if isinstance(message, Response) and message.rpc_id is not None:
+            assert not get  # a GET stream answers nothing
+            assert (type(message.rpc_id), message.rpc_id) in {(int, 1), (int, 7)}  # exactly a pending id
