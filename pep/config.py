@@ -712,8 +712,8 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         deny_status = r.integer(m, "deny_status", path, 200, 200, 403)
         if deny_status not in (200, 403):
             r.error(f"{path}.deny_status", f"must be 200 or 403, got {deny_status}")
-        elif protocol != "mcp":
-            r.error(f"{path}.deny_status", "is only for protocol: mcp (a JSON-RPC error carries the denial)")
+        elif deny_status == 200 and protocol != "mcp":
+            r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     for key in ("filter_tools_list", "filter_prompts_list", "filter_resources_list"):
         if m.get(key) is True and protocol != "mcp":
             r.error(f"{path}.{key}", "is only for protocol: mcp")
