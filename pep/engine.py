@@ -18,7 +18,7 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import Failure, Pdp, Verdict
+from pep.pdp import GATE, NOT_ADMITTED, PDP_FAILURES, Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
@@ -103,9 +103,12 @@ class Engine:
             result, attempts, pdp_s, each = await self._ask(check, permit)
         finally:
             self.in_flight -= 1
-        pdp_ms = round(pdp_s * 1000, 3)
+        # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
+        # (the time it waited, so that its denial is seen to come after the circuit opened).
+        pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
         if isinstance(result, Failure):
-            return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail, each)
+            deny = Deny(result.reason, decision_id, result.detail)
+            return Outcome(deny, attempts, pdp_ms, result.detail, each)
         if not result.allow:
             note = result.note
             return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each)
@@ -124,58 +127,97 @@ class Engine:
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each)
 
-    async def _ask_once(self, check: Check) -> tuple[Verdict | Failure, tuple[Reason, ...]]:
-        """One attempt for every message of the check; several are combined so that all must allow."""
+    async def _ask_once(self, check: Check) -> list[Verdict | Failure]:
+        """One attempt: one result per message of the check."""
         pdp = self.pdp
         if not check.more:
-            return await pdp.ask(check.document, check.request_id), ()
+            return [await pdp.ask(check.document, check.request_id)]
         docs = list(check.documents)
         ask_many = getattr(pdp, "ask_many", None)
         if ask_many is not None:
             results: list[Verdict | Failure] = await ask_many(docs, check.request_id)
-        else:
-            rid = check.request_id
-            results = list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
-        return combine(results), tuple(r.reason for r in results)
+            return results
+        rid = check.request_id
+        return list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
 
     async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline. Always reports to the breaker, also when cancelled."""
+        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit.
+
+        The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
+        and again right before the request is written): a failure if any message met a PDP failure, a success if
+        any got a well-formed answer. Anything else (a request that could not be built, a call refused because
+        the circuit opened while it waited, an exception in the PEP, a caller gone) releases the permit: a caller
+        can neither open the circuit nor hold a probe.
+        """
         clock = self._clock
         observe = self._metrics.pdp_duration
+        breaker = self.breaker
+        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
+
+        def gate() -> bool:
+            nonlocal sent
+            if breaker is None or breaker.admit(permit):
+                sent += 1
+                return True
+            return False
+
+        token = GATE.set(gate) if breaker is not None else None
         start = clock()
         deadline = start + self._timeout_s
-        attempts = 0
+        attempts = tries = 0
         result: Verdict | Failure | None = None
+        results: list[Verdict | Failure] = []
         each: tuple[Reason, ...] = ()
         try:
             while True:
-                attempts += 1
+                tries += 1
                 began = clock()
                 t0 = time.perf_counter()
+                sent = 0
+                timed_out = False
                 try:
                     async with asyncio.timeout(deadline - began):
-                        result, each = await self._ask_once(check)
+                        answers = await self._ask_once(check)
                 except TimeoutError:
-                    result = _TIMEOUT
+                    answers, timed_out = [_TIMEOUT], True
+                answer = combine(answers) if check.more else answers[0]
+                asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
+                if answer is NOT_ADMITTED and result is not None:
+                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
+                results, result = answers, answer
+                each = tuple(r.reason for r in answers) if check.more and not timed_out else ()
                 if isinstance(result, Verdict) and clock() > deadline:
                     result = _TIMEOUT  # an in-process answer cannot be interrupted, but a late one is not used
-                observe[result.outcome if isinstance(result, Failure) else "ok"].observe(time.perf_counter() - t0)
-                if isinstance(result, Verdict) or not result.retryable or attempts > self._retries:
+                    results = [_TIMEOUT]
+                if asked:
+                    attempts += 1
+                    outcome = result.outcome if isinstance(result, Failure) else "ok"
+                    observe[outcome].observe(time.perf_counter() - t0)
+                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
                     break
                 now = clock()
                 left = deadline - now
                 if left <= 0 or left < self._min_retry_s or left < now - began:
                     break
         finally:
-            breaker = self.breaker
-            if breaker is None:
-                pass
-            elif isinstance(result, Verdict):
-                breaker.success(permit)
-            elif result is not None or permit.probe:
-                # A failed answer, or a probe that was cancelled (the breaker must not stay half-open).
-                breaker.failure(permit)
+            if token is not None:
+                GATE.reset(token)
+            if breaker is not None:
+                _report(breaker, permit, results if result is not None else [])
+        assert result is not None
         return result, attempts, clock() - start, each
+
+
+def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
+    """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
+    if permit.admitted:
+        if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
+            breaker.failure(permit)
+            return
+        if any(isinstance(r, Verdict) for r in results):
+            breaker.success(permit)
+            return
+    breaker.release(permit)
 
 
 def combine(results: list[Verdict | Failure]) -> Verdict | Failure:

@@ -18,7 +18,7 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import Failure, Verdict
+from pep.pdp import GATE, NOT_ADMITTED, Failure, Verdict, admitted, encode
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
@@ -210,6 +210,9 @@ class AuthzenPdp:
     async def endpoints(self) -> Endpoints | Failure:
         if self._endpoints is not None and self._clock() < self._expires:
             return self._endpoints
+        # Starting or joining a discovery is this decision's call to the PDP: the breaker must still admit it.
+        if not admitted():
+            return NOT_ADMITTED
         task = self._discovery
         if task is None or task.done():
             task = self._discovery = asyncio.get_running_loop().create_task(self._discover())
@@ -217,6 +220,7 @@ class AuthzenPdp:
         return await asyncio.shield(task)
 
     async def _discover(self) -> Endpoints | Failure:
+        GATE.set(None)  # shared by every decision waiting for it (each was admitted to wait): its own context
         headers = self._headers("discovery")
         if isinstance(headers, Failure):
             return headers
@@ -245,16 +249,20 @@ class AuthzenPdp:
             return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        # Everything built from the caller's data first: what cannot be built is denied before the PDP is asked.
         parts = self._parts(document)
         if isinstance(parts, Verdict):
             return parts
-        endpoints = await self.endpoints()
-        if isinstance(endpoints, Failure):
-            return endpoints
+        body = encode(_member(parts))
+        if isinstance(body, Failure):
+            return body
         headers = self._headers(request_id)
         if isinstance(headers, Failure):
             return headers
-        answer = await self._transport.post(endpoints.evaluation, orjson.dumps(_member(parts)), headers)
+        endpoints = await self.endpoints()
+        if isinstance(endpoints, Failure):
+            return endpoints
+        answer = await self._transport.post(endpoints.evaluation, body, headers)
         return parse_evaluation(answer, request_id)
 
     async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
@@ -266,6 +274,13 @@ class AuthzenPdp:
         ]
         if not todo:
             return results
+        members = [_member(p) for _, p in todo]
+        body = encode({"options": {"evaluations_semantic": "execute_all"}, "evaluations": members})
+        if isinstance(body, Failure):  # one message's data cannot be carried: the batch is not sent at all
+            return [body if isinstance(m, Parts) else r for m, r in zip(mapped, results, strict=True)]
+        headers = self._headers(request_id)
+        if isinstance(headers, Failure):
+            return [headers] * len(documents)
         endpoints = await self.endpoints()
         if isinstance(endpoints, Failure):
             return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
@@ -276,11 +291,7 @@ class AuthzenPdp:
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
             return results
-        headers = self._headers(request_id)
-        if isinstance(headers, Failure):
-            return [headers] * len(documents)
-        body = {"options": {"evaluations_semantic": "execute_all"}, "evaluations": [_member(p) for _, p in todo]}
-        answer = await self._transport.post(endpoints.evaluations, orjson.dumps(body), headers)
+        answer = await self._transport.post(endpoints.evaluations, body, headers)
         for (i, _), verdict in zip(todo, parse_evaluations(answer, request_id, len(todo)), strict=True):
             results[i] = verdict
         return results

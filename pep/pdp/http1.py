@@ -16,6 +16,7 @@ import ssl
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -28,6 +29,14 @@ _BAD_VALUE = frozenset("\r\n\0")
 
 class ExchangeError(Exception):
     """The connection failed before a complete answer arrived (refused, reset, closed early, unparsable)."""
+
+
+class RequestError(Exception):
+    """The request cannot be framed (a header value outside Latin-1 or with a line break): nothing was sent."""
+
+
+class NotAdmitted(Exception):
+    """The caller's `admit` said no right before the request would have gone out: nothing was sent."""
 
 
 class Answer:
@@ -254,20 +263,41 @@ class Http1Client:
             target = self._targets[method, url] = _Target(method, url, self._fixed, url.startswith("https://"))
         return target
 
-    async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> Answer:
-        """One request and its complete answer. Raises ExchangeError, OSError or ValueError (a header value)."""
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        admit: Callable[[], bool] | None = None,
+    ) -> Answer:
+        """One request and its complete answer. Raises ExchangeError or OSError (the exchange failed),
+        RequestError (a header value) or ValueError (the URL) before anything is sent, and NotAdmitted when
+        `admit` says no: it is asked before a connection is made or taken, and again right before the request
+        is written."""
         target = self._target(method, url)
         lines = [target.head]
         for name, value in headers.items():
             if _BAD_VALUE.intersection(value):
-                raise ValueError(f"header {name} holds a line break or NUL")
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+                raise RequestError(f"header {name} holds a line break or NUL")
+            try:
+                lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            except UnicodeEncodeError:
+                raise RequestError(f"header {name} holds a character outside Latin-1") from None
         lines.append(f"Content-Length: {len(body)}\r\n\r\n".encode("ascii") if body is not None else b"\r\n")
         if body is not None:
             lines.append(body)
         data = b"".join(lines)
         async with self._slots:
+            # Asked before connecting (a refused or failed connect is the PDP's failure, so the call must count)
+            # and again right before the request is written, with nothing awaited in between: a new connection
+            # takes a round trip, during which the circuit may have opened.
+            if admit is not None and not admit():
+                raise NotAdmitted
             conn = await self._connection(target)
+            if admit is not None and not admit():
+                self._idle.setdefault(target.key, deque()).append(conn)  # unused: still good for the next one
+                raise NotAdmitted
             try:
                 answer = await conn.exchange(data)
             except BaseException:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from pep.decision import Reason
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict, encode
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -60,7 +58,9 @@ class OpaPdp:
         self._auth_header = auth_header
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
-        body = orjson.dumps({"input": document})
+        body = encode({"input": document})
+        if isinstance(body, Failure):
+            return body
         headers = request_headers(request_id, self._auth, self._auth_header)
         if isinstance(headers, Failure):
             return headers

@@ -17,7 +17,7 @@ from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome
 from pep.headers import obligation_forbidden
 from pep.metrics import Metrics
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Verdict
+from pep.pdp import ALLOWED, DENIED, NOT_ADMITTED, UNDEFINED, Failure, Verdict, admitted
 from pep.pdp.answer import malformed, status_failure
 
 Answer = Verdict | Failure
@@ -33,7 +33,8 @@ def breaker_of(engine: Engine) -> Breaker:
 
 
 class FakePdp:
-    """Answers from a script, one step per call; the last step repeats. Records every call."""
+    """Answers from a script, one step per call; the last step repeats. Records every call that goes out: like a
+    remote PDP, it asks the breaker (`admitted`) right before, and makes no call when it says no."""
 
     remote = True
 
@@ -44,6 +45,8 @@ class FakePdp:
         self.closed = False
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if not admitted():
+            return NOT_ADMITTED
         self.calls.append((document, request_id))
         step = self.script[min(len(self.calls), len(self.script)) - 1]
         if isinstance(step, Verdict | Failure):
@@ -491,7 +494,9 @@ async def test_timed_out_probe_reopens() -> None:
     assert circuit(engine) is State.OPEN
 
 
-async def test_cancelled_probe_counts_as_a_failure() -> None:
+async def test_a_cancelled_probe_gives_its_place_to_the_next_request() -> None:
+    """Its caller went away: that says nothing about the PDP, so it neither reopens the circuit (any caller could
+    keep it open by hanging up on every probe) nor leaves it stuck half-open with its only probe gone."""
     clock = FakeClock()
     pdp = FakePdp(UNREACHABLE, hang(), ALLOWED)
     engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, timeout_ms=10_000, clock=clock)
@@ -500,14 +505,13 @@ async def test_cancelled_probe_counts_as_a_failure() -> None:
     probe = asyncio.create_task(engine.decide(check()))
     await wait_for_calls(pdp, 2)
     assert circuit(engine) is State.HALF_OPEN
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN  # the one probe is out
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
-    assert circuit(engine) is State.OPEN  # not stuck half-open with its only probe gone
+    assert circuit(engine) is State.HALF_OPEN
     assert engine.in_flight == 0
-    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN
-    clock.now += 1.0  # a fresh open period has passed: the next probe is admitted
-    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert isinstance((await engine.decide(check())).decision, Allow)  # the next request is the probe
     assert circuit(engine) is State.CLOSED
 
 
@@ -523,16 +527,183 @@ async def test_cancelled_call_while_closed_is_not_a_pdp_failure() -> None:
     assert engine.in_flight == 0
 
 
-async def test_exception_in_a_probe_reopens_and_propagates() -> None:
+async def test_an_exception_in_a_probe_propagates_and_gives_the_probe_back() -> None:
+    """A bug in the PEP is the PEP's problem (`internal_error` for that request), not the PDP's."""
     clock = FakeClock()
-    pdp = FakePdp(UNREACHABLE, raising(RuntimeError("bug")))
+    pdp = FakePdp(UNREACHABLE, raising(RuntimeError("bug")), ALLOWED)
     engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
     await open_circuit(engine, pdp)
     clock.now += 1.0
     with pytest.raises(RuntimeError, match="bug"):
         await engine.decide(check())
-    assert circuit(engine) is State.OPEN
+    assert circuit(engine) is State.HALF_OPEN
     assert engine.in_flight == 0
+    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+# --- only the PDP's own failures count ---------------------------------------------------------------------------
+
+AMBIGUOUS = Failure(Reason.REQUEST_AMBIGUOUS, "unsent", False, "the policy input cannot be sent")
+UNFRAMED = Failure(Reason.INTERNAL_ERROR, "unsent", False, "the PDP request cannot be framed")
+MAPPED_TO_NOTHING = Verdict(False, Reason.PDP_UNDEFINED, note="mapping: resource.id maps to nothing usable")
+
+
+class UnbuildablePdp(FakePdp):
+    """Requests whose `request_id` starts with `bad` cannot be built: refused before anything is sent, as the real
+    PDP clients do (pep/pdp `encode`, a mapping that resolves to nothing, a header that cannot be framed)."""
+
+    def __init__(self, refusal: Verdict | Failure, *script: Step) -> None:
+        super().__init__(*script)
+        self.refusal = refusal
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if request_id.startswith("bad"):
+            return self.refusal
+        return await super().ask(document, request_id)
+
+
+@pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
+async def test_requests_that_cannot_be_built_never_open_the_circuit(refusal: Verdict | Failure) -> None:
+    pdp = UnbuildablePdp(refusal, ALLOWED)
+    engine = make_engine(pdp, retries=1, threshold=2)
+    for _ in range(10):
+        outcome = await engine.decide(check("bad-1"))
+        assert denied(outcome).reason is refusal.reason
+        assert (outcome.attempts, outcome.pdp_ms) == (0, None)  # the PDP was not asked
+    assert circuit(engine) is State.CLOSED
+    assert breaker_of(engine).failures == 0
+    assert pdp.calls == []
+    assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "error"}) == 0
+    assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
+
+
+@pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
+async def test_requests_that_cannot_be_built_neither_close_nor_reopen_a_half_open_circuit(
+    refusal: Verdict | Failure,
+) -> None:
+    """One per half-open period used to keep the circuit open (a failure) or close it on a dead PDP (a success):
+    now such a request is denied alone and leaves the probe to the next request."""
+    clock = FakeClock()
+    pdp = UnbuildablePdp(refusal, UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    for _ in range(5):
+        assert denied(await engine.decide(check("bad-1"))).reason is refusal.reason
+        assert circuit(engine) is State.HALF_OPEN
+    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
+    assert circuit(engine) is State.OPEN
+    clock.now += 1.0
+    assert denied(await engine.decide(check("bad-2"))).reason is refusal.reason
+    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+def waiting(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    """A step that waits before its call goes out (as for a pool connection or a discovery), then asks the breaker."""
+
+    async def step() -> Answer:
+        await gate.wait()
+        if not admitted():
+            return NOT_ADMITTED
+        return answer
+
+    return step
+
+
+def in_flight(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    """A step whose call goes out at once (the breaker is asked first) and is answered when `gate` is set."""
+
+    async def step() -> Answer:
+        if not admitted():
+            return NOT_ADMITTED
+        await gate.wait()
+        return answer
+
+    return step
+
+
+class WaitingPdp(FakePdp):
+    """Like FakePdp, but a step may wait before the breaker is asked (`waiting`): no call is recorded for it."""
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        self.calls.append((document, request_id))
+        step = self.script[min(len(self.calls), len(self.script)) - 1]
+        if isinstance(step, Verdict | Failure):
+            return step if admitted() else NOT_ADMITTED
+        return await step()
+
+
+async def test_a_call_that_waited_while_the_circuit_opened_is_not_made() -> None:
+    """Admitted while closed, the call waits; meanwhile other calls fail and open the circuit. When it could go out,
+    it is refused (`circuit_open`, no PDP call), and it is not counted either way."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    sent: list[str] = []
+
+    async def refused_or_sent() -> Answer:
+        await gate.wait()
+        if not admitted():
+            return NOT_ADMITTED
+        sent.append("call")
+        return ALLOWED
+
+    pdp = WaitingPdp(refused_or_sent, UNREACHABLE)
+    engine = make_engine(pdp, retries=0, threshold=2, open_ms=1000, clock=clock)
+    slow = asyncio.create_task(engine.decide(check("waits")))
+    await wait_for_calls(pdp, 1)
+    for _ in range(2):
+        assert denied(await engine.decide(check())).reason is Reason.PDP_UNREACHABLE
+    assert circuit(engine) is State.OPEN
+    clock.now += 0.25
+    gate.set()
+    outcome = await slow
+    assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+    assert outcome.attempts == 0
+    assert outcome.pdp_ms == 250.0  # how long it waited: the denial came after the circuit opened
+    assert sent == []
+    assert circuit(engine) is State.OPEN
+
+
+async def test_a_waiting_call_does_not_take_or_spoil_the_probe() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = WaitingPdp(waiting(gate, ALLOWED), UNREACHABLE, UNREACHABLE, in_flight(gate, ALLOWED))
+    engine = make_engine(pdp, retries=0, threshold=2, open_ms=1000, clock=clock)
+    slow = asyncio.create_task(engine.decide(check("waits")))
+    await wait_for_calls(pdp, 1)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    probe = asyncio.create_task(engine.decide(check("probe")))
+    await wait_for_calls(pdp, 4)
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN  # the probe is out
+    gate.set()
+    assert denied(await slow).reason is Reason.CIRCUIT_OPEN  # half-open, and it is no probe
+    assert isinstance((await probe).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+async def test_no_retry_once_the_circuit_has_opened() -> None:
+    """The retry of a failed call is a new call: after the circuit opened it is not made, and the first failure
+    stands (the decision began before the opening)."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = WaitingPdp(in_flight(gate, UNREACHABLE), UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=1, threshold=2, open_ms=1000, timeout_ms=10_000, clock=clock)
+    first = asyncio.create_task(engine.decide(check("first")))
+    await wait_for_calls(pdp, 1)
+    engine._retries = 0  # the other decisions fail at once
+    for _ in range(2):
+        denied(await engine.decide(check()))
+    assert circuit(engine) is State.OPEN
+    engine._retries = 1
+    calls = len(pdp.calls)
+    gate.set()
+    outcome = await first
+    assert denied(outcome).reason is Reason.PDP_UNREACHABLE
+    assert outcome.attempts == 1
+    assert len(pdp.calls) == calls + 1  # the retry reached the gate and went no further
 
 
 # --- the Allow mint -------------------------------------------------------------------------------------------
