@@ -24,6 +24,11 @@ _MINT = claim_mint_key()
 
 _NO_BREAKER = Permit(False, 0)
 _TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
+# The deadline noticed this much of the whole deadline late (or later): the PEP itself was not running (a stalled
+# process or event loop), so what the PDP sent meanwhile may be unread. Still a denial (`pdp_timeout`: nothing
+# arrived in time that the PEP could read), but no failure of the PDP: the breaker is not told.
+STALL_SHARE = 0.5
+_STALLED = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed while the PEP was held up")
 
 # A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
 # failed attempt took), so a retry is never started just to time out.
@@ -75,6 +80,7 @@ class Engine:
         self._clock = clock
         self._timeout_s = config.timeout_ms / 1000
         self._min_retry_s = self._timeout_s * MIN_RETRY_SHARE
+        self._stall_s = self._timeout_s * STALL_SHARE
         self._max_in_flight = config.max_in_flight
         self._retries = config.retries
         b = config.breaker
@@ -146,8 +152,9 @@ class Engine:
         The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
         and again right before the request is written): a failure if any message met a PDP failure, a success if
         any got a well-formed answer. Anything else (a request that could not be built, a call refused because
-        the circuit opened while it waited, an exception in the PEP, a caller gone) releases the permit: a caller
-        can neither open the circuit nor hold a probe.
+        the circuit opened while it waited, a deadline the PEP itself was too held up to notice in time, an
+        exception in the PEP, a caller gone) releases the permit: a caller can neither open the circuit nor
+        hold a probe.
         """
         clock = self._clock
         observe = self._metrics.pdp_duration
@@ -179,7 +186,8 @@ class Engine:
                     async with asyncio.timeout(deadline - began):
                         answers = await self._ask_once(check)
                 except TimeoutError:
-                    answers, timed_out = [_TIMEOUT], True
+                    late = clock() - deadline >= self._stall_s
+                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
                 answer = combine(answers) if check.more else answers[0]
                 asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
                 if answer is NOT_ADMITTED and result is not None:
@@ -210,7 +218,7 @@ class Engine:
 
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
     """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
-    if permit.admitted:
+    if permit.admitted and not any(r is _STALLED for r in results):
         if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
             breaker.failure(permit)
             return

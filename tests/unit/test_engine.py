@@ -706,6 +706,35 @@ async def test_no_retry_once_the_circuit_has_opened() -> None:
     assert len(pdp.calls) == calls + 1  # the retry reached the gate and went no further
 
 
+async def test_a_deadline_the_pep_was_too_held_up_to_notice_is_no_pdp_failure() -> None:
+    """The PEP's own process stalled past the deadline (its timer fired half a deadline late or more): denied
+    `pdp_timeout` all the same, but not counted against the PDP, whose answer may be sitting unread. A deadline
+    noticed on time still is a failure."""
+    clock = FakeClock()
+
+    def stalled() -> Callable[[], Awaitable[Answer]]:
+        async def step() -> Answer:
+            if not admitted():
+                return NOT_ADMITTED
+            clock.now += 1.0  # the process was not running for a second
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        return step
+
+    pdp = FakePdp(stalled())
+    engine = make_engine(pdp, retries=0, threshold=1, timeout_ms=30, clock=clock)
+    for _ in range(3):
+        outcome = await engine.decide(check())
+        assert denied(outcome).reason is Reason.PDP_TIMEOUT
+        assert outcome.attempts == 1
+    assert circuit(engine) is State.CLOSED
+    on_time = FakePdp(hang())
+    engine = make_engine(on_time, retries=0, threshold=1, timeout_ms=30, clock=clock)
+    assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
+    assert circuit(engine) is State.OPEN
+
+
 # --- the Allow mint -------------------------------------------------------------------------------------------
 
 
