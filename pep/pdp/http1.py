@@ -25,6 +25,7 @@ import httptools
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
 MAX_HEADER_BYTES = 65536
 _BAD_VALUE = frozenset("\r\n\0")
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class ExchangeError(Exception):
@@ -68,7 +69,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._size = 0
         self._header_bytes = 0
-        self._encoding = ""
+        self._codings: list[str] = []  # Content-Encoding, every field, in order
         self._framed = False  # Content-Length or chunked: the end of the body is known without EOF
         self._headers_done = False
         self._keep_alive = False
@@ -112,8 +113,8 @@ class _Connection(asyncio.Protocol):
             self._answer.request_id = value.decode("latin-1")
         elif key == b"cache-control":
             self._answer.cache_control = value.decode("latin-1")
-        elif key == b"content-encoding":
-            self._encoding = value.decode("latin-1").strip().lower()
+        elif key == b"content-encoding":  # repeated fields are one list (RFC 9110 5.3): codings in order
+            self._codings += [c for c in value.decode("latin-1").lower().split(",") if c.strip(" \t")]
         elif key == b"content-length":
             self._framed = True
             if value.strip().isdigit() and int(value) > self._limit:
@@ -128,7 +129,7 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the final one follows on the same connection
             self._answer = Answer()  # none of its headers describe the final answer
-            self._encoding, self._framed = "", False
+            self._codings, self._framed = [], False
             return
         self._answer.status = status
         self._headers_done = True
@@ -159,7 +160,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._answer = Answer()
         self._chunks, self._size, self._header_bytes = [], 0, 0
-        self._encoding, self._framed, self._headers_done, self._keep_alive = "", False, False, False
+        self._codings, self._framed, self._headers_done, self._keep_alive = [], False, False, False
         self.transport.write(data)
         answer: Answer = await waiter
         return answer
@@ -176,7 +177,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self) -> None:
         answer = self._answer
         body = b"".join(self._chunks)
-        if self._encoding and not answer.oversize:
+        if self._codings and not answer.oversize:
             body = self._decode(body, answer)
         answer.body = body
         self._parser = None
@@ -185,11 +186,16 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(answer)
 
     def _decode(self, body: bytes, answer: Answer) -> bytes:
-        if self._encoding in ("identity", ""):
+        """The body under its one content coding, whole: gzip (one member) or deflate (one zlib stream) and
+        nothing after it. A second gzip member, or any byte after the end of the stream, is trailing data (the
+        body is undecodable, so `pdp_malformed`): read as one member, `gzip(allow) + gzip(deny)` allowed. So is a
+        coding not listed here, or several codings (the client asks for none; a PDP has no reason to stack
+        them). The output is bounded by the limit too, whatever the ratio (a decompression bomb is oversize)."""
+        codings = [c.strip(" \t") for c in self._codings]
+        codings = [c for c in codings if c != "identity"]
+        if not codings:
             return body
-        wbits = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(
-            self._encoding
-        )
+        wbits = _WBITS.get(codings[0]) if len(codings) == 1 else None
         if wbits is None:
             answer.undecodable = True
             return b""
@@ -199,8 +205,8 @@ class _Connection(asyncio.Protocol):
             if len(out) > self._limit:
                 answer.oversize = True
                 return b""
-            if not d.eof:
-                raise zlib.error("incomplete compressed body")
+            if not d.eof or d.unused_data or d.unconsumed_tail:
+                raise zlib.error("incomplete compressed body, or data after its end")
             return out
         except zlib.error:
             answer.undecodable = True
