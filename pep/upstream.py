@@ -31,11 +31,12 @@ class _BodyStream:
     """Streams a request body to the upstream. Each chunk must arrive within BODY_READ_TIMEOUT_S (`stalled`);
     with a `limit` (a body without a Content-Length), it stops once the body exceeds it (`exceeded`)."""
 
-    __slots__ = ("_content", "_limit", "exceeded", "stalled")
+    __slots__ = ("_content", "_limit", "exceeded", "sent", "stalled")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int | None, sent: Callable[[], None]) -> None:
         self._content = content
         self._limit = limit
+        self.sent = sent  # called once the whole body has been handed to the upstream connection
         self.exceeded = False
         self.stalled = False
 
@@ -49,6 +50,7 @@ class _BodyStream:
                 self.stalled = True
                 raise
             if not chunk:
+                self.sent()
                 return
             seen += len(chunk)
             if self._limit is not None and seen > self._limit:
@@ -76,12 +78,16 @@ class Upstream:
         self._session._retry_connection = False
 
     def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
+        """Connecting is bounded by aiohttp; the waits for data (headers, then every body chunk) by `forward` and
+        `_relay` themselves, with `asyncio.timeout`. Not aiohttp's `sock_read`: aiohttp 3.14.5 re-arms that timer
+        when the rest of a response read under back-pressure is drained, after its connection went back to the
+        pool, and the timer then marks the idle connection failed; the next request on it, to a healthy
+        upstream, failed at once with a 504 `timeout` (seen in the soak after 8 MiB streamed to a slow client;
+        aiohttp issue 12953 fixed the case without back-pressure only)."""
         t = self._timeouts.get(route.name)
         if t is None:
-            # Connecting and each wait for data (headers, then every body chunk) are bounded; a stream that
-            # keeps sending may run longer than timeout_ms.
             seconds = route.config.timeout_ms / 1000
-            t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+            t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
         return t
 
     def headers_for(
@@ -125,6 +131,15 @@ class Upstream:
         headers = self.headers_for(request, allow, route, credential)
         if rewrite is not None:
             headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
+        wait = route.config.timeout_ms / 1000  # for the headers once the request is sent, then for each chunk
+        loop = asyncio.get_running_loop()
+        headers_due = asyncio.timeout(None)  # armed once the request, body and all, has gone out
+        awaiting_headers = False
+
+        def sent() -> None:
+            if awaiting_headers:  # a body may end after an early answer: nothing to arm then
+                headers_due.reschedule(loop.time() + wait)
+
         stream: _BodyStream | None = None
         data: object = None
         if allow.body is not None:
@@ -132,7 +147,7 @@ class Upstream:
         elif request.body_exists:
             # A Content-Length over the limit was denied before the PDP; only a chunked body is counted here.
             limit = route.config.max_body_bytes if request.content_length is None else None
-            stream = _BodyStream(request.content, limit)
+            stream = _BodyStream(request.content, limit, sent)
             data = stream.chunks()
         if (
             allow.body is None
@@ -143,18 +158,26 @@ class Upstream:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                allow.method,
-                URL(allow.upstream_url, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._timeout(route),
-            ) as up:
+            async with headers_due:
+                awaiting_headers = True
+                if stream is None:
+                    sent()  # nothing to stream: it goes out at once
+                try:
+                    up = await self._session.request(
+                        allow.method,
+                        URL(allow.upstream_url, encoded=True),
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        timeout=self._timeout(route),
+                    )
+                finally:
+                    awaiting_headers = False
+            async with up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
                 if rewrite is not None:
-                    rewritten = await _rewritten(up, rewrite)
+                    rewritten = await _rewritten(up, rewrite, wait)
                     if rewritten is not None:
                         return rewritten
                     metrics.upstream_failures[route.name, "unfilterable"].inc()
@@ -162,11 +185,12 @@ class Upstream:
                 if _whole_body_fits(request, up):
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
-                    body = await up.read()
+                    async with asyncio.timeout(wait):
+                        body = await up.read()
                     headers_out = response_headers(up.headers)
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up)
+                response, complete = await _relay(request, up, wait)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -207,14 +231,21 @@ def _whole_body_fits(request: web.BaseRequest, up: aiohttp.ClientResponse) -> bo
     return not up.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
-async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.StreamResponse | None:
+async def _next_chunk(up: aiohttp.ClientResponse, wait: float) -> bytes:
+    """The next part of the response body as it arrives (b"" at its end); TimeoutError after `wait` seconds
+    without one."""
+    async with asyncio.timeout(wait):
+        return await up.content.readany()
+
+
+async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite, wait: float) -> web.StreamResponse | None:
     """The rewritten response, or None when the upstream's answer cannot be read whole."""
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         return None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in up.content.iter_any():
+    while chunk := await _next_chunk(up, wait):
         size += len(chunk)
         if size > REWRITE_LIMIT:
             return None
@@ -227,23 +258,23 @@ async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite) -> web.Stream
     return web.Response(status=up.status, reason=up.reason, headers=headers, body=result)
 
 
-async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse) -> tuple[web.StreamResponse, bool]:
-    """Stream the upstream response to the caller; False when the upstream broke off after the status line was
-    sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops."""
+async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse, wait: float) -> tuple[web.StreamResponse, bool]:
+    """Stream the upstream response to the caller; False when the upstream broke off (or fell silent for `wait`
+    seconds) after the status line was sent. The caller going away (a dropped stream) is not an upstream
+    failure: the relay just stops."""
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
     await resp.prepare(request)
-    chunks = up.content.iter_any()
     try:
         while True:
             try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
+                chunk = await _next_chunk(up, wait)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 # The status line is already out: the only honest signal left is an unfinished body.
                 if request.transport is not None:
                     request.transport.abort()
                 return resp, False
+            if not chunk:
+                break
             await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
         await resp.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
