@@ -62,6 +62,9 @@ class Outcome:
     pdp_ms: float | None
     note: str | None = None
     reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
+    # When the engine took the decision up (wall clock): the decision log's `time`. `pdp_ms` counts from the same
+    # instant, so that the log shows when each PDP call could start and when its result was known.
+    started: float | None = None
 
 
 class Engine:
@@ -98,15 +101,16 @@ class Engine:
         return self.breaker.state if self.breaker is not None else State.CLOSED
 
     async def decide(self, check: Check) -> Outcome:
+        started, start = time.time(), self._clock()
         decision_id = new_id()
         if self.in_flight >= self._max_in_flight:
-            return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None)
+            return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None, started=started)
         permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
         if permit is None:
-            return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
+            return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
         self.in_flight += 1
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit)
+            result, attempts, pdp_s, each = await self._ask(check, permit, start)
         finally:
             self.in_flight -= 1
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
@@ -114,13 +118,13 @@ class Engine:
         pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
         if isinstance(result, Failure):
             deny = Deny(result.reason, decision_id, result.detail)
-            return Outcome(deny, attempts, pdp_ms, result.detail, each)
+            return Outcome(deny, attempts, pdp_ms, result.detail, each, started)
         if not result.allow:
             note = result.note
-            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each)
+            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each, started)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
-            return Outcome(deny, attempts, pdp_ms, problem, each)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started)
         allow = Allow(
             _MINT,
             decision_id=decision_id,
@@ -131,7 +135,7 @@ class Engine:
             headers=result.headers,
             body=check.body,
         )
-        return Outcome(allow, attempts, pdp_ms, result.note, each)
+        return Outcome(allow, attempts, pdp_ms, result.note, each, started)
 
     async def _ask_once(self, check: Check) -> list[Verdict | Failure]:
         """One attempt: one result per message of the check."""
@@ -146,7 +150,9 @@ class Engine:
         rid = check.request_id
         return list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
 
-    async def _ask(self, check: Check, permit: Permit) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
+    async def _ask(
+        self, check: Check, permit: Permit, start: float
+    ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
         """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit.
 
         The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
@@ -169,7 +175,6 @@ class Engine:
             return False
 
         token = GATE.set(gate) if breaker is not None else None
-        start = clock()
         deadline = start + self._timeout_s
         attempts = tries = 0
         result: Verdict | Failure | None = None

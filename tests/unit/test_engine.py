@@ -735,6 +735,25 @@ async def test_a_deadline_the_pep_was_too_held_up_to_notice_is_no_pdp_failure() 
     assert circuit(engine) is State.OPEN
 
 
+async def test_a_decision_is_dated_when_the_engine_takes_it_up_and_pdp_ms_counts_from_then() -> None:
+    """The decision log's `time` and `pdp_ms` come from one instant, so the log shows when a PDP call could
+    start and when its result was known (the soak judges the breaker by them)."""
+    clock = FakeClock()
+
+    async def takes_a_while() -> Answer:
+        clock.now += 0.04
+        return ALLOWED
+
+    engine = make_engine(FakePdp(takes_a_while), clock=clock)
+    before = time.time()
+    outcome = await engine.decide(check())
+    assert outcome.started is not None
+    assert before <= outcome.started <= time.time()
+    assert outcome.pdp_ms == 40.0
+    overloaded = await make_engine(FakePdp(ALLOWED), max_in_flight=0).decide(check())
+    assert overloaded.started is not None
+
+
 # --- the Allow mint -------------------------------------------------------------------------------------------
 
 
