@@ -199,9 +199,11 @@ class Engine:
                     break  # a retry the circuit no longer admits: the previous attempt's failure stands
                 results, result = answers, answer
                 each = tuple(r.reason for r in answers) if check.more and not timed_out else ()
-                if isinstance(result, Verdict) and clock() > deadline:
-                    result = _TIMEOUT  # an in-process answer cannot be interrupted, but a late one is not used
-                    results = [_TIMEOUT]
+                if isinstance(result, Verdict) and (now := clock()) > deadline:
+                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
+                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
+                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
+                    results = [result]
                 if asked:
                     attempts += 1
                     outcome = result.outcome if isinstance(result, Failure) else "ok"

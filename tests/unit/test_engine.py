@@ -722,13 +722,18 @@ async def test_a_deadline_the_pep_was_too_held_up_to_notice_is_no_pdp_failure() 
 
         return step
 
-    pdp = FakePdp(stalled())
-    engine = make_engine(pdp, retries=0, threshold=1, timeout_ms=30, clock=clock)
-    for _ in range(3):
-        outcome = await engine.decide(check())
-        assert denied(outcome).reason is Reason.PDP_TIMEOUT
-        assert outcome.attempts == 1
-    assert circuit(engine) is State.CLOSED
+    async def answered_while_stalled() -> Answer:
+        clock.now += 1.0  # the answer was there, but read a second late
+        return ALLOWED
+
+    for step in (stalled(), answered_while_stalled):
+        engine = make_engine(FakePdp(step), retries=0, threshold=1, timeout_ms=30, clock=clock)
+        for _ in range(3):
+            outcome = await engine.decide(check())
+            assert denied(outcome).reason is Reason.PDP_TIMEOUT
+            assert denied(outcome).detail == "decision deadline passed while the PEP was held up"
+            assert outcome.attempts == 1
+        assert circuit(engine) is State.CLOSED
     on_time = FakePdp(hang())
     engine = make_engine(on_time, retries=0, threshold=1, timeout_ms=30, clock=clock)
     assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
