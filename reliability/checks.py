@@ -564,7 +564,7 @@ def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict
             None,
         )
     else:  # no known healthy time: recovered when a call started once the circuit could probe gets an answer
-        probing = (opened or ep.fail_at) + open_s - TOLERANCE_S
+        probing = (opened_early or ep.fail_at) + open_s - TOLERANCE_S
         recovered = next((d.end for d in asked if d.success and probing <= d.start < next_fail), None)
     horizon = min(recovered if recovered is not None else next_fail, next_fail)
     result: dict[str, Any] = {
