@@ -33,6 +33,11 @@ class Reason(enum.StrEnum):
     IDENTITY_MISSING = "identity_missing"
     IDENTITY_INVALID = "identity_invalid"
     IDENTITY_UNAVAILABLE = "identity_unavailable"
+    APPROVAL_REQUIRED = "approval_required"  # the PDP allows once a person approves; not yet approved
+    APPROVAL_DENIED = "approval_denied"  # the person declined
+    APPROVAL_TIMEOUT = "approval_timeout"  # nobody answered in time
+    APPROVAL_UNAVAILABLE = "approval_unavailable"  # the OpenID Provider is down, slow or answered nonsense
+    APPROVAL_INVALID = "approval_invalid"  # a ticket that is forged, expired, reused, or for another request
     INTERNAL_ERROR = "internal_error"
 
 

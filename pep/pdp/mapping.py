@@ -145,6 +145,8 @@ def default_parts(doc: dict[str, Any]) -> Parts:
     context = dict(facts)
     context["request_id"] = request["id"]
     context["time"] = request["time"]
+    if doc.get("approval") is not None:  # asked again after a person approved (AuthZEN: `context.approval`)
+        context["approval"] = doc["approval"]
     return Parts(
         subject={"type": "agent", "id": subject_id(doc), "properties": properties},
         action={"name": action},

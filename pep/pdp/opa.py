@@ -1,4 +1,6 @@
-"""OPA's REST Data API: `POST {url}` with `{"input": DOC}`; allow only on `result: true` or `result.allow: true`."""
+"""OPA's REST Data API: `POST {url}` with `{"input": DOC}`; allow only on `result: true` or `result.allow: true`.
+
+`result: {allow: false, approval: {approver, message?}}` asks for a person's approval (`approval_required`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import orjson
 from pep.decision import Reason
 from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict
 from pep.pdp.answer import malformed, read_object
+from pep.pdp.approval import opa_approval
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
@@ -36,6 +39,13 @@ def parse_answer(answer: RawAnswer) -> Verdict | Failure:
         return malformed(f"result.allow is a {type(allow).__name__}, not a boolean")
     note = result.get("reason")
     note = note[:_NOTE_MAX] if isinstance(note, str) else None
+    if "approval" in result:
+        if allow:
+            return malformed("result.approval with allow: true (an approval is asked for on a deny)")
+        ask = opa_approval(result["approval"])
+        if isinstance(ask, Failure):
+            return ask
+        return Verdict(False, Reason.APPROVAL_REQUIRED, note=note, approval=ask)
     if not allow:
         return Verdict(False, Reason.POLICY_DENIED, note=note) if note else DENIED
     headers = result.get("headers")
