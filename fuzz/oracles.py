@@ -566,10 +566,33 @@ def opa_expected(answer: RawAnswer) -> Reason:
         return Reason.APPROVAL_REQUIRED
     if not allow:
         return Reason.POLICY_DENIED
+    if "credential" in result and not _narrowing_ok(result["credential"]):
+        return Reason.PDP_MALFORMED
     headers = result.get("headers")
     if headers is not None and not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
         return Reason.PDP_MALFORMED
     return Reason.ALLOWED
+
+
+def _scope_token(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 256 and all("!" <= ch <= "~" for ch in value)
+
+
+def _narrowing_ok(value: Any) -> bool:
+    """README "Just-in-time credentials": `{audience?, scopes?}`, scopes distinct scope tokens (at most 64)."""
+    if not isinstance(value, dict) or not set(value) <= {"audience", "scopes"}:
+        return False
+    audience, scopes = value.get("audience"), value.get("scopes")
+    if audience is not None and not _scope_token(audience):
+        return False
+    if scopes is None:
+        return True
+    return (
+        isinstance(scopes, list)
+        and len(scopes) <= 64
+        and all(_scope_token(x) for x in scopes)
+        and len(set(scopes)) == len(scopes)
+    )
 
 
 def _approver_ok(value: Any) -> bool:
@@ -643,7 +666,11 @@ def authzen_decision_expected(obj: Any) -> Reason:
     if not decision:
         return Reason.POLICY_DENIED
     obligations = context.get("obligations") if context else None
-    return Reason.ALLOWED if obligations in (None, []) else Reason.OBLIGATION_UNSUPPORTED
+    if obligations not in (None, []):
+        return Reason.OBLIGATION_UNSUPPORTED
+    if context and context.get("credential") is not None and not _narrowing_ok(context["credential"]):
+        return Reason.PDP_MALFORMED
+    return Reason.ALLOWED
 
 
 def _authzen_object(answer: RawAnswer, request_id: str) -> dict[str, Any] | Reason:

@@ -136,6 +136,7 @@ class Engine:
             upstream_url=check.upstream_url,
             headers=result.headers,
             body=check.body,
+            credential=result.credential,
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each)
 
@@ -211,4 +212,7 @@ def combine(results: list[Verdict | Failure]) -> Verdict | Failure:
         return asks[0]
     headers = tuple(h for v in verdicts for h in v.headers)
     notes = "; ".join(v.note for v in verdicts if v.note)
-    return Verdict(True, Reason.ALLOWED, headers, notes or None)
+    narrowings = {v.credential for v in verdicts if v.credential is not None}
+    if len(narrowings) > 1:  # one request gets one credential: messages that narrow it differently cannot all hold
+        return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="the batch narrows the credential differently")
+    return Verdict(True, Reason.ALLOWED, headers, notes or None, credential=narrowings.pop() if narrowings else None)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pep.decision import Reason
+from pep.decision import CredentialNarrowing, Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,7 @@ class Verdict:
     headers: tuple[tuple[str, str], ...] = ()
     note: str | None = None  # the PDP's own explanation, for the decision log
     approval: ApprovalAsk | None = None
+    credential: CredentialNarrowing | None = None  # with an allow: the route's credential, narrowed
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from pep.decision import Reason
 from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict, ask_each
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.approval import authzen_approval
+from pep.pdp.credential import credential_narrowing
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -112,7 +113,8 @@ def _note(context: dict[str, Any] | None) -> str | None:
 
 def parse_decision(obj: Any) -> Verdict | Failure:
     """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations. A denial with
-    `context.access_request` (a requestable denial) asks for a person's approval: `approval_required`."""
+    `context.access_request` (a requestable denial) asks for a person's approval: `approval_required`. An allow's
+    `context.credential` narrows the route's just-in-time credential."""
     if not isinstance(obj, dict):
         return malformed(f"a decision is a {type(obj).__name__}, not an object")
     if "decision" not in obj:
@@ -138,6 +140,11 @@ def parse_decision(obj: Any) -> Verdict | Failure:
     if obligations is not None and obligations != []:
         # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
         return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
+    if context and context.get("credential") is not None:
+        credential = credential_narrowing(context["credential"], "context.credential")
+        if isinstance(credential, Failure):
+            return credential
+        return Verdict(True, Reason.ALLOWED, note=note, credential=credential)
     return Verdict(True, Reason.ALLOWED, note=note)
 
 

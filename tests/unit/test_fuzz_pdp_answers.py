@@ -71,6 +71,18 @@ ACCESS_REQUEST = (
     )
     | JSON
 )
+SCOPE = st.sampled_from(["crm.read", "crm.write", "", "a b", "x" * 257, "\u00e9"]) | JSON
+NARROWING = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "audience": SCOPE,
+            "scopes": st.lists(SCOPE, max_size=3) | JSON,
+            "lifetime": st.just(60),
+        },
+    )
+    | JSON
+)
 NEAR_OPA = st.fixed_dictionaries({"result": st.booleans()}) | st.fixed_dictionaries(
     {
         "result": st.fixed_dictionaries(
@@ -79,6 +91,7 @@ NEAR_OPA = st.fixed_dictionaries({"result": st.booleans()}) | st.fixed_dictionar
                 "headers": st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.just("v")),
                 "reason": st.just("r"),
                 "approval": APPROVAL,
+                "credential": NARROWING,
             },
         )
     }
@@ -102,13 +115,20 @@ CONTEXT = st.fixed_dictionaries(
         "reason": JSON,
         "reason_user": JSON,
         "access_request": ACCESS_REQUEST,
+        "credential": NARROWING,
     },
 )
 NEAR_DECISION = st.fixed_dictionaries(
     {"decision": st.booleans()},
     optional={
         "context": st.fixed_dictionaries(
-            {}, optional={"obligations": st.just([]), "reason": st.just("r"), "access_request": ACCESS_REQUEST}
+            {},
+            optional={
+                "obligations": st.just([]),
+                "reason": st.just("r"),
+                "access_request": ACCESS_REQUEST,
+                "credential": NARROWING,
+            },
         )
     },
 )
