@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pep.breaker import Breaker, Permit, Transition
+from pep.config import Credential as RouteCredential
 from pep.decision import CredentialNarrowing, Reason
 from pep.oauth.client_auth import ClientAuth, ClientAuthConfig, ClientAuthError
 from pep.oauth.endpoint import Endpoint, OAuthError, Reply, Unavailable
@@ -65,6 +66,29 @@ class OAuthCredentialConfig:
     expiry_margin_s: float = 30.0
     max_cached: int = 10_000
     breaker: tuple[int, float, int] = (5, 5.0, 1)  # failure_threshold, open seconds, half-open probes
+
+
+def source_config(credential: RouteCredential) -> OAuthCredentialConfig:
+    """The runtime settings of a route's `credential` with a `kind` (config keys in milliseconds)."""
+    jit = credential.jit
+    assert jit is not None, "a static credential has no token endpoint"
+    b = jit.breaker
+    return OAuthCredentialConfig(
+        kind=jit.kind,
+        token_endpoint=jit.token_endpoint,
+        client=jit.client,
+        audiences=jit.audiences,
+        resources=jit.resources,
+        scopes=jit.scopes,
+        header=credential.header,
+        format=credential.format,
+        subject_token_type=jit.subject_token_type,
+        actor_token_file=jit.actor_token_file,
+        actor_token_type=jit.actor_token_type,
+        timeout_s=jit.timeout_ms / 1000,
+        expiry_margin_s=jit.expiry_margin_ms / 1000,
+        breaker=(b.failure_threshold, b.open_ms / 1000, b.half_open_probes),
+    )
 
 
 @dataclass(frozen=True, slots=True)

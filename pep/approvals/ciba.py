@@ -33,7 +33,7 @@ import jwt
 import orjson
 
 from pep.breaker import Breaker, Transition
-from pep.config import JWT_ALGORITHMS
+from pep.config import JWT_ALGORITHMS, ApprovalsConfig
 from pep.decision import Reason
 from pep.identity.keys import KeysError, KeySet
 from pep.oauth.client_auth import ClientAuth, ClientAuthConfig, ClientAuthError
@@ -63,6 +63,23 @@ class CibaConfig:
     min_interval_s: float = 1.0
     algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA", "PS256")
     breaker: tuple[int, float, int] = (5, 5.0, 1)  # failure_threshold, open seconds, half-open probes
+
+
+def ciba_config(approvals: ApprovalsConfig) -> CibaConfig:
+    """The runtime settings of the `approvals` section (config keys in milliseconds)."""
+    b = approvals.breaker
+    return CibaConfig(
+        issuer=approvals.issuer,
+        backchannel_endpoint=approvals.backchannel_authentication_endpoint,
+        token_endpoint=approvals.token_endpoint,
+        jwks_uri=approvals.jwks_uri,
+        client=approvals.client,
+        scope=" ".join(("openid", *approvals.scopes)),
+        approver_claim=approvals.approver_claim,
+        timeout_s=approvals.timeout_ms / 1000,
+        min_interval_s=approvals.min_poll_interval_ms / 1000,
+        breaker=(b.failure_threshold, b.open_ms / 1000, b.half_open_probes),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,12 @@ import base64
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from pep.config import OAuthClientConfig
 from pep.secret_file import CHECK_S, FileSecret, Stamp, file_stamp
 
 METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt")
@@ -25,14 +25,7 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_TTL_S = 60
 
 
-@dataclass(frozen=True, slots=True)
-class ClientAuthConfig:
-    client_id: str
-    method: str  # one of METHODS
-    secret_file: str | None = None  # client_secret_basic, client_secret_post
-    key_file: str | None = None  # private_key_jwt: a PEM private key
-    key_alg: str = "ES256"
-    key_id: str | None = None  # the `kid` header of the assertion, when the server needs one
+ClientAuthConfig = OAuthClientConfig  # the config's shape is this module's input
 
 
 class ClientAuthError(Exception):
