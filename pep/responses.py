@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from pep.approvals.binding import ApprovalPending
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected
 
@@ -61,32 +59,6 @@ UNDECIDED: frozenset[Reason] = frozenset(
 MCP_DENIED = -32001
 MCP_UNDECIDED = -32603
 MCP_URL_ELICITATION_REQUIRED = -32042  # MCP 2025-11-25: the client shows the user a URL, then retries
-
-
-@dataclass(frozen=True, slots=True)
-class ApprovalPending:
-    """What an agent needs to retry a request that waits for a person (`approval_required`, ticket mode)."""
-
-    ticket: str  # sealed (pep.seal): opaque to the agent, presented in `x-pep-approval-ticket` on the retry
-    approval_id: str
-    code: str  # the request's binding code, also shown to the approver
-    retry_after_ms: int  # the OP's polling interval: retrying sooner only gets the same answer
-    expires_at: float  # seconds since the epoch: after this the ticket is `approval_invalid`
-    elicitation_url: str | None = None  # approvals.elicitation_url for this approval (MCP -32042), if configured
-
-    def fields(self) -> dict[str, Any]:
-        when = datetime.fromtimestamp(self.expires_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        return {
-            "ticket": self.ticket,
-            "id": self.approval_id,
-            "code": self.code,
-            "retry_after_ms": self.retry_after_ms,
-            "expires_at": when,
-        }
-
-    @property
-    def retry_after_s(self) -> str:
-        return str(max(1, math.ceil(self.retry_after_ms / 1000)))
 
 
 def _deny_headers(reason: Reason, request_id: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -205,3 +206,29 @@ class GrantedApproval:
         """`approval: {approver, approved_at, id}` for the `pep/v1` document (AuthZEN: `context.approval`)."""
         when = datetime.fromtimestamp(self.approved_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         return {"approver": self.approver, "approved_at": when, "id": self.approval_id}
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalPending:
+    """What an agent needs to retry a request that waits for a person (`approval_required`, ticket mode)."""
+
+    ticket: str  # sealed (pep.seal): opaque to the agent, presented in `x-pep-approval-ticket` on the retry
+    approval_id: str
+    code: str  # the request's binding code, also shown to the approver
+    retry_after_ms: int  # the OP's polling interval: retrying sooner only gets the same answer
+    expires_at: float  # seconds since the epoch: after this the ticket is `approval_invalid`
+    elicitation_url: str | None = None  # approvals.elicitation_url for this approval (MCP -32042), if configured
+
+    def fields(self) -> dict[str, Any]:
+        when = datetime.fromtimestamp(self.expires_at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return {
+            "ticket": self.ticket,
+            "id": self.approval_id,
+            "code": self.code,
+            "retry_after_ms": self.retry_after_ms,
+            "expires_at": when,
+        }
+
+    @property
+    def retry_after_s(self) -> str:
+        return str(max(1, math.ceil(self.retry_after_ms / 1000)))

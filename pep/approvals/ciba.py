@@ -243,6 +243,9 @@ class CibaClient:
         threshold, open_s, probes = cfg.breaker
         self.breaker = Breaker(threshold, open_s, probes, monotonic, on_transition or (lambda _o, _n: None))
 
+    async def close(self) -> None:
+        await self._endpoint.close()
+
     async def _exchange(
         self, url: str, form: dict[str, str], budget_s: float, read: Callable[[Answer], Awaitable[_T]]
     ) -> _T | NotApproved:
