@@ -47,6 +47,7 @@ class Check:
     obligation_forbidden: frozenset[str]
     more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
     body: bytes | None = None  # an inspected body, bound into the Allow
+    credential_narrowable: bool = False  # the route obtains a just-in-time credential the PDP may narrow
 
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
@@ -127,6 +128,9 @@ class Engine:
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
             return Outcome(deny, attempts, pdp_ms, problem, each)
+        if result.credential is not None and not check.credential_narrowable:
+            problem = "a credential narrowing on a route without a just-in-time credential"
+            return Outcome(Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem), attempts, pdp_ms, problem, each)
         allow = Allow(
             _MINT,
             decision_id=decision_id,

@@ -42,6 +42,7 @@ import orjson
 from pep.seal import Sealer, TicketProblem
 
 PURPOSE = "approval"
+TICKET_HEADER = "x-pep-approval-ticket"  # where a retry presents its ticket; never forwarded, never policy input
 _BINDING_VERSION = "pep-approval-binding/1"
 _MAX_TEXT = 512  # the longest approver or id a ticket carries
 

@@ -166,7 +166,7 @@ def test_read_token(body: dict[str, Any], expected: tuple[str, int | None] | str
 
 async def test_the_allow_carries_the_narrowing_to_the_request_path() -> None:
     from pep.config import PdpConfig
-    from pep.decision import Allow
+    from pep.decision import Allow, Deny
     from pep.engine import Check, Engine
     from pep.metrics import Metrics
     from pep.pdp import Pdp
@@ -184,6 +184,10 @@ async def test_the_allow_carries_the_narrowing_to_the_request_path() -> None:
             return None
 
     engine = Engine(Narrowing(), PdpConfig(kind="opa", url="http://pdp"), Metrics(("r",)))
-    outcome = await engine.decide(Check(pep_document(), "rid", "r", "GET", "http://up/x", frozenset()))
+    check = Check(pep_document(), "rid", "r", "GET", "http://up/x", frozenset(), credential_narrowable=True)
+    outcome = await engine.decide(check)
     assert isinstance(outcome.decision, Allow)
     assert outcome.decision.credential == narrowing
+    plain_route = await engine.decide(Check(pep_document(), "rid", "r", "GET", "http://up/x", frozenset()))
+    assert isinstance(plain_route.decision, Deny)
+    assert plain_route.decision.reason is Reason.OBLIGATION_UNSUPPORTED

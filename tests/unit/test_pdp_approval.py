@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pep.approvals.binding import ApprovalPending
 from pep.config import PdpConfig
 from pep.decision import Deny, Reason
 from pep.engine import Check, Engine, combine
@@ -21,14 +22,7 @@ from pep.pdp.mapping import default_parts
 from pep.pdp.opa import parse_answer
 from pep.pdp.transport import RawAnswer
 from pep.protocols import Inspected, Message
-from pep.responses import (
-    MCP_DENIED,
-    MCP_URL_ELICITATION_REQUIRED,
-    ApprovalPending,
-    deny,
-    deny_mcp,
-    deny_openai,
-)
+from pep.responses import MCP_DENIED, MCP_URL_ELICITATION_REQUIRED, deny, deny_mcp, deny_openai
 from tests.support.documents import pep_document
 
 
