@@ -42,7 +42,7 @@ class CredentialSource:
     def problem(self) -> str | None:
         """Why `value()` is None, as `key: what` naming the file or variable (never the value), or None."""
         if self.config.jit is not None:
-            return f"kind: {self.config.jit.kind} is not obtained on this request path (pep.credentials_oauth)"
+            return f"kind: {self.config.jit.kind}: this version's request path does not obtain it yet"
         value = self._file.value() if self._file is not None else self._static
         if self._file is not None:
             where = f"value_file: {self._file.path!r}"

@@ -278,7 +278,7 @@ def test_check_accepts_good_files_and_warns_about_the_jit_credentials_not_yet_on
     good_files(tmp_path)
     code, out, err = run_check(tmp_path, base(tmp_path), capsys)
     assert (code, out) == (0, "ok\n"), err
-    assert "routes[0].credential.kind: token_exchange is not obtained on this request path" in err
+    assert "routes[0].credential.kind: token_exchange: this version's request path does not obtain it yet" in err
 
 
 @pytest.mark.parametrize(
