@@ -77,6 +77,8 @@ OPA = [
     b'{"result":false,"result":true}',
     b'{"result":true} x',
     b'{"decision_id":"d","result":{"allow":1}}',
+    b'{"result":{"allow":false,"approval":{"approver":"alice@example.com","message":"Refund over 100"}}}',
+    b'{"result":{"allow":true,"approval":{"approver":"alice"}}}',
 ]
 AUTHZEN = [
     b'{"decision":true}',
@@ -84,6 +86,9 @@ AUTHZEN = [
     b'{"decision":true,"context":{"obligations":[{"id":"log"}]}}',
     b'{"evaluations":[{"decision":true},{"decision":false},{}]}',
     b'{"decision":1}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00Z",'
+    b'"display":{"description":"Manager approval"}}}}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00"}}}',
 ]
 # (byte 0, byte 1, byte 2) of fuzz_pdp_answers: a 200 JSON answer echoing nothing, echoing the id sent, a 503, a
 # text/plain 200, an oversize one, a batch of three

@@ -18,7 +18,7 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, ApprovalAsk, Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
@@ -47,6 +47,7 @@ class Check:
     obligation_forbidden: frozenset[str]
     more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
     body: bytes | None = None  # an inspected body, bound into the Allow
+    credential_narrowable: bool = False  # the route obtains a just-in-time credential the PDP may narrow
 
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
@@ -62,6 +63,7 @@ class Outcome:
     pdp_ms: float | None
     note: str | None = None
     reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
+    approval: ApprovalAsk | None = None  # with a `approval_required` Deny: who is asked, and what to tell them
 
 
 class Engine:
@@ -121,10 +123,14 @@ class Engine:
             return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail, each)
         if not result.allow:
             note = result.note
-            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each)
+            deny = Deny(result.reason, decision_id, note or "")
+            return Outcome(deny, attempts, pdp_ms, note, each, result.approval)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
             return Outcome(deny, attempts, pdp_ms, problem, each)
+        if result.credential is not None and not check.credential_narrowable:
+            problem = "a credential narrowing on a route without a just-in-time credential"
+            return Outcome(Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem), attempts, pdp_ms, problem, each)
         allow = Allow(
             _MINT,
             decision_id=decision_id,
@@ -134,6 +140,7 @@ class Engine:
             upstream_url=check.upstream_url,
             headers=result.headers,
             body=check.body,
+            credential=result.credential,
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each)
 
@@ -188,15 +195,28 @@ class Engine:
 
 
 def combine(results: list[Verdict | Failure]) -> Verdict | Failure:
-    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation."""
+    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation.
+
+    Approvals: a refusal that no approval can lift comes first (nobody is asked to approve what is denied anyway);
+    messages asking one approver become one approval of the whole batch (the first message; its binding covers
+    the whole body); approvals by different people cannot be asked in one CIBA request: that batch is denied."""
     verdicts: list[Verdict] = []
     for r in results:
         if isinstance(r, Failure):
             return r
         verdicts.append(r)
     for v in verdicts:
-        if not v.allow:
+        if not v.allow and v.approval is None:
             return v
+    asks = [v for v in verdicts if v.approval is not None]
+    if asks:
+        approvers = {v.approval.approver for v in asks if v.approval is not None}
+        if len(approvers) > 1:
+            return Verdict(False, Reason.POLICY_DENIED, note="a batch needs approvals by different approvers")
+        return asks[0]
     headers = tuple(h for v in verdicts for h in v.headers)
     notes = "; ".join(v.note for v in verdicts if v.note)
-    return Verdict(True, Reason.ALLOWED, headers, notes or None)
+    narrowings = {v.credential for v in verdicts if v.credential is not None}
+    if len(narrowings) > 1:  # one request gets one credential: messages that narrow it differently cannot all hold
+        return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="the batch narrows the credential differently")
+    return Verdict(True, Reason.ALLOWED, headers, notes or None, credential=narrowings.pop() if narrowings else None)

@@ -12,17 +12,32 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pep.decision import Reason
+from pep.decision import CredentialNarrowing, Reason
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalAsk:
+    """The PDP's "allowed once this person approves" (`approval_required`): who approves, and what to tell them.
+
+    `message` is the policy's text for the approver, never shown unfiltered (`pep.approvals.message`); `expires_at`
+    (seconds since the epoch) is how long the PDP stands by the offer (AuthZEN `access_request.expires_at`)."""
+
+    approver: str
+    message: str | None = None
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A well-formed answer: allow, policy deny, or undefined. The breaker counts all three as successes."""
+    """A well-formed answer: allow, policy deny, approval required, or undefined. The breaker counts them all as
+    successes. `approval` is set exactly when `reason` is `approval_required` (never with an allow)."""
 
     allow: bool
     reason: Reason
     headers: tuple[tuple[str, str], ...] = ()
     note: str | None = None  # the PDP's own explanation, for the decision log
+    approval: ApprovalAsk | None = None
+    credential: CredentialNarrowing | None = None  # with an allow: the route's credential, narrowed
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ from pep.cache_control import ttl_of
 from pep.decision import Reason
 from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict, ask_each
 from pep.pdp.answer import malformed, read_object
+from pep.pdp.approval import authzen_approval
+from pep.pdp.credential import credential_narrowing
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -110,7 +112,9 @@ def _note(context: dict[str, Any] | None) -> str | None:
 
 
 def parse_decision(obj: Any) -> Verdict | Failure:
-    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations."""
+    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations. A denial with
+    `context.access_request` (a requestable denial) asks for a person's approval: `approval_required`. An allow's
+    `context.credential` narrows the route's just-in-time credential."""
     if not isinstance(obj, dict):
         return malformed(f"a decision is a {type(obj).__name__}, not an object")
     if "decision" not in obj:
@@ -122,12 +126,25 @@ def parse_decision(obj: Any) -> Verdict | Failure:
     if context is not None and not isinstance(context, dict):
         return malformed("context is not an object")
     note = _note(context)
+    access_request = context.get("access_request") if context else None
+    if access_request is not None:
+        if decision:
+            return malformed("context.access_request with decision: true (a requestable denial is a denial)")
+        ask = authzen_approval(access_request)
+        if isinstance(ask, Failure):
+            return ask
+        return Verdict(False, Reason.APPROVAL_REQUIRED, note=note, approval=ask)
     if not decision:
         return Verdict(False, Reason.POLICY_DENIED, note=note)
     obligations = context.get("obligations") if context else None
     if obligations is not None and obligations != []:
         # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
         return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
+    if context and context.get("credential") is not None:
+        credential = credential_narrowing(context["credential"], "context.credential")
+        if isinstance(credential, Failure):
+            return credential
+        return Verdict(True, Reason.ALLOWED, note=note, credential=credential)
     return Verdict(True, Reason.ALLOWED, note=note)
 
 
