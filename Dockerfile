@@ -2,7 +2,13 @@
 # failclosed-pep container image: `pep run`, non-root, for a read-only root filesystem.
 #
 #   docker build -t failclosed-pep:0.1.0 .
-#   docker run --read-only -v "$PWD/config/example.yaml:/etc/pep/config.yaml:ro" failclosed-pep:0.1.0
+#   docker run --rm --read-only --cap-drop ALL --security-opt no-new-privileges \
+#     --add-host=host.docker.internal:host-gateway -p 127.0.0.1:8080:8080 -p 127.0.0.1:9901:9901 failclosed-pep:0.1.0
+#
+# That runs the image's own config (config/container.yaml): both listeners on 0.0.0.0 inside the container, the
+# embedded Cedar PDP with config/policies/mcp.cedar, in front of an MCP server on the Docker host's port 9000.
+# Point the agent's MCP client at http://127.0.0.1:8080/mcp. Your own config: add
+# -v "$PWD/my-config.yaml:/etc/pep/config.yaml:ro" (listeners on 0.0.0.0, and a PDP the container can reach).
 #
 # The base image is pinned by tag. Pin it by digest as well (python:3.11.17-slim-bookworm@sha256:...) once you
 # have checked the digest against your registry: no digest was written here because none could be verified
@@ -40,6 +46,9 @@ RUN groupadd --system --gid 10001 pep \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin pep
 COPY --from=build /opt/pep /opt/pep
+# A config that works as it is (see the top of this file); mount yours over /etc/pep/config.yaml.
+COPY config/container.yaml /etc/pep/config.yaml
+COPY config/policies/mcp.cedar /etc/pep/policies/mcp.cedar
 # Numeric, so Kubernetes can enforce runAsNonRoot without a passwd lookup.
 USER 10001:10001
 # 8080: the agent-facing listener, 9901: the admin listener (/healthz /readyz /metrics), as set in the config.

@@ -114,7 +114,7 @@ def goals(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
         added = added_latency(cases)
         for key, case in cases.items():
             median = case.get("median")
-            if not key.startswith("pep") or not median or key == "pep_workers2":
+            if not key.startswith("pep") or not median or key in ("pep_workers2", "pep_audit"):
                 continue
             rps = _ratio(median["closed_rps"], envoy["closed_rps"])
             per_cpu = _ratio(median["requests_per_cpu_s"], envoy["requests_per_cpu_s"])
@@ -156,6 +156,30 @@ def goals(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
                 }
             )
     return out
+
+
+def audit(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What `decision_log: {sink: file, required: true}` costs: `pep_audit` against `pep` (no log), medians."""
+    base = cases.get("pep", {}).get("median")
+    logged = cases.get("pep_audit", {}).get("median")
+    runs = cases.get("pep_audit", {}).get("runs", [])
+    per_write = [r["decision_log"]["lines_per_write"] for r in runs if r.get("decision_log")]
+    if not base or not logged or not per_write:
+        return {"status": "not measured"}
+
+    def delta(key: str) -> float | None:
+        a, b = logged.get(key), base.get(key)
+        return a - b if a is not None and b is not None else None
+
+    return {
+        "status": "ok",
+        "rps_ratio": _ratio(logged["closed_rps"], base["closed_rps"]),
+        "c1_p50_added_us": delta("c1_p50_us"),
+        "closed_p99_added_us": delta("closed_p99_us"),
+        "open_p99_added_us": delta("open_p99_us"),
+        "cpu_us_per_request_added": delta("cpu_us_per_request"),
+        "lines_per_write": statistics.median(per_write),
+    }
 
 
 def _ms(us: float | None) -> str:
@@ -244,6 +268,18 @@ def markdown(report: dict[str, Any]) -> str:
     else:
         what, _, why = w["status"].partition(": ")
         lines.append(f"- **{what.upper()}**: {why}")
+    a = report.get("audit") or {"status": "not measured"}
+    lines += ["", "## Decision log `required: true` (pep_audit against pep, get)", ""]
+    if a["status"] == "ok":
+        lines.append(
+            f"- Every allow waits for the write of its line to a file before it is forwarded: "
+            f"{_x(a['rps_ratio'])} the throughput of `pep` without a log; added p50 at 1 connection "
+            f"{_ms(a['c1_p50_added_us'])} ms, p99 at 16 connections {_ms(a['closed_p99_added_us'])} ms, open-loop "
+            f"p99 {_ms(a['open_p99_added_us'])} ms; {_num(a['cpu_us_per_request_added'])} CPU µs more per request. "
+            f"Group commit: {a['lines_per_write']:.1f} lines per write (median over the runs)."
+        )
+    else:
+        lines.append(f"- **{a['status'].upper()}**")
     alloc = report.get("allocation")
     if alloc:
         lines += [

@@ -45,6 +45,7 @@ CASES: tuple[tuple[Workload, Target], ...] = (
     (GET, targets.ENVOY),
     (GET, targets.PEP_CEDAR),
     (GET, targets.PEP_WORKERS2),
+    (GET, targets.PEP_AUDIT),
     (MCP, targets.DIRECT),
     (MCP, targets.PEP),
     (MCP, targets.ENVOY),
@@ -138,6 +139,8 @@ def run_case(
     try:
         targets.check_answer(running, workload)
         result = measure.measure(running, workload, bins[f"wrk-{workload.name}"], work, d, stubs)
+        if target.audit:
+            result["decision_log"] = targets.log_writes(running)
     finally:
         running.stop()
     return {**result, "quiet_wait_s": round(waited, 1), "busy_cores_before": busy}
@@ -177,6 +180,8 @@ def verify(result: dict[str, Any], repetitions: int) -> list[str]:
         needed = ["closed_rps", "c1_p50_us", "open_p999_us"]
         if target.kind != "direct":
             needed += ["cpu_us_per_request", "peak_rss_kib"]
+        if target.audit:
+            needed.append("decision_log")
         for run in case["runs"]:
             missing += [f"{workload.name}/{target.key}: no {k}" for k in needed if not run.get(k)]
     alloc = result.get("allocation") or {}
@@ -318,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "rps_2": two,
         "scaling": two / one if one and two else None,
     }
+    result["audit"] = report.audit(results[GET.name])
     result["warnings"] = warnings
     result["elapsed_s"] = round(time.monotonic() - started, 1)
 

@@ -94,6 +94,7 @@ class Target:
     kind: str
     pdp: str = ""
     workers: int = 1
+    audit: bool = False  # decision_log: {sink: file, required: true}: every allow waits for its line's write
 
     @property
     def cores(self) -> str:
@@ -105,6 +106,7 @@ PEP = Target("pep", "pep", "opa")
 ENVOY = Target("envoy", "envoy", "ext_authz")
 PEP_CEDAR = Target("pep_cedar", "pep", "cedar")
 PEP_WORKERS2 = Target("pep_workers2", "pep", "opa", workers=2)
+PEP_AUDIT = Target("pep_audit", "pep", "opa", audit=True)
 
 
 class Unsupported(Exception):
@@ -211,6 +213,8 @@ def pep_config(target: Target, stubs: Stubs, port: int, admin_port: int, work: P
     }
     if target.workers > 1:
         config["workers"] = target.workers
+    if target.audit:
+        config["decision_log"] = {"sink": "file", "path": str(work / "decisions.jsonl"), "required": True}
     return config
 
 
@@ -318,6 +322,7 @@ class Running:
     target: Target
     port: int
     proc: Proc | None
+    admin_port: int | None = None
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -365,7 +370,7 @@ def start_target(target: Target, stubs: Stubs, work: Path, pep_bin: Path, envoy_
         # Ready: the config is loaded and (workers: N) every worker listens.
         _wait_ready(proc, f"http://{LOOPBACK}:{admin_port}/readyz")
     # taskset has exec'd the proxy: the PID is the proxy's own.
-    return Running(target, port, proc)
+    return Running(target, port, proc, admin_port if target.kind == "pep" else None)
 
 
 def _wait_ready(proc: Proc, url: str, timeout: float = 30.0) -> None:
@@ -383,6 +388,26 @@ def _wait_ready(proc: Proc, url: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
     proc.stop()
     raise BenchError(f"{proc.name} did not become ready at {url}: {last}\n{proc.log_tail()}")
+
+
+def log_writes(running: Running) -> dict[str, float]:
+    """For a PEP with a required decision log: allowed requests, batch writes and lines per write so far, from
+    its /metrics (group commit: one write carries every line queued while the previous one was under way)."""
+    if running.admin_port is None:
+        raise BenchError(f"{running.target.key} has no admin port to read the decision log metrics from")
+    url = f"http://{LOOPBACK}:{running.admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text: str = response.read().decode()
+    allowed = writes = 0.0
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("pep_decisions_total{") and 'decision="allow"' in name:
+            allowed += float(value)
+        elif name == "pep_decision_log_write_duration_seconds_count":
+            writes = float(value)
+    if not writes:
+        raise BenchError(f"{running.target.key}: the decision log reports no writes")
+    return {"allowed": allowed, "writes": writes, "lines_per_write": allowed / writes}
 
 
 def check_answer(running: Running, workload: Workload, timeout: float = 10.0) -> None:

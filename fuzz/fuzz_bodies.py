@@ -79,11 +79,13 @@ def test_one_input(data: bytes) -> None:
     early = dispatch.before_body(route, method, path, headers, has_body)
     oracles.check_dispatch(protocol, filtering, method, path, headers, has_body, early)
     if early is None:
-        parsed = dispatch.parse(route, headers, body)
+        parsed = dispatch.parse(route, method, path, headers, body)
         if protocol == "mcp":
             oracles.check_mcp(body, headers, parsed)
+        elif protocol == "openai" and oracles.invokes_model(method, path):
+            oracles.check_model_call(body, headers, parsed)
         else:
-            oracles.check_openai(body, parsed)
+            oracles.check_form(body, parsed, unread_model=protocol == "openai")
     # each reader on its own, whatever the route
     oracles.check_mcp(body, headers, mcp.inspect(body, headers))
     oracles.check_openai(body, openai.inspect(body))

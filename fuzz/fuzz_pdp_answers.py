@@ -10,8 +10,8 @@ Input: three bytes that choose how the answer arrived, then its body.
 Oracles (fuzz/oracles.py): allow exactly on the documented shapes, OPA `{"result": true}` or `{"result": {"allow":
 true, ...}}` (headers an object of strings), AuthZEN `{"decision": true, ...}` without obligations, and only
 for a 2xx answer with a JSON content type whose body the standard library reads as one strict JSON object (no
-duplicate keys, nothing after it); every other answer is a deny with the reason DESIGN.md gives; a batch answer
-is one result per evaluation, a missing one undefined.
+duplicate keys, nothing after it); every other answer is a deny with the reason the README gives ("PDPs"); a
+batch answer is one result per evaluation, a missing one undefined.
 """
 
 from __future__ import annotations

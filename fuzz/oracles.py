@@ -2,7 +2,7 @@
 
 The atheris harnesses (fuzz/fuzz_*.py) and the hypothesis properties (tests/unit/test_fuzz_*.py) feed inputs to
 the PEP's pure readers and hand each result to a `check_*` function here. A broken invariant raises
-`OracleError` with what was wrong. The expectations are written from the contract (shared DESIGN.md) and from
+`OracleError` with what was wrong. The expectations are written from the contract (the README) and from
 independent references, not from the code under test: strict JSON is re-read with the standard library, paths
 are percent-decoded byte by byte, and the PDP client's answers are compared with what h11 reads from the same
 bytes.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import calendar
 import gzip
 import json
 import os
@@ -73,7 +74,22 @@ _WELL_FORMED = re.compile(r"%[0-9A-Fa-f]{2}")
 _UNRESERVED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 _CONTROL = frozenset(range(0x20)) | {0x7F}
 METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-PATH_OVERRIDES = frozenset({"x-original-url", "x-rewrite-url"})
+# DESIGN: "path-override headers that frameworks honour" (the list README.md gives).
+PATH_OVERRIDES = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-uri",
+        "x-forwarded-path",
+        "x-forwarded-url",
+        "x-envoy-original-path",
+        "x-replaced-path",
+        "x-original-path",
+        "x-override-url",
+        "x-http-path-override",
+    }
+)
 
 
 def percent_decode(data: bytes) -> bytes:
@@ -100,7 +116,8 @@ def _is_dot(layer: bytes) -> bool:
 def check_path(path: str, problem: str | None) -> None:
     """An accepted path is visible ASCII without `\\` or `#`, its escapes are well-formed and encode no unreserved
     character, and no segment is (or decodes, in up to MAX_DECODES rounds, to) a dot segment, a separator or a
-    control character; a segment that still changes after MAX_DECODES rounds is refused."""
+    control character; a segment that still changes after MAX_DECODES rounds is refused. No segment is empty (`//`,
+    which nginx merges), nor empty before its parameters (`/;x/`), but the last (`/a/`)."""
     require(problem is None or (isinstance(problem, str) and bool(problem)), "path_problem answers a reason", problem)
     if problem is not None:
         return
@@ -110,13 +127,42 @@ def check_path(path: str, problem: str | None) -> None:
         byte = int(escape.group(0)[1:], 16)
         require(byte not in _UNRESERVED, "accepted path has no percent-encoded unreserved character", path)
     require(path.count("%") == len(_WELL_FORMED.findall(path)), "every % in an accepted path is an escape", path)
-    for segment in path.split("/"):
+    segments = path.split("/")
+    # Empty segments, also behind parameters (`/;x/` is `//` to a servlet container): only the root and a trailing `/`.
+    inner = [seg.partition(";")[0] for seg in segments[1:-1]]
+    require(all(inner) and not segments[-1].startswith(";"), "accepted path has no empty segment but a last one", path)
+    for segment in segments:
         layers = decoding_layers(segment.encode("ascii"))
         require(len(layers) <= MAX_DECODES + 1, "accepted segment decodes to a fixed point", path, layers)
         for layer in layers:
             require(not _is_dot(layer), "accepted path has no dot segment, raw or decoded", path, layer)
             require(b"/" not in layer and b"\\" not in layer, "accepted path has no encoded separator", path, layer)
             require(not _CONTROL.intersection(layer), "accepted path has no control character", path, layer)
+
+
+def check_parameters(path: str, problem: str | None) -> None:
+    """For a path `path_problem` accepts: path parameters are refused exactly when a segment holds `;` as sent or
+    after any round of decoding (`%3b`, `%253b`, `%3%62`)."""
+    require(problem is None or (isinstance(problem, str) and bool(problem)), "parameter_problem answers a reason")
+    layers = [layer for seg in path.split("/") for layer in decoding_layers(seg.encode("ascii"))]
+    expected = any(b";" in layer for layer in layers)
+    require((problem is not None) == expected, "a path parameter refused exactly when present", path, problem)
+
+
+def _field_name(pair: str) -> str:
+    """A field's name as PHP reads it (the most lenient reader): decoded, NUL-ended, leading spaces dropped,
+    ` ` and `.` as `_`, up to a `[`."""
+    raw = pair.split("=", 1)[0].replace("+", " ").encode("utf-8", "surrogatepass")
+    name = percent_decode(raw).decode("latin-1")
+    name = name.split("\x00", 1)[0].lstrip(" ").replace(" ", "_").replace(".", "_")
+    return name.split("[", 1)[0]
+
+
+def check_method_field(fields: str, problem: str | None) -> None:
+    """A `_method` field (any case, `&` or `;` separated) is refused exactly when present."""
+    names = [_field_name(pair) for part in fields.split("&") for pair in part.split(";")]
+    expected = any(n.lower() == "_method" for n in names)
+    require((problem is not None) == expected, "a _method field refused exactly when present", fields, problem)
 
 
 def check_query(query: str, problem: str | None) -> None:
@@ -267,8 +313,45 @@ NAMED_BY = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"
 NAMED_BY |= {"resources/subscribe": "uri", "resources/unsubscribe": "uri"}
 MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 BATCH_VERSION = "2025-03-26"
-MODEL_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses")
+# Model calls by the last path segments (any case; "*" one segment), longest first; True where the body is read.
+MODEL_ENDPOINTS = (
+    ("threads/*/runs", True),
+    *((e, True) for e in ("chat/completions", "images/generations", "images/edits", "images/variations")),
+    *((e, True) for e in ("audio/transcriptions", "audio/translations", "audio/speech", "threads/runs")),
+    ("assistants/*", True),
+    ("fine_tuning/jobs", True),
+    ("realtime/*", False),
+    *((e, True) for e in ("completions", "embeddings", "responses", "moderations", "assistants")),
+    *((e, False) for e in ("batches", "files", "uploads", "realtime")),
+)
 MCP_MAX_DEPTH = 64
+
+
+# The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
+MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
+MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
+MODEL_READS = ("model", "stream", "tools", "functions", "n")
+MODEL_TOOL_READS = ("type", "name", "function")
+
+
+def folds_together(value: Any) -> bool:
+    """Some object, at any depth, has two keys equal under Unicode case folding."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if len({k.casefold() for k in item}) != len(item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def misspelled(obj: Any, reads: Sequence[str]) -> bool:
+    """`obj` has a key that folds to one the PEP reads without being it."""
+    folded = {r.casefold() for r in reads}
+    return isinstance(obj, dict) and any(k not in reads and k.casefold() in folded for k in obj)
 
 
 def _mirrored(value: str) -> str | None:
@@ -289,19 +372,32 @@ def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
     return False
 
 
+MAX_BATCH_MESSAGES = 16  # the route default
+
+
 def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
-    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch decided as one message per
-    element, with facts taken from that element; mirrored headers agree with the body."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch of at most
+    MAX_BATCH_MESSAGES decided as one message per element, with facts taken from that element; mirrored headers
+    agree with the body. Only such an over-long batch is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            value = reference_loads(body, MCP_MAX_DEPTH).value
+            require(isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES, "too large: a long batch", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body, MCP_MAX_DEPTH)
     require(ref.problem is None, "MCP body accepted that the reference refuses", body, ref.problem)
     require(result.body == body, "the decided body is the body read", body)
     value = ref.value
+    require(not folds_together(value), "no keys equal under case folding anywhere", body)
     batch = isinstance(value, list)
     require(result.batch == batch, "batch flag matches the body", body)
     items = value if batch else [value]
+    require(len(items) <= MAX_BATCH_MESSAGES, "a batch over max_batch_messages is refused", body)
+    for item in items:
+        params = item.get("params") if isinstance(item, dict) else None
+        spelled = not misspelled(item, MCP_READS) and not misspelled(params, MCP_PARAMS_READS)
+        require(spelled, "the keys the PEP reads are spelled exactly", item)
     require(len(items) >= 1 and len(result.messages) == len(items), "one message per batch element", body)
     for name in MIRRORED:
         require(len(headers.getall(name, ())) <= 1, "a repeated mirrored header is refused", name)
@@ -338,12 +434,16 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
 
 def check_openai(body: bytes, result: Inspected | Refused) -> None:
     """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
-    if _refusal(result, frozenset({Reason.BODY_UNREADABLE})):
+    if _refusal(result, BODY_REFUSALS):
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body)
     require(ref.problem is None and isinstance(ref.value, dict), "model body accepted that the reference refuses", body)
     obj = ref.value
+    require(not folds_together(obj), "no keys equal under case folding anywhere", body)
+    listed_tools = [t for k in ("tools", "functions") if isinstance(obj.get(k), list) for t in obj[k]]
+    spelled = not misspelled(obj, MODEL_READS) and not any(misspelled(t, MODEL_TOOL_READS) for t in listed_tools)
+    require(spelled, "the keys the PEP reads are spelled exactly", obj)
     require(result.body == body and len(result.messages) == 1, "one message, the body read", body)
     facts = result.messages[0].facts
     require(result.messages[0].key == "model", "model facts", result)
@@ -357,10 +457,17 @@ def check_openai(body: bytes, result: Inspected | Refused) -> None:
 
 
 def invokes_model(method: str, path: str) -> bool:
-    """A POST whose last path segments (path parameters and empty segments aside) name a model endpoint."""
-    segments = [s.partition(";")[0] for s in path.split("/")]
-    tail = "/".join(s for s in segments if s)
-    return method == "POST" and any(tail == e or tail.endswith("/" + e) for e in MODEL_ENDPOINTS)
+    """A POST whose last path segments (path parameters and empty segments aside, in any letter case) name a
+    model endpoint whose body names the model (the longest match decides)."""
+    if method != "POST":
+        return False
+    segments = [s.lower() for s in (s.partition(";")[0] for s in path.split("/")) if s]
+    for pattern, read in MODEL_ENDPOINTS:
+        wanted = pattern.split("/")
+        tail = segments[-len(wanted) :] if len(segments) >= len(wanted) else None
+        if tail is not None and all(w in ("*", t) for w, t in zip(wanted, tail, strict=True)):
+            return read
+    return False
 
 
 def check_dispatch(
@@ -377,11 +484,13 @@ def check_dispatch(
     inspected (the PEP would decide on other bytes than the upstream reads)."""
     if filter_tools_list and "Last-Event-ID" in headers:
         require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    form = method == "POST" and has_body and is_form(headers)
     if early is None:
-        require((protocol == "mcp" and method == "POST") or protocol == "openai", "only inspected routes read", path)
-        require(protocol != "openai" or invokes_model(method, path), "openai routes read model calls only", path)
+        inspected = (protocol == "mcp" and method == "POST") or (protocol == "openai" and invokes_model(method, path))
+        require(inspected or form, "only inspected routes and form POSTs are read", protocol, method, path)
         encoding = headers.get("Content-Encoding")
-        require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read", headers)
+        if inspected:
+            require(encoding is None or encoding.strip().lower() in ("", "identity"), "no encoded body is read")
         return
     if _refusal(early, BODY_REFUSALS):
         return
@@ -394,6 +503,43 @@ def check_dispatch(
         require(message.key == "mcp" and str(message.facts["method"]).startswith("mcp/"), "an MCP action", early)
     elif protocol == "openai":
         require(not invokes_model(method, path), "a model call is always read", method, path)
+        if method == "POST":
+            (message,) = early.messages
+            facts = message.facts
+            require(message.key == "model" and facts["read"] is False, "an unread POST is an unread model call", early)
+            require(facts["name"] is None, "an unread model call names no model", early)
+    require(not form, "a form POST is read (for a _method field)", protocol, method, headers)
+
+
+def is_form(headers: Mapping[str, str]) -> bool:
+    """A body Rack reads as a form: no Content-Type, or (any of them) urlencoded."""
+    values = list(headers.getall("Content-Type", ())) if isinstance(headers, CIMultiDict) else []
+    return not values or any("x-www-form-urlencoded" in v.lower() or not v.strip() for v in values)
+
+
+def check_form(body: bytes, result: Inspected | Refused, unread_model: bool = False) -> None:
+    """A form body is forwarded as read, one plain message (on an openai route: an unread model call's), unless it
+    holds a `_method` field."""
+    if _refusal(result, frozenset({Reason.REQUEST_AMBIGUOUS})):
+        check_method_field(body.decode("latin-1"), "refused")
+        return
+    assert isinstance(result, Inspected)
+    require(result.body == body and len(result.messages) == 1, "the form body as read, one message", body)
+    message = result.messages[0]
+    if unread_model:
+        unread = message.key == "model" and message.facts["read"] is False and message.facts["name"] is None
+        require(unread, "an unread model call's facts, none from the form", result)
+    else:
+        require(message.key is None, "no facts from a form", result)
+    check_method_field(body.decode("latin-1"), None)
+
+
+def check_model_call(body: bytes, headers: Mapping[str, str], result: Inspected | Refused) -> None:
+    """A model call read through dispatch: as `check_openai`, and a body a framework may read as a form (no
+    Content-Type, or an urlencoded one) is accepted only without a `_method` field."""
+    check_openai(body, result)
+    if isinstance(result, Inspected) and is_form(headers):
+        check_method_field(body.decode("latin-1"), None)
 
 
 # --- PDP answers (pep/pdp/answer.py, opa.py, authzen.py) -----------------------------------------------------
@@ -423,7 +569,7 @@ def is_json_media(content_type: str) -> bool:
 
 
 def answer_object(answer: RawAnswer) -> tuple[Reason, dict[str, Any]] | Reason:
-    """DESIGN, "How a PDP answer becomes a reason", before the PDP kind's own fields: the object, or a reason."""
+    """README, "PDPs" (how an answer becomes a reason), before the PDP kind's own fields: the object, or a reason."""
     if not 200 <= answer.status < 300:
         return Reason.PDP_ERROR_STATUS
     if answer.oversize or answer.undecodable or not is_json_media(answer.content_type):
@@ -451,12 +597,94 @@ def opa_expected(answer: RawAnswer) -> Reason:
         return Reason.PDP_UNDEFINED
     if not isinstance(allow, bool):
         return Reason.PDP_MALFORMED
+    if "approval" in result:  # README "Approvals": only on a deny, {approver, message?} and nothing else
+        if allow or not _approval_ok(result["approval"], ("approver", "message")):
+            return Reason.PDP_MALFORMED
+        return Reason.APPROVAL_REQUIRED
     if not allow:
         return Reason.POLICY_DENIED
+    if "credential" in result and not _narrowing_ok(result["credential"]):
+        return Reason.PDP_MALFORMED
     headers = result.get("headers")
     if headers is not None and not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
         return Reason.PDP_MALFORMED
     return Reason.ALLOWED
+
+
+def _scope_token(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 256 and all("!" <= ch <= "~" for ch in value)
+
+
+def _narrowing_ok(value: Any) -> bool:
+    """README "Just-in-time credentials": `{audience?, scopes?}`, scopes distinct scope tokens (at most 64)."""
+    if not isinstance(value, dict) or not set(value) <= {"audience", "scopes"}:
+        return False
+    audience, scopes = value.get("audience"), value.get("scopes")
+    if audience is not None and not _scope_token(audience):
+        return False
+    if scopes is None:
+        return True
+    return (
+        isinstance(scopes, list)
+        and len(scopes) <= 64
+        and all(_scope_token(x) for x in scopes)
+        and len(set(scopes)) == len(scopes)
+    )
+
+
+def _approver_ok(value: Any) -> bool:
+    """A non-empty printable string of at most 256 characters, without surrounding white space."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 256
+        and value == value.strip()
+        and all(ch.isprintable() for ch in value)
+    )
+
+
+def _message_ok(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= 1024)
+
+
+def _approval_ok(value: Any, keys: tuple[str, ...]) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) <= set(keys)
+        and _approver_ok(value.get("approver"))
+        and (_message_ok(value.get("message")))
+    )
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def _date_time_in_range(text: str) -> bool:
+    """Every field of an RFC 3339 date-time within its range (no leap second: Python cannot hold one)."""
+    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+    hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
+    if not (year >= 1 and 1 <= month <= 12) or not 1 <= day <= calendar.monthrange(year, month)[1]:
+        return False
+    if hour > 23 or minute > 59 or second > 59:
+        return False
+    offset = text[-6:]
+    return text[-1] in "Zz" or (int(offset[1:3]) <= 23 and int(offset[4:6]) <= 59)
+
+
+def _access_request_ok(value: Any) -> bool:
+    """ARAP's requestable denial as the README reads it: `approver`, an RFC 3339 `expires_at`, an optional
+    `display` object whose description (else title) is the message; other members are ignored."""
+    if not isinstance(value, dict) or not _approver_ok(value.get("approver")):
+        return False
+    expires = value.get("expires_at")
+    if not isinstance(expires, str) or not _RFC3339.match(expires) or not _date_time_in_range(expires):
+        return False
+    display = value.get("display")
+    if display is None:
+        return True
+    if not isinstance(display, dict):
+        return False
+    text = display.get("description") if display.get("description") is not None else display.get("title")
+    return _message_ok(text)
 
 
 def authzen_decision_expected(obj: Any) -> Reason:
@@ -468,10 +696,18 @@ def authzen_decision_expected(obj: Any) -> Reason:
     decision, context = obj["decision"], obj.get("context")
     if not isinstance(decision, bool) or (context is not None and not isinstance(context, dict)):
         return Reason.PDP_MALFORMED
+    if context and context.get("access_request") is not None:
+        if decision or not _access_request_ok(context["access_request"]):
+            return Reason.PDP_MALFORMED
+        return Reason.APPROVAL_REQUIRED
     if not decision:
         return Reason.POLICY_DENIED
     obligations = context.get("obligations") if context else None
-    return Reason.ALLOWED if obligations in (None, []) else Reason.OBLIGATION_UNSUPPORTED
+    if obligations not in (None, []):
+        return Reason.OBLIGATION_UNSUPPORTED
+    if context and context.get("credential") is not None and not _narrowing_ok(context["credential"]):
+        return Reason.PDP_MALFORMED
+    return Reason.ALLOWED
 
 
 def _authzen_object(answer: RawAnswer, request_id: str) -> dict[str, Any] | Reason:

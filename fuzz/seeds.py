@@ -25,6 +25,8 @@ INTEGRITY = [
     "/mcp\n\n@evil.com\n",
     "/v1/chat/completions\nstream=true\nexample.com:443/path\n",
     "/a\\b/c%5c%00%0a%7f\n\n[v6]\n",
+    "//tools//admin/;x/a%3Bb;c\n_method=DELETE&.method=x\n127.0.0.1\nx-forwarded-uri,X-Envoy-Original-Path",
+    "/tools/x%3%62;v=1/\n%5Fmethod[]=PUT;a=1\nexample.com\nx-original-uri,x-forwarded-prefix",
 ]
 
 MCP = [
@@ -76,6 +78,8 @@ OPA = [
     b'{"result":false,"result":true}',
     b'{"result":true} x',
     b'{"decision_id":"d","result":{"allow":1}}',
+    b'{"result":{"allow":false,"approval":{"approver":"alice@example.com","message":"Refund over 100"}}}',
+    b'{"result":{"allow":true,"approval":{"approver":"alice"}}}',
 ]
 AUTHZEN = [
     b'{"decision":true}',
@@ -83,6 +87,9 @@ AUTHZEN = [
     b'{"decision":true,"context":{"obligations":[{"id":"log"}]}}',
     b'{"evaluations":[{"decision":true},{"decision":false},{}]}',
     b'{"decision":1}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00Z",'
+    b'"display":{"description":"Manager approval"}}}}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00"}}}',
 ]
 # (byte 0, byte 1, byte 2) of fuzz_pdp_answers: a 200 JSON answer echoing nothing, echoing the id sent, a 503, a
 # text/plain 200, an oversize one, a batch of three
@@ -113,7 +120,26 @@ RESPONSES = [
     + gzip.compress(b"{}", mtime=0),
     b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Encoding: deflate\r\nContent-Length: 17\r\n"
     b"Content-Type: application/json\r\n\r\n" + zlib.compress(b"{}") + b"x" * 7,
+    # control characters in the reason phrase (llhttp passes them)
+    b"HTTP/1.1 200 O\x01\x00K\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
 ]
+
+REQUESTS = [
+    b"GET /tools/search?q=1 HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+    b"POST /mcp HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01",
+    b"GET /x HTTP/1.1\r\nHost: h\r\nX-A: a\r\n b\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 2\r\n\r\nhi",
+    b"OPTIONS * HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n\r\n",
+    b"GET http://h/x HTTP/2.0\r\nHost: h\r\n\r\n",
+]
+# (byte 0, byte 1) of fuzz_http1_core: requests, no limit; requests in 3 reads with EOF and a 4-byte limit; a
+# response to GET in one read; to HEAD with EOF; to CONNECT in 2 reads; to POST with tiny limits and a limit of 8
+CORE_REQUESTS = [bytes([0, 255]), bytes([0b1010, 4])]
+CORE_RESPONSES = [bytes([1, 255]), bytes([0b100011, 255]), bytes([0b1100101, 255]), bytes([0b11000001, 8])]
 
 
 def write(harness: str, inputs: list[bytes]) -> None:
@@ -140,6 +166,10 @@ def main() -> None:
         + [ANSWER_CONFIGS[0] + body for body in answers],
     )
     write("pdp_http1", [bytes([b]) + r for r in RESPONSES for b in (0, 1)] + [bytes([0b1111]) + RESPONSES[1]])
+    write(
+        "http1_core",
+        [c + r for c in CORE_REQUESTS for r in REQUESTS] + [c + r for c in CORE_RESPONSES for r in RESPONSES[::2]],
+    )
 
 
 if __name__ == "__main__":

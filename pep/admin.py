@@ -12,7 +12,12 @@ from pep.breaker import State
 from pep.metrics import Metrics
 
 
-def admin_app(metrics: Metrics, circuit: Callable[[], State], shutting_down: Callable[[], bool]) -> web.Application:
+def admin_app(
+    metrics: Metrics,
+    circuit: Callable[[], State],
+    shutting_down: Callable[[], bool],
+    pdp_never_reached: Callable[[], bool] = lambda: False,
+) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(body=b'{"ok":true}', content_type="application/json")
 
@@ -22,6 +27,8 @@ def admin_app(metrics: Metrics, circuit: Callable[[], State], shutting_down: Cal
             reasons.append("shutting_down")
         if circuit() is State.OPEN:
             reasons.append("circuit_open")
+        if pdp_never_reached():  # every request would be denied: not in service until the PDP was reached once
+            reasons.append("pdp_unreachable")
         body = orjson.dumps({"ready": not reasons, "reasons": reasons})
         return web.Response(status=503 if reasons else 200, body=body, content_type="application/json")
 

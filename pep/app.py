@@ -10,12 +10,13 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from pep.admin import admin_app
-from pep.config import Address, Config, ConfigError, load
+from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
@@ -25,11 +26,12 @@ from pep.identity.subject import build_identity
 from pep.metrics import Metrics
 from pep.pdp import Pdp
 from pep.pdp.authzen import AuthzenPdp
-from pep.pdp.cedar import CedarLoadError, CedarPdp
+from pep.pdp.cedar import CedarLoadError, CedarPdp, policy_files
 from pep.pdp.mapping import CompiledMapping
 from pep.pdp.opa import OpaPdp
+from pep.pdp.reachability import Reachability
 from pep.pdp.transport import HttpTransport, tls_context
-from pep.preflight import file_problems
+from pep.preflight import credential_warning, file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.secret_file import FileSecret, Stamp, file_stamp
@@ -67,6 +69,20 @@ def build_pdp(cfg: Config) -> Pdp:
         # Discovery gets the decision deadline as its own bound (callers stop waiting then anyway).
         return AuthzenPdp(pdp.url, transport, mappings, auth, header, discovery_timeout=pdp.timeout_ms / 1000)
     return OpaPdp(pdp.url, transport, auth, pdp.auth.header if pdp.auth is not None else "authorization")
+
+
+def watched_files(cfg: Config) -> tuple[str, ...]:
+    """The files whose change means a reload: the config file, and the Cedar policies (a file, or a directory and
+    its `.cedar` files) and entities it names. Everything else a config names is re-read by its own user."""
+    files = [cfg.source]
+    pdp = cfg.pdp
+    if pdp.kind == "cedar" and pdp.policies is not None:
+        files.append(pdp.policies)  # a directory's own stamp changes when a file is added, removed or renamed
+        if os.path.isdir(pdp.policies):
+            files.extend(str(f) for f in policy_files(Path(pdp.policies)))
+        if pdp.entities is not None:
+            files.append(pdp.entities)
+    return tuple(files)
 
 
 def _pdp_identity(cfg: Config) -> tuple[object, ...]:
@@ -113,6 +129,12 @@ class Server:
         self._retired: list[Runtime] = []  # replaced runtimes whose clients close once their requests are done
         self._span_exporter = span_exporter  # tests: an in-memory exporter instead of the configured one
         self.tracing: Tracing | None = None
+        self._credential_said: dict[str, str | None] = {}  # route name -> the credential problem last said
+        self.reachability = Reachability(self._pdp_config, say, self.metrics.pdp_reachable.set)
+
+    def _pdp_config(self) -> PdpConfig:
+        """The PDP config in force (the probe follows reloads)."""
+        return self.proxy.runtime.config.pdp if self.proxy is not None else self.config.pdp
 
     @property
     def runtime(self) -> Runtime | None:
@@ -154,8 +176,14 @@ class Server:
             keepalive_timeout=KEEPALIVE_S,
             auto_decompress=False,  # bodies are forwarded as sent, encoding and all
         )
-        admin = admin_app(self.metrics, lambda: proxy.runtime.engine.circuit, lambda: self.shutting_down)
-        self.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls is not None else None
+        reachability = self.reachability
+        admin = admin_app(
+            self.metrics,
+            lambda: proxy.runtime.engine.circuit,
+            lambda: self.shutting_down,
+            lambda: not reachability.reached,
+        )
+        self.listener_tls = proxy.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
         grace = cfg.shutdown_grace_ms / 1000
         self.proxy_address = await self._bind(
@@ -164,7 +192,11 @@ class Server:
         self.admin_address = await self._bind(
             web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
         )
-        self._spawn(self._watch_config(file_stamp(cfg.source)))  # stamped now: a change from here on is seen
+        # Known before start() returns (at most PROBE_TIMEOUT_S): a PDP that is not there is said at once.
+        await reachability.probe()
+        self._spawn(reachability.run())
+        self._check_credentials()
+        self._spawn(self._watch_files(self._stamps()))  # stamped now: a change from here on is seen
 
     async def _bind(
         self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None, reuse_port: bool = False
@@ -210,13 +242,10 @@ class Server:
                 identifier, keys = build_identity(cfg, lambda ok: fetches[ok].inc())
                 if keys is not None:
                     await keys.start()
-            if old is not None and engine is old.engine:
-                # In-process policies are re-read on every reload, last: this changes the engine in force, so
-                # nothing after it may fail and leave the old config running with the new policies.
-                reload = getattr(engine.pdp, "reload", None)
-                problem = reload() if reload is not None else None
-                if problem:
-                    raise ReloadError(problem)
+            # In-process policies are re-read on every reload that keeps the engine, last: this changes the engine
+            # in force, so nothing after it may fail and leave the old config running with the new policies.
+            if old is not None and engine is old.engine and (problem := engine.pdp.reload()):
+                raise ReloadError(problem)
         except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
             await self._discard(old, engine, keys)
             raise ReloadError(str(exc)) from None
@@ -259,21 +288,50 @@ class Server:
         if problem is not None:
             say(f"failclosed-pep: {problem}")
 
-    async def reload_config(self) -> bool:
-        """Read the config file again and swap it in whole, or keep the last good one and say why.
+    async def reload_config(self, cause: str = "") -> bool:
+        """Read the config file (and the files it names) again and swap it in whole, or keep the last good one
+        and say why. `cause` says what changed (for the stderr line).
 
         Requests in flight finish on the config they started with. Counted in pep_config_reloads_total."""
+        why = f" ({cause})" if cause else ""
         async with self._reload_lock:
             try:
                 await self._swap()
             except ReloadError as exc:
                 self.metrics.config_reloads["error"].inc()
-                message = f"config reload failed, keeping the last good config: {exc}"
+                message = f"config reload failed{why}, keeping the last good config: {exc}"
                 say(f"failclosed-pep: {message}")
                 return False
             self.metrics.config_reloads["success"].inc()
-            say("failclosed-pep: config reloaded")
+            say(f"failclosed-pep: config reloaded{why}")
+            self._check_credentials()
+            self.reachability.wake()  # the PDP may have moved
             return True
+
+    def _check_credentials(self) -> None:
+        """Say on stderr when a route's credential goes missing (its requests are denied from then on) and when
+        it is back: once per change, not per request. Checked at start, after a reload and once a second."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        cfg = runtime.config
+        said = self._credential_said
+        for name in [n for n in said if n not in runtime.credentials]:
+            del said[name]
+        for index, route in enumerate(cfg.routes):
+            source = runtime.credentials.get(route.name)
+            if source is None:
+                continue
+            problem = source.problem()
+            before = said.get(route.name)
+            if problem == before:
+                continue
+            said[route.name] = problem
+            if problem is not None:
+                say(f"failclosed-pep: warning: {credential_warning(cfg, index, problem)}")
+            else:
+                where = f"{cfg.source}: routes[{index}].credential"
+                say(f"failclosed-pep: {where}: route {route.name} has its credential again")
 
     async def _swap(self) -> None:
         proxy = self.proxy
@@ -313,15 +371,24 @@ class Server:
         if runtime.keys is not None and (keep is None or runtime.keys is not keep.keys):
             await runtime.keys.close()
 
-    async def _watch_config(self, stamp: Stamp | None) -> None:
-        """Reload when the config file changes (a ConfigMap update swaps a symlink); checked once a second."""
-        path = self.config.source
+    def _stamps(self) -> dict[str, Stamp | None]:
+        return {path: file_stamp(path) for path in watched_files(self.config)}
+
+    async def _watch_files(self, stamps: dict[str, Stamp | None]) -> None:
+        """Reload when the config file or the Cedar policies it names change (a ConfigMap update swaps a
+        symlink); checked once a second. A policy file that is half-written or broken is refused like a bad
+        config: the last good policies stay, and the reason is said and counted."""
         while True:
             await asyncio.sleep(CONFIG_CHECK_S)
-            now = file_stamp(path)
-            if now != stamp and now is not None:
-                stamp = now
-                await self.reload_config()
+            self._check_credentials()
+            now = self._stamps()
+            if now == stamps or now.get(self.config.source) is None:  # no change, or the config is being swapped
+                continue
+            changed = [path for path in now.keys() | stamps.keys() if now.get(path) != stamps.get(path)]
+            stamps = now
+            await self.reload_config(", ".join(sorted(changed)) + " changed")
+            if watched_files(self.config) != tuple(stamps):  # the new config names other files: watch those
+                stamps = self._stamps()
 
     async def stop(self) -> None:
         self.shutting_down = True

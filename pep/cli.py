@@ -55,14 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    from pep.preflight import file_problems
+    from pep.preflight import startup_problems, startup_warnings
 
-    problems = file_problems(config)
+    # One gate for every command: `check` refuses exactly what `run` would refuse at start (sockets aside).
+    problems = startup_problems(config)
     if problems:
         for problem in problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
+        # What would start but deny at once; `run` says the same on stderr (and again whenever it changes).
+        for warning in startup_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print("ok")
         return 0
     if args.command == "explain":
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: object, path: str, worker: str | None) -> int:
     import uvloop
 
-    from pep.app import serve
+    from pep.app import ReloadError, serve
     from pep.config import Config
     from pep.decision_log import DecisionLogError
 
@@ -90,7 +94,8 @@ def _run(config: object, path: str, worker: str | None) -> int:
             return uvloop.run(Supervisor(config, path).run())
         else:
             uvloop.run(serve(config))
-    except DecisionLogError as exc:
+    except (DecisionLogError, ReloadError) as exc:
+        # Refused at start after the checks passed (a file changed in between): a config error all the same.
         print(f"{config.source}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:

@@ -25,6 +25,7 @@ HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
 NOT_YET = "is not supported by this version of failclosed-pep"
+MIB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -143,6 +144,7 @@ class DecisionLogConfig:
     path: str | None = None
     include_arguments: bool = False
     required: bool = False
+    max_pending_bytes: int = 16 * MIB  # lines queued or being written; over it a line is dropped (counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +161,81 @@ class RouteMapping:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthClientConfig:
+    """The PEP as an OAuth client of an authorization server or OpenID Provider; its credential from a file."""
+
+    client_id: str
+    method: str = "client_secret_basic"  # client_secret_basic | client_secret_post | private_key_jwt
+    secret_file: str | None = None
+    key_file: str | None = None  # private_key_jwt: a PEM private key
+    key_alg: str = "ES256"
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JitCredential:
+    """A route credential obtained per request after the allow (RFC 8693 token exchange, or client credentials)."""
+
+    kind: str  # token_exchange | client_credentials
+    token_endpoint: str
+    client: OAuthClientConfig
+    audiences: tuple[str, ...] = ()  # the route's maximum: a PDP may pick one of them, the first by default
+    resources: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()  # the route's maximum: a PDP may ask for fewer, never more
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a type name, not a secret
+    actor_token_file: str | None = None
+    actor_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+    tls: TlsConfig | None = None
+    timeout_ms: int = 2000
+    expiry_margin_ms: int = 30000
+    breaker: BreakerConfig = BreakerConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class Credential:
-    """The upstream credential a route injects on allowed requests; exactly one of value_file and value_env."""
+    """The upstream credential a route injects on allowed requests: exactly one of value_file and value_env, or
+    `jit` (obtained per request from an OAuth token endpoint)."""
 
     header: str  # lower-cased
     format: str = "{}"
     value_file: str | None = None
     value_env: str | None = None
+    jit: JitCredential | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteApproval:
+    """How a route waits for a person when the PDP answers `approval_required`."""
+
+    mode: str  # hold: the request waits (up to hold_ms) | ticket: denied at once with a sealed ticket to retry with
+    hold_ms: int = 60000
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsConfig:
+    """The approval engine: an OpenID Provider asked through CIBA (poll mode), and the ticket keys."""
+
+    issuer: str
+    backchannel_authentication_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    client: OAuthClientConfig
+    scopes: tuple[str, ...] = ()  # asked for besides `openid`
+    approver_claim: str = "sub"  # the ID token claim that must equal the approver the PDP named
+    tls: TlsConfig | None = None
+    timeout_ms: int = 5000  # each exchange with the OP
+    requested_expiry_ms: int = 300000  # how long the approver has (and a ticket lives)
+    min_poll_interval_ms: int = 1000
+    binding_message_max: int = 64
+    ticket_key_files: tuple[str, ...] = ()  # the first seals, all open (rotation)
+    elicitation_url: str | None = None  # MCP -32042: where the user sees the pending approval; `{id}` is replaced
+    breaker: BreakerConfig = BreakerConfig()
+
+
+# MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
+# one body from becoming thousands of PDP calls under one deadline.
+DEFAULT_MAX_BATCH_MESSAGES = 16
+MAX_BATCH_MESSAGES_LIMIT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +255,10 @@ class RouteConfig:
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
+    decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
+    allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
+    approval: RouteApproval | None = None  # what approval_required means on this route (needs `approvals`)
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -212,6 +286,7 @@ class Config:
     workers: int = 1  # processes sharing `listen` (SO_REUSEPORT); a supervisor serves `admin_listen`
     shutdown_grace_ms: int = 25000  # SIGTERM: in-flight requests may finish within this, then are closed
     tracing: TracingConfig | None = None
+    approvals: ApprovalsConfig | None = None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -410,7 +485,7 @@ def _identity(r: _Reader, value: Any) -> Identity:
     if header is not None and not HEADER_NAME.match(header):
         r.error("identity.agent_header", f"is not a valid header name: {header!r}")
         header = None
-    reserved = frozenset({"workload", "agent", "claims", "id"})
+    reserved = frozenset({"workload", "agent", "unverified_agent", "claims", "id"})
     attributes = r.string_map(m, "attributes", "identity", reserved=reserved)
     jwt = _jwt(r, m["jwt"]) if "jwt" in m else None
     if jwt is not None and header is not None and header.lower() == jwt.header:
@@ -608,18 +683,22 @@ def _tracing(r: _Reader, value: Any) -> TracingConfig | None:
 
 
 def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
-    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required"})
+    m = r.mapping(value, "decision_log", {"sink", "path", "include_arguments", "required", "max_pending_bytes"})
     if m is None:
         return DecisionLogConfig()
     sink = r.choice(m, "sink", "decision_log", "stdout", ("stdout", "file", "none")) or "stdout"
     path = r.string(m, "path", "decision_log", required=sink == "file")
     if path is not None and sink != "file":
         r.error("decision_log.path", "is only used with sink: file")
+    required = r.boolean(m, "required", "decision_log", False)
+    if required and sink == "none":
+        r.error("decision_log.required", "needs a sink to write to (stdout or file), not none")
     return DecisionLogConfig(
         sink=sink,
         path=path,
         include_arguments=r.boolean(m, "include_arguments", "decision_log", False),
-        required=r.boolean(m, "required", "decision_log", False),
+        required=required,
+        max_pending_bytes=r.integer(m, "max_pending_bytes", "decision_log", 16 * MIB, MIB, 1024 * MIB),
     )
 
 
@@ -638,6 +717,10 @@ _ROUTE_KEYS = {
     "credential",
     "tunnel",
     "require_identity",
+    "decide_answer_tool_calls",
+    "allow_path_parameters",
+    "max_batch_messages",
+    "approval",
 }
 
 
@@ -671,10 +754,12 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
                     f"must start with / and hold only unreserved path characters, got {prefix!r}",
                 )
                 prefix = None
-            elif prefix is not None and any(seg in (".", "..") for seg in prefix.split("/")):
-                r.error(f"{path}.match.path_prefix", "must not contain dot segments")
-                prefix = None
+            elif prefix is not None:
+                prefix = _prefix(r, prefix, f"{path}.match.path_prefix", m.get("allow_path_parameters") is True)
     upstream = _http_url(r, r.string(m, "upstream", path, required=True), f"{path}.upstream")
+    if upstream is not None and (problem := _path_shape(urlsplit(upstream).path)):
+        r.error(f"{path}.upstream", f"its path must not contain {problem}")
+        upstream = None
     protocol = r.choice(m, "protocol", path, "http", ("http", "mcp", "openai")) or "http"
     # Routes that read bodies always have a limit; plain HTTP routes only when one is set.
     max_body = None if protocol == "http" else 1048576
@@ -689,6 +774,11 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
     if m.get("filter_tools_list") is True and protocol != "mcp":
         r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    if "decide_answer_tool_calls" in m and protocol != "openai":
+        r.error(f"{path}.decide_answer_tool_calls", "is only for protocol: openai")
+    max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
+    if "max_batch_messages" in m and protocol != "mcp":
+        r.error(f"{path}.max_batch_messages", "is only for protocol: mcp (JSON-RPC batches)")
     tunnel = r.boolean(m, "tunnel", path, False)
     if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
         r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
@@ -710,8 +800,54 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         host=host,
         tunnel=tunnel,
         require_identity=r.boolean(m, "require_identity", path, False),
+        decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
+        allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
+        max_batch_messages=max_batch,
+        approval=_route_approval(r, m["approval"], f"{path}.approval") if "approval" in m else None,
     )
+    if route.approval is not None:
+        if tunnel:
+            r.error(f"{path}.approval", "is not for tunnels (a CONNECT carries no request to approve)")
+        elif protocol == "http" and max_body is None:
+            r.error(f"{path}.approval", "needs max_body_bytes on an http route (the approved body is read and bound)")
+    jit = route.credential.jit if route.credential is not None else None
+    if jit is not None and jit.kind == "token_exchange" and not route.require_identity:
+        r.error(
+            f"{path}.credential.kind", "token_exchange needs require_identity: true (the caller's token is exchanged)"
+        )
     return route if name and prefix and upstream and match_ok else None
+
+
+def _route_approval(r: _Reader, value: Any, path: str) -> RouteApproval | None:
+    m = r.mapping(value, path, {"mode", "hold_ms"})
+    if m is None:
+        return None
+    mode = r.choice(m, "mode", path, None, ("hold", "ticket"))
+    hold_ms = r.integer(m, "hold_ms", path, 60000, 1, 3_600_000)
+    if "hold_ms" in m and mode == "ticket":
+        r.error(f"{path}.hold_ms", "is only used with mode: hold")
+    return RouteApproval(mode, hold_ms) if mode is not None else None
+
+
+def _path_shape(path: str) -> str | None:
+    """What a configured path must not hold, as requests may not: dot segments, empty segments, `/;`."""
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return "dot segments"
+    if "//" in path or "/;" in path:
+        return "empty segments (// or /;)"
+    return None
+
+
+def _prefix(r: _Reader, prefix: str, path: str, parameters: bool) -> str | None:
+    """A path prefix holds no segment a request may not hold: requests with them are refused before routing, and a
+    `;` only matches on a route that accepts path parameters."""
+    if problem := _path_shape(prefix):
+        r.error(path, f"must not contain {problem}")
+        return None
+    if ";" in prefix and not parameters:
+        r.error(path, "must not contain ; (a path parameter) unless the route has allow_path_parameters: true")
+        return None
+    return prefix
 
 
 def _match_host(r: _Reader, value: str | None, path: str) -> str | None:
@@ -735,7 +871,39 @@ def _tunnel_upstream(r: _Reader, host: str, upstream: str, path: str) -> None:
         r.error(f"{path}.upstream", f"must name the tunnel's host and port {target[0]}:{target[1]} (tunnel: true)")
 
 
+_JIT_KEYS = {
+    "kind",
+    "token_endpoint",
+    "client_id",
+    "client_auth",
+    "client_secret_file",
+    "client_key_file",
+    "client_key_alg",
+    "client_key_id",
+    "audience",
+    "resource",
+    "scopes",
+    "subject_token_type",
+    "actor_token_file",
+    "actor_token_type",
+    "tls",
+    "timeout_ms",
+    "expiry_margin_ms",
+    "breaker",
+}
+_CLIENT_AUTH = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+CLIENT_KEY_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "EdDSA")
+_TOKEN_TYPES = (
+    "urn:ietf:params:oauth:token-type:jwt",
+    "urn:ietf:params:oauth:token-type:access_token",
+    "urn:ietf:params:oauth:token-type:id_token",
+)
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 3.3
+
+
 def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
+    if isinstance(value, dict) and "kind" in value:
+        return _jit_credential(r, value, path)
     m = r.mapping(value, path, {"header", "format", "value_file", "value_env"})
     if m is None:
         return None
@@ -754,6 +922,195 @@ def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
     if header is None:
         return None
     return Credential(header.lower(), fmt, value_file, value_env)
+
+
+def _oauth_client(r: _Reader, m: Mapping[str, Any], path: str) -> OAuthClientConfig | None:
+    """`client_id`, `client_auth` and the file its credential is in, shared by approvals and JIT credentials."""
+    client_id = r.string(m, "client_id", path, required=True)
+    method = r.choice(m, "client_auth", path, "client_secret_basic", _CLIENT_AUTH) or "client_secret_basic"
+    secret_file = r.string(m, "client_secret_file", path)
+    key_file = r.string(m, "client_key_file", path)
+    key_alg = r.choice(m, "client_key_alg", path, "ES256", CLIENT_KEY_ALGORITHMS) or "ES256"
+    key_id = r.string(m, "client_key_id", path)
+    ok = True
+    if method == "private_key_jwt":
+        for key in ("client_secret_file",):
+            if key in m:
+                r.error(_join(path, key), "is not used with client_auth: private_key_jwt")
+        if key_file is None:
+            r.error(_join(path, "client_key_file"), "is required with client_auth: private_key_jwt")
+            ok = False
+    else:
+        for key in ("client_key_file", "client_key_alg", "client_key_id"):
+            if key in m:
+                r.error(_join(path, key), f"is only used with client_auth: private_key_jwt, not {method}")
+        if secret_file is None:
+            r.error(_join(path, "client_secret_file"), f"is required with client_auth: {method}")
+            ok = False
+    if client_id is None or not ok:
+        return None
+    return OAuthClientConfig(client_id, method, secret_file, key_file, key_alg, key_id)
+
+
+def _tls(r: _Reader, m: Mapping[str, Any], path: str) -> TlsConfig | None:
+    if "tls" not in m or (t := r.mapping(m["tls"], _join(path, "tls"), {"ca_file", "cert_file", "key_file"})) is None:
+        return None
+    where = _join(path, "tls")
+    tls = TlsConfig(r.string(t, "ca_file", where), r.string(t, "cert_file", where), r.string(t, "key_file", where))
+    if (tls.cert_file is None) != (tls.key_file is None):
+        r.error(where, "cert_file and key_file go together")
+    return tls
+
+
+def _breaker(r: _Reader, m: Mapping[str, Any], path: str) -> BreakerConfig:
+    if "breaker" not in m:
+        return BreakerConfig()
+    where = _join(path, "breaker")
+    b = r.mapping(m["breaker"], where, {"failure_threshold", "open_ms", "half_open_probes"})
+    if b is None:
+        return BreakerConfig()
+    return BreakerConfig(
+        failure_threshold=r.integer(b, "failure_threshold", where, 5, 1, 1000),
+        open_ms=r.integer(b, "open_ms", where, 5000, 1, 3_600_000),
+        half_open_probes=r.integer(b, "half_open_probes", where, 1, 1, 1000),
+    )
+
+
+def _one_or_more(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """A string or a non-empty list of strings (an audience, a resource)."""
+    if key not in m:
+        return ()
+    value = m[key]
+    if isinstance(value, str) and value:
+        return (value,)
+    found = _strings(r, m, key, path, required=False)
+    return found or ()
+
+
+def _scopes(r: _Reader, m: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    scopes = _strings(r, m, "scopes", path, required=False) or ()
+    for scope in scopes:
+        if not _SCOPE_TOKEN.match(scope):
+            r.error(_join(path, "scopes"), f"{scope!r} is not a scope name (no spaces, quotes or backslashes)")
+    if len(set(scopes)) != len(scopes):
+        r.error(_join(path, "scopes"), "holds a scope twice")
+    return scopes
+
+
+def _jit_credential(r: _Reader, value: dict[str, Any], path: str) -> Credential | None:
+    m = r.mapping(value, path, _JIT_KEYS | {"header", "format"})
+    if m is None:
+        return None
+    kind = r.choice(m, "kind", path, None, ("token_exchange", "client_credentials"))
+    header = r.string(m, "header", path, default="authorization") or "authorization"
+    fmt = r.string(m, "format", path, default="Bearer {}") or "Bearer {}"
+    if not HEADER_NAME.match(header):
+        r.error(f"{path}.header", f"is not a valid header name: {header!r}")
+    if fmt.count("{}") != 1:
+        r.error(f"{path}.format", "must hold {} exactly once, where the token goes")
+    endpoint = _http_url(r, r.string(m, "token_endpoint", path, required=True), f"{path}.token_endpoint")
+    client = _oauth_client(r, m, path)
+    audiences = _one_or_more(r, m, "audience", path)
+    resources = _one_or_more(r, m, "resource", path)
+    for resource in resources:
+        parts = urlsplit(resource)
+        if not parts.scheme or parts.fragment or "#" in resource:
+            r.error(f"{path}.resource", f"{resource!r} is not an absolute URI without a fragment (RFC 8707)")
+    if kind == "token_exchange" and not audiences and not resources:
+        r.error(path, "token_exchange needs an audience or a resource (what the token is for)")
+    subject_type = r.choice(m, "subject_token_type", path, _TOKEN_TYPES[0], _TOKEN_TYPES) or _TOKEN_TYPES[0]
+    actor_type = r.choice(m, "actor_token_type", path, _TOKEN_TYPES[0], _TOKEN_TYPES) or _TOKEN_TYPES[0]
+    if kind == "client_credentials":
+        for key in ("subject_token_type", "actor_token_file", "actor_token_type"):
+            if key in m:
+                r.error(f"{path}.{key}", "is only used with kind: token_exchange")
+    if "actor_token_type" in m and "actor_token_file" not in m:
+        r.error(f"{path}.actor_token_type", "is only used with actor_token_file")
+    jit = JitCredential(
+        kind=kind or "",
+        token_endpoint=endpoint or "",
+        client=client or OAuthClientConfig(""),
+        audiences=audiences,
+        resources=resources,
+        scopes=_scopes(r, m, path),
+        subject_token_type=subject_type,
+        actor_token_file=r.string(m, "actor_token_file", path),
+        actor_token_type=actor_type,
+        tls=_tls(r, m, path),
+        timeout_ms=r.integer(m, "timeout_ms", path, 2000, 1, 60_000),
+        expiry_margin_ms=r.integer(m, "expiry_margin_ms", path, 30000, 0, 3_600_000),
+        breaker=_breaker(r, m, path),
+    )
+    if kind is None or endpoint is None or client is None:
+        return None
+    return Credential(header.lower(), fmt, jit=jit)
+
+
+_APPROVALS_KEYS = {
+    "issuer",
+    "backchannel_authentication_endpoint",
+    "token_endpoint",
+    "jwks_uri",
+    "client_id",
+    "client_auth",
+    "client_secret_file",
+    "client_key_file",
+    "client_key_alg",
+    "client_key_id",
+    "scopes",
+    "approver_claim",
+    "tls",
+    "timeout_ms",
+    "requested_expiry_ms",
+    "min_poll_interval_ms",
+    "binding_message_max",
+    "ticket_key_files",
+    "elicitation_url",
+    "breaker",
+}
+
+
+def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
+    path = "approvals"
+    m = r.mapping(value, path, _APPROVALS_KEYS)
+    if m is None:
+        return None
+    urls = {
+        key: _http_url(r, r.string(m, key, path, required=True), f"{path}.{key}")
+        for key in ("issuer", "backchannel_authentication_endpoint", "token_endpoint", "jwks_uri")
+    }
+    client = _oauth_client(r, m, path)
+    scopes = _scopes(r, m, path)
+    if "openid" in scopes:
+        r.error(f"{path}.scopes", "need not name openid (it is always asked for)")
+    claim = r.string(m, "approver_claim", path, default="sub") or "sub"
+    elicitation = r.string(m, "elicitation_url", path)
+    if elicitation is not None:
+        checked = _http_url(r, elicitation.replace("{id}", "ID"), f"{path}.elicitation_url")
+        if checked is not None and not checked.startswith("https://"):
+            r.error(f"{path}.elicitation_url", "must be an https:// URL (an MCP client opens it for its user)")
+            elicitation = None
+        elif checked is None:
+            elicitation = None
+    keys = _strings(r, m, "ticket_key_files", path, required=False) or ()
+    cfg = ApprovalsConfig(
+        issuer=urls["issuer"] or "",
+        backchannel_authentication_endpoint=urls["backchannel_authentication_endpoint"] or "",
+        token_endpoint=urls["token_endpoint"] or "",
+        jwks_uri=urls["jwks_uri"] or "",
+        client=client or OAuthClientConfig(""),
+        scopes=scopes,
+        approver_claim=claim,
+        tls=_tls(r, m, path),
+        timeout_ms=r.integer(m, "timeout_ms", path, 5000, 1, 60_000),
+        requested_expiry_ms=r.integer(m, "requested_expiry_ms", path, 300000, 1000, 86_400_000),
+        min_poll_interval_ms=r.integer(m, "min_poll_interval_ms", path, 1000, 1, 60_000),
+        binding_message_max=r.integer(m, "binding_message_max", path, 64, 12, 512),
+        ticket_key_files=keys,
+        elicitation_url=elicitation,
+        breaker=_breaker(r, m, path),
+    )
+    return cfg if all(urls.values()) and client is not None else None
 
 
 def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
@@ -784,6 +1141,7 @@ _TOP_KEYS = {
     "workers",
     "shutdown_grace_ms",
     "tracing",
+    "approvals",
 }
 
 
@@ -826,6 +1184,13 @@ def parse(data: Any, source: str) -> Config:
         prefixes: dict[tuple[str | None, str], int] = {}
         tunnels: dict[tuple[str, int], int] = {}
         for i, route in indexed:
+            mixed = identity.jwt is not None and not route.require_identity  # callers with and without a token
+            if mixed and route.mapping is not None and route.mapping.subject_type is not None:
+                r.error(
+                    f"routes[{i}].mapping.subject.type",
+                    "would give callers with a verified token and callers without one the same type (the type "
+                    "is what tells them apart): set require_identity: true on this route, or leave the type",
+                )
             if route.name in names:
                 r.error(f"routes[{i}].name", f"duplicates the name of routes[{names[route.name]}]")
             names.setdefault(route.name, i)
@@ -847,9 +1212,22 @@ def parse(data: Any, source: str) -> Config:
         for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
             if isinstance(raw, dict) and raw.get("require_identity") is True:
                 r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
+    approvals = _approvals(r, m["approvals"]) if "approvals" in m else None
+    for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+        wanted = raw.get("approval") if isinstance(raw, dict) else None
+        if not isinstance(wanted, dict):
+            continue
+        if "approvals" not in m:
+            r.error(f"routes[{i}].approval", "needs the approvals section (the OpenID Provider that asks the approver)")
+        elif (
+            wanted.get("mode") == "ticket"
+            and isinstance(m["approvals"], dict)
+            and not m["approvals"].get("ticket_key_files")
+        ):
+            r.error(f"routes[{i}].approval.mode", "ticket needs approvals.ticket_key_files (tickets are sealed)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing)
+    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, approvals)
 
 
 def load(path: str | Path) -> Config:

@@ -25,7 +25,9 @@ class CredentialSource:
         self.header = config.header
         self._file: FileSecret | None = None
         self._static: str | None = None
-        if config.value_file is not None:
+        if config.jit is not None:
+            pass  # obtained per request after the allow (pep.credentials_oauth), never held here
+        elif config.value_file is not None:
             self._file = FileSecret(config.value_file, config.format)
         else:
             raw = environ.get(config.value_env or "", "").strip()
@@ -36,6 +38,23 @@ class CredentialSource:
         if value is None or _CONTROL.search(value):
             return None
         return value
+
+    def problem(self) -> str | None:
+        """Why `value()` is None, as `key: what` naming the file or variable (never the value), or None."""
+        if self.config.jit is not None:
+            return f"kind: {self.config.jit.kind}: this version's request path does not obtain it yet"
+        value = self._file.value() if self._file is not None else self._static
+        if self._file is not None:
+            where = f"value_file: {self._file.path!r}"
+            missing = "is missing, unreadable or empty"
+        else:
+            where = f"value_env: {self.config.value_env}"
+            missing = "is not set or empty"
+        if value is None:
+            return f"{where} {missing}"
+        if _CONTROL.search(value):
+            return f"{where} holds a control character"
+        return None
 
     def refresh(self) -> None:
         if self._file is not None:

@@ -1,155 +1,225 @@
-"""The decision log: one JSON line per decision, written off the event loop, never blocking a request.
+"""The decision log: one JSON line per decision, written in batches by a thread of its own (pep/log_sink.py).
 
-Lines are queued (bounded) and written by one background thread at least every `FLUSH_S`, so a slow or
-blocked stdout costs queued memory up to the bound and then dropped lines (counted), never request latency.
+Lines are queued, bounded in bytes (`max_pending_bytes`, counting the batch being written), and written at
+least every `FLUSH_S`. Most lines are best-effort: queuing never waits, and a line that does not fit is dropped
+and counted. With `required: true` an allow is different: `commit` queues its line and waits until the write of
+the batch holding it has returned (group commit: every line queued while one write is under way goes out in
+the next single write), within the request's time budget. Only then may the request go upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 from typing import Any
 
-import orjson
-
 from pep.config import DecisionLogConfig
+from pep.log_line import encode
+from pep.log_sink import DecisionLogError, Sink, Writer
 from pep.metrics import Metrics
 
+__all__ = ["CLOSE_WAIT_S", "FLUSH_S", "STALL_S", "DecisionLog", "DecisionLogError", "unaudited"]
+
 FLUSH_S = 0.2
-MAX_PENDING = 10_000
+# A write under way for longer than this is stuck (a pipe nobody reads, a hung disk): allows are denied at once
+# instead of each waiting out its budget. Lines are meant to be written within a second.
+STALL_S = 1.0
+CLOSE_WAIT_S = 2.0  # at shutdown, how long the last writes are waited for
 
 
-class DecisionLogError(Exception):
-    """The log cannot be opened; the message names `decision_log.path`."""
+class _Batch:
+    """Lines written together by one write; `waiting`: someone waits for it, so it goes out without delay."""
+
+    __slots__ = ("_done", "error", "finished", "lines", "size", "waiting")
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.waiting = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self._done: asyncio.Future[None] | None = None
+
+    def done(self) -> asyncio.Future[None]:
+        """Resolved when the batch's write returned (successfully or not: see `error`)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.finished:
+                self._done.set_result(None)
+        return self._done
+
+    def finish(self, error: BaseException | None) -> None:
+        self.error = error
+        self.finished = True
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
 class DecisionLog:
-    def __init__(self, config: DecisionLogConfig, metrics: Metrics, max_pending: int = MAX_PENDING) -> None:
+    """The queue and its writer: `record` queues a best-effort line, `commit` an allow that must be written first."""
+
+    def __init__(self, config: DecisionLogConfig, metrics: Metrics) -> None:
         self.config = config
         self.required = config.required
-        self._dropped = metrics.decision_log_dropped
-        self._max = max_pending
-        self._pending: list[bytes] = []
-        self._fd: int | None = None
-        self._own_fd = False
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = asyncio.Lock()
-        self.failing = False  # the last write failed
-        self._stopping = asyncio.Event()
         self.enabled = config.sink != "none"
+        self._max_bytes = config.max_pending_bytes
+        # With a required log, best-effort lines (denials) may fill only part of the queue: a flood of denied
+        # requests must not leave the allows of other callers no room, and deny them.
+        self._best_effort_max = self._max_bytes * 3 // 4 if config.required else self._max_bytes
+        self._dropped = metrics.decision_log_dropped
+        self._write_seconds = metrics.decision_log_write_seconds
+        self._sink = Sink(config)
+        self._writer: Writer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._open = _Batch()  # collecting lines
+        self._inflight: _Batch | None = None  # being written
+        self._since = 0.0  # when the write under way began
+        self._held = 0  # bytes queued or being written
+        self.writes = 0  # batch writes that returned (group commit makes this far fewer than lines)
+        metrics.decision_log_pending_bytes.set_function(lambda: self._held)
 
     def open(self) -> None:
         """Open the sink now, so a bad path stops `pep run` at start rather than at the first decision."""
-        if self.config.sink == "stdout":
-            self._fd = sys.stdout.fileno()
-        elif self.config.sink == "file":
-            path = self.config.path or ""
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            except OSError as exc:
-                raise DecisionLogError(f"decision_log.path: cannot open {path!r}: {exc.strerror}") from None
-            self._own_fd = True
+        if self.enabled:
+            self._sink.open()
 
     async def start(self) -> None:
-        if self._fd is None and self.enabled:
+        if not self.enabled:
+            return
+        if not self._sink.opened:
             self.open()
-        if self.enabled:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pep-decision-log")
-            self._task = asyncio.get_running_loop().create_task(self._flusher())
+        self._writer = Writer()
+        self._task = asyncio.get_running_loop().create_task(self._flusher())
 
     def record(self, entry: dict[str, Any]) -> bool:
-        """Queue one line. False when it cannot be relied on to be written (the queue is full, or the last
-        write failed): a `required` log then means deny. After a failure, lines are still queued, so the next
-        successful write clears the failure."""
+        """Queue one line, best-effort: never waits. False when it was dropped (the queue is full)."""
         if not self.enabled:
             return True
-        if len(self._pending) >= self._max:
+        return self._queue(encode(entry), wait=False) is not None
+
+    async def commit(self, entry: dict[str, Any], budget_s: float) -> str | None:
+        """Queue an allow's line and wait until the write of its batch has returned. None when it returned
+        successfully within `budget_s`; otherwise why not, and the allow must not be carried out."""
+        if not self.enabled:
+            return None
+        if budget_s <= 0:
+            return "no time was left to write the decision log"
+        if self._inflight is not None and time.monotonic() - self._since > STALL_S:
+            return f"a decision log write has not returned for over {STALL_S:g} s"
+        batch = self._queue(encode(entry), wait=True)
+        if batch is None:
+            return "the decision log queue is full"
+        try:
+            async with asyncio.timeout(budget_s):
+                # Shielded: a caller that gives up must not cancel the write of the other lines of its batch.
+                await asyncio.shield(batch.done())
+        except TimeoutError:
+            return "the decision log write did not return in time"
+        if batch.error is not None:
+            return f"the decision log write failed: {_why(batch.error)}"
+        return None
+
+    def _queue(self, line: bytes, wait: bool) -> _Batch | None:
+        size = len(line)
+        if self._held + size > (self._max_bytes if wait else self._best_effort_max):
             self._dropped.inc()
-            return False
-        self._pending.append(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
-        return not self.failing
+            return None
+        self._held += size
+        batch = self._open
+        batch.lines.append(line)
+        batch.size += size
+        if wait and not batch.waiting:
+            batch.waiting = True
+            # At the end of this turn of the event loop: every allow decided in it shares the write.
+            asyncio.get_running_loop().call_soon(self._kick)
+        return batch
+
+    def _kick(self) -> None:
+        """Start writing the collecting batch, unless a write is under way (it starts when that one returns)."""
+        writer = self._writer
+        if writer is None or self._inflight is not None or not self._open.lines:
+            return
+        batch, self._open = self._open, _Batch()
+        self._inflight = batch
+        self._since = time.monotonic()
+        lines = batch.lines
+        write = writer.submit(lambda: self._sink.write(lines))
+        write.add_done_callback(lambda future: self._written(batch, future))
+
+    def _written(self, batch: _Batch, future: asyncio.Future[None]) -> None:
+        error = future.exception()
+        self._write_seconds.observe(time.monotonic() - self._since)
+        self._inflight = None
+        self._held -= batch.size
+        self.writes += 1
+        if error is not None:
+            self._dropped.inc(len(batch.lines))
+        batch.finish(error)
+        if self._open.waiting:
+            self._kick()
 
     async def _flusher(self) -> None:
         stopping = self._stopping
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), FLUSH_S)
-            await self.flush()
+            if self._open.lines:
+                self._open.waiting = True
+                self._kick()
 
     async def flush(self) -> None:
-        """Write what is queued now, after any write already under way (lines keep their order)."""
-        async with self._lock:
-            if not self._pending or self._fd is None:
-                return
-            lines, self._pending = self._pending, []
-            # A shared stdout (a pipe, with `workers`) keeps each write within PIPE_BUF and on line boundaries,
-            # so lines from several processes never interleave; a file opened O_APPEND takes one write.
-            chunks = _chunks(lines, select.PIPE_BUF) if not self._own_fd else [b"".join(lines)]
-            write = asyncio.get_running_loop().run_in_executor(self._executor, _write_all, self._fd, chunks)
-            try:
-                # Shielded: a caller that is cancelled must not cancel lines already taken from the queue.
-                await asyncio.shield(write)
-            except OSError:
-                self._dropped.inc(len(lines))
-                self.failing = True
-            else:
-                self.failing = False
+        """Write what is queued now, after any write already under way (lines keep their order); returns when
+        that write returned."""
+        batch = self._open if self._open.lines else self._inflight
+        if batch is None:
+            return
+        if batch is self._open:
+            batch.waiting = True
+            self._kick()
+        await asyncio.shield(batch.done())
 
     async def reopen(self) -> str | None:
-        """SIGHUP: open the file sink again (log rotation moved the old file away). Under the writer lock, so
-        no write goes to a closed descriptor. On failure the old file stays in use and the reason is returned."""
-        if self.config.sink != "file" or not self._own_fd:
+        """SIGHUP: open the file sink again (log rotation moved the old file away), on the writer thread, so no
+        write goes to a closed descriptor. On failure the old file stays in use and the reason is returned."""
+        if self._sink.path is None or self._writer is None:
             return None
-        path = self.config.path or ""
-        async with self._lock:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            except OSError as exc:
-                return f"decision_log.path: cannot reopen {path!r}: {exc.strerror}; still writing to the old file"
-            old, self._fd = self._fd, fd
-            if old is not None:
-                os.close(old)
-        return None
+        problem = await self._writer.submit(self._sink.reopen)
+        if problem is None:
+            return None
+        return f"decision_log.path: {problem}; still writing to the old file"
 
     async def close(self) -> None:
-        """Stop the flusher without cancelling a write, then write everything still queued."""
+        """Stop the flusher, then write everything still queued, waiting at most CLOSE_WAIT_S for the writes."""
         self._stopping.set()
         if self._task is not None:
             await self._task
             self._task = None
-        await self.flush()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self._own_fd and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        writer = self._writer
+        if writer is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                while self._open.lines or self._inflight is not None:
+                    await self.flush()
+        self._writer = None  # nothing more is written
+        left = len(self._open.lines) + (len(self._inflight.lines) if self._inflight is not None else 0)
+        if left:
+            self._dropped.inc(left)
+        stuck = self._inflight is not None
+        # A write stuck in the kernel keeps its descriptor: closing it under the thread could hand the number to
+        # another file. The daemon thread then ends with the process.
+        if writer.stop(0.0 if stuck else CLOSE_WAIT_S) and not stuck:
+            self._sink.close()
 
 
-def _chunks(lines: list[bytes], limit: int) -> list[bytes]:
-    """Whole lines joined into pieces of at most `limit` bytes (a longer line is a piece of its own)."""
-    out: list[bytes] = []
-    piece: list[bytes] = []
-    size = 0
-    for line in lines:
-        if piece and size + len(line) > limit:
-            out.append(b"".join(piece))
-            piece, size = [], 0
-        piece.append(line)
-        size += len(line)
-    if piece:
-        out.append(b"".join(piece))
-    return out
+def unaudited(entry: dict[str, Any], problem: str) -> dict[str, Any]:
+    """The line of an allow that could not be logged in time, as the denial it became (same decision_id)."""
+    return {**entry, "decision": "deny", "reason": "audit_unavailable", "detail": problem}
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    for data in chunks:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+def _why(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return type(error).__name__

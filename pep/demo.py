@@ -3,7 +3,9 @@
 It shows the three outcomes that matter: an allow, a policy deny, and a fail-closed deny when the PDP cannot
 decide. It prints the metrics and the decision log, stops everything it started, and exits non-zero if any
 outcome was not the expected one. PDPs: `cedar` (embedded, the default: nothing else to run), `cerbos` (the
-real Cerbos binary that `make` installs) and `opa` (a small OPA-shaped PDP in this process).
+real Cerbos binary that `make` installs) and `opa` (a small OPA-shaped PDP in this process that evaluates
+config/policies/demo.rego with regorus, a Rego interpreter: no OPA binary is needed, and the policy the demo
+names is the one that decides).
 """
 
 from __future__ import annotations
@@ -57,20 +59,37 @@ class Scenario:
     cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-def demo_policy(doc: dict[str, Any]) -> dict[str, Any]:
-    """The OPA-shaped demo PDP's policy; config/policies/demo.rego holds the same rules in Rego."""
-    req = doc.get("request", {})
-    if doc.get("route", {}).get("name") != "tools":
-        return {"allow": False, "reason": "unknown route"}
-    if req.get("method") == "GET" and str(req.get("path", "")).startswith("/tools/search"):
-        return {"allow": True}
-    return {"allow": False, "reason": "only search is allowed for this agent"}
+REGO = POLICIES / "demo.rego"
+REGO_QUERY = "data.pep.authz"  # the package of demo.rego, served at OPA_PATH as OPA would serve it
 
 
-def pdp_app() -> web.Application:
+def rego_engine(policy: Path) -> Any:
+    """A regorus engine holding `policy`. regorus (the Python package gordon-to-regorus) is a development
+    dependency: `make demo` installs it into .venv."""
+    try:
+        import regorus
+    except ImportError:
+        raise DemoError(
+            "the OPA demo evaluates config/policies/demo.rego with regorus: run `make demo PDP=opa` (it installs it"
+            " into .venv), or pip install gordon-to-regorus"
+        ) from None
+    engine = regorus.Engine()
+    engine.add_policy(policy.name, policy.read_text(encoding="utf-8"))
+    return engine
+
+
+def pdp_app(policy: Path = REGO) -> web.Application:
+    """OPA's REST Data API for one package: `{"input": DOC}` in, `{"result": data.pep.authz}` out (`{}` when it is
+    undefined), the Rego of `policy` evaluated for real."""
+    engine = rego_engine(policy)
+
     async def decide(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
-        return web.Response(body=orjson.dumps({"result": demo_policy(body["input"])}), content_type="application/json")
+        evaluation = engine.clone()  # an engine holds its input: one per request
+        evaluation.set_input_json(orjson.dumps(body["input"]).decode())
+        results = orjson.loads(evaluation.eval_query_as_json(REGO_QUERY)).get("result") or []
+        answer = {"result": results[0]["expressions"][0]["value"]} if results else {}
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     app = web.Application()
     app.router.add_post(OPA_PATH, decide)
@@ -165,7 +184,7 @@ async def _opa() -> Scenario:
             ),
         ),
         before_third=pdp.cleanup,
-        note=f"an OPA-shaped demo PDP on 127.0.0.1:{port} (policy: config/policies/demo.rego)",
+        note=f"an OPA-shaped PDP on 127.0.0.1:{port}, evaluating config/policies/demo.rego with regorus",
     )
     scenario.cleanup.append(pdp.cleanup)
     return scenario
@@ -268,11 +287,14 @@ async def _pep(config_path: Path) -> AsyncIterator[tuple[int, int]]:
     )
     try:
         assert proc.stderr is not None
-        line = await asyncio.wait_for(proc.stderr.readline(), 15)
-        m = _LISTENING.search(line)
+        said = b""
+        m = None
+        async with asyncio.timeout(15):
+            while m is None and (line := await proc.stderr.readline()):  # warnings may come first
+                said += line
+                m = _LISTENING.search(line)
         if m is None:
-            rest = await asyncio.wait_for(proc.stderr.read(), 5)
-            raise DemoError(f"the PEP did not start: {(line + rest).decode(errors='replace')}")
+            raise DemoError(f"the PEP did not start: {said.decode(errors='replace')}")
         print(
             f"failclosed-pep (pid {proc.pid}) on 127.0.0.1:{m.group(2).decode()}, admin on 127.0.0.1:"
             f"{m.group(4).decode()}"

@@ -18,7 +18,7 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import GATE, NOT_ADMITTED, PDP_FAILURES, Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, ApprovalAsk, Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
@@ -34,6 +34,11 @@ _STALLED = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline pass
 # failed attempt took), so a retry is never started just to time out.
 MIN_RETRY_SHARE = 0.1
 
+# A decision about several documents (a JSON-RPC batch, a filtered tool list) has at most BATCH_CONCURRENCY PDP
+# exchanges open at once, and never more than 1/BATCH_SHARE of `max_in_flight`: the slots it takes are counted
+# against `max_in_flight`, so one caller's batch leaves the bulkhead and the PDP pool to the others.
+BATCH_SHARE = 4
+
 
 @dataclass(frozen=True, slots=True)
 class Check:
@@ -47,6 +52,7 @@ class Check:
     obligation_forbidden: frozenset[str]
     more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
     body: bytes | None = None  # an inspected body, bound into the Allow
+    credential_narrowable: bool = False  # the route obtains a just-in-time credential the PDP may narrow
 
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
@@ -62,6 +68,7 @@ class Outcome:
     pdp_ms: float | None
     note: str | None = None
     reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
+    approval: ApprovalAsk | None = None  # with a `approval_required` Deny: who is asked, and what to tell them
     # When the engine took the decision up (wall clock): the decision log's `time`. `pdp_ms` counts from the same
     # instant, so that the log shows when each PDP call could start and when its result was known.
     started: float | None = None
@@ -100,31 +107,45 @@ class Engine:
     def circuit(self) -> State:
         return self.breaker.state if self.breaker is not None else State.CLOSED
 
+    def slots(self, check: Check) -> int:
+        """How many of `max_in_flight` the check takes: 1, or for several documents the exchanges it may have
+        open at once (at most BATCH_CONCURRENCY, and 1/BATCH_SHARE of `max_in_flight`)."""
+        if not check.more:
+            return 1
+        return max(1, min(len(check.more) + 1, BATCH_CONCURRENCY, self._max_in_flight // BATCH_SHARE))
+
     async def decide(self, check: Check) -> Outcome:
         started, start = time.time(), self._clock()
         decision_id = new_id()
-        if self.in_flight >= self._max_in_flight:
-            return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None, started=started)
+        slots = self.slots(check)
+        if self.in_flight + slots > self._max_in_flight:
+            deny = Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached")
+            return Outcome(deny, 0, None, started=started)
         permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
-        self.in_flight += 1
+        self.in_flight += slots
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit, start)
+            result, attempts, pdp_s, each = await self._ask(check, permit, slots, start)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= slots
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
         # (the time it waited, so that its denial is seen to come after the circuit opened).
         pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
         if isinstance(result, Failure):
             deny = Deny(result.reason, decision_id, result.detail)
-            return Outcome(deny, attempts, pdp_ms, result.detail, each, started)
+            return Outcome(deny, attempts, pdp_ms, result.detail, each, started=started)
         if not result.allow:
             note = result.note
-            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each, started)
+            deny = Deny(result.reason, decision_id, note or "")
+            return Outcome(deny, attempts, pdp_ms, note, each, result.approval, started)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
-            return Outcome(deny, attempts, pdp_ms, problem, each, started)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
+        if result.credential is not None and not check.credential_narrowable:
+            problem = "a credential narrowing on a route without a just-in-time credential"
+            deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
         allow = Allow(
             _MINT,
             decision_id=decision_id,
@@ -134,33 +155,28 @@ class Engine:
             upstream_url=check.upstream_url,
             headers=result.headers,
             body=check.body,
+            credential=result.credential,
         )
-        return Outcome(allow, attempts, pdp_ms, result.note, each, started)
+        return Outcome(allow, attempts, pdp_ms, result.note, each, started=started)
 
-    async def _ask_once(self, check: Check) -> list[Verdict | Failure]:
-        """One attempt: one result per message of the check."""
-        pdp = self.pdp
+    async def _ask_once(self, check: Check, slots: int) -> list[Verdict | Failure]:
+        """One attempt: one result per message of the check (several with at most `slots` exchanges open)."""
         if not check.more:
-            return [await pdp.ask(check.document, check.request_id)]
-        docs = list(check.documents)
-        ask_many = getattr(pdp, "ask_many", None)
-        if ask_many is not None:
-            results: list[Verdict | Failure] = await ask_many(docs, check.request_id)
-            return results
-        rid = check.request_id
-        return list(await asyncio.gather(*(pdp.ask(d, f"{rid}-{i}") for i, d in enumerate(docs))))
+            return [await self.pdp.ask(check.document, check.request_id)]
+        return await self.pdp.ask_many(check.documents, check.request_id, slots)
 
     async def _ask(
-        self, check: Check, permit: Permit, start: float
+        self, check: Check, permit: Permit, slots: int, start: float
     ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit.
+        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit,
+        once per check (a batch that times out is one failure, not one per message).
 
         The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
-        and again right before the request is written): a failure if any message met a PDP failure, a success if
-        any got a well-formed answer. Anything else (a request that could not be built, a call refused because
-        the circuit opened while it waited, a deadline the PEP itself was too held up to notice in time, an
-        exception in the PEP, a caller gone) releases the permit: a caller can neither open the circuit nor
-        hold a probe.
+        and again right before each request is written, so also for every exchange of a batch that waited for
+        one of its slots): a failure if any message met a PDP failure, a success if any got a well-formed answer.
+        Anything else (a request that could not be built, a call refused because the circuit opened while it
+        waited, a deadline the PEP itself was too held up to notice in time, an exception in the PEP, a caller
+        gone) releases the permit: a caller can neither open the circuit nor hold a probe.
         """
         clock = self._clock
         observe = self._metrics.pdp_duration
@@ -189,7 +205,7 @@ class Engine:
                 timed_out = False
                 try:
                     async with asyncio.timeout(deadline - began):
-                        answers = await self._ask_once(check)
+                        answers = await self._ask_once(check, slots)
                 except TimeoutError:
                     late = clock() - deadline >= self._stall_s
                     answers, timed_out = [_STALLED if late else _TIMEOUT], True
@@ -236,15 +252,28 @@ def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) 
 
 
 def combine(results: list[Verdict | Failure]) -> Verdict | Failure:
-    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation."""
+    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation.
+
+    Approvals: a refusal that no approval can lift comes first (nobody is asked to approve what is denied anyway);
+    messages asking one approver become one approval of the whole batch (the first message; its binding covers
+    the whole body); approvals by different people cannot be asked in one CIBA request: that batch is denied."""
     verdicts: list[Verdict] = []
     for r in results:
         if isinstance(r, Failure):
             return r
         verdicts.append(r)
     for v in verdicts:
-        if not v.allow:
+        if not v.allow and v.approval is None:
             return v
+    asks = [v for v in verdicts if v.approval is not None]
+    if asks:
+        approvers = {v.approval.approver for v in asks if v.approval is not None}
+        if len(approvers) > 1:
+            return Verdict(False, Reason.POLICY_DENIED, note="a batch needs approvals by different approvers")
+        return asks[0]
     headers = tuple(h for v in verdicts for h in v.headers)
     notes = "; ".join(v.note for v in verdicts if v.note)
-    return Verdict(True, Reason.ALLOWED, headers, notes or None)
+    narrowings = {v.credential for v in verdicts if v.credential is not None}
+    if len(narrowings) > 1:  # one request gets one credential: messages that narrow it differently cannot all hold
+        return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="the batch narrows the credential differently")
+    return Verdict(True, Reason.ALLOWED, headers, notes or None, credential=narrowings.pop() if narrowings else None)

@@ -31,7 +31,7 @@ from pep.identity import Refusal as IdentityRefusal
 from pep.identity.subject import Identifier, build_identity
 from pep.ids import request_id
 from pep.metrics import Metrics
-from pep.pdp import Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
 from pep.pdp.cedar import CedarLoadError
 from pep.protocols import Inspected, Refused, dispatch
 from pep.routing import Route, RouteTable
@@ -121,7 +121,10 @@ def _inspect(route: Route, request: Request, body: bytes | None) -> Inspected | 
     early = dispatch.before_body(route.config, request.method, request.path, request.headers, bool(body))
     if early is not None:
         return early
-    return dispatch.parse(route.config, request.headers, body or b"")
+    limit = dispatch.read_limit(route.config)
+    if body is not None and len(body) > limit:  # a form body on a route without max_body_bytes
+        return Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes")
+    return dispatch.parse(route.config, request.method, request.path, request.headers, body or b"")
 
 
 async def facts(
@@ -135,13 +138,15 @@ async def facts(
         return Facts(None, None, Refused(Reason.NO_ROUTE, "explain does not decide CONNECT (tunnels: host:port)"))
     if request.fragment:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, "fragment in the request target"))
-    problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
+    problem = integrity.request_problem(method, path, query, headers)
     if problem:
         return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, problem))
     route = routes.match(path, headers.get("Host"), request.scheme)
     if route is None:
         return Facts(None, None, Refused(Reason.NO_ROUTE, "no route matches the path"))
     upstream_url = route.upstream_url(path, query)
+    if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+        return Facts(route, upstream_url, Refused(Reason.REQUEST_AMBIGUOUS, problem))
     limit = route.config.max_body_bytes
     body = _read(request.body, limit)
     if limit is not None and body is not None and len(body) > limit:
@@ -186,8 +191,9 @@ async def facts(
     return Facts(route, upstream_url, None, check, inspected)
 
 
-class _Recorder:
-    """The configured PDP, keeping each document's answer of the last attempt. The engine sees the same PDP."""
+class _Recorder(Pdp):
+    """The configured PDP, keeping each document's answer of the last attempt. The engine sees the same PDP, and
+    a batch goes to the PDP's own `ask_many` (one exchange with an AuthZEN batch endpoint)."""
 
     def __init__(self, pdp: Pdp, documents: Sequence[dict[str, Any]]) -> None:
         self.remote = pdp.remote
@@ -202,18 +208,16 @@ class _Recorder:
         self.answers[i] = result
         return result
 
-    async def close(self) -> None:
-        await self._pdp.close()
-
-
-class _BatchRecorder(_Recorder):
-    """For PDPs that decide several documents in one exchange (AuthZEN), so the engine keeps using it."""
-
-    async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
         self.answers = [None] * len(self.answers)
-        results: list[Verdict | Failure] = await getattr(self._pdp, "ask_many")(documents, request_id)  # noqa: B009
+        results = await self._pdp.ask_many(documents, request_id, concurrency)
         self.answers = list(results)
         return results
+
+    async def close(self) -> None:
+        await self._pdp.close()
 
 
 def answer_dict(answer: Verdict | Failure) -> dict[str, Any]:
@@ -239,8 +243,7 @@ async def ask(config: Config, check: Check) -> tuple[Outcome, _Recorder]:
     from pep.app import build_pdp
 
     pdp = build_pdp(config)
-    kind = _BatchRecorder if hasattr(pdp, "ask_many") else _Recorder
-    recorder = kind(pdp, check.documents)
+    recorder = _Recorder(pdp, check.documents)
     engine = Engine(recorder, config.pdp, Metrics(tuple(r.name for r in config.routes)))
     try:
         outcome = await engine.decide(check)

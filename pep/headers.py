@@ -50,9 +50,27 @@ PEP_OWNED: frozenset[str] = frozenset(
 FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
 
 METHOD_OVERRIDE: frozenset[str] = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
-# Headers some frameworks (Symfony, Zend, IIS rewrite) take as the real path: the upstream would serve a path
-# the policy never saw.
-PATH_OVERRIDE: frozenset[str] = frozenset({"x-original-url", "x-rewrite-url"})
+# Headers that frameworks, middlewares and proxies behind the PEP take as the real path or URL: the upstream would
+# serve a path the policy never saw. X-Original-URL and X-Rewrite-URL: Symfony, Zend/Laminas, IIS URL Rewrite;
+# X-Original-URI: the nginx auth_request convention; X-Forwarded-Uri: Traefik (forward auth), read by auth
+# servers; X-Forwarded-Path and X-Forwarded-Url: other gateways' spellings; X-Envoy-Original-Path: Envoy;
+# X-Replaced-Path: Traefik's ReplacePath; X-Original-Path, X-Override-URL, X-HTTP-Path-Override: seen in
+# middlewares. (X-Forwarded-Prefix, which Spring prepends to the path, is the PEP's own: a caller's is dropped.)
+PATH_OVERRIDE: frozenset[str] = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "x-forwarded-uri",
+        "x-forwarded-path",
+        "x-forwarded-url",
+        "x-envoy-original-path",
+        "x-replaced-path",
+        "x-original-path",
+        "x-override-url",
+        "x-http-path-override",
+    }
+)
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

@@ -1,14 +1,15 @@
 """Request integrity, first layer: targets two parsers could read differently end in `request_ambiguous`.
 
-Pure functions of the request line and headers. The PEP decides on, and forwards, the raw path as sent; these
-checks refuse the paths an upstream might decode or normalise into something the policy never saw.
+Pure functions of the request line, headers and form fields. The PEP decides on, and forwards, the raw path as
+sent; these checks refuse the paths an upstream might decode or normalise into something the policy never saw,
+and the headers and fields with which an upstream framework would serve another path or method.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Container
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from pep.headers import METHOD_OVERRIDE, PATH_OVERRIDE
 
@@ -26,14 +27,25 @@ _QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
 _DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
 # More layers of percent-encoding than this in one segment is refused outright.
 _MAX_DECODES = 4
+# The form field Rails (Rack), Laravel, Symfony and Spring's HiddenHttpMethodFilter take as the method of a POST.
+_METHOD_FIELD = "_method"
+# How PHP reads a field name: leading spaces dropped, ` ` and `.` read as `_`, the name ends at `[` (an array).
+_PHP_NAME = str.maketrans(" .", "__")
 
 
 def path_problem(path: str) -> str | None:
-    """Why this raw path (without the query) is ambiguous, or None."""
+    """Why this raw path (without the query) is ambiguous, or None. Path parameters (`;`) are the route's
+    business (`parameter_problem`), except where they hide a dot or an empty segment (`/..;/`, `/;x/`)."""
     if not path.startswith("/"):
         return "the path does not start with /"
     if _PATH_BAD.search(path):
         return "backslash, fragment, control or non-ASCII character in the path"
+    if "//" in path:
+        # nginx (merge_slashes, its default), Tomcat and Spring read `/a//b` as `/a/b`: a rule on `/a/b` would
+        # not see it. A leading `//` is also a network-path reference to a URL parser (`//host/path`).
+        return "empty path segment (//) in the path"
+    if "/;" in path:
+        return "empty path segment with parameters (/;) in the path"
     if "%" in path:
         for m in _ESCAPE.finditer(path):
             pair = m.group(1)
@@ -85,11 +97,63 @@ def _decoding_problem(segment: str) -> str | None:
     return "percent-encoding nested too deeply in the path"
 
 
+def parameter_problem(path: str) -> str | None:
+    """Why a path with path parameters is ambiguous: `;`, raw or percent-encoded at any layer, or None.
+
+    Tomcat, Jetty and Spring serve `/a;x/b` as `/a/b` (they drop `;...` from each segment before routing), so a
+    rule on `/a/b` would not see it. Routes whose upstream keeps `;` as data accept it (`allow_path_parameters`).
+    """
+    if ";" in path:
+        return "path parameter (;) in the path"
+    if "%" in path:
+        for segment in path.split("/"):
+            if "%" in segment and any(";" in layer for layer in _layers(segment)):
+                return "percent-encoded ; in the path"
+    return None
+
+
+def _layers(segment: str) -> list[str]:
+    """The segment decoded again and again while that changes it, at most _MAX_DECODES + 1 times."""
+    layers = [segment]
+    for _ in range(_MAX_DECODES + 1):
+        decoded = unquote(layers[-1])
+        if decoded == layers[-1]:
+            break
+        layers.append(decoded)
+    return layers
+
+
 def query_problem(query: str) -> str | None:
     """The query is forwarded as sent; only characters that cannot be sent as they are are refused."""
     if query and _QUERY_BAD.search(query):
         return "fragment, control or non-ASCII character in the query"
     return None
+
+
+def method_override_field(fields: str) -> str | None:
+    """A `_method` field among `name=value` pairs (a query or an urlencoded form), as any framework reads it.
+
+    Names are percent-decoded (`+` is a space), split on `&` and `;` (older Rack), compared without case, and
+    read as PHP reads them (`.method` and ` _method` are `_method` there); `_method[x]` counts too.
+    """
+    if "method" not in fields.lower() and "%" not in fields:
+        return None
+    for pair in re.split("[&;]", fields):
+        name = pair.partition("=")[0]
+        decoded = unquote_to_bytes(name.replace("+", " ").encode("utf-8", "surrogatepass")).decode("latin-1")
+        decoded = decoded.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
+        if decoded.lower() == _METHOD_FIELD:
+            return f"method-override field {name[:64]!r}"
+    return None
+
+
+def request_problem(method: str, path: str, query: str, headers: Container[str]) -> str | None:
+    """Every check that needs no route, in the order the proxy and `pep explain` apply them."""
+    problem = path_problem(path) or query_problem(query) or override_header(headers)
+    if problem is None and method == "POST":
+        # Rails, Laravel, Symfony and Spring override only a POST; Laravel, Symfony and Spring read the query too.
+        problem = method_override_field(query)
+    return problem
 
 
 def override_header(names: Container[str]) -> str | None:

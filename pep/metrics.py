@@ -1,4 +1,4 @@
-"""Prometheus metrics of DESIGN.md, in a registry per runtime, with children bound once, not per request.
+"""The Prometheus metrics (README, "Metrics"), in a registry per runtime, with children bound once, not per request.
 
 No label ever takes a value from the request: routes come from the config, reasons from the closed set.
 """
@@ -15,8 +15,10 @@ from pep.decision import DENY_REASONS, Reason
 
 UNMATCHED = "_unmatched"
 PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
-UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unfilterable")
+UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unfilterable", "unreadable")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+APPROVAL_RESULTS = ("requested", "granted", "denied", "timeout", "unavailable", "invalid")
+CREDENTIAL_FETCH_RESULTS = ("success", "refused", "error")  # refused: the server answered with an OAuth error
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -56,8 +58,13 @@ class Metrics:
             buckets=_FAST,
         )
         self.pdp_duration = {o: pdp.labels(o) for o in PDP_OUTCOMES}
-        self.pdp_in_flight = Gauge("pep_pdp_in_flight", "Decisions waiting for the PDP.", registry=r)
+        self.pdp_in_flight = Gauge(
+            "pep_pdp_in_flight", "Slots of max_in_flight taken by decisions waiting for the PDP.", registry=r
+        )
         self.circuit_state = Gauge("pep_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r)
+        self.pdp_reachable = Gauge(
+            "pep_pdp_reachable", "1 when the last connection probe reached the PDP (always 1 for Cedar).", registry=r
+        )
         transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
         self.transitions = {s: transitions.labels(s.name.lower()) for s in State}
         up = Histogram(
@@ -92,12 +99,36 @@ class Metrics:
             "Decision log lines dropped (queue full or write error).",
             registry=r,
         )
+        # Read at scrape time: lines queued or being written; growth means the sink is slower than the decisions.
+        self.decision_log_pending_bytes = Gauge(
+            "pep_decision_log_pending_bytes", "Decision log bytes queued or being written.", registry=r
+        )
+        self.decision_log_write_seconds = Histogram(
+            "pep_decision_log_write_duration_seconds",
+            "Decision log batch writes, from start to return; with required: true, allows wait for them.",
+            registry=r,
+            buckets=_FAST,
+        )
         reloads = Counter("pep_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
         self.config_reloads = {res: reloads.labels(res) for res in ("success", "error")}
         fetches = Counter(
             "pep_jwks_fetches_total", "Fetches of identity.jwt.jwks_url by result.", ["result"], registry=r
         )
         self.jwks_fetches = {ok: fetches.labels("success" if ok else "error") for ok in (True, False)}
+        approvals = Counter(
+            "pep_approvals_total",
+            "Approvals asked of a person (requested) and how they ended.",
+            ["result"],
+            registry=r,
+        )
+        self.approvals = {res: approvals.labels(res) for res in APPROVAL_RESULTS}
+        credential_fetches = Counter(
+            "pep_credential_fetches_total",
+            "Just-in-time credential requests to token endpoints, by result (cache hits are not fetches).",
+            ["result"],
+            registry=r,
+        )
+        self.credential_fetches = {res: credential_fetches.labels(res) for res in CREDENTIAL_FETCH_RESULTS}
         Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
 
     def bind_routes(self, routes: tuple[str, ...]) -> None:

@@ -7,10 +7,11 @@ is a `Deny(internal_error)`: the only path to the upstream goes through `Upstrea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,19 +19,21 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from pep import attributes, integrity, tunnel
+from pep.answers import ModelAnswers
 from pep.authority import resolve_authority
 from pep.config import Config
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
-from pep.decision_log import DecisionLog
+from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Check, Engine, Outcome
 from pep.headers import end_to_end
 from pep.identity import Refusal
 from pep.identity.keys import KeySource
-from pep.identity.subject import Identifier
+from pep.identity.spiffe import ListenerTls
+from pep.identity.subject import Identifier, PeerCert
 from pep.ids import new_id, request_id
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import Inspected, Message, Refused, dispatch, tools_filter
+from pep.protocols import Inspected, Message, Refused, dispatch, openai, tools_filter
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
@@ -66,7 +69,7 @@ _REASON_VALUES = frozenset(r.value for r in Reason)
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("challenge", "credential", "document", "inspected", "outcome", "route", "rt", "trace")
+    __slots__ = ("challenge", "credential", "document", "drop_session", "inspected", "outcome", "route", "rt", "trace")
 
     def __init__(self, rt: Runtime, trace: Trace) -> None:
         self.rt = rt  # the config this request is decided and logged under
@@ -77,6 +80,7 @@ class _Case:
         self.inspected: Inspected | None = None
         self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
+        self.drop_session = False  # the connection's client certificate no longer passes: abort after the answer
 
     def span_attributes(self) -> dict[str, Any]:
         """What the request's span records (tracing on only)."""
@@ -103,10 +107,10 @@ async def _inspect(request: web.BaseRequest, route: Route, path: str) -> Inspect
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         # The body is needed for the decision, so the caller may send it now.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = await read_body(request, route.config.max_body_bytes or 0)
+    body = await read_body(request, dispatch.read_limit(route.config))
     if isinstance(body, Refused):
         return body
-    return dispatch.parse(route.config, request.headers, body)
+    return dispatch.parse(route.config, request.method, path, request.headers, body)
 
 
 def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
@@ -118,12 +122,13 @@ def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, ri
     return deny(reason, rid)
 
 
-def _peercert(request: web.BaseRequest) -> Callable[[], dict[str, Any] | None]:
+def _peercert(request: web.BaseRequest, listener: ListenerTls | None) -> PeerCert:
     """Reads the verified client certificate of the request's connection (mTLS listener), when asked."""
     transport = request.transport
 
-    def peercert() -> dict[str, Any] | None:
-        return transport.get_extra_info("peercert") if transport is not None else None
+    def peercert() -> dict[str, Any] | Refusal | None:
+        conn = transport.get_extra_info("ssl_object") if transport is not None and listener is not None else None
+        return listener.peer(conn) if listener is not None and isinstance(conn, ssl.SSLObject) else None
 
     return peercert
 
@@ -150,6 +155,7 @@ class Proxy:
     def __init__(self, runtime: Runtime, upstream: Upstream, decision_log: DecisionLog, metrics: Metrics) -> None:
         self.runtime = runtime  # replaced whole by a reload; each request keeps the one it started with
         self.spans: Spans | None = None  # OpenTelemetry spans, when the config has `tracing`
+        self.listener_tls: ListenerTls | None = None  # the mTLS listener's contexts, when identity.mtls is set
         self._upstream = upstream
         self._log = decision_log
         self._metrics = metrics
@@ -201,8 +207,14 @@ class Proxy:
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
         entry = self._entry(request, rid, route_name, case, outcome)
-        if not self._log.record(entry) and self._log.required and isinstance(decision, Allow):
-            decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, "decision log unavailable")
+        if isinstance(decision, Allow) and self._log.required:
+            # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
+            problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
+            if problem is not None:
+                decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                self._log.record(unaudited(entry, problem))
+        else:
+            self._log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
@@ -212,7 +224,8 @@ class Proxy:
             return await tunnel.splice(request, decision, route)
         if isinstance(decision, Allow) and route is not None:
             rewrite = self._tools_filter(route, case, decision)
-            return await self._upstream.forward(request, decision, route, rewrite, case.credential)
+            answers = self._model_answers(route, case, decision)
+            return await self._upstream.forward(request, decision, route, rewrite, case.credential, answers)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -224,6 +237,15 @@ class Proxy:
             response.headers["WWW-Authenticate"] = case.challenge
         if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
             response.force_close()  # the rest of the body is not waited for: say so
+        transport = request.transport
+        if case.drop_session and transport is not None:
+            # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
+            # client's next connection makes a full handshake instead of resuming what no longer passes.
+            response.force_close()
+            with contextlib.suppress(ConnectionError):  # a client already gone gets no answer; still aborted
+                await response.prepare(request)
+                await response.write_eof()
+            transport.abort()
         return response
 
     async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
@@ -238,12 +260,14 @@ class Proxy:
             return _early(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
         if not raw_target.startswith("/") and not _authority_matches(request.url, headers.get("Host")):
             return _early(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
-        problem = integrity.path_problem(path) or integrity.query_problem(query) or integrity.override_header(headers)
+        problem = integrity.request_problem(request.method, path, query, headers)
         if problem:
             return _early(Reason.REQUEST_AMBIGUOUS, problem)
         route = case.route = case.rt.routes.match(path, headers.get("Host"), request.scheme)
         if route is None:
             return _early(Reason.NO_ROUTE, "no route matches the path")
+        if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+            return _early(Reason.REQUEST_AMBIGUOUS, problem)
         length = request.content_length
         limit = route.config.max_body_bytes
         if limit is not None and length is not None and length > limit:
@@ -295,9 +319,11 @@ class Proxy:
 
     async def _subject_of(self, request: web.BaseRequest, route: Route, case: _Case) -> dict[str, Any] | Outcome:
         """The verified subject, or the denial (with its 401 challenge where one applies)."""
-        found = await case.rt.identifier.subject(request.headers, _peercert(request), route.config.require_identity)
+        peercert = _peercert(request, self.listener_tls)
+        found = await case.rt.identifier.subject(request.headers, peercert, route.config.require_identity)
         if isinstance(found, Refusal):
             case.challenge = found.challenge
+            case.drop_session = found.drop_session
             return _early(found.reason, found.detail)
         return found
 
@@ -347,6 +373,28 @@ class Proxy:
             return dataclasses.replace(outcome, decision=deny, note=detail, reasons=())
         return outcome
 
+    def _model_answers(self, route: Route, case: _Case, allow: Allow) -> ModelAnswers | None:
+        """For an allowed model call whose answers can call tools: the check its answer must pass."""
+        inspected = case.inspected
+        document = case.document
+        if inspected is None or document is None or inspected.messages[0].key != "model":
+            return None
+        if inspected.messages[0].facts["endpoint"] not in openai.ANSWERING_KINDS:
+            return None
+        failures = self._metrics.upstream_failures
+        rt = case.rt
+        return ModelAnswers(
+            rt.engine,
+            self._log,
+            lambda outcome: _log_budget(rt, outcome),
+            failures[route.name, "unreadable"].inc,
+            route,
+            document,
+            allow,
+            route.config.decide_answer_tool_calls,
+            case.trace.trace_id,
+        )
+
     def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
         """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
         inspected = case.inspected
@@ -362,6 +410,7 @@ class Proxy:
         engine = case.rt.engine
         url = document["route"]["upstream_url"]
         rid = allow.request_id
+        log = self._log
 
         async def decide(names: list[str]) -> list[bool] | str:
             docs = [{**document, "mcp": {**facts, "method": "tools/call", "name": n, "arguments": None}} for n in names]
@@ -369,7 +418,15 @@ class Proxy:
             outcome = await engine.decide(check)
             decision = outcome.decision
             reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            self._log.record(_filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace))
+            entry = _filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace)
+            if log.required and Reason.ALLOWED in reasons:
+                # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
+                problem = await log.commit(entry, _log_budget(case.rt, outcome))
+                if problem is not None:
+                    log.record(unaudited(entry, problem))
+                    return Reason.AUDIT_UNAVAILABLE.value
+            else:
+                log.record(entry)
             undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
             if undecided or len(reasons) != len(names):
                 return (undecided[0] if undecided else decision_reason(decision)).value
@@ -414,6 +471,7 @@ class Proxy:
             when = attributes.rfc3339(outcome.started)
         else:
             when = document["request"]["time"] if document else attributes.rfc3339_now()
+        subject = document["subject"] if document else rt.identifier.unverified(_peercert(request, self.listener_tls))
         entry: dict[str, Any] = {
             "time": when,
             "request_id": rid,
@@ -421,7 +479,7 @@ class Proxy:
             "route": route_name,
             "method": request.method,
             "path": document["request"]["path"] if document else request.rel_url.raw_path,
-            "subject": document["subject"] if document else rt.identifier.unverified(_peercert(request)),
+            "subject": subject,
             "mcp_method": None,
             "mcp_name": None,
             "decision": "allow" if allow else "deny",
@@ -445,9 +503,16 @@ class Proxy:
                 ]
         elif messages and messages[0].key == "model":
             entry["model"] = messages[0].facts["name"]
+            entry["endpoint"] = messages[0].facts["endpoint"]
         if outcome.note:
             entry["detail"] = outcome.note
         return entry
+
+
+def _log_budget(rt: Runtime, outcome: Outcome) -> float:
+    """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
+    written the allow's line within it."""
+    return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
 
 
 def _filter_entry(

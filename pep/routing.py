@@ -92,6 +92,23 @@ class Route:
             url = base
         return f"{url}?{query}" if query else url
 
+    def public_path(self, upstream_path: str) -> str | None:
+        """The PEP path whose upstream URL has this path: `upstream_url` backwards, or None when the path is not
+        under the upstream's own path (no PEP path leads there)."""
+        base = urlsplit(self.upstream).path
+        trimmed = base.rstrip("/")
+        if upstream_path in (base, trimmed):
+            rest = ""
+        elif upstream_path.startswith(trimmed + "/"):
+            rest = upstream_path[len(trimmed) :]
+        else:
+            return None
+        if not self.config.strip_prefix:
+            return rest or "/"
+        if not rest:
+            return self.prefix
+        return self.prefix.rstrip("/") + rest
+
 
 class RouteTable:
     """Routes ordered longest prefix first, then host routes before the others: the first match is the most

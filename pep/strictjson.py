@@ -4,6 +4,9 @@ orjson validates the grammar and UTF-8 fast, but, like every JSON library, keeps
 silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so a
 second pass with the standard library's pair hook refuses duplicates. It runs only when the text holds more
 than one `:`, which every duplicate needs, so the common `{"result":true}` answer costs one orjson call.
+
+Request bodies can also be read with `fold_keys`: keys equal under case folding (`name`/`Name`, `s`/U+017F) are
+refused too, since readers such as Go's encoding/json bind both to one field and keep the last.
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ class JsonError(ValueError):
     """The bytes are not one acceptable JSON value; the message says why (for logs, not for callers)."""
 
 
+class FoldedKeys(JsonError):
+    """Two keys of one object are equal under case folding: a case-insensitive reader sees one key there."""
+
+
+def fold(key: str) -> str:
+    """The key as a case-insensitive reader compares it: Unicode full case folding (`str.casefold`).
+
+    It equates every pair Go's encoding/json equates (simple folding, which maps U+017F to s and U+212A to k)
+    and more (`ß` and `ss`), so refusing its collisions refuses Go's."""
+    return key.lower() if key.isascii() else key.casefold()
+
+
 def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -27,6 +42,17 @@ def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             if key in seen:
                 raise JsonError(f"duplicate key {key!r}")
             seen.add(key)
+    return obj
+
+
+def _pairs_no_folded_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = _pairs_no_duplicates(pairs)
+    if len(obj) > 1 and len({fold(key) for key in obj}) != len(obj):
+        seen: dict[str, str] = {}
+        for key in obj:
+            other = seen.setdefault(fold(key), key)
+            if other != key:
+                raise FoldedKeys(f"keys {other[:40]!r} and {key[:40]!r} are equal under case folding")
     return obj
 
 
@@ -44,20 +70,24 @@ def _int64(text: str) -> int:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
+_FOLDING_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs_no_folded_duplicates, parse_constant=_no_constant, parse_int=_int64
+)
 # A number of 19 digits or more may lie outside i64/u64 (-2**63 has 19 digits): those take the second pass, which
 # checks the range; shorter ones are read exactly by orjson.
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
 
-def loads(data: bytes, max_depth: int = 64) -> Any:
-    """Parse one JSON value from `data`, refusing duplicate keys, trailing data and nesting over `max_depth`."""
+def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> Any:
+    """Parse one JSON value from `data`, refusing duplicate keys, trailing data and nesting over `max_depth`;
+    with `fold_keys`, also keys of one object equal under case folding (`FoldedKeys`)."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
     if (isinstance(value, dict | list) and _may_repeat_keys(data)) or _LONG_NUMBER.search(data):
         try:
-            _DECODER.decode(data.decode("utf-8"))
+            (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
             raise JsonError("nested too deeply") from None
         except json.JSONDecodeError as exc:  # pragma: no cover - orjson accepted it already
@@ -67,9 +97,9 @@ def loads(data: bytes, max_depth: int = 64) -> Any:
     return value
 
 
-def loads_object(data: bytes, max_depth: int = 64) -> dict[str, Any]:
+def loads_object(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> dict[str, Any]:
     """Like `loads`, but the value must be a JSON object."""
-    value = loads(data, max_depth)
+    value = loads(data, max_depth, fold_keys=fold_keys)
     if not isinstance(value, dict):
         raise JsonError(f"expected a JSON object, got {type(value).__name__}")
     return value

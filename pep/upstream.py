@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from pep import redirects
 from pep.decision import Allow
 from pep.headers import end_to_end, response_headers
 from pep.metrics import Metrics
@@ -25,6 +27,23 @@ REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (to
 # Rewrites a whole upstream answer (body, content type): new body bytes, a response to send instead, or None
 # when the answer cannot be read (then the caller gets a 502, never the answer unchanged).
 Rewrite = Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]]
+
+# Reads a streamed answer as it arrives (None once it has ended): the bytes to relay now, and True when the stream
+# ends there (a refused event is never relayed: the gate returns an error event instead and ends the stream).
+Gate = Callable[[bytes | None], Awaitable[tuple[bytes, bool]]]
+
+
+class AnswerCheck(Protocol):
+    """Inspects an answer before any byte of it reaches the caller (model answers: pep/answers.py)."""
+
+    def mode(self, status: int, content_type: str, content_encoding: str) -> str:
+        """`pass` (relay unchanged), `whole` (read whole, then `whole`), `events` (through `gate`), or
+        `unreadable` (a 502, nothing relayed)."""
+        ...
+
+    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None: ...
+
+    async def gate(self, chunk: bytes | None) -> tuple[bytes, bool]: ...
 
 
 class _BodyStream:
@@ -121,16 +140,18 @@ class Upstream:
         route: Route,
         rewrite: Rewrite | None = None,
         credential: tuple[str, str] | None = None,
+        answers: AnswerCheck | None = None,
     ) -> web.StreamResponse:
         """Send the allowed request and stream the response back; 502/504 when no response comes.
 
         With `rewrite`, the response is read whole (at most REWRITE_LIMIT bytes, identity encoding only) and
-        what `rewrite` returns is sent instead: new body bytes, or a response of its own.
+        what `rewrite` returns is sent instead: new body bytes, or a response of its own. With `answers`, the answer
+        is inspected as `answers.mode` says, and what is unreadable is a 502 `unreadable`.
         """
         metrics = self._metrics
         headers = self.headers_for(request, allow, route, credential)
-        if rewrite is not None:
-            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten
+        if rewrite is not None or answers is not None:
+            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten or inspected
         wait = route.config.timeout_ms / 1000  # for the headers once the request is sent, then for each chunk
         loop = asyncio.get_running_loop()
         headers_due = asyncio.timeout(None)  # armed once the request, body and all, has gone out
@@ -176,21 +197,33 @@ class Upstream:
             async with up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
+                headers_out = _answer_headers(up, route)
                 if rewrite is not None:
-                    rewritten = await _rewritten(up, rewrite, wait)
+                    rewritten = await _rewritten(up, rewrite, headers_out, wait)
                     if rewritten is not None:
                         return rewritten
                     metrics.upstream_failures[route.name, "unfilterable"].inc()
                     return upstream_failure("unfilterable", allow.request_id, allow.decision_id)
-                if _whole_body_fits(request, up):
+                mode = "pass"
+                if answers is not None:
+                    encoding = up.headers.get("Content-Encoding", "identity")
+                    mode = answers.mode(up.status, up.headers.get("Content-Type", ""), encoding)
+                if mode == "whole":
+                    rewritten = await _rewritten(up, answers.whole, headers_out, wait)  # type: ignore[union-attr]
+                    if rewritten is not None:
+                        return rewritten
+                if mode in ("whole", "unreadable"):
+                    metrics.upstream_failures[route.name, "unreadable"].inc()
+                    return upstream_failure("unreadable", allow.request_id, allow.decision_id)
+                gate = answers.gate if mode == "events" and answers is not None else None
+                if gate is None and _whole_body_fits(request, up):
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
                     async with asyncio.timeout(wait):
                         body = await up.read()
-                    headers_out = response_headers(up.headers)
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up, wait)
+                response, complete = await _relay(request, up, headers_out, wait, gate)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -238,7 +271,17 @@ async def _next_chunk(up: aiohttp.ClientResponse, wait: float) -> bytes:
         return await up.content.readany()
 
 
-async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite, wait: float) -> web.StreamResponse | None:
+def _answer_headers(up: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
+    """The upstream's response headers as the caller gets them: hop-by-hop ones dropped, and no header naming
+    the upstream's own address (pep/redirects.py)."""
+    headers = response_headers(up.headers)
+    redirects.rewrite(headers, route)
+    return headers
+
+
+async def _rewritten(
+    up: aiohttp.ClientResponse, rewrite: Rewrite, headers: CIMultiDict[str], wait: float
+) -> web.StreamResponse | None:
     """The rewritten response, or None when the upstream's answer cannot be read whole."""
     encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
@@ -253,17 +296,26 @@ async def _rewritten(up: aiohttp.ClientResponse, rewrite: Rewrite, wait: float) 
     result = await rewrite(b"".join(chunks), up.headers.get("Content-Type", ""))
     if result is None or isinstance(result, web.StreamResponse):
         return result
-    headers = response_headers(up.headers)
     headers.popall("Content-Length", None)
     return web.Response(status=up.status, reason=up.reason, headers=headers, body=result)
 
 
-async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse, wait: float) -> tuple[web.StreamResponse, bool]:
+async def _relay(
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    wait: float,
+    gate: Gate | None = None,
+) -> tuple[web.StreamResponse, bool]:
     """Stream the upstream response to the caller; False when the upstream broke off (or fell silent for `wait`
     seconds) after the status line was sent. The caller going away (a dropped stream) is not an upstream
-    failure: the relay just stops."""
-    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=response_headers(up.headers))
+    failure: the relay just stops. With a `gate`, only what it returns is relayed, and the stream ends where it
+    says so."""
+    if gate is not None:
+        headers.popall("Content-Length", None)  # the gate may end the body early or replace its end
+    resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     await resp.prepare(request)
+    stop = False
     try:
         while True:
             try:
@@ -275,7 +327,18 @@ async def _relay(request: web.BaseRequest, up: aiohttp.ClientResponse, wait: flo
                 return resp, False
             if not chunk:
                 break
-            await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
+            if gate is None:
+                await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
+                continue
+            out, stop = await gate(chunk)
+            if out:
+                await resp.write(out)
+            if stop:
+                break
+        if gate is not None and not stop:
+            out, _ = await gate(None)
+            if out:
+                await resp.write(out)
         await resp.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass  # writing to the caller failed: it is gone; leaving the `async with` closes the upstream response

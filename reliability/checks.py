@@ -19,7 +19,7 @@ from reliability import plan
 from reliability.plan import Kind
 from reliability.stack import STRIPPED_PREFIXES, Delivery
 
-# DESIGN.md, "Deny responses": the closed set of reasons.
+# README, "Denials": the closed set of reasons.
 CLOSED_REASONS = frozenset(
     {
         "policy_denied",
@@ -43,7 +43,7 @@ CLOSED_REASONS = frozenset(
         "internal_error",
     }
 )
-# DESIGN.md, "How a PDP answer becomes a reason" / circuit breaker: failures and successes of one decision.
+# README, "PDPs" and "The decision engine" (circuit breaker): failures and successes of one decision.
 BREAKER_FAILURES = frozenset({"pdp_unreachable", "pdp_timeout", "pdp_error_status", "pdp_malformed"})
 BREAKER_SUCCESSES = frozenset({"allowed", "policy_denied", "pdp_undefined", "obligation_unsupported"})
 TOLERANCE_S = 0.005  # log times are truncated to the millisecond

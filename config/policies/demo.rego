@@ -1,4 +1,6 @@
-# The policy the demo PDP (pep/demo.py) applies, written in Rego for an OPA server at /v1/data/pep/authz.
+# The policy of `make demo PDP=opa`: pep/demo.py serves it as an OPA server would at /v1/data/pep/authz,
+# evaluated by regorus (a Rego interpreter), so what this file says is what decides. A real OPA serves it as is:
+# opa run --server config/policies/demo.rego
 package pep.authz
 
 default allow := false

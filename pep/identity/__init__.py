@@ -16,11 +16,13 @@ REALM = "failclosed-pep"
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why no identity could be established. `error` is the RFC 6750 code for the challenge, if any."""
+    """Why no identity could be established. `error` is the RFC 6750 code for the challenge, if any;
+    `drop_session`: the connection's TLS session must not be used again (closed without a close_notify)."""
 
     reason: Reason
     detail: str
     error: str | None = None
+    drop_session: bool = False
 
     @property
     def challenge(self) -> str | None:

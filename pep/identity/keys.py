@@ -9,6 +9,9 @@ next lookup refetches; while refetching fails, the last good keys stay in use fo
 then they are dropped and tokens are refused `identity_unavailable`. A `kid` the keys do not hold triggers a
 refetch (key rotation), at most once per `jwks_min_refresh_ms`, so a flood of made-up `kid`s cannot become a
 flood of fetches. One fetch runs at a time; every lookup waiting for it shares its result.
+
+A key that comes back unchanged (same JWK, same algorithm) from a re-read or a refetch is the same `PyJWK` object,
+so "the key that verified this token is still in the set" is an identity check (see `tokens.TokenVerifier`).
 """
 
 from __future__ import annotations
@@ -56,15 +59,23 @@ def fits(jwk: dict[str, Any], alg: str) -> bool:
 class KeySet:
     """Public keys by (kid, alg). A token without a `kid` may use the only key that fits its algorithm."""
 
-    __slots__ = ("_by_kid", "_unnamed", "kids")
+    __slots__ = ("_by_jwk", "_by_kid", "_unnamed", "kids")
 
-    def __init__(self, keys: dict[tuple[str, str], PyJWK], unnamed: dict[str, PyJWK], kids: frozenset[str]) -> None:
+    def __init__(
+        self,
+        keys: dict[tuple[str, str], PyJWK],
+        unnamed: dict[str, PyJWK],
+        kids: frozenset[str],
+        by_jwk: dict[bytes, PyJWK] | None = None,
+    ) -> None:
         self._by_kid = keys
         self._unnamed = unnamed
         self.kids = kids
+        self._by_jwk = by_jwk or {}  # canonical JWK + alg -> key: what a later parse may reuse
 
     @classmethod
-    def parse(cls, raw: bytes, algorithms: tuple[str, ...]) -> KeySet:
+    def parse(cls, raw: bytes, algorithms: tuple[str, ...], previous: KeySet | None = None) -> KeySet:
+        """The usable keys of a JWK Set. A key identical to one of `previous` (same JWK and algorithm) is reused."""
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -74,17 +85,24 @@ class KeySet:
         by_kid: dict[tuple[str, str], PyJWK] = {}
         fitting: dict[str, list[PyJWK]] = {}
         kids: set[str] = set()
+        by_jwk: dict[bytes, PyJWK] = {}
+        known = previous._by_jwk if previous is not None else {}
         for jwk in data["keys"]:
             if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig" or "d" in jwk:
                 continue  # encryption keys are not for us; a private key in a public set is not trusted
             kid = jwk.get("kid")
+            canonical = orjson.dumps(jwk, option=orjson.OPT_SORT_KEYS)
             for alg in algorithms:
                 if not fits(jwk, alg) or jwk.get("alg", alg) != alg:
                     continue
-                try:
-                    key = PyJWK(jwk, algorithm=alg)
-                except (PyJWKError, PyJWTError, ValueError, TypeError):  # e.g. InvalidKeyError for bad coordinates
-                    continue
+                same = canonical + b" " + alg.encode()
+                key = known.get(same)
+                if key is None:
+                    try:
+                        key = PyJWK(jwk, algorithm=alg)
+                    except (PyJWKError, PyJWTError, ValueError, TypeError):  # e.g. InvalidKeyError: bad coordinates
+                        continue
+                by_jwk[same] = key
                 fitting.setdefault(alg, []).append(key)
                 if isinstance(kid, str):
                     by_kid[kid, alg] = key
@@ -92,7 +110,7 @@ class KeySet:
         if not fitting:
             raise KeysError(f"holds no usable public signing key for {', '.join(algorithms)}")
         unnamed = {alg: keys[0] for alg, keys in fitting.items() if len(keys) == 1}
-        return cls(by_kid, unnamed, frozenset(kids))
+        return cls(by_kid, unnamed, frozenset(kids), by_jwk)
 
     def get(self, kid: str | None, alg: str) -> PyJWK | None:
         if kid is None:
@@ -111,18 +129,13 @@ class Lookup:
 
 
 class KeySource(ABC):
-    """Where keys come from. `lookup` never raises; `changes` counts key-set replacements (cache invalidation)."""
-
-    changes = 0
+    """Where keys come from. `lookup` never raises, and is asked for every token, remembered ones too: it is
+    where a source notices that its keys changed (a file looked at again, a URL refetched once stale) or can no
+    longer be had (an unusable file, a URL stale past `jwks_max_stale_ms`)."""
 
     @abstractmethod
     async def lookup(self, kid: str | None, alg: str) -> Lookup:
-        """The key for (kid, alg), or why there is none."""
-
-    def poll(self) -> None:
-        """Cheap, on every token (cache hits too): notice a changed key source, so a removed key stops
-        verifying cached tokens. Files: one stat at most once a second; URLs: nothing (fetches are on demand)."""
-        return None  # the default: nothing to look at
+        """The key for (kid, alg) in the current usable set, or why there is none."""
 
     async def start(self) -> None:
         """Load or fetch once at start (a URL that is down is not fatal: tokens are refused until it is up)."""
@@ -144,7 +157,6 @@ class FileKeys(KeySource):
         self._stamp: Stamp | None = None
         self._keys: KeySet | None = None
         self._problem = "not loaded yet"
-        self.changes = 0
 
     def load(self) -> None:
         """Read the file now. Raises KeysError (with the reason) when it cannot be used."""
@@ -160,11 +172,10 @@ class FileKeys(KeySource):
         if len(raw) > MAX_JWKS_BYTES:
             self._fail(f"is larger than {MAX_JWKS_BYTES} bytes")
         try:
-            keys = KeySet.parse(raw, self._algorithms)
+            keys = KeySet.parse(raw, self._algorithms, self._keys)
         except KeysError as exc:
             self._fail(str(exc))
         self._stamp, self._keys, self._problem = stamp, keys, ""
-        self.changes += 1
 
     def _fail(self, problem: str) -> NoReturn:
         self._stamp, self._keys, self._problem = None, None, f"jwks_file {problem}"
@@ -178,12 +189,9 @@ class FileKeys(KeySource):
         with contextlib.suppress(KeysError):  # the failure is kept as the reason tokens are refused
             self.load()
 
-    def poll(self) -> None:
+    async def lookup(self, kid: str | None, alg: str) -> Lookup:
         if self._clock() - self._checked >= CHECK_S:
             self.refresh()
-
-    async def lookup(self, kid: str | None, alg: str) -> Lookup:
-        self.poll()
         keys = self._keys
         if keys is None:
             return Lookup(None, self._problem)
@@ -207,7 +215,6 @@ class UrlKeys(KeySource):
         self._problem = "not fetched yet"
         self._fetch: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.changes = 0
         self.fetches: Callable[[bool], None] = lambda ok: None  # set by the owner to count fetches
 
     async def start(self) -> None:
@@ -257,7 +264,7 @@ class UrlKeys(KeySource):
         ok = False
         try:
             raw, cache_control = await self._get()
-            keys = KeySet.parse(raw, self._cfg.algorithms)
+            keys = KeySet.parse(raw, self._cfg.algorithms, self._keys)
         except KeysError as exc:
             self._problem = f"jwks_url {exc}"
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
@@ -269,8 +276,6 @@ class UrlKeys(KeySource):
             ttl = max(ttl, self._cfg.jwks_min_refresh_ms / 1000)
             self._fresh_until = now + ttl
             self._drop_at = self._fresh_until + self._cfg.jwks_max_stale_ms / 1000
-            if self._keys is None or keys.kids != self._keys.kids:
-                self.changes += 1
             self._keys, self._problem, ok = keys, "", True
         finally:
             self.fetches(ok)

@@ -1,8 +1,11 @@
 """The policy input's `subject`, from what is verified about the caller, or the reason there is none.
 
 - `workload`: the peer's SPIFFE ID on an mTLS listener, else the configured `identity.workload`.
-- `agent`: with a verified token, the token's acting agent (see `tokens.acting_agent`) and nothing else; without
-  one, the agent header (believed on a loopback listener only).
+- `agent`: without `identity.jwt`, the agent header (believed on a loopback listener only). With `identity.jwt`,
+  only a verified token's acting agent (see `tokens.acting_agent`), null without a token: a field that can hold
+  a verified name never holds an unverified one.
+- `unverified_agent` (present with both `identity.jwt` and `identity.agent_header`): the agent header when no
+  token was presented, so a policy can still read it, under a name that says what it is.
 - `id` and `claims` (present when `identity.jwt` is configured): the token's `sub` and its allow-listed claims,
   both null when no token was presented on a route that does not require one.
 - `attributes`: the configured static facts about the workload.
@@ -23,7 +26,8 @@ from pep.identity.keys import FileKeys, KeySource, UrlKeys
 from pep.identity.spiffe import spiffe_id
 from pep.identity.tokens import TokenVerifier, read_token
 
-PeerCert = Callable[[], dict[str, Any] | None]
+# The request's verified client certificate; a Refusal when it no longer passes (`ListenerTls.peer`); None: none.
+PeerCert = Callable[[], dict[str, Any] | Refusal | None]
 
 
 class Identifier:
@@ -36,15 +40,23 @@ class Identifier:
         self._agent_header = identity.agent_header if trust_agent_header else None
         self._mtls = identity.mtls is not None
         self._attributes = dict(identity.attributes) if identity.attributes else None
+        self._unverified = verifier is not None and identity.agent_header is not None
         self.static = self.build(identity.workload, None)  # the subject when nothing varies per request
 
     def build(
-        self, workload: str | None, agent: str | None, sub: str | None = None, claims: dict[str, Any] | None = None
+        self,
+        workload: str | None,
+        agent: str | None,
+        sub: str | None = None,
+        claims: dict[str, Any] | None = None,
+        unverified_agent: str | None = None,
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"workload": workload, "agent": agent}
         if self._verifier is not None:
             out["id"] = sub
             out["claims"] = claims
+        if self._unverified:
+            out["unverified_agent"] = unverified_agent
         if self._attributes is not None:
             out["attributes"] = self._attributes
         return out
@@ -81,7 +93,7 @@ class Identifier:
         if token is None:
             if token_required:
                 return missing("no bearer token was presented")
-            return self.build(workload, agent)
+            return self.build(workload, None, unverified_agent=agent)
         verified = await self._verifier.verify(token)
         if isinstance(verified, Refusal):
             return verified

@@ -6,6 +6,11 @@ proxy needs: the algorithm allow-list enforced before any key is chosen (never `
 must fit the algorithm, `exp`/`iss`/`aud`/`sub` required, descriptions that never echo the token, and a bounded
 LRU of verified tokens keyed by the SHA-256 of the token, kept until the token expires. The cache holds
 identity (who the caller is), never a decision: every request still goes to the PDP.
+
+A remembered token is only as good as the key that verified it: each use asks the key source again (which is how
+a file gets looked at and a stale URL refetched), and the token passes only while that very key (same kid,
+algorithm and material) is still in the usable set. Keys that can no longer be had refuse remembered tokens
+exactly as they refuse new ones, whatever the source.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jwt
+from jwt import PyJWK
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from pep.config import JWT_ALGORITHMS, JwtConfig
@@ -84,6 +90,18 @@ def acting_agent(claims: dict[str, Any]) -> str | None:
     return None
 
 
+class _Remembered:
+    """A verified token, with the key that verified it: valid while that key is still in the usable set."""
+
+    __slots__ = ("alg", "key", "kid", "verified")
+
+    def __init__(self, verified: Verified, kid: str | None, alg: str, key: PyJWK) -> None:
+        self.verified = verified
+        self.kid = kid
+        self.alg = alg
+        self.key = key
+
+
 class TokenVerifier:
     """Verifies tokens against `identity.jwt`, remembering verified ones (by hash) until they expire."""
 
@@ -93,31 +111,33 @@ class TokenVerifier:
         self._clock = clock
         self._leeway = cfg.leeway_ms / 1000
         self._algorithms = frozenset(cfg.algorithms)
-        self._cache: OrderedDict[bytes, Verified] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Remembered] = OrderedDict()
         self._cache_size = cfg.cache_size
-        self._key_changes = keys.changes
 
     async def verify(self, token: str) -> Verified | Refusal:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         cache = self._cache
-        self.keys.poll()
-        if self._key_changes != self.keys.changes:  # new keys: what was verified with the old ones is re-checked
-            cache.clear()
-            self._key_changes = self.keys.changes
         hit = cache.get(digest)
         if hit is not None:
-            if self._clock() < hit.expires + self._leeway:
-                cache.move_to_end(digest)
-                return hit
-            del cache[digest]
+            if self._clock() < hit.verified.expires + self._leeway:
+                found = await self.keys.lookup(hit.kid, hit.alg)
+                if found.problem is not None:
+                    return unavailable(f"signing keys are unavailable: {found.problem}")
+                if found.key is hit.key:
+                    cache.move_to_end(digest)
+                    return hit.verified
+            # Expired, or its key left the set (or changed under the same kid): verified again from scratch.
+            cache.pop(digest, None)
         result = await self._verify(token)
-        if isinstance(result, Verified) and self._cache_size:
-            cache[digest] = result
-            if len(cache) > self._cache_size:
-                cache.popitem(last=False)
+        if isinstance(result, _Remembered):
+            if self._cache_size:
+                cache[digest] = result
+                if len(cache) > self._cache_size:
+                    cache.popitem(last=False)
+            return result.verified
         return result
 
-    async def _verify(self, token: str) -> Verified | Refusal:
+    async def _verify(self, token: str) -> _Remembered | Refusal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -156,4 +176,4 @@ class TokenVerifier:
         if isinstance(exp, bool) or not isinstance(exp, int | float):
             return invalid("the token exp claim is not a number")
         kept = {name: claims[name] for name in cfg.claims if name in claims}
-        return Verified(sub, acting_agent(claims), kept, float(exp))
+        return _Remembered(Verified(sub, acting_agent(claims), kept, float(exp)), kid, alg, found.key)

@@ -6,24 +6,41 @@ a classification means for the request and for the circuit breaker.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from pep.decision import Reason
+from pep.decision import CredentialNarrowing, Reason
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalAsk:
+    """The PDP's "allowed once this person approves" (`approval_required`): who approves, and what to tell them.
+
+    `message` is the policy's text for the approver, never shown unfiltered (`pep.approvals.message`); `expires_at`
+    (seconds since the epoch) is how long the PDP stands by the offer (AuthZEN `access_request.expires_at`)."""
+
+    approver: str
+    message: str | None = None
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A well-formed answer: allow, policy deny, or undefined. The breaker counts all three as successes."""
+    """A well-formed answer: allow, policy deny, approval required, or undefined. The breaker counts them all as
+    successes. `approval` is set exactly when `reason` is `approval_required` (never with an allow)."""
 
     allow: bool
     reason: Reason
     headers: tuple[tuple[str, str], ...] = ()
     note: str | None = None  # the PDP's own explanation, for the decision log
+    approval: ApprovalAsk | None = None
+    credential: CredentialNarrowing | None = None  # with an allow: the route's credential, narrowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +60,8 @@ UNDEFINED = Verdict(False, Reason.PDP_UNDEFINED)
 # The breaker no longer admitted the call when it was about to go out (see `admitted`).
 NOT_ADMITTED = Failure(Reason.CIRCUIT_OPEN, "unsent", False, "the circuit opened before the call went out")
 
-# The failures that are the PDP's own (DESIGN: timeouts, transport errors, error statuses, malformed answers).
+# The failures that are the PDP's own (README, "Only the PDP's own failures count": timeouts, transport errors,
+# error statuses, malformed answers).
 # Any other failure (the request could not be built, not admitted) says nothing about the PDP.
 PDP_FAILURES = frozenset({Reason.PDP_TIMEOUT, Reason.PDP_UNREACHABLE, Reason.PDP_ERROR_STATUS, Reason.PDP_MALFORMED})
 
@@ -70,14 +88,61 @@ def encode(value: Any) -> bytes | Failure:
         return Failure(Reason.REQUEST_AMBIGUOUS, "unsent", False, f"the policy input cannot be sent: {exc}")
 
 
-class Pdp(Protocol):
-    """One PDP kind. `ask` makes exactly one attempt; deadlines and retries belong to the engine.
+Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]
+
+# The most PDP exchanges one decision about several documents keeps open at once (the engine may allow fewer).
+BATCH_CONCURRENCY = 16
+
+
+class Pdp(abc.ABC):
+    """One PDP kind: everything the engine and `pep explain` call on it. `ask` makes exactly one attempt;
+    deadlines and retries belong to the engine.
 
     `remote` is False for in-process engines: nothing can be unreachable, so the engine gives them no breaker.
     """
 
     remote: bool
 
+    @abc.abstractmethod
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure: ...
 
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
+        """One answer per document, in order (a JSON-RPC batch, a filtered tool list), with at most `concurrency`
+        exchanges at a time. A PDP with a batch endpoint overrides this to ask once."""
+        return await ask_each(self.ask, list(enumerate(documents)), request_id, concurrency)
+
+    def reload(self) -> str | None:
+        """Re-read what the PDP loaded from files at start (a config reload); why not, or None. A remote PDP
+        has nothing to re-read."""
+        return None
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+async def ask_each(
+    ask: Ask, items: Sequence[tuple[int, dict[str, Any]]], request_id: str, concurrency: int
+) -> list[Verdict | Failure]:
+    """Each `(index, document)` asked on its own as `{request_id}-{index}`, at most `concurrency` at a time.
+
+    A few workers take the documents in turn, so a batch never has more exchanges open than the engine counted
+    for it, and the PDP pool is left to other requests. Each worker yields to the event loop after an answer: an
+    in-process PDP (Cedar) never suspends, and a batch must not hold the loop for all its documents at once.
+    """
+    results: list[Verdict | Failure | None] = [None] * len(items)
+    turns = iter(range(len(items)))
+
+    async def worker() -> None:
+        for position in turns:
+            index, document = items[position]
+            results[position] = await ask(document, f"{request_id}-{index}")
+            await asyncio.sleep(0)
+
+    async with asyncio.TaskGroup() as workers:
+        for _ in range(max(1, min(concurrency, len(items)))):
+            workers.create_task(worker())
+    answers = [r for r in results if r is not None]
+    assert len(answers) == len(items)
+    return answers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,8 +18,10 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import GATE, NOT_ADMITTED, Failure, Verdict, admitted, encode
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, Failure, Pdp, Verdict, admitted, ask_each, encode
 from pep.pdp.answer import malformed, read_object
+from pep.pdp.approval import authzen_approval
+from pep.pdp.credential import credential_narrowing
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -110,7 +112,9 @@ def _note(context: dict[str, Any] | None) -> str | None:
 
 
 def parse_decision(obj: Any) -> Verdict | Failure:
-    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations."""
+    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations. A denial with
+    `context.access_request` (a requestable denial) asks for a person's approval: `approval_required`. An allow's
+    `context.credential` narrows the route's just-in-time credential."""
     if not isinstance(obj, dict):
         return malformed(f"a decision is a {type(obj).__name__}, not an object")
     if "decision" not in obj:
@@ -122,12 +126,25 @@ def parse_decision(obj: Any) -> Verdict | Failure:
     if context is not None and not isinstance(context, dict):
         return malformed("context is not an object")
     note = _note(context)
+    access_request = context.get("access_request") if context else None
+    if access_request is not None:
+        if decision:
+            return malformed("context.access_request with decision: true (a requestable denial is a denial)")
+        ask = authzen_approval(access_request)
+        if isinstance(ask, Failure):
+            return ask
+        return Verdict(False, Reason.APPROVAL_REQUIRED, note=note, approval=ask)
     if not decision:
         return Verdict(False, Reason.POLICY_DENIED, note=note)
     obligations = context.get("obligations") if context else None
     if obligations is not None and obligations != []:
         # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
         return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
+    if context and context.get("credential") is not None:
+        credential = credential_narrowing(context["credential"], "context.credential")
+        if isinstance(credential, Failure):
+            return credential
+        return Verdict(True, Reason.ALLOWED, note=note, credential=credential)
     return Verdict(True, Reason.ALLOWED, note=note)
 
 
@@ -176,7 +193,7 @@ def _member(parts: Parts) -> dict[str, Any]:
     return {"subject": parts.subject, "action": parts.action, "resource": parts.resource, "context": parts.context}
 
 
-class AuthzenPdp:
+class AuthzenPdp(Pdp):
     """An AuthZEN PDP behind its base URL. Metadata is fetched once per TTL by one request at a time."""
 
     remote = True
@@ -265,8 +282,11 @@ class AuthzenPdp:
         answer = await self._transport.post(endpoints.evaluation, body, headers)
         return parse_evaluation(answer, request_id)
 
-    async def ask_many(self, documents: list[dict[str, Any]], request_id: str) -> list[Verdict | Failure]:
-        """One result per document, in order. Uses the batch endpoint (execute_all) when the PDP has one."""
+    async def ask_many(
+        self, documents: Sequence[dict[str, Any]], request_id: str, concurrency: int = BATCH_CONCURRENCY
+    ) -> list[Verdict | Failure]:
+        """One result per document, in order: one exchange with the batch endpoint (execute_all) when the PDP has
+        one, else each on its own, at most `concurrency` at a time."""
         mapped = [self._parts(d) for d in documents]
         todo = [(i, p) for i, p in enumerate(mapped) if isinstance(p, Parts)]
         results: list[Verdict | Failure] = [
@@ -287,7 +307,7 @@ class AuthzenPdp:
         if endpoints.evaluations is None or not _distinct(p for _, p in todo):
             # Cerbos 0.55 groups a batch by subject id and resource and decides each group on its first item's
             # properties, whatever the actions: items that are not distinct that way are asked one by one.
-            answers = await asyncio.gather(*(self.ask(documents[i], f"{request_id}-{i}") for i, _ in todo))
+            answers = await ask_each(self.ask, [(i, documents[i]) for i, _ in todo], request_id, concurrency)
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
             return results

@@ -26,6 +26,8 @@ IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
 MAX_HEADER_BYTES = 65536
 _BAD_VALUE = frozenset("\r\n\0")
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Bytes a reason phrase may not hold (RFC 9112: HTAB, SP, VCHAR, obs-text): llhttp passes the other controls.
+_BAD_REASON = bytes(b for b in range(32) if b != 9) + b"\x7f"
 
 
 class ExchangeError(Exception):
@@ -101,6 +103,10 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._parser is None:  # another message after the answer, in the same read: nobody asked for it
             raise httptools.HttpParserError("data after the answer")
+
+    def on_status(self, reason: bytes) -> None:
+        if reason.translate(None, _BAD_REASON) != reason:
+            raise httptools.HttpParserError("a control character in the status line")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)

@@ -87,13 +87,26 @@ class Parts:
     context: dict[str, Any]
 
 
-def subject_id(doc: dict[str, Any]) -> str:
-    """The verified token's `sub` (`subject.id`), else the agent, else the workload; never empty."""
+USER = "user"  # a verified token's `sub`
+AGENT = "agent"  # the workload behind the listener: the peer's SPIFFE ID (mTLS), else `identity.workload`
+ANONYMOUS = "anonymous"  # neither
+
+
+def principal(doc: dict[str, Any]) -> tuple[str, str]:
+    """Whom the decision is about, as (type, id); the type says where the id comes from.
+
+    Names from different sources must never be one principal: a caller with no token must not become the user
+    whose token says `sub: alice`, however it names itself. So the id is only ever a name the PEP verified or
+    was configured with, and the type tells them apart: the agent header (which nobody verified) is never an id,
+    only a property; ids are scoped to their type (AuthZEN), and each type is its own entity type in Cedar."""
     subject = doc.get("subject") or {}
-    for candidate in (subject.get("id"), subject.get("agent"), subject.get("workload")):
-        if isinstance(candidate, str) and candidate:
-            return candidate
-    return "anonymous"
+    sub = subject.get("id")
+    if isinstance(sub, str) and sub:
+        return USER, sub
+    workload = subject.get("workload")
+    if isinstance(workload, str) and workload:
+        return AGENT, workload
+    return ANONYMOUS, ANONYMOUS
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -123,9 +136,7 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         facts["name"] = name
         facts["arguments"] = mcp.get("arguments")
     elif model is not None:
-        action = "model.invoke"
-        resource = {"type": "model", "id": model.get("name") or route["name"]}
-        facts.update(name=model.get("name"), stream=model.get("stream"), tools=model.get("tools"))
+        action, resource = _model_parts(model, facts)
     elif request["method"] == "CONNECT":
         action = "connect"  # a tunnel, decided on host:port alone (`host`); its contents are never inspected
         resource = {"type": "route", "id": route["name"]}
@@ -138,6 +149,7 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         {
             "workload": subject.get("workload"),
             "agent": subject.get("agent"),
+            "unverified_agent": subject.get("unverified_agent"),
             "claims": subject.get("claims") or {},
             **(subject.get("attributes") or {}),
         }
@@ -145,12 +157,40 @@ def default_parts(doc: dict[str, Any]) -> Parts:
     context = dict(facts)
     context["request_id"] = request["id"]
     context["time"] = request["time"]
+    if doc.get("approval") is not None:  # asked again after a person approved (AuthZEN: `context.approval`)
+        context["approval"] = doc["approval"]
+    kind, name = principal(doc)
     return Parts(
-        subject={"type": "agent", "id": subject_id(doc), "properties": properties},
+        subject={"type": kind, "id": name, "properties": properties},
         action={"name": action},
         resource={**resource, "properties": facts},
         context=context,
     )
+
+
+def _model_parts(model: dict[str, Any], facts: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """A model call (`model.invoke`: the model, or for a call whose model the PEP cannot see, the endpoint), a
+    tool an answer calls (`model.tool_call`: the tool), or a model that answered in another's place
+    (`model.answer`: the answering model)."""
+    action = model.get("action") or "model.invoke"
+    name = model.get("name")
+    facts.update(
+        endpoint=model.get("endpoint"),
+        read=model.get("read"),
+        stream=model.get("stream"),
+        n=model.get("n"),
+        tools=model.get("tools"),
+    )
+    if action == "model.tool_call":
+        facts.update(name=model.get("tool"), model=name)
+        return action, {"type": "tool", "id": str(model.get("tool"))}
+    if action == "model.answer":
+        facts.update(name=model.get("answered"), decided=name)
+        return action, {"type": "model", "id": str(model.get("answered"))}
+    facts["name"] = name
+    if name is None:
+        return action, {"type": "endpoint", "id": str(model.get("endpoint") or "unknown")}
+    return action, {"type": "model", "id": name}
 
 
 def map_document(doc: dict[str, Any], mapping: CompiledMapping | None) -> Parts:

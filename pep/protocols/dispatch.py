@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from multidict import MultiMapping
+
+from pep import integrity
 from pep.config import RouteConfig
 from pep.decision import Reason
 from pep.protocols import PLAIN, Inspected, Refused, mcp, openai
+
+# The most a form body is read on a route without `max_body_bytes` (plain http routes): it is read whole, to find
+# a `_method` field, where the body of any other plain request is streamed.
+FORM_BODY_LIMIT = 1048576
 
 
 def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
@@ -34,11 +41,53 @@ def before_body(
                 return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
             return Inspected((mcp.http_action(method),), None)
         return encoding_problem(headers)
-    if route.protocol == "openai" and openai.invokes_model(method, path):
-        return encoding_problem(headers)
+    if route.protocol == "openai":
+        call = openai.classify(method, path)
+        if isinstance(call, Refused):
+            return call
+        if call is not None and call.read:
+            return encoding_problem(headers)
+        if call is not None and not (has_body and is_form(headers)):
+            # The PEP cannot see which model this runs: decided on the endpoint, the body streams through.
+            return Inspected((openai.unread_message(call),), None)
+    if method == "POST" and has_body and is_form(headers):
+        return None  # read, for `parse` to look for a `_method` field
     return PLAIN
 
 
-def parse(route: RouteConfig, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
+def is_form(headers: Mapping[str, str]) -> bool:
+    """A body an upstream framework may read as urlencoded form fields: Content-Type
+    application/x-www-form-urlencoded (any parameters, any case), or none at all (Rack reads a POST without one as
+    a form). Every Content-Type field counts, since an upstream may read another one than the PEP."""
+    if isinstance(headers, MultiMapping):
+        values = list(headers.getall("Content-Type", ()))
+    else:
+        values = [headers["Content-Type"]] if "Content-Type" in headers else []
+    return not values or any(not v.strip() or "x-www-form-urlencoded" in v.lower() for v in values)
+
+
+def read_limit(route: RouteConfig) -> int:
+    """How many body bytes may be read to decide: the route's `max_body_bytes`, else (plain http routes, which read
+    only form bodies) FORM_BODY_LIMIT."""
+    return route.max_body_bytes if route.max_body_bytes is not None else FORM_BODY_LIMIT
+
+
+def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
     """The messages of a body that `before_body` asked to read."""
-    return mcp.inspect(body, headers) if route.protocol == "mcp" else openai.inspect(body)
+    if route.protocol == "mcp":
+        return mcp.inspect(body, headers, route.max_batch_messages)
+    call = openai.classify(method, path) if route.protocol == "openai" else None
+    if isinstance(call, Refused):
+        return call
+    if call is not None and call.read:
+        getall = getattr(headers, "getall", None)  # a repeated Content-Type: the upstream may parse by the other
+        if getall is not None and len(getall("Content-Type", ())) > 1:
+            return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
+        if is_form(headers) and (problem := integrity.method_override_field(body.decode("latin-1"))):
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in a model call body a framework may read as a form")
+        return openai.inspect(body, call, headers.get("Content-Type"))
+    # A form body: forwarded as read unless a framework would take a field of it as the method. On an openai route
+    # it is an unread model call (a `_method` field would make it another request than the one decided).
+    if problem := integrity.method_override_field(body.decode("latin-1")):
+        return Refused(Reason.REQUEST_AMBIGUOUS, f"{problem} in the form body")
+    return Inspected((openai.unread_message(call),) if call is not None else PLAIN.messages, body)

@@ -1,7 +1,9 @@
 """MCP over Streamable HTTP (2025-03-26 to 2026-07-28): every message on an MCP route is decided.
 
 POST bodies are read whole and strictly (`strictjson`: one JSON value, valid UTF-8, no duplicate keys, a depth
-limit) and must have the JSON-RPC 2.0 shape. Action names (`mcp.method`):
+limit) and must have the JSON-RPC 2.0 shape. Keys equal under case folding anywhere in the body, and a key that
+folds to one the PEP reads (`Method`, `Name`) without being it, are `request_ambiguous`: Go servers bind them.
+Action names (`mcp.method`):
 - requests and notifications: their method (`tools/call`, `notifications/initialized`, ...);
 - responses the client sends to server requests: `mcp/response`;
 - `GET` on the route (the server stream): `mcp/stream`; `DELETE` (end of session): `mcp/session/delete`;
@@ -19,8 +21,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from pep import strictjson
+from pep.config import DEFAULT_MAX_BATCH_MESSAGES
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected, Message, Refused
+from pep.protocols.spelling import Spelling
 
 BATCH_VERSION = "2025-03-26"  # the only version with JSON-RPC batches
 HEADER_VERSION = "2026-07-28"  # from this version on, Mcp-Method/Mcp-Name are required and mirror the body
@@ -35,6 +39,10 @@ _NAMED_BY = {
 _META_VERSION = "io.modelcontextprotocol/protocolVersion"
 _MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 _HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
+# What the PEP reads from a message, its params and params._meta: each must be spelled exactly.
+_MESSAGE_KEYS = Spelling("jsonrpc", "id", "method", "params", "result", "error")
+_PARAMS_KEYS = Spelling("name", "uri", "arguments", "_meta", "protocolVersion")
+_META_KEYS = Spelling(_META_VERSION)
 
 
 def http_action(method: str) -> Message:
@@ -58,6 +66,21 @@ def decode_header(value: str) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             return None
     return value
+
+
+def _spelling_problem(obj: Any) -> str | None:
+    """A key of the message, its params or params._meta that folds to a name the PEP reads without being it."""
+    if not isinstance(obj, dict):
+        return None
+    if problem := _MESSAGE_KEYS.problem(obj, "JSON-RPC message"):
+        return problem
+    params = obj.get("params")
+    if not isinstance(params, dict):
+        return None
+    if problem := _PARAMS_KEYS.problem(params, "params"):
+        return problem
+    meta = params.get("_meta")
+    return _META_KEYS.problem(meta, "params._meta") if isinstance(meta, dict) else None
 
 
 def _message(obj: Any, version: str | None) -> Message | str:
@@ -101,13 +124,20 @@ def _message(obj: Any, version: str | None) -> Message | str:
     return Message("mcp", facts, rpc_id)
 
 
-def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
-    """The messages of one POST body, checked against the mirrored headers."""
+def inspect(
+    body: bytes, headers: Mapping[str, str], max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+) -> Inspected | Refused:
+    """The messages of one POST body, checked against the mirrored headers.
+
+    A batch of more than `max_batch_messages` is `body_too_large`: each message is one PDP decision, and the
+    route decides at most that many for one body (like `max_body_bytes`, a bound on what one body may cost)."""
     getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
     if getall is not None and any(len(getall(name, ())) > 1 for name in _MIRRORED):
         return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header")
     try:
-        value = strictjson.loads(body, MAX_DEPTH)
+        value = strictjson.loads(body, MAX_DEPTH, fold_keys=True)
+    except strictjson.FoldedKeys as exc:
+        return Refused(Reason.REQUEST_AMBIGUOUS, f"MCP body: {exc}"[:200])
     except strictjson.JsonError as exc:
         # A duplicate key is unreadable too: the upstream might act on the value the PEP did not see.
         return Refused(Reason.BODY_UNREADABLE, f"MCP body: {exc}"[:200])
@@ -120,11 +150,16 @@ def inspect(body: bytes, headers: Mapping[str, str]) -> Inspected | Refused:
             return Refused(Reason.BODY_UNREADABLE, "an empty JSON-RPC batch")
         if "Mcp-Method" in headers or "Mcp-Name" in headers:
             return Refused(Reason.REQUEST_AMBIGUOUS, "mirrored MCP headers cannot describe a batch")
+        if len(value) > max_batch_messages:
+            detail = f"a JSON-RPC batch of {len(value)} messages, over max_batch_messages {max_batch_messages}"
+            return Refused(Reason.BODY_TOO_LARGE, detail)
         items = value
     else:
         items = [value]
     messages: list[Message] = []
     for item in items:
+        if (problem := _spelling_problem(item)) is not None:
+            return Refused(Reason.REQUEST_AMBIGUOUS, problem)
         message = _message(item, version)
         if isinstance(message, str):
             return Refused(Reason.BODY_UNREADABLE, message)

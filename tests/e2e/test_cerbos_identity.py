@@ -9,6 +9,10 @@ lets only an agent whose token says department "support" call the `refund` tool.
 - sales token, or a token without the claim: 403 policy_denied from Cerbos, nothing forwarded;
 - no token on the `require_identity` route: 401 identity_missing, Cerbos never asked;
 - a forged token (another key, same `kid`) or an expired one: 401 identity_invalid, Cerbos never asked.
+
+Names from different sources are never one principal (issue 13): a Cerbos principal policy for "alice"
+(alice.yaml, the `audit` tool) and a rule on `request.principal.id == "alice"` for any role (`export`) allow a
+token whose `sub` is alice, and never a caller without a token that sends `x-agent-id: alice`.
 """
 
 from __future__ import annotations
@@ -61,11 +65,16 @@ def identity_config(pdp_url: str, upstream_url: str, log_path: Path, authority: 
         "admin_listen": "127.0.0.1:0",
         "identity": {
             "workload": "spiffe://test/agent",
+            "agent_header": "x-agent-id",
             "jwt": authority.jwt_config(claims=["department"]),
         },
         "pdp": {"kind": "authzen", "url": pdp_url, "timeout_ms": 2000, "retries": 1},
         "decision_log": {"sink": "file", "path": str(log_path)},
-        "routes": [{**tool_route("refund", upstream_url), "require_identity": True}],
+        "routes": [
+            {**tool_route("refund", upstream_url), "require_identity": True},
+            tool_route("audit", upstream_url),  # a token is optional here
+            tool_route("export", upstream_url),
+        ],
     }
 
 
@@ -90,12 +99,19 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def refund(
-    client: aiohttp.ClientSession, pep: RunningPep, token: str | None, rid: str
+    client: aiohttp.ClientSession,
+    pep: RunningPep,
+    token: str | None,
+    rid: str,
+    tool: str = "refund",
+    agent: str | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     headers = {"x-request-id": rid}
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
-    async with client.post(pep.url + "/tools/refund", headers=headers, data=b'{"order":"42"}') as r:
+    if agent is not None:
+        headers["x-agent-id"] = agent
+    async with client.post(pep.url + f"/tools/{tool}", headers=headers, data=b'{"order":"42"}') as r:
         return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
 
 
@@ -173,3 +189,34 @@ async def test_no_valid_token_is_refused_before_cerbos_is_asked(
     entry = await entry_for(pep, case)
     assert (entry["decision"], entry["reason"], entry["attempts"]) == ("deny", reason, 0)
     assert await pdp_requests(client, pep) == 0
+
+
+@pytest.mark.parametrize("tool", ["audit", "export"])
+async def test_only_a_token_for_alice_gets_what_alice_gets(
+    pep: RunningPep,
+    authority: JwtAuthority,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    tool: str,
+) -> None:
+    # The name alone, unverified: decided by Cerbos (asked, attempts 1), and not as alice.
+    status, headers, body = await refund(client, pep, None, "header", tool, agent="alice")
+    assert status == 403, body
+    assert headers["x-pep-reason"] == "policy_denied"
+    assert upstream.seen == []
+    entry = await entry_for(pep, "header")
+    assert (entry["decision"], entry["reason"], entry["attempts"]) == ("deny", "policy_denied", 1)
+    assert entry["subject"]["id"] is None
+    assert entry["subject"]["agent"] is None  # never where a verified agent would be
+    assert entry["subject"]["unverified_agent"] == "alice"
+
+    status, _, body = await refund(client, pep, authority.mint("alice"), "token", tool)
+    assert status == 200, body
+    assert len(upstream.seen) == 1
+    entry = await entry_for(pep, "token")
+    assert (entry["subject"]["id"], entry["subject"]["unverified_agent"]) == ("alice", None)
+
+    # Next to another user's token the header is not read at all.
+    status, headers, _ = await refund(client, pep, authority.mint("bob"), "bob", tool, agent="alice")
+    assert (status, headers["x-pep-reason"]) == (403, "policy_denied")
+    assert len(upstream.seen) == 1

@@ -32,7 +32,7 @@ from tests.support.mcp_servers import (
 )
 from tests.support.sdk_stack import AGENT, PDP_KINDS, PdpUnderTest, at_least, pep_config, settled_log
 
-POLICY_DENY = -32001  # JSON-RPC code of a policy denial (DESIGN.md, "Deny responses")
+POLICY_DENY = -32001  # JSON-RPC code of a policy denial (README, "In front of an MCP server": denials)
 UNDECIDED = -32603  # the PDP could not decide
 CALL_BOUND_S = 5.0  # no SDK call may take longer than this, allowed or denied
 EMAIL_OK = {"to": "bob@acme.example", "subject": "Your refund", "body": "It is on its way."}
@@ -245,6 +245,26 @@ async def test_mcp2_filtered_tools_list(cedar_pdp: PdpUnderTest, mcp2: Mcp2Serve
             assert text_of(await client.call_tool("search", {"query": "q"})) == "3 articles match 'q'"
             await expect_denied(client, "shell", {"command": "id"}, POLICY_DENY)
     assert [c.tool for c in mcp2.calls] == ["search"]
+
+
+async def test_mcp2_follows_a_servers_redirect_through_the_pep(cedar_pdp: PdpUnderTest, tmp_path: Path) -> None:
+    """A server mounted at `/mcp/` answers `/mcp` with a 307 to its own absolute address. The PEP rewrites that
+    `Location` to `/mcp/` on itself, so the SDK (which follows same-origin redirects only) follows it through the
+    PEP and every request is decided; the upstream's address would otherwise be refused by the SDK with an error
+    naming it, telling the developer to call the upstream directly."""
+    server = Mcp2Server(http_path="/mcp/")
+    await server.start()
+    try:
+        async with pep_starter(tmp_path, cedar_pdp, server.url) as start:
+            pep: RunningPep = await start()
+            async with asyncio.timeout(10), mcp2_client(f"{pep.url}/mcp") as client:
+                assert text_of(await client.call_tool("search", {"query": "q"})) == "3 articles match 'q'"
+                await expect_denied(client, "shell", {"command": "id"}, POLICY_DENY)
+    finally:
+        await server.stop()
+    assert server.calls == [ToolCall("search", {"query": "q"})]
+    assert {r.path for r in server.requests} == {"/mcp", "/mcp/"}  # redirected, then followed
+    assert all("x-pep-decision-id" in r.headers for r in server.requests)  # every one through the PEP
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """One policy, three engines: the same tool rules in Rego (OPA), Cerbos YAML (AuthZEN) and Cedar decide alike.
 
 The rules: a support agent may call `search` and `lookup_order`; `send_email` only when the string argument `to`
-ends with "@" + the agent's company domain (case-sensitive); `shell` never; anything else is denied.
+ends with "@" + the agent's company domain (case-sensitive); `shell` never; anything else is denied. All of it
+for identified callers (the workload, or a verified token's subject); a caller with neither gets nothing, even
+when it names itself in the agent header.
 
 Every case is one `pep/v1` document put to the PEP's own PDP clients:
 - OPA: `OpaPdp` against an OPA-shaped server evaluating config/policies/rego with regorus;
@@ -51,6 +53,7 @@ class Case:
     company_domain: str | None
     allow: bool
     method: str = "tools/call"
+    subject: str = "agent"  # see SUBJECTS
     # Cedar has no type test, so a `to` that is not a string makes its `like` an evaluation error, which the Cedar
     # PDP reports as a Failure (a deny in the PEP). Such a case expects that Failure instead of a Verdict.
     cedar_type_error: bool = False
@@ -79,7 +82,19 @@ CASES = [
     Case("tools_call_without_name", None, _ABSENT, ACME, False),
     Case("tools_list", None, _ABSENT, ACME, False, method="tools/list"),
     Case("prompts_get", "search", {}, ACME, False, method="prompts/get"),
+    Case("search_as_a_verified_user", "search", {"query": "refunds"}, ACME, True, subject="user"),
+    Case("send_email_as_a_verified_user", "send_email", {"to": "bob@acme.example"}, ACME, True, subject="user"),
+    Case("search_anonymous", "search", {"query": "refunds"}, ACME, False, subject="anonymous"),
+    Case("search_named_only_by_the_agent_header", "search", {"query": "x"}, ACME, False, subject="header"),
 ]
+
+# The subject the PEP builds, by how the caller is known (without attributes, added per case).
+SUBJECTS: dict[str, dict[str, Any]] = {
+    "agent": {"workload": WORKLOAD, "agent": "support-bot"},  # a sidecar's workload, the agent header believed
+    "user": {"workload": WORKLOAD, "agent": "support-bot", "id": "alice", "claims": {}, "unverified_agent": None},
+    "anonymous": {"workload": None, "agent": None},
+    "header": {"workload": None, "agent": None, "id": None, "claims": None, "unverified_agent": "support-bot"},
+}
 
 
 def pep_document(case: Case, request_id: str) -> dict[str, Any]:
@@ -98,7 +113,7 @@ def pep_document(case: Case, request_id: str) -> dict[str, Any]:
         body_bytes=120,
         route=MCP_ROUTE,
         upstream_url=MCP_ROUTE.upstream,
-        subject={"workload": WORKLOAD, "agent": "support-bot", "attributes": attributes},
+        subject={**SUBJECTS[case.subject], "attributes": attributes},
     )
     mcp: dict[str, Any] = {"method": case.method}
     if case.tool is not None:

@@ -1,8 +1,8 @@
 """AuthZEN on the wire: the PEP against a scriptable AuthZEN PDP, both on loopback sockets.
 
 What the PDP receives (discovery, X-Request-ID, the default and a route's mapping, the PDP credential), and what
-every answer or misbehaviour becomes for the caller, the upstream, the decision log and /metrics (DESIGN.md
-"PDP protocols" and "How a PDP answer becomes a reason"). The batch client is driven directly at the end.
+every answer or misbehaviour becomes for the caller, the upstream, the decision log and /metrics (README,
+"AuthZEN" and "Default mapping"). The batch client is driven directly at the end.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ async def test_allow_reaches_upstream_with_the_default_mapping(
     assert set(body) == {"subject", "action", "resource", "context"}
     assert body["subject"] == {
         "type": "agent",
-        "id": "bot-7",
+        "id": "spiffe://test/agent",  # the workload: the agent header is a property, never the id
         "properties": {"workload": "spiffe://test/agent", "agent": "bot-7", "claims": {}, "team": "support"},
     }
     assert body["action"] == {"name": "GET"}
@@ -169,7 +169,11 @@ async def test_a_route_mapping_changes_what_the_pdp_sees(
     )
     assert status == 200
     body = az.evaluations[0].body
-    assert body["subject"] == {"type": "user", "id": "bot", "properties": {"origin": "$sidecar", "agent_id": "bot"}}
+    assert body["subject"] == {
+        "type": "user",
+        "id": "spiffe://test/agent",
+        "properties": {"origin": "$sidecar", "agent_id": "bot"},
+    }
     assert body["action"] == {"name": "read"}
     assert body["resource"] == {"type": "tenant", "id": "acme", "properties": {"tenant_header": "t-1"}}
     assert body["context"]["path"] == "/tools/items"  # the context keeps the default facts

@@ -75,6 +75,7 @@ def corpus_routes(cfg: dict[str, Any]) -> None:
             "protocol": "mcp",
             "max_body_bytes": 512,
         },
+        {"name": "params", "match": {"path_prefix": "/params"}, "upstream": up, "allow_path_parameters": True},
         {
             "name": "openai",
             "match": {"path_prefix": "/v1"},
@@ -174,6 +175,8 @@ def chunked(*chunks: bytes) -> bytes:
 
 
 JSON = ("Content-Type: application/json", "Accept: application/json, text/event-stream")
+# Plain http routes stream a body unless it may be a form (urlencoded, or no Content-Type): then it is read whole.
+OCTETS = "Content-Type: application/octet-stream"
 
 
 def mcp(body: bytes, *headers: str) -> bytes:
@@ -251,13 +254,31 @@ CORPUS: list[Case] = [
     denied("fragment", get("/tools/x#/../admin"), "request_ambiguous"),
     allowed("dots-in-the-query", get("/tools/x?next=/../admin&p=%2e%2e"), "GET", "/tools/x?next=/../admin&p=%2e%2e"),
     denied("policy-control-admin", get("/tools/admin"), "policy_denied"),
-    # --- path parameters (`;`): refused with a dot segment, otherwise forwarded byte for byte --------------------
+    # --- empty segments: nginx (merge_slashes), Tomcat and Spring serve `/tools//admin` as `/tools/admin` -------
+    denied("empty-segment", get("/tools//admin"), "request_ambiguous"),
+    denied("leading-double-slash", get("//tools/admin"), "request_ambiguous"),
+    denied("trailing-double-slash", get("/tools/admin//"), "request_ambiguous"),
+    denied("many-slashes", get("/tools///admin"), "request_ambiguous"),
+    denied("encoded-double-slash", get("/tools/%2F%2Fadmin"), "request_ambiguous"),
+    denied("empty-segment-absolute-form", get("http://127.0.0.1:{port}/tools//admin"), "request_ambiguous"),
+    denied(
+        "empty-segment-after-a-stripped-prefix", mcp(call("search")).replace(b"/mcp ", b"/mcp//x "), "request_ambiguous"
+    ),
+    denied("empty-segment-with-parameters", get("/tools/;x/admin"), "request_ambiguous"),
+    allowed("one-trailing-slash", get("/tools/x/"), "GET", "/tools/x/"),
+    # --- path parameters (`;`): Tomcat, Jetty and Spring drop them; refused unless the route accepts them ------
     denied("param-then-dot-dot", get("/tools;x/../admin"), "request_ambiguous"),
     denied("dot-dot-param", get("/tools/..;/admin"), "request_ambiguous"),
     denied("encoded-dot-dot-param", get("/tools/%2e%2e;x/admin"), "request_ambiguous"),
     denied("param-on-the-prefix", get("/tools;x/search"), "no_route"),
-    allowed("param-forwarded-as-sent", get("/tools/x;p=1/y"), "GET", "/tools/x;p=1/y"),
-    denied("param-on-a-denied-path", get("/tools/admin;x"), "policy_denied"),
+    denied("param-on-a-denied-path", get("/tools/admin;x"), "request_ambiguous"),
+    denied("param-refused-by-default", get("/tools/x;p=1/y"), "request_ambiguous"),
+    denied("encoded-param", get("/tools/admin%3Bx"), "request_ambiguous"),
+    denied("double-encoded-param", get("/tools/admin%253Bx"), "request_ambiguous"),
+    allowed("param-on-a-route-that-accepts-them", get("/params/x;p=1/y"), "GET", "/params/x;p=1/y"),
+    denied("dot-dot-param-on-a-route-that-accepts-them", get("/params/..;/admin"), "request_ambiguous"),
+    denied("empty-param-on-a-route-that-accepts-them", get("/params/;x/admin"), "request_ambiguous"),
+    allowed("semicolon-in-the-query", get("/tools/x?a=1;b=2"), "GET", "/tools/x?a=1;b=2"),
     # --- absolute form, Host, CONNECT, asterisk form ------------------------------------------------------------
     denied("absolute-form-other-host", get("http://evil.example/tools/x"), "request_ambiguous"),
     denied("absolute-form-other-port", get("http://127.0.0.1:1/tools/x"), "request_ambiguous"),
@@ -331,6 +352,25 @@ CORPUS: list[Case] = [
     denied("x-method-override", raw("POST", "/tools/x", "X-Method-Override: PUT"), "request_ambiguous"),
     denied("x-original-url", get("/tools/x", "X-Original-URL: /tools/admin"), "request_ambiguous"),
     denied("x-rewrite-url", get("/tools/x", "X-Rewrite-URL: /tools/admin"), "request_ambiguous"),
+    denied("x-original-uri", get("/tools/x", "X-Original-URI: /tools/admin"), "request_ambiguous"),
+    denied("x-forwarded-uri", get("/tools/x", "X-Forwarded-Uri: /tools/admin"), "request_ambiguous"),
+    denied("x-forwarded-path", get("/tools/x", "X-Forwarded-Path: /tools/admin"), "request_ambiguous"),
+    denied("x-envoy-original-path", get("/tools/x", "X-Envoy-Original-Path: /tools/admin"), "request_ambiguous"),
+    denied("method-field-in-the-query", raw("POST", "/tools/x?_method=DELETE"), "request_ambiguous"),
+    denied(
+        "method-field-in-a-form-body",
+        raw("POST", "/tools/x", "Content-Type: application/x-www-form-urlencoded", body=b"a=1&_method=DELETE"),
+        "request_ambiguous",
+    ),
+    denied("method-field-php-spelling", raw("POST", "/tools/x", body=b"a=1&.method=DELETE"), "request_ambiguous"),
+    allowed("method-field-on-a-get", get("/tools/x?_method=DELETE"), "GET", "/tools/x?_method=DELETE"),
+    allowed(
+        "form-body-without-a-method-field",
+        raw("POST", "/tools/x", "Content-Type: application/x-www-form-urlencoded", body=b"a=1&q=_method"),
+        "POST",
+        "/tools/x",
+        b"a=1&q=_method",
+    ),
     # --- Connection naming end-to-end headers -------------------------------------------------------------------
     allowed(
         "connection-names-x-request-id",
@@ -382,6 +422,45 @@ CORPUS: list[Case] = [
         mcp(b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call","params":{"name":"delete_all"}}'),
         "body_unreadable",
     ),
+    # keys equal under case folding: a Go server (encoding/json) binds `Name` to name, and keeps the last
+    denied(
+        "mcp-name-in-two-cases",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","Name":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-name-only-in-another-case",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-method-in-two-cases",
+        mcp(b'{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"delete_all"}}'),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-argument-with-long-s",
+        mcp(
+            '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"s":"a","\u017f":"b"}}}'.encode()
+        ),
+        "request_ambiguous",
+    ),
+    denied(
+        "mcp-key-with-kelvin-sign-in-a-batch",
+        mcp(
+            b"["
+            + call("search")
+            + b',{"jsonrpc":"2.0","id":2,"method":"tools/call",'
+            + b'"params":{"name":"search","arguments":{"k":1,"\\u212a":2}}}]'
+        ),
+        "request_ambiguous",
+    ),
+    denied(
+        "openai-model-in-two-cases", openai(b'{"model":"gpt-ok","Model":"gpt-evil","messages":[]}'), "request_ambiguous"
+    ),
+    denied(
+        "openai-stream-in-another-case", openai(b'{"model":"gpt-ok","STREAM":true,"messages":[]}'), "request_ambiguous"
+    ),
     denied("mcp-byte-order-mark", mcp(b"\xef\xbb\xbf" + call("search")), "body_unreadable"),
     denied("openai-duplicate-model", openai(b'{"model":"gpt-ok","model":"gpt-evil","messages":[]}'), "body_unreadable"),
     denied("mcp-batch-mixing-allowed-and-denied", mcp(BATCH_MIXED), "policy_denied"),
@@ -407,9 +486,14 @@ CORPUS: list[Case] = [
         "body_too_large",
     ),
     denied("http-content-length-over-limit", raw("POST", "/small/x", body=b"x" * 17), "body_too_large"),
+    denied(
+        "form-chunked-over-limit",
+        raw("POST", "/small/x", "Transfer-Encoding: chunked", length=False) + chunked(b"x" * 10, b"x" * 10),
+        "body_too_large",
+    ),
     Case(
         "http-chunked-over-limit",
-        raw("POST", "/small/x", "Transfer-Encoding: chunked", length=False) + chunked(b"x" * 10, b"x" * 10),
+        raw("POST", "/small/x", OCTETS, "Transfer-Encoding: chunked", length=False) + chunked(b"x" * 10, b"x" * 10),
         413,
         upstream_error="body_limit",
     ),
@@ -440,7 +524,7 @@ CORPUS: list[Case] = [
     ),
     Case(
         "http-body-stalls",
-        raw("POST", "/tools/x", "Content-Length: 100", length=False) + b"abc",
+        raw("POST", "/tools/x", OCTETS, "Content-Length: 100", length=False) + b"abc",
         408,
         upstream_error="body_timeout",
         slow=True,
@@ -448,7 +532,7 @@ CORPUS: list[Case] = [
     ),
     Case(
         "http-chunked-body-stalls",
-        raw("POST", "/tools/x", "Transfer-Encoding: chunked", length=False) + b"3\r\nabc\r\n",
+        raw("POST", "/tools/x", OCTETS, "Transfer-Encoding: chunked", length=False) + b"3\r\nabc\r\n",
         408,
         upstream_error="body_timeout",
         slow=True,
@@ -457,7 +541,7 @@ CORPUS: list[Case] = [
     # A streamed body only needs each chunk in time: this one takes longer than the deadline and arrives whole.
     allowed(
         "http-body-trickles-in-time",
-        raw("POST", "/tools/x", "Content-Length: 10", length=False),
+        raw("POST", "/tools/x", OCTETS, "Content-Length: 10", length=False),
         "POST",
         "/tools/x",
         b"0123456789",

@@ -156,6 +156,77 @@ async def test_reload_rereads_policies_and_keeps_the_last_good_ones(
     assert len(upstream.seen) == 3
 
 
+async def decided_within(
+    client: aiohttp.ClientSession, url: str, method: str, want: tuple[int, str | None], seconds: float = 2.5
+) -> None:
+    """The request gets `want` within `seconds` (the files are looked at once a second)."""
+    got = None
+    for _ in range(int(seconds / 0.1)):
+        got = await call(client, url, method)
+        if got == want:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{method} {url}: {got}, not {want}, after {seconds} s")
+
+
+async def test_a_changed_policy_file_is_in_force_without_a_signal(
+    make_pep: PepFactory,
+    policy_file: Path,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Like the config, JWKS and credential files: no SIGHUP needed. A broken file keeps the last good policies."""
+    pep: RunningPep = await make_pep(cedar(policy_file, upstream.url))
+    assert await call(client, pep.url + "/tools/x", "POST") == (403, "policy_denied")
+
+    rewrite(policy_file, POST_TOOLS)
+    await decided_within(client, pep.url + "/tools/x", "POST", (200, None))
+    assert await call(client, pep.url + "/tools/x") == (403, "policy_denied")
+    assert f"config reloaded ({policy_file} changed)" in capsys.readouterr().err
+
+    rewrite(policy_file, BROKEN)
+    for _ in range(25):  # looked at once a second
+        await asyncio.sleep(0.1)
+        if metric(await scrape(client, pep), "pep_config_reloads_total", result="error") == 1:
+            break
+    err = capsys.readouterr().err
+    assert f"config reload failed ({policy_file} changed), keeping the last good config" in err
+    assert "pdp.policies" in err
+    assert await call(client, pep.url + "/tools/x", "POST") == (200, None)  # the last good policies
+    assert await call(client, pep.url + "/tools/x") == (403, "policy_denied")
+    assert [s.method for s in upstream.seen] == ["POST", "POST"]
+
+
+async def test_a_policy_directory_and_an_entities_file_are_watched(
+    make_pep: PepFactory, tmp_path: Path, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "a.cedar").write_text('permit(principal in Team::"support", action, resource == Route::"tools");\n')
+    entities = tmp_path / "entities.json"
+    team = [{"uid": {"type": "Team", "id": "support"}, "attrs": {}, "parents": []}]
+    agent: dict[str, Any] = {"uid": {"type": "Agent", "id": "spiffe://test/agent"}, "attrs": {}, "parents": []}
+    entities.write_text(orjson.dumps([*team, agent]).decode())
+
+    def mutate(raw: dict[str, Any]) -> None:
+        raw["pdp"] = {"kind": "cedar", "policies": str(directory), "entities": str(entities)}
+
+    pep: RunningPep = await make_pep(mutate)
+    assert await call(client, pep.url + "/tools/x") == (403, "policy_denied")  # the agent is in no team yet
+
+    agent["parents"] = [{"type": "Team", "id": "support"}]
+    entities.write_text(orjson.dumps([*team, agent]).decode())
+    await decided_within(client, pep.url + "/tools/x", "GET", (200, None))
+
+    (directory / "b.cedar").write_text('forbid(principal, action == Action::"GET", resource);\n')  # a new file
+    await decided_within(client, pep.url + "/tools/x", "GET", (403, "policy_denied"))
+    (directory / "b.cedar").unlink()
+    await decided_within(client, pep.url + "/tools/x", "GET", (200, None))
+    allowed = [e for e in await pep.log_entries() if e["decision"] == "allow"]
+    assert len(upstream.seen) == len(allowed)  # nothing went on without an allow, whatever was in force
+
+
 async def test_reload_keeps_a_remote_pdp_client_and_its_breaker(
     make_pep: PepFactory, client: aiohttp.ClientSession
 ) -> None:

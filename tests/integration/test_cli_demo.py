@@ -16,7 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
+from pep.app import bound_address
+from pep.demo import OPA_PATH, REGO, pdp_app
 from tests.support.process import pep_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +101,9 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc = await _pep("run", "-c", str(config))
     try:
         assert proc.stderr is not None
+        # The PDP of this config is not there: said first, then the listening line.
+        warning = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode(errors="replace")
+        assert warning.startswith("failclosed-pep: warning: PDP http://127.0.0.1:9 unreachable: "), warning
         line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode(errors="replace")
         m = _LISTENING.search(line)
         assert m is not None, line
@@ -120,3 +126,28 @@ async def test_run_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.kill()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(proc.wait(), 5)
+
+
+async def test_the_opa_demo_decides_with_the_rego_it_names(tmp_path: Path) -> None:
+    """`make demo PDP=opa` names config/policies/demo.rego: that file, evaluated, is what decides (a copy that
+    also allows the shell allows it)."""
+    loosened = tmp_path / "demo.rego"
+    loosened.write_text(REGO.read_text().replace('input.request.method == "GET"', 'input.request.method != ""'))
+
+    async def ask(policy: Path, method: str, path: str) -> object:
+        runner = web.AppRunner(pdp_app(policy))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        doc = {"route": {"name": "tools"}, "request": {"method": method, "path": path}}
+        try:
+            url = f"http://127.0.0.1:{bound_address(site)[1]}{OPA_PATH}"
+            async with aiohttp.ClientSession() as s, s.post(url, json={"input": doc}) as r:
+                return await r.json()
+        finally:
+            await runner.cleanup()
+
+    assert await ask(REGO, "GET", "/tools/search") == {"result": {"allow": True}}
+    denied = {"result": {"allow": False, "reason": "only search is allowed for this agent"}}
+    assert await ask(REGO, "POST", "/tools/search") == denied
+    assert await ask(loosened, "POST", "/tools/search") == {"result": {"allow": True}}

@@ -144,3 +144,40 @@ async def test_rotation_while_requests_flow(make_pep: PepStarter, tmp_path: Path
     assert all(v in (["Bearer old-token"], ["Bearer new-token"]) for v in values), values
     assert values[0] == ["Bearer old-token"]
     assert values[-1] == ["Bearer new-token"]
+
+
+async def test_a_missing_credential_is_said_on_stderr_once_per_change(
+    make_pep: PepStarter, tmp_path: Path, upstream: RecordingUpstream, capsys: Any
+) -> None:
+    """Without a request: at start, when the file goes missing, and when it is back; never once per request."""
+    token = tmp_path / "token"
+    pep: RunningPep = await make_pep(
+        mutate=lambda c: c["routes"].append(credential_route(upstream, value_file=str(token)))
+    )
+    warning = f"routes[1].credential.value_file: {str(token)!r} is missing, unreadable or empty"
+    denied = "requests on route crm are denied (credential_unavailable)"
+    err = capsys.readouterr().err
+    assert f"failclosed-pep: warning: {pep.server.config.source}: {warning}: {denied}" in err
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(pep.url + "/crm/x") as r:
+                assert r.headers["x-pep-reason"] == "credential_unavailable"
+    assert upstream.seen == []
+
+    async def said(text: str) -> str:
+        """stderr until `text` appears, within 3 s (the files are looked at once a second)."""
+        seen = ""
+        async with asyncio.timeout(3):
+            while text not in seen:
+                await asyncio.sleep(0.1)
+                seen += capsys.readouterr().err
+        return seen
+
+    token.write_text(SECRET)
+    back = await said("route crm has its credential again")
+    assert warning not in back
+    token.unlink()
+    gone = await said(warning)
+    await asyncio.sleep(1.5)  # another check or two: nothing new to say
+    assert (gone + capsys.readouterr().err).count(warning) == 1
+    assert SECRET not in back + gone

@@ -8,7 +8,11 @@ from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
 from tests.support.upstream import RecordingUpstream
 
-REQUEST = b"POST /tools/upload HTTP/1.1\r\nHost: pep\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+# Not a form (those are read before the decision, to find a `_method` field): the body is streamed after it.
+REQUEST = (
+    b"POST /tools/upload HTTP/1.1\r\nHost: pep\r\nContent-Type: application/octet-stream\r\nContent-Length: 5\r\n"
+    b"Expect: 100-continue\r\n\r\n"
+)
 
 
 async def _first_bytes(port: int) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:

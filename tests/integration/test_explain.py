@@ -1,4 +1,4 @@
-"""`pep explain` (DESIGN.md "Command line"): the policy input a request would produce, the PDP's answer and the
+"""`pep explain` (README, "Running"): the policy input a request would produce, the PDP's answer and the
 decision, printed as JSON without forwarding anything. Exit 0 for allow, 1 for deny, 2 for a config or usage error.
 
 `pep.cli.main` runs its own event loop, so it is called in a worker thread while the fault PDP serves on the
@@ -226,6 +226,11 @@ async def test_no_route_never_asks_the_pdp(
         ("/tools/x#frag", []),
         ("/tools/x", ["X-HTTP-Method-Override: DELETE"]),
         ("/tools/x", ["x-agent-id: a", "x-agent-id: b"]),
+        ("/tools//admin", []),
+        ("//tools/admin", []),
+        ("http://127.0.0.1:8080//tools/admin", []),
+        ("/tools/x", ["X-Forwarded-Uri: /tools/admin"]),
+        ("/tools/x", ["X-Envoy-Original-Path: /tools/admin"]),
     ],
 )
 async def test_request_ambiguous_never_asks_the_pdp(
@@ -236,6 +241,72 @@ async def test_request_ambiguous_never_asks_the_pdp(
     assert code == 1
     assert (report["reason"], report["pdp"], report["document"]) == ("request_ambiguous", None, None)
     assert fault_pdp.requests == []
+
+
+@pytest.mark.parametrize("url", ["/tools/admin;x", "/tools/admin%3Bx", "/tools;v=1/x"])
+async def test_path_parameters_are_refused_after_routing(
+    tmp_path: Path, fault_pdp: FaultPdp, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """As `pep run`: the route decides whether `;` is accepted, so a refusal names it (or no route matches)."""
+    code, report, _ = await explain(capsys, opa_config(tmp_path, fault_pdp), url)
+    assert code == 1
+    expected = ("no_route", None) if url.startswith("/tools;") else ("request_ambiguous", "tools")
+    assert (report["reason"], report["route"]) == expected
+    assert (report["pdp"], report["document"]) == (None, None)
+    assert fault_pdp.requests == []
+
+
+async def test_a_route_with_allow_path_parameters_decides_them(
+    tmp_path: Path, fault_pdp: FaultPdp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pdp = {"kind": "opa", "url": fault_pdp.url, "timeout_ms": 250, "retries": 1}
+    config = write_config(tmp_path, pdp, allow_path_parameters=True)
+    code, report, _ = await explain(capsys, config, "/tools/x;v=1/y")
+    assert (code, report["decision"]) == (0, "allow")
+    assert report["document"]["request"]["path"] == "/tools/x;v=1/y"
+    assert report["upstream_url"] == "http://127.0.0.1:9000/api/x;v=1/y"
+    code, report, _ = await explain(capsys, config, "/tools/..;/admin")
+    assert (code, report["reason"]) == (1, "request_ambiguous")
+    assert len(fault_pdp.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "body"),
+    [
+        (["-X", "POST", "/tools/x?_method=DELETE"], None),
+        (["-X", "POST", "/tools/x?a=1&%5Fmethod=PUT"], None),
+        (["/tools/x"], b"a=1&_method=DELETE"),
+        (["-H", "Content-Type: application/x-www-form-urlencoded", "/tools/x"], b".method=DELETE"),
+    ],
+)
+async def test_a_method_override_field_on_a_post_is_ambiguous(
+    tmp_path: Path, fault_pdp: FaultPdp, capsys: pytest.CaptureFixture[str], args: list[str], body: bytes | None
+) -> None:
+    if body is not None:
+        (tmp_path / "form").write_bytes(body)
+        args = ["--body", str(tmp_path / "form"), *args]
+    code, report, _ = await explain(capsys, opa_config(tmp_path, fault_pdp), *args)
+    assert (code, report["reason"], report["pdp"]) == (1, "request_ambiguous", None)
+    assert "method-override field" in report["detail"]
+    assert fault_pdp.requests == []
+
+
+async def test_a_form_body_is_decided_as_read_and_bounded(
+    tmp_path: Path, fault_pdp: FaultPdp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = opa_config(tmp_path, fault_pdp)
+    (tmp_path / "form").write_bytes(b"a=1&q=_method")
+    code, report, _ = await explain(capsys, config, "--body", str(tmp_path / "form"), "/tools/x")
+    assert (code, report["decision"]) == (0, "allow")
+    assert report["document"]["request"]["body_bytes"] == 13
+    (tmp_path / "big").write_bytes(b"a=" + b"x" * 1048576)
+    code, report, _ = await explain(capsys, config, "--body", str(tmp_path / "big"), "/tools/x")
+    assert (code, report["reason"], report["pdp"]) == (1, "body_too_large", None)
+    # Not a form: streamed by `pep run`, so no limit applies without max_body_bytes.
+    code, report, _ = await explain(
+        capsys, config, "-H", "Content-Type: application/octet-stream", "--body", str(tmp_path / "big"), "/tools/x"
+    )
+    assert (code, report["decision"]) == (0, "allow")
 
 
 async def test_a_body_over_the_route_limit(

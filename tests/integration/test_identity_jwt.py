@@ -162,7 +162,7 @@ def subjects(pdp: FaultPdp) -> list[dict[str, Any]]:
 
 
 def assert_http_denial(answer: Answer, reason: str, request_id: str | None = None) -> None:
-    """DESIGN.md "Deny responses" for an http route: the headers and `{"error": {...}}`."""
+    """README "Denials" for an http route: the headers and `{"error": {...}}`."""
     assert answer.headers["x-pep-decision"] == "deny"
     assert answer.headers["x-pep-reason"] == reason
     rid = answer.headers["x-request-id"]
@@ -376,7 +376,13 @@ async def test_a_refused_token_is_denied_and_nothing_is_forwarded(
     assert_untouched(fault_pdp, upstream)
     (entry,) = await jwt_pep.log_entries()
     assert (entry["decision"], entry["reason"], entry["route"]) == ("deny", case.reason, "secure")
-    assert entry["subject"] == {"workload": WORKLOAD, "agent": None, "id": None, "claims": None}
+    assert entry["subject"] == {
+        "workload": WORKLOAD,
+        "agent": None,
+        "id": None,
+        "claims": None,
+        "unverified_agent": None,
+    }
     # The token, or any part of it, is in no answer and no log line.
     log_text = jwt_pep.log_path.read_text()
     answer_text = answer.body.decode() + " ".join(f"{k}: {v}" for k, v in answer.headers.items())
@@ -424,15 +430,17 @@ async def test_the_pdp_gets_the_verified_subject_and_never_the_token(
             "agent": "agent-act",
             "id": "u-act",
             "claims": {"department": "sales", "azp": "agent-azp"},
+            "unverified_agent": None,
         },
         {
             "workload": WORKLOAD,
             "agent": "agent-azp",
             "id": "u-azp",
             "claims": {"department": "sales", "azp": "agent-azp"},
+            "unverified_agent": None,
         },
-        {"workload": WORKLOAD, "agent": "cid-only", "id": "u-cid", "claims": {}},
-        {"workload": WORKLOAD, "agent": None, "id": "u-none", "claims": {}},
+        {"workload": WORKLOAD, "agent": "cid-only", "id": "u-cid", "claims": {}, "unverified_agent": None},
+        {"workload": WORKLOAD, "agent": None, "id": "u-none", "claims": {}, "unverified_agent": None},
     ]
     assert len(upstream.seen) == 4
     # The raw token: in no PDP request (body or headers), no log line, no metric, and not upstream.
@@ -461,7 +469,10 @@ async def test_on_a_route_that_does_not_require_a_token(
 ) -> None:
     answer = await call(client, jwt_pep.url + "/tools/x", {"x-agent-id": "from-header"})
     assert answer.status == 200
-    assert subjects(fault_pdp) == [{"workload": WORKLOAD, "agent": "from-header", "id": None, "claims": None}]
+    # Next to verified names, the agent header (nobody verified it) is only ever `unverified_agent`.
+    assert subjects(fault_pdp) == [
+        {"workload": WORKLOAD, "agent": None, "id": None, "claims": None, "unverified_agent": "from-header"}
+    ]
     assert len(upstream.seen) == 1
     # A token that is presented is verified all the same: an invalid one is refused, not ignored.
     expired = keys.rsa.sign(claims(iat=_now() - 7200, exp=_now() - 3600))
@@ -478,6 +489,7 @@ async def test_on_a_route_that_does_not_require_a_token(
         "agent": None,
         "id": "u-7",
         "claims": {"department": "ops"},
+        "unverified_agent": None,
     }
     assert len(fault_pdp.requests) == 3
     assert len(upstream.seen) == 3
@@ -580,7 +592,7 @@ async def test_identity_is_checked_after_the_size_and_before_the_credential(
 # --- the claims cache -------------------------------------------------------------------------------------------
 
 
-async def test_a_verified_token_is_remembered_until_it_expires(
+async def test_a_remembered_token_is_identity_not_a_decision(
     jwt_pep: RunningPep,
     jwks_path: Path,
     keys: Keys,
@@ -589,20 +601,20 @@ async def test_a_verified_token_is_remembered_until_it_expires(
     client: aiohttp.ClientSession,
 ) -> None:
     token = keys.rsa.sign(claims(sub="cached"))
-    assert (await call(client, jwt_pep.url + "/secure/x", bearer(token))).status == 200
-    replace_file(jwks_path, None)
-    jwt_pep.server.reload()  # SIGHUP: the file is looked at now, and it is gone
-    # The same token is not verified again: its claims are remembered (identity, not the decision).
-    assert (await call(client, jwt_pep.url + "/secure/x", bearer(token))).status == 200
-    # Every other token needs the keys, which are gone.
-    other = keys.rsa.sign(claims(sub="not-cached"))
-    answer = await call(client, jwt_pep.url + "/secure/x", bearer(other))
-    assert_challenge(answer, "identity_unavailable", None, None)
-    assert_http_denial(answer, "identity_unavailable")
-    assert len(upstream.seen) == 2
+    for _ in range(2):
+        assert (await call(client, jwt_pep.url + "/secure/x", bearer(token))).status == 200
     assert len(fault_pdp.requests) == 2  # the cache holds identity: every request still went to the PDP
     fault_pdp.set("deny")
-    assert (await call(client, jwt_pep.url + "/secure/x", bearer(token))).status == 403
+    answer = await call(client, jwt_pep.url + "/secure/x", bearer(token))
+    assert_http_denial(answer, "policy_denied")
+    assert len(upstream.seen) == 2
+    replace_file(jwks_path, None)
+    jwt_pep.server.reload()  # SIGHUP: the file is looked at now, and it is gone
+    # Keys that cannot be had refuse every token, a remembered one too.
+    answer = await call(client, jwt_pep.url + "/secure/x", bearer(token))
+    assert_challenge(answer, "identity_unavailable", None, None)
+    assert_http_denial(answer, "identity_unavailable")
+    assert len(fault_pdp.requests) == 3
     assert len(upstream.seen) == 2
 
 
@@ -706,7 +718,7 @@ async def test_a_jwks_file_that_turns_invalid_is_noticed_without_a_signal(
 
     async def unavailable() -> bool:
         nonlocal n
-        n += 1  # a new token each time: a remembered one would not look at the keys
+        n += 1  # a new token each time, each verified in full
         answer = await call(client, jwt_pep.url + "/secure/x", bearer(keys.ec.sign(claims(sub=f"u{n}"))))
         return answer.headers.get("x-pep-reason") == "identity_unavailable"
 
@@ -766,7 +778,9 @@ async def test_an_unknown_kid_refetches_and_a_rotated_key_is_accepted(
     assert answer.status == 200
     assert jwks_server.requests == 3
     assert len(upstream.seen) == 1
-    assert subjects(fault_pdp) == [{"workload": WORKLOAD, "agent": None, "id": "rotated", "claims": {}}]
+    assert subjects(fault_pdp) == [
+        {"workload": WORKLOAD, "agent": None, "id": "rotated", "claims": {}, "unverified_agent": None}
+    ]
 
 
 async def test_a_flood_of_unknown_kids_is_rate_limited(
@@ -907,7 +921,7 @@ async def test_stale_keys_are_dropped_after_max_stale(
 
     async def refused() -> bool:
         nonlocal n
-        n += 1  # a new token each time: a remembered one would not look at the keys
+        n += 1  # a new token each time, each verified in full
         last[:] = [await call(client, pep.url + "/secure/x", bearer(keys.rsa.sign(claims(sub=f"b{n}"))))]
         return last[0].status != 200
 
@@ -920,6 +934,75 @@ async def test_stale_keys_are_dropped_after_max_stale(
     jwks_server.status = 200
     assert (await call(client, pep.url + "/secure/x", bearer(keys.rsa.sign(claims(sub="c"))))).status == 200
     assert [s["id"] for s in subjects(fault_pdp)] == ["a", *[f"b{i}" for i in range(1, n)], "c"]
+
+
+async def remembered_until(
+    client: aiohttp.ClientSession, pep: RunningPep, token: str, reason: str
+) -> tuple[bool, list[Answer]]:
+    """Sends the same (remembered) token until it is refused for `reason`: whether it was, and every answer."""
+    answers: list[Answer] = []
+
+    async def refused() -> bool:
+        answers.append(await call(client, pep.url + "/secure/x", bearer(token)))
+        return answers[-1].headers.get("x-pep-reason") == reason
+
+    return await poll(refused), answers
+
+
+@pytest.mark.parametrize("change", ["withdrawn", "replaced-under-its-kid"])
+async def test_a_key_gone_from_the_url_stops_its_remembered_tokens(
+    make_pep: PepStarter,
+    jwks_server: JwksServer,
+    ca_file: str,
+    keys: Keys,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    change: str,
+) -> None:
+    """Once the keys are stale (max-age=1), the next use of a remembered token refetches them, and the token
+    passes only while the key that verified it is still published, the same key under the same kid."""
+    jwks_server.cache_control = "max-age=1"
+    pep: RunningPep = await make_pep(with_url(jwks_server, ca_file, jwks_min_refresh_ms=0))
+    token = keys.rsa.sign(claims(sub="remembered"))
+    assert (await call(client, pep.url + "/secure/x", bearer(token))).status == 200
+    if change == "withdrawn":
+        jwks_server.publish(keys.ec, keys.ed)
+    else:
+        jwks_server.publish(keys.rogue, keys.ec, keys.ed)  # `rogue` claims the kid of `rsa`
+    done, answers = await remembered_until(client, pep, token, "identity_invalid")
+    assert done, [a.status for a in answers]
+    assert {a.status for a in answers[:-1]} <= {200}  # allowed only while the old keys were fresh
+    assert len(upstream.seen) == len(answers)  # the first call and every allowed one; never the refused one
+    detail = (
+        "no signing key fits the token (unknown kid)"
+        if change == "withdrawn"
+        else "the token signature does not verify"
+    )
+    assert_challenge(answers[-1], "identity_invalid", INVALID, detail)
+
+
+async def test_remembered_tokens_are_refused_once_the_url_keys_are_stale_past_max_stale(
+    make_pep: PepStarter,
+    jwks_server: JwksServer,
+    ca_file: str,
+    keys: Keys,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    jwks_server.cache_control = "max-age=1"
+    pep: RunningPep = await make_pep(with_url(jwks_server, ca_file, jwks_min_refresh_ms=0, jwks_max_stale_ms=0))
+    token = keys.rsa.sign(claims(sub="remembered"))
+    assert (await call(client, pep.url + "/secure/x", bearer(token))).status == 200
+    jwks_server.status = 500
+    done, answers = await remembered_until(client, pep, token, "identity_unavailable")
+    assert done, [a.status for a in answers]
+    assert_challenge(answers[-1], "identity_unavailable", None, None)
+    assert_http_denial(answers[-1], "identity_unavailable")
+    assert len(upstream.seen) == len(answers)
+    entries = await pep.log_entries()
+    assert entries[-1]["detail"].startswith("signing keys are unavailable: jwks_url keys expired")
+    jwks_server.status = 200  # back: the same token is verified again, and passes
+    assert (await call(client, pep.url + "/secure/x", bearer(token))).status == 200
 
 
 async def test_one_malformed_key_in_the_set_does_not_spoil_the_others(
@@ -966,6 +1049,7 @@ async def test_a_valid_token_on_an_mcp_route(
         "agent": "mcp-agent",
         "id": "mcp-user",
         "claims": {"department": "support", "azp": "mcp-agent"},
+        "unverified_agent": None,
     }
     assert seen.body["input"]["mcp"]["name"] == "search"
     (forwarded,) = upstream.seen

@@ -252,6 +252,7 @@ async def test_the_workload_comes_from_the_certificate_and_the_caller_from_the_t
         "agent": "support-bot",  # from the token's azp: the agent header is not believed next to a token
         "id": "user-42",
         "claims": {"department": "support"},
+        "unverified_agent": None,
     }
     assert "authorization" not in doc["request"]["headers"]
     [seen] = upstream.seen
@@ -322,7 +323,7 @@ def test_check_names_a_missing_mtls_file_by_its_key(
     code, out, err = check(path, capsys)
     assert code == EXIT_CONFIG
     assert out == ""
-    # `file: key.path: what is wrong` (DESIGN.md): which of the three files, and where it was looked for.
+    # `file: key.path: what is wrong` (README, "Configuration"): which of the three files, and where it was looked for.
     assert err.startswith(f"{path}: identity.mtls.{key}: "), err
     assert missing in err
 

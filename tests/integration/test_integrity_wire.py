@@ -210,6 +210,16 @@ AMBIGUOUS_TARGETS = [
     b"/tools/%7Euser",
     b"/tools/a%zzb",
     b"/tools/a%2",
+    # empty segments: nginx (merge_slashes), Tomcat and Spring serve these as /tools/admin
+    b"/tools//admin",
+    b"//tools/admin",
+    b"/tools/admin//",
+    b"/tools/;x/admin",
+    # path parameters on a route that does not accept them: Tomcat, Jetty and Spring drop them
+    b"/tools/admin;x",
+    b"/tools/admin;",
+    b"/tools/admin%3Bx",
+    b"/tools/admin%253bx",
 ]
 
 
@@ -257,8 +267,10 @@ LEGITIMATE_TARGETS = [
     b"/tools/..foo",
     b"/tools/.well-known/x",
     b"/tools/a%20b",
-    b"/tools//double",
+    b"/tools/x/",
     b"/tools/x?path=%2F..%2Fadmin",
+    b"/tools/x?a=1;b=2",
+    b"/tools/x?_method=DELETE",  # on a GET: no framework overrides it
 ]
 
 
@@ -320,6 +332,62 @@ async def test_method_override_headers_are_ambiguous(
 ) -> None:
     answer = await exchange(pep.port, request(b"/tools/x", pep, method=b"POST", extra=header + b"\r\n"))
     await assert_denied(answer, "request_ambiguous", upstream, fault_pdp)
+
+
+PATH_OVERRIDE_HEADERS = [
+    b"X-Original-URL: /tools/admin",
+    b"X-Rewrite-URL: /tools/admin",
+    b"X-Original-URI: /tools/admin",
+    b"X-Forwarded-Uri: /tools/admin",
+    b"X-Forwarded-Path: /tools/admin",
+    b"X-Envoy-Original-Path: /tools/admin",
+]
+
+
+@pytest.mark.parametrize(
+    "header", PATH_OVERRIDE_HEADERS, ids=[h.split(b":")[0].decode() for h in PATH_OVERRIDE_HEADERS]
+)
+async def test_path_override_headers_are_ambiguous(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, header: bytes
+) -> None:
+    answer = await exchange(pep.port, request(b"/tools/x", pep, extra=header + b"\r\n"))
+    await assert_denied(answer, "request_ambiguous", upstream, fault_pdp)
+
+
+FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
+
+
+@pytest.mark.parametrize(
+    ("target", "head", "body"),
+    [
+        (b"/tools/x?_method=DELETE", b"", b""),
+        (b"/tools/x?a=1&%5Fmethod=PUT", b"", b""),
+        (b"/tools/x", b"", b"_method=DELETE&"),
+        (b"/tools/x", FORM, b"a=1&.method=DELETE"),
+        (b"/tools/x", FORM + b"Transfer-Encoding: chunked\r\n", b"e\r\n_method=DELETE\r\n0\r\n\r\n"),
+    ],
+    ids=["query", "query-encoded", "body-without-content-type", "form-body", "form-body-chunked"],
+)
+async def test_a_method_override_field_on_a_post_is_ambiguous(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, target: bytes, head: bytes, body: bytes
+) -> None:
+    """Rails, Laravel, Symfony and Spring serve a POST carrying `_method=DELETE` as a DELETE."""
+    if b"chunked" not in head:
+        head += b"Content-Length: %d\r\n" % len(body)
+    answer = await exchange(pep.port, request(target, pep, method=b"POST", extra=head) + body)
+    await assert_denied(answer, "request_ambiguous", upstream, fault_pdp)
+
+
+async def test_a_form_post_without_a_method_field_is_forwarded_as_read(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    body = b"a=1&method=x&q=_method"
+    head = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n" % len(body)
+    answer = await exchange(pep.port, request(b"/tools/x", pep, method=b"POST", extra=head) + body)
+    assert answer is not None
+    assert answer.status == 200
+    assert [(x.method, x.target, x.body) for x in upstream.seen] == [("POST", "/tools/x", body)]
+    assert fault_pdp.requests[-1].body["input"]["request"]["body_bytes"] == len(body)
 
 
 async def test_connect_is_no_route(pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream) -> None:

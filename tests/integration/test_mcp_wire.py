@@ -332,7 +332,7 @@ async def test_allowed_body_reaches_the_upstream_byte_for_byte(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
 ) -> None:
     body = (
-        b' \r\n{ "params" : {"arguments":{"z":1,"a":[1 ,2.50, "\\u00e9"],"\\u0041":null}, "name":"t\\/x"},\n'
+        b' \r\n{ "params" : {"arguments":{"z":1,"a":[1 ,2.50, "\\u00e9"],"\\u0042":null}, "name":"t\\/x"},\n'
         b'\t"method":"tools/call" ,"id":"\xc3\xa9-1",   "jsonrpc":"2.0" }\n\n'
     )
     reply = await send(mcp_pep, "/mcp?session=1", body)
@@ -343,7 +343,7 @@ async def test_allowed_body_reaches_the_upstream_byte_for_byte(
     assert got.headers["Content-Length"] == str(len(body))
     doc = policy_input(fault_pdp)
     assert doc["mcp"]["name"] == "t/x"
-    assert doc["mcp"]["arguments"] == {"z": 1, "a": [1, 2.5, "\u00e9"], "A": None}
+    assert doc["mcp"]["arguments"] == {"z": 1, "a": [1, 2.5, "\u00e9"], "B": None}
 
 
 async def test_chunked_body_is_forwarded_whole(mcp_pep: RunningPep, upstream: RecordingUpstream) -> None:
@@ -651,13 +651,27 @@ async def test_openai_model_facts(mcp_pep: RunningPep, fault_pdp: FaultPdp, upst
     reply = await send(mcp_pep, "/v1/responses", body)
     assert reply.status == 200
     doc = policy_input(fault_pdp)
-    assert doc["model"] == {"name": "gpt-4o-mini", "stream": False, "tools": ["web_search"]}
+    assert doc["model"] == {
+        "action": "model.invoke",
+        "endpoint": "responses",
+        "name": "gpt-4o-mini",
+        "read": True,
+        "stream": False,
+        "n": 1,
+        "tools": ["web_search"],
+    }
     assert doc["route"]["protocol"] == "openai"
     assert "mcp" not in doc
     assert [(r.target, r.body) for r in upstream.seen] == [("/v1/responses", body)]
     reply = await send(mcp_pep, "/v1/chat/completions/", CHAT)
     assert reply.status == 200
-    assert policy_input(fault_pdp)["model"] == {"name": "gpt-4o-mini", "stream": False, "tools": ["get_weather"]}
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["endpoint"], facts["name"], facts["stream"], facts["tools"]) == (
+        "chat.completions",
+        "gpt-4o-mini",
+        False,
+        ["get_weather"],
+    )
     entries = await mcp_pep.log_entries()
     assert [e["model"] for e in entries] == ["gpt-4o-mini", "gpt-4o-mini"]
 
@@ -715,26 +729,80 @@ async def test_openai_stream_passes_through_to_done(
 ) -> None:
     n, gap = 3, 0.15
     body = orjson.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []})
-    path = f"/llm/sse/chat/completions?n={n}&gap_ms={int(gap * 1000)}&done=1"
+    path = f"/llm/sse/chat/completions?n={n}&gap_ms={int(gap * 1000)}&done=1&json=1"
     events, arrivals, started, ended = await _stream(mcp_pep, path, body)
-    assert b"".join(events) == b"".join(f"id: {i}\ndata: event {i}\n\n".encode() for i in range(n)) + (
+    # Each event is read (it calls no tool, names no model) and relayed whole as it arrives.
+    assert b"".join(events) == b"".join(f'id: {i}\ndata: {{"event": {i}}}\n\n'.encode() for i in range(n)) + (
         b"data: [DONE]\n\n"
     )
     assert events[-1] == b"data: [DONE]\n\n"
     assert_unbuffered(arrivals, started, ended, gap)
-    assert policy_input(fault_pdp)["model"] == {"name": "gpt-4o-mini", "stream": True, "tools": []}
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["name"], facts["stream"], facts["tools"]) == ("gpt-4o-mini", True, [])
+    assert len(fault_pdp.requests) == 1  # the answer asked nothing more
     assert [r.body for r in upstream.seen] == [body]
 
 
+async def _post_bare(pep: RunningPep, path: str, body: bytes, content_type: str | None) -> Reply:
+    """A POST with exactly this Content-Type, or none at all (aiohttp would add application/octet-stream)."""
+    headers = {"Content-Type": content_type} if content_type is not None else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(pep.url + path, data=body, headers=headers, skip_auto_headers=["Content-Type"]) as r,
+    ):
+        return Reply(r.status, r.headers, await asyncio.wait_for(r.read(), 5))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type"),
+    [
+        ("/v1/files", b"purpose=batch&_method=DELETE", None),
+        ("/v1/batches", b"a=1&%5Fmethod=PUT", "application/x-www-form-urlencoded"),
+        ("/v1/chat/completions", b'{"model":"gpt-4o-mini","x":"&_method=DELETE&"}', None),
+    ],
+    ids=["unread-no-content-type", "unread-urlencoded", "read-no-content-type"],
+)
+async def test_a_method_override_field_in_a_model_call_is_ambiguous(
+    mcp_pep: RunningPep,
+    fault_pdp: FaultPdp,
+    upstream: RecordingUpstream,
+    path: str,
+    body: bytes,
+    content_type: str | None,
+) -> None:
+    """A body a framework may read as a form (no Content-Type, or urlencoded) must not carry `_method`: Rails
+    would serve the POST the PEP decided as a DELETE. Unread endpoints are read for that field alone."""
+    reply = await _post_bare(mcp_pep, path, body, content_type)
+    assert reply.status == 403
+    assert_denied(reply, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+
+
+async def test_an_unread_model_call_with_a_form_body_is_forwarded_as_read(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    body = b"purpose=batch&method=x"
+    reply = await _post_bare(mcp_pep, "/v1/files", body, None)
+    assert reply.status == 200
+    facts = policy_input(fault_pdp)["model"]
+    assert (facts["endpoint"], facts["read"], facts["name"]) == ("files", False, None)
+    assert [(r.method, r.target, r.body) for r in upstream.seen] == [("POST", "/v1/files", body)]
+
+
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("POST", "/v1/files")])
-async def test_other_openai_requests_are_decided_without_model_facts(
+async def test_other_openai_requests_are_decided_without_reading_the_body(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, method: str, path: str
 ) -> None:
+    """A GET has HTTP facts only; a POST the PEP cannot read (a file upload) is an unread model call."""
     body = None if method == "GET" else b"not json at all"
     reply = await send(mcp_pep, path, body, method=method)
     assert reply.status == 200
     doc = policy_input(fault_pdp)
-    assert "model" not in doc
+    if method == "GET":
+        assert "model" not in doc
+    else:
+        assert (doc["model"]["endpoint"], doc["model"]["read"], doc["model"]["name"]) == ("files", False, None)
     assert doc["request"]["method"] == method
     assert doc["route"]["protocol"] == "openai"
     assert [(r.method, r.target) for r in upstream.seen] == [(method, path)]

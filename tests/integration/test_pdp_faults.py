@@ -2,7 +2,7 @@
 
 Each case runs a fresh PEP against the byte-level fault PDP and a recording upstream, and checks the answer the
 caller gets (status, headers, JSON body), what the PDP and the upstream received, the decision log line and the
-metrics, against DESIGN.md "How a PDP answer becomes a reason".
+metrics, against the README, "PDPs" (how an answer becomes a reason).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _deny(reason: str, outcome: str, attempts: int = 1, pdp_requests: int | None
     return Expect(reason, attempts if pdp_requests is None else pdp_requests, attempts, outcome)
 
 
-# Every mode of the shared fault PDP that must deny, with its reason (DESIGN.md), with retries: 1.
+# Every mode of the shared fault PDP that must deny, with its reason (README, "PDPs"), with retries: 1.
 DENY_CASES: dict[str, Expect] = {
     # Well-formed answers that are not an allow.
     "deny": _deny("policy_denied", "ok"),
@@ -503,7 +503,8 @@ async def test_denied_body_is_never_read_as_another_request(
         pep: RunningPep = await make_pep(mutate)
         reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
         try:
-            head = "POST /tools/outer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            # Not a form (a form body is read before the decision): this body is left unread by a denial.
+            head = "POST /tools/outer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
             if framing == "chunked":
                 raw = (head + "Transfer-Encoding: chunked\r\n\r\n").encode()
                 raw += f"{len(SMUGGLED):x}\r\n".encode() + SMUGGLED + b"\r\n0\r\n\r\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -565,3 +566,43 @@ async def test_stream_resumption_is_refused_on_a_filtering_route(
             assert r.headers["x-pep-reason"] == "request_ambiguous"
     assert pdp.inputs == []
     assert server.seen == []
+
+
+# --- a required decision log ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LogRemovingServer(McpServer):
+    """Removes the PEP's log directory when the tools/list arrives, before answering it."""
+
+    directory: Path | None = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.directory is not None:
+            shutil.rmtree(self.directory)
+            self.directory = None
+        return await super()._handle(request)
+
+
+@pytest.mark.parametrize("answer", ["json", "sse"])
+async def test_kept_tools_are_shown_only_once_logged(tmp_path: Path, pdp: ToolPdp, answer: str) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    server = LogRemovingServer(directory=directory)
+    await server.start()
+    starter = PepStarter(tmp_path, lambda log: base_config(pdp.url, server.url, log), "filter.yaml")
+    try:
+
+        def mutate(cfg: dict[str, Any]) -> None:
+            routes(server.url)(cfg)
+            cfg["decision_log"] = {"sink": "file", "path": str(directory / "audit.jsonl"), "required": True}
+
+        running = await starter(mutate=mutate)
+        reply = await send(running, f"/filtered?answer={answer}", headers={"X-Request-ID": "gone-1"})
+    finally:
+        await starter.close()
+        await server.stop()
+    assert len(server.seen) == 1  # the tools/list was logged, then forwarded; the log went away meanwhile
+    assert (reply.status, reply.headers["x-pep-reason"]) == (403, "audit_unavailable")
+    assert reply.json()["error"]["data"] == {"reason": "audit_unavailable", "request_id": "gone-1"}
+    assert_no_tool_leaks(reply.body)

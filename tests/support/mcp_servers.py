@@ -115,6 +115,9 @@ class Mcp2Server:
     calls: list[ToolCall] = field(default_factory=list)
     requests: list[HttpRecord] = field(default_factory=list)
     port: int = 0
+    # Where the app serves MCP. "/mcp/" makes Starlette answer `/mcp` with a 307 to its own absolute
+    # `http://127.0.0.1:PORT/mcp/` (redirect_slashes), as a server mounted under a trailing slash does.
+    http_path: str = "/mcp"
     _server: uvicorn.Server | None = None
     _task: asyncio.Task[None] | None = None
 
@@ -127,7 +130,7 @@ class Mcp2Server:
         return [c for c in self.calls if c.tool == tool]
 
     async def start(self) -> None:
-        app = build_tools_server(self.calls).streamable_http_app(host="127.0.0.1")
+        app = build_tools_server(self.calls).streamable_http_app(host="127.0.0.1", streamable_http_path=self.http_path)
         sock = _loopback_socket()
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(

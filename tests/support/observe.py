@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# The keys DESIGN.md requires on every decision log line.
+# The keys of every decision log line (README, "Decision log").
 LOG_KEYS = frozenset(
     {
         "time",

@@ -6,7 +6,13 @@
 - `POST /v1/embeddings`: one 3-float vector per input string;
 - `POST /v1/responses`: a minimal completed `response` object;
 - anything else under `/v1/`: a JSON echo of method and path (for plain HTTP clients);
-- `GET /v1/models`: the model list.
+- `GET /v1/models`: the model list;
+- `POST /openai/deployments/{name}/chat/completions` (Azure OpenAI's form): a chat completion by deployment `name`.
+
+With `calls` set, chat completions and responses answer by calling those tools: one choice with every call, or
+with `n` > 1 one call per choice; streamed as the real API streams them (a delta naming each call, then its
+arguments; Responses `response.output_item.added` events with `function_call` items). With `answer_model` set,
+every answer names that model instead of the one asked for.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class OpenAiUpstream(LoopbackServer):
     port: int = 0
     gap_ms: int = 20
     seen: list[ModelRequest] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    answer_model: str | None = None
 
     @property
     def url(self) -> str:
@@ -53,6 +61,7 @@ class OpenAiUpstream(LoopbackServer):
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/models", self._models)
@@ -61,15 +70,47 @@ class OpenAiUpstream(LoopbackServer):
 
     async def _record(self, request: web.Request) -> Any:
         raw = await request.read()
-        body = orjson.loads(raw) if raw else None
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = {"raw_bytes": len(raw)}  # a form or a file upload
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.seen.append(ModelRequest(request.method, request.raw_path, headers, body))
         return body
 
+    def _tool_call(self, name: str, i: int) -> dict[str, Any]:
+        return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": '{"q": "refund"}'}}
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
-        model = body["model"]
+        model = self.answer_model or request.match_info.get("deployment") or body["model"]
         created = int(time.time())
+        if self.calls and not body.get("stream"):
+            n = body.get("n", 1)
+            groups = [self.calls] if n == 1 else [[c] for c in self.calls[:n]]
+            choices = [
+                {
+                    "index": i,
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "refusal": None,
+                        "tool_calls": [self._tool_call(name, i * 10 + j) for j, name in enumerate(group)],
+                    },
+                    "finish_reason": "tool_calls",
+                    "logprobs": None,
+                }
+                for i, group in enumerate(groups)
+            ]
+            return web.json_response(
+                {
+                    "id": "chatcmpl-t",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": choices,
+                }
+            )
         if not body.get("stream"):
             return web.json_response(
                 {
@@ -102,8 +143,15 @@ class OpenAiUpstream(LoopbackServer):
 
         words = REPLY.split(" ")
         events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
-        events.append(chunk({}, "stop"))
+        if self.calls:
+            for i, name in enumerate(self.calls):
+                first = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
+                events.append(chunk({"tool_calls": [first]}))
+                events.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": '{"q": "refund"}'}}]}))
+            events.append(chunk({}, "tool_calls"))
+        else:
+            events += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+            events.append(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
             events.append({**chunk({}), "choices": [], "usage": usage})
@@ -127,30 +175,57 @@ class OpenAiUpstream(LoopbackServer):
             }
         )
 
-    async def _responses(self, request: web.Request) -> web.Response:
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
-        return web.json_response(
+        output: list[dict[str, Any]] = [
             {
-                "id": "resp_test_1",
-                "object": "response",
-                "created_at": int(time.time()),
+                "type": "function_call",
+                "id": f"fc_{i}",
+                "call_id": f"call_{i}",
+                "name": name,
+                "arguments": '{"q": "refund"}',
                 "status": "completed",
-                "model": body["model"],
-                "output": [
-                    {
-                        "type": "message",
-                        "id": "msg_test_1",
-                        "status": "completed",
-                        "role": "assistant",
-                        "content": [{"type": "output_text", "text": REPLY, "annotations": []}],
-                    }
-                ],
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": {"input_tokens": 9, "output_tokens": 5, "total_tokens": 14},
             }
-        )
+            for i, name in enumerate(self.calls)
+        ]
+        if not self.calls:
+            text = {"type": "output_text", "text": REPLY, "annotations": []}
+            output.append(
+                {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant", "content": [text]}
+            )
+        response = {
+            "id": "resp_test_1",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": self.answer_model or body["model"],
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {"input_tokens": 9, "output_tokens": 5, "total_tokens": 14},
+        }
+        if not body.get("stream"):
+            return web.json_response(response)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": {**response, "status": "in_progress", "output": []}}
+        ]
+        for i, item in enumerate(output):
+            events.append({"type": "response.output_item.added", "output_index": i, "item": item})
+            events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+        events.append({"type": "response.completed", "response": response})
+        for n, event in enumerate(events):
+            await resp.write(
+                f"event: {event['type']}\n".encode()
+                + b"data: "
+                + orjson.dumps({**event, "sequence_number": n})
+                + b"\n\n"
+            )
+            await asyncio.sleep(self.gap_ms / 1000)
+        await resp.write_eof()
+        return resp
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)

@@ -106,9 +106,10 @@ class TestCA:
         sans: Sequence[x509.GeneralName],
         *,
         server: bool = False,
+        lifetime: datetime.timedelta = _LIFETIME,
     ) -> Issued:
-        """A leaf certificate with `sans`, for a server (serverAuth) or a client (clientAuth), written to
-        `directory/name.pem` and `directory/name.key`."""
+        """A leaf certificate with `sans`, for a server (serverAuth) or a client (clientAuth), valid from a few
+        minutes ago for `lifetime`, written to `directory/name.pem` and `directory/name.key`."""
         key = _key()
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -119,7 +120,7 @@ class TestCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _SKEW)
-            .not_valid_after(now + _LIFETIME)
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -164,6 +165,8 @@ class SpiffePki:
     server: Issued
     clients: dict[str, Issued]
     other_ca_file: Path  # the untrusted CA's bundle (a client would need it only to present `untrusted` knowingly)
+    ca: TestCA
+    other_ca: TestCA
 
     @classmethod
     def create(cls, directory: Path) -> SpiffePki:
@@ -180,7 +183,11 @@ class SpiffePki:
             "not_spiffe": ca.issue(directory, "not_spiffe", [uri(NOT_SPIFFE_URI)]),
             "untrusted": other.issue(directory, "untrusted", [uri(UNTRUSTED_SPIFFE_ID)]),
         }
-        return cls(directory, ca_file, server, clients, other_ca_file)
+        return cls(directory, ca_file, server, clients, other_ca_file, ca, other)
+
+    def issue_svid(self, name: str, lifetime: datetime.timedelta, spiffe_id: str = SPIFFE_ID) -> None:
+        """Adds client `name` to `clients`: an SVID of the trusted CA valid for `lifetime` from now."""
+        self.clients[name] = self.ca.issue(self.directory, name, [uri(spiffe_id)], lifetime=lifetime)
 
     def mtls_config(self) -> dict[str, str]:
         """`identity.mtls` for a PEP listening with this trust domain's server certificate."""

@@ -1,7 +1,8 @@
 """A recording upstream on a real socket. Every request it sees is kept, so tests can prove nothing arrived.
 
 Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events (`&done=1`: then `data: [DONE]`, as OpenAI ends
-a stream), `/slow?ms=M` answers late, `/hang` never answers,
+a stream; `&json=1`: each event's data is a JSON object, as a model answer's chunks are), `/slow?ms=M` answers
+late, `/hang` never answers,
 `/reset` resets mid-response (`?length=N`: the Content-Length it announces, default 100000),
 `/drop` resets after reading the request without answering at all,
 `/big?bytes=N[&piece=P]` sends a large body (P bytes per write), `/status/N` answers N, anything else echoes.
@@ -59,7 +60,7 @@ class RecordingUpstream(LoopbackServer):
         try:
             if path.startswith("/sse"):
                 gap = int(q.get("gap_ms", "50")) / 1000
-                return await self._sse(request, int(q.get("n", "3")), gap, q.get("done") == "1")
+                return await self._sse(request, int(q.get("n", "3")), gap, q.get("done") == "1", q.get("json") == "1")
             if path.startswith("/slow"):
                 await asyncio.sleep(int(q.get("ms", "100")) / 1000)
             elif path.startswith("/hang"):
@@ -101,12 +102,15 @@ class RecordingUpstream(LoopbackServer):
             },
         )
 
-    async def _sse(self, request: web.BaseRequest, n: int, gap: float, done: bool = False) -> web.StreamResponse:
+    async def _sse(
+        self, request: web.BaseRequest, n: int, gap: float, done: bool = False, as_json: bool = False
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
             for i in range(n):
-                await resp.write(f"id: {i}\ndata: event {i}\n\n".encode())
+                data = f'{{"event": {i}}}' if as_json else f"event {i}"
+                await resp.write(f"id: {i}\ndata: {data}\n\n".encode())
                 await asyncio.sleep(gap)
             if done:
                 await resp.write(b"data: [DONE]\n\n")

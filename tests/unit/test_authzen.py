@@ -1,5 +1,5 @@
 """pep.pdp.authzen, the pure parts: the metadata URL and lifetime, and every way a metadata document, a decision,
-an evaluation answer or a batch answer is read (DESIGN.md "PDP protocols", AuthZEN 1.0 sections 3 to 9)."""
+an evaluation answer or a batch answer is read (README "AuthZEN", AuthZEN 1.0 sections 3 to 9)."""
 
 from __future__ import annotations
 

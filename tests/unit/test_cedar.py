@@ -219,8 +219,8 @@ async def test_a_forbid_overrides_a_permit(tmp_path: Path) -> None:
 
 async def test_policies_see_the_mapped_principal_resource_and_context(tmp_path: Path) -> None:
     text = (
-        'permit(principal == Agent::"bot-7", action == Action::"tools/call", resource == Tool::"send_email")\n'
-        'when { principal.workload == "spiffe://w" && principal.team == "support" && resource.route == "tools"\n'
+        'permit(principal == Agent::"spiffe://w", action == Action::"tools/call", resource == Tool::"send_email")\n'
+        'when { principal.agent == "bot-7" && principal.team == "support" && resource.route == "tools"\n'
         '  && context.arguments.to == "a@example.com" && context.arguments.amount.greaterThan(decimal("1.0"))\n'
         '  && !(context.arguments has skip) && context.request_id == "rid-1" };'
     )
@@ -232,6 +232,20 @@ async def test_policies_see_the_mapped_principal_resource_and_context(tmp_path: 
         "arguments": {"to": "a@example.com", "amount": 1.25, "skip": None},
     }
     assert (await verdict(pdp, pep_document(method="POST", subject=subject, mcp=mcp))).allow is True
+
+
+async def test_a_name_nobody_verified_is_never_the_verified_user(tmp_path: Path) -> None:
+    """Each source of a principal is its own entity type: `User::"alice"` is only a token whose `sub` is alice."""
+    pdp = CedarPdp(write(tmp_path / "p.cedar", 'permit(principal == User::"alice", action, resource);'))
+    user: dict[str, Any] = {"workload": "spiffe://w", "agent": None, "id": "alice", "claims": {}}
+    assert (await verdict(pdp, pep_document(subject=user))).allow is True
+    for subject in (
+        {"workload": "spiffe://w", "agent": None, "id": None, "claims": None, "unverified_agent": "alice"},
+        {"workload": "spiffe://w", "agent": "alice"},
+        {"workload": "alice", "agent": None},
+        {"workload": None, "agent": "alice"},
+    ):
+        assert (await verdict(pdp, pep_document(subject=subject))).reason is Reason.POLICY_DENIED, subject
 
 
 async def test_an_evaluation_error_denies_even_when_another_policy_permits(tmp_path: Path) -> None:

@@ -122,6 +122,14 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert route.timeout_ms == 30000
     assert route.max_body_bytes is None  # no limit on http routes unless set
     assert route.keep_caller_credentials is False
+    assert route.allow_path_parameters is False
+    assert route.max_batch_messages == 16
+
+
+@pytest.mark.parametrize("value", [1, 1000])
+def test_max_batch_messages_on_mcp_routes(value: int) -> None:
+    cfg = parse(mutated(lambda c: route0(c).update(protocol="mcp", max_batch_messages=value)), SRC)
+    assert cfg.routes[0].max_batch_messages == value
 
 
 def test_full_config_file_is_read_as_written(tmp_path: Path) -> None:
@@ -186,6 +194,9 @@ def test_decision_log_sinks() -> None:
     assert cfg.decision_log.sink == "none"
     cfg = parse(mutated(lambda c: c.update(decision_log={"sink": "file", "path": "/tmp/d.jsonl"})), SRC)
     assert cfg.decision_log.path == "/tmp/d.jsonl"
+    assert cfg.decision_log.max_pending_bytes == 16 * 1024 * 1024
+    cfg = parse(mutated(lambda c: c.update(decision_log={"max_pending_bytes": 1024 * 1024 * 1024})), SRC)
+    assert cfg.decision_log.max_pending_bytes == 1024 * 1024 * 1024
 
 
 def test_boundary_values_are_accepted() -> None:
@@ -286,6 +297,21 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("pdp-kind", lambda c: c["pdp"].update(kind="xacml"), "pdp.kind: must be one of opa, authzen, cedar, got 'xacml'"),
     ("sink", lambda c: c.update(decision_log={"sink": "syslog"}), "decision_log.sink: must be one of"),
     ("path-stdout", lambda c: c.update(decision_log={"path": "/x"}), "decision_log.path: is only used with sink: file"),
+    (
+        "log-bytes-small",
+        lambda c: c.update(decision_log={"max_pending_bytes": 65536}),
+        "decision_log.max_pending_bytes: must be between 1048576 and 1073741824, got 65536",
+    ),
+    (
+        "log-bytes-text",
+        lambda c: c.update(decision_log={"max_pending_bytes": "16MiB"}),
+        "decision_log.max_pending_bytes: must be an integer",
+    ),
+    (
+        "required-nowhere",
+        lambda c: c.update(decision_log={"sink": "none", "required": True}),
+        "decision_log.required: needs a sink to write to (stdout or file), not none",
+    ),
     ("protocol", lambda c: route0(c).update(protocol="grpc"), "routes[0].protocol: must be one of http"),
     ("agent-header", lambda c: c.update(identity={"agent_header": "x agent"}), "identity.agent_header: is not a valid"),
     ("prefix-relative", lambda c: route0(c).update(match={"path_prefix": "crm"}), "routes[0].match.path_prefix: must"),
@@ -302,6 +328,41 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "prefix-dot",
         lambda c: route0(c).update(match={"path_prefix": "/./"}),
         "routes[0].match.path_prefix: must not contain dot segments",
+    ),
+    (
+        "prefix-empty-segment",
+        lambda c: route0(c).update(match={"path_prefix": "/a//b"}),
+        "routes[0].match.path_prefix: must not contain empty segments (// or /;)",
+    ),
+    (
+        "prefix-leading-double-slash",
+        lambda c: route0(c).update(match={"path_prefix": "//crm/"}),
+        "routes[0].match.path_prefix: must not contain empty segments",
+    ),
+    (
+        "prefix-parameter",
+        lambda c: route0(c).update(match={"path_prefix": "/crm;v=1/"}),
+        "routes[0].match.path_prefix: must not contain ; (a path parameter) unless the route has allow_path_parameters",
+    ),
+    (
+        "prefix-empty-before-parameter",
+        lambda c: route0(c).update(match={"path_prefix": "/crm/;v=1"}, allow_path_parameters=True),
+        "routes[0].match.path_prefix: must not contain empty segments (// or /;)",
+    ),
+    (
+        "allow-path-parameters-not-bool",
+        lambda c: route0(c).update(allow_path_parameters="yes"),
+        "routes[0].allow_path_parameters: must be",
+    ),
+    (
+        "upstream-empty-segment",
+        lambda c: route0(c).update(upstream="https://crm.internal//api/"),
+        "routes[0].upstream: its path must not contain empty segments (// or /;)",
+    ),
+    (
+        "upstream-dot-segment",
+        lambda c: route0(c).update(upstream="https://crm.internal/api/../admin"),
+        "routes[0].upstream: its path must not contain dot segments",
     ),
     # URLs
     ("url-no-scheme", lambda c: c["pdp"].update(url="127.0.0.1:8181/v1/data"), "pdp.url: must be an http:// or https"),
@@ -380,6 +441,22 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "routes[0].require_identity: needs identity.jwt",
     ),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
+    ("batch-http", lambda c: route0(c).update(max_batch_messages=8), "routes[0].max_batch_messages: is only for"),
+    (
+        "batch-zero",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages=0),
+        "routes[0].max_batch_messages: must be between 1 and 1000, got 0",
+    ),
+    (
+        "batch-huge",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages=1001),
+        "routes[0].max_batch_messages: must be between 1 and 1000, got 1001",
+    ),
+    (
+        "batch-text",
+        lambda c: route0(c).update(protocol="mcp", max_batch_messages="16"),
+        "routes[0].max_batch_messages: must be an integer",
+    ),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
     (
@@ -499,6 +576,14 @@ def test_duplicate_key_paths_count_invalid_routes_too() -> None:
     ]
 
 
+def test_allow_path_parameters_is_read_and_permits_a_parameter_in_the_prefix() -> None:
+    data = minimal()
+    route0(data).update(match={"path_prefix": "/crm;v=1/"}, allow_path_parameters=True)
+    (route,) = parse(data, SRC).routes
+    assert route.allow_path_parameters is True
+    assert route.path_prefix == "/crm;v=1/"
+
+
 def test_prefixes_differing_by_a_trailing_slash_are_distinct() -> None:
     cfg = parse(mutated(second_route()), SRC)
     assert [r.path_prefix for r in cfg.routes] == ["/crm/", "/two"]
@@ -607,10 +692,13 @@ def test_yaml_errors_carry_key_paths(tmp_path: Path) -> None:
 
 
 def test_cli_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["check", "-c", str(write(tmp_path, FULL_YAML))]) == 0
+    # The decision log's directory must exist where the check runs, as where `pep run` starts.
+    yaml_text = FULL_YAML.replace("/var/log/pep/decisions.jsonl", str(tmp_path / "decisions.jsonl"))
+    assert cli.main(["check", "-c", str(write(tmp_path, yaml_text))]) == 0
     out, err = capsys.readouterr()
     assert out == "ok\n"
     assert err == ""
+    assert not (tmp_path / "decisions.jsonl").exists()  # checked, not created
 
 
 def test_cli_check_broken(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

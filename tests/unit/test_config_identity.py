@@ -20,6 +20,7 @@ from tests.support.jwt_keys import ec_key, jwks, rsa_key, write_jwks
 SRC = "f.yaml"
 Mutation = Callable[[dict[str, Any]], object]
 JWT = {"issuers": ["https://issuer.test"], "audiences": ["failclosed-pep"], "jwks_file": "/etc/pep/jwks.json"}
+AUTHZEN: dict[str, Any] = {"kind": "authzen", "url": "http://127.0.0.1:3592"}
 
 
 def minimal(**jwt: Any) -> dict[str, Any]:
@@ -209,7 +210,32 @@ ERRORS: list[tuple[str, Mutation, str]] = [
         lambda c: (c["identity"].pop("jwt"), c["routes"][0].update(require_identity=True)),
         "routes[0].require_identity: needs identity.jwt (where verified tokens come from)",
     ),
+    (
+        "attribute-named-like-the-unverified-agent",
+        lambda c: c["identity"].update(attributes={"unverified_agent": "alice"}),
+        "identity.attributes.unverified_agent: is a",
+    ),
+    (
+        "mapped-subject-type-for-callers-with-and-without-a-token",
+        lambda c: (c.update(pdp=AUTHZEN), c["routes"][0].update(mapping={"subject": {"type": "agent"}})),
+        "routes[0].mapping.subject.type: would give callers with a verified token and callers without one the same",
+    ),
 ]
+
+
+@pytest.mark.parametrize("setting", ["require-identity", "no-jwt"])
+def test_a_mapped_subject_type_where_every_caller_is_of_one_kind(setting: str) -> None:
+    """Every caller of a `require_identity` route has a verified token; without identity.jwt none has."""
+    data = minimal()
+    data["pdp"] = AUTHZEN
+    data["routes"][0]["mapping"] = {"subject": {"type": "customer"}}
+    if setting == "require-identity":
+        data["routes"][0]["require_identity"] = True
+    else:
+        del data["identity"]["jwt"]
+    mapping = parse(data, SRC).routes[0].mapping
+    assert mapping is not None
+    assert mapping.subject_type == "customer"
 
 
 @pytest.mark.parametrize(("mutation", "expected"), [pytest.param(m, e, id=i) for i, m, e in ERRORS])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,7 @@ from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome
 from pep.headers import obligation_forbidden
 from pep.metrics import Metrics
-from pep.pdp import ALLOWED, DENIED, NOT_ADMITTED, UNDEFINED, Failure, Verdict, admitted
+from pep.pdp import ALLOWED, DENIED, NOT_ADMITTED, UNDEFINED, Failure, Pdp, Verdict, admitted
 from pep.pdp.answer import malformed, status_failure
 
 Answer = Verdict | Failure
@@ -32,7 +33,7 @@ def breaker_of(engine: Engine) -> Breaker:
     return engine.breaker
 
 
-class FakePdp:
+class FakePdp(Pdp):
     """Answers from a script, one step per call; the last step repeats. Records every call that goes out: like a
     remote PDP, it asks the breaker (`admitted`) right before, and makes no call when it says no."""
 
@@ -97,7 +98,7 @@ def raising(exc: Exception) -> Callable[[], Awaitable[Answer]]:
 
 
 def make_engine(
-    pdp: FakePdp,
+    pdp: Pdp,
     *,
     timeout_ms: int = 250,
     retries: int = 1,
@@ -757,6 +758,134 @@ async def test_a_decision_is_dated_when_the_engine_takes_it_up_and_pdp_ms_counts
     assert outcome.pdp_ms == 40.0
     overloaded = await make_engine(FakePdp(ALLOWED), max_in_flight=0).decide(check())
     assert overloaded.started is not None
+
+
+# --- batches: bounded exchanges, counted against max_in_flight, one breaker report ---------------------------
+
+
+class GatePdp(Pdp):
+    """Holds the documents marked `hold` until `gate` opens (counting them while open), answers the others at once."""
+
+    def __init__(self, remote: bool = True) -> None:
+        self.remote = remote
+        self.gate = asyncio.Event()
+        self.open = 0
+        self.most_open = 0
+        self.asked: list[str] = []
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        self.asked.append(request_id)
+        if not document.get("hold"):
+            return ALLOWED
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            await self.gate.wait()
+            return ALLOWED
+        finally:
+            self.open -= 1
+
+    async def close(self) -> None:
+        return None
+
+
+def batch(count: int, hold: bool = True, request_id: str = "batch-1") -> Check:
+    docs = [{**DOCUMENT, "hold": hold, "index": i} for i in range(count)]
+    return dataclasses.replace(check(request_id), document=docs[0], more=tuple(docs[1:]))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` holds (bounded: a test that waits forever is a failure)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+@pytest.mark.parametrize(
+    ("max_in_flight", "documents", "slots"),
+    [(512, 1, 1), (512, 3, 3), (512, 16, 16), (512, 1000, 16), (8, 16, 2), (8, 2, 2), (3, 16, 1), (1, 16, 1)],
+)
+def test_a_batch_takes_at_most_its_share_of_max_in_flight(max_in_flight: int, documents: int, slots: int) -> None:
+    engine = make_engine(FakePdp(ALLOWED), max_in_flight=max_in_flight)
+    assert engine.slots(batch(documents)) == slots
+
+
+async def test_a_batch_keeps_only_its_slots_open_and_others_are_served_meanwhile() -> None:
+    pdp = GatePdp()
+    engine = make_engine(pdp, max_in_flight=8, timeout_ms=5000)
+    pending = asyncio.create_task(engine.decide(batch(16)))
+    await until(lambda: pdp.open == 2)
+    assert engine.in_flight == 2  # the batch counts the exchanges it may have open
+    for i in range(6):  # the rest of the bulkhead is the others'
+        other = await engine.decide(check(f"other-{i}"))
+        assert isinstance(other.decision, Allow)
+    assert not pending.done()
+    pdp.gate.set()
+    outcome = await pending
+    assert isinstance(outcome.decision, Allow)
+    assert outcome.reasons == (Reason.ALLOWED,) * 16
+    assert pdp.most_open == 2
+    assert sorted(r for r in pdp.asked if r.startswith("batch-1-")) == sorted(f"batch-1-{i}" for i in range(16))
+    assert engine.in_flight == 0
+
+
+async def test_a_batch_over_the_free_slots_is_overloaded_at_once() -> None:
+    pdp = GatePdp()
+    engine = make_engine(pdp, max_in_flight=8, timeout_ms=5000)
+    held = [
+        asyncio.create_task(engine.decide(dataclasses.replace(check(f"h{i}"), document={"hold": True})))
+        for i in range(7)
+    ]
+    await until(lambda: pdp.open == 7)
+    outcome = await engine.decide(batch(4, hold=False))  # needs 2 slots, 1 is free
+    assert isinstance(outcome.decision, Deny)
+    assert outcome.decision.reason is Reason.PDP_OVERLOADED
+    assert isinstance((await engine.decide(check("single"))).decision, Allow)  # 1 slot still fits
+    pdp.gate.set()
+    for task in held:
+        assert isinstance((await task).decision, Allow)
+
+
+async def test_a_batch_that_times_out_is_one_breaker_failure() -> None:
+    pdp = GatePdp()
+    engine = make_engine(pdp, timeout_ms=20, retries=0, threshold=2)
+    outcome = await engine.decide(batch(16))
+    assert isinstance(outcome.decision, Deny)
+    assert outcome.decision.reason is Reason.PDP_TIMEOUT
+    assert breaker_of(engine).failures == 1
+    assert circuit(engine) is State.CLOSED
+    assert pdp.open == 0  # every exchange of the batch was cancelled with it
+
+
+async def test_an_in_process_batch_lets_other_requests_run_between_evaluations() -> None:
+    events: list[str] = []
+
+    class InProcess(Pdp):
+        remote = False
+
+        async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+            events.append("evaluated")  # never suspends, like Cedar
+            return ALLOWED
+
+        async def close(self) -> None:
+            return None
+
+    engine = make_engine(InProcess(), max_in_flight=8)  # two evaluations at a time
+    decided = asyncio.create_task(engine.decide(batch(16, hold=False)))
+
+    async def other_request() -> None:
+        while not decided.done():
+            events.append("other")
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_request())
+    assert isinstance((await decided).decision, Allow)
+    await other
+    evaluations = [i for i, e in enumerate(events) if e == "evaluated"]
+    assert len(evaluations) == 16
+    assert "other" in events[evaluations[0] : evaluations[-1]]
 
 
 # --- the Allow mint -------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ pep/protocols/dispatch.py on a route of each protocol, mcp.py and openai.py behi
 - Any request gets an Inspected or a Refused with a reason from the closed set, never an exception; a body that
   the route's protocol decides on is always read (nothing reaches the upstream on its HTTP facts alone).
 - What is accepted is what the standard library reads strictly from the same bytes (same values, same types).
-- A duplicate key anywhere, however it is spelled (`"a"` and `"\\u0061"`), is refused.
+- A duplicate key anywhere, however it is spelled (`"a"` and `"\\u0061"`), is refused; so are two keys equal
+  under case folding (`name` and `Name`, `s` and U+017F), as `request_ambiguous`.
 - A JSON-RPC batch is one message per element, each with that element's facts.
 """
 
@@ -18,13 +19,22 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from fuzz.oracles import check_dispatch, check_mcp, check_openai, check_strict, examples
+from fuzz.oracles import (
+    check_dispatch,
+    check_form,
+    check_mcp,
+    check_model_call,
+    check_openai,
+    check_strict,
+    examples,
+    invokes_model,
+)
 from pep import strictjson
 from pep.config import RouteConfig
 from pep.decision import Reason
 from pep.protocols import Inspected, Refused, dispatch, mcp, openai
 
-KEYS = st.sampled_from(["a", "b", "id", "name", "é", "\u2028", "😀", ""])
+KEYS = st.sampled_from(["a", "b", "id", "name", "é", "\u2028", "😀", "", "Name", "\u212a"])
 JSON = st.recursive(
     st.none()
     | st.booleans()
@@ -117,9 +127,12 @@ MODEL_CALL = NEAR_MODEL_CALL | st.fixed_dictionaries(
     },
 )
 MIRRORED: st.SearchStrategy[dict[str, str]] = st.just({}) | st.dictionaries(
-    st.sampled_from(["MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Content-Encoding", "Last-Event-ID"]),
+    st.sampled_from(
+        ["MCP-Protocol-Version", "Mcp-Method", "Mcp-Name", "Content-Encoding", "Last-Event-ID", "Content-Type"]
+    ),
     st.sampled_from(["2025-03-26", "2026-07-28", "tools/call", "ping", "f", "", "gzip", "identity", " Identity "])
-    | st.sampled_from(["=?base64?dG9vbHMvY2FsbA==?=", "=?base64?@?=", "=?base64??="]),
+    | st.sampled_from(["=?base64?dG9vbHMvY2FsbA==?=", "=?base64?@?=", "=?base64??="])
+    | st.sampled_from(["application/json", "Application/X-WWW-Form-Urlencoded; charset=utf-8", "text/plain"]),
     max_size=3,
 )
 
@@ -144,6 +157,15 @@ def bodies(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> bytes:
         i = draw(st.integers(0, len(data) - 1))
         return data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
     return data
+
+
+# urlencoded form bodies, with and without a `_method` field in its spellings (PHP reads `.method` as `_method`)
+FORMS = st.lists(
+    st.sampled_from(
+        ["_method", "%5Fmethod", "_METHOD", ".method", "+_method", "_method[x]", "method", "a", ""]
+    ).flatmap(lambda name: st.sampled_from(["", "=DELETE", "=", "=_method"]).map(lambda value: name + value)),
+    max_size=3,
+).flatmap(lambda pairs: st.sampled_from(["&", ";"]).map(lambda sep: sep.join(pairs).encode()))
 
 
 def route(protocol: str, filter_tools_list: bool = False) -> RouteConfig:
@@ -171,7 +193,7 @@ PATHS = st.lists(
     method=st.sampled_from(["POST", "POST", "GET", "DELETE", "PUT", "PATCH", "OPTIONS"]),
     path=PATHS,
     headers=MIRRORED,
-    body=bodies(RPC) | bodies(MODEL_CALL) | st.binary(max_size=32),
+    body=bodies(RPC) | bodies(MODEL_CALL) | st.binary(max_size=32) | FORMS,
     has_body=st.booleans(),
 )
 def test_dispatch_reads_every_body_it_decides_on(
@@ -189,12 +211,14 @@ def test_dispatch_reads_every_body_it_decides_on(
     check_dispatch(protocol, filter_tools_list, method, path, sent, has_body, early)
     event(f"before_body: {type(early).__name__}")
     if early is None:
-        parsed = dispatch.parse(config, sent, body)
+        parsed = dispatch.parse(config, method, path, sent, body)
         event(f"parse: {type(parsed).__name__}")
         if protocol == "mcp":
             check_mcp(body, sent, parsed)
+        elif protocol == "openai" and invokes_model(method, path):
+            check_model_call(body, sent, parsed)
         else:
-            check_openai(body, parsed)
+            check_form(body, parsed, unread_model=protocol == "openai")
 
 
 @settings(max_examples=examples(400), deadline=None)
@@ -241,8 +265,11 @@ def spell(key: str, how: int) -> str:
     return '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"'
 
 
-def dump_with_duplicate(value: Any, target: int, key: str, spellings: tuple[int, int]) -> tuple[str, int]:
-    """JSON text of `value` where the `target`-th object (depth first) starts with `key` twice."""
+def dump_with_duplicate(
+    value: Any, target: int, key: str, spellings: tuple[int, int], other: str | None = None
+) -> tuple[str, int]:
+    """JSON text of `value` where the `target`-th object (depth first) starts with `key` twice (or with `key`,
+    then `other`)."""
     counter = 0
 
     def dump(v: Any) -> str:
@@ -250,9 +277,11 @@ def dump_with_duplicate(value: Any, target: int, key: str, spellings: tuple[int,
         if isinstance(v, dict):
             index = counter
             counter += 1
-            members = [f"{json.dumps(k)}:{dump(x)}" for k, x in v.items() if not (index == target and k == key)]
+            added = {key, key if other is None else other}
+            members = [f"{json.dumps(k)}:{dump(x)}" for k, x in v.items() if not (index == target and k in added)]
             if index == target:
-                members = [f"{spell(key, spellings[0])}:1", f"{spell(key, spellings[1])}:2", *members]
+                second = key if other is None else other
+                members = [f"{spell(key, spellings[0])}:1", f"{spell(second, spellings[1])}:2", *members]
             return "{" + ",".join(members) + "}"
         if isinstance(v, list):
             return "[" + ",".join(dump(x) for x in v) + "]"
@@ -267,7 +296,7 @@ def test_a_duplicate_key_anywhere_is_refused(message: dict[str, Any], key: str, 
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": message}}
     plain, objects = dump_with_duplicate(body, -1, key, (0, 0))
     try:
-        strictjson.loads(plain.encode())
+        strictjson.loads(plain.encode(), fold_keys=True)
     except strictjson.JsonError:
         assume(False)  # refused without the duplicate already
     target = data.draw(st.integers(0, objects - 1))
@@ -285,6 +314,34 @@ def test_a_duplicate_key_anywhere_is_refused(message: dict[str, Any], key: str, 
     refused_model = openai.inspect(model)
     assert isinstance(refused_model, Refused)
     assert refused_model.reason is Reason.BODY_UNREADABLE
+
+
+FOLDED = {"name": ("Name", "NAME"), "method": ("Method",), "id": ("ID", "Id"), "s": ("S", "\u017f"), "k": ("\u212a",)}
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(MESSAGE.filter(lambda m: isinstance(m, dict)), st.sampled_from(sorted(FOLDED)), st.data())
+def test_keys_equal_under_case_folding_anywhere_are_ambiguous(
+    message: dict[str, Any], key: str, data: st.DataObject
+) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": message}}
+    plain, objects = dump_with_duplicate(body, -1, key, (0, 0))
+    try:
+        strictjson.loads(plain.encode(), fold_keys=True)
+    except strictjson.JsonError:
+        assume(False)  # refused without the added keys already
+    target = data.draw(st.integers(0, objects - 1))
+    other = data.draw(st.sampled_from(FOLDED[key]))
+    spellings = data.draw(st.tuples(st.integers(0, 2), st.integers(0, 2)))
+    raw = dump_with_duplicate(body, target, key, spellings, other)[0].encode()
+    with pytest.raises(strictjson.FoldedKeys):
+        strictjson.loads(raw, fold_keys=True)
+    for refused in (mcp.inspect(raw, CIMultiDict()), mcp.inspect(b"[" + raw + b"]", CIMultiDict())):
+        assert isinstance(refused, Refused)
+        assert refused.reason is Reason.REQUEST_AMBIGUOUS
+    refused_model = openai.inspect(b'{"model":"m","metadata":' + raw + b"}")
+    assert isinstance(refused_model, Refused)
+    assert refused_model.reason is Reason.REQUEST_AMBIGUOUS
 
 
 @settings(max_examples=examples(100), deadline=None)

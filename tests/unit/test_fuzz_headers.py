@@ -28,7 +28,7 @@ from pep.decision import Allow, Reason
 from pep.engine import Check, Engine
 from pep.headers import CALLER_CREDENTIALS, HOP_BY_HOP, PEP_OWNED, end_to_end
 from pep.metrics import Metrics
-from pep.pdp import Failure, Verdict
+from pep.pdp import Failure, Pdp, Verdict
 from pep.routing import Route
 from pep.upstream import Upstream
 
@@ -47,7 +47,7 @@ class Peer:
         return (PEER, 40000) if name == "peername" else default
 
 
-class AllowWith:
+class AllowWith(Pdp):
     """A PDP that allows and asks for these obligation headers."""
 
     remote = True

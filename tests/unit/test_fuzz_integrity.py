@@ -14,9 +14,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from fuzz.oracles import check_authority, check_override, check_path, check_query, examples
+from fuzz.oracles import (
+    PATH_OVERRIDES,
+    check_authority,
+    check_method_field,
+    check_override,
+    check_parameters,
+    check_path,
+    check_query,
+    examples,
+)
 from pep.authority import format_authority, resolve_authority, split_authority
-from pep.integrity import override_header, path_problem, query_problem
+from pep.integrity import method_override_field, override_header, parameter_problem, path_problem, query_problem
 
 PIECES = st.sampled_from(
     [
@@ -43,6 +52,10 @@ PIECES = st.sampled_from(
         "%1f",
         "%7f",
         "%3b",
+        "%3B",
+        "%253b",
+        "%3%62",
+        "",
         "%41",
         "%c0%ae",
         "%e2%80%ae",
@@ -79,8 +92,15 @@ PATH = st.lists(SEGMENT, min_size=1, max_size=4).map(lambda segments: "/" + "/".
 @example("/a/..;x/b")
 @example("/a/%2e%2e%3bx/b")
 @example("/%25%25%32%65")
+@example("/a//b")
+@example("//a")
+@example("/a/;x/b")
+@example("/a/%3%62")
 def test_an_accepted_path_decodes_to_no_dot_segment_separator_or_control(path: str) -> None:
-    check_path(path, path_problem(path))
+    problem = path_problem(path)
+    check_path(path, problem)
+    if problem is None:
+        check_parameters(path, parameter_problem(path))
 
 
 @settings(max_examples=examples(200))
@@ -96,7 +116,7 @@ def test_an_accepted_query_is_visible_ascii_without_a_fragment(query: str) -> No
     check_query(query, query_problem(query))
 
 
-OVERRIDES = ["x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"]
+OVERRIDES = ["x-http-method-override", "x-http-method", "x-method-override", *sorted(PATH_OVERRIDES)]
 
 
 @st.composite
@@ -110,6 +130,24 @@ def header_names(draw: st.DrawFn) -> list[str]:
 @given(header_names())
 def test_override_headers_are_refused_in_any_case(names: list[str]) -> None:
     check_override(names, override_header(CIMultiDict((n, "v") for n in names)))
+
+
+FIELD_PIECES = st.sampled_from(
+    ["_method", "_", "method", "%5F", "%5f", "%6D", "METHOD", ".", "+", " ", "%20", "[", "]", "=", "&", ";", "%00", "a"]
+)
+
+
+@settings(max_examples=examples(500))
+@given(st.lists(FIELD_PIECES, max_size=8).map("".join))
+@example("_method=DELETE")
+@example("a=1&%5Fmethod=PUT")
+@example("a=1;_method=PUT")
+@example(".method=PUT")
+@example("+_method=PUT")
+@example("_method[]=PUT")
+@example("_method%00x=PUT")
+def test_a_method_override_field_is_found_however_it_is_spelled(fields: str) -> None:
+    check_method_field(fields, method_override_field(fields))
 
 
 AUTHORITY = st.lists(

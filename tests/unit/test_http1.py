@@ -182,6 +182,9 @@ def test_an_interim_answer_is_skipped(loop: Callable[[], asyncio.AbstractEventLo
         pytest.param(
             lambda _r: [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx", CLOSE], id="two-lengths"
         ),
+        # llhttp passes control characters in the reason phrase; h11 (and RFC 9112) refuse such a status line.
+        pytest.param(lambda _r: [b"HTTP/1.1 200 O\x00K\r\nContent-Length: 1\r\n\r\nx", CLOSE], id="nul-in-reason"),
+        pytest.param(lambda _r: [b"HTTP/1.1 200 O\x01K\r\nContent-Length: 1\r\n\r\nx", CLOSE], id="ctl-in-reason"),
     ],
 )
 @pytest.mark.parametrize("loop", LOOPS)

@@ -41,19 +41,17 @@ class Clock:
 
 
 class FakeKeys(KeySource):
-    """A key source whose keys the test replaces, counting lookups."""
+    """A key source whose keys the test replaces (unchanged keys stay the same objects), counting lookups."""
 
     def __init__(self, *keys: SigningKey | dict[str, Any], problem: str | None = None) -> None:
         self.keyset: KeySet | None = None
         self.problem = problem
         self.lookups: list[tuple[str | None, str]] = []
-        self.changes = 0
         if keys:
             self.replace(*keys)
 
     def replace(self, *keys: SigningKey | dict[str, Any]) -> None:
-        self.keyset = KeySet.parse(json.dumps(jwks(*keys)).encode(), JWT_ALGS) if keys else None
-        self.changes += 1
+        self.keyset = KeySet.parse(json.dumps(jwks(*keys)).encode(), JWT_ALGS, self.keyset) if keys else None
 
     async def lookup(self, kid: str | None, alg: str) -> Lookup:
         self.lookups.append((kid, alg))
@@ -324,7 +322,7 @@ async def test_a_verified_token_is_not_verified_again(rsa: SigningKey) -> None:
     first = await verifier.verify(token)
     assert isinstance(first, Verified)
     assert await verifier.verify(token) is first
-    assert len(keys.lookups) == 1
+    assert keys.lookups == [("rsa-1", "RS256")] * 2  # a remembered token still asks whether its key is there
     # Keyed by the token's hash: the token itself is not kept.
     assert list(verifier._cache) == [hashlib.sha256(token.encode()).digest()]
 
@@ -352,39 +350,64 @@ async def test_a_remembered_token_expires_with_its_exp(rsa: SigningKey) -> None:
     keys = FakeKeys(rsa)
     verifier = TokenVerifier(jwt_config(leeway_ms=5000), keys, clock=clock)
     token = rsa.sign(claims(now=now, ttl=60))
-    assert isinstance(await verifier.verify(token), Verified)
+    first = await verifier.verify(token)
+    assert isinstance(first, Verified)
     clock.now = now + 60 + 4.9  # within exp + leeway: still remembered
-    assert isinstance(await verifier.verify(token), Verified)
-    assert len(keys.lookups) == 1
-    clock.now = now + 60 + 5.1  # past it: forgotten, so verified again, and refused when that fails
-    keys.keyset = None
-    keys.problem = "gone"
-    assert await verifier.verify(token) == unavailable("signing keys are unavailable: gone")
-    assert len(keys.lookups) == 2
-    assert len(verifier._cache) == 0
+    assert await verifier.verify(token) is first
+    clock.now = now + 60 + 5.1  # past it: forgotten, so verified again (PyJWT, on the real clock, still accepts)
+    again = await verifier.verify(token)
+    assert isinstance(again, Verified)
+    assert again is not first
 
 
-async def test_a_key_set_change_forgets_what_was_verified(rsa: SigningKey, ec: SigningKey) -> None:
+async def test_a_withdrawn_key_stops_its_remembered_tokens(rsa: SigningKey, ec: SigningKey) -> None:
     keys = FakeKeys(rsa, ec)
+    verifier = TokenVerifier(jwt_config(), keys)
+    token, other = rsa.sign(claims()), ec.sign(claims(sub="other"))
+    assert isinstance(await verifier.verify(token), Verified)
+    kept = await verifier.verify(other)
+    assert isinstance(kept, Verified)
+    keys.replace(ec)  # the RSA key was withdrawn; the EC key stays (the same key)
+    assert await verifier.verify(token) == invalid("no signing key fits the token (unknown kid)")
+    assert await verifier.verify(other) is kept  # still remembered: its key is still there
+    assert len(verifier._cache) == 1
+
+
+async def test_a_key_replaced_under_the_same_kid_stops_its_remembered_tokens(rsa: SigningKey) -> None:
+    keys = FakeKeys(rsa)
     verifier = TokenVerifier(jwt_config(), keys)
     token = rsa.sign(claims())
     assert isinstance(await verifier.verify(token), Verified)
-    keys.replace(ec)  # the RSA key was withdrawn
-    assert await verifier.verify(token) == invalid("no signing key fits the token (unknown kid)")
-    assert len(keys.lookups) == 2
+    keys.replace(rsa_key("rsa-1"))  # another key, the same kid
+    assert await verifier.verify(token) == invalid("the token signature does not verify")
+
+
+async def test_keys_that_cannot_be_had_refuse_remembered_tokens(rsa: SigningKey) -> None:
+    keys = FakeKeys(rsa)
+    verifier = TokenVerifier(jwt_config(), keys)
+    token = rsa.sign(claims())
+    first = await verifier.verify(token)
+    assert isinstance(first, Verified)
+    keys.keyset, keys.problem = None, "jwks_url keys expired and could not be refreshed (jwks_url answered HTTP 500)"
+    refused = await verifier.verify(token)
+    assert refused == unavailable(f"signing keys are unavailable: {keys.problem}")
+    keys.replace(rsa)  # back, from a new fetch: a new key object, so the token is verified again
+    again = await verifier.verify(token)
+    assert isinstance(again, Verified)
+    assert again is not first
 
 
 async def test_the_cache_is_a_bounded_lru(rsa: SigningKey) -> None:
     keys = FakeKeys(rsa)
     verifier = TokenVerifier(jwt_config(cache_size=2), keys)
     a, b, c = (rsa.sign(claims(sub=s)) for s in "abc")
-    for token in (a, b, a, c):  # `a` was used again, so `b` is the least recent when `c` arrives
-        assert isinstance(await verifier.verify(token), Verified)
-    assert len(keys.lookups) == 3
-    assert isinstance(await verifier.verify(a), Verified)
-    assert len(keys.lookups) == 3
-    assert isinstance(await verifier.verify(b), Verified)
-    assert len(keys.lookups) == 4
+    first = {token: await verifier.verify(token) for token in (a, b)}
+    assert await verifier.verify(a) is first[a]  # `a` was used again, so `b` is the least recent when `c` arrives
+    assert isinstance(await verifier.verify(c), Verified)
+    assert await verifier.verify(a) is first[a]
+    again = await verifier.verify(b)
+    assert isinstance(again, Verified)
+    assert again is not first[b]  # forgotten: verified again
     assert len(verifier._cache) == 2
 
 
@@ -416,9 +439,11 @@ async def test_with_a_jwks_file_and_fake_clocks(tmp_path: Path, rsa: SigningKey,
     assert await verifier.verify(new) == invalid("no signing key fits the token (unknown kid)")
     file_clock.now += 0.5
     assert isinstance(await verifier.verify(new), Verified)  # read again: the new key
-    # The key set changed, so the remembered `old` is verified again, and its key is gone.
+    # The remembered `old` asks for its key, which went with the old file.
     assert await verifier.verify(old) == invalid("no signing key fits the token (unknown kid)")
     path.write_text("{")
     file_clock.now += 1
     refused = await verifier.verify(ec.sign(claims(sub="third")))
     assert refused == unavailable("signing keys are unavailable: jwks_file is not JSON")
+    # A remembered token too: an unusable file refuses every token.
+    assert await verifier.verify(new) == unavailable("signing keys are unavailable: jwks_file is not JSON")

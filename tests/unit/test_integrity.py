@@ -9,7 +9,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from pep.integrity import override_header, path_problem, query_problem
+from pep.headers import PATH_OVERRIDE
+from pep.integrity import (
+    method_override_field,
+    override_header,
+    parameter_problem,
+    path_problem,
+    query_problem,
+    request_problem,
+)
 
 AMBIGUOUS_PATHS = [
     # raw dot segments
@@ -110,7 +118,6 @@ CLEAN_PATHS = [
     "/",
     "/a/b",
     "/a/b/",
-    "//a//b",
     "/a/.hidden",
     "/a/..hidden",
     "/a/...",
@@ -122,9 +129,8 @@ CLEAN_PATHS = [
     "/a/%C3%A9",
     "/a/%20b",
     "/a/%3F%23",
-    "/a;v=1/b",
+    "/a;v=1/b",  # path parameters are the route's business: parameter_problem
     "/a/b;jsessionid=1",
-    "/a/;/b",
     "/a/~user/!$&'()*+,=:@",
     "/mcp",
 ]
@@ -170,6 +176,126 @@ def test_dot_segments_with_path_parameters_are_refused(path: str) -> None:
 @pytest.mark.parametrize("path", ["/a/..%3b/b", "/a/%2e%2e%3bx/b"])
 def test_encoded_path_parameter_after_dots_is_refused(path: str) -> None:
     assert path_problem(path) is not None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tools//admin",
+        "//tools/admin",  # a network-path reference to URL parsers (`//host/path`): the OPA-Envoy CVE-2026-26205 shape
+        "///",
+        "//",
+        "/tools/x//",
+        "/tools/admin//",
+        "/a/b//c/d",
+        "/tools/;x/admin",  # `/tools//admin` to a servlet container
+        "/;x",
+        "/tools/;",
+        "/tools//..;/admin",
+    ],
+)
+def test_empty_segments_are_refused(path: str) -> None:
+    """nginx (merge_slashes on, its default), Tomcat and Spring serve `/tools//admin` as `/tools/admin`."""
+    problem = path_problem(path)
+    assert problem is not None
+    assert "empty" in problem or "dot" in problem
+
+
+@pytest.mark.parametrize("path", ["/", "/tools/", "/tools/x/", "/tools/x;p/"])
+def test_one_trailing_slash_is_not_an_empty_segment(path: str) -> None:
+    assert path_problem(path) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/tools;x/admin", "path parameter (;) in the path"),
+        ("/tools/admin;jsessionid=1", "path parameter (;) in the path"),
+        ("/tools/admin;", "path parameter (;) in the path"),
+        ("/tools/admin%3bx", "percent-encoded ; in the path"),
+        ("/tools/admin%3Bx", "percent-encoded ; in the path"),
+        ("/tools/admin%253Bx", "percent-encoded ; in the path"),
+        ("/tools/admin%3%62x", "percent-encoded ; in the path"),  # encoded hex digit: %3b after one decode
+        ("/tools/admin%25%33%62", "percent-encoded ; in the path"),
+    ],
+)
+def test_path_parameters_are_found_raw_and_encoded(path: str, problem: str) -> None:
+    """Refused unless the route accepts them (Tomcat, Jetty and Spring serve `/tools;x/admin` as `/tools/admin`)."""
+    assert parameter_problem(path) == problem
+
+
+@pytest.mark.parametrize("path", ["/tools/admin", "/tools/a%20b", "/tools/%3F", "/", "/tools/x%25y"])
+def test_paths_without_parameters(path: str) -> None:
+    assert parameter_problem(path) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "_method=DELETE",
+        "a=1&_method=DELETE",
+        "a=1;_method=DELETE",
+        "%5Fmethod=DELETE",
+        "%5f%6d%65%74%68%6f%64=PUT",
+        "_METHOD=PUT",
+        "_method[]=PUT",
+        ".method=PUT",  # PHP reads `.` in a name as `_`
+        "+_method=PUT",  # PHP drops leading spaces
+        "%20_method=PUT",
+        "_method",
+        "_method%00x=PUT",
+    ],
+)
+def test_method_override_fields_are_found(fields: str) -> None:
+    problem = method_override_field(fields)
+    assert problem is not None
+    assert problem.startswith("method-override field")
+
+
+@pytest.mark.parametrize("fields", ["", "method=DELETE", "a=_method", "x_method=1", "_methods=1", "q=%5Fmethod"])
+def test_other_fields_are_not_method_overrides(fields: str) -> None:
+    assert method_override_field(fields) is None
+
+
+def test_method_override_field_reads_any_text() -> None:
+    """Found by fuzzing: a lone surrogate (undecodable input bytes) in a name must not raise."""
+    assert method_override_field("\udca9=1&_method=x") is not None
+    assert method_override_field("\udca9\u00e9=1") is None
+
+
+def test_a_method_field_in_the_query_is_refused_on_a_post_only() -> None:
+    """Rails, Laravel, Symfony and Spring take `_method` as the method of a POST, never of another method."""
+    assert request_problem("POST", "/tools/x", "_method=DELETE", CIMultiDict()) is not None
+    assert request_problem("GET", "/tools/x", "_method=DELETE", CIMultiDict()) is None
+    assert request_problem("PUT", "/tools/x", "_method=DELETE", CIMultiDict()) is None
+    assert request_problem("POST", "/tools/x", "a=1", CIMultiDict()) is None
+
+
+def test_request_problem_checks_the_path_query_and_headers_in_order() -> None:
+    assert request_problem("GET", "/a//b", "a=#", CIMultiDict()) == "empty path segment (//) in the path"
+    assert request_problem("GET", "/a", "a=#", CIMultiDict()) == "fragment, control or non-ASCII character in the query"
+    problem = request_problem("GET", "/a", "", CIMultiDict([("X-Forwarded-Uri", "/admin")]))
+    assert problem == "path-override header 'x-forwarded-uri'"
+    assert request_problem("GET", "/a;x", "", CIMultiDict()) is None  # parameters: after routing
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-Original-URI",
+        "X-Forwarded-Uri",
+        "X-Forwarded-Path",
+        "X-Envoy-Original-Path",
+        "x-original-path",
+        "X-Override-URL",
+    ],
+)
+def test_path_override_headers_are_found_case_insensitively(name: str) -> None:
+    problem = override_header(CIMultiDict([(name, "/tools/admin")]))
+    assert problem == f"path-override header {name.lower()!r}"
+    assert name.lower() in PATH_OVERRIDE
 
 
 def test_percent_encoding_nested_too_deeply_is_refused() -> None:

@@ -1,5 +1,5 @@
-"""pep.pdp.mapping: the `pep/v1` document as AuthZEN subject, action, resource and context (DESIGN.md "PDP protocols",
-default mapping), and per-route changes with literals and `$paths`."""
+"""pep.pdp.mapping: the `pep/v1` document as AuthZEN subject, action, resource and context (README,
+"Default mapping"), and per-route changes with literals and `$paths`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pep.config import RouteMapping
-from pep.pdp.mapping import CompiledMapping, MappingError, Parts, Ref, default_parts, map_document, subject_id
+from pep.pdp.mapping import CompiledMapping, MappingError, Parts, Ref, default_parts, map_document, principal
 from tests.support.documents import pep_document
 
 doc = pep_document
@@ -101,41 +101,79 @@ def test_model_request() -> None:
     assert parts.context["stream"] is True
 
 
-def test_model_without_a_name_is_the_route_and_nones_are_dropped() -> None:
-    parts = default_parts(doc(method="POST", model={"name": None, "stream": False, "tools": None}))
-    assert parts.resource["type"] == "model"
-    assert parts.resource["id"] == "tools"
+def test_model_without_a_name_is_its_endpoint_and_nones_are_dropped() -> None:
+    """A call whose model the PEP cannot see is decided on its endpoint: a policy allows such endpoints by name."""
+    model = {"action": "model.invoke", "endpoint": "batches", "name": None, "read": False, "stream": None, "n": None}
+    parts = default_parts(doc(method="POST", model={**model, "tools": []}))
+    assert parts.action == {"name": "model.invoke"}
+    assert (parts.resource["type"], parts.resource["id"]) == ("endpoint", "batches")
     props = parts.resource["properties"]
     assert "name" not in props
-    assert "tools" not in props
-    assert props["stream"] is False  # False is a value, not an absence
+    assert "stream" not in props
+    assert (props["endpoint"], props["read"], props["tools"]) == ("batches", False, [])
+    named = default_parts(doc(method="POST", model={"name": "m", "stream": False, "tools": None}))
+    assert named.resource["properties"]["stream"] is False  # False is a value, not an absence
+    assert "tools" not in named.resource["properties"]
+
+
+def test_answer_side_model_documents() -> None:
+    """A tool an answer calls is the tool resource under action model.tool_call; a model answering in another's
+    place is a model resource under model.answer; both keep the decided model as a property."""
+    base = {"endpoint": "chat.completions", "name": "gpt-x", "read": True, "stream": True, "n": 2, "tools": ["s"]}
+    call = default_parts(doc(method="POST", model={**base, "action": "model.tool_call", "tool": "send_email"}))
+    assert call.action == {"name": "model.tool_call"}
+    assert (call.resource["type"], call.resource["id"]) == ("tool", "send_email")
+    assert (call.resource["properties"]["name"], call.resource["properties"]["model"]) == ("send_email", "gpt-x")
+    assert call.context["n"] == 2
+    answer = default_parts(doc(method="POST", model={**base, "action": "model.answer", "answered": "gpt-y"}))
+    assert answer.action == {"name": "model.answer"}
+    assert (answer.resource["type"], answer.resource["id"]) == ("model", "gpt-y")
+    assert (answer.resource["properties"]["name"], answer.resource["properties"]["decided"]) == ("gpt-y", "gpt-x")
 
 
 @pytest.mark.parametrize(
     ("subject", "expected"),
     [
-        ({"workload": "w", "agent": "a", "id": "alice"}, "alice"),
-        ({"workload": "w", "agent": "a", "claims": {}}, "a"),
-        ({"workload": "w", "agent": "a"}, "a"),
-        ({"workload": "w", "agent": None}, "w"),
-        ({"workload": "w", "agent": ""}, "w"),
-        ({"workload": "w", "agent": "a", "id": ""}, "a"),
-        ({"workload": "w", "agent": "a", "id": 42}, "a"),  # not a string
-        ({"workload": None, "agent": None}, "anonymous"),
-        ({"workload": "", "agent": None, "claims": None}, "anonymous"),
-        ({}, "anonymous"),
+        ({"workload": "w", "agent": "a", "id": "alice"}, ("user", "alice")),
+        ({"workload": "w", "agent": "a", "claims": {}}, ("agent", "w")),
+        ({"workload": "w", "agent": "a"}, ("agent", "w")),  # the agent header is never the id
+        ({"workload": "w", "agent": None, "unverified_agent": "alice"}, ("agent", "w")),
+        ({"workload": "w", "agent": ""}, ("agent", "w")),
+        ({"workload": "w", "agent": "a", "id": ""}, ("agent", "w")),
+        ({"workload": "w", "agent": "a", "id": 42}, ("agent", "w")),  # not a string
+        ({"workload": None, "agent": "alice"}, ("anonymous", "anonymous")),
+        ({"workload": None, "agent": None}, ("anonymous", "anonymous")),
+        ({"workload": "", "agent": None, "claims": None}, ("anonymous", "anonymous")),
+        ({}, ("anonymous", "anonymous")),
     ],
 )
-def test_subject_id_precedence(subject: dict[str, Any], expected: str) -> None:
+def test_the_principal_is_a_verified_or_configured_name_typed_by_where_it_comes_from(
+    subject: dict[str, Any], expected: tuple[str, str]
+) -> None:
     d = doc(subject=subject)
-    assert subject_id(d) == expected
-    assert default_parts(d).subject["id"] == expected
+    assert principal(d) == expected
+    parts = default_parts(d)
+    assert (parts.subject["type"], parts.subject["id"]) == expected
 
 
-def test_subject_id_without_a_subject_object() -> None:
+def test_an_unverified_name_never_shares_a_principal_with_a_verified_one() -> None:
+    """`x-agent-id: alice` without a token, on any listener, is never the user whose token says `sub: alice`."""
+    verified = default_parts(doc(subject={"workload": "w", "agent": None, "id": "alice", "claims": {}})).subject
+    for subject in (
+        {"workload": "w", "agent": None, "id": None, "claims": None, "unverified_agent": "alice"},  # with identity.jwt
+        {"workload": "w", "agent": "alice"},  # without identity.jwt
+        {"workload": None, "agent": "alice"},
+        {"workload": "alice", "agent": None},  # a workload named like a user: same id, another type
+    ):
+        other = default_parts(doc(subject=subject)).subject
+        assert (other["type"], other["id"]) != (verified["type"], verified["id"])
+        assert other["type"] != verified["type"]
+
+
+def test_subject_without_a_subject_object() -> None:
     d = doc()
     del d["subject"]
-    assert subject_id(d) == "anonymous"
+    assert principal(d) == ("anonymous", "anonymous")
     assert default_parts(d).subject["properties"] == {"claims": {}}
 
 
@@ -149,7 +187,7 @@ def test_identity_attributes_are_flattened_into_subject_properties() -> None:
     }
     parts = default_parts(doc(subject=subject))
     assert parts.subject == {
-        "type": "agent",
+        "type": "user",
         "id": "alice",
         "properties": {
             "workload": "spiffe://w",

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from pep.config import RouteConfig
 from pep.decision import Reason
-from pep.protocols import NO_ID, Inspected, Message, Refused, mcp
+from pep.protocols import NO_ID, Inspected, Message, Refused, dispatch, mcp
 
 V_BATCH = "2025-03-26"
 V_0618 = "2025-06-18"
@@ -659,3 +660,89 @@ def test_a_batch_element_declaring_a_later_version_is_ambiguous() -> None:
     refused = mcp.inspect(body, CIMultiDict())
     assert isinstance(refused, Refused)
     assert refused.reason is Reason.REQUEST_AMBIGUOUS
+
+
+# --- case folding: what a Go server (encoding/json) binds must be what the PEP read -----------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # two spellings of one key: the PEP reads one, a case-insensitive server binds the last
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","Name":"shell"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"shell"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","NAME":"shell"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"to":"a","To":"b"}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a":[{"path":1,"PATH":2}]}}}',
+        '{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"a","\u212aey":1,"key":2}}'.encode(),
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"x","Method":"y"}]',
+        # one key that folds to a name the PEP reads without being it: the PEP sees none, Go binds it
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"shell"}}',
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"na\u006de":"ok","n\u0061M\u0065":"shell"}}'.encode(),
+        b'{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"shell"}}',
+        b'{"JSONRPC":"2.0","jsonrpc":"2.0","id":1,"method":"ping"}',
+        b'{"jsonrpc":"2.0","Id":1,"method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"shell"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","Arguments":{"q":1}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"URI":"file:///etc/passwd"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"ProtocolVersion":"2026-07-28"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_META":{}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"_meta":{"io.modelcontextprotocol/PROTOCOLVERSION":"x"}}}',
+        b'{"jsonrpc":"2.0","id":1,"Result":{}}',
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"nam\u0045":"shell"}}'.encode(),
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"\u017fearch":1,"name":"search"},"param\u017f":{}}'.encode(),
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"Method":"tools/call"}]',
+    ],
+)
+def test_keys_equal_under_case_folding_are_ambiguous(body: bytes) -> None:
+    assert refused(body) is Reason.REQUEST_AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # argument names are the tool's: any spelling, as long as no two fold together (the policy sees them as sent)
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"Path":"/a","maxResults":3}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26","clientInfo":{}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"Name","arguments":{"name":"NAME"}}}',
+    ],
+)
+def test_keys_distinct_under_case_folding_are_read(body: bytes) -> None:
+    ok(body)
+
+
+# --- the bound on messages per batch ------------------------------------------------------------------------------
+
+
+def pings(count: int) -> bytes:
+    return b"[" + b",".join(rpc("ping", NO_ID) for _ in range(count)) + b"]"
+
+
+def test_a_batch_holds_at_most_max_batch_messages() -> None:
+    assert len(ok(pings(16)).messages) == 16  # the default, DEFAULT_MAX_BATCH_MESSAGES
+    result = mcp.inspect(pings(17), CIMultiDict())
+    assert isinstance(result, Refused)
+    assert result.reason is Reason.BODY_TOO_LARGE
+    assert "17 messages" in result.detail
+    assert "max_batch_messages 16" in result.detail
+
+
+def test_the_batch_bound_is_the_routes() -> None:
+    assert isinstance(mcp.inspect(pings(3), CIMultiDict(), max_batch_messages=3), Inspected)
+    refused_4 = mcp.inspect(pings(4), CIMultiDict(), max_batch_messages=3)
+    assert isinstance(refused_4, Refused)
+    assert refused_4.reason is Reason.BODY_TOO_LARGE
+    assert isinstance(mcp.inspect(pings(3000), CIMultiDict(), max_batch_messages=1000), Refused)
+    one = mcp.inspect(pings(1), CIMultiDict(), max_batch_messages=1)
+    assert isinstance(one, Inspected)
+    assert one.batch
+
+
+def test_dispatch_applies_the_routes_batch_bound() -> None:
+    route = RouteConfig(
+        name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp", max_batch_messages=2
+    )
+    assert isinstance(dispatch.parse(route, "POST", "/r", CIMultiDict(), pings(2)), Inspected)
+    refused_3 = dispatch.parse(route, "POST", "/r", CIMultiDict(), pings(3))
+    assert isinstance(refused_3, Refused)
+    assert refused_3.reason is Reason.BODY_TOO_LARGE

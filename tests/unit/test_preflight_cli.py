@@ -1,9 +1,10 @@
-"""`pep check` reads the files a config names (DESIGN.md "Command line"): Cedar policies and entities, the CA bundle
+"""`pep check` reads the files a config names (README, "Configuration"): Cedar policies and entities, the CA bundle
 and client certificate for TLS to the PDP, the PDP token. Exit 2 with `file: key.path: what is wrong` lines on
 stderr, or 0 and `ok` on stdout."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -221,3 +222,50 @@ def test_run_refuses_the_same_files_before_listening(tmp_path: Path, capsys: pyt
     assert code == EXIT_CONFIG
     assert "pdp.policies" in err
     assert "proxy on" not in err
+
+
+# --- warnings: what starts but denies at once -------------------------------------------------------------------
+
+
+def test_a_route_credential_that_is_not_there_is_a_warning_not_a_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PEP_TEST_UNSET_KEY", raising=False)
+    path = write_config(tmp_path, {"kind": "opa", "url": "http://127.0.0.1:8181/v1/data/pep/authz"})
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"].append(
+        {
+            "name": "crm",
+            "match": {"path_prefix": "/crm"},
+            "upstream": "http://127.0.0.1:9",
+            "credential": {"header": "authorization", "value_env": "PEP_TEST_UNSET_KEY"},
+        }
+    )
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = check(path, capsys)
+    assert (code, out) == (0, "ok\n")
+    assert err == (
+        f"warning: {path}: routes[1].credential.value_env: PEP_TEST_UNSET_KEY is not set or empty: requests on"
+        " route crm are denied (credential_unavailable)\n"
+    )
+    monkeypatch.setenv("PEP_TEST_UNSET_KEY", "k\x01ey")
+    assert "holds a control character" in check(path, capsys)[2]
+    monkeypatch.setenv("PEP_TEST_UNSET_KEY", "s3cret")
+    assert check(path, capsys) == (0, "ok\n", "")
+
+
+def test_tracing_without_the_otel_extra_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, {"kind": "opa", "url": "http://127.0.0.1:8181/v1/data/pep/authz"})
+    raw = yaml.safe_load(path.read_text())
+    raw["tracing"] = {"exporter": "otlp"}
+    path.write_text(yaml.safe_dump(raw))
+    assert check(path, capsys) == (0, "ok\n", "")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("opentelemetry") else real(name, *a)
+    )
+    code, out, err = check(path, capsys)
+    assert (code, out) == (EXIT_CONFIG, "")
+    assert err.startswith(f"{path}: tracing: needs the OpenTelemetry SDK")

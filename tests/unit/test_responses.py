@@ -1,4 +1,4 @@
-"""pep.responses: the denial shapes of MCP and OpenAI routes (DESIGN.md "Deny responses")."""
+"""pep.responses: the denial shapes of MCP and OpenAI routes (README, "Denials" and "Agent protocols")."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pep.config import RouteConfig
+from pep.integrity import path_problem
 from pep.routing import Route, RouteTable
 
 
@@ -311,3 +312,28 @@ def test_tunnel_needs_a_tunnel_route_with_that_host_and_port() -> None:
     local = table.tunnel("127.0.0.1:9000")
     assert local is not None
     assert local.tunnel_target == "127.0.0.1:9000"
+
+
+@given(
+    upstream=UPSTREAM,
+    prefix_parts=PREFIX,
+    trailing=st.booleans(),
+    rest=SEGMENTS,
+    strip=st.booleans(),
+)
+def test_an_accepted_path_gives_an_upstream_path_without_empty_or_dot_segments(
+    upstream: str, prefix_parts: list[str], trailing: bool, rest: list[str], strip: bool
+) -> None:
+    """With the whole path, or a strip_prefix remainder, joined to any upstream the config accepts: what the
+    integrity checks let through stays free of `//`, `/;` and dot segments in the URL the upstream reads."""
+    prefix = "/" + "/".join(prefix_parts)
+    if trailing and not prefix.endswith("/"):
+        prefix += "/"
+    path = prefix.rstrip("/") + "/" + "/".join(rest) if rest else prefix
+    if path_problem(path) is not None:
+        return
+    r = route(prefix, upstream, strip)
+    forwarded = urlsplit(r.upstream_url(path, "")).path
+    assert "//" not in forwarded, (path, forwarded)
+    assert "/;" not in forwarded, (path, forwarded)
+    assert not any(seg in (".", "..") for seg in forwarded.split("/")), (path, forwarded)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pep.strictjson import JsonError, loads, loads_object
+from pep.strictjson import FoldedKeys, JsonError, fold, loads, loads_object
 
 
 @pytest.mark.parametrize(
@@ -175,3 +175,51 @@ def test_numbers_a_parser_would_round_are_refused(data: bytes) -> None:
 @pytest.mark.parametrize("number", [2**63 - 1, -(2**63), 2**64 - 1, 1234567890123456789])
 def test_numbers_within_64_bits_are_read_exactly(number: int) -> None:
     assert loads(b'{"n":%d}' % number) == {"n": number}
+
+
+# --- keys equal under case folding (request bodies: fold_keys) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"name":"search","Name":"shell"}',
+        b'{"method":"ping","METHOD":"tools/call"}',
+        b'{"a":{"b":[{"to":"x","To":"y"}]}}',  # at any depth
+        '{"s":1,"\u017f":2}'.encode(),  # LONG S folds to s, as in Go
+        '{"k":1,"\u212a":2}'.encode(),  # KELVIN SIGN folds to k
+        '{"\u212a":1,"K":2}'.encode(),
+        b'{"ma\\u00df":1,"MASS":2}',  # full folding: sharp s is ss (Go does not fold it; refusing more is safe)
+        b'{"x":1,"n\\u0061me":2,"NAME":3}',
+        '{"\u03c3":1,"\u03c2":2}'.encode(),  # Greek small sigma and final sigma
+    ],
+)
+def test_keys_equal_under_case_folding_are_refused_on_request(data: bytes) -> None:
+    with pytest.raises(FoldedKeys, match="equal under case folding"):
+        loads(data, fold_keys=True)
+    assert isinstance(loads(data), dict)  # without fold_keys (PDP answers) they are distinct keys
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"name":"a","names":"b"}',
+        b'{"a":{"Name":1},"b":{"name":2}}',  # the same folded key in different objects
+        b'[{"ID":1},{"id":2}]',
+        b'{"Name":"x"}',
+        '{"\u0131":1,"i":2}'.encode(),  # dotless i does not fold to i (it upper-cases to I)
+    ],
+)
+def test_distinct_keys_under_folding_are_accepted(data: bytes) -> None:
+    assert loads(data, fold_keys=True) == loads(data)
+
+
+def test_exact_duplicates_stay_duplicates_with_fold_keys() -> None:
+    with pytest.raises(JsonError, match="duplicate key") as raised:
+        loads(b'{"a":1,"a":2}', fold_keys=True)
+    assert not isinstance(raised.value, FoldedKeys)
+
+
+@pytest.mark.parametrize("key", ["name", "Method", "\u017fearch", "Stra\u00dfe", "\u212aey", "\u00e9t\u00e9"])
+def test_fold_is_casefold(key: str) -> None:
+    assert fold(key) == key.casefold()

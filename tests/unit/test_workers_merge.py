@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pep.decision import Reason
-from pep.decision_log import _chunks
+from pep.log_sink import _chunks
 from pep.metrics import Metrics
 from pep.workers import _Scraped, merge
 from tests.support.observe import metric

@@ -2,32 +2,59 @@
 # The same rules live in config/policies/cedar/pep.cedar and config/policies/cerbos/; tests/e2e/test_three_engines.py
 # runs one table of requests through all three and expects the same decisions.
 #
-# - tools/call of `search` and `lookup_order`: allowed;
+# - tools/call of `search` and `lookup_order`: allowed, and so are those tools when a model answer calls them
+#   (input.model.action "model.tool_call", the tool in input.model.tool);
 # - tools/call of `send_email`: allowed only when the string argument `to` ends with "@" + the agent's company
 #   domain (subject.attributes.company_domain, from identity.attributes), compared case-sensitively;
-#   a missing or non-string `to`, or an agent without a company domain, is a deny;
+#   a missing or non-string `to`, or an agent without a company domain, is a deny; a model answer's call of
+#   it is decided by name alone (no arguments), so it is denied;
 # - `shell`: never, whatever else says allow;
-# - everything else (other tools, other MCP methods, plain HTTP): denied by default.
+# - everything else (other tools, other MCP methods, plain HTTP, every model call): denied by default. A model
+#   is allowed by name (input.model.action "model.invoke", input.model.name); a call whose model the PEP cannot
+#   see (input.model.read false: batches, files, uploads, realtime, unknown endpoints) has no name and is
+#   denied unless its input.model.endpoint is allowed by name;
+# - all of it for identified callers only: a verified token's subject (input.subject.id) or the workload
+#   (input.subject.workload); a caller with neither, whatever its agent header says, gets nothing.
 package pep.authz
 
 default allow := false
 
 allow if {
+	identified
 	permitted
 	not forbidden
 }
 
+identified if named(input.subject.id)
+
+identified if named(input.subject.workload)
+
+named(value) if {
+	is_string(value)
+	value != ""
+}
+
 always_allowed_tools := {"search", "lookup_order"}
 
-tool_call if input.mcp.method == "tools/call"
+mcp_tool_call if input.mcp.method == "tools/call"
+
+answer_tool_call if input.model.action == "model.tool_call"
+
+tool_call if mcp_tool_call
+
+tool_call if answer_tool_call
+
+tool := input.mcp.name if mcp_tool_call
+
+tool := input.model.tool if answer_tool_call
 
 permitted if {
 	tool_call
-	input.mcp.name in always_allowed_tools
+	tool in always_allowed_tools
 }
 
 permitted if {
-	tool_call
+	mcp_tool_call
 	input.mcp.name == "send_email"
 	own_domain_recipient
 }
@@ -43,10 +70,14 @@ own_domain_recipient if {
 
 forbidden if input.mcp.name == "shell"
 
-reason := "shell is never allowed" if forbidden
+forbidden if input.model.tool == "shell"
+
+reason := "the caller is not identified" if not identified
+
+else := "shell is never allowed" if forbidden
 
 else := "send_email only to the agent's company domain" if {
-	tool_call
+	mcp_tool_call
 	input.mcp.name == "send_email"
 	not own_domain_recipient
 }

@@ -16,4 +16,7 @@ permitted if {
 	input.mcp.method in session_methods
 }
 
-permitted if input.model.name == "gpt-test-allowed"
+permitted if {
+	input.model.action == "model.invoke"
+	input.model.name == "gpt-test-allowed"
+}

@@ -1,0 +1,118 @@
+"""Finding one message head in a buffer, and having llhttp check it as its bytes arrive.
+
+The end of a head is found here (`find` of CRLF CRLF, resumed where the last search stopped), and llhttp
+(httptools) is fed only the bytes up to it: never a body, never the next message. That keeps llhttp to what it
+is good at, checking the syntax of a head in C, while framing, pipelining and what may follow a head stay
+decided by the readers, where llhttp's own choices would be wrong for the PEP: it reads an Upgrade request's
+body as the upgraded protocol, cannot be told a response answers HEAD, and parses every pipelined message it is
+given at once.
+
+The first line is checked by the reader (`check_line`) before llhttp sees any of it, so that a version or
+method error is classified from the whole line, whatever the reads; after that, every error is raised at the
+byte that causes it, so the outcome does not depend on how the bytes were cut into reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import httptools
+
+from pep.http1.errors import ProtocolError
+from pep.http1.limits import Limits
+
+Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
+T = TypeVar("T")
+
+
+class _Quiet:
+    """No callbacks: llhttp checks the head in C without calling into Python (the readers split it later).
+    Each is present as None: httptools looks every one up when a parser is made, and a missing attribute
+    costs an AttributeError apiece."""
+
+    on_message_begin = on_url = on_status = on_header = on_headers_complete = None
+    on_body = on_message_complete = on_chunk_header = on_chunk_complete = None
+
+
+_QUIET = _Quiet()
+
+
+class HeadScanner(Generic[T]):
+    """The head at the start of a buffer: None until it is complete, then what `check_line` made of its first
+    line and the block of field lines (without the CRLF after the last), the head deleted from the buffer."""
+
+    __slots__ = (
+        "_check_line",
+        "_fed",
+        "_limits",
+        "_line",
+        "_line_end",
+        "_new_parser",
+        "_parser",
+        "_searched",
+        "_server",
+    )
+
+    def __init__(
+        self,
+        limits: Limits,
+        new_parser: type[Parser],
+        check_line: Callable[[bytes], T],
+        server: bool,
+    ) -> None:
+        self._limits = limits
+        self._new_parser = new_parser
+        self._check_line = check_line
+        self._server = server  # status hints: what a server answers (400, 414, 431, 501), or 502 on a client
+        self._parser: Parser | None = None
+        self._line: T | None = None
+        self._line_end = -1  # the end of the first line, after its CRLF, once found
+        self._fed = 0  # bytes of the head llhttp has seen
+        self._searched = 0  # where to resume looking for CRLF CRLF
+
+    def scan(self, buf: bytearray) -> tuple[T, bytes] | None:
+        limits = self._limits
+        line_end = self._line_end
+        if line_end < 0:
+            lf = buf.find(b"\n", 0, limits.max_line_bytes + 2)
+            if lf < 0:
+                if len(buf) > limits.max_line_bytes + 1:
+                    raise ProtocolError(f"first line over {limits.max_line_bytes} bytes", self._status(414))
+                return None
+            if lf == 0 or buf[lf - 1] != 0x0D:
+                raise ProtocolError("a line ends in LF without CR", self._status(400))
+            self._line = self._check_line(bytes(buf[: lf - 1]))
+            self._line_end = self._searched = line_end = lf + 1
+            self._parser = self._new_parser(_QUIET)
+            self._fed = 0
+        # A head without fields ends right after its first line's CRLF: search from there.
+        end = buf.find(b"\r\n\r\n", max(line_end - 2, self._searched - 3), limits.max_head_bytes)
+        upto = end + 4 if end >= 0 else min(len(buf), limits.max_head_bytes)
+        if upto > self._fed:
+            parser = self._parser
+            assert parser is not None
+            try:
+                parser.feed_data(buf[self._fed : upto])
+            except httptools.HttpParserUpgrade:
+                pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
+            except httptools.HttpParserInvalidMethodError as exc:
+                raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
+            except httptools.HttpParserError as exc:
+                raise ProtocolError(f"malformed head: {exc}", self._status(400)) from None
+            self._fed = upto
+        if end < 0:
+            if len(buf) >= limits.max_head_bytes:
+                raise ProtocolError(f"head over {limits.max_head_bytes} bytes", self._status(431))
+            self._searched = len(buf)
+            return None
+        line = self._line
+        assert line is not None
+        block = bytes(buf[line_end:end]) if end > line_end else b""
+        del buf[: end + 4]
+        self._parser = self._line = None
+        self._line_end = -1
+        return line, block
+
+    def _status(self, server_status: int) -> int:
+        return server_status if self._server else 502

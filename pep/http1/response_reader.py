@@ -1,0 +1,304 @@
+"""The client's side: the response to each request this side sent, for the PDP client and the upstream client.
+
+The reader must be told what it is reading an answer to (`start(method)`), because framing depends on it: a
+response to HEAD has no body whatever its fields say, nor do 1xx, 204 and 304 answers; a 2xx to CONNECT opens a
+tunnel. Other bodies are chunked, Content-Length or, failing both, end with the connection (never reused then).
+
+Rules beyond llhttp's own checks: HTTP/1.0 and 1.1 only; a status 100-599; a reason phrase without control
+characters; a Transfer-Encoding only as exactly `chunked` (the PEP undoes no other coding, so it would misread
+the body), and never on HTTP/1.0; 101 only when asked for; at most `max_informational` 1xx answers; and no byte
+after a complete answer: a server that sends more than one answer per request may be answering something else,
+so the extra bytes are an error and the connection is not used again. The answer itself stands (it ended before
+them, and bytes that had not yet arrived could not change it either): EndOfMessage is handed out, and the next
+call raises. Every error has status hint 502.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import httptools
+
+from pep.http1.body import BodyReader, ChunkedBody, CloseBody, LengthBody
+from pep.http1.errors import LocalProtocolError, ProtocolError
+from pep.http1.events import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    Fields,
+    Framing,
+    InformationalResponse,
+    Response,
+    Signal,
+)
+from pep.http1.fields import VALUE, check_line_sizes, persists, split_fields
+from pep.http1.head import HeadScanner
+from pep.http1.limits import DEFAULT_LIMITS, Limits
+
+
+class ResponseState(enum.Enum):
+    IDLE = "idle"  # no request outstanding: a byte now is one nobody asked for
+    HEAD = "head"  # a request was sent: reading its answer's head (1xx answers come and go)
+    BODY = "body"  # the final head was handed out; its body (maybe empty) is being read
+    DONE = "done"  # the answer is complete
+    SWITCHED = "switched"  # a 2xx to CONNECT or an accepted 101: the bytes after the head are not HTTP
+    CLOSED = "closed"  # the server closed the connection with no exchange under way
+    ERROR = "error"  # a protocol error: the connection must be closed
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code, run per transition
+
+
+# Module aliases: reading a member off an Enum class runs Python code on 3.11 (EnumType.__getattr__).
+_IDLE = ResponseState.IDLE
+_HEAD = ResponseState.HEAD
+_BODY = ResponseState.BODY
+_DONE = ResponseState.DONE
+_SWITCHED = ResponseState.SWITCHED
+_CLOSED = ResponseState.CLOSED
+_ERROR = ResponseState.ERROR
+_NO_BODY, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
+_CLOSE, _TUNNEL = Framing.CLOSE, Framing.TUNNEL
+
+_NEXT: dict[ResponseState, frozenset[ResponseState]] = {
+    _IDLE: frozenset({_HEAD, _CLOSED, _ERROR}),
+    _HEAD: frozenset({_BODY, _SWITCHED, _ERROR}),
+    _BODY: frozenset({_DONE, _ERROR}),
+    _DONE: frozenset({_HEAD, _CLOSED, _ERROR}),
+    _SWITCHED: frozenset(),
+    _CLOSED: frozenset(),
+    _ERROR: frozenset(),
+}
+
+_VERSIONS = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
+_DIGITS = b"0123456789"
+
+
+def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
+    """Version (b"1.1" or b"1.0"), status and reason phrase of a status line, checked before llhttp sees it."""
+    version = _VERSIONS.get(line[:9])
+    if version is None:
+        raise ProtocolError("not an HTTP/1.0 or HTTP/1.1 status line", 502)
+    status = line[9:12]
+    if len(status) != 3 or status.translate(None, _DIGITS) or not 100 <= int(status) <= 599:
+        raise ProtocolError("malformed status code", 502)
+    if line[12:13] not in (b"", b" ") or line[13:].translate(None, VALUE):
+        raise ProtocolError("malformed reason phrase", 502)
+    return version, int(status), line[13:]
+
+
+def _fields(block: bytes, limits: Limits) -> Fields:
+    check_line_sizes(block, limits, 502)
+    fields = split_fields(block)
+    if len(fields) > limits.max_fields:
+        raise ProtocolError(f"more than {limits.max_fields} header fields", 502)
+    return fields
+
+
+def _framing(fields: Fields) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """Content-Length, Transfer-Encoding and Connection (lists joined), as far as a head has them."""
+    length: bytes | None = None
+    coding: bytes | None = None
+    connection: bytes | None = None
+    for name, value in fields:
+        if len(name) in (10, 14, 17):  # the lengths of the names below: most fields skip lower()
+            key = name.lower()
+            if key == b"content-length":
+                length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = value if connection is None else connection + b"," + value
+    return length, coding, connection
+
+
+class ResponseReader:
+    """Bytes from one server connection in, responses out. Per exchange: `start(method)` before (or as) the
+    request is sent, then `receive_data` / `receive_eof` and `next_event` until EndOfMessage.
+
+    `max_body_bytes` bounds every body (BodyTooLarge as soon as it is known: at the head for a Content-Length).
+    """
+
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_eof",
+        "_error",
+        "_head",
+        "_informational",
+        "_keep_alive",
+        "_limits",
+        "_max_body",
+        "_method",
+        "_state",
+        "_upgrade",
+    )
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, max_body_bytes: int | None = None) -> None:
+        self._limits = limits
+        self._max_body = max_body_bytes
+        self._buf = bytearray()
+        self._eof = False
+        self._state = _IDLE
+        self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, server=False)
+        self._body: BodyReader | None = None
+        self._error: ProtocolError | None = None
+        self._keep_alive = False
+        self._method = b""
+        self._upgrade = False
+        self._informational = 0
+
+    @property
+    def state(self) -> ResponseState:
+        return self._state
+
+    @property
+    def reusable(self) -> bool:
+        """The last answer was read to its end, may be followed by another, and nothing else has arrived."""
+        return self._state is _DONE and self._keep_alive and not self._eof and not self._buf
+
+    def start(self, method: bytes, *, upgrade: bool = False) -> None:
+        """A request with this method is (being) sent; `upgrade`: it asked for a protocol switch, so a 101 is an
+        answer rather than an error."""
+        state = self._state
+        if state is not _IDLE and not (state is _DONE and self._keep_alive):
+            raise LocalProtocolError(f"start in state {state.name}")
+        if self._eof:
+            raise LocalProtocolError("start after the server closed the connection")
+        if self._buf:
+            self._fail(ProtocolError("bytes from the server before the request", 502))
+        self._method = method
+        self._upgrade = upgrade
+        self._informational = 0
+        self._move(_HEAD)
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._eof:
+            raise LocalProtocolError("data after the end of the stream")
+        state = self._state
+        if state is _ERROR:
+            return
+        if state is _SWITCHED or state is _CLOSED:
+            raise LocalProtocolError(f"data for a reader in state {state.name}")
+        self._buf += data
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def trailing_data(self) -> bytes:
+        """After a switch (SWITCHED): the bytes received after the head, which belong to the new protocol."""
+        if self._state is not _SWITCHED:
+            raise LocalProtocolError("trailing_data is for a switched connection")
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def next_event(self) -> InformationalResponse | Response | Data | EndOfMessage | ConnectionClosed | Signal:
+        state = self._state
+        try:
+            if state is _BODY:
+                return self._read_body()
+            if state is _HEAD:
+                return self._read_head()
+            if state is _IDLE or state is _DONE:
+                if self._buf:
+                    what = "after the answer" if state is _DONE else "nobody asked for"
+                    raise ProtocolError(f"bytes {what}", 502)
+                if self._eof:
+                    self._move(_CLOSED)
+                    return ConnectionClosed()
+                return PAUSED
+        except ProtocolError as exc:
+            self._fail(exc)
+        if state is _CLOSED:
+            return ConnectionClosed()
+        if state is _SWITCHED:
+            return PAUSED
+        assert self._error is not None
+        raise self._error
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._error = exc
+        if self._state is not _ERROR:
+            self._move(_ERROR)
+        self._buf.clear()
+        raise exc
+
+    def _move(self, state: ResponseState) -> None:
+        if state not in _NEXT[self._state]:
+            raise LocalProtocolError(f"no transition from {self._state.name} to {state.name}")
+        self._state = state
+
+    def _read_head(self) -> InformationalResponse | Response | Signal:
+        head = self._head.scan(self._buf)
+        if head is None:
+            if self._eof:
+                raise ProtocolError("the connection closed before a complete answer", 502)
+            return NEED_DATA
+        (version, status, reason), block = head
+        fields = _fields(block, self._limits)
+        length, coding, connection = _framing(fields)
+        if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too
+            raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
+        if status < 200:
+            return self._informational_response(status, reason, version, fields)
+        return self._response(status, reason, version, fields, length, coding, persists(version, connection))
+
+    def _informational_response(
+        self, status: int, reason: bytes, version: bytes, fields: Fields
+    ) -> InformationalResponse:
+        if status == 101:
+            if not self._upgrade:
+                raise ProtocolError("101 Switching Protocols to a request that asked for no switch", 502)
+            self._move(_SWITCHED)
+        else:
+            self._informational += 1
+            if self._informational > self._limits.max_informational:
+                raise ProtocolError(f"more than {self._limits.max_informational} 1xx answers", 502)
+        return InformationalResponse(status, reason, version, fields)
+
+    def _response(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        fields: Fields,
+        length: bytes | None,
+        coding: bytes | None,
+        keep_alive: bool,
+    ) -> Response:
+        content_length: int | None = None
+        if self._method == b"CONNECT" and status < 300:
+            framing = _TUNNEL
+            keep_alive = False
+            self._move(_SWITCHED)
+        else:
+            if self._method == b"HEAD" or status in (204, 304):
+                framing = _NO_BODY
+                self._body = None
+            elif coding is not None:
+                framing = _CHUNKED
+                self._body = ChunkedBody(self._limits, self._max_body, server=False)
+            elif length is not None:
+                framing, content_length = _LENGTH, int(length)
+                self._body = LengthBody(content_length, self._max_body, server=False)
+            else:
+                framing = _CLOSE
+                keep_alive = False
+                self._body = CloseBody(self._max_body, server=False)
+            self._move(_BODY)
+        self._keep_alive = keep_alive
+        return Response(status, reason, version, fields, framing, content_length, keep_alive)
+
+    def _read_body(self) -> Data | EndOfMessage | Signal:
+        body = self._body
+        event = body.read(self._buf, self._eof) if body is not None else EndOfMessage([])
+        if event is None:
+            return NEED_DATA
+        if type(event) is EndOfMessage:
+            self._body = None
+            self._move(_DONE)
+        return event

@@ -1,0 +1,102 @@
+"""Serializing: request and response heads, and bodies in the framing their head announced.
+
+Every field is checked before it is written (a CR or LF in a value would start a field of the caller's
+choosing), and a BodyWriter refuses to send more or fewer bytes than its framing promised: a body that does not
+match its head would make the peer read the rest as another message.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pep.http1.errors import LocalProtocolError
+from pep.http1.events import Fields, Framing
+from pep.http1.fields import TOKEN, VALUE, check_fields
+
+LAST_CHUNK = b"0\r\n\r\n"
+_VISIBLE = bytes(range(0x21, 0x7F))
+_VERSIONS = (b"1.1", b"1.0")
+
+
+def _fields(fields: Fields) -> bytes:
+    check_fields(fields)
+    return b"".join([b"%s: %s\r\n" % field for field in fields])
+
+
+def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
+    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
+    if not method or method.translate(None, TOKEN):
+        raise LocalProtocolError(f"method {method!r} is not a token")
+    if not target or target.translate(None, _VISIBLE):
+        raise LocalProtocolError("request target is empty or holds a space or control character")
+    if version not in _VERSIONS:
+        raise LocalProtocolError(f"HTTP version {version!r}")
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
+
+
+def response_head(status: int, fields: Fields, reason: bytes = b"", version: bytes = b"1.1") -> bytes:
+    """`HTTP/x.y status reason`, the fields, and the empty line."""
+    if not 100 <= status <= 599:
+        raise LocalProtocolError(f"status {status}")
+    if reason.translate(None, VALUE):
+        raise LocalProtocolError("reason phrase holds a control character")
+    if version not in _VERSIONS:
+        raise LocalProtocolError(f"HTTP version {version!r}")
+    return b"HTTP/%s %d %s\r\n%s\r\n" % (version, status, reason, _fields(fields))
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk; nothing for no data (an empty chunk would end the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+class WriterState(enum.Enum):
+    OPEN = "open"  # body bytes may follow
+    DONE = "done"  # the body is complete
+
+
+class BodyWriter:
+    """The bytes to send for one body, held to the framing its head announced (NONE, LENGTH or CHUNKED; for
+    CLOSE the caller ends the body by closing the connection)."""
+
+    __slots__ = ("_framing", "_remaining", "_state")
+
+    def __init__(self, framing: Framing, content_length: int | None = None) -> None:
+        if framing is Framing.TUNNEL:
+            raise LocalProtocolError("a tunnel has no HTTP body")
+        if (framing is Framing.LENGTH) != (content_length is not None):
+            raise LocalProtocolError("a Content-Length body needs its length, and only it")
+        self._framing = framing
+        self._remaining = content_length or 0
+        self._state = WriterState.OPEN
+
+    @property
+    def state(self) -> WriterState:
+        return self._state
+
+    def write(self, data: bytes) -> bytes:
+        if self._state is not WriterState.OPEN:
+            raise LocalProtocolError("body data after the end of the body")
+        framing = self._framing
+        if framing is Framing.CHUNKED:
+            return chunk(data)
+        if framing is Framing.LENGTH:
+            if len(data) > self._remaining:
+                raise LocalProtocolError("more body bytes than the Content-Length")
+            self._remaining -= len(data)
+            return data
+        if framing is Framing.NONE and data:
+            raise LocalProtocolError("body bytes for a message without a body")
+        return data
+
+    def end(self, trailers: Fields | None = None) -> bytes:
+        if self._state is not WriterState.OPEN:
+            raise LocalProtocolError("the body is already complete")
+        if trailers and self._framing is not Framing.CHUNKED:
+            raise LocalProtocolError("trailer fields need a chunked body")
+        if self._remaining:
+            raise LocalProtocolError(f"the body ended {self._remaining} bytes short of its Content-Length")
+        self._state = WriterState.DONE
+        if self._framing is Framing.CHUNKED:
+            return b"0\r\n" + (_fields(trailers) if trailers else b"") + b"\r\n"
+        return b""

@@ -1,0 +1,240 @@
+"""What a model answer does, read without IO: the tools it calls and the models that answered.
+
+Pure (bytes in, findings out), so it outlives the transport. Answers are read the way the agents' SDKs read
+them, and strictly: a JSON answer is one strict JSON value (no duplicate keys, valid UTF-8); a stream is split
+into Server-Sent Events as the openai SDK splits it (lines end in CRLF, LF or a lone CR; a leading byte-order
+mark is skipped; an event ends at a blank line), and each event's `data` lines, joined with LF, are one strict
+JSON value unless they start with `[DONE]`.
+
+A tool call is found wherever an answer can hold one: every `tool_calls` list (chat messages and stream deltas,
+Assistants runs and run steps: `function.name`, `custom.name`, else the item's `type` for built-in tools),
+every `function_call` object (the legacy chat form), and every object whose `type` ends in `_call` (Responses
+output items: `function_call`, `custom_tool_call` and `mcp_call` by `name`, built-in ones such as
+`web_search_call` by the type without `_call`) or is `mcp_approval_request`. The models are the answer's
+`model` and, in Responses stream events, `response.model`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pep import strictjson
+
+MAX_EVENT = 8 * 1048576  # the largest single event read; a larger one cannot be decided
+_NAMED_TYPES = frozenset({"function_call", "custom_tool_call", "mcp_call", "mcp_approval_request"})
+_LINE_END = re.compile(rb"[\r\n]")
+_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
+
+
+class AnswerError(ValueError):
+    """The answer cannot be read; the message says why (for the log). In a stream, `before` holds the events
+    read whole before the one that could not be (they may still be relayed)."""
+
+    def __init__(self, message: str, before: list[Event] | None = None) -> None:
+        super().__init__(message)
+        self.before = before or []
+
+
+@dataclass(slots=True)
+class Findings:
+    tools: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+
+    def add_tool(self, name: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise AnswerError("a tool call whose name is not a non-empty string")
+        if name not in self.tools:
+            self.tools.append(name)
+
+    def add_model(self, model: Any) -> None:
+        if model is None:
+            return
+        if not isinstance(model, str):
+            raise AnswerError("an answer model that is not a string")
+        if model not in self.models:
+            self.models.append(model)
+
+
+def same_model(decided: str | None, answered: str) -> bool:
+    """The answering model is the decided one: equal, or the decided name followed by `-` and a date or version
+    (`gpt-4o-2024-08-06`, `gpt-4-0613`, `x-20250101` for `gpt-4o`, `gpt-4`, `x`). Anything else is another
+    model (`gpt-4o-mini` is not `gpt-4o`)."""
+    if decided is None:
+        return False
+    if answered == decided:
+        return True
+    return answered.startswith(decided + "-") and _VERSION.fullmatch(answered[len(decided) + 1 :]) is not None
+
+
+def _call_name(item: dict[str, Any]) -> Any:
+    """The tool of one `tool_calls` item; None for a stream delta that continues a call named before."""
+    for key in ("function", "custom"):
+        inner = item.get(key)
+        if isinstance(inner, dict) and "name" in inner:
+            return inner["name"]
+    if "name" in item:
+        return item["name"]
+    kind = item.get("type")
+    return kind if isinstance(kind, str) and kind not in ("function", "custom") else None
+
+
+def scan(value: Any, found: Findings) -> None:
+    """Add every tool call and answering model in one JSON answer or event to `found`."""
+    if isinstance(value, dict):
+        found.add_model(value.get("model"))
+        response = value.get("response")
+        if isinstance(response, dict):
+            found.add_model(response.get("model"))
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))  # in document order
+            continue
+        if not isinstance(node, dict):
+            continue
+        calls = node.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise AnswerError("tool_calls must be a list of objects")
+            for call in calls:
+                name = _call_name(call)
+                if name is not None:
+                    found.add_tool(name)
+        legacy = node.get("function_call")
+        if isinstance(legacy, dict) and "name" in legacy:
+            found.add_tool(legacy["name"])
+        kind = node.get("type")
+        if isinstance(kind, str) and (kind.endswith("_call") or kind in _NAMED_TYPES):
+            found.add_tool(node.get("name") if kind in _NAMED_TYPES else kind[: -len("_call")])
+        stack.extend(reversed(node.values()))
+
+
+def read_json(body: bytes) -> Findings:
+    """The findings of a whole JSON answer."""
+    try:
+        value = strictjson.loads(body)
+    except strictjson.JsonError as exc:
+        raise AnswerError(f"model answer: {exc}"[:200]) from None
+    found = Findings()
+    scan(value, found)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes  # the event as relayed: its lines joined with LF, ending in a blank line
+    findings: Findings
+
+
+class EventReader:
+    """Splits a Server-Sent Events stream into events and reads each one (feed chunks, then `finish`)."""
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._skip_lf = False
+        self._started = False
+        self._named: set[tuple[str, str]] = set()  # (choice, tool call index) named so far in chat deltas
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if not self._started:
+            if len(self._line) + len(chunk) < 3 and b"\xef\xbb\xbf".startswith(bytes(self._line) + chunk):
+                self._line += chunk  # maybe the start of a byte-order mark: wait for more
+                return []
+            chunk = (bytes(self._line) + chunk).removeprefix(b"\xef\xbb\xbf")
+            self._line.clear()
+            self._started = True
+        events: list[Event] = []
+        start = 0
+        for end in _LINE_END.finditer(chunk):
+            at = end.start()
+            byte = chunk[at]
+            if self._skip_lf and at == start and byte == 10:
+                self._skip_lf = False
+                start = at + 1
+                continue
+            self._line += chunk[start:at]
+            self._skip_lf = byte == 13
+            start = at + 1
+            try:
+                event = self._end_line()
+            except AnswerError as exc:
+                raise AnswerError(str(exc), events) from None
+            if event is not None:
+                events.append(event)
+        if start < len(chunk):
+            self._skip_lf = False
+            self._line += chunk[start:]
+        if self._size + len(self._line) > MAX_EVENT:
+            raise AnswerError("an event larger than the inspector reads", events)
+        return events
+
+    def finish(self) -> list[Event]:
+        """The last event when the stream ends without a blank line (some clients still act on it)."""
+        if self._line:
+            self._lines.append(bytes(self._line))
+            self._line.clear()
+        if not self._lines:
+            return []
+        return [self._event()]
+
+    def _end_line(self) -> Event | None:
+        line = bytes(self._line)
+        self._line.clear()
+        if line:
+            self._lines.append(line)
+            self._size += len(line) + 1
+            return None
+        if not self._lines:
+            return None  # blank lines between events
+        return self._event()
+
+    def _event(self) -> Event:
+        lines = self._lines
+        self._lines = []
+        self._size = 0
+        data: list[bytes] = []
+        for line in lines:
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value.startswith(b" ") else value)
+        found = Findings()
+        if data:
+            text = b"\n".join(data)
+            if not text.startswith(b"[DONE]"):
+                try:
+                    value = strictjson.loads(text)
+                except strictjson.JsonError as exc:
+                    raise AnswerError(f"stream event: {exc}"[:200]) from None
+                self._check_deltas(value)
+                scan(value, found)
+        return Event(b"\n".join(lines) + b"\n\n", found)
+
+    def _check_deltas(self, value: Any) -> None:
+        """A chat stream names each tool call once, in its first delta: a second name for the same call would be
+        concatenated by SDKs that accumulate deltas into a name the PEP never decided."""
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            keyed: list[tuple[Any, Any]] = []
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):
+                keyed += [(c.get("index"), c) for c in calls if isinstance(c, dict)]
+            if isinstance(delta.get("function_call"), dict):
+                keyed.append(("function_call", delta["function_call"]))
+            for index, call in keyed:
+                named = _call_name(call) if index != "function_call" else call.get("name")
+                if named is None:
+                    continue
+                key = (repr(choice.get("index")), repr(index))
+                if key in self._named:
+                    raise AnswerError("a streamed tool call named more than once")
+                self._named.add(key)

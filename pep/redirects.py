@@ -1,0 +1,74 @@
+"""The upstream's own address never reaches the agent: `Location`, `Content-Location` and `Refresh` values that
+name the route's upstream origin are rewritten to the route's path on the PEP, as nginx's `proxy_redirect
+default` does.
+
+Left as they are, they tell the agent where the upstream listens, and a client that follows them (or a developer
+told by an SDK to "use this URL") goes around the PEP. The rewritten value is a path (`/mcp/session`), never an
+absolute URL: the agent resolves it against the address it called, so it stays on the PEP through whatever name,
+port or TLS terminator it used, and no caller-supplied `Host` is echoed back. Values naming another origin, and
+relative references, are left alone: they do not reveal the upstream, and what they lead to goes through the PEP
+(or elsewhere) like any other request.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict
+
+from pep.authority import DEFAULT_PORTS
+from pep.routing import Route
+
+_URL_HEADERS = ("Location", "Content-Location")
+# `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
+_REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
+
+
+def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, int | None]:
+    scheme = scheme.lower()
+    return scheme, (host or "").lower(), port or DEFAULT_PORTS.get(scheme)
+
+
+def public_reference(value: str, route: Route) -> str:
+    """`value` with the upstream's origin replaced by the route's path on the PEP; unchanged when it does not
+    name the upstream (another origin, or a relative reference)."""
+    try:
+        ref = urlsplit(value.strip())
+        up = urlsplit(route.upstream)
+        if ref.netloc:
+            named = _origin(ref.scheme or up.scheme, ref.hostname, ref.port)
+            if named != _origin(up.scheme, up.hostname, up.port):
+                return value
+        elif ref.scheme or not ref.path.startswith("/"):
+            return value  # `mailto:…`, `urn:…`, or a relative path: nothing of the upstream's address in it
+    except ValueError:  # an unparsable port or host: not recognisably the upstream's, and not a URL to follow
+        return value
+    path = route.public_path(ref.path or "/")
+    if path is None:
+        if not ref.netloc:
+            return value  # a path on the upstream that no PEP path leads to: it names no address
+        path = ref.path or "/"  # the origin goes; what is left is a path the PEP decides like any other
+    query = f"?{ref.query}" if ref.query else ""
+    fragment = f"#{ref.fragment}" if ref.fragment else ""
+    return f"{path}{query}{fragment}"
+
+
+def rewrite(headers: CIMultiDict[str], route: Route) -> None:
+    """Rewrite, in place, every header of an upstream answer that can carry the upstream's address."""
+    for name in _URL_HEADERS:
+        values = headers.getall(name, ())
+        if values:
+            del headers[name]
+            for value in values:
+                headers.add(name, public_reference(value, route))
+    refreshes = headers.getall("Refresh", ())
+    if refreshes:
+        del headers["Refresh"]
+        for value in refreshes:
+            m = _REFRESH.match(value)
+            if m is None:
+                headers.add("Refresh", value)
+                continue
+            lead, quote, url, tail = m.groups()
+            headers.add("Refresh", f"{lead}{quote}{public_reference(url, route)}{quote}{tail}")

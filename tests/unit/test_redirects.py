@@ -1,0 +1,98 @@
+"""pep.redirects: an upstream's own address in `Location`, `Content-Location` or `Refresh` becomes the route's
+path on the PEP (nginx's `proxy_redirect default`); other origins and relative references are left alone."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from pep.config import RouteConfig
+from pep.redirects import public_reference, rewrite
+from pep.routing import Route
+
+UP = "http://127.0.0.1:9000"
+
+
+def route(upstream: str, prefix: str, strip: bool) -> Route:
+    return Route.build(RouteConfig(name="r", path_prefix=prefix, upstream=upstream, strip_prefix=strip))
+
+
+MCP = route(f"{UP}/mcp", "/mcp", True)
+CRM = route("https://crm.internal:8443/api/", "/crm/", True)
+TOOLS = route(UP, "/tools", False)
+NESTED = route(f"{UP}/base", "/tools", False)
+
+
+@pytest.mark.parametrize(
+    ("r", "value", "expected"),
+    [
+        # the upstream's origin, under its path: the route's path on the PEP
+        (MCP, f"{UP}/mcp/", "/mcp/"),
+        (MCP, f"{UP}/mcp", "/mcp"),
+        (MCP, f"{UP}/mcp/s/1?a=b#f", "/mcp/s/1?a=b#f"),
+        (MCP, "HTTP://127.0.0.1:9000/mcp/x", "/mcp/x"),  # scheme and host case
+        (CRM, "https://crm.internal:8443/api/tickets/7", "/crm/tickets/7"),
+        (CRM, "https://CRM.internal/api/x", "https://CRM.internal/api/x"),  # another port: another origin
+        (CRM, "https://crm.internal:8443/api", "/crm/"),
+        (route("https://crm.internal/api", "/crm", True), "https://crm.internal:443/api/x", "/crm/x"),  # default port
+        (TOOLS, f"{UP}/tools/new", "/tools/new"),
+        (TOOLS, f"{UP}/", "/"),
+        (NESTED, f"{UP}/base/tools/x", "/tools/x"),
+        (route(UP, "/mcp", True), f"{UP}/x", "/mcp/x"),
+        (route(UP, "/", True), f"{UP}/x", "/x"),
+        (MCP, "//127.0.0.1:9000/mcp/x", "/mcp/x"),  # a network-path reference to the upstream
+        # the upstream's origin outside its path: the origin goes, the path stays (the PEP decides it)
+        (MCP, f"{UP}/admin", "/admin"),
+        (NESTED, f"{UP}/other", "/other"),
+        # a path on the upstream: mapped when a PEP path leads there, else left (it names no address)
+        (MCP, "/mcp/x", "/mcp/x"),
+        (route(UP, "/mcp", True), "/x", "/mcp/x"),
+        (NESTED, "/base/y", "/y"),
+        (NESTED, "/elsewhere", "/elsewhere"),
+        # not the upstream: left as it is
+        (MCP, "https://127.0.0.1:9000/mcp/x", "https://127.0.0.1:9000/mcp/x"),  # another scheme
+        (MCP, "http://127.0.0.1:9001/mcp/x", "http://127.0.0.1:9001/mcp/x"),
+        (MCP, "https://login.example/authorize?x=1", "https://login.example/authorize?x=1"),
+        (MCP, "next", "next"),
+        (MCP, "../x", "../x"),
+        (MCP, "mailto:a@example.com", "mailto:a@example.com"),
+        (MCP, "http://127.0.0.1:notaport/x", "http://127.0.0.1:notaport/x"),
+    ],
+)
+def test_public_reference(r: Route, value: str, expected: str) -> None:
+    assert public_reference(value, r) == expected
+
+
+def test_every_header_that_can_carry_the_address() -> None:
+    headers = CIMultiDict(
+        [
+            ("Location", f"{UP}/mcp/a"),
+            ("Content-Location", f"{UP}/mcp/b"),
+            ("Refresh", f"5; url={UP}/mcp/c"),
+            ("Refresh", f"0;URL='{UP}/mcp/d'"),
+            ("Refresh", "10"),
+            ("Link", "<https://other.example/x>; rel=next"),
+            ("X-Other", f"{UP}/mcp/kept"),  # not a URL header of HTTP: not touched
+        ]
+    )
+    rewrite(headers, MCP)
+    assert headers.getall("Location") == ["/mcp/a"]
+    assert headers.getall("Content-Location") == ["/mcp/b"]
+    assert headers.getall("Refresh") == ["5; url=/mcp/c", "0;URL='/mcp/d'", "10"]
+    assert headers["X-Other"] == f"{UP}/mcp/kept"
+
+
+@given(
+    st.sampled_from([MCP, CRM, TOOLS, NESTED, route(UP, "/", True), route(f"{UP}/a/", "/p/", False)]),
+    st.lists(st.text(alphabet="abz09-._~", min_size=1, max_size=5), max_size=4),
+    st.booleans(),
+)
+def test_a_forwarded_url_maps_back_to_the_path_the_agent_called(r: Route, segments: list[str], slash: bool) -> None:
+    prefix = r.prefix.rstrip("/")
+    path = prefix + "".join(f"/{s}" for s in segments) + ("/" if slash and segments else "")
+    path = path or "/"
+    if not r.matches(path):
+        return
+    assert public_reference(r.upstream_url(path, ""), r) == path
