@@ -34,8 +34,9 @@ class ExchangeError(Exception):
     """The connection failed before a complete answer arrived (refused, reset, closed early, unparsable)."""
 
 
-class RequestError(Exception):
-    """The request cannot be framed (a header value outside Latin-1 or with a line break): nothing was sent."""
+class RequestError(ValueError):
+    """The request cannot be framed (a header value outside Latin-1 or with a line break): nothing was sent.
+    A ValueError, as before it had its own name: callers that only need "nothing was sent" keep catching that."""
 
 
 class NotAdmitted(Exception):
