@@ -764,7 +764,8 @@ async def test_a_decision_is_dated_when_the_engine_takes_it_up_and_pdp_ms_counts
 
 
 class GatePdp(Pdp):
-    """Holds the documents marked `hold` until `gate` opens (counting them while open), answers the others at once."""
+    """Holds the documents marked `hold` until `gate` opens (counting them while open), fails those marked `fail`,
+    answers the others at once. Like a remote PDP, it asks the breaker (`admitted`) as each call goes out."""
 
     def __init__(self, remote: bool = True) -> None:
         self.remote = remote
@@ -774,7 +775,11 @@ class GatePdp(Pdp):
         self.asked: list[str] = []
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if not admitted():
+            return NOT_ADMITTED
         self.asked.append(request_id)
+        if document.get("fail"):
+            return UNREACHABLE
         if not document.get("hold"):
             return ALLOWED
         self.open += 1
@@ -857,6 +862,26 @@ async def test_a_batch_that_times_out_is_one_breaker_failure() -> None:
     assert breaker_of(engine).failures == 1
     assert circuit(engine) is State.CLOSED
     assert pdp.open == 0  # every exchange of the batch was cancelled with it
+
+
+async def test_a_batch_exchange_that_waited_for_its_slot_while_the_circuit_opened_is_not_made() -> None:
+    """A batch keeps only its slots open: its later documents wait for one. Each exchange is admitted as it goes
+    out, so once the circuit has opened meanwhile, the waiting ones are never sent (no call reaches a PDP the
+    breaker has given up on), and the batch is denied `circuit_open` without counting for or against the PDP."""
+    pdp = GatePdp()
+    engine = make_engine(pdp, max_in_flight=8, timeout_ms=5000, retries=0, threshold=2)
+    pending = asyncio.create_task(engine.decide(batch(6)))  # 2 slots: documents 2-5 wait
+    await until(lambda: pdp.open == 2)
+    for i in range(2):
+        failing = dataclasses.replace(check(f"other-{i}"), document={"fail": True})
+        assert denied(await engine.decide(failing)).reason is Reason.PDP_UNREACHABLE
+    assert circuit(engine) is State.OPEN
+    pdp.gate.set()
+    outcome = await pending
+    assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+    assert sorted(r for r in pdp.asked if r.startswith("batch-1-")) == ["batch-1-0", "batch-1-1"]
+    assert circuit(engine) is State.OPEN
+    assert engine.in_flight == 0
 
 
 async def test_an_in_process_batch_lets_other_requests_run_between_evaluations() -> None:
