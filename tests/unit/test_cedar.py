@@ -371,9 +371,12 @@ async def test_a_request_cedar_cannot_build_is_reported_in_its_diagnostics(tmp_p
 @pytest.mark.parametrize(
     "change",
     [
-        pytest.param({"subject": {"agent": "a\udcff"}}, id="subject-id-not-utf8"),
+        pytest.param({"subject": {"id": "a\udcff"}}, id="user-id-not-utf8"),  # a User principal's id
+        pytest.param({"subject": {"workload": "spiffe://t/w\udcff"}}, id="agent-id-not-utf8"),  # an Agent's id
+        pytest.param({"subject": {"agent": "a\udcff"}}, id="agent-header-not-utf8"),  # only a property now
         pytest.param({"subject": {"workload": "w", "claims": {"dept": "\ud800"}}}, id="claim-lone-surrogate"),
         pytest.param({"request": {"host": "h\udcff"}}, id="host-not-utf8"),
+        pytest.param({"approval": {"approver": "b\udcff", "id": "a-1"}}, id="approval-not-utf8"),  # a re-ask
     ],
 )
 async def test_caller_data_cedar_cannot_take_denies_that_request_alone(
@@ -385,7 +388,7 @@ async def test_caller_data_cedar_cannot_take_denies_that_request_alone(
     pdp = CedarPdp(write(tmp_path / "p.cedar", "permit(principal, action, resource);"))
     doc = pep_document()
     for key, values in change.items():
-        doc[key] = {**doc[key], **values}
+        doc[key] = {**doc.get(key, {}), **values}
     for _ in range(3):
         result = await ask(pdp, doc)
         assert isinstance(result, Failure)

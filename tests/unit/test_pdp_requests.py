@@ -95,6 +95,24 @@ async def test_authzen_sends_nothing_it_cannot_build_not_even_discovery(
         await client.close()
 
 
+async def test_an_approval_document_that_cannot_be_carried_sends_nothing(opa: FaultPdp, az: AuthzenTestPdp) -> None:
+    """The PDP asked again after a person approved: the approval (OPA `input.approval`, AuthZEN `context.approval`)
+    is built into the request like the rest, so one JSON cannot carry is `request_ambiguous` and nothing is sent."""
+    doc = pep_document()
+    doc["approval"] = {"approver": "caf\udcff", "approved_at": "2026-01-01T00:00:00Z", "id": "a-1"}
+    clients = [OpaPdp(opa.url, HttpTransport(1 << 20, 4)), AuthzenPdp(az.url, HttpTransport(1 << 20, 4))]
+    try:
+        for client in clients:
+            for refused in [await client.ask(doc, "r-1"), *await client.ask_many([doc, doc], "r-2")]:
+                assert isinstance(refused, Failure)
+                assert refused.reason is Reason.REQUEST_AMBIGUOUS
+        assert opa.requests == []
+        assert az.seen == []
+    finally:
+        for client in clients:
+            await client.close()
+
+
 async def test_a_credential_that_cannot_be_framed_is_the_peps_problem(opa: FaultPdp, tmp_path: Any) -> None:
     """`pdp.auth.value_file` holding a character outside Latin-1: every request is denied `internal_error` (the
     operator's file, named in the detail), nothing is sent, and it is not the PDP's failure."""
