@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
+import orjson
+import pytest
 import uvloop
+from aiohttp import web
 
 from tests.conftest import PepStarter, RunningPep, base_config
+from tests.support.loopback import LoopbackServer
 from tests.support.observe import metric
+from tests.support.sdk_stack import AGENT, ALLOWED_MODEL, PdpUnderTest, pep_config
 from tests.support.upstream import RecordingUpstream
 
 MakePep = Callable[..., Any]
@@ -110,3 +116,99 @@ async def test_a_silence_between_chunks_longer_than_the_timeout_cuts_the_answer(
             pass
     assert events == 1  # the first event, then the silence: cut
     assert metric(await scrape(pep), "pep_upstream_failures_total", route="tools", kind="reset") == 1
+
+
+# --- model answers read through the answer gate (pep/answers.py): the same waits on its paths --------------------
+
+
+class FallingSilentModel(LoopbackServer):
+    """Answers every model call with a 200 of `content_type`, sends `first`, then says nothing until `release`."""
+
+    def __init__(self, content_type: str, first: bytes) -> None:
+        self.content_type = content_type
+        self.first = first
+        self.release = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> None:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            resp = web.StreamResponse(headers={"Content-Type": self.content_type})  # no Content-Length: streamed
+            await resp.prepare(request)
+            await resp.write(self.first)
+            await self.release.wait()
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/{rest:.*}", answer)
+        await self.serve(web.AppRunner(app, access_log=None))
+
+    async def stop(self) -> None:
+        self.release.set()
+        await super().stop()
+
+
+def allowed_event() -> bytes:
+    call = {"index": 0, "type": "function", "function": {"name": "search", "arguments": ""}}
+    chunk = {"model": ALLOWED_MODEL, "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def model_pep(tmp_path: Path, upstream: FallingSilentModel) -> PepStarter:
+    pdp = await PdpUnderTest.start("cedar", tmp_path)
+
+    def build(log: Path) -> dict[str, Any]:
+        cfg = pep_config(pdp.config, log, models_upstream=upstream.url)
+        cfg["routes"][0]["timeout_ms"] = TIMEOUT_MS
+        return cfg
+
+    return PepStarter(tmp_path, build, "models.yaml")
+
+
+async def test_a_model_answer_read_whole_that_falls_silent_is_a_timeout(tmp_path: Path) -> None:
+    """A JSON answer is read whole through the gate before any byte reaches the agent: a silence longer than
+    `timeout_ms` while reading it is a 504 `timeout` (nothing relayed), not a request that waits forever."""
+    upstream = FallingSilentModel("application/json", b'{"model": "' + ALLOWED_MODEL.encode() + b'", "choices": [')
+    await upstream.start()
+    starter = await model_pep(tmp_path, upstream)
+    try:
+        pep = await starter()
+        async with httpx.AsyncClient(base_url=pep.url, headers={"x-agent-id": AGENT}, timeout=10) as http:
+            got = await http.post("/v1/chat/completions", json={"model": ALLOWED_MODEL, "messages": []})
+        assert (got.status_code, got.headers.get("x-pep-upstream-error")) == (504, "timeout")
+        assert b"choices" not in got.content
+    finally:
+        await starter.close()
+        await upstream.stop()
+
+
+async def test_a_gated_model_stream_that_falls_silent_is_cut(tmp_path: Path) -> None:
+    """A streamed answer goes through the gate event by event: the allowed first event reaches the agent, then a
+    silence longer than `timeout_ms` cuts the stream (an unfinished body, `reset`), as on an ungated route."""
+    upstream = FallingSilentModel("text/event-stream", allowed_event())
+    await upstream.start()
+    starter = await model_pep(tmp_path, upstream)
+    try:
+        pep = await starter()
+        body = {"model": ALLOWED_MODEL, "messages": [], "stream": True}
+        received: list[bytes] = []
+
+        async def read_all(got: httpx.Response) -> None:
+            async for part in got.aiter_bytes():
+                received.append(part)
+
+        async with (
+            httpx.AsyncClient(base_url=pep.url, headers={"x-agent-id": AGENT}, timeout=10) as http,
+            http.stream("POST", "/v1/chat/completions", json=body) as got,
+        ):
+            assert got.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                await read_all(got)
+        assert b"".join(received) == allowed_event()
+        assert metric(await scrape(pep), "pep_upstream_failures_total", route="models", kind="reset") == 1
+    finally:
+        await starter.close()
+        await upstream.stop()
