@@ -16,9 +16,11 @@ import asyncio
 import base64
 import binascii
 import calendar
+import gzip
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -914,6 +916,36 @@ def h11_reading(data: bytes, eof: bool) -> H11Reading:
         return H11Reading(status, headers, b"".join(body), False, str(exc), interim_headers)
 
 
+UNDECODABLE = b"<undecodable>"
+OVERSIZE = b"<oversize>"
+_ONE_STREAM = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
+
+
+def reference_decoding(headers: list[tuple[bytes, bytes]], body: bytes, limit: int) -> bytes:
+    """The body as the contract reads it under its Content-Encoding: every field is one list of codings (RFC 9110
+    8.4); `identity` and empty members change nothing; exactly one of gzip, x-gzip, deflate is undone, and the body
+    must then be one whole stream with nothing after it (a second gzip member is trailing data, as for JSON);
+    anything else is UNDECODABLE. More than `limit` bytes once decoded is OVERSIZE."""
+    codings = [c.strip(b" \t") for k, v in headers if k == b"content-encoding" for c in v.lower().split(b",")]
+    codings = [c for c in codings if c not in (b"", b"identity")]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in _ONE_STREAM:
+        return UNDECODABLE
+    d = zlib.decompressobj(_ONE_STREAM[codings[0]])
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        return UNDECODABLE
+    if len(out) > limit:
+        return OVERSIZE
+    if not d.eof or d.unused_data:
+        return UNDECODABLE
+    if codings[0] != b"deflate":  # the standard library's own reading of the gzip file agrees on the content
+        require(gzip.decompress(body) == out, "one gzip member reads the same through the gzip module", body)
+    return out
+
+
 def _last(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     values = [v for k, v in headers if k == name]
     return values[-1] if values else None
@@ -946,7 +978,11 @@ def check_exchange(data: bytes, eof: bool, limit: int, result: Exchange) -> None
     got_id = answer.request_id.rstrip(" \t") if answer.request_id is not None else None
     require(got_type == expected_type, "the final response's content type", data, answer.content_type)
     require(got_id == expected_id, "the final response's X-Request-ID", data, answer.request_id)
-    encoding = _last(reading.headers, b"content-encoding")
-    if encoding in (None, b"", b"identity"):
-        require(answer.body == reading.body, "the final response's body", data, answer.body, reading.body)
+    expected = reference_decoding(reading.headers, reading.body, limit)
+    if expected is UNDECODABLE:
+        require(answer.undecodable, "a body that is not one whole stream of one known coding is undecodable", data)
+    elif expected is OVERSIZE:
+        require(answer.oversize, "a body that decodes to more than the limit is oversize", data)
+    elif not answer.undecodable:  # refusing more is always safe (a 204 with an odd Transfer-Encoding, say)
+        require(answer.body == expected, "the final response's (decoded) body", data, answer.body, expected)
         require(len(answer.body) <= limit, "the body is within the limit", data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -113,6 +114,12 @@ RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
     b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
     + gzip.compress(b'{"result":true}', mtime=0),
+    # a second gzip member after the first (trailing data), and Content-Encoding in two fields
+    b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
+    + gzip.compress(b'{"result":true}', mtime=0)
+    + gzip.compress(b"{}", mtime=0),
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Encoding: deflate\r\nContent-Length: 17\r\n"
+    b"Content-Type: application/json\r\n\r\n" + zlib.compress(b"{}") + b"x" * 7,
     # control characters in the reason phrase (llhttp passes them)
     b"HTTP/1.1 200 O\x01\x00K\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
 ]

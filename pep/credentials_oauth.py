@@ -283,6 +283,8 @@ class OAuthCredentialSource:
         permit = self.breaker.acquire()
         if permit is None:
             return _unavailable("the token endpoint's circuit is open")
+        # The exchange starts now, with nothing awaited in between: the permit counts (pep/breaker.py `admit`).
+        self.breaker.admit(permit)
         result: Credential | CredentialRefusal | None = None
         counts = True
         try:

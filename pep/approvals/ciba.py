@@ -264,6 +264,8 @@ class CibaClient:
         permit = self.breaker.acquire()
         if permit is None:
             return _unavailable("the OP's circuit is open")
+        # The exchange starts now, with nothing awaited in between: the permit counts (pep/breaker.py `admit`).
+        self.breaker.admit(permit)
         timeout_s = min(budget_s, self.cfg.timeout_s)
         verdict = "neutral"
         try:

@@ -18,7 +18,7 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict, ask_each
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, Failure, Pdp, Verdict, admitted, ask_each, encode
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.approval import authzen_approval
 from pep.pdp.credential import credential_narrowing
@@ -227,6 +227,9 @@ class AuthzenPdp(Pdp):
     async def endpoints(self) -> Endpoints | Failure:
         if self._endpoints is not None and self._clock() < self._expires:
             return self._endpoints
+        # Starting or joining a discovery is this decision's call to the PDP: the breaker must still admit it.
+        if not admitted():
+            return NOT_ADMITTED
         task = self._discovery
         if task is None or task.done():
             task = self._discovery = asyncio.get_running_loop().create_task(self._discover())
@@ -234,6 +237,7 @@ class AuthzenPdp(Pdp):
         return await asyncio.shield(task)
 
     async def _discover(self) -> Endpoints | Failure:
+        GATE.set(None)  # shared by every decision waiting for it (each was admitted to wait): its own context
         headers = self._headers("discovery")
         if isinstance(headers, Failure):
             return headers
@@ -262,16 +266,20 @@ class AuthzenPdp(Pdp):
             return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        # Everything built from the caller's data first: what cannot be built is denied before the PDP is asked.
         parts = self._parts(document)
         if isinstance(parts, Verdict):
             return parts
-        endpoints = await self.endpoints()
-        if isinstance(endpoints, Failure):
-            return endpoints
+        body = encode(_member(parts))
+        if isinstance(body, Failure):
+            return body
         headers = self._headers(request_id)
         if isinstance(headers, Failure):
             return headers
-        answer = await self._transport.post(endpoints.evaluation, orjson.dumps(_member(parts)), headers)
+        endpoints = await self.endpoints()
+        if isinstance(endpoints, Failure):
+            return endpoints
+        answer = await self._transport.post(endpoints.evaluation, body, headers)
         return parse_evaluation(answer, request_id)
 
     async def ask_many(
@@ -286,6 +294,13 @@ class AuthzenPdp(Pdp):
         ]
         if not todo:
             return results
+        members = [_member(p) for _, p in todo]
+        body = encode({"options": {"evaluations_semantic": "execute_all"}, "evaluations": members})
+        if isinstance(body, Failure):  # one message's data cannot be carried: the batch is not sent at all
+            return [body if isinstance(m, Parts) else r for m, r in zip(mapped, results, strict=True)]
+        headers = self._headers(request_id)
+        if isinstance(headers, Failure):
+            return [headers] * len(documents)
         endpoints = await self.endpoints()
         if isinstance(endpoints, Failure):
             return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
@@ -296,11 +311,7 @@ class AuthzenPdp(Pdp):
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
             return results
-        headers = self._headers(request_id)
-        if isinstance(headers, Failure):
-            return [headers] * len(documents)
-        body = {"options": {"evaluations_semantic": "execute_all"}, "evaluations": [_member(p) for _, p in todo]}
-        answer = await self._transport.post(endpoints.evaluations, orjson.dumps(body), headers)
+        answer = await self._transport.post(endpoints.evaluations, body, headers)
         for (i, _), verdict in zip(todo, parse_evaluations(answer, request_id, len(todo)), strict=True):
             results[i] = verdict
         return results

@@ -30,6 +30,17 @@ _DECIMAL_MAX = 922337203685477.5807
 _NOTE_MAX = 256
 
 
+# How cedarpy reports a request it could not build (a principal type that is no Cedar name, a string that is not
+# valid Unicode in the context): in the diagnostics, not as an exception. Pinned by tests/unit/test_cedar.py.
+_BUILD_ERROR = "failed to build request"
+
+
+def _cannot_take(detail: str) -> Failure:
+    """Caller data Cedar cannot take (entities or a request that do not parse): a denial of this request alone,
+    `request_ambiguous`, as for the remote PDPs; not an evaluation error of the policies."""
+    return Failure(Reason.REQUEST_AMBIGUOUS, "error", False, f"cedar cannot take the request: {detail}"[:_NOTE_MAX])
+
+
 class CedarLoadError(Exception):
     """The policies or entities cannot be used; the message names the config key and the file."""
 
@@ -201,8 +212,10 @@ class CedarPdp(Pdp):
         try:
             result = cedarpy.is_authorized(request, self._policies, self._entities(generated))
         except (ValueError, TypeError) as exc:
-            return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar rejected the request: {exc}"[:_NOTE_MAX])
+            return _cannot_take(str(exc))
         errors = result.diagnostics.errors
+        if errors and all(e.startswith(_BUILD_ERROR) for e in errors):
+            return _cannot_take("; ".join(errors))
         if errors:
             # Cedar skips a policy whose evaluation fails and may still allow; a PEP must not.
             return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar: {'; '.join(errors)}"[:_NOTE_MAX])

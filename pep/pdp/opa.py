@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from pep.decision import CredentialNarrowing, Reason
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.approval import opa_approval
 from pep.pdp.credential import credential_narrowing
@@ -80,7 +78,9 @@ class OpaPdp(Pdp):
         self._auth_header = auth_header
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
-        body = orjson.dumps({"input": document})
+        body = encode({"input": document})
+        if isinstance(body, Failure):
+            return body
         headers = request_headers(request_id, self._auth, self._auth_header)
         if isinstance(headers, Failure):
             return headers

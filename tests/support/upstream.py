@@ -5,7 +5,7 @@ a stream; `&json=1`: each event's data is a JSON object, as a model answer's chu
 late, `/hang` never answers,
 `/reset` resets mid-response (`?length=N`: the Content-Length it announces, default 100000),
 `/drop` resets after reading the request without answering at all,
-`/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes.
+`/big?bytes=N[&piece=P]` sends a large body (P bytes per write), `/status/N` answers N, anything else echoes.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class RecordingUpstream(LoopbackServer):
                 resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
                 await resp.prepare(request)
                 left = int(q.get("bytes", "1000000"))
+                piece = int(q.get("piece", "65536"))  # bytes per write
                 while left > 0:
-                    n = min(left, 65536)
+                    n = min(left, piece)
                     await resp.write(b"x" * n)
                     left -= n
                 await resp.write_eof()

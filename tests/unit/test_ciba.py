@@ -24,7 +24,7 @@ from pep.approvals.ciba import (
 from pep.approvals.message import MIN_LIMIT, binding_message, clean
 from pep.decision import Reason
 from pep.oauth.client_auth import ASSERTION_TYPE, ClientAuth, ClientAuthConfig, ClientAuthError
-from pep.oauth.endpoint import Answer, OAuthError, Reply, Unavailable, classify
+from pep.oauth.endpoint import Answer, Endpoint, OAuthError, Reply, Unavailable, classify
 from tests.support.jwt_keys import ec_key
 
 JSON = "application/json"
@@ -68,6 +68,21 @@ def test_oversize_and_undecodable_are_malformed_and_descriptions_are_cut() -> No
     assert found.description is not None
     assert len(found.description) == 200
     assert "\n" not in found.description
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "nul\0", "\u20ac"])
+async def test_a_header_that_cannot_be_framed_is_an_error_answer_and_nothing_is_sent(value: str) -> None:
+    """The PDP client refuses to frame such a header (`RequestError`) before it connects: the endpoint answers it
+    as an error, like any other exchange problem, rather than letting the exception out (port 1: were anything
+    sent, the answer would be `unreachable`)."""
+    endpoint = Endpoint(None)
+    try:
+        found = await endpoint.post_form("http://127.0.0.1:1/token", {"a": "b"}, {"X-Secret": value}, 1.0)
+    finally:
+        await endpoint.close()
+    assert isinstance(found, Unavailable)
+    assert found.kind == "error"
+    assert "X-Secret" in found.detail
 
 
 def test_read_started() -> None:
