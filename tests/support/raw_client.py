@@ -32,8 +32,9 @@ class RawClient:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def answer(self, within_s: float = 5.0, head_request: bool = False) -> Answer | None:
-        """The next answer; None if the connection closes before one (1xx answers are returned too)."""
+    async def answer(self, within_s: float = 5.0, no_body: bool = False) -> Answer | None:
+        """The next answer; None if the connection closes before one (1xx answers are returned too). `no_body`:
+        an answer to HEAD, or a 2xx to CONNECT."""
         async with asyncio.timeout(within_s):
             try:
                 head = await self.reader.readuntil(b"\r\n\r\n")
@@ -46,7 +47,7 @@ class RawClient:
                 if line:
                     name, _, value = line.partition(":")
                     headers.add(name.strip(), value.strip())
-            if head_request or status < 200 or status in (204, 304):
+            if no_body or status < 200 or status in (204, 304):
                 return Answer(status, headers, b"")
             if headers.get("Transfer-Encoding", "").lower() == "chunked":
                 body = bytearray()

@@ -405,7 +405,7 @@ async def test_answers_are_framed_by_the_writer(start: Start) -> None:
     client = await RawClient.open(port(listener))
     await client.send(get("/stream") + get("/sized") + get("/empty") + b"HEAD /head HTTP/1.1\r\nHost: a\r\n\r\n")
     stream, sized, empty = await client.answer(), await client.answer(), await client.answer()
-    head = await client.answer(head_request=True)
+    head = await client.answer(no_body=True)
     assert stream is not None
     assert sized is not None
     assert empty is not None
