@@ -51,6 +51,7 @@ class LinkState(enum.Enum):
 
 _IDLE, _ACTIVE, _CLOSED = LinkState.IDLE, LinkState.ACTIVE, LinkState.CLOSED
 _Data, _EndOfMessage, _Response = Data, EndOfMessage, Response
+_CHUNKED, _LENGTH = Framing.CHUNKED, Framing.LENGTH
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -230,7 +231,7 @@ class UpstreamConnection(asyncio.Protocol):
         writer.add_done_callback(self._pumped)
 
     async def _pump(self, body: AsyncIterable[bytes], length: int | None, read_s: float) -> None:
-        frame = BodyWriter(Framing.CHUNKED) if length is None else BodyWriter(Framing.LENGTH, length)
+        frame = BodyWriter(_CHUNKED) if length is None else BodyWriter(_LENGTH, length)
         async for chunk in body:
             if chunk:
                 self._write(frame.write(chunk))
@@ -274,7 +275,11 @@ class UpstreamConnection(asyncio.Protocol):
     async def read_head(self, read_s: float) -> tuple[Response, list[InformationalResponse]]:
         """The final answer's head; 100 Continue dropped, other 1xx answers (103) returned beside it."""
         informational: list[InformationalResponse] = []
+        reader = self.reader
         while True:
+            if not reader.buffered and self.state is _ACTIVE and not self._eof:
+                await self._wait(True, read_s)  # nothing to parse yet (the usual case, just after sending)
+                self._raise_writer_failure()
             event = self._next()
             if type(event) is _Response:
                 writer = self.writer
@@ -293,6 +298,7 @@ class UpstreamConnection(asyncio.Protocol):
                     raise UpstreamReset("the connection was closed before the answer")
                 self._taken()
                 await self._wait(True, read_s)
+                self._raise_writer_failure()
                 continue
             self.close()
             raise UpstreamReset("the upstream closed the connection before answering")

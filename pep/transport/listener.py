@@ -159,6 +159,7 @@ class ConnState(enum.Enum):
 _WAITING, _BUSY, _SWITCHED = ConnState.WAITING, ConnState.BUSY, ConnState.SWITCHED
 _LINGERING, _CLOSED = ConnState.LINGERING, ConnState.CLOSED
 _Request = Request
+_ANSWERED, _UNANSWERED = ResponseState.DONE, ResponseState.NEW
 _HEAD_STARTED = RequestState.HEAD
 
 
@@ -248,7 +249,7 @@ class _Connection(asyncio.Protocol):
         self._listener.forget(self)
         task = self.task
         exchange = self.exchange
-        if task is not None and exchange is not None and exchange.response.state is not ResponseState.DONE:
+        if task is not None and exchange is not None and exchange.response.state is not _ANSWERED:
             task.cancel()  # a departing caller cancels the upstream call
 
     def pause_writing(self) -> None:
@@ -290,8 +291,8 @@ class _Connection(asyncio.Protocol):
         if state is _SWITCHED or state is _CLOSED or exchange is None:
             return
         response = exchange.response
-        if response.state is not ResponseState.DONE:
-            if response.state is ResponseState.NEW:
+        if response.state is not _ANSWERED:
+            if response.state is _UNANSWERED:
                 log.error("request handler returned without an answer")
                 response.close_after()
                 response.send(500, [(b"Content-Type", b"text/plain")], b"no answer\n")

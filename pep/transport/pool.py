@@ -20,8 +20,8 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -39,23 +39,24 @@ from pep.transport.connection import Body, UpstreamConnection
 from pep.transport.errors import ConnectFailed, ConnectTimeout, PoolTimeout, ResponseTooLarge
 from pep.transport.headers import header_view
 
+_NO_BODY = Framing.NONE
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
     """Where a request goes: connections are pooled per origin. `tls` is compared by identity: requests with
-    different contexts never share a connection."""
+    different contexts never share a connection. (A tuple: hashed and compared in C on every request.)"""
 
     scheme: str  # "http" or "https"
     host: str
     port: int
     tls: ssl.SSLContext | None = None  # required for https: verification is the caller's choice, made explicit
 
-    def __post_init__(self) -> None:
-        if (self.scheme == "https") != (self.tls is not None):
-            raise ValueError("an https origin needs a TLS context, and only it")
+
+def _check(origin: Origin) -> None:
+    if (origin.scheme == "https") != (origin.tls is not None):
+        raise ValueError("an https origin needs a TLS context, and only it")
 
 
 class _Slots:
@@ -169,14 +170,23 @@ class ClientResponse:
         if self.content_length is not None and self.content_length > limit:
             self.close()
             raise ResponseTooLarge(f"Content-Length {self.content_length} over {limit} bytes")
+        conn = self._conn
+        if conn is None:
+            return b""
         chunks: list[bytes] = []
         size = 0
-        while chunk := await self.read():
-            size += len(chunk)
-            if size > limit:
-                self.close()
-                raise ResponseTooLarge(f"body over {limit} bytes")
-            chunks.append(chunk)
+        try:
+            while chunk := await conn.read_chunk(self._read_s):
+                size += len(chunk)
+                if size > limit:
+                    raise ResponseTooLarge(f"body over {limit} bytes")
+                chunks.append(chunk)
+        except BaseException:
+            self._conn = None
+            self._pool._discard(self._slots, conn)
+            raise
+        self._conn = None
+        self._pool._release(self._slots, conn)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
@@ -258,6 +268,7 @@ class Pool:
             head = request_head(method, target, [*fields, (b"Transfer-Encoding", b"chunked")])
         slots = self._origins.get(origin)
         if slots is None:
+            _check(origin)
             slots = self._origins[origin] = _Slots()
         conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
         try:
@@ -267,13 +278,13 @@ class Pool:
             self._discard(slots, conn)
             raise
         answer = ClientResponse(self, slots, conn, response, informational, read_s)
-        if response.framing is Framing.NONE:
+        if response.framing is _NO_BODY:
             await answer.read()  # nothing to read: the connection goes back now
         return answer
 
     async def _acquire(self, origin: Origin, slots: _Slots, connect_s: float, pool_s: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + pool_s
+        deadline = 0.0
         while True:
             idle = slots.idle
             if idle:
@@ -285,6 +296,8 @@ class Pool:
                     self._discard(slots, conn)
             if slots.open < self.max_per_origin:
                 break
+            if not deadline:
+                deadline = loop.time() + pool_s
             left = deadline - loop.time()
             if left <= 0:
                 raise PoolTimeout(f"all {self.max_per_origin} connections to {origin.host}:{origin.port} busy")

@@ -17,6 +17,7 @@ from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, 
 from pep.transport.body import RequestBody
 from pep.transport.flow import WriteFlow
 
+_NONE, _LENGTH, _CHUNKED_FRAMING, _CLOSE_FRAMING = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
 _REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
 _NO_BODY_STATUS = frozenset({204, 304})
 _RESERVED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -140,20 +141,20 @@ class Response:
         if status == 204:
             if length:
                 raise LocalProtocolError("a 204 answer has no body")
-            writer = BodyWriter(Framing.NONE)
+            writer = BodyWriter(_NONE)
         elif self._head_only or status == 304:
             if length is not None:
                 extra.append((b"Content-Length", b"%d" % length))  # what a GET would have had
-            writer = BodyWriter(Framing.NONE)
+            writer = BodyWriter(_NONE)
         elif length is not None:
             extra.append((b"Content-Length", b"%d" % length))
-            writer = BodyWriter(Framing.LENGTH, length)
+            writer = BodyWriter(_LENGTH, length)
         elif self._version == b"1.1":
             extra.append(_CHUNKED)
-            writer = BodyWriter(Framing.CHUNKED)
+            writer = BodyWriter(_CHUNKED_FRAMING)
         else:
             framing_closes = True
-            writer = BodyWriter(Framing.CLOSE)
+            writer = BodyWriter(_CLOSE_FRAMING)
         connection = self._connection(self._closes(framing_closes))
         if connection is not None:
             extra.append(connection)

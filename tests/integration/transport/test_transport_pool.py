@@ -467,11 +467,11 @@ async def test_tls_origins_are_verified_with_the_callers_context(pool: Pool) -> 
         await listener.close(1.0)
 
 
-def test_an_https_origin_needs_a_context() -> None:
+async def test_an_https_origin_needs_a_context_and_only_it(pool: Pool) -> None:
     with pytest.raises(ValueError):
-        Origin("https", "h", 443)
+        await pool.request(Origin("https", "127.0.0.1", 443), b"GET", b"/", HOST)
     with pytest.raises(ValueError):
-        Origin("http", "h", 80, ssl.create_default_context())
+        await pool.request(Origin("http", "127.0.0.1", 80, ssl.create_default_context()), b"GET", b"/", HOST)
 
 
 class socket_closed_port:
