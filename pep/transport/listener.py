@@ -288,7 +288,12 @@ class _Connection(asyncio.Protocol):
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("request handler failed", exc_info=exc)
         state = self.state
-        if state is _SWITCHED or state is _CLOSED or exchange is None:
+        if state is _SWITCHED:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()  # the handler is done with its tunnel (or failed before splicing): it ends here
+            return
+        if state is _CLOSED or exchange is None:
             return
         response = exchange.response
         if response.state is not _ANSWERED:

@@ -189,6 +189,23 @@ async def test_a_far_side_that_does_not_read_stops_the_client_side(setup: Setup)
         client.close()
 
 
+async def test_a_switched_connection_ends_with_its_handler() -> None:
+    async def handler(exchange: Exchange) -> None:
+        exchange.switch()
+        raise RuntimeError("a bug between the switch and the splice")
+
+    listener = await serve("127.0.0.1", 0, handler)
+    try:
+        client = await RawClient.open(listener.address[1])
+        await client.send(CONNECT)
+        assert (await client.answer(no_body=True)) is not None
+        assert await client.closed(2.0)
+        await asyncio.sleep(0.05)
+        assert listener.connections == set()
+    finally:
+        await listener.close(0.5)
+
+
 async def test_a_far_end_that_refuses_is_a_connect_failure() -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
