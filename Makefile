@@ -74,7 +74,8 @@ cerbos-policies: $(CERBOS_BIN)
 # fuzz-smoke: every atheris harness for 10 s from the committed seeds (full: make fuzz).
 # readers: nginx, Tomcat and Express, the real upstreams of tests/e2e/test_path_readers.py.
 # go-deps: the Go toolchain the tests build tests/support/gojson/ with (Go's encoding/json as a reference reader).
-test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke readers go-deps $(MCP1_STAMP)
+# op: oidc-provider, the real OpenID Provider of the approval and just-in-time credential tests.
+test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke readers go-deps op $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
@@ -82,7 +83,7 @@ PDP ?= cedar
 demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
-clean: deploy-clean reliability-clean readers-clean
+clean: deploy-clean reliability-clean readers-clean op-clean
 	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .gotest .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 include deploy/deploy.mk
@@ -91,3 +92,4 @@ include reliability/reliability.mk
 include fuzz/fuzz.mk
 include tests/readers.mk
 include tests/go.mk
+include tests/op.mk

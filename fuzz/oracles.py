@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import calendar
+import gzip
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -602,12 +605,94 @@ def opa_expected(answer: RawAnswer) -> Reason:
         return Reason.PDP_UNDEFINED
     if not isinstance(allow, bool):
         return Reason.PDP_MALFORMED
+    if "approval" in result:  # README "Approvals": only on a deny, {approver, message?} and nothing else
+        if allow or not _approval_ok(result["approval"], ("approver", "message")):
+            return Reason.PDP_MALFORMED
+        return Reason.APPROVAL_REQUIRED
     if not allow:
         return Reason.POLICY_DENIED
+    if "credential" in result and not _narrowing_ok(result["credential"]):
+        return Reason.PDP_MALFORMED
     headers = result.get("headers")
     if headers is not None and not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
         return Reason.PDP_MALFORMED
     return Reason.ALLOWED
+
+
+def _scope_token(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 256 and all("!" <= ch <= "~" for ch in value)
+
+
+def _narrowing_ok(value: Any) -> bool:
+    """README "Just-in-time credentials": `{audience?, scopes?}`, scopes distinct scope tokens (at most 64)."""
+    if not isinstance(value, dict) or not set(value) <= {"audience", "scopes"}:
+        return False
+    audience, scopes = value.get("audience"), value.get("scopes")
+    if audience is not None and not _scope_token(audience):
+        return False
+    if scopes is None:
+        return True
+    return (
+        isinstance(scopes, list)
+        and len(scopes) <= 64
+        and all(_scope_token(x) for x in scopes)
+        and len(set(scopes)) == len(scopes)
+    )
+
+
+def _approver_ok(value: Any) -> bool:
+    """A non-empty printable string of at most 256 characters, without surrounding white space."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 256
+        and value == value.strip()
+        and all(ch.isprintable() for ch in value)
+    )
+
+
+def _message_ok(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and len(value) <= 1024)
+
+
+def _approval_ok(value: Any, keys: tuple[str, ...]) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) <= set(keys)
+        and _approver_ok(value.get("approver"))
+        and (_message_ok(value.get("message")))
+    )
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def _date_time_in_range(text: str) -> bool:
+    """Every field of an RFC 3339 date-time within its range (no leap second: Python cannot hold one)."""
+    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+    hour, minute, second = int(text[11:13]), int(text[14:16]), int(text[17:19])
+    if not (year >= 1 and 1 <= month <= 12) or not 1 <= day <= calendar.monthrange(year, month)[1]:
+        return False
+    if hour > 23 or minute > 59 or second > 59:
+        return False
+    offset = text[-6:]
+    return text[-1] in "Zz" or (int(offset[1:3]) <= 23 and int(offset[4:6]) <= 59)
+
+
+def _access_request_ok(value: Any) -> bool:
+    """ARAP's requestable denial as the README reads it: `approver`, an RFC 3339 `expires_at`, an optional
+    `display` object whose description (else title) is the message; other members are ignored."""
+    if not isinstance(value, dict) or not _approver_ok(value.get("approver")):
+        return False
+    expires = value.get("expires_at")
+    if not isinstance(expires, str) or not _RFC3339.match(expires) or not _date_time_in_range(expires):
+        return False
+    display = value.get("display")
+    if display is None:
+        return True
+    if not isinstance(display, dict):
+        return False
+    text = display.get("description") if display.get("description") is not None else display.get("title")
+    return _message_ok(text)
 
 
 def authzen_decision_expected(obj: Any) -> Reason:
@@ -619,10 +704,18 @@ def authzen_decision_expected(obj: Any) -> Reason:
     decision, context = obj["decision"], obj.get("context")
     if not isinstance(decision, bool) or (context is not None and not isinstance(context, dict)):
         return Reason.PDP_MALFORMED
+    if context and context.get("access_request") is not None:
+        if decision or not _access_request_ok(context["access_request"]):
+            return Reason.PDP_MALFORMED
+        return Reason.APPROVAL_REQUIRED
     if not decision:
         return Reason.POLICY_DENIED
     obligations = context.get("obligations") if context else None
-    return Reason.ALLOWED if obligations in (None, []) else Reason.OBLIGATION_UNSUPPORTED
+    if obligations not in (None, []):
+        return Reason.OBLIGATION_UNSUPPORTED
+    if context and context.get("credential") is not None and not _narrowing_ok(context["credential"]):
+        return Reason.PDP_MALFORMED
+    return Reason.ALLOWED
 
 
 def _authzen_object(answer: RawAnswer, request_id: str) -> dict[str, Any] | Reason:
@@ -831,6 +924,36 @@ def h11_reading(data: bytes, eof: bool) -> H11Reading:
         return H11Reading(status, headers, b"".join(body), False, str(exc), interim_headers)
 
 
+UNDECODABLE = b"<undecodable>"
+OVERSIZE = b"<oversize>"
+_ONE_STREAM = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}
+
+
+def reference_decoding(headers: list[tuple[bytes, bytes]], body: bytes, limit: int) -> bytes:
+    """The body as the contract reads it under its Content-Encoding: every field is one list of codings (RFC 9110
+    8.4); `identity` and empty members change nothing; exactly one of gzip, x-gzip, deflate is undone, and the body
+    must then be one whole stream with nothing after it (a second gzip member is trailing data, as for JSON);
+    anything else is UNDECODABLE. More than `limit` bytes once decoded is OVERSIZE."""
+    codings = [c.strip(b" \t") for k, v in headers if k == b"content-encoding" for c in v.lower().split(b",")]
+    codings = [c for c in codings if c not in (b"", b"identity")]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in _ONE_STREAM:
+        return UNDECODABLE
+    d = zlib.decompressobj(_ONE_STREAM[codings[0]])
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        return UNDECODABLE
+    if len(out) > limit:
+        return OVERSIZE
+    if not d.eof or d.unused_data:
+        return UNDECODABLE
+    if codings[0] != b"deflate":  # the standard library's own reading of the gzip file agrees on the content
+        require(gzip.decompress(body) == out, "one gzip member reads the same through the gzip module", body)
+    return out
+
+
 def _last(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     values = [v for k, v in headers if k == name]
     return values[-1] if values else None
@@ -863,9 +986,13 @@ def check_exchange(data: bytes, eof: bool, limit: int, result: Exchange) -> None
     got_id = answer.request_id.rstrip(" \t") if answer.request_id is not None else None
     require(got_type == expected_type, "the final response's content type", data, answer.content_type)
     require(got_id == expected_id, "the final response's X-Request-ID", data, answer.request_id)
-    encoding = _last(reading.headers, b"content-encoding")
-    if encoding in (None, b"", b"identity"):
-        require(answer.body == reading.body, "the final response's body", data, answer.body, reading.body)
+    expected = reference_decoding(reading.headers, reading.body, limit)
+    if expected is UNDECODABLE:
+        require(answer.undecodable, "a body that is not one whole stream of one known coding is undecodable", data)
+    elif expected is OVERSIZE:
+        require(answer.oversize, "a body that decodes to more than the limit is oversize", data)
+    elif not answer.undecodable:  # refusing more is always safe (a 204 with an odd Transfer-Encoding, say)
+        require(answer.body == expected, "the final response's (decoded) body", data, answer.body, expected)
         require(len(answer.body) <= limit, "the body is within the limit", data)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -77,6 +78,8 @@ OPA = [
     b'{"result":false,"result":true}',
     b'{"result":true} x',
     b'{"decision_id":"d","result":{"allow":1}}',
+    b'{"result":{"allow":false,"approval":{"approver":"alice@example.com","message":"Refund over 100"}}}',
+    b'{"result":{"allow":true,"approval":{"approver":"alice"}}}',
 ]
 AUTHZEN = [
     b'{"decision":true}',
@@ -84,6 +87,9 @@ AUTHZEN = [
     b'{"decision":true,"context":{"obligations":[{"id":"log"}]}}',
     b'{"evaluations":[{"decision":true},{"decision":false},{}]}',
     b'{"decision":1}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00Z",'
+    b'"display":{"description":"Manager approval"}}}}',
+    b'{"decision":false,"context":{"access_request":{"approver":"alice","expires_at":"2026-04-30T20:25:00"}}}',
 ]
 # (byte 0, byte 1, byte 2) of fuzz_pdp_answers: a 200 JSON answer echoing nothing, echoing the id sent, a 503, a
 # text/plain 200, an oversize one, a batch of three
@@ -108,6 +114,12 @@ RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
     b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
     + gzip.compress(b'{"result":true}', mtime=0),
+    # a second gzip member after the first (trailing data), and Content-Encoding in two fields
+    b"HTTP/1.0 200 OK\r\nContent-Encoding: gzip\r\nContent-Type: application/json\r\n\r\n"
+    + gzip.compress(b'{"result":true}', mtime=0)
+    + gzip.compress(b"{}", mtime=0),
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Encoding: deflate\r\nContent-Length: 17\r\n"
+    b"Content-Type: application/json\r\n\r\n" + zlib.compress(b"{}") + b"x" * 7,
     # control characters in the reason phrase (llhttp passes them)
     b"HTTP/1.1 200 O\x01\x00K\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
 ]

@@ -18,7 +18,11 @@ _second: list[Any] = [-1, ""]  # the last whole second formatted, reused within 
 
 def rfc3339_now() -> str:
     """UTC with milliseconds, `2026-11-24T12:00:00.000Z`; formatted once per second, not per request."""
-    now = time.time()
+    return rfc3339(time.time())
+
+
+def rfc3339(now: float) -> str:
+    """`now` (seconds since the epoch) as `rfc3339_now` formats it."""
     sec = int(now)
     cached = _second
     if cached[0] != sec:

@@ -21,13 +21,18 @@ class State(enum.IntEnum):
 
 
 class Permit:
-    """A right to call the PDP. `probe` permits decide the half-open state; others only count in closed."""
+    """A right to call the PDP at once. `probe` permits decide the half-open state; others only count in closed.
 
-    __slots__ = ("epoch", "probe")
+    `admitted` is set by `Breaker.admit`, right before the call's first byte: only an admitted permit's result
+    says anything about the PDP.
+    """
+
+    __slots__ = ("admitted", "epoch", "probe")
 
     def __init__(self, probe: bool, epoch: int) -> None:
         self.probe = probe
         self.epoch = epoch
+        self.admitted = False
 
 
 Transition = Callable[[State, State], None]
@@ -43,6 +48,12 @@ class Breaker:
 
     Results of calls admitted in an earlier state (an older `epoch`) are ignored, so a slow call that started
     while closed cannot close or reopen the circuit after it has moved on.
+
+    A permit is for an immediate call: `acquire` hands it out, `admit` confirms it right before the first byte
+    goes out (nothing awaited in between), and only then do `success` and `failure` count. A permit that waited
+    meanwhile (for a pool connection, a discovery, a retry) while the circuit opened is refused there, so from the
+    moment the circuit opens no call but the probes reaches the PDP. `release` ends a permit that says nothing
+    about the PDP (never sent, a request that could not be built, a caller gone): a probe's place is given back.
     """
 
     __slots__ = (
@@ -105,9 +116,29 @@ class Breaker:
         self._probes_left -= 1
         return Permit(True, self._epoch)
 
-    def success(self, permit: Permit) -> None:
-        """The PDP gave a well-formed answer (allow, deny or undefined)."""
+    def admit(self, permit: Permit) -> bool:
+        """Right before the call's first byte, with nothing awaited in between: whether the permit still holds.
+
+        A permit of the current state holds. An older one holds only if the circuit is closed now (it becomes a
+        plain permit of the current state); otherwise, or once released, the call must not be made.
+        """
         if permit.epoch != self._epoch:
+            if self._state is not State.CLOSED or permit.epoch < 0:
+                return False
+            permit.epoch, permit.probe = self._epoch, False
+        permit.admitted = True
+        return True
+
+    def release(self, permit: Permit) -> None:
+        """The permit ends without a result about the PDP: neither a success nor a failure. A probe of the
+        current half-open period gives its place to the next request."""
+        if permit.probe and permit.epoch == self._epoch and self._state is State.HALF_OPEN:
+            self._probes_left += 1
+        permit.epoch = -1  # spent: nothing more counts for it
+
+    def success(self, permit: Permit) -> None:
+        """The PDP gave a well-formed answer (allow, deny or undefined) to an admitted call."""
+        if not permit.admitted or permit.epoch != self._epoch:
             return
         if permit.probe:
             self._failures = 0
@@ -116,8 +147,8 @@ class Breaker:
             self._failures = 0
 
     def failure(self, permit: Permit) -> None:
-        """Timeout, transport error, error status, malformed answer, or a cancelled call."""
-        if permit.epoch != self._epoch:
+        """An admitted call timed out, failed in transport, or got an error status or a malformed answer."""
+        if not permit.admitted or permit.epoch != self._epoch:
             return
         if permit.probe:
             self._open()

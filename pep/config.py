@@ -161,13 +161,75 @@ class RouteMapping:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthClientConfig:
+    """The PEP as an OAuth client of an authorization server or OpenID Provider; its credential from a file."""
+
+    client_id: str
+    method: str = "client_secret_basic"  # client_secret_basic | client_secret_post | private_key_jwt
+    secret_file: str | None = None
+    key_file: str | None = None  # private_key_jwt: a PEM private key
+    key_alg: str = "ES256"
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JitCredential:
+    """A route credential obtained per request after the allow (RFC 8693 token exchange, or client credentials)."""
+
+    kind: str  # token_exchange | client_credentials
+    token_endpoint: str
+    client: OAuthClientConfig
+    audiences: tuple[str, ...] = ()  # the route's maximum: a PDP may pick one of them, the first by default
+    resources: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()  # the route's maximum: a PDP may ask for fewer, never more
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a type name, not a secret
+    actor_token_file: str | None = None
+    actor_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+    tls: TlsConfig | None = None
+    timeout_ms: int = 2000
+    expiry_margin_ms: int = 30000
+    breaker: BreakerConfig = BreakerConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class Credential:
-    """The upstream credential a route injects on allowed requests; exactly one of value_file and value_env."""
+    """The upstream credential a route injects on allowed requests: exactly one of value_file and value_env, or
+    `jit` (obtained per request from an OAuth token endpoint)."""
 
     header: str  # lower-cased
     format: str = "{}"
     value_file: str | None = None
     value_env: str | None = None
+    jit: JitCredential | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteApproval:
+    """How a route waits for a person when the PDP answers `approval_required`."""
+
+    mode: str  # hold: the request waits (up to hold_ms) | ticket: denied at once with a sealed ticket to retry with
+    hold_ms: int = 60000
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsConfig:
+    """The approval engine: an OpenID Provider asked through CIBA (poll mode), and the ticket keys."""
+
+    issuer: str
+    backchannel_authentication_endpoint: str
+    token_endpoint: str
+    jwks_uri: str
+    client: OAuthClientConfig
+    scopes: tuple[str, ...] = ()  # asked for besides `openid`
+    approver_claim: str = "sub"  # the ID token claim that must equal the approver the PDP named
+    tls: TlsConfig | None = None
+    timeout_ms: int = 5000  # each exchange with the OP
+    requested_expiry_ms: int = 300000  # how long the approver has (and a ticket lives)
+    min_poll_interval_ms: int = 1000
+    binding_message_max: int = 64
+    ticket_key_files: tuple[str, ...] = ()  # the first seals, all open (rotation)
+    elicitation_url: str | None = None  # MCP -32042: where the user sees the pending approval; `{id}` is replaced
+    breaker: BreakerConfig = BreakerConfig()
 
 
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
@@ -198,6 +260,7 @@ class RouteConfig:
     decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
     allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
     max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
+    approval: RouteApproval | None = None  # what approval_required means on this route (needs `approvals`)
 
 
 OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
@@ -225,6 +288,7 @@ class Config:
     workers: int = 1  # processes sharing `listen` (SO_REUSEPORT); a supervisor serves `admin_listen`
     shutdown_grace_ms: int = 25000  # SIGTERM: in-flight requests may finish within this, then are closed
     tracing: TracingConfig | None = None
+    approvals: ApprovalsConfig | None = None
     # Keys for the tokens the PEP seals (pep/seal.py): the first seals, every one opens. Without them each process
     # makes its own at start (a supervisor hands its workers one), so tokens do not outlive a restart.
     seal_key_files: tuple[str, ...] = ()
@@ -663,6 +727,7 @@ _ROUTE_KEYS = {
     "decide_answer_tool_calls",
     "allow_path_parameters",
     "max_batch_messages",
+    "approval",
 }
 
 
@@ -748,8 +813,30 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
         allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
         max_batch_messages=max_batch,
+        approval=_route_approval(r, m["approval"], f"{path}.approval") if "approval" in m else None,
     )
+    if route.approval is not None:
+        if tunnel:
+            r.error(f"{path}.approval", "is not for tunnels (a CONNECT carries no request to approve)")
+        elif protocol == "http" and max_body is None:
+            r.error(f"{path}.approval", "needs max_body_bytes on an http route (the approved body is read and bound)")
+    jit = route.credential.jit if route.credential is not None else None
+    if jit is not None and jit.kind == "token_exchange" and not route.require_identity:
+        r.error(
+            f"{path}.credential.kind", "token_exchange needs require_identity: true (the caller's token is exchanged)"
+        )
     return route if name and prefix and upstream and match_ok else None
+
+
+def _route_approval(r: _Reader, value: Any, path: str) -> RouteApproval | None:
+    m = r.mapping(value, path, {"mode", "hold_ms"})
+    if m is None:
+        return None
+    mode = r.choice(m, "mode", path, None, ("hold", "ticket"))
+    hold_ms = r.integer(m, "hold_ms", path, 60000, 1, 3_600_000)
+    if "hold_ms" in m and mode == "ticket":
+        r.error(f"{path}.hold_ms", "is only used with mode: hold")
+    return RouteApproval(mode, hold_ms) if mode is not None else None
 
 
 def _path_shape(path: str) -> str | None:
@@ -794,7 +881,39 @@ def _tunnel_upstream(r: _Reader, host: str, upstream: str, path: str) -> None:
         r.error(f"{path}.upstream", f"must name the tunnel's host and port {target[0]}:{target[1]} (tunnel: true)")
 
 
+_JIT_KEYS = {
+    "kind",
+    "token_endpoint",
+    "client_id",
+    "client_auth",
+    "client_secret_file",
+    "client_key_file",
+    "client_key_alg",
+    "client_key_id",
+    "audience",
+    "resource",
+    "scopes",
+    "subject_token_type",
+    "actor_token_file",
+    "actor_token_type",
+    "tls",
+    "timeout_ms",
+    "expiry_margin_ms",
+    "breaker",
+}
+_CLIENT_AUTH = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+CLIENT_KEY_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "EdDSA")
+_TOKEN_TYPES = (
+    "urn:ietf:params:oauth:token-type:jwt",
+    "urn:ietf:params:oauth:token-type:access_token",
+    "urn:ietf:params:oauth:token-type:id_token",
+)
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 3.3
+
+
 def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
+    if isinstance(value, dict) and "kind" in value:
+        return _jit_credential(r, value, path)
     m = r.mapping(value, path, {"header", "format", "value_file", "value_env"})
     if m is None:
         return None
@@ -813,6 +932,195 @@ def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
     if header is None:
         return None
     return Credential(header.lower(), fmt, value_file, value_env)
+
+
+def _oauth_client(r: _Reader, m: Mapping[str, Any], path: str) -> OAuthClientConfig | None:
+    """`client_id`, `client_auth` and the file its credential is in, shared by approvals and JIT credentials."""
+    client_id = r.string(m, "client_id", path, required=True)
+    method = r.choice(m, "client_auth", path, "client_secret_basic", _CLIENT_AUTH) or "client_secret_basic"
+    secret_file = r.string(m, "client_secret_file", path)
+    key_file = r.string(m, "client_key_file", path)
+    key_alg = r.choice(m, "client_key_alg", path, "ES256", CLIENT_KEY_ALGORITHMS) or "ES256"
+    key_id = r.string(m, "client_key_id", path)
+    ok = True
+    if method == "private_key_jwt":
+        for key in ("client_secret_file",):
+            if key in m:
+                r.error(_join(path, key), "is not used with client_auth: private_key_jwt")
+        if key_file is None:
+            r.error(_join(path, "client_key_file"), "is required with client_auth: private_key_jwt")
+            ok = False
+    else:
+        for key in ("client_key_file", "client_key_alg", "client_key_id"):
+            if key in m:
+                r.error(_join(path, key), f"is only used with client_auth: private_key_jwt, not {method}")
+        if secret_file is None:
+            r.error(_join(path, "client_secret_file"), f"is required with client_auth: {method}")
+            ok = False
+    if client_id is None or not ok:
+        return None
+    return OAuthClientConfig(client_id, method, secret_file, key_file, key_alg, key_id)
+
+
+def _tls(r: _Reader, m: Mapping[str, Any], path: str) -> TlsConfig | None:
+    if "tls" not in m or (t := r.mapping(m["tls"], _join(path, "tls"), {"ca_file", "cert_file", "key_file"})) is None:
+        return None
+    where = _join(path, "tls")
+    tls = TlsConfig(r.string(t, "ca_file", where), r.string(t, "cert_file", where), r.string(t, "key_file", where))
+    if (tls.cert_file is None) != (tls.key_file is None):
+        r.error(where, "cert_file and key_file go together")
+    return tls
+
+
+def _breaker(r: _Reader, m: Mapping[str, Any], path: str) -> BreakerConfig:
+    if "breaker" not in m:
+        return BreakerConfig()
+    where = _join(path, "breaker")
+    b = r.mapping(m["breaker"], where, {"failure_threshold", "open_ms", "half_open_probes"})
+    if b is None:
+        return BreakerConfig()
+    return BreakerConfig(
+        failure_threshold=r.integer(b, "failure_threshold", where, 5, 1, 1000),
+        open_ms=r.integer(b, "open_ms", where, 5000, 1, 3_600_000),
+        half_open_probes=r.integer(b, "half_open_probes", where, 1, 1, 1000),
+    )
+
+
+def _one_or_more(r: _Reader, m: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """A string or a non-empty list of strings (an audience, a resource)."""
+    if key not in m:
+        return ()
+    value = m[key]
+    if isinstance(value, str) and value:
+        return (value,)
+    found = _strings(r, m, key, path, required=False)
+    return found or ()
+
+
+def _scopes(r: _Reader, m: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    scopes = _strings(r, m, "scopes", path, required=False) or ()
+    for scope in scopes:
+        if not _SCOPE_TOKEN.match(scope):
+            r.error(_join(path, "scopes"), f"{scope!r} is not a scope name (no spaces, quotes or backslashes)")
+    if len(set(scopes)) != len(scopes):
+        r.error(_join(path, "scopes"), "holds a scope twice")
+    return scopes
+
+
+def _jit_credential(r: _Reader, value: dict[str, Any], path: str) -> Credential | None:
+    m = r.mapping(value, path, _JIT_KEYS | {"header", "format"})
+    if m is None:
+        return None
+    kind = r.choice(m, "kind", path, None, ("token_exchange", "client_credentials"))
+    header = r.string(m, "header", path, default="authorization") or "authorization"
+    fmt = r.string(m, "format", path, default="Bearer {}") or "Bearer {}"
+    if not HEADER_NAME.match(header):
+        r.error(f"{path}.header", f"is not a valid header name: {header!r}")
+    if fmt.count("{}") != 1:
+        r.error(f"{path}.format", "must hold {} exactly once, where the token goes")
+    endpoint = _http_url(r, r.string(m, "token_endpoint", path, required=True), f"{path}.token_endpoint")
+    client = _oauth_client(r, m, path)
+    audiences = _one_or_more(r, m, "audience", path)
+    resources = _one_or_more(r, m, "resource", path)
+    for resource in resources:
+        parts = urlsplit(resource)
+        if not parts.scheme or parts.fragment or "#" in resource:
+            r.error(f"{path}.resource", f"{resource!r} is not an absolute URI without a fragment (RFC 8707)")
+    if kind == "token_exchange" and not audiences and not resources:
+        r.error(path, "token_exchange needs an audience or a resource (what the token is for)")
+    subject_type = r.choice(m, "subject_token_type", path, _TOKEN_TYPES[0], _TOKEN_TYPES) or _TOKEN_TYPES[0]
+    actor_type = r.choice(m, "actor_token_type", path, _TOKEN_TYPES[0], _TOKEN_TYPES) or _TOKEN_TYPES[0]
+    if kind == "client_credentials":
+        for key in ("subject_token_type", "actor_token_file", "actor_token_type"):
+            if key in m:
+                r.error(f"{path}.{key}", "is only used with kind: token_exchange")
+    if "actor_token_type" in m and "actor_token_file" not in m:
+        r.error(f"{path}.actor_token_type", "is only used with actor_token_file")
+    jit = JitCredential(
+        kind=kind or "",
+        token_endpoint=endpoint or "",
+        client=client or OAuthClientConfig(""),
+        audiences=audiences,
+        resources=resources,
+        scopes=_scopes(r, m, path),
+        subject_token_type=subject_type,
+        actor_token_file=r.string(m, "actor_token_file", path),
+        actor_token_type=actor_type,
+        tls=_tls(r, m, path),
+        timeout_ms=r.integer(m, "timeout_ms", path, 2000, 1, 60_000),
+        expiry_margin_ms=r.integer(m, "expiry_margin_ms", path, 30000, 0, 3_600_000),
+        breaker=_breaker(r, m, path),
+    )
+    if kind is None or endpoint is None or client is None:
+        return None
+    return Credential(header.lower(), fmt, jit=jit)
+
+
+_APPROVALS_KEYS = {
+    "issuer",
+    "backchannel_authentication_endpoint",
+    "token_endpoint",
+    "jwks_uri",
+    "client_id",
+    "client_auth",
+    "client_secret_file",
+    "client_key_file",
+    "client_key_alg",
+    "client_key_id",
+    "scopes",
+    "approver_claim",
+    "tls",
+    "timeout_ms",
+    "requested_expiry_ms",
+    "min_poll_interval_ms",
+    "binding_message_max",
+    "ticket_key_files",
+    "elicitation_url",
+    "breaker",
+}
+
+
+def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
+    path = "approvals"
+    m = r.mapping(value, path, _APPROVALS_KEYS)
+    if m is None:
+        return None
+    urls = {
+        key: _http_url(r, r.string(m, key, path, required=True), f"{path}.{key}")
+        for key in ("issuer", "backchannel_authentication_endpoint", "token_endpoint", "jwks_uri")
+    }
+    client = _oauth_client(r, m, path)
+    scopes = _scopes(r, m, path)
+    if "openid" in scopes:
+        r.error(f"{path}.scopes", "need not name openid (it is always asked for)")
+    claim = r.string(m, "approver_claim", path, default="sub") or "sub"
+    elicitation = r.string(m, "elicitation_url", path)
+    if elicitation is not None:
+        checked = _http_url(r, elicitation.replace("{id}", "ID"), f"{path}.elicitation_url")
+        if checked is not None and not checked.startswith("https://"):
+            r.error(f"{path}.elicitation_url", "must be an https:// URL (an MCP client opens it for its user)")
+            elicitation = None
+        elif checked is None:
+            elicitation = None
+    keys = _strings(r, m, "ticket_key_files", path, required=False) or ()
+    cfg = ApprovalsConfig(
+        issuer=urls["issuer"] or "",
+        backchannel_authentication_endpoint=urls["backchannel_authentication_endpoint"] or "",
+        token_endpoint=urls["token_endpoint"] or "",
+        jwks_uri=urls["jwks_uri"] or "",
+        client=client or OAuthClientConfig(""),
+        scopes=scopes,
+        approver_claim=claim,
+        tls=_tls(r, m, path),
+        timeout_ms=r.integer(m, "timeout_ms", path, 5000, 1, 60_000),
+        requested_expiry_ms=r.integer(m, "requested_expiry_ms", path, 300000, 1000, 86_400_000),
+        min_poll_interval_ms=r.integer(m, "min_poll_interval_ms", path, 1000, 1, 60_000),
+        binding_message_max=r.integer(m, "binding_message_max", path, 64, 12, 512),
+        ticket_key_files=keys,
+        elicitation_url=elicitation,
+        breaker=_breaker(r, m, path),
+    )
+    return cfg if all(urls.values()) and client is not None else None
 
 
 def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
@@ -843,6 +1151,7 @@ _TOP_KEYS = {
     "workers",
     "shutdown_grace_ms",
     "tracing",
+    "approvals",
     "seal_key_files",
 }
 
@@ -915,9 +1224,24 @@ def parse(data: Any, source: str) -> Config:
         for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
             if isinstance(raw, dict) and raw.get("require_identity") is True:
                 r.error(f"routes[{i}].require_identity", "needs identity.jwt (where verified tokens come from)")
+    approvals = _approvals(r, m["approvals"]) if "approvals" in m else None
+    for i, raw in enumerate(raw_routes if isinstance(raw_routes, list) else []):
+        wanted = raw.get("approval") if isinstance(raw, dict) else None
+        if not isinstance(wanted, dict):
+            continue
+        if "approvals" not in m:
+            r.error(f"routes[{i}].approval", "needs the approvals section (the OpenID Provider that asks the approver)")
+        elif (
+            wanted.get("mode") == "ticket"
+            and isinstance(m["approvals"], dict)
+            and not m["approvals"].get("ticket_key_files")
+        ):
+            r.error(f"routes[{i}].approval.mode", "ticket needs approvals.ticket_key_files (tickets are sealed)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, seal_keys)
+    return Config(
+        source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, approvals, seal_keys
+    )
 
 
 def _string_list(r: _Reader, m: Mapping[str, Any], key: str) -> tuple[str, ...]:

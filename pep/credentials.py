@@ -25,7 +25,9 @@ class CredentialSource:
         self.header = config.header
         self._file: FileSecret | None = None
         self._static: str | None = None
-        if config.value_file is not None:
+        if config.jit is not None:
+            pass  # obtained per request after the allow (pep.credentials_oauth), never held here
+        elif config.value_file is not None:
             self._file = FileSecret(config.value_file, config.format)
         else:
             raw = environ.get(config.value_env or "", "").strip()
@@ -39,6 +41,8 @@ class CredentialSource:
 
     def problem(self) -> str | None:
         """Why `value()` is None, as `key: what` naming the file or variable (never the value), or None."""
+        if self.config.jit is not None:
+            return f"kind: {self.config.jit.kind}: this version's request path does not obtain it yet"
         value = self._file.value() if self._file is not None else self._static
         if self._file is not None:
             where = f"value_file: {self._file.path!r}"

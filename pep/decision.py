@@ -33,6 +33,11 @@ class Reason(enum.StrEnum):
     IDENTITY_MISSING = "identity_missing"
     IDENTITY_INVALID = "identity_invalid"
     IDENTITY_UNAVAILABLE = "identity_unavailable"
+    APPROVAL_REQUIRED = "approval_required"  # the PDP allows once a person approves; not yet approved
+    APPROVAL_DENIED = "approval_denied"  # the person declined
+    APPROVAL_TIMEOUT = "approval_timeout"  # nobody answered in time
+    APPROVAL_UNAVAILABLE = "approval_unavailable"  # the OpenID Provider is down, slow or answered nonsense
+    APPROVAL_INVALID = "approval_invalid"  # a ticket that is forged, expired, reused, or for another request
     INTERNAL_ERROR = "internal_error"
 
 
@@ -66,13 +71,22 @@ def _one_key() -> tuple[Callable[[], _MintKey], Callable[[object], bool]]:
 claim_mint_key, _is_mint_key = _one_key()
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialNarrowing:
+    """A PDP's narrowing of a route's just-in-time credential (OPA `result.credential`, AuthZEN
+    `context.credential`): one audience and/or fewer scopes than the route's maximum, never more."""
+
+    audience: str | None = None
+    scopes: tuple[str, ...] | None = None
+
+
 class Allow:
     """An explicit, in-time allow for one exact request: method, upstream URL and (on inspected routes) the
     body are bound at decision time. The forwarder sends what is stored here, so what is forwarded is what was
-    decided.
+    decided. `credential` is the PDP's narrowing of the route's just-in-time credential, if any.
     """
 
-    __slots__ = ("body", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
+    __slots__ = ("body", "credential", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
 
     def __init__(
         self,
@@ -85,6 +99,7 @@ class Allow:
         upstream_url: str,
         headers: tuple[tuple[str, str], ...],
         body: bytes | None = None,
+        credential: CredentialNarrowing | None = None,
     ) -> None:
         if not _is_mint_key(key):
             raise TypeError("an Allow can only be created by the decision engine")
@@ -95,6 +110,7 @@ class Allow:
         self.upstream_url = upstream_url
         self.headers = headers  # obligation headers the PDP asked for, already vetted
         self.body = body  # on inspected routes, the exact bytes decided on and to be forwarded
+        self.credential = credential
 
     def __setattr__(self, name: str, value: object) -> None:
         if hasattr(self, name):

@@ -18,12 +18,17 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, ApprovalAsk, Failure, Pdp, Verdict
 
 _MINT = claim_mint_key()
 
 _NO_BREAKER = Permit(False, 0)
 _TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
+# The deadline noticed this much of the whole deadline late (or later): the PEP itself was not running (a stalled
+# process or event loop), so what the PDP sent meanwhile may be unread. Still a denial (`pdp_timeout`: nothing
+# arrived in time that the PEP could read), but no failure of the PDP: the breaker is not told.
+STALL_SHARE = 0.5
+_STALLED = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed while the PEP was held up")
 
 # A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
 # failed attempt took), so a retry is never started just to time out.
@@ -47,6 +52,7 @@ class Check:
     obligation_forbidden: frozenset[str]
     more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
     body: bytes | None = None  # an inspected body, bound into the Allow
+    credential_narrowable: bool = False  # the route obtains a just-in-time credential the PDP may narrow
 
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
@@ -62,6 +68,10 @@ class Outcome:
     pdp_ms: float | None
     note: str | None = None
     reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
+    approval: ApprovalAsk | None = None  # with a `approval_required` Deny: who is asked, and what to tell them
+    # When the engine took the decision up (wall clock): the decision log's `time`. `pdp_ms` counts from the same
+    # instant, so that the log shows when each PDP call could start and when its result was known.
+    started: float | None = None
 
 
 class Engine:
@@ -80,6 +90,7 @@ class Engine:
         self._clock = clock
         self._timeout_s = config.timeout_ms / 1000
         self._min_retry_s = self._timeout_s * MIN_RETRY_SHARE
+        self._stall_s = self._timeout_s * STALL_SHARE
         self._max_in_flight = config.max_in_flight
         self._retries = config.retries
         b = config.breaker
@@ -104,27 +115,37 @@ class Engine:
         return max(1, min(len(check.more) + 1, BATCH_CONCURRENCY, self._max_in_flight // BATCH_SHARE))
 
     async def decide(self, check: Check) -> Outcome:
+        started, start = time.time(), self._clock()
         decision_id = new_id()
         slots = self.slots(check)
         if self.in_flight + slots > self._max_in_flight:
-            return Outcome(Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached"), 0, None)
+            deny = Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached")
+            return Outcome(deny, 0, None, started=started)
         permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
         if permit is None:
-            return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None)
+            return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
         self.in_flight += slots
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit, slots)
+            result, attempts, pdp_s, each = await self._ask(check, permit, slots, start)
         finally:
             self.in_flight -= slots
-        pdp_ms = round(pdp_s * 1000, 3)
+        # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
+        # (the time it waited, so that its denial is seen to come after the circuit opened).
+        pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
         if isinstance(result, Failure):
-            return Outcome(Deny(result.reason, decision_id, result.detail), attempts, pdp_ms, result.detail, each)
+            deny = Deny(result.reason, decision_id, result.detail)
+            return Outcome(deny, attempts, pdp_ms, result.detail, each, started=started)
         if not result.allow:
             note = result.note
-            return Outcome(Deny(result.reason, decision_id, note or ""), attempts, pdp_ms, note, each)
+            deny = Deny(result.reason, decision_id, note or "")
+            return Outcome(deny, attempts, pdp_ms, note, each, result.approval, started)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
-            return Outcome(deny, attempts, pdp_ms, problem, each)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
+        if result.credential is not None and not check.credential_narrowable:
+            problem = "a credential narrowing on a route without a just-in-time credential"
+            deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
         allow = Allow(
             _MINT,
             decision_id=decision_id,
@@ -134,69 +155,125 @@ class Engine:
             upstream_url=check.upstream_url,
             headers=result.headers,
             body=check.body,
+            credential=result.credential,
         )
-        return Outcome(allow, attempts, pdp_ms, result.note, each)
+        return Outcome(allow, attempts, pdp_ms, result.note, each, started=started)
 
-    async def _ask_once(self, check: Check, slots: int) -> tuple[Verdict | Failure, tuple[Reason, ...]]:
-        """One attempt for every message of the check; several are combined so that all must allow."""
+    async def _ask_once(self, check: Check, slots: int) -> list[Verdict | Failure]:
+        """One attempt: one result per message of the check (several with at most `slots` exchanges open)."""
         if not check.more:
-            return await self.pdp.ask(check.document, check.request_id), ()
-        results = await self.pdp.ask_many(check.documents, check.request_id, slots)
-        return combine(results), tuple(r.reason for r in results)
+            return [await self.pdp.ask(check.document, check.request_id)]
+        return await self.pdp.ask_many(check.documents, check.request_id, slots)
 
     async def _ask(
-        self, check: Check, permit: Permit, slots: int
+        self, check: Check, permit: Permit, slots: int, start: float
     ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline. Always reports to the breaker, also when cancelled: once per check, so
-        a batch that times out is one failure, not one per message."""
+        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit,
+        once per check (a batch that times out is one failure, not one per message).
+
+        The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
+        and again right before each request is written, so also for every exchange of a batch that waited for
+        one of its slots): a failure if any message met a PDP failure, a success if any got a well-formed answer.
+        Anything else (a request that could not be built, a call refused because the circuit opened while it
+        waited, a deadline the PEP itself was too held up to notice in time, an exception in the PEP, a caller
+        gone) releases the permit: a caller can neither open the circuit nor hold a probe.
+        """
         clock = self._clock
         observe = self._metrics.pdp_duration
-        start = clock()
+        breaker = self.breaker
+        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
+
+        def gate() -> bool:
+            nonlocal sent
+            if breaker is None or breaker.admit(permit):
+                sent += 1
+                return True
+            return False
+
+        token = GATE.set(gate) if breaker is not None else None
         deadline = start + self._timeout_s
-        attempts = 0
+        attempts = tries = 0
         result: Verdict | Failure | None = None
+        results: list[Verdict | Failure] = []
         each: tuple[Reason, ...] = ()
         try:
             while True:
-                attempts += 1
+                tries += 1
                 began = clock()
                 t0 = time.perf_counter()
+                sent = 0
+                timed_out = False
                 try:
                     async with asyncio.timeout(deadline - began):
-                        result, each = await self._ask_once(check, slots)
+                        answers = await self._ask_once(check, slots)
                 except TimeoutError:
-                    result = _TIMEOUT
-                if isinstance(result, Verdict) and clock() > deadline:
-                    result = _TIMEOUT  # an in-process answer cannot be interrupted, but a late one is not used
-                observe[result.outcome if isinstance(result, Failure) else "ok"].observe(time.perf_counter() - t0)
-                if isinstance(result, Verdict) or not result.retryable or attempts > self._retries:
+                    late = clock() - deadline >= self._stall_s
+                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
+                answer = combine(answers) if check.more else answers[0]
+                asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
+                if answer is NOT_ADMITTED and result is not None:
+                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
+                results, result = answers, answer
+                each = tuple(r.reason for r in answers) if check.more and not timed_out else ()
+                if isinstance(result, Verdict) and (now := clock()) > deadline:
+                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
+                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
+                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
+                    results = [result]
+                if asked:
+                    attempts += 1
+                    outcome = result.outcome if isinstance(result, Failure) else "ok"
+                    observe[outcome].observe(time.perf_counter() - t0)
+                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
                     break
                 now = clock()
                 left = deadline - now
                 if left <= 0 or left < self._min_retry_s or left < now - began:
                     break
         finally:
-            breaker = self.breaker
-            if breaker is None:
-                pass
-            elif isinstance(result, Verdict):
-                breaker.success(permit)
-            elif result is not None or permit.probe:
-                # A failed answer, or a probe that was cancelled (the breaker must not stay half-open).
-                breaker.failure(permit)
+            if token is not None:
+                GATE.reset(token)
+            if breaker is not None:
+                _report(breaker, permit, results if result is not None else [])
+        assert result is not None
         return result, attempts, clock() - start, each
 
 
+def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
+    """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
+    if permit.admitted and not any(r is _STALLED for r in results):
+        if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
+            breaker.failure(permit)
+            return
+        if any(isinstance(r, Verdict) for r in results):
+            breaker.success(permit)
+            return
+    breaker.release(permit)
+
+
 def combine(results: list[Verdict | Failure]) -> Verdict | Failure:
-    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation."""
+    """Several answers as one: the first failure, else the first refusal, else an allow with every obligation.
+
+    Approvals: a refusal that no approval can lift comes first (nobody is asked to approve what is denied anyway);
+    messages asking one approver become one approval of the whole batch (the first message; its binding covers
+    the whole body); approvals by different people cannot be asked in one CIBA request: that batch is denied."""
     verdicts: list[Verdict] = []
     for r in results:
         if isinstance(r, Failure):
             return r
         verdicts.append(r)
     for v in verdicts:
-        if not v.allow:
+        if not v.allow and v.approval is None:
             return v
+    asks = [v for v in verdicts if v.approval is not None]
+    if asks:
+        approvers = {v.approval.approver for v in asks if v.approval is not None}
+        if len(approvers) > 1:
+            return Verdict(False, Reason.POLICY_DENIED, note="a batch needs approvals by different approvers")
+        return asks[0]
     headers = tuple(h for v in verdicts for h in v.headers)
     notes = "; ".join(v.note for v in verdicts if v.note)
-    return Verdict(True, Reason.ALLOWED, headers, notes or None)
+    narrowings = {v.credential for v in verdicts if v.credential is not None}
+    if len(narrowings) > 1:  # one request gets one credential: messages that narrow it differently cannot all hold
+        return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="the batch narrows the credential differently")
+    return Verdict(True, Reason.ALLOWED, headers, notes or None, credential=narrowings.pop() if narrowings else None)

@@ -17,6 +17,8 @@ UNMATCHED = "_unmatched"
 PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
 UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unreadable")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+APPROVAL_RESULTS = ("requested", "granted", "denied", "timeout", "unavailable", "invalid")
+CREDENTIAL_FETCH_RESULTS = ("success", "refused", "error")  # refused: the server answered with an OAuth error
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -113,6 +115,20 @@ class Metrics:
             "pep_jwks_fetches_total", "Fetches of identity.jwt.jwks_url by result.", ["result"], registry=r
         )
         self.jwks_fetches = {ok: fetches.labels("success" if ok else "error") for ok in (True, False)}
+        approvals = Counter(
+            "pep_approvals_total",
+            "Approvals asked of a person (requested) and how they ended.",
+            ["result"],
+            registry=r,
+        )
+        self.approvals = {res: approvals.labels(res) for res in APPROVAL_RESULTS}
+        credential_fetches = Counter(
+            "pep_credential_fetches_total",
+            "Just-in-time credential requests to token endpoints, by result (cache hits are not fetches).",
+            ["result"],
+            registry=r,
+        )
+        self.credential_fetches = {res: credential_fetches.labels(res) for res in CREDENTIAL_FETCH_RESULTS}
         Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
 
     def bind_routes(self, routes: tuple[str, ...]) -> None:

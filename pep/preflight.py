@@ -13,10 +13,11 @@ import importlib.util
 import os
 import ssl
 
-from pep.config import Config
+from pep.config import Config, OAuthClientConfig, TlsConfig
 from pep.credentials import CredentialSource
 from pep.identity.keys import FileKeys, KeysError
 from pep.identity.spiffe import server_context
+from pep.oauth.client_auth import ClientAuth
 from pep.pdp.cedar import CedarLoadError, CedarPdp
 from pep.pdp.transport import tls_context
 from pep.seal import SealKeyError, key_file_warning, read_key
@@ -36,17 +37,78 @@ def startup_problems(config: Config) -> list[str]:
 
 
 def startup_warnings(config: Config) -> list[str]:
-    """`file: key.path: message` for what starts but denies at once (a route credential that is not there), and a
-    seal key file every user of the machine may read."""
+    """`file: key.path: message` for what starts but denies at once (a route credential that is not there), and
+    for key files any user of the machine may read."""
     warnings = [
         credential_warning(config, i, problem)
         for i, route in enumerate(config.routes)
         if route.credential is not None and (problem := CredentialSource(route.credential).problem()) is not None
     ]
-    for i, path in enumerate(config.seal_key_files):
-        if (problem := key_file_warning(path)) is not None:
-            warnings.append(f"{config.source}: seal_key_files[{i}]: {problem}")
+    for key, path in _private_files(config):
+        warning = key_file_warning(path)
+        if warning is not None:
+            warnings.append(f"{config.source}: {key}: {warning}")
     return warnings
+
+
+def _private_files(config: Config) -> list[tuple[str, str]]:
+    """(key path, file) of the keys and secrets only the PEP should read: seal and ticket keys, OAuth client
+    credentials."""
+    found: list[tuple[str, str]] = [(f"seal_key_files[{i}]", p) for i, p in enumerate(config.seal_key_files)]
+    approvals = config.approvals
+    if approvals is not None:
+        found += [(f"approvals.ticket_key_files[{i}]", p) for i, p in enumerate(approvals.ticket_key_files)]
+        found += _client_files("approvals", approvals.client)
+    for i, route in enumerate(config.routes):
+        jit = route.credential.jit if route.credential is not None else None
+        if jit is not None:
+            found += _client_files(f"routes[{i}].credential", jit.client)
+    return found
+
+
+def _client_files(where: str, client: OAuthClientConfig) -> list[tuple[str, str]]:
+    files = (("client_secret_file", client.secret_file), ("client_key_file", client.key_file))
+    return [(f"{where}.{key}", path) for key, path in files if path is not None]
+
+
+def _oauth_problems(src: str, where: str, client: OAuthClientConfig, tls: TlsConfig | None) -> list[str]:
+    """The client's credential file and the TLS files of an OAuth server (approvals, a JIT credential)."""
+    problems: list[str] = []
+    problem = ClientAuth(client).problem()
+    if problem is not None:
+        key = "client_key_file" if client.method == "private_key_jwt" else "client_secret_file"
+        problems.append(f"{src}: {where}.{key}: {problem}")
+    if tls is not None:
+        try:
+            tls_context(tls.ca_file, tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"{src}: {where}.tls: {exc}")
+    return problems
+
+
+def approval_problems(config: Config) -> list[str]:
+    """The ticket keys, the OP client's credential and TLS files, and each JIT credential's files."""
+    src = config.source
+    problems: list[str] = []
+    approvals = config.approvals
+    if approvals is not None:
+        for i, path in enumerate(approvals.ticket_key_files):
+            try:
+                read_key(path)
+            except SealKeyError as exc:
+                problems.append(f"{src}: approvals.ticket_key_files[{i}]: {exc}")
+        problems += _oauth_problems(src, "approvals", approvals.client, approvals.tls)
+    for i, route in enumerate(config.routes):
+        jit = route.credential.jit if route.credential is not None else None
+        if jit is None:
+            continue
+        where = f"routes[{i}].credential"
+        problems += _oauth_problems(src, where, jit.client, jit.tls)
+        if jit.actor_token_file is not None and FileSecret(jit.actor_token_file).value() is None:
+            problems.append(
+                f"{src}: {where}.actor_token_file: {jit.actor_token_file!r} is missing, unreadable or empty"
+            )
+    return problems
 
 
 def credential_warning(config: Config, index: int, problem: str) -> str:
@@ -91,6 +153,7 @@ def file_problems(config: Config) -> list[str]:
             ssl.create_default_context(cafile=jwt.jwks_ca_file)
         except (OSError, ssl.SSLError) as exc:
             problems.append(f"{src}: identity.jwt.jwks_ca_file: {exc}")
+    problems += approval_problems(config)
     mtls = config.identity.mtls
     if mtls is not None:
         files = (("ca_file", mtls.ca_file), ("cert_file", mtls.cert_file), ("key_file", mtls.key_file))

@@ -389,7 +389,7 @@ class Proxy:
             # Header obligations cannot be applied inside a tunnel: an allow that needs them is not one.
             detail = "header obligations cannot be applied to a tunnel"
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, allow.decision_id, detail)
-            return Outcome(deny, outcome.attempts, outcome.pdp_ms, detail)
+            return dataclasses.replace(outcome, decision=deny, note=detail, reasons=())
         return outcome
 
     def _model_answers(self, route: Route, case: _Case, allow: Allow) -> ModelAnswers | None:
@@ -497,9 +497,13 @@ class Proxy:
         decision = outcome.decision
         allow = isinstance(decision, Allow)
         rt = case.rt
+        if outcome.started is not None:  # when the engine took the decision up (pdp_ms counts from then)
+            when = attributes.rfc3339(outcome.started)
+        else:
+            when = document["request"]["time"] if document else attributes.rfc3339_now()
         subject = document["subject"] if document else rt.identifier.unverified(_peercert(request, self.listener_tls))
         entry: dict[str, Any] = {
-            "time": document["request"]["time"] if document else attributes.rfc3339_now(),
+            "time": when,
             "request_id": rid,
             "decision_id": decision.decision_id,
             "route": route_name,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
+from pep.approvals.binding import ApprovalPending
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected
 
@@ -27,6 +30,11 @@ MESSAGES: dict[Reason, str] = {
     Reason.IDENTITY_MISSING: "No verified identity was presented.",
     Reason.IDENTITY_INVALID: "The presented identity could not be verified.",
     Reason.IDENTITY_UNAVAILABLE: "Identities cannot be verified right now.",
+    Reason.APPROVAL_REQUIRED: "This request needs a person's approval; retry it with the ticket once approved.",
+    Reason.APPROVAL_DENIED: "The approver declined this request.",
+    Reason.APPROVAL_TIMEOUT: "Nobody approved this request in time.",
+    Reason.APPROVAL_UNAVAILABLE: "Approvals cannot be asked for right now.",
+    Reason.APPROVAL_INVALID: "The approval ticket is not valid for this request.",
     Reason.INTERNAL_ERROR: "The proxy failed while deciding.",
 }
 
@@ -43,11 +51,14 @@ UNDECIDED: frozenset[Reason] = frozenset(
         Reason.PDP_OVERLOADED,
         Reason.CIRCUIT_OPEN,
         Reason.AUDIT_UNAVAILABLE,
+        Reason.APPROVAL_TIMEOUT,
+        Reason.APPROVAL_UNAVAILABLE,
         Reason.INTERNAL_ERROR,
     }
 )
 MCP_DENIED = -32001
 MCP_UNDECIDED = -32603
+MCP_URL_ELICITATION_REQUIRED = -32042  # MCP 2025-11-25: the client shows the user a URL, then retries
 
 
 def _deny_headers(reason: Reason, request_id: str) -> dict[str, str]:
@@ -59,54 +70,89 @@ def _deny_headers(reason: Reason, request_id: str) -> dict[str, str]:
     }
 
 
-def deny(reason: Reason, request_id: str, status: int = 403) -> web.Response:
-    """A denial for a plain HTTP route: `{"error": {code, reason, message, request_id}}`."""
-    body = orjson.dumps(
-        {
-            "error": {
-                "code": "access_denied",
-                "reason": reason.value,
-                "message": MESSAGES[reason],
-                "request_id": request_id,
-            }
-        }
-    )
-    return web.Response(status=status, body=body, headers=_deny_headers(reason, request_id), content_type=_JSON)
+def _approval_headers(headers: dict[str, str], approval: ApprovalPending | None) -> dict[str, str]:
+    if approval is not None:
+        headers["retry-after"] = approval.retry_after_s
+    return headers
 
 
-def deny_mcp(reason: Reason, request_id: str, inspected: Inspected | None, deny_status: int) -> web.Response:
+def deny(reason: Reason, request_id: str, status: int = 403, approval: ApprovalPending | None = None) -> web.Response:
+    """A denial for a plain HTTP route: `{"error": {code, reason, message, request_id}}`, with `approval` (and a
+    `retry-after` header) when the request waits for a person."""
+    error: dict[str, Any] = {
+        "code": "access_denied",
+        "reason": reason.value,
+        "message": MESSAGES[reason],
+        "request_id": request_id,
+    }
+    if approval is not None:
+        error["approval"] = approval.fields()
+    headers = _approval_headers(_deny_headers(reason, request_id), approval)
+    return web.Response(status=status, body=orjson.dumps({"error": error}), headers=headers, content_type=_JSON)
+
+
+def _mcp_error(
+    reason: Reason, request_id: str, approval: ApprovalPending | None, url_elicitation: bool
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"reason": reason.value, "request_id": request_id}
+    if approval is None:
+        return {"code": MCP_UNDECIDED if reason in UNDECIDED else MCP_DENIED, "message": MESSAGES[reason], "data": data}
+    data["approval"] = approval.fields()
+    if not url_elicitation or approval.elicitation_url is None:
+        return {"code": MCP_DENIED, "message": MESSAGES[reason], "data": data}
+    # The URL-elicitation-required error (MCP 2025-11-25): the client shows the URL to its user and may retry.
+    text = f"A person must approve this request (code {approval.code}); retry it once approved."
+    data["elicitations"] = [
+        {"mode": "url", "message": text, "url": approval.elicitation_url, "elicitationId": approval.approval_id}
+    ]
+    return {"code": MCP_URL_ELICITATION_REQUIRED, "message": MESSAGES[reason], "data": data}
+
+
+def deny_mcp(
+    reason: Reason,
+    request_id: str,
+    inspected: Inspected | None,
+    deny_status: int,
+    approval: ApprovalPending | None = None,
+    url_elicitation: bool = False,
+) -> web.Response:
     """A JSON-RPC error for each request of the body (its id), -32001 for a refusal, -32603 when undecided.
 
     With `deny_status: 200` (the default: every MCP SDK generation reads the error from a 200, where the 1.x
     client ends its session on a 403) the status is 200 for requests and 202 for notifications and responses
     (which expect no body). GET, DELETE and bodies that could not be read get the plain 403.
+    A request waiting for a person (`approval`) gets -32001 with the ticket in `data.approval`, or -32042 with a
+    URL elicitation when the client declared URL elicitation support (`url_elicitation`) and a URL is configured.
     """
     messages = inspected.messages if inspected is not None else ()
     # Requests only: a response the client sent is never answered (its id is from the server's id space).
     ids = [m.rpc_id for m in messages if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response"]
-    headers = _deny_headers(reason, request_id)
+    headers = _approval_headers(_deny_headers(reason, request_id), approval)
     if inspected is None or inspected.body is None:
-        return deny(reason, request_id)
+        return deny(reason, request_id, approval=approval)
     if not ids:
         if deny_status == 200:
             return web.Response(status=202, headers=headers)
-        return deny(reason, request_id)
-    error = {
-        "code": MCP_UNDECIDED if reason in UNDECIDED else MCP_DENIED,
-        "message": MESSAGES[reason],
-        "data": {"reason": reason.value, "request_id": request_id},
-    }
+        return deny(reason, request_id, approval=approval)
+    error = _mcp_error(reason, request_id, approval, url_elicitation)
     replies = [{"jsonrpc": "2.0", "id": rpc_id, "error": error} for rpc_id in ids]
     body = orjson.dumps(replies if inspected.batch else replies[0])
     return web.Response(status=deny_status, body=body, headers=headers, content_type=_JSON)
 
 
-def deny_openai(reason: Reason, request_id: str) -> web.Response:
-    """OpenAI's error shape; `x-should-retry: false` keeps the SDKs from retrying a refusal."""
-    body = orjson.dumps(
-        {"error": {"message": MESSAGES[reason], "type": "permission_denied", "code": reason.value, "param": None}}
-    )
-    headers = _deny_headers(reason, request_id)
+def deny_openai(reason: Reason, request_id: str, approval: ApprovalPending | None = None) -> web.Response:
+    """OpenAI's error shape; `x-should-retry: false` keeps the SDKs from retrying a refusal (a retry of a request
+    waiting for a person needs its ticket, which the SDK would not send)."""
+    error: dict[str, Any] = {
+        "message": MESSAGES[reason],
+        "type": "permission_denied",
+        "code": reason.value,
+        "param": None,
+    }
+    if approval is not None:
+        error["approval"] = approval.fields()
+    body = orjson.dumps({"error": error})
+    headers = _approval_headers(_deny_headers(reason, request_id), approval)
     headers["x-should-retry"] = "false"
     return web.Response(status=403, body=body, headers=headers, content_type=_JSON)
 

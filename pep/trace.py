@@ -2,9 +2,11 @@
 
 Without `tracing` in the config the PEP takes part in no trace itself: a valid `traceparent` goes on to the PDP
 and the upstream unchanged, so their spans hang under the caller's; a missing or invalid one is replaced by a
-new trace (and an invalid one's `tracestate` dropped, as the spec asks), so the PDP request, the upstream
-request and the decision log line share one trace id. The cost is one header lookup and, for a new trace, two
-random ids. With `tracing` (pep/otel.py) the PEP's own span becomes the parent of what it sends on.
+new trace (and its `tracestate` dropped, as the spec asks), so the PDP request, the upstream request and the
+decision log line share one trace id. A `tracestate` goes on only when it follows the spec's grammar: it is
+caller data copied into the PDP request, so it must never be able to break that request. The cost is a header
+lookup or two and, for a new trace, two random ids. With `tracing` (pep/otel.py) the PEP's own span becomes the
+parent of what it sends on.
 
 The request's trace lives in a ContextVar: the PDP client and the upstream forwarder run in the handler's
 task (or tasks it creates, which copy the context), so nothing has to be threaded through their signatures.
@@ -13,6 +15,7 @@ task (or tasks it creates, which copy the context), so nothing has to be threade
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from contextvars import ContextVar
 from random import getrandbits
 from typing import Any, Protocol
@@ -23,6 +26,13 @@ _HEX_LOWER = re.compile(r"[0-9a-f]+\Z")
 _INVALID_TRACE = "0" * 32
 _INVALID_SPAN = "0" * 16
 MAX_TRACESTATE = 512  # the spec's minimum a vendor must propagate; longer lists are truncated by members
+MAX_MEMBERS = 32
+# Trace Context level 1, 3.3.1.3: a key is a simple key or `tenant@system`; a value is printable ASCII without
+# `,` and `=`, at most 256 characters, not ending in a space. Nothing outside ASCII can pass, so a kept tracestate
+# always fits in a header (a caller's `é` or a byte that is not UTF-8 once made building the PDP request fail).
+_KEY = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})\Z")
+_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z")
+_OWS = " \t"
 
 
 class Trace:
@@ -71,6 +81,32 @@ def parse_traceparent(value: str) -> tuple[str, str, str] | None:
     return trace_id, parent_id, flags
 
 
+def parse_tracestate(values: Iterable[str]) -> str | None:
+    """The caller's `tracestate` fields as one list to send on, or None when there is none or it is invalid.
+
+    W3C Trace Context level 1, 3.3.1: repeated fields are one comma-separated list; empty members are skipped;
+    every other member is `key=value` in the spec's character sets, keys are unique, at most 32 members. An
+    invalid list is dropped whole (the spec's "MUST NOT attempt to propagate"), never sent on in part; so is a
+    valid one longer than 512 characters, rather than a list cut in the middle.
+    """
+    members: list[str] = []
+    keys: set[str] = set()
+    for field in values:
+        for raw in field.split(","):
+            member = raw.strip(_OWS)
+            if not member:
+                continue
+            key, sep, value = member.partition("=")
+            if not sep or not _KEY.match(key) or not _VALUE.match(value) or key in keys:
+                return None
+            keys.add(key)
+            members.append(member)
+    if not members or len(members) > MAX_MEMBERS:
+        return None
+    state = ",".join(members)
+    return state if len(state) <= MAX_TRACESTATE else None
+
+
 def from_headers(headers: CIMultiDictProxy[str]) -> Trace:
     """The caller's trace when it sent exactly one valid `traceparent`, else a new one (not sampled: the PEP
     recorded nothing that a sampled flag would promise)."""
@@ -79,12 +115,8 @@ def from_headers(headers: CIMultiDictProxy[str]) -> Trace:
     if found is None:
         # Random ids (W3C asks for randomness, not secrecy): the PRNG, seeded from the OS, costs no syscall.
         return Trace(f"{getrandbits(128) | 1:032x}", f"{getrandbits(64) | 1:016x}", "00", None, remote=False)
-    states = headers.getall("tracestate", ())
-    state = ",".join(states) if states else None
-    if state is not None and len(state) > MAX_TRACESTATE:
-        state = None  # rather none than a list cut in the middle of a member
     trace_id, parent_id, flags = found
-    return Trace(trace_id, parent_id, flags, state, remote=True)
+    return Trace(trace_id, parent_id, flags, parse_tracestate(headers.getall("tracestate", ())), remote=True)
 
 
 class Spans(Protocol):

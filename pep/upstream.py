@@ -51,11 +51,12 @@ class _BodyStream:
     """Streams a request body to the upstream. Each chunk must arrive within BODY_READ_TIMEOUT_S (`stalled`);
     with a `limit` (a body without a Content-Length), it stops once the body exceeds it (`exceeded`)."""
 
-    __slots__ = ("_content", "_limit", "exceeded", "stalled")
+    __slots__ = ("_content", "_limit", "exceeded", "sent", "stalled")
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int | None) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int | None, sent: Callable[[], None]) -> None:
         self._content = content
         self._limit = limit
+        self.sent = sent  # called once the whole body has been handed to the upstream connection
         self.exceeded = False
         self.stalled = False
 
@@ -69,6 +70,7 @@ class _BodyStream:
                 self.stalled = True
                 raise
             if not chunk:
+                self.sent()
                 return
             seen += len(chunk)
             if self._limit is not None and seen > self._limit:
@@ -96,12 +98,16 @@ class Upstream:
         self._session._retry_connection = False
 
     def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
+        """Connecting is bounded by aiohttp; the waits for data (headers, then every body chunk) by `forward` and
+        `_relay` themselves, with `asyncio.timeout`. Not aiohttp's `sock_read`: aiohttp 3.14.5 re-arms that timer
+        when the rest of a response read under back-pressure is drained, after its connection went back to the
+        pool, and the timer then marks the idle connection failed; the next request on it, to a healthy
+        upstream, failed at once with a 504 `timeout` (seen in the soak after 8 MiB streamed to a slow client;
+        aiohttp issue 12953 fixed the case without back-pressure only)."""
         t = self._timeouts.get(route.name)
         if t is None:
-            # Connecting and each wait for data (headers, then every body chunk) are bounded; a stream that
-            # keeps sending may run longer than timeout_ms.
             seconds = route.config.timeout_ms / 1000
-            t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+            t = self._timeouts[route.name] = aiohttp.ClientTimeout(total=None, sock_connect=seconds)
         return t
 
     def headers_for(
@@ -150,6 +156,15 @@ class Upstream:
             headers[name] = value
         if answers is not None:
             headers.popall("Accept-Encoding", None)  # the answer must be readable to be inspected
+        wait = route.config.timeout_ms / 1000  # for the headers once the request is sent, then for each chunk
+        loop = asyncio.get_running_loop()
+        headers_due = asyncio.timeout(None)  # armed once the request, body and all, has gone out
+        awaiting_headers = False
+
+        def sent() -> None:
+            if awaiting_headers:  # a body may end after an early answer: nothing to arm then
+                headers_due.reschedule(loop.time() + wait)
+
         stream: _BodyStream | None = None
         data: object = None
         if allow.body is not None:
@@ -161,7 +176,7 @@ class Upstream:
         elif request.body_exists:
             # A Content-Length over the limit was denied before the PDP; only a chunked body is counted here.
             limit = route.config.max_body_bytes if request.content_length is None else None
-            stream = _BodyStream(request.content, limit)
+            stream = _BodyStream(request.content, limit, sent)
             data = stream.chunks()
         if (
             allow.body is None
@@ -172,14 +187,22 @@ class Upstream:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                allow.method,
-                URL(allow.upstream_url, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._timeout(route),
-            ) as up:
+            async with headers_due:
+                awaiting_headers = True
+                if stream is None:
+                    sent()  # nothing to stream: it goes out at once
+                try:
+                    up = await self._session.request(
+                        allow.method,
+                        URL(allow.upstream_url, encoded=True),
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                        timeout=self._timeout(route),
+                    )
+                finally:
+                    awaiting_headers = False
+            async with up:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
                 headers_out = _answer_headers(up, route)
@@ -188,7 +211,7 @@ class Upstream:
                     types = list(up.headers.getall("Content-Type", ()))
                     mode = answers.mode(up.status, types, list(up.headers.getall("Content-Encoding", ())))
                 if mode == "whole":
-                    rewritten = await _whole(up, answers.whole, headers_out)  # type: ignore[union-attr]
+                    rewritten = await _whole(up, answers.whole, headers_out, wait)  # type: ignore[union-attr]
                     if rewritten is not None:
                         return rewritten
                 if mode in ("whole", "unreadable"):
@@ -198,10 +221,11 @@ class Upstream:
                 if gate is None and _whole_body_fits(request, up):
                     # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A
                     # cut here is a clean 502 `reset`, since nothing has been sent to the caller yet.
-                    body = await up.read()
+                    async with asyncio.timeout(wait):
+                        body = await up.read()
                     headers_out.popall("Content-Length", None)
                     return web.Response(status=up.status, reason=up.reason, headers=headers_out, body=body)
-                response, complete = await _relay(request, up, headers_out, gate)
+                response, complete = await _relay(request, up, headers_out, wait, gate)
                 if not complete:
                     metrics.upstream_failures[route.name, "reset"].inc()
                 if stream is not None and stream.stalled:  # the upstream answered before the body stalled
@@ -242,6 +266,13 @@ def _whole_body_fits(request: web.BaseRequest, up: aiohttp.ClientResponse) -> bo
     return not up.headers.get("Content-Type", "").lower().startswith("text/event-stream")
 
 
+async def _next_chunk(up: aiohttp.ClientResponse, wait: float) -> bytes:
+    """The next part of the response body as it arrives (b"" at its end); TimeoutError after `wait` seconds
+    without one."""
+    async with asyncio.timeout(wait):
+        return await up.content.readany()
+
+
 def _answer_headers(up: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str]:
     """The upstream's response headers as the caller gets them: hop-by-hop ones dropped, and no header naming
     the upstream's own address (pep/redirects.py)."""
@@ -254,11 +285,12 @@ async def _whole(
     up: aiohttp.ClientResponse,
     decide: Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]],
     headers: CIMultiDict[str],
+    wait: float,
 ) -> web.StreamResponse | None:
     """The decided response, or None when the upstream's answer cannot be read whole (over WHOLE_ANSWER_LIMIT)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in up.content.iter_any():
+    while chunk := await _next_chunk(up, wait):
         size += len(chunk)
         if size > WHOLE_ANSWER_LIMIT:
             return None
@@ -271,28 +303,32 @@ async def _whole(
 
 
 async def _relay(
-    request: web.BaseRequest, up: aiohttp.ClientResponse, headers: CIMultiDict[str], gate: Gate | None = None
+    request: web.BaseRequest,
+    up: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    wait: float,
+    gate: Gate | None = None,
 ) -> tuple[web.StreamResponse, bool]:
-    """Stream the upstream response to the caller; False when the upstream broke off after the status line was
-    sent. The caller going away (a dropped stream) is not an upstream failure: the relay just stops. With a
-    `gate`, only what it returns is relayed, and the stream ends where it says so."""
+    """Stream the upstream response to the caller; False when the upstream broke off (or fell silent for `wait`
+    seconds) after the status line was sent. The caller going away (a dropped stream) is not an upstream
+    failure: the relay just stops. With a `gate`, only what it returns is relayed, and the stream ends where it
+    says so."""
     if gate is not None:
         headers.popall("Content-Length", None)  # the gate may end the body early or replace its end
     resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
     await resp.prepare(request)
-    chunks = up.content.iter_any()
     stop = False
     try:
         while True:
             try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                break
+                chunk = await _next_chunk(up, wait)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 # The status line is already out: the only honest signal left is an unfinished body.
                 if request.transport is not None:
                     request.transport.abort()
                 return resp, False
+            if not chunk:
+                break
             if gate is None:
                 await resp.write(chunk)  # awaits drain: back-pressure reaches the upstream
                 continue

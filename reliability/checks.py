@@ -47,6 +47,7 @@ CLOSED_REASONS = frozenset(
 BREAKER_FAILURES = frozenset({"pdp_unreachable", "pdp_timeout", "pdp_error_status", "pdp_malformed"})
 BREAKER_SUCCESSES = frozenset({"allowed", "policy_denied", "pdp_undefined", "obligation_unsupported"})
 TOLERANCE_S = 0.005  # log times are truncated to the millisecond
+TRUNCATION_S = 0.001  # how much later than its log time a decision may have started
 RECOVERY_SLACK_S = 0.3  # on top of open_ms and one probe's deadline: the next request's arrival, the probe itself
 MAX_PROBLEMS = 12
 
@@ -88,6 +89,9 @@ class RunData:
     pool_drain: dict[str, Any]
     exits: dict[str, dict[str, Any]]
     stderr: dict[str, str]
+    # per PEP, request id -> (when the upstream's handler began, when it returned), wall clock
+    upstream_timing: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    runner_lag_s: list[float] = field(default_factory=list)  # how late the run's own event loop ran, per tick
 
 
 def log_time(value: str) -> float:
@@ -101,6 +105,17 @@ class Decision:
     reason: str
     asked: bool  # the PDP was asked (attempts > 0)
     rid: str
+    stalled: bool = False  # a pdp_timeout the PEP noticed half a deadline late or more: its own stall
+
+    @property
+    def failure(self) -> bool:
+        """A failure of the PDP, as the breaker counts it (a timeout the PEP was too held up to notice in time
+        is not one: pep/engine.py `STALL_SHARE`)."""
+        return self.reason in BREAKER_FAILURES and not self.stalled
+
+    @property
+    def success(self) -> bool:
+        return self.reason in BREAKER_SUCCESSES
 
 
 def decisions_of(lines: list[dict[str, Any]]) -> list[Decision]:
@@ -109,7 +124,8 @@ def decisions_of(lines: list[dict[str, Any]]) -> list[Decision]:
         start = log_time(line["time"])
         pdp_ms = line.get("pdp_ms") or 0.0
         attempts = line.get("attempts") or 0
-        out.append(Decision(start, start + pdp_ms / 1000, line["reason"], attempts > 0, line["request_id"]))
+        stalled = line["reason"] == "pdp_timeout" and plan.STALLED_DETAIL in line.get("detail", "")
+        out.append(Decision(start, start + pdp_ms / 1000, line["reason"], attempts > 0, line["request_id"], stalled))
     return out
 
 
@@ -286,11 +302,27 @@ def _expected_problem(kind: Kind, r: dict[str, Any]) -> str | None:
     return f"allowed {kind.name}: want {want}, got status={status} outcome={outcome} uerr={uerr} bytes={r['bytes']}"
 
 
+def decision_end(line: dict[str, Any]) -> float:
+    """When a decision was known (its log time, when the engine took it up, plus `pdp_ms`)."""
+    return log_time(line["time"]) + (line.get("pdp_ms") or 0.0) / 1000
+
+
+def _timed_out_in_full(kind: Kind, r: dict[str, Any], line: dict[str, Any]) -> bool:
+    """A 504 `timeout` on a route with the short timeout that came no sooner than timeout_ms after the request
+    could go out: on a busy machine the upstream (or the PEP itself) may be that late, and then 504 is the
+    answer. One that came sooner is a PEP bug (a connection spoiled by aiohttp's read timer answered 504 in a
+    millisecond)."""
+    if (r["status"], r["uerr"]) != (504, "timeout") or not kind.target.startswith(("/faults", "/deadend")):
+        return False
+    return bool(r["done"] - decision_end(line) >= plan.FAULT_ROUTE_TIMEOUT_MS / 1000 - TOLERANCE_S)
+
+
 def check_answers(data: RunData, ix: Index) -> Check:
     """Each answer is what its decision and the upstream's behaviour make it: 403 + reason for a denial, and
     for an allow the upstream's answer or the right 502/504 with `x-pep-upstream-error`."""
     problems = []
     per_kind: dict[str, Counter[str]] = defaultdict(Counter)
+    late: Counter[str] = Counter()
     for r in data.results:
         kind = ix.kind[r["rid"]]
         if r["outcome"] in ("conn_error", "timeout"):
@@ -309,14 +341,28 @@ def check_answers(data: RunData, ix: Index) -> Check:
         per_kind[kind.name]["allowed"] += 1
         per_kind[kind.name][f"{r['status']}/{r['outcome']}" + (f"/{r['uerr']}" if r["uerr"] else "")] += 1
         problem = _expected_problem(kind, r)
+        if problem is not None and _timed_out_in_full(kind, r, line):
+            # Not the answer its kind has when all goes to plan, but the one the contract gives when the answer
+            # did not come within timeout_ms: the PEP waited that long. Whose lateness it was is counted.
+            timing = data.upstream_timing.get(kind.pep, {}).get(r["rid"])
+            sent = decision_end(line)
+            upstream_late = timing is None or timing[1] >= sent + plan.FAULT_ROUTE_TIMEOUT_MS / 1000
+            late[f"{kind.pep}: {'the upstream' if upstream_late else 'the PEP'} was late"] += 1
+            continue
         if problem is not None:
             problems.append(f"{r['rid']}: {problem}")
     allowed_faults = {
         k: dict(c) for k, c in per_kind.items() if k.startswith("up_") and c["allowed"]
     }  # the upstream-fault kinds
-    figures = {"by_kind": {k: dict(c) for k, c in sorted(per_kind.items())}, "upstream_faults_allowed": allowed_faults}
+    figures = {
+        "by_kind": {k: dict(c) for k, c in sorted(per_kind.items())},
+        "upstream_faults_allowed": allowed_faults,
+        "timed_out_in_full": dict(late),
+    }
     allowed = sum(c["allowed"] for c in per_kind.values())
     summary = f"{allowed} allowed and {sum(c['denied'] for c in per_kind.values())} denied answers as expected"
+    if late:
+        summary += f" ({sum(late.values())} of them 504 after the full timeout_ms: {dict(late)})"
     if problems:
         summary = f"{len(problems)} answers not as expected"
     return Check("answers_as_expected", not problems, summary, figures, problems)
@@ -450,7 +496,10 @@ class Episode:
     pep: str
     label: str
     fail_at: float
-    healthy_at: float
+    healthy_at: float | None  # None: an outage the chaos did not cause (`unscheduled`), its end unknown
+
+
+UNSCHEDULED = "unscheduled (the PDP failed outside the chaos)"
 
 
 def episodes(data: RunData) -> list[Episode]:
@@ -476,6 +525,24 @@ def episodes(data: RunData) -> list[Episode]:
     return out
 
 
+_SHIFTS = (-TRUNCATION_S, 0.0, TRUNCATION_S)  # a success against the failures near it: before, as logged, after
+
+
+def _opening(asked: list[Decision], threshold: int, success_shift: float) -> float | None:
+    """When `threshold` consecutive failures had completed, replaying the answers in the order they completed
+    (successes moved by `success_shift` against the failures), or None."""
+    order = sorted(asked, key=lambda d: d.end + (success_shift if d.success else 0.0))
+    count = 0
+    for d in order:
+        if d.failure:
+            count += 1
+            if count >= threshold:
+                return d.end
+        elif d.success:
+            count = 0
+    return None
+
+
 def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict[str, Any]:
     """Breaker behaviour in one outage, from the decision log alone (see docs/reliability.md)."""
     threshold = plan.FAILURE_THRESHOLD
@@ -484,36 +551,38 @@ def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict
     # if it ended just before.
     begin = ep.fail_at - TOLERANCE_S
     asked = sorted((d for d in decs if d.asked and d.end >= begin and d.start < next_fail), key=lambda d: d.end)
-    count = 0
-    opened: float | None = None
-    for d in asked:
-        if d.reason in BREAKER_FAILURES:
-            count += 1
-            if count >= threshold:
-                opened = d.end
-                break
-        elif d.reason in BREAKER_SUCCESSES:
-            count = 0
-    recovered = next(
-        (d.end for d in asked if d.reason in BREAKER_SUCCESSES and d.end >= ep.healthy_at and d.start < next_fail),
-        None,
-    )
+    # The order in which answers completed is known to the millisecond only (log times are truncated): a success
+    # and a failure less than that apart may have reached the breaker either way. Each check takes the order
+    # that favours the PEP: the earliest possible opening for "no circuit_open before it", the latest for "no
+    # PDP call after it".
+    openings = [o for shift in _SHIFTS if (o := _opening(asked, threshold, shift)) is not None]
+    opened_early = min(openings, default=None)
+    opened = max(openings, default=None)
+    if ep.healthy_at is not None:
+        recovered = next(
+            (d.end for d in asked if d.success and d.end >= ep.healthy_at and d.start < next_fail),
+            None,
+        )
+    else:  # no known healthy time: recovered when a call started once the circuit could probe gets an answer
+        probing = (opened_early or ep.fail_at) + open_s - TOLERANCE_S
+        recovered = next((d.end for d in asked if d.success and probing <= d.start < next_fail), None)
     horizon = min(recovered if recovered is not None else next_fail, next_fail)
     result: dict[str, Any] = {
         "pep": ep.pep,
         "fault": ep.label,
-        "fault_s": round(ep.healthy_at - ep.fail_at, 3),
+        "fault_s": round(ep.healthy_at - ep.fail_at, 3) if ep.healthy_at is not None else None,
         "opened": opened is not None,
-        "failures": sum(1 for d in asked if d.reason in BREAKER_FAILURES and d.start < horizon),
+        "failures": sum(1 for d in asked if d.failure and d.start < horizon),
     }
     violations: list[str] = []
     if opened is not None:
-        before = [d for d in asked if d.reason in BREAKER_FAILURES and d.start <= opened + TOLERANCE_S]
+        before = [d for d in asked if d.failure and d.start <= opened + TOLERANCE_S]
         later = sorted(
-            (d for d in asked if d.reason in BREAKER_FAILURES and opened + TOLERANCE_S < d.start < horizon),
+            (d for d in asked if d.failure and opened + TOLERANCE_S < d.start < horizon),
             key=lambda d: d.start,
         )
-        reopened = opened
+        assert opened_early is not None
+        reopened = opened_early  # the earliest the circuit can have opened: its first probe may start open_s later
         probes = 0
         for d in later:
             if d.start >= reopened + open_s - TOLERANCE_S:
@@ -524,9 +593,11 @@ def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict
                     f"{ep.pep} {ep.label}: {d.rid} asked the PDP {d.start - reopened:.3f} s after the breaker "
                     f"(re)opened ({d.reason})"
                 )
-        early = [d for d in decs if d.reason == "circuit_open" and ep.fail_at <= d.start < opened - TOLERANCE_S]
+        # A circuit_open denial is dated by its end: a call that waited and was refused once the circuit had
+        # opened (attempts 0, pdp_ms the wait) began before the opening, and was denied after it.
+        early = [d for d in decs if d.reason == "circuit_open" and ep.fail_at <= d.end < opened_early - TOLERANCE_S]
         violations += [
-            f"{ep.pep} {ep.label}: {d.rid} denied circuit_open {opened - d.start:.3f} s before "
+            f"{ep.pep} {ep.label}: {d.rid} denied circuit_open {opened_early - d.end:.3f} s before "
             f"{threshold} consecutive failures had completed"
             for d in early
         ]
@@ -543,6 +614,8 @@ def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict
     if recovered is None:
         violations.append(f"{ep.pep} {ep.label}: no PDP answer after it was healthy again")
         result["recovered_after_s"] = None
+    elif ep.healthy_at is None:  # when the PDP was well again is not known: no bound to hold it to
+        result["recovered_after_s"] = None
     else:
         result["recovered_after_s"] = round(recovered - ep.healthy_at, 3)
         if recovered - ep.healthy_at > bound:
@@ -557,15 +630,56 @@ def analyse_episode(ep: Episode, decs: list[Decision], next_fail: float) -> dict
     return result
 
 
+def unscheduled_outages(pep: str, decs: list[Decision], spans: list[tuple[float, float]]) -> list[Episode]:
+    """Runs of `failure_threshold` consecutive PDP failures outside every outage the chaos caused (`spans`): on a
+    busy machine a PDP can answer later than the deadline when nothing broke it. The breaker must behave there
+    as in any outage; only the recovery bound does not apply, since nobody knows when the PDP was well again."""
+    threshold = plan.FAILURE_THRESHOLD
+    starts: list[float] = []
+    for shift in _SHIFTS:  # ties within the log's precision, in any order the breaker may have seen them
+        asked = sorted((d for d in decs if d.asked), key=lambda d: d.end + (shift if d.success else 0.0))
+        run: list[Decision] = []
+        for d in asked:
+            if any(x - TOLERANCE_S <= d.end <= y + TOLERANCE_S for x, y in spans) or d.success:
+                run = []
+            elif d.failure:
+                run.append(d)
+                if len(run) == threshold:
+                    starts.append(min(r.start for r in run))
+    out: list[Episode] = []
+    for start in sorted(starts):  # the same run found in several orders is one outage
+        if not out or start - out[-1].fail_at > plan.OPEN_MS / 1000:
+            out.append(Episode(pep, UNSCHEDULED, start, None))
+    return out
+
+
+def _analyse(pep: str, eps: list[Episode], decs: list[Decision]) -> list[dict[str, Any]]:
+    """Each outage analysed up to the next. An unscheduled one still going when the next begins (the PDP was
+    already failing when the chaos broke it) is one outage with the next, from the earlier start."""
+    eps = sorted(eps, key=lambda e: e.fail_at)
+    out = []
+    while eps:
+        ep, eps = eps[0], eps[1:]
+        result = analyse_episode(ep, decs, eps[0].fail_at if eps else float("inf"))
+        if eps and ep.healthy_at is None and result["recovered_at"] is None:
+            nxt = eps[0]
+            eps[0] = Episode(pep, nxt.label, ep.fail_at, nxt.healthy_at)
+            continue
+        out.append(result)
+    return out
+
+
 def check_breaker(data: RunData) -> tuple[Check, Check]:
     decs = {pep: decisions_of(lines) for pep, lines in data.logs.items()}
     eps = episodes(data)
     analysed = []
     for pep in plan.PEPS:
-        mine = [e for e in eps if e.pep == pep]
-        for n, ep in enumerate(mine):
-            next_fail = mine[n + 1].fail_at if n + 1 < len(mine) else float("inf")
-            analysed.append(analyse_episode(ep, decs[pep], next_fail))
+        scheduled = [e for e in eps if e.pep == pep]
+        spans = [
+            (a["fail_at"], a["recovered_at"] if a["recovered_at"] is not None else float("inf"))
+            for a in _analyse(pep, scheduled, decs[pep])
+        ]
+        analysed += _analyse(pep, scheduled + unscheduled_outages(pep, decs[pep], spans), decs[pep])
     # A circuit_open denial outside every outage (from its start to its recovery) means the breaker opened
     # while the PDP was healthy.
     outside = []
@@ -576,7 +690,7 @@ def check_breaker(data: RunData) -> tuple[Check, Check]:
             if a["pep"] == pep
         ]
         for d in decs[pep]:
-            if d.reason == "circuit_open" and not any(x - TOLERANCE_S <= d.start <= y + TOLERANCE_S for x, y in spans):
+            if d.reason == "circuit_open" and not any(x - TOLERANCE_S <= d.end <= y + TOLERANCE_S for x, y in spans):
                 outside.append(f"{pep}: {d.rid} denied circuit_open at {d.start:.3f}, outside every PDP outage")
     for a in analysed:
         del a["fail_at"], a["recovered_at"]
@@ -601,28 +715,32 @@ def check_breaker(data: RunData) -> tuple[Check, Check]:
         "episodes": analysed,
     }
     recovered = [a["recovered_after_s"] for a in analysed if a["recovered_after_s"] is not None]
+    from_chaos = [a for a in analysed if a["fault"] != UNSCHEDULED]
     rec_figures = {
         "bound_s": round(plan.OPEN_MS / 1000 + plan.PDP_TIMEOUT_MS / 1000 + RECOVERY_SLACK_S, 3),
-        "outages": len(analysed),
+        "outages": len(from_chaos),
+        "unscheduled": len(analysed) - len(from_chaos),
         "recovered": len(recovered),
         "max_recovery_s": max(recovered, default=None),
         "median_recovery_s": _round(statistics.median(recovered)) if recovered else None,
     }
+    unscheduled = len(analysed) - len(from_chaos)
     open_check = Check(
         "breaker_opens_within_threshold",
         not open_problems,
         f"{len(opened)}/{len(analysed)} outages opened the breaker at {plan.FAILURE_THRESHOLD} consecutive failures, "
-        f"never earlier; {open_figures['failures_admitted_after_open']} PDP calls admitted while open (probes aside)",
+        f"never earlier; {open_figures['failures_admitted_after_open']} PDP calls admitted while open (probes aside)"
+        + (f"; {unscheduled} of the outages not caused by the chaos" if unscheduled else ""),
         open_figures,
         open_problems,
     )
     rec_check = Check(
         "breaker_recovers",
-        not recover_problems and bool(analysed),
-        f"{len(recovered)}/{len(analysed)} outages recovered, slowest {rec_figures['max_recovery_s']} s "
+        not recover_problems and bool(from_chaos),
+        f"{len(recovered)}/{len(from_chaos)} outages recovered, slowest {rec_figures['max_recovery_s']} s "
         f"after the PDP was healthy (bound {rec_figures['bound_s']} s)",
         rec_figures,
-        recover_problems or ([] if analysed else ["no outage happened"]),
+        recover_problems or ([] if from_chaos else ["no outage happened"]),
     )
     return open_check, rec_check
 

@@ -209,6 +209,9 @@ PROFILES = {p.name: p for p in (SMOKE, FULL)}
 
 # The PEPs' PDP settings (both): the decision deadline, one retry, and a breaker that cycles quickly.
 PDP_TIMEOUT_MS = 250
+# pep/engine.py: a deadline noticed half of it late or more is the PEP's own stall, not counted against the PDP;
+# its pdp_timeout lines say so in their detail.
+STALLED_DETAIL = "while the PEP was held up"
 FAILURE_THRESHOLD = 5
 OPEN_MS = 1000
 HALF_OPEN_PROBES = 1

@@ -22,6 +22,17 @@ def _n(v: float | None) -> str:
     return f"{v:,.3f}".rstrip("0").rstrip(".")
 
 
+def _runner_lag(result: dict[str, Any]) -> list[str]:
+    lag = result.get("runner_loop_lag_ms")
+    if not lag or not lag["ticks"]:
+        return []
+    return [
+        f"- The run's own event loop (the upstreams and the fault PDP live in it) ran late by at most "
+        f"{_n(lag['max'])} ms (p99 {_n(lag['p99'])} ms; {lag['over_100_ms']} times over 100 ms), measured every "
+        "10 ms: a busy machine shows here."
+    ]
+
+
 def _outages(result: dict[str, Any]) -> list[str]:
     episodes = _check(result, "breaker_opens_within_threshold")["episodes"]
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -95,6 +106,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_n(load['duration_s'])} s, open loop; {_n(load['sent'])} sent, at {_n(load['achieved_rate_per_s'])}/s. "
         f"Send lag behind the schedule: p50 {_n(load['send_lag_ms']['p50'])} ms, p99 "
         f"{_n(load['send_lag_ms']['p99'])} ms, max {_n(load['send_lag_ms']['max'])} ms.",
+        *_runner_lag(result),
         f"- Two PEPs, {s['client_connections_per_pep']} keep-alive client connections each; PDP deadline "
         f"{s['pdp_timeout_ms']} ms with {s['retries']} retry; breaker {s['breaker'][0]} failures / "
         f"{s['breaker'][1]} ms open / {s['breaker'][2]} probe; the `faults` routes' timeout "

@@ -29,6 +29,7 @@ import orjson
 
 from reliability import checks, load, plan, procfs, report, sensitivity
 from reliability.stack import (
+    Deadend,
     PepProcess,
     RunError,
     TimedFaultPdp,
@@ -36,7 +37,7 @@ from reliability.stack import (
     cerbos_pep_config,
     fault_pep_config,
 )
-from tests.support.cerbos import POLICIES, CerbosServer, CerbosUnavailable, check_version, find_binary, free_port
+from tests.support.cerbos import POLICIES, CerbosServer, CerbosUnavailable, check_version, find_binary
 from tests.support.fault_pdp import MODES
 from tests.support.process import REPO, pep_env
 
@@ -84,8 +85,10 @@ async def scrape(session: aiohttp.ClientSession, pep: PepProcess) -> str:
         return await resp.text()
 
 
-async def snapshot(stack: Stack, session: aiohttp.ClientSession) -> dict[str, dict[str, Any]]:
-    """Per PEP: memory, descriptors by role, tasks; and whether both ends agree on the upstream connections."""
+def proc_snapshot(stack: Stack) -> dict[str, dict[str, Any]]:
+    """Per PEP, what /proc says: memory, descriptors by role, and whether both ends agree on the upstream
+    connections. Run in a thread: reading /proc/net/tcp walks the kernel's whole socket table, which took up to a
+    second on a busy machine and held up the upstreams and the fault PDP that share this process's event loop."""
     table = procfs.tcp_table()
     mine = procfs.fd_snapshot(os.getpid(), table)
     out = {}
@@ -97,11 +100,6 @@ async def snapshot(stack: Stack, session: aiohttp.ClientSession) -> dict[str, di
         pep_side = {s.local_port for s in snap.sockets if s.remote_port == up_port and s.state == "ESTABLISHED"}
         up_side = {s.remote_port for s in mine.sockets if s.local_port == up_port and s.state == "ESTABLISHED"}
         pooled = sum(n for k, n in by_role.items() if k.split(":")[0] in ("upstream", "pdp", "admin"))
-        try:
-            text = await scrape(session, pep)
-        except (aiohttp.ClientError, TimeoutError):
-            text = ""
-        tasks = _metric_value(text, "pep_event_loop_tasks")
         out[name] = {
             "rss_kib": procfs.rss_kib(pep.pid),
             "fds": snap.total,
@@ -114,10 +112,22 @@ async def snapshot(stack: Stack, session: aiohttp.ClientSession) -> dict[str, di
             "pdp_pool": sum(n for k, n in by_role.items() if k.startswith("pdp:")),
             "upstream_pool": sum(n for k, n in by_role.items() if k.startswith("upstream:")),
             "sockets": by_role,
-            "tasks": int(tasks) if tasks is not None else None,
-            "circuit": _metric_value(text, "pep_circuit_state"),
-            "in_flight": _metric_value(text, "pep_requests_in_flight"),
         }
+    return out
+
+
+async def snapshot(stack: Stack, session: aiohttp.ClientSession) -> dict[str, dict[str, Any]]:
+    """Per PEP: memory, descriptors by role, tasks; and whether both ends agree on the upstream connections."""
+    out = await asyncio.to_thread(proc_snapshot, stack)
+    for name, pep in stack.peps.items():
+        try:
+            text = await scrape(session, pep)
+        except (aiohttp.ClientError, TimeoutError):
+            text = ""
+        tasks = _metric_value(text, "pep_event_loop_tasks")
+        out[name]["tasks"] = int(tasks) if tasks is not None else None
+        out[name]["circuit"] = _metric_value(text, "pep_circuit_state")
+        out[name]["in_flight"] = _metric_value(text, "pep_requests_in_flight")
     return out
 
 
@@ -165,6 +175,19 @@ async def drain_pools(stack: Stack, session: aiohttp.ClientSession, seconds: flo
                 "pdp_pool_then": {p: s["pdp_pool"] for p, s in snap.items()},
             }
         await asyncio.sleep(1.0)
+
+
+LAG_TICK_S = 0.01
+
+
+async def loop_lag(lags: list[float], stop: asyncio.Event) -> None:
+    """How late this process's event loop runs (it serves the upstreams and the fault PDP): each tick's delay
+    beyond LAG_TICK_S, in seconds. A late loop here is a late upstream or PDP, whatever the PEPs do."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        before = loop.time()
+        await asyncio.sleep(LAG_TICK_S)
+        lags.append(loop.time() - before - LAG_TICK_S)
 
 
 async def _sleep_until(t: float) -> None:
@@ -294,10 +317,12 @@ async def soak(profile: plan.Profile, out: Path, seed: int) -> dict[str, Any]:
     upstreams = {pep: TrackingUpstream() for pep in plan.PEPS}
     fault = TimedFaultPdp(hang_limit=10.0)
     cerbos = CerbosServer(binary, POLICIES, out / "cerbos.log")
-    stack = Stack(out, cerbos, fault, upstreams, free_port())
+    deadend = Deadend()
+    stack = Stack(out, cerbos, fault, upstreams, deadend.port)
     samples: list[dict[str, Any]] = []
     cerbos_events: list[dict[str, Any]] = []
     stop_sampling = asyncio.Event()
+    lags: list[float] = []
     load_proc: asyncio.subprocess.Process | None = None
     background: list[asyncio.Task[None]] = []
     try:
@@ -325,6 +350,7 @@ async def soak(profile: plan.Profile, out: Path, seed: int) -> dict[str, Any]:
                 if _metric_value(await scrape(session, running), "pep_event_loop_tasks") is None:
                     print(f"reliability: pep_event_loop_tasks is not exported by {running.name}", file=sys.stderr)
             background.append(asyncio.create_task(sampler(stack, session, samples, stop_sampling)))
+            background.append(asyncio.create_task(loop_lag(lags, stop_sampling)))
             warm = await load.warm(ports)
             quiet_before = await settle(stack, session)
 
@@ -385,6 +411,8 @@ async def soak(profile: plan.Profile, out: Path, seed: int) -> dict[str, Any]:
             pool_drain=pool_drain,
             exits=exits,
             stderr={pep: p.stderr_path.read_text(errors="replace") for pep, p in stack.peps.items()},
+            upstream_timing={pep: up.timing for pep, up in upstreams.items()},
+            runner_lag_s=lags,
         )
         (out / "samples.json").write_bytes(orjson.dumps(samples))
         meta = {
@@ -431,6 +459,7 @@ async def soak(profile: plan.Profile, out: Path, seed: int) -> dict[str, Any]:
         await fault.stop()
         for up in upstreams.values():
             await up.stop()
+        deadend.close()
 
 
 def judge(data: checks.RunData, meta: dict[str, Any]) -> dict[str, Any]:
@@ -440,7 +469,21 @@ def judge(data: checks.RunData, meta: dict[str, Any]) -> dict[str, Any]:
         **meta,
         "passed": all(c.passed for c in verdicts),
         "chaos": chaos_table(data),
+        "runner_loop_lag_ms": lag_figures(data.runner_lag_s),
         "checks": [c.as_json() for c in verdicts],
+    }
+
+
+def lag_figures(lags: list[float]) -> dict[str, float | int | None]:
+    """How late the run's own event loop (the upstreams, the fault PDP) ran: a busy machine shows here."""
+    ordered = sorted(lags)
+    if not ordered:
+        return {"ticks": 0, "p99": None, "max": None, "over_100_ms": 0}
+    return {
+        "ticks": len(ordered),
+        "p99": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 1),
+        "max": round(ordered[-1] * 1000, 1),
+        "over_100_ms": sum(1 for lag in ordered if lag > 0.1),
     }
 
 

@@ -172,17 +172,25 @@ def breaker_admits_while_open(data: RunData) -> RunData:
 
 
 def breaker_opens_early(data: RunData) -> RunData:
-    """The breaker opening at the first failure: a circuit_open denial right after the fault began."""
-    ep = _first((e for e in checks.episodes(data) if e.pep == plan.CERBOS), lambda e: True)
+    """The breaker opening at the first failure: a circuit_open denial right after the fault began (in an outage
+    the circuit entered closed: on a busy machine an earlier one may still have been going)."""
+    denied_open = [checks.log_time(ln["time"]) for ln in data.logs[plan.CERBOS] if ln["reason"] == "circuit_open"]
+
+    def entered_closed(e: checks.Episode) -> bool:
+        return not any(e.fail_at - 2 * plan.OPEN_MS / 1000 <= t <= e.fail_at for t in denied_open)
+
+    ep = _first((e for e in checks.episodes(data) if e.pep == plan.CERBOS), entered_closed)
     template = _first(data.logs[plan.CERBOS], lambda ln: ln["reason"] == "circuit_open")
     stamp = datetime.fromtimestamp(ep.fail_at + 0.002, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return _with_log(data, plan.CERBOS, [*data.logs[plan.CERBOS], {**template, "time": stamp}])
+    early = {**template, "time": stamp, "pdp_ms": None, "attempts": 0}
+    return _with_log(data, plan.CERBOS, [*data.logs[plan.CERBOS], early])
 
 
 def breaker_open_while_healthy(data: RunData) -> RunData:
     """A circuit_open denial in the warm-up, long before any outage."""
     line = _first(data.logs[plan.FAULT], lambda ln: ln["request_id"].startswith("warm-") and ln["reason"] == "allowed")
-    return _replace_line(data, plan.FAULT, line, {**line, "decision": "deny", "reason": "circuit_open"})
+    denied = {**line, "decision": "deny", "reason": "circuit_open", "pdp_ms": None, "attempts": 0}
+    return _replace_line(data, plan.FAULT, line, denied)
 
 
 def breaker_recovers_late(data: RunData) -> RunData:

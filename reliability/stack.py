@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,20 @@ START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
 SHUTDOWN_GRACE_MS = 3000
 _LISTENING = re.compile(r"proxy on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
+
+
+class Deadend:
+    """A loopback port where nothing listens, held for the whole run: a socket bound to it and never listening
+    refuses every connection, and no other process can take the port meanwhile (with a port that was merely
+    free at the start, another program's server once answered the deadend route's requests with a 200)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class RunError(RuntimeError):
@@ -53,14 +68,19 @@ class TrackingUpstream(RecordingUpstream):
 
     deliveries: list[Delivery] = field(default_factory=list)
     cut: dict[str, float] = field(default_factory=dict)
+    # request id -> (when its handler began, when it returned): a 504 is judged against these (checks.py)
+    timing: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request.headers.get("X-Request-ID", "")
+        began = time.time()
         try:
-            return await super()._handle(request)
+            response = await super()._handle(request)
         except (asyncio.CancelledError, ConnectionError):
             self.cut[rid] = time.time()
             raise
+        self.timing[rid] = (began, time.time())
+        return response
 
     def compact(self) -> None:
         for r in self.seen:

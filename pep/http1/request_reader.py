@@ -196,7 +196,19 @@ class RequestReader:
     the caller, which sees the Request before any of its body.
     """
 
-    __slots__ = ("_body", "_buf", "_eof", "_error", "_head", "_keep_alive", "_limits", "_max_body", "_method", "_state")
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_eof",
+        "_error",
+        "_error_line",
+        "_head",
+        "_keep_alive",
+        "_limits",
+        "_max_body",
+        "_method",
+        "_state",
+    )
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, max_body_bytes: int | None = None) -> None:
         self._limits = limits
@@ -207,12 +219,19 @@ class RequestReader:
         self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, server=True)
         self._body: BodyReader | None = None
         self._error: ProtocolError | None = None
+        self._error_line = b""
         self._keep_alive = False
         self._method = b""
 
     @property
     def state(self) -> RequestState:
         return self._state
+
+    @property
+    def error_line(self) -> bytes:
+        """After a ProtocolError in a head: its first line as received (up to its CRLF, at most `max_line_bytes`),
+        for the caller's log of a request it refused before it was whole; b"" otherwise."""
+        return self._error_line
 
     @property
     def buffered(self) -> int:
@@ -242,6 +261,10 @@ class RequestReader:
             if state is _IDLE or state is _HEAD:
                 return self._read_head()
         except ProtocolError as exc:
+            if state is not _BODY and not self._error_line:  # the line is still at the front of the buffer
+                buf = self._buf
+                end = buf.find(b"\r\n", 0, self._limits.max_line_bytes)
+                self._error_line = bytes(buf[: end if end >= 0 else self._limits.max_line_bytes])
             self._error = exc
             self._move(_ERROR)
             self._buf.clear()
@@ -298,7 +321,11 @@ class RequestReader:
                 raise ProtocolError("the connection closed inside a request head")
             return NEED_DATA
         (method, target, version), block = head
-        request = _request(method, target, version, block, self._limits)
+        try:
+            request = _request(method, target, version, block, self._limits)
+        except ProtocolError:
+            self._error_line = b"%s %s HTTP/%s" % (method, target, version)  # the head has left the buffer
+            raise
         self._method = method
         self._keep_alive = request.keep_alive
         if request.framing is _CHUNKED:

@@ -154,6 +154,11 @@ class ResponseReader:
         return self._state
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out (a transport stops reading above its own bound)."""
+        return len(self._buf)
+
+    @property
     def reusable(self) -> bool:
         """The last answer was read to its end, may be followed by another, and nothing else has arrived."""
         return self._state is _DONE and self._keep_alive and not self._eof and not self._buf

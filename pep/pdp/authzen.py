@@ -18,8 +18,10 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict, ask_each
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, Failure, Pdp, Verdict, admitted, ask_each, encode
 from pep.pdp.answer import malformed, read_object
+from pep.pdp.approval import authzen_approval
+from pep.pdp.credential import credential_narrowing
 from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
@@ -110,7 +112,9 @@ def _note(context: dict[str, Any] | None) -> str | None:
 
 
 def parse_decision(obj: Any) -> Verdict | Failure:
-    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations."""
+    """One AuthZEN decision object: allow iff `decision` is `true` and there are no obligations. A denial with
+    `context.access_request` (a requestable denial) asks for a person's approval: `approval_required`. An allow's
+    `context.credential` narrows the route's just-in-time credential."""
     if not isinstance(obj, dict):
         return malformed(f"a decision is a {type(obj).__name__}, not an object")
     if "decision" not in obj:
@@ -122,12 +126,25 @@ def parse_decision(obj: Any) -> Verdict | Failure:
     if context is not None and not isinstance(context, dict):
         return malformed("context is not an object")
     note = _note(context)
+    access_request = context.get("access_request") if context else None
+    if access_request is not None:
+        if decision:
+            return malformed("context.access_request with decision: true (a requestable denial is a denial)")
+        ask = authzen_approval(access_request)
+        if isinstance(ask, Failure):
+            return ask
+        return Verdict(False, Reason.APPROVAL_REQUIRED, note=note, approval=ask)
     if not decision:
         return Verdict(False, Reason.POLICY_DENIED, note=note)
     obligations = context.get("obligations") if context else None
     if obligations is not None and obligations != []:
         # The PEP carries out no obligation yet; the Obligations Profile says such a response MUST be a deny.
         return Verdict(False, Reason.OBLIGATION_UNSUPPORTED, note="obligations present, none supported")
+    if context and context.get("credential") is not None:
+        credential = credential_narrowing(context["credential"], "context.credential")
+        if isinstance(credential, Failure):
+            return credential
+        return Verdict(True, Reason.ALLOWED, note=note, credential=credential)
     return Verdict(True, Reason.ALLOWED, note=note)
 
 
@@ -210,6 +227,9 @@ class AuthzenPdp(Pdp):
     async def endpoints(self) -> Endpoints | Failure:
         if self._endpoints is not None and self._clock() < self._expires:
             return self._endpoints
+        # Starting or joining a discovery is this decision's call to the PDP: the breaker must still admit it.
+        if not admitted():
+            return NOT_ADMITTED
         task = self._discovery
         if task is None or task.done():
             task = self._discovery = asyncio.get_running_loop().create_task(self._discover())
@@ -217,6 +237,7 @@ class AuthzenPdp(Pdp):
         return await asyncio.shield(task)
 
     async def _discover(self) -> Endpoints | Failure:
+        GATE.set(None)  # shared by every decision waiting for it (each was admitted to wait): its own context
         headers = self._headers("discovery")
         if isinstance(headers, Failure):
             return headers
@@ -245,16 +266,20 @@ class AuthzenPdp(Pdp):
             return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        # Everything built from the caller's data first: what cannot be built is denied before the PDP is asked.
         parts = self._parts(document)
         if isinstance(parts, Verdict):
             return parts
-        endpoints = await self.endpoints()
-        if isinstance(endpoints, Failure):
-            return endpoints
+        body = encode(_member(parts))
+        if isinstance(body, Failure):
+            return body
         headers = self._headers(request_id)
         if isinstance(headers, Failure):
             return headers
-        answer = await self._transport.post(endpoints.evaluation, orjson.dumps(_member(parts)), headers)
+        endpoints = await self.endpoints()
+        if isinstance(endpoints, Failure):
+            return endpoints
+        answer = await self._transport.post(endpoints.evaluation, body, headers)
         return parse_evaluation(answer, request_id)
 
     async def ask_many(
@@ -269,6 +294,13 @@ class AuthzenPdp(Pdp):
         ]
         if not todo:
             return results
+        members = [_member(p) for _, p in todo]
+        body = encode({"options": {"evaluations_semantic": "execute_all"}, "evaluations": members})
+        if isinstance(body, Failure):  # one message's data cannot be carried: the batch is not sent at all
+            return [body if isinstance(m, Parts) else r for m, r in zip(mapped, results, strict=True)]
+        headers = self._headers(request_id)
+        if isinstance(headers, Failure):
+            return [headers] * len(documents)
         endpoints = await self.endpoints()
         if isinstance(endpoints, Failure):
             return [endpoints if isinstance(mapped[i], Parts) else r for i, r in enumerate(results)]
@@ -279,11 +311,7 @@ class AuthzenPdp(Pdp):
             for (i, _), verdict in zip(todo, answers, strict=True):
                 results[i] = verdict
             return results
-        headers = self._headers(request_id)
-        if isinstance(headers, Failure):
-            return [headers] * len(documents)
-        body = {"options": {"evaluations_semantic": "execute_all"}, "evaluations": [_member(p) for _, p in todo]}
-        answer = await self._transport.post(endpoints.evaluations, orjson.dumps(body), headers)
+        answer = await self._transport.post(endpoints.evaluations, body, headers)
         for (i, _), verdict in zip(todo, parse_evaluations(answer, request_id, len(todo)), strict=True):
             results[i] = verdict
         return results

@@ -5,6 +5,9 @@ types upper-cased (`agent` -> `Agent`). Cedar has no null and no float: nulls ar
 decimals when Cedar's decimal can hold them exactly (4 places), strings otherwise. A record key Cedar reads as
 an escape (`__entity`, `__extn`, `__expr`) would let a tool argument forge an entity reference, so such a record
 is passed as its JSON text instead.
+
+A deny whose determining policies are all `@approval("approver")` forbid policies naming one approver asks for that
+person's approval (`approval_required`); `@approval_message("...")` is the text for them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,25 @@ from typing import Any
 import cedarpy
 
 from pep.decision import Reason
-from pep.pdp import Failure, Pdp, Verdict
+from pep.pdp import ApprovalAsk, Failure, Pdp, Verdict
+from pep.pdp.approval import MAX_MESSAGE, approver_of, message_of
 from pep.pdp.mapping import CompiledMapping, MappingError, map_document
 
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
 _I64 = 2**63
 _DECIMAL_MAX = 922337203685477.5807
 _NOTE_MAX = 256
+
+
+# How cedarpy reports a request it could not build (a principal type that is no Cedar name, a string that is not
+# valid Unicode in the context): in the diagnostics, not as an exception. Pinned by tests/unit/test_cedar.py.
+_BUILD_ERROR = "failed to build request"
+
+
+def _cannot_take(detail: str) -> Failure:
+    """Caller data Cedar cannot take (entities or a request that do not parse): a denial of this request alone,
+    `request_ambiguous`, as for the remote PDPs; not an evaluation error of the policies."""
+    return Failure(Reason.REQUEST_AMBIGUOUS, "error", False, f"cedar cannot take the request: {detail}"[:_NOTE_MAX])
 
 
 class CedarLoadError(Exception):
@@ -93,6 +108,43 @@ def load_entities(path: str | None) -> list[dict[str, Any]]:
     return entities
 
 
+def approval_annotations(policies: cedarpy.PolicySet, path: str) -> dict[str, ApprovalAsk]:
+    """The `@approval("approver")` forbid policies (with an optional `@approval_message("...")`), by policy id.
+
+    Refused at load: `@approval` on a permit (an allow needs no approval), or an approver or message that
+    `pep.pdp.approval` would not accept from a remote PDP."""
+    found: dict[str, ApprovalAsk] = {}
+    for policy_id, policy in policies.to_pst().static_policies.items():
+        annotations = policy.annotations
+        if "approval" not in annotations:
+            if "approval_message" in annotations:
+                raise CedarLoadError(f"pdp.policies: {path!r}: {policy_id}: @approval_message without @approval")
+            continue
+        if policy.effect != "forbid":
+            raise CedarLoadError(f"pdp.policies: {path!r}: {policy_id}: @approval is only for forbid policies")
+        approver = approver_of(annotations["approval"], "@approval")
+        if isinstance(approver, Failure):
+            raise CedarLoadError(f"pdp.policies: {path!r}: {policy_id}: {approver.detail}")
+        message = message_of(annotations.get("approval_message"), "@approval_message")
+        if isinstance(message, Failure):
+            raise CedarLoadError(f"pdp.policies: {path!r}: {policy_id}: {message.detail}")
+        found[policy_id] = ApprovalAsk(approver, message)
+    return found
+
+
+def approval_of(determining: list[str], approvals: dict[str, ApprovalAsk]) -> ApprovalAsk | None:
+    """A deny asks for approval when it has determining policies and every one is an `@approval` forbid naming the
+    same approver (messages joined); otherwise it stays a policy deny."""
+    asks = [approvals.get(policy_id) for policy_id in determining]
+    if not asks or any(ask is None for ask in asks):
+        return None
+    approvers = {ask.approver for ask in asks if ask is not None}
+    if len(approvers) != 1:
+        return None  # two people would have to approve: one CIBA request cannot ask both
+    messages = list(dict.fromkeys(ask.message for ask in asks if ask is not None and ask.message))
+    return ApprovalAsk(approvers.pop(), "; ".join(messages)[:MAX_MESSAGE] if messages else None)
+
+
 class CedarPdp(Pdp):
     """Evaluates in process. There is nothing remote to fail, so the engine gives it no circuit breaker."""
 
@@ -108,11 +160,12 @@ class CedarPdp(Pdp):
 
     def _load(self) -> None:
         policies = load_policies(self._policies_path)
+        approvals = approval_annotations(policies, self._policies_path)
         entities = load_entities(self._entities_path)
         file_entities = {(e["uid"]["type"], e["uid"]["id"]): e for e in entities}
         base = cedarpy.Entities.from_json_str(json.dumps(entities))
         # Only now, with everything read: a reload that fails half-way changes nothing.
-        self._policies, self._file_entities, self._base = policies, file_entities, base
+        self._policies, self._approvals, self._file_entities, self._base = policies, approvals, file_entities, base
 
     def reload(self) -> str | None:
         """Re-read the files; on any problem keep the policies in force and say why."""
@@ -159,14 +212,19 @@ class CedarPdp(Pdp):
         try:
             result = cedarpy.is_authorized(request, self._policies, self._entities(generated))
         except (ValueError, TypeError) as exc:
-            return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar rejected the request: {exc}"[:_NOTE_MAX])
+            return _cannot_take(str(exc))
         errors = result.diagnostics.errors
+        if errors and all(e.startswith(_BUILD_ERROR) for e in errors):
+            return _cannot_take("; ".join(errors))
         if errors:
             # Cedar skips a policy whose evaluation fails and may still allow; a PEP must not.
             return Failure(Reason.PDP_ERROR_STATUS, "error", False, f"cedar: {'; '.join(errors)}"[:_NOTE_MAX])
         reasons = ", ".join(result.diagnostics.reasons)[:_NOTE_MAX] or None
         if result.allowed is True:
             return Verdict(True, Reason.ALLOWED, note=reasons)
+        ask = approval_of(result.diagnostics.reasons, self._approvals)
+        if ask is not None:
+            return Verdict(False, Reason.APPROVAL_REQUIRED, note=reasons, approval=ask)
         return Verdict(False, Reason.POLICY_DENIED, note=reasons)
 
     async def close(self) -> None:

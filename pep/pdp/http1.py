@@ -16,6 +16,7 @@ import ssl
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -24,12 +25,22 @@ import httptools
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
 MAX_HEADER_BYTES = 65536
 _BAD_VALUE = frozenset("\r\n\0")
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # Bytes a reason phrase may not hold (RFC 9112: HTAB, SP, VCHAR, obs-text): llhttp passes the other controls.
 _BAD_REASON = bytes(b for b in range(32) if b != 9) + b"\x7f"
 
 
 class ExchangeError(Exception):
     """The connection failed before a complete answer arrived (refused, reset, closed early, unparsable)."""
+
+
+class RequestError(ValueError):
+    """The request cannot be framed (a header value outside Latin-1 or with a line break): nothing was sent.
+    A ValueError, as before it had its own name: callers that only need "nothing was sent" keep catching that."""
+
+
+class NotAdmitted(Exception):
+    """The caller's `admit` said no right before the request would have gone out: nothing was sent."""
 
 
 class Answer:
@@ -61,7 +72,7 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._size = 0
         self._header_bytes = 0
-        self._encoding = ""
+        self._codings: list[str] = []  # Content-Encoding, every field, in order
         self._framed = False  # Content-Length or chunked: the end of the body is known without EOF
         self._headers_done = False
         self._keep_alive = False
@@ -109,8 +120,8 @@ class _Connection(asyncio.Protocol):
             self._answer.request_id = value.decode("latin-1")
         elif key == b"cache-control":
             self._answer.cache_control = value.decode("latin-1")
-        elif key == b"content-encoding":
-            self._encoding = value.decode("latin-1").strip().lower()
+        elif key == b"content-encoding":  # repeated fields are one list (RFC 9110 5.3): codings in order
+            self._codings += [c for c in value.decode("latin-1").lower().split(",") if c.strip(" \t")]
         elif key == b"content-length":
             self._framed = True
             if value.strip().isdigit() and int(value) > self._limit:
@@ -125,7 +136,7 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the final one follows on the same connection
             self._answer = Answer()  # none of its headers describe the final answer
-            self._encoding, self._framed = "", False
+            self._codings, self._framed = [], False
             return
         self._answer.status = status
         self._headers_done = True
@@ -156,7 +167,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._answer = Answer()
         self._chunks, self._size, self._header_bytes = [], 0, 0
-        self._encoding, self._framed, self._headers_done, self._keep_alive = "", False, False, False
+        self._codings, self._framed, self._headers_done, self._keep_alive = [], False, False, False
         self.transport.write(data)
         answer: Answer = await waiter
         return answer
@@ -173,7 +184,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self) -> None:
         answer = self._answer
         body = b"".join(self._chunks)
-        if self._encoding and not answer.oversize:
+        if self._codings and not answer.oversize:
             body = self._decode(body, answer)
         answer.body = body
         self._parser = None
@@ -182,11 +193,16 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(answer)
 
     def _decode(self, body: bytes, answer: Answer) -> bytes:
-        if self._encoding in ("identity", ""):
+        """The body under its one content coding, whole: gzip (one member) or deflate (one zlib stream) and
+        nothing after it. A second gzip member, or any byte after the end of the stream, is trailing data (the
+        body is undecodable, so `pdp_malformed`): read as one member, `gzip(allow) + gzip(deny)` allowed. So is a
+        coding not listed here, or several codings (the client asks for none; a PDP has no reason to stack
+        them). The output is bounded by the limit too, whatever the ratio (a decompression bomb is oversize)."""
+        codings = [c.strip(" \t") for c in self._codings]
+        codings = [c for c in codings if c != "identity"]
+        if not codings:
             return body
-        wbits = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(
-            self._encoding
-        )
+        wbits = _WBITS.get(codings[0]) if len(codings) == 1 else None
         if wbits is None:
             answer.undecodable = True
             return b""
@@ -196,8 +212,8 @@ class _Connection(asyncio.Protocol):
             if len(out) > self._limit:
                 answer.oversize = True
                 return b""
-            if not d.eof:
-                raise zlib.error("incomplete compressed body")
+            if not d.eof or d.unused_data or d.unconsumed_tail:
+                raise zlib.error("incomplete compressed body, or data after its end")
             return out
         except zlib.error:
             answer.undecodable = True
@@ -260,20 +276,41 @@ class Http1Client:
             target = self._targets[method, url] = _Target(method, url, self._fixed, url.startswith("https://"))
         return target
 
-    async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> Answer:
-        """One request and its complete answer. Raises ExchangeError, OSError or ValueError (a header value)."""
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        admit: Callable[[], bool] | None = None,
+    ) -> Answer:
+        """One request and its complete answer. Raises ExchangeError or OSError (the exchange failed),
+        RequestError (a header value) or ValueError (the URL) before anything is sent, and NotAdmitted when
+        `admit` says no: it is asked before a connection is made or taken, and again right before the request
+        is written."""
         target = self._target(method, url)
         lines = [target.head]
         for name, value in headers.items():
             if _BAD_VALUE.intersection(value):
-                raise ValueError(f"header {name} holds a line break or NUL")
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+                raise RequestError(f"header {name} holds a line break or NUL")
+            try:
+                lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            except UnicodeEncodeError:
+                raise RequestError(f"header {name} holds a character outside Latin-1") from None
         lines.append(f"Content-Length: {len(body)}\r\n\r\n".encode("ascii") if body is not None else b"\r\n")
         if body is not None:
             lines.append(body)
         data = b"".join(lines)
         async with self._slots:
+            # Asked before connecting (a refused or failed connect is the PDP's failure, so the call must count)
+            # and again right before the request is written, with nothing awaited in between: a new connection
+            # takes a round trip, during which the circuit may have opened.
+            if admit is not None and not admit():
+                raise NotAdmitted
             conn = await self._connection(target)
+            if admit is not None and not admit():
+                self._idle.setdefault(target.key, deque()).append(conn)  # unused: still good for the next one
+                raise NotAdmitted
             try:
                 answer = await conn.exchange(data)
             except BaseException:

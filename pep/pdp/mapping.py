@@ -154,6 +154,8 @@ def default_parts(doc: dict[str, Any]) -> Parts:
     context = dict(facts)
     context["request_id"] = request["id"]
     context["time"] = request["time"]
+    if doc.get("approval") is not None:  # asked again after a person approved (AuthZEN: `context.approval`)
+        context["approval"] = doc["approval"]
     kind, name = principal(doc)
     return Parts(
         subject={"type": kind, "id": name, "properties": properties},

@@ -1,14 +1,17 @@
-"""OPA's REST Data API: `POST {url}` with `{"input": DOC}`; allow only on `result: true` or `result.allow: true`."""
+"""OPA's REST Data API: `POST {url}` with `{"input": DOC}`; allow only on `result: true` or `result.allow: true`.
+
+`result: {allow: false, approval: {approver, message?}}` asks for a person's approval (`approval_required`);
+`result: {allow: true, credential: {audience?, scopes?}}` narrows the route's just-in-time credential."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from pep.decision import Reason
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict
+from pep.decision import CredentialNarrowing, Reason
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode
 from pep.pdp.answer import malformed, read_object
+from pep.pdp.approval import opa_approval
+from pep.pdp.credential import credential_narrowing
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
@@ -36,14 +39,29 @@ def parse_answer(answer: RawAnswer) -> Verdict | Failure:
         return malformed(f"result.allow is a {type(allow).__name__}, not a boolean")
     note = result.get("reason")
     note = note[:_NOTE_MAX] if isinstance(note, str) else None
+    if "approval" in result:
+        if allow:
+            return malformed("result.approval with allow: true (an approval is asked for on a deny)")
+        ask = opa_approval(result["approval"])
+        if isinstance(ask, Failure):
+            return ask
+        return Verdict(False, Reason.APPROVAL_REQUIRED, note=note, approval=ask)
     if not allow:
         return Verdict(False, Reason.POLICY_DENIED, note=note) if note else DENIED
+    credential: CredentialNarrowing | None = None
+    if "credential" in result:
+        narrowed = credential_narrowing(result["credential"], "result.credential")
+        if isinstance(narrowed, Failure):
+            return narrowed
+        credential = narrowed
     headers = result.get("headers")
     if headers is None:
-        return Verdict(True, Reason.ALLOWED, note=note) if note else ALLOWED
+        if credential is None:
+            return Verdict(True, Reason.ALLOWED, note=note) if note else ALLOWED
+        return Verdict(True, Reason.ALLOWED, note=note, credential=credential)
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         return malformed("result.headers is not an object of strings")
-    return Verdict(True, Reason.ALLOWED, tuple(headers.items()), note)
+    return Verdict(True, Reason.ALLOWED, tuple(headers.items()), note, credential=credential)
 
 
 class OpaPdp(Pdp):
@@ -60,7 +78,9 @@ class OpaPdp(Pdp):
         self._auth_header = auth_header
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
-        body = orjson.dumps({"input": document})
+        body = encode({"input": document})
+        if isinstance(body, Failure):
+            return body
         headers = request_headers(request_id, self._auth, self._auth_header)
         if isinstance(headers, Failure):
             return headers

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from pep import __version__
 from pep.decision import Reason
-from pep.pdp import Failure
-from pep.pdp.http1 import ExchangeError, Http1Client
+from pep.pdp import NOT_ADMITTED, Failure, admitted
+from pep.pdp.http1 import ExchangeError, Http1Client, NotAdmitted, RequestError
 from pep.secret_file import FileSecret
 from pep.trace import CURRENT as CURRENT_TRACE
 
@@ -65,11 +65,17 @@ class HttpTransport:
         return await self.exchange("GET", url, None, headers)
 
     async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> RawAnswer | Failure:
+        """The answer, or a Failure. Only a call that went out can end in one of the PDP's failures: a request
+        that cannot be framed is the PEP's problem, and one the breaker no longer admits is `circuit_open`."""
         try:
-            a = await self._client.exchange(method, url, body, headers)
+            a = await self._client.exchange(method, url, body, headers, admitted)
+        except NotAdmitted:
+            return NOT_ADMITTED
+        except RequestError as exc:
+            return Failure(Reason.INTERNAL_ERROR, "unsent", False, f"the PDP request cannot be framed: {exc}")
         except (ExchangeError, OSError) as exc:  # ssl.SSLError is an OSError
             return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
-        except ValueError as exc:
+        except ValueError as exc:  # a URL the client cannot use: nothing was sent
             return Failure(Reason.PDP_UNREACHABLE, "error", False, str(exc))
         body_out = b"" if a.oversize else a.body
         return RawAnswer(a.status, a.content_type, body_out, a.oversize, a.undecodable, a.request_id, a.cache_control)

@@ -16,7 +16,14 @@ from yarl import URL
 
 from pep import __version__
 from pep.decision import Reason
-from pep.metrics import CODE_CLASSES, PDP_OUTCOMES, UNMATCHED, UPSTREAM_FAILURES
+from pep.metrics import (
+    APPROVAL_RESULTS,
+    CODE_CLASSES,
+    CREDENTIAL_FETCH_RESULTS,
+    PDP_OUTCOMES,
+    UNMATCHED,
+    UPSTREAM_FAILURES,
+)
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
 from tests.support.upstream import RecordingUpstream
@@ -125,7 +132,7 @@ async def test_no_metric_label_takes_a_value_from_the_request(
         "to": {"closed", "open", "half_open"},
         "code_class": set(CODE_CLASSES),
         "kind": set(UPSTREAM_FAILURES),
-        "result": {"success", "error"},
+        "result": {"success", "error", *APPROVAL_RESULTS, *CREDENTIAL_FETCH_RESULTS},
         "version": {__version__},
     }
     for family in text_string_to_metric_families(text):

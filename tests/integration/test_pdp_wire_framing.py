@@ -1,10 +1,12 @@
 """PDP answers whose framing could mislead a client, on the wire through a running PEP (found by fuzzing the PDP
-client): an interim 1xx answer's headers, or bytes after a complete answer, must never make an allow of an answer
-the contract calls malformed. Every case asserts that nothing reached the upstream."""
+client, and by review): an interim 1xx answer's headers, bytes after a complete answer, or data after the one
+gzip member of a compressed answer must never make an allow of an answer the contract calls malformed. Every case
+asserts that nothing reached the upstream."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,19 @@ TRAILING_BYTES = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 )
 UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def gzipped(body: bytes, *codings: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    head += b"".join(b"Content-Encoding: %s\r\n" % c for c in codings or (b"gzip",))
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+# Decoded only to the end of the first gzip member, these were allows; uncompressed, the same JSON is trailing data.
+GZIP_TWO_MEMBERS = gzipped(gzip.compress(b'{"result":true}') + gzip.compress(b'{"result":false}'))
+GZIP_THEN_GARBAGE = gzipped(gzip.compress(b'{"result":true}') + b"garbage")
+# Two fields are one list (gzip, gzip): the body is not gzipped twice, so it cannot be read as such.
+GZIP_TWICE = gzipped(gzip.compress(b'{"result":true}'), b"gzip", b"gzip")
 
 
 class RawPdp:
@@ -75,6 +90,9 @@ async def raw_pdp(request: pytest.FixtureRequest) -> AsyncIterator[RawPdp]:
         pytest.param(INTERIM_HEADERS, "pdp_malformed", id="interim-headers"),
         pytest.param(TRAILING_BYTES, "pdp_malformed", id="bytes-after-the-answer"),
         pytest.param(UPGRADE, "pdp_unreachable", id="upgrade"),
+        pytest.param(GZIP_TWO_MEMBERS, "pdp_malformed", id="gzip-second-member"),
+        pytest.param(GZIP_THEN_GARBAGE, "pdp_malformed", id="gzip-then-garbage"),
+        pytest.param(GZIP_TWICE, "pdp_malformed", id="content-encoding-repeated"),
     ],
     indirect=["raw_pdp"],
 )

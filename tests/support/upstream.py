@@ -6,8 +6,9 @@ MCP progress notification and the last the JSON-RPC response to request ID), `/s
 late, `/hang` never answers,
 `/reset` resets mid-response (`?length=N`: the Content-Length it announces, default 100000),
 `/drop` resets after reading the request without answering at all,
-`/big?bytes=N` sends a large body, `/status/N` answers N, anything else echoes: under `/mcp`, as an MCP server
-answers (a JSON-RPC request gets a response whose result is the echo, a notification or response 202).
+`/big?bytes=N[&piece=P]` sends a large body (P bytes per write), `/status/N` answers N, anything else echoes: under
+`/mcp`, as an MCP server answers (a JSON-RPC request gets a response whose result is the echo, a notification or
+response 202).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class RecordingUpstream(LoopbackServer):
                 resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
                 await resp.prepare(request)
                 left = int(q.get("bytes", "1000000"))
+                piece = int(q.get("piece", "65536"))  # bytes per write
                 while left > 0:
-                    n = min(left, 65536)
+                    n = min(left, piece)
                     await resp.write(b"x" * n)
                     left -= n
                 await resp.write_eof()

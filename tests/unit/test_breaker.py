@@ -1,4 +1,7 @@
-"""pep.breaker.Breaker: every transition, on a fake clock, plus a stateful model check."""
+"""pep.breaker.Breaker: every transition, on a fake clock, plus a stateful model check.
+
+Most tests admit a permit as soon as it is acquired (`permit`), as a call that goes out at once; the tests of
+`admit` and `release` separate the two, as a call that waits (for a connection, a discovery) does."""
 
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ def state(b: Breaker) -> State:
 
 
 def permit(b: Breaker) -> Permit:
+    """A permit for a call that goes out at once: acquired and admitted."""
     p = b.acquire()
     assert p is not None
+    assert b.admit(p)
     return p
 
 
@@ -236,6 +241,110 @@ def test_state_values_are_the_gauge_values() -> None:
     assert (int(State.CLOSED), int(State.HALF_OPEN), int(State.OPEN)) == (0, 1, 2)
 
 
+# --- a permit is for an immediate call ---------------------------------------------------------------------------
+
+
+def test_only_an_admitted_permit_counts() -> None:
+    b, _, _ = make(threshold=1)
+    waiting = b.acquire()
+    assert waiting is not None
+    b.failure(waiting)  # never admitted: the call did not go out, so it says nothing about the PDP
+    b.success(waiting)
+    assert state(b) is State.CLOSED
+    assert b.failures == 0
+
+
+def test_a_permit_that_waited_past_the_opening_is_refused() -> None:
+    """Admitted while closed, still waiting (for a pool connection) when the circuit opens: the call must not go out,
+    and it cannot count either way."""
+    b, clock, _ = make(threshold=2, open_s=5.0)
+    waiting = b.acquire()
+    assert waiting is not None
+    open_breaker(b)
+    assert b.admit(waiting) is False
+    clock.advance(5.0)
+    assert state(b) is State.HALF_OPEN
+    assert b.admit(waiting) is False  # not a probe: half-open admits only the probes it handed out
+    probe = b.acquire()
+    assert probe is not None
+    assert b.acquire() is None  # the waiting permit did not take the probe's place
+    assert b.admit(probe) is True
+    b.failure(waiting)
+    b.success(waiting)
+    assert state(b) is State.HALF_OPEN  # only the probe decides
+    b.failure(probe)
+    assert state(b) is State.OPEN
+
+
+def test_exactly_the_probes_go_out_from_the_moment_of_opening() -> None:
+    """Many permits acquired while closed, each waiting; the circuit opens and goes half-open and open again: none
+    of them is admitted, only the probes of each half-open period are."""
+    b, clock, _ = make(threshold=1, open_s=1.0, probes=2)
+    waiting = [b.acquire() for _ in range(50)]
+    open_breaker(b)
+    sent = 0
+    for _ in range(3):
+        clock.advance(1.0)
+        probes = [b.acquire(), b.acquire()]
+        assert b.acquire() is None
+        for p in waiting:
+            assert p is not None
+            assert b.admit(p) is False
+        for p in probes:
+            assert p is not None
+            sent += b.admit(p)
+        b.failure(probes[0])  # type: ignore[arg-type]
+        assert state(b) is State.OPEN
+    assert sent == 6
+
+
+def test_an_older_permit_is_admitted_again_once_the_circuit_has_closed() -> None:
+    b, clock, _ = make(threshold=1, open_s=1.0)
+    waiting = b.acquire()
+    assert waiting is not None
+    open_breaker(b)
+    clock.advance(1.0)
+    b.success(permit(b))
+    assert state(b) is State.CLOSED
+    assert b.admit(waiting) is True  # closed again: it is an ordinary call of the current period
+    assert waiting.probe is False
+    b.failure(waiting)
+    assert state(b) is State.OPEN  # and it counts
+
+
+def test_a_released_probe_gives_its_place_to_the_next_request() -> None:
+    b, clock, rec = make(threshold=1, open_s=1.0)
+    open_breaker(b)
+    clock.advance(1.0)
+    probe = b.acquire()
+    assert probe is not None
+    assert probe.probe
+    assert b.acquire() is None
+    b.release(probe)  # the request could not be built, or its caller went away: nothing about the PDP
+    assert state(b) is State.HALF_OPEN
+    assert b.admit(probe) is False  # spent
+    b.release(probe)  # twice changes nothing
+    again = b.acquire()
+    assert again is not None
+    assert again.probe
+    assert b.acquire() is None
+    assert b.admit(again)
+    b.success(again)
+    assert state(b) is State.CLOSED
+    assert rec.calls[-1] == (State.HALF_OPEN, State.CLOSED)
+
+
+def test_releasing_a_closed_permit_changes_nothing() -> None:
+    b, _, rec = make(threshold=1)
+    p = b.acquire()
+    assert p is not None
+    b.release(p)
+    b.failure(p)
+    assert state(b) is State.CLOSED
+    assert b.admit(p) is False
+    assert rec.calls == []
+
+
 # --- stateful model check -------------------------------------------------------------------------------------
 
 
@@ -257,7 +366,10 @@ class BreakerMachine(RuleBasedStateMachine):
         self.m_opened_at = 0.0
         self.m_probes_given = 0  # probe permits handed out in the current half-open period
         self.m_epoch = 0
-        self.epochs: dict[int, int] = {}  # id(permit) -> model epoch when it was handed out
+        self.epochs: dict[int, int] = {}  # id(permit) -> model epoch when it was handed out (or last renewed)
+        self.admitted: set[int] = set()  # id(permit) of permits whose call went out
+        self.m_probes: dict[int, bool] = {}  # id(permit) -> a probe (in the model)
+        self.in_flight_probes: set[int] = set()  # admitted probes of the current half-open period, not yet ended
 
     @initialize(threshold=st.integers(1, 4), open_s=st.sampled_from([0.0, 0.5, 1.0, 2.0]), probes=st.integers(1, 3))
     def setup(self, threshold: int, open_s: float, probes: int) -> None:
@@ -269,6 +381,7 @@ class BreakerMachine(RuleBasedStateMachine):
     def _move(self, new: State) -> None:
         self.m_state = new
         self.m_epoch += 1
+        self.in_flight_probes.clear()  # a new period: earlier probes no longer count
         if new is State.CLOSED:
             self.m_failures = 0
 
@@ -289,13 +402,48 @@ class BreakerMachine(RuleBasedStateMachine):
         if p.probe:
             self.m_probes_given += 1
         self.epochs[id(p)] = self.m_epoch
+        self.m_probes[id(p)] = p.probe
         self.permits.append(p)
+
+    @precondition(lambda self: bool(self.permits))
+    @rule(data=st.data())
+    def admit(self, data: st.DataObject) -> None:
+        p = self.permits[data.draw(st.integers(0, len(self.permits) - 1))]
+        current = self.epochs[id(p)] == self.m_epoch
+        expect = current or self.m_state is State.CLOSED
+        assert self.breaker.admit(p) is expect
+        if not expect:
+            return
+        if not current:  # renewed as a plain permit of the closed period
+            self.epochs[id(p)] = self.m_epoch
+            self.m_probes[id(p)] = False
+        assert p.probe is self.m_probes[id(p)]
+        # The point of admit: while not closed, only a probe of the current half-open period goes out.
+        assert self.m_state is State.CLOSED or (self.m_state is State.HALF_OPEN and p.probe)
+        self.admitted.add(id(p))
+        if p.probe:
+            self.in_flight_probes.add(id(p))
+            assert len(self.in_flight_probes) <= self.probes
+
+    @precondition(lambda self: bool(self.permits))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        p = self.permits.pop(data.draw(st.integers(0, len(self.permits) - 1)))
+        current = self.epochs.pop(id(p)) == self.m_epoch
+        self.admitted.discard(id(p))
+        self.in_flight_probes.discard(id(p))
+        if self.m_probes.pop(id(p)) and current and self.m_state is State.HALF_OPEN:
+            self.m_probes_given -= 1
+        self.breaker.release(p)
 
     @precondition(lambda self: bool(self.permits))
     @rule(data=st.data(), ok=st.booleans())
     def report(self, data: st.DataObject, ok: bool) -> None:
         p = self.permits.pop(data.draw(st.integers(0, len(self.permits) - 1)))
-        current = self.epochs.pop(id(p)) == self.m_epoch
+        current = self.epochs.pop(id(p)) == self.m_epoch and id(p) in self.admitted
+        self.admitted.discard(id(p))
+        self.in_flight_probes.discard(id(p))
+        self.m_probes.pop(id(p))
         if ok:
             self.breaker.success(p)
             if current and p.probe:

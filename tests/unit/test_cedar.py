@@ -347,11 +347,54 @@ async def test_a_route_mapping_changes_principal_and_resource_types(tmp_path: Pa
 
 
 async def test_a_type_cedar_cannot_name_is_a_failure_not_an_exception(tmp_path: Path) -> None:
+    """Entities Cedar cannot read are the request's problem (`request_ambiguous`), not an evaluation error."""
     mapping = CompiledMapping.compile(RouteMapping(resource_type="not a type"))
     pdp = CedarPdp(write(tmp_path / "p.cedar", "permit(principal, action, resource);"), None, {"tools": mapping})
     result = await ask(pdp)
     assert isinstance(result, Failure)
-    assert result.reason is Reason.PDP_ERROR_STATUS
+    assert result.reason is Reason.REQUEST_AMBIGUOUS
+
+
+async def test_a_request_cedar_cannot_build_is_reported_in_its_diagnostics(tmp_path: Path) -> None:
+    """Pins how cedarpy reports a request (here its context) it cannot build: in the diagnostics, under
+    `_BUILD_ERROR`, not as an exception. Another cedarpy that words it otherwise fails here, not in production
+    (where it would be `pdp_error_status`: a denial all the same)."""
+    pdp = CedarPdp(write(tmp_path / "p.cedar", "permit(principal, action, resource);"))
+    doc = pep_document()
+    doc["request"] = {**doc["request"], "id": "\ud800"}  # in the context only, not in an entity
+    result = await ask(pdp, doc)
+    assert isinstance(result, Failure)
+    assert result.reason is Reason.REQUEST_AMBIGUOUS
+    assert result.detail.startswith("cedar cannot take the request: failed to build request")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"subject": {"id": "a\udcff"}}, id="user-id-not-utf8"),  # a User principal's id
+        pytest.param({"subject": {"workload": "spiffe://t/w\udcff"}}, id="agent-id-not-utf8"),  # an Agent's id
+        pytest.param({"subject": {"agent": "a\udcff"}}, id="agent-header-not-utf8"),  # only a property now
+        pytest.param({"subject": {"workload": "w", "claims": {"dept": "\ud800"}}}, id="claim-lone-surrogate"),
+        pytest.param({"request": {"host": "h\udcff"}}, id="host-not-utf8"),
+        pytest.param({"approval": {"approver": "b\udcff", "id": "a-1"}}, id="approval-not-utf8"),  # a re-ask
+    ],
+)
+async def test_caller_data_cedar_cannot_take_denies_that_request_alone(
+    tmp_path: Path, change: dict[str, dict[str, Any]]
+) -> None:
+    """A string that is not valid Unicode (a header byte that is not UTF-8, a token claim with a lone surrogate
+    escape) reaches Cedar's entities or context: a denial of that request, `request_ambiguous`; the next request is
+    decided as usual."""
+    pdp = CedarPdp(write(tmp_path / "p.cedar", "permit(principal, action, resource);"))
+    doc = pep_document()
+    for key, values in change.items():
+        doc[key] = {**doc.get(key, {}), **values}
+    for _ in range(3):
+        result = await ask(pdp, doc)
+        assert isinstance(result, Failure)
+        assert result.reason is Reason.REQUEST_AMBIGUOUS
+        assert result.detail.startswith("cedar cannot take the request")
+    assert (await verdict(pdp, pep_document())).allow is True
 
 
 # --- loading and reloading -------------------------------------------------------------------------------------

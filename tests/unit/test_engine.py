@@ -18,7 +18,7 @@ from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome
 from pep.headers import obligation_forbidden
 from pep.metrics import Metrics
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict
+from pep.pdp import ALLOWED, DENIED, NOT_ADMITTED, UNDEFINED, Failure, Pdp, Verdict, admitted
 from pep.pdp.answer import malformed, status_failure
 
 Answer = Verdict | Failure
@@ -34,7 +34,8 @@ def breaker_of(engine: Engine) -> Breaker:
 
 
 class FakePdp(Pdp):
-    """Answers from a script, one step per call; the last step repeats. Records every call."""
+    """Answers from a script, one step per call; the last step repeats. Records every call that goes out: like a
+    remote PDP, it asks the breaker (`admitted`) right before, and makes no call when it says no."""
 
     remote = True
 
@@ -45,6 +46,8 @@ class FakePdp(Pdp):
         self.closed = False
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if not admitted():
+            return NOT_ADMITTED
         self.calls.append((document, request_id))
         step = self.script[min(len(self.calls), len(self.script)) - 1]
         if isinstance(step, Verdict | Failure):
@@ -492,7 +495,9 @@ async def test_timed_out_probe_reopens() -> None:
     assert circuit(engine) is State.OPEN
 
 
-async def test_cancelled_probe_counts_as_a_failure() -> None:
+async def test_a_cancelled_probe_gives_its_place_to_the_next_request() -> None:
+    """Its caller went away: that says nothing about the PDP, so it neither reopens the circuit (any caller could
+    keep it open by hanging up on every probe) nor leaves it stuck half-open with its only probe gone."""
     clock = FakeClock()
     pdp = FakePdp(UNREACHABLE, hang(), ALLOWED)
     engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, timeout_ms=10_000, clock=clock)
@@ -501,14 +506,13 @@ async def test_cancelled_probe_counts_as_a_failure() -> None:
     probe = asyncio.create_task(engine.decide(check()))
     await wait_for_calls(pdp, 2)
     assert circuit(engine) is State.HALF_OPEN
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN  # the one probe is out
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
-    assert circuit(engine) is State.OPEN  # not stuck half-open with its only probe gone
+    assert circuit(engine) is State.HALF_OPEN
     assert engine.in_flight == 0
-    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN
-    clock.now += 1.0  # a fresh open period has passed: the next probe is admitted
-    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert isinstance((await engine.decide(check())).decision, Allow)  # the next request is the probe
     assert circuit(engine) is State.CLOSED
 
 
@@ -524,23 +528,244 @@ async def test_cancelled_call_while_closed_is_not_a_pdp_failure() -> None:
     assert engine.in_flight == 0
 
 
-async def test_exception_in_a_probe_reopens_and_propagates() -> None:
+async def test_an_exception_in_a_probe_propagates_and_gives_the_probe_back() -> None:
+    """A bug in the PEP is the PEP's problem (`internal_error` for that request), not the PDP's."""
     clock = FakeClock()
-    pdp = FakePdp(UNREACHABLE, raising(RuntimeError("bug")))
+    pdp = FakePdp(UNREACHABLE, raising(RuntimeError("bug")), ALLOWED)
     engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
     await open_circuit(engine, pdp)
     clock.now += 1.0
     with pytest.raises(RuntimeError, match="bug"):
         await engine.decide(check())
-    assert circuit(engine) is State.OPEN
+    assert circuit(engine) is State.HALF_OPEN
     assert engine.in_flight == 0
+    assert isinstance((await engine.decide(check())).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+# --- only the PDP's own failures count ---------------------------------------------------------------------------
+
+AMBIGUOUS = Failure(Reason.REQUEST_AMBIGUOUS, "unsent", False, "the policy input cannot be sent")
+UNFRAMED = Failure(Reason.INTERNAL_ERROR, "unsent", False, "the PDP request cannot be framed")
+MAPPED_TO_NOTHING = Verdict(False, Reason.PDP_UNDEFINED, note="mapping: resource.id maps to nothing usable")
+
+
+class UnbuildablePdp(FakePdp):
+    """Requests whose `request_id` starts with `bad` cannot be built: refused before anything is sent, as the real
+    PDP clients do (pep/pdp `encode`, a mapping that resolves to nothing, a header that cannot be framed)."""
+
+    def __init__(self, refusal: Verdict | Failure, *script: Step) -> None:
+        super().__init__(*script)
+        self.refusal = refusal
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if request_id.startswith("bad"):
+            return self.refusal
+        return await super().ask(document, request_id)
+
+
+@pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
+async def test_requests_that_cannot_be_built_never_open_the_circuit(refusal: Verdict | Failure) -> None:
+    pdp = UnbuildablePdp(refusal, ALLOWED)
+    engine = make_engine(pdp, retries=1, threshold=2)
+    for _ in range(10):
+        outcome = await engine.decide(check("bad-1"))
+        assert denied(outcome).reason is refusal.reason
+        assert (outcome.attempts, outcome.pdp_ms) == (0, None)  # the PDP was not asked
+    assert circuit(engine) is State.CLOSED
+    assert breaker_of(engine).failures == 0
+    assert pdp.calls == []
+    assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "error"}) == 0
+    assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
+
+
+@pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
+async def test_requests_that_cannot_be_built_neither_close_nor_reopen_a_half_open_circuit(
+    refusal: Verdict | Failure,
+) -> None:
+    """One per half-open period used to keep the circuit open (a failure) or close it on a dead PDP (a success):
+    now such a request is denied alone and leaves the probe to the next request."""
+    clock = FakeClock()
+    pdp = UnbuildablePdp(refusal, UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    for _ in range(5):
+        assert denied(await engine.decide(check("bad-1"))).reason is refusal.reason
+        assert circuit(engine) is State.HALF_OPEN
+    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
+    assert circuit(engine) is State.OPEN
+    clock.now += 1.0
+    assert denied(await engine.decide(check("bad-2"))).reason is refusal.reason
+    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+def waiting(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    """A step that waits before its call goes out (as for a pool connection or a discovery), then asks the breaker."""
+
+    async def step() -> Answer:
+        await gate.wait()
+        if not admitted():
+            return NOT_ADMITTED
+        return answer
+
+    return step
+
+
+def in_flight(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
+    """A step whose call goes out at once (the breaker is asked first) and is answered when `gate` is set."""
+
+    async def step() -> Answer:
+        if not admitted():
+            return NOT_ADMITTED
+        await gate.wait()
+        return answer
+
+    return step
+
+
+class WaitingPdp(FakePdp):
+    """Like FakePdp, but a step may wait before the breaker is asked (`waiting`): no call is recorded for it."""
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        self.calls.append((document, request_id))
+        step = self.script[min(len(self.calls), len(self.script)) - 1]
+        if isinstance(step, Verdict | Failure):
+            return step if admitted() else NOT_ADMITTED
+        return await step()
+
+
+async def test_a_call_that_waited_while_the_circuit_opened_is_not_made() -> None:
+    """Admitted while closed, the call waits; meanwhile other calls fail and open the circuit. When it could go out,
+    it is refused (`circuit_open`, no PDP call), and it is not counted either way."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    sent: list[str] = []
+
+    async def refused_or_sent() -> Answer:
+        await gate.wait()
+        if not admitted():
+            return NOT_ADMITTED
+        sent.append("call")
+        return ALLOWED
+
+    pdp = WaitingPdp(refused_or_sent, UNREACHABLE)
+    engine = make_engine(pdp, retries=0, threshold=2, open_ms=1000, clock=clock)
+    slow = asyncio.create_task(engine.decide(check("waits")))
+    await wait_for_calls(pdp, 1)
+    for _ in range(2):
+        assert denied(await engine.decide(check())).reason is Reason.PDP_UNREACHABLE
+    assert circuit(engine) is State.OPEN
+    clock.now += 0.25
+    gate.set()
+    outcome = await slow
+    assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+    assert outcome.attempts == 0
+    assert outcome.pdp_ms == 250.0  # how long it waited: the denial came after the circuit opened
+    assert sent == []
+    assert circuit(engine) is State.OPEN
+
+
+async def test_a_waiting_call_does_not_take_or_spoil_the_probe() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = WaitingPdp(waiting(gate, ALLOWED), UNREACHABLE, UNREACHABLE, in_flight(gate, ALLOWED))
+    engine = make_engine(pdp, retries=0, threshold=2, open_ms=1000, clock=clock)
+    slow = asyncio.create_task(engine.decide(check("waits")))
+    await wait_for_calls(pdp, 1)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    probe = asyncio.create_task(engine.decide(check("probe")))
+    await wait_for_calls(pdp, 4)
+    assert denied(await engine.decide(check())).reason is Reason.CIRCUIT_OPEN  # the probe is out
+    gate.set()
+    assert denied(await slow).reason is Reason.CIRCUIT_OPEN  # half-open, and it is no probe
+    assert isinstance((await probe).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+async def test_no_retry_once_the_circuit_has_opened() -> None:
+    """The retry of a failed call is a new call: after the circuit opened it is not made, and the first failure
+    stands (the decision began before the opening)."""
+    clock = FakeClock()
+    gate = asyncio.Event()
+    pdp = WaitingPdp(in_flight(gate, UNREACHABLE), UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=1, threshold=2, open_ms=1000, timeout_ms=10_000, clock=clock)
+    first = asyncio.create_task(engine.decide(check("first")))
+    await wait_for_calls(pdp, 1)
+    engine._retries = 0  # the other decisions fail at once
+    for _ in range(2):
+        denied(await engine.decide(check()))
+    assert circuit(engine) is State.OPEN
+    engine._retries = 1
+    calls = len(pdp.calls)
+    gate.set()
+    outcome = await first
+    assert denied(outcome).reason is Reason.PDP_UNREACHABLE
+    assert outcome.attempts == 1
+    assert len(pdp.calls) == calls + 1  # the retry reached the gate and went no further
+
+
+async def test_a_deadline_the_pep_was_too_held_up_to_notice_is_no_pdp_failure() -> None:
+    """The PEP's own process stalled past the deadline (its timer fired half a deadline late or more): denied
+    `pdp_timeout` all the same, but not counted against the PDP, whose answer may be sitting unread. A deadline
+    noticed on time still is a failure."""
+    clock = FakeClock()
+
+    def stalled() -> Callable[[], Awaitable[Answer]]:
+        async def step() -> Answer:
+            if not admitted():
+                return NOT_ADMITTED
+            clock.now += 1.0  # the process was not running for a second
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        return step
+
+    async def answered_while_stalled() -> Answer:
+        clock.now += 1.0  # the answer was there, but read a second late
+        return ALLOWED
+
+    for step in (stalled(), answered_while_stalled):
+        engine = make_engine(FakePdp(step), retries=0, threshold=1, timeout_ms=30, clock=clock)
+        for _ in range(3):
+            outcome = await engine.decide(check())
+            assert denied(outcome).reason is Reason.PDP_TIMEOUT
+            assert denied(outcome).detail == "decision deadline passed while the PEP was held up"
+            assert outcome.attempts == 1
+        assert circuit(engine) is State.CLOSED
+    on_time = FakePdp(hang())
+    engine = make_engine(on_time, retries=0, threshold=1, timeout_ms=30, clock=clock)
+    assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
+    assert circuit(engine) is State.OPEN
+
+
+async def test_a_decision_is_dated_when_the_engine_takes_it_up_and_pdp_ms_counts_from_then() -> None:
+    """The decision log's `time` and `pdp_ms` come from one instant, so the log shows when a PDP call could
+    start and when its result was known (the soak judges the breaker by them)."""
+    clock = FakeClock()
+
+    async def takes_a_while() -> Answer:
+        clock.now += 0.04
+        return ALLOWED
+
+    engine = make_engine(FakePdp(takes_a_while), clock=clock)
+    before = time.time()
+    outcome = await engine.decide(check())
+    assert outcome.started is not None
+    assert before <= outcome.started <= time.time()
+    assert outcome.pdp_ms == 40.0
+    overloaded = await make_engine(FakePdp(ALLOWED), max_in_flight=0).decide(check())
+    assert overloaded.started is not None
 
 
 # --- batches: bounded exchanges, counted against max_in_flight, one breaker report ---------------------------
 
 
 class GatePdp(Pdp):
-    """Holds the documents marked `hold` until `gate` opens (counting them while open), answers the others at once."""
+    """Holds the documents marked `hold` until `gate` opens (counting them while open), fails those marked `fail`,
+    answers the others at once. Like a remote PDP, it asks the breaker (`admitted`) as each call goes out."""
 
     def __init__(self, remote: bool = True) -> None:
         self.remote = remote
@@ -550,7 +775,11 @@ class GatePdp(Pdp):
         self.asked: list[str] = []
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if not admitted():
+            return NOT_ADMITTED
         self.asked.append(request_id)
+        if document.get("fail"):
+            return UNREACHABLE
         if not document.get("hold"):
             return ALLOWED
         self.open += 1
@@ -633,6 +862,26 @@ async def test_a_batch_that_times_out_is_one_breaker_failure() -> None:
     assert breaker_of(engine).failures == 1
     assert circuit(engine) is State.CLOSED
     assert pdp.open == 0  # every exchange of the batch was cancelled with it
+
+
+async def test_a_batch_exchange_that_waited_for_its_slot_while_the_circuit_opened_is_not_made() -> None:
+    """A batch keeps only its slots open: its later documents wait for one. Each exchange is admitted as it goes
+    out, so once the circuit has opened meanwhile, the waiting ones are never sent (no call reaches a PDP the
+    breaker has given up on), and the batch is denied `circuit_open` without counting for or against the PDP."""
+    pdp = GatePdp()
+    engine = make_engine(pdp, max_in_flight=8, timeout_ms=5000, retries=0, threshold=2)
+    pending = asyncio.create_task(engine.decide(batch(6)))  # 2 slots: documents 2-5 wait
+    await until(lambda: pdp.open == 2)
+    for i in range(2):
+        failing = dataclasses.replace(check(f"other-{i}"), document={"fail": True})
+        assert denied(await engine.decide(failing)).reason is Reason.PDP_UNREACHABLE
+    assert circuit(engine) is State.OPEN
+    pdp.gate.set()
+    outcome = await pending
+    assert denied(outcome).reason is Reason.CIRCUIT_OPEN
+    assert sorted(r for r in pdp.asked if r.startswith("batch-1-")) == ["batch-1-0", "batch-1-1"]
+    assert circuit(engine) is State.OPEN
+    assert engine.in_flight == 0
 
 
 async def test_an_in_process_batch_lets_other_requests_run_between_evaluations() -> None:

@@ -16,7 +16,9 @@ import asyncio
 import gzip
 import itertools
 import zlib
+from collections.abc import Callable
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -67,8 +69,12 @@ def responses(draw: st.DrawFn) -> tuple[bytes, str]:
         body = gzip.compress(body)
     elif encoding == "deflate":
         body = zlib.compress(body)
+    if encoding in ("gzip", "deflate"):
+        # after the one stream: nothing, a second gzip member (another answer), or other bytes
+        body += draw(st.sampled_from([b"", b"", gzip.compress(b'{"result":false}'), b"\0\0", b"garbage"]))
     if encoding != "identity":
-        headers.append(b"Content-Encoding: %s\r\n" % encoding.encode())
+        fields = draw(st.sampled_from([[encoding], [encoding, "identity"], ["identity", encoding], [encoding] * 2]))
+        headers += [b"Content-Encoding: %s\r\n" % e.encode() for e in fields]
     framing = draw(st.sampled_from(["length", "chunked", "close"]))
     if framing == "length":
         headers.append(b"Content-Length: %d\r\n" % len(body))
@@ -176,6 +182,61 @@ def test_bytes_after_the_answer_do_not_change_it() -> None:
     )
     assert result.answer is not None
     assert (result.answer.content_type, result.answer.request_id) == ("text/plain", None)
+
+
+COMPRESS: dict[str, Callable[[bytes], bytes]] = {"gzip": gzip.compress, "deflate": zlib.compress}
+
+
+@pytest.mark.parametrize("after", [b"second", b"garbage", b"\0"], ids=["second-stream", "garbage", "padding"])
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_anything_after_the_one_compressed_stream_is_undecodable(coding: str, after: bytes) -> None:
+    """Read only up to the end of the first member, `gzip(allow) + gzip(deny)` was an allow, while the same bytes
+    uncompressed, `{"result":true}{"result":false}`, are `pdp_malformed` (trailing data). Within LIMIT on the wire."""
+    compress = COMPRESS[coding]
+    body = compress(b'{"result":true}') + (compress(b"{}") if after == b"second" else after)
+    assert len(body) <= LIMIT
+    result = one(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+        % (coding.encode(), len(body))
+        + body
+    )
+    assert result.answer is not None
+    assert result.answer.undecodable
+    assert result.answer.body == b""
+
+
+@pytest.mark.parametrize(
+    ("fields", "decoded"),
+    [
+        pytest.param([b"gzip"], True, id="gzip"),
+        pytest.param([b"gzip", b"identity"], True, id="gzip-then-identity"),
+        pytest.param([b" GZIP "], True, id="case-and-space"),
+        pytest.param([b"gzip", b"gzip"], False, id="repeated-gzip"),
+        pytest.param([b"gzip, gzip"], False, id="gzip-twice-in-one-field"),
+        pytest.param([b"gzip, br"], False, id="gzip-and-br"),
+        pytest.param([b"identity", b"deflate"], False, id="identity-then-deflate-on-gzip-bytes"),
+    ],
+)
+def test_repeated_content_encoding_fields_are_one_list(fields: list[bytes], decoded: bool) -> None:
+    """The last field alone used to count. Several codings are not undone (the client asks for none)."""
+    body = gzip.compress(b'{"result":true}')
+    head = b"".join(b"Content-Encoding: %s\r\n" % f for f in fields)
+    result = one(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n" % (head, len(body)) + body
+    )
+    assert result.answer is not None
+    assert result.answer.undecodable is not decoded
+    assert result.answer.body == (b'{"result":true}' if decoded else b"")
+
+
+def test_a_compressed_answer_larger_than_the_limit_once_decoded_is_oversize() -> None:
+    body = gzip.compress(b" " * (LIMIT * 1000) + b"{}")  # a few hundred bytes on the wire
+    assert len(body) < LIMIT * 4
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    result = one(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert result.answer is not None
+    assert result.answer.oversize
+    assert result.answer.body == b""
 
 
 def test_an_unknown_transfer_coding_is_not_read_as_the_body() -> None:

@@ -38,6 +38,51 @@ JSON = st.recursive(
     max_leaves=6,
 )
 HEADERS = st.dictionaries(st.sampled_from(["x-a", "host", "X-Tenant"]), st.sampled_from(["1", "t"]) | JSON, max_size=2)
+# README "Approvals": who approves (a non-empty printable string of at most 256 characters, no surrounding space),
+# a message of at most 1024 characters, an RFC 3339 date-time with seconds and an offset.
+APPROVER = st.sampled_from(["alice", "alice@example.com", "", " alice", "a\nb", "x" * 257, "\u00e9ve"]) | JSON
+MESSAGE = st.sampled_from(["m", "", "m" * 1025]) | JSON
+APPROVAL = st.fixed_dictionaries({"approver": APPROVER}, optional={"message": MESSAGE, "quorum": st.just(2)}) | JSON
+EXPIRES = st.sampled_from(
+    [
+        "2026-04-30T20:25:00Z",
+        "2026-04-30t20:25:00.5+02:00",
+        "2026-04-30T20:25:00-23:59",
+        "2026-04-30T20:25:00+24:00",
+        "2026-13-30T20:25:00Z",
+        "2026-02-29T00:00:00Z",
+        "2028-02-29T00:00:00Z",
+        "2026-04-30T24:00:00Z",
+        "2026-04-30T23:59:60Z",
+        "2026-04-30T20:25Z",
+        "2026-04-30T20:25:00",
+        "2026-04-30 20:25:00Z",
+        "0000-01-01T00:00:00Z",
+    ]
+)
+ACCESS_REQUEST = (
+    st.fixed_dictionaries(
+        {"approver": APPROVER},
+        optional={
+            "expires_at": EXPIRES | EXPIRES | JSON,
+            "display": st.fixed_dictionaries({}, optional={"title": MESSAGE, "description": MESSAGE}) | JSON,
+            "template": st.just("t"),
+        },
+    )
+    | JSON
+)
+SCOPE = st.sampled_from(["crm.read", "crm.write", "", "a b", "x" * 257, "\u00e9"]) | JSON
+NARROWING = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "audience": SCOPE,
+            "scopes": st.lists(SCOPE, max_size=3) | JSON,
+            "lifetime": st.just(60),
+        },
+    )
+    | JSON
+)
 NEAR_OPA = st.fixed_dictionaries({"result": st.booleans()}) | st.fixed_dictionaries(
     {
         "result": st.fixed_dictionaries(
@@ -45,6 +90,8 @@ NEAR_OPA = st.fixed_dictionaries({"result": st.booleans()}) | st.fixed_dictionar
             optional={
                 "headers": st.dictionaries(st.sampled_from(["x-a", "x-b"]), st.just("v")),
                 "reason": st.just("r"),
+                "approval": APPROVAL,
+                "credential": NARROWING,
             },
         )
     }
@@ -62,11 +109,28 @@ WILD_OPA = st.fixed_dictionaries(
 )
 OPA = NEAR_OPA | NEAR_OPA | WILD_OPA
 CONTEXT = st.fixed_dictionaries(
-    {}, optional={"obligations": st.just([]) | st.none() | JSON, "reason": JSON, "reason_user": JSON}
+    {},
+    optional={
+        "obligations": st.just([]) | st.none() | JSON,
+        "reason": JSON,
+        "reason_user": JSON,
+        "access_request": ACCESS_REQUEST,
+        "credential": NARROWING,
+    },
 )
 NEAR_DECISION = st.fixed_dictionaries(
     {"decision": st.booleans()},
-    optional={"context": st.fixed_dictionaries({}, optional={"obligations": st.just([]), "reason": st.just("r")})},
+    optional={
+        "context": st.fixed_dictionaries(
+            {},
+            optional={
+                "obligations": st.just([]),
+                "reason": st.just("r"),
+                "access_request": ACCESS_REQUEST,
+                "credential": NARROWING,
+            },
+        )
+    },
 )
 DECISION = NEAR_DECISION | st.fixed_dictionaries(
     {}, optional={"decision": st.booleans() | JSON, "context": CONTEXT | JSON}

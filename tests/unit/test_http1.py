@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from pep.pdp import http1
-from pep.pdp.http1 import Answer, ExchangeError, Http1Client
+from pep.pdp.http1 import Answer, ExchangeError, Http1Client, NotAdmitted, RequestError
 
 LIMIT = 1024
 Script = Callable[[bytes], list[bytes] | None]  # request bytes -> chunks to send (None: close without answering)
@@ -220,15 +220,63 @@ def test_a_cancelled_exchange_aborts_its_connection(loop: Callable[[], asyncio.A
     run(loop, main)
 
 
-@pytest.mark.parametrize("value", ["a\r\nInjected: 1", "a\nb", "a\0b"])
-def test_a_header_value_cannot_inject_lines(value: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("a\r\nInjected: 1", "line break or NUL"),
+        ("a\nb", "line break or NUL"),
+        ("a\0b", "line break or NUL"),
+        ("a=\u20ac", "outside Latin-1"),
+        ("a=\udcff", "outside Latin-1"),  # a byte that is not UTF-8, as aiohttp hands it over
+    ],
+)
+def test_a_header_value_that_cannot_be_framed_is_refused_before_anything_is_sent(value: str, problem: str) -> None:
     async def main() -> None:
         c = client()
-        with pytest.raises(ValueError, match="line break or NUL"):
-            await c.exchange("POST", "http://127.0.0.1:9/x", b"{}", {"Authorization": value})
+        async with Scripted(answer()) as server:
+            with pytest.raises(RequestError, match=problem):
+                await c.exchange("POST", server.url, b"{}", {"Tracestate": value})
+            assert server.connections == 0
         await c.close()
 
     run(asyncio.new_event_loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_admit_is_asked_before_connecting_and_right_before_writing(
+    loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """A no before connecting: no connection. A no once the connection is ready (the circuit opened while it was
+    made): nothing is written, and the unused connection serves the next exchange."""
+
+    async def main() -> None:
+        c = client()
+        answers: list[bool] = []
+
+        def admit(*script: bool) -> Callable[[], bool]:
+            pending = list(script)
+
+            def ask() -> bool:
+                answers.append(pending[0])
+                return pending.pop(0)
+
+            return ask
+
+        async with Scripted(answer(b'{"result":true}')) as server:
+            with pytest.raises(NotAdmitted):
+                await c.exchange("POST", server.url, b"{}", {}, admit(False))
+            assert server.connections == 0
+            with pytest.raises(NotAdmitted):
+                await c.exchange("POST", server.url, b"{}", {}, admit(True, False))
+            await asyncio.sleep(0.01)
+            assert (server.connections, server.requests) == (1, [])
+            got = await c.exchange("POST", server.url, b"{}", {}, admit(True, True))
+            assert got.body == b'{"result":true}'
+            assert answers == [False, True, False, True, True]
+            assert (server.connections, len(server.requests)) == (1, 1)  # the connection made for the refused call
+        await c.close()
+
+    run(loop, main)
 
 
 def test_a_refused_connection_is_an_os_error() -> None:

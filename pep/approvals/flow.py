@@ -1,0 +1,184 @@
+"""An approval from the PDP's "approval required" to a granted approval, for the request path to drive.
+
+Two entry points, one per moment an approval can be asked for:
+- `request`: the PDP just answered `approval_required` for this exact request. In `hold` mode the request waits
+  (at most its deadline) while the person is asked; in `ticket` mode the person is asked and the agent is told at
+  once, with a sealed ticket to retry with.
+- `redeem`: the agent retries with a ticket. The ticket must open, be unexpired, unused here, and bound to this
+  exact request and caller; then the OP is polled once: still pending (the same ticket again), or approved (the
+  approval is redeemed, single-use at the OP), or declined, expired, unavailable.
+
+`Granted` is not an allow: the request path must ask the PDP again with `approval: granted.approval.document()`
+in the policy input, and forward only on that allow (an `approval_required` the second time is a denial, never
+another round). Nothing here forwards anything or mints anything.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pep.approvals.binding import (
+    ApprovalPending,
+    ApprovalTicket,
+    GrantedApproval,
+    RequestBinding,
+    TicketRefusal,
+    UsedApprovals,
+    new_approval_id,
+    open_ticket,
+)
+from pep.approvals.ciba import Approved, CibaClient, NotApproved, Pending, Started, ciba_config
+from pep.approvals.message import binding_message
+from pep.config import ApprovalsConfig, RouteApproval
+from pep.decision import Reason
+from pep.oauth.endpoint import Endpoint
+from pep.pdp import ApprovalAsk
+from pep.pdp.transport import tls_context
+from pep.seal import Sealer
+
+_RESULT_OF = {
+    Reason.APPROVAL_DENIED: "denied",
+    Reason.APPROVAL_TIMEOUT: "timeout",
+    Reason.APPROVAL_UNAVAILABLE: "unavailable",
+    Reason.APPROVAL_INVALID: "invalid",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    approval: GrantedApproval
+
+
+@dataclass(frozen=True, slots=True)
+class Awaiting:
+    """Ticket mode: deny `approval_required` now, with what the agent needs to retry."""
+
+    pending: ApprovalPending
+
+
+ApprovalResult = Granted | Awaiting | NotApproved
+
+
+class Approvals:
+    """The approval engine of one config: the CIBA client, the ticket sealer and this process's used approvals."""
+
+    def __init__(
+        self,
+        cfg: ApprovalsConfig,
+        ciba: CibaClient,
+        sealer: Sealer | None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ciba = ciba
+        self._sealer = sealer
+        self._clock = clock
+        self._monotonic = monotonic
+        self._used = UsedApprovals(clock=clock)
+        self._on_result = on_result or (lambda _result: None)
+
+    @classmethod
+    def from_config(cls, cfg: ApprovalsConfig, on_result: Callable[[str], None] | None = None) -> Approvals:
+        """Everything from the config: TLS, the pooled endpoint, the sealer (files read now: SealKeyError)."""
+        tls = tls_context(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file) if cfg.tls is not None else None
+        ciba = CibaClient(ciba_config(cfg), Endpoint(tls))
+        sealer = Sealer.from_files(cfg.ticket_key_files) if cfg.ticket_key_files else None
+        return cls(cfg, ciba, sealer, on_result=on_result)
+
+    async def close(self) -> None:
+        await self.ciba.close()
+
+    def _count(self, result: ApprovalResult | Started) -> None:
+        if isinstance(result, Granted):
+            self._on_result("granted")
+        elif isinstance(result, NotApproved):
+            self._on_result(_RESULT_OF.get(result.reason, "unavailable"))
+        elif isinstance(result, Started):
+            self._on_result("requested")
+
+    async def request(
+        self,
+        binding: RequestBinding,
+        ask: ApprovalAsk,
+        mode: RouteApproval,
+        method: str,
+        deadline: float,
+    ) -> ApprovalResult:
+        """Ask the approver the PDP named about this exact request. `deadline` is on the monotonic clock: the
+        request's own, already shortened to `hold_ms` by the caller in hold mode."""
+        now = self._clock()
+        expiry = self.cfg.requested_expiry_ms / 1000
+        if ask.expires_at is not None:
+            expiry = min(expiry, ask.expires_at - now)
+        if mode.mode == "hold":
+            expiry = min(expiry, deadline - self._monotonic())
+        if expiry < 1:
+            result: ApprovalResult = NotApproved(Reason.APPROVAL_TIMEOUT, "no time is left to ask the approver")
+            self._count(result)
+            return result
+        if mode.mode == "ticket" and self._sealer is None:
+            result = NotApproved(Reason.APPROVAL_UNAVAILABLE, "ticket mode without ticket keys")
+            self._count(result)
+            return result
+        text = binding_message(binding.code, binding.route, method, ask.message, self.cfg.binding_message_max)
+        started = await self.ciba.start(ask.approver, text, math.floor(expiry), deadline - self._monotonic())
+        if isinstance(started, NotApproved):
+            self._count(started)
+            return started
+        self._count(started)
+        approval_id = new_approval_id()
+        if mode.mode == "hold":
+            waited = await self.ciba.wait(started, ask.approver, deadline)
+            final: ApprovalResult = (
+                Granted(GrantedApproval(approval_id, waited.approver, waited.approved_at))
+                if isinstance(waited, Approved)
+                else waited
+            )
+            self._count(final)
+            return final
+        assert self._sealer is not None
+        ticket = ApprovalTicket(binding.digest, approval_id, ask.approver, started.auth_req_id, now, started.expires_at)
+        return Awaiting(self._pending(ticket.seal(self._sealer), ticket, binding, started.interval_s))
+
+    def _pending(
+        self, text: str, ticket: ApprovalTicket, binding: RequestBinding, interval_s: float
+    ) -> ApprovalPending:
+        url = self.cfg.elicitation_url
+        return ApprovalPending(
+            ticket=text,
+            approval_id=ticket.approval_id,
+            code=binding.code,
+            retry_after_ms=max(1, round(interval_s * 1000)),
+            expires_at=ticket.expires_at,
+            elicitation_url=url.replace("{id}", ticket.approval_id) if url is not None else None,
+        )
+
+    async def redeem(self, text: str, binding: RequestBinding, deadline: float) -> ApprovalResult:
+        """A retry presenting a ticket. `deadline` is the request's own (monotonic clock)."""
+        result = await self._redeem(text, binding, deadline)
+        if not isinstance(result, Awaiting):
+            self._count(result)
+        return result
+
+    async def _redeem(self, text: str, binding: RequestBinding, deadline: float) -> ApprovalResult:
+        if self._sealer is None:
+            return NotApproved(Reason.APPROVAL_INVALID, "tickets are not accepted here (no ticket keys)")
+        ticket = open_ticket(self._sealer, text, binding)
+        if isinstance(ticket, TicketRefusal):
+            return NotApproved(Reason.APPROVAL_INVALID, f"ticket: {ticket.problem}")
+        if self._used.seen(ticket.approval_id):
+            return NotApproved(Reason.APPROVAL_INVALID, "ticket: already used")
+        interval = self.cfg.min_poll_interval_ms / 1000
+        polled = await self.ciba.poll(ticket.auth_req_id, ticket.approver, interval, deadline - self._monotonic())
+        if isinstance(polled, Pending):
+            return Awaiting(self._pending(text, ticket, binding, polled.interval_s))
+        if isinstance(polled, NotApproved):
+            return polled
+        if not self._used.use(ticket.approval_id, ticket.expires_at):
+            return NotApproved(Reason.APPROVAL_INVALID, "ticket: already used")
+        return Granted(GrantedApproval(ticket.approval_id, polled.approver, polled.approved_at))

@@ -1,0 +1,337 @@
+"""One keep-alive connection to an upstream (or the PDP): one exchange at a time, read by the core's
+ResponseReader, with backpressure both ways and every wait bounded.
+
+An exchange writes a head (and a bytes body in the same write), then reads the answer's head (100 Continue is
+consumed, other 1xx answers kept for the caller) and its body chunk by chunk. A body given as an async
+iterator is sent by a writer task while the answer is read, as aiohttp's client did: an upstream may answer
+before it has read the whole body (an error, or a full-duplex stream), and each write waits until the upstream
+has taken enough of the ones before. An early final answer that refuses (4xx, 5xx) stops the sending.
+
+The connection is reusable only when the request went out whole, the answer was read to its end, may be
+followed by another, and nothing else arrived; anything else (a failure, a cancellation, an early answer,
+bytes nobody asked for while idle) closes it. Nothing is ever sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import re
+from collections.abc import AsyncIterable, Callable
+from typing import cast
+
+from pep.http1 import (
+    NEED_DATA,
+    BodyTooLarge,
+    BodyWriter,
+    Data,
+    EndOfMessage,
+    Framing,
+    InformationalResponse,
+    Limits,
+    ProtocolError,
+    Response,
+    ResponseReader,
+)
+from pep.transport.errors import BadResponse, ResponseTooLarge, UpstreamReset, UpstreamTimeout
+
+Body = bytes | AsyncIterable[bytes] | None
+_COALESCE = 65536  # a bytes body up to this size goes out in the head's write
+_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})", re.IGNORECASE)
+
+
+class LinkState(enum.Enum):
+    IDLE = "idle"  # in the pool, no exchange: any byte that arrives now breaks it
+    ACTIVE = "active"  # an exchange is under way
+    CLOSED = "closed"  # failed, closed by either side, or not reusable
+
+    __hash__ = object.__hash__
+
+
+_IDLE, _ACTIVE, _CLOSED = LinkState.IDLE, LinkState.ACTIVE, LinkState.CLOSED
+_Data, _EndOfMessage, _Response = Data, EndOfMessage, Response
+_CHUNKED, _LENGTH = Framing.CHUNKED, Framing.LENGTH
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """See the module docstring. `on_close` is called once, when the connection is gone."""
+
+    __slots__ = (
+        "_eof",
+        "_high",
+        "_on_close",
+        "_read_paused",
+        "_reader_waiter",
+        "_write_paused",
+        "_writer_waiter",
+        "expires",
+        "keep_alive_s",
+        "reader",
+        "sent_whole",
+        "state",
+        "transport",
+        "writer",
+    )
+
+    def __init__(self, limits: Limits, max_body: int | None, high_water: int, on_close: Callable[[], None]) -> None:
+        self.reader = ResponseReader(limits, max_body)
+        self._high = high_water
+        self._on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.state = _ACTIVE  # made for an exchange
+        self._reader_waiter: asyncio.Future[None] | None = None
+        self._writer_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._eof = False
+        self.sent_whole = False
+        self.writer: asyncio.Task[None] | None = None  # sends an iterated body while the answer is read
+        self.expires = math.inf  # loop time after which an idle connection is not reused
+        self.keep_alive_s: float | None = None  # the server's `Keep-Alive: timeout=N`, if it said
+
+    # --- asyncio.Protocol ------------------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        t.set_write_buffer_limits(self._high, self._high // 4)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not _ACTIVE:
+            self.close()  # bytes nobody asked for: this connection cannot be trusted with another exchange
+            return
+        reader = self.reader
+        reader.receive_data(data)
+        if not self._read_paused and reader.buffered > self._high:
+            self._read_paused = True  # read on when the caller takes the bytes (`_taken`)
+            cast(asyncio.Transport, self.transport).pause_reading()
+        _wake(self._reader_waiter)
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self.reader.receive_eof()
+        _wake(self._reader_waiter)
+        _wake(self._writer_waiter)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._eof:
+            self._eof = True
+            self.reader.receive_eof()
+        self.state = _CLOSED
+        _wake(self._reader_waiter)
+        _wake(self._writer_waiter)
+        self._closed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        _wake(self._writer_waiter)
+
+    # --- state -------------------------------------------------------------------------------------------------------
+
+    @property
+    def reusable(self) -> bool:
+        return self.state is _ACTIVE and self.sent_whole and self.reader.reusable and not self._eof
+
+    def close(self) -> None:
+        """Abort: never reused, whatever its state (a closed connection has no state to trust). A body still
+        being sent stops."""
+        self.state = _CLOSED
+        writer = self.writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+        self._closed()
+
+    def _closed(self) -> None:
+        on_close, self._on_close = self._on_close, _nothing
+        on_close()
+
+    def park(self, expires: float) -> None:
+        """Back in the pool after a complete exchange, until `expires` (loop time)."""
+        self.state = _IDLE
+        self.expires = expires
+        self.writer = None
+
+    def unpark(self) -> bool:
+        """Taken from the pool for an exchange: False if it closed (or broke) while idle."""
+        transport = self.transport
+        if self.state is not _IDLE or self._eof or transport is None or transport.is_closing():
+            return False
+        self.state = _ACTIVE
+        return True
+
+    async def _wait(self, reading: bool, read_s: float) -> None:
+        """Until something happens to the reading (bytes, the end, the loss, the writer's end) or writing side
+        (the buffer drained, the loss). Raises UpstreamTimeout after `read_s` with nothing."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        if reading:
+            self._reader_waiter = waiter
+        else:
+            self._writer_waiter = waiter
+        timer = loop.call_later(read_s, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            what = "answered" if reading else "took more of the request body"
+            raise UpstreamTimeout(f"the upstream neither {what} nor closed for {read_s:g} s") from None
+        finally:
+            timer.cancel()
+            if reading:
+                self._reader_waiter = None
+            else:
+                self._writer_waiter = None
+
+    def _taken(self) -> None:
+        if self._read_paused and self.state is _ACTIVE and self.reader.buffered <= self._high // 2:
+            self._read_paused = False
+            cast(asyncio.Transport, self.transport).resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        if self.state is not _ACTIVE or self._eof:
+            raise UpstreamReset("the upstream closed the connection while the request was being sent")
+        cast(asyncio.Transport, self.transport).write(data)
+
+    # --- the exchange ------------------------------------------------------------------------------------------------
+
+    def send(self, method: bytes, head: bytes, body: Body, length: int | None, read_s: float) -> None:
+        """Start one request (the reader is told its method first): the head and a bytes body are written now,
+        an iterated body by the writer task. `length` frames an iterated body with Content-Length (the head
+        says so); without it the head says chunked."""
+        self.reader.start(method)
+        self.sent_whole = False
+        if body is None or type(body) is bytes:
+            if body and len(body) > _COALESCE:
+                self._write(head)
+                self._write(body)
+            else:
+                self._write(head + body if body else head)
+            self.sent_whole = True  # the transport sends what it holds while the answer is awaited
+            return
+        self._write(head)
+        self.writer = writer = asyncio.get_running_loop().create_task(
+            self._pump(cast(AsyncIterable[bytes], body), length, read_s)
+        )
+        writer.add_done_callback(self._pumped)
+
+    async def _pump(self, body: AsyncIterable[bytes], length: int | None, read_s: float) -> None:
+        frame = BodyWriter(_CHUNKED) if length is None else BodyWriter(_LENGTH, length)
+        async for chunk in body:
+            if chunk:
+                self._write(frame.write(chunk))
+            while self._write_paused and self.state is _ACTIVE:
+                await self._wait(False, read_s)
+        self._write(frame.end())
+        self.sent_whole = True
+
+    def _pumped(self, writer: asyncio.Task[None]) -> None:
+        """The writer ended: on a failure (the caller's body broke, the upstream stopped taking it), the
+        connection is closed and the reading side learns of it."""
+        if not writer.cancelled() and writer.exception() is not None and self.state is not _CLOSED:
+            self.state = _CLOSED  # (a cancelled writer was stopped on purpose: the answer is still read)
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+        _wake(self._reader_waiter)
+
+    def _raise_writer_failure(self) -> None:
+        """If the writer failed, its error is what the caller gets (a stalled client body is `body_timeout`,
+        not an upstream `reset`)."""
+        writer = self.writer
+        if writer is not None and writer.done() and not writer.cancelled():
+            exc = writer.exception()
+            if exc is not None:
+                raise exc
+
+    def _next(self) -> object:
+        try:
+            return self.reader.next_event()
+        except BodyTooLarge as exc:
+            self.close()
+            raise ResponseTooLarge(exc.reason) from None
+        except ProtocolError as exc:
+            self._raise_writer_failure()
+            self.close()
+            if self._eof:
+                raise UpstreamReset(f"the upstream closed the connection: {exc.reason}") from None
+            raise BadResponse(exc.reason) from None
+
+    async def read_head(self, read_s: float) -> tuple[Response, list[InformationalResponse]]:
+        """The final answer's head; 100 Continue dropped, other 1xx answers (103) returned beside it."""
+        informational: list[InformationalResponse] = []
+        reader = self.reader
+        while True:
+            if not reader.buffered and self.state is _ACTIVE and not self._eof:
+                await self._wait(True, read_s)  # nothing to parse yet (the usual case, just after sending)
+                self._raise_writer_failure()
+            event = self._next()
+            if type(event) is _Response:
+                writer = self.writer
+                if writer is not None and not writer.done() and event.status >= 400:
+                    writer.cancel()  # refused before the whole body arrived: the rest is not sent
+                if event.keep_alive:
+                    self._keep_alive_hint(event)
+                return event, informational
+            if isinstance(event, InformationalResponse):
+                if event.status != 100:
+                    informational.append(event)
+                continue
+            if event is NEED_DATA:
+                self._raise_writer_failure()
+                if self.state is _CLOSED:
+                    raise UpstreamReset("the connection was closed before the answer")
+                self._taken()
+                await self._wait(True, read_s)
+                self._raise_writer_failure()
+                continue
+            self.close()
+            raise UpstreamReset("the upstream closed the connection before answering")
+
+    def _keep_alive_hint(self, response: Response) -> None:
+        for name, value in response.headers:
+            if len(name) == 10 and name.lower() == b"keep-alive":
+                m = _KEEP_ALIVE_TIMEOUT.search(value)
+                if m is not None:
+                    self.keep_alive_s = max(0.0, int(m.group(1)) - 1.0)  # its timer started before ours
+
+    async def read_chunk(self, read_s: float) -> bytes:
+        """The next body chunk, b"" at the end of the body."""
+        while True:
+            event = self._next()
+            kind = type(event)
+            if kind is _Data:
+                self._taken()
+                return cast(Data, event).data
+            if kind is _EndOfMessage:
+                self._taken()
+                writer = self.writer
+                if writer is not None and not writer.done():
+                    self.close()  # the answer ended before the request did: not reusable
+                return b""
+            if event is NEED_DATA:
+                self._raise_writer_failure()
+                self._taken()
+                await self._wait(True, read_s)
+                continue
+            self.close()  # pragma: no cover - the reader gives Data, EndOfMessage or NEED_DATA inside a body
+            raise UpstreamReset(f"unexpected {event!r} inside a body")
+
+
+def _nothing() -> None:
+    return None

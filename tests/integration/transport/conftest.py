@@ -1,0 +1,16 @@
+"""The transport tests run on uvloop, the loop `pep run` uses, and on asyncio's own loop, which the rest of the
+suite uses (a test marked `loop_factories=["uvloop"]` runs on uvloop alone)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+import pytest
+import uvloop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
