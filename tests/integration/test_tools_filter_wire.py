@@ -49,6 +49,14 @@ PROMPTS = [{"name": "refund_reply"}, {"name": "shell_prompt"}]
 RESOURCES = [{"uri": "file:///docs/faq.md", "name": "faq"}, {"uri": "file:///etc/shadow", "name": "shell"}]
 TEMPLATES = [{"uriTemplate": "file:///docs/{page}", "name": "docs"}, {"uriTemplate": "file:///etc/{f}", "name": "x"}]
 NOTE = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1, "total": 2}})
+ELICIT = orjson.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": "srv-1",
+        "method": "elicitation/create",
+        "params": {"message": "Your email?", "requestedSchema": {"type": "object", "properties": {"email": {}}}},
+    }
+)
 # A tools/call result that happens to hold a `tools` list: the filter must leave it alone.
 CALL_RESULT: dict[str, Any] = {"content": [{"type": "text", "text": "done"}], "tools": [{"name": "shell"}]}
 
@@ -122,6 +130,8 @@ class McpServer(LoopbackServer):
             return await self._sse(request, body, b"\r")
         if answer == "sse_wrong_id":  # the SDKs give any response on a POST's stream to the POST's request
             return await self._sse(request, body.replace(b'"id":7', b'"id":8'))
+        if answer == "sse_ask":  # a form before the answer, as a tool that needs the user's input sends it
+            return await self._sse(request, body, ask=ELICIT)
         if answer == "utf16":  # the SDKs decode an SSE stream by its charset: the PEP would see no data line
             events = b"".join(sse_events(body)).decode().encode("utf-16")
             headers = {"Content-Type": "text/event-stream; charset=utf-16"}
@@ -146,10 +156,15 @@ class McpServer(LoopbackServer):
             return web.Response(body=gzip.compress(body), headers=headers_multi)
         return web.Response(body=body + b" " * int(q.get("pad", "0")), content_type="application/json")
 
-    async def _sse(self, request: web.BaseRequest, data: bytes, newline: bytes = b"\n") -> web.StreamResponse:
+    async def _sse(
+        self, request: web.BaseRequest, data: bytes, newline: bytes = b"\n", ask: bytes | None = None
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        for event in sse_events(data):
+        events = sse_events(data)
+        if ask is not None:
+            events.insert(2, b"data: " + ask + b"\n\n")
+        for event in events:
             await resp.write(event.replace(b"\n", newline))
             await asyncio.sleep(0.005)  # separate chunks
         await resp.write_eof()
@@ -168,6 +183,7 @@ class ListPdp(LoopbackServer):
 
     denied: frozenset[str] = frozenset({"shell", "shell_prompt", "file:///etc/shadow", "file:///etc/{f}"})
     denied_methods: frozenset[str] = frozenset()
+    failing_methods: frozenset[str] = frozenset()  # answered 500
     failing: dict[str, str] = field(default_factory=dict)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -195,6 +211,8 @@ class ListPdp(LoopbackServer):
         doc = (await request.json())["input"]
         self.inputs.append(doc)
         mcp = doc.get("mcp") or {}
+        if mcp.get("method") in self.failing_methods:
+            return web.json_response({"code": "internal_error", "message": "boom"}, status=500)
         if is_item(mcp):
             mode = self.failing.get(str(mcp.get("name"))) or self.failing.get("*")
             if mode == "500":
@@ -617,6 +635,52 @@ async def test_answers_on_mcp_routes_are_asked_for_unencoded(fpep: RunningPep, s
     await send(fpep, "/filtered", orjson.dumps(rpc("tools/call", 2, name="read_file", arguments={})))
     await send(fpep, "/plain")
     assert all("Accept-Encoding" not in seen.headers for seen in server.seen)  # every answer is read
+
+
+# --- what the server sends the agent, when the PDP cannot decide it ---------------------------------------------------
+
+
+async def test_an_undecided_server_request_ends_the_answer(fpep: RunningPep, pdp: ListPdp) -> None:
+    """The PDP fails on the form the server sends before its answer: the form never reaches the agent, the call gets
+    the JSON-RPC error (-32603), and nothing after it (the answer) is relayed."""
+    pdp.failing_methods = frozenset({"elicitation/create"})
+    body = orjson.dumps(rpc("tools/call", 7, name="read_file", arguments={}))
+    reply = await send(fpep, "/filtered?answer=sse_ask", body, headers={"X-Request-ID": "ask-1"})
+    assert reply.status == 200
+    assert b"elicitation" not in reply.body
+    assert b"Your email" not in reply.body
+    *_, last = sse_data(reply.body)
+    assert last["id"] == 7
+    assert (last["error"]["code"], last["error"]["data"]["reason"]) == (-32603, "pdp_error_status")
+    assert b"done" not in reply.body  # the tool's answer after the form is not relayed either
+    entries = await fpep.log_entries()
+    assert [(e["mcp_method"], e["decision"], e["reason"]) for e in entries if e.get("direction")] == [
+        ("notifications/progress", "allow", "allowed"),
+        ("elicitation/create", "deny", "pdp_error_status"),
+    ]
+
+
+async def test_an_allowed_server_request_is_relayed_under_a_sealed_id(fpep: RunningPep, pdp: ListPdp) -> None:
+    body = orjson.dumps(rpc("tools/call", 7, name="read_file", arguments={}))
+    reply = await send(fpep, "/filtered?answer=sse_ask", body)
+    ask = next(m for m in sse_data(reply.body) if m.get("method") == "elicitation/create")
+    assert ask["id"].startswith("pt1.")  # the agent answers under a token that says what it answers
+    assert ask["params"] == orjson.loads(ELICIT)["params"]
+    assert sse_data(reply.body)[-1]["result"] == CALL_RESULT
+
+
+async def test_an_undecided_notification_is_dropped(fpep: RunningPep, pdp: ListPdp) -> None:
+    pdp.failing_methods = frozenset({"notifications/progress"})
+    reply = await send(fpep, "/filtered?answer=sse")
+    assert b"notifications/progress" not in reply.body
+    assert sse_data(reply.body) == [{"jsonrpc": "2.0", "id": 7, "result": {"tools": ALLOWED}}]  # the answer goes on
+
+
+async def test_an_undecided_message_on_the_get_stream_is_dropped(fpep: RunningPep, pdp: ListPdp) -> None:
+    pdp.failing_methods = frozenset({"notifications/progress"})
+    reply = await send(fpep, "/filtered", None, {"Accept": "text/event-stream", "Mcp-Session-Id": "s-1"}, "GET")
+    assert reply.status == 200
+    assert sse_data(reply.body) == []  # the notification undecided, the list a stray response: nothing relayed
 
 
 # --- the session's GET stream and resumption ------------------------------------------------------------------------
