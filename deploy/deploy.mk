@@ -38,7 +38,7 @@ PROMTOOL_MIN       := 2.42
 K8S_OLDEST         := 1.29.0
 K8S_CORE_FILES      = $(DEPLOY_OUT)/base.core.yaml $(DEPLOY_OUT)/example.core.yaml \
                       deploy/kubernetes/example/upstream-credentials.secret.yaml
-CERBOS_COPIES      := order.yaml tool.yaml
+CERBOS_COPIES      := order.yaml prompt.yaml tool.yaml
 
 .PHONY: deploy-check deploy-tools deploy-clean
 

@@ -33,6 +33,9 @@ from pep.pdp import Failure, Verdict
 from pep.pdp.http1 import Answer, ExchangeError, _Connection
 from pep.pdp.transport import RawAnswer
 from pep.protocols import NO_ID, Inspected, Refused
+from pep.protocols.mcp_answer import Response, Stream, Unreadable
+from pep.protocols.mcp_answer import load as load_answer
+from pep.protocols.sse import SseError, SseEvent, SseReader
 
 
 class OracleError(AssertionError):
@@ -329,7 +332,7 @@ MCP_MAX_DEPTH = 64
 
 # The keys the PEP reads, per object; a case-insensitive reader (Go's encoding/json) binds any key folding to one.
 MCP_READS = ("jsonrpc", "id", "method", "params", "result", "error")
-MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion")
+MCP_PARAMS_READS = ("name", "uri", "arguments", "_meta", "protocolVersion", "ref", "argument", "inputResponses")
 MODEL_READS = ("model", "stream", "tools", "functions", "n")
 MODEL_TOOL_READS = ("type", "name", "function")
 
@@ -422,7 +425,10 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
         require(isinstance(method, str) and bool(method) and facts["method"] == method, "method is named", item)
         field = NAMED_BY.get(method)
         named = params.get(field) if isinstance(params, dict) and field else None
-        require(facts["name"] == named, "name is params.name or params.uri", item, facts)
+        if method == "completion/complete" and isinstance(params, dict) and isinstance(params.get("ref"), dict):
+            ref = params["ref"]
+            named = ref.get({"ref/prompt": "name", "ref/resource": "uri"}.get(ref.get("type"), ""))
+        require(facts["name"] == named, "name is params.name or params.uri (a completion's params.ref)", item, facts)
         arguments = params.get("arguments") if isinstance(params, dict) else None
         require(same_json(facts["arguments"], arguments), "arguments are params.arguments", item, facts)
         require(arguments is None or isinstance(arguments, dict), "arguments are an object", item)
@@ -482,8 +488,10 @@ def check_dispatch(
     """A body is read and inspected whenever the route's protocol decides on it: no body of an MCP route, and
     no model call on an OpenAI route, reaches the upstream on its HTTP facts alone; an encoded body is never
     inspected (the PEP would decide on other bytes than the upstream reads)."""
-    if filter_tools_list and "Last-Event-ID" in headers:
-        require(isinstance(early, Refused), "a resumed stream on a filtering route is refused", headers, early)
+    resumes = "Last-Event-ID" in headers
+    repeated = isinstance(headers, CIMultiDict) and len(headers.getall("Last-Event-ID", [])) > 1
+    if protocol == "mcp" and resumes and (method != "GET" or repeated):
+        require(isinstance(early, Refused), "only a GET resumes an MCP stream", method, headers, early)
     form = method == "POST" and has_body and is_form(headers)
     if early is None:
         inspected = (protocol == "mcp" and method == "POST") or (protocol == "openai" and invokes_model(method, path))
@@ -986,3 +994,111 @@ def check_exchange(data: bytes, eof: bool, limit: int, result: Exchange) -> None
     elif not answer.undecodable:  # refusing more is always safe (a 204 with an odd Transfer-Encoding, say)
         require(answer.body == expected, "the final response's (decoded) body", data, answer.body, expected)
         require(len(answer.body) <= limit, "the body is within the limit", data)
+
+
+# --- answer streams (pep/protocols/sse.py, mcp_answer.py) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefEvent:
+    data: str | None
+    event: str
+    id: str | None
+    retry: int | None
+
+
+def reference_sse(stream: bytes) -> list[RefEvent] | None:
+    """The WHATWG EventSource field rules on the decoded text (None: not UTF-8), every event with any line returned
+    (data or not), the last one even without a blank line: what the PEP must see, by a second reading."""
+    try:
+        text = stream.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    text = text.removeprefix("\ufeff")
+    events: list[RefEvent] = []
+    lines: list[str] = []
+
+    def dispatch() -> None:
+        data: list[str] = []
+        kind, event_id, retry = "", None, None
+        for line in lines:
+            if line.startswith(":"):
+                continue
+            name, colon, value = line.partition(":")
+            if colon and value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+            elif name == "id" and "\0" not in value:
+                event_id = value
+            elif name == "retry" and value and all(c in "0123456789" for c in value):
+                retry = int(value)
+        events.append(RefEvent("\n".join(data) if data else None, kind or "message", event_id, retry))
+        lines.clear()
+
+    for line in re.split("\r\n|\r|\n", text):
+        if line:
+            lines.append(line)
+        elif lines:
+            dispatch()
+    if lines:
+        dispatch()
+    return events
+
+
+def check_sse(stream: bytes, whole: list[Any] | None, chunked: list[Any] | None) -> None:
+    """The reader's events are the reference's, whatever the chunking; what is not UTF-8 is an error."""
+    expected = reference_sse(stream)
+    require(whole == chunked, "chunking never changes the events", stream, whole, chunked)
+    if expected is None:
+        require(whole is None, "a stream that is not UTF-8 is unreadable", stream, whole)
+        return
+    require(whole is not None, "a UTF-8 stream is read", stream)
+    assert whole is not None
+    got = [RefEvent(e.data.decode() if e.data is not None else None, e.event, e.id, e.retry) for e in whole]
+    require(got == expected, "the events are the EventSource algorithm's", stream, got, expected)
+
+
+def read_sse(stream: bytes, size: int) -> list[SseEvent] | None:
+    """The events of `stream` fed in pieces of `size` bytes, or None when the reader refuses it."""
+    reader = SseReader()
+    events: list[SseEvent] = []
+    try:
+        for at in range(0, len(stream), size):
+            events += reader.feed(stream[at : at + size])
+        return events + reader.finish()
+    except SseError:
+        return None
+
+
+def check_answer_stream(size: int, stream: bytes) -> None:
+    """One stream through the SSE reader (whole and in pieces) and each event's JSON through an MCP answer that
+    has one request pending (id 1)."""
+    whole = read_sse(stream, max(len(stream), 1))
+    check_sse(stream, whole, read_sse(stream, size))
+    answer = Stream([(1, "tools/list")])
+    for event in whole or ():
+        if event.data is None:
+            continue
+        try:
+            value = load_answer(event.data)
+            result = answer.read(value)
+        except Unreadable:
+            continue
+        check_mcp_answer(value, result, 1)
+        for message in result:
+            if isinstance(message, Response):
+                answer.answered(message.rpc_id)
+
+
+def check_mcp_answer(value: Any, result: list[Any] | None, pending: int) -> None:
+    """A response passes only when it answers the pending request by its exact id (an int, `pending`), once; on
+    anything else the answer is unreadable."""
+    if result is None:
+        return
+    responses = [m for m in result if isinstance(m, Response) and m.rpc_id is not None]
+    require(len(responses) <= 1, "a request is answered once", value, result)
+    for response in responses:
+        require(type(response.rpc_id) is int and response.rpc_id == pending, "the pending id exactly", value)

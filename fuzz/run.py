@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HARNESSES = ("integrity", "bodies", "pdp_answers", "pdp_http1", "http1_core")
+HARNESSES = ("integrity", "bodies", "pdp_answers", "pdp_http1", "http1_core", "answers")
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "fuzz" / "corpus"
 DICTS = ROOT / "fuzz" / "dict"

@@ -142,6 +142,19 @@ CORE_REQUESTS = [bytes([0, 255]), bytes([0b1010, 4])]
 CORE_RESPONSES = [bytes([1, 255]), bytes([0b100011, 255]), bytes([0b1100101, 255]), bytes([0b11000001, 8])]
 
 
+# fuzz_answers: a chunk-size byte, then an SSE stream (MCP answers and model answer streams are read by one reader).
+SSE_STREAMS = [
+    b': ping\n\nevent: message\nid: ev-1\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\n\n'
+    b'id: ev-2\ndata: {"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"shell"}]}}\n\n',
+    b'\xef\xbb\xbfdata:{"jsonrpc":"2.0","id":"1","result":{}}\r\n\r\n',
+    b'retry: 1000\rid: a\x00b\rdata: {"jsonrpc":"2.0",\rdata: "id":1,"result":{}}\r\r',
+    b'event: other\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\n\ndata: [DONE]\n\n',
+    b'data: {"jsonrpc":"2.0","id":7,"method":"elicitation/create","params":{"requestedSchema":{"properties":{}}}}\n',
+    b'data: {"jsonrpc":"2.0","id":1,"result":{"Tools":[]}}\n\ndata: \xff\xfe\n\n',
+    'data: {"choices":[{"delta":{"content":"é"}}]}\n\n'.encode(),
+]
+
+
 def write(harness: str, inputs: list[bytes]) -> None:
     folder = CORPUS / harness
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,6 +183,7 @@ def main() -> None:
         "http1_core",
         [c + r for c in CORE_REQUESTS for r in REQUESTS] + [c + r for c in CORE_RESPONSES for r in RESPONSES[::2]],
     )
+    write("answers", [bytes([size]) + s for s in SSE_STREAMS for size in (0, 6)])
 
 
 if __name__ == "__main__":

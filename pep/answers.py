@@ -26,6 +26,7 @@ from pep import attributes
 from pep.decision import Allow, Reason
 from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Check, Engine, Outcome
+from pep.protocols import media
 from pep.protocols.model_answer import AnswerError, EventReader, Findings, read_json, same_model
 from pep.protocols.openai import ANSWER, TOOL_CALL
 from pep.responses import MESSAGES, deny_openai
@@ -33,16 +34,6 @@ from pep.routing import Route
 
 log = logging.getLogger("pep.answers")
 _UNREADABLE = "upstream_unreadable"
-
-
-def _media(content_type: str) -> tuple[str, str | None]:
-    media, _, params = content_type.partition(";")
-    charset = None
-    for param in params.split(";"):
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "charset":
-            charset = value.strip().strip('"').lower()
-    return media.strip().lower(), charset
 
 
 def error_event(code: str, message: str) -> bytes:
@@ -80,15 +71,14 @@ class ModelAnswers:
         self._reader = EventReader()
         self.refused: Reason | str | None = None  # why the answer was stopped, for tests and logs
 
-    def mode(self, status: int, content_type: str, content_encoding: str) -> str:
+    def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
         if not 200 <= status < 300:
             return "pass"  # an error answer: the SDKs raise on it and read no tool call from it
-        if content_encoding.strip().lower() not in ("", "identity"):
+        problem = media.problem(content_types, encodings)
+        if problem is not None:
+            self._note_unreadable(problem)
             return "unreadable"
-        media, charset = _media(content_type)
-        if charset not in (None, "utf-8"):
-            return "unreadable"
-        return "events" if media == "text/event-stream" else "whole"
+        return "events" if content_types and media.is_event_stream(content_types[0]) else "whole"
 
     async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
         try:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
 import signal
 import ssl
 import time
@@ -34,6 +35,7 @@ from pep.pdp.transport import HttpTransport, tls_context
 from pep.preflight import credential_warning, file_problems
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
+from pep.seal import Sealer, SealKeyError
 from pep.secret_file import FileSecret, Stamp, file_stamp
 from pep.stderr import say
 from pep.upstream import Upstream
@@ -82,6 +84,7 @@ def watched_files(cfg: Config) -> tuple[str, ...]:
             files.extend(str(f) for f in policy_files(Path(pdp.policies)))
         if pdp.entities is not None:
             files.append(pdp.entities)
+    files.extend(cfg.seal_key_files)  # a key rotated in is used without a restart
     return tuple(files)
 
 
@@ -110,8 +113,12 @@ class Server:
         reuse_port: bool = False,
         adjust: Callable[[Config], Config] | None = None,
         span_exporter: Any = None,
+        process_key: bytes | None = None,
     ) -> None:
         self.config = config
+        # Seals tokens when the config names no seal_key_files: a worker's comes from its supervisor, so that every
+        # worker opens what another sealed; a lone process makes its own.
+        self._process_key = process_key or secrets.token_bytes(32)
         self.reuse_port = reuse_port  # a worker: `listen` is shared with the other workers (SO_REUSEPORT)
         self.clock = clock
         self._adjust = adjust or (lambda c: c)
@@ -216,6 +223,10 @@ class Server:
         same_pdp = old is not None and _pdp_identity(old.config) == _pdp_identity(cfg)
         same_identity = old is not None and old.config.identity == cfg.identity
         # The parts that hold nothing open first, so that nothing can fail after the policies are swapped.
+        try:
+            sealer = Sealer.from_files(cfg.seal_key_files) if cfg.seal_key_files else Sealer([self._process_key])
+        except SealKeyError as exc:
+            raise ReloadError(f"seal_key_files: {exc}") from None
         token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
         routes = RouteTable(cfg.routes, token_header)
         previous = old.credentials if old is not None else {}
@@ -253,7 +264,7 @@ class Server:
             await self._discard(old, engine, keys)
             raise
         self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
-        return Runtime(cfg, routes, engine, identifier, credentials, keys)
+        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys)
 
     async def _discard(self, old: Runtime | None, engine: Engine | None, keys: KeySource | None) -> None:
         """Close what a failed build created (never what it reused from `old`)."""
@@ -428,14 +439,20 @@ def for_worker(config: Config, port: int) -> Config:
     return dataclasses.replace(config, listen=Address(config.listen.host, port), admin_listen=Address("127.0.0.1", 0))
 
 
-async def serve(config: Config, worker: tuple[int, int, int] | None = None) -> None:
+async def serve(config: Config, worker: tuple[int, int, int, int] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain for up to `shutdown_grace_ms`. A worker (pep/workers.py),
-    given as (index, shared port, report fd), shares `listen` and reports its admin port on the fd."""
+    given as (index, shared port, report fd, seal key fd), shares `listen`, takes the supervisor's seal key and
+    reports its admin port on the fd."""
     if worker is None:
         server = Server(config)
     else:
         port = worker[1]
-        server = Server(for_worker(config, port), reuse_port=True, adjust=lambda c: for_worker(c, port))
+        with os.fdopen(worker[3], "rb") as key_pipe:
+            key = key_pipe.read(64)
+        if len(key) != 32:
+            raise RuntimeError("the supervisor's seal key did not arrive")
+        adjust = lambda c: for_worker(c, port)  # noqa: E731
+        server = Server(for_worker(config, port), reuse_port=True, adjust=adjust, process_key=key)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

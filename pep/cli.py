@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the proxy and its admin listener")
     run.add_argument("-c", "--config", required=True, help="config file (YAML)")
-    run.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:PORT:FD, set by the `workers` supervisor
+    run.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:PORT:FD:KEYFD, set by the `workers` supervisor
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, help="config file (YAML)")
     explain = sub.add_parser(
@@ -86,8 +86,8 @@ def _run(config: object, path: str, worker: str | None) -> int:
     assert isinstance(config, Config)
     try:
         if worker is not None:
-            index, port, fd = (int(part) for part in worker.split(":"))
-            uvloop.run(serve(config, (index, port, fd)))
+            index, port, fd, key_fd = (int(part) for part in worker.split(":"))
+            uvloop.run(serve(config, (index, port, fd, key_fd)))
         elif config.workers > 1:
             from pep.workers import Supervisor
 

@@ -249,9 +249,11 @@ class RouteConfig:
     timeout_ms: int = 30000
     keep_caller_credentials: bool = False
     mapping: RouteMapping | None = None
-    deny_status: int = 403  # mcp routes: 200 for clients that cannot cope with a 403 (never forwarded either way)
+    deny_status: int = 200  # mcp routes: the JSON-RPC denial in a 200 (every SDK reads it), or 403
     credential: Credential | None = None
     filter_tools_list: bool = False  # mcp routes: remove the tools the PDP denies from tools/list answers
+    filter_prompts_list: bool = False  # mcp routes: the same for prompts/list
+    filter_resources_list: bool = False  # mcp routes: the same for resources/list and resources/templates/list
     host: str | None = None  # forward-proxy mode: the authority the request must name (lower-cased)
     tunnel: bool = False  # CONNECT to `host` is decided and tunnelled to the upstream's host:port
     require_identity: bool = False  # a verified token is required (identity.jwt)
@@ -287,6 +289,9 @@ class Config:
     shutdown_grace_ms: int = 25000  # SIGTERM: in-flight requests may finish within this, then are closed
     tracing: TracingConfig | None = None
     approvals: ApprovalsConfig | None = None
+    # Keys for the tokens the PEP seals (pep/seal.py): the first seals, every one opens. Without them each process
+    # makes its own at start (a supervisor hands its workers one), so tokens do not outlive a restart.
+    seal_key_files: tuple[str, ...] = ()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -714,6 +719,8 @@ _ROUTE_KEYS = {
     "mapping",
     "deny_status",
     "filter_tools_list",
+    "filter_prompts_list",
+    "filter_resources_list",
     "credential",
     "tunnel",
     "require_identity",
@@ -765,15 +772,16 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
     max_body = None if protocol == "http" else 1048576
     if "max_body_bytes" in m:
         max_body = r.integer(m, "max_body_bytes", path, 1048576, 0, 1 << 40)
-    deny_status = 403
+    deny_status = 200
     if "deny_status" in m:
-        deny_status = r.integer(m, "deny_status", path, 403, 200, 403)
+        deny_status = r.integer(m, "deny_status", path, 200, 200, 403)
         if deny_status not in (200, 403):
-            r.error(f"{path}.deny_status", f"must be 403 or 200, got {deny_status}")
+            r.error(f"{path}.deny_status", f"must be 200 or 403, got {deny_status}")
         elif deny_status == 200 and protocol != "mcp":
             r.error(f"{path}.deny_status", "200 is only for protocol: mcp (a JSON-RPC error carries the denial)")
-    if m.get("filter_tools_list") is True and protocol != "mcp":
-        r.error(f"{path}.filter_tools_list", "is only for protocol: mcp")
+    for key in ("filter_tools_list", "filter_prompts_list", "filter_resources_list"):
+        if m.get(key) is True and protocol != "mcp":
+            r.error(f"{path}.{key}", "is only for protocol: mcp")
     if "decide_answer_tool_calls" in m and protocol != "openai":
         r.error(f"{path}.decide_answer_tool_calls", "is only for protocol: openai")
     max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
@@ -796,6 +804,8 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         mapping=_mapping(r, m["mapping"], f"{path}.mapping") if "mapping" in m else None,
         deny_status=deny_status,
         filter_tools_list=r.boolean(m, "filter_tools_list", path, False),
+        filter_prompts_list=r.boolean(m, "filter_prompts_list", path, False),
+        filter_resources_list=r.boolean(m, "filter_resources_list", path, False),
         credential=_credential(r, m["credential"], f"{path}.credential") if "credential" in m else None,
         host=host,
         tunnel=tunnel,
@@ -1142,6 +1152,7 @@ _TOP_KEYS = {
     "shutdown_grace_ms",
     "tracing",
     "approvals",
+    "seal_key_files",
 }
 
 
@@ -1163,6 +1174,7 @@ def parse(data: Any, source: str) -> Config:
     workers = r.integer(m, "workers", "", 1, 1, 64)
     grace = r.integer(m, "shutdown_grace_ms", "", 25000, 0, 3_600_000)
     tracing = _tracing(r, m["tracing"]) if "tracing" in m else None
+    seal_keys = _string_list(r, m, "seal_key_files")
     pdp = None
     if "pdp" not in m:
         r.error("pdp", "is required")
@@ -1227,7 +1239,20 @@ def parse(data: Any, source: str) -> Config:
             r.error(f"routes[{i}].approval.mode", "ticket needs approvals.ticket_key_files (tickets are sealed)")
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
-    return Config(source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, approvals)
+    return Config(
+        source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, approvals, seal_keys
+    )
+
+
+def _string_list(r: _Reader, m: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings, or () when the key is absent."""
+    if key not in m:
+        return ()
+    value = m[key]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        r.error(key, f"must be a non-empty list of file paths, got {_kind(value)}")
+        return ()
+    return tuple(value)
 
 
 def load(path: str | Path) -> Config:

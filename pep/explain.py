@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import ssl
 import sys
 from collections.abc import Sequence
@@ -33,8 +34,10 @@ from pep.ids import request_id
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
 from pep.pdp.cedar import CedarLoadError
-from pep.protocols import Inspected, Refused, dispatch
+from pep.protocols import Inspected, Refused, dispatch, mcp_replies
+from pep.protocols.mcp_tokens import for_caller
 from pep.routing import Route, RouteTable
+from pep.seal import Sealer
 
 EXIT_ALLOW = 0
 EXIT_DENY = 1
@@ -163,6 +166,15 @@ async def facts(
     inspected = _inspect(route, request, body)
     if isinstance(inspected, Refused):
         return Facts(route, upstream_url, inspected)
+    if route.config.protocol == "mcp":
+        # Replies and resumptions carry tokens a running PEP sealed: they open here only with its seal_key_files.
+        tokens = for_caller(_sealer(config), route.name, subject, headers)
+        route_config = route.config
+        inspected, _ = mcp_replies.prepare(
+            method, headers, inspected, tokens, route_config.filter_tools_list, route_config.max_batch_messages
+        )
+        if isinstance(inspected, Refused):
+            return Facts(route, upstream_url, inspected)
     rid = request_id(headers.get("X-Request-ID"))
     document = attributes.document(
         request_id=rid,
@@ -189,6 +201,10 @@ async def facts(
         body=inspected.body,
     )
     return Facts(route, upstream_url, None, check, inspected)
+
+
+def _sealer(config: Config) -> Sealer:
+    return Sealer.from_files(config.seal_key_files) if config.seal_key_files else Sealer([secrets.token_bytes(32)])
 
 
 class _Recorder(Pdp):

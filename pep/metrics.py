@@ -15,7 +15,7 @@ from pep.decision import DENY_REASONS, Reason
 
 UNMATCHED = "_unmatched"
 PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
-UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unfilterable", "unreadable")
+UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unreadable")
 CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 APPROVAL_RESULTS = ("requested", "granted", "denied", "timeout", "unavailable", "invalid")
 CREDENTIAL_FETCH_RESULTS = ("success", "refused", "error")  # refused: the server answered with an OAuth error

@@ -52,8 +52,9 @@ def startup_warnings(config: Config) -> list[str]:
 
 
 def _private_files(config: Config) -> list[tuple[str, str]]:
-    """(key path, file) of the keys and secrets only the PEP should read: ticket keys and OAuth client credentials."""
-    found: list[tuple[str, str]] = []
+    """(key path, file) of the keys and secrets only the PEP should read: seal and ticket keys, OAuth client
+    credentials."""
+    found: list[tuple[str, str]] = [(f"seal_key_files[{i}]", p) for i, p in enumerate(config.seal_key_files)]
     approvals = config.approvals
     if approvals is not None:
         found += [(f"approvals.ticket_key_files[{i}]", p) for i, p in enumerate(approvals.ticket_key_files)]
@@ -136,6 +137,11 @@ def file_problems(config: Config) -> list[str]:
             problems.append(f"{src}: pdp.tls: {exc}")
     if pdp.auth is not None and FileSecret(pdp.auth.value_file).value() is None:
         problems.append(f"{src}: pdp.auth.value_file: {pdp.auth.value_file!r} is missing, unreadable or empty")
+    for i, path in enumerate(config.seal_key_files):
+        try:
+            read_key(path)
+        except SealKeyError as exc:
+            problems.append(f"{src}: seal_key_files[{i}]: {exc}")
     jwt = config.identity.jwt
     if jwt is not None and jwt.jwks_file is not None:
         try:

@@ -32,14 +32,18 @@ from pep.identity.keys import KeySource
 from pep.identity.spiffe import ListenerTls
 from pep.identity.subject import Identifier, PeerCert
 from pep.ids import new_id, request_id
+from pep.mcp_answers import AnswerContext, McpAnswers
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import Inspected, Message, Refused, dispatch, openai, tools_filter
+from pep.protocols import NO_ID, Inspected, Message, Refused, dispatch, mcp_replies, openai
 from pep.protocols.body import BODY_DEADLINE, read_body
+from pep.protocols.mcp_answer import LISTS, Stream
+from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
 from pep.responses import deny, deny_mcp, deny_openai
 from pep.routing import Route, RouteTable
+from pep.seal import Sealer
 from pep.trace import CURRENT as CURRENT_TRACE
 from pep.trace import Spans, Trace, from_headers
-from pep.upstream import Rewrite, Upstream
+from pep.upstream import Upstream
 
 log = logging.getLogger("pep.proxy")
 _HTTP_1 = (HttpVersion11, HttpVersion10)
@@ -61,15 +65,23 @@ def _authority_matches(target: URL, host_header: str | None) -> bool:
     return (target.host.lower(), target.port) == ((host.host or "").lower(), host.port)
 
 
-# A tool the PDP answered about: allowed, or refused for itself (not "the PDP could not decide").
-_TOOL_VERDICTS = frozenset({Reason.ALLOWED, Reason.POLICY_DENIED, Reason.PDP_UNDEFINED, Reason.OBLIGATION_UNSUPPORTED})
-_REASON_VALUES = frozenset(r.value for r in Reason)
-
-
 class _Case:
     """What the handler learns about a request on the way to its decision (for the log and the answer)."""
 
-    __slots__ = ("challenge", "credential", "document", "drop_session", "inspected", "outcome", "route", "rt", "trace")
+    __slots__ = (
+        "challenge",
+        "credential",
+        "document",
+        "drop_session",
+        "inspected",
+        "outcome",
+        "replaced",
+        "resume",
+        "route",
+        "rt",
+        "tokens",
+        "trace",
+    )
 
     def __init__(self, rt: Runtime, trace: Trace) -> None:
         self.rt = rt  # the config this request is decided and logged under
@@ -81,6 +93,9 @@ class _Case:
         self.credential: tuple[str, str] | None = None  # (header, value) to inject if allowed
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
         self.drop_session = False  # the connection's client certificate no longer passes: abort after the answer
+        self.tokens: Tokens | None = None  # MCP routes: the caller's tokens for relayed server ids
+        self.resume: Resumption | None = None  # a GET that resumes a stream (its Last-Event-ID opened)
+        self.replaced: tuple[tuple[str, str], ...] = ()  # caller headers forwarded with another value
 
     def span_attributes(self) -> dict[str, Any]:
         """What the request's span records (tracing on only)."""
@@ -142,6 +157,7 @@ class Runtime:
     engine: Engine
     identifier: Identifier
     credentials: dict[str, CredentialSource]
+    sealer: Sealer  # the tokens relayed in place of MCP server ids (pep/protocols/mcp_tokens.py)
     keys: KeySource | None = None  # identity.jwt's key source, started and closed with the runtime
 
     @property
@@ -223,9 +239,8 @@ class Proxy:
         if isinstance(decision, Allow) and route is not None and request.method == "CONNECT":
             return await tunnel.splice(request, decision, route)
         if isinstance(decision, Allow) and route is not None:
-            rewrite = self._tools_filter(route, case, decision)
-            answers = self._model_answers(route, case, decision)
-            return await self._upstream.forward(request, decision, route, rewrite, case.credential, answers)
+            answers = self._model_answers(route, case, decision) or self._mcp_answers(request, route, case, decision)
+            return await self._upstream.forward(request, decision, route, case.credential, answers, case.replaced)
         assert isinstance(decision, Deny)
         if status == 505:
             response = deny(decision.reason, rid, status)
@@ -286,6 +301,10 @@ class Proxy:
         inspected = await _inspect(request, route, path)
         if isinstance(inspected, Refused):
             return _early(inspected.reason, inspected.detail)
+        if route.config.protocol == "mcp":
+            inspected = self._mcp_replies(request, route, case, subject, inspected)
+            if isinstance(inspected, Refused):
+                return _early(inspected.reason, inspected.detail)
         case.inspected = inspected
         body = inspected.body
         if body is not None:
@@ -395,62 +414,73 @@ class Proxy:
             case.trace.trace_id,
         )
 
-    def _tools_filter(self, route: Route, case: _Case, allow: Allow) -> Rewrite | None:
-        """For an allowed `tools/list` on a filtering route: the rewrite that keeps only the allowed tools."""
-        inspected = case.inspected
+    @staticmethod
+    def _mcp_replies(
+        request: web.BaseRequest, route: Route, case: _Case, subject: dict[str, Any], inspected: Inspected
+    ) -> Inspected | Refused:
+        """An MCP request with what its replies answer (their ids opened), or why it cannot be forwarded. A GET
+        with `Last-Event-ID` must carry an event id the PEP relayed: it resumes that stream, read as before."""
+        tokens = case.tokens = for_caller(case.rt.sealer, route.name, subject, request.headers)
+        config = route.config
+        prepared, case.resume = mcp_replies.prepare(
+            request.method, request.headers, inspected, tokens, config.filter_tools_list, config.max_batch_messages
+        )
+        if case.resume is not None:
+            case.replaced = (("Last-Event-ID", case.resume.event_id),)
+        return prepared
+
+    def _mcp_answers(self, request: web.BaseRequest, route: Route, case: _Case, allow: Allow) -> McpAnswers | None:
+        """For an allowed MCP POST or GET: the check its answer must pass, message by message."""
+        config = route.config
         document = case.document
-        if not route.config.filter_tools_list or inspected is None or document is None:
+        tokens = case.tokens
+        if config.protocol != "mcp" or document is None or tokens is None:
             return None
-        # A tools/list inside a batch is filtered too: a batch must not be a way around the filter.
-        listing = [m.facts for m in inspected.messages if m.facts.get("method") == "tools/list"]
-        if not listing:
-            return None
-        facts = listing[0]
-        batch = inspected.batch
-        engine = case.rt.engine
-        url = document["route"]["upstream_url"]
-        rid = allow.request_id
-        log = self._log
-
-        async def decide(names: list[str]) -> list[bool] | str:
-            docs = [{**document, "mcp": {**facts, "method": "tools/call", "name": n, "arguments": None}} for n in names]
-            check = Check(docs[0], rid, route.name, "POST", url, route.obligation_forbidden, more=tuple(docs[1:]))
-            outcome = await engine.decide(check)
-            decision = outcome.decision
-            reasons = outcome.reasons or (decision_reason(decision),) * len(names)
-            entry = _filter_entry(rid, route, document, outcome, names, reasons, engine, case.trace)
-            if log.required and Reason.ALLOWED in reasons:
-                # The tools kept are shown to the caller on these allows: they are logged first, like any allow.
-                problem = await log.commit(entry, _log_budget(case.rt, outcome))
-                if problem is not None:
-                    log.record(unaudited(entry, problem))
-                    return Reason.AUDIT_UNAVAILABLE.value
+        inspected = case.inspected
+        resume = case.resume
+        if request.method == "POST" and inspected is not None and inspected.messages:
+            pending = [
+                (m.rpc_id, m.facts["method"])
+                for m in inspected.messages
+                if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response"
+            ]
+            stream = Stream(pending)
+            version = inspected.messages[0].facts.get("protocol_version")
+        elif request.method == "GET":
+            if resume is not None and resume.pending is not None:
+                stream = Stream(list(resume.pending))
             else:
-                log.record(entry)
-            undecided = [r for r in reasons if r not in _TOOL_VERDICTS]
-            if undecided or len(reasons) != len(names):
-                return (undecided[0] if undecided else decision_reason(decision)).value
-            return [r is Reason.ALLOWED for r in reasons]
-
-        async def rewrite(body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
-            version = facts.get("protocol_version")
-            try:
-                if content_type.split(";", 1)[0].strip().lower() == "text/event-stream":
-                    filtered, _ = await tools_filter.filter_sse(body, decide, version, batch)
-                else:
-                    filtered, _ = await tools_filter.filter_json(body, decide, version, batch)
-            except tools_filter.FilterError as exc:
-                if str(exc) in _REASON_VALUES:  # the PDP could not decide: the caller gets that denial
-                    return deny_mcp(Reason(str(exc)), rid, inspected, route.config.deny_status)
-                return None  # the answer was unreadable: the forwarder answers 502, never the unfiltered list
-            return filtered
-
-        return rewrite
+                stream = Stream([], get=True)
+            version = resume.version if resume is not None else request.headers.get("MCP-Protocol-Version")
+        else:
+            return None
+        filters = {"tools/list"} if config.filter_tools_list else set()
+        if config.filter_prompts_list:
+            filters.add("prompts/list")
+        if config.filter_resources_list:
+            filters.update(("resources/list", "resources/templates/list"))
+        assert filters <= LISTS.keys()
+        context = AnswerContext(
+            engine=lambda: self.runtime.engine,
+            log=self._log,
+            log_budget=lambda outcome: _log_budget(self.runtime, outcome),
+            count_unreadable=self._metrics.upstream_failures[route.name, "unreadable"].inc,
+            route=route,
+            document=document,
+            allow=allow,
+            tokens=tokens,
+            filters=frozenset(filters),
+            version=version,
+            trace_id=case.trace.trace_id,
+        )
+        return McpAnswers(context, stream, inspected if request.method == "POST" else None)
 
     @staticmethod
     def _message_entry(message: Message, reason: Reason, include_arguments: bool) -> dict[str, Any]:
         facts = message.facts
         entry = {"mcp_method": facts["method"], "mcp_name": facts["name"], "reason": reason.value}
+        if facts.get("replies_to") is not None:
+            entry["replies_to"] = facts["replies_to"]
         if include_arguments:
             entry["arguments"] = facts["arguments"]
         return entry
@@ -494,6 +524,8 @@ class Proxy:
             first = messages[0].facts
             entry["mcp_method"] = first["method"]
             entry["mcp_name"] = first["name"]
+            if first.get("replies_to") is not None:
+                entry["replies_to"] = first["replies_to"]
             if rt.include_arguments:
                 entry["arguments"] = first["arguments"]
             if len(messages) > 1:
@@ -513,37 +545,3 @@ def _log_budget(rt: Runtime, outcome: Outcome) -> float:
     """What is left of the decision deadline (`pdp.timeout_ms`) after the PDP answered: a required log must have
     written the allow's line within it."""
     return (rt.config.pdp.timeout_ms - (outcome.pdp_ms or 0.0)) / 1000
-
-
-def _filter_entry(
-    rid: str,
-    route: Route,
-    document: dict[str, Any],
-    outcome: Outcome,
-    names: list[str],
-    reasons: tuple[Reason, ...],
-    engine: Engine,
-    trace: Trace,
-) -> dict[str, Any]:
-    allowed = isinstance(outcome.decision, Allow)
-    return {
-        "time": attributes.rfc3339_now(),
-        "request_id": rid,
-        "decision_id": outcome.decision.decision_id,
-        "route": route.name,
-        "method": "POST",
-        "path": document["request"]["path"],
-        "subject": document["subject"],
-        "mcp_method": "tools/list",
-        "mcp_name": None,
-        "decision": "allow" if allowed else "deny",
-        "reason": decision_reason(outcome.decision).value,
-        "pdp_ms": outcome.pdp_ms,
-        "attempts": outcome.attempts,
-        "circuit": engine.circuit.name.lower(),
-        "trace_id": trace.trace_id,
-        "filtered": {
-            "kept": [n for n, r in zip(names, reasons, strict=False) if r is Reason.ALLOWED],
-            "removed": [n for n, r in zip(names, reasons, strict=False) if r is not Reason.ALLOWED],
-        },
-    }

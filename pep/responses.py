@@ -118,8 +118,9 @@ def deny_mcp(
 ) -> web.Response:
     """A JSON-RPC error for each request of the body (its id), -32001 for a refusal, -32603 when undecided.
 
-    With `deny_status: 200` the status is 200 for requests (the JSON-RPC error carries the denial) and 202 for
-    notifications and responses (which expect no body). GET, DELETE and bodies that could not be read get 403.
+    With `deny_status: 200` (the default: every MCP SDK generation reads the error from a 200, where the 1.x
+    client ends its session on a 403) the status is 200 for requests and 202 for notifications and responses
+    (which expect no body). GET, DELETE and bodies that could not be read get the plain 403.
     A request waiting for a person (`approval`) gets -32001 with the ticket in `data.approval`, or -32042 with a
     URL elicitation when the client declared URL elicitation support (`url_elicitation`) and a URL is configured.
     """
@@ -161,8 +162,7 @@ _UPSTREAM_FAILURES = {
     "reset": (502, "upstream_unavailable", "The upstream closed the connection without a response."),
     "timeout": (504, "upstream_timeout", "The upstream did not answer in time."),
     "body_limit": (413, "body_too_large", "The request body is larger than this route allows."),
-    "unfilterable": (502, "upstream_unreadable", "The upstream's tool list could not be read to be filtered."),
-    "unreadable": (502, "upstream_unreadable", "The model's answer could not be read to be decided."),
+    "unreadable": (502, "upstream_unreadable", "The upstream's answer could not be read to be decided."),
     "body_timeout": (408, "request_timeout", "The request body did not arrive in time."),
 }
 

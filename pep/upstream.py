@@ -22,11 +22,7 @@ from pep.routing import Route
 from pep.trace import CURRENT as CURRENT_TRACE
 
 _CHUNK = 65536
-REWRITE_LIMIT = 8 * 1048576  # the largest answer read whole to be rewritten (tools/list filtering)
-
-# Rewrites a whole upstream answer (body, content type): new body bytes, a response to send instead, or None
-# when the answer cannot be read (then the caller gets a 502, never the answer unchanged).
-Rewrite = Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]]
+WHOLE_ANSWER_LIMIT = 8 * 1048576  # the largest answer read whole to be decided (a JSON answer an AnswerCheck reads)
 
 # Reads a streamed answer as it arrives (None once it has ended): the bytes to relay now, and True when the stream
 # ends there (a refused event is never relayed: the gate returns an error event instead and ends the stream).
@@ -34,14 +30,19 @@ Gate = Callable[[bytes | None], Awaitable[tuple[bytes, bool]]]
 
 
 class AnswerCheck(Protocol):
-    """Inspects an answer before any byte of it reaches the caller (model answers: pep/answers.py)."""
+    """Inspects an answer before any byte of it reaches the caller: the one mechanism for every protocol whose
+    answers are decided (MCP: pep/mcp_answers.py, model answers: pep/answers.py). The checks read and decide;
+    this module only moves the bytes they return."""
 
-    def mode(self, status: int, content_type: str, content_encoding: str) -> str:
+    def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
         """`pass` (relay unchanged), `whole` (read whole, then `whole`), `events` (through `gate`), or
-        `unreadable` (a 502, nothing relayed)."""
+        `unreadable` (a 502, nothing relayed). Given every `Content-Type` and `Content-Encoding` field value."""
         ...
 
-    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None: ...
+    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
+        """What to send for a whole answer: its (maybe rewritten) body, a response of its own, or None when it
+        cannot be read (a 502)."""
+        ...
 
     async def gate(self, chunk: bytes | None) -> tuple[bytes, bool]: ...
 
@@ -138,20 +139,23 @@ class Upstream:
         request: web.BaseRequest,
         allow: Allow,
         route: Route,
-        rewrite: Rewrite | None = None,
         credential: tuple[str, str] | None = None,
         answers: AnswerCheck | None = None,
+        replaced: tuple[tuple[str, str], ...] = (),
     ) -> web.StreamResponse:
         """Send the allowed request and stream the response back; 502/504 when no response comes.
 
-        With `rewrite`, the response is read whole (at most REWRITE_LIMIT bytes, identity encoding only) and
-        what `rewrite` returns is sent instead: new body bytes, or a response of its own. With `answers`, the answer
-        is inspected as `answers.mode` says, and what is unreadable is a 502 `unreadable`.
+        With `answers`, the answer is inspected as `answers.mode` says (a whole answer is read up to
+        WHOLE_ANSWER_LIMIT bytes), and what is unreadable is a 502 `unreadable`. `replaced` are caller headers
+        sent with another value (a sealed `Last-Event-ID` opened, pep/protocols/mcp_tokens.py).
         """
         metrics = self._metrics
         headers = self.headers_for(request, allow, route, credential)
-        if rewrite is not None or answers is not None:
-            headers.popall("Accept-Encoding", None)  # the answer must be readable to be rewritten or inspected
+        for name, value in replaced:
+            headers.popall(name, None)
+            headers[name] = value
+        if answers is not None:
+            headers.popall("Accept-Encoding", None)  # the answer must be readable to be inspected
         wait = route.config.timeout_ms / 1000  # for the headers once the request is sent, then for each chunk
         loop = asyncio.get_running_loop()
         headers_due = asyncio.timeout(None)  # armed once the request, body and all, has gone out
@@ -165,6 +169,10 @@ class Upstream:
         data: object = None
         if allow.body is not None:
             data = allow.body
+            # The decided bytes frame themselves: they may differ from what the caller sent (an MCP reply with the
+            # server's own id put back, pep/protocols/mcp_replies.py).
+            headers.popall("Content-Length", None)
+            headers["Content-Length"] = str(len(allow.body))
         elif request.body_exists:
             # A Content-Length over the limit was denied before the PDP; only a chunked body is counted here.
             limit = route.config.max_body_bytes if request.content_length is None else None
@@ -198,18 +206,12 @@ class Upstream:
                 metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
                 metrics.upstream_responses[route.name, f"{min(up.status // 100, 5)}xx"].inc()
                 headers_out = _answer_headers(up, route)
-                if rewrite is not None:
-                    rewritten = await _rewritten(up, rewrite, headers_out, wait)
-                    if rewritten is not None:
-                        return rewritten
-                    metrics.upstream_failures[route.name, "unfilterable"].inc()
-                    return upstream_failure("unfilterable", allow.request_id, allow.decision_id)
                 mode = "pass"
                 if answers is not None:
-                    encoding = up.headers.get("Content-Encoding", "identity")
-                    mode = answers.mode(up.status, up.headers.get("Content-Type", ""), encoding)
+                    types = list(up.headers.getall("Content-Type", ()))
+                    mode = answers.mode(up.status, types, list(up.headers.getall("Content-Encoding", ())))
                 if mode == "whole":
-                    rewritten = await _rewritten(up, answers.whole, headers_out, wait)  # type: ignore[union-attr]
+                    rewritten = await _whole(up, answers.whole, headers_out, wait)  # type: ignore[union-attr]
                     if rewritten is not None:
                         return rewritten
                 if mode in ("whole", "unreadable"):
@@ -279,21 +281,21 @@ def _answer_headers(up: aiohttp.ClientResponse, route: Route) -> CIMultiDict[str
     return headers
 
 
-async def _rewritten(
-    up: aiohttp.ClientResponse, rewrite: Rewrite, headers: CIMultiDict[str], wait: float
+async def _whole(
+    up: aiohttp.ClientResponse,
+    decide: Callable[[bytes, str], Awaitable[bytes | web.StreamResponse | None]],
+    headers: CIMultiDict[str],
+    wait: float,
 ) -> web.StreamResponse | None:
-    """The rewritten response, or None when the upstream's answer cannot be read whole."""
-    encoding = up.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        return None
+    """The decided response, or None when the upstream's answer cannot be read whole (over WHOLE_ANSWER_LIMIT)."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await _next_chunk(up, wait):
         size += len(chunk)
-        if size > REWRITE_LIMIT:
+        if size > WHOLE_ANSWER_LIMIT:
             return None
         chunks.append(chunk)
-    result = await rewrite(b"".join(chunks), up.headers.get("Content-Type", ""))
+    result = await decide(b"".join(chunks), up.headers.get("Content-Type", ""))
     if result is None or isinstance(result, web.StreamResponse):
         return result
     headers.popall("Content-Length", None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -107,11 +108,18 @@ class Supervisor:
         alive.set_function(lambda: sum(1 for w in self.workers if w.process and w.process.returncode is None))
         Gauge("pep_build_info", "Build information.", ["version"], registry=self._registry).labels(__version__).set(1)
         self._session: aiohttp.ClientSession | None = None
+        self._seal_key = secrets.token_bytes(32)  # one for all workers, restarted ones too
 
     async def spawn(self, worker: Worker) -> None:
-        """Start one worker and wait until it reports its admin port (it then serves `listen`)."""
+        """Start one worker and wait until it reports its admin port (it then serves `listen`).
+
+        The worker reads the supervisor's seal key from a pipe (never argv or the environment): without
+        `seal_key_files`, a token one worker sealed (pep/protocols/mcp_tokens.py) opens in every other."""
         read_fd, write_fd = os.pipe()
+        key_read, key_write = os.pipe()
         try:
+            os.write(key_write, self._seal_key)
+            os.close(key_write)
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -120,11 +128,12 @@ class Supervisor:
                 "--config",
                 self.config_path,
                 "--worker",
-                f"{worker.index}:{self.port}:{write_fd}",
-                pass_fds=(write_fd,),
+                f"{worker.index}:{self.port}:{write_fd}:{key_read}",
+                pass_fds=(write_fd, key_read),
             )
         finally:
             os.close(write_fd)
+            os.close(key_read)
         loop = asyncio.get_running_loop()
         try:
             raw = await asyncio.wait_for(loop.run_in_executor(None, _read_line, read_fd), START_TIMEOUT_S)

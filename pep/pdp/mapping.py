@@ -127,14 +127,11 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         "query": request.get("query") or {},
     }
     if mcp is not None:
-        method = mcp.get("method") or ""
-        name = mcp.get("name")
-        action = method
-        kind = method.split("/", 1)[0]
-        rtype = {"tools": "tool", "prompts": "prompt", "resources": "resource"}.get(kind) if name else None
-        resource = {"type": rtype or "route", "id": name if rtype else route["name"]}
-        facts["name"] = name
+        action, resource = _mcp_parts(mcp, route["name"])
+        facts["name"] = mcp.get("name")
         facts["arguments"] = mcp.get("arguments")
+        for key in _MCP_FACTS:
+            facts[key] = mcp.get(key)
     elif model is not None:
         action, resource = _model_parts(model, facts)
     elif request["method"] == "CONNECT":
@@ -166,6 +163,27 @@ def default_parts(doc: dict[str, Any]) -> Parts:
         resource={**resource, "properties": facts},
         context=context,
     )
+
+
+# MCP facts that go into the properties as they are (absent ones are left out).
+_MCP_FACTS = ("direction", "replies_to", "fields", "tools", "ref_type", "argument")
+_KINDS = {"tools": "tool", "prompts": "prompt", "resources": "resource"}
+_REFS = {"ref/prompt": "prompt", "ref/resource": "resource"}
+
+
+def _mcp_parts(mcp: dict[str, Any], route: str) -> tuple[str, dict[str, str]]:
+    """The action is the MCP method; the resource the tool, prompt or resource it names (`tools/call`,
+    `prompts/get`, `resources/read`, and a list's visibility of one item: `tools/list` of a tool), the prompt or
+    resource template a `completion/complete` completes, else the route."""
+    method = mcp.get("method") or ""
+    name = mcp.get("name")
+    if method == "completion/complete":
+        rtype = _REFS.get(mcp.get("ref_type") or "")
+    else:
+        rtype = _KINDS.get(method.split("/", 1)[0])
+    if not name or rtype is None:
+        return method, {"type": "route", "id": route}
+    return method, {"type": rtype, "id": name}
 
 
 def _model_parts(model: dict[str, Any], facts: dict[str, Any]) -> tuple[str, dict[str, str]]:

@@ -29,6 +29,7 @@ class Inspected:
     messages: tuple[Message, ...]
     body: bytes | None  # the exact bytes to forward, or None when the body is streamed
     batch: bool = False
+    value: Any = None  # the body as parsed (MCP), for what is read after the subject is known (mcp_replies)
 
 
 @dataclass(frozen=True, slots=True)

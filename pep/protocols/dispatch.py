@@ -31,10 +31,11 @@ def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
 def before_body(
     route: RouteConfig, method: str, path: str, headers: Mapping[str, str], has_body: bool
 ) -> Inspected | Refused | None:
-    if route.filter_tools_list and "Last-Event-ID" in headers:
-        # A resumed stream may replay a tools/list answer that would then bypass the filter.
-        return Refused(Reason.REQUEST_AMBIGUOUS, "Last-Event-ID on a route that filters tools/list")
     if route.protocol == "mcp":
+        if "Last-Event-ID" in headers and (method != "GET" or _repeated(headers, "Last-Event-ID")):
+            # Only a GET resumes a stream (with an event id the PEP relayed, opened by the proxy): anywhere else
+            # a server might replay an answer as the answer to this request.
+            return Refused(Reason.REQUEST_AMBIGUOUS, f"Last-Event-ID on an MCP {method} (or more than one)")
         if method != "POST":
             if has_body:
                 # Only POST bodies are read; a body elsewhere would reach the upstream undecided.
@@ -53,6 +54,11 @@ def before_body(
     if method == "POST" and has_body and is_form(headers):
         return None  # read, for `parse` to look for a `_method` field
     return PLAIN
+
+
+def _repeated(headers: Mapping[str, str], name: str) -> bool:
+    getall = getattr(headers, "getall", None)
+    return getall is not None and len(getall(name, ())) > 1
 
 
 def is_form(headers: Mapping[str, str]) -> bool:

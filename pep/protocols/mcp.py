@@ -5,12 +5,15 @@ limit) and must have the JSON-RPC 2.0 shape. Keys equal under case folding anywh
 folds to one the PEP reads (`Method`, `Name`) without being it, are `request_ambiguous`: Go servers bind them.
 Action names (`mcp.method`):
 - requests and notifications: their method (`tools/call`, `notifications/initialized`, ...);
-- responses the client sends to server requests: `mcp/response`;
+- responses the client sends to server requests: `mcp/response` (what they answer is added by
+  `protocols.mcp_replies`, which opens the id the PEP gave the server's request);
 - `GET` on the route (the server stream): `mcp/stream`; `DELETE` (end of session): `mcp/session/delete`;
   any other HTTP method: `mcp/http/<METHOD>`.
-`mcp.name` is the tool or prompt name (`params.name`) or the resource URI (`params.uri`). Mirrored headers
-(`Mcp-Method`, `Mcp-Name`) are never trusted: present ones must match the body, and 2026-07-28 requests must
-carry them.
+`mcp.name` is the tool or prompt name (`params.name`) or the resource URI (`params.uri`); for
+`completion/complete` the target of `params.ref` (a prompt's name or a resource template's URI), with
+`ref_type` (`ref/prompt`, `ref/resource`) and `argument` (`params.argument.name`, the argument completed).
+`direction` is `client_to_server`. Mirrored headers (`Mcp-Method`, `Mcp-Name`) are never trusted: present ones
+must match the body, and 2026-07-28 requests must carry them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pep import strictjson
 from pep.config import DEFAULT_MAX_BATCH_MESSAGES
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected, Message, Refused
+from pep.protocols.mcp_answer import CLIENT_TO_SERVER
 from pep.protocols.spelling import Spelling
 
 BATCH_VERSION = "2025-03-26"  # the only version with JSON-RPC batches
@@ -41,8 +45,10 @@ _MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
 _HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
 # What the PEP reads from a message, its params and params._meta: each must be spelled exactly.
 _MESSAGE_KEYS = Spelling("jsonrpc", "id", "method", "params", "result", "error")
-_PARAMS_KEYS = Spelling("name", "uri", "arguments", "_meta", "protocolVersion")
+_PARAMS_KEYS = Spelling("name", "uri", "arguments", "_meta", "protocolVersion", "ref", "argument", "inputResponses")
 _META_KEYS = Spelling(_META_VERSION)
+_REF_KEYS = Spelling("type", "name", "uri")
+_COMPLETED = {"ref/prompt": "name", "ref/resource": "uri"}  # completion/complete: where params.ref names its target
 
 
 def http_action(method: str) -> Message:
@@ -54,6 +60,7 @@ def http_action(method: str) -> Message:
             "name": None,
             "arguments": None,
             "protocol_version": None,
+            "direction": CLIENT_TO_SERVER,
         },
     )
 
@@ -80,7 +87,13 @@ def _spelling_problem(obj: Any) -> str | None:
     if problem := _PARAMS_KEYS.problem(params, "params"):
         return problem
     meta = params.get("_meta")
-    return _META_KEYS.problem(meta, "params._meta") if isinstance(meta, dict) else None
+    if isinstance(meta, dict) and (problem := _META_KEYS.problem(meta, "params._meta")):
+        return problem
+    ref = params.get("ref")
+    if isinstance(ref, dict) and (problem := _REF_KEYS.problem(ref, "params.ref")):
+        return problem
+    argument = params.get("argument")
+    return _REF_KEYS.problem(argument, "params.argument") if isinstance(argument, dict) else None
 
 
 def _message(obj: Any, version: str | None) -> Message | str:
@@ -94,9 +107,14 @@ def _message(obj: Any, version: str | None) -> Message | str:
     if method is None:
         if rpc_id is NO_ID or ("result" in obj) == ("error" in obj):
             return "a JSON-RPC response needs an id and exactly one of result and error"
-        return Message(
-            "mcp", {"method": "mcp/response", "name": None, "arguments": None, "protocol_version": version}, rpc_id
-        )
+        facts = {
+            "method": "mcp/response",
+            "name": None,
+            "arguments": None,
+            "protocol_version": version,
+            "direction": CLIENT_TO_SERVER,
+        }
+        return Message("mcp", facts, rpc_id)
     if not isinstance(method, str) or not method:
         return "method must be a non-empty string"
     params = obj.get("params")
@@ -104,12 +122,18 @@ def _message(obj: Any, version: str | None) -> Message | str:
         return "params must be an object or an array"
     name: Any = None
     arguments: Any = None
+    completion: dict[str, Any] = {}
     if isinstance(params, dict):
         field = _NAMED_BY.get(method)
         if field is not None:
             name = params.get(field)
             if name is not None and not isinstance(name, str):
                 return f"params.{field} must be a string"
+        if method == "completion/complete":
+            target = _completion(params)
+            if isinstance(target, str):
+                return target
+            name, completion = target
         arguments = params.get("arguments")
         if arguments is not None and not isinstance(arguments, dict):
             return "params.arguments must be an object"
@@ -120,8 +144,30 @@ def _message(obj: Any, version: str | None) -> Message | str:
             version = meta[_META_VERSION]
         elif method == "initialize" and isinstance(params.get("protocolVersion"), str):
             version = version or params["protocolVersion"]
-    facts = {"method": method, "name": name, "arguments": arguments, "protocol_version": version}
+    facts = {
+        "method": method,
+        "name": name,
+        "arguments": arguments,
+        "protocol_version": version,
+        "direction": CLIENT_TO_SERVER,
+        **completion,
+    }
     return Message("mcp", facts, rpc_id)
+
+
+def _completion(params: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
+    """What a completion completes: the prompt or resource template `params.ref` names, and the argument."""
+    ref = params.get("ref")
+    if not isinstance(ref, dict) or ref.get("type") not in _COMPLETED:
+        return "completion/complete needs params.ref of type ref/prompt or ref/resource"
+    ref_type = ref["type"]
+    target = ref.get(_COMPLETED[ref_type])
+    if not isinstance(target, str):
+        return f"params.ref.{_COMPLETED[ref_type]} must be a string"
+    argument = params.get("argument")
+    if not isinstance(argument, dict) or not isinstance(argument.get("name"), str):
+        return "completion/complete needs params.argument.name"
+    return target, {"ref_type": ref_type, "argument": argument["name"]}
 
 
 def inspect(
@@ -168,7 +214,7 @@ def inspect(
         return Refused(Reason.REQUEST_AMBIGUOUS, "a batch element declares an MCP version without batches")
     if not batch and (problem := _header_problem(messages[0], headers)):
         return Refused(Reason.REQUEST_AMBIGUOUS, problem)
-    return Inspected(tuple(messages), body, batch)
+    return Inspected(tuple(messages), body, batch, value)
 
 
 def _header_problem(message: Message, headers: Mapping[str, str]) -> str | None:

@@ -2,9 +2,8 @@
 
 Pure (bytes in, findings out), so it outlives the transport. Answers are read the way the agents' SDKs read
 them, and strictly: a JSON answer is one strict JSON value (no duplicate keys, valid UTF-8); a stream is split
-into Server-Sent Events as the openai SDK splits it (lines end in CRLF, LF or a lone CR; a leading byte-order
-mark is skipped; an event ends at a blank line), and each event's `data` lines, joined with LF, are one strict
-JSON value unless they start with `[DONE]`.
+into Server-Sent Events by `protocols.sse` (the WHATWG field rules, UTF-8 only), and each event's `data` lines,
+joined with LF, are one strict JSON value unless they start with `[DONE]`.
 
 A tool call is found wherever an answer can hold one: every `tool_calls` list (chat messages and stream deltas,
 Assistants runs and run steps: `function.name`, `custom.name`, else the item's `type` for built-in tools),
@@ -21,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pep import strictjson
+from pep.protocols.sse import MAX_EVENT, SseError, SseEvent, SseReader
 
-MAX_EVENT = 8 * 1048576  # the largest single event read; a larger one cannot be decided
 _NAMED_TYPES = frozenset({"function_call", "custom_tool_call", "mcp_call", "mcp_approval_request"})
-_LINE_END = re.compile(rb"[\r\n]")
 _VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
 
 
@@ -130,89 +128,47 @@ class Event:
 
 
 class EventReader:
-    """Splits a Server-Sent Events stream into events and reads each one (feed chunks, then `finish`)."""
+    """Reads a Server-Sent Events stream (split by `protocols.sse`) event by event: feed chunks, then `finish`."""
 
     def __init__(self) -> None:
-        self._line = bytearray()
-        self._lines: list[bytes] = []
-        self._size = 0
-        self._skip_lf = False
-        self._started = False
+        self._sse = SseReader(MAX_EVENT)
         self._named: set[tuple[str, str]] = set()  # (choice, tool call index) named so far in chat deltas
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if not self._started:
-            if len(self._line) + len(chunk) < 3 and b"\xef\xbb\xbf".startswith(bytes(self._line) + chunk):
-                self._line += chunk  # maybe the start of a byte-order mark: wait for more
-                return []
-            chunk = (bytes(self._line) + chunk).removeprefix(b"\xef\xbb\xbf")
-            self._line.clear()
-            self._started = True
-        events: list[Event] = []
-        start = 0
-        for end in _LINE_END.finditer(chunk):
-            at = end.start()
-            byte = chunk[at]
-            if self._skip_lf and at == start and byte == 10:
-                self._skip_lf = False
-                start = at + 1
-                continue
-            self._line += chunk[start:at]
-            self._skip_lf = byte == 13
-            start = at + 1
-            try:
-                event = self._end_line()
-            except AnswerError as exc:
-                raise AnswerError(str(exc), events) from None
-            if event is not None:
-                events.append(event)
-        if start < len(chunk):
-            self._skip_lf = False
-            self._line += chunk[start:]
-        if self._size + len(self._line) > MAX_EVENT:
-            raise AnswerError("an event larger than the inspector reads", events)
-        return events
+        try:
+            events = self._sse.feed(chunk)
+        except SseError as exc:
+            raise AnswerError(str(exc), self._read(exc.before)) from None
+        return self._read(events)
 
     def finish(self) -> list[Event]:
         """The last event when the stream ends without a blank line (some clients still act on it)."""
-        if self._line:
-            self._lines.append(bytes(self._line))
-            self._line.clear()
-        if not self._lines:
-            return []
-        return [self._event()]
+        try:
+            events = self._sse.finish()
+        except SseError as exc:
+            raise AnswerError(str(exc)) from None
+        return self._read(events)
 
-    def _end_line(self) -> Event | None:
-        line = bytes(self._line)
-        self._line.clear()
-        if line:
-            self._lines.append(line)
-            self._size += len(line) + 1
-            return None
-        if not self._lines:
-            return None  # blank lines between events
-        return self._event()
+    def _read(self, events: list[SseEvent]) -> list[Event]:
+        done: list[Event] = []
+        for event in events:
+            try:
+                done.append(self._event(event))
+            except AnswerError as exc:
+                raise AnswerError(str(exc), done) from None
+        return done
 
-    def _event(self) -> Event:
-        lines = self._lines
-        self._lines = []
-        self._size = 0
-        data: list[bytes] = []
-        for line in lines:
-            name, _, value = line.partition(b":")
-            if name == b"data":
-                data.append(value[1:] if value.startswith(b" ") else value)
+    def _event(self, event: SseEvent) -> Event:
         found = Findings()
-        if data:
-            text = b"\n".join(data)
-            if not text.startswith(b"[DONE]"):
-                try:
-                    value = strictjson.loads(text)
-                except strictjson.JsonError as exc:
-                    raise AnswerError(f"stream event: {exc}"[:200]) from None
-                self._check_deltas(value)
-                scan(value, found)
-        return Event(b"\n".join(lines) + b"\n\n", found)
+        text = event.data
+        if text is not None and not text.startswith(b"[DONE]"):
+            try:
+                value = strictjson.loads(text)
+            except strictjson.JsonError as exc:
+                raise AnswerError(f"stream event: {exc}"[:200]) from None
+            self._check_deltas(value)
+            scan(value, found)
+        return Event(event.raw, found)
 
     def _check_deltas(self, value: Any) -> None:
         """A chat stream names each tool call once, in its first delta: a second name for the same call would be

@@ -113,7 +113,21 @@ async def expect_denied(client: Client, tool: str, arguments: dict[str, Any], co
 
 
 def decisions(entries: list[dict[str, Any]]) -> list[tuple[str | None, str | None, str, str]]:
-    return [(e["mcp_method"], e["mcp_name"], e["decision"], e["reason"]) for e in entries]
+    """The decisions about what the client sent (what the server sent is `from_server`)."""
+    return [
+        (e["mcp_method"], e["mcp_name"], e["decision"], e["reason"])
+        for e in entries
+        if e.get("direction") != "server_to_client"
+    ]
+
+
+def from_server(entries: list[dict[str, Any]]) -> list[tuple[str | None, str | None, str, str]]:
+    """The decisions about what the server sent the agent (its notifications, requests, list items)."""
+    return [
+        (e["mcp_method"], e["mcp_name"], e["decision"], e["reason"])
+        for e in entries
+        if e.get("direction") == "server_to_client"
+    ]
 
 
 # --- D: the SDKs work directly, client to server, no PEP --------------------------------------------------------
@@ -223,10 +237,10 @@ async def test_mcp2_pdp_down_every_call_refused_quickly(
     assert mcp2.calls == [ToolCall("search", {"query": "before"})]
 
 
-async def test_mcp2_deny_status_200(cedar_pdp: PdpUnderTest, mcp2: Mcp2Server, tmp_path: Path) -> None:
-    """With `deny_status: 200` the 2.x SDK still sees the JSON-RPC error, and still nothing is forwarded."""
+async def test_mcp2_deny_status_403(cedar_pdp: PdpUnderTest, mcp2: Mcp2Server, tmp_path: Path) -> None:
+    """With `deny_status: 403` the 2.x SDK still sees the JSON-RPC error, and still nothing is forwarded."""
     async with pep_starter(tmp_path, cedar_pdp, mcp2.url) as start:
-        pep: RunningPep = await start(deny_status=200)
+        pep: RunningPep = await start(deny_status=403)
         async with asyncio.timeout(10), mcp2_client(f"{pep.url}/mcp") as client:
             await expect_denied(client, "send_email", EMAIL_EVIL, POLICY_DENY)
             await expect_denied(client, "shell", {"command": "id"}, POLICY_DENY)
@@ -235,16 +249,25 @@ async def test_mcp2_deny_status_200(cedar_pdp: PdpUnderTest, mcp2: Mcp2Server, t
 
 
 async def test_mcp2_filtered_tools_list(cedar_pdp: PdpUnderTest, mcp2: Mcp2Server, tmp_path: Path) -> None:
-    """`filter_tools_list`: the SDK lists only what this agent may call (send_email needs arguments, so a call
-    without them is denied and it is left out), and the unlisted tools are still refused when called."""
+    """`filter_tools_list`: the SDK lists what the policy shows this agent, each tool decided as its own action
+    (`tools/list` of that tool, no arguments). send_email is listed although only some of its calls are allowed
+    (decided on the call, with its arguments): asked as a `tools/call` without arguments it was hidden while it
+    stayed callable. The unlisted shell is still refused when called."""
     async with pep_starter(tmp_path, cedar_pdp, mcp2.url) as start:
         pep: RunningPep = await start(filter_tools_list=True)
         async with asyncio.timeout(10), mcp2_client(f"{pep.url}/mcp") as client:
             listed = await client.list_tools()
-            assert sorted(t.name for t in listed.tools) == ["lookup_order", "search"]
+            assert sorted(t.name for t in listed.tools) == ["lookup_order", "search", "send_email"]
             assert text_of(await client.call_tool("search", {"query": "q"})) == "3 articles match 'q'"
+            assert text_of(await client.call_tool("send_email", EMAIL_OK)) == "sent to bob@acme.example"
+            await expect_denied(client, "send_email", EMAIL_EVIL, POLICY_DENY)
             await expect_denied(client, "shell", {"command": "id"}, POLICY_DENY)
-    assert [c.tool for c in mcp2.calls] == ["search"]
+        entries = await settled_log(pep, lambda e: any(x.get("filtered") for x in e))
+    assert [c.tool for c in mcp2.calls] == ["search", "send_email"]
+    (listing,) = [e for e in entries if e.get("filtered")]
+    # A filtered list is the allow it is, with what it removed (not a deny because one tool was hidden).
+    assert (listing["mcp_method"], listing["decision"], listing["reason"]) == ("tools/list", "allow", "allowed")
+    assert listing["filtered"] == {"kept": ["search", "lookup_order", "send_email"], "removed": ["shell"]}
 
 
 async def test_mcp2_follows_a_servers_redirect_through_the_pep(cedar_pdp: PdpUnderTest, tmp_path: Path) -> None:
@@ -292,11 +315,11 @@ async def _session_shape(mode: str, upstream: Mcp2Server | Mcp1Server, pdp: PdpU
             assert text_of(await client.call_tool("search", {"query": "q"})) == "3 articles match 'q'"
             await expect_denied(client, "shell", {"command": "id"}, POLICY_DENY)
             assert text_of(await client.call_tool("lookup_order", {"order_id": "A-7"})) != ""
-        logged = decisions(await settled_log(pep, lambda e: bool(e) and e[-1]["mcp_method"] == "mcp/session/delete"))
+        entries = await settled_log(pep, lambda e: bool(e) and e[-1]["mcp_method"] == "mcp/session/delete")
     calls = upstream.calls if isinstance(upstream, Mcp2Server) else (await upstream.records())[0]
     assert [c.tool for c in calls] == ["search", "lookup_order"]
     handshake = [] if mode == "legacy" else [("server/discover", None, "allow", "allowed")]  # 1.x: unknown method
-    assert [d for d in logged if d[0] != "tools/list"] == [
+    assert [d for d in decisions(entries) if d[0] != "tools/list"] == [
         *handshake,
         ("initialize", None, "allow", "allowed"),
         ("notifications/initialized", None, "allow", "allowed"),
@@ -372,11 +395,12 @@ async def test_mcp1_client_and_server_directly(mcp1_interpreter: Path, mcp1: Mcp
 async def test_mcp1_session_through_pep(
     mcp1_interpreter: Path, mcp1: Mcp1Server, cedar_pdp: PdpUnderTest, tmp_path: Path
 ) -> None:
-    """A 2025-11-25 session through the PEP with `deny_status: 200` (what the 1.x SDK needs, see the next test):
-    session id, GET stream, list and calls, a denial as an McpError with the session going on, DELETE decided and
-    forwarded at close."""
+    """A 2025-11-25 session through the PEP with the default route (denials are a JSON-RPC error in a 200, what the
+    1.x SDK needs: with a 403 it ends the session, see the next test): session id, GET stream, list and calls, a
+    denial as an McpError with the session going on, the server's notification decided on the GET stream, DELETE
+    decided and forwarded at close."""
     async with pep_starter(tmp_path, cedar_pdp, mcp1.url) as start:
-        pep: RunningPep = await start(deny_status=200)
+        pep: RunningPep = await start()
         result = await run_mcp1_client(mcp1_interpreter, f"{pep.url}/mcp", SESSION_PLAN)
         entries = await settled_log(pep, lambda e: len(e) >= 10 and e[-1]["mcp_method"] == "mcp/session/delete")
     assert result["fatal"] is None, result
@@ -410,6 +434,7 @@ async def test_mcp1_session_through_pep(
     logged = decisions(entries)
     assert ("mcp/stream", None, "allow", "allowed") in logged
     assert logged[-1] == ("mcp/session/delete", None, "allow", "allowed")
+    assert from_server(entries) == [("notifications/tools/list_changed", None, "allow", "allowed")]
     assert [d for d in logged if d[0] not in {"mcp/stream"}] == [
         ("initialize", None, "allow", "allowed"),
         ("notifications/initialized", None, "allow", "allowed"),
@@ -426,10 +451,10 @@ async def test_mcp1_session_through_pep(
 async def test_mcp1_sdk_ends_the_session_on_a_403(
     mcp1_interpreter: Path, mcp1: Mcp1Server, cedar_pdp: PdpUnderTest, tmp_path: Path
 ) -> None:
-    """With the default `deny_status: 403` a denied call ends the whole 1.x session: the 1.x transport raises
+    """With `deny_status: 403` a denied call ends the whole 1.x session: the 1.x transport raises
     httpx.HTTPStatusError on any non-2xx POST answer (it never reads the JSON-RPC error in the body), which tears
-    its task group down. It fails fast, never hangs, and nothing denied is forwarded; but 1.x clients need
-    `deny_status: 200` (previous test) to go on after a denial. The 2.x SDK copes with both."""
+    its task group down. It fails fast, never hangs, and nothing denied is forwarded; but 1.x clients need the
+    default `deny_status: 200` (previous test) to go on after a denial. The 2.x SDK copes with both."""
     plan = {
         "headers": {"x-agent-id": AGENT},
         "call_timeout_s": 3,
@@ -439,7 +464,7 @@ async def test_mcp1_sdk_ends_the_session_on_a_403(
         ],
     }
     async with pep_starter(tmp_path, cedar_pdp, mcp1.url) as start:
-        pep: RunningPep = await start()
+        pep: RunningPep = await start(deny_status=403)
         result = await run_mcp1_client(mcp1_interpreter, f"{pep.url}/mcp", plan, timeout_s=20)
         entries = await settled_log(pep, lambda e: any(x["mcp_name"] == "shell" for x in e))
     assert result["session_id"], result  # initialize went through

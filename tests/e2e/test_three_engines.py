@@ -1,9 +1,11 @@
 """One policy, three engines: the same tool rules in Rego (OPA), Cerbos YAML (AuthZEN) and Cedar decide alike.
 
 The rules: a support agent may call `search` and `lookup_order`; `send_email` only when the string argument `to`
-ends with "@" + the agent's company domain (case-sensitive); `shell` never; anything else is denied. All of it
-for identified callers (the workload, or a verified token's subject); a caller with neither gets nothing, even
-when it names itself in the agent header.
+ends with "@" + the agent's company domain (case-sensitive); all three are listed to it (`tools/list` of the tool,
+no arguments: send_email is listed although only some of its calls are allowed); it may read, list and complete
+the prompt `refund_reply` (a completion is decided on the prompt it completes, so it is allowed exactly where
+reading the prompt is); `shell` never; anything else is denied. All of it for identified callers (the workload,
+or a verified token's subject); a caller with neither gets nothing, even when it names itself in the agent header.
 
 Every case is one `pep/v1` document put to the PEP's own PDP clients:
 - OPA: `OpaPdp` against an OPA-shaped server evaluating config/policies/rego with regorus;
@@ -54,6 +56,7 @@ class Case:
     allow: bool
     method: str = "tools/call"
     subject: str = "agent"  # see SUBJECTS
+    facts: tuple[tuple[str, str], ...] = ()  # more MCP facts (a completion's ref_type and argument)
     # Cedar has no type test, so a `to` that is not a string makes its `like` an evaluation error, which the Cedar
     # PDP reports as a Failure (a deny in the PEP). Such a case expects that Failure instead of a Verdict.
     cedar_type_error: bool = False
@@ -81,7 +84,54 @@ CASES = [
     Case("empty_company_domain", "send_email", {"to": "bob@"}, "", False),
     Case("tools_call_without_name", None, _ABSENT, ACME, False),
     Case("tools_list", None, _ABSENT, ACME, False, method="tools/list"),
+    Case("search_listed", "search", None, ACME, True, method="tools/list"),
+    Case("lookup_order_listed", "lookup_order", None, ACME, True, method="tools/list"),
+    Case("send_email_listed_whatever_its_arguments", "send_email", None, ACME, True, method="tools/list"),
+    Case("send_email_listed_without_a_domain", "send_email", None, None, True, method="tools/list"),
+    Case("shell_never_listed", "shell", None, ACME, False, method="tools/list"),
+    Case("unknown_tool_not_listed", "delete_everything", None, ACME, False, method="tools/list"),
+    Case("listed_anonymous", "search", None, ACME, False, method="tools/list", subject="anonymous"),
     Case("prompts_get", "search", {}, ACME, False, method="prompts/get"),
+    Case("refund_reply_get", "refund_reply", {"order_id": "A-1"}, ACME, True, method="prompts/get"),
+    Case("refund_reply_listed", "refund_reply", None, ACME, True, method="prompts/list"),
+    Case("other_prompt_get", "internal_notes", {}, ACME, False, method="prompts/get"),
+    Case(
+        "refund_reply_completed",
+        "refund_reply",
+        None,
+        ACME,
+        True,
+        method="completion/complete",
+        facts=(("ref_type", "ref/prompt"), ("argument", "order_id")),
+    ),
+    Case(
+        "other_prompt_completed",
+        "internal_notes",
+        None,
+        ACME,
+        False,
+        method="completion/complete",
+        facts=(("ref_type", "ref/prompt"), ("argument", "x")),
+    ),
+    Case(
+        "resource_template_completed",
+        "file:///{path}",
+        None,
+        ACME,
+        False,
+        method="completion/complete",
+        facts=(("ref_type", "ref/resource"), ("argument", "path")),
+    ),
+    Case(
+        "refund_reply_completed_anonymous",
+        "refund_reply",
+        None,
+        ACME,
+        False,
+        method="completion/complete",
+        subject="anonymous",
+        facts=(("ref_type", "ref/prompt"), ("argument", "order_id")),
+    ),
     Case("search_as_a_verified_user", "search", {"query": "refunds"}, ACME, True, subject="user"),
     Case("send_email_as_a_verified_user", "send_email", {"to": "bob@acme.example"}, ACME, True, subject="user"),
     Case("search_anonymous", "search", {"query": "refunds"}, ACME, False, subject="anonymous"),
@@ -121,6 +171,8 @@ def pep_document(case: Case, request_id: str) -> dict[str, Any]:
     if case.arguments is not _ABSENT:
         mcp["arguments"] = case.arguments
     mcp["protocol_version"] = "2025-11-25"
+    mcp["direction"] = "server_to_client" if case.method.endswith("/list") and case.tool else "client_to_server"
+    mcp.update(case.facts)
     doc["mcp"] = mcp
     return doc
 
@@ -180,6 +232,8 @@ def test_table_has_both_outcomes_for_every_rule() -> None:
     """The table is worth running only if each rule is seen both allowing and denying."""
     assert {c.allow for c in CASES if c.tool == "send_email"} == {True, False}
     assert {c.allow for c in CASES if c.company_domain == GLOBEX} == {True, False}
+    assert {c.allow for c in CASES if c.method == "tools/list"} == {True, False}
+    assert {c.allow for c in CASES if c.method == "completion/complete"} == {True, False}
     assert len({c.id for c in CASES}) == len(CASES) >= 14
 
 
@@ -196,4 +250,4 @@ async def test_regorus_pdp_speaks_opa_errors_and_undefined(rego_pdp: RegoPdp, op
     doc = pep_document(CASES[0], "plain-http")
     del doc["mcp"]
     verdict = await opa.ask(doc, "plain-http")
-    assert verdict == Verdict(False, Reason.POLICY_DENIED, note="only tools/call is allowed")
+    assert verdict == Verdict(False, Reason.POLICY_DENIED, note="not a tool or prompt this agent may use")

@@ -463,7 +463,7 @@ CORPUS: list[Case] = [
     ),
     denied("mcp-byte-order-mark", mcp(b"\xef\xbb\xbf" + call("search")), "body_unreadable"),
     denied("openai-duplicate-model", openai(b'{"model":"gpt-ok","model":"gpt-evil","messages":[]}'), "body_unreadable"),
-    denied("mcp-batch-mixing-allowed-and-denied", mcp(BATCH_MIXED), "policy_denied"),
+    denied("mcp-batch-mixing-allowed-and-denied", mcp(BATCH_MIXED), "policy_denied", status=200),
     allowed("mcp-batch-all-allowed", mcp(BATCH_ALLOWED), "POST", "/mcp", BATCH_ALLOWED),
     denied(
         "mcp-header-names-another-tool",
@@ -553,15 +553,16 @@ CORPUS: list[Case] = [
     parser_400("header-over-8190-bytes", get("/tools/x", "X-Big: " + "a" * 8200)),
     parser_400("request-line-over-8190-bytes", get("/tools/" + "a" * 8200)),
     # --- tool and model names are compared byte for byte, never normalised --------------------------------------
-    denied("tool-cyrillic-s", mcp(call(CYRILLIC_S)), "policy_denied", pdp_name=CYRILLIC_S),
+    denied("tool-cyrillic-s", mcp(call(CYRILLIC_S)), "policy_denied", pdp_name=CYRILLIC_S, status=200),
     denied(
         "tool-cyrillic-s-json-escaped",
         mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\u0455end_email"}}'),
         "policy_denied",
         pdp_name=CYRILLIC_S,
+        status=200,
     ),
-    denied("tool-cyrillic-i", mcp(call("send_ema\u0456l")), "policy_denied", pdp_name="send_ema\u0456l"),
-    denied("tool-nfd-form", mcp(call(NFD_RESUME)), "policy_denied", pdp_name=NFD_RESUME),
+    denied("tool-cyrillic-i", mcp(call("send_ema\u0456l")), "policy_denied", pdp_name="send_ema\u0456l", status=200),
+    denied("tool-nfd-form", mcp(call(NFD_RESUME)), "policy_denied", pdp_name=NFD_RESUME, status=200),
     allowed(
         "tool-nfc-form",
         mcp(call("r\u00e9sum\u00e9")),
@@ -570,10 +571,10 @@ CORPUS: list[Case] = [
         call("r\u00e9sum\u00e9"),
         pdp_name="r\u00e9sum\u00e9",
     ),
-    denied("tool-fullwidth", mcp(call(FULLWIDTH)), "policy_denied", pdp_name=FULLWIDTH),
-    denied("tool-zero-width-space", mcp(call("sea\u200brch")), "policy_denied", pdp_name="sea\u200brch"),
-    denied("tool-other-case", mcp(call("Search")), "policy_denied", pdp_name="Search"),
-    denied("tool-trailing-space", mcp(call("search ")), "policy_denied", pdp_name="search "),
+    denied("tool-fullwidth", mcp(call(FULLWIDTH)), "policy_denied", pdp_name=FULLWIDTH, status=200),
+    denied("tool-zero-width-space", mcp(call("sea\u200brch")), "policy_denied", pdp_name="sea\u200brch", status=200),
+    denied("tool-other-case", mcp(call("Search")), "policy_denied", pdp_name="Search", status=200),
+    denied("tool-trailing-space", mcp(call("search ")), "policy_denied", pdp_name="search ", status=200),
     allowed(
         "tool-json-escape-of-ascii",
         mcp(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"\\u0073earch"}}'),

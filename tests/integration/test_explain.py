@@ -327,6 +327,16 @@ async def test_an_unreadable_mcp_body(tmp_path: Path, cedar_config: Path, capsys
     assert (code, report["reason"], report["pdp"]) == (1, "body_unreadable", None)
 
 
+async def test_a_reply_to_no_relayed_server_request(
+    tmp_path: Path, cedar_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `pep run` refuses it: a client reply whose id is not a token the PEP relayed answers nothing known."""
+    body = tmp_path / "reply.json"
+    body.write_bytes(b'{"jsonrpc":"2.0","id":5,"result":{"action":"accept","content":{"api_key":"k"}}}')
+    code, report, _ = await explain(capsys, cedar_config, "--body", str(body), "/mcp")
+    assert (code, report["reason"], report["pdp"]) == (1, "request_ambiguous", None)
+
+
 # --- MCP bodies ------------------------------------------------------------------------------------------------
 
 
@@ -345,6 +355,7 @@ async def test_an_mcp_call_puts_its_facts_in_the_document(
         "name": "search",
         "arguments": {"q": "refunds"},
         "protocol_version": None,
+        "direction": "client_to_server",
     }
     assert report["upstream_url"] == "http://127.0.0.1:9001/mcp"
 

@@ -321,6 +321,7 @@ async def test_policy_input_has_mcp_facts(mcp_pep: RunningPep, fault_pdp: FaultP
         "name": "send_email",
         "arguments": {"to": "a@example.com"},
         "protocol_version": V2026,
+        "direction": "client_to_server",
     }
     assert doc["route"]["protocol"] == "mcp"
     assert doc["request"]["body_bytes"] == len(CALL)
@@ -355,25 +356,42 @@ async def test_chunked_body_is_forwarded_whole(mcp_pep: RunningPep, upstream: Re
 
 
 @pytest.mark.parametrize(
-    ("body", "method"),
+    ("body", "method", "denied_status"),
     [
-        (orjson.dumps(rpc("notifications/initialized", None)), "notifications/initialized"),
-        (orjson.dumps(rpc(None, "srv-1")), "mcp/response"),
-        (orjson.dumps(rpc("initialize", 0, protocolVersion="2025-06-18", capabilities={})), "initialize"),
+        (orjson.dumps(rpc("notifications/initialized", None)), "notifications/initialized", 202),
+        (orjson.dumps(rpc("initialize", 0, protocolVersion="2025-06-18", capabilities={})), "initialize", 200),
     ],
 )
 async def test_other_messages_are_decided(
-    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, body: bytes, method: str
+    mcp_pep: RunningPep,
+    fault_pdp: FaultPdp,
+    upstream: RecordingUpstream,
+    body: bytes,
+    method: str,
+    denied_status: int,
 ) -> None:
     reply = await send(mcp_pep, "/mcp", body)
-    assert reply.status == 200
+    assert reply.status in (200, 202)
     assert policy_input(fault_pdp)["mcp"]["method"] == method
     assert [r.body for r in upstream.seen] == [body]
     fault_pdp.set("deny")
     reply = await send(mcp_pep, "/mcp", body)
-    assert reply.status == 403
+    assert reply.status == denied_status
     assert_denied(reply, "policy_denied")
     assert len(upstream.seen) == 1
+
+
+async def test_a_reply_to_no_relayed_server_request_is_refused(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """A client reply names the server request it answers only by the id the PEP relayed; any other id (a plain
+    server id, a guessed one) is refused before the PDP: an unknown reply is never forwarded."""
+    for rpc_id in ("srv-1", 1, "pt1.AAAA"):
+        reply = await send(mcp_pep, "/mcp", orjson.dumps(rpc(None, rpc_id)))
+        assert reply.status == 403
+        assert_denied(reply, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
 
 
 @pytest.mark.parametrize(("method", "action"), [("GET", "mcp/stream"), ("DELETE", "mcp/session/delete")])
@@ -384,7 +402,13 @@ async def test_get_and_delete_are_decided(
     reply = await send(mcp_pep, "/mcp", None, headers, method)
     assert reply.status == 200
     doc = policy_input(fault_pdp)
-    assert doc["mcp"] == {"method": action, "name": None, "arguments": None, "protocol_version": None}
+    assert doc["mcp"] == {
+        "method": action,
+        "name": None,
+        "arguments": None,
+        "protocol_version": None,
+        "direction": "client_to_server",
+    }
     assert [(r.method, r.target) for r in upstream.seen] == [(method, "/mcp")]
     fault_pdp.set("deny")
     reply = await send(mcp_pep, "/mcp", None, headers, method)
@@ -412,7 +436,7 @@ async def test_policy_deny_is_a_json_rpc_error(
 ) -> None:
     fault_pdp.set("deny_object")
     reply = await send(mcp_pep, "/mcp", call("send_email", "req-7"))
-    assert reply.status == 403
+    assert reply.status == 200  # the default deny_status: every MCP SDK reads the JSON-RPC error from a 200
     assert_denied(reply, "policy_denied")
     assert_rpc_error(reply, "req-7", -32001, "policy_denied")
     assert upstream.seen == []
@@ -424,24 +448,25 @@ async def test_pdp_failure_is_32603(
 ) -> None:
     await fault_pdp.apply(mode)
     reply = await send(mcp_pep, "/mcp", call("send_email", 42))
-    assert reply.status == 403
+    assert reply.status == 200
     assert_denied(reply, reason)
     assert_rpc_error(reply, 42, -32603, reason)
     assert upstream.seen == []
 
 
-async def test_deny_status_200(make_pep: MakePep, fault_pdp: FaultPdp, upstream: RecordingUpstream) -> None:
-    pep: RunningPep = await make_pep(mutate=routes(deny_status=200))
+async def test_deny_status_defaults_to_200(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    pep = mcp_pep
     fault_pdp.set("deny")
     reply = await send(pep, "/mcp", call("send_email", 5))
     assert reply.status == 200
     assert_denied(reply, "policy_denied")
     assert_rpc_error(reply, 5, -32001, "policy_denied")
-    for no_request in (rpc("notifications/initialized", None), rpc(None, "srv-1")):  # a notification, a response
-        reply = await send(pep, "/mcp", orjson.dumps(no_request))
-        assert reply.status == 202
-        assert reply.body == b""
-        assert_denied(reply, "policy_denied")
+    reply = await send(pep, "/mcp", orjson.dumps(rpc("notifications/initialized", None)))  # no request to answer
+    assert reply.status == 202
+    assert reply.body == b""
+    assert_denied(reply, "policy_denied")
     # A body that could not be read has no id to answer: still an HTTP 403.
     reply = await send(pep, "/mcp", b"{")
     assert reply.status == 403
@@ -450,6 +475,19 @@ async def test_deny_status_200(make_pep: MakePep, fault_pdp: FaultPdp, upstream:
     reply = await send(pep, "/mcp", call("send_email", 6))
     assert reply.status == 200
     assert_rpc_error(reply, 6, -32603, "pdp_unreachable")
+    assert upstream.seen == []
+
+
+async def test_deny_status_403(make_pep: MakePep, fault_pdp: FaultPdp, upstream: RecordingUpstream) -> None:
+    """`deny_status: 403` (for clients that want an HTTP-level refusal): the same JSON-RPC error in a 403."""
+    pep: RunningPep = await make_pep(mutate=routes(deny_status=403))
+    fault_pdp.set("deny")
+    reply = await send(pep, "/mcp", call("send_email", 5))
+    assert reply.status == 403
+    assert_rpc_error(reply, 5, -32001, "policy_denied")
+    reply = await send(pep, "/mcp", orjson.dumps(rpc("notifications/initialized", None)))
+    assert reply.status == 403
+    assert reply.json()["error"]["reason"] == "policy_denied"
     assert upstream.seen == []
 
 
@@ -471,7 +509,7 @@ async def test_batch_with_one_denied_element_is_denied_whole(
     )
     headers = {"MCP-Protocol-Version": version} if version else {}
     reply = await send(named_pep, "/mcp", body, headers)
-    assert reply.status == 403
+    assert reply.status == 200
     assert_denied(reply, "policy_denied")
     errors = reply.json()
     assert isinstance(errors, list)
@@ -573,7 +611,7 @@ async def test_expect_continue_then_denial(
     fault_pdp.set("deny")
     first, rest = await _expect(mcp_pep.port, call("send_email", 3))
     assert first == b"HTTP/1.1 100 Continue\r\n\r\n"  # the body is needed for the decision
-    assert rest.startswith(b"HTTP/1.1 403 ")
+    assert rest.startswith(b"HTTP/1.1 200 ")
     assert b"x-pep-reason: policy_denied" in rest
     body = orjson.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert (body["id"], body["error"]["code"]) == (3, -32001)
@@ -628,8 +666,17 @@ async def test_mcp_sse_answer_streams_through(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
 ) -> None:
     n, gap = 4, 0.15
-    events, arrivals, started, ended = await _stream(mcp_pep, f"/mcpsse?n={n}&gap_ms={int(gap * 1000)}", CALL)
-    assert events == [f"id: {i}\ndata: event {i}\n\n".encode() for i in range(n)]
+    events, arrivals, started, ended = await _stream(mcp_pep, f"/mcpsse?n={n}&gap_ms={int(gap * 1000)}&rpc=1", CALL)
+    assert len(events) == n
+    for i, event in enumerate(events):
+        id_line, data_line = event.rstrip(b"\n").split(b"\n")
+        assert id_line.startswith(b"id: pt1.")  # the event id the client resumes with is sealed
+        message = orjson.loads(data_line.removeprefix(b"data: "))
+        assert message == (
+            {"jsonrpc": "2.0", "id": 1, "result": {"content": []}}
+            if i == n - 1
+            else {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": i}}
+        )
     assert_unbuffered(arrivals, started, ended, gap)
     assert [r.body for r in upstream.seen] == [CALL]
     assert policy_input(fault_pdp)["route"]["name"] == "mcp-sse"

@@ -10,13 +10,16 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import orjson
 
+from tests.support.mcp_servers import RogueMcpServer
 from tests.support.observe import metric
 from tests.support.process import alive, cedar_config, children, ensure_stopped, read_line, start_pep
 from tests.support.upstream import RecordingUpstream
 
 _UP = re.compile(r"(\d+) workers on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
 REQUESTS = 60
+REPLIES = 16  # on fresh connections: both workers receive some (all on one: once in 2**15 runs)
 
 
 def config(tmp_path: Path, upstream: RecordingUpstream) -> Path:
@@ -98,3 +101,41 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, upstre
         for pid in workers:  # only the children of the process this test started
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_reply_is_opened_by_whichever_worker_receives_it(tmp_path: Path) -> None:
+    """A server request relayed by one worker is answered on another connection, which the kernel may give to the
+    other worker: the token the agent answers under opens in both (the supervisor hands its workers one seal
+    key), so every reply is decided and forwarded with the server's own id, none refused."""
+    rogue = RogueMcpServer()
+    await rogue.start()
+    route = {"name": "mcp", "match": {"path_prefix": "/mcp"}, "upstream": rogue.url, "protocol": "mcp"}
+    path = cedar_config(tmp_path, rogue.url, "permit(principal, action, resource);\n", workers=2, routes=[route])
+    proc = await start_pep("run", "-c", str(path))
+    try:
+        assert proc.stderr is not None
+        m = _UP.search(await read_line(proc.stderr, "workers on", 30))
+        assert m is not None
+        url = f"http://127.0.0.1:{m.group(2)}/mcp"
+        session = {"Mcp-Session-Id": "s-1"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers={**session, "Accept": "text/event-stream"}) as stream:
+                assert stream.status == 200
+                await rogue.push({"jsonrpc": "2.0", "id": 41, "method": "ping"})
+                event = b""
+                while b"data:" not in event:
+                    event = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 10)
+            token = orjson.loads(event.split(b"data: ", 1)[1])["id"]
+            assert isinstance(token, str)
+            assert token.startswith("pt1.")
+            reply = orjson.dumps({"jsonrpc": "2.0", "id": token, "result": {}})
+            headers = {**session, "Content-Type": "application/json", "connection": "close"}
+            statuses = []
+            for _ in range(REPLIES):
+                async with aiohttp.ClientSession() as fresh, fresh.post(url, data=reply, headers=headers) as r:
+                    statuses.append(r.status)
+        assert statuses == [202] * REPLIES
+        assert [r["id"] for r in rogue.replies] == [41] * REPLIES  # the server's own id, from either worker
+    finally:
+        await ensure_stopped(proc)
+        await rogue.stop()

@@ -94,10 +94,12 @@ def pep_config(
     *,
     mcp_upstream: str | None = None,
     models_upstream: str | None = None,
-    deny_status: int = 403,
+    deny_status: int | None = None,
     filter_tools_list: bool = False,
+    mcp_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A PEP with an `mcp` route (/mcp, protocol mcp) and a `models` route (/v1, protocol openai)."""
+    """A PEP with an `mcp` route (/mcp, protocol mcp; `deny_status` left to its default unless given, more route
+    keys in `mcp_options`) and a `models` route (/v1, protocol openai)."""
     routes: list[dict[str, Any]] = []
     if mcp_upstream is not None:
         route: dict[str, Any] = {
@@ -106,8 +108,10 @@ def pep_config(
             "upstream": mcp_upstream,
             "strip_prefix": True,
             "protocol": "mcp",
-            "deny_status": deny_status,
+            **(mcp_options or {}),
         }
+        if deny_status is not None:
+            route["deny_status"] = deny_status
         if filter_tools_list:
             route["filter_tools_list"] = True
         routes.append(route)

@@ -1,11 +1,14 @@
 """A recording upstream on a real socket. Every request it sees is kept, so tests can prove nothing arrived.
 
 Paths choose the behaviour: `/sse?n=N&gap_ms=G` streams events (`&done=1`: then `data: [DONE]`, as OpenAI ends
-a stream; `&json=1`: each event's data is a JSON object, as a model answer's chunks are), `/slow?ms=M` answers
+a stream; `&json=1`: each event's data is a JSON object, as a model answer's chunks are; `&rpc=ID`: each is an
+MCP progress notification and the last the JSON-RPC response to request ID), `/slow?ms=M` answers
 late, `/hang` never answers,
 `/reset` resets mid-response (`?length=N`: the Content-Length it announces, default 100000),
 `/drop` resets after reading the request without answering at all,
-`/big?bytes=N[&piece=P]` sends a large body (P bytes per write), `/status/N` answers N, anything else echoes.
+`/big?bytes=N[&piece=P]` sends a large body (P bytes per write), `/status/N` answers N, anything else echoes: under
+`/mcp`, as an MCP server answers (a JSON-RPC request gets a response whose result is the echo, a notification or
+response 202).
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ class RecordingUpstream(LoopbackServer):
         try:
             if path.startswith("/sse"):
                 gap = int(q.get("gap_ms", "50")) / 1000
-                return await self._sse(request, int(q.get("n", "3")), gap, q.get("done") == "1", q.get("json") == "1")
+                n = int(q.get("n", "3"))
+                if "rpc" in q:
+                    return await self._rpc_sse(request, n, gap, int(q["rpc"]))
+                return await self._sse(request, n, gap, q.get("done") == "1", q.get("json") == "1")
             if path.startswith("/slow"):
                 await asyncio.sleep(int(q.get("ms", "100")) / 1000)
             elif path.startswith("/hang"):
@@ -91,8 +97,15 @@ class RecordingUpstream(LoopbackServer):
             "headers": {str(k): v for k, v in request.headers.items()},
             "body_len": len(body),
         }
+        answer = orjson.dumps(echo)
+        if path.startswith("/mcp") and request.method == "GET":  # the server stream: open, nothing to say yet
+            return web.Response(body=b": open\n\n", content_type="text/event-stream")
+        if path.startswith("/mcp") and request.method == "POST":
+            answer = _rpc_answer(body, echo)
+            if not answer:
+                return web.Response(status=202)
         return web.Response(
-            body=orjson.dumps(echo),
+            body=answer,
             content_type="application/json",
             headers={
                 "Connection": "keep-alive, x-upstream-secret",
@@ -120,6 +133,24 @@ class RecordingUpstream(LoopbackServer):
         await resp.write_eof()
         return resp
 
+    async def _rpc_sse(self, request: web.BaseRequest, n: int, gap: float, rpc_id: int) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        for i in range(n):
+            last = i == n - 1
+            message: dict[str, object] = {
+                "jsonrpc": "2.0",
+                "method": "notifications/progress",
+                "params": {"progress": i},
+            }
+            if last:
+                message = {"jsonrpc": "2.0", "id": rpc_id, "result": {"content": []}}
+            await resp.write(b"id: %d\ndata: %s\n\n" % (i, orjson.dumps(message)))
+            if not last:
+                await asyncio.sleep(gap)
+        await resp.write_eof()
+        return resp
+
     def _drop(self, request: web.BaseRequest) -> web.StreamResponse:
         """The whole request was read (and recorded); the connection is reset before any response byte."""
         transport = request.transport
@@ -141,3 +172,19 @@ class RecordingUpstream(LoopbackServer):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
         return resp
+
+
+def _rpc_answer(body: bytes, echo: dict[str, object]) -> bytes:
+    """What an MCP server answers a POST: a response (result: the echo) to each request, nothing to the rest; a body
+    that is not JSON-RPC gets the plain echo."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(echo)
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(m, dict) for m in items):
+        return orjson.dumps(echo)
+    answers = [{"jsonrpc": "2.0", "id": m["id"], "result": echo} for m in items if "method" in m and "id" in m]
+    if not answers:
+        return b""
+    return orjson.dumps(answers if isinstance(value, list) else answers[0])

@@ -458,6 +458,10 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
         "routes[0].max_batch_messages: must be an integer",
     ),
     ("deny-status-http", lambda c: route0(c).update(deny_status=200), "routes[0].deny_status: 200 is only for"),
+    ("filter-prompts-http", lambda c: route0(c).update(filter_prompts_list=True), "routes[0].filter_prompts_list"),
+    ("filter-resources-http", lambda c: route0(c).update(filter_resources_list=True), "routes[0].filter_resources"),
+    ("seal-keys-empty", lambda c: c.update(seal_key_files=[]), "seal_key_files: must be a non-empty list"),
+    ("seal-keys-not-strings", lambda c: c.update(seal_key_files=[1]), "seal_key_files: must be a non-empty list"),
     ("deny-status-value", lambda c: route0(c).update(protocol="mcp", deny_status=401), "routes[0].deny_status: must"),
     (
         "host-scheme",

@@ -75,6 +75,7 @@ def test_tools_call_request_facts() -> None:
         "name": "send_email",
         "arguments": {"to": "a@b", "n": [1, 2]},
         "protocol_version": None,
+        "direction": "client_to_server",
     }
 
 
@@ -130,7 +131,13 @@ def test_null_id_is_not_a_notification() -> None:
 )
 def test_client_responses_are_mcp_response(body: bytes) -> None:
     message = only(ok(body))
-    assert message.facts == {"method": "mcp/response", "name": None, "arguments": None, "protocol_version": None}
+    assert message.facts == {
+        "method": "mcp/response",
+        "name": None,
+        "arguments": None,
+        "protocol_version": None,
+        "direction": "client_to_server",
+    }
     assert message.rpc_id is not NO_ID
 
 
@@ -208,7 +215,13 @@ def test_http_actions(method: str, action: str) -> None:
     message = mcp.http_action(method)
     assert message.key == "mcp"
     assert message.rpc_id is NO_ID
-    assert message.facts == {"method": action, "name": None, "arguments": None, "protocol_version": None}
+    assert message.facts == {
+        "method": action,
+        "name": None,
+        "arguments": None,
+        "protocol_version": None,
+        "direction": "client_to_server",
+    }
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
@@ -627,7 +640,8 @@ def _check(body: bytes, headers: dict[str, str], value: Any) -> None:
         assert isinstance(method, str)
         assert method
         assert message.key == "mcp"
-        assert set(message.facts) == {"method", "name", "arguments", "protocol_version"}
+        completion = {"ref_type", "argument"} if message.facts["method"] == "completion/complete" else set()
+        assert set(message.facts) == {"method", "name", "arguments", "protocol_version", "direction", *completion}
         assert message.facts["name"] is None or isinstance(message.facts["name"], str)
         assert message.facts["arguments"] is None or isinstance(message.facts["arguments"], dict)
 

@@ -4,6 +4,12 @@
 #
 # - tools/call of `search` and `lookup_order`: allowed, and so are those tools when a model answer calls them
 #   (input.model.action "model.tool_call", the tool in input.model.tool);
+# - listed to the agent (a filtered tools/list decides each listed tool as input.mcp.method "tools/list" with
+#   input.mcp.name the tool, no arguments): search, lookup_order and send_email (whose calls are allowed only for
+#   some arguments: listing it shows the tool, its calls are still decided with their arguments);
+# - the prompt `refund_reply`: prompts/get, its listing (prompts/list of it) and completion/complete of its
+#   arguments (input.mcp.ref_type "ref/prompt", input.mcp.name the prompt): a completion is allowed exactly where
+#   reading the prompt is;
 # - tools/call of `send_email`: allowed only when the string argument `to` ends with "@" + the agent's company
 #   domain (subject.attributes.company_domain, from identity.attributes), compared case-sensitively;
 #   a missing or non-string `to`, or an agent without a company domain, is a deny; a model answer's call of
@@ -59,6 +65,36 @@ permitted if {
 	own_domain_recipient
 }
 
+listed_tools := always_allowed_tools | {"send_email"}
+
+tool_listing if {
+	input.mcp.method == "tools/list"
+	is_string(input.mcp.name)
+}
+
+permitted if {
+	tool_listing
+	input.mcp.name in listed_tools
+}
+
+allowed_prompts := {"refund_reply"}
+
+prompt_use if input.mcp.method in {"prompts/get", "prompts/list"}
+
+prompt_use if {
+	input.mcp.method == "completion/complete"
+	input.mcp.ref_type == "ref/prompt"
+}
+
+permitted if {
+	prompt_use
+	input.mcp.name in allowed_prompts
+}
+
+tool_use if tool_call
+
+tool_use if tool_listing
+
 own_domain_recipient if {
 	to := input.mcp.arguments.to
 	is_string(to)
@@ -83,8 +119,13 @@ else := "send_email only to the agent's company domain" if {
 }
 
 else := "tool not allowed" if {
-	tool_call
+	tool_use
 	not permitted
 }
 
-else := "only tools/call is allowed" if not tool_call
+else := "prompt not allowed" if {
+	prompt_use
+	not permitted
+}
+
+else := "not a tool or prompt this agent may use" if not permitted

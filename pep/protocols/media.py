@@ -1,0 +1,48 @@
+"""Whether an upstream answer can be read as the agent's SDK will read it: media type, charset, content coding.
+
+Pure (header values in, a verdict out). An answer the PEP decides must be read in exactly the bytes and text the
+client reads: UTF-8 only (a `charset` naming anything else, UTF-16 or EBCDIC, makes the SDKs decode text the PEP
+would not see), identity coding only (every value of every `Content-Encoding` field counts: `identity` then
+`gzip` is gzip), and one `Content-Type` (clients join or pick repeated ones differently).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+
+def parameters(content_type: str) -> tuple[str, str | None]:
+    """(media type lower-cased, charset lower-cased or None)."""
+    media, _, params = content_type.partition(";")
+    charset = None
+    for param in params.split(";"):
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    return media.strip().lower(), charset
+
+
+def _utf8(charset: str) -> bool:
+    try:
+        return codecs.lookup(charset).name == "utf-8"
+    except LookupError:
+        return False
+
+
+def problem(content_types: Sequence[str], encodings: Sequence[str]) -> str | None:
+    """Why an answer with these `Content-Type` and `Content-Encoding` field values cannot be read, or None."""
+    if len(content_types) > 1:
+        return "a repeated Content-Type"
+    codings = [c.strip().lower() for value in encodings for c in value.split(",")]
+    if any(c not in ("", "identity") for c in codings):
+        return f"content-encoding {', '.join(encodings)[:64]!r}"
+    if content_types:
+        _, charset = parameters(content_types[0])
+        if charset is not None and not _utf8(charset):
+            return f"charset {charset[:32]!r}"
+    return None
+
+
+def is_event_stream(content_type: str) -> bool:
+    return parameters(content_type)[0] == "text/event-stream"
