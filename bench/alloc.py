@@ -65,7 +65,7 @@ class HandlerWindows:
             finally:
                 windows.samples.append(tracemalloc.get_traced_memory()[1] - start)
 
-        Proxy.handle = handle  # type: ignore[method-assign]
+        Proxy.handle = handle  # type: ignore[method-assign,assignment]
         return True
 
 

@@ -1,21 +1,20 @@
-"""The request handler: integrity checks, route, decide, record, then forward an Allow or answer a Deny.
+"""The request handler: decide, record, then forward an Allow or answer a Deny.
 
-It moves bytes and calls the pure parts; it decides nothing itself. Anything that goes wrong before a decision
-is a `Deny(internal_error)`: the only path to the upstream goes through `Upstream.forward(…, Allow, …)`.
+It moves bytes and calls the pure parts; it decides nothing itself: the admission pipeline (pep/admission.py)
+turns the request into a Check or a refusal, the engine decides. Anything that goes wrong before a decision is a
+`Deny(internal_error)`: the only path to the upstream goes through `Upstream.forward(…, Allow, …)`. The listener
+(pep/transport) hands each request over as an `Exchange`; requests it cannot read as HTTP/1.1 never get here
+(`protocol_error` answers them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import HttpVersion10, HttpVersion11, web
 
 from pep import attributes, tunnel
 from pep.admission import Admission, Refusal, RequestFacts, admit, target_path
@@ -25,6 +24,7 @@ from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Engine, Outcome
+from pep.http1 import Framing, ProtocolError
 from pep.identity import Refusal as IdentityRefusal
 from pep.identity.keys import KeySource
 from pep.identity.spiffe import ListenerTls
@@ -35,20 +35,29 @@ from pep.metrics import UNMATCHED, Metrics
 from pep.protocols import NO_ID, Inspected, Message, Refused, openai
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.protocols.mcp_answer import LISTS, Stream
-from pep.responses import deny, deny_mcp, deny_openai
+from pep.responses import Reply, deny, deny_mcp, deny_openai, unreadable_request
 from pep.routing import Route, RouteTable
 from pep.seal import Sealer
 from pep.trace import CURRENT as CURRENT_TRACE
 from pep.trace import Spans, Trace, from_headers
+from pep.transport import BodyState, ConnectionInfo, ErrorAnswer, Exchange, RequestLine
 from pep.upstream import Upstream
 
 log = logging.getLogger("pep.proxy")
-_HTTP_1 = (HttpVersion11, HttpVersion10)
+_NO_BODY = Framing.NONE
+_BODY_FAILED = BodyState.FAILED
 
 
 def _early(reason: Reason, detail: str) -> Outcome:
     """A denial reached before the PDP was asked."""
     return Outcome(Deny(reason, new_id(), detail), 0, None, detail)
+
+
+def _peercert(info: ConnectionInfo, listener: ListenerTls | None) -> dict[str, Any] | IdentityRefusal | None:
+    """The verified client certificate of a connection (mTLS listener), if it would still pass a handshake."""
+    if listener is None or info.ssl_object is None:
+        return None
+    return listener.peer(info.ssl_object)
 
 
 class _Case:
@@ -59,44 +68,46 @@ class _Case:
         "admission",
         "challenge",
         "drop_session",
+        "exchange",
         "identity_tls",
+        "method",
         "outcome",
-        "request",
         "route",
         "rt",
+        "status",
         "trace",
     )
 
-    def __init__(self, rt: Runtime, trace: Trace, request: web.BaseRequest, identity_tls: ListenerTls | None) -> None:
+    def __init__(self, rt: Runtime, trace: Trace, exchange: Exchange, identity_tls: ListenerTls | None) -> None:
         self.rt = rt  # the config this request is decided and logged under
         self.trace = trace
-        self.request = request
+        self.exchange = exchange
+        self.method = exchange.method
         self.identity_tls = identity_tls  # the mTLS listener's contexts (identity.mtls)
         self.outcome: Outcome | None = None
         self.route: Route | None = None
         self.admission: Admission | None = None
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
         self.drop_session = False  # the connection's client certificate no longer passes: abort after the answer
+        self.status: int | None = None  # the status answered (for the span)
 
     def peercert(self) -> dict[str, Any] | IdentityRefusal | None:
         """The verified client certificate of the request's connection (mTLS listener), when asked."""
-        listener = self.identity_tls
-        if listener is None:
-            return None
-        transport = self.request.transport
-        conn = transport.get_extra_info("ssl_object") if transport is not None else None
-        return listener.peer(conn) if isinstance(conn, ssl.SSLObject) else None
+        return _peercert(self.exchange.connection, self.identity_tls)
 
     async def identify(self, route: Route) -> dict[str, Any] | IdentityRefusal:
         """The admission's identity step: the verified subject, or why there is none."""
-        return await self.rt.identifier.subject(self.request.headers, self.peercert, route.config.require_identity)
+        return await self.rt.identifier.subject(self.exchange.headers, self.peercert, route.config.require_identity)
 
     async def read_body(self, limit: int) -> bytes | Refused:
         """The admission's body step: the body is needed for the decision, so the caller may send it now."""
-        request = self.request
-        if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await read_body(request, limit)
+        exchange = self.exchange
+        exchange.send_continue()
+        return await read_body(exchange.body, limit)
+
+    def send(self, reply: Reply) -> None:
+        self.status = reply.status
+        self.exchange.response.send(reply.status, reply.fields(), reply.body)
 
     def span_attributes(self) -> dict[str, Any]:
         """What the request's span records (tracing on only)."""
@@ -115,7 +126,7 @@ def decision_reason(decision: Allow | Deny) -> Reason:
     return Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
 
 
-def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> web.Response:
+def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> Reply:
     protocol = route.config.protocol if route is not None else "http"
     if protocol == "mcp" and route is not None:
         return deny_mcp(reason, rid, inspected, route.config.deny_status)
@@ -142,7 +153,7 @@ class Runtime:
 
 
 class Proxy:
-    """The catch-all handler of the agent-facing listener."""
+    """The handler of the agent-facing listener: every request, CONNECT and odd targets included."""
 
     def __init__(self, runtime: Runtime, upstream: Upstream, decision_log: DecisionLog, metrics: Metrics) -> None:
         self.runtime = runtime  # replaced whole by a reload; each request keeps the one it started with
@@ -154,41 +165,63 @@ class Proxy:
         self.in_flight = 0
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, exchange: Exchange) -> None:
         self.in_flight += 1
-        trace = from_headers(request.headers)
+        trace = from_headers(exchange.headers)
         spans = self.spans
         if spans is not None:
-            spans.start(trace, request.method)
+            spans.start(trace, exchange.method)
         token = CURRENT_TRACE.set(trace)  # read by the PDP client and the forwarder (same task)
-        response: web.StreamResponse | None = None
-        case = _Case(self.runtime, trace, request, self.listener_tls)
+        case = _Case(self.runtime, trace, exchange, self.listener_tls)
         try:
-            response = await self._handle(request, case)
-            return response
+            await self._handle(exchange, case)
         except asyncio.CancelledError:
             raise
         except Exception:
             # A bug outside the decision itself (logging, metrics): still a denial, never a bare 500.
             log.exception("internal error while handling a request")
-            response = deny(Reason.INTERNAL_ERROR, request_id(request.headers.get("X-Request-ID")))
-            return response
+            if exchange.response.started:
+                exchange.response.abort()  # an answer cut short: only a reset says so
+            else:
+                case.send(deny(Reason.INTERNAL_ERROR, request_id(exchange.headers.get("X-Request-ID"))))
         finally:
             CURRENT_TRACE.reset(token)
             self.in_flight -= 1
             if spans is not None:
-                spans.finish(trace, case.span_attributes(), response.status if response is not None else None)
+                spans.finish(trace, case.span_attributes(), case.status)
 
-    async def _handle(self, request: web.BaseRequest, case: _Case) -> web.StreamResponse:
+    def protocol_error(self, exc: ProtocolError, line: RequestLine | None, info: ConnectionInfo) -> ErrorAnswer:
+        """A request the listener could not read as HTTP/1.1, answered with its status hint and no handler. An HTTP
+        version other than 1.0 and 1.1 (505) is a denial `request_ambiguous`, logged and counted as one; the
+        rest (400, 414, 431, 501) are not requests the PEP decided anything about."""
+        if exc.status_hint != 505:
+            reply = unreadable_request(exc.status_hint, exc.reason)
+            return reply.fields(), reply.body
+        rt = self.runtime
+        rid = new_id()
+        outcome = _early(Reason.REQUEST_AMBIGUOUS, exc.reason)
+        method = line.method.decode("latin-1") if line is not None else ""
+        path = target_path(method, line.target.decode("latin-1")) if line is not None else ""
+        subject = rt.identifier.unverified(lambda: _peercert(info, self.listener_tls))
+        self._log.record(self._entry_for(rt, rid, UNMATCHED, method, path, subject, None, outcome, None))
+        self._metrics.decisions[UNMATCHED, Reason.REQUEST_AMBIGUOUS].inc()
+        reply = deny(Reason.REQUEST_AMBIGUOUS, rid, exc.status_hint)
+        return reply.fields(), reply.body
+
+    async def _handle(self, exchange: Exchange, case: _Case) -> None:
         started = time.perf_counter()
-        rid = request_id(request.headers.get("X-Request-ID"))
-        status = 403
+        rid = request_id(exchange.headers.get("X-Request-ID"))
+        body = exchange.body
+        if not body.settle() and body.state is _BODY_FAILED:
+            # What has arrived of the body already breaks HTTP/1.1: refused as the reader refuses a head, before
+            # anything is decided (and nothing is logged: no request was read).
+            try:
+                await body.read()
+            except ProtocolError as exc:
+                case.send(unreadable_request(exc.status_hint, exc.reason))
+                return
         try:
-            if request.version not in _HTTP_1:
-                status = 505
-                outcome = _early(Reason.REQUEST_AMBIGUOUS, f"HTTP version {request.version}")
-            else:
-                outcome = await self._decide(request, rid, case)
+            outcome = await self._decide(exchange, rid, case)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -198,7 +231,7 @@ class Proxy:
 
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
-        entry = self._entry(request, rid, route_name, case, outcome)
+        entry = self._entry(case, rid, route_name, outcome)
         if isinstance(decision, Allow) and self._log.required:
             # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
             problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
@@ -212,46 +245,45 @@ class Proxy:
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
         metrics.decisions[route_name, reason].inc()
         metrics.decision_duration[route_name].observe(time.perf_counter() - started)
-        if isinstance(decision, Allow) and route is not None and request.method == "CONNECT":
-            return await tunnel.splice(request, decision, route)
-        if isinstance(decision, Allow) and route is not None:
-            admission = case.admission
-            assert admission is not None
+        admission = case.admission
+        if isinstance(decision, Allow) and admission is not None:
+            # (Issue 16: a just-in-time credential is obtained here, after the allow and before anything is sent.)
+            if case.method == "CONNECT":
+                case.status = await tunnel.splice(exchange, decision, admission.route)
+                return
             answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
-            return await self._upstream.forward(
-                request, decision, route, admission.credential, answers, admission.replaced
+            case.status = await self._upstream.forward(
+                exchange, decision, admission.route, admission.credential, answers, admission.replaced
             )
+            return
         assert isinstance(decision, Deny)
-        if status == 505:
-            response = deny(decision.reason, rid, status)
-            response.force_close()
-            return response
-        response = _denial(route, case.admission.inspected if case.admission else None, decision.reason, rid)
+        # (Issue 16: a Deny with `approval_required` goes to the approval flow here, pep/approvals/flow.py.)
+        reply = _denial(route, admission.inspected if admission is not None else None, decision.reason, rid)
         if case.challenge is not None:
-            response.set_status(401)
-            response.headers["WWW-Authenticate"] = case.challenge
-        if decision.detail == BODY_DEADLINE or request.method == "CONNECT":
-            response.force_close()  # the rest of the body is not waited for: say so
-        transport = request.transport
-        if case.drop_session and transport is not None:
+            reply.status = 401
+            reply.headers["www-authenticate"] = case.challenge
+        response = exchange.response
+        if decision.detail == BODY_DEADLINE or case.method == "CONNECT":
+            response.close_after()  # the rest of the body is not waited for: say so
+        if case.drop_session:
             # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
             # client's next connection makes a full handshake instead of resuming what no longer passes.
-            response.force_close()
-            with contextlib.suppress(ConnectionError):  # a client already gone gets no answer; still aborted
-                await response.prepare(request)
-                await response.write_eof()
-            transport.abort()
-        return response
+            response.close_after()
+            case.send(reply)
+            response.abort()
+            return
+        case.send(reply)
 
-    async def _decide(self, request: web.BaseRequest, rid: str, case: _Case) -> Outcome:
+    async def _decide(self, exchange: Exchange, rid: str, case: _Case) -> Outcome:
         """The admission pipeline (pep/admission.py), then the PDP through the engine."""
+        head = exchange.head
         facts = RequestFacts(
-            request.method,
-            request.raw_path,
-            request.headers,
-            request.scheme,
-            request.content_length,
-            request.body_exists,
+            case.method,
+            exchange.target,
+            exchange.headers,
+            exchange.connection.scheme,
+            head.content_length,
+            head.framing is not _NO_BODY,
             rid,
         )
         found = await admit(facts, case.rt, case.identify, case.read_body)
@@ -305,7 +337,7 @@ class Proxy:
                 stream = Stream(list(resume.pending))
             else:
                 stream = Stream([], get=True)
-            version = resume.version if resume is not None else case.request.headers.get("MCP-Protocol-Version")
+            version = resume.version if resume is not None else case.exchange.headers.get("MCP-Protocol-Version")
         else:
             return None
         filters = {"tools/list"} if config.filter_tools_list else set()
@@ -339,31 +371,45 @@ class Proxy:
             entry["arguments"] = facts["arguments"]
         return entry
 
-    def _entry(
+    def _entry(self, case: _Case, rid: str, route_name: str, outcome: Outcome) -> dict[str, Any]:
+        admission = case.admission
+        rt = case.rt
+        if admission is not None:
+            document = admission.document
+            path, subject = document["request"]["path"], document["subject"]
+            messages = admission.inspected.messages
+        else:
+            path = target_path(case.method, case.exchange.target)
+            subject = rt.identifier.unverified(case.peercert)
+            messages, document = (), None
+        return self._entry_for(rt, rid, route_name, case.method, path, subject, document, outcome, case.trace, messages)
+
+    def _entry_for(
         self,
-        request: web.BaseRequest,
+        rt: Runtime,
         rid: str,
         route_name: str,
-        case: _Case,
+        method: str,
+        path: str,
+        subject: dict[str, Any],
+        document: dict[str, Any] | None,
         outcome: Outcome,
+        trace: Trace | None,
+        messages: tuple[Message, ...] = (),
     ) -> dict[str, Any]:
-        admission = case.admission
-        document = admission.document if admission is not None else None
         decision = outcome.decision
         allow = isinstance(decision, Allow)
-        rt = case.rt
         if outcome.started is not None:  # when the engine took the decision up (pdp_ms counts from then)
             when = attributes.rfc3339(outcome.started)
         else:
             when = document["request"]["time"] if document else attributes.rfc3339_now()
-        subject = document["subject"] if document else rt.identifier.unverified(case.peercert)
         entry: dict[str, Any] = {
             "time": when,
             "request_id": rid,
             "decision_id": decision.decision_id,
             "route": route_name,
-            "method": request.method,
-            "path": document["request"]["path"] if document else target_path(request.method, request.raw_path),
+            "method": method,
+            "path": path,
             "subject": subject,
             "mcp_method": None,
             "mcp_name": None,
@@ -372,9 +418,8 @@ class Proxy:
             "pdp_ms": outcome.pdp_ms,
             "attempts": outcome.attempts,
             "circuit": rt.engine.circuit.name.lower(),
-            "trace_id": case.trace.trace_id,
+            "trace_id": trace.trace_id if trace is not None else None,
         }
-        messages = admission.inspected.messages if admission is not None else ()
         if messages and messages[0].key == "mcp":
             first = messages[0].facts
             entry["mcp_method"] = first["method"]
