@@ -87,6 +87,14 @@ class Allow:
     """
 
     __slots__ = ("body", "credential", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
+    decision_id: str
+    request_id: str
+    route: str
+    method: str
+    upstream_url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None
+    credential: CredentialNarrowing | None
 
     def __init__(
         self,
