@@ -231,15 +231,18 @@ class Proxy:
 
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
-        entry = self._entry(case, rid, route_name, outcome)
-        if isinstance(decision, Allow) and self._log.required:
-            # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
-            problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
-            if problem is not None:
-                decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
-                self._log.record(unaudited(entry, problem))
-        else:
-            self._log.record(entry)
+        decision_log = self._log
+        if decision_log.enabled:  # (without a sink, no line is built: its time stamp and dict cost per request)
+            entry = self._entry(case, rid, route_name, outcome)
+            if isinstance(decision, Allow) and decision_log.required:
+                # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this
+                # returns.
+                problem = await decision_log.commit(entry, _log_budget(case.rt, outcome))
+                if problem is not None:
+                    decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                    decision_log.record(unaudited(entry, problem))
+            else:
+                decision_log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
