@@ -175,3 +175,12 @@ def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
     if named:
         drop = drop | named
     return [field for field in fields if field[0].lower() not in drop]
+
+
+def first_field(fields: Fields, name: bytes) -> bytes | None:
+    """The value of the first field called `name` (lower-case), without building a header view for one lookup."""
+    size = len(name)
+    for key, value in fields:
+        if len(key) == size and key.lower() == name:
+            return value
+    return None

@@ -16,6 +16,7 @@ from pep.headers import (
     connection_named,
     end_to_end,
     end_to_end_fields,
+    first_field,
     obligation_forbidden,
     obligation_problem,
     policy_drop_set,
@@ -219,3 +220,9 @@ def test_end_to_end_never_forwards_hop_by_hop_and_keeps_the_rest_in_order(pairs:
         assert name.lower() not in named
     expected = [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]
     assert out == expected
+
+
+def test_first_field_is_the_first_of_that_name_in_any_case() -> None:
+    fields = [(b"X-A", b"1"), (b"Content-TYPE", b"text/plain"), (b"content-type", b"text/html")]
+    assert first_field(fields, b"content-type") == b"text/plain"
+    assert first_field(fields, b"content-length") is None
