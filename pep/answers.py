@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from pep import attributes
 from pep.decision import Allow, Reason
@@ -29,7 +28,7 @@ from pep.engine import Check, Engine, Outcome
 from pep.protocols import media
 from pep.protocols.model_answer import AnswerError, EventReader, Findings, read_json, same_model
 from pep.protocols.openai import ANSWER, TOOL_CALL
-from pep.responses import MESSAGES, deny_openai
+from pep.responses import MESSAGES, Reply, deny_openai
 from pep.routing import Route
 
 log = logging.getLogger("pep.answers")
@@ -80,7 +79,7 @@ class ModelAnswers:
             return "unreadable"
         return "events" if content_types and media.is_event_stream(content_types[0]) else "whole"
 
-    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
+    async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:
         try:
             found = read_json(body)
         except AnswerError as exc:

@@ -14,9 +14,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from pep.admin import admin_app
+from pep import transport
+from pep.admin import admin_app, serve_admin
 from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
@@ -33,6 +32,7 @@ from pep.pdp.opa import OpaPdp
 from pep.pdp.reachability import Reachability
 from pep.pdp.transport import HttpTransport, tls_context
 from pep.preflight import credential_warning, file_problems
+from pep.protocols import body as request_body
 from pep.proxy import Proxy, Runtime
 from pep.routing import RouteTable
 from pep.seal import Sealer, SealKeyError
@@ -41,19 +41,13 @@ from pep.stderr import say
 from pep.upstream import Upstream
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from pep.otel import Tracing
 
-# Header phase and idle keep-alive limit on the agent-facing listener (aiohttp's AppRunner default is 3630 s).
+# Header phase and idle keep-alive limit on the agent-facing listener. Read when a server starts, so tests can
+# shrink it.
 KEEPALIVE_S = 75.0
-
-
-def bound_address(site: web.TCPSite) -> tuple[str, int]:
-    """The address a started site listens on (port 0 in the config means the OS chose it)."""
-    sockets = getattr(site._server, "sockets", None) or ()
-    if not sockets:
-        raise RuntimeError("the listener has no socket")
-    host, port = sockets[0].getsockname()[:2]
-    return str(host), int(port)
 
 
 def build_pdp(cfg: Config) -> Pdp:
@@ -125,7 +119,8 @@ class Server:
         self.shutting_down = False
         self.metrics = Metrics(tuple(r.name for r in config.routes))
         self.decision_log = DecisionLog(config.decision_log, self.metrics)
-        self._runners: list[web.BaseRunner] = []
+        self._admin: web.BaseRunner | None = None  # the admin listener (aiohttp: off the request path)
+        self._listener: transport.Listener | None = None
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
         self.proxy: Proxy | None = None
@@ -174,15 +169,6 @@ class Server:
 
             proxy.spans = self.tracing = Tracing(cfg.tracing, self._span_exporter)
 
-        # The low-level server has no router: every request, CONNECT and odd targets included, reaches the
-        # one handler and gets a decision.
-        proxy_server = web.Server(
-            proxy.handle,
-            handler_cancellation=True,
-            access_log=None,
-            keepalive_timeout=KEEPALIVE_S,
-            auto_decompress=False,  # bodies are forwarded as sent, encoding and all
-        )
         reachability = self.reachability
         admin = admin_app(
             self.metrics,
@@ -192,30 +178,28 @@ class Server:
         )
         self.listener_tls = proxy.listener_tls = ListenerTls(cfg.identity.mtls) if cfg.identity.mtls else None
         tls = self.listener_tls.listener if self.listener_tls is not None else None
-        grace = cfg.shutdown_grace_ms / 1000
-        self.proxy_address = await self._bind(
-            web.ServerRunner(proxy_server, shutdown_timeout=grace), cfg.listen, tls, self.reuse_port
+        # Every request, CONNECT and odd targets included, reaches the one handler and gets a decision; what
+        # cannot be read as HTTP/1.1 is answered by the listener (`protocol_error`).
+        options = transport.ListenerOptions(
+            idle_s=KEEPALIVE_S, head_s=KEEPALIVE_S, body_chunk_s=request_body.BODY_READ_TIMEOUT_S
         )
-        self.admin_address = await self._bind(
-            web.AppRunner(admin, access_log=None, keepalive_timeout=KEEPALIVE_S), cfg.admin_listen
+        self._listener = await transport.serve(
+            cfg.listen.host,
+            cfg.listen.port,
+            proxy.handle,
+            ssl=tls,
+            reuse_port=self.reuse_port,
+            options=options,
+            on_protocol_error=proxy.protocol_error,
         )
+        self.proxy_address = Address(*self._listener.address)
+        self._admin, bound = await serve_admin(admin, cfg.admin_listen.host, cfg.admin_listen.port)
+        self.admin_address = Address(*bound)
         # Known before start() returns (at most PROBE_TIMEOUT_S): a PDP that is not there is said at once.
         await reachability.probe()
         self._spawn(reachability.run())
         self._check_credentials()
         self._spawn(self._watch_files(self._stamps()))  # stamped now: a change from here on is seen
-
-    async def _bind(
-        self, runner: web.BaseRunner, address: Address, tls: ssl.SSLContext | None = None, reuse_port: bool = False
-    ) -> Address:
-        await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(
-            runner, address.host, address.port, backlog=1024, ssl_context=tls, reuse_port=reuse_port or None
-        )
-        await site.start()
-        host, port = bound_address(site)
-        return Address(host, port)
 
     async def _build(self, cfg: Config, old: Runtime | None) -> Runtime:
         """The runtime for `cfg`, reusing what `old` already has for equal config (the engine with its breaker,
@@ -407,9 +391,12 @@ class Server:
             task.cancel()
         # Proxy first, admin last: while the proxy drains its in-flight requests (up to shutdown_grace_ms),
         # /readyz still answers 503 `shutting_down` instead of the admin port already refusing connections.
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
+        if self._listener is not None:
+            await self._listener.close(self.config.shutdown_grace_ms / 1000)
+            self._listener = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
         if self._upstream is not None:
             await self._upstream.close()
         if self.proxy is not None:
@@ -443,6 +430,7 @@ async def serve(config: Config, worker: tuple[int, int, int, int] | None = None)
     """Run until SIGTERM or SIGINT, then drain for up to `shutdown_grace_ms`. A worker (pep/workers.py),
     given as (index, shared port, report fd, seal key fd), shares `listen`, takes the supervisor's seal key and
     reports its admin port on the fd."""
+    parent = os.getppid()  # before anything is awaited: the supervisor may be killed while this worker starts
     if worker is None:
         server = Server(config)
     else:
@@ -464,7 +452,7 @@ async def serve(config: Config, worker: tuple[int, int, int, int] | None = None)
     if worker is not None and server.admin_address is not None:
         os.write(worker[2], f"{server.admin_address.port}\n".encode())
         os.close(worker[2])
-        watch = loop.create_task(_orphan_watch(os.getppid(), stop))
+        watch = loop.create_task(_orphan_watch(parent, stop))
     else:
         watch = None
     try:

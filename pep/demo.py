@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from pep.app import bound_address
+from pep.admin import bound_address
 
 POLICIES = Path(__file__).resolve().parent.parent / "config" / "policies"
 CERBOS_DEFAULT = Path(".pdp/cerbos/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64")

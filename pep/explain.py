@@ -1,8 +1,9 @@
 """`pep explain`: what the PEP would decide about one request, without a socket and without forwarding anything.
 
-The same facts the proxy builds (integrity checks, route, body inspection, the `pep/v1` document) are built from
-a URL, headers and a body file, and the config's real PDP is asked through the decision engine, so the deadline,
-the retries and the answer classification are the ones `pep run` applies. The output is one JSON object: the
+A URL, headers and a body file become the request's facts, and the proxy's own admission pipeline
+(pep/admission.py: integrity checks, route, identity, credential, body inspection, the `pep/v1` document) runs
+on them; the config's real PDP is asked through the decision engine, so the deadline, the retries and the answer
+classification are the ones `pep run` applies. The output is one JSON object: the
 document(s), the PDP's answer and the decision. Credentials never appear in it: the document drops them as the
 proxy does, and nothing about the PDP's own credential is shown.
 """
@@ -22,20 +23,18 @@ from typing import IO, Any
 import orjson
 from multidict import CIMultiDict
 
-from pep import attributes, integrity
+from pep.admission import Admission, Refusal, RequestFacts, admit
 from pep.config import HEADER_NAME, Config
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome, combine
-from pep.headers import end_to_end
 from pep.identity import Refusal as IdentityRefusal
 from pep.identity.subject import Identifier, build_identity
 from pep.ids import request_id
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, Failure, Pdp, Verdict
 from pep.pdp.cedar import CedarLoadError
-from pep.protocols import Inspected, Refused, dispatch, mcp_replies
-from pep.protocols.mcp_tokens import for_caller
+from pep.protocols import Refused
 from pep.routing import Route, RouteTable
 from pep.seal import Sealer
 
@@ -45,10 +44,15 @@ EXIT_CONFIG = 2
 
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)\Z", re.DOTALL)
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")  # a request target has no space or control character
 
 
 class UsageError(Exception):
     """The command line does not describe a request (a bad URL, header or body file)."""
+
+
+# The most `--body` explain reads: the body is read whole, as the announced length a caller would send.
+BODY_CAP = 64 * 1048576
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,34 +60,36 @@ class Request:
     """One request as the agent would send it to the PEP's listener."""
 
     method: str
-    scheme: str
-    path: str  # raw, as sent
-    query: str  # raw, without the `?`
-    fragment: bool  # the URL carried a `#`: the proxy refuses such a target
+    target: str  # the request target as sent: a path (origin form), an absolute URL, or CONNECT's host:port
     headers: CIMultiDict[str]  # Host included
-    body: IO[bytes] | None  # read only once a route says how much may be read
+    body: bytes | None  # the whole body (`--body`), or None
 
 
 def parse_request(
     url: str, method: str | None, header_args: Sequence[str], body: IO[bytes] | None, default_host: str
 ) -> Request:
-    """The request for `URL` (absolute, or a path sent to the listener). The method defaults to GET, or POST with a
-    body (as curl does). Host comes from the URL's authority unless a Host header is given."""
-    match = _ABSOLUTE.match(url)
-    if match is not None:
-        scheme, authority, rest = match.group(1).lower(), match.group(2), match.group(3)
-        authority = authority.rpartition("@")[2]  # user info is never part of Host
-        if not authority:
-            raise UsageError(f"URL {url!r} has no host")
-    elif url.startswith("/"):
-        scheme, authority, rest = "http", default_host, url
-    else:
-        raise UsageError(f"URL {url!r} must be absolute (http://host/path) or a path (/path)")
-    target, hash_sign, _ = rest.partition("#")
-    path, _, query = target.partition("?")
+    """The request for `URL`. A path is sent to the listener as it is (Host: `default_host`); an absolute URL is
+    sent as the target, as a client that uses the PEP as its HTTP proxy sends it (Host: its authority), so a Host
+    header that names another authority makes it ambiguous, as on the wire; with CONNECT, URL is `host:port`.
+    The method defaults to GET, or POST with a body (as curl does). A Host header given with `-H` wins."""
     method = method if method is not None else ("POST" if body is not None else "GET")
     if not HEADER_NAME.match(method):
         raise UsageError(f"method {method!r} is not an HTTP token")
+    match = _ABSOLUTE.match(url)
+    if method == "CONNECT":
+        if match is not None or url.startswith("/") or not url or _BAD_TARGET.search(url):
+            raise UsageError(f"URL {url!r}: a CONNECT target is host:port")
+        authority = url
+    elif match is not None:
+        authority = match.group(2).rpartition("@")[2]  # user info is never part of Host
+        if not authority:
+            raise UsageError(f"URL {url!r} has no host")
+    elif url.startswith("/"):
+        authority = default_host
+    else:
+        raise UsageError(f"URL {url!r} must be absolute (http://host/path) or a path (/path)")
+    if _BAD_TARGET.search(url):
+        raise UsageError(f"URL {url!r} has a space or a control character")
     headers: CIMultiDict[str] = CIMultiDict()
     for arg in header_args:
         name, colon, value = arg.partition(":")
@@ -95,112 +101,71 @@ def parse_request(
         headers.add(name, value)
     if "Host" not in headers:
         headers["Host"] = authority
-    return Request(method, scheme, path or "/", query, bool(hash_sign), headers, body)
+    return Request(method, url, headers, _read(body))
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What the proxy would know when it asks the PDP, or why it would not ask."""
-
-    route: Route | None
-    upstream_url: str | None
-    refused: Refused | None = None
-    check: Check | None = None
-    inspected: Inspected | None = None
-
-
-def _read(body: IO[bytes] | None, limit: int | None) -> bytes | None:
-    """The body, at most one byte over `limit` (enough to know it is too large)."""
+def _read(body: IO[bytes] | None) -> bytes | None:
+    """The whole body, as a caller would send it with its Content-Length."""
     if body is None:
         return None
     try:
-        return body.read() if limit is None else body.read(limit + 1)
+        data = body.read(BODY_CAP + 1)
     except OSError as exc:
         raise UsageError(f"cannot read the body: {exc}") from None
+    if len(data) > BODY_CAP:
+        raise UsageError(f"the body is over {BODY_CAP} bytes")
+    return data
 
 
-def _inspect(route: Route, request: Request, body: bytes | None) -> Inspected | Refused:
-    """The proxy's protocol rules (`protocols.dispatch`), on bytes already read."""
-    early = dispatch.before_body(route.config, request.method, request.path, request.headers, bool(body))
-    if early is not None:
-        return early
-    limit = dispatch.read_limit(route.config)
-    if body is not None and len(body) > limit:  # a form body on a route without max_body_bytes
-        return Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes")
-    return dispatch.parse(route.config, request.method, request.path, request.headers, body or b"")
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """The admission's view of the config (`admission.Setup`)."""
+
+    routes: RouteTable
+    credentials: dict[str, CredentialSource]
+    sealer: Sealer
 
 
-async def facts(
+def listener_scheme(config: Config) -> str:
+    """The scheme of the listener's connections: TLS when it asks for client certificates (identity.mtls)."""
+    return "https" if config.identity.mtls is not None else "http"
+
+
+def request_facts(config: Config, request: Request) -> RequestFacts:
+    """What the listener would know of the request's head."""
+    body = request.body
+    return RequestFacts(
+        method=request.method,
+        target=request.target,
+        headers=request.headers,
+        scheme=listener_scheme(config),
+        content_length=len(body) if body else None,
+        has_body=bool(body),
+        request_id=request_id(request.headers.get("X-Request-ID")),
+    )
+
+
+async def admission(
     config: Config, routes: RouteTable, request: Request, identifier: Identifier, peer_id: str | None = None
-) -> Facts:
-    """The proxy's path from a request to a `Check`, in its order; the first refusal ends it.
-
-    `peer_id` stands in for the SPIFFE ID of a client certificate on an mTLS listener."""
-    path, query, headers, method = request.path, request.query, request.headers, request.method
-    if method == "CONNECT":
-        return Facts(None, None, Refused(Reason.NO_ROUTE, "explain does not decide CONNECT (tunnels: host:port)"))
-    if request.fragment:
-        return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, "fragment in the request target"))
-    problem = integrity.request_problem(method, path, query, headers)
-    if problem:
-        return Facts(None, None, Refused(Reason.REQUEST_AMBIGUOUS, problem))
-    route = routes.match(path, headers.get("Host"), request.scheme)
-    if route is None:
-        return Facts(None, None, Refused(Reason.NO_ROUTE, "no route matches the path"))
-    upstream_url = route.upstream_url(path, query)
-    if not route.config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
-        return Facts(route, upstream_url, Refused(Reason.REQUEST_AMBIGUOUS, problem))
-    limit = route.config.max_body_bytes
-    body = _read(request.body, limit)
-    if limit is not None and body is not None and len(body) > limit:
-        return Facts(route, upstream_url, Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes"))
+) -> Admission | Refusal:
+    """The proxy's admission pipeline (pep/admission.py) for `request`. `peer_id` stands in for the SPIFFE ID of
+    a client certificate on an mTLS listener."""
     peercert = {"subjectAltName": (("URI", peer_id),)} if peer_id else None
-    subject = await identifier.subject(headers, lambda: peercert, route.config.require_identity)
-    if isinstance(subject, IdentityRefusal):
-        return Facts(route, upstream_url, Refused(subject.reason, subject.detail))
-    credential = route.config.credential
-    if credential is not None and CredentialSource(credential).value() is None:
-        # Only whether the value is there: it is never read into the report.
-        refused = Refused(Reason.CREDENTIAL_UNAVAILABLE, "the route's credential is missing or empty")
-        return Facts(route, upstream_url, refused)
-    inspected = _inspect(route, request, body)
-    if isinstance(inspected, Refused):
-        return Facts(route, upstream_url, inspected)
-    if route.config.protocol == "mcp":
-        # Replies and resumptions carry tokens a running PEP sealed: they open here only with its seal_key_files.
-        tokens = for_caller(_sealer(config), route.name, subject, headers)
-        route_config = route.config
-        inspected, _ = mcp_replies.prepare(
-            method, headers, inspected, tokens, route_config.filter_tools_list, route_config.max_batch_messages
-        )
-        if isinstance(inspected, Refused):
-            return Facts(route, upstream_url, inspected)
-    rid = request_id(headers.get("X-Request-ID"))
-    document = attributes.document(
-        request_id=rid,
-        method=method,
-        scheme=request.scheme,
-        host=headers.get("Host", ""),
-        path=path,
-        query=query,
-        headers=attributes.header_map(end_to_end(headers, route.policy_drop)),
-        body_bytes=len(body) if body is not None else 0,
-        route=route,
-        upstream_url=upstream_url,
-        subject=subject,
-    )
-    documents = [attributes.with_facts(document, m) for m in inspected.messages]
-    check = Check(
-        documents[0],
-        rid,
-        route.name,
-        method,
-        upstream_url,
-        route.obligation_forbidden,
-        more=tuple(documents[1:]),
-        body=inspected.body,
-    )
-    return Facts(route, upstream_url, None, check, inspected)
+    headers = request.headers
+
+    async def identify(route: Route) -> dict[str, Any] | IdentityRefusal:
+        return await identifier.subject(headers, lambda: peercert, route.config.require_identity)
+
+    async def read_body(limit: int) -> bytes | Refused:
+        body = request.body or b""
+        if len(body) > limit:  # pragma: no cover - the announced length was checked against the same limit
+            return Refused(Reason.BODY_TOO_LARGE, f"body over {limit} bytes")
+        return body
+
+    # Replies and resumptions carry tokens a running PEP sealed: they open here only with its seal_key_files.
+    credentials = {r.name: CredentialSource(r.credential) for r in config.routes if r.credential is not None}
+    setup = _Setup(routes, credentials, _sealer(config))
+    return await admit(request_facts(config, request), setup, identify, read_body)
 
 
 def _sealer(config: Config) -> Sealer:
@@ -295,25 +260,24 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     try:
         if keys is not None:
             await keys.start()
-        found = await facts(config, RouteTable(config.routes, token_header), request, identifier, peer_id)
+        found = await admission(config, RouteTable(config.routes, token_header), request, identifier, peer_id)
     finally:
         if keys is not None:
             await keys.close()
     route_name = found.route.name if found.route is not None else None
-    if found.check is None:
-        refused = found.refused
-        assert refused is not None
+    if isinstance(found, Refusal):
         return {
             "document": None,
             "pdp": None,
             "decision": "deny",
-            "reason": refused.reason.value,
-            "detail": refused.detail,
+            "reason": found.reason.value,
+            "detail": found.detail,
             "route": route_name,
             "upstream_url": found.upstream_url,
         }
     check = found.check
     outcome, recorder = await ask(config, check)
+    outcome = found.settle(outcome)
     batch = len(check.documents) > 1
     report: dict[str, Any] = {"document": check.document}
     if batch:
@@ -325,7 +289,7 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     else:
         report.update(decision="deny", reason=decision.reason.value, detail=decision.detail or None)
     report.update(route=route_name, upstream_url=found.upstream_url)
-    credential = found.route.config.credential if found.route is not None else None
+    credential = found.route.config.credential
     if credential is not None:
         report["credential_header"] = credential.header  # set by the PEP on the upstream request; never its value
     return report

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from pep import attributes
 from pep.decision import Allow, Reason
@@ -58,7 +57,7 @@ from pep.protocols.mcp_answer import (
 )
 from pep.protocols.mcp_tokens import Tokens
 from pep.protocols.sse import SseError, SseEvent, SseReader, encode, field
-from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, deny_mcp
+from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp
 from pep.routing import Route
 
 log = logging.getLogger("pep.mcp_answers")
@@ -115,7 +114,7 @@ class McpAnswers:
             return "unreadable"
         return "events" if content_types and media.is_event_stream(content_types[0]) else "whole"
 
-    async def whole(self, body: bytes, content_type: str) -> bytes | web.StreamResponse | None:
+    async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:
         if not body.strip():
             return body  # a 202 or an empty answer: nothing to decide
         try:

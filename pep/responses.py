@@ -1,11 +1,15 @@
-"""Responses the PEP makes itself: denials (README, "Denials") and failures after an allow (502/504/413/408)."""
+"""Responses the PEP makes itself: denials (README, "Denials"), failures after an allow (502/504/413/408) and
+requests the listener cannot read (400, 414, 431, 501, 505).
+
+Each is a `Reply` value (status, fields, body), edited where the request calls for it (a 401 with its challenge)
+and then sent whole by the transport, which alone writes the framing fields.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from pep.approvals.binding import ApprovalPending
 from pep.decision import Reason
@@ -39,6 +43,29 @@ MESSAGES: dict[Reason, str] = {
 }
 
 _JSON = "application/json"
+
+
+class Reply:
+    """An answer the PEP makes itself. `headers` are lower-case names to values (one each); `content-type` among
+    them when the reply has a body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes = b"", content_type: str | None = _JSON):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        if content_type is not None:
+            headers["content-type"] = content_type
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("content-type")
+
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """The header fields to send (the transport adds Content-Length and Connection)."""
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()]
+
 
 # The PDP could not decide (JSON-RPC -32603, "internal") as opposed to a decision against the request (-32001).
 UNDECIDED: frozenset[Reason] = frozenset(
@@ -76,7 +103,7 @@ def _approval_headers(headers: dict[str, str], approval: ApprovalPending | None)
     return headers
 
 
-def deny(reason: Reason, request_id: str, status: int = 403, approval: ApprovalPending | None = None) -> web.Response:
+def deny(reason: Reason, request_id: str, status: int = 403, approval: ApprovalPending | None = None) -> Reply:
     """A denial for a plain HTTP route: `{"error": {code, reason, message, request_id}}`, with `approval` (and a
     `retry-after` header) when the request waits for a person."""
     error: dict[str, Any] = {
@@ -88,7 +115,7 @@ def deny(reason: Reason, request_id: str, status: int = 403, approval: ApprovalP
     if approval is not None:
         error["approval"] = approval.fields()
     headers = _approval_headers(_deny_headers(reason, request_id), approval)
-    return web.Response(status=status, body=orjson.dumps({"error": error}), headers=headers, content_type=_JSON)
+    return Reply(status, headers, orjson.dumps({"error": error}))
 
 
 def _mcp_error(
@@ -115,7 +142,7 @@ def deny_mcp(
     deny_status: int,
     approval: ApprovalPending | None = None,
     url_elicitation: bool = False,
-) -> web.Response:
+) -> Reply:
     """A JSON-RPC error for each request of the body (its id), -32001 for a refusal, -32603 when undecided.
 
     With `deny_status: 200` (the default: every MCP SDK generation reads the error from a 200, where the 1.x
@@ -132,15 +159,15 @@ def deny_mcp(
         return deny(reason, request_id, approval=approval)
     if not ids:
         if deny_status == 200:
-            return web.Response(status=202, headers=headers)
+            return Reply(202, headers, content_type=None)
         return deny(reason, request_id, approval=approval)
     error = _mcp_error(reason, request_id, approval, url_elicitation)
     replies = [{"jsonrpc": "2.0", "id": rpc_id, "error": error} for rpc_id in ids]
     body = orjson.dumps(replies if inspected.batch else replies[0])
-    return web.Response(status=deny_status, body=body, headers=headers, content_type=_JSON)
+    return Reply(deny_status, headers, body)
 
 
-def deny_openai(reason: Reason, request_id: str, approval: ApprovalPending | None = None) -> web.Response:
+def deny_openai(reason: Reason, request_id: str, approval: ApprovalPending | None = None) -> Reply:
     """OpenAI's error shape; `x-should-retry: false` keeps the SDKs from retrying a refusal (a retry of a request
     waiting for a person needs its ticket, which the SDK would not send)."""
     error: dict[str, Any] = {
@@ -154,7 +181,7 @@ def deny_openai(reason: Reason, request_id: str, approval: ApprovalPending | Non
     body = orjson.dumps({"error": error})
     headers = _approval_headers(_deny_headers(reason, request_id), approval)
     headers["x-should-retry"] = "false"
-    return web.Response(status=403, body=body, headers=headers, content_type=_JSON)
+    return Reply(403, headers, body)
 
 
 _UPSTREAM_FAILURES = {
@@ -167,7 +194,7 @@ _UPSTREAM_FAILURES = {
 }
 
 
-def upstream_failure(kind: str, request_id: str, decision_id: str) -> web.Response:
+def upstream_failure(kind: str, request_id: str, decision_id: str) -> Reply:
     """An allowed request that got no upstream response. Not a denial: `x-pep-decision: allow`."""
     status, code, message = _UPSTREAM_FAILURES[kind]
     body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
@@ -178,4 +205,20 @@ def upstream_failure(kind: str, request_id: str, decision_id: str) -> web.Respon
         "x-request-id": request_id,
         "cache-control": "no-store",
     }
-    return web.Response(status=status, body=body, headers=headers, content_type=_JSON)
+    return Reply(status, headers, body)
+
+
+_UNREADABLE_REQUESTS = {
+    400: "bad_request",
+    413: "body_too_large",
+    414: "uri_too_long",
+    431: "header_fields_too_large",
+    501: "not_implemented",
+}
+
+
+def unreadable_request(status: int, why: str) -> Reply:
+    """A request the listener could not read as HTTP/1.1 (its status hint): nothing was decided about it, so no
+    `x-pep-decision`; `why` is the reader's reason (never request data)."""
+    code = _UNREADABLE_REQUESTS.get(status, "bad_request")
+    return Reply(status, {"cache-control": "no-store"}, orjson.dumps({"error": {"code": code, "message": why}}))

@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from pep import __version__
-from pep.app import KEEPALIVE_S, bound_address
+from pep.admin import KEEPALIVE_S, bound_address
 from pep.config import Address, Config
 from pep.stderr import say
 

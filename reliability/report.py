@@ -186,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Medians of the samples (every 0.5 s) in the early window {flat['early_window_s']} s and the last window "
         f"{flat['last_window_s']} s after the load's start:",
         "",
-        "| PEP | VmRSS KiB | fds, pools aside | fds other than sockets | event loop tasks | all fds (shown) | "
+        "| PEP | VmRSS KiB | fds, pools aside | fds other than sockets | event loop tasks (requests in flight aside) "
+        "| all fds (shown) | "
         "PDP / upstream pool (shown) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -199,7 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
 
         out.append(
             f"| {pep} | {cell('rss_kib')} | {cell('fds_without_pools')} | {cell('non_socket_fds')} | "
-            f"{cell('tasks')} | {cell('fds')} | {_n(f['pdp_pool']['last_median'])} / "
+            f"{cell('tasks_beside_requests')} | {cell('fds')} | {_n(f['pdp_pool']['last_median'])} / "
             f"{_n(f['upstream_pool']['last_median'])} |"
         )
     out += ["", "After the load, every client connection closed (before → after):", ""]

@@ -178,21 +178,26 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self, reading: bool, read_s: float) -> None:
         """Until something happens to the reading (bytes, the end, the loss, the writer's end) or writing side
-        (the buffer drained, the loss). Raises UpstreamTimeout after `read_s` with nothing."""
+        (the buffer drained, the loss). Raises UpstreamTimeout after `read_s` with nothing, except for a reader
+        while the request body is still being sent: the wait for the answer starts once the request has gone out
+        (the writer's own waits are bounded, and its end wakes the reader)."""
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        writer = self.writer
         if reading:
             self._reader_waiter = waiter
         else:
             self._writer_waiter = waiter
-        timer = loop.call_later(read_s, _expire, waiter)
+        sending = reading and writer is not None and not writer.done()
+        timer = None if sending else loop.call_later(read_s, _expire, waiter)
         try:
             await waiter
         except TimeoutError:
             what = "answered" if reading else "took more of the request body"
             raise UpstreamTimeout(f"the upstream neither {what} nor closed for {read_s:g} s") from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if reading:
                 self._reader_waiter = None
             else:

@@ -148,10 +148,14 @@ async def test_opa_a_request_that_cannot_be_built_leaves_a_half_open_circuit_to_
 TENANT = b"/tools/x?tenant=acme"  # what the route's mapping needs (TENANT_MAPPING)
 AUTHZEN_CASES = [
     pytest.param(TRACEPARENT + b"tracestate: a=\xe2\x82\xac\r\n", TENANT, None, id="tracestate-outside-latin1"),
-    pytest.param(b"Host: caf\xff\r\n", TENANT, "request_ambiguous", id="host-not-utf8"),  # in the default mapping
+    # A header the route's mapping reads (a Host that is not host[:port] never gets this far: the listener's
+    # reader refuses it with a 400, test_a_host_that_is_not_an_authority_is_refused_before_anything_is_decided).
+    pytest.param(b"x-note: caf\xff\r\n", TENANT, "request_ambiguous", id="mapped-header-not-utf8"),
     pytest.param(b"", b"/tools/x?other=1", "pdp_undefined", id="mapping-resolves-to-nothing"),
 ]
-TENANT_MAPPING = {"mapping": {"resource": {"id": "$request.query.tenant.0"}}}
+TENANT_MAPPING = {
+    "mapping": {"resource": {"id": "$request.query.tenant.0", "properties": {"note": "$request.headers.x-note"}}}
+}
 
 
 @pytest.mark.parametrize(("extra", "target", "reason"), AUTHZEN_CASES)
@@ -206,16 +210,31 @@ async def test_authzen_a_request_that_cannot_be_built_neither_reopens_nor_closes
 async def test_cedar_caller_data_it_cannot_take_denies_that_request_alone(
     make_pep: PepFactory, upstream: RecordingUpstream, tmp_path: Any
 ) -> None:
-    """Cedar has no breaker; a Host header that is not UTF-8 reaches its entities and context: that request is
-    denied `request_ambiguous`, the next is decided as usual."""
+    """Cedar has no breaker; a header that is not UTF-8 reaches its entities through the route's mapping: that
+    request is denied `request_ambiguous`, the next is decided as usual."""
     policies = tmp_path / "p.cedar"
     policies.write_text("permit(principal, action, resource);\n")
 
     def cedar(raw: dict[str, Any]) -> None:
         raw["pdp"] = {"kind": "cedar", "policies": str(policies)}
+        raw["routes"][0]["mapping"] = {"resource": {"properties": {"note": "$request.headers.x-note"}}}
 
     pep: RunningPep = await make_pep(cedar)
     for _ in range(N):
-        assert await send(pep, b"Host: caf\xff\r\n") == (403, "request_ambiguous")
+        assert await send(pep, b"x-note: caf\xff\r\n") == (403, "request_ambiguous")
     assert upstream.seen == []
+    assert await send(pep) == (200, None)
+
+
+async def test_a_host_that_is_not_an_authority_is_refused_before_anything_is_decided(
+    make_pep: PepFactory, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """The listener's reader refuses a Host value that is not host[:port] (here: not UTF-8) with a 400: no
+    handler runs, the PDP is not asked, the circuit is not touched."""
+    pep: RunningPep = await make_pep(breaker)
+    for _ in range(N):
+        assert await send(pep, b"Host: caf\xff\r\n") == (400, None)
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+    assert await circuit(pep) == (0, 0)
     assert await send(pep) == (200, None)

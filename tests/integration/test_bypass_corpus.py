@@ -199,9 +199,10 @@ def denied(id: str, send: bytes, reason: str, status: int = 403, **kw: Any) -> C
     return Case(id, send, status, reason, **kw)
 
 
-def parser_400(id: str, send: bytes) -> Case:
-    """Refused by aiohttp's parser: no handler ran, nothing was decided, the connection is closed."""
-    return Case(id, send, 400, closed=True)
+def parser_400(id: str, send: bytes, status: int = 400) -> Case:
+    """Refused by the listener's HTTP/1.1 reader (pep/http1) with its status hint: no handler ran, nothing was
+    decided, the connection is closed."""
+    return Case(id, send, status, closed=True)
 
 
 def allowed(id: str, send: bytes, method: str, target: str, body: bytes = b"", **kw: Any) -> Case:
@@ -291,8 +292,9 @@ CORPUS: list[Case] = [
     # --- HTTP versions ------------------------------------------------------------------------------------------
     denied("http-0.9", b"GET /tools/x\r\n\r\n", "request_ambiguous", 505, closed=True),
     denied("http-2.0-request-line", b"GET /tools/x HTTP/2.0\r\nHost: h\r\n\r\n", "request_ambiguous", 505, closed=True),
-    parser_400("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-    parser_400("http-1.2", b"GET /tools/x HTTP/1.2\r\nHost: h\r\n\r\n"),
+    # A version other than 1.0 and 1.1 is refused by the reader, and logged and counted as a denial (505).
+    denied("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "request_ambiguous", 505, closed=True),
+    denied("http-1.2", b"GET /tools/x HTTP/1.2\r\nHost: h\r\n\r\n", "request_ambiguous", 505, closed=True),
     # --- request smuggling: ambiguous framing never reaches a handler ---------------------------------------------
     parser_400(
         "cl-and-te",
@@ -331,14 +333,12 @@ CORPUS: list[Case] = [
     parser_400("obs-fold", b"GET /tools/x HTTP/1.1\r\nHost: h\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n"),
     parser_400("bare-cr-in-header", b"GET /tools/x HTTP/1.1\r\nHost: h\r\nX-A: a\rTransfer-Encoding: chunked\r\n\r\n"),
     parser_400("space-in-target", b"GET /tools/x /admin HTTP/1.1\r\nHost: h\r\n\r\n"),
-    # Chunked framing the parser accepts is decided as read and re-framed by the PEP towards the upstream.
-    allowed(
+    # Transfer-Encoding is exactly `chunked` or refused: another reader may take `identity` as the framing.
+    parser_400(
         "te-identity-then-chunked",
         b"POST /tools/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity, chunked\r\n\r\n" + chunked(b"hello"),
-        "POST",
-        "/tools/x",
-        b"hello",
     ),
+    # Chunked framing the reader accepts is decided as read and re-framed by the PEP towards the upstream.
     allowed(
         "te-chunked-on-http-1.0",
         b"POST /tools/x HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"hello"),
@@ -549,9 +549,9 @@ CORPUS: list[Case] = [
         slow=True,
     ),
     # --- header count and size limits ---------------------------------------------------------------------------
-    parser_400("129-headers", get("/tools/x", *(f"X-H{i}: v" for i in range(128)))),
-    parser_400("header-over-8190-bytes", get("/tools/x", "X-Big: " + "a" * 8200)),
-    parser_400("request-line-over-8190-bytes", get("/tools/" + "a" * 8200)),
+    parser_400("129-headers", get("/tools/x", *(f"X-H{i}: v" for i in range(128))), 431),
+    parser_400("header-over-8190-bytes", get("/tools/x", "X-Big: " + "a" * 8200), 431),
+    parser_400("request-line-over-8190-bytes", get("/tools/" + "a" * 8200), 414),
     # --- tool and model names are compared byte for byte, never normalised --------------------------------------
     denied("tool-cyrillic-s", mcp(call(CYRILLIC_S)), "policy_denied", pdp_name=CYRILLIC_S, status=200),
     denied(
@@ -673,7 +673,7 @@ async def _run(case: Case, running: RunningPep, pdp: CorpusPdp, upstream: Record
     elif case.forwarded is not None or case.upstream_error is not None:
         assert [(e["decision"], e["reason"]) for e in entries] == [("allow", "allowed")]
     else:
-        assert entries == []  # no handler ran: the parser or the keep-alive timer refused
+        assert entries == []  # no handler ran: the reader or the keep-alive timer refused
     if case.reason in EARLY or (case.reason is None and case.forwarded is None and case.upstream_error is None):
         assert pdp.inputs == []
     if case.upstream_error is not None:

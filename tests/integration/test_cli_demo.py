@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from pep.app import bound_address
+from pep.admin import bound_address
 from pep.demo import OPA_PATH, REGO, pdp_app
 from tests.support.process import pep_env
 

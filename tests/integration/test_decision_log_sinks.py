@@ -162,7 +162,14 @@ def _with_routes(log: str, upstream: str, raw_port: int) -> Callable[[dict[str, 
     def mutate(cfg: dict[str, Any]) -> None:
         required_log(log)(cfg)
         cfg["routes"] += [
-            {"name": "mcp", "match": {"path_prefix": "/mcp"}, "upstream": upstream, "protocol": "mcp"},
+            # deny_status 403: every way answers the same status here (the JSON-RPC denial in a 200 is the default).
+            {
+                "name": "mcp",
+                "match": {"path_prefix": "/mcp"},
+                "upstream": upstream,
+                "protocol": "mcp",
+                "deny_status": 403,
+            },
             {"name": "llm", "match": {"path_prefix": "/v1"}, "upstream": upstream, "protocol": "openai"},
             {"name": "egress", "match": {"host": "api.example.test"}, "upstream": upstream},
             tunnel_route(raw_port),

@@ -231,6 +231,8 @@ async def test_no_route_never_asks_the_pdp(
         ("http://127.0.0.1:8080//tools/admin", []),
         ("/tools/x", ["X-Forwarded-Uri: /tools/admin"]),
         ("/tools/x", ["X-Envoy-Original-Path: /tools/admin"]),
+        # An absolute URL is the request target: a Host naming another authority is ambiguous, as `pep run` says.
+        ("http://127.0.0.1:18080/tools/x", ["Host: other.example:1234"]),
     ],
 )
 async def test_request_ambiguous_never_asks_the_pdp(
@@ -428,6 +430,31 @@ async def test_a_route_credential_is_named_never_shown(
     assert len(fault_pdp.requests) == 1
 
 
+async def test_connect_is_decided_on_host_and_port(
+    tmp_path: Path, fault_pdp: FaultPdp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `pep run` decides a CONNECT: once, on host:port, by a `tunnel: true` route; header obligations cannot
+    be carried into a tunnel."""
+    tunnel = {"name": "egress", "match": {"host": "api.example.com:443"}, "upstream": "https://api.example.com"}
+    config = opa_config(tmp_path, fault_pdp)
+    raw = yaml.safe_load(config.read_text())
+    raw["routes"].append({**tunnel, "tunnel": True})
+    config.write_text(yaml.safe_dump(raw))
+    fault_pdp.set("allow")
+    code, report, _ = await explain(capsys, config, "-X", "CONNECT", "api.example.com:443")
+    assert (code, report["decision"], report["route"]) == (0, "allow", "egress")
+    request = report["document"]["request"]
+    assert (request["method"], request["host"], request["path"]) == ("CONNECT", "api.example.com:443", "")
+    assert report["upstream_url"] == "api.example.com:443"
+    fault_pdp.set("allow_with_header")
+    code, report, _ = await explain(capsys, config, "-X", "CONNECT", "api.example.com:443")
+    assert (code, report["reason"]) == (1, "obligation_unsupported")
+    code, report, _ = await explain(capsys, config, "-X", "CONNECT", "other.example:443")
+    assert (code, report["reason"], report["pdp"]) == (1, "no_route", None)
+    code, report, _ = await explain(capsys, config, "-X", "CONNECT", "-H", "Host: x.example:443", "api.example.com:443")
+    assert (code, report["reason"], report["pdp"]) == (1, "request_ambiguous", None)
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 
 
@@ -439,7 +466,14 @@ async def test_config_and_usage_errors_exit_2(
     code, _, text = await explain(capsys, bad, "/tools/x")
     assert code == 2
     assert "listen" in text
-    for args in (["-H", "no-colon", "/tools/x"], ["--body", str(tmp_path / "missing"), "/tools/x"], ["tools/x"]):
+    usage = (
+        ["-H", "no-colon", "/tools/x"],
+        ["--body", str(tmp_path / "missing"), "/tools/x"],
+        ["tools/x"],
+        ["/tools/a b"],
+        ["-X", "CONNECT", "/tools/x"],
+    )
+    for args in usage:
         code, report, text = await explain(capsys, cedar_config, *args)
         assert (code, report) == (2, {}), args
         assert text.startswith("pep explain: "), text

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from pep.app import bound_address
+from pep.admin import bound_address
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "failclosed-pep"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pep.app import bound_address
+from pep.admin import bound_address
 
 
 class LoopbackServer:

@@ -6,11 +6,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from pep.decision import DENY_REASONS, Reason
 from pep.protocols import NO_ID, Inspected, Message, mcp
-from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, deny_mcp, deny_openai
+from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp, deny_openai
 
 RID = "req-1"
 UNDECIDED_REASONS = sorted(UNDECIDED)
@@ -25,13 +24,13 @@ def single(rpc_id: Any = 1) -> Inspected:
     return Inspected((message(rpc_id),), b"{}")
 
 
-def json_body(response: web.Response) -> Any:
+def json_body(response: Reply) -> Any:
     assert isinstance(response.body, bytes)
     assert response.content_type == "application/json"
     return orjson.loads(response.body)
 
 
-def assert_deny_headers(response: web.Response, reason: Reason) -> None:
+def assert_deny_headers(response: Reply, reason: Reason) -> None:
     assert response.headers["x-pep-decision"] == "deny"
     assert response.headers["x-pep-reason"] == reason.value
     assert response.headers["x-request-id"] == RID

@@ -1,0 +1,298 @@
+"""One admission pipeline: a request's facts in; the `Check` to ask the PDP about, or the refusal that ends the
+request before any PDP is asked, out.
+
+`pep run` (pep/proxy.py) and `pep explain` (pep/explain.py) both drive this one pipeline, so what explain
+prints is what the proxy does. It is pure but for two async steps the drivers inject, because only there do
+they differ: who the caller is (the proxy reads the connection's client certificate, explain takes
+`--peer-spiffe-id`) and how the body is read (the proxy from the socket, under its deadline, after a
+`100 Continue`; explain from a file). A refusal carries its `Reason` (and a detail for the log), never a message
+that is matched later.
+
+The order (README, "Request integrity"): a CONNECT goes its own way (`_connect`); otherwise the target is split
+(a fragment, an asterisk form and an absolute form that disagrees with Host are ambiguous), the checks that need
+no route, the route, path parameters, the announced length against the route's limit, the subject, the route's
+credential, the protocol's inspection of the body (read only where it decides something), MCP replies opened,
+then the document(s) and the `Check`.
+
+What comes after the decision belongs to the drivers, with two places left for the approvals and just-in-time
+credentials of issue 16: an approval flow after a `Deny` with `approval_required` (pep/approvals/flow.py), and a
+credential fetched after an allow, before anything is forwarded (pep/credentials_oauth.py). `settle` is where an
+allow this admission cannot carry out becomes a denial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from pep import attributes, integrity
+from pep.authority import resolve_authority
+from pep.credentials import CredentialSource
+from pep.decision import Allow, Deny, Reason
+from pep.engine import Check, Outcome
+from pep.headers import end_to_end
+from pep.identity import Refusal as IdentityRefusal
+from pep.protocols import PLAIN, Inspected, Refused, dispatch, mcp_replies
+from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
+from pep.routing import Route, RouteTable
+from pep.seal import Sealer
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+# Who the caller is on this route: the subject, or why there is none.
+Identify = Callable[[Route], Awaitable[dict[str, Any] | IdentityRefusal]]
+# The whole body, at most `limit` bytes, or why it cannot be read.
+ReadBody = Callable[[int], Awaitable[bytes | Refused]]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the pipeline knows about a request before it reads anything: its head, as sent."""
+
+    method: str
+    target: str  # as sent: origin-form, absolute-form, authority-form (CONNECT) or `*`
+    headers: Headers
+    scheme: str  # the listener connection's: `https` on a TLS listener, else `http`
+    content_length: int | None  # the announced length (None: chunked, or no body)
+    has_body: bool  # the head announces a body (a Content-Length above 0, or chunked)
+    request_id: str
+
+
+class Setup(Protocol):
+    """What one config decides about admissions (the proxy's Runtime; explain builds its own)."""
+
+    @property
+    def routes(self) -> RouteTable: ...
+
+    @property
+    def credentials(self) -> Mapping[str, CredentialSource]: ...
+
+    @property
+    def sealer(self) -> Sealer: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The request ends before any PDP is asked. `route` and `upstream_url` once known; `challenge` the
+    `WWW-Authenticate` of a 401; `drop_session`: the client certificate no longer passes (end its TLS session)."""
+
+    reason: Reason
+    detail: str
+    route: Route | None = None
+    upstream_url: str | None = None
+    challenge: str | None = None
+    drop_session: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Everything the PDP is asked about, and what an allow is bound to and forwarded with."""
+
+    route: Route
+    upstream_url: str
+    path: str  # raw, as sent (the document's `request.path`)
+    query: str  # raw, without `?`
+    subject: dict[str, Any]
+    inspected: Inspected  # the messages decided and the exact body bytes an allow forwards (None: streamed)
+    check: Check  # its documents are the policy input
+    credential: tuple[str, str] | None = None  # (header, value) the PEP sets upstream on an allow
+    tokens: Tokens | None = None  # MCP routes: the caller's sealed tokens for relayed server ids
+    resume: Resumption | None = None  # an MCP GET resuming a stream (its Last-Event-ID opened)
+    replaced: tuple[tuple[str, str], ...] = ()  # caller headers forwarded with another value
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return self.check.document
+
+    def settle(self, outcome: Outcome) -> Outcome:
+        """What the PDP's decision means for this request: header obligations cannot be applied inside a
+        tunnel, so a CONNECT allow that needs them is not one."""
+        allow = outcome.decision
+        if self.check.method == "CONNECT" and isinstance(allow, Allow) and allow.headers:
+            detail = "header obligations cannot be applied to a tunnel"
+            deny = Deny(Reason.OBLIGATION_UNSUPPORTED, allow.decision_id, detail)
+            return dataclasses.replace(outcome, decision=deny, note=detail, reasons=())
+        return outcome
+
+
+def split_target(facts: RequestFacts) -> tuple[str, str] | Refusal:
+    """The raw path and query of an origin- or absolute-form target; an absolute form must name the host and
+    port of the Host header (default ports are the connection scheme's)."""
+    target = facts.target
+    if "#" in target:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    if target == "*":
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "asterisk-form target")
+    try:
+        url = URL(target, encoded=True)
+        absolute = url.absolute and url.host is not None
+    except (ValueError, TypeError):
+        absolute = False
+    if not absolute or not _authority_matches(url.with_scheme(facts.scheme), facts.headers.get("Host")):
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
+    return url.raw_path, url.raw_query_string
+
+
+def target_path(method: str, target: str) -> str:
+    """The raw path a decision log line shows for a request refused before its document was built: an origin
+    form up to its query, an absolute form's path, nothing for CONNECT (as its document), else the target."""
+    if method == "CONNECT":
+        return ""
+    if target.startswith("/"):
+        return target.partition("?")[0].partition("#")[0]
+    try:
+        return URL(target, encoded=True).raw_path
+    except (ValueError, TypeError):
+        return target
+
+
+def _authority_matches(target: URL, host_header: str | None) -> bool:
+    if host_header is None or target.host is None:
+        return False
+    try:
+        host = URL.build(scheme=target.scheme or "http", authority=host_header)
+    except (ValueError, TypeError):
+        return False
+    return (target.host.lower(), target.port) == ((host.host or "").lower(), host.port)
+
+
+async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body: ReadBody) -> Admission | Refusal:
+    """The pipeline (see the module docstring); the first refusal ends it."""
+    if facts.method == "CONNECT":
+        return await _connect(facts, setup, identify)
+    split = split_target(facts)
+    if isinstance(split, Refusal):
+        return split
+    path, query = split
+    method, headers = facts.method, facts.headers
+    problem = integrity.request_problem(method, path, query, headers)
+    if problem:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
+    route = setup.routes.match(path, headers.get("Host"), facts.scheme)
+    if route is None:
+        return Refusal(Reason.NO_ROUTE, "no route matches the path")
+    upstream_url = route.upstream_url(path, query)
+    config = route.config
+    if not config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+        return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
+    length, limit = facts.content_length, config.max_body_bytes
+    if limit is not None and length is not None and length > limit:
+        return Refusal(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}", route, upstream_url)
+    subject = await identify(route)
+    if isinstance(subject, IdentityRefusal):
+        return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
+    credential = None
+    source = setup.credentials.get(route.name)
+    if source is not None:
+        value = source.value()
+        if value is None:
+            # Named by path only: the value never appears in a log.
+            detail = "the route's credential is missing or empty"
+            return Refusal(Reason.CREDENTIAL_UNAVAILABLE, detail, route, upstream_url)
+        credential = (source.header, value)
+    inspected = await _inspect(facts, route, path, read_body)
+    if isinstance(inspected, Refused):
+        return Refusal(inspected.reason, inspected.detail, route, upstream_url)
+    tokens = resume = None
+    replaced: tuple[tuple[str, str], ...] = ()
+    if config.protocol == "mcp":
+        tokens = for_caller(setup.sealer, route.name, subject, headers)
+        prepared, resume = mcp_replies.prepare(
+            method, headers, inspected, tokens, config.filter_tools_list, config.max_batch_messages
+        )
+        if isinstance(prepared, Refused):
+            return Refusal(prepared.reason, prepared.detail, route, upstream_url)
+        inspected = prepared
+        if resume is not None:
+            replaced = (("Last-Event-ID", resume.event_id),)
+    body = inspected.body
+    if body is not None:
+        body_bytes: int | None = len(body)
+    else:
+        body_bytes = length if length is not None or facts.has_body else 0
+    document = attributes.document(
+        request_id=facts.request_id,
+        method=method,
+        scheme=facts.scheme,
+        host=headers.get("Host", ""),
+        path=path,
+        query=query,
+        headers=attributes.header_map(end_to_end(headers, route.policy_drop)),
+        body_bytes=body_bytes,
+        route=route,
+        upstream_url=upstream_url,
+        subject=subject,
+    )
+    messages = inspected.messages
+    first = attributes.with_facts(document, messages[0])
+    more = tuple(attributes.with_facts(document, m) for m in messages[1:])
+    check = Check(
+        first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body
+    )
+    return Admission(route, upstream_url, path, query, subject, inspected, check, credential, tokens, resume, replaced)
+
+
+async def _inspect(facts: RequestFacts, route: Route, path: str, read_body: ReadBody) -> Inspected | Refused:
+    """The route's protocol rules: the body is read (whole, bounded) only where it decides something; plain
+    routes stream it after the allow. A Content-Encoding other than identity is refused where the body is read:
+    the PEP would decide on bytes the upstream decodes into something else."""
+    config, method, headers = route.config, facts.method, facts.headers
+    early = dispatch.before_body(config, method, path, headers, facts.has_body)
+    if early is not None:
+        return early
+    if (problem := dispatch.encoding_problem(headers)) is not None:
+        return problem
+    limit = dispatch.read_limit(config)
+    length = facts.content_length
+    if length is not None and length > limit:
+        return Refused(Reason.BODY_TOO_LARGE, f"content-length {length} > {limit}")
+    body = await read_body(limit)
+    if isinstance(body, Refused):
+        return body
+    return dispatch.parse(config, method, path, headers, body)
+
+
+async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Admission | Refusal:
+    """CONNECT host:port: decided once, on the authority, by a `tunnel: true` route for it.
+
+    The policy input has `request.method` CONNECT, `request.host` the target as sent, `request.path` empty,
+    and `route.upstream_url` the host:port the tunnel would go to (the route's upstream)."""
+    target, headers = facts.target, facts.headers
+    named = resolve_authority(target, None)
+    if named is None:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "a CONNECT target must be host:port")
+    host_header = headers.get("Host")
+    if host_header is not None and resolve_authority(host_header, None) != named:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "CONNECT target disagrees with Host")
+    problem = integrity.override_header(headers)
+    if problem:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
+    route = setup.routes.tunnel(target)
+    if route is None or route.tunnel_target is None:
+        return Refusal(Reason.NO_ROUTE, f"no tunnel route for {target}")
+    upstream_url = route.tunnel_target
+    subject = await identify(route)
+    if isinstance(subject, IdentityRefusal):
+        return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
+    document = attributes.document(
+        request_id=facts.request_id,
+        method="CONNECT",
+        scheme=facts.scheme,
+        host=target,
+        path="",
+        query="",
+        headers=attributes.header_map(end_to_end(headers, route.policy_drop)),
+        body_bytes=None,
+        route=route,
+        upstream_url=upstream_url,
+        subject=subject,
+    )
+    check = Check(document, facts.request_id, route.name, "CONNECT", upstream_url, route.obligation_forbidden)
+    return Admission(route, upstream_url, "", "", subject, PLAIN, check)
