@@ -233,8 +233,17 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])
     more = tuple(attributes.with_facts(document, m) for m in messages[1:])
+    jit = config.credential is not None and config.credential.jit is not None  # the PDP may narrow it
     check = Check(
-        first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body
+        first,
+        facts.request_id,
+        route.name,
+        method,
+        upstream_url,
+        route.obligation_forbidden,
+        more=more,
+        body=body,
+        credential_narrowable=jit,
     )
     return Admission(route, upstream_url, path, query, subject, inspected, check, credential, tokens, resume, replaced)
 
