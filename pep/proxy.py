@@ -308,8 +308,8 @@ class Proxy:
             return outcome
         exchange = source.cfg.kind == "token_exchange"
         subject_token = case.rt.identifier.presented_token(case.exchange.headers) if exchange else None
-        budget = min(source.cfg.timeout_s, admission.route.config.timeout_ms / 1000)
-        got = await source.obtain(subject_token, allow.credential, budget)
+        # The route's deadline bounds the wait; the fetch itself is bound by the credential's timeout_ms.
+        got = await source.obtain(subject_token, allow.credential, admission.route.config.timeout_ms / 1000)
         if isinstance(got, CredentialRefusal):
             deny = Deny(got.reason, allow.decision_id, got.detail)
             return dataclasses.replace(outcome, decision=deny, note=got.detail, reasons=())
