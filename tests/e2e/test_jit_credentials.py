@@ -11,6 +11,7 @@ token, the caller's or an issued one, reaches the decision log, the metrics or t
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.support.fault_pdp import FaultPdp, Mode
 from tests.support.jwt_keys import write_jwks
 from tests.support.observe import metric
 from tests.support.op import SUBJECT_ISSUER, OpenIdProvider, running_op
+from tests.support.process import cedar_config, ensure_stopped, read_line, start_pep
 from tests.support.token_upstream import TokenCheckingUpstream
 
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -353,3 +355,61 @@ async def test_explain_shows_the_credential_a_request_would_get_without_fetching
     assert caller not in str(report)
     assert await exchanges(op) == 0
     assert crm.seen == []
+
+
+async def test_pep_run_fetches_the_credential_and_denies_when_the_broker_is_stopped(
+    tmp_path: Path, op: OpenIdProvider
+) -> None:
+    """The real command: `pep run` wires the token endpoint client at start (embedded Cedar, permit all). Tokens
+    for `short` live 2 s and are kept until 1 s before: then the broker is down, and nothing is forwarded."""
+    client = op.clients["pep-jwt"]  # private_key_jwt: the key from a file
+    short = TokenCheckingUpstream(jwks_uri=op.jwks_uri, issuer=op.issuer, audience="short", scope="short.read")
+    await short.start()
+    route = {
+        "name": "reports",
+        "match": {"path_prefix": "/reports"},
+        "upstream": short.url,
+        "credential": {
+            "kind": "client_credentials",
+            "token_endpoint": op.token_endpoint,
+            "client_id": "pep-jwt",
+            "client_auth": "private_key_jwt",
+            "client_key_file": str(client.key_file),
+            "resource": "https://short.example/api",
+            "scopes": ["short.read"],
+            "timeout_ms": 500,
+            "expiry_margin_ms": 1000,
+        },
+    }
+    config = cedar_config(tmp_path, short.url, "permit(principal, action, resource);", routes=[route])
+    proc = await start_pep("run", "-c", str(config))
+    try:
+        assert proc.stderr is not None
+        line = await read_line(proc.stderr, "proxy on", 20)
+        found = re.search(r"proxy on [^:]+:(\d+), admin on [^:]+:(\d+)", line)
+        assert found is not None, line
+        url = f"http://127.0.0.1:{found.group(1)}/reports/q"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.get(url) as r:
+                    assert r.status == 200, await r.text()
+            assert [(x.claims or {}).get("client_id") for x in short.seen] == ["pep-jwt", "pep-jwt"]
+            await op.stop()
+            await asyncio.sleep(1.1)  # the cached token is now within its margin: never used again
+            async with s.get(url) as r:
+                assert (r.status, r.headers["x-pep-reason"]) == (403, "credential_unavailable")
+                answer = await r.text()
+            async with s.get(f"http://127.0.0.1:{found.group(2)}/metrics") as r:
+                metrics = await r.text()
+        assert len(short.seen) == 2
+        first, again = issued(short)
+        assert first == again  # one fetch, reused
+        assert metric(metrics, "pep_credential_fetches_total", result="success") == 1
+        assert metric(metrics, "pep_credential_fetches_total", result="error") == 1
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+        await ensure_stopped(proc)
+        await short.stop()
+    for text in ((tmp_path / "decisions.jsonl").read_text(), metrics, answer):
+        assert first not in text
