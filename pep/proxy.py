@@ -253,6 +253,12 @@ class Proxy:
             if case.method == "CONNECT":
                 case.status = await tunnel.splice(exchange, decision, admission.route)
                 return
+            if admission.credential is None and admission.route.config.credential is not None:
+                # Never upstream without the route's credential (a just-in-time one comes from `_credential`):
+                # an allow that skipped it is a bug, and still a denial.
+                log.error("request %s was allowed without its route's credential; denied", rid)
+                case.send(_denial(admission.route, admission.inspected, Reason.INTERNAL_ERROR, rid))
+                return
             answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
             case.status = await self._upstream.forward(
                 exchange, decision, admission.route, admission.credential, answers, admission.replaced
