@@ -252,6 +252,42 @@ def _table(median: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def instructions_main(args: argparse.Namespace) -> int:
+    """Instructions per proxied request under callgrind (bench/callgrind.py), each kind once per repetition."""
+    from bench.callgrind import instructions
+
+    out_dir = Path(args.out_dir)
+    work = out_dir / "work-callgrind"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    workloads = [w for w in (GET, MCP) if w.name in args.workloads.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k in KINDS and not k.startswith("envoy")]
+    stubs = targets.start_stubs(work)
+    try:
+        for rep in range(args.repetitions):
+            for workload in workloads:
+                script = measure.wrk_script(workload, work)
+                for kind in kinds:
+                    port = procs.free_port()
+                    argv = [sys.executable, "-m", "bench.transport", "serve", kind, "--port", str(port)]
+                    argv += ["--upstream", str(stubs.upstream_port), "--pdp", str(stubs.pdp_port)]
+                    name = f"{kind}-{workload.name}-{rep}"
+                    got = instructions(name, argv, port, stubs, workload, script, work, args.seconds)
+                    per = 2 if kind.endswith("_pdp") else 1  # nginx requests per proxied request
+                    proxied = got["requests"] / per
+                    print(
+                        f"callgrind: [{rep + 1}/{args.repetitions}] {workload.name}/{kind}: "
+                        f"{got['instructions'] / proxied:,.0f} instructions per request ({proxied:,.0f} requests)",
+                        flush=True,
+                    )
+    except BenchError as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stubs.proc.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command")
@@ -260,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--upstream", type=int, required=True)
     serve.add_argument("--pdp", type=int, required=True)
+    count = sub.add_parser("instructions", help="instructions per request under callgrind (repeatable)")
+    count.add_argument("--kinds", default="transport,transport_pdp")
+    count.add_argument("--workloads", default="get,mcp_2k")
+    count.add_argument("--repetitions", type=int, default=1)
+    count.add_argument("--seconds", type=float, default=15.0)
+    count.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     run = sub.add_parser("run", help="measure every target (the default)")
     for p in (parser, run):
         p.add_argument("--kinds", default=",".join(KINDS))
@@ -272,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_main(args)
+    if args.command == "instructions":
+        return instructions_main(args)
     return run_main(args)
 
 
