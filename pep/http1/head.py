@@ -10,6 +10,9 @@ given at once.
 The first line is checked by the reader (`check_line`) before llhttp sees any of it, so that a version or
 method error is classified from the whole line, whatever the reads; after that, every error is raised at the
 byte that causes it, so the outcome does not depend on how the bytes were cut into reads.
+
+A head that is whole in the buffer at the first look (nearly every one) takes `_whole`: the same steps in the
+same order, with no state kept between reads.
 """
 
 from __future__ import annotations
@@ -72,6 +75,35 @@ class HeadScanner(Generic[T]):
         self._searched = 0  # where to resume looking for CRLF CRLF
 
     def scan(self, buf: bytearray) -> tuple[T, bytes] | None:
+        if self._line_end < 0:
+            end = buf.find(b"\r\n\r\n", 0, self._limits.max_head_bytes)
+            if end >= 0:
+                return self._whole(buf, end)
+        return self._partial(buf)
+
+    def _whole(self, buf: bytearray, end: int) -> tuple[T, bytes]:
+        """The usual case, a whole head in the buffer at the first look: what `_partial` would do with it, in
+        the same order (so the same error for the same bytes), without keeping any state between reads."""
+        max_line = self._limits.max_line_bytes
+        lf = buf.find(b"\n", 0, max_line + 2)
+        if lf < 0:  # the first LF is further (the head's own end is in the buffer: more than max_line bytes)
+            raise ProtocolError(f"first line over {max_line} bytes", self._status(414))
+        if lf == 0 or buf[lf - 1] != 0x0D:
+            raise ProtocolError("a line ends in LF without CR", self._status(400))
+        line = self._check_line(bytes(buf[: lf - 1]))
+        head = bytes(buf[: end + 4])
+        try:
+            self._new_parser(_QUIET).feed_data(head)
+        except httptools.HttpParserUpgrade:
+            pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
+        except httptools.HttpParserInvalidMethodError as exc:
+            raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(f"malformed head: {exc}", self._status(400)) from None
+        del buf[: end + 4]
+        return line, head[lf + 1 : end] if end > lf else b""
+
+    def _partial(self, buf: bytearray) -> tuple[T, bytes] | None:
         limits = self._limits
         line_end = self._line_end
         if line_end < 0:
@@ -95,7 +127,7 @@ class HeadScanner(Generic[T]):
             try:
                 parser.feed_data(buf[self._fed : upto])
             except httptools.HttpParserUpgrade:
-                pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
+                pass  # as in _whole
             except httptools.HttpParserInvalidMethodError as exc:
                 raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
             except httptools.HttpParserError as exc:

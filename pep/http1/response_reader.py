@@ -16,11 +16,12 @@ call raises. Every error has status hint 502.
 from __future__ import annotations
 
 import enum
+import re
 
 import httptools
 
-from pep.http1.body import BodyReader, ChunkedBody, CloseBody, LengthBody
-from pep.http1.errors import LocalProtocolError, ProtocolError
+from pep.http1.body import BodyReader, ChunkedBody, CloseBody
+from pep.http1.errors import BodyTooLarge, LocalProtocolError, ProtocolError
 from pep.http1.events import (
     NEED_DATA,
     PAUSED,
@@ -33,7 +34,7 @@ from pep.http1.events import (
     Response,
     Signal,
 )
-from pep.http1.fields import VALUE, check_line_sizes, persists, split_fields
+from pep.http1.fields import VALUE, check_line_sizes, persists
 from pep.http1.head import HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 
@@ -71,12 +72,21 @@ _NEXT: dict[ResponseState, frozenset[ResponseState]] = {
     _ERROR: frozenset(),
 }
 
+_OWS = b" \t"
+_FRAMING_NAME_LENGTHS = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
 _VERSIONS = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
 _DIGITS = b"0123456789"
+# What `_status_line` accepts, in one C call for the usual line; anything else goes through the checks one by
+# one, for the error's reason. (The status range is checked apart: 100-599.)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
+_VERSION_NAMES = {b"0": b"1.0", b"1": b"1.1"}
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     """Version (b"1.1" or b"1.0"), status and reason phrase of a status line, checked before llhttp sees it."""
+    usual = _STATUS_LINE.fullmatch(line)
+    if usual is not None:
+        return _VERSION_NAMES[usual.group(1)], int(usual.group(2)), line[13:]
     version = _VERSIONS.get(line[:9])
     if version is None:
         raise ProtocolError("not an HTTP/1.0 or HTTP/1.1 status line", 502)
@@ -88,29 +98,35 @@ def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     return version, int(status), line[13:]
 
 
-def _fields(block: bytes, limits: Limits) -> Fields:
-    check_line_sizes(block, limits, 502)
-    fields = split_fields(block)
-    if len(fields) > limits.max_fields:
-        raise ProtocolError(f"more than {limits.max_fields} header fields", 502)
-    return fields
-
-
-def _framing(fields: Fields) -> tuple[bytes | None, bytes | None, bytes | None]:
-    """Content-Length, Transfer-Encoding and Connection (lists joined), as far as a head has them."""
+def _fields(block: bytes, limits: Limits) -> tuple[Fields, bytes | None, bytes | None, bytes | None, bytes | None]:
+    """The fields of a checked head block, and its Content-Length, Transfer-Encoding, Connection and Keep-Alive
+    (lists joined), found in the same pass."""
+    if len(block) > limits.max_field_bytes:
+        check_line_sizes(block, limits, 502)
+    fields: Fields = []
     length: bytes | None = None
     coding: bytes | None = None
     connection: bytes | None = None
-    for name, value in fields:
-        if len(name) in (10, 14, 17):  # the lengths of the names below: most fields skip lower()
-            key = name.lower()
-            if key == b"content-length":
-                length = value  # llhttp refused a second one, and anything but digits
-            elif key == b"transfer-encoding":
-                coding = value if coding is None else coding + b"," + value
-            elif key == b"connection":
-                connection = value if connection is None else connection + b"," + value
-    return length, coding, connection
+    keep_alive: bytes | None = None
+    if block:
+        append = fields.append
+        for line in block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            value = value.strip(_OWS)
+            append((name, value))
+            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
+                key = name.lower()
+                if key == b"content-length":
+                    length = value  # llhttp refused a second one, and anything but digits
+                elif key == b"transfer-encoding":
+                    coding = value if coding is None else coding + b"," + value
+                elif key == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                elif key == b"keep-alive":
+                    keep_alive = value if keep_alive is None else keep_alive + b"," + value
+        if len(fields) > limits.max_fields:
+            raise ProtocolError(f"more than {limits.max_fields} header fields", 502)
+    return fields, length, coding, connection, keep_alive
 
 
 class ResponseReader:
@@ -118,6 +134,9 @@ class ResponseReader:
     request is sent, then `receive_data` / `receive_eof` and `next_event` until EndOfMessage.
 
     `max_body_bytes` bounds every body (BodyTooLarge as soon as it is known: at the head for a Content-Length).
+
+    A Content-Length body is read here rather than by a BodyReader (`_remaining`, `_read`): it is the usual
+    answer, and an object per answer was a tenth of the reader's cost.
     """
 
     __slots__ = (
@@ -131,6 +150,8 @@ class ResponseReader:
         "_limits",
         "_max_body",
         "_method",
+        "_read",
+        "_remaining",
         "_state",
         "_upgrade",
     )
@@ -142,7 +163,9 @@ class ResponseReader:
         self._eof = False
         self._state = _IDLE
         self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, server=False)
-        self._body: BodyReader | None = None
+        self._body: BodyReader | None = None  # a chunked or until-close body; None for the others
+        self._remaining = -1  # a Content-Length body's bytes still to come; -1 for the others
+        self._read = 0  # body bytes handed out
         self._error: ProtocolError | None = None
         self._keep_alive = False
         self._method = b""
@@ -176,7 +199,7 @@ class ResponseReader:
         self._method = method
         self._upgrade = upgrade
         self._informational = 0
-        self._move(_HEAD)
+        self._state = _HEAD  # IDLE or DONE -> HEAD
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -233,6 +256,8 @@ class ResponseReader:
         raise exc
 
     def _move(self, state: ResponseState) -> None:
+        """A checked transition, for the rare ones (the usual ones are assigned where the state was just tested,
+        each to a target the table allows, as the comment beside it says)."""
         if state not in _NEXT[self._state]:
             raise LocalProtocolError(f"no transition from {self._state.name} to {state.name}")
         self._state = state
@@ -244,13 +269,41 @@ class ResponseReader:
                 raise ProtocolError("the connection closed before a complete answer", 502)
             return NEED_DATA
         (version, status, reason), block = head
-        fields = _fields(block, self._limits)
-        length, coding, connection = _framing(fields)
+        fields, length, coding, connection, keep_alive_field = _fields(block, self._limits)
         if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too
             raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
         if status < 200:
             return self._informational_response(status, reason, version, fields)
-        return self._response(status, reason, version, fields, length, coding, persists(version, connection))
+        if connection is None:
+            keep_alive = version == b"1.1"
+        elif len(connection) == 10 and connection.lower() == b"keep-alive":  # what most servers send
+            keep_alive = True
+        else:
+            keep_alive = persists(version, connection)
+        method = self._method
+        content_length: int | None = None
+        if status >= 300 or method != b"CONNECT":
+            if status in {204, 304} or method == b"HEAD":
+                framing = _NO_BODY
+                self._remaining = 0
+            elif coding is not None:
+                framing = _CHUNKED
+                self._body = ChunkedBody(self._limits, self._max_body, server=False)
+            elif length is not None:
+                framing = _LENGTH
+                self._remaining = content_length = int(length)
+            else:
+                framing = _CLOSE
+                keep_alive = False
+                self._body = CloseBody(self._max_body, server=False)
+            self._read = 0
+            self._state = _BODY  # HEAD -> BODY
+        else:
+            framing = _TUNNEL
+            keep_alive = False
+            self._state = _SWITCHED  # HEAD -> SWITCHED
+        self._keep_alive = keep_alive
+        return Response(status, reason, version, fields, framing, content_length, keep_alive, keep_alive_field)
 
     def _informational_response(
         self, status: int, reason: bytes, version: bytes, fields: Fields
@@ -265,45 +318,38 @@ class ResponseReader:
                 raise ProtocolError(f"more than {self._limits.max_informational} 1xx answers", 502)
         return InformationalResponse(status, reason, version, fields)
 
-    def _response(
-        self,
-        status: int,
-        reason: bytes,
-        version: bytes,
-        fields: Fields,
-        length: bytes | None,
-        coding: bytes | None,
-        keep_alive: bool,
-    ) -> Response:
-        content_length: int | None = None
-        if self._method == b"CONNECT" and status < 300:
-            framing = _TUNNEL
-            keep_alive = False
-            self._move(_SWITCHED)
-        else:
-            if self._method == b"HEAD" or status in (204, 304):
-                framing = _NO_BODY
-                self._body = None
-            elif coding is not None:
-                framing = _CHUNKED
-                self._body = ChunkedBody(self._limits, self._max_body, server=False)
-            elif length is not None:
-                framing, content_length = _LENGTH, int(length)
-                self._body = LengthBody(content_length, self._max_body, server=False)
-            else:
-                framing = _CLOSE
-                keep_alive = False
-                self._body = CloseBody(self._max_body, server=False)
-            self._move(_BODY)
-        self._keep_alive = keep_alive
-        return Response(status, reason, version, fields, framing, content_length, keep_alive)
-
     def _read_body(self) -> Data | EndOfMessage | Signal:
-        body = self._body
-        event = body.read(self._buf, self._eof) if body is not None else EndOfMessage([])
-        if event is None:
+        remaining = self._remaining
+        if remaining < 0:  # chunked or until close
+            body = self._body
+            assert body is not None
+            event = body.read(self._buf, self._eof)
+            if event is None:
+                return NEED_DATA
+            if type(event) is EndOfMessage:
+                self._body = None
+                self._state = _DONE  # BODY -> DONE
+            return event
+        if not remaining:
+            self._remaining = -1
+            self._state = _DONE  # BODY -> DONE
+            return EndOfMessage([])
+        limit = self._max_body
+        if limit is not None and remaining > limit - self._read:  # known before any byte
+            raise BodyTooLarge(f"Content-Length over {limit} bytes", 502)
+        buf = self._buf
+        size = len(buf)
+        if not size:
+            if self._eof:
+                raise ProtocolError("the connection closed before the end of the body", 502)
             return NEED_DATA
-        if type(event) is EndOfMessage:
-            self._body = None
-            self._move(_DONE)
-        return event
+        if size <= remaining:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:remaining])
+            del buf[:remaining]
+            size = remaining
+        self._remaining = remaining - size
+        self._read += size
+        return Data(data)
