@@ -20,6 +20,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
+from operator import itemgetter
 from types import TracebackType
 from typing import NamedTuple
 
@@ -40,6 +41,7 @@ from pep.transport.errors import ConnectFailed, ConnectTimeout, PoolTimeout, Res
 from pep.transport.headers import header_view
 
 _NO_BODY = Framing.NONE
+_NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
 
@@ -146,7 +148,8 @@ class ClientResponse:
         if conn is None:
             return b""
         try:
-            chunk = await conn.read_chunk(self._read_s)
+            while (chunk := conn.next_chunk()) is None:
+                await conn.wait_read(self._read_s)
         except BaseException:
             self._conn = None
             self._pool._discard(self._slots, conn)
@@ -176,7 +179,13 @@ class ClientResponse:
         chunks: list[bytes] = []
         size = 0
         try:
-            while chunk := await conn.read_chunk(self._read_s):
+            while True:
+                chunk = conn.next_chunk()
+                if chunk is None:
+                    await conn.wait_read(self._read_s)
+                    continue
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > limit:
                     raise ResponseTooLarge(f"body over {limit} bytes")
@@ -224,6 +233,7 @@ class Pool:
         self._high = high_water
         self._origins: dict[Origin, _Slots] = {}
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # the running loop, at first use
 
     def idle_count(self, origin: Origin) -> int:
         slots = self._origins.get(origin)
@@ -253,47 +263,58 @@ class Pool:
         Every wait is bounded: connecting by `connect_s`, a free connection by `pool_s` (default `connect_s`),
         each read and each wait to write by `read_s`. Raises UpstreamError subclasses; an exception from the body
         iterator (the caller's side failed) propagates as it is. A cancellation closes the connection."""
-        for name, _ in fields:
-            if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
-                raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+            for name, _ in fields:
+                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
+                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        head = request_head(method, target, fields)
         if body is None:
             if length is not None:
                 raise LocalProtocolError("a length without a body")
-            head = request_head(method, target, fields)
         elif type(body) is bytes:
-            head = request_head(method, target, [*fields, (b"Content-Length", b"%d" % len(body))])
+            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
         elif length is not None:
-            head = request_head(method, target, [*fields, (b"Content-Length", b"%d" % length)])
+            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % length
         else:
-            head = request_head(method, target, [*fields, (b"Transfer-Encoding", b"chunked")])
+            head = head[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
         slots = self._origins.get(origin)
         if slots is None:
             _check(origin)
             slots = self._origins[origin] = _Slots()
-        conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+            self._loop = asyncio.get_running_loop()
+        conn = self._idle(slots)
+        if conn is None:
+            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
         try:
             conn.send(method, head, body, length, read_s)
             response, informational = await conn.read_head(read_s)
         except BaseException:
-            self._discard(slots, conn)
+            conn.close()
             raise
         answer = ClientResponse(self, slots, conn, response, informational, read_s)
         if response.framing is _NO_BODY:
             await answer.read()  # nothing to read: the connection goes back now
         return answer
 
+    def _idle(self, slots: _Slots) -> UpstreamConnection | None:
+        """The warmest idle connection still usable, if any (the others are closed on the way)."""
+        idle = slots.idle
+        if idle:
+            now = self._loop.time()
+            while idle:
+                conn = idle.pop()
+                if conn.expires > now and conn.unpark():
+                    return conn
+                conn.close()
+        return None
+
     async def _acquire(self, origin: Origin, slots: _Slots, connect_s: float, pool_s: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = 0.0
         while True:
-            idle = slots.idle
-            if idle:
-                now = loop.time()
-                while idle:
-                    conn = idle.pop()
-                    if conn.expires > now and conn.unpark():
-                        return conn
-                    self._discard(slots, conn)
+            conn = self._idle(slots)
+            if conn is not None:
+                return conn
             if slots.open < self.max_per_origin:
                 break
             if not deadline:
@@ -323,10 +344,11 @@ class Pool:
     async def _connect(self, origin: Origin, slots: _Slots, connect_s: float) -> UpstreamConnection:
         """A new connection, counted in `slots.open` until it is gone (its `on_close`)."""
         slots.open += 1
-        conn = UpstreamConnection(self._limits, self._max_body, self._high, lambda: self._gone(slots, conn))
+        loop = self._loop
+        conn = UpstreamConnection(loop, self._limits, self._max_body, self._high, lambda: self._gone(slots, conn))
         try:
             async with asyncio.timeout(connect_s):
-                await asyncio.get_running_loop().create_connection(
+                await loop.create_connection(
                     lambda: conn,
                     origin.host,
                     origin.port,
@@ -348,19 +370,20 @@ class Pool:
     def _release(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """An exchange ended at the end of its answer: pooled if the connection may carry another."""
         if self._closed or not conn.reusable:
-            self._discard(slots, conn)
+            conn.close()
             return
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = self._loop.time()
         keep = self.idle_s if conn.keep_alive_s is None else min(self.idle_s, conn.keep_alive_s)
         if keep <= 0:
-            self._discard(slots, conn)
+            conn.close()
             return
         conn.park(loop_time + keep)
         idle = slots.idle
         idle.append(conn)
-        while idle and idle[0].expires <= loop_time:  # the coldest, past their time
-            self._discard(slots, idle.popleft())
-        slots.wake()
+        while idle[0].expires <= loop_time:  # the coldest, past their time (never the one just parked)
+            idle.popleft().close()
+        if slots.waiters:
+            slots.wake()
 
     def _discard(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """Closed, never reused (its slot frees at once, through `_gone`)."""
