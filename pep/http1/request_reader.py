@@ -361,6 +361,32 @@ class RequestReader:
         self._state = _BODY  # HEAD -> BODY
         return request
 
+    def take_body(self) -> bytes | None:
+        """The rest of the body at once, if it is framed by Content-Length (or absent) and all here: what the
+        Data events and EndOfMessage (without trailers) would give, in the same state after. None otherwise, and
+        nothing read: go on with `next_event` (which also raises what there is to raise)."""
+        if self._state is not _BODY:
+            return None
+        remaining = self._remaining
+        if remaining < 0:
+            return None
+        data = b""
+        if remaining:
+            limit = self._max_body
+            buf = self._buf
+            if (limit is not None and remaining > limit - self._read) or len(buf) < remaining:
+                return None
+            if len(buf) == remaining:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:remaining])
+                del buf[:remaining]
+            self._read += remaining
+        self._remaining = 0
+        self._state = _DONE  # BODY -> DONE
+        return data
+
     def _read_body(self) -> Data | EndOfMessage | Signal:
         remaining = self._remaining
         if remaining < 0:  # chunked

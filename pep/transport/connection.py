@@ -374,6 +374,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             raise UpstreamReset("the upstream closed the connection before answering")
 
+    def take_body(self) -> bytes | None:
+        """The rest of the body at once, if it is all here and framed by Content-Length (or absent): see
+        ResponseReader.take_body. None otherwise (read on with `next_chunk`)."""
+        body = self.reader.take_body()
+        if body is not None:
+            if self._read_paused:
+                self._taken()
+            writer = self.writer
+            if writer is not None and not writer.done():
+                self.close()  # the answer ended before the request did: not reusable
+        return body
+
     def next_chunk(self) -> bytes | None:
         """The next body chunk if one is here: b"" at the end of the body, None until more bytes arrive (then
         `wait_read`). Raises the caller's UpstreamError for a broken answer, the connection closed."""

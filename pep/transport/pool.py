@@ -142,11 +142,25 @@ class ClientResponse:
         """The body was read to its end (the connection is back in the pool or closed)."""
         return self._conn is None
 
+    def _take(self) -> bytes | None:
+        """The rest of the body if it is all here (the connection then goes back): see `take_body`."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        body = conn.take_body()
+        if body is not None:
+            self._conn = None
+            self._pool._release(self._slots, conn)
+        return body
+
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Each wait is bounded by the request's `read_s`."""
         conn = self._conn
         if conn is None:
             return b""
+        body = self._take()
+        if body is not None:
+            return body
         try:
             while (chunk := conn.next_chunk()) is None:
                 await conn.wait_read(self._read_s)
@@ -176,6 +190,9 @@ class ClientResponse:
         conn = self._conn
         if conn is None:
             return b""
+        body = self._take()
+        if body is not None:
+            return body
         chunks: list[bytes] = []
         size = 0
         try:
@@ -293,7 +310,7 @@ class Pool:
             raise
         answer = ClientResponse(self, slots, conn, response, informational, read_s)
         if response.framing is _NO_BODY:
-            await answer.read()  # nothing to read: the connection goes back now
+            answer._take()  # nothing to read: the connection goes back now
         return answer
 
     def _idle(self, slots: _Slots) -> UpstreamConnection | None:
