@@ -81,8 +81,8 @@ _NEXT: dict[RequestState, frozenset[RequestState]] = {
 
 _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 _ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-# What `_request_line` accepts, in one C call; anything else goes through the checks one by one, for the reason.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^ ]+) HTTP/1\.([01])")
+# Tokens, and what most requests carry: `_request_line` takes them without a check of its own.
+_USUAL_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS", b"CONNECT"})
 # RFC 3986 reg-name, IPv4 or IP-literal, then a port: a Host value (port optional and maybe empty) and
 # CONNECT's authority-form (port required).
 _HOST = rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)"
@@ -101,11 +101,12 @@ _FRAMING_NAME_LENGTHS = frozenset(
 
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """Method, target and version (b"1.1" or b"1.0") of a request line, checked before llhttp sees it."""
-    usual = _REQUEST_LINE.fullmatch(line)
-    if usual is not None:
-        method, target, minor = usual.group(1, 2, 3)
-        return method, target, b"1.1" if minor == b"1" else b"1.0"
     parts = line.split(b" ")
+    if len(parts) == 3:  # the usual line first: a method every client sends, a target, a version
+        method, target, version = parts
+        short = _VERSIONS.get(version)
+        if short is not None and method in _USUAL_METHODS and target:
+            return method, target, short
     if len(parts) == 3:
         method, target, version = parts
         short = _VERSIONS.get(version)
@@ -357,6 +358,8 @@ class RequestReader:
             self._remaining = -1
         else:
             self._remaining = request.content_length or 0
+            if framing is _NO_BODY and request.keep_alive:
+                self._head.recycle()  # llhttp has read this whole message: its parser can read the next head
         self._read = 0
         self._state = _BODY  # HEAD -> BODY
         return request

@@ -16,7 +16,6 @@ call raises. Every error has status hint 502.
 from __future__ import annotations
 
 import enum
-import re
 
 import httptools
 
@@ -76,18 +75,18 @@ _OWS = b" \t"
 _FRAMING_NAME_LENGTHS = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
 _VERSIONS = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
 _DIGITS = b"0123456789"
-# What `_status_line` accepts, in one C call for the usual line; anything else goes through the checks one by
-# one, for the error's reason. (The status range is checked apart: 100-599.)
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
-_VERSION_NAMES = {b"0": b"1.0", b"1": b"1.1"}
+# Every status `_status_line` accepts, as its three digits: a lookup checks and converts it at once.
+_STATUSES = {b"%d" % status: status for status in range(100, 600)}
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     """Version (b"1.1" or b"1.0"), status and reason phrase of a status line, checked before llhttp sees it."""
-    usual = _STATUS_LINE.fullmatch(line)
-    if usual is not None:
-        return _VERSION_NAMES[usual.group(1)], int(usual.group(2)), line[13:]
     version = _VERSIONS.get(line[:9])
+    code = _STATUSES.get(line[9:12])
+    if version is not None and code is not None and line[12:13] in (b" ", b""):  # the usual line
+        reason = line[13:]
+        if not reason or not reason.translate(None, VALUE):
+            return version, code, reason
     if version is None:
         raise ProtocolError("not an HTTP/1.0 or HTTP/1.1 status line", 502)
     status = line[9:12]
