@@ -8,6 +8,8 @@ with wrk -t1 -c16 on core 1, interleaved and repeated; CPU time is the proxy's o
   set) and the answer sent back in one write;
 - `transport_pdp`: the same, after asking the PDP stub over the pool (a small JSON POST whose answer is read
   and checked), which is the shape of the PEP's hot path: two upstream exchanges per request;
+- `transport_client_pdp`: the same with the PEP's own PDP client (pep.pdp.transport, what `pep run` asks OPA
+  with: its headers, request id, answer size limit and content-coding checks) instead of a bare pool request;
 - `aiohttp`, `aiohttp_pdp`: the same two with aiohttp's server and client (what `pep run` uses today);
 - `envoy`: Envoy as a plain router, and `envoy_authz` with the ext_authz filter of `make bench`.
 
@@ -33,7 +35,7 @@ from bench.procs import LOOPBACK, BenchError, Proc
 from bench.targets import GET, MCP, OPA_BODY, OPA_PATH, Stubs, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("transport", "transport_pdp", "aiohttp", "aiohttp_pdp", "envoy", "envoy_authz")
+KINDS = ("transport", "transport_pdp", "transport_client_pdp", "aiohttp", "aiohttp_pdp", "envoy", "envoy_authz")
 _HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
     | {b"content-length", b"host"}
@@ -44,8 +46,11 @@ _HOP_STR = frozenset(h.decode() for h in _HOP)
 # --- the proxies under test (run in their own process: `python -m bench.transport serve ...`) -------------------
 
 
-async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event) -> None:
+async def _transport_proxy(
+    port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event, pep_client: bool = False
+) -> None:
     from pep.http1 import Framing
+    from pep.pdp.transport import HttpTransport, RawAnswer
     from pep.transport import Exchange, Origin, Pool, serve
 
     pool = Pool(max_per_origin=64)
@@ -54,13 +59,26 @@ async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, 
     host = f"{LOOPBACK}:{upstream_port}".encode()
     pdp_fields = [(b"Host", f"{LOOPBACK}:{pdp_port}".encode()), (b"Content-Type", b"application/json")]
     allow = OPA_BODY.encode()
+    client = HttpTransport(65536, 64) if pep_client else None
+    pdp_url = f"http://{LOOPBACK}:{pdp_port}{OPA_PATH}"
+    asked = 0
 
     async def handler(exchange: Exchange) -> None:
+        nonlocal asked
         head = exchange.head
         fields = [(n, v) for n, v in head.headers if n.lower() not in _HOP]
         fields.append((b"Host", host))
         body = await exchange.body.read_all(1 << 20, 10.0) if head.framing is not Framing.NONE else None
-        if pdp is not None:
+        if client is not None:
+            ask = b'{"input":{"method":"%s","path":"%s"}}' % (head.method, head.target)
+            asked += 1
+            said = await client.post(
+                pdp_url, ask, {"Content-Type": "application/json", "X-Request-ID": f"{asked:032x}"}
+            )
+            if not isinstance(said, RawAnswer) or said.status != 200 or said.body != allow:
+                exchange.response.send(403, [], b"denied")
+                return
+        elif pdp is not None:
             ask = b'{"input":{"method":"%s","path":"%s"}}' % (head.method, head.target)
             answer = await pool.request(pdp, b"POST", OPA_PATH.encode(), pdp_fields, ask, read_s=0.25)
             if answer.status != 200 or await answer.read_all(65536) != allow:
@@ -75,6 +93,8 @@ async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, 
     await stop.wait()
     await listener.close(1.0)
     await pool.close()
+    if client is not None:
+        await client.close()
 
 
 async def _aiohttp_proxy(port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event) -> None:
@@ -118,8 +138,11 @@ def serve_main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        proxy = _transport_proxy if args.kind.startswith("transport") else _aiohttp_proxy
-        await proxy(args.port, args.upstream, args.pdp if args.kind.endswith("_pdp") else None, stop)
+        pdp = args.pdp if args.kind.endswith("_pdp") else None
+        if args.kind.startswith("transport"):
+            await _transport_proxy(args.port, args.upstream, pdp, stop, args.kind == "transport_client_pdp")
+        else:
+            await _aiohttp_proxy(args.port, args.upstream, pdp, stop)
 
     uvloop.run(run())
     return 0

@@ -31,14 +31,13 @@ from pep.http1.events import (
     ConnectionClosed,
     Data,
     EndOfMessage,
-    Fields,
     Framing,
     Request,
     Signal,
     TargetForm,
 )
-from pep.http1.fields import TOKEN, check_line_sizes, comma_tokens, persists
-from pep.http1.head import HeadScanner
+from pep.http1.fields import TOKEN, comma_tokens, persists
+from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 
 
@@ -141,38 +140,52 @@ def _form(method: bytes, target: bytes) -> TargetForm:
     return _ABSOLUTE_FORM
 
 
-def _request(method: bytes, target: bytes, version: bytes, block: bytes, limits: Limits) -> Request:
+class _RequestFields(FieldSink):
+    """A request's fields, and those the reader acts on, noted as llhttp hands them over (lists joined)."""
+
+    __slots__ = ("coding", "connection", "expect", "host", "hosts", "length")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fields = []
+        self.hosts = 0
+        self.host: bytes | None = None
+        self.length: bytes | None = None
+        self.coding: bytes | None = None
+        self.connection: bytes | None = None
+        self.expect: bytes | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(_OWS)
+        self.fields.append((name, value))
+        if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
+            key = name.lower()
+            if key == b"host":
+                self.hosts += 1
+                self.host = value
+            elif key == b"content-length":
+                self.length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = self.coding
+                self.coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = self.connection
+                self.connection = value if connection is None else connection + b"," + value
+            elif key == b"expect":
+                expect = self.expect
+                self.expect = value if expect is None else expect + b"," + value
+
+
+def _request(method: bytes, target: bytes, version: bytes, sink: _RequestFields, limits: Limits) -> Request:
     """The request a head makes (its syntax checked by llhttp), with the rules llhttp does not apply."""
-    if len(block) > limits.max_field_bytes:
-        check_line_sizes(block, limits, 431)
-    fields: Fields = []
-    host: bytes | None = None
-    hosts = 0
-    length: bytes | None = None
-    coding: bytes | None = None
-    connection: bytes | None = None
-    expect: bytes | None = None
-    if block:
-        append, special = fields.append, _FRAMING_NAME_LENGTHS
-        for line in block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            value = value.strip(_OWS)
-            append((name, value))
-            if len(name) in special:  # most fields skip lower()
-                key = name.lower()
-                if key == b"host":
-                    hosts += 1
-                    host = value
-                elif key == b"content-length":
-                    length = value  # llhttp refused a second one, and anything but digits
-                elif key == b"transfer-encoding":
-                    coding = value if coding is None else coding + b"," + value
-                elif key == b"connection":
-                    connection = value if connection is None else connection + b"," + value
-                elif key == b"expect":
-                    expect = value if expect is None else expect + b"," + value
-        if len(fields) > limits.max_fields:
-            raise ProtocolError(f"more than {limits.max_fields} header fields", 431)
+    fields = sink.fields
+    if len(fields) > limits.max_fields:
+        raise ProtocolError(f"more than {limits.max_fields} header fields", 431)
+    host, hosts, length, coding = sink.host, sink.hosts, sink.length, sink.coding
+    connection, expect = sink.connection, sink.expect
     if hosts > 1:
         raise ProtocolError("more than one Host field")
     if host is None:
@@ -219,6 +232,7 @@ class RequestReader:
         "_eof",
         "_error",
         "_error_line",
+        "_fields",
         "_head",
         "_keep_alive",
         "_limits",
@@ -235,7 +249,8 @@ class RequestReader:
         self._buf = bytearray()
         self._eof = False
         self._state = _IDLE
-        self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, server=True)
+        self._fields = _RequestFields()
+        self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, True, self._fields)
         self._body: BodyReader | None = None  # a chunked body; None for the others
         self._remaining = -1  # a Content-Length body's bytes still to come (0: no body); -1 for chunked
         self._read = 0  # body bytes handed out
@@ -339,14 +354,14 @@ class RequestReader:
                     self._move(_CLOSED)
                     return ConnectionClosed()
             self._state = _HEAD  # IDLE -> HEAD
-        head = self._head.scan(buf)
-        if head is None:
+        line = self._head.scan(buf)
+        if line is None:
             if self._eof:
                 raise ProtocolError("the connection closed inside a request head")
             return NEED_DATA
-        (method, target, version), block = head
+        method, target, version = line
         try:
-            request = _request(method, target, version, block, self._limits)
+            request = _request(method, target, version, self._fields, self._limits)
         except ProtocolError:
             self._error_line = b"%s %s HTTP/%s" % (method, target, version)  # the head has left the buffer
             raise

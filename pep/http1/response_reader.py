@@ -33,8 +33,8 @@ from pep.http1.events import (
     Response,
     Signal,
 )
-from pep.http1.fields import VALUE, check_line_sizes, persists
-from pep.http1.head import HeadScanner
+from pep.http1.fields import VALUE, persists
+from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 
 
@@ -97,35 +97,39 @@ def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     return version, int(status), line[13:]
 
 
-def _fields(block: bytes, limits: Limits) -> tuple[Fields, bytes | None, bytes | None, bytes | None, bytes | None]:
-    """The fields of a checked head block, and its Content-Length, Transfer-Encoding, Connection and Keep-Alive
-    (lists joined), found in the same pass."""
-    if len(block) > limits.max_field_bytes:
-        check_line_sizes(block, limits, 502)
-    fields: Fields = []
-    length: bytes | None = None
-    coding: bytes | None = None
-    connection: bytes | None = None
-    keep_alive: bytes | None = None
-    if block:
-        append = fields.append
-        for line in block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            value = value.strip(_OWS)
-            append((name, value))
-            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
-                key = name.lower()
-                if key == b"content-length":
-                    length = value  # llhttp refused a second one, and anything but digits
-                elif key == b"transfer-encoding":
-                    coding = value if coding is None else coding + b"," + value
-                elif key == b"connection":
-                    connection = value if connection is None else connection + b"," + value
-                elif key == b"keep-alive":
-                    keep_alive = value if keep_alive is None else keep_alive + b"," + value
-        if len(fields) > limits.max_fields:
-            raise ProtocolError(f"more than {limits.max_fields} header fields", 502)
-    return fields, length, coding, connection, keep_alive
+class _ResponseFields(FieldSink):
+    """An answer's fields, and its Content-Length, Transfer-Encoding, Connection and Keep-Alive (lists joined),
+    noted as llhttp hands them over."""
+
+    __slots__ = ("coding", "connection", "keep_alive", "length")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fields = []
+        self.length: bytes | None = None
+        self.coding: bytes | None = None
+        self.connection: bytes | None = None
+        self.keep_alive: bytes | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(_OWS)
+        self.fields.append((name, value))
+        if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
+            key = name.lower()
+            if key == b"content-length":
+                self.length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = self.coding
+                self.coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = self.connection
+                self.connection = value if connection is None else connection + b"," + value
+            elif key == b"keep-alive":
+                keep_alive = self.keep_alive
+                self.keep_alive = value if keep_alive is None else keep_alive + b"," + value
 
 
 class ResponseReader:
@@ -143,6 +147,7 @@ class ResponseReader:
         "_buf",
         "_eof",
         "_error",
+        "_fields",
         "_head",
         "_informational",
         "_keep_alive",
@@ -161,7 +166,8 @@ class ResponseReader:
         self._buf = bytearray()
         self._eof = False
         self._state = _IDLE
-        self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, server=False)
+        self._fields = _ResponseFields()
+        self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, False, self._fields)
         self._body: BodyReader | None = None  # a chunked or until-close body; None for the others
         self._remaining = -1  # a Content-Length body's bytes still to come; -1 for the others
         self._read = 0  # body bytes handed out
@@ -262,13 +268,17 @@ class ResponseReader:
         self._state = state
 
     def _read_head(self) -> InformationalResponse | Response | Signal:
-        head = self._head.scan(self._buf)
-        if head is None:
+        line = self._head.scan(self._buf)
+        if line is None:
             if self._eof:
                 raise ProtocolError("the connection closed before a complete answer", 502)
             return NEED_DATA
-        (version, status, reason), block = head
-        fields, length, coding, connection, keep_alive_field = _fields(block, self._limits)
+        version, status, reason = line
+        sink = self._fields
+        fields = sink.fields
+        if len(fields) > self._limits.max_fields:
+            raise ProtocolError(f"more than {self._limits.max_fields} header fields", 502)
+        length, coding, connection, keep_alive_field = sink.length, sink.coding, sink.connection, sink.keep_alive
         if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too
             raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
         if status < 200:
