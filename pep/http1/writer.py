@@ -43,14 +43,31 @@ def _fields(fields: Fields) -> bytes:
     return block
 
 
-def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
-    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
+class FieldBlock:
+    """Field lines checked and serialized once, then written as they are with every head that carries them:
+    the fields of a PDP URL or of a route that never change (Host, fixed headers). `names`: lower-cased."""
+
+    __slots__ = ("data", "names")
+
+    def __init__(self, fields: Fields) -> None:
+        check_fields(fields)
+        self.data = _fields(fields)
+        self.names = frozenset(name.lower() for name, _ in fields)
+
+
+def request_head(
+    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", fixed: FieldBlock | None = None
+) -> bytes:
+    """`METHOD target HTTP/x.y`, the `fixed` field lines if any, the fields, and the empty line. Framing fields
+    are the caller's to include."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(None, _VISIBLE):
         raise LocalProtocolError("request target is empty or holds a space or control character")
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
+    if fixed is not None:
+        return b"%s %s HTTP/%s\r\n%s%s\r\n" % (method, target, version, fixed.data, _fields(fields))
     return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
 
 

@@ -68,6 +68,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "_eof",
+        "_fetch",
+        "_fetch_chunks",
+        "_fetch_head",
+        "_fetch_limit",
+        "_fetch_size",
         "_high",
         "_loop",
         "_on_close",
@@ -115,6 +120,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.writer: asyncio.Task[None] | None = None  # sends an iterated body while the answer is read
         self.expires = math.inf  # loop time after which an idle connection is not reused
         self.keep_alive_s: float | None = None  # the server's `Keep-Alive: timeout=N`, if it said
+        # a whole answer being gathered in the callbacks (`fetch`): its future, limit, head and body so far
+        self._fetch: asyncio.Future[tuple[Response, bytes | None]] | None = None
+        self._fetch_limit = 0
+        self._fetch_head: Response | None = None
+        self._fetch_chunks: list[bytes] = []
+        self._fetch_size = 0
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------------
 
@@ -128,6 +139,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         reader = self.reader
         reader.receive_data(data)
+        if self._fetch is not None:
+            if self._read_s != math.inf:
+                self._read_deadline = self._loop.time() + self._read_s  # neither answered nor closed for read_s
+            self._gather()
+            return
         if not self._read_paused and reader.buffered > self._high:
             self._read_paused = True  # read on when the caller takes the bytes (`_taken`)
             self.transport.pause_reading()  # type: ignore[union-attr]
@@ -140,6 +156,8 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         self.reader.receive_eof()
+        if self._fetch is not None:
+            self._gather()
         self._wake_both()
         return None
 
@@ -148,6 +166,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._eof = True
             self.reader.receive_eof()
         self.state = _CLOSED
+        if self._fetch is not None:
+            self._gather()
         self._wake_both()
         self._closed()
 
@@ -209,13 +229,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def wait_read(self, read_s: float) -> asyncio.Future[None]:
         """A future resolved when something happens to the reading side (bytes, the end, the loss, the writer's
-        end); UpstreamTimeout after `read_s` with nothing."""
+        end); UpstreamTimeout after `read_s` with nothing (never, for math.inf: the caller's own deadline)."""
         loop = self._loop
         waiter = self._reader_waiter = loop.create_future()
         self._read_s = read_s
         self._read_deadline = deadline = loop.time() + read_s
         timer = self._timer
-        if timer is None or timer.when() > deadline:
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
             self._arm(deadline)
         return waiter
 
@@ -226,7 +246,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_s = write_s
         self._write_deadline = deadline = loop.time() + write_s
         timer = self._timer
-        if timer is None or timer.when() > deadline:
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
             self._arm(deadline)
         return waiter
 
@@ -240,6 +260,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         now = self._loop.time()
         pending = math.inf
+        fetch = self._fetch
+        if fetch is not None:
+            if now >= self._read_deadline:
+                self._fetched(UpstreamTimeout(f"the upstream neither answered nor closed for {self._read_s:g} s"))
+            else:
+                pending = self._read_deadline
         waiter = self._reader_waiter
         if waiter is not None and not waiter.done():
             if now >= self._read_deadline:
@@ -353,11 +379,8 @@ class UpstreamConnection(asyncio.Protocol):
                 writer = self.writer
                 if writer is not None and not writer.done() and event.status >= 400:
                     writer.cancel()  # refused before the whole body arrived: the rest is not sent
-                field = event.keep_alive_field
-                if field is not None and event.keep_alive:
-                    m = _KEEP_ALIVE_TIMEOUT.search(field)
-                    if m is not None:
-                        self.keep_alive_s = max(0.0, int(m.group(1)) - 1.0)  # its timer started before ours
+                if event.keep_alive_field is not None:
+                    self._keep_alive_hint(event)
                 return event, informational
             if isinstance(event, InformationalResponse):
                 if event.status != 100:
@@ -374,6 +397,95 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             raise UpstreamReset("the upstream closed the connection before answering")
 
+    def fetch(
+        self, method: bytes, head: bytes, body: bytes | None, limit: int, read_s: float
+    ) -> asyncio.Future[tuple[Response, bytes | None]]:
+        """Send one request with a bytes body (or none) and gather its whole answer in the protocol's callbacks,
+        as the bytes arrive, so that the caller wakes once: a future of the final head and the body, or of None
+        for a body longer than `limit` (known at the head for a Content-Length; the connection is then closed).
+        1xx answers are dropped. Failures as `read_head` and `next_chunk` raise them; `read_s` bounds each
+        wait for the upstream's bytes."""
+        self.send(method, head, body, None, read_s)
+        loop = self._loop
+        fetch = self._fetch = loop.create_future()
+        self._fetch_limit = limit
+        self._fetch_head = None
+        self._fetch_chunks = []
+        self._fetch_size = 0
+        self._read_s = read_s
+        self._read_deadline = deadline = loop.time() + read_s
+        timer = self._timer
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
+            self._arm(deadline)
+        if self.reader.buffered or self._eof:
+            self._gather()
+        return fetch
+
+    def _gather(self) -> None:
+        """Read on as far as the bytes go; complete the fetch at the end of the answer, or fail it."""
+        reader = self.reader
+        try:
+            head = self._fetch_head
+            while head is None:
+                event = reader.next_event()
+                if type(event) is _Response:
+                    head = self._fetch_head = event
+                    if event.keep_alive_field is not None:
+                        self._keep_alive_hint(event)
+                    length = event.content_length
+                    if length is not None and length > self._fetch_limit:
+                        self.close()
+                        self._fetched((event, None))
+                        return
+                elif isinstance(event, InformationalResponse):
+                    continue
+                elif event is NEED_DATA:
+                    return
+                else:
+                    self.close()
+                    raise UpstreamReset("the upstream closed the connection before answering")
+            body = reader.take_body()
+            if body is not None:
+                chunks = self._fetch_chunks
+                if chunks:
+                    chunks.append(body)
+                    body = b"".join(chunks)
+                self._fetched((head, body))
+                return
+            while True:
+                event = reader.next_event()
+                if type(event) is _Data:
+                    data = event.data
+                    self._fetch_size += len(data)
+                    if self._fetch_size > self._fetch_limit:
+                        self.close()
+                        self._fetched((head, None))
+                        return
+                    self._fetch_chunks.append(data)
+                elif type(event) is _EndOfMessage:
+                    self._fetched((head, b"".join(self._fetch_chunks)))
+                    return
+                elif event is NEED_DATA:
+                    return
+                else:  # pragma: no cover - the reader gives Data, EndOfMessage or NEED_DATA inside a body
+                    self.close()
+                    raise UpstreamReset(f"unexpected {event!r} inside a body")
+        except ProtocolError as exc:
+            self._fetched(self._failed(exc))
+        except UpstreamReset as exc:
+            self._fetched(exc)
+
+    def _fetched(self, outcome: tuple[Response, bytes | None] | BaseException) -> None:
+        fetch = self._fetch
+        self._fetch = None
+        self._fetch_chunks = []
+        if fetch is None or fetch.done():
+            return
+        if isinstance(outcome, BaseException):
+            fetch.set_exception(outcome)
+        else:
+            fetch.set_result(outcome)
+
     def take_body(self) -> bytes | None:
         """The rest of the body at once, if it is all here and framed by Content-Length (or absent): see
         ResponseReader.take_body. None otherwise (read on with `next_chunk`)."""
@@ -385,6 +497,13 @@ class UpstreamConnection(asyncio.Protocol):
             if writer is not None and not writer.done():
                 self.close()  # the answer ended before the request did: not reusable
         return body
+
+    def _keep_alive_hint(self, response: Response) -> None:
+        field = response.keep_alive_field
+        if field is not None and response.keep_alive:
+            m = _KEEP_ALIVE_TIMEOUT.search(field)
+            if m is not None:
+                self.keep_alive_s = max(0.0, int(m.group(1)) - 1.0)  # its timer started before ours
 
     def next_chunk(self) -> bytes | None:
         """The next body chunk if one is here: b"" at the end of the body, None until more bytes arrive (then

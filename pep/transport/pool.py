@@ -17,9 +17,10 @@ the PEP's CPU per request. httpcore's pool is the model for the shape.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from operator import itemgetter
 from types import TracebackType
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from multidict import CIMultiDictProxy
 
 from pep.http1 import (
     DEFAULT_LIMITS,
+    FieldBlock,
     Fields,
     Framing,
     InformationalResponse,
@@ -37,7 +39,7 @@ from pep.http1 import (
     request_head,
 )
 from pep.transport.connection import Body, UpstreamConnection
-from pep.transport.errors import ConnectFailed, ConnectTimeout, PoolTimeout, ResponseTooLarge
+from pep.transport.errors import ConnectFailed, ConnectTimeout, NotAdmitted, PoolTimeout, ResponseTooLarge
 from pep.transport.headers import header_view
 
 _NO_BODY = Framing.NONE
@@ -269,22 +271,32 @@ class Pool:
         body: Body = None,
         *,
         length: int | None = None,
+        fixed: FieldBlock | None = None,
         connect_s: float = 10.0,
         read_s: float = 30.0,
         pool_s: float | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> ClientResponse:
         """Send one request and return its answer's head, the body to be read from the ClientResponse.
 
-        `fields` are the caller's (Host included); the framing is the pool's: bytes get a Content-Length, an
-        async iterator of chunks is sent chunked, or with `length` as Content-Length (held to it exactly).
-        Every wait is bounded: connecting by `connect_s`, a free connection by `pool_s` (default `connect_s`),
-        each read and each wait to write by `read_s`. Raises UpstreamError subclasses; an exception from the body
-        iterator (the caller's side failed) propagates as it is. A cancellation closes the connection."""
+        `fields` are the caller's (Host included, here or in `fixed`: field lines checked once and written first);
+        the framing is the pool's: bytes get a Content-Length, an async iterator of chunks is sent chunked, or
+        with `length` as Content-Length (held to it exactly). Every wait is bounded: connecting by `connect_s`, a
+        free connection by `pool_s` (default `connect_s`), each read and each wait to write by `read_s` (any of
+        them math.inf: no bound of the pool's, the caller has its own deadline). Raises UpstreamError
+        subclasses; an exception from the body iterator (the caller's side failed) propagates as it is. A
+        cancellation closes the connection.
+
+        `admit`, if given, is asked before a connection is taken or made, and again right before the request is
+        written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
+        made for the request goes back to the pool unused)."""
         if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
             for name, _ in fields:
                 if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
                     raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
-        head = request_head(method, target, fields)
+        if fixed is not None and not _RESERVED.isdisjoint(fixed.names):
+            raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
+        head = request_head(method, target, fields, b"1.1", fixed)
         if body is None:
             if length is not None:
                 raise LocalProtocolError("a length without a body")
@@ -299,9 +311,14 @@ class Pool:
             _check(origin)
             slots = self._origins[origin] = _Slots()
             self._loop = asyncio.get_running_loop()
+        if admit is not None and not admit():
+            raise NotAdmitted("not admitted before a connection was taken")
         conn = self._idle(slots)
         if conn is None:
             conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+        if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
+            self._unused(slots, conn)
+            raise NotAdmitted("not admitted when the request was about to be written")
         try:
             conn.send(method, head, body, length, read_s)
             response, informational = await conn.read_head(read_s)
@@ -311,6 +328,56 @@ class Pool:
         answer = ClientResponse(self, slots, conn, response, informational, read_s)
         if response.framing is _NO_BODY:
             answer._take()  # nothing to read: the connection goes back now
+        return answer
+
+    async def fetch(
+        self,
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        body: bytes | None = None,
+        *,
+        limit: int,
+        fixed: FieldBlock | None = None,
+        connect_s: float = 10.0,
+        read_s: float = 30.0,
+        pool_s: float | None = None,
+        admit: Callable[[], bool] | None = None,
+    ) -> tuple[Response, bytes | None]:
+        """One request with a bytes body (or none) and its whole answer: the final head and the body, or None
+        for a body longer than `limit` (the connection is closed then). For small answers read whole (a PDP's
+        decision, a token endpoint's answer): the connection reads the answer as it arrives and the caller wakes
+        once, without a ClientResponse or a wait per chunk. 1xx answers are dropped. Everything else as
+        `request`: the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+            for name, _ in fields:
+                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
+                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        if fixed is not None and not _RESERVED.isdisjoint(fixed.names):
+            raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
+        head = request_head(method, target, fields, b"1.1", fixed)
+        if body is not None:
+            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
+        slots = self._origins.get(origin)
+        if slots is None:
+            _check(origin)
+            slots = self._origins[origin] = _Slots()
+            self._loop = asyncio.get_running_loop()
+        if admit is not None and not admit():
+            raise NotAdmitted("not admitted before a connection was taken")
+        conn = self._idle(slots)
+        if conn is None:
+            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+        if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
+            self._unused(slots, conn)
+            raise NotAdmitted("not admitted when the request was about to be written")
+        try:
+            answer = await conn.fetch(method, head, body, limit, read_s)
+        except BaseException:
+            conn.close()
+            raise
+        self._release(slots, conn)
         return answer
 
     def _idle(self, slots: _Slots) -> UpstreamConnection | None:
@@ -341,7 +408,7 @@ class Pool:
                 raise PoolTimeout(f"all {self.max_per_origin} connections to {origin.host}:{origin.port} busy")
             waiter = loop.create_future()
             slots.waiters.append(waiter)
-            timer = loop.call_later(left, _expire, waiter)
+            timer = loop.call_later(left, _expire, waiter) if left != math.inf else None
             try:
                 await waiter
             except TimeoutError:
@@ -353,7 +420,8 @@ class Pool:
                     slots.wake()  # woken, but leaving: the wake goes to the next in line
                 raise
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 if not waiter.done():
                     waiter.cancel()
         return await self._connect(origin, slots, connect_s)
@@ -363,22 +431,23 @@ class Pool:
         slots.open += 1
         loop = self._loop
         conn = UpstreamConnection(loop, self._limits, self._max_body, self._high, lambda: self._gone(slots, conn))
+        bounded = connect_s != math.inf
         try:
-            async with asyncio.timeout(connect_s):
+            async with asyncio.timeout(connect_s if bounded else None):
                 await loop.create_connection(
                     lambda: conn,
                     origin.host,
                     origin.port,
                     ssl=origin.tls,
                     server_hostname=origin.host if origin.tls is not None else None,
-                    ssl_handshake_timeout=connect_s if origin.tls is not None else None,
+                    ssl_handshake_timeout=connect_s if origin.tls is not None and bounded else None,
                 )
         except TimeoutError:
             conn.close()
             raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} within {connect_s:g} s") from None
         except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
             conn.close()
-            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}") from None
+            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -399,6 +468,16 @@ class Pool:
         idle.append(conn)
         while idle[0].expires <= loop_time:  # the coldest, past their time (never the one just parked)
             idle.popleft().close()
+        if slots.waiters:
+            slots.wake()
+
+    def _unused(self, slots: _Slots, conn: UpstreamConnection) -> None:
+        """A connection taken or made for a request that was not sent after all: idle again, as it was."""
+        if self._closed:
+            conn.close()
+            return
+        conn.park(self._loop.time() + self.idle_s)
+        slots.idle.append(conn)
         if slots.waiters:
             slots.wake()
 

@@ -21,6 +21,7 @@ from pep.transport import (
     ConnectFailed,
     ConnectTimeout,
     Exchange,
+    NotAdmitted,
     Origin,
     Pool,
     PoolTimeout,
@@ -492,3 +493,45 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# --- fetch and admit (the PDP client's way in) -------------------------------------------------------------------
+
+
+async def test_fetch_reads_whole_answers_and_keeps_the_connection(start: Start, pool: Pool) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+    up = await start(lambda seen: Action(chunked) if seen.target == b"/chunked" else ok(b"whole " + seen.body))
+    head, body = await pool.fetch(origin(up), b"POST", b"/", HOST, b"{}", limit=100)
+    assert (head.status, body) == (200, b"whole {}")
+    head, body = await pool.fetch(origin(up), b"GET", b"/chunked", HOST, limit=100)
+    assert (head.status, body) == (200, b"abc")
+    assert up.accepted == 1  # both on one connection, kept after each complete answer
+    assert up.seen[0].headers[-1] == (b"content-length", b"2")
+
+
+async def test_fetch_reports_an_oversize_body_and_closes_its_connection(start: Start, pool: Pool) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"8\r\n" + b"z" * 8 + b"\r\n0\r\n\r\n"
+    up = await start(lambda seen: Action(chunked) if seen.target == b"/chunked" else ok(b"y" * 50))
+    assert (await pool.fetch(origin(up), b"GET", b"/length", HOST, limit=49))[1] is None  # known at the head
+    assert (await pool.fetch(origin(up), b"GET", b"/chunked", HOST, limit=7))[1] is None  # found while reading
+    assert (await pool.fetch(origin(up), b"GET", b"/", HOST, limit=50))[1] == b"y" * 50
+    assert [s.connection for s in up.seen] == [1, 2, 3]
+
+
+async def test_a_request_not_admitted_sends_nothing_and_leaves_the_connection_idle(start: Start, pool: Pool) -> None:
+    up = await start(lambda seen: ok())
+    assert await get(pool, up) == b"ok"  # one idle connection
+
+    def admit(*answers: bool) -> Callable[[], bool]:
+        it = iter(answers)
+        return lambda: next(it)
+
+    for answers in ((False,), (True, False)):  # before a connection is taken; right before the first byte
+        with pytest.raises(NotAdmitted):
+            await pool.fetch(origin(up), b"GET", b"/no", HOST, limit=10, admit=admit(*answers))
+        with pytest.raises(NotAdmitted):
+            await pool.request(origin(up), b"GET", b"/no", HOST, admit=admit(*answers))
+    assert [s.target for s in up.seen] == [b"/"]  # the upstream saw nothing of the refused requests
+    assert pool.idle_count(origin(up)) == 1  # and the connection taken for them went back unused
+    assert (await pool.fetch(origin(up), b"GET", b"/yes", HOST, limit=10, admit=admit(True, True)))[1] == b"ok"
+    assert up.accepted == 1
