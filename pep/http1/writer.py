@@ -43,31 +43,35 @@ def _fields(fields: Fields) -> bytes:
     return block
 
 
-class FieldBlock:
-    """Field lines checked and serialized once, then written as they are with every head that carries them:
-    the fields of a PDP URL or of a route that never change (Host, fixed headers). `names`: lower-cased."""
+class RequestStart:
+    """A request line and the field lines that never change with it (Host, a client's fixed headers), checked
+    and serialized once, then written as they are with each request's own fields: a PDP URL's or a route's
+    fixed part. `names`: the fixed names, lower-cased."""
 
-    __slots__ = ("data", "names")
+    __slots__ = ("data", "method", "names")
 
-    def __init__(self, fields: Fields) -> None:
-        check_fields(fields)
-        self.data = _fields(fields)
-        self.names = frozenset(name.lower() for name, _ in fields)
+    def __init__(self, method: bytes, target: bytes, fixed: Fields) -> None:
+        check_fields(fixed)
+        self.method = method
+        self.data = request_head(method, target, fixed)[:-2]  # without the empty line that ends the head
+        self.names = frozenset(name.lower() for name, _ in fixed)
+
+    def head(self, fields: Fields, length: int | None) -> bytes:
+        """The whole head: the start, `fields` (checked as `request_head` checks them) and, for a `length`, a
+        Content-Length field, then the empty line."""
+        if length is None:
+            return b"%s%s\r\n" % (self.data, _fields(fields))
+        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
 
 
-def request_head(
-    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", fixed: FieldBlock | None = None
-) -> bytes:
-    """`METHOD target HTTP/x.y`, the `fixed` field lines if any, the fields, and the empty line. Framing fields
-    are the caller's to include."""
+def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
+    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(None, _VISIBLE):
         raise LocalProtocolError("request target is empty or holds a space or control character")
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
-    if fixed is not None:
-        return b"%s %s HTTP/%s\r\n%s%s\r\n" % (method, target, version, fixed.data, _fields(fields))
     return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
 
 

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from pep.http1 import FieldBlock, Fields, LocalProtocolError
+from pep.http1 import Fields, LocalProtocolError, RequestStart
 from pep.http1.fields import VALUE
 from pep.transport import ConnectFailed, NotAdmitted, Origin, Pool, UpstreamError
 
@@ -62,7 +62,7 @@ class Answer:
 class _Target:
     """What is constant for one URL: where to connect, and the request's fixed part, checked once."""
 
-    __slots__ = ("fixed", "method", "origin", "target")
+    __slots__ = ("origin", "start")
 
     def __init__(self, method: str, url: str, fixed: Fields, tls: ssl.SSLContext) -> None:
         parts = urlsplit(url)
@@ -75,9 +75,8 @@ class _Target:
         shown = f"[{host}]" if ":" in host else host
         authority = shown if default else f"{shown}:{port}"
         try:
-            self.method = method.encode("ascii")
-            self.target = ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("ascii")
-            self.fixed = FieldBlock([(b"Host", authority.encode("ascii")), *fixed])
+            target = ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode("ascii")
+            self.start = RequestStart(method.encode("ascii"), target, [(b"Host", authority.encode("ascii")), *fixed])
         except (UnicodeEncodeError, LocalProtocolError) as exc:
             raise ValueError(f"a URL the PDP client cannot use: {url!r}: {exc}") from None
 
@@ -150,12 +149,10 @@ class Http1Client:
         try:
             response, data = await self._pool.fetch(
                 target.origin,
-                target.method,
-                target.target,
+                target.start,
                 fields,
                 body,
                 limit=self._limit,  # compressed or not: the bytes on the wire are bounded too
-                fixed=target.fixed,
                 connect_s=math.inf,
                 read_s=math.inf,
                 pool_s=math.inf,

@@ -29,12 +29,12 @@ from multidict import CIMultiDictProxy
 
 from pep.http1 import (
     DEFAULT_LIMITS,
-    FieldBlock,
     Fields,
     Framing,
     InformationalResponse,
     Limits,
     LocalProtocolError,
+    RequestStart,
     Response,
     request_head,
 )
@@ -271,7 +271,6 @@ class Pool:
         body: Body = None,
         *,
         length: int | None = None,
-        fixed: FieldBlock | None = None,
         connect_s: float = 10.0,
         read_s: float = 30.0,
         pool_s: float | None = None,
@@ -279,13 +278,12 @@ class Pool:
     ) -> ClientResponse:
         """Send one request and return its answer's head, the body to be read from the ClientResponse.
 
-        `fields` are the caller's (Host included, here or in `fixed`: field lines checked once and written first);
-        the framing is the pool's: bytes get a Content-Length, an async iterator of chunks is sent chunked, or
-        with `length` as Content-Length (held to it exactly). Every wait is bounded: connecting by `connect_s`, a
-        free connection by `pool_s` (default `connect_s`), each read and each wait to write by `read_s` (any of
-        them math.inf: no bound of the pool's, the caller has its own deadline). Raises UpstreamError
-        subclasses; an exception from the body iterator (the caller's side failed) propagates as it is. A
-        cancellation closes the connection.
+        `fields` are the caller's (Host included); the framing is the pool's: bytes get a Content-Length, an
+        async iterator of chunks is sent chunked, or with `length` as Content-Length (held to it exactly).
+        Every wait is bounded: connecting by `connect_s`, a free connection by `pool_s` (default `connect_s`),
+        each read and each wait to write by `read_s` (any of them math.inf: no bound of the pool's, the caller
+        has its own deadline). Raises UpstreamError subclasses; an exception from the body iterator (the
+        caller's side failed) propagates as it is. A cancellation closes the connection.
 
         `admit`, if given, is asked before a connection is taken or made, and again right before the request is
         written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
@@ -294,9 +292,7 @@ class Pool:
             for name, _ in fields:
                 if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
                     raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
-        if fixed is not None and not _RESERVED.isdisjoint(fixed.names):
-            raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
-        head = request_head(method, target, fields, b"1.1", fixed)
+        head = request_head(method, target, fields)
         if body is None:
             if length is not None:
                 raise LocalProtocolError("a length without a body")
@@ -333,13 +329,11 @@ class Pool:
     async def fetch(
         self,
         origin: Origin,
-        method: bytes,
-        target: bytes,
+        start: RequestStart,
         fields: Fields,
         body: bytes | None = None,
         *,
         limit: int,
-        fixed: FieldBlock | None = None,
         connect_s: float = 10.0,
         read_s: float = 30.0,
         pool_s: float | None = None,
@@ -348,17 +342,16 @@ class Pool:
         """One request with a bytes body (or none) and its whole answer: the final head and the body, or None
         for a body longer than `limit` (the connection is closed then). For small answers read whole (a PDP's
         decision, a token endpoint's answer): the connection reads the answer as it arrives and the caller wakes
-        once, without a ClientResponse or a wait per chunk. 1xx answers are dropped. Everything else as
-        `request`: the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
+        once, without a ClientResponse or a wait per chunk. `start`: the request line and fixed fields, checked
+        once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
+        the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
         if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
             for name, _ in fields:
                 if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
                     raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
-        if fixed is not None and not _RESERVED.isdisjoint(fixed.names):
+        if not _RESERVED.isdisjoint(start.names):
             raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
-        head = request_head(method, target, fields, b"1.1", fixed)
-        if body is not None:
-            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
+        head = start.head(fields, None if body is None else len(body))
         slots = self._origins.get(origin)
         if slots is None:
             _check(origin)
@@ -373,7 +366,7 @@ class Pool:
             self._unused(slots, conn)
             raise NotAdmitted("not admitted when the request was about to be written")
         try:
-            answer = await conn.fetch(method, head, body, limit, read_s)
+            answer = await conn.fetch(start.method, head, body, limit, read_s)
         except BaseException:
             conn.close()
             raise
