@@ -92,6 +92,8 @@ def _fields(headers: dict[str, str]) -> Fields:
 def _unframed(headers: dict[str, str]) -> RequestError:
     """Which header cannot be written, and why (the error path: the writer refused, or Latin-1 could not hold it)."""
     for name, value in headers.items():
+        if name.lower() in ("content-length", "transfer-encoding"):
+            return RequestError(f"header {name} is the client's to write (the body's framing)")
         try:
             raw = value.encode("latin-1")
         except UnicodeEncodeError:

@@ -243,6 +243,27 @@ def test_a_header_value_that_cannot_be_framed_is_refused_before_anything_is_sent
     run(asyncio.new_event_loop, main)
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("Bad Name", "not a token"),
+        ("", "not a token"),
+        ("Content-Length", "the client's to write"),  # a second length would let the PDP read another request
+        ("transfer-encoding", "the client's to write"),
+    ],
+)
+def test_a_header_name_that_cannot_be_written_is_refused_before_anything_is_sent(name: str, problem: str) -> None:
+    async def main() -> None:
+        c = client()
+        async with Scripted(answer()) as server:
+            with pytest.raises(RequestError, match=problem):
+                await c.exchange("POST", server.url, b"{}", {name: "1"})
+            assert server.connections == 0
+        await c.close()
+
+    run(asyncio.new_event_loop, main)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_admit_is_asked_before_connecting_and_right_before_writing(
     loop: Callable[[], asyncio.AbstractEventLoop],
