@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pep import transport
 from pep.admin import admin_app, serve_admin
+from pep.approvals.flow import Approvals
 from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
 from pep.decision_log import DecisionLog
@@ -224,6 +225,7 @@ class Server:
             )
         engine = None
         keys = None
+        approvals = _approvals(cfg, old, self.metrics)
         try:
             engine = (
                 old.engine
@@ -242,16 +244,20 @@ class Server:
             if old is not None and engine is old.engine and (problem := engine.pdp.reload()):
                 raise ReloadError(problem)
         except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
-            await self._discard(old, engine, keys)
+            await self._discard(old, engine, keys, approvals)
             raise ReloadError(str(exc)) from None
         except BaseException:
-            await self._discard(old, engine, keys)
+            await self._discard(old, engine, keys, approvals)
             raise
         self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
-        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys)
+        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys, approvals)
 
-    async def _discard(self, old: Runtime | None, engine: Engine | None, keys: KeySource | None) -> None:
+    async def _discard(
+        self, old: Runtime | None, engine: Engine | None, keys: KeySource | None, approvals: Approvals | None
+    ) -> None:
         """Close what a failed build created (never what it reused from `old`)."""
+        if approvals is not None and (old is None or approvals is not old.approvals):
+            await approvals.close()
         if engine is not None and (old is None or engine is not old.engine):
             await engine.pdp.close()
             if old is not None:
@@ -348,7 +354,7 @@ class Server:
         new = await self._build(cfg, old)
         proxy.runtime = new  # one assignment: the next request sees all of the new config
         self.config = cfg
-        if new.engine is not old.engine or new.keys is not old.keys:
+        if new.engine is not old.engine or new.keys is not old.keys or new.approvals is not old.approvals:
             self._retired.append(old)
             # No request still deciding under the old engine outlives its deadline (plus the retries in it).
             self._spawn(self._retire(old, new, old.config.pdp.timeout_ms / 1000 + 1.0))
@@ -365,6 +371,8 @@ class Server:
             await runtime.engine.pdp.close()
         if runtime.keys is not None and (keep is None or runtime.keys is not keep.keys):
             await runtime.keys.close()
+        if runtime.approvals is not None and (keep is None or runtime.approvals is not keep.approvals):
+            await runtime.approvals.close()
 
     def _stamps(self) -> dict[str, Stamp | None]:
         return {path: file_stamp(path) for path in watched_files(self.config)}
@@ -407,6 +415,21 @@ class Server:
         if self.tracing is not None:
             self.tracing.shutdown()  # exports what is buffered
         await self.decision_log.close()
+
+
+def _approvals(cfg: Config, old: Runtime | None, metrics: Metrics) -> Approvals | None:
+    """The approval engine: kept across a reload that leaves `approvals` as it was (its breaker, its replay
+    cache and its held requests go on), else new (ticket key files read now: ReloadError)."""
+    if cfg.approvals is None:
+        return None
+    if old is not None and old.approvals is not None and old.config.approvals == cfg.approvals:
+        return old.approvals
+    try:
+        return Approvals.from_config(cfg.approvals, on_result=lambda result: metrics.approvals[result].inc())
+    except SealKeyError as exc:
+        raise ReloadError(f"approvals.ticket_key_files: {exc}") from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ReloadError(f"approvals.tls: {exc}") from None
 
 
 CONFIG_CHECK_S = 1.0

@@ -1,0 +1,333 @@
+"""Approvals on the request path, through a running PEP against the real OpenID Provider (tests/support/op.py):
+a request the PDP says needs a person is forwarded only after the person approved and the PDP, asked again with
+the approval in its input, allowed it; every other ending (declined, nobody answered, the OP down, a bad ticket)
+is a denial with nothing forwarded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from pep.seal import new_key_text
+from tests.conftest import PepStarter, RunningPep, base_config
+from tests.support.op import OpenIdProvider, running_op
+from tests.support.policy_pdp import PolicyPdp
+from tests.support.upstream import RecordingUpstream
+
+TICKET = "x-pep-approval-ticket"
+BODY = b'{"order": "A-1", "amount": 500}'
+
+
+class RefundPolicy(PolicyPdp):
+    """Refunds need alice's approval; with an approval in the input they are allowed. Everything else: allow."""
+
+    def decide(self, doc: dict[str, Any]) -> Any:
+        if doc["route"]["name"] != "refunds":
+            return True
+        if doc.get("approval", {}).get("approver") == "alice":
+            return {"allow": True}
+        return {"allow": False, "approval": {"approver": "alice", "message": "Refund over 100"}}
+
+
+@pytest.fixture
+async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
+    async for running in running_op(tmp_path / "op"):
+        await running.set_interval(0)
+        yield running
+
+
+@pytest.fixture
+async def pdp() -> AsyncIterator[RefundPolicy]:
+    policy = RefundPolicy()
+    await policy.start()
+    yield policy
+    await policy.stop()
+
+
+def ticket_key(tmp_path: Path) -> Path:
+    key = tmp_path / "ticket.key"
+    if not key.exists():
+        key.write_text(new_key_text())
+        key.chmod(0o600)
+    return key
+
+
+def approvals_section(op: OpenIdProvider, tmp_path: Path, **more: Any) -> dict[str, Any]:
+    return {
+        "issuer": op.issuer,
+        "backchannel_authentication_endpoint": op.backchannel_endpoint,
+        "token_endpoint": op.token_endpoint,
+        "jwks_uri": op.jwks_uri,
+        "client_id": "pep",
+        "client_auth": "client_secret_basic",
+        "client_secret_file": str(op.clients["pep"].secret_file),
+        "timeout_ms": 500,
+        "min_poll_interval_ms": 50,
+        "ticket_key_files": [str(ticket_key(tmp_path))],
+        **more,
+    }
+
+
+@pytest.fixture
+async def start(
+    tmp_path: Path, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream
+) -> AsyncIterator[Any]:
+    """`await start(mode, hold_ms=..., **approvals)`: a PEP with a `refunds` route in that approval mode."""
+
+    def build(mode: str, hold_ms: int | None, more: dict[str, Any]) -> Any:
+        def config(log: Path) -> dict[str, Any]:
+            cfg = base_config(pdp.url, upstream.url, log)
+            approval: dict[str, Any] = {"mode": mode}
+            if hold_ms is not None:
+                approval["hold_ms"] = hold_ms
+            cfg["routes"].insert(
+                0,
+                {
+                    "name": "refunds",
+                    "match": {"path_prefix": "/refunds"},
+                    "upstream": upstream.url,
+                    "max_body_bytes": 65536,
+                    "approval": approval,
+                },
+            )
+            cfg["approvals"] = approvals_section(op, tmp_path, **more)
+            return cfg
+
+        return config
+
+    starters: list[PepStarter] = []
+
+    async def go(mode: str, hold_ms: int | None = None, **more: Any) -> RunningPep:
+        work = tmp_path / f"pep-{len(starters)}"
+        work.mkdir()
+        starter = PepStarter(work, build(mode, hold_ms, more), "approvals.yaml")
+        starters.append(starter)
+        running: RunningPep = await starter()
+        return running
+
+    yield go
+    for starter in starters:
+        await starter.close()
+
+
+async def post(
+    pep: RunningPep, body: bytes = BODY, agent: str = "agent-7", ticket: str | None = None, path: str = "/refunds/1"
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    headers = {"content-type": "application/json", "x-agent-id": agent}
+    if ticket is not None:
+        headers[TICKET] = ticket
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.post(pep.url + path, data=body, headers=headers) as r,
+    ):
+        return r.status, {k.lower(): v for k, v in r.headers.items()}, orjson.loads(await r.read())
+
+
+async def metric(pep: RunningPep, name: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as s, s.get(pep.admin_url + "/metrics") as r:
+        text = await r.text()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels[len(name) :]] = float(value)
+    return found
+
+
+# --- hold mode ---------------------------------------------------------------------------------------------------
+
+
+async def test_hold_forwards_once_after_the_person_approves_with_the_approval_in_the_second_input(
+    start: Any, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream
+) -> None:
+    pep = await start("hold", hold_ms=5000)
+    waiting = asyncio.create_task(post(pep))
+    seen = await op.wait_ciba()
+    assert seen["login_hint"] == "alice"
+    assert seen["binding_message"].startswith("Refund over 100 #")
+    await asyncio.sleep(0.2)
+    assert upstream.seen == []  # nothing forwarded while the person has not answered
+    await op.approve(seen["auth_req_id"])
+    status, _, _ = await waiting
+    assert status == 200
+    assert [(u.method, u.target, u.body) for u in upstream.seen] == [("POST", "/refunds/1", BODY)]
+    assert [d.get("approval") is None for d in pdp.inputs] == [True, False]
+    approval = pdp.inputs[1]["approval"]
+    assert approval["approver"] == "alice"
+    assert set(approval) == {"approver", "approved_at", "id"}
+    entries = await pep.log_entries()
+    assert [(e["decision"], e["reason"]) for e in entries] == [("allow", "allowed")]
+    assert entries[0]["approval"]["id"] == approval["id"]
+    assert entries[0]["attempts"] == 2
+    counted = await metric(pep, "pep_approvals_total")
+    assert counted['{result="requested"}'] == 1
+    assert counted['{result="granted"}'] == 1
+
+
+@pytest.mark.parametrize("answer", ["deny", "nobody"])
+async def test_hold_declined_or_unanswered_is_denied_and_nothing_is_forwarded(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream, answer: str
+) -> None:
+    pep = await start("hold", hold_ms=1500)
+    waiting = asyncio.create_task(post(pep))
+    seen = await op.wait_ciba()
+    if answer == "deny":
+        await op.deny(seen["auth_req_id"])
+    status, headers, body = await waiting
+    reason = "approval_denied" if answer == "deny" else "approval_timeout"
+    assert (status, headers["x-pep-reason"], body["error"]["reason"]) == (403, reason, reason)
+    assert "approval" not in body["error"]
+    assert upstream.seen == []
+    assert [e["reason"] for e in await pep.log_entries()] == [reason]
+
+
+@pytest.mark.parametrize("fault", ["stopped", "frozen", "status", "malformed"])
+async def test_hold_with_the_op_down_is_approval_unavailable(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream, fault: str
+) -> None:
+    pep = await start("hold", hold_ms=3000)
+    if fault == "stopped":
+        await op.stop()
+    elif fault == "frozen":
+        op.freeze()
+    elif fault == "status":
+        await op.fault("status", status=503, body="down")
+    else:
+        await op.fault("malformed", body="{not json")
+    try:
+        status, headers, _ = await post(pep)
+    finally:
+        if fault == "frozen":
+            op.resume()
+    assert (status, headers["x-pep-reason"]) == (403, "approval_unavailable")
+    assert upstream.seen == []
+    assert (await metric(pep, "pep_approvals_total"))['{result="unavailable"}'] == 1
+
+
+async def test_hold_refuses_past_max_held(start: Any, op: OpenIdProvider, upstream: RecordingUpstream) -> None:
+    pep = await start("hold", hold_ms=3000, max_held=1)
+    waiting = asyncio.create_task(post(pep))
+    seen = await op.wait_ciba()
+    status, headers, _ = await post(pep, body=b'{"order": "A-2"}')  # a second one while the first is held
+    assert (status, headers["x-pep-reason"]) == (403, "approval_unavailable")
+    await op.approve(seen["auth_req_id"])
+    assert (await waiting)[0] == 200
+    assert [u.body for u in upstream.seen] == [BODY]
+    assert len(await op.ciba_requests()) == 1  # the refused one never reached the OP
+
+
+# --- ticket mode -------------------------------------------------------------------------------------------------
+
+
+async def test_ticket_retry_after_approval_is_forwarded_once_and_the_ticket_never_reaches_anyone(
+    start: Any, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream
+) -> None:
+    pep = await start("ticket")
+    status, headers, body = await post(pep)
+    assert (status, headers["x-pep-reason"]) == (403, "approval_required")
+    pending = body["error"]["approval"]
+    ticket = pending["ticket"]
+    assert int(headers.get("retry-after", 0)) >= 1, headers
+    assert pending["code"] in (await op.wait_ciba())["binding_message"]
+    # Not yet approved: the same answer again, nothing forwarded.
+    status, headers, body = await post(pep, ticket=ticket)
+    assert (status, headers["x-pep-reason"], body["error"]["approval"]["ticket"]) == (403, "approval_required", ticket)
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    status, _, _ = await post(pep, ticket=ticket)
+    assert status == 200
+    assert len(upstream.seen) == 1
+    forwarded = upstream.seen[0]
+    assert TICKET not in forwarded.headers
+    assert all(TICKET not in d["request"]["headers"] for d in pdp.inputs)
+    assert pdp.inputs[-1]["approval"]["approver"] == "alice"
+    # Used once: the same ticket again is approval_invalid, nothing more forwarded.
+    status, headers, _ = await post(pep, ticket=ticket)
+    assert (status, headers["x-pep-reason"]) == (403, "approval_invalid")
+    assert len(upstream.seen) == 1
+    log = (await pep.log_entries())[-1]
+    assert log["reason"] == "approval_invalid"
+    assert ticket not in pep.log_path.read_text()
+
+
+@pytest.mark.parametrize("other", ["body", "caller", "path", "forged", "two"])
+async def test_a_ticket_with_another_request_or_caller_or_forged_is_approval_invalid(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream, other: str
+) -> None:
+    pep = await start("ticket")
+    _, _, body = await post(pep)
+    ticket = body["error"]["approval"]["ticket"]
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    if other == "body":
+        answer = await post(pep, body=b'{"order": "A-1", "amount": 5000}', ticket=ticket)
+    elif other == "caller":
+        answer = await post(pep, agent="agent-8", ticket=ticket)
+    elif other == "path":
+        answer = await post(pep, ticket=ticket, path="/refunds/2")
+    elif other == "forged":
+        answer = await post(pep, ticket=ticket[:-4] + ("AAAA" if not ticket.endswith("AAAA") else "BBBB"))
+    else:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                pep.url + "/refunds/1",
+                data=BODY,
+                headers=[
+                    ("content-type", "application/json"),
+                    ("x-agent-id", "agent-7"),
+                    (TICKET, ticket),
+                    (TICKET, ticket),
+                ],
+            ) as r,
+        ):
+            answer = (r.status, dict(r.headers), {})
+    assert (answer[0], answer[1]["x-pep-reason"]) == (403, "approval_invalid")
+    assert upstream.seen == []
+    # The approval was not spent on the wrong request: the right one still goes through, once.
+    assert (await post(pep, ticket=ticket))[0] == 200
+    assert len(upstream.seen) == 1
+
+
+async def test_an_expired_or_declined_ticket_is_denied(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    pep = await start("ticket", requested_expiry_ms=1000)
+    _, _, body = await post(pep)
+    ticket = body["error"]["approval"]["ticket"]
+    await asyncio.sleep(1.3)
+    status, headers, _ = await post(pep, ticket=ticket)
+    assert (status, headers["x-pep-reason"]) == (403, "approval_invalid")
+    _, _, body = await post(pep, body=b'{"order": "A-3"}')
+    await op.deny((await op.wait_ciba(2))["auth_req_id"])
+    status, headers, _ = await post(pep, body=b'{"order": "A-3"}', ticket=body["error"]["approval"]["ticket"])
+    assert (status, headers["x-pep-reason"]) == (403, "approval_denied")
+    assert upstream.seen == []
+
+
+async def test_a_ticket_works_after_a_restart_with_the_same_key_file(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    first = await start("ticket")
+    _, _, body = await post(first)
+    ticket = body["error"]["approval"]["ticket"]
+    await first.server.stop()
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    second = await start("ticket")  # a new process state, the same ticket key file
+    assert (await post(second, ticket=ticket))[0] == 200
+    assert (await post(second, ticket=ticket))[1]["x-pep-reason"] == "approval_invalid"
+    assert len(upstream.seen) == 1
+
+
+async def test_a_retry_the_pdp_allows_outright_does_not_touch_the_ticket(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    pep = await start("ticket")
+    status, _, _ = await post(pep, path="/tools/x", ticket="whatever")
+    assert status == 200
+    assert TICKET not in upstream.seen[0].headers
+    assert await op.ciba_requests() == []
