@@ -11,7 +11,9 @@
   request is denied `policy_denied`: there is never a second round.
 
 The approval binds the exact request (route, method, upstream URL, the bytes an allow forwards, the caller): the
-admission read the body whole for that.
+admission read the body whole for that. On MCP routes the body is bound as the JSON-RPC message(s) it parsed to,
+without their `id`s (keys sorted): every SDK numbers each attempt anew, so a retry of the same call carries other
+bytes for the same action. The parse is strict (one reading of the bytes), so nothing else can differ.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from pep.admission import Admission
-from pep.approvals.binding import ApprovalPending, bind
+from pep.approvals.binding import ApprovalPending, RequestBinding, bind
 from pep.approvals.ciba import NotApproved
 from pep.approvals.flow import ApprovalResult, Approvals, Awaiting, Granted
 from pep.decision import Deny, Reason
@@ -69,7 +73,7 @@ async def settle(
     if approvals is None:  # not configured (config refuses this): nobody can be asked
         return _refused(outcome, NotApproved(Reason.APPROVAL_UNAVAILABLE, "no approvals section"))
     check = admission.check
-    binding = bind(admission.route.name, check.method, admission.upstream_url, check.body, admission.subject)
+    binding = binding_of(admission)
     now, timeout = time.monotonic(), admission.route.config.timeout_ms / 1000
     result: ApprovalResult
     if tickets:
@@ -100,6 +104,17 @@ async def settle(
     return Step(second, None, {**granted, "result": "granted"})
 
 
+def binding_of(admission: Admission) -> RequestBinding:
+    """What the approval is for (module docstring)."""
+    check = admission.check
+    body, value = check.body, admission.inspected.value
+    if admission.route.config.protocol == "mcp" and body is not None and value is not None:
+        messages = value if isinstance(value, list) else [value]
+        unnumbered = [{k: v for k, v in m.items() if k != "id"} if isinstance(m, dict) else m for m in messages]
+        body = orjson.dumps(unnumbered, option=orjson.OPT_SORT_KEYS)
+    return bind(admission.route.name, check.method, admission.upstream_url, body, admission.subject)
+
+
 def _refused(outcome: Outcome, result: NotApproved) -> Step:
     assert isinstance(outcome.decision, Deny)
     deny = Deny(result.reason, outcome.decision.decision_id, result.detail)
@@ -121,8 +136,7 @@ def url_elicitation(admission: Admission) -> bool:
 def describe(admission: Admission, ask: ApprovalAsk) -> dict[str, Any]:
     """`pep explain`: who would be asked and how the request would wait; nobody is asked."""
     mode = admission.route.config.approval
-    check = admission.check
-    binding = bind(admission.route.name, check.method, admission.upstream_url, check.body, admission.subject)
+    binding = binding_of(admission)
     out: dict[str, Any] = {"approver": ask.approver, "message": ask.message, "code": binding.code}
     if mode is None:
         out["mode"] = None  # the route has no `approval`: the request is denied approval_required, no ticket

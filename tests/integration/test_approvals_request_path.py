@@ -6,6 +6,9 @@ is a denial with nothing forwarded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from pep.seal import new_key_text
 from tests.conftest import PepStarter, RunningPep, base_config
+from tests.support.observe import metric as metric_value
 from tests.support.op import OpenIdProvider, running_op
 from tests.support.policy_pdp import PolicyPdp
+from tests.support.process import cedar_config, ensure_stopped, read_line, start_pep
 from tests.support.upstream import RecordingUpstream
 
 TICKET = "x-pep-approval-ticket"
@@ -331,3 +337,67 @@ async def test_a_retry_the_pdp_allows_outright_does_not_touch_the_ticket(
     assert status == 200
     assert TICKET not in upstream.seen[0].headers
     assert await op.ciba_requests() == []
+
+
+# --- workers -------------------------------------------------------------------------------------------------------
+
+WORKERS_UP = re.compile(r"(\d+) workers on 127\.0\.0\.1:(\d+), admin on 127\.0\.0\.1:(\d+)")
+APPROVAL_POLICY = """permit (principal, action == Action::"POST", resource);
+@approval("alice")
+forbid (principal, action == Action::"POST", resource) unless { context has approval };
+"""
+SPREAD = 12  # tickets issued and redeemed on fresh connections: the kernel spreads them over both workers
+
+
+async def fresh_post(url: str, body: bytes, ticket: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"content-type": "application/json", **({TICKET: ticket} if ticket else {})}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as s,
+        s.post(url, data=body, headers=headers) as r,
+    ):
+        return r.status, orjson.loads(await r.read())
+
+
+async def test_tickets_work_across_workers(tmp_path: Path, op: OpenIdProvider, upstream: RecordingUpstream) -> None:
+    """`pep run` with `workers: 2`: a ticket sealed by one worker opens in the other (the shared key file); each
+    worker both issues and redeems some, so some tickets cross (all of them on one worker: 1 in 2**11 runs)."""
+    route = {
+        "name": "refunds",
+        "match": {"path_prefix": "/refunds"},
+        "upstream": upstream.url,
+        "max_body_bytes": 4096,
+        "approval": {"mode": "ticket"},
+    }
+    path = cedar_config(tmp_path, upstream.url, APPROVAL_POLICY, workers=2, approvals=approvals_section(op, tmp_path))
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"] = [route]
+    path.write_text(yaml.safe_dump(raw))
+    proc = await start_pep("run", "-c", str(path))
+    try:
+        assert proc.stderr is not None
+        m = WORKERS_UP.search(await read_line(proc.stderr, "workers on", 30))
+        assert m is not None
+        url, admin = f"http://127.0.0.1:{m.group(2)}/refunds/x", f"http://127.0.0.1:{m.group(3)}"
+        bodies = [orjson.dumps({"order": n}) for n in range(SPREAD)]
+        tickets = []
+        for body in bodies:
+            status, answer = await fresh_post(url, body)
+            assert (status, answer["error"]["reason"]) == (403, "approval_required")
+            tickets.append(answer["error"]["approval"]["ticket"])
+        for asked in await op.ciba_requests():
+            await op.approve(asked["auth_req_id"])
+        assert [(await fresh_post(url, b, t))[0] for b, t in zip(bodies, tickets, strict=True)] == [200] * SPREAD
+        async with aiohttp.ClientSession() as s, s.get(admin + "/metrics") as r:
+            text = await r.text()
+        issued = [metric_value(text, "pep_approvals_total", result="requested", worker=w) for w in "01"]
+        granted = [metric_value(text, "pep_approvals_total", result="granted", worker=w) for w in "01"]
+        assert sum(issued) == sum(granted) == SPREAD
+        assert min(issued) > 0, issued
+        assert min(granted) > 0, granted
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 10)
+        await ensure_stopped(proc)
+    assert sorted(u.body for u in upstream.seen) == sorted(bodies)
