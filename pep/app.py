@@ -165,6 +165,10 @@ class Server:
         self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         self._upstream = Upstream(self.metrics)
         self.proxy = proxy = Proxy(await self._build(cfg, None), self._upstream, self.decision_log, self.metrics)
+        self.metrics.approvals_circuit_state.set_function(
+            lambda: int(a.ciba.breaker.state) if (a := proxy.runtime.approvals) is not None else 0
+        )
+        self.metrics.approvals_held.set_function(lambda: a.held if (a := proxy.runtime.approvals) is not None else 0)
         if cfg.tracing is not None:
             from pep.otel import Tracing  # only with tracing on: no OpenTelemetry import otherwise
 

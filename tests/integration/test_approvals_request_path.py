@@ -222,10 +222,33 @@ async def test_hold_refuses_past_max_held(start: Any, op: OpenIdProvider, upstre
     seen = await op.wait_ciba()
     status, headers, _ = await post(pep, body=b'{"order": "A-2"}')  # a second one while the first is held
     assert (status, headers["x-pep-reason"]) == (403, "approval_unavailable")
+    assert await gauge(pep, "pep_approvals_held") == 1
     await op.approve(seen["auth_req_id"])
     assert (await waiting)[0] == 200
     assert [u.body for u in upstream.seen] == [BODY]
     assert len(await op.ciba_requests()) == 1  # the refused one never reached the OP
+
+
+async def gauge(pep: RunningPep, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(pep.admin_url + "/metrics") as r:
+        return metric_value(await r.text(), name)
+
+
+async def test_the_op_circuit_opens_and_is_exported(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    breaker = {"failure_threshold": 1, "open_ms": 60000, "half_open_probes": 1}
+    pep = await start("hold", hold_ms=3000, breaker=breaker)
+    assert await gauge(pep, "pep_approvals_circuit_state") == 0
+    await op.fault("status", status=500, body="boom")
+    assert (await post(pep))[1]["x-pep-reason"] == "approval_unavailable"
+    assert await gauge(pep, "pep_approvals_circuit_state") == 2
+    await op.fault("none")
+    before = (await op.stats())["paths"]
+    assert before  # the first request did reach the OP
+    assert (await post(pep))[1]["x-pep-reason"] == "approval_unavailable"  # the open circuit asks nobody
+    assert (await op.stats())["paths"] == before
+    assert upstream.seen == []
 
 
 # --- ticket mode -------------------------------------------------------------------------------------------------
