@@ -24,7 +24,7 @@ from tests.unit.test_admission import Setup
 
 SUBJECT = {"workload": "spiffe://test/agent", "agent": "bot"}
 HOLD = RouteApproval("hold", 120000)
-CAPABILITIES = {"elicitation": {"url": {}, "form": {}}}
+CAPABILITIES: dict[str, Any] = {"elicitation": {"url": {}, "form": {}}}
 
 
 def call(rpc_id: int, amount: int = 5, meta: dict[str, Any] | None = None) -> bytes:
