@@ -34,7 +34,7 @@ class RefundPolicy(PolicyPdp):
     """Refunds need alice's approval; with an approval in the input they are allowed. Everything else: allow."""
 
     def decide(self, doc: dict[str, Any]) -> Any:
-        if doc["route"]["name"] != "refunds":
+        if doc["route"]["name"] not in ("refunds", "models"):
             return True
         if doc.get("approval", {}).get("approver") == "alice":
             return {"allow": True}
@@ -98,6 +98,17 @@ async def start(
                     "name": "refunds",
                     "match": {"path_prefix": "/refunds"},
                     "upstream": upstream.url,
+                    "max_body_bytes": 65536,
+                    "approval": approval,
+                },
+            )
+            cfg["routes"].insert(
+                0,
+                {
+                    "name": "models",
+                    "match": {"path_prefix": "/v1"},
+                    "upstream": upstream.url,
+                    "protocol": "openai",
                     "max_body_bytes": 65536,
                     "approval": approval,
                 },
@@ -251,6 +262,29 @@ async def test_the_op_circuit_opens_and_is_exported(
     assert upstream.seen == []
 
 
+def rewrite(source: Path, **sections: dict[str, Any]) -> None:
+    raw = yaml.safe_load(source.read_text())
+    for name, changes in sections.items():
+        raw[name].update(changes)
+    source.write_text(yaml.safe_dump(raw))
+
+
+async def test_a_request_held_across_a_reload_finishes_on_its_own_config(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """A reload that replaces the approval engine (and the PDP client) while a request is held: the held request
+    keeps the runtime it started with until it is done, so the approval still counts (nothing is cut short)."""
+    pep = await start("hold", hold_ms=6000)
+    waiting = asyncio.create_task(post(pep))
+    seen = await op.wait_ciba()
+    rewrite(Path(pep.server.config.source), approvals={"timeout_ms": 700}, pdp={"timeout_ms": 300})
+    assert await pep.server.reload_config("test")
+    await asyncio.sleep(2.0)  # longer than the old PDP deadline plus a second
+    await op.approve(seen["auth_req_id"])
+    assert (await waiting)[0] == 200
+    assert len(upstream.seen) == 1
+
+
 # --- ticket mode -------------------------------------------------------------------------------------------------
 
 
@@ -360,6 +394,21 @@ async def test_a_retry_the_pdp_allows_outright_does_not_touch_the_ticket(
     assert status == 200
     assert TICKET not in upstream.seen[0].headers
     assert await op.ciba_requests() == []
+
+
+async def test_a_model_call_waiting_for_approval_gets_the_ticket_in_the_openai_error(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    pep = await start("ticket")
+    chat = orjson.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "refund it"}]})
+    status, headers, body = await post(pep, body=chat, path="/v1/chat/completions")
+    assert (status, headers["x-pep-reason"], headers["x-should-retry"]) == (403, "approval_required", "false")
+    assert body["error"]["code"] == "approval_required"
+    ticket = body["error"]["approval"]["ticket"]
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    assert (await post(pep, body=chat, path="/v1/chat/completions", ticket=ticket))[0] == 200
+    assert [u.target for u in upstream.seen] == ["/v1/chat/completions"]
+    assert upstream.seen[0].body == chat
 
 
 # --- workers -------------------------------------------------------------------------------------------------------
