@@ -15,10 +15,9 @@ credential, the protocol's inspection of the body (read only where it decides so
 then the document(s) and the `Check`.
 
 What comes after the decision belongs to the drivers: a `Deny` with `approval_required` on a route with `approval`
-goes to the approval step (pep/approval_step.py; its body is read whole here, so the approval binds the exact
-bytes forwarded), and a just-in-time credential is fetched after an allow, before anything is forwarded
-(pep/credentials_oauth.py). `settle` is where an
-allow this admission cannot carry out becomes a denial.
+goes to the approval step (pep/approval_step.py; such a route's body is read whole here, so the approval binds
+the exact bytes forwarded), and a just-in-time credential is fetched after an allow, before anything is
+forwarded (pep/credentials_oauth.py). `settle` is where an allow this admission cannot carry out becomes a denial.
 """
 
 from __future__ import annotations
