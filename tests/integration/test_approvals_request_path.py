@@ -262,6 +262,28 @@ async def test_the_op_circuit_opens_and_is_exported(
     assert upstream.seen == []
 
 
+async def test_a_caller_who_leaves_while_held_gets_nothing_forwarded_even_once_approved(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """The answer would reach nobody (an agent that left would retry and ask again): the hold ends with the
+    connection, and a late approval forwards nothing."""
+    pep = await start("hold", hold_ms=6000)
+    leaving = asyncio.create_task(post(pep))
+    seen = await op.wait_ciba()
+    assert await gauge(pep, "pep_approvals_held") == 1
+    leaving.cancel()  # the client closes its connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    for _ in range(100):
+        if await gauge(pep, "pep_approvals_held") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await gauge(pep, "pep_approvals_held") == 0
+    await op.approve(seen["auth_req_id"])
+    await asyncio.sleep(0.5)
+    assert upstream.seen == []
+
+
 def rewrite(source: Path, **sections: dict[str, Any]) -> None:
     raw = yaml.safe_load(source.read_text())
     for name, changes in sections.items():
