@@ -36,9 +36,11 @@ class RefundPolicy(PolicyPdp):
     def decide(self, doc: dict[str, Any]) -> Any:
         if doc["route"]["name"] not in ("refunds", "models"):
             return True
-        if doc.get("approval", {}).get("approver") == "alice":
-            return {"allow": True}
+        if doc.get("approval", {}).get("approver") == "alice" and self.after_approval != "again":
+            return {"allow": True} if self.after_approval == "allow" else {"allow": "yes"}
         return {"allow": False, "approval": {"approver": "alice", "message": "Refund over 100"}}
+
+    after_approval = "allow"  # "malformed": a broken answer the second time; "again": asks for approval again
 
 
 @pytest.fixture
@@ -185,6 +187,23 @@ async def test_hold_forwards_once_after_the_person_approves_with_the_approval_in
     counted = await metric(pep, "pep_approvals_total")
     assert counted['{result="requested"}'] == 1
     assert counted['{result="granted"}'] == 1
+
+
+@pytest.mark.parametrize(("second", "reason"), [("malformed", "pdp_malformed"), ("again", "policy_denied")])
+async def test_an_approval_is_not_an_allow_the_second_answer_decides(
+    start: Any, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream, second: str, reason: str
+) -> None:
+    pdp.after_approval = second
+    pep = await start("hold", hold_ms=5000)
+    waiting = asyncio.create_task(post(pep))
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    status, headers, _ = await waiting
+    assert (status, headers["x-pep-reason"]) == (403, reason)
+    assert [d.get("approval") is None for d in pdp.inputs] == [True, False]
+    assert len(await op.ciba_requests()) == 1  # never a second round
+    assert upstream.seen == []
+    entry = (await pep.log_entries())[-1]
+    assert (entry["reason"], entry["approval"]["result"]) == (reason, "granted")
 
 
 @pytest.mark.parametrize("answer", ["deny", "nobody"])
