@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 
 from pep.seal import new_key_text
 from tests.conftest import PepStarter, RunningPep, base_config
+from tests.support.authzen_pdp import AuthzenTestPdp
 from tests.support.observe import metric as metric_value
 from tests.support.op import OpenIdProvider, running_op
 from tests.support.policy_pdp import PolicyPdp
@@ -88,9 +90,11 @@ async def start(
 ) -> AsyncIterator[Any]:
     """`await start(mode, hold_ms=..., **approvals)`: a PEP with a `refunds` route in that approval mode."""
 
-    def build(mode: str, hold_ms: int | None, more: dict[str, Any]) -> Any:
+    def build(mode: str, hold_ms: int | None, more: dict[str, Any], pdp_section: dict[str, Any] | None) -> Any:
         def config(log: Path) -> dict[str, Any]:
             cfg = base_config(pdp.url, upstream.url, log)
+            if pdp_section is not None:
+                cfg["pdp"] = pdp_section
             approval: dict[str, Any] = {"mode": mode}
             if hold_ms is not None:
                 approval["hold_ms"] = hold_ms
@@ -122,10 +126,12 @@ async def start(
 
     starters: list[PepStarter] = []
 
-    async def go(mode: str, hold_ms: int | None = None, **more: Any) -> RunningPep:
+    async def go(
+        mode: str, hold_ms: int | None = None, pdp_section: dict[str, Any] | None = None, **more: Any
+    ) -> RunningPep:
         work = tmp_path / f"pep-{len(starters)}"
         work.mkdir()
-        starter = PepStarter(work, build(mode, hold_ms, more), "approvals.yaml")
+        starter = PepStarter(work, build(mode, hold_ms, more, pdp_section), "approvals.yaml")
         starters.append(starter)
         running: RunningPep = await starter()
         return running
@@ -187,6 +193,37 @@ async def test_hold_forwards_once_after_the_person_approves_with_the_approval_in
     counted = await metric(pep, "pep_approvals_total")
     assert counted['{result="requested"}'] == 1
     assert counted['{result="granted"}'] == 1
+
+
+def authzen_refunds(request: dict[str, Any]) -> Any:
+    """An AuthZEN PDP's requestable denial (the Access Request and Approval Profile) for the refunds route."""
+    if request["resource"]["properties"].get("route") != "refunds":
+        return {"decision": True}
+    if (request.get("context") or {}).get("approval", {}).get("approver") == "alice":
+        return {"decision": True}
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 600))
+    access_request = {"approver": "alice", "expires_at": expires, "display": {"description": "Refund over 100"}}
+    return {"decision": False, "context": {"access_request": access_request}}
+
+
+async def test_an_authzen_requestable_denial_is_approved_and_asked_again_with_context_approval(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    az = AuthzenTestPdp(decide=authzen_refunds)
+    await az.start()
+    try:
+        pep = await start("hold", hold_ms=5000, pdp_section={"kind": "authzen", "url": az.url, "timeout_ms": 500})
+        waiting = asyncio.create_task(post(pep))
+        seen = await op.wait_ciba()
+        assert seen["binding_message"].startswith("Refund over 100 #")
+        await op.approve(seen["auth_req_id"])
+        assert (await waiting)[0] == 200
+    finally:
+        await az.stop()
+    contexts = [e.body.get("context") or {} for e in az.evaluations]
+    assert ["approval" in c for c in contexts] == [False, True]
+    assert set(contexts[1]["approval"]) == {"approver", "approved_at", "id"}
+    assert [u.body for u in upstream.seen] == [BODY]
 
 
 @pytest.mark.parametrize(("second", "reason"), [("malformed", "pdp_malformed"), ("again", "policy_denied")])
