@@ -24,7 +24,14 @@ from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 
 from pep.seal import new_key_text
 from tests.conftest import PepStarter, RunningPep
-from tests.support.mcp_servers import Mcp2Server, ToolCall, build_tools_server
+from tests.support.mcp_servers import (
+    Mcp1Unavailable,
+    Mcp2Server,
+    ToolCall,
+    build_tools_server,
+    mcp1_python,
+    run_mcp1_client,
+)
 from tests.support.op import OpenIdProvider, running_op
 from tests.support.sdk_stack import AGENT, PdpUnderTest, pep_config, settled_log
 
@@ -279,3 +286,41 @@ async def test_url_elicitation_is_offered_to_a_client_that_declared_it(
     assert data["reason"] == "approval_required"
     assert data["elicitations"][0]["url"] == url.replace("{id}", data["approval"]["id"])
     assert server.called("issue_refund") == []
+
+
+@pytest.fixture
+def mcp1_interpreter() -> Path:
+    """.venv-mcp1/bin/python with mcp 1.30.0. Missing is a failure, never a skip: `make test` builds it."""
+    try:
+        return mcp1_python()
+    except Mcp1Unavailable as exc:
+        pytest.fail(str(exc))
+
+
+async def test_a_session_client_gets_its_ticket_in_the_error_data_and_retries_in_a_new_session(
+    tmp_path: Path, opa: PdpUnderTest, op: OpenIdProvider, server: Mcp2Server, mcp1_interpreter: Path
+) -> None:
+    """The last 1.x SDK (protocol 2025-11-25, sessions): its capabilities were declared in `initialize`, which the
+    PEP keeps no state about, so even with `elicitation_url` set it gets -32001 with the ticket in `data`. The
+    ticket is bound to the call, not the session: a retry in a new session with the ticket header goes through."""
+    url_template = "https://approvals.example/pending/{id}"
+    call = {"op": "call", "tool": "issue_refund", "arguments": REFUND}
+    async with running_pep(tmp_path, opa, op, server, {"mode": "ticket"}, elicitation_url=url_template) as pep:
+        first = await run_mcp1_client(
+            mcp1_interpreter, f"{pep.url}/mcp", {"headers": {"x-agent-id": AGENT}, "steps": [call]}
+        )
+        step = first["steps"][0]
+        assert (step["outcome"], step["code"], step["data"]["reason"]) == (
+            "mcp_error",
+            POLICY_DENY,
+            "approval_required",
+        )
+        assert "elicitations" not in step["data"]
+        ticket = step["data"]["approval"]["ticket"]
+        await op.approve((await op.wait_ciba())["auth_req_id"])
+        plan = {"headers": {"x-agent-id": AGENT, TICKET: ticket}, "steps": [call, call]}
+        second = await run_mcp1_client(mcp1_interpreter, f"{pep.url}/mcp", plan)
+    assert second["steps"][0]["outcome"] == "ok", second
+    assert second["steps"][0]["text"] == "refunded 250 on A-1001"
+    assert (second["steps"][1]["outcome"], second["steps"][1]["data"]["reason"]) == ("mcp_error", "approval_invalid")
+    assert server.called("issue_refund") == [ToolCall("issue_refund", REFUND)]
