@@ -13,7 +13,7 @@ Windows, with requests sent one at a time over one keep-alive connection:
   response parsing it may run on the shared event loop while the handler finishes is inside this window.
 - `end_to_end`: around the client's whole request (send, the PEP, read the answer), client included.
 - `client_only`: the same window with the client talking to the upstream directly, no PEP: subtracted from
-  `end_to_end` it estimates what the PEP adds, aiohttp's HTTP server parsing included.
+  `end_to_end` it estimates what the PEP adds, the listener's HTTP/1.1 parsing (pep/transport) included.
 - `retained`: the growth of live memory over all requests (snapshot diff, client files excluded by filename
   under aiohttp/client*), divided by the number of requests: should be ~0; more is a leak.
 

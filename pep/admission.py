@@ -236,6 +236,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     check = Check(
         first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body
     )
+    if config.credential is not None and config.credential.jit is not None:
+        check = dataclasses.replace(check, credential_narrowable=True)  # the PDP may narrow the route's token
     return Admission(route, upstream_url, path, query, subject, inspected, check, credential, tokens, resume, replaced)
 
 

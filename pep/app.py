@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 from pep import transport
 from pep.admin import admin_app, serve_admin
 from pep.approvals.flow import Approvals
+from pep.breaker import Breaker, State
 from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
+from pep.credentials_oauth import OAuthCredentialSource
 from pep.decision_log import DecisionLog
 from pep.engine import Engine
 from pep.identity.keys import FileKeys, KeysError, KeySource
@@ -66,6 +68,10 @@ def build_pdp(cfg: Config) -> Pdp:
         # Discovery gets the decision deadline as its own bound (callers stop waiting then anyway).
         return AuthzenPdp(pdp.url, transport, mappings, auth, header, discovery_timeout=pdp.timeout_ms / 1000)
     return OpaPdp(pdp.url, transport, auth, pdp.auth.header if pdp.auth is not None else "authorization")
+
+
+def _state_of(breaker: Breaker) -> Callable[[], State]:
+    return lambda: breaker.state
 
 
 def watched_files(cfg: Config) -> tuple[str, ...]:
@@ -221,7 +227,7 @@ class Server:
         previous = old.credentials if old is not None else {}
         credentials = {}
         for route in cfg.routes:
-            if route.credential is None:
+            if route.credential is None or route.credential.jit is not None:
                 continue
             source = previous.get(route.name)
             credentials[route.name] = (
@@ -230,7 +236,9 @@ class Server:
         engine = None
         keys = None
         approvals = _approvals(cfg, old, self.metrics)
+        jit: dict[str, OAuthCredentialSource] = {}
         try:
+            jit = self._jit_sources(cfg, old)
             engine = (
                 old.engine
                 if old is not None and same_pdp
@@ -248,20 +256,56 @@ class Server:
             if old is not None and engine is old.engine and (problem := engine.pdp.reload()):
                 raise ReloadError(problem)
         except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
-            await self._discard(old, engine, keys, approvals)
+            await self._discard(old, engine, keys, jit, approvals)
             raise ReloadError(str(exc)) from None
         except BaseException:
-            await self._discard(old, engine, keys, approvals)
+            await self._discard(old, engine, keys, jit, approvals)
             raise
         self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
-        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys, approvals)
+        for name, jit_source in jit.items():
+            self.metrics.bind_credential_circuit(name, _state_of(jit_source.breaker))
+        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys, jit, approvals)
+
+    def _jit_sources(self, cfg: Config, old: Runtime | None) -> dict[str, OAuthCredentialSource]:
+        """A token endpoint client per route with a just-in-time credential; a reload keeps the source (its
+        cached tokens and its breaker) of a route whose credential is unchanged. Raises OSError or
+        ssl.SSLError for unusable TLS files, having closed nothing it did not create (the caller does)."""
+        previous = old.jit if old is not None else {}
+        fetches = self.metrics.credential_fetches
+        made: dict[str, OAuthCredentialSource] = {}
+        for route in cfg.routes:
+            credential = route.credential
+            if credential is None or credential.jit is None:
+                continue
+            source = previous.get(route.name)
+            if source is None or source.route_config != credential:
+                try:
+                    source = OAuthCredentialSource.for_route(
+                        credential, self.metrics.credential_transitions(route.name), lambda r: fetches[r].inc()
+                    )
+                except BaseException:
+                    for name, made_source in made.items():
+                        if previous.get(name) is not made_source:
+                            self._spawn(made_source.close())
+                    raise
+            made[route.name] = source
+        return made
 
     async def _discard(
-        self, old: Runtime | None, engine: Engine | None, keys: KeySource | None, approvals: Approvals | None
+        self,
+        old: Runtime | None,
+        engine: Engine | None,
+        keys: KeySource | None,
+        jit: dict[str, OAuthCredentialSource] | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         """Close what a failed build created (never what it reused from `old`)."""
         if approvals is not None and (old is None or approvals is not old.approvals):
             await approvals.close()
+        kept = set(map(id, old.jit.values())) if old is not None else set()
+        for source in (jit or {}).values():
+            if id(source) not in kept:
+                await source.close()
         if engine is not None and (old is None or engine is not old.engine):
             await engine.pdp.close()
             if old is not None:
@@ -358,10 +402,18 @@ class Server:
         new = await self._build(cfg, old)
         proxy.runtime = new  # one assignment: the next request sees all of the new config
         self.config = cfg
-        if new.engine is not old.engine or new.keys is not old.keys or new.approvals is not old.approvals:
+        dropped_jit = any(source is not new.jit.get(name) for name, source in old.jit.items())
+        if (
+            new.engine is not old.engine
+            or new.keys is not old.keys
+            or dropped_jit
+            or new.approvals is not old.approvals
+        ):
             self._retired.append(old)
             # No request still deciding under the old engine outlives its deadline (plus the retries in it).
-            self._spawn(self._retire(old, new, old.config.pdp.timeout_ms / 1000 + 1.0))
+            # Nor a credential fetch: closing a token endpoint client ends the fetches on it.
+            jit_ms = max((s.cfg.timeout_s * 1000 for s in old.jit.values()), default=0.0)
+            self._spawn(self._retire(old, new, (old.config.pdp.timeout_ms + jit_ms) / 1000 + 1.0))
 
     async def _retire(self, old: Runtime, new: Runtime, after: float) -> None:
         await asyncio.sleep(after)
@@ -375,6 +427,9 @@ class Server:
             await runtime.engine.pdp.close()
         if runtime.keys is not None and (keep is None or runtime.keys is not keep.keys):
             await runtime.keys.close()
+        for name, source in runtime.jit.items():
+            if keep is None or keep.jit.get(name) is not source:
+                await source.close()
         if runtime.approvals is not None and (keep is None or runtime.approvals is not keep.approvals):
             await runtime.approvals.close()
 

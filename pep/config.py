@@ -822,6 +822,11 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         elif protocol == "http" and max_body is None:
             r.error(f"{path}.approval", "needs max_body_bytes on an http route (the approved body is read and bound)")
     jit = route.credential.jit if route.credential is not None else None
+    if jit is not None and tunnel:
+        r.error(f"{path}.credential.kind", "is not for tunnels (a CONNECT carries no header to set a token in)")
+    if jit is not None and jit.kind == "token_exchange" and route.keep_caller_credentials:
+        problem = "cannot go with a token_exchange credential: the caller's token would reach the upstream"
+        r.error(f"{path}.keep_caller_credentials", problem)
     if jit is not None and jit.kind == "token_exchange" and not route.require_identity:
         r.error(
             f"{path}.credential.kind", "token_exchange needs require_identity: true (the caller's token is exchanged)"

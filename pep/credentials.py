@@ -26,8 +26,9 @@ class CredentialSource:
         self._file: FileSecret | None = None
         self._static: str | None = None
         if config.jit is not None:
-            pass  # obtained per request after the allow (pep.credentials_oauth), never held here
-        elif config.value_file is not None:
+            # Obtained per request after the allow (pep/credentials_oauth.py): there is nothing to hold here.
+            raise ValueError("a just-in-time credential has no static value")
+        if config.value_file is not None:
             self._file = FileSecret(config.value_file, config.format)
         else:
             raw = environ.get(config.value_env or "", "").strip()
@@ -41,8 +42,6 @@ class CredentialSource:
 
     def problem(self) -> str | None:
         """Why `value()` is None, as `key: what` naming the file or variable (never the value), or None."""
-        if self.config.jit is not None:
-            return f"kind: {self.config.jit.kind}: this version's request path does not obtain it yet"
         value = self._file.value() if self._file is not None else self._static
         if self._file is not None:
             where = f"value_file: {self._file.path!r}"

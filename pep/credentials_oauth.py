@@ -40,6 +40,7 @@ from pep.config import Credential as RouteCredential
 from pep.decision import CredentialNarrowing, Reason
 from pep.oauth.client_auth import ClientAuth, ClientAuthConfig, ClientAuthError
 from pep.oauth.endpoint import Endpoint, OAuthError, Reply, Unavailable
+from pep.pdp.transport import tls_context
 from pep.secret_file import FileSecret
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - names, not secrets
@@ -146,6 +147,15 @@ def narrow(cfg: OAuthCredentialConfig | None, narrowing: CredentialNarrowing | N
     return Target(parameter, value, scopes)
 
 
+def describe(cfg: OAuthCredentialConfig, narrowing: CredentialNarrowing | None) -> dict[str, object]:
+    """Pure: the token a request would be given (kind, audience or resource, scopes), or why none, without
+    fetching: what `pep explain` shows."""
+    target = narrow(cfg, narrowing)
+    if isinstance(target, CredentialRefusal):
+        return {"kind": cfg.kind, "refused": target.reason.value, "detail": target.detail}
+    return {"kind": cfg.kind, target.parameter or "audience": target.value, "scopes": list(target.scopes)}
+
+
 def read_token(reply: Reply, kind: str, target: Target, cfg: OAuthCredentialConfig) -> tuple[str, int | None] | str:
     """Pure: the access token and its `expires_in` from a token answer, or why it cannot be used."""
     body = reply.body
@@ -183,6 +193,7 @@ class OAuthCredentialSource:
             raise ValueError(f"unknown credential kind {cfg.kind!r}")
         self.cfg = cfg
         self.header = cfg.header
+        self.route_config: RouteCredential | None = None  # what `for_route` built it from (a reload keeps equal ones)
         self._endpoint = endpoint
         self._clock = clock
         self._auth = ClientAuth(cfg.client)
@@ -192,6 +203,25 @@ class OAuthCredentialSource:
         self._cache: OrderedDict[tuple[str, ...], Credential] = OrderedDict()
         self._inflight: dict[tuple[str, ...], asyncio.Task[Credential | CredentialRefusal]] = {}
         self._on_fetch = on_fetch or (lambda _result: None)
+        self._owns_endpoint = False
+
+    @classmethod
+    def for_route(
+        cls,
+        credential: RouteCredential,
+        on_transition: Transition | None = None,
+        on_fetch: Callable[[str], None] | None = None,
+    ) -> OAuthCredentialSource:
+        """The source of a route's `credential` with a `kind`, over an endpoint of its own (its `tls`), closed
+        with it. Raises OSError or ssl.SSLError for unusable TLS files."""
+        jit = credential.jit
+        assert jit is not None, "a static credential has no token endpoint"
+        tls = jit.tls
+        context = tls_context(tls.ca_file, tls.cert_file, tls.key_file) if tls is not None else None
+        source = cls(source_config(credential), Endpoint(context), on_transition=on_transition, on_fetch=on_fetch)
+        source.route_config = credential
+        source._owns_endpoint = True
+        return source
 
     def problem(self) -> str | None:
         """What stops every fetch now (the client's credential file, the actor token file), for `pep check`."""
@@ -204,10 +234,7 @@ class OAuthCredentialSource:
 
     def describe(self, narrowing: CredentialNarrowing | None) -> dict[str, object]:
         """What a request would get, without fetching (for `pep explain`)."""
-        target = narrow(self.cfg, narrowing)
-        if isinstance(target, CredentialRefusal):
-            return {"kind": self.cfg.kind, "refused": target.reason.value, "detail": target.detail}
-        return {"kind": self.cfg.kind, target.parameter or "audience": target.value, "scopes": list(target.scopes)}
+        return describe(self.cfg, narrowing)
 
     async def obtain(
         self, subject_token: str | None, narrowing: CredentialNarrowing | None, budget_s: float
@@ -336,3 +363,5 @@ class OAuthCredentialSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._cache.clear()
+        if self._owns_endpoint:
+            await self._endpoint.close()

@@ -87,6 +87,14 @@ class Allow:
     """
 
     __slots__ = ("body", "credential", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
+    decision_id: str
+    request_id: str
+    route: str
+    method: str
+    upstream_url: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None
+    credential: CredentialNarrowing | None
 
     def __init__(
         self,
@@ -103,19 +111,20 @@ class Allow:
     ) -> None:
         if not _is_mint_key(key):
             raise TypeError("an Allow can only be created by the decision engine")
-        self.decision_id = decision_id
-        self.request_id = request_id
-        self.route = route
-        self.method = method
-        self.upstream_url = upstream_url
-        self.headers = headers  # obligation headers the PDP asked for, already vetted
-        self.body = body  # on inspected routes, the exact bytes decided on and to be forwarded
-        self.credential = credential
+        # Set once here, through object's own setter; `__setattr__` refuses every later assignment (testing
+        # `hasattr` there instead cost an AttributeError per field of every allow).
+        init = object.__setattr__
+        init(self, "decision_id", decision_id)
+        init(self, "request_id", request_id)
+        init(self, "route", route)
+        init(self, "method", method)
+        init(self, "upstream_url", upstream_url)
+        init(self, "headers", headers)  # obligation headers the PDP asked for, already vetted
+        init(self, "body", body)  # on inspected routes, the exact bytes decided on and to be forwarded
+        init(self, "credential", credential)
 
     def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, name):
-            raise AttributeError("Allow is immutable")
-        object.__setattr__(self, name, value)
+        raise AttributeError("Allow is immutable")
 
     def __repr__(self) -> str:
         return f"Allow(decision_id={self.decision_id!r}, route={self.route!r}, method={self.method!r})"

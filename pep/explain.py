@@ -11,6 +11,7 @@ proxy does, and nothing about the PDP's own credential is shown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import secrets
@@ -27,6 +28,7 @@ from pep import approval_step
 from pep.admission import Admission, Refusal, RequestFacts, admit
 from pep.config import HEADER_NAME, Config
 from pep.credentials import CredentialSource
+from pep.credentials_oauth import describe, source_config
 from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Engine, Outcome, combine
 from pep.identity import Refusal as IdentityRefusal
@@ -164,7 +166,11 @@ async def admission(
         return body
 
     # Replies and resumptions carry tokens a running PEP sealed: they open here only with its seal_key_files.
-    credentials = {r.name: CredentialSource(r.credential) for r in config.routes if r.credential is not None}
+    credentials = {
+        r.name: CredentialSource(r.credential)
+        for r in config.routes
+        if r.credential is not None and r.credential.jit is None
+    }
     setup = _Setup(routes, credentials, _sealer(config))
     return await admit(request_facts(config, request), setup, identify, read_body)
 
@@ -279,6 +285,9 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     check = found.check
     outcome, recorder = await ask(config, check)
     outcome = found.settle(outcome)
+    jit = _jit_credential(found, outcome)
+    if isinstance(jit, Deny):
+        outcome = dataclasses.replace(outcome, decision=jit, note=jit.detail, reasons=())
     batch = len(check.documents) > 1
     report: dict[str, Any] = {"document": check.document}
     if batch:
@@ -295,7 +304,22 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     credential = found.route.config.credential
     if credential is not None:
         report["credential_header"] = credential.header  # set by the PEP on the upstream request; never its value
+    if isinstance(jit, dict):
+        report["credential"] = jit
     return report
+
+
+def _jit_credential(found: Admission, outcome: Outcome) -> dict[str, object] | Deny | None:
+    """On an allow, the just-in-time credential the request would get (never fetched here), or the denial
+    `pep run` would turn the allow into: a narrowing outside the route's maximum."""
+    credential = found.route.config.credential
+    allow = outcome.decision
+    if credential is None or credential.jit is None or not isinstance(allow, Allow):
+        return None
+    described = describe(source_config(credential), allow.credential)
+    if "refused" in described:
+        return Deny(Reason(str(described["refused"])), allow.decision_id, str(described["detail"]))
+    return described
 
 
 def dumps(report: dict[str, Any]) -> str:

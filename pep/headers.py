@@ -136,9 +136,52 @@ def obligation_problem(pairs: Iterable[tuple[str, str]], forbidden: frozenset[st
     return None
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Upstream response headers for the caller: hop-by-hop and Connection-named ones removed.
+# The same hygiene on fields as the transport reads and writes them (bytes, in order): nothing is decoded, and
+# the field tuples that cross are the ones received, not copies.
+Fields = list[tuple[bytes, bytes]]
+_CONNECTION = b"connection"
+_NONE_NAMED: frozenset[bytes] = frozenset()
 
-    Content-Length is kept (the body is relayed unchanged); Transfer-Encoding is the PEP's own framing.
-    """
-    return CIMultiDict(end_to_end(headers))
+
+def _names(names: Iterable[str]) -> frozenset[bytes]:
+    return frozenset(n.lower().encode("latin-1") for n in names)
+
+
+HOP_BY_HOP_FIELDS = _names(HOP_BY_HOP)
+# What never crosses towards the caller: hop-by-hop fields, and the framing the writer sets for what it sends.
+ANSWER_DROP = HOP_BY_HOP_FIELDS | {b"content-length"}
+
+
+def forward_drop_set(request_drop: frozenset[str]) -> frozenset[bytes]:
+    """A route's `request_drop` as field names, with hop-by-hop fields and Content-Length (the pool writes the
+    framing of the body it sends: the caller's length for a streamed body, the decided bytes' for a read one)."""
+    return HOP_BY_HOP_FIELDS | _names(request_drop) | {b"content-length"}
+
+
+def connection_named_fields(fields: Fields) -> frozenset[bytes]:
+    """`connection_named` on fields: the names listed in `Connection` (lower-cased)."""
+    named: set[bytes] | None = None
+    for name, value in fields:
+        if len(name) == 10 and name.lower() == _CONNECTION:
+            if named is None:
+                named = set()
+            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(named) if named else _NONE_NAMED
+
+
+def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
+    """`end_to_end` on fields: those whose name is not in `drop` (which holds the hop-by-hop names already) nor
+    named in `Connection`, in order."""
+    named = connection_named_fields(fields)
+    if named:
+        drop = drop | named
+    return [field for field in fields if field[0].lower() not in drop]
+
+
+def first_field(fields: Fields, name: bytes) -> bytes | None:
+    """The value of the first field called `name` (lower-case), without building a header view for one lookup."""
+    size = len(name)
+    for key, value in fields:
+        if len(key) == size and key.lower() == name:
+            return value
+    return None

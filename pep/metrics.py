@@ -5,6 +5,7 @@ No label ever takes a value from the request: routes come from the config, reaso
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -138,6 +139,18 @@ class Metrics:
             registry=r,
         )
         self.credential_fetches = {res: credential_fetches.labels(res) for res in CREDENTIAL_FETCH_RESULTS}
+        self._credential_circuit = Gauge(
+            "pep_credential_circuit_state",
+            "The breaker of a route's just-in-time credential token endpoint: 0 closed, 1 half-open, 2 open.",
+            ["route"],
+            registry=r,
+        )
+        self._credential_transitions = Counter(
+            "pep_credential_circuit_transitions_total",
+            "Transitions of the breakers of just-in-time credential token endpoints.",
+            ["route", "to"],
+            registry=r,
+        )
         Gauge("pep_build_info", "Build information.", ["version"], registry=r).labels(__version__).set(1)
 
     def bind_routes(self, routes: tuple[str, ...]) -> None:
@@ -163,6 +176,15 @@ class Metrics:
         """Gauges read live from the engine at scrape time instead of being updated per request."""
         self.pdp_in_flight.set_function(lambda: engine.in_flight)
         self.circuit_state.set_function(lambda: int(engine.circuit))
+
+    def credential_transitions(self, route: str) -> Callable[[State, State], None]:
+        """Counts the transitions of the route's token endpoint breaker."""
+        transitions = {s: self._credential_transitions.labels(route, s.name.lower()) for s in State}
+        return lambda _old, new: transitions[new].inc()
+
+    def bind_credential_circuit(self, route: str, state: Callable[[], State]) -> None:
+        """The route's token endpoint breaker, read live at scrape time (a reload rebinds it)."""
+        self._credential_circuit.labels(route).set_function(lambda: int(state()))
 
     def circuit_transition(self, _old: State, new: State) -> None:
         self.transitions[new].inc()

@@ -42,7 +42,9 @@ def startup_warnings(config: Config) -> list[str]:
     warnings = [
         credential_warning(config, i, problem)
         for i, route in enumerate(config.routes)
-        if route.credential is not None and (problem := CredentialSource(route.credential).problem()) is not None
+        if route.credential is not None
+        and route.credential.jit is None  # obtained per request: its files are startup problems instead
+        and (problem := CredentialSource(route.credential).problem()) is not None
     ]
     for key, path in _private_files(config):
         warning = key_file_warning(path)

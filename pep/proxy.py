@@ -13,7 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pep import approval_step, attributes, tunnel
@@ -23,6 +24,7 @@ from pep.approvals.binding import TICKET_HEADER, ApprovalPending
 from pep.approvals.flow import Approvals
 from pep.config import Config
 from pep.credentials import CredentialSource
+from pep.credentials_oauth import CredentialRefusal, OAuthCredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.decision_log import DecisionLog, unaudited
 from pep.engine import Engine, Outcome
@@ -154,6 +156,7 @@ class Runtime:
     credentials: dict[str, CredentialSource]
     sealer: Sealer  # the tokens relayed in place of MCP server ids (pep/protocols/mcp_tokens.py)
     keys: KeySource | None = None  # identity.jwt's key source, started and closed with the runtime
+    jit: Mapping[str, OAuthCredentialSource] = field(default_factory=dict)  # routes' just-in-time credentials
     approvals: Approvals | None = None  # the `approvals` section's engine (CIBA client, ticket keys)
 
     @property
@@ -240,15 +243,18 @@ class Proxy:
 
         decision = outcome.decision
         route_name = route.name if route is not None else UNMATCHED
-        entry = self._entry(case, rid, route_name, outcome)
-        if isinstance(decision, Allow) and self._log.required:
-            # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this returns.
-            problem = await self._log.commit(entry, _log_budget(case.rt, outcome))
-            if problem is not None:
-                decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
-                self._log.record(unaudited(entry, problem))
-        else:
-            self._log.record(entry)
+        decision_log = self._log
+        if decision_log.enabled:  # (without a sink, no line is built: its time stamp and dict cost per request)
+            entry = self._entry(case, rid, route_name, outcome)
+            if isinstance(decision, Allow) and decision_log.required:
+                # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this
+                # returns.
+                problem = await decision_log.commit(entry, _log_budget(case.rt, outcome))
+                if problem is not None:
+                    decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                    decision_log.record(unaudited(entry, problem))
+            else:
+                decision_log.record(entry)
         case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
         metrics = self._metrics
         reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
@@ -256,9 +262,14 @@ class Proxy:
         metrics.decision_duration[route_name].observe(time.perf_counter() - started)
         admission = case.admission
         if isinstance(decision, Allow) and admission is not None:
-            # (Issue 16: a just-in-time credential is obtained here, after the allow and before anything is sent.)
             if case.method == "CONNECT":
                 case.status = await tunnel.splice(exchange, decision, admission.route)
+                return
+            if admission.credential is None and admission.route.config.credential is not None:
+                # Never upstream without the route's credential (a just-in-time one comes from `_credential`):
+                # an allow that skipped it is a bug, and still a denial.
+                log.error("request %s was allowed without its route's credential; denied", rid)
+                case.send(_denial(case, Reason.INTERNAL_ERROR, rid))
                 return
             answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
             case.status = await self._upstream.forward(
@@ -303,11 +314,30 @@ class Proxy:
         case.admission = found
         rt = case.rt
         outcome = found.settle(await rt.engine.decide(found.check))
-        if not approval_step.wanted(outcome, found):
+        if approval_step.wanted(outcome, found):
+            # Only the allow of the PDP asked again after the approval goes on, to the credential and upstream.
+            tickets = exchange.headers.getall(TICKET_HEADER, ())
+            case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
+            outcome = case.approval.outcome
+        return await self._credential(case, found, outcome)
+
+    async def _credential(self, case: _Case, admission: Admission, outcome: Outcome) -> Outcome:
+        """A route's just-in-time credential, obtained after the allow and before anything is sent: a refusal
+        (`credential_unavailable`, `obligation_unsupported`) turns the allow into a denial. The caller's token
+        goes to the token endpoint only: the detail names endpoints and OAuth error codes, never a token."""
+        allow = outcome.decision
+        source = case.rt.jit.get(admission.route.name)
+        if source is None or not isinstance(allow, Allow):
             return outcome
-        tickets = exchange.headers.getall(TICKET_HEADER, ())
-        case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
-        return case.approval.outcome
+        exchange = source.cfg.kind == "token_exchange"
+        subject_token = case.rt.identifier.presented_token(case.exchange.headers) if exchange else None
+        # The route's deadline bounds the wait; the fetch itself is bound by the credential's timeout_ms.
+        got = await source.obtain(subject_token, allow.credential, admission.route.config.timeout_ms / 1000)
+        if isinstance(got, CredentialRefusal):
+            deny = Deny(got.reason, allow.decision_id, got.detail)
+            return dataclasses.replace(outcome, decision=deny, note=got.detail, reasons=())
+        case.admission = dataclasses.replace(admission, credential=(got.header, got.value))
+        return outcome
 
     def _model_answers(self, case: _Case, admission: Admission, allow: Allow) -> ModelAnswers | None:
         """For an allowed model call whose answers can call tools: the check its answer must pass."""

@@ -15,12 +15,12 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict
-
 from pep.authority import DEFAULT_PORTS
 from pep.routing import Route
 
-_URL_HEADERS = ("Location", "Content-Location")
+Fields = list[tuple[bytes, bytes]]
+_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh"})
+_URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
 _REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
 
@@ -54,21 +54,31 @@ def public_reference(value: str, route: Route) -> str:
     return f"{path}{query}{fragment}"
 
 
-def rewrite(headers: CIMultiDict[str], route: Route) -> None:
-    """Rewrite, in place, every header of an upstream answer that can carry the upstream's address."""
-    for name in _URL_HEADERS:
-        values = headers.getall(name, ())
-        if values:
-            del headers[name]
-            for value in values:
-                headers.add(name, public_reference(value, route))
-    refreshes = headers.getall("Refresh", ())
-    if refreshes:
-        del headers["Refresh"]
-        for value in refreshes:
-            m = _REFRESH.match(value)
-            if m is None:
-                headers.add("Refresh", value)
-                continue
-            lead, quote, url, tail = m.groups()
-            headers.add("Refresh", f"{lead}{quote}{public_reference(url, route)}{quote}{tail}")
+def public_value(name: str, value: str, route: Route) -> str:
+    """The value of a `Location`, `Content-Location` or `Refresh` field (`name` lower-cased) as the agent gets it."""
+    if name != "refresh":
+        return public_reference(value, route)
+    m = _REFRESH.match(value)
+    if m is None:
+        return value
+    lead, quote, url, tail = m.groups()
+    return f"{lead}{quote}{public_reference(url, route)}{quote}{tail}"
+
+
+def rewrite(fields: Fields, route: Route) -> Fields:
+    """The fields of an upstream answer with every one that can carry the upstream's address rewritten, in
+    place and order; `fields` itself when there is none (the usual case: nothing is copied)."""
+    out: Fields | None = None
+    for i, (name, value) in enumerate(fields):
+        if len(name) not in _URL_FIELD_LENGTHS:
+            continue
+        key = name.lower()
+        if key not in _URL_FIELDS:
+            continue
+        text = value.decode("utf-8", "surrogateescape")
+        public = public_value(key.decode("ascii"), text, route)
+        if public != text:
+            if out is None:
+                out = list(fields)
+            out[i] = (name, public.encode("utf-8", "surrogateescape"))
+    return fields if out is None else out

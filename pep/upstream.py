@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from pep import redirects
 from pep.authority import DEFAULT_PORTS
 from pep.decision import Allow
-from pep.headers import end_to_end, response_headers
+from pep.headers import ANSWER_DROP, Fields, end_to_end_fields, first_field
 from pep.http1 import Framing, ProtocolError
 from pep.metrics import Metrics
 from pep.responses import Reply, unreadable_request, upstream_failure
@@ -97,7 +95,7 @@ class _Target:
 
     origin: Origin
     prefix: str  # `scheme://authority`: an upstream URL minus this is the request target
-    host: str  # the Host field: the authority without user info, the port only when not the scheme's default
+    host: bytes  # the Host field: the authority without user info, the port only when not the scheme's default
 
     def request_target(self, upstream_url: str) -> bytes:
         if not upstream_url.startswith(self.prefix):
@@ -117,37 +115,53 @@ def _target(upstream: str, tls: Callable[[], ssl.SSLContext]) -> _Target:
     if port != DEFAULT_PORTS[scheme]:
         shown = f"{shown}:{port}"
     prefix = f"{parts.scheme}://{parts.netloc}"
-    return _Target(Origin(scheme, host, port, tls() if scheme == "https" else None), prefix, shown)
+    encoded = shown.encode("ascii") if shown.isascii() else shown.encode("idna")  # as a client would send it
+    return _Target(Origin(scheme, host, port, tls() if scheme == "https" else None), prefix, encoded)
 
 
-def headers_for(
-    headers: CIMultiDictProxy[str],
+def request_fields(
+    fields: Fields,
+    upstream_host: bytes,
     peer: str,
     scheme: str,
+    host: bytes | None,
     allow: Allow,
     route: Route,
     credential: tuple[str, str] | None = None,
-) -> CIMultiDict[str]:
-    """Caller headers that may cross, plus the ones the PEP alone sets: PDP obligations, the credential. Framing
-    (Content-Length, Transfer-Encoding) is the pool's, and Host the upstream's, both set when it is sent."""
-    out = CIMultiDict(end_to_end(headers, route.request_drop))
-    out.popall("Content-Length", None)
-    out["X-Forwarded-For"] = peer
-    out["X-Forwarded-Proto"] = scheme
-    host = headers.get("Host")
+    replaced: tuple[tuple[str, str], ...] = (),
+    unencoded: bool = False,
+) -> Fields:
+    """The fields sent upstream: Host (the upstream's), the caller's fields that may cross (as received, in
+    order), then the ones the PEP alone sets: X-Forwarded-*, the request and decision ids, the trace context, PDP
+    obligations, the credential, and `replaced` caller fields with their new value. `unencoded`: no
+    Accept-Encoding, so that the answer can be read to be decided. Framing is the pool's."""
+    drop = route.forward_drop
+    if allow.headers or replaced or unencoded:
+        names = {n.lower().encode("latin-1") for n, _ in (*allow.headers, *replaced)}
+        if unencoded:
+            names.add(b"accept-encoding")
+        drop = drop | names
+    out: Fields = [(b"Host", upstream_host)]
+    out += end_to_end_fields(fields, drop)
+    out.append((b"X-Forwarded-For", peer.encode("latin-1")))
+    out.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
     if host is not None:
-        out["X-Forwarded-Host"] = host
-    out["X-Request-ID"] = allow.request_id
-    out["X-PEP-Decision-ID"] = allow.decision_id
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Request-ID", allow.request_id.encode("ascii")))
+    out.append((b"X-PEP-Decision-ID", allow.decision_id.encode("ascii")))
     trace = CURRENT_TRACE.get()
     if trace is not None:
-        out.update(trace.headers())
-    for name, value in allow.headers:
-        out.popall(name, None)
-        out[name] = value
+        out += encode_fields(trace.headers().items())
+    if allow.headers:
+        # One value per name, the last one (the PDP's obligation sets the header, it does not add to it).
+        own = {n.lower(): (n, v) for n, v in allow.headers}
+        if unencoded:
+            own.pop("accept-encoding", None)
+        out += encode_fields(own.values())
     if credential is not None:
-        out.popall(credential[0], None)
-        out[credential[0]] = credential[1]
+        out += encode_fields((credential,))
+    if replaced:
+        out += encode_fields(replaced)
     return out
 
 
@@ -189,17 +203,21 @@ class Upstream:
         sent with another value (a sealed `Last-Event-ID` opened, pep/protocols/mcp_tokens.py).
         """
         target = self.target(route)
-        peer = exchange.connection.peer
-        headers = headers_for(
-            exchange.headers, peer[0] if peer else "unknown", exchange.connection.scheme, allow, route, credential
-        )
-        for name, value in replaced:
-            headers.popall(name, None)
-            headers[name] = value
-        if answers is not None:
-            headers.popall("Accept-Encoding", None)  # the answer must be readable to be inspected
-        fields = [(b"Host", target.host.encode("ascii")), *encode_fields(headers.items())]
         head = exchange.head
+        connection = exchange.connection
+        peer = connection.peer
+        fields = request_fields(
+            head.headers,
+            target.host,
+            str(peer[0]) if peer else "unknown",
+            connection.scheme,
+            head.host,
+            allow,
+            route,
+            credential,
+            replaced,
+            unencoded=answers is not None,  # the answer must be readable to be inspected
+        )
         if allow.body is not None:
             # The decided bytes frame themselves: they may differ from what the caller sent (an MCP reply with the
             # server's own id put back, pep/protocols/mcp_replies.py).
@@ -267,9 +285,9 @@ class Upstream:
         metrics = self._metrics
         status = up.status
         metrics.upstream_responses[route.name, _CLASSES[min(status // 100, 5)]].inc()
-        headers = response_headers(up.headers)
-        headers.popall("Content-Length", None)  # the writer frames what is sent
-        redirects.rewrite(headers, route)
+        # Hop-by-hop fields and Content-Length dropped (the writer frames what is sent); the upstream's address
+        # never reaches the agent (pep/redirects.py).
+        fields = redirects.rewrite(end_to_end_fields(up.fields, ANSWER_DROP), route)
         response = exchange.response
         mode = "pass"
         if answers is not None:
@@ -288,7 +306,7 @@ class Upstream:
                 response.send(result.status, result.fields(), result.body)
                 return result.status
             if result is not None:
-                response.send(status, encode_fields(headers.items()), result, up.reason)
+                response.send(status, fields, result, up.reason)
                 return status
         if mode in ("whole", "unreadable"):
             up.close()
@@ -302,10 +320,10 @@ class Upstream:
                 small = await up.read_all(WHOLE_BODY_LIMIT)
             except UpstreamError as exc:
                 return self._failed(exchange, route, allow, exc.kind)
-            response.send(status, encode_fields(headers.items()), small, up.reason)
+            response.send(status, fields, small, up.reason)
             return status
         length = _announced(up, method) if gate is None else None
-        response.start(status, encode_fields(headers.items()), length, up.reason)
+        response.start(status, fields, length, up.reason)
         if not await _relay(exchange, up, gate):
             metrics.upstream_failures[route.name, "reset"].inc()
         return status
@@ -327,7 +345,8 @@ def _whole_body_fits(method: bytes, up: ClientResponse) -> bool:
     length = up.content_length
     if length is None or length > WHOLE_BODY_LIMIT or method == b"HEAD":
         return False
-    return not up.headers.get("Content-Type", "").lower().startswith("text/event-stream")
+    media = first_field(up.fields, b"content-type")
+    return media is None or not media.lower().startswith(b"text/event-stream")
 
 
 def _announced(up: ClientResponse, method: bytes) -> int | None:

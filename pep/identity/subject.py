@@ -70,6 +70,14 @@ class Identifier:
         found = spiffe_id(peercert())
         return self.build(found if isinstance(found, str) else None, None)
 
+    def presented_token(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
+        """The caller's token as presented, for a just-in-time credential's token exchange once `subject` has
+        verified it (the same headers give the same token). Never put into the subject, a log or an error."""
+        if self._token_header is None:
+            return None
+        token = read_token(headers, self._token_header)
+        return token if isinstance(token, str) else None
+
     async def subject(
         self, headers: CIMultiDictProxy[str] | CIMultiDict[str], peercert: PeerCert, token_required: bool
     ) -> dict[str, Any] | Refusal:

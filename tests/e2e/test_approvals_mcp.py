@@ -188,7 +188,9 @@ async def test_a_privileged_call_is_denied_when_nobody_approves_or_the_op_is_dow
 ) -> None:
     expected = {"nobody": "approval_timeout", "declined": "approval_denied"}.get(ending, "approval_unavailable")
     async with (
-        running_pep(tmp_path, opa, op, server, {"mode": "hold", "hold_ms": 1500}) as pep,
+        running_pep(
+            tmp_path, opa, op, server, {"mode": "hold", "hold_ms": 1500 if ending == "nobody" else 8000}
+        ) as pep,
         agent(f"{pep.url}/mcp") as (client, _),
     ):
         if ending == "stopped":

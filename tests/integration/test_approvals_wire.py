@@ -72,7 +72,7 @@ async def test_a_credential_narrowing_the_route_cannot_carry_out_is_not_forwarde
 
 
 @pytest.mark.parametrize("kind", ["token_exchange", "client_credentials"])
-async def test_a_jit_credential_route_denies_credential_unavailable_until_the_request_path_obtains_it(
+async def test_a_jit_credential_route_whose_token_endpoint_is_unreachable_denies_credential_unavailable(
     make_pep: PepStarter, tmp_path: Path, upstream: RecordingUpstream, kind: str
 ) -> None:
     secret = tmp_path / "as-secret"

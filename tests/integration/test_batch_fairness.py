@@ -78,7 +78,7 @@ async def test_a_batch_at_the_routes_bound_is_decided_one_over_it_is_not(
     async with aiohttp.ClientSession() as session:
         assert await post(session, pep, pings(5)) == (403, "body_too_large")
         assert fault_pdp.requests == []
-        assert await post(session, pep, pings(4)) == (200, None)  # the recording upstream echoes it
+        assert await post(session, pep, pings(4)) == (202, None)  # forwarded: an MCP server accepts notifications
     assert len(fault_pdp.requests) == 4
     assert [r.body for r in upstream.seen] == [pings(4)]
 
@@ -148,7 +148,7 @@ async def test_other_callers_are_served_while_a_batch_waits_on_the_pdp(
             assert not batch.done()
             assert holding_pdp.held == 2
             holding_pdp.release.set()
-            assert await batch == (200, None)
+            assert await batch == (202, None)  # forwarded; a batch of notifications is accepted
         assert holding_pdp.most_held == 2  # never more of the PDP than its share
         assert holding_pdp.decided.count("ping") == 16
         assert [r.body for r in upstream.seen] == [CALL] * 3 + [pings(16)]

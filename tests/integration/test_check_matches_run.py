@@ -82,6 +82,23 @@ def _credential(raw: Raw, tmp: Path) -> None:
     raw["routes"][0]["credential"] = {"header": "authorization", "value_file": str(tmp / "no-such-token")}
 
 
+def _jit(raw: Raw, tmp: Path, secret: bool, **more: Any) -> None:
+    """routes[0] gets a client-credentials token from a token endpoint (nothing listens there: only the files
+    are checked at start); its client secret file exists when `secret`."""
+    path = tmp / "as-secret"
+    if secret:
+        path.write_text("s3cret\n")
+        path.chmod(0o600)
+    raw["routes"][0]["credential"] = {
+        "kind": "client_credentials",
+        "token_endpoint": "http://127.0.0.1:9/token",
+        "client_id": "pep",
+        "client_secret_file": str(path),
+        "resource": "https://tools.example/api",
+        **more,
+    }
+
+
 CASES = [
     Case("a good config", lambda raw, tmp: None, False),
     Case("an unknown key", _set("surprise", lambda tmp: 1), True, "surprise: unknown key"),
@@ -104,6 +121,19 @@ CASES = [
         "identity.mtls.ca_file",
     ),
     Case("a missing route credential: starts, warns", _credential, False, "routes[0].credential.value_file"),
+    Case("a just-in-time credential: starts, nothing to warn of", lambda r, t: _jit(r, t, secret=True), False),
+    Case(
+        "a just-in-time credential without its client secret",
+        lambda r, t: _jit(r, t, secret=False),
+        True,
+        "routes[0].credential.client_secret_file",
+    ),
+    Case(
+        "a just-in-time credential with a missing CA file",
+        lambda r, t: _jit(r, t, secret=True, tls={"ca_file": "/nonexistent/ca.pem"}),
+        True,
+        "routes[0].credential.tls",
+    ),
 ]
 
 

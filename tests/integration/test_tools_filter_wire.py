@@ -264,7 +264,14 @@ async def server() -> AsyncIterator[McpServer]:
 
 @pytest.fixture
 async def fpep(tmp_path: Path, pdp: ListPdp, server: McpServer) -> AsyncIterator[RunningPep]:
-    starter = PepStarter(tmp_path, lambda log: base_config(pdp.url, server.url, log), "filter.yaml")
+    def config(log: Path) -> dict[str, Any]:
+        cfg = base_config(pdp.url, server.url, log)
+        # A filtered list asks the PDP about every item: 250 ms is short on a loaded CI machine (a late answer here
+        # would be a pdp_timeout denial, never a pass, but the test is about something else).
+        cfg["pdp"]["timeout_ms"] = 1000
+        return cfg
+
+    starter = PepStarter(tmp_path, config, "filter.yaml")
     yield await starter(mutate=routes(server.url))
     await starter.close()
 

@@ -1,5 +1,5 @@
 """Header hygiene as a whole, for any caller headers and any route: what reaches the upstream (pep/upstream.py
-`headers_for`, with an Allow from the real engine carrying PDP obligation headers) and what reaches the PDP (the
+`request_fields`, with an Allow from the real engine carrying PDP obligation headers) and what reaches the PDP (the
 admission's `header_map(end_to_end(headers, route.policy_drop))`).
 
 - Hop-by-hop headers and the headers the caller named in `Connection` never cross.
@@ -20,7 +20,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from fuzz.oracles import examples
 from pep import attributes
@@ -31,7 +31,7 @@ from pep.headers import CALLER_CREDENTIALS, HOP_BY_HOP, PEP_OWNED, end_to_end
 from pep.metrics import Metrics
 from pep.pdp import Failure, Pdp, Verdict
 from pep.routing import Route
-from pep.upstream import headers_for
+from pep.upstream import request_fields
 
 PEER = "10.1.2.3"
 NAMES = sorted(
@@ -91,7 +91,10 @@ async def decide_and_build(
     if not isinstance(decision, Allow):
         return None, CIMultiDict()
     cred = (route.config.credential.header, credential) if route.config.credential and credential else None
-    return decision, headers_for(CIMultiDictProxy(CIMultiDict(pairs)), PEER, "http", decision, route, cred)
+    fields = [(n.encode(), v.encode()) for n, v in pairs]
+    host = CIMultiDict(pairs).get("Host")
+    out = request_fields(fields, b"up", PEER, "http", host.encode() if host else None, decision, route, cred)
+    return decision, CIMultiDict((n.decode(), v.decode()) for n, v in out)
 
 
 @settings(max_examples=examples(150), deadline=None)
@@ -135,6 +138,7 @@ def test_what_crosses_to_the_upstream_and_to_the_pdp(
         assert credential_header in {n for n, _ in obligations}
         return
     never_from_caller = HOP_BY_HOP | named | PEP_OWNED | {"host", "expect", "content-length"}
+    assert out.getall("Host") == ["up"]  # the upstream's, never the caller's
     if not keep:
         never_from_caller |= credentials
     if credential_header:

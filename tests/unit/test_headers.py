@@ -5,19 +5,22 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from pep.headers import (
+    ANSWER_DROP,
     CALLER_CREDENTIALS,
     HOP_BY_HOP,
+    HOP_BY_HOP_FIELDS,
     PEP_OWNED,
     connection_named,
     end_to_end,
+    end_to_end_fields,
+    first_field,
     obligation_forbidden,
     obligation_problem,
     policy_drop_set,
     request_drop_set,
-    response_headers,
 )
 
 
@@ -76,19 +79,26 @@ def test_also_drop_removes_more() -> None:
     assert end_to_end(headers, frozenset({"authorization", "cookie", "x-pep-decision-id"})) == [("A", "1")]
 
 
-def test_response_headers_keep_content_length_and_duplicates() -> None:
-    upstream = CIMultiDictProxy(
-        ci(
-            ("Content-Length", "3"),
-            ("Set-Cookie", "a=1"),
-            ("Set-Cookie", "b=2"),
-            ("Transfer-Encoding", "chunked"),
-            ("Connection", "close, X-Internal"),
-            ("X-Internal", "1"),
-        )
-    )
-    out = response_headers(upstream)
-    assert list(out.items()) == [("Content-Length", "3"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+def test_answer_fields_keep_duplicates_and_leave_framing_to_the_writer() -> None:
+    upstream = [
+        (b"Content-Length", b"3"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Connection", b"close, X-Internal"),
+        (b"x-internal", b"1"),
+    ]
+    out = end_to_end_fields(upstream, ANSWER_DROP)
+    assert out == [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")]
+    assert out[0] is upstream[1]  # the fields received, not copies
+
+
+@given(st.lists(st.tuples(st.sampled_from(["Connection", "A", "b", "Keep-Alive", "TE", "x-c"]), st.text("abcAB, "))))
+def test_fields_and_strings_are_held_to_the_same_rules(pairs: list[tuple[str, str]]) -> None:
+    fields = [(n.encode(), v.encode()) for n, v in pairs]
+    drop = frozenset({"x-c"})
+    expected = [(n.encode(), v.encode()) for n, v in end_to_end(ci(*pairs), drop)]
+    assert end_to_end_fields(fields, HOP_BY_HOP_FIELDS | {b"x-c"}) == expected
 
 
 def test_request_drop_set() -> None:
@@ -210,3 +220,9 @@ def test_end_to_end_never_forwards_hop_by_hop_and_keeps_the_rest_in_order(pairs:
         assert name.lower() not in named
     expected = [(k, v) for k, v in pairs if k.lower() not in HOP_BY_HOP and k.lower() not in named]
     assert out == expected
+
+
+def test_first_field_is_the_first_of_that_name_in_any_case() -> None:
+    fields = [(b"X-A", b"1"), (b"Content-TYPE", b"text/plain"), (b"content-type", b"text/html")]
+    assert first_field(fields, b"content-type") == b"text/plain"
+    assert first_field(fields, b"content-length") is None

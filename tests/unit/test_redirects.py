@@ -77,7 +77,11 @@ def test_every_header_that_can_carry_the_address() -> None:
             ("X-Other", f"{UP}/mcp/kept"),  # not a URL header of HTTP: not touched
         ]
     )
-    rewrite(headers, MCP)
+    fields = [(n.encode(), v.encode()) for n, v in headers.items()]
+    out = rewrite(fields, MCP)
+    headers = CIMultiDict((n.decode(), v.decode()) for n, v in out)
+    assert [n for n, _ in out] == [n for n, _ in fields]  # in place, in order
+    assert rewrite(fields[-2:], MCP) == fields[-2:]  # nothing to rewrite: the fields as they came
     assert headers.getall("Location") == ["/mcp/a"]
     assert headers.getall("Content-Location") == ["/mcp/b"]
     assert headers.getall("Refresh") == ["5; url=/mcp/c", "0;URL='/mcp/d'", "10"]

@@ -112,6 +112,32 @@ def test_depth_limit() -> None:
         loads(b'{"a":' * 4 + b"1" + b"}" * 4, max_depth=3)
 
 
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-9, 9) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+    max_leaves=30,
+)
+
+
+@given(_VALUES, st.integers(1, 6))
+def test_the_depth_limit_counts_containers_only(value: Any, limit: int) -> None:
+    """The level-by-level walk refuses exactly the values nested deeper than the limit (scalars are depth 0)."""
+    data = orjson.dumps(value)
+    if _depth(value) > limit:
+        with pytest.raises(JsonError, match="nested deeper"):
+            loads(data, max_depth=limit)
+    else:
+        assert loads(data, max_depth=limit) == value
+
+
 def test_very_deep_nesting_is_an_error_not_a_crash() -> None:
     for depth in (1000, 5000, 100_000):
         with pytest.raises(JsonError):
