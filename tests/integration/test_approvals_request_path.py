@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.support.observe import metric as metric_value
 from tests.support.op import OpenIdProvider, running_op
 from tests.support.policy_pdp import PolicyPdp
 from tests.support.process import cedar_config, ensure_stopped, read_line, start_pep
+from tests.support.token_upstream import TokenCheckingUpstream
 from tests.support.upstream import RecordingUpstream
 
 TICKET = "x-pep-approval-ticket"
@@ -36,7 +38,7 @@ class RefundPolicy(PolicyPdp):
     """Refunds need alice's approval; with an approval in the input they are allowed. Everything else: allow."""
 
     def decide(self, doc: dict[str, Any]) -> Any:
-        if doc["route"]["name"] not in ("refunds", "models"):
+        if doc["route"]["name"] not in ("refunds", "models", "payouts"):
             return True
         if doc.get("approval", {}).get("approver") == "alice" and self.after_approval != "again":
             return {"allow": True} if self.after_approval == "allow" else {"allow": "yes"}
@@ -361,6 +363,75 @@ async def test_a_request_held_across_a_reload_finishes_on_its_own_config(
     await op.approve(seen["auth_req_id"])
     assert (await waiting)[0] == 200
     assert len(upstream.seen) == 1
+
+
+# --- approval, then a just-in-time credential ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("broker", ["up", "stopped"])
+async def test_a_credential_is_obtained_only_after_the_allow_that_followed_the_approval(
+    tmp_path: Path, op: OpenIdProvider, pdp: RefundPolicy, broker: str
+) -> None:
+    """A route needing both: no token is asked for while the person has not answered; after the approval and
+    the PDP's second allow, a fresh client-credentials token from the real OP is the only credential the upstream
+    sees (it verifies it against the OP's keys). The broker down at that moment: credential_unavailable, the
+    approval spent, nothing forwarded."""
+    crm = TokenCheckingUpstream(jwks_uri=op.jwks_uri, issuer=op.issuer, audience="crm", scope="crm.read")
+    await crm.start()
+    token_endpoint = op.token_endpoint if broker == "up" else f"http://127.0.0.1:{free_port()}/token"
+    credential = {
+        "kind": "client_credentials",
+        "resource": "https://crm.example/api",
+        "scopes": ["crm.read"],
+        "token_endpoint": token_endpoint,
+        "client_id": "pep",
+        "client_secret_file": str(op.clients["pep"].secret_file),
+        "timeout_ms": 500,
+    }
+
+    def config(log: Path) -> dict[str, Any]:
+        cfg = base_config(pdp.url, crm.url, log)
+        route = {"name": "payouts", "match": {"path_prefix": "/payouts"}, "upstream": crm.url, "max_body_bytes": 4096}
+        cfg["routes"].insert(0, {**route, "credential": credential, "approval": {"mode": "hold", "hold_ms": 8000}})
+        cfg["approvals"] = approvals_section(op, tmp_path)
+        return cfg
+
+    starter = PepStarter(tmp_path, config, "payouts.yaml")
+    try:
+        pep = await starter()
+        waiting = asyncio.create_task(post(pep, path="/payouts/1"))
+        seen = await op.wait_ciba()
+        await asyncio.sleep(0.2)
+        assert (await op.stats())["grants"].get("client_credentials", 0) == 0  # nothing fetched before approval
+        await op.approve(seen["auth_req_id"])
+        status, headers, _ = await waiting
+        entry = (await pep.log_entries())[-1]
+        grants = (await op.stats())["grants"].get("client_credentials", 0)
+    finally:
+        await starter.close()
+        await crm.stop()
+    assert entry["approval"]["result"] == "granted"
+    if broker == "up":
+        assert status == 200
+        assert grants == 1
+        [forwarded] = crm.seen
+        assert forwarded.claims is not None, forwarded.problem
+        assert (forwarded.claims["aud"], forwarded.claims["scope"]) == ("crm", "crm.read")
+        assert entry["reason"] == "allowed"
+    else:
+        assert (status, headers["x-pep-reason"], entry["reason"]) == (
+            403,
+            "credential_unavailable",
+            "credential_unavailable",
+        )
+        assert crm.seen == []
+    assert [d.get("approval") is None for d in pdp.inputs] == [True, False]
 
 
 # --- ticket mode -------------------------------------------------------------------------------------------------
