@@ -8,6 +8,8 @@ with wrk -t1 -c16 on core 1, interleaved and repeated; CPU time is the proxy's o
   set) and the answer sent back in one write;
 - `transport_pdp`: the same, after asking the PDP stub over the pool (a small JSON POST whose answer is read
   and checked), which is the shape of the PEP's hot path: two upstream exchanges per request;
+- `transport_client_pdp`: the same with the PEP's own PDP client (pep.pdp.transport, what `pep run` asks OPA
+  with: its headers, request id, answer size limit and content-coding checks) instead of a bare pool request;
 - `aiohttp`, `aiohttp_pdp`: the same two with aiohttp's server and client (what `pep run` uses today);
 - `envoy`: Envoy as a plain router, and `envoy_authz` with the ext_authz filter of `make bench`.
 
@@ -33,7 +35,7 @@ from bench.procs import LOOPBACK, BenchError, Proc
 from bench.targets import GET, MCP, OPA_BODY, OPA_PATH, Stubs, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("transport", "transport_pdp", "aiohttp", "aiohttp_pdp", "envoy", "envoy_authz")
+KINDS = ("transport", "transport_pdp", "transport_client_pdp", "aiohttp", "aiohttp_pdp", "envoy", "envoy_authz")
 _HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
     | {b"content-length", b"host"}
@@ -44,8 +46,11 @@ _HOP_STR = frozenset(h.decode() for h in _HOP)
 # --- the proxies under test (run in their own process: `python -m bench.transport serve ...`) -------------------
 
 
-async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event) -> None:
+async def _transport_proxy(
+    port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event, pep_client: bool = False
+) -> None:
     from pep.http1 import Framing
+    from pep.pdp.transport import HttpTransport, RawAnswer
     from pep.transport import Exchange, Origin, Pool, serve
 
     pool = Pool(max_per_origin=64)
@@ -54,13 +59,26 @@ async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, 
     host = f"{LOOPBACK}:{upstream_port}".encode()
     pdp_fields = [(b"Host", f"{LOOPBACK}:{pdp_port}".encode()), (b"Content-Type", b"application/json")]
     allow = OPA_BODY.encode()
+    client = HttpTransport(65536, 64) if pep_client else None
+    pdp_url = f"http://{LOOPBACK}:{pdp_port}{OPA_PATH}"
+    asked = 0
 
     async def handler(exchange: Exchange) -> None:
+        nonlocal asked
         head = exchange.head
         fields = [(n, v) for n, v in head.headers if n.lower() not in _HOP]
         fields.append((b"Host", host))
         body = await exchange.body.read_all(1 << 20, 10.0) if head.framing is not Framing.NONE else None
-        if pdp is not None:
+        if client is not None:
+            ask = b'{"input":{"method":"%s","path":"%s"}}' % (head.method, head.target)
+            asked += 1
+            said = await client.post(
+                pdp_url, ask, {"Content-Type": "application/json", "X-Request-ID": f"{asked:032x}"}
+            )
+            if not isinstance(said, RawAnswer) or said.status != 200 or said.body != allow:
+                exchange.response.send(403, [], b"denied")
+                return
+        elif pdp is not None:
             ask = b'{"input":{"method":"%s","path":"%s"}}' % (head.method, head.target)
             answer = await pool.request(pdp, b"POST", OPA_PATH.encode(), pdp_fields, ask, read_s=0.25)
             if answer.status != 200 or await answer.read_all(65536) != allow:
@@ -75,6 +93,8 @@ async def _transport_proxy(port: int, upstream_port: int, pdp_port: int | None, 
     await stop.wait()
     await listener.close(1.0)
     await pool.close()
+    if client is not None:
+        await client.close()
 
 
 async def _aiohttp_proxy(port: int, upstream_port: int, pdp_port: int | None, stop: asyncio.Event) -> None:
@@ -118,8 +138,11 @@ def serve_main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        proxy = _transport_proxy if args.kind.startswith("transport") else _aiohttp_proxy
-        await proxy(args.port, args.upstream, args.pdp if args.kind.endswith("_pdp") else None, stop)
+        pdp = args.pdp if args.kind.endswith("_pdp") else None
+        if args.kind.startswith("transport"):
+            await _transport_proxy(args.port, args.upstream, pdp, stop, args.kind == "transport_client_pdp")
+        else:
+            await _aiohttp_proxy(args.port, args.upstream, pdp, stop)
 
     uvloop.run(run())
     return 0
@@ -252,6 +275,42 @@ def _table(median: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def instructions_main(args: argparse.Namespace) -> int:
+    """Instructions per proxied request under callgrind (bench/callgrind.py), each kind once per repetition."""
+    from bench.callgrind import instructions
+
+    out_dir = Path(args.out_dir)
+    work = out_dir / "work-callgrind"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    workloads = [w for w in (GET, MCP) if w.name in args.workloads.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k in KINDS and not k.startswith("envoy")]
+    stubs = targets.start_stubs(work)
+    try:
+        for rep in range(args.repetitions):
+            for workload in workloads:
+                script = measure.wrk_script(workload, work)
+                for kind in kinds:
+                    port = procs.free_port()
+                    argv = [sys.executable, "-m", "bench.transport", "serve", kind, "--port", str(port)]
+                    argv += ["--upstream", str(stubs.upstream_port), "--pdp", str(stubs.pdp_port)]
+                    name = f"{kind}-{workload.name}-{rep}"
+                    got = instructions(name, argv, port, stubs, workload, script, work, args.seconds)
+                    per = 2 if kind.endswith("_pdp") else 1  # nginx requests per proxied request
+                    proxied = got["requests"] / per
+                    print(
+                        f"callgrind: [{rep + 1}/{args.repetitions}] {workload.name}/{kind}: "
+                        f"{got['instructions'] / proxied:,.0f} instructions per request ({proxied:,.0f} requests)",
+                        flush=True,
+                    )
+    except BenchError as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stubs.proc.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command")
@@ -260,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--upstream", type=int, required=True)
     serve.add_argument("--pdp", type=int, required=True)
+    count = sub.add_parser("instructions", help="instructions per request under callgrind (repeatable)")
+    count.add_argument("--kinds", default="transport,transport_pdp")
+    count.add_argument("--workloads", default="get,mcp_2k")
+    count.add_argument("--repetitions", type=int, default=1)
+    count.add_argument("--seconds", type=float, default=15.0)
+    count.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     run = sub.add_parser("run", help="measure every target (the default)")
     for p in (parser, run):
         p.add_argument("--kinds", default=",".join(KINDS))
@@ -272,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_main(args)
+    if args.command == "instructions":
+        return instructions_main(args)
     return run_main(args)
 
 

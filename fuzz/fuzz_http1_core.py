@@ -9,9 +9,9 @@ Input: two bytes that say how the bytes are read, then the bytes a peer sends.
 - byte 1: the body limit in bytes (255: none);
 - the rest: the peer's bytes.
 Oracles (fuzz/http1_oracles.py): only ProtocolError leaves a reader, with a server (or client) status hint; the
-reading is the same in one read and in the cuts; every message handed out is the one h11 reads from the same
-bytes (line, fields, body, trailers, end, keep-alive); bytes after an answer are an error exactly when h11 sees
-some; a body limit is reported only for a longer body.
+reading is the same in one read and in the cuts, with bodies taken whole (`take_body`) or read as events; every
+message handed out is the one h11 reads from the same bytes (line, fields, body, trailers, end, keep-alive);
+bytes after an answer are an error exactly when h11 sees some; a body limit is reported only for a longer body.
 """
 
 from __future__ import annotations
@@ -48,10 +48,14 @@ def test_one_input(data: bytes) -> None:
     if flags & 1:
         whole = oracles.read_response([raw], eof, method, limits, max_body)
         oracles.check_same_for_any_cut(whole, oracles.read_response(chunks, eof, method, limits, max_body), raw, chunks)
+        taken = oracles.read_response(chunks, eof, method, limits, max_body, take=True)
+        oracles.check_same_for_any_cut(whole, taken, raw, chunks)
         oracles.check_response(raw, eof, method, whole, max_body)
     else:
         whole = oracles.read_requests([raw], eof, limits, max_body)
         oracles.check_same_for_any_cut(whole, oracles.read_requests(chunks, eof, limits, max_body), raw, chunks)
+        taken = oracles.read_requests(chunks, eof, limits, max_body, take=True)
+        oracles.check_same_for_any_cut(whole, taken, raw, chunks)
         oracles.check_requests(raw, eof, whole, max_body)
 
 

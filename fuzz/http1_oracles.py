@@ -101,14 +101,23 @@ class _Collector:
 
 
 def read_requests(
-    chunks: Sequence[bytes], eof: bool, limits: Limits | None = None, max_body: int | None = None
+    chunks: Sequence[bytes],
+    eof: bool,
+    limits: Limits | None = None,
+    max_body: int | None = None,
+    take: bool = False,
 ) -> Reading:
-    """Requests as the listener would read them: each answered at once (start_next) until one is the last."""
+    """Requests as the listener would read them: each answered at once (start_next) until one is the last.
+    `take`: each body is taken whole when `take_body` can, as a transport does (the reading must not change)."""
     reader = RequestReader(limits or Limits(), max_body)
     out = _Collector()
 
     def drain() -> str | None:
         while True:
+            if take and (body := reader.take_body()) is not None:
+                out.body.append(body)
+                out.end((), True)
+                continue
             event = reader.next_event()
             if event is NEED_DATA:
                 return None
@@ -139,15 +148,25 @@ def read_requests(
 
 
 def read_response(
-    chunks: Sequence[bytes], eof: bool, method: bytes, limits: Limits | None = None, max_body: int | None = None
+    chunks: Sequence[bytes],
+    eof: bool,
+    method: bytes,
+    limits: Limits | None = None,
+    max_body: int | None = None,
+    take: bool = False,
 ) -> Reading:
-    """The answer to one request with `method`, as the PDP or upstream client would read it."""
+    """The answer to one request with `method`, as the PDP or upstream client would read it. `take`: the body is
+    taken whole when `take_body` can, as the pool does (the reading must not change)."""
     reader = ResponseReader(limits or Limits(), max_body)
     reader.start(method)
     out = _Collector()
 
     def drain() -> str | None:
         while True:
+            if take and (body := reader.take_body()) is not None:
+                out.body.append(body)
+                out.end((), True)
+                continue
             event = reader.next_event()
             if event is NEED_DATA:
                 return None

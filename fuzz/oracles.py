@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import re
+import ssl
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -29,13 +30,16 @@ from typing import Any
 from multidict import CIMultiDict
 
 from pep.decision import Reason
+from pep.http1 import DEFAULT_LIMITS
 from pep.pdp import Failure, Verdict
-from pep.pdp.http1 import Answer, ExchangeError, _Connection
+from pep.pdp.http1 import Answer, ExchangeError, Http1Client
 from pep.pdp.transport import RawAnswer
 from pep.protocols import NO_ID, Inspected, Refused
 from pep.protocols.mcp_answer import Response, Stream, Unreadable
 from pep.protocols.mcp_answer import load as load_answer
 from pep.protocols.sse import SseError, SseEvent, SseReader
+from pep.transport.connection import UpstreamConnection
+from pep.transport.pool import _Slots
 
 
 class OracleError(AssertionError):
@@ -775,24 +779,54 @@ def check_authzen_batch(answer: RawAnswer, request_id: str, count: int, outcomes
 
 # --- the PDP's HTTP/1.1 client (pep/pdp/http1.py) -------------------------------------------------------------
 
-REQUEST = b"POST /v1/data/pep/authz HTTP/1.1\r\nHost: pdp\r\nContent-Length: 2\r\n\r\n{}"
+URL = "http://pdp/v1/data/pep/authz"
+_TLS = ssl.create_default_context()  # unused (an http URL), made once: a client would make one per exchange
 
 
 class _Transport:
     """Stands in for the event loop's socket transport: `abort` closes it and reports the loss on the next turn,
     and once closed it delivers nothing more, as asyncio's and uvloop's transports do."""
 
-    def __init__(self, protocol: _Connection) -> None:
+    def __init__(self, protocol: UpstreamConnection) -> None:
         self.protocol = protocol
         self.closed = False
 
     def write(self, data: bytes) -> None:
         pass
 
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
             asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
+def _connected(client: Http1Client) -> tuple[UpstreamConnection, _Transport]:
+    """A connection of the client's own pool to the PDP's origin, over the stand-in transport, idle and ready
+    for the next exchange (the client takes it as it would take any kept-alive connection)."""
+    pool = client._pool
+    loop = asyncio.get_running_loop()
+    pool._loop = loop
+    origin = client._target("POST", URL).origin
+    slots = pool._origins[origin] = _Slots()
+    slots.open = 1
+    conn = UpstreamConnection(loop, DEFAULT_LIMITS, None, 262144, lambda: pool._gone(slots, conn))
+    transport = _Transport(conn)
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.park(loop.time() + 60)
+    slots.idle.append(conn)
+    return conn, transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,12 +841,11 @@ class Exchange:
 
 
 async def exchange(chunks: Sequence[bytes], eof: bool, limit: int) -> Exchange:
-    """Feed a server's bytes, read by read, to one exchange of the PDP client's connection; then the server
-    closes the connection (`eof`) or not."""
-    conn = _Connection(limit)
-    transport = _Transport(conn)
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    task = asyncio.ensure_future(conn.exchange(REQUEST))
+    """Feed a server's bytes, read by read, to one exchange of the PDP client (a POST of `{}`) over its pool's
+    connection; then the server closes the connection (`eof`) or not."""
+    client = Http1Client(limit, 1, _TLS, "")
+    conn, transport = _connected(client)
+    task = asyncio.ensure_future(client.exchange("POST", URL, b"{}", {}))
     await asyncio.sleep(0)
     escaped: BaseException | None = None
     for chunk in chunks:

@@ -22,6 +22,8 @@ from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, split_authority
 ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Written by the PDP client on every decision request (pep/pdp/transport.py, pep/pdp/http1.py): not a credential's.
+_PDP_CLIENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-type", "x-request-id"})
 _PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
 NOT_YET = "is not supported by this version of failclosed-pep"
@@ -646,6 +648,8 @@ def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
         value_file = r.string(a, "value_file", "pdp.auth", required=True)
         if not HEADER_NAME.match(header):
             r.error("pdp.auth.header", f"is not a valid header name: {header!r}")
+        elif header.lower() in _PDP_CLIENT_HEADERS:  # a second one would frame or route the request anew
+            r.error("pdp.auth.header", f"is a header the PDP client writes itself: {header!r}")
         if fmt.count("{}") != 1:
             r.error("pdp.auth.format", "must hold {} exactly once, where the value goes")
         if value_file is not None:

@@ -29,7 +29,7 @@ from pep.http1.events import (
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 from pep.http1.request_reader import RequestReader, RequestState
 from pep.http1.response_reader import ResponseReader, ResponseState
-from pep.http1.writer import LAST_CHUNK, BodyWriter, WriterState, chunk, request_head, response_head
+from pep.http1.writer import LAST_CHUNK, BodyWriter, RequestStart, WriterState, chunk, request_head, response_head
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -50,6 +50,7 @@ __all__ = [
     "ProtocolError",
     "Request",
     "RequestReader",
+    "RequestStart",
     "RequestState",
     "Response",
     "ResponseReader",

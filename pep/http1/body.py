@@ -1,4 +1,5 @@
-"""Body framing: Content-Length, chunked, and until-close bodies, read from the front of a reader's buffer.
+"""Body framing: chunked and until-close bodies, read from the front of a reader's buffer (a Content-Length
+body, the usual one, is read by the readers themselves, without an object per message).
 
 Each reader returns the next Data or EndOfMessage, or None when it needs more bytes; consumed bytes are deleted
 from the buffer (`del buf[:n]` on a bytearray moves its start, it does not copy). Chunked bodies are read here,
@@ -61,27 +62,6 @@ class BodyReader(ABC):
 
     def _error(self, reason: str) -> ProtocolError:
         return ProtocolError(reason, 400 if self._server else 502)
-
-
-class LengthBody(BodyReader):
-    __slots__ = ("_remaining",)
-
-    def __init__(self, length: int, limit: int | None, server: bool) -> None:
-        super().__init__(limit, server)
-        self._remaining = length
-
-    def read(self, buf: bytearray, eof: bool) -> Data | EndOfMessage | None:
-        if self._limit is not None and self._remaining > self._limit - self._read:  # known before any byte
-            raise BodyTooLarge(f"Content-Length over {self._limit} bytes", 413 if self._server else 502)
-        if not self._remaining:
-            return EndOfMessage([])
-        if not buf:
-            if eof:
-                raise self._error("the connection closed before the end of the body")
-            return None
-        data = self._data(buf, min(self._remaining, len(buf)))
-        self._remaining -= len(data.data)
-        return data
 
 
 class CloseBody(BodyReader):

@@ -79,6 +79,7 @@ class Response:
     framing: Framing
     content_length: int | None  # with Framing.LENGTH
     keep_alive: bool  # the connection may carry another exchange after this body
+    keep_alive_field: bytes | None = None  # the Keep-Alive field's value (`timeout=N`), for a pool's idle bound
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""Field lines: splitting a checked block, checking an unchecked one, and the comma lists framing depends on.
+"""Field lines: checking an unchecked block, and the comma lists framing depends on (the readers split the blocks
+llhttp has checked themselves, in the loop that also finds the framing fields).
 
 Checks use `bytes.translate` to delete the allowed bytes and look at what is left: one C pass per field, where a
 regular expression would cost about ten times as much per byte.
@@ -23,18 +24,6 @@ def is_token(data: bytes) -> bool:
 
 def is_value(data: bytes) -> bool:
     return not data.translate(None, VALUE)
-
-
-def split_fields(block: bytes) -> Fields:
-    """The field lines of a block llhttp has already checked (tokens, colons, no folds, no bare CR or LF):
-    names as sent, values without the whitespace around them."""
-    if not block:
-        return []
-    fields = []
-    for line in block.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        fields.append((name, value.strip(_OWS)))
-    return fields
 
 
 def parse_fields(block: bytes, limits: Limits, what: str) -> Fields:

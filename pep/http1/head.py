@@ -7,9 +7,15 @@ decided by the readers, where llhttp's own choices would be wrong for the PEP: i
 body as the upgraded protocol, cannot be told a response answers HEAD, and parses every pipelined message it is
 given at once.
 
+llhttp splits the fields for the readers, through `on_header` (its only callback into Python), into a
+FieldSink: the reader's own subclass notes the fields it acts on as they come.
+
 The first line is checked by the reader (`check_line`) before llhttp sees any of it, so that a version or
 method error is classified from the whole line, whatever the reads; after that, every error is raised at the
 byte that causes it, so the outcome does not depend on how the bytes were cut into reads.
+
+A head that is whole in the buffer at the first look (nearly every one) takes `_whole`: the same steps in the
+same order, with no state kept between reads.
 """
 
 from __future__ import annotations
@@ -20,31 +26,47 @@ from typing import Generic, TypeVar
 import httptools
 
 from pep.http1.errors import ProtocolError
+from pep.http1.events import Fields
+from pep.http1.fields import check_line_sizes
 from pep.http1.limits import Limits
 
 Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 T = TypeVar("T")
+_OWS = b" \t"
 
 
-class _Quiet:
-    """No callbacks: llhttp checks the head in C without calling into Python (the readers split it later).
-    Each is present as None: httptools looks every one up when a parser is made, and a missing attribute
-    costs an AttributeError apiece."""
+class FieldSink:
+    """llhttp's callbacks for one head: the fields as llhttp splits them (names as sent; llhttp drops the
+    whitespace before a value, `on_header` the whitespace after it). A reader subclasses it to note the fields it
+    acts on in the same call, so that no second pass over the fields is needed. The other callbacks are present
+    as None: httptools looks every one up when a parser is made, and a missing attribute costs an
+    AttributeError apiece."""
 
-    on_message_begin = on_url = on_status = on_header = on_headers_complete = None
+    __slots__ = ("fields",)
+
+    on_message_begin = on_url = on_status = on_headers_complete = None
     on_body = on_message_complete = on_chunk_header = on_chunk_complete = None
 
+    def __init__(self) -> None:
+        self.fields: Fields = []
 
-_QUIET = _Quiet()
+    def reset(self) -> None:
+        """A new head begins."""
+        self.fields = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value.rstrip(_OWS)))
 
 
 class HeadScanner(Generic[T]):
     """The head at the start of a buffer: None until it is complete, then what `check_line` made of its first
-    line and the block of field lines (without the CRLF after the last), the head deleted from the buffer."""
+    line, the head deleted from the buffer and its fields in `sink` (checked: at most `max_field_bytes` per line).
+    """
 
     __slots__ = (
         "_check_line",
         "_fed",
+        "_last",
         "_limits",
         "_line",
         "_line_end",
@@ -52,6 +74,8 @@ class HeadScanner(Generic[T]):
         "_parser",
         "_searched",
         "_server",
+        "_spare",
+        "sink",
     )
 
     def __init__(
@@ -60,18 +84,72 @@ class HeadScanner(Generic[T]):
         new_parser: type[Parser],
         check_line: Callable[[bytes], T],
         server: bool,
+        sink: FieldSink,
     ) -> None:
         self._limits = limits
         self._new_parser = new_parser
         self._check_line = check_line
         self._server = server  # status hints: what a server answers (400, 414, 431, 501), or 502 on a client
+        self.sink = sink
         self._parser: Parser | None = None
         self._line: T | None = None
         self._line_end = -1  # the end of the first line, after its CRLF, once found
         self._fed = 0  # bytes of the head llhttp has seen
         self._searched = 0  # where to resume looking for CRLF CRLF
+        self._last: Parser | None = None  # the parser of the last whole head, until the next scan
+        self._spare: Parser | None = None  # a parser back at the start of a message (`recycle`)
 
-    def scan(self, buf: bytearray) -> tuple[T, bytes] | None:
+    def scan(self, buf: bytearray) -> T | None:
+        if self._line_end < 0:
+            end = buf.find(b"\r\n\r\n", 0, self._limits.max_head_bytes)
+            if end >= 0:
+                return self._whole(buf, end)
+        return self._partial(buf)
+
+    def _whole(self, buf: bytearray, end: int) -> T:
+        """The usual case, a whole head in the buffer at the first look: what `_partial` would do with it, in
+        the same order (so the same error for the same bytes), without keeping any state between reads."""
+        limits = self._limits
+        max_line = limits.max_line_bytes
+        lf = buf.find(b"\n", 0, max_line + 2)
+        if lf < 0:  # the first LF is further (the head's own end is in the buffer: more than max_line bytes)
+            raise ProtocolError(f"first line over {max_line} bytes", self._status(414))
+        if lf == 0 or buf[lf - 1] != 0x0D:
+            raise ProtocolError("a line ends in LF without CR", self._status(400))
+        line = self._check_line(bytes(buf[: lf - 1]))
+        self.sink.reset()
+        parser = self._spare
+        if parser is None:
+            parser = self._new_parser(self.sink)
+        else:
+            self._spare = None
+        self._last = None
+        try:
+            parser.feed_data(buf[: end + 4])
+        except httptools.HttpParserUpgrade:
+            pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
+        except httptools.HttpParserInvalidMethodError as exc:
+            raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(f"malformed head: {exc}", self._status(400)) from None
+        else:
+            self._last = parser
+        if end - lf - 1 > limits.max_field_bytes:  # only a block longer than the bound can hold a longer line
+            self._check_line_sizes(bytes(buf[lf + 1 : end]))
+        del buf[: end + 4]
+        return line
+
+    def recycle(self) -> None:
+        """The last head was a whole message (no body follows it) that keeps the connection: its parser, which
+        llhttp has brought back to the start of a message, checks the next head (a parser is a third of the
+        cost of checking a short head). Only when llhttp also expects another message."""
+        parser = self._last
+        self._last = None
+        if parser is not None and parser.should_keep_alive():
+            self._spare = parser
+
+    def _partial(self, buf: bytearray) -> T | None:
+        self._spare = self._last = None
         limits = self._limits
         line_end = self._line_end
         if line_end < 0:
@@ -84,7 +162,8 @@ class HeadScanner(Generic[T]):
                 raise ProtocolError("a line ends in LF without CR", self._status(400))
             self._line = self._check_line(bytes(buf[: lf - 1]))
             self._line_end = self._searched = line_end = lf + 1
-            self._parser = self._new_parser(_QUIET)
+            self.sink.reset()
+            self._parser = self._new_parser(self.sink)
             self._fed = 0
         # A head without fields ends right after its first line's CRLF: search from there.
         end = buf.find(b"\r\n\r\n", max(line_end - 2, self._searched - 3), limits.max_head_bytes)
@@ -95,7 +174,7 @@ class HeadScanner(Generic[T]):
             try:
                 parser.feed_data(buf[self._fed : upto])
             except httptools.HttpParserUpgrade:
-                pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
+                pass  # as in _whole
             except httptools.HttpParserInvalidMethodError as exc:
                 raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
             except httptools.HttpParserError as exc:
@@ -108,11 +187,16 @@ class HeadScanner(Generic[T]):
             return None
         line = self._line
         assert line is not None
-        block = bytes(buf[line_end:end]) if end > line_end else b""
+        if end - line_end > limits.max_field_bytes:
+            self._check_line_sizes(bytes(buf[line_end:end]))
         del buf[: end + 4]
         self._parser = self._line = None
         self._line_end = -1
-        return line, block
+        return line
+
+    def _check_line_sizes(self, block: bytes) -> None:
+        """No field line over `max_field_bytes` (its own status: 431 from a server's reader, else 502)."""
+        check_line_sizes(block, self._limits, self._status(431))
 
     def _status(self, server_status: int) -> int:
         return server_status if self._server else 502

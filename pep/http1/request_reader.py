@@ -23,22 +23,21 @@ import re
 
 import httptools
 
-from pep.http1.body import BodyReader, ChunkedBody, LengthBody
-from pep.http1.errors import LocalProtocolError, ProtocolError
+from pep.http1.body import BodyReader, ChunkedBody
+from pep.http1.errors import BodyTooLarge, LocalProtocolError, ProtocolError
 from pep.http1.events import (
     NEED_DATA,
     PAUSED,
     ConnectionClosed,
     Data,
     EndOfMessage,
-    Fields,
     Framing,
     Request,
     Signal,
     TargetForm,
 )
-from pep.http1.fields import TOKEN, check_line_sizes, comma_tokens, persists
-from pep.http1.head import HeadScanner
+from pep.http1.fields import TOKEN, comma_tokens, persists
+from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 
 
@@ -81,6 +80,8 @@ _NEXT: dict[RequestState, frozenset[RequestState]] = {
 
 _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 _ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# Tokens, and what most requests carry: `_request_line` takes them without a check of its own.
+_USUAL_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS", b"CONNECT"})
 # RFC 3986 reg-name, IPv4 or IP-literal, then a port: a Host value (port optional and maybe empty) and
 # CONNECT's authority-form (port required).
 _HOST = rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)"
@@ -88,6 +89,9 @@ _HOST_VALUE = re.compile(_HOST + rb"(?::[0-9]*)?")
 _AUTHORITY = re.compile(_HOST + rb":([0-9]{1,5})")
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
 _CONNECT = b"CONNECT"
+# Host values already found well-formed: a client sends the same one on every request (bounded: cleared when full)
+_GOOD_HOSTS: set[bytes] = set()
+_GOOD_HOSTS_MAX = 256
 _OWS = b" \t"
 _FRAMING_NAME_LENGTHS = frozenset(
     len(n) for n in (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect")
@@ -97,6 +101,11 @@ _FRAMING_NAME_LENGTHS = frozenset(
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """Method, target and version (b"1.1" or b"1.0") of a request line, checked before llhttp sees it."""
     parts = line.split(b" ")
+    if len(parts) == 3:  # the usual line first: a method every client sends, a target, a version
+        method, target, version = parts
+        short = _VERSIONS.get(version)
+        if short is not None and method in _USUAL_METHODS and target:
+            return method, target, short
     if len(parts) == 3:
         method, target, version = parts
         short = _VERSIONS.get(version)
@@ -131,45 +140,65 @@ def _form(method: bytes, target: bytes) -> TargetForm:
     return _ABSOLUTE_FORM
 
 
-def _request(method: bytes, target: bytes, version: bytes, block: bytes, limits: Limits) -> Request:
-    """The request a head makes (its syntax checked by llhttp), with the rules llhttp does not apply."""
-    check_line_sizes(block, limits, 431)
-    fields: Fields = []
-    host: bytes | None = None
-    hosts = 0
-    length: bytes | None = None
-    coding: bytes | None = None
-    connection: bytes | None = None
-    expect: bytes | None = None
-    append, special = fields.append, _FRAMING_NAME_LENGTHS
-    for line in block.split(b"\r\n") if block else ():
-        name, _, value = line.partition(b":")
-        value = value.strip(_OWS)
-        append((name, value))
-        if len(name) in special:  # most fields skip lower()
+class _RequestFields(FieldSink):
+    """A request's fields, and those the reader acts on, noted as llhttp hands them over (lists joined)."""
+
+    __slots__ = ("coding", "connection", "expect", "host", "hosts", "length")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.fields = []
+        self.hosts = 0
+        self.host: bytes | None = None
+        self.length: bytes | None = None
+        self.coding: bytes | None = None
+        self.connection: bytes | None = None
+        self.expect: bytes | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.rstrip(_OWS)
+        self.fields.append((name, value))
+        if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
             key = name.lower()
             if key == b"host":
-                hosts += 1
-                host = value
+                self.hosts += 1
+                self.host = value
             elif key == b"content-length":
-                length = value  # llhttp refused a second one, and anything but digits
+                self.length = value  # llhttp refused a second one, and anything but digits
             elif key == b"transfer-encoding":
-                coding = value if coding is None else coding + b"," + value
+                coding = self.coding
+                self.coding = value if coding is None else coding + b"," + value
             elif key == b"connection":
-                connection = value if connection is None else connection + b"," + value
+                connection = self.connection
+                self.connection = value if connection is None else connection + b"," + value
             elif key == b"expect":
-                expect = value if expect is None else expect + b"," + value
+                expect = self.expect
+                self.expect = value if expect is None else expect + b"," + value
+
+
+def _request(method: bytes, target: bytes, version: bytes, sink: _RequestFields, limits: Limits) -> Request:
+    """The request a head makes (its syntax checked by llhttp), with the rules llhttp does not apply."""
+    fields = sink.fields
     if len(fields) > limits.max_fields:
         raise ProtocolError(f"more than {limits.max_fields} header fields", 431)
+    host, hosts, length, coding = sink.host, sink.hosts, sink.length, sink.coding
+    connection, expect = sink.connection, sink.expect
     if hosts > 1:
         raise ProtocolError("more than one Host field")
     if host is None:
         if version == b"1.1":
             raise ProtocolError("HTTP/1.1 request without Host")
-    elif not _HOST_VALUE.fullmatch(host):
-        raise ProtocolError("malformed Host field")
-    form = _form(method, target)
-    keep_alive = persists(version, connection)
+    elif host not in _GOOD_HOSTS:
+        if not _HOST_VALUE.fullmatch(host):
+            raise ProtocolError("malformed Host field")
+        if len(_GOOD_HOSTS) >= _GOOD_HOSTS_MAX:
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS.add(host)
+    form = _ORIGIN_FORM if target[:1] == b"/" and method != _CONNECT else _form(method, target)
+    keep_alive = version == b"1.1" if connection is None else persists(version, connection)
     if coding is not None:
         if coding.lower() != b"chunked":
             raise ProtocolError("Transfer-Encoding other than chunked")
@@ -193,7 +222,8 @@ class RequestReader:
     until NEED_DATA or PAUSED. After answering a request, `start_next()` (or `switch()` for an accepted CONNECT).
 
     `max_body_bytes` bounds every request body (BodyTooLarge, 413); the PEP's per-route limits are applied by
-    the caller, which sees the Request before any of its body.
+    the caller, which sees the Request before any of its body. A Content-Length body is read here rather than
+    by a BodyReader (`_remaining`, `_read`), as in ResponseReader.
     """
 
     __slots__ = (
@@ -202,11 +232,14 @@ class RequestReader:
         "_eof",
         "_error",
         "_error_line",
+        "_fields",
         "_head",
         "_keep_alive",
         "_limits",
         "_max_body",
         "_method",
+        "_read",
+        "_remaining",
         "_state",
     )
 
@@ -216,8 +249,11 @@ class RequestReader:
         self._buf = bytearray()
         self._eof = False
         self._state = _IDLE
-        self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, server=True)
-        self._body: BodyReader | None = None
+        self._fields = _RequestFields()
+        self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, True, self._fields)
+        self._body: BodyReader | None = None  # a chunked body; None for the others
+        self._remaining = -1  # a Content-Length body's bytes still to come (0: no body); -1 for chunked
+        self._read = 0  # body bytes handed out
         self._error: ProtocolError | None = None
         self._error_line = b""
         self._keep_alive = False
@@ -283,7 +319,7 @@ class RequestReader:
         if self._state is not _DONE:
             raise LocalProtocolError(f"start_next in state {self._state.name}")
         if self._keep_alive:
-            self._move(_IDLE)
+            self._state = _IDLE  # DONE -> IDLE
             return True
         self._move(_MUST_CLOSE)
         self._buf.clear()
@@ -299,6 +335,8 @@ class RequestReader:
         return data
 
     def _move(self, state: RequestState) -> None:
+        """A checked transition, for the rare ones (the usual ones are assigned where the state was just tested,
+        each to a target the table allows, as the comment beside it says)."""
         if state not in _NEXT[self._state]:
             raise LocalProtocolError(f"no transition from {self._state.name} to {state.name}")
         self._state = state
@@ -306,43 +344,98 @@ class RequestReader:
     def _read_head(self) -> Request | ConnectionClosed | Signal:
         buf = self._buf
         if self._state is _IDLE:
-            while buf[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 2.2)
-                del buf[:2]
+            if buf[:1] == b"\r":
+                while buf[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 2.2)
+                    del buf[:2]
             if not buf or buf == b"\r":
                 if not self._eof:
                     return NEED_DATA
                 if not buf:
                     self._move(_CLOSED)
                     return ConnectionClosed()
-            self._move(_HEAD)
-        head = self._head.scan(buf)
-        if head is None:
+            self._state = _HEAD  # IDLE -> HEAD
+        line = self._head.scan(buf)
+        if line is None:
             if self._eof:
                 raise ProtocolError("the connection closed inside a request head")
             return NEED_DATA
-        (method, target, version), block = head
+        method, target, version = line
         try:
-            request = _request(method, target, version, block, self._limits)
+            request = _request(method, target, version, self._fields, self._limits)
         except ProtocolError:
             self._error_line = b"%s %s HTTP/%s" % (method, target, version)  # the head has left the buffer
             raise
         self._method = method
         self._keep_alive = request.keep_alive
-        if request.framing is _CHUNKED:
+        framing = request.framing
+        if framing is _CHUNKED:
             self._body = ChunkedBody(self._limits, self._max_body, server=True)
-        elif request.framing is _LENGTH:
-            self._body = LengthBody(request.content_length or 0, self._max_body, server=True)
+            self._remaining = -1
         else:
-            self._body = None
-        self._move(_BODY)
+            self._remaining = request.content_length or 0
+            if framing is _NO_BODY and request.keep_alive:
+                self._head.recycle()  # llhttp has read this whole message: its parser can read the next head
+        self._read = 0
+        self._state = _BODY  # HEAD -> BODY
         return request
 
+    def take_body(self) -> bytes | None:
+        """The rest of the body at once, if it is framed by Content-Length (or absent) and all here: what the
+        Data events and EndOfMessage (without trailers) would give, in the same state after. None otherwise, and
+        nothing read: go on with `next_event` (which also raises what there is to raise)."""
+        if self._state is not _BODY:
+            return None
+        remaining = self._remaining
+        if remaining < 0:
+            return None
+        data = b""
+        if remaining:
+            limit = self._max_body
+            buf = self._buf
+            if (limit is not None and remaining > limit - self._read) or len(buf) < remaining:
+                return None
+            if len(buf) == remaining:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:remaining])
+                del buf[:remaining]
+            self._read += remaining
+        self._remaining = 0
+        self._state = _DONE  # BODY -> DONE
+        return data
+
     def _read_body(self) -> Data | EndOfMessage | Signal:
-        body = self._body
-        event = body.read(self._buf, self._eof) if body is not None else EndOfMessage([])
-        if event is None:
+        remaining = self._remaining
+        if remaining < 0:  # chunked
+            body = self._body
+            assert body is not None
+            event = body.read(self._buf, self._eof)
+            if event is None:
+                return NEED_DATA
+            if type(event) is EndOfMessage:
+                self._body = None
+                self._state = _DONE  # BODY -> DONE
+            return event
+        if not remaining:
+            self._state = _DONE  # BODY -> DONE
+            return EndOfMessage([])
+        limit = self._max_body
+        if limit is not None and remaining > limit - self._read:  # known before any byte
+            raise BodyTooLarge(f"Content-Length over {limit} bytes", 413)
+        buf = self._buf
+        size = len(buf)
+        if not size:
+            if self._eof:
+                raise ProtocolError("the connection closed before the end of the body")
             return NEED_DATA
-        if type(event) is EndOfMessage:
-            self._body = None
-            self._move(_DONE)
-        return event
+        if size <= remaining:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:remaining])
+            del buf[:remaining]
+            size = remaining
+        self._remaining = remaining - size
+        self._read += size
+        return Data(data)

@@ -8,6 +8,7 @@ match its head would make the peer read the rest as another message.
 from __future__ import annotations
 
 import enum
+from operator import itemgetter
 
 from pep.http1.errors import LocalProtocolError
 from pep.http1.events import Fields, Framing
@@ -16,16 +17,56 @@ from pep.http1.fields import TOKEN, VALUE, check_fields
 LAST_CHUNK = b"0\r\n\r\n"
 _VISIBLE = bytes(range(0x21, 0x7F))
 _VERSIONS = (b"1.1", b"1.0")
+# Names already checked to be tokens: a process writes the same few dozen again and again, and a set lookup per
+# name (in C, through map) is a fraction of checking it. Bounded: cleared when full.
+_TOKENS: set[bytes] = set()
+_TOKENS_MAX = 1024
+_NAME = itemgetter(0)
+_FIELD = b": ".join
+_CRLF = b"\r\n"
 
 
 def _fields(fields: Fields) -> bytes:
-    check_fields(fields)
-    return b"".join([b"%s: %s\r\n" % field for field in fields])
+    """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
+    for control characters: deleting every allowed byte must leave exactly the CRLFs the lines end with, so a
+    CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among them."""
+    if not fields:
+        return b""
+    if not _TOKENS.issuperset(map(_NAME, fields)):
+        check_fields(fields)
+        if len(_TOKENS) >= _TOKENS_MAX:
+            _TOKENS.clear()
+        _TOKENS.update(map(_NAME, fields))
+    block = _CRLF.join(map(_FIELD, fields)) + _CRLF
+    if block.translate(None, VALUE) != _CRLF * len(fields):
+        raise LocalProtocolError("a field value holds a control character")
+    return block
+
+
+class RequestStart:
+    """A request line and the field lines that never change with it (Host, a client's fixed headers), checked
+    and serialized once, then written as they are with each request's own fields: a PDP URL's or a route's
+    fixed part. `names`: the fixed names, lower-cased."""
+
+    __slots__ = ("data", "method", "names")
+
+    def __init__(self, method: bytes, target: bytes, fixed: Fields) -> None:
+        check_fields(fixed)
+        self.method = method
+        self.data = request_head(method, target, fixed)[:-2]  # without the empty line that ends the head
+        self.names = frozenset(name.lower() for name, _ in fixed)
+
+    def head(self, fields: Fields, length: int | None) -> bytes:
+        """The whole head: the start, `fields` (checked as `request_head` checks them) and, for a `length`, a
+        Content-Length field, then the empty line."""
+        if length is None:
+            return b"%s%s\r\n" % (self.data, _fields(fields))
+        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
 
 
 def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
     """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
-    if not method or method.translate(None, TOKEN):
+    if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(None, _VISIBLE):
         raise LocalProtocolError("request target is empty or holds a space or control character")

@@ -74,7 +74,18 @@ class RequestBody:
             if self._state is _DONE:
                 return b""
             raise ProtocolError("the body could not be read")
+        body = self._take()
+        if body is not None:
+            return body
         return await self._next(self.chunk_s)
+
+    def _take(self) -> bytes | None:
+        """The rest of the body if it is all here (RequestReader.take_body): the body is then complete."""
+        body = self._source.reader.take_body()
+        if body is not None:
+            self._state = _DONE
+            self._source.body_taken()
+        return body
 
     def __aiter__(self) -> RequestBody:
         return self
@@ -91,6 +102,10 @@ class RequestBody:
         if self.length is not None and self.length > limit:
             self._fail()
             raise BodyTooLarge(f"Content-Length {self.length} over {limit} bytes", 413)
+        if not self._pending and self._state is _OPEN:
+            body = self._take()
+            if body is not None:
+                return body  # within the limit: a Content-Length body, checked above
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         chunks: list[bytes] = []
@@ -148,6 +163,15 @@ class RequestBody:
         if self._state is not _OPEN:
             return self._state is _DONE
         reader = self._source.reader
+        body = reader.take_body()
+        if body is not None:
+            if body:
+                if self._pending is None:
+                    self._pending = deque()
+                self._pending.append(body)
+            self._state = _DONE
+            self._source.body_taken()
+            return True
         while True:
             try:
                 event = reader.next_event()

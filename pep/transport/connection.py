@@ -10,6 +10,10 @@ has taken enough of the ones before. An early final answer that refuses (4xx, 5x
 The connection is reusable only when the request went out whole, the answer was read to its end, may be
 followed by another, and nothing else arrived; anything else (a failure, a cancellation, an early answer,
 bytes nobody asked for while idle) closes it. Nothing is ever sent twice.
+
+Waits cost no timer of their own: each sets its deadline, and the connection's one timer (armed at the first
+deadline, moved only when it fires early) expires whatever wait has run out. A wait is a bare future, awaited
+by the caller, and resolved by the protocol callbacks.
 """
 
 from __future__ import annotations
@@ -59,21 +63,27 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class UpstreamConnection(asyncio.Protocol):
     """See the module docstring. `on_close` is called once, when the connection is gone."""
 
     __slots__ = (
         "_eof",
+        "_fetch",
+        "_fetch_chunks",
+        "_fetch_head",
+        "_fetch_limit",
+        "_fetch_size",
         "_high",
+        "_loop",
         "_on_close",
+        "_read_deadline",
         "_read_paused",
+        "_read_s",
         "_reader_waiter",
+        "_timer",
+        "_write_deadline",
         "_write_paused",
+        "_write_s",
         "_writer_waiter",
         "expires",
         "keep_alive_s",
@@ -84,7 +94,15 @@ class UpstreamConnection(asyncio.Protocol):
         "writer",
     )
 
-    def __init__(self, limits: Limits, max_body: int | None, high_water: int, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        limits: Limits,
+        max_body: int | None,
+        high_water: int,
+        on_close: Callable[[], None],
+    ) -> None:
+        self._loop = loop
         self.reader = ResponseReader(limits, max_body)
         self._high = high_water
         self._on_close = on_close
@@ -92,6 +110,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _ACTIVE  # made for an exchange
         self._reader_waiter: asyncio.Future[None] | None = None
         self._writer_waiter: asyncio.Future[None] | None = None
+        self._read_deadline = self._write_deadline = math.inf
+        self._read_s = self._write_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._write_paused = False
         self._eof = False
@@ -99,6 +120,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.writer: asyncio.Task[None] | None = None  # sends an iterated body while the answer is read
         self.expires = math.inf  # loop time after which an idle connection is not reused
         self.keep_alive_s: float | None = None  # the server's `Keep-Alive: timeout=N`, if it said
+        # a whole answer being gathered in the callbacks (`fetch`): its future, limit, head and body so far
+        self._fetch: asyncio.Future[tuple[Response, bytes | None]] | None = None
+        self._fetch_limit = 0
+        self._fetch_head: Response | None = None
+        self._fetch_chunks: list[bytes] = []
+        self._fetch_size = 0
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------------
 
@@ -112,16 +139,26 @@ class UpstreamConnection(asyncio.Protocol):
             return
         reader = self.reader
         reader.receive_data(data)
+        if self._fetch is not None:
+            if self._read_s != math.inf:
+                self._read_deadline = self._loop.time() + self._read_s  # neither answered nor closed for read_s
+            self._gather()
+            return
         if not self._read_paused and reader.buffered > self._high:
             self._read_paused = True  # read on when the caller takes the bytes (`_taken`)
-            cast(asyncio.Transport, self.transport).pause_reading()
-        _wake(self._reader_waiter)
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        waiter = self._reader_waiter
+        if waiter is not None:
+            self._reader_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def eof_received(self) -> bool | None:
         self._eof = True
         self.reader.receive_eof()
-        _wake(self._reader_waiter)
-        _wake(self._writer_waiter)
+        if self._fetch is not None:
+            self._gather()
+        self._wake_both()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -129,8 +166,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._eof = True
             self.reader.receive_eof()
         self.state = _CLOSED
-        _wake(self._reader_waiter)
-        _wake(self._writer_waiter)
+        if self._fetch is not None:
+            self._gather()
+        self._wake_both()
         self._closed()
 
     def pause_writing(self) -> None:
@@ -138,7 +176,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        _wake(self._writer_waiter)
+        waiter, self._writer_waiter = self._writer_waiter, None
+        _wake(waiter)
+
+    def _wake_both(self) -> None:
+        reader, self._reader_waiter = self._reader_waiter, None
+        writer, self._writer_waiter = self._writer_waiter, None
+        _wake(reader)
+        _wake(writer)
 
     # --- state -------------------------------------------------------------------------------------------------------
 
@@ -159,6 +204,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed()
 
     def _closed(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
         on_close, self._on_close = self._on_close, _nothing
         on_close()
 
@@ -176,42 +225,83 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _ACTIVE
         return True
 
-    async def _wait(self, reading: bool, read_s: float) -> None:
-        """Until something happens to the reading (bytes, the end, the loss, the writer's end) or writing side
-        (the buffer drained, the loss). Raises UpstreamTimeout after `read_s` with nothing, except for a reader
-        while the request body is still being sent: the wait for the answer starts once the request has gone out
-        (the writer's own waits are bounded, and its end wakes the reader)."""
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+    # --- waits -------------------------------------------------------------------------------------------------------
+
+    def wait_read(self, read_s: float) -> asyncio.Future[None]:
+        """A future resolved when something happens to the reading side (bytes, the end, the loss, the writer's
+        end); UpstreamTimeout after `read_s` with nothing (never, for math.inf: the caller's own deadline). While
+        the request body is still being sent the wait for the answer has not started: the writer's own waits are
+        bounded, and its end wakes the reader, which then waits `read_s` afresh."""
+        loop = self._loop
+        waiter = self._reader_waiter = loop.create_future()
+        self._read_s = read_s
         writer = self.writer
-        if reading:
-            self._reader_waiter = waiter
-        else:
-            self._writer_waiter = waiter
-        sending = reading and writer is not None and not writer.done()
-        timer = None if sending else loop.call_later(read_s, _expire, waiter)
-        try:
-            await waiter
-        except TimeoutError:
-            what = "answered" if reading else "took more of the request body"
-            raise UpstreamTimeout(f"the upstream neither {what} nor closed for {read_s:g} s") from None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if reading:
-                self._reader_waiter = None
+        sending = writer is not None and not writer.done()
+        self._read_deadline = deadline = math.inf if sending else loop.time() + read_s
+        timer = self._timer
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
+            self._arm(deadline)
+        return waiter
+
+    def _wait_write(self, write_s: float) -> asyncio.Future[None]:
+        """As `wait_read`, for the writing side (the buffer drained, the loss)."""
+        loop = self._loop
+        waiter = self._writer_waiter = loop.create_future()
+        self._write_s = write_s
+        self._write_deadline = deadline = loop.time() + write_s
+        timer = self._timer
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
+            self._arm(deadline)
+        return waiter
+
+    def _arm(self, deadline: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        pending = math.inf
+        fetch = self._fetch
+        if fetch is not None:
+            if now >= self._read_deadline:
+                self._fetched(UpstreamTimeout(f"the upstream neither answered nor closed for {self._read_s:g} s"))
             else:
+                pending = self._read_deadline
+        waiter = self._reader_waiter
+        if waiter is not None and not waiter.done():
+            if now >= self._read_deadline:
+                self._reader_waiter = None
+                waiter.set_exception(
+                    UpstreamTimeout(f"the upstream neither answered nor closed for {self._read_s:g} s")
+                )
+            else:
+                pending = self._read_deadline
+        waiter = self._writer_waiter
+        if waiter is not None and not waiter.done():
+            if now >= self._write_deadline:
                 self._writer_waiter = None
+                waiter.set_exception(
+                    UpstreamTimeout(
+                        f"the upstream neither took more of the request body nor closed for {self._write_s:g} s"
+                    )
+                )
+            else:
+                pending = min(pending, self._write_deadline)
+        if pending < math.inf and self.state is not _CLOSED:
+            self._timer = self._loop.call_at(pending, self._on_timer)
 
     def _taken(self) -> None:
         if self._read_paused and self.state is _ACTIVE and self.reader.buffered <= self._high // 2:
             self._read_paused = False
-            cast(asyncio.Transport, self.transport).resume_reading()
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _write(self, data: bytes) -> None:
         if self.state is not _ACTIVE or self._eof:
             raise UpstreamReset("the upstream closed the connection while the request was being sent")
-        cast(asyncio.Transport, self.transport).write(data)
+        self.transport.write(data)  # type: ignore[union-attr]
 
     # --- the exchange ------------------------------------------------------------------------------------------------
 
@@ -222,17 +312,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.reader.start(method)
         self.sent_whole = False
         if body is None or type(body) is bytes:
+            if self.state is not _ACTIVE or self._eof:
+                raise UpstreamReset("the upstream closed the connection while the request was being sent")
             if body and len(body) > _COALESCE:
-                self._write(head)
-                self._write(body)
+                self.transport.write(head)  # type: ignore[union-attr]
+                self.transport.write(body)  # type: ignore[union-attr]
             else:
-                self._write(head + body if body else head)
+                self.transport.write(head + body if body else head)  # type: ignore[union-attr]
             self.sent_whole = True  # the transport sends what it holds while the answer is awaited
             return
         self._write(head)
-        self.writer = writer = asyncio.get_running_loop().create_task(
-            self._pump(cast(AsyncIterable[bytes], body), length, read_s)
-        )
+        self.writer = writer = self._loop.create_task(self._pump(cast(AsyncIterable[bytes], body), length, read_s))
         writer.add_done_callback(self._pumped)
 
     async def _pump(self, body: AsyncIterable[bytes], length: int | None, read_s: float) -> None:
@@ -241,7 +331,7 @@ class UpstreamConnection(asyncio.Protocol):
             if chunk:
                 self._write(frame.write(chunk))
             while self._write_paused and self.state is _ACTIVE:
-                await self._wait(False, read_s)
+                await self._wait_write(read_s)
         self._write(frame.end())
         self.sent_whole = True
 
@@ -253,7 +343,8 @@ class UpstreamConnection(asyncio.Protocol):
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.abort()
-        _wake(self._reader_waiter)
+        waiter, self._reader_waiter = self._reader_waiter, None
+        _wake(waiter)
 
     def _raise_writer_failure(self) -> None:
         """If the writer failed, its error is what the caller gets (a stalled client body is `body_timeout`,
@@ -264,18 +355,16 @@ class UpstreamConnection(asyncio.Protocol):
             if exc is not None:
                 raise exc
 
-    def _next(self) -> object:
-        try:
-            return self.reader.next_event()
-        except BodyTooLarge as exc:
+    def _failed(self, exc: ProtocolError) -> BadResponse | UpstreamReset:
+        """What the caller gets for an answer that broke the core's rules (the connection is closed)."""
+        if isinstance(exc, BodyTooLarge):
             self.close()
-            raise ResponseTooLarge(exc.reason) from None
-        except ProtocolError as exc:
-            self._raise_writer_failure()
-            self.close()
-            if self._eof:
-                raise UpstreamReset(f"the upstream closed the connection: {exc.reason}") from None
-            raise BadResponse(exc.reason) from None
+            return ResponseTooLarge(exc.reason)
+        self._raise_writer_failure()
+        self.close()
+        if self._eof:
+            return UpstreamReset(f"the upstream closed the connection: {exc.reason}")
+        return BadResponse(exc.reason)
 
     async def read_head(self, read_s: float) -> tuple[Response, list[InformationalResponse]]:
         """The final answer's head; 100 Continue dropped, other 1xx answers (103) returned beside it."""
@@ -283,14 +372,18 @@ class UpstreamConnection(asyncio.Protocol):
         reader = self.reader
         while True:
             if not reader.buffered and self.state is _ACTIVE and not self._eof:
-                await self._wait(True, read_s)  # nothing to parse yet (the usual case, just after sending)
-                self._raise_writer_failure()
-            event = self._next()
+                await self.wait_read(read_s)  # nothing to parse yet (the usual case, just after sending)
+                if self.writer is not None:
+                    self._raise_writer_failure()
+            try:
+                event = reader.next_event()
+            except ProtocolError as exc:
+                raise self._failed(exc) from None
             if type(event) is _Response:
                 writer = self.writer
                 if writer is not None and not writer.done() and event.status >= 400:
                     writer.cancel()  # refused before the whole body arrived: the rest is not sent
-                if event.keep_alive:
+                if event.keep_alive_field is not None:
                     self._keep_alive_hint(event)
                 return event, informational
             if isinstance(event, InformationalResponse):
@@ -302,40 +395,154 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.state is _CLOSED:
                     raise UpstreamReset("the connection was closed before the answer")
                 self._taken()
-                await self._wait(True, read_s)
+                await self.wait_read(read_s)
                 self._raise_writer_failure()
                 continue
             self.close()
             raise UpstreamReset("the upstream closed the connection before answering")
 
+    def fetch(
+        self, method: bytes, head: bytes, body: bytes | None, limit: int, read_s: float
+    ) -> asyncio.Future[tuple[Response, bytes | None]]:
+        """Send one request with a bytes body (or none) and gather its whole answer in the protocol's callbacks,
+        as the bytes arrive, so that the caller wakes once: a future of the final head and the body, or of None
+        for a body longer than `limit` (known at the head for a Content-Length; the connection is then closed).
+        1xx answers are dropped. Failures as `read_head` and `next_chunk` raise them; `read_s` bounds each
+        wait for the upstream's bytes."""
+        self.send(method, head, body, None, read_s)
+        loop = self._loop
+        fetch = self._fetch = loop.create_future()
+        self._fetch_limit = limit
+        self._fetch_head = None
+        self._fetch_chunks = []
+        self._fetch_size = 0
+        self._read_s = read_s
+        self._read_deadline = deadline = loop.time() + read_s
+        timer = self._timer
+        if (timer is None or timer.when() > deadline) and deadline != math.inf:
+            self._arm(deadline)
+        if self.reader.buffered or self._eof:
+            self._gather()
+        return fetch
+
+    def _gather(self) -> None:
+        """Read on as far as the bytes go; complete the fetch at the end of the answer, or fail it."""
+        reader = self.reader
+        try:
+            head = self._fetch_head
+            while head is None:
+                event = reader.next_event()
+                if type(event) is _Response:
+                    head = self._fetch_head = event
+                    if event.keep_alive_field is not None:
+                        self._keep_alive_hint(event)
+                    length = event.content_length
+                    if length is not None and length > self._fetch_limit:
+                        self.close()
+                        self._fetched((event, None))
+                        return
+                elif isinstance(event, InformationalResponse):
+                    continue
+                elif event is NEED_DATA:
+                    return
+                else:
+                    self.close()
+                    raise UpstreamReset("the upstream closed the connection before answering")
+            body = reader.take_body()
+            if body is not None:
+                chunks = self._fetch_chunks
+                if chunks:
+                    chunks.append(body)
+                    body = b"".join(chunks)
+                self._fetched((head, body))
+                return
+            while True:
+                event = reader.next_event()
+                if type(event) is _Data:
+                    data = event.data
+                    self._fetch_size += len(data)
+                    if self._fetch_size > self._fetch_limit:
+                        self.close()
+                        self._fetched((head, None))
+                        return
+                    self._fetch_chunks.append(data)
+                elif type(event) is _EndOfMessage:
+                    self._fetched((head, b"".join(self._fetch_chunks)))
+                    return
+                elif event is NEED_DATA:
+                    return
+                else:  # pragma: no cover - the reader gives Data, EndOfMessage or NEED_DATA inside a body
+                    self.close()
+                    raise UpstreamReset(f"unexpected {event!r} inside a body")
+        except ProtocolError as exc:
+            self._fetched(self._failed(exc))
+        except UpstreamReset as exc:
+            self._fetched(exc)
+
+    def _fetched(self, outcome: tuple[Response, bytes | None] | BaseException) -> None:
+        fetch = self._fetch
+        self._fetch = None
+        self._fetch_chunks = []
+        if fetch is None or fetch.done():
+            return
+        if isinstance(outcome, BaseException):
+            fetch.set_exception(outcome)
+        else:
+            fetch.set_result(outcome)
+
+    def take_body(self) -> bytes | None:
+        """The rest of the body at once, if it is all here and framed by Content-Length (or absent): see
+        ResponseReader.take_body. None otherwise (read on with `next_chunk`)."""
+        body = self.reader.take_body()
+        if body is not None:
+            if self._read_paused:
+                self._taken()
+            writer = self.writer
+            if writer is not None and not writer.done():
+                self.close()  # the answer ended before the request did: not reusable
+        return body
+
     def _keep_alive_hint(self, response: Response) -> None:
-        for name, value in response.headers:
-            if len(name) == 10 and name.lower() == b"keep-alive":
-                m = _KEEP_ALIVE_TIMEOUT.search(value)
-                if m is not None:
-                    self.keep_alive_s = max(0.0, int(m.group(1)) - 1.0)  # its timer started before ours
+        field = response.keep_alive_field
+        if field is not None and response.keep_alive:
+            m = _KEEP_ALIVE_TIMEOUT.search(field)
+            if m is not None:
+                self.keep_alive_s = max(0.0, int(m.group(1)) - 1.0)  # its timer started before ours
+
+    def next_chunk(self) -> bytes | None:
+        """The next body chunk if one is here: b"" at the end of the body, None until more bytes arrive (then
+        `wait_read`). Raises the caller's UpstreamError for a broken answer, the connection closed."""
+        try:
+            event = self.reader.next_event()
+        except ProtocolError as exc:
+            raise self._failed(exc) from None
+        kind = type(event)
+        if kind is _Data:
+            if self._read_paused:
+                self._taken()
+            return event.data  # type: ignore[union-attr]
+        if kind is _EndOfMessage:
+            if self._read_paused:
+                self._taken()
+            writer = self.writer
+            if writer is not None and not writer.done():
+                self.close()  # the answer ended before the request did: not reusable
+            return b""
+        if event is NEED_DATA:
+            if self.writer is not None:
+                self._raise_writer_failure()
+            self._taken()
+            return None
+        self.close()  # pragma: no cover - the reader gives Data, EndOfMessage or NEED_DATA inside a body
+        raise UpstreamReset(f"unexpected {event!r} inside a body")
 
     async def read_chunk(self, read_s: float) -> bytes:
         """The next body chunk, b"" at the end of the body."""
         while True:
-            event = self._next()
-            kind = type(event)
-            if kind is _Data:
-                self._taken()
-                return cast(Data, event).data
-            if kind is _EndOfMessage:
-                self._taken()
-                writer = self.writer
-                if writer is not None and not writer.done():
-                    self.close()  # the answer ended before the request did: not reusable
-                return b""
-            if event is NEED_DATA:
-                self._raise_writer_failure()
-                self._taken()
-                await self._wait(True, read_s)
-                continue
-            self.close()  # pragma: no cover - the reader gives Data, EndOfMessage or NEED_DATA inside a body
-            raise UpstreamReset(f"unexpected {event!r} inside a body")
+            chunk = self.next_chunk()
+            if chunk is not None:
+                return chunk
+            await self.wait_read(read_s)
 
 
 def _nothing() -> None:

@@ -20,6 +20,11 @@ class BodyTimeout(TimeoutError):
     deadline of `read_all`. The connection is closed after the answer (the rest of the body is never awaited)."""
 
 
+class NotAdmitted(Exception):
+    """The caller's admission check (`admit`) said no right before the request would have been written: nothing
+    was sent, and the connection, if one was taken or made for it, went back to the pool unused."""
+
+
 class UpstreamError(Exception):
     """The upstream (or PDP) exchange failed; `kind` is the metric label."""
 

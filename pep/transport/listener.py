@@ -175,6 +175,7 @@ class _Connection(asyncio.Protocol):
         "_listener",
         "_read_paused",
         "_timer",
+        "closing",
         "exchange",
         "flow",
         "info",
@@ -201,6 +202,7 @@ class _Connection(asyncio.Protocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = math.inf
+        self.closing = listener.closing  # the listener is shutting down: the next answer is the last (shutdown)
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------------
 
@@ -285,7 +287,9 @@ class _Connection(asyncio.Protocol):
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         exchange = self.exchange
         self.task = self.exchange = None
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        if task.cancelled():
+            pass
+        elif (exc := task.exception()) is not None:
             log.error("request handler failed", exc_info=exc)
         state = self.state
         if state is _SWITCHED:
@@ -296,8 +300,8 @@ class _Connection(asyncio.Protocol):
         if state is _CLOSED or exchange is None:
             return
         response = exchange.response
-        if response.state is not _ANSWERED:
-            if response.state is _UNANSWERED:
+        if response._state is not _ANSWERED:
+            if response._state is _UNANSWERED:
                 log.error("request handler returned without an answer")
                 response.close_after()
                 response.send(500, [(b"Content-Type", b"text/plain")], b"no answer\n")
@@ -314,7 +318,7 @@ class _Connection(asyncio.Protocol):
         self._arm(self.loop.time() + self.options.idle_s)
         if self._read_paused:
             self._read_paused = False
-            cast(asyncio.Transport, self.transport).resume_reading()
+            self.transport.resume_reading()  # type: ignore[union-attr]
         if self.reader.buffered:
             self._next_request()  # a pipelined request (read only now, after the answer before it)
 
@@ -342,10 +346,6 @@ class _Connection(asyncio.Protocol):
         self._linger()
 
     # --- what the body and the answer use ----------------------------------------------------------------------------
-
-    @property
-    def closing(self) -> bool:
-        return self._listener.closing
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -461,6 +461,7 @@ class _Connection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The listener is closing: an idle connection closes now; a busy one after its answer."""
+        self.closing = True
         if self.state is _WAITING:
             self._close()
 

@@ -17,9 +17,11 @@ the PEP's CPU per request. httpcore's pool is the model for the shape.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from operator import itemgetter
 from types import TracebackType
 from typing import NamedTuple
 
@@ -32,14 +34,16 @@ from pep.http1 import (
     InformationalResponse,
     Limits,
     LocalProtocolError,
+    RequestStart,
     Response,
     request_head,
 )
 from pep.transport.connection import Body, UpstreamConnection
-from pep.transport.errors import ConnectFailed, ConnectTimeout, PoolTimeout, ResponseTooLarge
+from pep.transport.errors import ConnectFailed, ConnectTimeout, NotAdmitted, PoolTimeout, ResponseTooLarge
 from pep.transport.headers import header_view
 
 _NO_BODY = Framing.NONE
+_NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
 
@@ -140,13 +144,28 @@ class ClientResponse:
         """The body was read to its end (the connection is back in the pool or closed)."""
         return self._conn is None
 
+    def _take(self) -> bytes | None:
+        """The rest of the body if it is all here (the connection then goes back): see `take_body`."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        body = conn.take_body()
+        if body is not None:
+            self._conn = None
+            self._pool._release(self._slots, conn)
+        return body
+
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Each wait is bounded by the request's `read_s`."""
         conn = self._conn
         if conn is None:
             return b""
+        body = self._take()
+        if body is not None:
+            return body
         try:
-            chunk = await conn.read_chunk(self._read_s)
+            while (chunk := conn.next_chunk()) is None:
+                await conn.wait_read(self._read_s)
         except BaseException:
             self._conn = None
             self._pool._discard(self._slots, conn)
@@ -173,10 +192,19 @@ class ClientResponse:
         conn = self._conn
         if conn is None:
             return b""
+        body = self._take()
+        if body is not None:
+            return body
         chunks: list[bytes] = []
         size = 0
         try:
-            while chunk := await conn.read_chunk(self._read_s):
+            while True:
+                chunk = conn.next_chunk()
+                if chunk is None:
+                    await conn.wait_read(self._read_s)
+                    continue
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > limit:
                     raise ResponseTooLarge(f"body over {limit} bytes")
@@ -224,6 +252,7 @@ class Pool:
         self._high = high_water
         self._origins: dict[Origin, _Slots] = {}
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # the running loop, at first use
 
     def idle_count(self, origin: Origin) -> int:
         slots = self._origins.get(origin)
@@ -245,55 +274,124 @@ class Pool:
         connect_s: float = 10.0,
         read_s: float = 30.0,
         pool_s: float | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> ClientResponse:
         """Send one request and return its answer's head, the body to be read from the ClientResponse.
 
         `fields` are the caller's (Host included); the framing is the pool's: bytes get a Content-Length, an
         async iterator of chunks is sent chunked, or with `length` as Content-Length (held to it exactly).
         Every wait is bounded: connecting by `connect_s`, a free connection by `pool_s` (default `connect_s`),
-        each read and each wait to write by `read_s`. Raises UpstreamError subclasses; an exception from the body
-        iterator (the caller's side failed) propagates as it is. A cancellation closes the connection."""
-        for name, _ in fields:
-            if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
-                raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        each read and each wait to write by `read_s` (any of them math.inf: no bound of the pool's, the caller
+        has its own deadline). Raises UpstreamError subclasses; an exception from the body iterator (the
+        caller's side failed) propagates as it is. A cancellation closes the connection.
+
+        `admit`, if given, is asked before a connection is taken or made, and again right before the request is
+        written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
+        made for the request goes back to the pool unused)."""
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+            for name, _ in fields:
+                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
+                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        head = request_head(method, target, fields)
         if body is None:
             if length is not None:
                 raise LocalProtocolError("a length without a body")
-            head = request_head(method, target, fields)
         elif type(body) is bytes:
-            head = request_head(method, target, [*fields, (b"Content-Length", b"%d" % len(body))])
+            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
         elif length is not None:
-            head = request_head(method, target, [*fields, (b"Content-Length", b"%d" % length)])
+            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % length
         else:
-            head = request_head(method, target, [*fields, (b"Transfer-Encoding", b"chunked")])
+            head = head[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
         slots = self._origins.get(origin)
         if slots is None:
             _check(origin)
             slots = self._origins[origin] = _Slots()
-        conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+            self._loop = asyncio.get_running_loop()
+        if admit is not None and not admit():
+            raise NotAdmitted("not admitted before a connection was taken")
+        conn = self._idle(slots)
+        if conn is None:
+            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+        if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
+            self._unused(slots, conn)
+            raise NotAdmitted("not admitted when the request was about to be written")
         try:
             conn.send(method, head, body, length, read_s)
             response, informational = await conn.read_head(read_s)
         except BaseException:
-            self._discard(slots, conn)
+            conn.close()
             raise
         answer = ClientResponse(self, slots, conn, response, informational, read_s)
         if response.framing is _NO_BODY:
-            await answer.read()  # nothing to read: the connection goes back now
+            answer._take()  # nothing to read: the connection goes back now
         return answer
 
+    async def fetch(
+        self,
+        origin: Origin,
+        start: RequestStart,
+        fields: Fields,
+        body: bytes | None = None,
+        *,
+        limit: int,
+        connect_s: float = 10.0,
+        read_s: float = 30.0,
+        pool_s: float | None = None,
+        admit: Callable[[], bool] | None = None,
+    ) -> tuple[Response, bytes | None]:
+        """One request with a bytes body (or none) and its whole answer: the final head and the body, or None
+        for a body longer than `limit` (the connection is closed then). For small answers read whole (a PDP's
+        decision, a token endpoint's answer): the connection reads the answer as it arrives and the caller wakes
+        once, without a ClientResponse or a wait per chunk. `start`: the request line and fixed fields, checked
+        once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
+        the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+            for name, _ in fields:
+                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
+                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+        if not _RESERVED.isdisjoint(start.names):
+            raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
+        head = start.head(fields, None if body is None else len(body))
+        slots = self._origins.get(origin)
+        if slots is None:
+            _check(origin)
+            slots = self._origins[origin] = _Slots()
+            self._loop = asyncio.get_running_loop()
+        if admit is not None and not admit():
+            raise NotAdmitted("not admitted before a connection was taken")
+        conn = self._idle(slots)
+        if conn is None:
+            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+        if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
+            self._unused(slots, conn)
+            raise NotAdmitted("not admitted when the request was about to be written")
+        try:
+            answer = await conn.fetch(start.method, head, body, limit, read_s)
+        except BaseException:
+            conn.close()
+            raise
+        self._release(slots, conn)
+        return answer
+
+    def _idle(self, slots: _Slots) -> UpstreamConnection | None:
+        """The warmest idle connection still usable, if any (the others are closed on the way)."""
+        idle = slots.idle
+        if idle:
+            now = self._loop.time()
+            while idle:
+                conn = idle.pop()
+                if conn.expires > now and conn.unpark():
+                    return conn
+                conn.close()
+        return None
+
     async def _acquire(self, origin: Origin, slots: _Slots, connect_s: float, pool_s: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = 0.0
         while True:
-            idle = slots.idle
-            if idle:
-                now = loop.time()
-                while idle:
-                    conn = idle.pop()
-                    if conn.expires > now and conn.unpark():
-                        return conn
-                    self._discard(slots, conn)
+            conn = self._idle(slots)
+            if conn is not None:
+                return conn
             if slots.open < self.max_per_origin:
                 break
             if not deadline:
@@ -303,7 +401,7 @@ class Pool:
                 raise PoolTimeout(f"all {self.max_per_origin} connections to {origin.host}:{origin.port} busy")
             waiter = loop.create_future()
             slots.waiters.append(waiter)
-            timer = loop.call_later(left, _expire, waiter)
+            timer = loop.call_later(left, _expire, waiter) if left != math.inf else None
             try:
                 await waiter
             except TimeoutError:
@@ -315,7 +413,8 @@ class Pool:
                     slots.wake()  # woken, but leaving: the wake goes to the next in line
                 raise
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 if not waiter.done():
                     waiter.cancel()
         return await self._connect(origin, slots, connect_s)
@@ -323,23 +422,25 @@ class Pool:
     async def _connect(self, origin: Origin, slots: _Slots, connect_s: float) -> UpstreamConnection:
         """A new connection, counted in `slots.open` until it is gone (its `on_close`)."""
         slots.open += 1
-        conn = UpstreamConnection(self._limits, self._max_body, self._high, lambda: self._gone(slots, conn))
+        loop = self._loop
+        conn = UpstreamConnection(loop, self._limits, self._max_body, self._high, lambda: self._gone(slots, conn))
+        bounded = connect_s != math.inf
         try:
-            async with asyncio.timeout(connect_s):
-                await asyncio.get_running_loop().create_connection(
+            async with asyncio.timeout(connect_s if bounded else None):
+                await loop.create_connection(
                     lambda: conn,
                     origin.host,
                     origin.port,
                     ssl=origin.tls,
                     server_hostname=origin.host if origin.tls is not None else None,
-                    ssl_handshake_timeout=connect_s if origin.tls is not None else None,
+                    ssl_handshake_timeout=connect_s if origin.tls is not None and bounded else None,
                 )
         except TimeoutError:
             conn.close()
             raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} within {connect_s:g} s") from None
         except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
             conn.close()
-            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}") from None
+            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}") from exc
         except BaseException:
             conn.close()
             raise
@@ -348,19 +449,30 @@ class Pool:
     def _release(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """An exchange ended at the end of its answer: pooled if the connection may carry another."""
         if self._closed or not conn.reusable:
-            self._discard(slots, conn)
+            conn.close()
             return
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = self._loop.time()
         keep = self.idle_s if conn.keep_alive_s is None else min(self.idle_s, conn.keep_alive_s)
         if keep <= 0:
-            self._discard(slots, conn)
+            conn.close()
             return
         conn.park(loop_time + keep)
         idle = slots.idle
         idle.append(conn)
-        while idle and idle[0].expires <= loop_time:  # the coldest, past their time
-            self._discard(slots, idle.popleft())
-        slots.wake()
+        while idle[0].expires <= loop_time:  # the coldest, past their time (never the one just parked)
+            idle.popleft().close()
+        if slots.waiters:
+            slots.wake()
+
+    def _unused(self, slots: _Slots, conn: UpstreamConnection) -> None:
+        """A connection taken or made for a request that was not sent after all: idle again, as it was."""
+        if self._closed:
+            conn.close()
+            return
+        conn.park(self._loop.time() + self.idle_s)
+        slots.idle.append(conn)
+        if slots.waiters:
+            slots.wake()
 
     def _discard(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """Closed, never reused (its slot frees at once, through `_gone`)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import http
+from operator import itemgetter
 from typing import Protocol
 
 from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, response_head
@@ -25,6 +26,9 @@ _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
 _CLOSE = (b"Connection", b"close")
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
 _CHUNKED = (b"Transfer-Encoding", b"chunked")
+_NAME = itemgetter(0)
+_CLOSE_LINE = b"Connection: close\r\n\r\n"
+_KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n\r\n"
 
 
 class Sink(Protocol):
@@ -58,6 +62,8 @@ _NEW, _STREAMING, _DONE, _ABORTED = (
 
 
 def _check_fields(fields: Fields) -> None:
+    if _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most answers have none
+        return
     for name, _ in fields:
         if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
             raise LocalProtocolError(f"{name.decode()} is written by the transport, not the caller")
@@ -113,18 +119,24 @@ class Response:
         if status < 200:
             raise LocalProtocolError("a final answer needs a status of 200 or more")
         _check_fields(fields)
-        extra = []
+        head = response_head(status, fields, reason or _REASONS.get(status, b""))
+        # the framing lines are the writer's own, added to the checked head before its empty line
         if status in _NO_BODY_STATUS:
             if body:
                 raise LocalProtocolError(f"a {status} answer has no body")
+            framing = b""
         else:
-            extra.append((b"Content-Length", b"%d" % len(body)))
+            framing = b"Content-Length: %d\r\n" % len(body)
             if self._head_only:
                 body = b""
-        connection = self._connection(self._closes(False))
-        if connection is not None:
-            extra.append(connection)
-        head = response_head(status, fields + extra, reason or _REASONS.get(status, b""))
+        closes = self._close or not self._keep_alive or self._sink.closing or not self._body.settle()
+        self.closes = closes
+        if closes:
+            head = head[:-2] + framing + _CLOSE_LINE
+        elif self._version == b"1.0":
+            head = head[:-2] + framing + _KEEP_ALIVE_LINE
+        else:
+            head = head[:-2] + framing + b"\r\n"
         self._state = _DONE
         self._sink.write(head + body if body else head)
 

@@ -389,6 +389,16 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ("tls-half", lambda c: c["pdp"].update(tls={"cert_file": "/c"}), "pdp.tls: cert_file and key_file go together"),
     ("auth-format", lambda c: c["pdp"].update(auth={"value_file": "/t", "format": "x"}), "pdp.auth.format: must hold"),
     ("auth-file", lambda c: c["pdp"].update(auth={"header": "x-key"}), "pdp.auth.value_file: is required"),
+    (
+        "auth-framing",
+        lambda c: c["pdp"].update(auth={"header": "Content-Length", "value_file": "/t"}),
+        "pdp.auth.header: is a header the PDP client writes itself: 'Content-Length'",
+    ),
+    (
+        "auth-host",
+        lambda c: c["pdp"].update(auth={"header": "host", "value_file": "/t"}),
+        "pdp.auth.header: is a header the PDP client writes itself",
+    ),
     ("attr-name", lambda c: c.update(identity={"attributes": {"a-b": "x"}}), "identity.attributes: 'a-b' is not"),
     ("attr-reserved", lambda c: c.update(identity={"attributes": {"agent": "x"}}), "identity.attributes.agent: is a"),
     ("attr-type", lambda c: c.update(identity={"attributes": {"n": 1}}), "identity.attributes.n: must be a string"),

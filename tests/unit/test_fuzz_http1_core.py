@@ -153,6 +153,7 @@ def damage(data: bytes, draw: st.DataObject) -> bytes:
 def requests_hold(data: bytes, eof: bool, chunks: list[bytes], limits: Limits | None, max_body: int | None) -> Reading:
     whole = read_requests([data], eof, limits, max_body)
     check_same_for_any_cut(whole, read_requests(chunks, eof, limits, max_body), data, chunks)
+    check_same_for_any_cut(whole, read_requests(chunks, eof, limits, max_body, take=True), data, chunks)
     check_requests(data, eof, whole, max_body)
     event(whole.end)
     return whole
@@ -163,6 +164,7 @@ def response_holds(
 ) -> Reading:
     whole = read_response([data], eof, method, limits, max_body)
     check_same_for_any_cut(whole, read_response(chunks, eof, method, limits, max_body), data, chunks)
+    check_same_for_any_cut(whole, read_response(chunks, eof, method, limits, max_body, take=True), data, chunks)
     check_response(data, eof, method, whole, max_body)
     event(whole.end)
     return whole

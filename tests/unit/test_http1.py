@@ -14,6 +14,7 @@ import uvloop
 
 from pep.pdp import http1
 from pep.pdp.http1 import Answer, ExchangeError, Http1Client, NotAdmitted, RequestError
+from pep.transport.connection import LinkState
 
 LIMIT = 1024
 Script = Callable[[bytes], list[bytes] | None]  # request bytes -> chunks to send (None: close without answering)
@@ -242,6 +243,27 @@ def test_a_header_value_that_cannot_be_framed_is_refused_before_anything_is_sent
     run(asyncio.new_event_loop, main)
 
 
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("Bad Name", "not a token"),
+        ("", "not a token"),
+        ("Content-Length", "the client's to write"),  # a second length would let the PDP read another request
+        ("transfer-encoding", "the client's to write"),
+    ],
+)
+def test_a_header_name_that_cannot_be_written_is_refused_before_anything_is_sent(name: str, problem: str) -> None:
+    async def main() -> None:
+        c = client()
+        async with Scripted(answer()) as server:
+            with pytest.raises(RequestError, match=problem):
+                await c.exchange("POST", server.url, b"{}", {name: "1"})
+            assert server.connections == 0
+        await c.close()
+
+    run(asyncio.new_event_loop, main)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_admit_is_asked_before_connecting_and_right_before_writing(
     loop: Callable[[], asyncio.AbstractEventLoop],
@@ -300,14 +322,14 @@ def test_idle_connections_past_the_idle_limit_are_closed_when_one_is_returned(
         c = client()
         async with Scripted(*(answer() for _ in range(4))) as server:
             await asyncio.gather(post(c, server), post(c, server))  # a burst: two connections, both kept idle
-            idle = next(iter(c._idle.values()))
+            idle = next(iter(c._pool._origins.values())).idle  # the pool's idle connections to the one origin
             older = idle[0]
             for _ in range(2):  # the newer one keeps being reused; the older one only ages
                 await asyncio.sleep(0.03)
                 await post(c, server)
             assert len(idle) == 1
             assert older not in idle  # closed when the newer one came back
-            assert older.closed
+            assert older.state is LinkState.CLOSED
             assert server.connections == 2  # nothing new was opened
         await c.close()
 

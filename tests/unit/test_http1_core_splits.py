@@ -93,3 +93,27 @@ def test_the_long_cases_read_the_same_one_byte_at_a_time() -> None:
             whole = read_requests([data], False)
             chunks = [data[i : i + 1] for i in range(len(data))]
             check_same_for_any_cut(whole, read_requests(chunks, False), data, chunks[:1])
+
+
+@pytest.mark.parametrize("eof", [False, True])
+@pytest.mark.parametrize("data", REQUEST_CASES)
+def test_taking_request_bodies_whole_reads_the_same(data: bytes, eof: bool) -> None:
+    """`take_body` (a Content-Length body all in the buffer, at once) gives what the events give, in any cut."""
+    whole = read_requests([data], eof)
+    for chunks in [[data], *splits(data)]:
+        check_same_for_any_cut(whole, read_requests(chunks, eof, take=True), data, chunks)
+
+
+@pytest.mark.parametrize("eof", [False, True])
+@pytest.mark.parametrize(("data", "method"), [(d, b"GET") for _, d in REFUSED_RESPONSES if len(d) < 2048] + RESPONSES)
+def test_taking_response_bodies_whole_reads_the_same(data: bytes, method: bytes, eof: bool) -> None:
+    whole = read_response([data], eof, method)
+    for chunks in [[data], *splits(data)]:
+        check_same_for_any_cut(whole, read_response(chunks, eof, method, take=True), data, chunks)
+
+
+@pytest.mark.parametrize(("data", "method"), LIMITED)
+def test_taking_a_body_whole_never_passes_the_limit(data: bytes, method: bytes) -> None:
+    whole = read_response([data], True, method, max_body=10)
+    for chunks in [[data], *splits(data)]:
+        check_same_for_any_cut(whole, read_response(chunks, True, method, max_body=10, take=True), data, chunks)

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trustme
 
-from pep.http1 import Fields, Framing
+from pep.http1 import Fields, Framing, LocalProtocolError, RequestStart
 from pep.transport import (
     BadResponse,
     ConnectFailed,
     ConnectTimeout,
     Exchange,
+    NotAdmitted,
     Origin,
     Pool,
     PoolTimeout,
@@ -492,3 +493,61 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+# --- fetch and admit (the PDP client's way in) -------------------------------------------------------------------
+
+
+def line(method: bytes, target: bytes) -> RequestStart:
+    return RequestStart(method, target, HOST)
+
+
+async def test_fetch_reads_whole_answers_and_keeps_the_connection(start: Start, pool: Pool) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+    up = await start(lambda seen: Action(chunked) if seen.target == b"/chunked" else ok(b"whole " + seen.body))
+    head, body = await pool.fetch(origin(up), line(b"POST", b"/"), [(b"X-Id", b"1")], b"{}", limit=100)
+    assert (head.status, body) == (200, b"whole {}")
+    head, body = await pool.fetch(origin(up), line(b"GET", b"/chunked"), [], limit=100)
+    assert (head.status, body) == (200, b"abc")
+    assert up.accepted == 1  # both on one connection, kept after each complete answer
+    assert up.seen[0].headers == [(b"host", b"upstream.test"), (b"x-id", b"1"), (b"content-length", b"2")]
+
+
+async def test_fetch_reports_an_oversize_body_and_closes_its_connection(start: Start, pool: Pool) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"8\r\n" + b"z" * 8 + b"\r\n0\r\n\r\n"
+    up = await start(lambda seen: Action(chunked) if seen.target == b"/chunked" else ok(b"y" * 50))
+    assert (await pool.fetch(origin(up), line(b"GET", b"/length"), [], limit=49))[1] is None  # known at the head
+    assert (await pool.fetch(origin(up), line(b"GET", b"/chunked"), [], limit=7))[1] is None  # found while reading
+    assert (await pool.fetch(origin(up), line(b"GET", b"/"), [], limit=50))[1] == b"y" * 50
+    assert [s.connection for s in up.seen] == [1, 2, 3]
+
+
+async def test_a_request_not_admitted_sends_nothing_and_leaves_the_connection_idle(start: Start, pool: Pool) -> None:
+    up = await start(lambda seen: ok())
+    assert await get(pool, up) == b"ok"  # one idle connection
+
+    def admit(*answers: bool) -> Callable[[], bool]:
+        it = iter(answers)
+        return lambda: next(it)
+
+    for answers in ((False,), (True, False)):  # before a connection is taken; right before the first byte
+        with pytest.raises(NotAdmitted):
+            await pool.fetch(origin(up), line(b"GET", b"/no"), [], limit=10, admit=admit(*answers))
+        with pytest.raises(NotAdmitted):
+            await pool.request(origin(up), b"GET", b"/no", HOST, admit=admit(*answers))
+    assert [s.target for s in up.seen] == [b"/"]  # the upstream saw nothing of the refused requests
+    assert pool.idle_count(origin(up)) == 1  # and the connection taken for them went back unused
+    assert (await pool.fetch(origin(up), line(b"GET", b"/yes"), [], limit=10, admit=admit(True, True)))[1] == b"ok"
+    assert up.accepted == 1
+
+
+async def test_fetch_refuses_framing_fields_from_the_caller(start: Start, pool: Pool) -> None:
+    up = await start(lambda seen: ok())
+    with pytest.raises(LocalProtocolError):
+        await pool.fetch(origin(up), line(b"POST", b"/"), [(b"Content-Length", b"2")], b"{}", limit=10)
+    fixed = RequestStart(b"POST", b"/", [*HOST, (b"Transfer-Encoding", b"chunked")])
+    with pytest.raises(LocalProtocolError):
+        await pool.fetch(origin(up), fixed, [], b"{}", limit=10)
+    with pytest.raises(LocalProtocolError):
+        await pool.fetch(origin(up), line(b"POST", b"/"), [(b"X-A", b"1\r\nX-B: 2")], b"{}", limit=10)
+    assert up.accepted == 0  # nothing was sent
