@@ -14,10 +14,10 @@ no route, the route, path parameters, the announced length against the route's l
 credential, the protocol's inspection of the body (read only where it decides something), MCP replies opened,
 then the document(s) and the `Check`.
 
-What comes after the decision belongs to the drivers, with two places left for the approvals and just-in-time
-credentials of issue 16: an approval flow after a `Deny` with `approval_required` (pep/approvals/flow.py), and a
-credential fetched after an allow, before anything is forwarded (pep/credentials_oauth.py). `settle` is where an
-allow this admission cannot carry out becomes a denial.
+What comes after the decision belongs to the drivers: a `Deny` with `approval_required` on a route with `approval`
+goes to the approval step (pep/approval_step.py; such a route's body is read whole here, so the approval binds
+the exact bytes forwarded), and a just-in-time credential is fetched after an allow, before anything is
+forwarded (pep/credentials_oauth.py). `settle` is where an allow this admission cannot carry out becomes a denial.
 """
 
 from __future__ import annotations
@@ -248,7 +248,11 @@ async def _inspect(facts: RequestFacts, route: Route, path: str, read_body: Read
     config, method, headers = route.config, facts.method, facts.headers
     early = dispatch.before_body(config, method, path, headers, facts.has_body)
     if early is not None:
-        return early
+        if config.approval is None or isinstance(early, Refused) or early.body is not None or not facts.has_body:
+            return early
+        # An approval is for the exact bytes forwarded (pep/approvals/binding.py): read whole, an allow carries them.
+        read = await read_body(dispatch.read_limit(config))
+        return read if isinstance(read, Refused) else dataclasses.replace(early, body=read)
     if (problem := dispatch.encoding_problem(headers)) is not None:
         return problem
     limit = dispatch.read_limit(config)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pep import transport
 from pep.admin import admin_app, serve_admin
+from pep.approvals.flow import Approvals
 from pep.breaker import Breaker, State
 from pep.config import Address, Config, ConfigError, PdpConfig, load
 from pep.credentials import CredentialSource
@@ -170,6 +171,10 @@ class Server:
         self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         self._upstream = Upstream(self.metrics)
         self.proxy = proxy = Proxy(await self._build(cfg, None), self._upstream, self.decision_log, self.metrics)
+        self.metrics.approvals_circuit_state.set_function(
+            lambda: int(a.ciba.breaker.state) if (a := proxy.runtime.approvals) is not None else 0
+        )
+        self.metrics.approvals_held.set_function(lambda: a.held if (a := proxy.runtime.approvals) is not None else 0)
         if cfg.tracing is not None:
             from pep.otel import Tracing  # only with tracing on: no OpenTelemetry import otherwise
 
@@ -230,6 +235,7 @@ class Server:
             )
         engine = None
         keys = None
+        approvals = _approvals(cfg, old, self.metrics)
         jit: dict[str, OAuthCredentialSource] = {}
         try:
             jit = self._jit_sources(cfg, old)
@@ -250,15 +256,15 @@ class Server:
             if old is not None and engine is old.engine and (problem := engine.pdp.reload()):
                 raise ReloadError(problem)
         except (KeysError, CedarLoadError, OSError, ssl.SSLError, ValueError) as exc:
-            await self._discard(old, engine, keys, jit)
+            await self._discard(old, engine, keys, jit, approvals)
             raise ReloadError(str(exc)) from None
         except BaseException:
-            await self._discard(old, engine, keys, jit)
+            await self._discard(old, engine, keys, jit, approvals)
             raise
         self.metrics.bind_routes(tuple(r.name for r in cfg.routes))
         for name, jit_source in jit.items():
             self.metrics.bind_credential_circuit(name, _state_of(jit_source.breaker))
-        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys, jit)
+        return Runtime(cfg, routes, engine, identifier, credentials, sealer, keys, jit, approvals)
 
     def _jit_sources(self, cfg: Config, old: Runtime | None) -> dict[str, OAuthCredentialSource]:
         """A token endpoint client per route with a just-in-time credential; a reload keeps the source (its
@@ -291,8 +297,11 @@ class Server:
         engine: Engine | None,
         keys: KeySource | None,
         jit: dict[str, OAuthCredentialSource] | None = None,
+        approvals: Approvals | None = None,
     ) -> None:
         """Close what a failed build created (never what it reused from `old`)."""
+        if approvals is not None and (old is None or approvals is not old.approvals):
+            await approvals.close()
         kept = set(map(id, old.jit.values())) if old is not None else set()
         for source in (jit or {}).values():
             if id(source) not in kept:
@@ -394,7 +403,12 @@ class Server:
         proxy.runtime = new  # one assignment: the next request sees all of the new config
         self.config = cfg
         dropped_jit = any(source is not new.jit.get(name) for name, source in old.jit.items())
-        if new.engine is not old.engine or new.keys is not old.keys or dropped_jit:
+        if (
+            new.engine is not old.engine
+            or new.keys is not old.keys
+            or dropped_jit
+            or new.approvals is not old.approvals
+        ):
             self._retired.append(old)
             # No request still deciding under the old engine outlives its deadline (plus the retries in it).
             # Nor a credential fetch: closing a token endpoint client ends the fetches on it.
@@ -416,6 +430,8 @@ class Server:
         for name, source in runtime.jit.items():
             if keep is None or keep.jit.get(name) is not source:
                 await source.close()
+        if runtime.approvals is not None and (keep is None or runtime.approvals is not keep.approvals):
+            await runtime.approvals.close()
 
     def _stamps(self) -> dict[str, Stamp | None]:
         return {path: file_stamp(path) for path in watched_files(self.config)}
@@ -458,6 +474,21 @@ class Server:
         if self.tracing is not None:
             self.tracing.shutdown()  # exports what is buffered
         await self.decision_log.close()
+
+
+def _approvals(cfg: Config, old: Runtime | None, metrics: Metrics) -> Approvals | None:
+    """The approval engine: kept across a reload that leaves `approvals` as it was (its breaker, its replay
+    cache and its held requests go on), else new (ticket key files read now: ReloadError)."""
+    if cfg.approvals is None:
+        return None
+    if old is not None and old.approvals is not None and old.config.approvals == cfg.approvals:
+        return old.approvals
+    try:
+        return Approvals.from_config(cfg.approvals, on_result=lambda result: metrics.approvals[result].inc())
+    except SealKeyError as exc:
+        raise ReloadError(f"approvals.ticket_key_files: {exc}") from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ReloadError(f"approvals.tls: {exc}") from None
 
 
 CONFIG_CHECK_S = 1.0

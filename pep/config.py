@@ -232,6 +232,7 @@ class ApprovalsConfig:
     ticket_key_files: tuple[str, ...] = ()  # the first seals, all open (rotation)
     elicitation_url: str | None = None  # MCP -32042: where the user sees the pending approval; `{id}` is replaced
     breaker: BreakerConfig = BreakerConfig()
+    max_held: int = 100  # hold mode: requests waiting for a person at once (per process); more: approval_unavailable
 
 
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
@@ -1086,6 +1087,7 @@ _APPROVALS_KEYS = {
     "ticket_key_files",
     "elicitation_url",
     "breaker",
+    "max_held",
 }
 
 
@@ -1128,6 +1130,7 @@ def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
         ticket_key_files=keys,
         elicitation_url=elicitation,
         breaker=_breaker(r, m, path),
+        max_held=r.integer(m, "max_held", path, 100, 1, 100_000),
     )
     return cfg if all(urls.values()) and client is not None else None
 

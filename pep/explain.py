@@ -24,6 +24,7 @@ from typing import IO, Any
 import orjson
 from multidict import CIMultiDict
 
+from pep import approval_step
 from pep.admission import Admission, Refusal, RequestFacts, admit
 from pep.config import HEADER_NAME, Config
 from pep.credentials import CredentialSource
@@ -297,6 +298,8 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
         report.update(decision="allow", reason=Reason.ALLOWED.value)
     else:
         report.update(decision="deny", reason=decision.reason.value, detail=decision.detail or None)
+        if outcome.approval is not None:  # approval_required: who `pep run` would ask, and how the request waits
+            report["approval"] = approval_step.describe(found, outcome.approval)
     report.update(route=route_name, upstream_url=found.upstream_url)
     credential = found.route.config.credential
     if credential is not None:

@@ -43,6 +43,7 @@ PEP_OWNED: frozenset[str] = frozenset(
         "forwarded",
         "traceparent",  # kept or started by the PEP (pep/trace.py), then set on the upstream request
         "tracestate",
+        "x-pep-approval-ticket",  # a retry's approval ticket (pep/approvals/binding.py): read by the PEP alone
     }
 )
 

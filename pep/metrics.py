@@ -123,6 +123,15 @@ class Metrics:
             registry=r,
         )
         self.approvals = {res: approvals.labels(res) for res in APPROVAL_RESULTS}
+        # Read at scrape time from the approval engine in force (0 without an `approvals` section).
+        self.approvals_circuit_state = Gauge(
+            "pep_approvals_circuit_state",
+            "The OpenID Provider's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )
+        self.approvals_held = Gauge(
+            "pep_approvals_held", "Requests held waiting for a person (hold mode; approvals.max_held).", registry=r
+        )
         credential_fetches = Counter(
             "pep_credential_fetches_total",
             "Just-in-time credential requests to token endpoints, by result (cache hits are not fetches).",

@@ -17,9 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pep import attributes, tunnel
+from pep import approval_step, attributes, tunnel
 from pep.admission import Admission, Refusal, RequestFacts, admit, target_path
 from pep.answers import ModelAnswers
+from pep.approvals.binding import TICKET_HEADER, ApprovalPending
+from pep.approvals.flow import Approvals
 from pep.config import Config
 from pep.credentials import CredentialSource
 from pep.credentials_oauth import CredentialRefusal, OAuthCredentialSource
@@ -34,7 +36,7 @@ from pep.identity.subject import Identifier
 from pep.ids import new_id, request_id
 from pep.mcp_answers import AnswerContext, McpAnswers
 from pep.metrics import UNMATCHED, Metrics
-from pep.protocols import NO_ID, Inspected, Message, Refused, openai
+from pep.protocols import NO_ID, Message, Refused, openai
 from pep.protocols.body import BODY_DEADLINE, read_body
 from pep.protocols.mcp_answer import LISTS, Stream
 from pep.responses import Reply, deny, deny_mcp, deny_openai, unreadable_request
@@ -68,6 +70,7 @@ class _Case:
 
     __slots__ = (
         "admission",
+        "approval",
         "challenge",
         "drop_session",
         "exchange",
@@ -91,6 +94,7 @@ class _Case:
         self.admission: Admission | None = None
         self.challenge: str | None = None  # WWW-Authenticate for identity_missing/identity_invalid (401)
         self.drop_session = False  # the connection's client certificate no longer passes: abort after the answer
+        self.approval: approval_step.Step | None = None  # the approval step, when the PDP asked for one
         self.status: int | None = None  # the status answered (for the span)
 
     def peercert(self) -> dict[str, Any] | IdentityRefusal | None:
@@ -128,13 +132,17 @@ def decision_reason(decision: Allow | Deny) -> Reason:
     return Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
 
 
-def _denial(route: Route | None, inspected: Inspected | None, reason: Reason, rid: str) -> Reply:
+def _denial(case: _Case, reason: Reason, rid: str) -> Reply:
+    route, admission = case.route, case.admission
+    inspected = admission.inspected if admission is not None else None
+    pending: ApprovalPending | None = case.approval.pending if case.approval is not None else None
     protocol = route.config.protocol if route is not None else "http"
     if protocol == "mcp" and route is not None:
-        return deny_mcp(reason, rid, inspected, route.config.deny_status)
+        elicit = pending is not None and admission is not None and approval_step.url_elicitation(admission)
+        return deny_mcp(reason, rid, inspected, route.config.deny_status, pending, elicit)
     if protocol == "openai":
-        return deny_openai(reason, rid)
-    return deny(reason, rid)
+        return deny_openai(reason, rid, pending)
+    return deny(reason, rid, approval=pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +157,7 @@ class Runtime:
     sealer: Sealer  # the tokens relayed in place of MCP server ids (pep/protocols/mcp_tokens.py)
     keys: KeySource | None = None  # identity.jwt's key source, started and closed with the runtime
     jit: Mapping[str, OAuthCredentialSource] = field(default_factory=dict)  # routes' just-in-time credentials
+    approvals: Approvals | None = None  # the `approvals` section's engine (CIBA client, ticket keys)
 
     @property
     def include_arguments(self) -> bool:
@@ -260,7 +269,7 @@ class Proxy:
                 # Never upstream without the route's credential (a just-in-time one comes from `_credential`):
                 # an allow that skipped it is a bug, and still a denial.
                 log.error("request %s was allowed without its route's credential; denied", rid)
-                case.send(_denial(admission.route, admission.inspected, Reason.INTERNAL_ERROR, rid))
+                case.send(_denial(case, Reason.INTERNAL_ERROR, rid))
                 return
             answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
             case.status = await self._upstream.forward(
@@ -268,8 +277,7 @@ class Proxy:
             )
             return
         assert isinstance(decision, Deny)
-        # (Issue 16: a Deny with `approval_required` goes to the approval flow here, pep/approvals/flow.py.)
-        reply = _denial(route, admission.inspected if admission is not None else None, decision.reason, rid)
+        reply = _denial(case, decision.reason, rid)
         if case.challenge is not None:
             reply.status = 401
             reply.headers["www-authenticate"] = case.challenge
@@ -304,7 +312,13 @@ class Proxy:
             case.drop_session = found.drop_session
             return _early(found.reason, found.detail)
         case.admission = found
-        outcome = found.settle(await case.rt.engine.decide(found.check))
+        rt = case.rt
+        outcome = found.settle(await rt.engine.decide(found.check))
+        if approval_step.wanted(outcome, found):
+            # Only the allow of the PDP asked again after the approval goes on, to the credential and upstream.
+            tickets = exchange.headers.getall(TICKET_HEADER, ())
+            case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
+            outcome = case.approval.outcome
         return await self._credential(case, found, outcome)
 
     async def _credential(self, case: _Case, admission: Admission, outcome: Outcome) -> Outcome:
@@ -412,7 +426,10 @@ class Proxy:
             path = target_path(case.method, case.exchange.target)
             subject = rt.identifier.unverified(case.peercert)
             messages, document = (), None
-        return self._entry_for(rt, rid, route_name, case.method, path, subject, document, outcome, case.trace, messages)
+        approval = case.approval.log if case.approval is not None else None
+        return self._entry_for(
+            rt, rid, route_name, case.method, path, subject, document, outcome, case.trace, messages, approval
+        )
 
     def _entry_for(
         self,
@@ -426,6 +443,7 @@ class Proxy:
         outcome: Outcome,
         trace: Trace | None,
         messages: tuple[Message, ...] = (),
+        approval: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         decision = outcome.decision
         allow = isinstance(decision, Allow)
@@ -468,6 +486,8 @@ class Proxy:
             entry["endpoint"] = messages[0].facts["endpoint"]
         if outcome.note:
             entry["detail"] = outcome.note
+        if approval is not None:
+            entry["approval"] = approval
         return entry
 
 

@@ -33,6 +33,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pep.breaker import State
 from pep.metrics import Metrics
 
 # Labels Prometheus attaches to every series of a PodMonitor target.
@@ -73,7 +74,11 @@ class Exported:
 
     @classmethod
     def from_registry(cls) -> Exported:
-        text = generate_latest(Metrics(("example",)).registry).decode()
+        metrics = Metrics(("example",))
+        # Per-route series that exist only for routes with a just-in-time credential: bound as a route would be.
+        metrics.bind_credential_circuit("example", lambda: State.CLOSED)
+        metrics.credential_transitions("example")
+        text = generate_latest(metrics.registry).decode()
         labels: dict[str, dict[str, set[str]]] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

@@ -81,6 +81,7 @@ class Approvals:
         self._monotonic = monotonic
         self._used = UsedApprovals(clock=clock)
         self._on_result = on_result or (lambda _result: None)
+        self.held = 0  # hold mode: requests waiting for a person now (at most cfg.max_held)
 
     @classmethod
     def from_config(cls, cfg: ApprovalsConfig, on_result: Callable[[str], None] | None = None) -> Approvals:
@@ -111,6 +112,28 @@ class Approvals:
     ) -> ApprovalResult:
         """Ask the approver the PDP named about this exact request. `deadline` is on the monotonic clock: the
         request's own, already shortened to `hold_ms` by the caller in hold mode."""
+        if mode.mode != "hold":
+            return await self._request(binding, ask, mode, method, deadline)
+        if self.held >= self.cfg.max_held:
+            # Each held request keeps a connection and a poll loop open: past the bound it is refused, so a flood
+            # of approval-required calls cannot hold the process (or the OP) hostage.
+            result = NotApproved(Reason.APPROVAL_UNAVAILABLE, f"approvals.max_held ({self.cfg.max_held}) are waiting")
+            self._count(result)
+            return result
+        self.held += 1
+        try:
+            return await self._request(binding, ask, mode, method, deadline)
+        finally:
+            self.held -= 1
+
+    async def _request(
+        self,
+        binding: RequestBinding,
+        ask: ApprovalAsk,
+        mode: RouteApproval,
+        method: str,
+        deadline: float,
+    ) -> ApprovalResult:
         now = self._clock()
         expiry = self.cfg.requested_expiry_ms / 1000
         if ask.expires_at is not None:

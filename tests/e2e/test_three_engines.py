@@ -251,3 +251,47 @@ async def test_regorus_pdp_speaks_opa_errors_and_undefined(rego_pdp: RegoPdp, op
     del doc["mcp"]
     verdict = await opa.ask(doc, "plain-http")
     assert verdict == Verdict(False, Reason.POLICY_DENIED, note="not a tool or prompt this agent may use")
+
+
+REFUND_APPROVER = "alice@example.com"
+APPROVED = {"approver": REFUND_APPROVER, "approved_at": "2026-11-24T12:00:00Z", "id": "a1"}
+
+
+async def test_issue_refund_asks_a_person_in_rego_and_cedar_cerbos_cannot(
+    rego_pdp: RegoPdp, opa: OpaPdp, authzen: AuthzenPdp, cedar: CedarPdp
+) -> None:
+    """The shipped approval rule: `issue_refund` is "approval required" (alice@example.com, "Issue a refund") in
+    Rego and Cedar, allowed once the input holds her approval, and never for an anonymous caller or on another's
+    approval. Cerbos answers AuthZEN with `decision` alone, so its copy has no such rule: a plain denial."""
+    pdps: dict[str, OpaPdp | AuthzenPdp | CedarPdp] = {"opa": opa, "cerbos": authzen, "cedar": cedar}
+
+    async def ask(subject: str, approval: dict[str, str] | None) -> dict[str, Verdict | Failure]:
+        case = Case("refund", "issue_refund", {"order_id": "A-1", "amount": 250}, ACME, False, subject=subject)
+        found = {}
+        for name, pdp in pdps.items():
+            doc = pep_document(case, f"refund-{name}")
+            if approval is not None:
+                doc["approval"] = approval
+            found[name] = await pdp.ask(doc, f"refund-{name}")
+        return found
+
+    asked = await ask("agent", None)
+    for name in ("opa", "cedar"):
+        verdict = asked[name]
+        assert isinstance(verdict, Verdict), verdict
+        assert (verdict.allow, verdict.reason) == (False, Reason.APPROVAL_REQUIRED)
+        assert verdict.approval is not None
+        assert (verdict.approval.approver, verdict.approval.message) == (REFUND_APPROVER, "Issue a refund")
+    assert isinstance(asked["cerbos"], Verdict)
+    assert (asked["cerbos"].allow, asked["cerbos"].reason) == (False, Reason.POLICY_DENIED)
+
+    approved = await ask("agent", APPROVED)
+    assert {name: isinstance(v, Verdict) and v.allow for name, v in approved.items()} == {
+        "opa": True,
+        "cerbos": False,
+        "cedar": True,
+    }
+    for answers in (await ask("agent", {**APPROVED, "approver": "bob@example.com"}), await ask("anonymous", None)):
+        assert not any(isinstance(v, Verdict) and v.allow for v in answers.values()), answers
+    anonymous = await ask("anonymous", None)
+    assert all(isinstance(v, Verdict) and v.reason is Reason.POLICY_DENIED for v in anonymous.values()), anonymous

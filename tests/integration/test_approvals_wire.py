@@ -1,6 +1,7 @@
-"""Through a running PEP, as the request path is today (it does not drive approvals or just-in-time credentials
-yet): a PDP's "approval required", an approval malformed or joined to an allow, a credential narrowing the route
-cannot carry out, and a route whose credential is obtained per request all deny, and the upstream sees nothing."""
+"""Through a running PEP: a PDP's "approval required" on a route without `approval` (nobody to ask), an approval
+malformed or joined to an allow, a credential narrowing the route cannot carry out, and a route whose token
+endpoint cannot be reached all deny, and the upstream sees nothing. (Approvals that are asked for:
+test_approvals_request_path.py.)"""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ CALL = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "r
         (b'{"result":{"allow":true,"credential":{"scopes":["crm.admin"],"lifetime":60}}}', "pdp_malformed"),
     ],
 )
-async def test_approvals_the_request_path_cannot_act_on_deny_and_forward_nothing(
+async def test_approvals_that_cannot_be_asked_for_deny_and_forward_nothing(
     make_pep: PepStarter, fault_pdp: FaultPdp, upstream: RecordingUpstream, body: bytes, reason: str
 ) -> None:
     pep: RunningPep = await make_pep(mutate=lambda c: c["routes"].append(mcp_route(upstream)))

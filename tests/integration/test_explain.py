@@ -497,3 +497,45 @@ def test_a_real_process(cedar_config: Path, tmp_path: Path) -> None:
     denied = subprocess.run([*argv, "-X", "POST", "/tools/x"], cwd=REPO, capture_output=True, timeout=60, check=False)
     assert denied.returncode == 1
     assert orjson.loads(denied.stdout)["reason"] == "policy_denied"
+
+
+# --- approvals ---------------------------------------------------------------------------------------------------
+
+APPROVAL_POLICIES = """
+permit(principal, action == Action::"tools/call", resource == Tool::"refund");
+@approval("alice@example.com")
+@approval_message("Refund over 100")
+forbid(principal, action == Action::"tools/call", resource == Tool::"refund") unless { context has approval };
+"""
+REFUND = b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"refund","arguments":{"amount":500}}}'
+
+
+async def test_an_approval_required_answer_shows_who_would_be_asked_and_asks_nobody(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `pep run` would: approval_required on a route with `approval`; explain contacts no OpenID Provider (the
+    configured one does not exist) and says who would be asked, how the request would wait, and its code."""
+    policies = tmp_path / "policies.cedar"
+    policies.write_text(APPROVAL_POLICIES)
+    secret = tmp_path / "op-secret"
+    secret.write_text("s3cret")
+    path = write_config(tmp_path, {"kind": "cedar", "policies": str(policies)})
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"][1]["approval"] = {"mode": "hold", "hold_ms": 5000}
+    raw["approvals"] = {
+        "issuer": "http://127.0.0.1:9",
+        "backchannel_authentication_endpoint": "http://127.0.0.1:9/backchannel",
+        "token_endpoint": "http://127.0.0.1:9/token",
+        "jwks_uri": "http://127.0.0.1:9/jwks",
+        "client_id": "pep",
+        "client_secret_file": str(secret),
+    }
+    path.write_text(yaml.safe_dump(raw))
+    body = tmp_path / "refund.json"
+    body.write_bytes(REFUND)
+    code, report, _ = await explain(capsys, path, "--body", str(body), "/mcp")
+    assert (code, report["decision"], report["reason"]) == (1, "deny", "approval_required")
+    approval = report["approval"]
+    assert approval.pop("code").isalnum()
+    assert approval == {"approver": "alice@example.com", "message": "Refund over 100", "mode": "hold", "hold_ms": 5000}
+    assert "approval" not in report["document"]

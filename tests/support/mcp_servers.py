@@ -218,6 +218,8 @@ class Mcp2Server:
     # Where the app serves MCP. "/mcp/" makes Starlette answer `/mcp` with a 307 to its own absolute
     # `http://127.0.0.1:PORT/mcp/` (redirect_slashes), as a server mounted under a trailing slash does.
     http_path: str = "/mcp"
+    # Another server to serve (given `calls` to record into), instead of the support-agent tools.
+    build: Callable[[list[ToolCall]], MCPServer] | None = None
     _server: uvicorn.Server | None = None
     _task: asyncio.Task[None] | None = None
 
@@ -230,7 +232,12 @@ class Mcp2Server:
         return [c for c in self.calls if c.tool == tool]
 
     async def start(self) -> None:
-        built = build_interactive_server(self.calls, self.asked) if self.interactive else build_tools_server(self.calls)
+        if self.build is not None:
+            built = self.build(self.calls)
+        elif self.interactive:
+            built = build_interactive_server(self.calls, self.asked)
+        else:
+            built = build_tools_server(self.calls)
         app = built.streamable_http_app(host="127.0.0.1", streamable_http_path=self.http_path)
         sock = _loopback_socket()
         self.port = sock.getsockname()[1]

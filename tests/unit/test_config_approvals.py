@@ -145,6 +145,7 @@ def test_approvals_options() -> None:
         binding_message_max=20,
         elicitation_url="https://approvals.example/pending/{id}",
         breaker={"open_ms": 1000},
+        max_held=3,
     )
     approvals = parse(data, SRC).approvals
     assert approvals is not None
@@ -157,6 +158,8 @@ def test_approvals_options() -> None:
     assert approvals.binding_message_max == 20
     assert approvals.elicitation_url == "https://approvals.example/pending/{id}"
     assert approvals.breaker == BreakerConfig(open_ms=1000)
+    assert approvals.max_held == 3
+    assert parse(base(), SRC).approvals.max_held == 100  # type: ignore[union-attr]
 
 
 def mutate(change: Any) -> dict[str, Any]:
@@ -200,6 +203,8 @@ def cred(data: dict[str, Any], i: int = 0) -> dict[str, Any]:
         (lambda d: a(d).update(ticket_key_files="/k"), "approvals.ticket_key_files: must be a non-empty list"),
         (lambda d: a(d).update(tls={"cert_file": "/c"}), "approvals.tls: cert_file and key_file go together"),
         (lambda d: a(d).update(poll=1), "approvals.poll: unknown key"),
+        (lambda d: a(d).update(max_held=0), "approvals.max_held: must be between 1 and 100000"),
+        (lambda d: a(d).update(max_held="many"), "approvals.max_held: must be an integer"),
         (lambda d: cred(d).update(kind="vault"), "routes[0].credential.kind: must be one of"),
         (lambda d: cred(d).update(kind=None), "routes[0].credential.kind: must be a non-empty string"),
         (lambda d: d["routes"][0].pop("require_identity"), "routes[0].credential.kind: token_exchange needs"),

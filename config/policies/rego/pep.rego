@@ -14,6 +14,9 @@
 #   domain (subject.attributes.company_domain, from identity.attributes), compared case-sensitively;
 #   a missing or non-string `to`, or an agent without a company domain, is a deny; a model answer's call of
 #   it is decided by name alone (no arguments), so it is denied;
+# - tools/call of `issue_refund`: only once a person approved that exact call. Without an approval in the input the
+#   answer is `approval: {approver, message}` (the PEP asks the approver through CIBA: README, "Human approval");
+#   asked again with `input.approval` from that approver, it is allowed. A model answer's call of it is denied;
 # - `shell`: never, whatever else says allow;
 # - everything else (other tools, other MCP methods, plain HTTP, every model call): denied by default. A model
 #   is allowed by name (input.model.action "model.invoke", input.model.name); a call whose model the PEP cannot
@@ -104,6 +107,25 @@ own_domain_recipient if {
 	endswith(to, concat("", ["@", domain]))
 }
 
+# The person who approves refunds (the OP's account for this login hint; the PEP checks the ID token names them).
+refund_approver := "alice@example.com"
+
+refund_call if {
+	mcp_tool_call
+	input.mcp.name == "issue_refund"
+}
+
+permitted if {
+	refund_call
+	input.approval.approver == refund_approver
+}
+
+approval := {"approver": refund_approver, "message": "Issue a refund"} if {
+	identified
+	refund_call
+	not input.approval
+}
+
 forbidden if input.mcp.name == "shell"
 
 forbidden if input.model.tool == "shell"
@@ -116,6 +138,11 @@ else := "send_email only to the agent's company domain" if {
 	mcp_tool_call
 	input.mcp.name == "send_email"
 	not own_domain_recipient
+}
+
+else := "issue_refund needs a person's approval" if {
+	refund_call
+	not permitted
 }
 
 else := "tool not allowed" if {
