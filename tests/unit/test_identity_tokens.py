@@ -266,14 +266,14 @@ async def test_kid_rules(rsa: SigningKey, ec: SigningKey) -> None:
 @pytest.mark.parametrize(
     ("payload", "detail"),
     [
-        (claims(exp=None), "the token has no exp claim"),
-        (claims(sub=None), "the token has no sub claim"),
-        (claims(iss=None), "the token has no iss claim"),
-        (claims(aud=None), "the token has no aud claim"),
-        (claims(sub=""), "the token sub claim is not a non-empty string"),
-        (claims(sub=42), "the token is malformed"),
-        (claims(exp="tomorrow"), "the token is malformed"),
-        (claims(iat="yesterday"), "the token has an invalid iat claim"),
+        (claims(ttl=86400, exp=None), "the token has no exp claim"),
+        (claims(ttl=86400, sub=None), "the token has no sub claim"),
+        (claims(ttl=86400, iss=None), "the token has no iss claim"),
+        (claims(ttl=86400, aud=None), "the token has no aud claim"),
+        (claims(ttl=86400, sub=""), "the token sub claim is not a non-empty string"),
+        (claims(ttl=86400, sub=42), "the token is malformed"),
+        (claims(ttl=86400, exp="tomorrow"), "the token is malformed"),
+        (claims(ttl=86400, iat="yesterday"), "the token has an invalid iat claim"),
     ],
     ids=["no-exp", "no-sub", "no-iss", "no-aud", "empty-sub", "sub-number", "exp-string", "iat-string"],
 )
