@@ -213,8 +213,8 @@ async def test_every_way_upstream_waits_for_the_log(
         status, reason = await _send(way, pep, raw)
     finally:
         await raw.stop()
-    # MCP routes deny with a JSON-RPC error in a 200 by default (`deny_status`); nothing is forwarded either way.
-    assert (status, reason) == (200 if way.startswith("mcp") else 403, "audit_unavailable")
+    # The MCP route sets deny_status 403 (its default is a JSON-RPC error in a 200); nothing is forwarded either way.
+    assert (status, reason) == (403, "audit_unavailable")
     assert upstream.seen == []
     assert raw.accepted == 0  # no tunnel was opened either
 
