@@ -32,9 +32,12 @@ _DECIMAL_MAX = 922337203685477.5807
 _NOTE_MAX = 256
 # Parsed request entities kept for reuse, by their JSON text: Cedar's parse of the principal and resource costs
 # more than the evaluation, and most requests repeat one (same agent, route, path and arguments). Bounded in
-# entries and, through the largest text kept, in bytes; emptied by a reload.
+# entries and, through the largest text kept, in bytes; emptied by a reload. Each set kept holds its own copy of
+# the entities file's map (measured: about 180 bytes per entity), so a large file keeps fewer sets: at most
+# _ENTITY_SLOTS entities over all of them.
 _ENTITIES_CACHED = 256
 _ENTITIES_KEY_MAX = 4096
+_ENTITY_SLOTS = 16384
 
 
 # How cedarpy reports a request it could not build (a principal type that is no Cedar name, a string that is not
@@ -194,6 +197,7 @@ class CedarPdp(Pdp):
         # Only now, with everything read: a reload that fails half-way changes nothing.
         self._policies, self._approvals, self._file_entities, self._base = policies, approvals, file_entities, base
         self._parsed: OrderedDict[str, cedarpy.Entities] = OrderedDict()  # parsed against this load's entities
+        self._parsed_max = min(_ENTITIES_CACHED, _ENTITY_SLOTS // (len(entities) + 2))
 
     def reload(self) -> str | None:
         """Re-read the files; on any problem keep the policies in force and say why."""
@@ -205,7 +209,7 @@ class CedarPdp(Pdp):
 
     def _entities(self, generated: list[dict[str, Any]]) -> cedarpy.Entities:
         text = _json(generated)
-        if len(text) > _ENTITIES_KEY_MAX:
+        if len(text) > _ENTITIES_KEY_MAX or not self._parsed_max:
             return self._parse_entities(generated, text)
         parsed = self._parsed
         entities = parsed.get(text)
@@ -214,7 +218,7 @@ class CedarPdp(Pdp):
             return entities
         entities = self._parse_entities(generated, text)  # raises on entities Cedar cannot take: never cached
         parsed[text] = entities
-        if len(parsed) > _ENTITIES_CACHED:
+        if len(parsed) > self._parsed_max:
             parsed.popitem(last=False)
         return entities
 

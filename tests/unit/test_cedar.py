@@ -348,6 +348,20 @@ async def test_parsed_entities_are_bounded_and_emptied_by_a_reload(tmp_path: Pat
     assert len(pdp._parsed) == 256
 
 
+async def test_a_large_entities_file_keeps_fewer_parsed_sets(tmp_path: Path) -> None:
+    """Every set kept copies the file's entity map: with 1,000 entities in the file, 16 sets, not 256."""
+    people = [{"uid": {"type": "User", "id": f"u{i}"}, "attrs": {}, "parents": []} for i in range(998)]
+    pdp = CedarPdp(
+        write(tmp_path / "p.cedar", "permit(principal, action, resource);"),
+        write(tmp_path / "e.json", json.dumps(people)),
+    )
+    for i in range(40):
+        doc = pep_document()
+        doc["request"] = {**doc["request"], "path": f"/tools/{i}"}
+        assert (await verdict(pdp, doc)).allow is True
+    assert len(pdp._parsed) == 16
+
+
 async def test_entities_with_escaped_uids(tmp_path: Path) -> None:
     entities = [
         {
