@@ -29,9 +29,13 @@ CLOSE_WAIT_S = 2.0  # at shutdown, how long the last writes are waited for
 
 
 class _Batch:
-    """Lines written together by one write; `waiting`: someone waits for it, so it goes out without delay."""
+    """Lines written together by one write; `waiting`: someone waits for it, so it goes out without delay.
 
-    __slots__ = ("_done", "error", "finished", "lines", "size", "waiting")
+    Each waiter has a future of its own, settled when the write returned: one that gives up (its budget ran out,
+    its caller left) only drops its own future, never the write of the batch, so no shield is needed.
+    """
+
+    __slots__ = ("error", "finished", "lines", "size", "waiters", "waiting")
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
@@ -39,21 +43,30 @@ class _Batch:
         self.waiting = False
         self.finished = False
         self.error: BaseException | None = None
-        self._done: asyncio.Future[None] | None = None
+        self.waiters: list[asyncio.Future[bool]] = []
 
-    def done(self) -> asyncio.Future[None]:
-        """Resolved when the batch's write returned (successfully or not: see `error`)."""
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            if self.finished:
-                self._done.set_result(None)
-        return self._done
+    def done(self) -> asyncio.Future[bool]:
+        """Resolved (True) when the batch's write returned, successfully or not (see `error`)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.finished:
+            future.set_result(True)
+        else:
+            self.waiters.append(future)
+        return future
 
     def finish(self, error: BaseException | None) -> None:
         self.error = error
         self.finished = True
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+        self.waiters.clear()
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    """A commit's budget ran out before its batch's write returned."""
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class DecisionLog:
@@ -111,11 +124,14 @@ class DecisionLog:
         batch = self._queue(encode(entry), wait=True)
         if batch is None:
             return "the decision log queue is full"
+        # One future and one timer per commit (cheaper than asyncio.timeout around a shielded shared future).
+        waiter = batch.done()
+        timer = asyncio.get_running_loop().call_later(budget_s, _expire, waiter)
         try:
-            async with asyncio.timeout(budget_s):
-                # Shielded: a caller that gives up must not cancel the write of the other lines of its batch.
-                await asyncio.shield(batch.done())
-        except TimeoutError:
+            written = await waiter
+        finally:
+            timer.cancel()
+        if not written:
             return "the decision log write did not return in time"
         if batch.error is not None:
             return f"the decision log write failed: {_why(batch.error)}"
@@ -144,12 +160,9 @@ class DecisionLog:
         batch, self._open = self._open, _Batch()
         self._inflight = batch
         self._since = time.monotonic()
-        lines = batch.lines
-        write = writer.submit(lambda: self._sink.write(lines))
-        write.add_done_callback(lambda future: self._written(batch, future))
+        writer.post(self._sink.write, (batch.lines,), lambda _, error: self._written(batch, error))
 
-    def _written(self, batch: _Batch, future: asyncio.Future[None]) -> None:
-        error = future.exception()
+    def _written(self, batch: _Batch, error: BaseException | None) -> None:
         self._write_seconds.observe(time.monotonic() - self._since)
         self._inflight = None
         self._held -= batch.size
@@ -178,7 +191,7 @@ class DecisionLog:
         if batch is self._open:
             batch.waiting = True
             self._kick()
-        await asyncio.shield(batch.done())
+        await batch.done()
 
     async def reopen(self) -> str | None:
         """SIGHUP: open the file sink again (log rotation moved the old file away), on the writer thread, so no

@@ -137,22 +137,34 @@ def _chunks(lines: list[bytes], limit: int) -> list[bytes]:
     return out
 
 
-_Job = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Job = tuple[
+    Callable[..., Any], tuple[Any, ...], Callable[[Any, BaseException | None], None], asyncio.AbstractEventLoop
+]
 
 
 class Writer:
-    """Runs blocking jobs one at a time, in order, on its own daemon thread; each job's result is a future of the
-    submitting event loop."""
+    """Runs blocking jobs one at a time, in order, on its own daemon thread, and hands each outcome back to the
+    submitting event loop.
+
+    `post` is the hot path (one batch write per call): the thread calls the loop back with the outcome directly,
+    so a write costs one wake-up each way and one turn of the loop, not a future's chain of callbacks.
+    """
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pep-decision-log", daemon=True)
         self._thread.start()
 
+    def post(
+        self, job: Callable[..., T], args: tuple[Any, ...], done: Callable[[T | None, BaseException | None], None]
+    ) -> None:
+        """Run `job(*args)` on the thread; then `done(result, None)` or `done(None, error)` on this event loop."""
+        self._jobs.put((job, args, done, asyncio.get_running_loop()))
+
     def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((job, future, loop))
+        """Run `job()` on the thread; its result (or error) as a future of this event loop."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.post(job, (), lambda result, error: _settle(future, result, error))
         return future
 
     def stop(self, timeout: float) -> bool:
@@ -162,27 +174,21 @@ class Writer:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, future, loop = item
+        get = self._jobs.get
+        while (item := get()) is not None:
+            job, args, done, loop = item
             try:
-                settle: Callable[[], None] = _result(future, job())
-            except BaseException as exc:  # handed to the waiting coroutine, never lost
-                settle = _exception(future, exc)
+                result, error = job(*args), None
+            except BaseException as exc:  # handed to the loop, never lost
+                result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(settle)
+                loop.call_soon_threadsafe(done, result, error)
 
 
-def _result(future: asyncio.Future[Any], value: Any) -> Callable[[], None]:
-    def settle() -> None:
-        if not future.done():
-            future.set_result(value)
-
-    return settle
-
-
-def _exception(future: asyncio.Future[Any], exc: BaseException) -> Callable[[], None]:
-    def settle() -> None:
-        if not future.done():
-            future.set_exception(exc)
-
-    return settle
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

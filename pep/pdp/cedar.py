@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import cedarpy
+import orjson
 
 from pep.decision import Reason
 from pep.pdp import ApprovalAsk, Failure, Pdp, Verdict
@@ -28,6 +30,14 @@ _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
 _I64 = 2**63
 _DECIMAL_MAX = 922337203685477.5807
 _NOTE_MAX = 256
+# Parsed request entities kept for reuse, by their JSON text: Cedar's parse of the principal and resource costs
+# more than the evaluation, and most requests repeat one (same agent, route, path and arguments). Bounded in
+# entries and, through the largest text kept, in bytes; emptied by a reload. Each set kept holds its own copy of
+# the entities file's map (measured: about 180 bytes per entity), so a large file keeps fewer sets: at most
+# _ENTITY_SLOTS entities over all of them.
+_ENTITIES_CACHED = 256
+_ENTITIES_KEY_MAX = 4096
+_ENTITY_SLOTS = 16384
 
 
 # How cedarpy reports a request it could not build (a principal type that is no Cedar name, a string that is not
@@ -51,7 +61,14 @@ def cedar_type(authzen_type: str) -> str:
 
 def cedar_value(value: Any) -> Any:
     """A JSON value as Cedar's JSON entity/context format reads it (see the module docstring)."""
-    if value is None or isinstance(value, bool | str):
+    kind = type(value)  # exact types first (nearly every value): isinstance only for subclasses, below
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return _record(value)
+    if kind is list:
+        return [cedar_value(v) for v in value if v is not None]
+    if isinstance(value, bool | str):
         return value
     if isinstance(value, int):
         return value if -_I64 <= value < _I64 else str(value)
@@ -62,10 +79,23 @@ def cedar_value(value: Any) -> Any:
     if isinstance(value, list):
         return [cedar_value(v) for v in value if v is not None]
     if isinstance(value, dict):
-        if _ESCAPES & value.keys():
-            return json.dumps(value, sort_keys=True)
-        return {str(k): cedar_value(v) for k, v in value.items() if v is not None}
+        return _record(value)
     return str(value)
+
+
+def _record(value: dict[Any, Any]) -> Any:
+    if _ESCAPES & value.keys():
+        return json.dumps(value, sort_keys=True)
+    return {str(k): cedar_value(v) for k, v in value.items() if v is not None}
+
+
+def _json(value: Any) -> str:
+    """JSON text for cedarpy. orjson refuses a string that is not valid Unicode (a lone surrogate); the standard
+    library escapes it, and Cedar then refuses the request in its own words, as it always did."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -166,6 +196,8 @@ class CedarPdp(Pdp):
         base = cedarpy.Entities.from_json_str(json.dumps(entities))
         # Only now, with everything read: a reload that fails half-way changes nothing.
         self._policies, self._approvals, self._file_entities, self._base = policies, approvals, file_entities, base
+        self._parsed: OrderedDict[str, cedarpy.Entities] = OrderedDict()  # parsed against this load's entities
+        self._parsed_max = min(_ENTITIES_CACHED, _ENTITY_SLOTS // (len(entities) + 2))
 
     def reload(self) -> str | None:
         """Re-read the files; on any problem keep the policies in force and say why."""
@@ -176,9 +208,24 @@ class CedarPdp(Pdp):
         return None
 
     def _entities(self, generated: list[dict[str, Any]]) -> cedarpy.Entities:
+        text = _json(generated)
+        if len(text) > _ENTITIES_KEY_MAX or not self._parsed_max:
+            return self._parse_entities(generated, text)
+        parsed = self._parsed
+        entities = parsed.get(text)
+        if entities is not None:
+            parsed.move_to_end(text)
+            return entities
+        entities = self._parse_entities(generated, text)  # raises on entities Cedar cannot take: never cached
+        parsed[text] = entities
+        if len(parsed) > self._parsed_max:
+            parsed.popitem(last=False)
+        return entities
+
+    def _parse_entities(self, generated: list[dict[str, Any]], text: str) -> cedarpy.Entities:
         known = [e for e in generated if (e["uid"]["type"], e["uid"]["id"]) in self._file_entities]
         if not known:
-            return self._base.with_added_json_str(json.dumps(generated))
+            return self._base.with_added_json_str(text)
         # An entity the file also defines keeps the file's parents and attributes, and gains the request's.
         merged = dict(self._file_entities)
         for e in generated:
@@ -207,7 +254,8 @@ class CedarPdp(Pdp):
             "principal": principal,
             "action": {"type": "Action", "id": str(parts.action["name"])},
             "resource": resource,
-            "context": cedar_value(parts.context),
+            # As text: cedarpy would encode a dict with the standard library's json, several times slower.
+            "context": _json(cedar_value(parts.context)),
         }
         try:
             result = cedarpy.is_authorized(request, self._policies, self._entities(generated))

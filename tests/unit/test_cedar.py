@@ -317,6 +317,51 @@ async def test_file_attributes_win_over_request_attributes(tmp_path: Path) -> No
     assert (await verdict(pdp)).allow is True
 
 
+async def test_parsed_entities_reused_only_for_the_same_request_entities(tmp_path: Path) -> None:
+    """Request entities parsed once are reused by their JSON text: another path is another resource, never the
+    entities of an earlier request; one that is too large to keep is decided as usual."""
+    pdp = CedarPdp(write(tmp_path / "p.cedar", 'permit(principal, action, resource) when { resource.path == "/a" };'))
+
+    def at(path: str) -> dict[str, Any]:
+        doc = pep_document()
+        doc["request"] = {**doc["request"], "path": path}
+        return doc
+
+    outcomes = [(await verdict(pdp, at(path))).allow for path in ("/a", "/b", "/a", "/b", "/a" + "x" * 5000)]
+    assert outcomes == [True, False, True, False, False]
+    assert len(pdp._parsed) == 2  # /a and /b; the long path was not kept
+
+
+async def test_parsed_entities_are_bounded_and_emptied_by_a_reload(tmp_path: Path) -> None:
+    text = 'permit(principal in Company::"acme", action, resource);'
+    entities = tmp_path / "e.json"
+    pdp = CedarPdp(write(tmp_path / "p.cedar", text), write(entities, json.dumps(ENTITIES)))
+    assert (await verdict(pdp)).allow is True
+    # The agent leaves the company: the same request's entities, kept from before, must not keep its parent.
+    write(entities, json.dumps(ENTITIES).replace('"parents": [{"type": "Company", "id": "acme"}]', '"parents": []', 1))
+    assert pdp.reload() is None
+    assert (await verdict(pdp)).reason is Reason.POLICY_DENIED
+    for i in range(300):
+        doc = pep_document()
+        doc["request"] = {**doc["request"], "path": f"/tools/{i}"}
+        await ask(pdp, doc)
+    assert len(pdp._parsed) == 256
+
+
+async def test_a_large_entities_file_keeps_fewer_parsed_sets(tmp_path: Path) -> None:
+    """Every set kept copies the file's entity map: with 1,000 entities in the file, 16 sets, not 256."""
+    people = [{"uid": {"type": "User", "id": f"u{i}"}, "attrs": {}, "parents": []} for i in range(998)]
+    pdp = CedarPdp(
+        write(tmp_path / "p.cedar", "permit(principal, action, resource);"),
+        write(tmp_path / "e.json", json.dumps(people)),
+    )
+    for i in range(40):
+        doc = pep_document()
+        doc["request"] = {**doc["request"], "path": f"/tools/{i}"}
+        assert (await verdict(pdp, doc)).allow is True
+    assert len(pdp._parsed) == 16
+
+
 async def test_entities_with_escaped_uids(tmp_path: Path) -> None:
     entities = [
         {

@@ -150,3 +150,15 @@ async def test_denials_cannot_crowd_out_the_allows_of_a_required_log(tmp_path: P
     assert await allowed is None  # the allow still had room
     await log.close()
     assert len(lines(tmp_path / "d")) == kept + 1
+
+
+async def test_a_caller_that_leaves_never_cancels_the_write_of_its_batch(log: DecisionLog, tmp_path: Path) -> None:
+    gate = Gate(log)
+    leaving = asyncio.ensure_future(log.commit({"n": 1}, 5.0))
+    staying = asyncio.ensure_future(log.commit({"n": 2}, 5.0))
+    await asyncio.sleep(0.05)
+    leaving.cancel()  # its caller went away while both lines wait for one write
+    await gate.open()
+    assert await staying is None
+    assert leaving.cancelled()
+    assert lines(tmp_path / "d.jsonl") == [{"n": 1}, {"n": 2}]  # the line of an allow decided is still written
