@@ -14,6 +14,7 @@ import yaml
 from pep.app import Server
 from pep.config import load
 from tests.support.fault_pdp import FaultPdp
+from tests.support.op import OpenIdProvider, running_op
 from tests.support.upstream import RecordingUpstream
 
 
@@ -23,6 +24,15 @@ async def fault_pdp() -> AsyncIterator[FaultPdp]:
     await pdp.start()
     yield pdp
     await pdp.stop()
+
+
+@pytest.fixture
+async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
+    """The OpenID Provider of the approval tests, with no poll interval of its own: the client's min_interval_s
+    paces the polls, so no test waits seconds. A module that wants the OP's own interval defines its own `op`."""
+    async for running in running_op(tmp_path / "op"):
+        await running.set_interval(0)
+        yield running
 
 
 @pytest.fixture

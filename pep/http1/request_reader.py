@@ -23,8 +23,8 @@ import re
 
 import httptools
 
-from pep.http1.body import BodyReader, ChunkedBody
-from pep.http1.errors import BodyTooLarge, LocalProtocolError, ProtocolError
+from pep.http1.body import ChunkedBody
+from pep.http1.errors import LocalProtocolError, ProtocolError
 from pep.http1.events import (
     NEED_DATA,
     PAUSED,
@@ -39,6 +39,7 @@ from pep.http1.events import (
 from pep.http1.fields import TOKEN, comma_tokens, persists
 from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
+from pep.http1.message_reader import MessageReader
 
 
 class RequestState(enum.Enum):
@@ -217,43 +218,25 @@ def _request(method: bytes, target: bytes, version: bytes, sink: _RequestFields,
     return Request(method, target, version, fields, form, host, framing, content_length, keep_alive, expect_continue)
 
 
-class RequestReader:
+class RequestReader(MessageReader[RequestState]):
     """Bytes from one client connection in, requests out: `receive_data`, `receive_eof`, then `next_event`
     until NEED_DATA or PAUSED. After answering a request, `start_next()` (or `switch()` for an accepted CONNECT).
 
     `max_body_bytes` bounds every request body (BodyTooLarge, 413); the PEP's per-route limits are applied by
-    the caller, which sees the Request before any of its body. A Content-Length body is read here rather than
-    by a BodyReader (`_remaining`, `_read`), as in ResponseReader.
+    the caller, which sees the Request before any of its body (`take_body` and the body's events: MessageReader).
     """
 
-    __slots__ = (
-        "_body",
-        "_buf",
-        "_eof",
-        "_error",
-        "_error_line",
-        "_fields",
-        "_head",
-        "_keep_alive",
-        "_limits",
-        "_max_body",
-        "_method",
-        "_read",
-        "_remaining",
-        "_state",
-    )
+    __slots__ = ("_error", "_error_line", "_fields", "_head", "_keep_alive", "_limits", "_method")
+
+    _NEXT = _NEXT
+    _TOO_LARGE_HINT = 413
+    _CUT_SHORT_HINT = 400
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, max_body_bytes: int | None = None) -> None:
+        super().__init__(_IDLE, _BODY, _DONE, max_body_bytes)
         self._limits = limits
-        self._max_body = max_body_bytes
-        self._buf = bytearray()
-        self._eof = False
-        self._state = _IDLE
         self._fields = _RequestFields()
         self._head = HeadScanner(limits, httptools.HttpRequestParser, _request_line, True, self._fields)
-        self._body: BodyReader | None = None  # a chunked body; None for the others
-        self._remaining = -1  # a Content-Length body's bytes still to come (0: no body); -1 for chunked
-        self._read = 0  # body bytes handed out
         self._error: ProtocolError | None = None
         self._error_line = b""
         self._keep_alive = False
@@ -269,11 +252,6 @@ class RequestReader:
         for the caller's log of a request it refused before it was whole; b"" otherwise."""
         return self._error_line
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet handed out (a transport stops reading above its own bound)."""
-        return len(self._buf)
-
     def receive_data(self, data: bytes) -> None:
         if not data:
             return
@@ -285,9 +263,6 @@ class RequestReader:
         if state is _SWITCHED or state is _CLOSED:
             raise LocalProtocolError(f"data for a reader in state {state.name}")
         self._buf += data
-
-    def receive_eof(self) -> None:
-        self._eof = True
 
     def next_event(self) -> Request | Data | EndOfMessage | ConnectionClosed | Signal:
         state = self._state
@@ -334,13 +309,6 @@ class RequestReader:
         self._buf.clear()
         return data
 
-    def _move(self, state: RequestState) -> None:
-        """A checked transition, for the rare ones (the usual ones are assigned where the state was just tested,
-        each to a target the table allows, as the comment beside it says)."""
-        if state not in _NEXT[self._state]:
-            raise LocalProtocolError(f"no transition from {self._state.name} to {state.name}")
-        self._state = state
-
     def _read_head(self) -> Request | ConnectionClosed | Signal:
         buf = self._buf
         if self._state is _IDLE:
@@ -378,64 +346,3 @@ class RequestReader:
         self._read = 0
         self._state = _BODY  # HEAD -> BODY
         return request
-
-    def take_body(self) -> bytes | None:
-        """The rest of the body at once, if it is framed by Content-Length (or absent) and all here: what the
-        Data events and EndOfMessage (without trailers) would give, in the same state after. None otherwise, and
-        nothing read: go on with `next_event` (which also raises what there is to raise)."""
-        if self._state is not _BODY:
-            return None
-        remaining = self._remaining
-        if remaining < 0:
-            return None
-        data = b""
-        if remaining:
-            limit = self._max_body
-            buf = self._buf
-            if (limit is not None and remaining > limit - self._read) or len(buf) < remaining:
-                return None
-            if len(buf) == remaining:
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:remaining])
-                del buf[:remaining]
-            self._read += remaining
-        self._remaining = 0
-        self._state = _DONE  # BODY -> DONE
-        return data
-
-    def _read_body(self) -> Data | EndOfMessage | Signal:
-        remaining = self._remaining
-        if remaining < 0:  # chunked
-            body = self._body
-            assert body is not None
-            event = body.read(self._buf, self._eof)
-            if event is None:
-                return NEED_DATA
-            if type(event) is EndOfMessage:
-                self._body = None
-                self._state = _DONE  # BODY -> DONE
-            return event
-        if not remaining:
-            self._state = _DONE  # BODY -> DONE
-            return EndOfMessage([])
-        limit = self._max_body
-        if limit is not None and remaining > limit - self._read:  # known before any byte
-            raise BodyTooLarge(f"Content-Length over {limit} bytes", 413)
-        buf = self._buf
-        size = len(buf)
-        if not size:
-            if self._eof:
-                raise ProtocolError("the connection closed before the end of the body")
-            return NEED_DATA
-        if size <= remaining:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:remaining])
-            del buf[:remaining]
-            size = remaining
-        self._remaining = remaining - size
-        self._read += size
-        return Data(data)

@@ -19,8 +19,8 @@ import enum
 
 import httptools
 
-from pep.http1.body import BodyReader, ChunkedBody, CloseBody
-from pep.http1.errors import BodyTooLarge, LocalProtocolError, ProtocolError
+from pep.http1.body import ChunkedBody, CloseBody
+from pep.http1.errors import LocalProtocolError, ProtocolError
 from pep.http1.events import (
     NEED_DATA,
     PAUSED,
@@ -36,6 +36,7 @@ from pep.http1.events import (
 from pep.http1.fields import VALUE, persists
 from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
+from pep.http1.message_reader import MessageReader
 
 
 class ResponseState(enum.Enum):
@@ -132,45 +133,25 @@ class _ResponseFields(FieldSink):
                 self.keep_alive = value if keep_alive is None else keep_alive + b"," + value
 
 
-class ResponseReader:
+class ResponseReader(MessageReader[ResponseState]):
     """Bytes from one server connection in, responses out. Per exchange: `start(method)` before (or as) the
     request is sent, then `receive_data` / `receive_eof` and `next_event` until EndOfMessage.
 
     `max_body_bytes` bounds every body (BodyTooLarge as soon as it is known: at the head for a Content-Length).
-
-    A Content-Length body is read here rather than by a BodyReader (`_remaining`, `_read`): it is the usual
-    answer, and an object per answer was a tenth of the reader's cost.
+    `take_body` and the body's events: MessageReader.
     """
 
-    __slots__ = (
-        "_body",
-        "_buf",
-        "_eof",
-        "_error",
-        "_fields",
-        "_head",
-        "_informational",
-        "_keep_alive",
-        "_limits",
-        "_max_body",
-        "_method",
-        "_read",
-        "_remaining",
-        "_state",
-        "_upgrade",
-    )
+    __slots__ = ("_error", "_fields", "_head", "_informational", "_keep_alive", "_limits", "_method", "_upgrade")
+
+    _NEXT = _NEXT
+    _TOO_LARGE_HINT = 502
+    _CUT_SHORT_HINT = 502
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS, max_body_bytes: int | None = None) -> None:
+        super().__init__(_IDLE, _BODY, _DONE, max_body_bytes)
         self._limits = limits
-        self._max_body = max_body_bytes
-        self._buf = bytearray()
-        self._eof = False
-        self._state = _IDLE
         self._fields = _ResponseFields()
         self._head = HeadScanner(limits, httptools.HttpResponseParser, _status_line, False, self._fields)
-        self._body: BodyReader | None = None  # a chunked or until-close body; None for the others
-        self._remaining = -1  # a Content-Length body's bytes still to come; -1 for the others
-        self._read = 0  # body bytes handed out
         self._error: ProtocolError | None = None
         self._keep_alive = False
         self._method = b""
@@ -180,11 +161,6 @@ class ResponseReader:
     @property
     def state(self) -> ResponseState:
         return self._state
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet handed out (a transport stops reading above its own bound)."""
-        return len(self._buf)
 
     @property
     def reusable(self) -> bool:
@@ -217,9 +193,6 @@ class ResponseReader:
         if state is _SWITCHED or state is _CLOSED:
             raise LocalProtocolError(f"data for a reader in state {state.name}")
         self._buf += data
-
-    def receive_eof(self) -> None:
-        self._eof = True
 
     def trailing_data(self) -> bytes:
         """After a switch (SWITCHED): the bytes received after the head, which belong to the new protocol."""
@@ -259,13 +232,6 @@ class ResponseReader:
             self._move(_ERROR)
         self._buf.clear()
         raise exc
-
-    def _move(self, state: ResponseState) -> None:
-        """A checked transition, for the rare ones (the usual ones are assigned where the state was just tested,
-        each to a target the table allows, as the comment beside it says)."""
-        if state not in _NEXT[self._state]:
-            raise LocalProtocolError(f"no transition from {self._state.name} to {state.name}")
-        self._state = state
 
     def _read_head(self) -> InformationalResponse | Response | Signal:
         line = self._head.scan(self._buf)
@@ -326,65 +292,3 @@ class ResponseReader:
             if self._informational > self._limits.max_informational:
                 raise ProtocolError(f"more than {self._limits.max_informational} 1xx answers", 502)
         return InformationalResponse(status, reason, version, fields)
-
-    def take_body(self) -> bytes | None:
-        """The rest of the body at once, if it is framed by Content-Length (or absent) and all here: what the
-        Data events and EndOfMessage (without trailers) would give, in the same state after. None otherwise, and
-        nothing read: go on with `next_event` (which also raises what there is to raise)."""
-        if self._state is not _BODY:
-            return None
-        remaining = self._remaining
-        if remaining < 0:
-            return None
-        data = b""
-        if remaining:
-            limit = self._max_body
-            buf = self._buf
-            if (limit is not None and remaining > limit - self._read) or len(buf) < remaining:
-                return None
-            if len(buf) == remaining:
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:remaining])
-                del buf[:remaining]
-            self._read += remaining
-        self._remaining = -1
-        self._state = _DONE  # BODY -> DONE
-        return data
-
-    def _read_body(self) -> Data | EndOfMessage | Signal:
-        remaining = self._remaining
-        if remaining < 0:  # chunked or until close
-            body = self._body
-            assert body is not None
-            event = body.read(self._buf, self._eof)
-            if event is None:
-                return NEED_DATA
-            if type(event) is EndOfMessage:
-                self._body = None
-                self._state = _DONE  # BODY -> DONE
-            return event
-        if not remaining:
-            self._remaining = -1
-            self._state = _DONE  # BODY -> DONE
-            return EndOfMessage([])
-        limit = self._max_body
-        if limit is not None and remaining > limit - self._read:  # known before any byte
-            raise BodyTooLarge(f"Content-Length over {limit} bytes", 502)
-        buf = self._buf
-        size = len(buf)
-        if not size:
-            if self._eof:
-                raise ProtocolError("the connection closed before the end of the body", 502)
-            return NEED_DATA
-        if size <= remaining:
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:remaining])
-            del buf[:remaining]
-            size = remaining
-        self._remaining = remaining - size
-        self._read += size
-        return Data(data)

@@ -233,6 +233,13 @@ class ClientResponse:
         self.close()
 
 
+def _refuse_reserved(fields: Fields) -> None:
+    """Raise for the first field the pool writes itself (the caller checked that one may be there)."""
+    for name, _ in fields:
+        if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
+            raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+
+
 class Pool:
     """Keep-alive HTTP/1.1 connections per origin (see the module docstring)."""
 
@@ -289,9 +296,7 @@ class Pool:
         written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
         made for the request goes back to the pool unused)."""
         if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
-            for name, _ in fields:
-                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
-                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+            _refuse_reserved(fields)
         head = request_head(method, target, fields)
         if body is None:
             if length is not None:
@@ -302,19 +307,7 @@ class Pool:
             head = head[:-2] + b"Content-Length: %d\r\n\r\n" % length
         else:
             head = head[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
-        slots = self._origins.get(origin)
-        if slots is None:
-            _check(origin)
-            slots = self._origins[origin] = _Slots()
-            self._loop = asyncio.get_running_loop()
-        if admit is not None and not admit():
-            raise NotAdmitted("not admitted before a connection was taken")
-        conn = self._idle(slots)
-        if conn is None:
-            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
-        if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
-            self._unused(slots, conn)
-            raise NotAdmitted("not admitted when the request was about to be written")
+        slots, conn = await self._connection(origin, connect_s, pool_s, admit)
         try:
             conn.send(method, head, body, length, read_s)
             response, informational = await conn.read_head(read_s)
@@ -346,12 +339,25 @@ class Pool:
         once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
         the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
         if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
-            for name, _ in fields:
-                if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
-                    raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+            _refuse_reserved(fields)
         if not _RESERVED.isdisjoint(start.names):
             raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
         head = start.head(fields, None if body is None else len(body))
+        slots, conn = await self._connection(origin, connect_s, pool_s, admit)
+        try:
+            answer = await conn.fetch(start.method, head, body, limit, read_s)
+        except BaseException:
+            conn.close()
+            raise
+        self._release(slots, conn)
+        return answer
+
+    async def _connection(
+        self, origin: Origin, connect_s: float, pool_s: float | None, admit: Callable[[], bool] | None
+    ) -> tuple[_Slots, UpstreamConnection]:
+        """The origin's slots and a connection for one request (idle, or made within the bounds), with `admit`
+        asked before one is taken and again once it is there, nothing awaited between that and the caller's
+        first byte."""
         slots = self._origins.get(origin)
         if slots is None:
             _check(origin)
@@ -365,13 +371,7 @@ class Pool:
         if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
             self._unused(slots, conn)
             raise NotAdmitted("not admitted when the request was about to be written")
-        try:
-            answer = await conn.fetch(start.method, head, body, limit, read_s)
-        except BaseException:
-            conn.close()
-            raise
-        self._release(slots, conn)
-        return answer
+        return slots, conn
 
     def _idle(self, slots: _Slots) -> UpstreamConnection | None:
         """The warmest idle connection still usable, if any (the others are closed on the way)."""

@@ -22,7 +22,6 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError, UrlElicitationRequiredError
 
-from pep.seal import new_key_text
 from tests.conftest import PepStarter, RunningPep
 from tests.support.mcp_servers import (
     Mcp1Unavailable,
@@ -32,7 +31,7 @@ from tests.support.mcp_servers import (
     mcp1_python,
     run_mcp1_client,
 )
-from tests.support.op import OpenIdProvider, running_op
+from tests.support.op import OpenIdProvider, approvals_section
 from tests.support.sdk_stack import AGENT, PdpUnderTest, pep_config, settled_log
 
 APPROVER = "alice@example.com"  # the shipped policies' refund approver
@@ -57,18 +56,9 @@ def build_refund_server(calls: list[ToolCall]) -> MCPServer:
 
 
 @pytest.fixture
-async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
-    async for running in running_op(tmp_path / "op"):
-        await running.set_interval(0)
-        yield running
-
-
-@pytest.fixture
 async def server() -> AsyncIterator[Mcp2Server]:
-    running = Mcp2Server(build=build_refund_server)
-    await running.start()
-    yield running
-    await running.stop()
+    async with Mcp2Server(build=build_refund_server) as running:
+        yield running
 
 
 @pytest.fixture(params=["opa", "cedar"])
@@ -86,24 +76,8 @@ async def opa(tmp_path: Path) -> AsyncIterator[PdpUnderTest]:
 
 
 def approvals(op: OpenIdProvider, tmp_path: Path, **more: Any) -> dict[str, Any]:
-    key = tmp_path / "ticket.key"
-    if not key.exists():
-        key.write_text(new_key_text())
-        key.chmod(0o600)
-    return {
-        "issuer": op.issuer,
-        "backchannel_authentication_endpoint": op.backchannel_endpoint,
-        "token_endpoint": op.token_endpoint,
-        "jwks_uri": op.jwks_uri,
-        "client_id": "pep",
-        "client_secret_file": str(op.clients["pep"].secret_file),
-        "scopes": ["email"],
-        "approver_claim": "email",  # the policy names the approver by email; the ID token must say the same
-        "timeout_ms": 500,
-        "min_poll_interval_ms": 50,
-        "ticket_key_files": [str(key)],
-        **more,
-    }
+    # The policy names the approver by email; the ID token must say the same.
+    return approvals_section(op, tmp_path, scopes=["email"], approver_claim="email", **more)
 
 
 @asynccontextmanager

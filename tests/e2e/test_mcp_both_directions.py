@@ -50,10 +50,8 @@ async def cedar_pdp(tmp_path: Path) -> PdpUnderTest:
 
 @pytest.fixture
 async def server() -> AsyncIterator[Mcp2Server]:
-    s = Mcp2Server(interactive=True)
-    await s.start()
-    yield s
-    await s.stop()
+    async with Mcp2Server(interactive=True) as s:
+        yield s
 
 
 @asynccontextmanager

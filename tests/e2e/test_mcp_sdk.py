@@ -54,10 +54,8 @@ async def cedar_pdp(tmp_path: Path) -> PdpUnderTest:
 
 @pytest.fixture
 async def mcp2() -> AsyncIterator[Mcp2Server]:
-    server = Mcp2Server()
-    await server.start()
-    yield server
-    await server.stop()
+    async with Mcp2Server() as server:
+        yield server
 
 
 StartPep = Callable[..., Any]

@@ -120,10 +120,8 @@ async def test_the_image_config_passes_pep_check_where_the_dockerfile_puts_its_p
 
 @pytest.fixture
 async def mcp_server() -> AsyncIterator[Mcp2Server]:
-    server = Mcp2Server()
-    await server.start()
-    yield server
-    await server.stop()
+    async with Mcp2Server() as server:
+        yield server
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"], ids=["2026-07-28", "2025-session"])

@@ -20,14 +20,7 @@ from pep.oauth.client_auth import ClientAuthConfig
 from pep.oauth.endpoint import Endpoint
 from tests.support.jwt_keys import ec_key, jwks
 from tests.support.loopback import LoopbackServer
-from tests.support.op import OpenIdProvider, running_op
-
-
-@pytest.fixture
-async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
-    async for running in running_op(tmp_path / "op"):
-        await running.set_interval(0)  # the client's min_interval_s paces the polls: no test waits seconds
-        yield running
+from tests.support.op import OpenIdProvider
 
 
 def client_auth(op: OpenIdProvider, client_id: str = "pep") -> ClientAuthConfig:

@@ -17,8 +17,7 @@ from pep.approvals.flow import Approvals, Awaiting, Granted
 from pep.config import ApprovalsConfig, BreakerConfig, OAuthClientConfig, RouteApproval
 from pep.decision import Reason
 from pep.pdp import ApprovalAsk
-from pep.seal import new_key_text
-from tests.support.op import OpenIdProvider, running_op
+from tests.support.op import OpenIdProvider, ticket_key
 
 SUBJECT = {"workload": "spiffe://t/agent", "agent": "agent-7", "id": "bob", "claims": {}}
 ASK = ApprovalAsk("alice", "Refund over 100")
@@ -26,17 +25,8 @@ HOLD = RouteApproval("hold", 5000)
 TICKET = RouteApproval("ticket")
 
 
-@pytest.fixture
-async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
-    async for running in running_op(tmp_path / "op"):
-        await running.set_interval(0)
-        yield running
-
-
 def approvals_config(op: OpenIdProvider, tmp_path: Path, **changes: object) -> ApprovalsConfig:
-    key = tmp_path / "ticket.key"
-    if not key.exists():
-        key.write_text(new_key_text())
+    key = ticket_key(tmp_path)
     client = op.clients["pep"]
     base: dict[str, object] = {
         "issuer": op.issuer,

@@ -20,11 +20,10 @@ import orjson
 import pytest
 import yaml
 
-from pep.seal import new_key_text
 from tests.conftest import PepStarter, RunningPep, base_config
 from tests.support.authzen_pdp import AuthzenTestPdp
 from tests.support.observe import metric as metric_value
-from tests.support.op import OpenIdProvider, running_op
+from tests.support.op import OpenIdProvider, approvals_section
 from tests.support.policy_pdp import PolicyPdp
 from tests.support.process import cedar_config, ensure_stopped, read_line, start_pep
 from tests.support.token_upstream import TokenCheckingUpstream
@@ -48,42 +47,11 @@ class RefundPolicy(PolicyPdp):
 
 
 @pytest.fixture
-async def op(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
-    async for running in running_op(tmp_path / "op"):
-        await running.set_interval(0)
-        yield running
-
-
-@pytest.fixture
 async def pdp() -> AsyncIterator[RefundPolicy]:
     policy = RefundPolicy()
     await policy.start()
     yield policy
     await policy.stop()
-
-
-def ticket_key(tmp_path: Path) -> Path:
-    key = tmp_path / "ticket.key"
-    if not key.exists():
-        key.write_text(new_key_text())
-        key.chmod(0o600)
-    return key
-
-
-def approvals_section(op: OpenIdProvider, tmp_path: Path, **more: Any) -> dict[str, Any]:
-    return {
-        "issuer": op.issuer,
-        "backchannel_authentication_endpoint": op.backchannel_endpoint,
-        "token_endpoint": op.token_endpoint,
-        "jwks_uri": op.jwks_uri,
-        "client_id": "pep",
-        "client_auth": "client_secret_basic",
-        "client_secret_file": str(op.clients["pep"].secret_file),
-        "timeout_ms": 500,
-        "min_poll_interval_ms": 50,
-        "ticket_key_files": [str(ticket_key(tmp_path))],
-        **more,
-    }
 
 
 @pytest.fixture

@@ -83,10 +83,6 @@ class McpServer(LoopbackServer):
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def start(self) -> None:
         server = web.Server(self._handle, access_log=None, auto_decompress=False)
         await self.serve(web.ServerRunner(server))

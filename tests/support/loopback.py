@@ -13,6 +13,11 @@ class LoopbackServer:
     port: int = 0
     _runner: web.BaseRunner | None = None
 
+    @property
+    def url(self) -> str:
+        """The server's origin (a subclass serving under a path overrides it)."""
+        return f"http://127.0.0.1:{self.port}"
+
     async def serve(self, runner: web.BaseRunner) -> None:
         await runner.setup()
         self._runner = runner

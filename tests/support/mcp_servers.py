@@ -231,6 +231,14 @@ class Mcp2Server:
     def called(self, tool: str) -> list[ToolCall]:
         return [c for c in self.calls if c.tool == tool]
 
+    async def __aenter__(self) -> Mcp2Server:
+        """Started, for a fixture's `async with Mcp2Server(...) as server: yield server`."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def start(self) -> None:
         if self.build is not None:
             built = self.build(self.calls)

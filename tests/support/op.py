@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 from cryptography.hazmat.primitives import serialization
 
+from pep.seal import new_key_text
 from tests.support.jwt_keys import SigningKey, ec_key
 
 OP_DIR = Path(__file__).resolve().parent / "op"
@@ -340,3 +341,30 @@ async def running_op(work: Path) -> AsyncIterator[OpenIdProvider]:
         yield op
     finally:
         await op.stop()
+
+
+def ticket_key(tmp_path: Path) -> Path:
+    """The approval tickets' sealing key in `tmp_path`, made on first use (owner-only, as a key file must be)."""
+    key = tmp_path / "ticket.key"
+    if not key.exists():
+        key.write_text(new_key_text())
+        key.chmod(0o600)
+    return key
+
+
+def approvals_section(op: OpenIdProvider, tmp_path: Path, **more: Any) -> dict[str, Any]:
+    """The config's `approvals` section for this OP and its `pep` client (short timeouts, ticket key in
+    `tmp_path`), with `more` on top."""
+    return {
+        "issuer": op.issuer,
+        "backchannel_authentication_endpoint": op.backchannel_endpoint,
+        "token_endpoint": op.token_endpoint,
+        "jwks_uri": op.jwks_uri,
+        "client_id": "pep",
+        "client_auth": "client_secret_basic",  # the default, named
+        "client_secret_file": str(op.clients["pep"].secret_file),
+        "timeout_ms": 500,
+        "min_poll_interval_ms": 50,
+        "ticket_key_files": [str(ticket_key(tmp_path))],
+        **more,
+    }

@@ -41,10 +41,6 @@ class TokenCheckingUpstream(LoopbackServer):
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def start(self) -> None:
         await self.serve(web.ServerRunner(web.Server(self._handle), access_log=None))
 

@@ -42,10 +42,6 @@ class RecordingUpstream(LoopbackServer):
     client_max_size: int = 1024**2
     connections: set[tuple[str, int]] = field(default_factory=set)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     async def start(self) -> None:
         server = web.Server(self._handle, handler_cancellation=True, access_log=None, auto_decompress=False)
         await self.serve(web.ServerRunner(server))
