@@ -1,9 +1,12 @@
 """Strict JSON reading for bytes that decide something: one object, valid UTF-8, no duplicate keys.
 
 orjson validates the grammar and UTF-8 fast, but, like every JSON library, keeps the last of duplicate keys
-silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so a
-second pass with the standard library's pair hook refuses duplicates. It runs only when the text holds more
-than one `:`, which every duplicate needs, so the common `{"result":true}` answer costs one orjson call.
+silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so
+duplicates are refused. orjson's value proves their absence by counting (`_no_duplicates`): every pair of the
+text has one `:` outside strings, so when the text has exactly as many `:` as orjson's value written out again
+(its keys plus the colons inside its strings), no pair was dropped. Only when the counts differ (a duplicate, or
+a colon written as an escape) does a second pass with the standard library's pair hook run, which finds the
+duplicate or accepts the text.
 
 Request bodies can also be read with `fold_keys`: keys equal under case folding (`name`/`Name`, `s`/U+017F) are
 refused too, since readers such as Go's encoding/json bind both to one field and keep the last.
@@ -85,13 +88,17 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> Any:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
-    if (isinstance(value, dict | list) and _may_repeat_keys(data)) or _LONG_NUMBER.search(data):
+    container = isinstance(value, dict | list)
+    repeats = container and _may_repeat_keys(data)
+    if (repeats and not _no_duplicates(value, data)) or _LONG_NUMBER.search(data):
         try:
             (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
             raise JsonError("nested too deeply") from None
         except json.JSONDecodeError as exc:  # pragma: no cover - orjson accepted it already
             raise JsonError(f"invalid JSON: {exc}") from None
+    elif repeats and fold_keys:
+        _refuse_folded_keys(value)  # (the second pass checks this itself, above)
     if max_depth and _depth_exceeds(value, max_depth):
         raise JsonError(f"nested deeper than {max_depth}")
     return value
@@ -109,6 +116,47 @@ def _may_repeat_keys(data: bytes) -> bool:
     # A duplicate needs two keys in one object, so at least two colons. The common PDP answer
     # `{"result":true}` has one and skips the slower second pass.
     return data.count(b":") > 1
+
+
+# The only escapes a colon can be written as (JSON's hex digits are case-insensitive).
+_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
+
+
+def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
+    """True when orjson's `value` kept every pair of `data`; False when that is not proven (take the second pass).
+
+    In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:` inside a
+    string of `data` is one `:` inside a string of `value`, and orjson writes strings' colons unescaped, so
+    `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per pair
+    written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if no
+    pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
+    hide a dropped pair: such texts take the second pass."""
+    if _ESCAPED_COLON.search(data):
+        return False
+    try:
+        written = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (254): the second pass decides
+        return False
+    return written.count(b":") == data.count(b":")
+
+
+def _refuse_folded_keys(value: dict[str, Any] | list[Any]) -> None:
+    """Every object of `value`, at any depth, through `_pairs_no_folded_duplicates`'s check (its keys are the
+    text's: `_no_duplicates` held)."""
+    level: list[Any] = [value]
+    while level:
+        inner = []
+        for item in level:
+            if isinstance(item, dict):
+                if len(item) > 1 and len({fold(key) for key in item}) != len(item):
+                    _pairs_no_folded_duplicates(list(item.items()))
+                children = item.values()
+            else:
+                children = item
+            for child in children:
+                if isinstance(child, dict | list):
+                    inner.append(child)
+        level = inner
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
