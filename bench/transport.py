@@ -295,6 +295,9 @@ def instructions_main(args: argparse.Namespace) -> int:
                     name = f"{kind}-{workload.name}-{rep}"
                     if kind == "pep":  # the whole PEP, as `make bench` runs it (OPA on the PDP stub, no log)
                         config = targets.pep_config(targets.PEP, stubs, port, procs.free_port(), work)
+                        # Under valgrind an ask can outlast the 250 ms deadline: a request denied then never
+                        # reaches the upstream, and would be counted as instructions without a request.
+                        config["pdp"] = {**config["pdp"], "timeout_ms": 10_000}  # type: ignore[dict-item]
                         config_path = work / f"{name}.yaml"
                         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
                         argv = [sys.executable, "-m", "pep", "run", "--config", str(config_path)]

@@ -535,7 +535,7 @@ async def test_a_caller_cancelled_as_the_deadline_passes_stays_cancelled() -> No
     async def cancelled_then_late() -> Answer:
         task = asyncio.current_task()
         assert task is not None
-        time.sleep(0.03)  # the PEP is held up past the 10 ms deadline: its timer is due...
+        time.sleep(0.03)  # noqa: ASYNC251 - the PEP held up past the 10 ms deadline: its timer is due...
         await asyncio.sleep(0)  # ...and runs right after this step
         task.cancel()  # the caller goes away in the same turn of the loop
         await asyncio.sleep(0)
@@ -563,7 +563,8 @@ async def test_a_deadline_swallowed_by_the_pdp_client_leaves_no_cancel_behind() 
     engine = make_engine(FakePdp(swallowing), retries=0, timeout_ms=10)
     assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
     task = asyncio.current_task()
-    assert task is not None and task.cancelling() == 0
+    assert task is not None
+    assert task.cancelling() == 0
     await asyncio.sleep(0)  # would raise CancelledError if the deadline's cancel were still pending
 
 
