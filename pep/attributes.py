@@ -41,10 +41,23 @@ def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def query_map(query: str) -> dict[str, list[str]]:
-    """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged)."""
+    """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged): what
+    `parse_qs(query, keep_blank_values=True)` gives. A query with nothing to decode (no `%`, no `+`) is split
+    here, without parse_qs's per-field unquoting (most queries; tested against parse_qs)."""
     if not query:
         return {}
-    return parse_qs(query, keep_blank_values=True)
+    if "%" in query or "+" in query:
+        return parse_qs(query, keep_blank_values=True)
+    out: dict[str, list[str]] = {}
+    for field in query.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            values = out.get(name)
+            if values is None:
+                out[name] = [value]
+            else:
+                values.append(value)
+    return out
 
 
 def document(
