@@ -278,7 +278,16 @@ class _Expiry:
 
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
     """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
-    if permit.admitted and not any(r is _STALLED for r in results):
+    if permit.admitted and len(results) == 1:  # one message: the same rules, without a generator per rule
+        r = results[0]
+        if r is not _STALLED:
+            if isinstance(r, Verdict):
+                breaker.success(permit)
+                return
+            if r.reason in PDP_FAILURES:
+                breaker.failure(permit)
+                return
+    elif permit.admitted and not any(r is _STALLED for r in results):
         if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
             breaker.failure(permit)
             return
