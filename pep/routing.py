@@ -127,12 +127,15 @@ class RouteTable:
     def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:
         """The route for `path` on `authority` (the Host header; None or malformed: only routes without host)."""
         default_port = DEFAULT_PORTS.get(scheme, 80)
-        named = resolve_authority(authority, default_port) if authority else None
+        named: tuple[str, int] | None = None
+        resolved = False  # the authority is resolved only for a route with `match.host` (most routes have none)
         for route in self.routes:
             if not route.matches(path):
                 continue
             if route.host is None:
                 return route
+            if not resolved:
+                named, resolved = (resolve_authority(authority, default_port) if authority else None), True
             if named is not None and route.matches_authority(named[0], named[1], default_port):
                 return route
         return None
