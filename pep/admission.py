@@ -34,7 +34,6 @@ from pep.authority import resolve_authority
 from pep.credentials import CredentialSource
 from pep.decision import Allow, Deny, Reason
 from pep.engine import Check, Outcome
-from pep.headers import end_to_end
 from pep.identity import Refusal as IdentityRefusal
 from pep.protocols import PLAIN, Inspected, Refused, dispatch, mcp_replies
 from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
@@ -224,7 +223,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         host=headers.get("Host", ""),
         path=path,
         query=query,
-        headers=attributes.header_map(end_to_end(headers, route.policy_drop)),
+        headers=attributes.policy_headers(headers, route.policy_hidden),
         body_bytes=body_bytes,
         route=route,
         upstream_url=upstream_url,
@@ -290,7 +289,7 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
         host=target,
         path="",
         query="",
-        headers=attributes.header_map(end_to_end(headers, route.policy_drop)),
+        headers=attributes.policy_headers(headers, route.policy_hidden),
         body_bytes=None,
         route=route,
         upstream_url=upstream_url,

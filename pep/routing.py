@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, format_authority, resolve_authority, split_authority
 from pep.config import RouteConfig
-from pep.headers import forward_drop_set, obligation_forbidden, policy_drop_set, request_drop_set
+from pep.headers import HOP_BY_HOP, forward_drop_set, obligation_forbidden, policy_drop_set, request_drop_set
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,7 @@ class Route:
     port: int | None = None  # match.host's explicit port (None: the scheme's default)
     tunnel_target: str | None = None  # tunnel routes: the upstream's host:port, where a CONNECT goes
     forward_drop: frozenset[bytes] = frozenset()  # caller fields never forwarded (hop-by-hop and framing too)
+    policy_hidden: frozenset[str] = frozenset()  # policy_drop and the hop-by-hop names: what the PDP never sees
 
     @classmethod
     def build(cls, cfg: RouteConfig, token_header: str | None = None) -> Route:
@@ -48,6 +49,7 @@ class Route:
         if cfg.tunnel:
             up = urlsplit(cfg.upstream)
             target = format_authority((up.hostname or "").lower(), up.port or DEFAULT_PORTS.get(up.scheme, 443))
+        policy_drop = policy_drop_set(credential) | token
         request_drop = request_drop_set(credential, cfg.keep_caller_credentials) | (
             frozenset() if cfg.keep_caller_credentials else token
         )
@@ -57,12 +59,13 @@ class Route:
             prefix=cfg.path_prefix,
             upstream=cfg.upstream,
             request_drop=request_drop,
-            policy_drop=policy_drop_set(credential) | token,
+            policy_drop=policy_drop,
             obligation_forbidden=obligation_forbidden(credential),
             host=host,
             port=port,
             tunnel_target=target,
             forward_drop=forward_drop_set(request_drop),
+            policy_hidden=policy_drop | HOP_BY_HOP,
         )
 
     def matches_authority(self, host: str, port: int, default_port: int) -> bool:
