@@ -31,6 +31,7 @@ class Route:
     tunnel_target: str | None = None  # tunnel routes: the upstream's host:port, where a CONNECT goes
     forward_drop: frozenset[bytes] = frozenset()  # caller fields never forwarded (hop-by-hop and framing too)
     policy_hidden: frozenset[str] = frozenset()  # policy_drop and the hop-by-hop names: what the PDP never sees
+    forward_drop_unencoded: frozenset[bytes] = frozenset()  # forward_drop and Accept-Encoding (answers read whole)
 
     @classmethod
     def build(cls, cfg: RouteConfig, token_header: str | None = None) -> Route:
@@ -53,6 +54,7 @@ class Route:
         request_drop = request_drop_set(credential, cfg.keep_caller_credentials) | (
             frozenset() if cfg.keep_caller_credentials else token
         )
+        forward_drop = forward_drop_set(request_drop)
         return cls(
             config=cfg,
             name=cfg.name,
@@ -64,7 +66,8 @@ class Route:
             host=host,
             port=port,
             tunnel_target=target,
-            forward_drop=forward_drop_set(request_drop),
+            forward_drop=forward_drop,
+            forward_drop_unencoded=forward_drop | {b"accept-encoding"},
             policy_hidden=policy_drop | HOP_BY_HOP,
         )
 
