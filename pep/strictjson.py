@@ -96,18 +96,26 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> Any:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
-    container = isinstance(value, dict | list)
-    repeats = container and _may_repeat_keys(data)
-    if (repeats and not _no_duplicates(value, data)) or _long_number(data):
+    kind = type(value)
+    # A duplicate needs two keys in one object, so at least two colons: the common PDP answer `{"result":true}`
+    # has one. Folded keys too (a single key cannot collide).
+    colons = data.count(b":") if kind is dict or kind is list else 0
+    repeats = colons > 1
+    walked = _walk(value, max_depth, fold_keys and repeats)
+    # orjson reads an integer beyond 64 bits as a float: without a float in the value, there is none.
+    numbers = walked.floats or kind is float
+    if (repeats and not _no_duplicates(value, data, colons)) or (numbers and _long_number(data)):
         try:
             (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
             raise JsonError("nested too deeply") from None
         except json.JSONDecodeError as exc:  # pragma: no cover - orjson accepted it already
             raise JsonError(f"invalid JSON: {exc}") from None
-    # Folded keys: on orjson's objects, whose keys are the text's once duplicates are ruled out (a single key
-    # cannot collide: `repeats` is False for texts with one colon or none).
-    if _walk(value, max_depth, fold_keys and repeats):
+    # Folded keys, found on orjson's objects: their keys are the text's, now that duplicates are ruled out (a
+    # duplicate is reported first, as the second pass's hook reports it).
+    if walked.folded is not None:
+        _pairs_no_folded_duplicates(list(walked.folded.items()))
+    if walked.exceeded:
         raise JsonError(f"nested deeper than {max_depth}")
     return value
 
@@ -120,17 +128,12 @@ def loads_object(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -
     return value
 
 
-def _may_repeat_keys(data: bytes) -> bool:
-    # A duplicate needs two keys in one object, so at least two colons. The common PDP answer
-    # `{"result":true}` has one and skips the slower second pass.
-    return data.count(b":") > 1
+# What every escape of a colon (`\\u003a`, `\\u003A`) starts with (and those of `0`-`9`, `;`-`?`, rare in keys
+# and values: they only cost the second pass).
+_ESCAPED_COLON = b"\\u003"
 
 
-# The only escapes a colon can be written as (JSON's hex digits are case-insensitive).
-_ESCAPED_COLONS = (b"\\u003a", b"\\u003A")
-
-
-def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
+def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes, colons: int) -> bool:
     """True when orjson's `value` kept every pair of `data`; False when that is not proven (take the second pass).
 
     In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:` inside a
@@ -138,41 +141,60 @@ def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
     `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per pair
     written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if no
     pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
-    hide a dropped pair: such texts take the second pass."""
-    if _ESCAPED_COLONS[0] in data or _ESCAPED_COLONS[1] in data:
+    hide a dropped pair: such texts take the second pass. `colons`: `data.count(b":")`."""
+    if _ESCAPED_COLON in data:
         return False
     try:
         written = orjson.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254): the second pass decides
         return False
-    return written.count(b":") == data.count(b":")
+    return written.count(b":") == colons
 
 
-def _walk(value: Any, limit: int, fold_keys: bool) -> bool:
-    """Whether `value` nests deeper than `limit` (0: no limit); with `fold_keys`, every object at any depth is
-    first checked for keys equal under case folding (`FoldedKeys`, raised before any depth error, as the second
-    pass's hook would). Level by level, holding only the containers: a leaf costs no allocation."""
-    level = [value] if isinstance(value, dict | list) else []
+class _Walked:
+    """What one walk over orjson's value found."""
+
+    __slots__ = ("exceeded", "floats", "folded")
+
+    def __init__(self, exceeded: bool, floats: bool, folded: dict[str, Any] | None) -> None:
+        self.exceeded = exceeded  # nested deeper than the limit
+        self.floats = floats  # a float somewhere inside (unknown once the limit stops the walk: True)
+        self.folded = folded  # the first object found with keys equal under case folding
+
+
+def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
+    """One pass over the containers of `value`, level by level (a leaf costs no allocation): its depth against
+    `limit` (0: none), whether it holds a float, and with `fold_keys`, an object whose keys are equal under case
+    folding. Without `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most 1024
+    deep), as the second pass's hook would see every object."""
+    level = [value] if type(value) in _CONTAINERS else []
     depth = 1
-    exceeded = False
+    exceeded = floats = False
+    folded: dict[str, Any] | None = None
     while level:
         if limit and depth > limit:
             if not fold_keys:
-                return True
+                return _Walked(True, True, None)
             exceeded = True
         inner = []
         for item in level:
             children: Iterable[Any]
-            if isinstance(item, dict):
+            if type(item) is dict:
                 # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys.
-                if fold_keys and len(item) > 1 and len(set(map(str.casefold, item))) != len(item):
-                    _pairs_no_folded_duplicates(list(item.items()))
+                if fold_keys and folded is None and len(item) > 1 and len(set(map(str.casefold, item))) != len(item):
+                    folded = item
                 children = item.values()
             else:
                 children = item
             for child in children:
-                if isinstance(child, dict | list):
+                kind = type(child)
+                if kind is dict or kind is list:
                     inner.append(child)
+                elif kind is float:
+                    floats = True
         level = inner
         depth += 1
-    return exceeded
+    return _Walked(exceeded, floats, folded)
+
+
+_CONTAINERS = (dict, list)

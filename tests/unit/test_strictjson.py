@@ -227,6 +227,31 @@ def test_numbers_a_parser_would_round_are_refused(data: bytes) -> None:
         loads(data)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'[1.5,{"n":[100000000000000000001]}]',  # beside a real float, deep down
+        b'{"s":"12345678901234567890","n":-99999999999999999999}',
+        b"18446744073709551616",  # the whole text
+    ],
+)
+def test_wide_integers_are_refused_wherever_they_are(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"s":"12345678901234567890123"}', {"s": "12345678901234567890123"}),  # digits in a string
+        (b'{"f":1.5,"s":"12345678901234567890123"}', {"f": 1.5, "s": "12345678901234567890123"}),
+        (b"[1.0e2,18446744073709551615]", [100.0, 2**64 - 1]),
+    ],
+)
+def test_long_digit_runs_that_are_no_wide_integer_are_read(data: bytes, expected: Any) -> None:
+    assert loads(data) == expected
+
+
 @pytest.mark.parametrize("number", [2**63 - 1, -(2**63), 2**64 - 1, 1234567890123456789])
 def test_numbers_within_64_bits_are_read_exactly(number: int) -> None:
     assert loads(b'{"n":%d}' % number) == {"n": number}
