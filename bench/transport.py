@@ -284,7 +284,7 @@ def instructions_main(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     workloads = [w for w in (GET, MCP) if w.name in args.workloads.split(",")]
-    kinds = [k for k in args.kinds.split(",") if k in KINDS and not k.startswith("envoy")]
+    kinds = [k for k in args.kinds.split(",") if (k in KINDS or k == "pep") and not k.startswith("envoy")]
     stubs = targets.start_stubs(work)
     try:
         for rep in range(args.repetitions):
@@ -292,11 +292,20 @@ def instructions_main(args: argparse.Namespace) -> int:
                 script = measure.wrk_script(workload, work)
                 for kind in kinds:
                     port = procs.free_port()
-                    argv = [sys.executable, "-m", "bench.transport", "serve", kind, "--port", str(port)]
-                    argv += ["--upstream", str(stubs.upstream_port), "--pdp", str(stubs.pdp_port)]
                     name = f"{kind}-{workload.name}-{rep}"
+                    if kind == "pep":  # the whole PEP, as `make bench` runs it (OPA on the PDP stub, no log)
+                        config = targets.pep_config(targets.PEP, stubs, port, procs.free_port(), work)
+                        # Under valgrind an ask can outlast the 250 ms deadline: a request denied then never
+                        # reaches the upstream, and would be counted as instructions without a request.
+                        config["pdp"] = {**config["pdp"], "timeout_ms": 10_000}  # type: ignore[dict-item]
+                        config_path = work / f"{name}.yaml"
+                        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+                        argv = [sys.executable, "-m", "pep", "run", "--config", str(config_path)]
+                    else:
+                        argv = [sys.executable, "-m", "bench.transport", "serve", kind, "--port", str(port)]
+                        argv += ["--upstream", str(stubs.upstream_port), "--pdp", str(stubs.pdp_port)]
                     got = instructions(name, argv, port, stubs, workload, script, work, args.seconds)
-                    per = 2 if kind.endswith("_pdp") else 1  # nginx requests per proxied request
+                    per = 2 if kind.endswith("_pdp") or kind == "pep" else 1  # nginx requests per proxied request
                     proxied = got["requests"] / per
                     print(
                         f"callgrind: [{rep + 1}/{args.repetitions}] {workload.name}/{kind}: "

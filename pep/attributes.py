@@ -7,10 +7,14 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from pep.headers import connection_named
 from pep.protocols import Message
 from pep.routing import Route
 
 VERSION = "pep/v1"
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
 _second: list[Any] = [-1, ""]  # the last whole second formatted, reused within that second
@@ -40,11 +44,40 @@ def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
+    """`header_map(end_to_end(headers, …))` in one pass: the fields that cross this hop and that the PDP may see
+    (`hidden`: a route's `policy_hidden`, the hop-by-hop names included), lower-cased, repeats joined."""
+    named = connection_named(headers)
+    if named:
+        hidden = hidden | named
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in hidden:
+            continue
+        prior = out.get(key)
+        out[key] = value if prior is None else f"{prior}, {value}"
+    return out
+
+
 def query_map(query: str) -> dict[str, list[str]]:
-    """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged)."""
+    """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged): what
+    `parse_qs(query, keep_blank_values=True)` gives. A query with nothing to decode (no `%`, no `+`) is split
+    here, without parse_qs's per-field unquoting (most queries; tested against parse_qs)."""
     if not query:
         return {}
-    return parse_qs(query, keep_blank_values=True)
+    if "%" in query or "+" in query:
+        return parse_qs(query, keep_blank_values=True)
+    out: dict[str, list[str]] = {}
+    for field in query.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            values = out.get(name)
+            if values is None:
+                out[name] = [value]
+            else:
+                values.append(value)
+    return out
 
 
 def document(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pep.breaker import Breaker, Permit, State
@@ -19,6 +18,7 @@ from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, ApprovalAsk, Failure, Pdp, Verdict
+from pep.records import record
 
 _MINT = claim_mint_key()
 
@@ -40,7 +40,7 @@ MIN_RETRY_SHARE = 0.1
 BATCH_SHARE = 4
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Check:
     """What to decide: the document for the PDP, and the exact request an Allow would be bound to."""
 
@@ -59,7 +59,7 @@ class Check:
         return (self.document, *self.more)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """A decision with the facts the decision log records about how it was reached."""
 
@@ -203,12 +203,16 @@ class Engine:
                 t0 = time.perf_counter()
                 sent = 0
                 timed_out = False
+                expiry = _Expiry(deadline - began)
                 try:
-                    async with asyncio.timeout(deadline - began):
-                        answers = await self._ask_once(check, slots)
-                except TimeoutError:
+                    answers = await self._ask_once(check, slots)
+                except asyncio.CancelledError:
+                    if not expiry.expired():
+                        raise
                     late = clock() - deadline >= self._stall_s
                     answers, timed_out = [_STALLED if late else _TIMEOUT], True
+                finally:
+                    expiry.end()
                 answer = combine(answers) if check.more else answers[0]
                 asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
                 if answer is NOT_ADMITTED and result is not None:
@@ -239,9 +243,51 @@ class Engine:
         return result, attempts, clock() - start, each
 
 
+class _Expiry:
+    """`asyncio.timeout` for one attempt, without its per-use machinery (a Timeout, a reschedule, a context
+    manager's calls): one timer that cancels the asking task. `expired()` tells the cancellation it caused from
+    any other (the caller gone), exactly as `asyncio.timeout` does, by the task's cancel count."""
+
+    __slots__ = ("_cancelling", "_fired", "_handle", "_task")
+
+    def __init__(self, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """The cancellation being handled is this timer's alone (not also the caller's)."""
+        if not self._fired:
+            return False
+        self._fired = False  # counted once: end() must not take the cancel back again
+        return self._task.uncancel() <= self._cancelling
+
+    def end(self) -> None:
+        self._handle.cancel()
+        if self._fired:  # it fired as the answer arrived: its cancel request is taken back, as asyncio.timeout does
+            self._fired = False
+            self._task.uncancel()
+
+
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
     """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
-    if permit.admitted and not any(r is _STALLED for r in results):
+    if permit.admitted and len(results) == 1:  # one message: the same rules, without a generator per rule
+        r = results[0]
+        if r is not _STALLED:
+            if isinstance(r, Verdict):
+                breaker.success(permit)
+                return
+            if r.reason in PDP_FAILURES:
+                breaker.failure(permit)
+                return
+    elif permit.admitted and not any(r is _STALLED for r in results):
         if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
             breaker.failure(permit)
             return

@@ -171,11 +171,21 @@ def connection_named_fields(fields: Fields) -> frozenset[bytes]:
 
 def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
     """`end_to_end` on fields: those whose name is not in `drop` (which holds the hop-by-hop names already) nor
-    named in `Connection`, in order."""
-    named = connection_named_fields(fields)
+    named in `Connection`, in order. One pass; the names a `Connection` field lists (it may come after them) are
+    taken out of what was kept in a second pass, only when there are any."""
+    out: Fields = []
+    named: set[bytes] | None = None
+    for field in fields:
+        name = field[0].lower()
+        if name == _CONNECTION:
+            if named is None:
+                named = set()
+            named.update(t.strip().lower() for t in field[1].split(b",") if t.strip())
+        if name not in drop:
+            out.append(field)
     if named:
-        drop = drop | named
-    return [field for field in fields if field[0].lower() not in drop]
+        out = [field for field in out if field[0].lower() not in named]
+    return out
 
 
 def first_field(fields: Fields, name: bytes) -> bytes | None:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, format_authority, resolve_authority, split_authority
 from pep.config import RouteConfig
-from pep.headers import forward_drop_set, obligation_forbidden, policy_drop_set, request_drop_set
+from pep.headers import HOP_BY_HOP, forward_drop_set, obligation_forbidden, policy_drop_set, request_drop_set
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,8 @@ class Route:
     port: int | None = None  # match.host's explicit port (None: the scheme's default)
     tunnel_target: str | None = None  # tunnel routes: the upstream's host:port, where a CONNECT goes
     forward_drop: frozenset[bytes] = frozenset()  # caller fields never forwarded (hop-by-hop and framing too)
+    policy_hidden: frozenset[str] = frozenset()  # policy_drop and the hop-by-hop names: what the PDP never sees
+    forward_drop_unencoded: frozenset[bytes] = frozenset()  # forward_drop and Accept-Encoding (answers read whole)
 
     @classmethod
     def build(cls, cfg: RouteConfig, token_header: str | None = None) -> Route:
@@ -48,21 +50,25 @@ class Route:
         if cfg.tunnel:
             up = urlsplit(cfg.upstream)
             target = format_authority((up.hostname or "").lower(), up.port or DEFAULT_PORTS.get(up.scheme, 443))
+        policy_drop = policy_drop_set(credential) | token
         request_drop = request_drop_set(credential, cfg.keep_caller_credentials) | (
             frozenset() if cfg.keep_caller_credentials else token
         )
+        forward_drop = forward_drop_set(request_drop)
         return cls(
             config=cfg,
             name=cfg.name,
             prefix=cfg.path_prefix,
             upstream=cfg.upstream,
             request_drop=request_drop,
-            policy_drop=policy_drop_set(credential) | token,
+            policy_drop=policy_drop,
             obligation_forbidden=obligation_forbidden(credential),
             host=host,
             port=port,
             tunnel_target=target,
-            forward_drop=forward_drop_set(request_drop),
+            forward_drop=forward_drop,
+            forward_drop_unencoded=forward_drop | {b"accept-encoding"},
+            policy_hidden=policy_drop | HOP_BY_HOP,
         )
 
     def matches_authority(self, host: str, port: int, default_port: int) -> bool:
@@ -127,12 +133,15 @@ class RouteTable:
     def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:
         """The route for `path` on `authority` (the Host header; None or malformed: only routes without host)."""
         default_port = DEFAULT_PORTS.get(scheme, 80)
-        named = resolve_authority(authority, default_port) if authority else None
+        named: tuple[str, int] | None = None
+        resolved = False  # the authority is resolved only for a route with `match.host` (most routes have none)
         for route in self.routes:
             if not route.matches(path):
                 continue
             if route.host is None:
                 return route
+            if not resolved:
+                named, resolved = (resolve_authority(authority, default_port) if authority else None), True
             if named is not None and route.matches_authority(named[0], named[1], default_port):
                 return route
         return None

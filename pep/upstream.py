@@ -135,12 +135,9 @@ def request_fields(
     order), then the ones the PEP alone sets: X-Forwarded-*, the request and decision ids, the trace context, PDP
     obligations, the credential, and `replaced` caller fields with their new value. `unencoded`: no
     Accept-Encoding, so that the answer can be read to be decided. Framing is the pool's."""
-    drop = route.forward_drop
-    if allow.headers or replaced or unencoded:
-        names = {n.lower().encode("latin-1") for n, _ in (*allow.headers, *replaced)}
-        if unencoded:
-            names.add(b"accept-encoding")
-        drop = drop | names
+    drop = route.forward_drop_unencoded if unencoded else route.forward_drop
+    if allow.headers or replaced:
+        drop = drop | {n.lower().encode("latin-1") for n, _ in (*allow.headers, *replaced)}
     out: Fields = [(b"Host", upstream_host)]
     out += end_to_end_fields(fields, drop)
     out.append((b"X-Forwarded-For", peer.encode("latin-1")))

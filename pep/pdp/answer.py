@@ -29,8 +29,8 @@ def malformed(detail: str) -> Failure:
     return Failure(Reason.PDP_MALFORMED, "error", False, detail)
 
 
-def read_object(answer: RawAnswer) -> dict[str, Any] | Failure:
-    """The answer's JSON object, or why there is none: status, size, encoding, content type, strict JSON."""
+def answer_problem(answer: RawAnswer) -> Failure | None:
+    """Why the answer's body cannot be read as its decision at all: status, size, encoding, content type."""
     if not 200 <= answer.status < 300:
         return status_failure(answer.status)
     if answer.oversize:
@@ -39,6 +39,14 @@ def read_object(answer: RawAnswer) -> dict[str, Any] | Failure:
         return malformed("answer body could not be decoded (Content-Encoding)")
     if not is_json_content_type(answer.content_type):
         return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
+    return None
+
+
+def read_object(answer: RawAnswer) -> dict[str, Any] | Failure:
+    """The answer's JSON object, or why there is none: status, size, encoding, content type, strict JSON."""
+    problem = answer_problem(answer)
+    if problem is not None:
+        return problem
     try:
         return strictjson.loads_object(answer.body)
     except strictjson.JsonError as exc:

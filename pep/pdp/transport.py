@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
 
 from pep import __version__
 from pep.decision import Reason
 from pep.pdp import NOT_ADMITTED, Failure, admitted
 from pep.pdp.http1 import ExchangeError, Http1Client, NotAdmitted, RequestError
+from pep.records import record
 from pep.secret_file import FileSecret
 from pep.trace import CURRENT as CURRENT_TRACE
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RawAnswer:
     status: int
     content_type: str

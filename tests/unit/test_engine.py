@@ -528,6 +528,46 @@ async def test_cancelled_call_while_closed_is_not_a_pdp_failure() -> None:
     assert engine.in_flight == 0
 
 
+async def test_a_caller_cancelled_as_the_deadline_passes_stays_cancelled() -> None:
+    """The deadline and the caller's cancellation land together: the caller's wins (as with asyncio.timeout),
+    the request is not turned into a `pdp_timeout` answer nobody reads, and the PDP is not blamed."""
+
+    async def cancelled_then_late() -> Answer:
+        task = asyncio.current_task()
+        assert task is not None
+        time.sleep(0.03)  # noqa: ASYNC251 - the PEP held up past the 10 ms deadline: its timer is due...
+        await asyncio.sleep(0)  # ...and runs right after this step
+        task.cancel()  # the caller goes away in the same turn of the loop
+        await asyncio.sleep(0)
+        raise AssertionError("unreachable")
+
+    pdp = FakePdp(cancelled_then_late)
+    engine = make_engine(pdp, retries=0, threshold=1, timeout_ms=10)
+    with pytest.raises(asyncio.CancelledError):
+        await engine.decide(check())
+    assert circuit(engine) is State.CLOSED
+    assert engine.in_flight == 0
+
+
+async def test_a_deadline_swallowed_by_the_pdp_client_leaves_no_cancel_behind() -> None:
+    """A client that catches the deadline's cancellation and answers anyway: the late answer is a denial, and the
+    request's task carries no leftover cancel request into what it does next."""
+
+    async def swallowing() -> Answer:
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            return ALLOWED
+        raise AssertionError("unreachable")
+
+    engine = make_engine(FakePdp(swallowing), retries=0, timeout_ms=10)
+    assert denied(await engine.decide(check())).reason is Reason.PDP_TIMEOUT
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    await asyncio.sleep(0)  # would raise CancelledError if the deadline's cancel were still pending
+
+
 async def test_an_exception_in_a_probe_propagates_and_gives_the_probe_back() -> None:
     """A bug in the PEP is the PEP's problem (`internal_error` for that request), not the PDP's."""
     clock = FakeClock()

@@ -14,6 +14,7 @@ from pep.headers import (
     HOP_BY_HOP_FIELDS,
     PEP_OWNED,
     connection_named,
+    connection_named_fields,
     end_to_end,
     end_to_end_fields,
     first_field,
@@ -226,3 +227,23 @@ def test_first_field_is_the_first_of_that_name_in_any_case() -> None:
     fields = [(b"X-A", b"1"), (b"Content-TYPE", b"text/plain"), (b"content-type", b"text/html")]
     assert first_field(fields, b"content-type") == b"text/plain"
     assert first_field(fields, b"content-length") is None
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("X-A", "1"), ("Connection", "x-a, X-B"), ("x-b", "2"), ("X-C", "3")],  # named before and after
+        [("Connection", "keep-alive"), ("Keep-Alive", "5"), ("X-Keep", "k")],
+        [("connection", ""), ("Connection", " , X-D ,"), ("x-d", "d"), ("X-E", "e")],
+        [("X-F", "f"), ("X-G", "g")],
+    ],
+)
+@pytest.mark.parametrize("drop", [ANSWER_DROP, HOP_BY_HOP_FIELDS | {b"x-c"}, frozenset({b"x-c"}), frozenset()])
+def test_fields_in_one_pass_are_the_connection_rule_applied(
+    pairs: list[tuple[str, str]], drop: frozenset[bytes]
+) -> None:
+    """Whatever `drop` holds (even no `connection`): the fields not in it and not named by a Connection field."""
+    fields = [(n.encode(), v.encode()) for n, v in pairs]
+    named = connection_named_fields(fields)
+    expected = [f for f in fields if f[0].lower() not in drop | named]
+    assert end_to_end_fields(fields, drop) == expected

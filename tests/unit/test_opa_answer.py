@@ -86,6 +86,25 @@ def test_json_content_types_are_accepted(content_type: str) -> None:
     assert verdict(answer('{"result":true}', content_type=content_type)).allow
 
 
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (answer('{"result":true}', status=500), Reason.PDP_ERROR_STATUS),
+        (answer('{"result":true}', status=302), Reason.PDP_ERROR_STATUS),
+        (answer('{"result":true}', oversize=True), Reason.PDP_MALFORMED),
+        (answer('{"result":true}', content_type="text/plain"), Reason.PDP_MALFORMED),
+        (answer('{"result":true}', content_type=""), Reason.PDP_MALFORMED),
+        (
+            RawAnswer(200, JSON_CT, b'{"result":true}', oversize=False, undecodable=True),
+            Reason.PDP_MALFORMED,
+        ),
+    ],
+)
+def test_the_usual_allow_bytes_allow_only_in_a_readable_answer(raw: RawAnswer, reason: Reason) -> None:
+    """`{"result":true}` is known without a parse, but never without the checks every answer passes."""
+    assert failure(raw).reason is reason
+
+
 # --- deny, undefined ------------------------------------------------------------------------------------------
 
 

@@ -184,6 +184,35 @@ def test_an_injected_duplicate_key_is_always_refused(obj: dict[str, Any], data: 
         loads(duplicated, max_depth=0)
 
 
+# Duplicates are ruled out by counting colons (the text's against orjson's value written again): a colon
+# written as an escape counts in the value only, and must not let a dropped pair through.
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"k":"\\u003a","a":1,"a":2}',  # one escaped colon would make up for the dropped pair
+        b'{"k":"\\u003A\\u003a","a":{"x":1},"a":{"y":2}}',  # the dropped value had a pair of its own
+        b'{"a":"x:y","b":[{"c":"::"}],"a":"x:y"}',  # colons inside strings, and a duplicate
+    ],
+)
+def test_duplicates_hidden_behind_colons_are_refused(data: bytes) -> None:
+    with pytest.raises(JsonError, match="duplicate key"):
+        loads(data)
+    with pytest.raises(JsonError, match="duplicate key"):
+        loads(data, fold_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"k":"\\u003a","a":1}', {"k": ":", "a": 1}),  # an escaped colon alone is no duplicate
+        (b'{"a:b":"c:d","e":[":",{"f:":":"}]}', {"a:b": "c:d", "e": [":", {"f:": ":"}]}),
+    ],
+)
+def test_colons_in_strings_are_no_duplicates(data: bytes, expected: Any) -> None:
+    assert loads(data) == expected
+    assert loads(data, fold_keys=True) == expected
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -196,6 +225,31 @@ def test_an_injected_duplicate_key_is_always_refused(obj: dict[str, Any], data: 
 def test_numbers_a_parser_would_round_are_refused(data: bytes) -> None:
     with pytest.raises(JsonError):
         loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'[1.5,{"n":[100000000000000000001]}]',  # beside a real float, deep down
+        b'{"s":"12345678901234567890","n":-99999999999999999999}',
+        b"18446744073709551616",  # the whole text
+    ],
+)
+def test_wide_integers_are_refused_wherever_they_are(data: bytes) -> None:
+    with pytest.raises(JsonError):
+        loads(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"s":"12345678901234567890123"}', {"s": "12345678901234567890123"}),  # digits in a string
+        (b'{"f":1.5,"s":"12345678901234567890123"}', {"f": 1.5, "s": "12345678901234567890123"}),
+        (b"[1.0e2,18446744073709551615]", [100.0, 2**64 - 1]),
+    ],
+)
+def test_long_digit_runs_that_are_no_wide_integer_are_read(data: bytes, expected: Any) -> None:
+    assert loads(data) == expected
 
 
 @pytest.mark.parametrize("number", [2**63 - 1, -(2**63), 2**64 - 1, 1234567890123456789])
@@ -238,6 +292,18 @@ def test_keys_equal_under_case_folding_are_refused_on_request(data: bytes) -> No
 )
 def test_distinct_keys_under_folding_are_accepted(data: bytes) -> None:
     assert loads(data, fold_keys=True) == loads(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"x":[{"y":{"Name":"a:b","name":1}}]}',  # deep, with colons in the values
+        b'[1,{"ok":{"S":1}},{"s":2,"\\u017f":3}]',  # an escaped long s
+    ],
+)
+def test_keys_equal_under_folding_are_refused_at_any_depth(data: bytes) -> None:
+    with pytest.raises(FoldedKeys, match="equal under case folding"):
+        loads(data, fold_keys=True)
 
 
 def test_exact_duplicates_stay_duplicates_with_fold_keys() -> None:

@@ -1,0 +1,53 @@
+"""pep.attributes: the query map the policy input shows is parse_qs's, whatever the query; the headers it shows
+are the end-to-end ones a route does not hide."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from pep.attributes import header_map, policy_headers, query_map
+from pep.config import RouteConfig
+from pep.headers import end_to_end
+from pep.routing import Route
+
+QUERY = st.text(alphabet="ab=&%+2 0é;?", max_size=24)
+
+
+@given(QUERY)
+def test_query_map_is_parse_qs(query: str) -> None:
+    assert query_map(query) == parse_qs(query, keep_blank_values=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("q=refunds", {"q": ["refunds"]}),
+        ("a=1&a=2&b", {"a": ["1", "2"], "b": [""]}),
+        ("a==1&&=x&", {"a": ["=1"], "": ["x"]}),
+        ("a=%41+b", {"a": ["A b"]}),
+        ("", {}),
+    ],
+)
+def test_query_map(query: str, expected: dict[str, list[str]]) -> None:
+    assert query_map(query) == expected
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("Host", "a"), ("Accept", "x"), ("accept", "y"), ("X-Custom", "1")],
+        [("Connection", "keep-alive, X-Secret"), ("X-Secret", "s"), ("X-Other", "o"), ("Keep-Alive", "5")],
+        [("Authorization", "Bearer t"), ("Cookie", "c"), ("TE", "trailers"), ("Upgrade", "h2c"), ("A", "b")],
+        [("connection", "x-a"), ("Connection", "X-B"), ("X-A", "1"), ("x-b", "2"), ("X-C", "3")],
+    ],
+)
+def test_policy_headers_are_the_end_to_end_header_map(pairs: list[tuple[str, str]]) -> None:
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
+    expected = header_map(end_to_end(headers, route.policy_drop))
+    assert policy_headers(headers, route.policy_hidden) == expected
