@@ -777,7 +777,7 @@ FLAT = (
     (TASKS_BESIDE_REQUESTS, "event loop tasks (one per request in flight aside)"),
 )
 # Shown, not judged: the keep-alive pools hold as many idle connections as the highest concurrency they served
-# (the upstream pool closes them after 30 s idle; the PDP pool keeps them, see docs/reliability.md).
+# (both pools close them after 30 s idle, within a second of their time: pep/transport/pool.py).
 SHOWN = (
     ("fds", "open fds, all"),
     ("tasks", "event loop tasks, all"),

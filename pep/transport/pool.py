@@ -43,6 +43,7 @@ from pep.transport.errors import ConnectFailed, ConnectTimeout, NotAdmitted, Poo
 from pep.transport.headers import header_view
 
 _NO_BODY = Framing.NONE
+SWEEP_SLACK_S = 1.0  # idle connections past their time are closed together, at most this late
 _NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
@@ -260,6 +261,7 @@ class Pool:
         self._origins: dict[Origin, _Slots] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # the running loop, at first use
+        self._sweep: asyncio.TimerHandle | None = None  # closes idle connections past their time (one per pool)
 
     def idle_count(self, origin: Origin) -> int:
         slots = self._origins.get(origin)
@@ -461,8 +463,32 @@ class Pool:
         idle.append(conn)
         while idle[0].expires <= loop_time:  # the coldest, past their time (never the one just parked)
             idle.popleft().close()
+        if self._sweep is None and keep != math.inf:
+            self._sweep = self._loop.call_at(loop_time + keep + SWEEP_SLACK_S, self._swept)
         if slots.waiters:
             slots.wake()
+
+    def _swept(self) -> None:
+        """Close the idle connections past their time, which nothing else would do once requests stop coming
+        (an idle connection is otherwise looked at only when one is parked or taken); then come back at the
+        next one's time. One timer per pool, not per request: a connection may outlive its time by up to
+        SWEEP_SLACK_S."""
+        self._sweep = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        soonest = math.inf
+        for slots in self._origins.values():
+            idle = slots.idle
+            if not idle:
+                continue
+            for conn in [conn for conn in idle if conn.expires <= now]:
+                idle.remove(conn)
+                conn.close()
+            for conn in idle:
+                soonest = min(soonest, conn.expires)
+        if soonest != math.inf:
+            self._sweep = self._loop.call_at(soonest + SWEEP_SLACK_S, self._swept)
 
     def _unused(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """A connection taken or made for a request that was not sent after all: idle again, as it was."""
@@ -471,6 +497,8 @@ class Pool:
             return
         conn.park(self._loop.time() + self.idle_s)
         slots.idle.append(conn)
+        if self._sweep is None and self.idle_s != math.inf:
+            self._sweep = self._loop.call_at(self._loop.time() + self.idle_s + SWEEP_SLACK_S, self._swept)
         if slots.waiters:
             slots.wake()
 
@@ -488,6 +516,9 @@ class Pool:
     async def close(self) -> None:
         """Close every idle connection; those in use close when their exchange ends."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for slots in self._origins.values():
             while slots.idle:
                 slots.idle.pop().close()

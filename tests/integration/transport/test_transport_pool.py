@@ -30,6 +30,7 @@ from pep.transport import (
     UpstreamTimeout,
     serve,
 )
+from pep.transport import pool as pool_module
 from pep.transport.connection import Body
 from tests.support.raw_upstream import Action, Answer, RawUpstream, Seen, ok
 
@@ -105,6 +106,42 @@ async def test_idle_connections_are_reused_last_in_first_out(start: Start, pool:
     # Connection 1 went back to the pool last: it is the warmest, and taken first.
     assert await get(pool, up) == b"1"
     assert up.accepted == 2
+
+
+async def test_idle_connections_close_at_their_time_with_no_request_after_them(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the full soak: with the expiry looked at only when a connection is parked or taken, the last
+    # connections of a busy spell stayed open (and held the upstream's slots) for as long as nothing came after.
+    monkeypatch.setattr(pool_module, "SWEEP_SLACK_S", 0.05, raising=False)
+    both = asyncio.Event()
+
+    async def answer(seen: Seen) -> Action:
+        if seen.target == b"/hold":
+            await both.wait()
+        if seen.target == b"/release":
+            both.set()
+        return ok()
+
+    up = await start(answer)
+    p = Pool(idle_s=0.3)
+    try:
+        first = asyncio.create_task(get(p, up, b"/hold"))
+        await asyncio.sleep(0.05)
+        await get(p, up, b"/release")
+        await first
+        assert (p.idle_count(origin(up)), p.open_count(origin(up))) == (2, 2)
+        await asyncio.sleep(0.1)
+        assert p.open_count(origin(up)) == 2  # not before their time
+        for _ in range(40):
+            if p.open_count(origin(up)) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (p.idle_count(origin(up)), p.open_count(origin(up))) == (0, 0)
+        assert await get(p, up) == b"ok"  # the pool still works: a new connection
+        assert up.accepted == 3
+    finally:
+        await p.close()
 
 
 async def test_an_answer_not_read_to_its_end_closes_its_connection(start: Start, pool: Pool) -> None:
