@@ -106,13 +106,7 @@ class McpAnswers:
     # --- upstream.AnswerCheck ---------------------------------------------------------------------------------
 
     def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
-        if not 200 <= status < 300:
-            return "pass"  # the SDKs read only a JSON-RPC error from an error status, which carries no result
-        problem = media.problem(content_types, encodings)
-        if problem is not None:
-            self._note_unreadable(problem)
-            return "unreadable"
-        return "events" if content_types and media.is_event_stream(content_types[0]) else "whole"
+        return media.answer_mode(status, content_types, encodings, self._note_unreadable)
 
     async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:
         if not body.strip():

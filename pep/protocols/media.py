@@ -9,7 +9,7 @@ would not see), identity coding only (every value of every `Content-Encoding` fi
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def parameters(content_type: str) -> tuple[str, str | None]:
@@ -46,3 +46,18 @@ def problem(content_types: Sequence[str], encodings: Sequence[str]) -> str | Non
 
 def is_event_stream(content_type: str) -> bool:
     return parameters(content_type)[0] == "text/event-stream"
+
+
+def answer_mode(
+    status: int, content_types: Sequence[str], encodings: Sequence[str], unreadable: Callable[[str], None]
+) -> str:
+    """How an answer gate reads an upstream answer: "pass" for an error status (the SDKs read no result, tool
+    call or server request from it), "unreadable" (told to `unreadable` first) when its media cannot be read,
+    else "events" for an event stream or "whole"."""
+    if not 200 <= status < 300:
+        return "pass"
+    found = problem(content_types, encodings)
+    if found is not None:
+        unreadable(found)
+        return "unreadable"
+    return "events" if content_types and is_event_stream(content_types[0]) else "whole"
