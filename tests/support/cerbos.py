@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.child import ChildProcess
+
 REPO = Path(__file__).resolve().parents[2]
 VERSION = "0.55.0"
 DEFAULT_BIN = REPO / ".pdp/cerbos/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64"
@@ -64,7 +66,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class CerbosServer:
+class CerbosServer(ChildProcess):
     """One Cerbos server process. `url` is its AuthZEN base URL (Cerbos derives `policy_decision_point` from the
     Host header, so it is exactly this)."""
 
@@ -74,8 +76,7 @@ class CerbosServer:
         self.log_path = log_path
         self.http_port = 0
         self.grpc_port = 0
-        self.frozen = False
-        self._proc: asyncio.subprocess.Process | None = None
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -84,10 +85,6 @@ class CerbosServer:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
 
     def _argv(self) -> list[str]:
         return [
@@ -157,21 +154,6 @@ class CerbosServer:
             return self.log_path.read_text(errors="replace")[-limit:]
         except OSError:
             return ""
-
-    def _signal(self, sig: signal.Signals) -> None:
-        # Only the child this object started, and only while it has not been reaped (its PID cannot be reused).
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.send_signal(sig)
-
-    def freeze(self) -> None:
-        """SIGSTOP: the kernel still accepts connections, nothing answers (a hung PDP)."""
-        assert self.running, "not running"
-        self._signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-        self.frozen = False
 
     async def stop(self, grace_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM (and SIGCONT, so a frozen server can act on it), wait for the PID; SIGKILL after `grace_s`."""

@@ -27,6 +27,7 @@ import aiohttp
 from cryptography.hazmat.primitives import serialization
 
 from pep.seal import new_key_text
+from tests.support.child import ChildProcess
 from tests.support.jwt_keys import SigningKey, ec_key
 
 OP_DIR = Path(__file__).resolve().parent / "op"
@@ -83,7 +84,7 @@ class Client:
     key_file: Path | None = None  # PEM private key (private_key_jwt)
 
 
-class OpenIdProvider:
+class OpenIdProvider(ChildProcess):
     """One oidc-provider process. URLs, clients, control helpers; stopped by its own PID."""
 
     def __init__(self, work: Path) -> None:
@@ -93,8 +94,7 @@ class OpenIdProvider:
         self.clients: dict[str, Client] = {}
         self.port = 0
         self.issuer = ""
-        self.frozen = False
-        self._proc: asyncio.subprocess.Process | None = None
+        super().__init__()
         self._log = work / "op.log"
         self._setup = work / "op-setup.json"
         self._make_clients()
@@ -178,10 +178,6 @@ class OpenIdProvider:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
     # ---- life cycle --------------------------------------------------------------------------------------------
     async def start(self, port: int = 0) -> None:
         """Start on `port` (0: a free one, printed by the script) and wait until discovery answers."""
@@ -236,21 +232,6 @@ class OpenIdProvider:
             return self._log.read_text(errors="replace")[-limit:]
         except OSError:
             return ""
-
-    def _signal(self, sig: signal.Signals) -> None:
-        # Only the child this object started, and only while it has not been reaped (its PID cannot be reused).
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.send_signal(sig)
-
-    def freeze(self) -> None:
-        """SIGSTOP: the kernel still accepts connections, nothing answers (a hung OP)."""
-        assert self.running, "not running"
-        self._signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-        self.frozen = False
 
     async def stop(self) -> None:
         """SIGTERM (with SIGCONT, so a frozen OP can act on it), wait for the PID; SIGKILL after a bound."""
