@@ -132,6 +132,7 @@ def measure(
         wrk(port, workload, script, d.connections, d.warmup)
 
     cpu_before = procs.tree_cpu_seconds(pid) if pid is not None else {}
+    kernel_before = procs.tree_kernel_seconds(pid) if pid is not None else {}
     stub_pid = stubs.proc.pid
     stub_before = procs.cpu_seconds(stub_pid)
     accepted_before = stubs.accepted()
@@ -143,6 +144,7 @@ def measure(
     cores_after = procs.cpu_times()
     accepted = stubs.accepted() - accepted_before - 1  # the status request itself
     cpu_s = procs.cpu_delta(cpu_before, procs.tree_cpu_seconds(pid)) if pid is not None else None
+    kernel_s = procs.cpu_delta(kernel_before, procs.tree_kernel_seconds(pid)) if pid is not None else None
     stub_s = procs.cpu_seconds(stub_pid) - stub_before
     own_s = _own_cpu() - own_before
     cores = procs.core_busy(cores_before, cores_after)
@@ -177,6 +179,8 @@ def measure(
         "open_send_lag_p99_us": loop["send_lag_us"]["p99"],
         "open_max_queued": loop["max_queued"],
         "cpu_us_per_request": (cpu_s * 1e6 / closed["requests"]) if cpu_s is not None else None,
+        # The kernel's part of it (stime): system calls, and on loopback the peer's TCP input and wake-up.
+        "kernel_cpu_us_per_request": (kernel_s * 1e6 / closed["requests"]) if kernel_s is not None else None,
         # Requests per second of the proxy's CPU time: throughput per core even where a core was not saturated.
         "requests_per_cpu_s": (closed["requests"] / cpu_s) if cpu_s else None,
         "proxy_cpu_s": cpu_s,

@@ -142,6 +142,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def kernel_seconds(pid: int) -> float:
+    """stime of one process (all its threads), in seconds: its system calls, and on loopback the receiving side of
+    every send it makes (the peer's TCP input and wake-up run in the sender's system call)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[12]) / CLK_TCK
+
+
+def tree_kernel_seconds(pid: int) -> dict[int, float]:
+    """Kernel CPU seconds per process of `pid` and its descendants."""
+    out: dict[int, float] = {}
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            out[p] = kernel_seconds(p)
+    return out
+
+
 def tree_cpu_seconds(pid: int) -> dict[int, float]:
     """CPU seconds per process of `pid` and its descendants (worker processes)."""
     out: dict[int, float] = {}
