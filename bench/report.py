@@ -326,6 +326,7 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             row = " | ".join(f"{_num(c)} B" for c in cells)
             lines.append(f"| {workload} | {row} | {_num(a['retained_bytes_per_request'], 1)} B |")
+    lines += _layers(report)
     for prof in report.get("profiles", []):
         lines += [
             "",
@@ -341,3 +342,43 @@ def markdown(report: dict[str, Any]) -> str:
     for warning in report.get("warnings", []):
         lines += ["", f"**WARNING: {warning}**"]
     return "\n".join(lines) + "\n"
+
+
+def _layers(report: dict[str, Any]) -> list[str]:
+    """perf's shares by layer (bench/layers.py), each also as CPU µs per request (the share of the median
+    CPU/req of that target and workload)."""
+    rows = report.get("layers") or []
+    if not rows:
+        return []
+    names = [n for n in dict.fromkeys(k for r in rows for k in r["layers"])]
+    heads = [f"{r['target']} {r['workload']}" for r in rows]
+    cpu = [
+        ((report["results"].get(r["workload"], {}).get(r["target"]) or {}).get("median") or {}).get(
+            "cpu_us_per_request"
+        )
+        for r in rows
+    ]
+
+    def cell(share: float | None, total: float | None) -> str:
+        if not share:
+            return "-"
+        return f"{share:.1f}% ({share * total / 100:.0f} µs)" if total else f"{share:.1f}%"
+
+    lines = [
+        "",
+        "## Where the CPU goes, by layer (perf, cpu-clock under wrk -c16; % of the proxy's samples and µs of its "
+        "median CPU/req)",
+        "",
+        "| layer | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for name in names:
+        lines.append(
+            f"| {name} | " + " | ".join(cell(r["layers"].get(name), c) for r, c in zip(rows, cpu, strict=True)) + " |"
+        )
+    lines.append(
+        "| of which the kernel waking a peer (`sock_def_readable`) | "
+        + " | ".join(cell(r["wakeups"], c) for r, c in zip(rows, cpu, strict=True))
+        + " |"
+    )
+    return lines

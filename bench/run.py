@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from bench import measure, procs, report, targets
+from bench.layers import layers, perf_version
 from bench.measure import Durations
 from bench.procs import BenchError
 from bench.profile import profile
@@ -106,6 +107,7 @@ def machine(envoy_bin: Path) -> dict[str, Any]:
         "envoy": envoy_build.split("/")[1] if envoy_build.count("/") >= 2 else envoy_build,
         "envoy_build": envoy_build,
         "wrk": _cmd(["dpkg-query", "-W", "-f=${Version}", "wrk"]),
+        "perf": perf_version(),
         "aiohttp": aiohttp.__version__,
         "pep": pep.__version__,
         "commit": commit,
@@ -114,7 +116,7 @@ def machine(envoy_bin: Path) -> dict[str, Any]:
 
 
 def preflight() -> None:
-    for tool in ("taskset", "wrk", "nginx"):
+    for tool in ("taskset", "wrk", "nginx", "perf"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed (make bench-deps installs the pinned Debian packages)")
     if (os.cpu_count() or 1) < 2:
@@ -190,6 +192,8 @@ def verify(result: dict[str, Any], repetitions: int) -> list[str]:
             missing.append(f"allocation/{workload.name}: no handler measurement")
     if len(result.get("profiles", [])) != 2:
         missing.append("profile: missing")
+    if len(result.get("layers", [])) != 4:
+        missing.append("layers (perf): missing")
     return missing
 
 
@@ -287,6 +291,18 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 running.stop()
         result["profiles"] = profiles
+
+        log(f"layers: perf on pep and Envoy, {mode['profile_s']} s per workload")
+        by_layer = []
+        for workload in (GET, MCP):
+            for target in (targets.PEP, targets.ENVOY):
+                running = targets.start_target(target, stubs, work, bins["pep"], bins["envoy"])
+                try:
+                    targets.check_answer(running, workload)
+                    by_layer.append(layers(running, workload, bins[f"wrk-{workload.name}"], mode["profile_s"], work))
+                finally:
+                    running.stop()
+        result["layers"] = by_layer
     except BenchError as exc:
         log(f"FAILED: {exc}")
         log(f"work files (configs, process output) are in {work}")
