@@ -252,6 +252,8 @@ class Metrics:
         self.decision_log_pending_bytes = Gauge(
             "pep_decision_log_pending_bytes", "Decision log bytes queued or being written.", registry=r
         )
+        # A prometheus-client Histogram (locked): once per batch write, not per request; the writer thread hands
+        # each write's end back to the event loop, which observes it.
         self.decision_log_write_seconds = Histogram(
             "pep_decision_log_write_duration_seconds",
             "Decision log batch writes, from start to return; with required: true, allows wait for them.",
