@@ -1,14 +1,27 @@
 """The Prometheus metrics (README, "Metrics"), in a registry per runtime, with children bound once, not per request.
 
 No label ever takes a value from the request: routes come from the config, reasons from the closed set.
+
+The families updated on every request (decisions, decision and PDP and upstream durations, upstream responses
+and failures) are `CounterFamily` and `HistogramFamily` below: an update is a float addition on a slotted
+object, with no lock and no label lookup, and the samples are built at scrape time, the same text
+prometheus-client's own Counter and Histogram render. They are updated only on the event loop's thread (the
+proxy, the engine, the forwarder), the thread that also serves /metrics. The rare ones (reloads, transitions,
+fetches, approvals) and the decision log's, whose write time is observed once per batch, stay prometheus-client
+objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar, cast
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from pep import __version__
 from pep.breaker import State
@@ -22,6 +35,141 @@ APPROVAL_RESULTS = ("requested", "granted", "denied", "timeout", "unavailable", 
 CREDENTIAL_FETCH_RESULTS = ("success", "refused", "error")  # refused: the server answered with an OAuth error
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus-client writes `le` (untyped there)
+
+
+class Count:
+    """One counter series: `value` only ever grows."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class Timing:
+    """One histogram series: a count per bucket (made cumulative at scrape time) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds  # the finite upper bounds; counts has one more, for +Inf
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # bisect_left: a value equal to an upper bound falls in that bucket (`le` is inclusive).
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+S = TypeVar("S", Count, Timing)
+
+
+class _Family(Generic[S]):
+    """A labelled family of series with its own collector, registered where a prometheus-client metric would be."""
+
+    def __init__(
+        self, registry: CollectorRegistry, name: str, documentation: str, typ: str, labelnames: Sequence[str]
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._type = typ
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], S] = {}
+        registry.register(self)
+
+    def labels(self, *values: object) -> S:
+        """The series of these label values, made at 0 the first time (as prometheus-client's `labels`)."""
+        if len(values) != len(self._labelnames):
+            raise ValueError("Incorrect label count")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._new()
+        return series
+
+    def _new(self) -> S:
+        raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+    def describe(self) -> list[Metric]:
+        """The family's name and type, without samples: the registry checks duplicates and `name[]` with it."""
+        return [Metric(self._name, self._documentation, self._type)]
+
+    def _each(self) -> Iterator[tuple[dict[str, str], S]]:
+        # A snapshot: a reload binding a route's series while something iterates cannot break the scrape.
+        for values, series in tuple(self._series.items()):
+            yield dict(zip(self._labelnames, values, strict=True)), series
+
+
+class CounterFamily(_Family[Count]):
+    """Samples as prometheus-client's Counter: `<name>_total`, and `<name>_created` unless disabled."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        super().__init__(registry, name.removesuffix("_total"), documentation, "counter", labelnames)
+
+    def _new(self) -> Count:
+        return Count()
+
+    def collect(self) -> Iterator[Metric]:
+        created = prometheus_client.metrics._use_created  # its switch for `_created`, read as its metrics do
+        family = Metric(self._name, self._documentation, "counter")
+        total, since = self._name + "_total", self._name + "_created"
+        for labels, series in self._each():
+            family.add_sample(total, labels, series.value)
+            if created:
+                family.add_sample(since, labels, series.created)
+        yield family
+
+
+class HistogramFamily(_Family[Timing]):
+    """Samples as prometheus-client's Histogram: cumulative `_bucket`s up to `+Inf`, `_count`, `_sum`,
+    `_created`."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float],
+    ) -> None:
+        bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        if not bounds or list(bounds) != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        self._bounds = bounds
+        self._le = [_go_float(b) for b in (*bounds, float("inf"))]
+        super().__init__(registry, name, documentation, "histogram", labelnames)
+
+    def _new(self) -> Timing:
+        return Timing(self._bounds)
+
+    def collect(self) -> Iterator[Metric]:
+        created = prometheus_client.metrics._use_created
+        name = self._name
+        family = Metric(name, self._documentation, "histogram")
+        with_sum = self._bounds[0] >= 0  # as prometheus-client: no _sum when a bucket is negative
+        for labels, series in self._each():
+            cumulative = 0.0
+            for le, count in zip(self._le, series.counts, strict=True):
+                cumulative += count
+                family.add_sample(name + "_bucket", {**labels, "le": le}, cumulative)
+            family.add_sample(name + "_count", labels, cumulative)
+            if with_sum:
+                family.add_sample(name + "_sum", labels, series.sum)
+            if created:
+                family.add_sample(name + "_created", labels, series.created)
+        yield family
 
 
 class _EngineView(Protocol):
@@ -36,22 +184,22 @@ class Metrics:
 
     def __init__(self, routes: tuple[str, ...]) -> None:
         self.registry = r = CollectorRegistry()
-        decisions = Counter(
+        decisions = CounterFamily(
             "pep_decisions_total",
             "Decisions by route, outcome and reason.",
             ["route", "decision", "reason"],
             registry=r,
         )
-        self.decisions: dict[tuple[str, Reason], Counter] = {}
-        duration = Histogram(
+        self.decisions: dict[tuple[str, Reason], Count] = {}
+        duration = HistogramFamily(
             "pep_decision_duration_seconds",
             "Time from request to decision, by route.",
             ["route"],
             registry=r,
             buckets=_FAST,
         )
-        self.decision_duration: dict[str, Histogram] = {}
-        pdp = Histogram(
+        self.decision_duration: dict[str, Timing] = {}
+        pdp = HistogramFamily(
             "pep_pdp_request_duration_seconds",
             "PDP attempts by outcome.",
             ["outcome"],
@@ -68,28 +216,28 @@ class Metrics:
         )
         transitions = Counter("pep_circuit_transitions_total", "Circuit breaker transitions.", ["to"], registry=r)
         self.transitions = {s: transitions.labels(s.name.lower()) for s in State}
-        up = Histogram(
+        up = HistogramFamily(
             "pep_upstream_request_duration_seconds",
             "Upstream time to response headers, by route.",
             ["route"],
             registry=r,
             buckets=_SLOW,
         )
-        self.upstream_duration: dict[str, Histogram] = {}
-        responses = Counter(
+        self.upstream_duration: dict[str, Timing] = {}
+        responses = CounterFamily(
             "pep_upstream_responses_total",
             "Upstream responses by route and status class.",
             ["route", "code_class"],
             registry=r,
         )
-        self.upstream_responses: dict[tuple[str, str], Counter] = {}
-        failures = Counter(
+        self.upstream_responses: dict[tuple[str, str], Count] = {}
+        failures = CounterFamily(
             "pep_upstream_failures_total",
             "Allowed requests whose upstream exchange failed: no response (502/504/413/408) or cut mid-body.",
             ["route", "kind"],
             registry=r,
         )
-        self.upstream_failures: dict[tuple[str, str], Counter] = {}
+        self.upstream_failures: dict[tuple[str, str], Count] = {}
         self._route_families = (decisions, duration, up, responses, failures)
         self.bind_routes((*routes, UNMATCHED))
         self.requests_in_flight = Gauge("pep_requests_in_flight", "Requests being handled.", registry=r)
@@ -104,6 +252,8 @@ class Metrics:
         self.decision_log_pending_bytes = Gauge(
             "pep_decision_log_pending_bytes", "Decision log bytes queued or being written.", registry=r
         )
+        # A prometheus-client Histogram (locked): once per batch write, not per request; the writer thread hands
+        # each write's end back to the event loop, which observes it.
         self.decision_log_write_seconds = Histogram(
             "pep_decision_log_write_duration_seconds",
             "Decision log batch writes, from start to return; with required: true, allows wait for them.",
