@@ -307,7 +307,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# failclosed-pep benchmark ({report['mode']})",
         "",
         f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}",
-        f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, aiohttp {m['aiohttp']}, "
+        f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, curl {m.get('curl', 'n/a')}, "
+        f"aiohttp {m['aiohttp']}, "
         f"failclosed-pep {m['pep']} (commit {m['commit']})",
         f"- {s['repetitions']} repetition(s), targets interleaved; medians. Closed loop: wrk -t1 -c{s['connections']} "
         f"{s['closed_s']} s (`--latency`); 1 connection: wrk -t1 -c1 {s['single_s']} s; open loop: "

@@ -1,7 +1,8 @@
 """`make bench` / `make bench-smoke`: failclosed-pep against Envoy ext_authz and the upstream directly.
 
 Runs every (workload, target) pair `repetitions` times, interleaved (direct, pep, envoy, ... then again), each on
-a freshly started proxy; then the in-process allocation measurement and a py-spy profile. Writes
+a freshly started proxy; then a large download and upload through direct, pep and Envoy (bench/stream.py), the
+in-process allocation measurement and a py-spy profile. Writes
 bench/results/latest.{md,json} (full) or smoke.{md,json} (smoke) and prints the Markdown.
 
 Nothing is skipped silently: a target that cannot start, a non-2xx answer, a socket error or a missing number
