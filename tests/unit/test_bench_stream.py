@@ -6,9 +6,14 @@ The harness itself runs in `make bench-smoke`; these check what its report says 
 from __future__ import annotations
 
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
-from bench import report, stream
+import pytest
+
+from bench import report, stream, targets
+from bench.procs import BenchError, Proc
+from bench.targets import Running, Stubs
 
 MIB = 1 << 20
 
@@ -141,3 +146,72 @@ def test_rss_sampler_reads_a_live_process() -> None:
     assert sampler.max_kib > 0
     assert stream.rss_kib([os.getpid()]) is not None
     assert stream.rss_kib([]) is None
+
+
+class _FakeCurl:
+    """Stands in for curl: answers with the given status and counts, and stores `stored` bytes as nginx would."""
+
+    def __init__(self, stubs: Stubs, status: int, down: int, up: int, stored: int | None) -> None:
+        self.stubs, self.status, self.down, self.up, self.stored = stubs, status, down, up, stored
+
+    def __call__(self, argv: list[str], timeout: float) -> dict[str, Any]:
+        if self.stored is not None:
+            (self.stubs.stream_dir / stream.UPLOAD_NAME).write_bytes(b"x" * self.stored)
+        return {"status": self.status, "size_download": self.down, "size_upload": self.up, "seconds": 0.5}
+
+
+def _stubs(tmp_path: Path) -> Stubs:
+    (tmp_path / "upload").mkdir()
+    # transfer() reads only the stream port and directory of the stubs; no nginx runs here.
+    return Stubs(cast(Proc, None), 1, 2, 3, 4, tmp_path, tmp_path / "stream.log")
+
+
+SIZE = 4 * MIB
+
+
+@pytest.mark.parametrize(
+    ("direction", "status", "down", "up", "stored"),
+    [
+        ("download", 200, SIZE - 1, 0, None),  # a short download
+        ("download", 206, SIZE, 0, None),  # not the whole file's answer
+        ("upload", 201, 0, SIZE, SIZE - 1),  # nginx stored less than was sent
+        ("upload", 201, 0, SIZE - 1, SIZE - 1),  # curl sent less
+        ("upload", 500, 0, SIZE, None),  # nginx stored nothing
+        ("upload", 413, 0, 1 << 20, None),  # a refusal counts as one only from Envoy
+    ],
+)
+def test_a_short_or_failed_transfer_fails_the_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str, status: int, down: int, up: int, stored: int | None
+) -> None:
+    stubs = _stubs(tmp_path)
+    monkeypatch.setattr(stream, "curl", _FakeCurl(stubs, status, down, up, stored))
+    with pytest.raises(BenchError, match=f"stream {direction} through direct"):
+        stream.transfer(Running(targets.DIRECT, 1, None), stubs, direction, tmp_path / "blob", SIZE)
+
+
+def test_a_whole_transfer_is_measured_and_its_upload_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stubs = _stubs(tmp_path)
+    monkeypatch.setattr(stream, "curl", _FakeCurl(stubs, 201, 0, SIZE, SIZE))
+    run = stream.transfer(Running(targets.DIRECT, 1, None), stubs, "upload", tmp_path / "blob", SIZE)
+    assert run["bytes"] == SIZE
+    assert run["mib_s"] == 8.0  # 4 MiB in 0.5 s
+    assert run["rss_growth_kib"] is None  # direct: no proxy to sample
+    assert not (tmp_path / stream.UPLOAD_NAME).exists()
+
+
+def test_envoys_413_on_an_upload_is_a_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stubs = _stubs(tmp_path)
+    monkeypatch.setattr(stream, "curl", _FakeCurl(stubs, 413, 17, 1 << 20, None))
+    envoy = Running(targets.ENVOY, 1, cast(Proc, _Alive()))
+    assert stream.transfer(envoy, stubs, "upload", tmp_path / "blob", SIZE) == {
+        "refused": f"413: {stream.ENVOY_REFUSAL}"
+    }
+
+
+class _Alive:
+    """A stand-in proxy process: this test process, which is alive and has a VmRSS."""
+
+    pid = os.getpid()
+
+    def alive(self) -> bool:
+        return True
