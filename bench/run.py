@@ -1,7 +1,8 @@
 """`make bench` / `make bench-smoke`: failclosed-pep against Envoy ext_authz and the upstream directly.
 
 Runs every (workload, target) pair `repetitions` times, interleaved (direct, pep, envoy, ... then again), each on
-a freshly started proxy; then the in-process allocation measurement and a py-spy profile. Writes
+a freshly started proxy; then a large download and upload through direct, pep and Envoy (bench/stream.py), the
+in-process allocation measurement and a py-spy profile. Writes
 bench/results/latest.{md,json} (full) or smoke.{md,json} (smoke) and prints the Markdown.
 
 Nothing is skipped silently: a target that cannot start, a non-2xx answer, a socket error or a missing number
@@ -27,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import measure, procs, report, targets
+from bench import measure, procs, report, stream, targets
 from bench.layers import layers, perf_version
 from bench.measure import Durations
 from bench.procs import BenchError
@@ -61,6 +62,7 @@ MODES: dict[str, dict[str, Any]] = {
         "profile_s": 5,
         "quiet_s": 20.0,
         "noisy_retries": 2,
+        "stream_bytes": 256 << 20,
         "name": "latest",
     },
     # A few seconds per target: each one, each variant and each measurement once, so none of it rots.
@@ -71,6 +73,7 @@ MODES: dict[str, dict[str, Any]] = {
         "profile_s": 1,
         "quiet_s": 0.0,
         "noisy_retries": 0,
+        "stream_bytes": 16 << 20,
         "name": "smoke",
     },
 }
@@ -108,6 +111,7 @@ def machine(envoy_bin: Path) -> dict[str, Any]:
         "envoy_build": envoy_build,
         "wrk": _cmd(["dpkg-query", "-W", "-f=${Version}", "wrk"]),
         "perf": perf_version(),
+        "curl": _cmd(["dpkg-query", "-W", "-f=${Version}", "curl"]),
         "aiohttp": aiohttp.__version__,
         "pep": pep.__version__,
         "commit": commit,
@@ -116,7 +120,7 @@ def machine(envoy_bin: Path) -> dict[str, Any]:
 
 
 def preflight() -> None:
-    for tool in ("taskset", "wrk", "nginx", "perf"):
+    for tool in ("taskset", "wrk", "nginx", "perf", "curl"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed (make bench-deps installs the pinned Debian packages)")
     if (os.cpu_count() or 1) < 2:
@@ -186,6 +190,13 @@ def verify(result: dict[str, Any], repetitions: int) -> list[str]:
             needed.append("decision_log")
         for run in case["runs"]:
             missing += [f"{workload.name}/{target.key}: no {k}" for k in needed if not run.get(k)]
+    streamed = result.get("stream") or {}
+    for direction in stream.DIRECTIONS:
+        for target in stream.TARGETS:
+            case = (streamed.get(direction) or {}).get(target.key)
+            refused = target.kind == "envoy" and direction == "upload" and case and case["status"].startswith("refused")
+            if not refused and (not case or len(case["runs"]) != repetitions):
+                missing.append(f"stream/{direction}/{target.key}: not measured")
     alloc = result.get("allocation") or {}
     for workload in (GET, MCP):
         if not (alloc.get(workload.name) or {}).get("handler_bytes"):
@@ -276,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
                 case["runs"].append(run)
                 log(f"[{rep}/{reps}] {workload.name}/{target.key}: {_run_line(run)}")
 
+        def settle() -> None:
+            if mode["quiet_s"] > 0:
+                procs.wait_quiet(QUIET_CORES, mode["quiet_s"])
+
+        size = mode["stream_bytes"]
+        log(f"streaming: {size >> 20} MiB down and up through {', '.join(t.key for t in stream.TARGETS)} (curl)")
+        result["stream"] = stream.run(stubs, work, bins, size, reps, settle, log)
+
         log(f"allocation per request: {mode['alloc_requests']} requests per workload, in-process, tracemalloc")
         result["allocation"] = allocation(stubs, work, mode["alloc_requests"])
 
@@ -329,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     result["results"] = results
     result["added_latency"] = {w: report.added_latency(c) for w, c in results.items()}
     result["ratios"] = {w: report.ratios(c) for w, c in results.items()}
-    result["goals"] = report.goals(results)
+    result["goals"] = report.goals(results) + report.stream_goals(result.get("stream"))
     workers = results[GET.name][targets.PEP_WORKERS2.key]
     one = results[GET.name][targets.PEP.key].get("median", {}).get("closed_rps")
     two = workers.get("median", {}).get("closed_rps")

@@ -121,6 +121,9 @@ class Stubs:
     upstream_port: int
     pdp_port: int
     status_port: int
+    stream_port: int
+    stream_dir: Path  # what nginx serves under /stream/ (bench/stream.py writes the download there)
+    stream_log: Path  # the stream server's access log: method, status and body bytes of every request
 
     def accepted(self) -> int:
         """Connections nginx has accepted so far (stub_status): a proxy that reuses its connections adds ~0."""
@@ -143,6 +146,10 @@ def start_stubs(work: Path) -> Stubs:
     for sub in ("spool", "logs"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
     upstream_port, pdp_port, status_port = procs.free_port(), procs.free_port(), procs.free_port()
+    stream_port = procs.free_port()
+    stream_dir = prefix / "stream"
+    (stream_dir / "upload").mkdir(parents=True, exist_ok=True)
+    stream_log = prefix / "logs" / "stream.log"
     # `master_process off`: one process that keeps the user it was started as (no worker user switch).
     conf = f"""
 daemon off;
@@ -176,6 +183,17 @@ http {{
         listen {LOOPBACK}:{status_port};
         location = /status {{ stub_status; }}
     }}
+    # Streaming (bench/stream.py): a generated file to download, and an upload sink of any size.
+    log_format stream '$request_method $uri $status $content_length $request_length $body_bytes_sent';
+    server {{
+        listen {LOOPBACK}:{stream_port};
+        access_log {stream_log} stream;
+        client_max_body_size 0;
+        sendfile on;
+        root {prefix};
+        location /stream/ {{ }}
+        location /stream/upload/ {{ dav_methods PUT; }}
+    }}
 }}
 """
     conf_path = prefix / "nginx.conf"
@@ -188,7 +206,8 @@ http {{
     procs.wait_listening(proc, upstream_port)
     procs.wait_listening(proc, pdp_port)
     procs.wait_listening(proc, status_port)
-    return Stubs(proc, upstream_port, pdp_port, status_port)
+    procs.wait_listening(proc, stream_port)
+    return Stubs(proc, upstream_port, pdp_port, status_port, stream_port, stream_dir, stream_log)
 
 
 def pep_config(target: Target, stubs: Stubs, port: int, admin_port: int, work: Path) -> dict[str, object]:
@@ -209,6 +228,12 @@ def pep_config(target: Target, stubs: Stubs, port: int, admin_port: int, work: P
         "routes": [
             {"name": "tools", "match": {"path_prefix": "/tools"}, "upstream": upstream},
             {"name": "mcp", "match": {"path_prefix": "/mcp"}, "upstream": upstream, "protocol": "mcp"},
+            # A plain http route streams bodies both ways without reading them (bench/stream.py).
+            {
+                "name": "stream",
+                "match": {"path_prefix": "/stream"},
+                "upstream": f"http://{LOOPBACK}:{stubs.stream_port}",
+            },
         ],
     }
     if target.workers > 1:
@@ -247,7 +272,10 @@ def envoy_config(stubs: Stubs, port: int, admin_port: int) -> dict[str, object]:
                 {
                     "name": "all",
                     "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "30s"}}],
+                    "routes": [
+                        {"match": {"prefix": "/stream/"}, "route": {"cluster": "stream", "timeout": "30s"}},
+                        {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "30s"}},
+                    ],
                 }
             ],
         },
@@ -288,7 +316,11 @@ def envoy_config(stubs: Stubs, port: int, admin_port: int) -> dict[str, object]:
                     ],
                 }
             ],
-            "clusters": [cluster("upstream", stubs.upstream_port), cluster("pdp", stubs.pdp_port)],
+            "clusters": [
+                cluster("upstream", stubs.upstream_port),
+                cluster("pdp", stubs.pdp_port),
+                cluster("stream", stubs.stream_port),
+            ],
         },
     }
 
