@@ -273,7 +273,19 @@ def envoy_config(stubs: Stubs, port: int, admin_port: int) -> dict[str, object]:
                     "name": "all",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": "/stream/"}, "route": {"cluster": "stream", "timeout": "30s"}},
+                        {
+                            "match": {"prefix": "/stream/"},
+                            "route": {"cluster": "stream", "timeout": "30s"},
+                            # As the PEP's plain http route: decided on the head, the body streamed, not buffered
+                            # for the PDP (which would refuse a body over max_request_bytes with a 413).
+                            "typed_per_filter_config": {
+                                "envoy.filters.http.ext_authz": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
+                                    "ExtAuthzPerRoute",
+                                    "check_settings": {"disable_request_body_buffering": True},
+                                }
+                            },
+                        },
                         {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "30s"}},
                     ],
                 }
