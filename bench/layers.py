@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench import procs
-from bench.procs import LOOPBACK, BenchError
-from bench.targets import LOAD_CORES, Running, Workload
+from bench.procs import BenchError
+from bench.profile import under_load
+from bench.targets import Running, Workload
 
 # perf's shared-object names, as layers a reader recognizes (the first pattern that matches).
 LAYERS = (
@@ -81,36 +81,8 @@ def layers(running: Running, workload: Workload, script: Path, seconds: int, wor
     if running.proc is None:
         raise ValueError("only a proxy process can be profiled")
     data = work / f"perf-{running.target.key}-{workload.name}.data"
-    url = f"http://{LOOPBACK}:{running.port}{workload.path}"
-    load_argv = ["wrk", "-t1", "-c16", f"-d{seconds + 2}s", "-s", str(script), url]
-    load = subprocess.Popen(procs.pinned(LOAD_CORES, load_argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        pid, out = str(running.proc.pid), str(data)
-        record = subprocess.run(
-            [
-                "perf",
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                "999",
-                "-g",
-                "-p",
-                pid,
-                "-o",
-                out,
-                "--",
-                "sleep",
-                str(seconds),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-            check=False,
-        )
-    finally:
-        load.wait(seconds + 30)
+    argv = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(running.proc.pid)]
+    record = under_load(running, workload, script, seconds, [*argv, "-o", str(data), "--", "sleep", str(seconds)])
     if record.returncode != 0 or not data.exists():
         raise BenchError(f"perf record failed ({record.returncode}): {record.stderr[-1500:]}")
     dsos = _report(data, "--no-children", "--sort", "dso")

@@ -53,32 +53,23 @@ def profile(
     if running.proc is None:
         raise ValueError("only a proxy process can be profiled")
     out = work / f"pyspy-{workload.name}.txt"
+    argv = [str(pyspy), "record", "--pid", str(running.proc.pid), "--duration", str(seconds)]
+    spy = under_load(
+        running, workload, script, seconds, [*argv, "--rate", "100", "--format", "raw", "--output", str(out)]
+    )
+    if spy.returncode != 0 or not out.exists():
+        raise BenchError(f"py-spy failed ({spy.returncode}): {spy.stderr[-1500:]}")
+    return {"workload": workload.name, "seconds": seconds, **top_frames(out.read_text())}
+
+
+def under_load(
+    running: Running, workload: Workload, script: Path, seconds: int, sampler: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Runs `sampler` (a profiler attached to the proxy for `seconds`) while wrk keeps 16 connections busy."""
     url = f"http://{LOOPBACK}:{running.port}{workload.path}"
     load_argv = ["wrk", "-t1", "-c16", f"-d{seconds + 2}s", "-s", str(script), url]
     load = subprocess.Popen(procs.pinned(LOAD_CORES, load_argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        spy = subprocess.run(
-            [
-                str(pyspy),
-                "record",
-                "--pid",
-                str(running.proc.pid),
-                "--duration",
-                str(seconds),
-                "--rate",
-                "100",
-                "--format",
-                "raw",
-                "--output",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=seconds + 60,
-            check=False,
-        )
+        return subprocess.run(sampler, capture_output=True, text=True, timeout=seconds + 60, check=False)
     finally:
         load.wait(seconds + 30)
-    if spy.returncode != 0 or not out.exists():
-        raise BenchError(f"py-spy failed ({spy.returncode}): {spy.stderr[-1500:]}")
-    return {"workload": workload.name, "seconds": seconds, **top_frames(out.read_text())}
