@@ -171,7 +171,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         return split
     path, query = split
     method, headers = facts.method, facts.headers
-    problem = integrity.request_problem(method, path, query, headers)
+    problem = integrity.request_problem(method, path, query, headers) or integrity.body_problem(method, facts.has_body)
     if problem:
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
     route = setup.routes.match(path, headers.get("Host"), facts.scheme)

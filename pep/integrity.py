@@ -156,6 +156,18 @@ def request_problem(method: str, path: str, query: str, headers: Container[str])
     return problem
 
 
+# Methods whose content has no defined semantics (RFC 9110 9.3.1, 9.3.2; TRACE must have none, 9.3.8): an upstream
+# may leave such a body unread and take its bytes for the next request on the connection, which then runs undecided.
+BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
+
+
+def body_problem(method: str, has_body: bool) -> str | None:
+    """Why a request's body is ambiguous: a body on a GET, HEAD or TRACE (an empty one is no body)."""
+    if has_body and method in BODILESS_METHODS:
+        return f"a body on a {method} request (an upstream may read it as another request)"
+    return None
+
+
 def override_header(names: Container[str]) -> str | None:
     """The first method- or path-override header present (`names` may be a case-insensitive header map)."""
     for name in METHOD_OVERRIDE:

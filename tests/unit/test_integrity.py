@@ -11,6 +11,7 @@ from multidict import CIMultiDict
 
 from pep.headers import PATH_OVERRIDE
 from pep.integrity import (
+    body_problem,
     method_override_field,
     override_header,
     parameter_problem,
@@ -419,3 +420,14 @@ def test_any_text_gets_an_answer(path: str) -> None:
     problem = path_problem("/" + path)
     assert problem is None or isinstance(problem, str)
     assert query_problem(path) is None or isinstance(query_problem(path), str)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "TRACE"])
+def test_a_body_on_a_method_without_content_semantics_is_ambiguous(method: str) -> None:
+    assert body_problem(method, True) is not None
+    assert body_problem(method, False) is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_a_body_on_other_methods_is_theirs(method: str) -> None:
+    assert body_problem(method, True) is None
