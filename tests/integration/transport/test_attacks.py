@@ -267,6 +267,27 @@ WIRE: dict[str, Wire] = {
     "get-with-an-empty-body": Wire(
         b"GET /tools/x HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", [200], [(b"GET", b"/tools/x", b"")]
     ),
+    # A field spelled with `_` for `-` is the same variable to a CGI-style upstream (Rack, WSGI, PHP): another
+    # spelling of one the PEP sets, drops or refuses would override or join the PEP's own there.
+    "forwarded-for-spelled-with-underscores": Wire(
+        b"GET /tools/x HTTP/1.1\r\nHost: h\r\nX_Forwarded_For: 10.0.0.1\r\n\r\n", [403], []
+    ),
+    "method-override-spelled-with-underscores": Wire(
+        b"POST /tools/x HTTP/1.1\r\nHost: h\r\n%sX_HTTP_Method_Override: DELETE\r\nContent-Length: 0\r\n\r\n" % OCTETS,
+        [403],
+        [],
+    ),
+    "transfer-encoding-spelled-with-underscores": Wire(
+        b"POST /tools/x HTTP/1.1\r\nHost: h\r\n%sTransfer_Encoding: chunked\r\nContent-Length: 1\r\n\r\nx" % OCTETS,
+        [403],
+        [],
+    ),
+    "agent-header-spelled-with-underscores": Wire(
+        b"GET /tools/x HTTP/1.1\r\nHost: h\r\nX-Agent-Id: alice\r\nX_Agent_Id: admin\r\n\r\n", [403], []
+    ),
+    "other-field-with-underscores": Wire(
+        b"GET /tools/x HTTP/1.1\r\nHost: h\r\nX_Custom: 1\r\n\r\n", [200], [(b"GET", b"/tools/x", b"")]
+    ),
     # Upgrade and CONNECT on a route that is no tunnel: never switched, the bytes after them never relayed raw.
     "websocket-upgrade": Wire(
         b"GET /tools/ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
@@ -356,3 +377,29 @@ async def test_bytes_an_upstream_sends_unasked_never_answer_another_caller(
             assert (answer.status, answer.body) == (200, b"answer:/tools/next-%d" % n)
         finally:
             other.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_body_cut_short_by_its_caller_never_shares_a_connection_with_the_next(
+    running: tuple[RunningPep, RawUpstream],
+) -> None:
+    """The upstream has half a request on that connection: the next caller's request must not become its rest."""
+    pep, upstream = running
+    one = await RawClient.open(pep.port)
+    await one.send(b"POST /tools/up HTTP/1.1\r\nHost: h\r\n%sContent-Length: 1000\r\n\r\n%s" % (OCTETS, b"x" * 10))
+    for _ in range(100):
+        if upstream.accepted:
+            break
+        await asyncio.sleep(0.01)
+    one.close()
+    other = await RawClient.open(pep.port)
+    try:
+        await other.send(
+            b"POST /tools/next HTTP/1.1\r\nHost: h\r\n%sContent-Length: 990\r\n\r\n%s" % (OCTETS, b"y" * 990)
+        )
+        answer = await other.answer()
+        assert answer is not None
+        assert (answer.status, answer.body) == (200, b"answer:/tools/next")
+    finally:
+        other.close()
+    assert [(s.connection, s.target, s.body) for s in upstream.seen] == [(2, b"/tools/next", b"y" * 990)]
