@@ -206,9 +206,9 @@ def misbehave(seen: Seen) -> Action:
 @dataclass
 class Wire:
     send: bytes  # written at once
-    statuses: list[int]  # the answers, in order (then nothing more on the connection)
+    statuses: list[int]  # the answers, in order
     forwarded: list[tuple[bytes, bytes, bytes]]  # what the upstream reads: (method, target, body), in order
-    later: bytes = b""  # written once the first answer is in
+    later: bytes = b""  # written once the first answer is in; the connection must then close, unread
 
 
 WIRE: dict[str, Wire] = {
