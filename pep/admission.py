@@ -171,7 +171,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         return split
     path, query = split
     method, headers = facts.method, facts.headers
-    problem = integrity.request_problem(method, path, query, headers)
+    problem = integrity.request_problem(method, path, query, headers) or integrity.body_problem(method, facts.has_body)
     if problem:
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
     route = setup.routes.match(path, headers.get("Host"), facts.scheme)
@@ -179,6 +179,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         return Refusal(Reason.NO_ROUTE, "no route matches the path")
     upstream_url = route.upstream_url(path, query)
     config = route.config
+    if problem := integrity.alias_problem(headers, route.reserved_names):
+        return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
     if not config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
     length, limit = facts.content_length, config.max_body_bytes

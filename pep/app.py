@@ -223,7 +223,7 @@ class Server:
         except SealKeyError as exc:
             raise ReloadError(f"seal_key_files: {exc}") from None
         token_header = cfg.identity.jwt.header if cfg.identity.jwt is not None else None
-        routes = RouteTable(cfg.routes, token_header)
+        routes = RouteTable(cfg.routes, token_header, cfg.identity.agent_header)
         previous = old.credentials if old is not None else {}
         credentials = {}
         for route in cfg.routes:

@@ -267,7 +267,9 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     try:
         if keys is not None:
             await keys.start()
-        found = await admission(config, RouteTable(config.routes, token_header), request, identifier, peer_id)
+        found = await admission(
+            config, RouteTable(config.routes, token_header, config.identity.agent_header), request, identifier, peer_id
+        )
     finally:
         if keys is not None:
             await keys.close()

@@ -8,10 +8,10 @@ and the headers and fields with which an upstream framework would serve another 
 from __future__ import annotations
 
 import re
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
-from pep.headers import METHOD_OVERRIDE, PATH_OVERRIDE
+from pep.headers import CALLER_CREDENTIALS, FRAMING, HOP_BY_HOP, METHOD_OVERRIDE, PATH_OVERRIDE, PEP_OWNED
 
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
@@ -154,6 +154,44 @@ def request_problem(method: str, path: str, query: str, headers: Container[str])
         # Rails, Laravel, Symfony and Spring override only a POST; Laravel, Symfony and Spring read the query too.
         problem = method_override_field(query)
     return problem
+
+
+# Methods whose content has no defined semantics (RFC 9110 9.3.1, 9.3.2; TRACE must have none, 9.3.8): an upstream
+# may leave such a body unread and take its bytes for the next request on the connection, which then runs undecided.
+BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
+
+
+def body_problem(method: str, has_body: bool) -> str | None:
+    """Why a request's body is ambiguous: a body on a GET, HEAD or TRACE (an empty one is no body)."""
+    if has_body and method in BODILESS_METHODS:
+        return f"a body on a {method} request (an upstream may read it as another request)"
+    return None
+
+
+# Fields the PEP sets, drops, refuses or reads, whatever the route: with `_` for `-` in a name, a CGI-style upstream
+# (Rack, WSGI, PHP: `X_Forwarded_For` and `X-Forwarded-For` are both HTTP_X_FORWARDED_FOR there) would read the
+# caller's field as the one the PEP acted on.
+RESERVED_NAMES = (
+    HOP_BY_HOP
+    | PEP_OWNED
+    | FRAMING
+    | CALLER_CREDENTIALS
+    | METHOD_OVERRIDE
+    | PATH_OVERRIDE
+    | {"content-length", "content-type", "content-encoding", "mcp-method", "mcp-name", "last-event-id"}
+)
+
+
+def alias_problem(names: Iterable[str], reserved: Container[str] = RESERVED_NAMES) -> str | None:
+    """The first field name spelled with `_` for `-` whose dashed form is `reserved`: refused rather than forwarded,
+    since an upstream that maps both spellings to one variable would take it for the PEP's own (or the one it
+    dropped or refused)."""
+    for name in names:
+        if "_" in name:
+            dashed = name.lower().replace("_", "-")
+            if dashed in reserved or dashed in RESERVED_NAMES:
+                return f"header {name!r} is another spelling of {dashed!r}"
+    return None
 
 
 def override_header(names: Container[str]) -> str | None:

@@ -32,11 +32,15 @@ class Route:
     forward_drop: frozenset[bytes] = frozenset()  # caller fields never forwarded (hop-by-hop and framing too)
     policy_hidden: frozenset[str] = frozenset()  # policy_drop and the hop-by-hop names: what the PDP never sees
     forward_drop_unencoded: frozenset[bytes] = frozenset()  # forward_drop and Accept-Encoding (answers read whole)
+    reserved_names: frozenset[str] = (
+        frozenset()
+    )  # caller headers the route drops, hides or reads (integrity.alias_problem)
 
     @classmethod
-    def build(cls, cfg: RouteConfig, token_header: str | None = None) -> Route:
+    def build(cls, cfg: RouteConfig, token_header: str | None = None, agent_header: str | None = None) -> Route:
         """`token_header` (identity.jwt.header) is a caller credential: never shown to the PDP, and not
-        forwarded unless the route keeps caller credentials."""
+        forwarded unless the route keeps caller credentials. `agent_header` (identity.agent_header) names the
+        caller: another spelling of it is refused (`reserved_names`)."""
         credential = cfg.credential.header if cfg.credential is not None else None
         token = frozenset({token_header} if token_header else ())
         host: str | None = None
@@ -69,6 +73,7 @@ class Route:
             forward_drop=forward_drop,
             forward_drop_unencoded=forward_drop | {b"accept-encoding"},
             policy_hidden=policy_drop | HOP_BY_HOP,
+            reserved_names=request_drop | policy_drop | frozenset({agent_header} if agent_header else ()),
         )
 
     def matches_authority(self, host: str, port: int, default_port: int) -> bool:
@@ -126,8 +131,10 @@ class RouteTable:
 
     __slots__ = ("routes",)
 
-    def __init__(self, routes: tuple[RouteConfig, ...], token_header: str | None = None) -> None:
-        built = (Route.build(r, token_header) for r in routes)
+    def __init__(
+        self, routes: tuple[RouteConfig, ...], token_header: str | None = None, agent_header: str | None = None
+    ) -> None:
+        built = (Route.build(r, token_header, agent_header) for r in routes)
         self.routes = tuple(sorted(built, key=lambda r: (-len(r.prefix), r.host is None)))
 
     def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:

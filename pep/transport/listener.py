@@ -6,6 +6,9 @@ end, against slowloris), hand it to the handler in a task of its own, and read t
 task has returned with its answer complete. Pipelined requests wait unparsed in the reader's buffer meanwhile,
 and the socket stops being read when that buffer passes the high-water mark, as it does while a handler is not
 reading a body: a client can make the listener hold at most about `read_high_water` bytes (plus one read).
+Answers are bounded the same way: while the client has not taken the last ones (the transport's buffer is over
+`write_high_water`), no pipelined request is read, a streamed answer's writer waits at most `send_s`, and a
+deadline that passes with answer bytes still unsent drops them (an abort) rather than wait on a close.
 
 A protocol error answers its status hint (400, 414, 431, 501, 505) and closes; `on_protocol_error` lets the
 caller log and count it, and give the answer's fields and body. The client going away cancels a handler whose
@@ -70,6 +73,7 @@ class ListenerOptions:
     read_high_water: int = 262144  # unread request bytes held before the socket is paused
     write_high_water: int = 65536  # unsent answer bytes before a writer waits
     write_low_water: int = 16384
+    send_s: float = 75.0  # how long a writer waits for the client to take answer bytes (then: reset)
 
 
 DEFAULT_OPTIONS = ListenerOptions()
@@ -169,9 +173,11 @@ class _Connection(asyncio.Protocol):
     info: ConnectionInfo  # set when the connection is made, before any request
 
     __slots__ = (
+        "_backlog",
         "_body_timer",
         "_body_waiter",
         "_deadline",
+        "_held",
         "_listener",
         "_read_paused",
         "_timer",
@@ -202,6 +208,8 @@ class _Connection(asyncio.Protocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = math.inf
+        self._held = False  # waiting for the client to take the answers so far before reading the next request
+        self._backlog = math.inf  # answer bytes unsent at the last deadline (`_expire`)
         self.closing = listener.closing  # the listener is shutting down: the next answer is the last (shutdown)
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------------
@@ -223,11 +231,14 @@ class _Connection(asyncio.Protocol):
             return
         self.reader.receive_data(data)
         if state is _WAITING:
-            self._next_request()
-            return
-        waiter = self._body_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            if not self._held:  # else the answers before are not taken yet: the next request waits
+                self._next_request()
+                if self.state is not _BUSY and self.state is not _WAITING:
+                    return  # refused (lingering) or closed: what comes now is dropped, not held
+        else:
+            waiter = self._body_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         if not self._read_paused and self.reader.buffered > self.options.read_high_water:
             self._read_paused = True
             cast(asyncio.Transport, self.transport).pause_reading()
@@ -254,11 +265,18 @@ class _Connection(asyncio.Protocol):
         if task is not None and exchange is not None and exchange.response.state is not _ANSWERED:
             task.cancel()  # a departing caller cancels the upstream call
 
+    @property
+    def send_s(self) -> float:
+        return self.options.send_s
+
     def pause_writing(self) -> None:
         self.flow.pause()
 
     def resume_writing(self) -> None:
         self.flow.resume()
+        if self._held and self.state is _WAITING:
+            self._held = False
+            self._read_on()
 
     # --- requests ----------------------------------------------------------------------------------------------------
 
@@ -316,11 +334,28 @@ class _Connection(asyncio.Protocol):
             return
         self.state = _WAITING
         self._arm(self.loop.time() + self.options.idle_s)
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.flow.paused:
+            # The client has not taken the answers so far: a pipelined request is neither read nor answered
+            # until it does (`resume_writing`), or the idle deadline cuts it off. Otherwise a client that sends
+            # requests and never reads would make the listener buffer every answer.
+            self._held = True
+            if not self._read_paused:
+                self._read_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            return
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Waiting for the next request: read from the socket again unless enough is buffered already (a
+        pipelining client is held to `read_high_water`, as a body is), and take a pipelined request."""
         if self.reader.buffered:
             self._next_request()  # a pipelined request (read only now, after the answer before it)
+        state = self.state
+        if self._read_paused and (
+            state is _WAITING or (state is _BUSY and self.reader.buffered <= self.options.read_high_water // 2)
+        ):
+            self._read_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         line = self.reader.error_line
@@ -427,14 +462,32 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         state = self.state
         if state is _LINGERING:
-            self._close()
+            self._expire()
             return
         if state is not _WAITING or self._deadline == math.inf:
             return  # busy: re-armed when the connection waits again
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             return
-        self._close()  # idle, or a head too slow: closed without an answer, as aiohttp did
+        self._expire()  # idle, a head too slow, or answers not taken: closed without an answer, as aiohttp did
+
+    def _expire(self) -> None:
+        """A deadline passed: close. A close waits until the client has taken every answer byte, for ever if it
+        reads nothing; so bytes still unsent are dropped (an abort), unless the client is still taking them (fewer
+        than at the last deadline): then it gets another `linger_s`."""
+        transport = self.transport
+        if transport is None or self.state is _CLOSED:
+            return
+        unsent = transport.get_write_buffer_size()
+        if not unsent:
+            self._close()
+            return
+        self.state = _LINGERING
+        if unsent < self._backlog:
+            self._backlog = unsent
+            self._timer = self.loop.call_later(self.options.linger_s, self._on_timer)
+            return
+        transport.abort()
 
     def _linger(self) -> None:
         transport = self.transport
@@ -447,11 +500,11 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
         if self.info.ssl_object is None and transport.can_write_eof():
             transport.write_eof()  # sends what is buffered, then FIN: the answer is complete for the client
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_later(self.options.linger_s, self._on_timer)
         else:
-            transport.close()
+            transport.close()  # (TLS: close_notify after what is buffered)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.options.linger_s, self._on_timer)
 
     def _close(self) -> None:
         transport = self.transport

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, response_head
 from pep.transport.body import RequestBody
+from pep.transport.errors import ClientGone
 from pep.transport.flow import WriteFlow
 
 _NONE, _LENGTH, _CHUNKED_FRAMING, _CLOSE_FRAMING = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
@@ -40,6 +41,10 @@ class Sink(Protocol):
     @property
     def closing(self) -> bool:
         """The listener is shutting down: this answer is the connection's last."""
+
+    @property
+    def send_s(self) -> float:
+        """How long a write waits for the client to take what was written before."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -177,7 +182,9 @@ class Response:
 
     async def write(self, data: bytes) -> None:
         """Body bytes, sent at once (an SSE event reaches the client as soon as it is written); returns when the
-        client has taken enough of what was written before. Raises ClientGone when the client left."""
+        client has taken enough of what was written before. Raises ClientGone when the client left, or took too
+        little for `send_s` (the connection is then reset: a client that stops reading must not hold the
+        answer's upstream connection for ever)."""
         writer = self._writer
         if self._state is not _STREAMING or writer is None:
             raise LocalProtocolError(f"write in state {self._state.name}")
@@ -190,7 +197,11 @@ class Response:
             raise flow.error
         sink.write(out)
         if flow.paused:
-            await flow.drain()
+            try:
+                await flow.drain(sink.send_s)
+            except TimeoutError:
+                self.abort()
+                raise ClientGone(f"the client took too little of the answer for {sink.send_s:g} s") from None
 
     def end(self, data: bytes = b"", trailers: Fields | None = None) -> None:
         """The last body bytes (if any) and the end of the body, in one write."""

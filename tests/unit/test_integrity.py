@@ -11,6 +11,8 @@ from multidict import CIMultiDict
 
 from pep.headers import PATH_OVERRIDE
 from pep.integrity import (
+    alias_problem,
+    body_problem,
     method_override_field,
     override_header,
     parameter_problem,
@@ -419,3 +421,21 @@ def test_any_text_gets_an_answer(path: str) -> None:
     problem = path_problem("/" + path)
     assert problem is None or isinstance(problem, str)
     assert query_problem(path) is None or isinstance(query_problem(path), str)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "TRACE"])
+def test_a_body_on_a_method_without_content_semantics_is_ambiguous(method: str) -> None:
+    assert body_problem(method, True) is not None
+    assert body_problem(method, False) is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_a_body_on_other_methods_is_theirs(method: str) -> None:
+    assert body_problem(method, True) is None
+
+
+def test_another_spelling_of_a_field_the_pep_acts_on_is_ambiguous() -> None:
+    for name in ("X_Forwarded_For", "x_request_id", "Transfer_Encoding", "X_HTTP_Method_Override", "Mcp_Name"):
+        assert alias_problem([name]) is not None, name
+    assert alias_problem(["X_Api_Key"], frozenset({"x-api-key"})) is not None  # a route's own (its credential)
+    assert alias_problem(["X_Custom", "X-Forwarded-For", "Accept"]) is None

@@ -41,6 +41,7 @@ class Sink:
     def __init__(self, closing: bool = False) -> None:
         self.flow = WriteFlow()
         self.closing = closing
+        self.send_s = 1.0
         self.written: list[bytes] = []
         self.aborted = False
 
