@@ -17,7 +17,7 @@ from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
 from pep.metrics import Metrics
-from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, ApprovalAsk, Failure, Pdp, Verdict
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, UNSENT, ApprovalAsk, Failure, Pdp, Verdict
 from pep.records import record
 
 _MINT = claim_mint_key()
@@ -214,7 +214,9 @@ class Engine:
                 finally:
                     expiry.end()
                 answer = combine(answers) if check.more else answers[0]
-                asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
+                # A call the breaker admitted may still never have gone out (`unsent`: refused by the circuit as it
+                # was about to be written, or a failure its client passes on before the first byte): not asked.
+                asked = (breaker is None or sent > 0) and not (isinstance(answer, Failure) and answer.outcome == UNSENT)
                 if answer is NOT_ADMITTED and result is not None:
                     break  # a retry the circuit no longer admits: the previous attempt's failure stands
                 results, result = answers, answer
@@ -280,7 +282,7 @@ def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) 
     """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
     if permit.admitted and len(results) == 1:  # one message: the same rules, without a generator per rule
         r = results[0]
-        if r is not _STALLED:
+        if r is not _STALLED and not (isinstance(r, Failure) and r.outcome == UNSENT):
             if isinstance(r, Verdict):
                 breaker.success(permit)
                 return
@@ -288,7 +290,7 @@ def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) 
                 breaker.failure(permit)
                 return
     elif permit.admitted and not any(r is _STALLED for r in results):
-        if any(isinstance(r, Failure) and r.reason in PDP_FAILURES for r in results):
+        if any(isinstance(r, Failure) and r.reason in PDP_FAILURES and r.outcome != UNSENT for r in results):
             breaker.failure(permit)
             return
         if any(isinstance(r, Verdict) for r in results):

@@ -58,7 +58,8 @@ ALLOWED = Verdict(True, Reason.ALLOWED)
 DENIED = Verdict(False, Reason.POLICY_DENIED)
 UNDEFINED = Verdict(False, Reason.PDP_UNDEFINED)
 # The breaker no longer admitted the call when it was about to go out (see `admitted`).
-NOT_ADMITTED = Failure(Reason.CIRCUIT_OPEN, "unsent", False, "the circuit opened before the call went out")
+UNSENT = "unsent"  # a Failure's outcome when the PDP was not asked: never observed, never the breaker's
+NOT_ADMITTED = Failure(Reason.CIRCUIT_OPEN, UNSENT, False, "the circuit opened before the call went out")
 
 # The failures that are the PDP's own (README, "Only the PDP's own failures count": timeouts, transport errors,
 # error statuses, malformed answers).
@@ -85,7 +86,7 @@ def encode(value: Any) -> bytes | Failure:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
-        return Failure(Reason.REQUEST_AMBIGUOUS, "unsent", False, f"the policy input cannot be sent: {exc}")
+        return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"the policy input cannot be sent: {exc}")
 
 
 Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]

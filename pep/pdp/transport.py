@@ -6,7 +6,7 @@ import ssl
 
 from pep import __version__
 from pep.decision import Reason
-from pep.pdp import NOT_ADMITTED, Failure, admitted
+from pep.pdp import NOT_ADMITTED, UNSENT, Failure, admitted
 from pep.pdp.http1 import ExchangeError, Http1Client, NotAdmitted, RequestError
 from pep.records import record
 from pep.secret_file import FileSecret
@@ -72,7 +72,7 @@ class HttpTransport:
         except NotAdmitted:
             return NOT_ADMITTED
         except RequestError as exc:
-            return Failure(Reason.INTERNAL_ERROR, "unsent", False, f"the PDP request cannot be framed: {exc}")
+            return Failure(Reason.INTERNAL_ERROR, UNSENT, False, f"the PDP request cannot be framed: {exc}")
         except (ExchangeError, OSError) as exc:  # ssl.SSLError is an OSError
             return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
         except ValueError as exc:  # a URL the client cannot use: nothing was sent

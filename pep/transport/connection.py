@@ -217,6 +217,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.expires = expires
         self.writer = None
 
+    def open(self) -> bool:
+        """Still usable for the exchange it was made or taken for: the server has not closed it."""
+        transport = self.transport
+        return self.state is _ACTIVE and not self._eof and transport is not None and not transport.is_closing()
+
     def unpark(self) -> bool:
         """Taken from the pool for an exchange: False if it closed (or broke) while idle."""
         transport = self.transport
@@ -309,11 +314,11 @@ class UpstreamConnection(asyncio.Protocol):
         """Start one request (the reader is told its method first): the head and a bytes body are written now,
         an iterated body by the writer task. `length` frames an iterated body with Content-Length (the head
         says so); without it the head says chunked."""
+        if self.state is not _ACTIVE or self._eof:  # before the reader: a closed connection is the upstream's doing
+            raise UpstreamReset("the upstream closed the connection before the request was sent")
         self.reader.start(method)
         self.sent_whole = False
         if body is None or type(body) is bytes:
-            if self.state is not _ACTIVE or self._eof:
-                raise UpstreamReset("the upstream closed the connection while the request was being sent")
             if body and len(body) > _COALESCE:
                 self.transport.write(head)  # type: ignore[union-attr]
                 self.transport.write(body)  # type: ignore[union-attr]

@@ -370,6 +370,9 @@ class Pool:
         conn = self._idle(slots)
         if conn is None:
             conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+            if not conn.open():  # closed by the server between the connect and now: nothing was sent on it
+                conn.close()
+                raise ConnectFailed(f"{origin.host}:{origin.port}: closed by the server before the request")
         if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
             self._unused(slots, conn)
             raise NotAdmitted("not admitted when the request was about to be written")

@@ -619,6 +619,42 @@ async def test_requests_that_cannot_be_built_never_open_the_circuit(refusal: Ver
     assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
 
 
+# A call the breaker admitted that then never went out: the AuthZEN client admits a decision before it waits for
+# a shared discovery, whose own failure it passes on; a connection the server closed before the first byte.
+UNSENT_AFTER_ADMISSION = [
+    UNFRAMED,
+    Failure(Reason.PDP_UNREACHABLE, "unsent", False, "discovery: the circuit opened before the call went out"),
+]
+
+
+class AdmittedThenUnsentPdp(FakePdp):
+    """Asks the breaker (`admitted`) as a call is about to go out, then sends nothing and fails."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(ALLOWED)
+        self.failure = failure
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if request_id.startswith("bad"):
+            return self.failure if admitted() else NOT_ADMITTED
+        return await super().ask(document, request_id)
+
+
+@pytest.mark.parametrize("failure", UNSENT_AFTER_ADMISSION, ids=lambda f: f.reason.value)
+async def test_a_call_admitted_but_never_sent_is_denied_alone_and_not_the_breakers(failure: Failure) -> None:
+    """It used to raise (no `unsent` series to observe the PDP's time in): an internal error for each caller."""
+    pdp = AdmittedThenUnsentPdp(failure)
+    engine = make_engine(pdp, retries=1, threshold=2)
+    for _ in range(5):
+        outcome = await engine.decide(check("bad-1"))
+        assert denied(outcome).reason is failure.reason
+        assert (outcome.attempts, outcome.pdp_ms) == (0, None)  # the PDP was not asked
+    assert circuit(engine) is State.CLOSED
+    assert breaker_of(engine).failures == 0
+    assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "error"}) == 0
+    assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
+
+
 @pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
 async def test_requests_that_cannot_be_built_neither_close_nor_reopen_a_half_open_circuit(
     refusal: Verdict | Failure,

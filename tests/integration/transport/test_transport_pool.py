@@ -269,6 +269,46 @@ async def test_an_idle_connection_the_server_closed_is_not_used(start: Start, po
     assert [(s.target, s.connection) for s in up.seen] == [(b"/1", 1), (b"/2", 2)]
 
 
+@pytest.mark.parametrize("way", ["request", "fetch"])
+async def test_a_new_connection_the_server_closed_before_the_request_is_connect_and_sends_nothing(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """A server that accepts and closes at once (a PDP being killed: the kernel still completes handshakes from
+    its backlog). The event loop is held up for a moment between the connect and the first byte, so the FIN is
+    read first. It used to be a LocalProtocolError from the answer reader ("start after the server closed the
+    connection"), which the PDP client reports as a request it cannot frame: the PEP's own internal error."""
+    accepted: list[int] = []
+
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connect = pool_module.Pool._connect
+
+    async def held_up(self: Pool, *args: object) -> object:
+        conn = await connect(self, *args)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # the loop busy elsewhere: the server's FIN arrives before the request goes out
+        return conn
+
+    monkeypatch.setattr(pool_module.Pool, "_connect", held_up)
+    try:
+        call = (
+            pool.request(origin(port), b"GET", b"/", HOST)
+            if way == "request"
+            else pool.fetch(origin(port), line(b"GET", b"/"), [], None, limit=100)
+        )
+        with pytest.raises(ConnectFailed) as caught:
+            await call
+        assert caught.value.kind == "connect"
+        assert accepted == [1]
+        assert pool.open_count(origin(port)) == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # --- connecting and timeouts -------------------------------------------------------------------------------------
 
 
