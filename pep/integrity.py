@@ -20,8 +20,6 @@ _ESCAPE = re.compile(r"%([0-9a-fA-F]{2})?")
 # RFC 3986 2.3: encoding these changes nothing for a normalising server, but a `/%61dmin` would miss an
 # `/admin` route here and be served as /admin there. Well-behaved clients never encode them.
 _UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
-# Outside visible ASCII, plus `\` and `#` (a fragment is never sent; a backslash is a separator to some servers).
-_PATH_BAD = re.compile(r"[^\x21-\x7e]|[\\#]")
 _QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
 # What a percent-decoded segment must not hold: separators and control characters.
 _DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
@@ -38,7 +36,9 @@ def path_problem(path: str) -> str | None:
     business (`parameter_problem`), except where they hide a dot or an empty segment (`/..;/`, `/;x/`)."""
     if not path.startswith("/"):
         return "the path does not start with /"
-    if _PATH_BAD.search(path):
+    # Outside visible ASCII (printable ASCII but the space), plus `\` and `#` (a fragment is never sent; a
+    # backslash is a separator to some servers). Four C scans: a regex search cost three times as much.
+    if not (path.isascii() and path.isprintable()) or " " in path or "\\" in path or "#" in path:
         return "backslash, fragment, control or non-ASCII character in the path"
     if "//" in path:
         # nginx (merge_slashes, its default), Tomcat and Spring read `/a//b` as `/a/b`: a rule on `/a/b` would

@@ -148,7 +148,7 @@ def request_fields(
     out.append((b"X-PEP-Decision-ID", allow.decision_id.encode("ascii")))
     trace = CURRENT_TRACE.get()
     if trace is not None:
-        out += encode_fields(trace.headers().items())
+        out += trace.fields()
     if allow.headers:
         # One value per name, the last one (the PDP's obligation sets the header, it does not add to it).
         own = {n.lower(): (n, v) for n, v in allow.headers}
