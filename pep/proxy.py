@@ -384,11 +384,7 @@ class Proxy:
             version = resume.version if resume is not None else case.exchange.headers.get("MCP-Protocol-Version")
         else:
             return None
-        filters = {"tools/list"} if config.filter_tools_list else set()
-        if config.filter_prompts_list:
-            filters.add("prompts/list")
-        if config.filter_resources_list:
-            filters.update(("resources/list", "resources/templates/list"))
+        filters = route.list_filters
         assert filters <= LISTS.keys()
         context = AnswerContext(
             engine=lambda: self.runtime.engine,
@@ -399,7 +395,7 @@ class Proxy:
             document=admission.document,
             allow=allow,
             tokens=tokens,
-            filters=frozenset(filters),
+            filters=filters,
             version=version,
             trace_id=case.trace.trace_id,
         )

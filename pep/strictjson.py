@@ -142,7 +142,7 @@ def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes, colons: int) 
     written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if no
     pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
     hide a dropped pair: such texts take the second pass. `colons`: `data.count(b":")`."""
-    if _ESCAPED_COLON in data:
+    if b"\\" in data and _ESCAPED_COLON in data:  # (a byte is found by memchr, faster than the 6-byte search)
         return False
     try:
         written = orjson.dumps(value)
