@@ -20,7 +20,6 @@ _ESCAPE = re.compile(r"%([0-9a-fA-F]{2})?")
 # RFC 3986 2.3: encoding these changes nothing for a normalising server, but a `/%61dmin` would miss an
 # `/admin` route here and be served as /admin there. Well-behaved clients never encode them.
 _UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
-_QUERY_BAD = re.compile(r"[^\x21-\x7e]|#")
 # What a percent-decoded segment must not hold: separators and control characters.
 _DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
 # More layers of percent-encoding than this in one segment is refused outright.
@@ -124,8 +123,9 @@ def _layers(segment: str) -> list[str]:
 
 
 def query_problem(query: str) -> str | None:
-    """The query is forwarded as sent; only characters that cannot be sent as they are are refused."""
-    if query and _QUERY_BAD.search(query):
+    """The query is forwarded as sent; only characters that cannot be sent as they are are refused: outside
+    visible ASCII, and `#` (as `path_problem` checks them, without a regex)."""
+    if query and (not (query.isascii() and query.isprintable()) or " " in query or "#" in query):
         return "fragment, control or non-ASCII character in the query"
     return None
 
