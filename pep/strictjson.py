@@ -180,9 +180,14 @@ def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
         for item in level:
             children: Iterable[Any]
             if type(item) is dict:
-                # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys.
-                if fold_keys and folded is None and len(item) > 1 and len(set(map(str.casefold, item))) != len(item):
-                    folded = item
+                # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are
+                # all their own folding (`"".join(item)` is: casefold maps each character on its own, and a
+                # character that folds to something else never folds to something starting with itself) cannot
+                # collide, so only other objects build the set of folded keys.
+                if fold_keys and folded is None and len(item) > 1:
+                    keys = "".join(item)
+                    if keys.casefold() != keys and len(set(map(str.casefold, item))) != len(item):
+                        folded = item
                 children = item.values()
             else:
                 children = item
