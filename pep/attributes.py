@@ -99,7 +99,7 @@ def document(
         "version": VERSION,
         "request": {
             "id": request_id,
-            "time": rfc3339_now(),
+            "time": rfc3339(time.time()),
             "method": method,
             "scheme": scheme,
             "host": host,
