@@ -198,7 +198,16 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
             detail = "the route's credential is missing or empty"
             return Refusal(Reason.CREDENTIAL_UNAVAILABLE, detail, route, upstream_url)
         credential = (source.header, value)
-    inspected = await _inspect(facts, route, path, read_body)
+    # The protocol's rules on the head (a plain route streams its body after the allow), else on the body.
+    early = dispatch.before_body(config, method, path, headers, facts.has_body)
+    if early is None:
+        inspected = await _inspect(facts, route, path, read_body)
+    elif config.approval is not None and isinstance(early, Inspected) and early.body is None and facts.has_body:
+        # An approval is for the exact bytes forwarded (pep/approvals/binding.py): read whole, an allow carries them.
+        read = await read_body(dispatch.read_limit(config))
+        inspected = read if isinstance(read, Refused) else dataclasses.replace(early, body=read)
+    else:
+        inspected = early
     if isinstance(inspected, Refused):
         return Refusal(inspected.reason, inspected.detail, route, upstream_url)
     tokens = resume = None
@@ -233,7 +242,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     )
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])
-    more = tuple(attributes.with_facts(document, m) for m in messages[1:])
+    more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
     check = Check(
         first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body
     )
@@ -243,17 +252,10 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
 
 
 async def _inspect(facts: RequestFacts, route: Route, path: str, read_body: ReadBody) -> Inspected | Refused:
-    """The route's protocol rules: the body is read (whole, bounded) only where it decides something; plain
-    routes stream it after the allow. A Content-Encoding other than identity is refused where the body is read:
-    the PEP would decide on bytes the upstream decodes into something else."""
+    """The route's protocol rules where they need the body (`dispatch.before_body` decided nothing on the head):
+    it is read whole, bounded. A Content-Encoding other than identity is refused where the body is read: the PEP
+    would decide on bytes the upstream decodes into something else."""
     config, method, headers = route.config, facts.method, facts.headers
-    early = dispatch.before_body(config, method, path, headers, facts.has_body)
-    if early is not None:
-        if config.approval is None or isinstance(early, Refused) or early.body is not None or not facts.has_body:
-            return early
-        # An approval is for the exact bytes forwarded (pep/approvals/binding.py): read whole, an allow carries them.
-        read = await read_body(dispatch.read_limit(config))
-        return read if isinstance(read, Refused) else dataclasses.replace(early, body=read)
     if (problem := dispatch.encoding_problem(headers)) is not None:
         return problem
     limit = dispatch.read_limit(config)

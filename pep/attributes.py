@@ -48,7 +48,7 @@ def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
     """`header_map(end_to_end(headers, …))` in one pass: the fields that cross this hop and that the PDP may see
     (`hidden`: a route's `policy_hidden`, the hop-by-hop names included), lower-cased, repeats joined."""
     named = connection_named(headers)
-    if named:
+    if named and not named <= hidden:  # (`Connection: keep-alive` names a field hidden already)
         hidden = hidden | named
     out: dict[str, str] = {}
     for name, value in headers.items():
@@ -99,7 +99,7 @@ def document(
         "version": VERSION,
         "request": {
             "id": request_id,
-            "time": rfc3339_now(),
+            "time": rfc3339(time.time()),
             "method": method,
             "scheme": scheme,
             "host": host,

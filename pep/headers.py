@@ -172,7 +172,8 @@ def connection_named_fields(fields: Fields) -> frozenset[bytes]:
 def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
     """`end_to_end` on fields: those whose name is not in `drop` (which holds the hop-by-hop names already) nor
     named in `Connection`, in order. One pass; the names a `Connection` field lists (it may come after them) are
-    taken out of what was kept in a second pass, only when there are any."""
+    taken out of what was kept in a second pass, only when one of them is not in `drop` already (the usual
+    `Connection: keep-alive` needs none: Keep-Alive is hop-by-hop)."""
     out: Fields = []
     named: set[bytes] | None = None
     for field in fields:
@@ -180,10 +181,14 @@ def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
         if name == _CONNECTION:
             if named is None:
                 named = set()
-            named.update(t.strip().lower() for t in field[1].split(b",") if t.strip())
+            value = field[1]
+            if b"," in value:
+                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            elif token := value.strip().lower():
+                named.add(token)
         if name not in drop:
             out.append(field)
-    if named:
+    if named and not drop.issuperset(named):
         out = [field for field in out if field[0].lower() not in named]
     return out
 

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,15 +101,17 @@ class _Case:
         """The verified client certificate of the request's connection (mTLS listener), when asked."""
         return _peercert(self.exchange.connection, self.identity_tls)
 
-    async def identify(self, route: Route) -> dict[str, Any] | IdentityRefusal:
-        """The admission's identity step: the verified subject, or why there is none."""
-        return await self.rt.identifier.subject(self.exchange.headers, self.peercert, route.config.require_identity)
+    def identify(self, route: Route) -> Awaitable[dict[str, Any] | IdentityRefusal]:
+        """The admission's identity step: the verified subject, or why there is none (the identifier's own
+        coroutine, awaited by the admission: no second coroutine level)."""
+        return self.rt.identifier.subject(self.exchange.headers, self.peercert, route.config.require_identity)
 
-    async def read_body(self, limit: int) -> bytes | Refused:
-        """The admission's body step: the body is needed for the decision, so the caller may send it now."""
+    def read_body(self, limit: int) -> Awaitable[bytes | Refused]:
+        """The admission's body step: the body is needed for the decision, so the caller may send it now (the
+        admission awaits the read at once)."""
         exchange = self.exchange
         exchange.send_continue()
-        return await read_body(exchange.body, limit)
+        return read_body(exchange.body, limit)
 
     def send(self, reply: Reply) -> None:
         self.status = reply.status
@@ -319,6 +321,8 @@ class Proxy:
             tickets = exchange.headers.getall(TICKET_HEADER, ())
             case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
             outcome = case.approval.outcome
+        if not rt.jit:  # (no route of this config has a just-in-time credential)
+            return outcome
         return await self._credential(case, found, outcome)
 
     async def _credential(self, case: _Case, admission: Admission, outcome: Outcome) -> Outcome:
@@ -384,11 +388,7 @@ class Proxy:
             version = resume.version if resume is not None else case.exchange.headers.get("MCP-Protocol-Version")
         else:
             return None
-        filters = {"tools/list"} if config.filter_tools_list else set()
-        if config.filter_prompts_list:
-            filters.add("prompts/list")
-        if config.filter_resources_list:
-            filters.update(("resources/list", "resources/templates/list"))
+        filters = route.list_filters
         assert filters <= LISTS.keys()
         context = AnswerContext(
             engine=lambda: self.runtime.engine,
@@ -399,7 +399,7 @@ class Proxy:
             document=admission.document,
             allow=allow,
             tokens=tokens,
-            filters=frozenset(filters),
+            filters=filters,
             version=version,
             trace_id=case.trace.trace_id,
         )

@@ -32,9 +32,9 @@ class Route:
     forward_drop: frozenset[bytes] = frozenset()  # caller fields never forwarded (hop-by-hop and framing too)
     policy_hidden: frozenset[str] = frozenset()  # policy_drop and the hop-by-hop names: what the PDP never sees
     forward_drop_unencoded: frozenset[bytes] = frozenset()  # forward_drop and Accept-Encoding (answers read whole)
-    reserved_names: frozenset[str] = (
-        frozenset()
-    )  # caller headers the route drops, hides or reads (integrity.alias_problem)
+    # caller headers the route drops, hides or reads (integrity.alias_problem)
+    reserved_names: frozenset[str] = frozenset()
+    list_filters: frozenset[str] = frozenset()  # MCP routes: the list answers filtered by policy (filter_*_list)
 
     @classmethod
     def build(cls, cfg: RouteConfig, token_header: str | None = None, agent_header: str | None = None) -> Route:
@@ -59,6 +59,11 @@ class Route:
             frozenset() if cfg.keep_caller_credentials else token
         )
         forward_drop = forward_drop_set(request_drop)
+        filters = {"tools/list"} if cfg.filter_tools_list else set()
+        if cfg.filter_prompts_list:
+            filters.add("prompts/list")
+        if cfg.filter_resources_list:
+            filters.update(("resources/list", "resources/templates/list"))
         return cls(
             config=cfg,
             name=cfg.name,
@@ -74,6 +79,7 @@ class Route:
             forward_drop_unencoded=forward_drop | {b"accept-encoding"},
             policy_hidden=policy_drop | HOP_BY_HOP,
             reserved_names=request_drop | policy_drop | frozenset({agent_header} if agent_header else ()),
+            list_filters=frozenset(filters),
         )
 
     def matches_authority(self, host: str, port: int, default_port: int) -> bool:

@@ -33,6 +33,7 @@ MAX_MEMBERS = 32
 _KEY = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})\Z")
 _VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z")
 _OWS = " \t"
+_LOWEST_BITS = 1 << 64 | 1  # of a new trace id (the top 128 of 192 random bits) and of its parent id (the rest)
 
 
 class Trace:
@@ -57,6 +58,13 @@ class Trace:
         out = {"traceparent": self.traceparent}
         if self.state:
             out["tracestate"] = self.state
+        return out
+
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as the fields of the upstream request: both values are ASCII (checked, or made here)."""
+        out = [(b"traceparent", f"00-{self.trace_id}-{self.parent_id}-{self.flags}".encode("ascii"))]
+        if self.state:
+            out.append((b"tracestate", self.state.encode("ascii")))
         return out
 
 
@@ -113,8 +121,10 @@ def from_headers(headers: CIMultiDictProxy[str]) -> Trace:
     parents = headers.getall("traceparent", ())
     found = parse_traceparent(parents[0]) if len(parents) == 1 else None
     if found is None:
-        # Random ids (W3C asks for randomness, not secrecy): the PRNG, seeded from the OS, costs no syscall.
-        return Trace(f"{getrandbits(128) | 1:032x}", f"{getrandbits(64) | 1:016x}", "00", None, remote=False)
+        # Random ids (W3C asks for randomness, not secrecy): the PRNG, seeded from the OS, costs no syscall. Both
+        # are drawn as one number, each id's lowest bit set (an id of zeros is invalid), and formatted once.
+        ids = f"{getrandbits(192) | _LOWEST_BITS:048x}"
+        return Trace(ids[:32], ids[32:], "00", None, False)
     trace_id, parent_id, flags = found
     return Trace(trace_id, parent_id, flags, parse_tracestate(headers.getall("tracestate", ())), remote=True)
 

@@ -148,7 +148,7 @@ def request_fields(
     out.append((b"X-PEP-Decision-ID", allow.decision_id.encode("ascii")))
     trace = CURRENT_TRACE.get()
     if trace is not None:
-        out += encode_fields(trace.headers().items())
+        out += trace.fields()
     if allow.headers:
         # One value per name, the last one (the PDP's obligation sets the header, it does not add to it).
         own = {n.lower(): (n, v) for n, v in allow.headers}
@@ -287,9 +287,10 @@ class Upstream:
         fields = redirects.rewrite(end_to_end_fields(up.fields, ANSWER_DROP), route)
         response = exchange.response
         mode = "pass"
+        types: list[str] = []
         if answers is not None:
-            types = list(up.headers.getall("Content-Type", ()))
-            mode = answers.mode(status, types, list(up.headers.getall("Content-Encoding", ())))
+            types = _values(up.fields, b"content-type")
+            mode = answers.mode(status, types, _values(up.fields, b"content-encoding"))
         if mode == "whole":
             assert answers is not None
             try:
@@ -298,7 +299,7 @@ class Upstream:
                 whole = None
             except UpstreamError as exc:
                 return self._failed(exchange, route, allow, exc.kind)
-            result = await answers.whole(whole, up.headers.get("Content-Type", "")) if whole is not None else None
+            result = await answers.whole(whole, types[0] if types else "") if whole is not None else None
             if isinstance(result, Reply):
                 response.send(result.status, result.fields(), result.body)
                 return result.status
@@ -344,6 +345,13 @@ def _whole_body_fits(method: bytes, up: ClientResponse) -> bool:
         return False
     media = first_field(up.fields, b"content-type")
     return media is None or not media.lower().startswith(b"text/event-stream")
+
+
+def _values(fields: Fields, name: bytes) -> list[str]:
+    """The values of the fields called `name` (lower-case), in order, decoded as `ClientResponse.headers` decodes
+    them: an answer's header view is not built for two lookups."""
+    size = len(name)
+    return [v.decode("utf-8", "surrogateescape") for n, v in fields if len(n) == size and n.lower() == name]
 
 
 def _announced(up: ClientResponse, method: bytes) -> int | None:

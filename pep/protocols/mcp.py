@@ -178,8 +178,12 @@ def inspect(
     A batch of more than `max_batch_messages` is `body_too_large`: each message is one PDP decision, and the
     route decides at most that many for one body (like `max_body_bytes`, a bound on what one body may cost)."""
     getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
-    if getall is not None and any(len(getall(name, ())) > 1 for name in _MIRRORED):
-        return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header")
+    if getall is not None:
+        for name in _MIRRORED:  # (a loop: half the cost of any() over a generator)
+            if len(getall(name, ())) > 1:
+                return Refused(
+                    Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header"
+                )
     try:
         value = strictjson.loads(body, MAX_DEPTH, fold_keys=True)
     except strictjson.FoldedKeys as exc:

@@ -84,9 +84,12 @@ def restore(
     `max_batch_messages`, as a batch's do: each is a PDP decision."""
     value = inspected.value
     messages = inspected.messages
-    replies = any(m.facts.get("method") == "mcp/response" for m in messages)
     if value is None:
         return inspected
+    single = not inspected.batch and len(messages) == 1  # (most bodies)
+    if single and messages[0].facts.get("method") != "mcp/response" and _input_responses(value) is None:
+        return inspected  # no reply to open, nothing retried
+    replies = any(m.facts.get("method") == "mcp/response" for m in messages)
     # Any request carrying `inputResponses` (tools/call, prompts/get, resources/read, and extensions' own).
     retried = any(_input_responses(item) is not None for _, item in _pairs(inspected))
     if not (replies or retried):

@@ -32,16 +32,24 @@ def _utf8(charset: str) -> bool:
 
 def problem(content_types: Sequence[str], encodings: Sequence[str]) -> str | None:
     """Why an answer with these `Content-Type` and `Content-Encoding` field values cannot be read, or None."""
+    return _read(content_types, encodings)[0]
+
+
+def _read(content_types: Sequence[str], encodings: Sequence[str]) -> tuple[str | None, str]:
+    """`problem`, and the media type (lower-cased; empty without a Content-Type) when there is none: the
+    Content-Type is parsed once for both."""
     if len(content_types) > 1:
-        return "a repeated Content-Type"
-    codings = [c.strip().lower() for value in encodings for c in value.split(",")]
-    if any(c not in ("", "identity") for c in codings):
-        return f"content-encoding {', '.join(encodings)[:64]!r}"
-    if content_types:
-        _, charset = parameters(content_types[0])
-        if charset is not None and not _utf8(charset):
-            return f"charset {charset[:32]!r}"
-    return None
+        return "a repeated Content-Type", ""
+    for value in encodings:
+        for coding in value.split(","):
+            if coding.strip().lower() not in ("", "identity"):
+                return f"content-encoding {', '.join(encodings)[:64]!r}", ""
+    if not content_types:
+        return None, ""
+    media_type, charset = parameters(content_types[0])
+    if charset is not None and not _utf8(charset):
+        return f"charset {charset[:32]!r}", media_type
+    return None, media_type
 
 
 def is_event_stream(content_type: str) -> bool:
@@ -56,8 +64,8 @@ def answer_mode(
     else "events" for an event stream or "whole"."""
     if not 200 <= status < 300:
         return "pass"
-    found = problem(content_types, encodings)
+    found, media_type = _read(content_types, encodings)
     if found is not None:
         unreadable(found)
         return "unreadable"
-    return "events" if content_types and is_event_stream(content_types[0]) else "whole"
+    return "events" if media_type == "text/event-stream" else "whole"

@@ -236,6 +236,8 @@ def test_first_field_is_the_first_of_that_name_in_any_case() -> None:
         [("Connection", "keep-alive"), ("Keep-Alive", "5"), ("X-Keep", "k")],
         [("connection", ""), ("Connection", " , X-D ,"), ("x-d", "d"), ("X-E", "e")],
         [("X-F", "f"), ("X-G", "g")],
+        [("X-H", "h"), ("Connection", " X-H "), ("X-I", "i")],  # one token, naming a field before it
+        [("Connection", "close"), ("Close", "c"), ("X-J", "j")],
     ],
 )
 @pytest.mark.parametrize("drop", [ANSWER_DROP, HOP_BY_HOP_FIELDS | {b"x-c"}, frozenset({b"x-c"}), frozenset()])

@@ -125,3 +125,23 @@ def test_chunking_never_changes_the_events(stream: bytes, sizes: list[int]) -> N
 def test_what_an_answer_may_be_read_in(types: list[str], encodings: list[str], problem: str | None) -> None:
     found = media.problem(types, encodings)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+@pytest.mark.parametrize(
+    ("status", "types", "encodings", "mode"),
+    [
+        (200, ["text/event-stream"], [], "events"),
+        (200, [" Text/Event-Stream ; charset=utf-8"], ["identity"], "events"),
+        (200, ["application/json"], [], "whole"),
+        (200, [], [], "whole"),
+        (204, ["text/event-stream; charset=utf-16"], [], "unreadable"),
+        (200, ["text/event-stream"], ["gzip"], "unreadable"),
+        (200, ["text/event-stream", "application/json"], [], "unreadable"),
+        (404, ["text/event-stream"], ["gzip"], "pass"),  # an error status is relayed as it is
+        (301, ["application/json"], [], "pass"),
+    ],
+)
+def test_how_an_answer_is_read(status: int, types: list[str], encodings: list[str], mode: str) -> None:
+    told: list[str] = []
+    assert media.answer_mode(status, types, encodings, told.append) == mode
+    assert told == ([media.problem(types, encodings)] if mode == "unreadable" else [])

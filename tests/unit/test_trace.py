@@ -58,6 +58,7 @@ def test_the_callers_trace_is_kept_with_its_state() -> None:
     assert trace.remote
     assert trace.traceparent == VALID
     assert trace.headers() == {"traceparent": VALID, "tracestate": "a=1,b=2"}
+    assert trace.fields() == [(b"traceparent", VALID.encode()), (b"tracestate", b"a=1,b=2")]
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,16 @@ def test_otherwise_a_new_trace_is_started_without_state(pairs: tuple[tuple[str, 
     assert parse_traceparent(trace.traceparent) is not None
     assert trace.flags == "00"
     assert trace.headers() == {"traceparent": trace.traceparent}
+    assert trace.fields() == [(b"traceparent", trace.traceparent.encode())]
     assert from_headers(headers(*pairs)).trace_id != trace.trace_id
+
+
+def test_new_trace_ids_are_random_lower_hex_and_never_all_zeros() -> None:
+    traces = [from_headers(headers()) for _ in range(200)]
+    for trace in traces:
+        assert parse_traceparent(trace.traceparent) == (trace.trace_id, trace.parent_id, "00")  # 32 + 16 hex, not 0
+    assert len({t.trace_id for t in traces}) == len({t.parent_id for t in traces}) == 200
+    assert len({t.trace_id[:16] for t in traces}) == 200  # the high half of a trace id is random too
 
 
 def test_an_overlong_tracestate_is_dropped_not_cut() -> None:
