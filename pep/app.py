@@ -95,7 +95,7 @@ def _pdp_identity(cfg: Config) -> tuple[object, ...]:
 
 
 # Keys a running process cannot change: they are bound sockets, processes, or open files.
-_RESTART_ONLY = ("listen", "admin_listen", "workers", "decision_log", "tracing")
+_RESTART_ONLY = ("listen", "admin_listen", "workers", "max_connections", "decision_log", "tracing")
 
 
 class ReloadError(Exception):
@@ -192,7 +192,10 @@ class Server:
         # Every request, CONNECT and odd targets included, reaches the one handler and gets a decision; what
         # cannot be read as HTTP/1.1 is answered by the listener (`protocol_error`).
         options = transport.ListenerOptions(
-            idle_s=KEEPALIVE_S, head_s=KEEPALIVE_S, body_chunk_s=request_body.BODY_READ_TIMEOUT_S
+            idle_s=KEEPALIVE_S,
+            head_s=KEEPALIVE_S,
+            body_chunk_s=request_body.BODY_READ_TIMEOUT_S,
+            max_connections=cfg.max_connections,
         )
         self._listener = await transport.serve(
             cfg.listen.host,
@@ -202,7 +205,10 @@ class Server:
             reuse_port=self.reuse_port,
             options=options,
             on_protocol_error=proxy.protocol_error,
+            on_refused=self.metrics.listener_refused.inc,
         )
+        listener = self._listener
+        self.metrics.listener_connections.set_function(lambda: len(listener.connections))
         self.proxy_address = Address(*self._listener.address)
         self._admin, bound = await serve_admin(admin, cfg.admin_listen.host, cfg.admin_listen.port)
         self.admin_address = Address(*bound)

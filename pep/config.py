@@ -295,6 +295,9 @@ class Config:
     # Keys for the tokens the PEP seals (pep/seal.py): the first seals, every one opens. Without them each process
     # makes its own at start (a supervisor hands its workers one), so tokens do not outlive a restart.
     seal_key_files: tuple[str, ...] = ()
+    # Agent-facing connections open at once (per process); one more is closed at once. Keeps file descriptors and
+    # memory for the PDP and upstream connections when a caller opens connections without end.
+    max_connections: int = 4096
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1165,6 +1168,7 @@ _TOP_KEYS = {
     "tracing",
     "approvals",
     "seal_key_files",
+    "max_connections",
 }
 
 
@@ -1185,6 +1189,7 @@ def parse(data: Any, source: str) -> Config:
     identity = _identity(r, m["identity"]) if "identity" in m else Identity()
     workers = r.integer(m, "workers", "", 1, 1, 64)
     grace = r.integer(m, "shutdown_grace_ms", "", 25000, 0, 3_600_000)
+    max_connections = r.integer(m, "max_connections", "", 4096, 1, 1_000_000)
     tracing = _tracing(r, m["tracing"]) if "tracing" in m else None
     seal_keys = _string_list(r, m, "seal_key_files")
     pdp = None
@@ -1252,7 +1257,19 @@ def parse(data: Any, source: str) -> Config:
     if r.problems or listen is None or admin is None or pdp is None:
         raise ConfigError(r.problems or [f"{source}: invalid configuration"])
     return Config(
-        source, listen, admin, identity, pdp, log, tuple(routes), workers, grace, tracing, approvals, seal_keys
+        source,
+        listen,
+        admin,
+        identity,
+        pdp,
+        log,
+        tuple(routes),
+        workers,
+        grace,
+        tracing,
+        approvals,
+        seal_keys,
+        max_connections,
     )
 
 

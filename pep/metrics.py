@@ -241,6 +241,16 @@ class Metrics:
         self._route_families = (decisions, duration, up, responses, failures)
         self.bind_routes((*routes, UNMATCHED))
         self.requests_in_flight = Gauge("pep_requests_in_flight", "Requests being handled.", registry=r)
+        self.listener_connections = Gauge(
+            "pep_listener_connections",
+            "Agent-facing connections open (TLS ones once their handshake is done).",
+            registry=r,
+        )
+        self.listener_refused = Counter(
+            "pep_listener_connections_refused_total",
+            "Agent-facing connections reset as they arrived because max_connections were open.",
+            registry=r,
+        )
         # Read at scrape time: a leak of tasks (a stream or a fetch never finished) shows as growth here.
         self.event_loop_tasks = Gauge("pep_event_loop_tasks", "Tasks alive in the event loop.", registry=r)
         self.decision_log_dropped = Counter(

@@ -74,6 +74,7 @@ class ListenerOptions:
     write_high_water: int = 65536  # unsent answer bytes before a writer waits
     write_low_water: int = 16384
     send_s: float = 75.0  # how long a writer waits for the client to take answer bytes (then: reset)
+    max_connections: int | None = None  # open at once; one more is reset as it arrives (`on_refused` told)
 
 
 DEFAULT_OPTIONS = ListenerOptions()
@@ -219,8 +220,15 @@ class _Connection(asyncio.Protocol):
         self.info = ConnectionInfo(t)
         options = self.options
         t.set_write_buffer_limits(options.write_high_water, options.write_low_water)
-        self._listener.connections.add(self)
-        if self._listener.closing:
+        listener = self._listener
+        if options.max_connections is not None and len(listener.connections) >= options.max_connections:
+            self.state = _CLOSED
+            t.abort()  # at once, before anything is read: a reset tells the client, and costs nothing held
+            if listener.on_refused is not None:
+                listener.on_refused()
+            return
+        listener.connections.add(self)
+        if listener.closing:
             t.close()
             return
         self._arm(self.loop.time() + options.idle_s)
@@ -527,10 +535,12 @@ class Listener:
         handler: Handler,
         options: ListenerOptions,
         on_protocol_error: ProtocolErrorHook | None,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self.handler = handler
         self.options = options
         self.on_protocol_error = on_protocol_error
+        self.on_refused = on_refused
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False
@@ -584,10 +594,11 @@ async def serve(
     backlog: int = 1024,
     options: ListenerOptions = DEFAULT_OPTIONS,
     on_protocol_error: ProtocolErrorHook | None = None,
+    on_refused: Callable[[], None] | None = None,
 ) -> Listener:
     """Listen on host:port and hand each request to `handler` (an `async def handler(exchange)` that answers
     through `exchange.response`). With `ssl`, TLS (and mTLS, as the context requires) before any HTTP."""
-    listener = Listener(handler, options, on_protocol_error)
+    listener = Listener(handler, options, on_protocol_error, on_refused)
     listener._server = server = await listener.loop.create_server(
         lambda: _Connection(listener),
         host,

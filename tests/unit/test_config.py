@@ -420,6 +420,11 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("grace-negative", lambda c: c.update(shutdown_grace_ms=-1), "shutdown_grace_ms: must be between 0 and 3600000"),
     ("workers-zero", lambda c: c.update(workers=0), "workers: must be between 1 and 64, got 0"),
+    (
+        "max-connections-zero",
+        lambda c: c.update(max_connections=0),
+        "max_connections: must be between 1 and 1000000, got 0",
+    ),
     ("workers-text", lambda c: c.update(workers="2"), "workers: must be an integer, got a string"),
     (
         "jwt-audiences",
