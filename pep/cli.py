@@ -84,6 +84,11 @@ def _run(config: object, path: str, worker: str | None) -> int:
     from pep.decision_log import DecisionLogError
 
     assert isinstance(config, Config)
+    from pep.fdlimit import raise_limit
+
+    short = raise_limit(config.max_connections)  # workers inherit it
+    if short is not None and worker is None:
+        print(f"warning: {config.source}: {short}", file=sys.stderr)
     try:
         if worker is not None:
             index, port, fd, key_fd = (int(part) for part in worker.split(":"))
