@@ -361,7 +361,8 @@ def test_only_an_exact_true_without_obligations_allows(obj: Any) -> None:
         isinstance(obj, dict)
         and obj.get("decision") is True
         and (obj.get("context") is None or isinstance(obj.get("context"), dict))
-        and not (obj.get("context") or {}).get("obligations")
+        # absent, null or an empty list: anything else (`{}`, `0`, `""`) is not "no obligations", and denies
+        and (obj.get("context") or {}).get("obligations") in (None, [])
     )
     allowed = isinstance(result, Verdict) and result.allow
     assert allowed == expected
