@@ -12,7 +12,7 @@ from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode
 from pep.pdp.answer import answer_problem, malformed, read_object
 from pep.pdp.approval import opa_approval
 from pep.pdp.credential import credential_narrowing
-from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
+from pep.pdp.transport import HttpTransport, RawAnswer
 from pep.secret_file import FileSecret
 
 _NOTE_MAX = 256
@@ -87,10 +87,7 @@ class OpaPdp(Pdp):
         body = encode({"input": document})
         if isinstance(body, Failure):
             return body
-        headers = request_headers(request_id, self._auth, self._auth_header)
-        if isinstance(headers, Failure):
-            return headers
-        answer = await self._transport.post(self.url, body, headers)
+        answer = await self._transport.ask(self.url, body, request_id, self._auth, self._auth_header)
         if isinstance(answer, Failure):
             return answer
         return parse_answer(answer)
