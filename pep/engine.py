@@ -115,20 +115,99 @@ class Engine:
         return max(1, min(len(check.more) + 1, BATCH_CONCURRENCY, self._max_in_flight // BATCH_SHARE))
 
     async def decide(self, check: Check) -> Outcome:
-        started, start = time.time(), self._clock()
+        """The decision on `check`: its attempts inside one deadline, then what their result means.
+
+        `attempts` counts those that reached the PDP. The permit ends once per check (a batch that times out is
+        one failure, not one per message). The breaker hears only about calls it admitted as they went out
+        (pep/pdp `GATE`, asked before connecting and again right before each request is written, so also for
+        every exchange of a batch that waited for one of its slots): a failure if any message met a PDP failure,
+        a success if any got a well-formed answer. Anything else (a request that could not be built, a call
+        refused because the circuit opened while it waited, a deadline the PEP itself was too held up to notice
+        in time, an exception in the PEP, a caller gone) releases the permit: a caller can neither open the
+        circuit nor hold a probe.
+
+        One coroutine, the attempts included: each level between the caller and the PDP's wait is resumed on
+        every wake-up.
+        """
+        clock = self._clock
+        started, start = time.time(), clock()
         decision_id = new_id()
-        slots = self.slots(check)
+        more = check.more
+        slots = self.slots(check) if more else 1
         if self.in_flight + slots > self._max_in_flight:
             deny = Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached")
             return Outcome(deny, 0, None, started=started)
-        permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
+        breaker = self.breaker
+        permit = breaker.acquire() if breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
         self.in_flight += slots
+        pdp = self.pdp
+        observe = self._metrics.pdp_duration
+        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
+
+        def gate() -> bool:
+            nonlocal sent
+            if breaker is None or breaker.admit(permit):
+                sent += 1
+                return True
+            return False
+
+        token = GATE.set(gate) if breaker is not None else None
+        deadline = start + self._timeout_s
+        attempts = tries = 0
+        result: Verdict | Failure | None = None
+        results: list[Verdict | Failure] = []
+        each: tuple[Reason, ...] = ()
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit, slots, start)
+            while True:
+                tries += 1
+                began = clock()
+                t0 = time.perf_counter()
+                sent = 0
+                timed_out = False
+                expiry = _Expiry(deadline - began)
+                try:  # one attempt: one result per message of the check (several: at most `slots` exchanges)
+                    if more:
+                        answers = await pdp.ask_many(check.documents, check.request_id, slots)
+                    else:
+                        answers = [await pdp.ask(check.document, check.request_id)]
+                except asyncio.CancelledError:
+                    if not expiry.expired():
+                        raise
+                    late = clock() - deadline >= self._stall_s
+                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
+                finally:
+                    expiry.end()
+                answer = combine(answers) if more else answers[0]
+                asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
+                if answer is NOT_ADMITTED and result is not None:
+                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
+                results, result = answers, answer
+                each = tuple(r.reason for r in answers) if more and not timed_out else ()
+                if isinstance(result, Verdict) and (now := clock()) > deadline:
+                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
+                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
+                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
+                    results = [result]
+                if asked:
+                    attempts += 1
+                    outcome = result.outcome if isinstance(result, Failure) else "ok"
+                    observe[outcome].observe(time.perf_counter() - t0)
+                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
+                    break
+                now = clock()
+                left = deadline - now
+                if left <= 0 or left < self._min_retry_s or left < now - began:
+                    break
         finally:
             self.in_flight -= slots
+            if token is not None:
+                GATE.reset(token)
+            if breaker is not None:
+                _report(breaker, permit, results if result is not None else [])
+        assert result is not None
+        pdp_s = clock() - start
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
         # (the time it waited, so that its denial is seen to come after the circuit opened).
         pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
@@ -158,89 +237,6 @@ class Engine:
             credential=result.credential,
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each, started=started)
-
-    async def _ask_once(self, check: Check, slots: int) -> list[Verdict | Failure]:
-        """One attempt: one result per message of the check (several with at most `slots` exchanges open)."""
-        if not check.more:
-            return [await self.pdp.ask(check.document, check.request_id)]
-        return await self.pdp.ask_many(check.documents, check.request_id, slots)
-
-    async def _ask(
-        self, check: Check, permit: Permit, slots: int, start: float
-    ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit,
-        once per check (a batch that times out is one failure, not one per message).
-
-        The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
-        and again right before each request is written, so also for every exchange of a batch that waited for
-        one of its slots): a failure if any message met a PDP failure, a success if any got a well-formed answer.
-        Anything else (a request that could not be built, a call refused because the circuit opened while it
-        waited, a deadline the PEP itself was too held up to notice in time, an exception in the PEP, a caller
-        gone) releases the permit: a caller can neither open the circuit nor hold a probe.
-        """
-        clock = self._clock
-        observe = self._metrics.pdp_duration
-        breaker = self.breaker
-        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
-
-        def gate() -> bool:
-            nonlocal sent
-            if breaker is None or breaker.admit(permit):
-                sent += 1
-                return True
-            return False
-
-        token = GATE.set(gate) if breaker is not None else None
-        deadline = start + self._timeout_s
-        attempts = tries = 0
-        result: Verdict | Failure | None = None
-        results: list[Verdict | Failure] = []
-        each: tuple[Reason, ...] = ()
-        try:
-            while True:
-                tries += 1
-                began = clock()
-                t0 = time.perf_counter()
-                sent = 0
-                timed_out = False
-                expiry = _Expiry(deadline - began)
-                try:
-                    answers = await self._ask_once(check, slots)
-                except asyncio.CancelledError:
-                    if not expiry.expired():
-                        raise
-                    late = clock() - deadline >= self._stall_s
-                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
-                finally:
-                    expiry.end()
-                answer = combine(answers) if check.more else answers[0]
-                asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
-                if answer is NOT_ADMITTED and result is not None:
-                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
-                results, result = answers, answer
-                each = tuple(r.reason for r in answers) if check.more and not timed_out else ()
-                if isinstance(result, Verdict) and (now := clock()) > deadline:
-                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
-                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
-                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
-                    results = [result]
-                if asked:
-                    attempts += 1
-                    outcome = result.outcome if isinstance(result, Failure) else "ok"
-                    observe[outcome].observe(time.perf_counter() - t0)
-                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
-                    break
-                now = clock()
-                left = deadline - now
-                if left <= 0 or left < self._min_retry_s or left < now - began:
-                    break
-        finally:
-            if token is not None:
-                GATE.reset(token)
-            if breaker is not None:
-                _report(breaker, permit, results if result is not None else [])
-        assert result is not None
-        return result, attempts, clock() - start, each
 
 
 class _Expiry:
