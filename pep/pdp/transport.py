@@ -111,9 +111,9 @@ class HttpTransport:
     ) -> RawAnswer | Failure:
         """A decision request: `post(url, body, request_headers(...))`, the same bytes on the wire and the same
         failures in the same order, but the head's constant part (JSON included) built once per URL and this
-        request's fields made as bytes at once. With a trace (or an auth header that `request_headers` would
-        merge with one of its own), it is that, as it is."""
-        if auth_header in _WRITTEN or CURRENT_TRACE.get() is not None:
+        request's fields made as bytes at once. (An auth header that `request_headers` would merge with one of
+        its own takes that path, as it is.)"""
+        if auth_header in _WRITTEN:
             headers = request_headers(request_id, auth, auth_header)
             if isinstance(headers, Failure):
                 return headers
@@ -132,12 +132,17 @@ class HttpTransport:
                 target = self._asks[url] = client.target("POST", url, _JSON)
         except ValueError as exc:
             return _failure(exc)
+        trace = CURRENT_TRACE.get()
         try:
             fields = [(b"X-Request-ID", request_id.encode("latin-1"))]
+            if trace is not None:
+                fields += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.headers().items()]
             if value is not None:
                 fields.append((auth_header.encode("latin-1"), value.encode("latin-1")))
         except UnicodeEncodeError:
             headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+            if trace is not None:
+                headers.update(trace.headers())
             if value is not None:
                 headers[auth_header] = value
             return _failure(unframed(headers))
