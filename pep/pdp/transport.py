@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from pep import __version__
 from pep.decision import Reason
@@ -24,6 +24,8 @@ from pep.pdp.http1 import (
 from pep.secret_file import FileSecret
 from pep.trace import CURRENT as CURRENT_TRACE
 from pep.transport import UpstreamError
+
+T = TypeVar("T")
 
 # What a PDP answered: status, content type, body (at most `max_response_bytes`, decoded), what went wrong with it,
 # the X-Request-ID it echoed and its Cache-Control. The HTTP client's own answer, passed on as it is.
@@ -107,17 +109,25 @@ class HttpTransport:
         return client.read(response, data)
 
     async def ask(
-        self, url: str, body: bytes, request_id: str, auth: FileSecret | None, auth_header: str
-    ) -> RawAnswer | Failure:
-        """A decision request: `post(url, body, request_headers(...))`, the same bytes on the wire and the same
-        failures in the same order, but the head's constant part (JSON included) built once per URL and this
-        request's fields made as bytes at once. (An auth header that `request_headers` would merge with one of
-        its own takes that path, as it is.)"""
+        self,
+        url: str,
+        body: bytes,
+        request_id: str,
+        auth: FileSecret | None,
+        auth_header: str,
+        parse: Callable[[RawAnswer], T],
+    ) -> T | Failure:
+        """A decision request, its answer read by `parse`: `post(url, body, request_headers(...))`, the same
+        bytes on the wire and the same failures in the same order, but the head's constant part (JSON included)
+        built once per URL and this request's fields made as bytes at once. (An auth header that
+        `request_headers` would merge with one of its own takes that path, as it is.) `parse` is called here so
+        that a PDP's `ask` can hand this coroutine to the engine as its own: one level less on each wake-up."""
         if auth_header in _WRITTEN:
             headers = request_headers(request_id, auth, auth_header)
             if isinstance(headers, Failure):
                 return headers
-            return await self.exchange("POST", url, body, headers)
+            answer = await self.exchange("POST", url, body, headers)
+            return answer if isinstance(answer, Failure) else parse(answer)
         value = None
         if auth is not None:
             value = auth.value()
@@ -154,7 +164,7 @@ class HttpTransport:
             return _failure(exchange_error(exc, _as_headers(fields)))
         except (OSError, ValueError) as exc:
             return _failure(exc)
-        return client.read(response, data)
+        return parse(client.read(response, data))
 
     async def close(self) -> None:
         await self._client.close()
