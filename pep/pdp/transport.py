@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from pep import __version__
 from pep.decision import Reason
 from pep.http1 import Fields, LocalProtocolError
-from pep.pdp import NOT_ADMITTED, Failure, admitted
+from pep.pdp import GATE, NOT_ADMITTED, Failure
 from pep.pdp.http1 import (
     Answer,
     ExchangeError,
@@ -95,11 +95,14 @@ class HttpTransport:
 
     async def exchange(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> RawAnswer | Failure:
         """The answer, or a Failure. Only a call that went out can end in one of the PDP's failures: a request
-        that cannot be framed is the PEP's problem, and one the breaker no longer admits is `circuit_open`."""
+        that cannot be framed is the PEP's problem, and one the breaker no longer admits is `circuit_open`.
+
+        The pool asks the decision's gate itself (`pep.pdp.admitted` without the look-up per question: the gate
+        is the task's, and stays the same while it waits), or nothing without one."""
         client = self._client
         try:
             target = client.target(method, url)
-            response, data = await client.send(target, to_fields(headers), body, admitted)
+            response, data = await client.send(target, to_fields(headers), body, GATE.get())
         except NotAdmitted:
             return NOT_ADMITTED
         except (LocalProtocolError, UpstreamError) as exc:
@@ -157,7 +160,7 @@ class HttpTransport:
                 headers[auth_header] = value
             return _failure(unframed(headers))
         try:
-            response, data = await client.send(target, fields, body, admitted)
+            response, data = await client.send(target, fields, body, GATE.get())
         except NotAdmitted:
             return NOT_ADMITTED
         except (LocalProtocolError, UpstreamError) as exc:
