@@ -154,6 +154,9 @@ class Engine:
             return False
 
         token = GATE.set(gate) if breaker is not None else None
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         deadline = start + self._timeout_s
         attempts = tries = 0
         result: Verdict | Failure | None = None
@@ -166,19 +169,31 @@ class Engine:
                 t0 = time.perf_counter()
                 sent = 0
                 timed_out = False
-                expiry = _Expiry(deadline - began)
+                # The attempt's deadline: `asyncio.timeout` without its per-use machinery (a Timeout, a reschedule,
+                # a context manager's calls, an object per attempt): one timer that cancels this task. The
+                # cancellation it caused is told from any other (the caller gone) as `asyncio.timeout` tells it,
+                # by the task's cancel count; `fired` says that the timer ran.
+                fired = [False]
+                cancelling = task.cancelling()
+                timer = loop.call_later(deadline - began, _expire, task, fired)
                 try:  # one attempt: one result per message of the check (several: at most `slots` exchanges)
                     if more:
                         answers = await pdp.ask_many(check.documents, check.request_id, slots)
                     else:
                         answers = [await pdp.ask(check.document, check.request_id)]
                 except asyncio.CancelledError:
-                    if not expiry.expired():
+                    if not fired[0]:
+                        raise
+                    fired[0] = False  # counted once: the finally must not take the cancel back again
+                    if task.uncancel() > cancelling:  # the caller's cancellation too
                         raise
                     late = clock() - deadline >= self._stall_s
                     answers, timed_out = [_STALLED if late else _TIMEOUT], True
                 finally:
-                    expiry.end()
+                    timer.cancel()
+                    if fired[0]:  # it fired as the answer arrived: its cancel is taken back, as asyncio.timeout does
+                        fired[0] = False
+                        task.uncancel()
                 answer = combine(answers) if more else answers[0]
                 asked = (breaker is None or sent > 0) and answer is not NOT_ADMITTED
                 if answer is NOT_ADMITTED and result is not None:
@@ -239,37 +254,10 @@ class Engine:
         return Outcome(allow, attempts, pdp_ms, result.note, each, started=started)
 
 
-class _Expiry:
-    """`asyncio.timeout` for one attempt, without its per-use machinery (a Timeout, a reschedule, a context
-    manager's calls): one timer that cancels the asking task. `expired()` tells the cancellation it caused from
-    any other (the caller gone), exactly as `asyncio.timeout` does, by the task's cancel count."""
-
-    __slots__ = ("_cancelling", "_fired", "_handle", "_task")
-
-    def __init__(self, delay: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._fired = False
-        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._fired = True
-        self._task.cancel()
-
-    def expired(self) -> bool:
-        """The cancellation being handled is this timer's alone (not also the caller's)."""
-        if not self._fired:
-            return False
-        self._fired = False  # counted once: end() must not take the cancel back again
-        return self._task.uncancel() <= self._cancelling
-
-    def end(self) -> None:
-        self._handle.cancel()
-        if self._fired:  # it fired as the answer arrived: its cancel request is taken back, as asyncio.timeout does
-            self._fired = False
-            self._task.uncancel()
+def _expire(task: asyncio.Task[Any], fired: list[bool]) -> None:
+    """An attempt's deadline came: the asking task is cancelled, and the attempt learns that it was this."""
+    fired[0] = True
+    task.cancel()
 
 
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
