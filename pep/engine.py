@@ -141,6 +141,9 @@ class Engine:
         permit = breaker.acquire() if breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()  # the one each attempt's deadline cancels
+        assert task is not None
         self.in_flight += slots
         pdp = self.pdp
         observe = self._metrics.pdp_duration
@@ -154,9 +157,6 @@ class Engine:
             return False
 
         token = GATE.set(gate) if breaker is not None else None
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
         deadline = start + self._timeout_s
         attempts = tries = 0
         result: Verdict | Failure | None = None
