@@ -50,7 +50,7 @@ def answer_problem(answer: RawAnswer) -> Failure | None:
         return malformed("answer larger than pdp.max_response_bytes")
     if answer.undecodable:
         return malformed("answer body could not be decoded (Content-Encoding)")
-    if not is_json_content_type(answer.content_type):
+    if answer.content_type not in _JSON_TYPES and not is_json_content_type(answer.content_type):
         return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
     return None
 
