@@ -101,6 +101,7 @@ class Engine:
             else None
         )
         self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop decisions last ran on
         metrics.bind_engine(self)
 
     @property
@@ -141,9 +142,16 @@ class Engine:
         permit = breaker.acquire() if breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()  # the one each attempt's deadline cancels
-        assert task is not None
+        # The task each attempt's deadline cancels, and its loop. asyncio.get_running_loop() makes a system call
+        # (getpid) each time, and current_task() without a loop calls it: the loop is kept, and a current task
+        # of the kept loop can only be this one (an engine is used from one thread, where one loop runs at a
+        # time); none means first use or another loop, looked up then.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None
         self.in_flight += slots
         pdp = self.pdp
         observe = self._metrics.pdp_duration
