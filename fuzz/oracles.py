@@ -818,7 +818,7 @@ def _connected(client: Http1Client) -> tuple[UpstreamConnection, _Transport]:
     pool = client._pool
     loop = asyncio.get_running_loop()
     pool._loop = loop
-    origin = client._target("POST", URL).origin
+    origin = client.target("POST", URL).origin
     slots = pool._origins[origin] = _Slots()
     slots.open = 1
     conn = UpstreamConnection(loop, DEFAULT_LIMITS, None, 262144, lambda: pool._gone(slots, conn))

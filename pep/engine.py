@@ -101,6 +101,7 @@ class Engine:
             else None
         )
         self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop decisions last ran on
         metrics.bind_engine(self)
 
     @property
@@ -115,20 +116,123 @@ class Engine:
         return max(1, min(len(check.more) + 1, BATCH_CONCURRENCY, self._max_in_flight // BATCH_SHARE))
 
     async def decide(self, check: Check) -> Outcome:
-        started, start = time.time(), self._clock()
+        """The decision on `check`: its attempts inside one deadline, then what their result means.
+
+        `attempts` counts those that reached the PDP. The permit ends once per check (a batch that times out is
+        one failure, not one per message). The breaker hears only about calls it admitted as they went out
+        (pep/pdp `GATE`, asked before connecting and again right before each request is written, so also for
+        every exchange of a batch that waited for one of its slots): a failure if any message met a PDP failure,
+        a success if any got a well-formed answer. Anything else (a request that could not be built, a call
+        refused because the circuit opened while it waited, a deadline the PEP itself was too held up to notice
+        in time, an exception in the PEP, a caller gone) releases the permit: a caller can neither open the
+        circuit nor hold a probe.
+
+        One coroutine, the attempts included: each level between the caller and the PDP's wait is resumed on
+        every wake-up.
+        """
+        clock = self._clock
+        started, start = time.time(), clock()
         decision_id = new_id()
-        slots = self.slots(check)
+        more = check.more
+        slots = self.slots(check) if more else 1
         if self.in_flight + slots > self._max_in_flight:
             deny = Deny(Reason.PDP_OVERLOADED, decision_id, "max_in_flight reached")
             return Outcome(deny, 0, None, started=started)
-        permit = self.breaker.acquire() if self.breaker is not None else _NO_BREAKER
+        breaker = self.breaker
+        permit = breaker.acquire() if breaker is not None else _NO_BREAKER
         if permit is None:
             return Outcome(Deny(Reason.CIRCUIT_OPEN, decision_id), 0, None, started=started)
+        # The task each attempt's deadline cancels, and its loop. asyncio.get_running_loop() makes a system call
+        # (getpid) each time, and current_task() without a loop calls it: the loop is kept, and a current task
+        # of the kept loop can only be this one (an engine is used from one thread, where one loop runs at a
+        # time); none means first use or another loop, looked up then.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None
         self.in_flight += slots
+        pdp = self.pdp
+        observe = self._metrics.pdp_duration
+        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
+
+        def gate() -> bool:
+            nonlocal sent
+            if breaker is None or breaker.admit(permit):
+                sent += 1
+                return True
+            return False
+
+        token = GATE.set(gate) if breaker is not None else None
+        deadline = start + self._timeout_s
+        attempts = tries = 0
+        result: Verdict | Failure | None = None
+        results: list[Verdict | Failure] = []
+        each: tuple[Reason, ...] = ()
         try:
-            result, attempts, pdp_s, each = await self._ask(check, permit, slots, start)
+            while True:
+                tries += 1
+                began = clock()
+                t0 = time.perf_counter()
+                sent = 0
+                timed_out = False
+                # The attempt's deadline: `asyncio.timeout` without its per-use machinery (a Timeout, a reschedule,
+                # a context manager's calls, an object per attempt): one timer that cancels this task. The
+                # cancellation it caused is told from any other (the caller gone) as `asyncio.timeout` tells it,
+                # by the task's cancel count; `fired` says that the timer ran.
+                fired = [False]
+                cancelling = task.cancelling()
+                timer = loop.call_later(deadline - began, _expire, task, fired)
+                try:  # one attempt: one result per message of the check (several: at most `slots` exchanges)
+                    if more:
+                        answers = await pdp.ask_many(check.documents, check.request_id, slots)
+                    else:
+                        answers = [await pdp.ask(check.document, check.request_id)]
+                except asyncio.CancelledError:
+                    if not fired[0]:
+                        raise
+                    fired[0] = False  # counted once: the finally must not take the cancel back again
+                    if task.uncancel() > cancelling:  # the caller's cancellation too
+                        raise
+                    late = clock() - deadline >= self._stall_s
+                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
+                finally:
+                    timer.cancel()
+                    if fired[0]:  # it fired as the answer arrived: its cancel is taken back, as asyncio.timeout does
+                        fired[0] = False
+                        task.uncancel()
+                answer = combine(answers) if more else answers[0]
+                # A call the breaker admitted may still never have gone out (`unsent`: refused by the circuit as it
+                # was about to be written, or a failure its client passes on before the first byte): not asked.
+                asked = (breaker is None or sent > 0) and not (isinstance(answer, Failure) and answer.outcome == UNSENT)
+                if answer is NOT_ADMITTED and result is not None:
+                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
+                results, result = answers, answer
+                each = tuple(r.reason for r in answers) if more and not timed_out else ()
+                if isinstance(result, Verdict) and (now := clock()) > deadline:
+                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
+                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
+                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
+                    results = [result]
+                if asked:
+                    attempts += 1
+                    outcome = result.outcome if isinstance(result, Failure) else "ok"
+                    observe[outcome].observe(time.perf_counter() - t0)
+                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
+                    break
+                now = clock()
+                left = deadline - now
+                if left <= 0 or left < self._min_retry_s or left < now - began:
+                    break
         finally:
             self.in_flight -= slots
+            if token is not None:
+                GATE.reset(token)
+            if breaker is not None:
+                _report(breaker, permit, results if result is not None else [])
+        assert result is not None
+        pdp_s = clock() - start
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker
         # (the time it waited, so that its denial is seen to come after the circuit opened).
         pdp_ms = round(pdp_s * 1000, 3) if attempts or result is NOT_ADMITTED else None
@@ -159,123 +263,11 @@ class Engine:
         )
         return Outcome(allow, attempts, pdp_ms, result.note, each, started=started)
 
-    async def _ask_once(self, check: Check, slots: int) -> list[Verdict | Failure]:
-        """One attempt: one result per message of the check (several with at most `slots` exchanges open)."""
-        if not check.more:
-            return [await self.pdp.ask(check.document, check.request_id)]
-        return await self.pdp.ask_many(check.documents, check.request_id, slots)
 
-    async def _ask(
-        self, check: Check, permit: Permit, slots: int, start: float
-    ) -> tuple[Verdict | Failure, int, float, tuple[Reason, ...]]:
-        """Attempts inside one deadline; `attempts` counts those that reached the PDP. Always ends the permit,
-        once per check (a batch that times out is one failure, not one per message).
-
-        The breaker hears only about calls it admitted as they went out (pep/pdp `GATE`, asked before connecting
-        and again right before each request is written, so also for every exchange of a batch that waited for
-        one of its slots): a failure if any message met a PDP failure, a success if any got a well-formed answer.
-        Anything else (a request that could not be built, a call refused because the circuit opened while it
-        waited, a deadline the PEP itself was too held up to notice in time, an exception in the PEP, a caller
-        gone) releases the permit: a caller can neither open the circuit nor hold a probe.
-        """
-        clock = self._clock
-        observe = self._metrics.pdp_duration
-        breaker = self.breaker
-        sent = 0  # how often the breaker admitted a call (or its connection) in the current attempt
-
-        def gate() -> bool:
-            nonlocal sent
-            if breaker is None or breaker.admit(permit):
-                sent += 1
-                return True
-            return False
-
-        token = GATE.set(gate) if breaker is not None else None
-        deadline = start + self._timeout_s
-        attempts = tries = 0
-        result: Verdict | Failure | None = None
-        results: list[Verdict | Failure] = []
-        each: tuple[Reason, ...] = ()
-        try:
-            while True:
-                tries += 1
-                began = clock()
-                t0 = time.perf_counter()
-                sent = 0
-                timed_out = False
-                expiry = _Expiry(deadline - began)
-                try:
-                    answers = await self._ask_once(check, slots)
-                except asyncio.CancelledError:
-                    if not expiry.expired():
-                        raise
-                    late = clock() - deadline >= self._stall_s
-                    answers, timed_out = [_STALLED if late else _TIMEOUT], True
-                finally:
-                    expiry.end()
-                answer = combine(answers) if check.more else answers[0]
-                # A call the breaker admitted may still never have gone out (`unsent`: refused by the circuit as it
-                # was about to be written, or a failure its client passes on before the first byte): not asked.
-                asked = (breaker is None or sent > 0) and not (isinstance(answer, Failure) and answer.outcome == UNSENT)
-                if answer is NOT_ADMITTED and result is not None:
-                    break  # a retry the circuit no longer admits: the previous attempt's failure stands
-                results, result = answers, answer
-                each = tuple(r.reason for r in answers) if check.more and not timed_out else ()
-                if isinstance(result, Verdict) and (now := clock()) > deadline:
-                    # An in-process answer cannot be interrupted, and a remote one read late (the PEP was held up
-                    # when the deadline passed): a late answer is not used, and the stall is not the PDP's.
-                    result = _STALLED if now - deadline >= self._stall_s else _TIMEOUT
-                    results = [result]
-                if asked:
-                    attempts += 1
-                    outcome = result.outcome if isinstance(result, Failure) else "ok"
-                    observe[outcome].observe(time.perf_counter() - t0)
-                if isinstance(result, Verdict) or not result.retryable or tries > self._retries:
-                    break
-                now = clock()
-                left = deadline - now
-                if left <= 0 or left < self._min_retry_s or left < now - began:
-                    break
-        finally:
-            if token is not None:
-                GATE.reset(token)
-            if breaker is not None:
-                _report(breaker, permit, results if result is not None else [])
-        assert result is not None
-        return result, attempts, clock() - start, each
-
-
-class _Expiry:
-    """`asyncio.timeout` for one attempt, without its per-use machinery (a Timeout, a reschedule, a context
-    manager's calls): one timer that cancels the asking task. `expired()` tells the cancellation it caused from
-    any other (the caller gone), exactly as `asyncio.timeout` does, by the task's cancel count."""
-
-    __slots__ = ("_cancelling", "_fired", "_handle", "_task")
-
-    def __init__(self, delay: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._fired = False
-        self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._fired = True
-        self._task.cancel()
-
-    def expired(self) -> bool:
-        """The cancellation being handled is this timer's alone (not also the caller's)."""
-        if not self._fired:
-            return False
-        self._fired = False  # counted once: end() must not take the cancel back again
-        return self._task.uncancel() <= self._cancelling
-
-    def end(self) -> None:
-        self._handle.cancel()
-        if self._fired:  # it fired as the answer arrived: its cancel request is taken back, as asyncio.timeout does
-            self._fired = False
-            self._task.uncancel()
+def _expire(task: asyncio.Task[Any], fired: list[bool]) -> None:
+    """An attempt's deadline came: the asking task is cancelled, and the attempt learns that it was this."""
+    fired[0] = True
+    task.cancel()
 
 
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:

@@ -89,6 +89,11 @@ def encode(value: Any) -> bytes | Failure:
         return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"the policy input cannot be sent: {exc}")
 
 
+async def settled(result: Verdict | Failure) -> Verdict | Failure:
+    """A result known at once, as the awaitable an `ask` returns (one that hands over another coroutine)."""
+    return result
+
+
 Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]
 
 # The most PDP exchanges one decision about several documents keeps open at once (the engine may allow fewer).

@@ -12,12 +12,25 @@ from pep.pdp.transport import RawAnswer
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
+# Content types already found to be JSON: a PDP sends the same one or two values on every answer, so one set
+# lookup in C replaces the split, strip and lower-casing. Bounded: short values only, cleared when full.
+_JSON_TYPES: set[str] = set()
+_JSON_TYPES_MAX = 64
+
+
 def is_json_content_type(value: str) -> bool:
     """`application/json` or `application/*+json`, parameters allowed, case-insensitive."""
+    if value in _JSON_TYPES:
+        return True
     media = value.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
+    json = media == "application/json" or (
         media.startswith("application/") and media.endswith("+json") and len(media) > len("application/+json")
     )
+    if json and len(value) <= 128:
+        if len(_JSON_TYPES) >= _JSON_TYPES_MAX:
+            _JSON_TYPES.clear()
+        _JSON_TYPES.add(value)
+    return json
 
 
 def status_failure(status: int) -> Failure:
@@ -37,7 +50,7 @@ def answer_problem(answer: RawAnswer) -> Failure | None:
         return malformed("answer larger than pdp.max_response_bytes")
     if answer.undecodable:
         return malformed("answer body could not be decoded (Content-Encoding)")
-    if not is_json_content_type(answer.content_type):
+    if answer.content_type not in _JSON_TYPES and not is_json_content_type(answer.content_type):
         return malformed(f"content type {answer.content_type[:64]!r} is not JSON")
     return None
 

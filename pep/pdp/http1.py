@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import ssl
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
-from pep.http1 import Fields, LocalProtocolError, RequestStart
+from pep.http1 import Fields, LocalProtocolError, RequestStart, Response
 from pep.http1.fields import VALUE
+from pep.records import record
 from pep.transport import ConnectFailed, NotAdmitted, Origin, Pool, UpstreamError
 
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
@@ -31,7 +33,17 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 # The answer's fields the PEP reads, by the length of their names (most fields are skipped without lower()).
 _READ_LENGTHS = frozenset({12, 13, 16})  # content-type and x-request-id, cache-control, content-encoding
 
-__all__ = ["IDLE_S", "Answer", "ExchangeError", "Http1Client", "NotAdmitted", "RequestError"]
+__all__ = [
+    "IDLE_S",
+    "Answer",
+    "ExchangeError",
+    "Http1Client",
+    "NotAdmitted",
+    "RequestError",
+    "exchange_error",
+    "to_fields",
+    "unframed",
+]
 
 
 class ExchangeError(Exception):
@@ -44,27 +56,26 @@ class RequestError(ValueError):
     that."""
 
 
+@record
 class Answer:
     """A complete answer: status, the headers the PEP reads, the body (decoded), and what went wrong with it."""
 
-    __slots__ = ("body", "cache_control", "content_type", "oversize", "request_id", "status", "undecodable")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.content_type = ""
-        self.request_id: str | None = None
-        self.cache_control: str | None = None
-        self.body = b""
-        self.oversize = False
-        self.undecodable = False
+    status: int
+    content_type: str
+    body: bytes
+    oversize: bool  # the answer was longer than the limit (on the wire or decoded); `body` is empty
+    undecodable: bool = False  # the body does not decode under its Content-Encoding; `body` is empty
+    request_id: str | None = None  # the X-Request-ID the PDP echoed, if any
+    cache_control: str | None = None
 
 
-class _Target:
+class Target:
     """What is constant for one URL: where to connect, and the request's fixed part, checked once."""
 
     __slots__ = ("origin", "start")
 
     def __init__(self, method: str, url: str, fixed: Fields, tls: ssl.SSLContext) -> None:
+        """Raises ValueError for a URL the client cannot use."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"not an http or https URL: {url!r}")
@@ -81,15 +92,15 @@ class _Target:
             raise ValueError(f"a URL the PDP client cannot use: {url!r}: {exc}") from None
 
 
-def _fields(headers: dict[str, str]) -> Fields:
+def to_fields(headers: dict[str, str]) -> Fields:
     """The per-call fields as bytes (the writer checks names and values when it writes them)."""
     try:
         return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
     except UnicodeEncodeError:
-        raise _unframed(headers) from None
+        raise unframed(headers) from None
 
 
-def _unframed(headers: dict[str, str]) -> RequestError:
+def unframed(headers: dict[str, str]) -> RequestError:
     """Which header cannot be written, and why (the error path: the writer refused, or Latin-1 could not hold it)."""
     for name, value in headers.items():
         if name.lower() in ("content-length", "transfer-encoding"):
@@ -101,6 +112,17 @@ def _unframed(headers: dict[str, str]) -> RequestError:
         if raw.translate(None, VALUE):
             return RequestError(f"header {name} holds a line break or NUL, or another control character")
     return RequestError("a header name is not a token")
+
+
+def exchange_error(exc: LocalProtocolError | UpstreamError, headers: dict[str, str]) -> Exception:
+    """What a failed fetch is to a caller: a field the writer refused is a RequestError (nothing was sent), a
+    refused or failed connection the system's error, anything else after that an ExchangeError."""
+    if isinstance(exc, LocalProtocolError):
+        return unframed(headers)
+    cause = exc.__cause__
+    if isinstance(exc, ConnectFailed) and isinstance(cause, OSError):
+        return cause
+    return ExchangeError(str(exc))
 
 
 def _fixed(text: str) -> Fields:
@@ -123,16 +145,36 @@ class Http1Client:
         self._limit = max_response_bytes
         self._tls = tls if tls is not None else ssl.create_default_context()  # https: verified either way
         self._fixed = _fixed(fixed_headers)
-        self._targets: dict[tuple[str, str], _Target] = {}
+        self._targets: dict[tuple[str, str, tuple[tuple[bytes, bytes], ...]], Target] = {}
         self._pool = Pool(max_per_origin=max_connections, idle_s=IDLE_S)
 
-    def _target(self, method: str, url: str) -> _Target:
-        target = self._targets.get((method, url))
+    def target(self, method: str, url: str, more: tuple[tuple[bytes, bytes], ...] = ()) -> Target:
+        """The constant part of requests to `url` (ValueError for a URL the client cannot use): the request line,
+        Host, the client's fixed fields, then `more` fixed fields. Built once, cached."""
+        key = (method, url, more)
+        target = self._targets.get(key)
         if target is None:
             if len(self._targets) > 64:
                 self._targets.clear()
-            target = self._targets[method, url] = _Target(method, url, self._fixed, self._tls)
+            target = self._targets[key] = Target(method, url, [*self._fixed, *more], self._tls)
         return target
+
+    def send(
+        self, target: Target, fields: Fields, body: bytes | None, admit: Callable[[], bool] | None
+    ) -> Coroutine[Any, Any, tuple[Response, bytes | None]]:
+        """The pool's fetch of one request (the coroutine itself, so that a caller awaits the pool directly, one
+        level less on each wake-up): `exchange` without its error mapping and answer reading."""
+        return self._pool.fetch(
+            target.origin,
+            target.start,
+            fields,
+            body,
+            limit=self._limit,  # compressed or not: the bytes on the wire are bounded too
+            connect_s=math.inf,
+            read_s=math.inf,
+            pool_s=math.inf,
+            admit=admit,
+        )
 
     async def exchange(
         self,
@@ -146,75 +188,65 @@ class Http1Client:
         RequestError (a header value) or ValueError (the URL) before anything is sent, and NotAdmitted when
         `admit` says no: it is asked before a connection is made or taken, and again right before the request
         is written. No deadline of its own: the caller's (a cancellation closes the connection)."""
-        target = self._target(method, url)
-        fields = _fields(headers)
+        target = self.target(method, url)
         try:
-            response, data = await self._pool.fetch(
-                target.origin,
-                target.start,
-                fields,
-                body,
-                limit=self._limit,  # compressed or not: the bytes on the wire are bounded too
-                connect_s=math.inf,
-                read_s=math.inf,
-                pool_s=math.inf,
-                admit=admit,
-            )
-        except LocalProtocolError:  # the writer refused a field: nothing was sent
-            raise _unframed(headers) from None
-        except ConnectFailed as exc:  # refused, unreachable, TLS: the system's error, as a caller expects it
-            cause = exc.__cause__
-            raise cause if isinstance(cause, OSError) else ExchangeError(str(exc)) from None
-        except UpstreamError as exc:
-            raise ExchangeError(str(exc)) from None
-        answer = Answer()
-        answer.status = response.status
+            response, data = await self.send(target, to_fields(headers), body, admit)
+        except (LocalProtocolError, UpstreamError) as exc:
+            raise exchange_error(exc, headers) from None
+        return self.read(response, data)
+
+    def read(self, response: Response, data: bytes | None) -> Answer:
+        """The answer of a `send`: the fields the PEP reads, the body decoded (None: longer than the limit)."""
+        content_type = ""
+        request_id = cache_control = None
         codings: list[str] = []
         for name, value in response.headers:
             if len(name) in _READ_LENGTHS:
                 key = name.lower()
                 if key == b"content-type":
-                    answer.content_type = value.decode("latin-1")
+                    content_type = value.decode("latin-1")
                 elif key == b"x-request-id":
-                    answer.request_id = value.decode("latin-1")
+                    request_id = value.decode("latin-1")
                 elif key == b"cache-control":
-                    answer.cache_control = value.decode("latin-1")
+                    cache_control = value.decode("latin-1")
                 elif key == b"content-encoding":  # repeated fields are one list (RFC 9110 5.3): codings in order
                     codings += [c for c in value.decode("latin-1").lower().split(",") if c.strip(" \t")]
-        if data is None:
-            answer.oversize = True  # reported without reading the rest; the connection is not reused
-        elif codings:
-            answer.body = self._decode(data, codings, answer)
-        else:
-            answer.body = data
-        return answer
+        status = response.status
+        if data is None:  # reported without reading the rest; the connection is not reused
+            return Answer(status, content_type, b"", True, False, request_id, cache_control)
+        if codings:
+            body = self._decode(data, codings)
+            if body is None:
+                return Answer(status, content_type, b"", False, True, request_id, cache_control)
+            if len(body) > self._limit:
+                return Answer(status, content_type, b"", True, False, request_id, cache_control)
+            data = body
+        return Answer(status, content_type, data, False, False, request_id, cache_control)
 
-    def _decode(self, body: bytes, codings: list[str], answer: Answer) -> bytes:
+    def _decode(self, body: bytes, codings: list[str]) -> bytes | None:
         """The body under its one content coding, whole: gzip (one member) or deflate (one zlib stream) and
-        nothing after it. A second gzip member, or any byte after the end of the stream, is trailing data (the
-        body is undecodable, so `pdp_malformed`): read as one member, `gzip(allow) + gzip(deny)` allowed. So is a
-        coding not listed here, or several codings (the client asks for none; a PDP has no reason to stack
-        them). The output is bounded by the limit too, whatever the ratio (a decompression bomb is oversize)."""
+        nothing after it; None when it is undecodable. A second gzip member, or any byte after the end of the
+        stream, is trailing data (so `pdp_malformed`): read as one member, `gzip(allow) + gzip(deny)` allowed.
+        So is a coding not listed here, or several codings (the client asks for none; a PDP has no reason to
+        stack them). The output is bounded by the limit too, whatever the ratio: at most one byte past it is
+        decoded (a decompression bomb is oversize)."""
         codings = [c.strip(" \t") for c in codings]
         codings = [c for c in codings if c != "identity"]
         if not codings:
             return body
         wbits = _WBITS.get(codings[0]) if len(codings) == 1 else None
         if wbits is None:
-            answer.undecodable = True
-            return b""
+            return None
         try:
             d = zlib.decompressobj(wbits)
             out = d.decompress(body, self._limit + 1)
             if len(out) > self._limit:
-                answer.oversize = True
-                return b""
+                return out  # oversize: the caller reports it
             if not d.eof or d.unused_data or d.unconsumed_tail:
                 raise zlib.error("incomplete compressed body, or data after its end")
             return out
         except zlib.error:
-            answer.undecodable = True
-            return b""
+            return None
 
     async def close(self) -> None:
         await self._pool.close()

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any
 
 from pep.decision import CredentialNarrowing, Reason
-from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode
+from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode, settled
 from pep.pdp.answer import answer_problem, malformed, read_object
 from pep.pdp.approval import opa_approval
 from pep.pdp.credential import credential_narrowing
-from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
+from pep.pdp.transport import HttpTransport, RawAnswer
 from pep.secret_file import FileSecret
 
 _NOTE_MAX = 256
@@ -83,17 +84,13 @@ class OpaPdp(Pdp):
         self._auth = auth
         self._auth_header = auth_header
 
-    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+    def ask(self, document: dict[str, Any], request_id: str) -> Coroutine[Any, Any, Verdict | Failure]:
+        """The transport's coroutine itself (no coroutine of its own around it: the engine awaits the PDP
+        exchange one level less deep), or a request that cannot be built, refused at once."""
         body = encode({"input": document})
         if isinstance(body, Failure):
-            return body
-        headers = request_headers(request_id, self._auth, self._auth_header)
-        if isinstance(headers, Failure):
-            return headers
-        answer = await self._transport.post(self.url, body, headers)
-        if isinstance(answer, Failure):
-            return answer
-        return parse_answer(answer)
+            return settled(body)
+        return self._transport.ask(self.url, body, request_id, self._auth, self._auth_header, parse_answer)
 
     async def close(self) -> None:
         await self._transport.close()

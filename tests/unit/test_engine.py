@@ -334,6 +334,18 @@ async def test_a_hung_pdp_times_out() -> None:
     assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "timeout"}) == 1
 
 
+def test_an_engine_moved_to_another_loop_keeps_its_deadline() -> None:
+    """The engine keeps the loop its decisions ran on: on another loop (a new one, or uvloop after asyncio) it
+    must find the new one, or a hung PDP would never be cut off there."""
+    import uvloop
+
+    engine = make_engine(FakePdp(hang()), timeout_ms=50, retries=0)
+    for runner in (asyncio.run, asyncio.run, uvloop.run):
+        outcome = runner(engine.decide(check()))
+        assert denied(outcome).reason is Reason.PDP_TIMEOUT
+        assert engine.in_flight == 0
+
+
 async def test_a_late_allow_is_a_timeout() -> None:
     pdp = FakePdp(after(0.2, ALLOWED))
     outcome = await make_engine(pdp, timeout_ms=50).decide(check())
