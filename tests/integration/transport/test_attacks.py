@@ -33,14 +33,6 @@ GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
 PATIENCE_S = 5.0  # the longest a connection may take to be cut off once its deadline (shrunk) has passed
 
 
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    made: list[Listener] = []
-    yield made
-    for listener in made:
-        await listener.close(0.5)
-
-
 def deaf_socket(port: int) -> socket.socket:
     """A client that reads nothing: a small receive buffer, so that its answers pile up on the listener's side."""
     sock = socket.socket()

@@ -21,14 +21,6 @@ HIGH = ListenerOptions().read_high_water
 ONE_READ = 262144  # the most a transport reads at once (uvloop and asyncio alike)
 
 
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    made: list[Listener] = []
-    yield made
-    for listener in made:
-        await listener.close(0.5)
-
-
 async def until_stalled(count: list[int], within_s: float = 5.0) -> int:
     """Wait until count[0] stops growing (checked every 0.1 s); its value then."""
     before = -1

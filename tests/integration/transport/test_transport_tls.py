@@ -10,11 +10,9 @@ import os
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trustme
 
 from pep.config import MtlsConfig
@@ -24,14 +22,6 @@ from pep.transport import Exchange, Listener, serve
 from tests.support.spiffe_pki import SPIFFE_ID, SpiffePki
 
 TIMEOUT_S = 5.0
-
-
-@pytest.fixture
-async def listeners() -> AsyncIterator[list[Listener]]:
-    made: list[Listener] = []
-    yield made
-    for listener in made:
-        await listener.close(0.5)
 
 
 async def test_the_handler_sees_tls(listeners: list[Listener]) -> None:
