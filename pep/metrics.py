@@ -13,6 +13,7 @@ objects.
 
 from __future__ import annotations
 
+import abc
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -73,7 +74,7 @@ class Timing:
 S = TypeVar("S", Count, Timing)
 
 
-class _Family(Generic[S]):
+class _Family(abc.ABC, Generic[S]):
     """A labelled family of series with its own collector, registered where a prometheus-client metric would be."""
 
     def __init__(
@@ -96,11 +97,13 @@ class _Family(Generic[S]):
             series = self._series[key] = self._new()
         return series
 
+    @abc.abstractmethod
     def _new(self) -> S:
-        raise NotImplementedError
+        """A new series at zero."""
 
+    @abc.abstractmethod
     def collect(self) -> Iterator[Metric]:
-        raise NotImplementedError
+        """The family's samples now (a scrape)."""
 
     def describe(self) -> list[Metric]:
         """The family's name and type, without samples: the registry checks duplicates and `name[]` with it."""
