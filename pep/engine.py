@@ -271,7 +271,7 @@ def _expire(task: asyncio.Task[Any], fired: list[bool]) -> None:
 
 
 def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) -> None:
-    """Tell the breaker what the PDP did, and only that (see `Engine._ask`)."""
+    """Tell the breaker what the PDP did, and only that (see `Engine.decide`)."""
     if permit.admitted and len(results) == 1:  # one message: the same rules, without a generator per rule
         r = results[0]
         if r is not _STALLED and not (isinstance(r, Failure) and r.outcome == UNSENT):

@@ -35,6 +35,8 @@ RawAnswer = Answer
 _JSON: tuple[tuple[bytes, bytes], ...] = ((b"Content-Type", b"application/json"),)
 # Names `request_headers` writes itself: an auth header of one of these names is merged into it (the general path).
 _WRITTEN = frozenset({"Content-Type", "X-Request-ID", "traceparent", "tracestate"})
+# What a send raises instead of answering (see `_send_failure`).
+_SEND_ERRORS = (NotAdmitted, LocalProtocolError, UpstreamError, OSError, ValueError)
 _NO_AUTH = Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
 
 
@@ -67,6 +69,17 @@ def _failure(exc: Exception) -> Failure:
     if isinstance(exc, ExchangeError | OSError):  # ssl.SSLError is an OSError
         return Failure(Reason.PDP_UNREACHABLE, "unreachable", True, f"{type(exc).__name__}: {exc}")
     return Failure(Reason.PDP_UNREACHABLE, "error", False, str(exc))  # a URL the client cannot use: nothing sent
+
+
+def _send_failure(exc: Exception, headers: Callable[[], dict[str, str]]) -> Failure:
+    """A send that did not end in an answer, classified: not admitted (`circuit_open`), a field the writer refused
+    or a failed exchange (`headers()`: the request's headers, for the explanation), a refused connection or an
+    unusable URL. One place for `exchange` and `ask`, so that both fail alike."""
+    if isinstance(exc, NotAdmitted):
+        return NOT_ADMITTED
+    if isinstance(exc, LocalProtocolError | UpstreamError):
+        return _failure(exchange_error(exc, headers()))
+    return _failure(exc)
 
 
 def _as_headers(fields: Fields) -> dict[str, str]:
@@ -103,12 +116,8 @@ class HttpTransport:
         try:
             target = client.target(method, url)
             response, data = await client.send(target, to_fields(headers), body, GATE.get())
-        except NotAdmitted:
-            return NOT_ADMITTED
-        except (LocalProtocolError, UpstreamError) as exc:
-            return _failure(exchange_error(exc, headers))
-        except (OSError, ValueError) as exc:
-            return _failure(exc)
+        except _SEND_ERRORS as exc:
+            return _send_failure(exc, lambda: headers)
         return client.read(response, data)
 
     async def ask(
@@ -161,12 +170,8 @@ class HttpTransport:
             return _failure(unframed(headers))
         try:
             response, data = await client.send(target, fields, body, GATE.get())
-        except NotAdmitted:
-            return NOT_ADMITTED
-        except (LocalProtocolError, UpstreamError) as exc:
-            return _failure(exchange_error(exc, _as_headers(fields)))
-        except (OSError, ValueError) as exc:
-            return _failure(exc)
+        except _SEND_ERRORS as exc:
+            return _send_failure(exc, lambda: _as_headers(fields))
         return parse(client.read(response, data))
 
     async def close(self) -> None:
