@@ -10,6 +10,9 @@ with wrk -t1 -c16 on core 1, interleaved and repeated; CPU time is the proxy's o
   and checked), which is the shape of the PEP's hot path: two upstream exchanges per request;
 - `transport_client_pdp`: the same with the PEP's own PDP client (pep.pdp.transport, what `pep run` asks OPA
   with: its headers, request id, answer size limit and content-coding checks) instead of a bare pool request;
+- `floor_pdp`: the least a Python proxy can do for the same two exchanges (bench/floor.py: uvloop protocols
+  and httptools callbacks, no coroutine per request, no checks at all), the floor under any Python design;
+  `floor_task_pdp` the same with a task per request awaiting each answer under a timer;
 - `aiohttp`, `aiohttp_pdp`: the same two with aiohttp's server and client (what `pep run` uses today);
 - `envoy`: Envoy as a plain router, and `envoy_authz` with the ext_authz filter of `make bench`.
 
@@ -35,7 +38,17 @@ from bench.procs import LOOPBACK, BenchError, Proc
 from bench.targets import GET, MCP, OPA_BODY, OPA_PATH, Stubs, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("transport", "transport_pdp", "transport_client_pdp", "aiohttp", "aiohttp_pdp", "envoy", "envoy_authz")
+KINDS = (
+    "transport",
+    "transport_pdp",
+    "transport_client_pdp",
+    "floor_pdp",
+    "floor_task_pdp",
+    "aiohttp",
+    "aiohttp_pdp",
+    "envoy",
+    "envoy_authz",
+)
 _HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
     | {b"content-length", b"host"}
@@ -139,7 +152,12 @@ def serve_main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         pdp = args.pdp if args.kind.endswith("_pdp") else None
-        if args.kind.startswith("transport"):
+        if args.kind.startswith("floor"):
+            from bench.floor import Floor
+
+            tasks = args.kind == "floor_task_pdp"
+            await Floor(LOOPBACK, args.upstream, args.pdp, OPA_PATH, OPA_BODY.encode(), tasks).serve(args.port, stop)
+        elif args.kind.startswith("transport"):
             await _transport_proxy(args.port, args.upstream, pdp, stop, args.kind == "transport_client_pdp")
         else:
             await _aiohttp_proxy(args.port, args.upstream, pdp, stop)
