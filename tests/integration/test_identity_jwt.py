@@ -6,6 +6,7 @@ the PDP is never asked and the upstream sees nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -252,6 +253,11 @@ def _tampered(keys: Keys) -> Headers:
     return bearer(f"{head}.{forged}.{sig}")
 
 
+def _raw_claims(more: str) -> bytes:
+    """Valid claims as JSON text with `more` written into the object as it is (a repeated name, say)."""
+    return (json.dumps(claims())[:-1] + more + "}").encode()
+
+
 INVALID = "invalid_token"
 REFUSED: dict[str, Refused] = {
     "expired": Refused(
@@ -332,6 +338,24 @@ REFUSED: dict[str, Refused] = {
     ),
     "kid-not-a-string": Refused(
         lambda k: bearer(unsigned_token(claims(), alg="RS256", kid=1) + "c2ln"),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "a-claim-named-twice": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "sub": "admin"'))),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "an-exp-beyond-a-float": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "exp": 1' + "0" * 400))),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "a-lone-surrogate-in-a-claim": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "department": "\\udc00"'))),
         "identity_invalid",
         INVALID,
         "the token is malformed",
