@@ -96,6 +96,18 @@ def strict_parts(token: str) -> bool:
     return True
 
 
+# `typ` values (RFC 7515 4.1.9: case-insensitive, `application/` optional) a bearer access token may carry: RFC
+# 9068's `at+jwt`, and the generic `JWT` and `JOSE` most IdPs and JWT-SVIDs use.
+_ACCESS_TYPES = frozenset({"jwt", "jose", "at+jwt"})
+
+
+def access_token_type(typ: object) -> bool:
+    """Whether a header's `typ` may be an access token's. A token typed as something else (`logout+jwt`,
+    `secevent+jwt`, `dpop+jwt`, ...) is signed by the same keys for another purpose, often with the same `iss`,
+    `aud` and `sub`: explicit typing exists so that it cannot be replayed as a bearer token (RFC 8725 3.11)."""
+    return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ACCESS_TYPES
+
+
 def acting_agent(claims: dict[str, Any]) -> str | None:
     """The agent acting with this token: RFC 8693 `act.sub`, else OIDC `azp`, else RFC 9068 `client_id`."""
     act = claims.get("act")
@@ -168,6 +180,8 @@ class TokenVerifier:
             return invalid(f"the token algorithm ({shown}) is not accepted")
         if "crit" in header:
             return invalid("the token has critical header parameters")
+        if not access_token_type(header.get("typ", "JWT")):
+            return invalid("the token type (typ) is not an access token")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             return invalid("the token kid is not a string")

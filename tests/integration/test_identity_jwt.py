@@ -360,6 +360,14 @@ REFUSED: dict[str, Refused] = {
         INVALID,
         "the token is malformed",
     ),
+    "a-logout-token": Refused(
+        lambda k: bearer(
+            k.rsa.sign(claims(events={"http://schemas.openid.net/event/backchannel-logout": {}}), typ="logout+jwt")
+        ),
+        "identity_invalid",
+        INVALID,
+        "the token type (typ) is not an access token",
+    ),
     "garbage": Refused(lambda k: bearer("not-a-token"), "identity_invalid", INVALID, "the token is malformed"),
     "garbage-with-dots": Refused(
         lambda k: bearer("abc.def.ghi"), "identity_invalid", INVALID, "the token is malformed"

@@ -312,6 +312,30 @@ async def test_header_and_claims_are_read_strictly(rsa: SigningKey, header: byte
     assert isinstance(await verifier.verify(rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _claims_text())), Verified)
 
 
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "application/at+jwt", "AT+JWT", "JOSE", None])
+async def test_access_token_types_are_accepted(rsa: SigningKey, typ: str | None) -> None:
+    verifier = TokenVerifier(jwt_config(), FakeKeys(rsa))
+    token = (
+        rsa.sign(claims(), typ=typ)
+        if typ is not None
+        else rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _claims_text())
+    )
+    assert isinstance(await verifier.verify(token), Verified)
+
+
+@pytest.mark.parametrize(
+    "typ", ["logout+jwt", "secevent+jwt", "dpop+jwt", "application/logout+jwt", "id_token+jwt", "JWE"]
+)
+async def test_tokens_typed_for_another_purpose_are_refused(rsa: SigningKey, typ: str) -> None:
+    """Same issuer, same keys, same audience and subject: a back-channel logout token, a security event token, a
+    DPoP proof are still not access tokens."""
+    verifier = TokenVerifier(jwt_config(), FakeKeys(rsa))
+    refused = await verifier.verify(rsa.sign(claims(), typ=typ))
+    assert refused == invalid("the token type (typ) is not an access token")
+    typed_list = rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1","typ":["JWT"]}', _claims_text())
+    assert await verifier.verify(typed_list) == invalid("the token type (typ) is not an access token")
+
+
 async def test_unusable_keys_are_unavailable_not_invalid(rsa: SigningKey) -> None:
     verifier = TokenVerifier(jwt_config(), FakeKeys(problem="jwks_url answered HTTP 500"))
     refused = await verifier.verify(rsa.sign(claims()))
