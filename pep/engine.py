@@ -16,6 +16,7 @@ from pep.config import PdpConfig
 from pep.decision import Allow, Deny, Reason, claim_mint_key
 from pep.headers import obligation_problem
 from pep.ids import new_id
+from pep.integrity import alias_problem
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, UNSENT, ApprovalAsk, Failure, Pdp, Verdict
 from pep.records import record
@@ -57,6 +58,16 @@ class Check:
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
         return (self.document, *self.more)
+
+
+def _obligation_alias(headers: tuple[tuple[str, str], ...], document: dict[str, Any]) -> str | None:
+    """A caller field spelled with `_` for `-` of a header the PDP sets (`X_User` for an obligation's `x-user`): a
+    CGI-style upstream reads both as one variable, so the caller's value would join or override the PDP's. The
+    route's fixed names are refused at admission (`integrity.alias_problem`); obligation names are known now."""
+    sent = document.get("request", {}).get("headers")
+    if not sent:
+        return None
+    return alias_problem(sent, frozenset(name.lower() for name, _ in headers))
 
 
 @record
@@ -245,6 +256,9 @@ class Engine:
             return Outcome(deny, attempts, pdp_ms, note, each, result.approval, started)
         if result.headers and (problem := obligation_problem(result.headers, check.obligation_forbidden)):
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, decision_id, problem)
+            return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
+        if result.headers and (problem := _obligation_alias(result.headers, check.document)):
+            deny = Deny(Reason.REQUEST_AMBIGUOUS, decision_id, problem)
             return Outcome(deny, attempts, pdp_ms, problem, each, started=started)
         if result.credential is not None and not check.credential_narrowable:
             problem = "a credential narrowing on a route without a just-in-time credential"

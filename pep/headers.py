@@ -28,8 +28,34 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 # Credentials the caller may hold that never reach the PDP, and never the upstream unless a route keeps them.
 CALLER_CREDENTIALS: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
 
-# Set by the PEP alone: a caller's copy is dropped, and a PDP obligation may not set them either.
-PEP_OWNED: frozenset[str] = frozenset(
+# What a TLS-terminating proxy tells its upstream about the client's certificate, and RFC 9440 (3, 4) says such a
+# proxy must remove from its clients' requests: RFC 9440's own, Envoy's and Istio's XFCC, Traefik's, ingress-nginx's,
+# AWS ALB's and Azure App Service's. The PEP terminates the agents' TLS and sets none of them (the certificate it
+# verified is `subject.workload`), so a caller's copy is a claim to a certificate nobody verified.
+CLIENT_CERTIFICATE: frozenset[str] = frozenset(
+    {
+        "client-cert",
+        "client-cert-chain",
+        "x-forwarded-client-cert",
+        "x-forwarded-tls-client-cert",
+        "x-forwarded-tls-client-cert-info",
+        "ssl-client-cert",
+        "ssl-client-verify",
+        "ssl-client-subject-dn",
+        "ssl-client-issuer-dn",
+        "x-amzn-mtls-clientcert",
+        "x-amzn-mtls-clientcert-leaf",
+        "x-amzn-mtls-clientcert-serial-number",
+        "x-amzn-mtls-clientcert-issuer",
+        "x-amzn-mtls-clientcert-subject",
+        "x-amzn-mtls-clientcert-validity",
+        "x-arr-clientcert",
+    }
+)
+
+# Set by the PEP alone: a caller's copy is dropped, and a PDP obligation may not set them either. The client
+# certificate fields are the PEP's alone to set, as the TLS terminator, though it sets none.
+PEP_OWNED: frozenset[str] = CLIENT_CERTIFICATE | frozenset(
     {
         "x-request-id",
         "x-pep-decision-id",

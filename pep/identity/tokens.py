@@ -2,10 +2,11 @@
 
 PyJWT (with `cryptography`) does the signature and claim checks; it is the most used JOSE library for Python,
 kept up to date, and already in the dependency tree through the MCP SDK. Around it this module adds what a
-proxy needs: the algorithm allow-list enforced before any key is chosen (never `none`, never HMAC), a key that
-must fit the algorithm, `exp`/`iss`/`aud`/`sub` required, descriptions that never echo the token, and a bounded
-LRU of verified tokens keyed by the SHA-256 of the token, kept until the token expires. The cache holds
-identity (who the caller is), never a decision: every request still goes to the PDP.
+proxy needs: header and claims read strictly first (`strict_parts`), the algorithm allow-list enforced before
+any key is chosen (never `none`, never HMAC), a key that must fit the algorithm, `exp`/`iss`/`aud`/`sub`
+required, descriptions that never echo the token, and a bounded LRU of verified tokens keyed by the SHA-256 of
+the token, kept until the token expires. The cache holds identity (who the caller is), never a decision: every
+request still goes to the PDP.
 
 A remembered token is only as good as the key that verified it: each use asks the key source again (which is how
 a file gets looked at and a stale URL refetched), and the token passes only while that very key (same kid,
@@ -23,8 +24,10 @@ from typing import Any
 
 import jwt
 from jwt import PyJWK
+from jwt.utils import base64url_decode
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from pep import strictjson
 from pep.config import JWT_ALGORITHMS, JwtConfig
 from pep.identity import Refusal, Verified, invalid, unavailable
 from pep.identity.keys import KeySource
@@ -76,6 +79,33 @@ def read_token(headers: CIMultiDictProxy[str] | CIMultiDict[str], header: str) -
     if len(value) > MAX_TOKEN_BYTES or value.count(".") != 2 or not _TOKEN_CHARS.issuperset(value):
         return invalid("the token is malformed")
     return value
+
+
+def strict_parts(token: str) -> bool:
+    """Whether the token's header and claims are each one strict JSON object (`pep.strictjson`).
+
+    PyJWT reads both with `json.loads`, which keeps the last of repeated names (`{"sub":"a","sub":"admin"}`),
+    reads integers of any size and lone surrogates: a reader keeping the first name would see another caller,
+    and the policy input could not be written (an `exp` beyond a float, a surrogate in a claim)."""
+    try:
+        head, body, _ = token.split(".")
+        strictjson.loads_object(base64url_decode(head))
+        strictjson.loads_object(base64url_decode(body))
+    except (ValueError, strictjson.JsonError):  # binascii.Error is a ValueError
+        return False
+    return True
+
+
+# `typ` values (RFC 7515 4.1.9: case-insensitive, `application/` optional) a bearer access token may carry: RFC
+# 9068's `at+jwt`, and the generic `JWT` and `JOSE` most IdPs and JWT-SVIDs use.
+_ACCESS_TYPES = frozenset({"jwt", "jose", "at+jwt"})
+
+
+def access_token_type(typ: object) -> bool:
+    """Whether a header's `typ` may be an access token's. A token typed as something else (`logout+jwt`,
+    `secevent+jwt`, `dpop+jwt`, ...) is signed by the same keys for another purpose, often with the same `iss`,
+    `aud` and `sub`: explicit typing exists so that it cannot be replayed as a bearer token (RFC 8725 3.11)."""
+    return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ACCESS_TYPES
 
 
 def acting_agent(claims: dict[str, Any]) -> str | None:
@@ -138,8 +168,10 @@ class TokenVerifier:
         return result
 
     async def _verify(self, token: str) -> _Remembered | Refusal:
+        if not strict_parts(token):
+            return invalid("the token is malformed")
         try:
-            header = jwt.get_unverified_header(token)
+            header = jwt.get_unverified_header(token)  # PyJWT's own header checks (a `kid` that is not a string)
         except jwt.PyJWTError:
             return invalid("the token is malformed")
         alg = header.get("alg")
@@ -148,6 +180,8 @@ class TokenVerifier:
             return invalid(f"the token algorithm ({shown}) is not accepted")
         if "crit" in header:
             return invalid("the token has critical header parameters")
+        if not access_token_type(header.get("typ", "JWT")):
+            return invalid("the token type (typ) is not an access token")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             return invalid("the token kid is not a string")

@@ -6,12 +6,15 @@ the PDP is never asked and the upstream sees nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import aiohttp
 import orjson
@@ -21,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from pep.responses import MESSAGES
 from tests.conftest import PepStarter, RunningPep
-from tests.support.fault_pdp import FaultPdp
+from tests.support.fault_pdp import FaultPdp, Mode
 from tests.support.jwt_keys import (
     AUDIENCE,
     ISSUER,
@@ -252,6 +255,11 @@ def _tampered(keys: Keys) -> Headers:
     return bearer(f"{head}.{forged}.{sig}")
 
 
+def _raw_claims(more: str) -> bytes:
+    """Valid claims as JSON text with `more` written into the object as it is (a repeated name, say)."""
+    return (json.dumps(claims())[:-1] + more + "}").encode()
+
+
 INVALID = "invalid_token"
 REFUSED: dict[str, Refused] = {
     "expired": Refused(
@@ -335,6 +343,32 @@ REFUSED: dict[str, Refused] = {
         "identity_invalid",
         INVALID,
         "the token is malformed",
+    ),
+    "a-claim-named-twice": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "sub": "admin"'))),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "an-exp-beyond-a-float": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "exp": 1' + "0" * 400))),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "a-lone-surrogate-in-a-claim": Refused(
+        lambda k: bearer(k.rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _raw_claims(', "department": "\\udc00"'))),
+        "identity_invalid",
+        INVALID,
+        "the token is malformed",
+    ),
+    "a-logout-token": Refused(
+        lambda k: bearer(
+            k.rsa.sign(claims(events={"http://schemas.openid.net/event/backchannel-logout": {}}), typ="logout+jwt")
+        ),
+        "identity_invalid",
+        INVALID,
+        "the token type (typ) is not an access token",
     ),
     "garbage": Refused(lambda k: bearer("not-a-token"), "identity_invalid", INVALID, "the token is malformed"),
     "garbage-with-dots": Refused(
@@ -462,6 +496,82 @@ async def test_the_pdp_gets_the_verified_subject_and_never_the_token(
     assert all("authorization" not in x.headers for x in upstream.seen)
     assert all("authorization" not in s.body["input"]["request"]["headers"] for s in fault_pdp.requests)
     assert "do-not-copy" not in places["pdp"]
+
+
+@pytest.mark.parametrize("spelling", ["X_User", "x_user", "X-User_Id"])
+async def test_a_caller_cannot_respell_the_identity_header_the_pdp_sets(
+    jwt_pep: RunningPep,
+    keys: Keys,
+    fault_pdp: FaultPdp,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    spelling: str,
+) -> None:
+    """The PDP passes the verified user on as an obligation header (`x-user` / `x-user-id`). A CGI-style upstream
+    (Rack, WSGI, PHP) reads `X_User` and `X-User` as one variable, so a caller's respelling would join or override
+    the PDP's value there: the request is refused instead, and nothing is forwarded."""
+    fault_pdp.set(
+        Mode(body=orjson.dumps({"result": {"allow": True, "headers": {"x-user": "u-1", "x-user-id": "u-1"}}}))
+    )
+    token = keys.rsa.sign(claims(sub="u-1"))
+    answer = await call(client, jwt_pep.url + "/secure/x", {**bearer(token), spelling: "admin"})
+    assert answer.status == 403
+    assert_http_denial(answer, "request_ambiguous")
+    assert upstream.seen == []
+    (entry,) = await jwt_pep.log_entries()
+    assert (entry["decision"], entry["reason"]) == ("deny", "request_ambiguous")
+    # Another name with `_` is not a spelling of an obligation's: forwarded as sent, next to the PDP's value.
+    answer = await call(client, jwt_pep.url + "/secure/x", {**bearer(token), "x_other": "1"})
+    assert answer.status == 200
+    [seen] = upstream.seen
+    assert seen.headers.getall("x-user") == ["u-1"]
+    assert seen.headers["x_other"] == "1"
+
+
+@pytest.fixture
+def wsgi_upstream() -> Iterator[str]:
+    """A real CGI-style reader: the standard library's WSGI server, answering with the `HTTP_X_USER` it built
+    (wsgiref joins the fields that map to one variable with `,`, as CGI gateways do)."""
+
+    def app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
+        start("200 OK", [("Content-Type", "text/plain")])
+        return [environ.get("HTTP_X_USER", "").encode()]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+async def test_a_wsgi_upstream_reads_the_user_the_pdp_set(
+    make_pep: PepStarter,
+    jwks_path: Path,
+    keys: Keys,
+    fault_pdp: FaultPdp,
+    client: aiohttp.ClientSession,
+    wsgi_upstream: str,
+) -> None:
+    """What the respelling would do behind the PEP: the WSGI server reads `X_User` and `x-user` as one variable."""
+
+    def mutate(raw: dict[str, Any]) -> None:
+        with_jwt(jwks_file=str(jwks_path))(raw)
+        raw["routes"][0]["upstream"] = wsgi_upstream
+
+    pep = await make_pep(mutate)
+    fault_pdp.set(Mode(body=orjson.dumps({"result": {"allow": True, "headers": {"x-user": "u-1"}}})))
+    token = keys.rsa.sign(claims(sub="u-1"))
+    answer = await call(client, pep.url + "/tools/x", bearer(token))
+    assert (answer.status, answer.body) == (200, b"u-1")
+    answer = await call(client, pep.url + "/tools/x", {**bearer(token), "X_User": "admin"})
+    assert answer.status == 403, answer.body  # not b"admin,u-1"
+    assert answer.headers["x-pep-reason"] == "request_ambiguous"
 
 
 async def test_on_a_route_that_does_not_require_a_token(

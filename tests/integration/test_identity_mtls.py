@@ -26,9 +26,10 @@ import pytest
 import yaml
 
 from pep.cli import EXIT_CONFIG, main
+from pep.headers import CLIENT_CERTIFICATE
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
-from tests.support.spiffe_pki import SPIFFE_ID, JwtAuthority, SpiffePki
+from tests.support.spiffe_pki import OTHER_SPIFFE_ID, SPIFFE_ID, TRUST_DOMAIN, JwtAuthority, SpiffePki
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -213,6 +214,32 @@ async def test_a_trusted_certificate_without_one_spiffe_id_is_identity_invalid(
     [entry] = await mtls_pep.log_entries()
     assert (entry["request_id"], entry["decision"], entry["reason"]) == (f"bad-{client}", "deny", "identity_invalid")
     assert entry["attempts"] == 0
+
+
+async def test_a_callers_client_certificate_fields_are_neither_forwarded_nor_decided_on(
+    make_pep: PepFactory, pki: SpiffePki, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """The PEP terminates the agent's TLS: fields in which such a proxy passes the client certificate on (RFC 9440,
+    Envoy's XFCC, ...) are the PEP's to set, so a caller's copy, naming a certificate nobody verified, reaches
+    neither the upstream nor the policy, whatever the route (keep_caller_credentials too); with `_` for `-` it is
+    refused."""
+    pep = await make_pep(with_mtls(pki, keep_caller_credentials=True))
+    claimed = {name: f"By=spiffe://{TRUST_DOMAIN}/pep;URI={OTHER_SPIFFE_ID}" for name in CLIENT_CERTIFICATE}
+    answer = await get(pki, pep, headers={**claimed, "x-kept": "yes"})
+    assert answer.status == 200, answer.body
+    [seen] = upstream.seen
+    forwarded = {name.lower() for name in seen.headers}
+    assert "x-kept" in forwarded
+    assert forwarded.isdisjoint(CLIENT_CERTIFICATE)
+    [doc] = pdp_inputs(fault_pdp)
+    assert doc["subject"]["workload"] == SPIFFE_ID
+    assert "x-kept" in doc["request"]["headers"]
+    assert set(doc["request"]["headers"]).isdisjoint(CLIENT_CERTIFICATE)
+    assert OTHER_SPIFFE_ID not in orjson.dumps(doc).decode()
+
+    refused = await get(pki, pep, headers={"X_Forwarded_Client_Cert": f"URI={OTHER_SPIFFE_ID}"})
+    assert refused.reason == "request_ambiguous"
+    assert len(upstream.seen) == 1
 
 
 @pytest.mark.parametrize(("client", "workload"), [("svid", SPIFFE_ID), ("not_spiffe", None)])

@@ -284,6 +284,58 @@ async def test_claims_that_are_required_or_typed(rsa: SigningKey, payload: dict[
     assert refused == invalid(detail)
 
 
+def _claims_text(**raw: str) -> bytes:
+    """Valid claims as JSON text, then `raw` name/value pairs written as they are (repeats and all)."""
+    text = json.dumps(claims(ttl=86400))[:-1]
+    return (text + "".join(f', "{name.rstrip("_")}": {value}' for name, value in raw.items()) + "}").encode()
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        (b'{"alg":"RS256","kid":"rsa-1"}', _claims_text(sub_='"admin"')),
+        (b'{"alg":"RS256","kid":"rsa-1"}', _claims_text(department='"a"', department_='"b"')),
+        (b'{"alg":"none","alg":"RS256","kid":"rsa-1"}', _claims_text()),
+        (b'{"alg":"RS256","kid":"rsa-1"}', _claims_text(exp_="1" + "0" * 400)),
+        (b'{"alg":"RS256","kid":"rsa-1"}', _claims_text(department='"\\ud800"')),
+        (b'{"alg":"RS256","kid":"rsa-1"}', _claims_text(department="NaN")),
+        (b'{"alg":"RS256","kid":"rsa-1"}', b"[1]"),
+    ],
+    ids=["sub-twice", "claim-twice", "alg-twice", "exp-beyond-float", "lone-surrogate", "nan", "not-an-object"],
+)
+async def test_header_and_claims_are_read_strictly(rsa: SigningKey, header: bytes, payload: bytes) -> None:
+    """Validly signed, but JSON that readers disagree on (a repeated name: PyJWT keeps the last, others the first)
+    or that the policy input cannot carry (an exp beyond a float, a lone surrogate): malformed, never a crash."""
+    verifier = TokenVerifier(jwt_config(), FakeKeys(rsa))
+    assert await verifier.verify(rsa.sign_raw(header, payload)) == invalid("the token is malformed")
+    # The same bytes without the offending member verify: the refusal is the strict reading, not the signing.
+    assert isinstance(await verifier.verify(rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _claims_text())), Verified)
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "application/at+jwt", "AT+JWT", "JOSE", None])
+async def test_access_token_types_are_accepted(rsa: SigningKey, typ: str | None) -> None:
+    verifier = TokenVerifier(jwt_config(), FakeKeys(rsa))
+    token = (
+        rsa.sign(claims(), typ=typ)
+        if typ is not None
+        else rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1"}', _claims_text())
+    )
+    assert isinstance(await verifier.verify(token), Verified)
+
+
+@pytest.mark.parametrize(
+    "typ", ["logout+jwt", "secevent+jwt", "dpop+jwt", "application/logout+jwt", "id_token+jwt", "JWE"]
+)
+async def test_tokens_typed_for_another_purpose_are_refused(rsa: SigningKey, typ: str) -> None:
+    """Same issuer, same keys, same audience and subject: a back-channel logout token, a security event token, a
+    DPoP proof are still not access tokens."""
+    verifier = TokenVerifier(jwt_config(), FakeKeys(rsa))
+    refused = await verifier.verify(rsa.sign(claims(), typ=typ))
+    assert refused == invalid("the token type (typ) is not an access token")
+    typed_list = rsa.sign_raw(b'{"alg":"RS256","kid":"rsa-1","typ":["JWT"]}', _claims_text())
+    assert await verifier.verify(typed_list) == invalid("the token type (typ) is not an access token")
+
+
 async def test_unusable_keys_are_unavailable_not_invalid(rsa: SigningKey) -> None:
     verifier = TokenVerifier(jwt_config(), FakeKeys(problem="jwks_url answered HTTP 500"))
     refused = await verifier.verify(rsa.sign(claims()))
