@@ -117,6 +117,10 @@ def _message(obj: Any, version: str | None) -> Message | str:
         return Message("mcp", facts, rpc_id)
     if not isinstance(method, str) or not method:
         return "method must be a non-empty string"
+    if "result" in obj or "error" in obj:
+        # The SDKs read such a message as whichever shape fits best: the 2.x SDK takes `{"id": 1, "method":
+        # "ping", "error": {...}}` as an error response to its request 1, which the PEP would have decided as a ping.
+        return "a JSON-RPC request with a result or an error"
     params = obj.get("params")
     if params is not None and not isinstance(params, dict | list):
         return "params must be an object or an array"

@@ -237,6 +237,12 @@ REFUSALS: list[tuple[str, bytes, dict[str, str], str]] = [
         "body_unreadable",
     ),
     ("gzip", gzip.compress(CALL), {"Content-Encoding": "gzip"}, "body_unreadable"),
+    (
+        "request with an error",  # an SDK server reads it as an error reply to its own request 0
+        b'{"jsonrpc":"2.0","id":0,"method":"ping","error":{"code":-1,"message":"declined"}}',
+        {},
+        "body_unreadable",
+    ),
 ]
 
 

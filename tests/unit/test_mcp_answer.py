@@ -86,6 +86,10 @@ def test_a_get_stream_carries_no_response() -> None:
         {"jsonrpc": "2.0", "id": True, "method": "ping"},
         {"jsonrpc": "2.0", "method": ""},
         {"jsonrpc": "2.0", "method": "x", "params": 3},
+        # a request with an outcome: the 2.x SDK client reads the first as an error answering its call 1
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "error": {"code": 1, "message": "x"}},
+        {"jsonrpc": "2.0", "method": "notifications/message", "error": {"code": 1, "message": "x"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "ping", "result": {}},
         "text",
     ],
 )

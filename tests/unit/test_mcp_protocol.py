@@ -320,6 +320,36 @@ def test_method_must_be_a_non_empty_string(method: Any) -> None:
     assert refused(orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method})) is Reason.BODY_UNREADABLE
 
 
+# A request that also carries a result or an error: the 2.x SDK reads the `error` ones as error responses to its
+# own request with that id, the others as requests (pydantic's union keeps the shape with most fields set).
+REQUESTS_WITH_AN_OUTCOME = [
+    rpc("ping", 1, error={"code": -32000, "message": "declined"}),
+    rpc("notifications/initialized", 1, error={"code": 1, "message": "x"}),
+    rpc("ping", "t", params={}, error={"code": 1, "message": "x", "data": {}}),
+    rpc("ping", 1, result={"action": "accept"}),
+    rpc("ping", NO_ID, error={"code": 1, "message": "x"}),
+    rpc("ping", 1, error=None),
+    rpc("ping", 1, result=None),
+]
+
+
+@pytest.mark.parametrize("body", REQUESTS_WITH_AN_OUTCOME)
+def test_a_request_with_a_result_or_an_error_is_unreadable(body: bytes) -> None:
+    """The PEP would decide the method while the server may take the message as the reply to one of its own
+    requests, under the server's id: a reply that was never opened and decided as one."""
+    assert refused(body) is Reason.BODY_UNREADABLE
+    assert refused(b"[" + body + b"]") is Reason.BODY_UNREADABLE
+
+
+def test_the_sdk_reads_a_request_with_an_error_as_a_response() -> None:
+    """Why the shape is refused, shown on the receiver: the official SDK's own message reader."""
+    from mcp.types import JSONRPCError, jsonrpc_message_adapter
+
+    read = jsonrpc_message_adapter.validate_json(REQUESTS_WITH_AN_OUTCOME[0])
+    assert isinstance(read, JSONRPCError)
+    assert read.id == 1
+
+
 @pytest.mark.parametrize("params", ["x", 1, True, 1.5])
 def test_params_must_be_an_object_or_an_array(params: Any) -> None:
     assert refused(rpc("tools/call", 1, params)) is Reason.BODY_UNREADABLE
