@@ -21,11 +21,21 @@ FORM_BODY_LIMIT = 1048576
 
 
 def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
-    """A Content-Encoding other than identity on an inspected route: the PEP would decide on other bytes."""
-    encoding = headers.get("Content-Encoding")
-    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-        return Refused(Reason.BODY_UNREADABLE, f"content-encoding {encoding[:32]!r} on an inspected route")
+    """A Content-Encoding other than identity on a body read to be decided: the PEP would decide on other bytes.
+    Every value of every field counts, as for answers (`identity` then `gzip` is gzip): an upstream may read any
+    copy."""
+    for encoding in _values(headers, "Content-Encoding"):
+        for coding in encoding.split(","):
+            if coding.strip().lower() not in ("", "identity"):
+                return Refused(Reason.BODY_UNREADABLE, f"content-encoding {encoding[:32]!r} on an inspected route")
     return None
+
+
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of the header `name` (one per field)."""
+    if isinstance(headers, MultiMapping):
+        return list(headers.getall(name, ()))
+    return [headers[name]] if name in headers else []
 
 
 def before_body(
@@ -65,10 +75,7 @@ def is_form(headers: Mapping[str, str]) -> bool:
     """A body an upstream framework may read as urlencoded form fields: Content-Type
     application/x-www-form-urlencoded (any parameters, any case), or none at all (Rack reads a POST without one as
     a form). Every Content-Type field counts, since an upstream may read another one than the PEP."""
-    if isinstance(headers, MultiMapping):
-        values = list(headers.getall("Content-Type", ()))
-    else:
-        values = [headers["Content-Type"]] if "Content-Type" in headers else []
+    values = _values(headers, "Content-Type")
     return not values or any(not v.strip() or "x-www-form-urlencoded" in v.lower() for v in values)
 
 

@@ -277,6 +277,20 @@ async def test_repeated_mirrored_header_refused(
     assert upstream.seen == []
 
 
+async def test_a_coding_in_any_content_encoding_field_is_refused(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """`identity` then `gzip`: an upstream that reads the second field, or the joined value, inflates what the PEP
+    decided as it was. Every field counts, as it does for answers."""
+    for path, body in (("/mcp", CALL), ("/v1/chat/completions", b'{"model":"gpt-4o-mini"}')):
+        headers = CIMultiDict([("Content-Encoding", "identity"), ("Content-Encoding", "gzip")])
+        reply = await send(mcp_pep, path, body, headers)
+        assert reply.status == 403
+        assert_denied(reply, "body_unreadable")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_default_body_limit_is_one_mib(
     mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream, chunked: bool

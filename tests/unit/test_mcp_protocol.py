@@ -790,3 +790,30 @@ def test_dispatch_applies_the_routes_batch_bound() -> None:
     refused_3 = dispatch.parse(route, "POST", "/r", CIMultiDict(), pings(3))
     assert isinstance(refused_3, Refused)
     assert refused_3.reason is Reason.BODY_TOO_LARGE
+
+
+# --- what the body's headers say about its bytes ---------------------------------------------------------------------
+
+MCP_ROUTE = RouteConfig(name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp")
+MODEL_ROUTE = RouteConfig(name="m", path_prefix="/v1", upstream="http://127.0.0.1:9/", protocol="openai")
+
+
+def before_body(route: RouteConfig, path: str, *pairs: tuple[str, str]) -> Refused | None:
+    early = dispatch.before_body(route, "POST", path, CIMultiDict(pairs), True)
+    assert early is None or isinstance(early, Refused), early
+    return early
+
+
+@pytest.mark.parametrize(
+    "encodings",
+    [["identity", "gzip"], ["gzip", "identity"], ["identity, deflate"], ["", "br"]],
+    ids=["identity then gzip", "gzip then identity", "one field, two codings", "empty then br"],
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_every_content_encoding_field_counts(route: RouteConfig, path: str, encodings: list[str]) -> None:
+    """An upstream may inflate by any copy of a repeated Content-Encoding (or by the joined value): the PEP would
+    decide on the compressed bytes. Only identity, in every field, is read."""
+    early = before_body(route, path, *(("Content-Encoding", e) for e in encodings))
+    assert early is not None
+    assert early.reason is Reason.BODY_UNREADABLE
+    assert before_body(route, path, ("Content-Encoding", "identity"), ("Content-Encoding", " Identity")) is None
