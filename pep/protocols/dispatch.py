@@ -13,7 +13,7 @@ from multidict import MultiMapping
 from pep import integrity
 from pep.config import RouteConfig
 from pep.decision import Reason
-from pep.protocols import PLAIN, Inspected, Refused, mcp, openai
+from pep.protocols import PLAIN, Inspected, Refused, mcp, media, openai
 
 # The most a form body is read on a route without `max_body_bytes` (plain http routes): it is read whole, to find
 # a `_method` field, where the body of any other plain request is streamed.
@@ -28,6 +28,20 @@ def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
         for coding in encoding.split(","):
             if coding.strip().lower() not in ("", "identity"):
                 return Refused(Reason.BODY_UNREADABLE, f"content-encoding {encoding[:32]!r} on an inspected route")
+    return None
+
+
+def text_problem(headers: Mapping[str, str]) -> Refused | None:
+    """A body on an mcp or openai route whose text the upstream may read otherwise than the PEP (UTF-8).
+
+    A `charset` other than UTF-8: Express's JSON parser (under the TypeScript MCP SDK's servers) decodes a body by
+    its charset, UTF-7 included, where the ASCII `+ACI-` is a quote, so `{"model":"ok","user":"+ACI-,+ACI-model
+    +ACI-:+ACI-evil"}` names `evil` to it. A repeated Content-Type: readers pick different copies."""
+    types = _values(headers, "Content-Type")
+    if len(types) > 1:
+        return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
+    if types and (charset := media.parameters(types[0])[1]) is not None and not media.utf8(charset):
+        return Refused(Reason.BODY_UNREADABLE, f"charset {charset[:32]!r} on an inspected route")
     return None
 
 
@@ -51,13 +65,13 @@ def before_body(
                 # Only POST bodies are read; a body elsewhere would reach the upstream undecided.
                 return Refused(Reason.REQUEST_AMBIGUOUS, f"a body on an MCP {method} request")
             return Inspected((mcp.http_action(method),), None)
-        return encoding_problem(headers)
+        return encoding_problem(headers) or text_problem(headers)
     if route.protocol == "openai":
         call = openai.classify(method, path)
         if isinstance(call, Refused):
             return call
         if call is not None and call.read:
-            return encoding_problem(headers)
+            return encoding_problem(headers) or text_problem(headers)
         if call is not None and not (has_body and is_form(headers)):
             # The PEP cannot see which model this runs: decided on the endpoint, the body streams through.
             return Inspected((openai.unread_message(call),), None)

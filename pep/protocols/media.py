@@ -13,17 +13,21 @@ from collections.abc import Callable, Sequence
 
 
 def parameters(content_type: str) -> tuple[str, str | None]:
-    """(media type lower-cased, charset lower-cased or None)."""
+    """(media type lower-cased, charset lower-cased or None).
+
+    A repeated charset comes back as both values joined with `,`, which names no charset: readers differ on which
+    copy counts (Express takes the first), and a `;` inside a quoted parameter hides one copy from some of them."""
     media, _, params = content_type.partition(";")
     charset = None
     for param in params.split(";"):
         key, _, value = param.strip().partition("=")
         if key.strip().lower() == "charset":
-            charset = value.strip().strip('"').lower()
+            value = value.strip().strip('"').lower()
+            charset = value if charset is None else f"{charset},{value}"
     return media.strip().lower(), charset
 
 
-def _utf8(charset: str) -> bool:
+def utf8(charset: str) -> bool:
     try:
         return codecs.lookup(charset).name == "utf-8"
     except LookupError:
@@ -47,7 +51,7 @@ def _read(content_types: Sequence[str], encodings: Sequence[str]) -> tuple[str |
     if not content_types:
         return None, ""
     media_type, charset = parameters(content_types[0])
-    if charset is not None and not _utf8(charset):
+    if charset is not None and not utf8(charset):
         return f"charset {charset[:32]!r}", media_type
     return None, media_type
 

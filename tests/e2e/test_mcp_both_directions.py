@@ -305,12 +305,13 @@ async def test_a_list_answered_on_the_get_stream_never_reaches_the_sdk(
     assert sorted(t.name for t in listed.tools) == ["lookup_order", "search", "send_email"]
 
 
-@pytest.mark.parametrize("answer", ["sse_utf16", "identity_gzip"])
+@pytest.mark.parametrize("answer", ["sse_utf16", "sse_utf7_twice", "identity_gzip"])
 async def test_a_list_the_pep_cannot_read_is_an_error_never_the_list(
     answer: str, cedar_pdp: PdpUnderTest, rogue: RogueMcpServer, tmp_path: Path
 ) -> None:
-    """A list in UTF-16 (the SDK decodes an SSE answer by its charset) or gzip behind a first `identity` (the SDK
-    decodes every coding): the PEP cannot read it as the SDK will, so the SDK gets an error, never the list."""
+    """A list in UTF-16 (the SDK decodes an SSE answer by its charset), under two charsets (httpx takes the first,
+    utf-7, where the list read as UTF-8 hides `shell`) or gzip behind a first `identity` (the SDK decodes every
+    coding): the PEP cannot read it as the SDK will, so the SDK gets an error, never the list."""
     rogue.list_answer = answer
     async with (
         pep_for(tmp_path, cedar_pdp.config, rogue.url, filter_tools_list=True) as pep,

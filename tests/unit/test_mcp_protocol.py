@@ -817,3 +817,41 @@ def test_every_content_encoding_field_counts(route: RouteConfig, path: str, enco
     assert early is not None
     assert early.reason is Reason.BODY_UNREADABLE
     assert before_body(route, path, ("Content-Encoding", "identity"), ("Content-Encoding", " Identity")) is None
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-7",  # Express decodes it: `+ACI-` is a quote
+        "application/json; charset=UTF-7",
+        'application/json; charset="utf-16"',
+        "application/json; charset=iso-8859-1",
+        "application/json; charset=us-ascii",
+        "application/json; charset=utf-8-sig",
+        "application/json; charset=",
+        "application/json; charset=utf-7; charset=utf-8",  # Express reads the first copy
+        'application/json; charset=utf-7; x="a;charset=utf-8"',  # a copy inside a quoted value
+    ],
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_a_charset_other_than_utf8_is_unreadable(route: RouteConfig, path: str, content_type: str) -> None:
+    """The PEP reads the body as UTF-8; a server that decodes it by its charset reads other text."""
+    early = before_body(route, path, ("Content-Type", content_type))
+    assert early is not None
+    assert early.reason is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", 'Application/JSON;Charset="UTF8"']
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_utf8_bodies_are_read(route: RouteConfig, path: str, content_type: str) -> None:
+    assert before_body(route, path, ("Content-Type", content_type)) is None
+
+
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_a_repeated_content_type_is_ambiguous(route: RouteConfig, path: str) -> None:
+    pairs = [("Content-Type", "application/json"), ("Content-Type", "application/json; charset=utf-7")]
+    early = before_body(route, path, *pairs)
+    assert early is not None
+    assert early.reason is Reason.REQUEST_AMBIGUOUS

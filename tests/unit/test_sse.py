@@ -116,6 +116,10 @@ def test_chunking_never_changes_the_events(stream: bytes, sizes: list[int]) -> N
         (["application/json; charset=cp500"], [], "charset"),  # EBCDIC
         (["application/json; charset=utf-8-sig"], [], "charset"),
         (["application/json; charset=nonsense"], [], "charset"),
+        # httpx decodes by the first copy, utf-7, where `+ACI-` is a quote
+        (["text/event-stream; charset=utf-7; charset=utf-8"], [], "charset"),
+        (['text/event-stream; charset=utf-7; x="a;charset=utf-8"'], [], "charset"),
+        (["text/event-stream; charset=utf-8; charset=utf-8"], [], "charset"),
         (["application/json"], ["identity", "gzip"], "content-encoding"),  # every value counts
         (["application/json"], ["identity, br"], "content-encoding"),
         (["application/json"], ["gzip"], "content-encoding"),
