@@ -162,41 +162,6 @@ def test_input_required_results() -> None:
         input_requests(response(1, {"resultType": "input_required", "inputRequests": {"k": {"Method": "x"}}}))
 
 
-def test_a_key_the_sdk_reads_by_its_python_name_is_unreadable() -> None:
-    """The 2.x SDK's models take each field's Python name beside its wire name (`requested_schema` for
-    `requestedSchema`): read by the wire name alone, the PEP would decide a form with no fields, an input-required
-    result with no requests, or filter an empty list while the client reads the full one."""
-    schema = {"type": "object", "properties": {"password": {"type": "string"}}}
-    with pytest.raises(Unreadable):
-        server_facts("elicitation/create", {"message": "m", "requested_schema": schema}, None)
-    embedded = {"k1": {"method": "elicitation/create", "params": {"message": "m", "requestedSchema": schema}}}
-    for result in ({"resultType": "input_required", "input_requests": embedded}, {"result_type": "input_required"}):
-        with pytest.raises(Unreadable):
-            input_requests(response(1, result))
-    templates = {"resourceTemplates": [], "resource_templates": [{"uriTemplate": "file:///{p}", "name": "f"}]}
-    with pytest.raises(Unreadable):
-        listed(templates, "resources/templates/list")
-    with pytest.raises(Unreadable):
-        listed({"resourceTemplates": [{"uri_template": "file:///{p}", "name": "f"}]}, "resources/templates/list")
-
-
-def test_the_sdk_reads_those_python_names() -> None:
-    """Why they are refused, on the receiver: the client SDK's own models."""
-    import mcp_types
-    from pydantic import TypeAdapter
-
-    schema = {"type": "object", "properties": {"password": {"type": "string"}}}
-    request = TypeAdapter(mcp_types.ServerRequest).validate_python(
-        {"method": "elicitation/create", "params": {"message": "m", "requested_schema": schema}}
-    )
-    assert isinstance(request, mcp_types.ElicitRequest)
-    assert request.params.model_dump(by_alias=True)["requestedSchema"] == schema
-    embedded = {"k1": {"method": "elicitation/create", "params": {"message": "m", "requestedSchema": schema}}}
-    result = mcp_types.InputRequiredResult.model_validate({"result_type": "input_required", "input_requests": embedded})
-    assert result.input_requests is not None
-    assert list(result.input_requests) == ["k1"]
-
-
 # --- tokens ---------------------------------------------------------------------------------------------------------
 
 

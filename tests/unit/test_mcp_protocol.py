@@ -855,28 +855,3 @@ def test_a_repeated_content_type_is_ambiguous(route: RouteConfig, path: str) -> 
     early = before_body(route, path, *pairs)
     assert early is not None
     assert early.reason is Reason.REQUEST_AMBIGUOUS
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        rpc("tools/call", 1, {"name": "search", "input_responses": {"k": {"action": "accept"}}}),
-        rpc("initialize", 1, {"protocol_version": V_BATCH, "capabilities": {}}),
-        rpc("tools/list", 1, {"meta": {META: V_2026}}),
-        rpc("tools/list", 1, {"_meta": {"io.modelcontextprotocol/protocol_version": V_2026}}),
-    ],
-    ids=["input_responses", "protocol_version", "meta", "meta version"],
-)
-def test_a_key_the_sdk_reads_by_its_python_name_is_ambiguous(body: bytes) -> None:
-    """The 2.x SDK's models take a field's Python name beside its wire name (`input_responses` for
-    `inputResponses`, `meta` for `_meta`): the server would act on what the PEP never read."""
-    assert refused(body) is Reason.REQUEST_AMBIGUOUS
-
-
-def test_the_sdk_server_reads_input_responses_by_its_python_name() -> None:
-    import mcp_types
-
-    params = mcp_types.CallToolRequestParams.model_validate(
-        {"name": "search", "input_responses": {"k": {"action": "accept"}}}
-    )
-    assert params.input_responses is not None
