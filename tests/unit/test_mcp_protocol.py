@@ -345,7 +345,7 @@ def test_the_sdk_reads_a_request_with_an_error_as_a_response() -> None:
     """Why the shape is refused, shown on the receiver: the official SDK's own message reader."""
     from mcp.types import JSONRPCError, jsonrpc_message_adapter
 
-    read = jsonrpc_message_adapter.validate_json(REQUESTS_WITH_AN_OUTCOME[0])
+    read = jsonrpc_message_adapter.validate_json(REQUESTS_WITH_AN_OUTCOME[0], by_name=False)  # as its transports
     assert isinstance(read, JSONRPCError)
     assert read.id == 1
 
