@@ -75,6 +75,14 @@ def test_tool_calls_wherever_an_answer_holds_them(answer: dict[str, Any], tools:
         b'{"output":[{"type":"function_call","name":""}]}',
         b'{"model":5}',
         b'{"model":"\xff"}',
+        # keys a tool call is found by, spelled so that a case-insensitive client (Go) reads them: unreadable
+        b'{"choices":[{"message":{"tool_calls":[{"type":"function","Function":{"name":"shell"}}]}}]}',
+        b'{"choices":[{"message":{"tool_calls":[{"function":{"name":"search","Name":"shell"}}]}}]}',
+        b'{"choices":[{"delta":{"TOOL_CALLS":[{"index":0,"function":{"name":"shell"}}]}}]}',
+        b'{"choices":[{"message":{"Function_Call":{"name":"shell"}}}]}',
+        b'{"choices":[{"message":{"tool_call\xc5\xbf":[{"function":{"name":"shell"}}]}}]}',  # U+017F folds to s
+        b'{"output":[{"type":"function_call","Name":"shell"}]}',
+        b'{"Model":"gpt-evil","choices":[]}',
     ],
 )
 def test_unreadable_answers_are_errors(raw: bytes) -> None:
