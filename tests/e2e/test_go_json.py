@@ -89,7 +89,16 @@ MCP_CORPUS: list[tuple[bytes, bool]] = [
     (msg('[{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":2,"method":"ping"}]'), False),
     (msg('[{"jsonrpc":"2.0","id":1,"method":"ping"},' + call('{"name":"search","Name":"shell"}').decode() + "]"), True),
     (msg('[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"Method":"tools/call"}]'), True),
-    (msg("[" + call('{"name":"search"}').decode() + "," + call('{"name":"lookup_order"}').decode() + "]"), False),
+    (
+        msg(
+            "["
+            + call('{"name":"search"}').decode()
+            + ","
+            + call('{"name":"lookup_order"}').decode().replace('"id":1', '"id":2')
+            + "]"
+        ),
+        False,
+    ),
 ]
 
 

@@ -855,3 +855,15 @@ def test_a_repeated_content_type_is_ambiguous(route: RouteConfig, path: str) -> 
     early = before_body(route, path, *pairs)
     assert early is not None
     assert early.reason is Reason.REQUEST_AMBIGUOUS
+
+
+@pytest.mark.parametrize("ids", [(1, 1), ("x", "x"), (None, None)])
+def test_two_requests_of_a_batch_under_one_id_are_ambiguous(ids: tuple[Any, Any]) -> None:
+    """An answer is matched to its request by id: under one id, `tools/list`'s answer would pass for `ping`'s."""
+    body = b"[" + rpc("tools/list", ids[0]) + b"," + rpc("ping", ids[1]) + b"]"
+    assert refused(body) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_ids_of_a_batch_are_compared_as_clients_compare_them() -> None:
+    body = b"[" + rpc("tools/list", 1) + b"," + rpc("ping", "1") + b"," + rpc("notifications/x", NO_ID) * 1 + b"]"
+    assert ok(body).batch
