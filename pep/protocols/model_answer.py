@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from pep import strictjson
 from pep.protocols.spelling import Spelling
@@ -156,7 +156,8 @@ class EventReader:
 
     def __init__(self) -> None:
         self._sse = SseReader(MAX_EVENT)
-        self._named: set[tuple[str, str]] = set()  # (choice, tool call index) named so far in chat deltas
+        self._named: set[tuple[int, int | str]] = set()  # (choice, tool call index) named so far in chat deltas
+        self._calls: dict[int, int] = {}  # chat stream choice index -> how many tool calls it has begun
 
     def feed(self, chunk: bytes) -> list[Event]:
         try:
@@ -196,7 +197,12 @@ class EventReader:
 
     def _check_deltas(self, value: Any) -> None:
         """A chat stream names each tool call once, in its first delta: a second name for the same call would be
-        concatenated by SDKs that accumulate deltas into a name the PEP never decided."""
+        concatenated by SDKs that accumulate deltas into a name the PEP never decided.
+
+        SDKs keep choices and tool calls in lists, by position: the openai SDK reads a delta's `index` as a list
+        position (`-1` is the last call begun, `true` is 1, an index past the end is appended at the end, and a
+        choice seen first is at position 0 whatever its index). So indexes must be non-negative integers, and each
+        new choice or call must take the next index: then the index the PEP keys a call by is the SDK's position."""
         choices = value.get("choices") if isinstance(value, dict) else None
         if not isinstance(choices, list):
             return
@@ -204,17 +210,36 @@ class EventReader:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
-            keyed: list[tuple[Any, Any]] = []
+            position = choice.get("index")
+            begun = self._calls.get(position) if _ordinal(position) else None
+            if begun is None:
+                if position != len(self._calls) or not _ordinal(position):
+                    raise AnswerError("a chat stream choice index that is not the next one")
+                begun = 0
+            keyed: list[tuple[int | str, Any]] = []
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
-                keyed += [(c.get("index"), c) for c in calls if isinstance(c, dict)]
+                for call in calls:
+                    if not isinstance(call, dict):
+                        continue
+                    index = call.get("index")
+                    if not _ordinal(index) or index > begun:
+                        raise AnswerError("a streamed tool call index that is neither a call begun nor the next one")
+                    begun += index == begun
+                    keyed.append((index, call))
+            self._calls[position] = begun
             if isinstance(delta.get("function_call"), dict):
                 keyed.append(("function_call", delta["function_call"]))
             for index, call in keyed:
                 named = _call_name(call) if index != "function_call" else call.get("name")
                 if named is None:
                     continue
-                key = (repr(choice.get("index")), repr(index))
+                key = (position, index)
                 if key in self._named:
                     raise AnswerError("a streamed tool call named more than once")
                 self._named.add(key)
+
+
+def _ordinal(value: Any) -> TypeGuard[int]:
+    """A JSON integer usable as a list position as written (not a boolean, not negative)."""
+    return type(value) is int and value >= 0
