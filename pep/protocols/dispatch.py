@@ -6,9 +6,7 @@ route's limit) and given to `parse`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from multidict import MultiMapping
+from collections.abc import Mapping, Sequence
 
 from pep import integrity
 from pep.config import RouteConfig
@@ -24,6 +22,8 @@ def encoding_problem(headers: Mapping[str, str]) -> Refused | None:
     """A Content-Encoding other than identity on a body read to be decided: the PEP would decide on other bytes.
     Every value of every field counts, as for answers (`identity` then `gzip` is gzip): an upstream may read any
     copy."""
+    if "Content-Encoding" not in headers:  # (most requests: one lookup)
+        return None
     for encoding in _values(headers, "Content-Encoding"):
         for coding in encoding.split(","):
             if coding.strip().lower() not in ("", "identity"):
@@ -40,15 +40,19 @@ def text_problem(headers: Mapping[str, str]) -> Refused | None:
     types = _values(headers, "Content-Type")
     if len(types) > 1:
         return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated Content-Type header")
-    if types and (charset := media.parameters(types[0])[1]) is not None and not media.utf8(charset):
+    if not types or ";" not in types[0]:  # no parameter, so no charset (most requests)
+        return None
+    if (charset := media.parameters(types[0])[1]) is not None and not media.utf8(charset):
         return Refused(Reason.BODY_UNREADABLE, f"charset {charset[:32]!r} on an inspected route")
     return None
 
 
-def _values(headers: Mapping[str, str], name: str) -> list[str]:
+def _values(headers: Mapping[str, str], name: str) -> Sequence[str]:
     """Every value of the header `name` (one per field)."""
-    if isinstance(headers, MultiMapping):
-        return list(headers.getall(name, ()))
+    getall = getattr(headers, "getall", None)  # (a multidict: faster than an isinstance check on its ABC)
+    if getall is not None:
+        values: Sequence[str] = getall(name, ())
+        return values
     return [headers[name]] if name in headers else []
 
 
