@@ -70,7 +70,8 @@ class ModelAnswers:
         self._reader = EventReader()
         self.refused: Reason | str | None = None  # why the answer was stopped, for tests and logs
 
-    def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
+    def mode(self, status: int, content_types: list[str], encodings: list[str], located: bool) -> str:
+        # The openai SDK raises for any status but 2xx (httpx's raise_for_status): nothing else is read.
         return media.answer_mode(status, content_types, encodings, self._note_unreadable)
 
     async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:

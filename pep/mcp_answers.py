@@ -105,8 +105,9 @@ class McpAnswers:
 
     # --- upstream.AnswerCheck ---------------------------------------------------------------------------------
 
-    def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
-        return media.answer_mode(status, content_types, encodings, self._note_unreadable)
+    def mode(self, status: int, content_types: list[str], encodings: list[str], located: bool) -> str:
+        read = media.mcp_reads(status, located)
+        return media.answer_mode(status, content_types, encodings, self._note_unreadable, read)
 
     async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:
         if not body.strip():

@@ -51,9 +51,10 @@ class AnswerCheck(Protocol):
     answers are decided (MCP: pep/mcp_answers.py, model answers: pep/answers.py). The checks read and decide;
     this module only moves the bytes they return."""
 
-    def mode(self, status: int, content_types: list[str], encodings: list[str]) -> str:
+    def mode(self, status: int, content_types: list[str], encodings: list[str], located: bool) -> str:
         """`pass` (relay unchanged), `whole` (read whole, then `whole`), `events` (through `gate`), or
-        `unreadable` (a 502, nothing relayed). Given every `Content-Type` and `Content-Encoding` field value."""
+        `unreadable` (a 502, nothing relayed). Given every `Content-Type` and `Content-Encoding` field value, and
+        whether the answer has a `Location`."""
         ...
 
     async def whole(self, body: bytes, content_type: str) -> bytes | Reply | None:
@@ -290,7 +291,8 @@ class Upstream:
         types: list[str] = []
         if answers is not None:
             types = _values(up.fields, b"content-type")
-            mode = answers.mode(status, types, _values(up.fields, b"content-encoding"))
+            located = 300 <= status < 400 and bool(_values(fields, b"location"))  # as relayed
+            mode = answers.mode(status, types, _values(up.fields, b"content-encoding"), located)
         if mode == "whole":
             assert answers is not None
             try:

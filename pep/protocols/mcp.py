@@ -27,7 +27,7 @@ from pep import strictjson
 from pep.config import DEFAULT_MAX_BATCH_MESSAGES
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected, Message, Refused
-from pep.protocols.mcp_answer import CLIENT_TO_SERVER
+from pep.protocols.mcp_answer import CLIENT_TO_SERVER, id_key
 from pep.protocols.spelling import Spelling
 
 BATCH_VERSION = "2025-03-26"  # the only version with JSON-RPC batches
@@ -117,6 +117,10 @@ def _message(obj: Any, version: str | None) -> Message | str:
         return Message("mcp", facts, rpc_id)
     if not isinstance(method, str) or not method:
         return "method must be a non-empty string"
+    if "result" in obj or "error" in obj:
+        # The SDKs read such a message as whichever shape fits best: the 2.x SDK takes `{"id": 1, "method":
+        # "ping", "error": {...}}` as an error response to its request 1, which the PEP would have decided as a ping.
+        return "a JSON-RPC request with a result or an error"
     params = obj.get("params")
     if params is not None and not isinstance(params, dict | list):
         return "params must be an object or an array"
@@ -216,6 +220,12 @@ def inspect(
         messages.append(message)
     if batch and any(m.facts["protocol_version"] not in (None, BATCH_VERSION) for m in messages):
         return Refused(Reason.REQUEST_AMBIGUOUS, "a batch element declares an MCP version without batches")
+    if batch:
+        # Each answer is matched to its request by id: with two requests under one id, the server's answer to a
+        # filtered `tools/list` could be taken for the answer to the `ping` beside it, and relayed unfiltered.
+        ids = [id_key(m.rpc_id) for m in messages if m.rpc_id is not NO_ID and m.facts["method"] != "mcp/response"]
+        if len(set(ids)) != len(ids):
+            return Refused(Reason.REQUEST_AMBIGUOUS, "two requests of a JSON-RPC batch share an id")
     if not batch and (problem := _header_problem(messages[0], headers)):
         return Refused(Reason.REQUEST_AMBIGUOUS, problem)
     return Inspected(tuple(messages), body, batch, value)

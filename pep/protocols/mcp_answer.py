@@ -128,6 +128,9 @@ class Stream:
         if method is not None:
             if not isinstance(method, str) or not method:
                 raise Unreadable("method must be a non-empty string")
+            if "result" in item or "error" in item:
+                # A client SDK may read it as a response (the 2.x SDK does, with an `error`), to any call.
+                raise Unreadable("a JSON-RPC request with a result or an error")
             if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, str | int)):
                 raise Unreadable("a server request id must be a string or a number")
             params = item.get("params")

@@ -29,6 +29,10 @@ from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused
 from pep.protocols.mcp_answer import CLIENT_TO_SERVER, visibility_facts
 from pep.protocols.mcp_tokens import Resumption, Tokens
+from pep.protocols.spelling import Spelling
+
+_RESULT_KEYS = Spelling("content")  # what a reply to elicitation or sampling is read by
+_BLOCK_KEYS = Spelling("type", "name")  # a sampling reply's content block: a `tool_use` and its tool
 
 
 def prepare(
@@ -76,6 +80,22 @@ def reply_facts(replies_to: str, reply: dict[str, Any], version: str | None) -> 
     return facts
 
 
+def spelling_problem(replies_to: str, reply: dict[str, Any]) -> str | None:
+    """A key `reply_facts` reads, spelled so that a case-insensitive server (Go) or the 2.x SDK's models read it
+    while the PEP does not (`Content` for `content`): the policy would see no fields, or no tool used."""
+    result = reply.get("result")
+    if replies_to not in ("elicitation/create", "sampling/createMessage") or not isinstance(result, dict):
+        return None
+    if problem := _RESULT_KEYS.problem(result, f"a reply to {replies_to}"):
+        return problem
+    blocks = result.get("content")
+    if replies_to == "sampling/createMessage":
+        for block in blocks if isinstance(blocks, list) else [blocks]:
+            if isinstance(block, dict) and (problem := _BLOCK_KEYS.problem(block, "a sampling reply's content")):
+                return problem
+    return None
+
+
 def restore(
     inspected: Inspected, tokens: Tokens, filter_tools: bool, max_messages: int = DEFAULT_MAX_BATCH_MESSAGES
 ) -> Inspected | Refused:
@@ -107,6 +127,8 @@ def restore(
                 return Refused(Reason.REQUEST_AMBIGUOUS, f"a reply to no server request the PEP relayed: {opened}")
             rpc_id, replies_to = opened
             item = {**item, "id": rpc_id}
+            if problem := spelling_problem(replies_to, item):
+                return Refused(Reason.REQUEST_AMBIGUOUS, problem)
             reply = reply_facts(replies_to, item, version)
             out.append(Message("mcp", reply, rpc_id))
             extra += _visibility(reply, version, filter_tools)
@@ -123,6 +145,8 @@ def restore(
                     return Refused(Reason.REQUEST_AMBIGUOUS, f"an input response to no input request: {opened_key}")
                 key, replies_to = opened_key
                 restored[key] = answer
+                if problem := spelling_problem(replies_to, {"result": answer}):
+                    return Refused(Reason.REQUEST_AMBIGUOUS, problem)
                 reply = reply_facts(replies_to, {"result": answer}, version)
                 extra.append(Message("mcp", reply))
                 extra += _visibility(reply, version, filter_tools)

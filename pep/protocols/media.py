@@ -13,17 +13,21 @@ from collections.abc import Callable, Sequence
 
 
 def parameters(content_type: str) -> tuple[str, str | None]:
-    """(media type lower-cased, charset lower-cased or None)."""
+    """(media type lower-cased, charset lower-cased or None).
+
+    A repeated charset comes back as both values joined with `,`, which names no charset: readers differ on which
+    copy counts (Express takes the first), and a `;` inside a quoted parameter hides one copy from some of them."""
     media, _, params = content_type.partition(";")
     charset = None
     for param in params.split(";"):
         key, _, value = param.strip().partition("=")
         if key.strip().lower() == "charset":
-            charset = value.strip().strip('"').lower()
+            value = value.strip().strip('"').lower()
+            charset = value if charset is None else f"{charset},{value}"
     return media.strip().lower(), charset
 
 
-def _utf8(charset: str) -> bool:
+def utf8(charset: str) -> bool:
     try:
         return codecs.lookup(charset).name == "utf-8"
     except LookupError:
@@ -47,7 +51,7 @@ def _read(content_types: Sequence[str], encodings: Sequence[str]) -> tuple[str |
     if not content_types:
         return None, ""
     media_type, charset = parameters(content_types[0])
-    if charset is not None and not _utf8(charset):
+    if charset is not None and not utf8(charset):
         return f"charset {charset[:32]!r}", media_type
     return None, media_type
 
@@ -56,13 +60,29 @@ def is_event_stream(content_type: str) -> bool:
     return parameters(content_type)[0] == "text/event-stream"
 
 
+# The statuses httpx takes for a redirect when a Location comes with them: followed, or handed back unread.
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+def mcp_reads(status: int, located: bool) -> bool:
+    """Whether the 2.x MCP SDK client reads messages from an answer with this status (`located`: it has a
+    Location). Every 2xx, and every 3xx httpx does not take for a redirect (300, 304, a 307 without Location):
+    the client only turns real redirects away, then parses the body by its Content-Type. From 400 on it keeps
+    a JSON-RPC error alone."""
+    return 200 <= status < 300 or (300 <= status < 400 and not (located and status in REDIRECTS))
+
+
 def answer_mode(
-    status: int, content_types: Sequence[str], encodings: Sequence[str], unreadable: Callable[[str], None]
+    status: int,
+    content_types: Sequence[str],
+    encodings: Sequence[str],
+    unreadable: Callable[[str], None],
+    read: bool | None = None,
 ) -> str:
-    """How an answer gate reads an upstream answer: "pass" for an error status (the SDKs read no result, tool
-    call or server request from it), "unreadable" (told to `unreadable` first) when its media cannot be read,
-    else "events" for an event stream or "whole"."""
-    if not 200 <= status < 300:
+    """How an answer gate reads an upstream answer: "pass" for a status the client reads no result, tool call or
+    server request from (`read` False; by default anything but 2xx), "unreadable" (told to `unreadable` first)
+    when its media cannot be read, else "events" for an event stream or "whole"."""
+    if not (200 <= status < 300 if read is None else read):
         return "pass"
     found, media_type = _read(content_types, encodings)
     if found is not None:

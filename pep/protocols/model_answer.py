@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from pep import strictjson
+from pep.protocols.spelling import Spelling
 from pep.protocols.sse import MAX_EVENT, SseError, SseEvent, SseReader
 
 _NAMED_TYPES = frozenset({"function_call", "custom_tool_call", "mcp_call", "mcp_approval_request"})
 _VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
+# The keys a tool call is found by, which must be spelled exactly: a Go agent's client (encoding/json) binds
+# `Function` or `TOOL_CALLS` as `function` or `tool_calls`, where the PEP would have found no call.
+_HOLDERS = Spelling("tool_calls", "function_call")  # in any object
+_CALL_KEYS = Spelling("function", "custom", "name", "type")  # in a `tool_calls` item
+_NAME_KEYS = Spelling("name")  # in a function or custom object, or a legacy `function_call`
+_ITEM_KEYS = Spelling("type", "name")  # in a Responses item whose type is a tool call
+_ANSWER_KEYS = Spelling("model", "response")  # at the top of an answer or event
 
 
 class AnswerError(ValueError):
@@ -66,12 +74,20 @@ def same_model(decided: str | None, answered: str) -> bool:
     return answered.startswith(decided + "-") and _VERSION.fullmatch(answered[len(decided) + 1 :]) is not None
 
 
+def _spelled(spelling: Spelling, obj: dict[str, Any], where: str) -> None:
+    if problem := spelling.problem(obj, where):
+        raise AnswerError(problem)
+
+
 def _call_name(item: dict[str, Any]) -> Any:
     """The tool of one `tool_calls` item; None for a stream delta that continues a call named before."""
+    _spelled(_CALL_KEYS, item, "a tool call")
     for key in ("function", "custom"):
         inner = item.get(key)
-        if isinstance(inner, dict) and "name" in inner:
-            return inner["name"]
+        if isinstance(inner, dict):
+            _spelled(_NAME_KEYS, inner, f"a tool call's {key}")
+            if "name" in inner:
+                return inner["name"]
     if "name" in item:
         return item["name"]
     kind = item.get("type")
@@ -81,9 +97,11 @@ def _call_name(item: dict[str, Any]) -> Any:
 def scan(value: Any, found: Findings) -> None:
     """Add every tool call and answering model in one JSON answer or event to `found`."""
     if isinstance(value, dict):
+        _spelled(_ANSWER_KEYS, value, "a model answer")
         found.add_model(value.get("model"))
         response = value.get("response")
         if isinstance(response, dict):
+            _spelled(_ANSWER_KEYS, response, "a model answer's response")
             found.add_model(response.get("model"))
     stack = [value]
     while stack:
@@ -93,6 +111,9 @@ def scan(value: Any, found: Findings) -> None:
             continue
         if not isinstance(node, dict):
             continue
+        folded = "\0".join(node).casefold()  # one C pass: most objects hold neither name in any spelling
+        if "tool_calls" in folded or "function_call" in folded:
+            _spelled(_HOLDERS, node, "a model answer")
         calls = node.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
@@ -102,10 +123,13 @@ def scan(value: Any, found: Findings) -> None:
                 if name is not None:
                     found.add_tool(name)
         legacy = node.get("function_call")
-        if isinstance(legacy, dict) and "name" in legacy:
-            found.add_tool(legacy["name"])
+        if isinstance(legacy, dict):
+            _spelled(_NAME_KEYS, legacy, "a function_call")
+            if "name" in legacy:
+                found.add_tool(legacy["name"])
         kind = node.get("type")
         if isinstance(kind, str) and (kind.endswith("_call") or kind in _NAMED_TYPES):
+            _spelled(_ITEM_KEYS, node, f"a {kind[:40]} item")
             found.add_tool(node.get("name") if kind in _NAMED_TYPES else kind[: -len("_call")])
         stack.extend(reversed(node.values()))
 
@@ -132,7 +156,8 @@ class EventReader:
 
     def __init__(self) -> None:
         self._sse = SseReader(MAX_EVENT)
-        self._named: set[tuple[str, str]] = set()  # (choice, tool call index) named so far in chat deltas
+        self._named: set[tuple[int, int | str]] = set()  # (choice, tool call index) named so far in chat deltas
+        self._calls: dict[int, int] = {}  # chat stream choice index -> how many tool calls it has begun
 
     def feed(self, chunk: bytes) -> list[Event]:
         try:
@@ -172,7 +197,12 @@ class EventReader:
 
     def _check_deltas(self, value: Any) -> None:
         """A chat stream names each tool call once, in its first delta: a second name for the same call would be
-        concatenated by SDKs that accumulate deltas into a name the PEP never decided."""
+        concatenated by SDKs that accumulate deltas into a name the PEP never decided.
+
+        SDKs keep choices and tool calls in lists, by position: the openai SDK reads a delta's `index` as a list
+        position (`-1` is the last call begun, `true` is 1, an index past the end is appended at the end, and a
+        choice seen first is at position 0 whatever its index). So indexes must be non-negative integers, and each
+        new choice or call must take the next index: then the index the PEP keys a call by is the SDK's position."""
         choices = value.get("choices") if isinstance(value, dict) else None
         if not isinstance(choices, list):
             return
@@ -180,17 +210,36 @@ class EventReader:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
-            keyed: list[tuple[Any, Any]] = []
+            position = choice.get("index")
+            begun = self._calls.get(position) if _ordinal(position) else None
+            if begun is None:
+                if position != len(self._calls) or not _ordinal(position):
+                    raise AnswerError("a chat stream choice index that is not the next one")
+                begun = 0
+            keyed: list[tuple[int | str, Any]] = []
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
-                keyed += [(c.get("index"), c) for c in calls if isinstance(c, dict)]
+                for call in calls:
+                    if not isinstance(call, dict):
+                        continue
+                    index = call.get("index")
+                    if not _ordinal(index) or index > begun:
+                        raise AnswerError("a streamed tool call index that is neither a call begun nor the next one")
+                    begun += index == begun
+                    keyed.append((index, call))
+            self._calls[position] = begun
             if isinstance(delta.get("function_call"), dict):
                 keyed.append(("function_call", delta["function_call"]))
             for index, call in keyed:
                 named = _call_name(call) if index != "function_call" else call.get("name")
                 if named is None:
                     continue
-                key = (repr(choice.get("index")), repr(index))
+                key = (position, index)
                 if key in self._named:
                     raise AnswerError("a streamed tool call named more than once")
                 self._named.add(key)
+
+
+def _ordinal(value: Any) -> TypeGuard[int]:
+    """A JSON integer usable as a list position as written (not a boolean, not negative)."""
+    return type(value) is int and value >= 0

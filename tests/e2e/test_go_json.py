@@ -19,7 +19,7 @@ import pytest
 from multidict import CIMultiDict
 
 from pep.decision import Reason
-from pep.protocols import NO_ID, Inspected, Refused, mcp, openai
+from pep.protocols import NO_ID, Inspected, Refused, mcp, model_answer, openai
 from tests.conftest import PepStarter, RunningPep, base_config
 from tests.support import gojson
 from tests.support.policy_pdp import PolicyPdp
@@ -89,7 +89,16 @@ MCP_CORPUS: list[tuple[bytes, bool]] = [
     (msg('[{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":2,"method":"ping"}]'), False),
     (msg('[{"jsonrpc":"2.0","id":1,"method":"ping"},' + call('{"name":"search","Name":"shell"}').decode() + "]"), True),
     (msg('[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"Method":"tools/call"}]'), True),
-    (msg("[" + call('{"name":"search"}').decode() + "," + call('{"name":"lookup_order"}').decode() + "]"), False),
+    (
+        msg(
+            "["
+            + call('{"name":"search"}').decode()
+            + ","
+            + call('{"name":"lookup_order"}').decode().replace('"id":1', '"id":2')
+            + "]"
+        ),
+        False,
+    ),
 ]
 
 
@@ -198,6 +207,57 @@ def test_the_pep_refuses_or_reads_what_go_binds(
         disagreement = agrees_mcp(result, go) if protocol == "mcp" else agrees_openai(result, go)
         problems += [f"{text}: {p}" for p in disagreement]
     assert not problems, "\n".join(problems)
+
+
+def chat_answer(calls: str, holder: str = "tool_calls", where: str = "message") -> bytes:
+    """A chat completion answer whose one choice's `where` holds `calls` under `holder`."""
+    return f'{{"model":"m","choices":[{{"index":0,"{where}":{{"{holder}":{calls}}}}}]}}'.encode()
+
+
+# Model answers as a Go agent's OpenAI client (go-openai: encoding/json) binds them: every tool it would run must
+# be one the PEP found (and decided), or the answer is unreadable to the PEP.
+ANSWER_CORPUS = [
+    chat_answer('[{"type":"function","function":{"name":"search"}}]'),
+    chat_answer('[{"type":"function","Function":{"name":"shell"}}]'),
+    chat_answer('[{"type":"function","function":{"name":"search"},"Function":{"name":"shell"}}]'),
+    chat_answer('[{"type":"function","function":{"Name":"shell"}}]'),
+    chat_answer('[{"type":"function","function":{"name":"search","NAME":"shell"}}]'),
+    chat_answer('[{"type":"function","function":{"name":"shell"}}]', holder="Tool_Calls"),
+    chat_answer('[{"type":"function","function":{"name":"shell"}}]', holder="TOOL_CALLS", where="delta"),
+    chat_answer('{"name":"search","Name":"shell"}', holder="function_call"),
+    chat_answer('{"name":"shell"}', holder="Function_Call"),
+    chat_answer('[{"type":"function","\u0046unction":{"name":"shell"}}]'),
+    chat_answer('[{"type":"function","function":{"name":"shell"}}]', holder="tool_ca\u006cls"),
+]
+
+
+def go_answer_tools(bound: dict[str, Any]) -> set[str]:
+    tools: set[str] = set()
+    for choice in (bound.get("answer") or {}).get("choices") or []:
+        for part in (choice.get("message"), choice.get("delta")):
+            if not part:
+                continue
+            for call in part.get("tool_calls") or []:
+                if (call.get("function") or {}).get("name"):
+                    tools.add(call["function"]["name"])
+            if (part.get("function_call") or {}).get("name"):
+                tools.add(part["function_call"]["name"])
+    return tools
+
+
+def test_a_model_answer_the_pep_reads_names_every_tool_go_would_run(go_reader: Path) -> None:
+    bound = gojson.decode(go_reader, "answer", ANSWER_CORPUS)
+    problems: list[str] = []
+    for body, go in zip(ANSWER_CORPUS, bound, strict=True):
+        assert go["ok"], go
+        try:
+            found = model_answer.read_json(body)
+        except model_answer.AnswerError:
+            continue
+        if missed := go_answer_tools(go) - set(found.tools):
+            problems.append(f"{body.decode()}: Go runs {sorted(missed)}, the PEP found {found.tools}")
+    assert not problems, "\n".join(problems)
+    assert {"shell"} <= go_answer_tools(bound[1])  # the corpus is about a real difference
 
 
 def test_go_does_bind_the_other_spelling(go_reader: Path) -> None:

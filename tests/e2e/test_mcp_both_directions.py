@@ -305,13 +305,46 @@ async def test_a_list_answered_on_the_get_stream_never_reaches_the_sdk(
     assert sorted(t.name for t in listed.tools) == ["lookup_order", "search", "send_email"]
 
 
-@pytest.mark.parametrize("answer", ["sse_utf16", "identity_gzip"])
+@pytest.mark.parametrize("answer", ["sse_utf16", "sse_utf7_twice", "identity_gzip"])
 async def test_a_list_the_pep_cannot_read_is_an_error_never_the_list(
     answer: str, cedar_pdp: PdpUnderTest, rogue: RogueMcpServer, tmp_path: Path
 ) -> None:
-    """A list in UTF-16 (the SDK decodes an SSE answer by its charset) or gzip behind a first `identity` (the SDK
-    decodes every coding): the PEP cannot read it as the SDK will, so the SDK gets an error, never the list."""
+    """A list in UTF-16 (the SDK decodes an SSE answer by its charset), under two charsets (httpx takes the first,
+    utf-7, where the list read as UTF-8 hides `shell`) or gzip behind a first `identity` (the SDK decodes every
+    coding): the PEP cannot read it as the SDK will, so the SDK gets an error, never the list."""
     rogue.list_answer = answer
+    async with (
+        pep_for(tmp_path, cedar_pdp.config, rogue.url, filter_tools_list=True) as pep,
+        asyncio.timeout(CALL_BOUND_S),
+        legacy_client(f"{pep.url}/mcp") as client,
+    ):
+        with pytest.raises(MCPError):
+            await client.list_tools()
+
+
+@pytest.mark.parametrize("status", [300, 305, 307, 399])
+async def test_a_list_under_a_status_the_sdk_still_reads_is_filtered(
+    status: int, cedar_pdp: PdpUnderTest, rogue: RogueMcpServer, tmp_path: Path
+) -> None:
+    """The 2.x SDK client turns away only what httpx takes for a redirect (a 301/302/303/307/308 with a
+    Location); any other answer below 400 has its body parsed like a 200's (a 307 here has none). Such a list is
+    filtered like one."""
+    rogue.list_answer = f"status_{status}"
+    async with (
+        pep_for(tmp_path, cedar_pdp.config, rogue.url, filter_tools_list=True) as pep,
+        asyncio.timeout(CALL_BOUND_S),
+        legacy_client(f"{pep.url}/mcp") as client,
+    ):
+        listed = await client.list_tools()
+    assert sorted(t.name for t in listed.tools) == ["lookup_order", "search", "send_email"]
+
+
+async def test_a_redirect_the_sdk_turns_away_is_relayed_unread(
+    cedar_pdp: PdpUnderTest, rogue: RogueMcpServer, tmp_path: Path
+) -> None:
+    """A 307 with a Location is a redirect to the SDK: it never reads the body (here it would not follow one to
+    another path either), so the PEP relays it as it is and the call fails."""
+    rogue.list_answer = "status_307_located"
     async with (
         pep_for(tmp_path, cedar_pdp.config, rogue.url, filter_tools_list=True) as pep,
         asyncio.timeout(CALL_BOUND_S),

@@ -181,6 +181,35 @@ async def test_model_endpoints_in_any_letter_case(tmp_path: Path) -> None:
             await starter.close()
 
 
+async def test_a_body_in_another_charset_never_reaches_express(tmp_path: Path) -> None:
+    """Express's JSON parser decodes a body by its charset. In UTF-7 `+ACI-` is a quote: the body below names the
+    allowed model to a UTF-8 reader and the denied one to Express, so it is refused, and so is a second charset."""
+    smuggled = f"+ACI-,+ACI-model+ACI-:+ACI-{DENIED_MODEL}"
+    body = json.dumps({"model": ALLOWED_MODEL, "messages": MESSAGES, "user": smuggled}).encode()
+    with express_upstream() as base:
+        starter, pep, _ = await start(tmp_path, f"{base}/v1")
+        try:
+            async with httpx.AsyncClient(timeout=BOUND_S) as http:
+                for content_type in (
+                    "application/json; charset=utf-7",
+                    "application/json; charset=utf-7; charset=utf-8",
+                ):
+                    headers = {"Content-Type": content_type, "x-agent-id": AGENT}
+                    reply = await http.post(f"{pep.url}/v1/chat/completions", content=body, headers=headers)
+                    # Without the refusal, Express runs the denied model (its answer is refused only afterwards).
+                    assert (await http.get(f"{base}/seen")).json() == []
+                    assert reply.status_code == 403, reply.text
+                    assert reply.headers["x-pep-reason"] == "body_unreadable"
+                # The same bytes as UTF-8 are the allowed model, to the PEP and to Express alike.
+                headers = {"Content-Type": "application/json; charset=utf-8", "x-agent-id": AGENT}
+                reply = await http.post(f"{pep.url}/v1/chat/completions", content=body, headers=headers)
+                assert reply.status_code == 200, reply.text
+                seen = (await http.get(f"{base}/seen")).json()
+            assert [s["model"] for s in seen] == [ALLOWED_MODEL]
+        finally:
+            await starter.close()
+
+
 async def test_unread_and_multipart_endpoints(models: OpenAiUpstream, tmp_path: Path) -> None:
     """Batches and files cannot show the PEP the model they will run: denied unless allowed by name, even where
     a rule allows plain POSTs on the route. Multipart images and audio are read for their model."""

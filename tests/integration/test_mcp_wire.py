@@ -237,6 +237,12 @@ REFUSALS: list[tuple[str, bytes, dict[str, str], str]] = [
         "body_unreadable",
     ),
     ("gzip", gzip.compress(CALL), {"Content-Encoding": "gzip"}, "body_unreadable"),
+    (
+        "request with an error",  # an SDK server reads it as an error reply to its own request 0
+        b'{"jsonrpc":"2.0","id":0,"method":"ping","error":{"code":-1,"message":"declined"}}',
+        {},
+        "body_unreadable",
+    ),
 ]
 
 
@@ -267,6 +273,20 @@ async def test_repeated_mirrored_header_refused(
     reply = await send(mcp_pep, "/mcp", CALL, headers)
     assert reply.status == 403
     assert_denied(reply, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+
+
+async def test_a_coding_in_any_content_encoding_field_is_refused(
+    mcp_pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """`identity` then `gzip`: an upstream that reads the second field, or the joined value, inflates what the PEP
+    decided as it was. Every field counts, as it does for answers."""
+    for path, body in (("/mcp", CALL), ("/v1/chat/completions", b'{"model":"gpt-4o-mini"}')):
+        headers = CIMultiDict([("Content-Encoding", "identity"), ("Content-Encoding", "gzip")])
+        reply = await send(mcp_pep, path, body, headers)
+        assert reply.status == 403
+        assert_denied(reply, "body_unreadable")
     assert fault_pdp.requests == []
     assert upstream.seen == []
 

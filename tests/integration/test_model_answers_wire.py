@@ -78,6 +78,8 @@ SSE = {"Content-Type": "text/event-stream"}
         (JSON, b'{"model":"gpt-test-allowed","model":"x"}', 502, "unreadable"),
         ({**JSON, "Content-Encoding": "gzip"}, gzip.compress(SHELL_CALL), 502, "unreadable"),
         ({"Content-Type": "application/json; charset=iso-8859-1"}, SHELL_CALL, 502, "unreadable"),
+        # A Go agent's client (encoding/json) binds `Function` as `function`: the PEP would have found no call.
+        (JSON, SHELL_CALL.replace(b'"function":{', b'"Function":{'), 502, "unreadable"),
         # The openai SDK parses any body it expects JSON from: a label does not make a tool call harmless.
         ({"Content-Type": "text/plain"}, SHELL_CALL, 403, None),
         ({}, SHELL_CALL, 403, None),

@@ -120,6 +120,13 @@ class McpServer(LoopbackServer):
         body = self.answer_for(message)
         if answer == "sse":
             return await self._sse(request, body)
+        if answer == "sse_each":  # a batch's answers, one event each, as each request is served
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for one in orjson.loads(body):
+                await resp.write(b"data: " + orjson.dumps(one) + b"\n\n")
+            await resp.write_eof()
+            return resp
         if answer == "sse_garbage":
             return await self._sse(request, b"{not json")
         if answer == "sse_cr":  # lone CRs end SSE lines too (the MCP SDK's parser reads them so)
@@ -457,6 +464,22 @@ async def test_a_batch_cannot_get_around_the_filter(fpep: RunningPep, pdp: ListP
     assert [s.body for s in server.seen] == [body]
     (filtered,) = filter_lines(await fpep.log_entries())
     assert filtered["filtered"] == {"kept": ALLOWED_NAMES, "removed": ["shell"]}
+
+
+async def test_a_batch_cannot_name_two_requests_alike(fpep: RunningPep, pdp: ListPdp, server: McpServer) -> None:
+    """With `tools/list` and `ping` both under id 1, the list answered first would pass for the ping's answer, and
+    reach the agent unfiltered. Answers are matched to requests by id: two requests may not share one."""
+    for ids in ((1, 1), ("a", "a"), (None, None)):
+        body = orjson.dumps([rpc("tools/list", ids[0]), rpc("ping", ids[1])])
+        reply = await send(fpep, "/filtered?answer=sse_each", body, {"MCP-Protocol-Version": "2025-03-26"})
+        assert b"shell" not in reply.body
+        assert reply.status == 403
+        assert reply.headers["x-pep-reason"] == "request_ambiguous"
+    assert server.seen == []
+    body = orjson.dumps([rpc("tools/list", 1), rpc("ping", "1")])  # 1 and "1" are two ids
+    reply = await send(fpep, "/filtered?answer=sse_each", body)
+    assert reply.status == 200
+    assert b"shell" not in reply.body
 
 
 async def test_one_authzen_batch_for_every_tool(tmp_path: Path, server: McpServer) -> None:

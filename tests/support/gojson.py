@@ -69,7 +69,8 @@ def build() -> Path:
 
 
 def decode(binary: Path, mode: str, bodies: Sequence[bytes]) -> list[dict[str, Any]]:
-    """What Go binds from each body (`mode` mcp or openai): one result per body, in order."""
+    """What Go binds from each body (`mode` mcp, openai, or answer for a chat completion an agent reads): one
+    result per body, in order."""
     sent = json.dumps([base64.b64encode(b).decode() for b in bodies]).encode()
     done = subprocess.run([str(binary), "decode", mode], input=sent, capture_output=True, timeout=60, check=False)
     if done.returncode != 0:

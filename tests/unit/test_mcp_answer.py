@@ -86,6 +86,10 @@ def test_a_get_stream_carries_no_response() -> None:
         {"jsonrpc": "2.0", "id": True, "method": "ping"},
         {"jsonrpc": "2.0", "method": ""},
         {"jsonrpc": "2.0", "method": "x", "params": 3},
+        # a request with an outcome: the 2.x SDK client reads the first as an error answering its call 1
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "error": {"code": 1, "message": "x"}},
+        {"jsonrpc": "2.0", "method": "notifications/message", "error": {"code": 1, "message": "x"}},
+        {"jsonrpc": "2.0", "id": 2, "method": "ping", "result": {}},
         "text",
     ],
 )
@@ -231,6 +235,31 @@ def test_a_sampling_reply_names_the_tools_used_and_each_must_be_visible() -> Non
     assert (first.facts["replies_to"], first.facts["tools"]) == ("sampling/createMessage", ["shell"])
     assert (visibility.facts["method"], visibility.facts["name"]) == ("tools/list", "shell")
     assert visibility.rpc_id is NO_ID  # decided with the reply, never answered
+
+
+@pytest.mark.parametrize(
+    ("answers", "result"),
+    [
+        ("elicitation/create", {"action": "accept", "Content": {"api_key": "sk-1"}}),
+        ("sampling/createMessage", {"role": "assistant", "CONTENT": [{"type": "tool_use", "name": "shell"}]}),
+        ("sampling/createMessage", {"role": "assistant", "content": [{"Type": "tool_use", "name": "shell"}]}),
+        ("sampling/createMessage", {"role": "assistant", "content": {"type": "tool_use", "Name": "shell"}}),
+    ],
+    ids=["elicitation Content", "sampling CONTENT", "tool_use Type", "tool_use Name"],
+)
+def test_a_reply_key_spelled_another_way_is_ambiguous(answers: str, result: dict[str, Any]) -> None:
+    """A Go server binds `Content` to `content`: the policy would see no fields (or no tool used) where the server
+    gets them. Refused as a reply and as an input response."""
+    t = tokens()
+    reply = {"jsonrpc": "2.0", "id": t.request_id(5, answers), "result": result}
+    refused = restore(inspect(reply), t, filter_tools=True)
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.REQUEST_AMBIGUOUS
+    params = {"name": "search", "inputResponses": {t.input_key("k1", answers): result}}
+    retry = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}
+    refused = restore(inspect(retry), t, filter_tools=True)
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.REQUEST_AMBIGUOUS
 
 
 def test_a_retry_carries_its_input_responses_under_the_servers_keys() -> None:

@@ -320,6 +320,36 @@ def test_method_must_be_a_non_empty_string(method: Any) -> None:
     assert refused(orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method})) is Reason.BODY_UNREADABLE
 
 
+# A request that also carries a result or an error: the 2.x SDK reads the `error` ones as error responses to its
+# own request with that id, the others as requests (pydantic's union keeps the shape with most fields set).
+REQUESTS_WITH_AN_OUTCOME = [
+    rpc("ping", 1, error={"code": -32000, "message": "declined"}),
+    rpc("notifications/initialized", 1, error={"code": 1, "message": "x"}),
+    rpc("ping", "t", params={}, error={"code": 1, "message": "x", "data": {}}),
+    rpc("ping", 1, result={"action": "accept"}),
+    rpc("ping", NO_ID, error={"code": 1, "message": "x"}),
+    rpc("ping", 1, error=None),
+    rpc("ping", 1, result=None),
+]
+
+
+@pytest.mark.parametrize("body", REQUESTS_WITH_AN_OUTCOME)
+def test_a_request_with_a_result_or_an_error_is_unreadable(body: bytes) -> None:
+    """The PEP would decide the method while the server may take the message as the reply to one of its own
+    requests, under the server's id: a reply that was never opened and decided as one."""
+    assert refused(body) is Reason.BODY_UNREADABLE
+    assert refused(b"[" + body + b"]") is Reason.BODY_UNREADABLE
+
+
+def test_the_sdk_reads_a_request_with_an_error_as_a_response() -> None:
+    """Why the shape is refused, shown on the receiver: the official SDK's own message reader."""
+    from mcp.types import JSONRPCError, jsonrpc_message_adapter
+
+    read = jsonrpc_message_adapter.validate_json(REQUESTS_WITH_AN_OUTCOME[0], by_name=False)  # as its transports
+    assert isinstance(read, JSONRPCError)
+    assert read.id == 1
+
+
 @pytest.mark.parametrize("params", ["x", 1, True, 1.5])
 def test_params_must_be_an_object_or_an_array(params: Any) -> None:
     assert refused(rpc("tools/call", 1, params)) is Reason.BODY_UNREADABLE
@@ -760,3 +790,80 @@ def test_dispatch_applies_the_routes_batch_bound() -> None:
     refused_3 = dispatch.parse(route, "POST", "/r", CIMultiDict(), pings(3))
     assert isinstance(refused_3, Refused)
     assert refused_3.reason is Reason.BODY_TOO_LARGE
+
+
+# --- what the body's headers say about its bytes ---------------------------------------------------------------------
+
+MCP_ROUTE = RouteConfig(name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp")
+MODEL_ROUTE = RouteConfig(name="m", path_prefix="/v1", upstream="http://127.0.0.1:9/", protocol="openai")
+
+
+def before_body(route: RouteConfig, path: str, *pairs: tuple[str, str]) -> Refused | None:
+    early = dispatch.before_body(route, "POST", path, CIMultiDict(pairs), True)
+    assert early is None or isinstance(early, Refused), early
+    return early
+
+
+@pytest.mark.parametrize(
+    "encodings",
+    [["identity", "gzip"], ["gzip", "identity"], ["identity, deflate"], ["", "br"]],
+    ids=["identity then gzip", "gzip then identity", "one field, two codings", "empty then br"],
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_every_content_encoding_field_counts(route: RouteConfig, path: str, encodings: list[str]) -> None:
+    """An upstream may inflate by any copy of a repeated Content-Encoding (or by the joined value): the PEP would
+    decide on the compressed bytes. Only identity, in every field, is read."""
+    early = before_body(route, path, *(("Content-Encoding", e) for e in encodings))
+    assert early is not None
+    assert early.reason is Reason.BODY_UNREADABLE
+    assert before_body(route, path, ("Content-Encoding", "identity"), ("Content-Encoding", " Identity")) is None
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-7",  # Express decodes it: `+ACI-` is a quote
+        "application/json; charset=UTF-7",
+        'application/json; charset="utf-16"',
+        "application/json; charset=iso-8859-1",
+        "application/json; charset=us-ascii",
+        "application/json; charset=utf-8-sig",
+        "application/json; charset=",
+        "application/json; charset=utf-7; charset=utf-8",  # Express reads the first copy
+        'application/json; charset=utf-7; x="a;charset=utf-8"',  # a copy inside a quoted value
+    ],
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_a_charset_other_than_utf8_is_unreadable(route: RouteConfig, path: str, content_type: str) -> None:
+    """The PEP reads the body as UTF-8; a server that decodes it by its charset reads other text."""
+    early = before_body(route, path, ("Content-Type", content_type))
+    assert early is not None
+    assert early.reason is Reason.BODY_UNREADABLE
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", 'Application/JSON;Charset="UTF8"']
+)
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_utf8_bodies_are_read(route: RouteConfig, path: str, content_type: str) -> None:
+    assert before_body(route, path, ("Content-Type", content_type)) is None
+
+
+@pytest.mark.parametrize(("route", "path"), [(MCP_ROUTE, "/r"), (MODEL_ROUTE, "/v1/chat/completions")])
+def test_a_repeated_content_type_is_ambiguous(route: RouteConfig, path: str) -> None:
+    pairs = [("Content-Type", "application/json"), ("Content-Type", "application/json; charset=utf-7")]
+    early = before_body(route, path, *pairs)
+    assert early is not None
+    assert early.reason is Reason.REQUEST_AMBIGUOUS
+
+
+@pytest.mark.parametrize("ids", [(1, 1), ("x", "x"), (None, None)])
+def test_two_requests_of_a_batch_under_one_id_are_ambiguous(ids: tuple[Any, Any]) -> None:
+    """An answer is matched to its request by id: under one id, `tools/list`'s answer would pass for `ping`'s."""
+    body = b"[" + rpc("tools/list", ids[0]) + b"," + rpc("ping", ids[1]) + b"]"
+    assert refused(body) is Reason.REQUEST_AMBIGUOUS
+
+
+def test_ids_of_a_batch_are_compared_as_clients_compare_them() -> None:
+    body = b"[" + rpc("tools/list", 1) + b"," + rpc("ping", "1") + b"," + rpc("notifications/x", NO_ID) * 1 + b"]"
+    assert ok(body).batch

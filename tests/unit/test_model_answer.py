@@ -75,6 +75,14 @@ def test_tool_calls_wherever_an_answer_holds_them(answer: dict[str, Any], tools:
         b'{"output":[{"type":"function_call","name":""}]}',
         b'{"model":5}',
         b'{"model":"\xff"}',
+        # keys a tool call is found by, spelled so that a case-insensitive client (Go) reads them: unreadable
+        b'{"choices":[{"message":{"tool_calls":[{"type":"function","Function":{"name":"shell"}}]}}]}',
+        b'{"choices":[{"message":{"tool_calls":[{"function":{"name":"search","Name":"shell"}}]}}]}',
+        b'{"choices":[{"delta":{"TOOL_CALLS":[{"index":0,"function":{"name":"shell"}}]}}]}',
+        b'{"choices":[{"message":{"Function_Call":{"name":"shell"}}}]}',
+        b'{"choices":[{"message":{"tool_call\xc5\xbf":[{"function":{"name":"shell"}}]}}]}',  # U+017F folds to s
+        b'{"output":[{"type":"function_call","Name":"shell"}]}',
+        b'{"Model":"gpt-evil","choices":[]}',
     ],
 )
 def test_unreadable_answers_are_errors(raw: bytes) -> None:
@@ -167,3 +175,53 @@ def test_separate_calls_may_each_be_named() -> None:
     reader = EventReader()
     events = reader.feed(chunk(call(0, "search")) + chunk(call(1, "lookup_order")))
     assert [e.findings.tools for e in events] == [["search"], ["lookup_order"]]
+
+
+def _tool_chunk(choice: int | bool, index: Any, name: str) -> dict[str, Any]:
+    call_delta = {"index": index, "id": f"call-{name}", "type": "function", "function": {"name": name, "arguments": ""}}
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [{"index": choice, "delta": {"tool_calls": [call_delta]}, "finish_reason": None}],
+    }
+
+
+POSITIONAL_STREAMS = {
+    "negative index": [_tool_chunk(0, 0, "sh"), _tool_chunk(0, -1, "ell")],
+    "boolean index": [_tool_chunk(0, 0, "search"), _tool_chunk(0, 1, "sh"), _tool_chunk(0, True, "ell")],
+    "index past the end": [_tool_chunk(0, 0, "search"), _tool_chunk(0, 7, "sh"), _tool_chunk(0, 1, "ell")],
+    "choice 1 first": [_tool_chunk(1, 0, "sh"), _tool_chunk(0, 0, "ell")],
+}
+
+
+@pytest.mark.parametrize("chunks", POSITIONAL_STREAMS.values(), ids=POSITIONAL_STREAMS.keys())
+def test_stream_indexes_must_be_the_positions_sdks_keep_calls_at(chunks: list[dict[str, Any]]) -> None:
+    """The openai SDK takes a delta's `index` as a list position: under `-1` or `true`, `ell` joins the call
+    named `sh` (decided apart, each allowed by a rule that forbids only `shell`) and the agent runs `shell`."""
+    with pytest.raises(AnswerError):
+        EventReader().feed(b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks))
+
+
+def test_the_sdk_joins_calls_by_position() -> None:
+    """Why: the official SDK's own stream accumulator, fed the first two of those streams."""
+    from openai.lib.streaming.chat._completions import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    for name in ("negative index", "boolean index"):
+        state = ChatCompletionStreamState()
+        for chunk_value in POSITIONAL_STREAMS[name]:
+            state.handle_chunk(ChatCompletionChunk.model_validate(chunk_value))
+        calls = state.current_completion_snapshot.choices[0].message.tool_calls or []
+        assert "shell" in [c.function.name for c in calls]
+
+
+def test_ordered_choices_and_parallel_calls_are_read() -> None:
+    chunks = [_tool_chunk(0, 0, "search"), _tool_chunk(1, 0, "lookup_order"), _tool_chunk(0, 1, "lookup_order")]
+    both = {"index": 0, "delta": {"tool_calls": [call(0, "search")["tool_calls"][0], call(1, "x")["tool_calls"][0]]}}
+    chunks.append({"model": "gpt-4o", "choices": [{"index": 2, "delta": {}}]})
+    events = EventReader().feed(b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks))
+    assert [e.findings.tools for e in events] == [["search"], ["lookup_order"], ["lookup_order"], []]
+    events = EventReader().feed(b"data: " + orjson.dumps({"choices": [both]}) + b"\n\n")
+    assert events[0].findings.tools == ["search", "x"]

@@ -116,6 +116,10 @@ def test_chunking_never_changes_the_events(stream: bytes, sizes: list[int]) -> N
         (["application/json; charset=cp500"], [], "charset"),  # EBCDIC
         (["application/json; charset=utf-8-sig"], [], "charset"),
         (["application/json; charset=nonsense"], [], "charset"),
+        # httpx decodes by the first copy, utf-7, where `+ACI-` is a quote
+        (["text/event-stream; charset=utf-7; charset=utf-8"], [], "charset"),
+        (['text/event-stream; charset=utf-7; x="a;charset=utf-8"'], [], "charset"),
+        (["text/event-stream; charset=utf-8; charset=utf-8"], [], "charset"),
         (["application/json"], ["identity", "gzip"], "content-encoding"),  # every value counts
         (["application/json"], ["identity, br"], "content-encoding"),
         (["application/json"], ["gzip"], "content-encoding"),
@@ -145,3 +149,28 @@ def test_how_an_answer_is_read(status: int, types: list[str], encodings: list[st
     told: list[str] = []
     assert media.answer_mode(status, types, encodings, told.append) == mode
     assert told == ([media.problem(types, encodings)] if mode == "unreadable" else [])
+
+
+@pytest.mark.parametrize(
+    ("status", "located", "reads"),
+    [
+        (200, False, True),
+        (202, False, True),
+        (300, False, True),  # not a redirect to httpx: the SDK parses the body
+        (300, True, True),
+        (305, True, True),
+        (307, False, True),  # no Location: no redirect either
+        (399, False, True),
+        (301, True, False),  # a redirect: followed within the origin, else turned away, the body never read
+        (307, True, False),
+        (308, True, False),
+        (400, False, False),  # a JSON-RPC error alone is kept
+        (500, False, False),
+        (199, False, False),
+    ],
+)
+def test_which_statuses_the_mcp_sdk_reads(status: int, located: bool, reads: bool) -> None:
+    assert media.mcp_reads(status, located) is reads
+    told: list[str] = []
+    mode = media.answer_mode(status, ["application/json"], [], told.append, media.mcp_reads(status, located))
+    assert mode == ("whole" if reads else "pass")

@@ -2,7 +2,8 @@
 // object keys to fields exactly first and then case-insensitively (with Unicode simple folding: U+017F is s,
 // U+212A is k). The tests compare what it binds with what the PEP put in the policy input.
 //
-//	gojson decode mcp|openai   stdin: a JSON array of base64 bodies; stdout: a JSON array of what each bound
+//	gojson decode mcp|openai|answer   stdin: a JSON array of base64 bodies (answer: chat completions as an agent's
+//	                           client reads them); stdout: a JSON array of what each bound
 //	gojson serve               an MCP-like upstream on 127.0.0.1 (port on stdout): POST runs tools/call by the
 //	                           name it bound, GET /calls lists the names run; it exits when stdin closes
 //	gojson fold                stdout: every fold orbit of Unicode, as arrays of code points
@@ -76,12 +77,31 @@ type ChatRequest struct {
 	Functions []*Function `json:"functions,omitempty"`
 }
 
+// ChatAnswer holds what a Go agent's OpenAI client (go-openai, for one) binds from a chat completion or one
+// stream chunk: each choice's tool calls (message or delta) and the legacy function call.
+type ChatAnswer struct {
+	Model   *string `json:"model,omitempty"`
+	Choices []struct {
+		Message *AnswerMessage `json:"message,omitempty"`
+		Delta   *AnswerMessage `json:"delta,omitempty"`
+	} `json:"choices,omitempty"`
+}
+
+type AnswerMessage struct {
+	ToolCalls []struct {
+		Type     *string   `json:"type,omitempty"`
+		Function *Function `json:"function,omitempty"`
+	} `json:"tool_calls,omitempty"`
+	FunctionCall *Function `json:"function_call,omitempty"`
+}
+
 type Result struct {
 	OK       bool         `json:"ok"`
 	Error    string       `json:"error,omitempty"`
 	Batch    bool         `json:"batch"`
 	Messages []Bound      `json:"messages,omitempty"`
 	Chat     *ChatRequest `json:"chat,omitempty"`
+	Answer   *ChatAnswer  `json:"answer,omitempty"`
 }
 
 func bind(m Message) (Bound, error) {
@@ -153,6 +173,15 @@ func decode(mode string) error {
 		}
 		if mode == "openai" {
 			results = append(results, decodeOpenAI(body))
+		} else if mode == "answer" {
+			var r Result
+			var answer ChatAnswer
+			if err := json.Unmarshal(body, &answer); err != nil {
+				r.Error = err.Error()
+			} else {
+				r.OK, r.Answer = true, &answer
+			}
+			results = append(results, r)
 		} else {
 			results = append(results, decodeMCP(body))
 		}
@@ -247,7 +276,7 @@ func main() {
 	case len(os.Args) == 2 && os.Args[1] == "fold":
 		err = fold()
 	default:
-		err = fmt.Errorf("usage: gojson decode mcp|openai | gojson serve | gojson fold")
+		err = fmt.Errorf("usage: gojson decode mcp|openai|answer | gojson serve | gojson fold")
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
