@@ -3,7 +3,8 @@
 `pep run` calls `settle` right after the PDP's decision; `pep explain` calls `describe` (it asks nobody).
 
 - A retry carrying a ticket (`x-pep-approval-ticket`) was decided like any request first: only when the PDP still
-  answers `approval_required` is the ticket redeemed (pep/approvals/flow.py `redeem`). One ticket header, no more.
+  answers `approval_required`, naming the approver who approved the ticket, is the ticket redeemed
+  (pep/approvals/flow.py `redeem`). One ticket header, no more.
 - Otherwise the approver the PDP named is asked through CIBA: in `hold` mode the request waits (at most `hold_ms`
   and the route's `timeout_ms`), in `ticket` mode the agent is answered at once with a sealed ticket.
 - An approval granted is not an allow: the PDP is asked again with `approval: {approver, approved_at, id}` in the
@@ -78,7 +79,7 @@ async def settle(
     result: ApprovalResult
     if tickets:
         # Two tickets on one request are not a retry of one approval: redeemed as an unreadable ticket (counted).
-        result = await approvals.redeem(tickets[0] if len(tickets) == 1 else "", binding, now + timeout)
+        result = await approvals.redeem(tickets[0] if len(tickets) == 1 else "", binding, ask, now + timeout)
     else:
         wait = min(mode.hold_ms / 1000, timeout) if mode.mode == "hold" else timeout
         result = await approvals.request(binding, ask, mode, check.method, now + wait)

@@ -4,9 +4,11 @@ Two entry points, one per moment an approval can be asked for:
 - `request`: the PDP just answered `approval_required` for this exact request. In `hold` mode the request waits
   (at most its deadline) while the person is asked; in `ticket` mode the person is asked and the agent is told at
   once, with a sealed ticket to retry with.
-- `redeem`: the agent retries with a ticket. The ticket must open, be unexpired, unused here, and bound to this
-  exact request and caller; then the OP is polled once: still pending (the same ticket again), or approved (the
-  approval is redeemed, single-use at the OP), or declined, expired, unavailable.
+- `redeem`: the agent retries with a ticket. The ticket must open, be unexpired, unused here, bound to this
+  exact request and caller, and approved by the approver the PDP names for the retry (the policy input holds
+  more than the binding, headers for one, so the retry can need someone else); then the OP is polled once:
+  still pending (the same ticket again), or approved (the approval is redeemed, single-use at the OP), or
+  declined, expired, unavailable.
 
 `Granted` is not an allow: the request path must ask the PDP again with `approval: granted.approval.document()`
 in the policy input, and forward only on that allow (an `approval_required` the second time is a denial, never
@@ -181,14 +183,15 @@ class Approvals:
             elicitation_url=url.replace("{id}", ticket.approval_id) if url is not None else None,
         )
 
-    async def redeem(self, text: str, binding: RequestBinding, deadline: float) -> ApprovalResult:
-        """A retry presenting a ticket. `deadline` is the request's own (monotonic clock)."""
-        result = await self._redeem(text, binding, deadline)
+    async def redeem(self, text: str, binding: RequestBinding, ask: ApprovalAsk, deadline: float) -> ApprovalResult:
+        """A retry presenting a ticket; `ask` is the PDP's answer to the retry. `deadline` is the request's own
+        (monotonic clock)."""
+        result = await self._redeem(text, binding, ask, deadline)
         if not isinstance(result, Awaiting):
             self._count(result)
         return result
 
-    async def _redeem(self, text: str, binding: RequestBinding, deadline: float) -> ApprovalResult:
+    async def _redeem(self, text: str, binding: RequestBinding, ask: ApprovalAsk, deadline: float) -> ApprovalResult:
         if self._sealer is None:
             return NotApproved(Reason.APPROVAL_INVALID, "tickets are not accepted here (no ticket keys)")
         ticket = open_ticket(self._sealer, text, binding)
@@ -196,6 +199,11 @@ class Approvals:
             return NotApproved(Reason.APPROVAL_INVALID, f"ticket: {ticket.problem}")
         if self._used.seen(ticket.approval_id):
             return NotApproved(Reason.APPROVAL_INVALID, "ticket: already used")
+        # Checked before the OP is asked, so the approval is not spent on a request it was not given for.
+        if ticket.approver != ask.approver:
+            return NotApproved(Reason.APPROVAL_INVALID, "ticket: the policy names another approver for this request")
+        if ask.expires_at is not None and ask.expires_at <= self._clock():
+            return NotApproved(Reason.APPROVAL_TIMEOUT, "the PDP's expires_at has passed")
         interval = self.cfg.min_poll_interval_ms / 1000
         polled = await self.ciba.poll(ticket.auth_req_id, ticket.approver, interval, deadline - self._monotonic())
         if isinstance(polled, Pending):

@@ -590,3 +590,36 @@ async def test_tickets_work_across_workers(tmp_path: Path, op: OpenIdProvider, u
             await asyncio.wait_for(proc.wait(), 10)
         await ensure_stopped(proc)
     assert sorted(u.body for u in upstream.seen) == sorted(bodies)
+
+
+class DeskPolicy(PolicyPdp):
+    """The approver depends on a header the binding does not cover: the EU desk needs bob, the rest alice. Any
+    approval lifts the denial (the README's `unless { context has approval }` pattern)."""
+
+    def decide(self, doc: dict[str, Any]) -> Any:
+        if doc["route"]["name"] != "refunds" or doc.get("approval") is not None:
+            return True
+        approver = "bob" if doc["request"]["headers"].get("x-desk") == "eu" else "alice"
+        return {"allow": False, "approval": {"approver": approver, "message": "Refund over 100"}}
+
+
+async def test_a_ticket_approved_by_one_person_is_invalid_where_the_policy_now_names_another(
+    start: Any, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(RefundPolicy, "decide", DeskPolicy.decide)
+    pep = await start("ticket")
+    _, _, body = await post(pep)  # no desk header: alice is asked
+    ticket = body["error"]["approval"]["ticket"]
+    asked = await op.wait_ciba()
+    assert asked["login_hint"] == "alice"
+    await op.approve(asked["auth_req_id"])
+    headers = {"content-type": "application/json", "x-agent-id": "agent-7", "x-desk": "eu", TICKET: ticket}
+    async with aiohttp.ClientSession() as s, s.post(pep.url + "/refunds/1", data=BODY, headers=headers) as r:
+        status, reason = r.status, r.headers.get("x-pep-reason")
+    # The policy names bob for this request: alice's approval is not his.
+    assert (status, reason) == (403, "approval_invalid")
+    assert upstream.seen == []
+    assert [d.get("approval") for d in pdp.inputs] == [None, None]  # the PDP never saw alice's approval
+    # Not spent on the wrong request: the request alice approved still goes through, once.
+    assert (await post(pep, ticket=ticket))[0] == 200
+    assert len(upstream.seen) == 1
