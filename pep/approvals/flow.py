@@ -10,6 +10,13 @@ Two entry points, one per moment an approval can be asked for:
   still pending (the same ticket again), or approved (the approval is redeemed, single-use at the OP), or
   declined, expired, unavailable.
 
+**One prompt per request.** In `ticket` mode a request that already waits for a person gets its pending ticket
+back, without a new prompt, until the person's answer is read or the ticket is about to expire (identical
+requests arriving together share one prompt): an agent that drops its ticket and sends the same call again (an
+SDK retry loop, or one hoping a tired approver taps "approve" on the tenth prompt) cannot flood the approver's
+device or the OP. Remembered per process, at most `MAX_PENDING` requests (the least recently asked about are
+forgotten first).
+
 `Granted` is not an allow: the request path must ask the PDP again with `approval: granted.approval.document()`
 in the policy input, and forward only on that allow (an `approval_required` the second time is a denial, never
 another round). Nothing here forwards anything or mints anything.
@@ -17,8 +24,10 @@ another round). Nothing here forwards anything or mints anything.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +56,8 @@ _RESULT_OF = {
     Reason.APPROVAL_UNAVAILABLE: "unavailable",
     Reason.APPROVAL_INVALID: "invalid",
 }
+MAX_PENDING = 10_000  # ticket mode: requests waiting for a person this process remembers (module docstring)
+_RETRY_ROOM_S = 1.0  # a pending ticket expiring sooner is not handed out again: the retry could not use it
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,9 @@ class Approvals:
         self._clock = clock
         self._monotonic = monotonic
         self._used = UsedApprovals(clock=clock)
+        # (binding digest, approver) -> the pending ticket handed out for it (module docstring)
+        self._pending: OrderedDict[tuple[str, str], ApprovalPending] = OrderedDict()
+        self._starting: dict[tuple[str, str], asyncio.Task[ApprovalResult]] = {}  # prompts being sent now
         self._on_result = on_result or (lambda _result: None)
         self.held = 0  # hold mode: requests waiting for a person now (at most cfg.max_held)
 
@@ -115,7 +129,7 @@ class Approvals:
         """Ask the approver the PDP named about this exact request. `deadline` is on the monotonic clock: the
         request's own, already shortened to `hold_ms` by the caller in hold mode."""
         if mode.mode != "hold":
-            return await self._request(binding, ask, mode, method, deadline)
+            return await self._ticket(binding, ask, mode, method, deadline)
         if self.held >= self.cfg.max_held:
             # Each held request keeps a connection and a poll loop open: past the bound it is refused, so a flood
             # of approval-required calls cannot hold the process (or the OP) hostage.
@@ -127,6 +141,28 @@ class Approvals:
             return await self._request(binding, ask, mode, method, deadline)
         finally:
             self.held -= 1
+
+    async def _ticket(
+        self,
+        binding: RequestBinding,
+        ask: ApprovalAsk,
+        mode: RouteApproval,
+        method: str,
+        deadline: float,
+    ) -> ApprovalResult:
+        """Ticket mode: the pending ticket of this request and approver, else one prompt shared by every request
+        that asks while it is being sent (module docstring)."""
+        key = (binding.digest, ask.approver)
+        known = self._pending_for(key, self._clock())
+        if known is not None:
+            return Awaiting(known)
+        task = self._starting.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._request(binding, ask, mode, method, deadline))
+            self._starting[key] = task
+            task.add_done_callback(lambda _t: self._starting.pop(key, None))
+        # Shielded: a caller who goes away does not cancel the prompt the others wait on.
+        return await asyncio.shield(task)
 
     async def _request(
         self,
@@ -168,9 +204,31 @@ class Approvals:
             return final
         assert self._sealer is not None
         ticket = ApprovalTicket(binding.digest, approval_id, ask.approver, started.auth_req_id, now, started.expires_at)
-        return Awaiting(self._pending(ticket.seal(self._sealer), ticket, binding, started.interval_s))
+        pending = self._pending_of(ticket.seal(self._sealer), ticket, binding, started.interval_s)
+        self._pending[(binding.digest, ask.approver)] = pending
+        while len(self._pending) > MAX_PENDING:
+            self._pending.popitem(last=False)
+        return Awaiting(pending)
 
-    def _pending(
+    def _pending_for(self, key: tuple[str, str], now: float) -> ApprovalPending | None:
+        """The ticket already handed out for this request and approver, while a retry can still use it."""
+        known = self._pending.get(key)
+        if known is None:
+            return None
+        if known.expires_at - now < _RETRY_ROOM_S:
+            del self._pending[key]
+            return None
+        self._pending.move_to_end(key)
+        return known
+
+    def _answered(self, ticket: ApprovalTicket) -> None:
+        """The person's answer to this ticket was read (or it can no longer be had): a new request asks again."""
+        key = (ticket.binding, ticket.approver)
+        known = self._pending.get(key)
+        if known is not None and known.approval_id == ticket.approval_id:
+            del self._pending[key]
+
+    def _pending_of(
         self, text: str, ticket: ApprovalTicket, binding: RequestBinding, interval_s: float
     ) -> ApprovalPending:
         url = self.cfg.elicitation_url
@@ -207,7 +265,9 @@ class Approvals:
         interval = self.cfg.min_poll_interval_ms / 1000
         polled = await self.ciba.poll(ticket.auth_req_id, ticket.approver, interval, deadline - self._monotonic())
         if isinstance(polled, Pending):
-            return Awaiting(self._pending(text, ticket, binding, polled.interval_s))
+            return Awaiting(self._pending_of(text, ticket, binding, polled.interval_s))
+        if not (isinstance(polled, NotApproved) and polled.reason is Reason.APPROVAL_UNAVAILABLE):
+            self._answered(ticket)  # approved, declined, expired or unknown to the OP: no longer pending
         if isinstance(polled, NotApproved):
             return polled
         if not self._used.use(ticket.approval_id, ticket.expires_at):

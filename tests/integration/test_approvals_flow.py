@@ -164,11 +164,39 @@ async def test_an_op_outage_is_approval_unavailable_in_both_modes(
     await op.stop()
     for outcome in (
         await flow.request(request(), ASK, HOLD, "POST", soon()),
-        await flow.request(request(), ASK, TICKET, "POST", soon()),
+        await flow.request(request(b'{"amount": 501}'), ASK, TICKET, "POST", soon()),
         await flow.redeem(first.pending.ticket, request(), ASK, soon()),
     ):
         assert isinstance(outcome, NotApproved)
         assert outcome.reason is Reason.APPROVAL_UNAVAILABLE
+    # The request that was asked about keeps its pending ticket: an outage is not the person's answer.
+    assert await flow.request(request(), ASK, TICKET, "POST", soon()) == first
+
+
+async def test_identical_requests_share_one_prompt_until_the_answer_is_read(
+    op: OpenIdProvider, engine: tuple[Approvals, list[str]]
+) -> None:
+    flow, counted = engine
+    together = await asyncio.gather(*(flow.request(request(), ASK, TICKET, "POST", soon()) for _ in range(5)))
+    again = await flow.request(request(), ASK, TICKET, "POST", soon())
+    assert all(isinstance(r, Awaiting) for r in together)
+    assert {r.pending.ticket for r in (*together, again) if isinstance(r, Awaiting)} == {
+        together[0].pending.ticket  # type: ignore[union-attr]
+    }
+    assert len(await op.ciba_requests()) == 1
+    assert counted == ["requested"]
+    # Another approver, or another request, is a prompt of its own.
+    assert isinstance(await flow.request(request(), ApprovalAsk("bob"), TICKET, "POST", soon()), Awaiting)
+    assert isinstance(await flow.request(request(b"{}"), ASK, TICKET, "POST", soon()), Awaiting)
+    assert len(await op.ciba_requests()) == 3
+    # Approved and redeemed: the same request later is asked about afresh.
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    assert isinstance(first := together[0], Awaiting)
+    assert isinstance(await flow.redeem(first.pending.ticket, request(), ASK, soon()), Granted)
+    fresh = await flow.request(request(), ASK, TICKET, "POST", soon())
+    assert isinstance(fresh, Awaiting)
+    assert fresh.pending.ticket != first.pending.ticket
+    assert len(await op.ciba_requests()) == 4
 
 
 async def test_a_ticket_is_redeemed_only_while_the_pdp_names_its_approver_and_stands_by_the_offer(

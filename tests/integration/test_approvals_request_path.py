@@ -623,3 +623,28 @@ async def test_a_ticket_approved_by_one_person_is_invalid_where_the_policy_now_n
     # Not spent on the wrong request: the request alice approved still goes through, once.
     assert (await post(pep, ticket=ticket))[0] == 200
     assert len(upstream.seen) == 1
+
+
+async def test_retrying_without_the_ticket_does_not_ask_the_approver_again(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """An agent that drops its ticket and sends the same call again (an SDK retry loop, or one hoping a tired
+    person taps "approve" on the tenth prompt) gets the pending ticket back: one prompt per request."""
+    pep = await start("ticket")
+    tickets = set()
+    for _ in range(5):
+        status, headers, body = await post(pep)
+        assert (status, headers["x-pep-reason"]) == (403, "approval_required")
+        tickets.add(body["error"]["approval"]["ticket"])
+    assert len(await op.ciba_requests()) == 1
+    assert len(tickets) == 1
+    # Another request is asked about on its own.
+    await post(pep, body=b'{"order": "A-2", "amount": 500}')
+    assert len(await op.ciba_requests()) == 2
+    # Once the person's answer is read, the request is asked about afresh: declined is not pending.
+    await op.deny((await op.wait_ciba())["auth_req_id"])
+    assert (await post(pep, ticket=tickets.pop()))[1]["x-pep-reason"] == "approval_denied"
+    status, headers, body = await post(pep)
+    assert (status, headers["x-pep-reason"]) == (403, "approval_required")
+    assert len(await op.ciba_requests()) == 3
+    assert upstream.seen == []
