@@ -14,7 +14,8 @@
 The approval binds the exact request (route, method, upstream URL, the bytes an allow forwards, the caller): the
 admission read the body whole for that. On MCP routes the body is bound as the JSON-RPC message(s) it parsed to,
 without their `id`s (keys sorted): every SDK numbers each attempt anew, so a retry of the same call carries other
-bytes for the same action. The parse is strict (one reading of the bytes), so nothing else can differ.
+bytes for the same action. The parse is strict (one reading of the bytes), so nothing else can differ. A reply to
+a server request keeps its id, the server's (the PEP's token opened): it says which question is answered.
 """
 
 from __future__ import annotations
@@ -111,9 +112,18 @@ def binding_of(admission: Admission) -> RequestBinding:
     body, value = check.body, admission.inspected.value
     if admission.route.config.protocol == "mcp" and body is not None and value is not None:
         messages = value if isinstance(value, list) else [value]
-        unnumbered = [{k: v for k, v in m.items() if k != "id"} if isinstance(m, dict) else m for m in messages]
+        unnumbered = [_unnumbered(m) for m in messages]
         body = orjson.dumps(unnumbered, option=orjson.OPT_SORT_KEYS)
     return bind(admission.route.name, check.method, admission.upstream_url, body, admission.subject)
+
+
+def _unnumbered(message: Any) -> Any:
+    """A request or notification without its `id` (the client's own number, new on every attempt). A reply keeps
+    it: there the id is the server request it answers (opened from the PEP's token, the same on every attempt),
+    and an `accept` to one elicitation must not pass for an `accept` to another."""
+    if isinstance(message, dict) and "method" in message:
+        return {k: v for k, v in message.items() if k != "id"}
+    return message
 
 
 def _refused(outcome: Outcome, result: NotApproved) -> Step:
