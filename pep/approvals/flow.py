@@ -25,6 +25,7 @@ another round). Nothing here forwards anything or mints anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections import OrderedDict
@@ -192,6 +193,9 @@ class Approvals:
             self._count(started)
             return started
         self._count(started)
+        # The OP's expiry is its own word: what was asked for (the config's, the PDP's, the hold's) bounds it, so
+        # an OP that ignores `requested_expiry` cannot make a ticket, or a hold's last poll, outlive it.
+        started = dataclasses.replace(started, expires_at=min(started.expires_at, now + expiry))
         approval_id = new_approval_id()
         if mode.mode == "hold":
             waited = await self.ciba.wait(started, ask.approver, deadline)
