@@ -233,6 +233,7 @@ class ApprovalsConfig:
     elicitation_url: str | None = None  # MCP -32042: where the user sees the pending approval; `{id}` is replaced
     breaker: BreakerConfig = BreakerConfig()
     max_held: int = 100  # hold mode: requests waiting for a person at once (per process); more: approval_unavailable
+    max_pending_per_caller: int = 10  # approvals one caller may have waiting for a person (per process); more: refused
 
 
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
@@ -1091,6 +1092,7 @@ _APPROVALS_KEYS = {
     "elicitation_url",
     "breaker",
     "max_held",
+    "max_pending_per_caller",
 }
 
 
@@ -1151,6 +1153,7 @@ def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
         elicitation_url=elicitation,
         breaker=_breaker(r, m, path),
         max_held=r.integer(m, "max_held", path, 100, 1, 100_000),
+        max_pending_per_caller=r.integer(m, "max_pending_per_caller", path, 10, 1, 100_000),
     )
     return cfg if all(urls.values()) and client is not None else None
 

@@ -17,6 +17,11 @@ SDK retry loop, or one hoping a tired approver taps "approve" on the tenth promp
 device or the OP. Remembered per process, at most `MAX_PENDING` requests (the least recently asked about are
 forgotten first).
 
+**One caller, a few prompts.** Varying the request (another amount) makes a new prompt each time: a caller (the
+binding's caller facts) may have at most `max_pending_per_caller` approvals waiting for a person in this process,
+held requests and tickets whose answer has not been read and that have not expired. One more is refused
+`approval_unavailable` at once, without asking the OP; other callers are not affected.
+
 `Granted` is not an allow: the request path must ask the PDP again with `approval: granted.approval.document()`
 in the policy input, and forward only on that allow (an `approval_required` the second time is a denial, never
 another round). Nothing here forwards anything or mints anything.
@@ -57,6 +62,7 @@ _RESULT_OF = {
     Reason.APPROVAL_UNAVAILABLE: "unavailable",
     Reason.APPROVAL_INVALID: "invalid",
 }
+Caller = tuple[tuple[str, str], ...]  # RequestBinding.subject
 MAX_PENDING = 10_000  # ticket mode: requests waiting for a person this process remembers (module docstring)
 _RETRY_ROOM_S = 1.0  # a pending ticket expiring sooner is not handed out again: the retry could not use it
 
@@ -96,6 +102,10 @@ class Approvals:
         self._used = UsedApprovals(clock=clock)
         # (binding digest, approver) -> the pending ticket handed out for it (module docstring)
         self._pending: OrderedDict[tuple[str, str], ApprovalPending] = OrderedDict()
+        # caller facts -> the keys of its pending tickets, and how many of its requests are held now
+        self._tickets_of: dict[Caller, set[tuple[str, str]]] = {}
+        self._owner: dict[tuple[str, str], Caller] = {}  # a pending ticket's caller
+        self._held_of: dict[Caller, int] = {}
         self._starting: dict[tuple[str, str], asyncio.Task[ApprovalResult]] = {}  # prompts being sent now
         self._on_result = on_result or (lambda _result: None)
         self.held = 0  # hold mode: requests waiting for a person now (at most cfg.max_held)
@@ -137,11 +147,35 @@ class Approvals:
             result = NotApproved(Reason.APPROVAL_UNAVAILABLE, f"approvals.max_held ({self.cfg.max_held}) are waiting")
             self._count(result)
             return result
+        caller = binding.subject
+        refused = self._caller_full(caller)
+        if refused is not None:
+            return refused
         self.held += 1
+        self._held_of[caller] = self._held_of.get(caller, 0) + 1
         try:
             return await self._request(binding, ask, mode, method, deadline)
         finally:
             self.held -= 1
+            left = self._held_of[caller] - 1
+            if left:
+                self._held_of[caller] = left
+            else:
+                del self._held_of[caller]
+
+    def _caller_full(self, caller: Caller) -> NotApproved | None:
+        """Refused when this caller already has `max_pending_per_caller` approvals waiting (module docstring)."""
+        keys = self._tickets_of.get(caller, set())
+        now = self._clock()
+        for key in [k for k in keys if (known := self._pending.get(k)) is None or known.expires_at <= now]:
+            self._forget(key)
+        waiting = len(self._tickets_of.get(caller, ())) + self._held_of.get(caller, 0)
+        limit = self.cfg.max_pending_per_caller
+        if waiting < limit:
+            return None
+        result = NotApproved(Reason.APPROVAL_UNAVAILABLE, f"approvals.max_pending_per_caller ({limit}) are waiting")
+        self._count(result)
+        return result
 
     async def _ticket(
         self,
@@ -159,6 +193,9 @@ class Approvals:
             return Awaiting(known)
         task = self._starting.get(key)
         if task is None:
+            refused = self._caller_full(binding.subject)
+            if refused is not None:
+                return refused
             task = asyncio.get_running_loop().create_task(self._request(binding, ask, mode, method, deadline))
             self._starting[key] = task
             task.add_done_callback(lambda _t: self._starting.pop(key, None))
@@ -209,10 +246,22 @@ class Approvals:
         assert self._sealer is not None
         ticket = ApprovalTicket(binding.digest, approval_id, ask.approver, started.auth_req_id, now, started.expires_at)
         pending = self._pending_of(ticket.seal(self._sealer), ticket, binding, started.interval_s)
-        self._pending[(binding.digest, ask.approver)] = pending
+        key = (binding.digest, ask.approver)
+        self._pending[key] = pending
+        self._tickets_of.setdefault(binding.subject, set()).add(key)
+        self._owner[key] = binding.subject
         while len(self._pending) > MAX_PENDING:
-            self._pending.popitem(last=False)
+            self._forget(next(iter(self._pending)))
         return Awaiting(pending)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        """No longer pending: answered, expired, or the oldest past MAX_PENDING."""
+        self._pending.pop(key, None)
+        caller = self._owner.pop(key, None)
+        keys = self._tickets_of.get(caller, set()) if caller is not None else set()
+        keys.discard(key)
+        if caller is not None and not keys:
+            self._tickets_of.pop(caller, None)
 
     def _pending_for(self, key: tuple[str, str], now: float) -> ApprovalPending | None:
         """The ticket already handed out for this request and approver, while a retry can still use it."""
@@ -220,7 +269,7 @@ class Approvals:
         if known is None:
             return None
         if known.expires_at - now < _RETRY_ROOM_S:
-            del self._pending[key]
+            self._forget(key)
             return None
         self._pending.move_to_end(key)
         return known
@@ -230,7 +279,7 @@ class Approvals:
         key = (ticket.binding, ticket.approver)
         known = self._pending.get(key)
         if known is not None and known.approval_id == ticket.approval_id:
-            del self._pending[key]
+            self._forget(key)
 
     def _pending_of(
         self, text: str, ticket: ApprovalTicket, binding: RequestBinding, interval_s: float

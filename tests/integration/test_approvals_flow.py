@@ -215,3 +215,25 @@ async def test_a_ticket_is_redeemed_only_while_the_pdp_names_its_approver_and_st
     assert withdrawn == NotApproved(Reason.APPROVAL_TIMEOUT, "the PDP's expires_at has passed")
     # Neither spent the approval: the retry the PDP still offers it for redeems it.
     assert isinstance(await flow.redeem(ticket, request(), ASK, soon()), Granted)
+
+
+async def test_a_caller_has_at_most_max_pending_per_caller_approvals_waiting_held_or_ticketed(
+    op: OpenIdProvider, tmp_path: Path
+) -> None:
+    flow = Approvals.from_config(approvals_config(op, tmp_path, max_pending_per_caller=2))
+    try:
+        held = asyncio.create_task(flow.request(request(b"1"), ASK, HOLD, "POST", soon()))
+        await op.wait_ciba()
+        assert isinstance(await flow.request(request(b"2"), ASK, TICKET, "POST", soon()), Awaiting)
+        full = NotApproved(Reason.APPROVAL_UNAVAILABLE, "approvals.max_pending_per_caller (2) are waiting")
+        assert await flow.request(request(b"3"), ASK, TICKET, "POST", soon()) == full
+        assert await flow.request(request(b"3"), ASK, HOLD, "POST", soon()) == full
+        assert len(await op.ciba_requests()) == 2
+        other: dict[str, object] = {**SUBJECT, "id": "carol"}
+        assert isinstance(await flow.request(request(b"3", other), ASK, TICKET, "POST", soon()), Awaiting)
+        # The held request answered: room for one more.
+        await op.approve((await op.wait_ciba())["auth_req_id"])
+        assert isinstance(await held, Granted)
+        assert isinstance(await flow.request(request(b"3"), ASK, TICKET, "POST", soon()), Awaiting)
+    finally:
+        await flow.close()

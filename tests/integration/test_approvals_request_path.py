@@ -648,3 +648,25 @@ async def test_retrying_without_the_ticket_does_not_ask_the_approver_again(
     assert (status, headers["x-pep-reason"]) == (403, "approval_required")
     assert len(await op.ciba_requests()) == 3
     assert upstream.seen == []
+
+
+async def test_one_caller_cannot_flood_the_approver_with_distinct_requests(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """Varying the body makes every request a new one: past max_pending_per_caller, a caller's requests are
+    refused at once, without a prompt, while others are still asked about."""
+    pep = await start("ticket")  # max_pending_per_caller: 10 by default
+    reasons = [(await post(pep, body=orjson.dumps({"order": n, "amount": 500})))[1]["x-pep-reason"] for n in range(12)]
+    assert reasons == ["approval_required"] * 10 + ["approval_unavailable"] * 2
+    assert len(await op.ciba_requests()) == 10
+    assert (await post(pep, agent="agent-8"))[1]["x-pep-reason"] == "approval_required"
+    assert len(await op.ciba_requests()) == 11
+    # Once an answer is read, the caller has room again.
+    _, _, first = await post(pep, body=orjson.dumps({"order": 0, "amount": 500}))
+    await op.deny((await op.wait_ciba())["auth_req_id"])
+    ticket = first["error"]["approval"]["ticket"]
+    assert (await post(pep, body=orjson.dumps({"order": 0, "amount": 500}), ticket=ticket))[1]["x-pep-reason"] == (
+        "approval_denied"
+    )
+    assert (await post(pep, body=b'{"order": 9}'))[1]["x-pep-reason"] == "approval_required"
+    assert upstream.seen == []

@@ -212,6 +212,7 @@ def cred(data: dict[str, Any], i: int = 0) -> dict[str, Any]:
         (lambda d: a(d).update(poll=1), "approvals.poll: unknown key"),
         (lambda d: a(d).update(max_held=0), "approvals.max_held: must be between 1 and 100000"),
         (lambda d: a(d).update(max_held="many"), "approvals.max_held: must be an integer"),
+        (lambda d: a(d).update(max_pending_per_caller=0), "approvals.max_pending_per_caller: must be between 1"),
         (lambda d: cred(d).update(kind="vault"), "routes[0].credential.kind: must be one of"),
         (lambda d: cred(d).update(kind=None), "routes[0].credential.kind: must be a non-empty string"),
         (lambda d: d["routes"][0].pop("require_identity"), "routes[0].credential.kind: token_exchange needs"),
