@@ -6,9 +6,9 @@ Two entry points, one per moment an approval can be asked for:
   once, with a sealed ticket to retry with.
 - `redeem`: the agent retries with a ticket. The ticket must open, be unexpired, unused here, bound to this
   exact request and caller, and approved by the approver the PDP names for the retry (the policy input holds
-  more than the binding, headers for one, so the retry can need someone else); then the OP is polled once:
-  still pending (the same ticket again), or approved (the approval is redeemed, single-use at the OP), or
-  declined, expired, unavailable.
+  more than the binding, headers for one, so the retry can need someone else); then the OP is polled once, if
+  a poll is due (at most one per interval, however often the agent retries): still pending (the same ticket
+  again), or approved (the approval is redeemed, single-use at the OP), or declined, expired, unavailable.
 
 **One prompt per request.** In `ticket` mode a request that already waits for a person gets its pending ticket
 back, without a new prompt, until the person's answer is read or the ticket is about to expire (identical
@@ -105,6 +105,8 @@ class Approvals:
         # caller facts -> the keys of its pending tickets, and how many of its requests are held now
         self._tickets_of: dict[Caller, set[tuple[str, str]]] = {}
         self._owner: dict[tuple[str, str], Caller] = {}  # a pending ticket's caller
+        # approval id -> when its next poll is due (monotonic) and the interval then (ticket retries)
+        self._polls: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._held_of: dict[Caller, int] = {}
         self._starting: dict[tuple[str, str], asyncio.Task[ApprovalResult]] = {}  # prompts being sent now
         self._on_result = on_result or (lambda _result: None)
@@ -254,6 +256,12 @@ class Approvals:
             self._forget(next(iter(self._pending)))
         return Awaiting(pending)
 
+    def _schedule(self, approval_id: str, due: float, interval_s: float) -> None:
+        self._polls[approval_id] = (due, interval_s)
+        self._polls.move_to_end(approval_id)
+        while len(self._polls) > MAX_PENDING:
+            self._polls.popitem(last=False)
+
     def _forget(self, key: tuple[str, str]) -> None:
         """No longer pending: answered, expired, or the oldest past MAX_PENDING."""
         self._pending.pop(key, None)
@@ -315,10 +323,18 @@ class Approvals:
             return NotApproved(Reason.APPROVAL_INVALID, "ticket: the policy names another approver for this request")
         if ask.expires_at is not None and ask.expires_at <= self._clock():
             return NotApproved(Reason.APPROVAL_TIMEOUT, "the PDP's expires_at has passed")
-        interval = self.cfg.min_poll_interval_ms / 1000
+        # CIBA's client waits the interval between polls (slow_down adds to it), however often the agent retries:
+        # a retry before the next poll is due gets the same ticket back, and the OP is not asked.
+        now = self._monotonic()
+        due, interval = self._polls.get(ticket.approval_id, (now, self.cfg.min_poll_interval_ms / 1000))
+        if now < due:
+            return Awaiting(self._pending_of(text, ticket, binding, due - now))
+        self._schedule(ticket.approval_id, now + interval, interval)  # (a concurrent retry waits for this poll)
         polled = await self.ciba.poll(ticket.auth_req_id, ticket.approver, interval, deadline - self._monotonic())
         if isinstance(polled, Pending):
+            self._schedule(ticket.approval_id, self._monotonic() + polled.interval_s, polled.interval_s)
             return Awaiting(self._pending_of(text, ticket, binding, polled.interval_s))
+        self._polls.pop(ticket.approval_id, None)
         if not (isinstance(polled, NotApproved) and polled.reason is Reason.APPROVAL_UNAVAILABLE):
             self._answered(ticket)  # approved, declined, expired or unknown to the OP: no longer pending
         if isinstance(polled, NotApproved):

@@ -116,7 +116,8 @@ async def test_ticket_mode_works_once_for_the_same_request_and_caller(
         assert again_there == NotApproved(Reason.APPROVAL_INVALID, "ticket: already used")
     finally:
         await other_process.close()
-    # This process never saw the redemption: the OP's single-use redemption refuses it.
+    # This process never saw the redemption: the OP's single-use redemption refuses it (once a poll is due).
+    await asyncio.sleep(still.pending.retry_after_ms / 1000)
     again_here = await flow.redeem(pending.ticket, request(), ASK, soon())
     assert isinstance(again_here, NotApproved)
     assert again_here.reason is Reason.APPROVAL_INVALID

@@ -419,6 +419,7 @@ async def test_ticket_retry_after_approval_is_forwarded_once_and_the_ticket_neve
     status, headers, body = await post(pep, ticket=ticket)
     assert (status, headers["x-pep-reason"], body["error"]["approval"]["ticket"]) == (403, "approval_required", ticket)
     await op.approve((await op.wait_ciba())["auth_req_id"])
+    await asyncio.sleep(body["error"]["approval"]["retry_after_ms"] / 1000)  # as an agent waits for the next poll
     status, _, _ = await post(pep, ticket=ticket)
     assert status == 200
     assert len(upstream.seen) == 1
@@ -669,4 +670,21 @@ async def test_one_caller_cannot_flood_the_approver_with_distinct_requests(
         "approval_denied"
     )
     assert (await post(pep, body=b'{"order": 9}'))[1]["x-pep-reason"] == "approval_required"
+    assert upstream.seen == []
+
+
+async def test_an_agent_retrying_faster_than_the_interval_does_not_poll_the_op_faster(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """CIBA's client (the PEP) must wait the interval between polls; an agent hammering its retry must not make
+    the PEP poll faster (an OP answers that with slow_down, then may throttle the PEP's client for everyone)."""
+    pep = await start("ticket", min_poll_interval_ms=3000)
+    _, _, body = await post(pep)
+    ticket = body["error"]["approval"]["ticket"]
+    answers = [await post(pep, ticket=ticket) for _ in range(5)]
+    assert {(a[0], a[1]["x-pep-reason"], a[2]["error"]["approval"]["ticket"]) for a in answers} == {
+        (403, "approval_required", ticket)
+    }
+    assert all(int(a[1]["retry-after"]) >= 1 for a in answers)
+    assert (await op.stats())["grants"].get("urn:openid:params:grant-type:ciba", 0) == 1
     assert upstream.seen == []
