@@ -1,4 +1,5 @@
-"""The upstream's own address never reaches the agent: `Location`, `Content-Location` and `Refresh` values that
+"""The upstream's own address never reaches the agent: `Location`, `Content-Location` and `Refresh` values, and
+the targets of `Link` (RFC 8288: pagination's `rel="next"`, which clients follow as they follow a redirect), that
 name the route's upstream origin are rewritten to the route's path on the PEP, as nginx's `proxy_redirect
 default` does.
 
@@ -19,7 +20,7 @@ from pep.authority import DEFAULT_PORTS
 from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
-_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh"})
+_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh", b"link"})
 _URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
 _REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
@@ -54,8 +55,46 @@ def public_reference(value: str, route: Route) -> str:
     return f"{path}{query}{fragment}"
 
 
+def public_links(value: str, route: Route) -> str:
+    """A `Link` field value with each link's `<target>` passed through `public_reference`. Only a `<` that opens a
+    link (at the start, or after the comma that ends the previous one) starts a target: one inside a quoted
+    parameter (`title="a, <b>"`) is text."""
+    out: list[str] = []
+    i, n = 0, len(value)
+    quoted = False
+    opens = True  # at the start of a link-value (nothing but spaces since the start or a comma)
+    while i < n:
+        c = value[i]
+        if quoted:
+            if c == "\\" and i + 1 < n:
+                out.append(value[i : i + 2])
+                i += 2
+                continue
+            quoted = c != '"'
+        elif c == '"':
+            quoted, opens = True, False
+        elif c == "<" and opens:
+            end = value.find(">", i + 1)
+            if end < 0:
+                out.append(value[i:])
+                break
+            out.append(f"<{public_reference(value[i + 1 : end], route)}>")
+            i, opens = end + 1, False
+            continue
+        elif c == ",":
+            opens = True
+        elif not c.isspace():
+            opens = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def public_value(name: str, value: str, route: Route) -> str:
-    """The value of a `Location`, `Content-Location` or `Refresh` field (`name` lower-cased) as the agent gets it."""
+    """The value of a `Location`, `Content-Location`, `Refresh` or `Link` field (`name` lower-cased) as the agent
+    gets it."""
+    if name == "link":
+        return public_links(value, route)
     if name != "refresh":
         return public_reference(value, route)
     m = _REFRESH.match(value)

@@ -61,7 +61,14 @@ class RedirectingUpstream(LoopbackServer):
             await record(request)
             raise web.HTTPFound(f"{self.origin}/admin")
 
+        async def listing(request: web.Request) -> web.Response:
+            await record(request)
+            # RFC 8288 pagination, as GitHub-style APIs answer: clients follow rel="next" on their own.
+            links = f'<{self.origin}/v2/items?page=2>; rel="next", <{self.origin}/v2/items?page=9>; rel="last"'
+            return web.json_response([{"id": 1}], headers={"Link": links})
+
         app = web.Application()
+        app.router.add_get("/v2/items", listing)
         app.router.add_get("/v2/old", old)
         app.router.add_get("/v2/new", new)
         app.router.add_post("/v2/items", create)
@@ -143,3 +150,15 @@ async def test_other_origins_are_left_and_the_upstreams_origin_never_shows(
     assert elsewhere.headers["location"] == "https://login.example/authorize?client=pep"
     assert outside.headers["location"] == "/admin"  # no PEP path leads there: the path alone, decided if followed
     assert_no_upstream_address(outside, redirecting)
+
+
+async def test_pagination_links_name_the_pep(pep: RunningPep, redirecting: RedirectingUpstream) -> None:
+    """A `Link` to the next page is followed by clients as a redirect is: it must not lead around the PEP."""
+    async with httpx.AsyncClient(base_url=pep.url) as client:
+        page = await client.get("/api/items")
+        assert page.status_code == 200
+        assert page.headers["link"] == '</api/items?page=2>; rel="next", </api/items?page=9>; rel="last"'
+        assert_no_upstream_address(page, redirecting)
+        following = await client.get(page.links["next"]["url"])
+    assert following.status_code == 200
+    assert [path for path, _ in redirecting.seen] == ["/v2/items", "/v2/items?page=2"]

@@ -74,6 +74,7 @@ def test_every_header_that_can_carry_the_address() -> None:
             ("Refresh", f"0;URL='{UP}/mcp/d'"),
             ("Refresh", "10"),
             ("Link", "<https://other.example/x>; rel=next"),
+            ("Link", f'<{UP}/mcp/e>; rel="next", <https://other.example/y>; title="a, <{UP}/q>", <{UP}/mcp/f>'),
             ("X-Other", f"{UP}/mcp/kept"),  # not a URL header of HTTP: not touched
         ]
     )
@@ -81,10 +82,16 @@ def test_every_header_that_can_carry_the_address() -> None:
     out = rewrite(fields, MCP)
     headers = CIMultiDict((n.decode(), v.decode()) for n, v in out)
     assert [n for n, _ in out] == [n for n, _ in fields]  # in place, in order
-    assert rewrite(fields[-2:], MCP) == fields[-2:]  # nothing to rewrite: the fields as they came
+    assert rewrite(fields[-1:], MCP) == fields[-1:]  # nothing to rewrite: the fields as they came
+    assert rewrite(fields[-3:-2], MCP) == fields[-3:-2]
     assert headers.getall("Location") == ["/mcp/a"]
     assert headers.getall("Content-Location") == ["/mcp/b"]
     assert headers.getall("Refresh") == ["5; url=/mcp/c", "0;URL='/mcp/d'", "10"]
+    # Each link's target, not what a quoted parameter says.
+    assert headers.getall("Link") == [
+        "<https://other.example/x>; rel=next",
+        f'</mcp/e>; rel="next", <https://other.example/y>; title="a, <{UP}/q>", </mcp/f>',
+    ]
     assert headers["X-Other"] == f"{UP}/mcp/kept"
 
 
