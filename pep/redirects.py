@@ -6,15 +6,16 @@ default` does.
 Left as they are, they tell the agent where the upstream listens, and a client that follows them (or a developer
 told by an SDK to "use this URL") goes around the PEP. The rewritten value is a path (`/mcp/session`), never an
 absolute URL: the agent resolves it against the address it called, so it stays on the PEP through whatever name,
-port or TLS terminator it used, and no caller-supplied `Host` is echoed back. Values naming another origin, and
-relative references, are left alone: they do not reveal the upstream, and what they lead to goes through the PEP
-(or elsewhere) like any other request.
+port or TLS terminator it used, and no caller-supplied `Host` is echoed back. A value naming another route's
+upstream (services behind one PEP redirect to each other by their own addresses) gets that route's path the same
+way. Values naming any other origin, and relative references, are left alone: they reveal no upstream, and what
+they lead to goes through the PEP (or elsewhere) like any other request.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pep.authority import DEFAULT_PORTS
 from pep.routing import Route
@@ -31,16 +32,22 @@ def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, 
     return scheme, (host or "").lower(), port or DEFAULT_PORTS.get(scheme)
 
 
+def _upstream_origin(route: Route) -> tuple[str, str, int | None]:
+    up = urlsplit(route.upstream)
+    return _origin(up.scheme, up.hostname, up.port)
+
+
 def public_reference(value: str, route: Route) -> str:
     """`value` with the upstream's origin replaced by the route's path on the PEP; unchanged when it does not
-    name the upstream (another origin, or a relative reference)."""
+    name the upstream (another origin, or a relative reference). A URL naming another route's upstream (one
+    service redirecting to another behind the same PEP) gets that route's path the same way."""
     try:
         ref = urlsplit(value.strip())
         up = urlsplit(route.upstream)
         if ref.netloc:
             named = _origin(ref.scheme or up.scheme, ref.hostname, ref.port)
             if named != _origin(up.scheme, up.hostname, up.port):
-                return value
+                return _peer_reference(value, ref, named, route)
         elif ref.scheme or not ref.path.startswith("/"):
             return value  # `mailto:…`, `urn:…`, or a relative path: nothing of the upstream's address in it
     except ValueError:  # an unparsable port or host: not recognisably the upstream's, and not a URL to follow
@@ -121,3 +128,15 @@ def rewrite(fields: Fields, route: Route) -> Fields:
                 out = list(fields)
             out[i] = (name, public.encode("utf-8", "surrogateescape"))
     return fields if out is None else out
+
+
+def _peer_reference(value: str, ref: SplitResult, named: tuple[str, str, int | None], route: Route) -> str:
+    """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a
+    PEP path for it; a route with `match.host` is reached by its host, so only loses the origin), else as it is."""
+    peers = [p for p in route.peers if p is not route and not p.config.tunnel and _upstream_origin(p) == named]
+    if not peers:
+        return value
+    path = next((found for p in peers if p.host is None and (found := p.public_path(ref.path or "/"))), None)
+    query = f"?{ref.query}" if ref.query else ""
+    fragment = f"#{ref.fragment}" if ref.fragment else ""
+    return f"{path or ref.path or '/'}{query}{fragment}"

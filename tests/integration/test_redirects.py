@@ -21,6 +21,7 @@ class RedirectingUpstream(LoopbackServer):
 
     port: int = 0
     seen: list[tuple[str, str | None]] = field(default_factory=list)  # (path, X-PEP-Decision-ID)
+    elsewhere_to: str = "https://login.example/authorize?client=pep"  # where /v2/elsewhere redirects
 
     @property
     def origin(self) -> str:
@@ -55,7 +56,7 @@ class RedirectingUpstream(LoopbackServer):
 
         async def elsewhere(request: web.Request) -> web.Response:
             await record(request)
-            raise web.HTTPFound("https://login.example/authorize?client=pep")
+            raise web.HTTPFound(self.elsewhere_to)
 
         async def outside(request: web.Request) -> web.Response:
             await record(request)
@@ -162,3 +163,38 @@ async def test_pagination_links_name_the_pep(pep: RunningPep, redirecting: Redir
         following = await client.get(page.links["next"]["url"])
     assert following.status_code == 200
     assert [path for path, _ in redirecting.seen] == ["/v2/items", "/v2/items?page=2"]
+
+
+async def test_a_redirect_to_another_routes_upstream_names_that_route_on_the_pep(
+    make_pep: PepStarter, redirecting: RedirectingUpstream
+) -> None:
+    """Services behind one PEP redirect to each other by their own addresses (a login service, a file store): the
+    agent must not learn those either, and following the redirect goes through the PEP to that route."""
+    other = RedirectingUpstream()
+    await other.start()
+    try:
+        routes = [
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "upstream": f"{redirecting.origin}/v2",
+                "strip_prefix": True,
+            },
+            {
+                "name": "files",
+                "match": {"path_prefix": "/files"},
+                "upstream": f"{other.origin}/v2",
+                "strip_prefix": True,
+            },
+        ]
+        pep = await make_pep(lambda c: c["routes"].extend(routes))
+        redirecting.elsewhere_to = f"{other.origin}/v2/new?x=2"
+        async with httpx.AsyncClient(base_url=pep.url) as client:
+            moved = await client.get("/api/elsewhere")
+            assert moved.headers["location"] == "/files/new?x=2"
+            assert f":{other.port}" not in moved.headers["location"]
+            followed = await client.get(moved.headers["location"])
+        assert followed.json() == {"new": True}
+        assert [path for path, _ in other.seen] == ["/v2/new?x=2"]
+    finally:
+        await other.stop()
