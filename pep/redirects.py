@@ -22,7 +22,10 @@ from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
 _URL_FIELDS = frozenset({b"location", b"content-location", b"refresh", b"link"})
+# A cheap first look at each answer field, before any lower-casing: Date, Vary and ETag have Link's length, not
+# its initial.
 _URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
+_URL_FIELD_INITIALS = frozenset(n[0] for n in _URL_FIELDS)
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
 _REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
 
@@ -116,7 +119,7 @@ def rewrite(fields: Fields, route: Route) -> Fields:
     place and order; `fields` itself when there is none (the usual case: nothing is copied)."""
     out: Fields | None = None
     for i, (name, value) in enumerate(fields):
-        if len(name) not in _URL_FIELD_LENGTHS:
+        if len(name) not in _URL_FIELD_LENGTHS or name[0] | 0x20 not in _URL_FIELD_INITIALS:
             continue
         key = name.lower()
         if key not in _URL_FIELDS:
