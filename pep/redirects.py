@@ -134,12 +134,13 @@ def rewrite(fields: Fields, route: Route) -> Fields:
 
 
 def _peer_reference(value: str, ref: SplitResult, named: tuple[str, str, int | None], route: Route) -> str:
-    """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a
-    PEP path for it; a route with `match.host` is reached by its host, so only loses the origin), else as it is."""
-    peers = [p for p in route.peers if p is not route and not p.config.tunnel and _upstream_origin(p) == named]
+    """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a PEP
+    path for it; else the path alone), or as it is. Routes with `match.host` (forward-proxy mode) and tunnels are
+    not looked at: the agent reaches them by that very host, through the PEP, so their address is no secret."""
+    peers = [p for p in route.peers if p is not route and p.host is None and _upstream_origin(p) == named]
     if not peers:
         return value
-    path = next((found for p in peers if p.host is None and (found := p.public_path(ref.path or "/"))), None)
+    path = next((found for p in peers if (found := p.public_path(ref.path or "/"))), None)
     query = f"?{ref.query}" if ref.query else ""
     fragment = f"#{ref.fragment}" if ref.fragment else ""
     return f"{path or ref.path or '/'}{query}{fragment}"

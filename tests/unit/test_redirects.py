@@ -128,7 +128,8 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
     api = next(r for r in table.routes if r.name == "api")
     assert public_reference("http://files.internal:8080/store/a?x=1#f", api) == "/files/a?x=1#f"
     assert public_reference("http://FILES.internal:8080/elsewhere", api) == "/elsewhere"  # the origin goes
-    assert public_reference("http://files.internal:8081/x", api) == "/x"  # a host route's upstream: the origin goes
+    # A forward-proxy route is reached by that very host: its URL is the one the agent should follow.
+    assert public_reference("http://files.internal:8081/x", api) == "http://files.internal:8081/x"
     assert public_reference("http://db.internal:5432/x", api) == "http://db.internal:5432/x"  # a tunnel: no URL
     assert public_reference("https://login.example/a", api) == "https://login.example/a"  # no route's upstream
     assert public_reference(f"{UP}/v2/y", api) == "/api/y"  # its own first
