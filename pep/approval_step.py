@@ -3,7 +3,8 @@
 `pep run` calls `settle` right after the PDP's decision; `pep explain` calls `describe` (it asks nobody).
 
 - A retry carrying a ticket (`x-pep-approval-ticket`) was decided like any request first: only when the PDP still
-  answers `approval_required` is the ticket redeemed (pep/approvals/flow.py `redeem`). One ticket header, no more.
+  answers `approval_required`, naming the approver who approved the ticket, is the ticket redeemed
+  (pep/approvals/flow.py `redeem`). One ticket header, no more.
 - Otherwise the approver the PDP named is asked through CIBA: in `hold` mode the request waits (at most `hold_ms`
   and the route's `timeout_ms`), in `ticket` mode the agent is answered at once with a sealed ticket.
 - An approval granted is not an allow: the PDP is asked again with `approval: {approver, approved_at, id}` in the
@@ -13,7 +14,8 @@
 The approval binds the exact request (route, method, upstream URL, the bytes an allow forwards, the caller): the
 admission read the body whole for that. On MCP routes the body is bound as the JSON-RPC message(s) it parsed to,
 without their `id`s (keys sorted): every SDK numbers each attempt anew, so a retry of the same call carries other
-bytes for the same action. The parse is strict (one reading of the bytes), so nothing else can differ.
+bytes for the same action. The parse is strict (one reading of the bytes), so nothing else can differ. A reply to
+a server request keeps its id, the server's (the PEP's token opened): it says which question is answered.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ async def settle(
     result: ApprovalResult
     if tickets:
         # Two tickets on one request are not a retry of one approval: redeemed as an unreadable ticket (counted).
-        result = await approvals.redeem(tickets[0] if len(tickets) == 1 else "", binding, now + timeout)
+        result = await approvals.redeem(tickets[0] if len(tickets) == 1 else "", binding, ask, now + timeout)
     else:
         wait = min(mode.hold_ms / 1000, timeout) if mode.mode == "hold" else timeout
         result = await approvals.request(binding, ask, mode, check.method, now + wait)
@@ -110,9 +112,18 @@ def binding_of(admission: Admission) -> RequestBinding:
     body, value = check.body, admission.inspected.value
     if admission.route.config.protocol == "mcp" and body is not None and value is not None:
         messages = value if isinstance(value, list) else [value]
-        unnumbered = [{k: v for k, v in m.items() if k != "id"} if isinstance(m, dict) else m for m in messages]
+        unnumbered = [_unnumbered(m) for m in messages]
         body = orjson.dumps(unnumbered, option=orjson.OPT_SORT_KEYS)
     return bind(admission.route.name, check.method, admission.upstream_url, body, admission.subject)
+
+
+def _unnumbered(message: Any) -> Any:
+    """A request or notification without its `id` (the client's own number, new on every attempt). A reply keeps
+    it: there the id is the server request it answers (opened from the PEP's token, the same on every attempt),
+    and an `accept` to one elicitation must not pass for an `accept` to another."""
+    if isinstance(message, dict) and "method" in message:
+        return {k: v for k, v in message.items() if k != "id"}
+    return message
 
 
 def _refused(outcome: Outcome, result: NotApproved) -> Step:

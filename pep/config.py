@@ -233,6 +233,7 @@ class ApprovalsConfig:
     elicitation_url: str | None = None  # MCP -32042: where the user sees the pending approval; `{id}` is replaced
     breaker: BreakerConfig = BreakerConfig()
     max_held: int = 100  # hold mode: requests waiting for a person at once (per process); more: approval_unavailable
+    max_pending_per_caller: int = 10  # approvals one caller may have waiting for a person (per process); more: refused
 
 
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
@@ -1031,7 +1032,7 @@ def _jit_credential(r: _Reader, value: dict[str, Any], path: str) -> Credential 
         r.error(f"{path}.header", f"is not a valid header name: {header!r}")
     if fmt.count("{}") != 1:
         r.error(f"{path}.format", "must hold {} exactly once, where the token goes")
-    endpoint = _http_url(r, r.string(m, "token_endpoint", path, required=True), f"{path}.token_endpoint")
+    endpoint = _secret_bearing_url(r, r.string(m, "token_endpoint", path, required=True), f"{path}.token_endpoint")
     client = _oauth_client(r, m, path)
     audiences = _one_or_more(r, m, "audience", path)
     resources = _one_or_more(r, m, "resource", path)
@@ -1091,7 +1092,25 @@ _APPROVALS_KEYS = {
     "elicitation_url",
     "breaker",
     "max_held",
+    "max_pending_per_caller",
 }
+
+
+def _secret_bearing_url(r: _Reader, value: str | None, path: str) -> str | None:
+    """An authorization server endpoint: client secrets, callers' tokens and the keys that prove an approval cross
+    it, so it is https://, or plain http:// only to this machine (a loopback address or `localhost`)."""
+    url = _http_url(r, value, path)
+    if url is None or url.startswith("https://"):
+        return url
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        r.error(path, "must be an https:// URL (secrets and signing keys cross it), or http:// on this machine")
+        return None
+    return url
 
 
 def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
@@ -1099,9 +1118,9 @@ def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
     m = r.mapping(value, path, _APPROVALS_KEYS)
     if m is None:
         return None
-    urls = {
-        key: _http_url(r, r.string(m, key, path, required=True), f"{path}.{key}")
-        for key in ("issuer", "backchannel_authentication_endpoint", "token_endpoint", "jwks_uri")
+    urls = {"issuer": _http_url(r, r.string(m, "issuer", path, required=True), f"{path}.issuer")} | {
+        key: _secret_bearing_url(r, r.string(m, key, path, required=True), f"{path}.{key}")
+        for key in ("backchannel_authentication_endpoint", "token_endpoint", "jwks_uri")
     }
     client = _oauth_client(r, m, path)
     scopes = _scopes(r, m, path)
@@ -1134,6 +1153,7 @@ def _approvals(r: _Reader, value: Any) -> ApprovalsConfig | None:
         elicitation_url=elicitation,
         breaker=_breaker(r, m, path),
         max_held=r.integer(m, "max_held", path, 100, 1, 100_000),
+        max_pending_per_caller=r.integer(m, "max_pending_per_caller", path, 10, 1, 100_000),
     )
     return cfg if all(urls.values()) and client is not None else None
 

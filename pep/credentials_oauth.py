@@ -16,7 +16,8 @@ no fallback to another credential, a stale token or the caller's own.
 
 A token is reused only for the same subject token (by its SHA-256, never the token), actor, audience and scopes,
 and only until its `expires_in` minus `expiry_margin_s` (a token without `expires_in`, or one that expires within
-the margin, is used once and not kept). Concurrent requests for the same key share one fetch. The token endpoint
+the margin, is used once and not kept). Concurrent requests for the same key share one fetch (but not a token
+for one request: each of them then fetches its own). The token endpoint
 has its own breaker: only the server's failures count against it; a request the PEP cannot build (no caller
 token on a token-exchange route, an unreadable client secret) is refused without asking.
 
@@ -260,6 +261,7 @@ class OAuthCredentialSource:
         if budget_s <= 0:
             return _unavailable("no time left in the request's deadline")
         task = self._inflight.get(key)
+        shared = task is not None
         if task is None:
             task = asyncio.get_running_loop().create_task(self._fetch(key, subject_token, actor, target))
             self._inflight[key] = task
@@ -267,7 +269,11 @@ class OAuthCredentialSource:
         try:
             async with asyncio.timeout(budget_s):
                 # Shielded: a request whose deadline passes leaves the fetch running for the others waiting on it.
-                return await asyncio.shield(task)
+                got = await asyncio.shield(task)
+                if shared and isinstance(got, Credential) and got.expires_at is None:
+                    # A token for one request went to the request that fetched it: this one fetches its own.
+                    got = await self._fetch(key, subject_token, actor, target)
+                return got
         except TimeoutError:
             return _unavailable("the request's deadline passed while the token was fetched")
 

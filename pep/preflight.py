@@ -55,16 +55,23 @@ def startup_warnings(config: Config) -> list[str]:
 
 def _private_files(config: Config) -> list[tuple[str, str]]:
     """(key path, file) of the keys and secrets only the PEP should read: seal and ticket keys, OAuth client
-    credentials."""
+    credentials, and the credentials it injects or presents upstream (an agent that can read those holds them)."""
     found: list[tuple[str, str]] = [(f"seal_key_files[{i}]", p) for i, p in enumerate(config.seal_key_files)]
     approvals = config.approvals
     if approvals is not None:
         found += [(f"approvals.ticket_key_files[{i}]", p) for i, p in enumerate(approvals.ticket_key_files)]
         found += _client_files("approvals", approvals.client)
     for i, route in enumerate(config.routes):
-        jit = route.credential.jit if route.credential is not None else None
+        credential = route.credential
+        if credential is None:
+            continue
+        jit = credential.jit
         if jit is not None:
             found += _client_files(f"routes[{i}].credential", jit.client)
+            if jit.actor_token_file is not None:
+                found.append((f"routes[{i}].credential.actor_token_file", jit.actor_token_file))
+        elif credential.value_file is not None:
+            found.append((f"routes[{i}].credential.value_file", credential.value_file))
     return found
 
 

@@ -1,26 +1,31 @@
-"""The upstream's own address never reaches the agent: `Location`, `Content-Location` and `Refresh` values that
+"""The upstream's own address never reaches the agent: `Location`, `Content-Location` and `Refresh` values, and
+the targets of `Link` (RFC 8288: pagination's `rel="next"`, which clients follow as they follow a redirect), that
 name the route's upstream origin are rewritten to the route's path on the PEP, as nginx's `proxy_redirect
 default` does.
 
 Left as they are, they tell the agent where the upstream listens, and a client that follows them (or a developer
 told by an SDK to "use this URL") goes around the PEP. The rewritten value is a path (`/mcp/session`), never an
 absolute URL: the agent resolves it against the address it called, so it stays on the PEP through whatever name,
-port or TLS terminator it used, and no caller-supplied `Host` is echoed back. Values naming another origin, and
-relative references, are left alone: they do not reveal the upstream, and what they lead to goes through the PEP
-(or elsewhere) like any other request.
+port or TLS terminator it used, and no caller-supplied `Host` is echoed back. A value naming another route's
+upstream (services behind one PEP redirect to each other by their own addresses) gets that route's path the same
+way. Values naming any other origin, and relative references, are left alone: they reveal no upstream, and what
+they lead to goes through the PEP (or elsewhere) like any other request.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pep.authority import DEFAULT_PORTS
 from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
-_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh"})
+_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh", b"link"})
+# A cheap first look at each answer field, before any lower-casing: Date, Vary and ETag have Link's length, not
+# its initial.
 _URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
+_URL_FIELD_INITIALS = frozenset(n[0] for n in _URL_FIELDS)
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
 _REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
 
@@ -30,16 +35,22 @@ def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, 
     return scheme, (host or "").lower(), port or DEFAULT_PORTS.get(scheme)
 
 
+def _upstream_origin(route: Route) -> tuple[str, str, int | None]:
+    up = urlsplit(route.upstream)
+    return _origin(up.scheme, up.hostname, up.port)
+
+
 def public_reference(value: str, route: Route) -> str:
     """`value` with the upstream's origin replaced by the route's path on the PEP; unchanged when it does not
-    name the upstream (another origin, or a relative reference)."""
+    name the upstream (another origin, or a relative reference). A URL naming another route's upstream (one
+    service redirecting to another behind the same PEP) gets that route's path the same way."""
     try:
         ref = urlsplit(value.strip())
         up = urlsplit(route.upstream)
         if ref.netloc:
             named = _origin(ref.scheme or up.scheme, ref.hostname, ref.port)
             if named != _origin(up.scheme, up.hostname, up.port):
-                return value
+                return _peer_reference(value, ref, named, route)
         elif ref.scheme or not ref.path.startswith("/"):
             return value  # `mailto:…`, `urn:…`, or a relative path: nothing of the upstream's address in it
     except ValueError:  # an unparsable port or host: not recognisably the upstream's, and not a URL to follow
@@ -54,8 +65,46 @@ def public_reference(value: str, route: Route) -> str:
     return f"{path}{query}{fragment}"
 
 
+def public_links(value: str, route: Route) -> str:
+    """A `Link` field value with each link's `<target>` passed through `public_reference`. Only a `<` that opens a
+    link (at the start, or after the comma that ends the previous one) starts a target: one inside a quoted
+    parameter (`title="a, <b>"`) is text."""
+    out: list[str] = []
+    i, n = 0, len(value)
+    quoted = False
+    opens = True  # at the start of a link-value (nothing but spaces since the start or a comma)
+    while i < n:
+        c = value[i]
+        if quoted:
+            if c == "\\" and i + 1 < n:
+                out.append(value[i : i + 2])
+                i += 2
+                continue
+            quoted = c != '"'
+        elif c == '"':
+            quoted, opens = True, False
+        elif c == "<" and opens:
+            end = value.find(">", i + 1)
+            if end < 0:
+                out.append(value[i:])
+                break
+            out.append(f"<{public_reference(value[i + 1 : end], route)}>")
+            i, opens = end + 1, False
+            continue
+        elif c == ",":
+            opens = True
+        elif not c.isspace():
+            opens = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def public_value(name: str, value: str, route: Route) -> str:
-    """The value of a `Location`, `Content-Location` or `Refresh` field (`name` lower-cased) as the agent gets it."""
+    """The value of a `Location`, `Content-Location`, `Refresh` or `Link` field (`name` lower-cased) as the agent
+    gets it."""
+    if name == "link":
+        return public_links(value, route)
     if name != "refresh":
         return public_reference(value, route)
     m = _REFRESH.match(value)
@@ -70,7 +119,7 @@ def rewrite(fields: Fields, route: Route) -> Fields:
     place and order; `fields` itself when there is none (the usual case: nothing is copied)."""
     out: Fields | None = None
     for i, (name, value) in enumerate(fields):
-        if len(name) not in _URL_FIELD_LENGTHS:
+        if len(name) not in _URL_FIELD_LENGTHS or name[0] | 0x20 not in _URL_FIELD_INITIALS:
             continue
         key = name.lower()
         if key not in _URL_FIELDS:
@@ -82,3 +131,16 @@ def rewrite(fields: Fields, route: Route) -> Fields:
                 out = list(fields)
             out[i] = (name, public.encode("utf-8", "surrogateescape"))
     return fields if out is None else out
+
+
+def _peer_reference(value: str, ref: SplitResult, named: tuple[str, str, int | None], route: Route) -> str:
+    """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a PEP
+    path for it; else the path alone), or as it is. Routes with `match.host` (forward-proxy mode) and tunnels are
+    not looked at: the agent reaches them by that very host, through the PEP, so their address is no secret."""
+    peers = [p for p in route.peers if p is not route and p.host is None and _upstream_origin(p) == named]
+    if not peers:
+        return value
+    path = next((found for p in peers if (found := p.public_path(ref.path or "/"))), None)
+    query = f"?{ref.query}" if ref.query else ""
+    fragment = f"#{ref.fragment}" if ref.fragment else ""
+    return f"{path or ref.path or '/'}{query}{fragment}"

@@ -7,7 +7,7 @@ CONNECT is matched separately (`RouteTable.tunnel`), on host:port, and only by r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, format_authority, resolve_authority, split_authority
@@ -35,6 +35,9 @@ class Route:
     # caller headers the route drops, hides or reads (integrity.alias_problem)
     reserved_names: frozenset[str] = frozenset()
     list_filters: frozenset[str] = frozenset()  # MCP routes: the list answers filtered by policy (filter_*_list)
+    # Every route of the table this route is in (itself too), filled by RouteTable: an upstream's answer may name
+    # another route's upstream, which the agent must not learn either (pep/redirects.py).
+    peers: list[Route] = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def build(cls, cfg: RouteConfig, token_header: str | None = None, agent_header: str | None = None) -> Route:
@@ -142,6 +145,9 @@ class RouteTable:
     ) -> None:
         built = (Route.build(r, token_header, agent_header) for r in routes)
         self.routes = tuple(sorted(built, key=lambda r: (-len(r.prefix), r.host is None)))
+        peers = list(self.routes)
+        for route in self.routes:
+            route.peers[:] = peers
 
     def match(self, path: str, authority: str | None = None, scheme: str = "http") -> Route | None:
         """The route for `path` on `authority` (the Host header; None or malformed: only routes without host)."""

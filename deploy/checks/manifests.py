@@ -255,6 +255,7 @@ def pod(rendered: str, outdir: str) -> int:
     for original, dummy in stand_ins.items():
         if dummy.parent.name == "secrets":
             dummy.write_text(TOKEN_STAND_IN, encoding="utf-8")
+            dummy.chmod(0o600)  # as the Secret volume's mode: pep check warns about a credential anyone may read
         text = text.replace(original, str(dummy))
 
     # The PodMonitor scrapes the admin port of these pods; the NetworkPolicy selects them and admits that port.

@@ -2,9 +2,10 @@
 
 **The binding** is a SHA-256 digest over exactly what the person approves: the route, the method, the upstream URL
 the request would be forwarded to, the SHA-256 of the exact body bytes that would be forwarded (or "no body",
-which differs from an empty one), and the caller. The caller is a list of tagged facts, so an identity of one kind
-never equals an identity of another: a verified token's `sub` "bob" (`token-sub`) is not the agent header "bob"
-(`header-agent`), and an agent named by a verified token (`token-agent`) is not one named by a header.
+which differs from an empty one), and the caller. The caller is a list of tagged facts (a token's `sub` with its
+`iss` when the subject's claims carry it), so an identity of one kind never equals an identity of another: a
+verified token's `sub` "bob" (`token-sub`) is not the agent header "bob" (`header-agent`), and an agent named by a
+verified token (`token-agent`) is not one named by a header.
 
 **The ticket** (`approval_required` in ticket mode) is sealed (`pep.seal`, purpose `approval`): it holds the
 binding digest, the approval id, the approver, the CIBA `auth_req_id` and the expiry, and opens only in a process
@@ -57,11 +58,18 @@ def subject_facts(subject: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 
     A verified token is present when `subject.id` is a string: then `agent` came from that token (its `act.sub`,
     `azp` or `client_id`), otherwise from the agent header. `workload` is the mTLS peer's SPIFFE ID or the
-    configured one; either way it is the same for this caller on every attempt."""
+    configured one; either way it is the same for this caller on every attempt. Of the token's claims only `iss` is
+    bound: others may change between two tokens of one caller (a refreshed token)."""
     facts: list[tuple[str, str]] = []
     sub = subject.get("id")
     verified = isinstance(sub, str) and bool(sub)
     if verified:
+        # A `sub` is unique only per issuer: bound with the issuer where the subject carries it (`iss` listed in
+        # `identity.jwt.claims`, as the README asks of configs with several issuers).
+        claims = subject.get("claims")
+        issuer = claims.get("iss") if isinstance(claims, Mapping) else None
+        if isinstance(issuer, str) and issuer:
+            facts.append(("token-iss", issuer))
         facts.append(("token-sub", str(sub)))
     agent = subject.get("agent")
     if isinstance(agent, str) and agent:

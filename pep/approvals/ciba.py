@@ -9,7 +9,8 @@ deadline, honouring the OP's `interval` (CIBA's default 5 s when the OP gives no
 authentication and the `auth_req_id` only the PEP holds, returns an ID token. The PEP verifies it: signed with a
 key from the OP's JWKS (`jwks_uri`, fetched over the same verified TLS; never `none` or HMAC), `iss` equal to the
 configured issuer, `aud` holding this client (and `azp` this client when there are several audiences), unexpired,
-and the configured claim (`approver_claim`, default `sub`) equal to the approver the PDP named. So the OP has
+and the configured claim (`approver_claim`, default `sub`) equal to the approver the PDP named (and not marked
+unverified by the OP: `email_verified: false` for `email`). So the OP has
 authenticated that person for this request; the approver named by the PDP is the `login_hint` the OP resolved,
 and the claim check catches an OP that resolved it to someone else.
 
@@ -216,6 +217,11 @@ class IdTokens:
             return "the ID token has several audiences and another authorized party"
         if claims.get(cfg.approver_claim) != approver:
             return f"the ID token's {cfg.approver_claim} is not the approver the policy named"
+        # OIDC's `email_verified` / `phone_number_verified`: an address anyone may put on their own account proves
+        # nothing until the OP has verified it. Absent, the OP's resolution of the login hint stands.
+        verified = claims.get(f"{cfg.approver_claim}_verified", True)
+        if verified is not True:
+            return f"the ID token's {cfg.approver_claim} is not verified ({cfg.approver_claim}_verified)"
         auth_time = claims.get("auth_time")
         approved_at = float(auth_time) if isinstance(auth_time, int) and not isinstance(auth_time, bool) else None
         return Approved(approver, approved_at if approved_at is not None else self._clock())

@@ -99,25 +99,26 @@ async def test_ticket_mode_works_once_for_the_same_request_and_caller(
     assert pending.code == request().code
     assert pending.retry_after_ms == 50
     assert pending.elicitation_url == f"https://approvals.example/pending/{pending.approval_id}"
-    still = await flow.redeem(pending.ticket, request(), soon())  # nobody has approved yet: the same answer
+    still = await flow.redeem(pending.ticket, request(), ASK, soon())  # nobody has approved yet: the same answer
     assert isinstance(still, Awaiting)
     assert still.pending.ticket == pending.ticket
     for other in (request(b'{"amount": 5000}'), request(subject={**SUBJECT, "id": "mallory"})):
-        refused = await flow.redeem(pending.ticket, other, soon())
+        refused = await flow.redeem(pending.ticket, other, ASK, soon())
         assert refused == NotApproved(Reason.APPROVAL_INVALID, "ticket: other_request")
     await op.approve((await op.wait_ciba())["auth_req_id"])
     # Another process with the same key file (another worker, or this one after a restart) redeems it.
     other_process = Approvals.from_config(approvals_config(op, tmp_path))
     try:
-        granted = await other_process.redeem(pending.ticket, request(), soon())
+        granted = await other_process.redeem(pending.ticket, request(), ASK, soon())
         assert isinstance(granted, Granted)
         assert (granted.approval.approval_id, granted.approval.approver) == (pending.approval_id, "alice")
-        again_there = await other_process.redeem(pending.ticket, request(), soon())
+        again_there = await other_process.redeem(pending.ticket, request(), ASK, soon())
         assert again_there == NotApproved(Reason.APPROVAL_INVALID, "ticket: already used")
     finally:
         await other_process.close()
-    # This process never saw the redemption: the OP's single-use redemption refuses it.
-    again_here = await flow.redeem(pending.ticket, request(), soon())
+    # This process never saw the redemption: the OP's single-use redemption refuses it (once a poll is due).
+    await asyncio.sleep(still.pending.retry_after_ms / 1000)
+    again_here = await flow.redeem(pending.ticket, request(), ASK, soon())
     assert isinstance(again_here, NotApproved)
     assert again_here.reason is Reason.APPROVAL_INVALID
     assert counted == ["requested", "invalid", "invalid", "invalid"]
@@ -131,16 +132,16 @@ async def test_tickets_that_are_forged_expired_declined_or_keyless(
     assert isinstance(first, Awaiting)
     ticket = first.pending.ticket
     forged = ticket[:-3] + ("AAA" if not ticket.endswith("AAA") else "BBB")
-    assert await flow.redeem(forged, request(), soon()) == NotApproved(Reason.APPROVAL_INVALID, "ticket: forged")
+    assert await flow.redeem(forged, request(), ASK, soon()) == NotApproved(Reason.APPROVAL_INVALID, "ticket: forged")
     await op.deny((await op.wait_ciba())["auth_req_id"])
-    declined = await flow.redeem(ticket, request(), soon())
+    declined = await flow.redeem(ticket, request(), ASK, soon())
     assert isinstance(declined, NotApproved)
     assert declined.reason is Reason.APPROVAL_DENIED
     rotated_away = tmp_path / "other"
     rotated_away.mkdir()
     stranger = Approvals.from_config(approvals_config(op, rotated_away))
     try:
-        found = await stranger.redeem(ticket, request(), soon())
+        found = await stranger.redeem(ticket, request(), ASK, soon())
         assert found == NotApproved(Reason.APPROVAL_INVALID, "ticket: unknown_key")
     finally:
         await stranger.close()
@@ -149,7 +150,7 @@ async def test_tickets_that_are_forged_expired_declined_or_keyless(
         brief = await short.request(request(), ASK, TICKET, "POST", soon())
         assert isinstance(brief, Awaiting)
         await asyncio.sleep(1.1)
-        expired = await short.redeem(brief.pending.ticket, request(), soon())
+        expired = await short.redeem(brief.pending.ticket, request(), ASK, soon())
         assert expired == NotApproved(Reason.APPROVAL_INVALID, "ticket: expired")
     finally:
         await short.close()
@@ -164,8 +165,76 @@ async def test_an_op_outage_is_approval_unavailable_in_both_modes(
     await op.stop()
     for outcome in (
         await flow.request(request(), ASK, HOLD, "POST", soon()),
-        await flow.request(request(), ASK, TICKET, "POST", soon()),
-        await flow.redeem(first.pending.ticket, request(), soon()),
+        await flow.request(request(b'{"amount": 501}'), ASK, TICKET, "POST", soon()),
+        await flow.redeem(first.pending.ticket, request(), ASK, soon()),
     ):
         assert isinstance(outcome, NotApproved)
         assert outcome.reason is Reason.APPROVAL_UNAVAILABLE
+    # The request that was asked about keeps its pending ticket: an outage is not the person's answer.
+    assert await flow.request(request(), ASK, TICKET, "POST", soon()) == first
+
+
+async def test_identical_requests_share_one_prompt_until_the_answer_is_read(
+    op: OpenIdProvider, engine: tuple[Approvals, list[str]]
+) -> None:
+    flow, counted = engine
+    together = await asyncio.gather(*(flow.request(request(), ASK, TICKET, "POST", soon()) for _ in range(5)))
+    again = await flow.request(request(), ASK, TICKET, "POST", soon())
+    assert all(isinstance(r, Awaiting) for r in together)
+    assert {r.pending.ticket for r in (*together, again) if isinstance(r, Awaiting)} == {
+        together[0].pending.ticket  # type: ignore[union-attr]
+    }
+    assert len(await op.ciba_requests()) == 1
+    assert counted == ["requested"]
+    # Another approver, or another request, is a prompt of its own.
+    assert isinstance(await flow.request(request(), ApprovalAsk("bob"), TICKET, "POST", soon()), Awaiting)
+    assert isinstance(await flow.request(request(b"{}"), ASK, TICKET, "POST", soon()), Awaiting)
+    assert len(await op.ciba_requests()) == 3
+    # Approved and redeemed: the same request later is asked about afresh.
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    assert isinstance(first := together[0], Awaiting)
+    assert isinstance(await flow.redeem(first.pending.ticket, request(), ASK, soon()), Granted)
+    fresh = await flow.request(request(), ASK, TICKET, "POST", soon())
+    assert isinstance(fresh, Awaiting)
+    assert fresh.pending.ticket != first.pending.ticket
+    assert len(await op.ciba_requests()) == 4
+
+
+async def test_a_ticket_is_redeemed_only_while_the_pdp_names_its_approver_and_stands_by_the_offer(
+    op: OpenIdProvider, engine: tuple[Approvals, list[str]]
+) -> None:
+    flow, _ = engine
+    first = await flow.request(request(), ASK, TICKET, "POST", soon())
+    assert isinstance(first, Awaiting)
+    await op.approve((await op.wait_ciba())["auth_req_id"])
+    ticket = first.pending.ticket
+    someone_else = await flow.redeem(ticket, request(), ApprovalAsk("bob", "Refund over 100"), soon())
+    assert someone_else == NotApproved(
+        Reason.APPROVAL_INVALID, "ticket: the policy names another approver for this request"
+    )
+    withdrawn = await flow.redeem(ticket, request(), ApprovalAsk("alice", None, time.time() - 1), soon())
+    assert withdrawn == NotApproved(Reason.APPROVAL_TIMEOUT, "the PDP's expires_at has passed")
+    # Neither spent the approval: the retry the PDP still offers it for redeems it.
+    assert isinstance(await flow.redeem(ticket, request(), ASK, soon()), Granted)
+
+
+async def test_a_caller_has_at_most_max_pending_per_caller_approvals_waiting_held_or_ticketed(
+    op: OpenIdProvider, tmp_path: Path
+) -> None:
+    flow = Approvals.from_config(approvals_config(op, tmp_path, max_pending_per_caller=2))
+    try:
+        held = asyncio.create_task(flow.request(request(b"1"), ASK, HOLD, "POST", soon()))
+        await op.wait_ciba()
+        assert isinstance(await flow.request(request(b"2"), ASK, TICKET, "POST", soon()), Awaiting)
+        full = NotApproved(Reason.APPROVAL_UNAVAILABLE, "approvals.max_pending_per_caller (2) are waiting")
+        assert await flow.request(request(b"3"), ASK, TICKET, "POST", soon()) == full
+        assert await flow.request(request(b"3"), ASK, HOLD, "POST", soon()) == full
+        assert len(await op.ciba_requests()) == 2
+        other: dict[str, object] = {**SUBJECT, "id": "carol"}
+        assert isinstance(await flow.request(request(b"3", other), ASK, TICKET, "POST", soon()), Awaiting)
+        # The held request answered: room for one more.
+        await op.approve((await op.wait_ciba())["auth_req_id"])
+        assert isinstance(await held, Granted)
+        assert isinstance(await flow.request(request(b"3"), ASK, TICKET, "POST", soon()), Awaiting)
+    finally:
+        await flow.close()

@@ -419,6 +419,7 @@ async def test_ticket_retry_after_approval_is_forwarded_once_and_the_ticket_neve
     status, headers, body = await post(pep, ticket=ticket)
     assert (status, headers["x-pep-reason"], body["error"]["approval"]["ticket"]) == (403, "approval_required", ticket)
     await op.approve((await op.wait_ciba())["auth_req_id"])
+    await asyncio.sleep(body["error"]["approval"]["retry_after_ms"] / 1000)  # as an agent waits for the next poll
     status, _, _ = await post(pep, ticket=ticket)
     assert status == 200
     assert len(upstream.seen) == 1
@@ -590,3 +591,100 @@ async def test_tickets_work_across_workers(tmp_path: Path, op: OpenIdProvider, u
             await asyncio.wait_for(proc.wait(), 10)
         await ensure_stopped(proc)
     assert sorted(u.body for u in upstream.seen) == sorted(bodies)
+
+
+class DeskPolicy(PolicyPdp):
+    """The approver depends on a header the binding does not cover: the EU desk needs bob, the rest alice. Any
+    approval lifts the denial (the README's `unless { context has approval }` pattern)."""
+
+    def decide(self, doc: dict[str, Any]) -> Any:
+        if doc["route"]["name"] != "refunds" or doc.get("approval") is not None:
+            return True
+        approver = "bob" if doc["request"]["headers"].get("x-desk") == "eu" else "alice"
+        return {"allow": False, "approval": {"approver": approver, "message": "Refund over 100"}}
+
+
+async def test_a_ticket_approved_by_one_person_is_invalid_where_the_policy_now_names_another(
+    start: Any, op: OpenIdProvider, pdp: RefundPolicy, upstream: RecordingUpstream, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(RefundPolicy, "decide", DeskPolicy.decide)
+    pep = await start("ticket")
+    _, _, body = await post(pep)  # no desk header: alice is asked
+    ticket = body["error"]["approval"]["ticket"]
+    asked = await op.wait_ciba()
+    assert asked["login_hint"] == "alice"
+    await op.approve(asked["auth_req_id"])
+    headers = {"content-type": "application/json", "x-agent-id": "agent-7", "x-desk": "eu", TICKET: ticket}
+    async with aiohttp.ClientSession() as s, s.post(pep.url + "/refunds/1", data=BODY, headers=headers) as r:
+        status, reason = r.status, r.headers.get("x-pep-reason")
+    # The policy names bob for this request: alice's approval is not his.
+    assert (status, reason) == (403, "approval_invalid")
+    assert upstream.seen == []
+    assert [d.get("approval") for d in pdp.inputs] == [None, None]  # the PDP never saw alice's approval
+    # Not spent on the wrong request: the request alice approved still goes through, once.
+    assert (await post(pep, ticket=ticket))[0] == 200
+    assert len(upstream.seen) == 1
+
+
+async def test_retrying_without_the_ticket_does_not_ask_the_approver_again(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """An agent that drops its ticket and sends the same call again (an SDK retry loop, or one hoping a tired
+    person taps "approve" on the tenth prompt) gets the pending ticket back: one prompt per request."""
+    pep = await start("ticket")
+    tickets = set()
+    for _ in range(5):
+        status, headers, body = await post(pep)
+        assert (status, headers["x-pep-reason"]) == (403, "approval_required")
+        tickets.add(body["error"]["approval"]["ticket"])
+    assert len(await op.ciba_requests()) == 1
+    assert len(tickets) == 1
+    # Another request is asked about on its own.
+    await post(pep, body=b'{"order": "A-2", "amount": 500}')
+    assert len(await op.ciba_requests()) == 2
+    # Once the person's answer is read, the request is asked about afresh: declined is not pending.
+    await op.deny((await op.wait_ciba())["auth_req_id"])
+    assert (await post(pep, ticket=tickets.pop()))[1]["x-pep-reason"] == "approval_denied"
+    status, headers, body = await post(pep)
+    assert (status, headers["x-pep-reason"]) == (403, "approval_required")
+    assert len(await op.ciba_requests()) == 3
+    assert upstream.seen == []
+
+
+async def test_one_caller_cannot_flood_the_approver_with_distinct_requests(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """Varying the body makes every request a new one: past max_pending_per_caller, a caller's requests are
+    refused at once, without a prompt, while others are still asked about."""
+    pep = await start("ticket")  # max_pending_per_caller: 10 by default
+    reasons = [(await post(pep, body=orjson.dumps({"order": n, "amount": 500})))[1]["x-pep-reason"] for n in range(12)]
+    assert reasons == ["approval_required"] * 10 + ["approval_unavailable"] * 2
+    assert len(await op.ciba_requests()) == 10
+    assert (await post(pep, agent="agent-8"))[1]["x-pep-reason"] == "approval_required"
+    assert len(await op.ciba_requests()) == 11
+    # Once an answer is read, the caller has room again.
+    _, _, first = await post(pep, body=orjson.dumps({"order": 0, "amount": 500}))
+    await op.deny((await op.wait_ciba())["auth_req_id"])
+    ticket = first["error"]["approval"]["ticket"]
+    assert (await post(pep, body=orjson.dumps({"order": 0, "amount": 500}), ticket=ticket))[1]["x-pep-reason"] == (
+        "approval_denied"
+    )
+    assert (await post(pep, body=b'{"order": 9}'))[1]["x-pep-reason"] == "approval_required"
+    assert upstream.seen == []
+
+
+async def test_an_agent_retrying_faster_than_the_interval_does_not_poll_the_op_faster(
+    start: Any, op: OpenIdProvider, upstream: RecordingUpstream
+) -> None:
+    """CIBA's client (the PEP) must wait the interval between polls; an agent hammering its retry must not make
+    the PEP poll faster (an OP answers that with slow_down, then may throttle the PEP's client for everyone)."""
+    pep = await start("ticket", min_poll_interval_ms=3000)
+    _, _, body = await post(pep)
+    ticket = body["error"]["approval"]["ticket"]
+    answers = [await post(pep, ticket=ticket) for _ in range(5)]
+    assert {(a[0], a[1]["x-pep-reason"], a[2]["error"]["approval"]["ticket"]) for a in answers} == {
+        (403, "approval_required", ticket)
+    }
+    assert all(int(a[1]["retry-after"]) >= 1 for a in answers)
+    assert (await op.stats())["grants"].get("urn:openid:params:grant-type:ciba", 0) == 1
+    assert upstream.seen == []

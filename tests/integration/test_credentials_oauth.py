@@ -139,6 +139,19 @@ async def test_concurrent_requests_for_one_key_share_one_fetch(op: OpenIdProvide
     assert await exchanges(op) == 1
 
 
+async def test_a_token_for_one_request_is_not_shared_by_requests_that_arrive_together(
+    op: OpenIdProvider, endpoint: Endpoint
+) -> None:
+    """A token that expires within the margin is used for one request: concurrent requests each get their own,
+    as they would one after another."""
+    jit = source(op, endpoint, audiences=("short",), scopes=("short.read",), expiry_margin_s=5.0)
+    alice = op.subject_token("alice")
+    results = await asyncio.gather(*(jit.obtain(alice, None, 2.0) for _ in range(4)))
+    assert all(isinstance(r, Credential) and r.expires_at is None for r in results), results
+    assert len({r.value for r in results if isinstance(r, Credential)}) == 4
+    assert await exchanges(op) == 4
+
+
 async def test_a_token_is_kept_until_its_expiry_minus_the_margin_and_never_after(
     op: OpenIdProvider, endpoint: Endpoint
 ) -> None:

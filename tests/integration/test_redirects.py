@@ -21,6 +21,7 @@ class RedirectingUpstream(LoopbackServer):
 
     port: int = 0
     seen: list[tuple[str, str | None]] = field(default_factory=list)  # (path, X-PEP-Decision-ID)
+    elsewhere_to: str = "https://login.example/authorize?client=pep"  # where /v2/elsewhere redirects
 
     @property
     def origin(self) -> str:
@@ -55,13 +56,20 @@ class RedirectingUpstream(LoopbackServer):
 
         async def elsewhere(request: web.Request) -> web.Response:
             await record(request)
-            raise web.HTTPFound("https://login.example/authorize?client=pep")
+            raise web.HTTPFound(self.elsewhere_to)
 
         async def outside(request: web.Request) -> web.Response:
             await record(request)
             raise web.HTTPFound(f"{self.origin}/admin")
 
+        async def listing(request: web.Request) -> web.Response:
+            await record(request)
+            # RFC 8288 pagination, as GitHub-style APIs answer: clients follow rel="next" on their own.
+            links = f'<{self.origin}/v2/items?page=2>; rel="next", <{self.origin}/v2/items?page=9>; rel="last"'
+            return web.json_response([{"id": 1}], headers={"Link": links})
+
         app = web.Application()
+        app.router.add_get("/v2/items", listing)
         app.router.add_get("/v2/old", old)
         app.router.add_get("/v2/new", new)
         app.router.add_post("/v2/items", create)
@@ -143,3 +151,50 @@ async def test_other_origins_are_left_and_the_upstreams_origin_never_shows(
     assert elsewhere.headers["location"] == "https://login.example/authorize?client=pep"
     assert outside.headers["location"] == "/admin"  # no PEP path leads there: the path alone, decided if followed
     assert_no_upstream_address(outside, redirecting)
+
+
+async def test_pagination_links_name_the_pep(pep: RunningPep, redirecting: RedirectingUpstream) -> None:
+    """A `Link` to the next page is followed by clients as a redirect is: it must not lead around the PEP."""
+    async with httpx.AsyncClient(base_url=pep.url) as client:
+        page = await client.get("/api/items")
+        assert page.status_code == 200
+        assert page.headers["link"] == '</api/items?page=2>; rel="next", </api/items?page=9>; rel="last"'
+        assert_no_upstream_address(page, redirecting)
+        following = await client.get(page.links["next"]["url"])
+    assert following.status_code == 200
+    assert [path for path, _ in redirecting.seen] == ["/v2/items", "/v2/items?page=2"]
+
+
+async def test_a_redirect_to_another_routes_upstream_names_that_route_on_the_pep(
+    make_pep: PepStarter, redirecting: RedirectingUpstream
+) -> None:
+    """Services behind one PEP redirect to each other by their own addresses (a login service, a file store): the
+    agent must not learn those either, and following the redirect goes through the PEP to that route."""
+    other = RedirectingUpstream()
+    await other.start()
+    try:
+        routes = [
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "upstream": f"{redirecting.origin}/v2",
+                "strip_prefix": True,
+            },
+            {
+                "name": "files",
+                "match": {"path_prefix": "/files"},
+                "upstream": f"{other.origin}/v2",
+                "strip_prefix": True,
+            },
+        ]
+        pep = await make_pep(lambda c: c["routes"].extend(routes))
+        redirecting.elsewhere_to = f"{other.origin}/v2/new?x=2"
+        async with httpx.AsyncClient(base_url=pep.url) as client:
+            moved = await client.get("/api/elsewhere")
+            assert moved.headers["location"] == "/files/new?x=2"
+            assert f":{other.port}" not in moved.headers["location"]
+            followed = await client.get(moved.headers["location"])
+        assert followed.json() == {"new": True}
+        assert [path for path, _ in other.seen] == ["/v2/new?x=2"]
+    finally:
+        await other.stop()

@@ -53,6 +53,7 @@ def base(**changes: Any) -> RequestBinding:
         {"subject": {**TOKEN_BOB, "agent": "agent-8"}},
         {"subject": {**TOKEN_BOB, "workload": "spiffe://t/other"}},
         {"subject": HEADER_BOB},
+        {"subject": {**TOKEN_BOB, "claims": {"iss": "https://other.example"}}},
     ],
 )
 def test_any_difference_in_request_or_caller_changes_the_digest(changes: dict[str, Any]) -> None:
@@ -154,3 +155,15 @@ def test_the_replay_cache_is_bounded_and_drops_what_expires_first() -> None:
 def test_the_granted_approval_as_policy_input() -> None:
     granted = GrantedApproval("a" * 32, "alice", NOW)
     assert granted.document() == {"approver": "alice", "approved_at": "2027-01-15T08:00:00Z", "id": "a" * 32}
+
+
+def test_a_sub_is_bound_with_its_issuer_when_the_subject_carries_it() -> None:
+    """A `sub` is unique only per issuer (the README's advice: list `iss` in `identity.jwt.claims`): bob of one
+    issuer does not redeem bob of another's approval."""
+    one = {**TOKEN_BOB, "claims": {"iss": "https://a.example", "dept": "x"}}
+    other = {**TOKEN_BOB, "claims": {"iss": "https://b.example", "dept": "x"}}
+    assert ("token-iss", "https://a.example") in subject_facts(one)
+    assert base(subject=one).digest != base(subject=other).digest
+    # Only the issuer: other claims may change between two tokens of one caller (a refreshed token).
+    assert base(subject=one).digest == base(subject={**one, "claims": {"iss": "https://a.example"}}).digest
+    assert subject_facts({"id": None, "agent": "bob", "claims": {"iss": "x"}}) == (("header-agent", "bob"),)

@@ -18,6 +18,7 @@ from pep.decision import Deny, Reason
 from pep.engine import Outcome
 from pep.pdp import ApprovalAsk
 from pep.protocols import Refused
+from pep.protocols.mcp_tokens import for_caller
 from pep.routing import RouteTable
 from pep.seal import Sealer
 from tests.unit.test_admission import Setup
@@ -135,3 +136,30 @@ async def test_explain_describes_who_would_be_asked_and_how_the_request_waits() 
         "hold_ms": 30000,  # hold_ms, cut to the route's timeout_ms
     }
     assert approval_step.describe(await admitted("/mcp", call(1)), ApprovalAsk("bob"))["mode"] == "ticket"
+
+
+async def test_mcp_replies_bind_the_server_request_they_answer() -> None:
+    """A reply's id names the server request it answers: an `accept` to one elicitation is not an `accept` to
+    another (the content is the same, the question is not). The same reply sent again binds alike."""
+    setup = routes()
+    headers = CIMultiDict({"Host": "pep.test", "Content-Type": "application/json", "Accept": "application/json"})
+    tokens = for_caller(setup.sealer, "mcp", SUBJECT, headers)
+
+    async def reply(server_id: int) -> Admission:
+        token = tokens.request_id(server_id, "elicitation/create")
+        body = orjson.dumps({"jsonrpc": "2.0", "id": token, "result": {"action": "accept", "content": {}}})
+
+        async def identify(_route: Any) -> dict[str, Any]:
+            return SUBJECT
+
+        async def read_body(_limit: int) -> bytes | Refused:
+            return body
+
+        facts = RequestFacts("POST", "/mcp", headers, "http", len(body), True, "rid")
+        found = await admit(facts, setup, identify, read_body)
+        assert isinstance(found, Admission), found
+        return found
+
+    first = approval_step.binding_of(await reply(1))
+    assert first == approval_step.binding_of(await reply(1))
+    assert first != approval_step.binding_of(await reply(2))

@@ -4,6 +4,7 @@ schedule, and client authentication from files."""
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pep.approvals.ciba import (
+    Approved,
     CibaClient,
     CibaConfig,
+    IdTokens,
     NotApproved,
     Pending,
     Started,
@@ -25,7 +28,7 @@ from pep.approvals.message import MIN_LIMIT, binding_message, clean
 from pep.decision import Reason
 from pep.oauth.client_auth import ASSERTION_TYPE, ClientAuth, ClientAuthConfig, ClientAuthError
 from pep.oauth.endpoint import Answer, Endpoint, OAuthError, Reply, Unavailable, classify
-from tests.support.jwt_keys import ec_key
+from tests.support.jwt_keys import ec_key, jwks
 
 JSON = "application/json"
 
@@ -318,3 +321,56 @@ def test_an_unusable_credential_file_is_named_never_shown(
     assert auth.problem() == f"{str(path)!r} {problem}"
     with pytest.raises(ClientAuthError, match=problem):
         auth.apply({}, {}, "http://op/token")
+
+
+# --- the ID token's approver claim --------------------------------------------------------------------------------
+
+
+class Keys:
+    """An OP's JWKS endpoint and nothing else."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+    async def get_json(self, url: str, timeout_s: float) -> Answer:
+        return Reply(200, self.document)
+
+
+@pytest.mark.parametrize(
+    ("claim", "extra", "approved"),
+    [
+        ("email", {"email_verified": True}, True),
+        ("email", {}, True),  # the OP says nothing about it: its resolution of the login hint stands
+        ("email", {"email_verified": False}, False),
+        ("email", {"email_verified": "true"}, False),
+        ("phone_number", {"phone_number_verified": False}, False),
+        ("sub", {"email_verified": False}, True),
+    ],
+)
+async def test_an_approver_claim_the_op_says_is_unverified_is_no_approval(
+    claim: str, extra: dict[str, Any], approved: bool
+) -> None:
+    """A person who put alice's address on their own account, unverified, is not alice."""
+    key = ec_key("op-1")
+    cfg = CibaConfig(
+        "https://op", "https://op/bc", "https://op/token", "https://op/jwks", ClientAuthConfig("pep", "x", None)
+    )
+    cfg = CibaConfig(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, "approver_claim": claim})
+    now = int(time.time())  # (PyJWT checks exp and iat against the wall clock)
+    approver = {"email": "alice@example.com", "phone_number": "+15550100", "sub": "mallory"}[claim]
+    token = key.sign(
+        {
+            "iss": "https://op",
+            "aud": "pep",
+            "sub": "mallory",
+            "iat": now,
+            "exp": now + 60,
+            "email": "alice@example.com",
+            "phone_number": "+15550100",
+            **extra,
+        },
+        kid="op-1",
+    )
+    tokens = IdTokens(cfg, Keys(jwks(key)), clock=lambda: now)  # type: ignore[arg-type]
+    found = await tokens.verify(token, approver)
+    assert isinstance(found, Approved) is approved, found

@@ -191,6 +191,13 @@ def cred(data: dict[str, Any], i: int = 0) -> dict[str, Any]:
         (lambda d: a(d).pop("jwks_uri"), "approvals.jwks_uri: is required"),
         (lambda d: a(d).update(issuer="op.example"), "approvals.issuer: must be an http:// or https:// URL"),
         (lambda d: a(d).update(token_endpoint="https://u:p@op/token"), "approvals.token_endpoint: must not carry"),
+        (lambda d: a(d).update(jwks_uri="http://op.example/jwks"), "approvals.jwks_uri: must be an https:// URL"),
+        (lambda d: a(d).update(token_endpoint="http://10.0.0.5/t"), "approvals.token_endpoint: must be an https://"),
+        (
+            lambda d: a(d).update(backchannel_authentication_endpoint="http://op.example/bc"),
+            "approvals.backchannel_authentication_endpoint: must be an https:// URL",
+        ),
+        (lambda d: cred(d).update(token_endpoint="http://as.example/t"), "routes[0].credential.token_endpoint: must"),
         (lambda d: a(d).pop("client_id"), "approvals.client_id: is required"),
         (lambda d: a(d).pop("client_secret_file"), "approvals.client_secret_file: is required with client_auth"),
         (lambda d: a(d).update(client_auth="private_key_jwt"), "approvals.client_secret_file: is not used with"),
@@ -205,6 +212,7 @@ def cred(data: dict[str, Any], i: int = 0) -> dict[str, Any]:
         (lambda d: a(d).update(poll=1), "approvals.poll: unknown key"),
         (lambda d: a(d).update(max_held=0), "approvals.max_held: must be between 1 and 100000"),
         (lambda d: a(d).update(max_held="many"), "approvals.max_held: must be an integer"),
+        (lambda d: a(d).update(max_pending_per_caller=0), "approvals.max_pending_per_caller: must be between 1"),
         (lambda d: cred(d).update(kind="vault"), "routes[0].credential.kind: must be one of"),
         (lambda d: cred(d).update(kind=None), "routes[0].credential.kind: must be a non-empty string"),
         (lambda d: d["routes"][0].pop("require_identity"), "routes[0].credential.kind: token_exchange needs"),
@@ -317,3 +325,16 @@ def test_check_warns_about_a_key_file_every_user_can_read(tmp_path: Path, capsys
     assert (code, out) == (0, "ok\n"), err
     assert "approvals.ticket_key_files[0]: " in err
     assert "is readable by every user (mode 0644)" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "[::1]", "localhost"])
+def test_plain_http_is_only_for_an_authorization_server_on_this_machine(host: str) -> None:
+    """Client secrets, callers' tokens and the keys that prove an approval cross these links: over TLS, or not
+    off the machine at all."""
+    data = base()
+    for key in ("backchannel_authentication_endpoint", "token_endpoint", "jwks_uri"):
+        data["approvals"][key] = f"http://{host}:9000/{key}"
+    data["routes"][0]["credential"]["token_endpoint"] = f"http://{host}:9100/token"
+    cfg = parse(data, SRC)
+    assert cfg.approvals is not None
+    assert cfg.approvals.jwks_uri == f"http://{host}:9000/jwks_uri"

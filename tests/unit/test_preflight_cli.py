@@ -269,3 +269,29 @@ def test_tracing_without_the_otel_extra_is_refused(
     code, out, err = check(path, capsys)
     assert (code, out) == (EXIT_CONFIG, "")
     assert err.startswith(f"{path}: tracing: needs the OpenTelemetry SDK")
+
+
+def test_an_upstream_credential_file_every_user_can_read_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent on the same machine that can read the upstream's credential holds it, and can go around the PEP."""
+    secret = tmp_path / "crm-token"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    path = write_config(tmp_path, {"kind": "opa", "url": "http://127.0.0.1:8181/v1/data/pep/authz"})
+    raw = yaml.safe_load(path.read_text())
+    raw["routes"].append(
+        {
+            "name": "crm",
+            "match": {"path_prefix": "/crm"},
+            "upstream": "http://127.0.0.1:9",
+            "credential": {"header": "authorization", "format": "Bearer {}", "value_file": str(secret)},
+        }
+    )
+    path.write_text(yaml.safe_dump(raw))
+    code, out, err = check(path, capsys)
+    assert (code, out) == (0, "ok\n")
+    assert f"routes[1].credential.value_file: {str(secret)!r} is readable by every user (mode 0644)" in err
+    assert "s3cret" not in err
+    secret.chmod(0o600)
+    assert check(path, capsys) == (0, "ok\n", "")

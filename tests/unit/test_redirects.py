@@ -1,5 +1,6 @@
-"""pep.redirects: an upstream's own address in `Location`, `Content-Location` or `Refresh` becomes the route's
-path on the PEP (nginx's `proxy_redirect default`); other origins and relative references are left alone."""
+"""pep.redirects: an upstream's own address in `Location`, `Content-Location`, `Refresh` or a `Link` target becomes
+the route's path on the PEP (nginx's `proxy_redirect default`), another route's upstream that route's path; other
+origins and relative references are left alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from multidict import CIMultiDict
 
 from pep.config import RouteConfig
 from pep.redirects import public_reference, rewrite
-from pep.routing import Route
+from pep.routing import Route, RouteTable
 
 UP = "http://127.0.0.1:9000"
 
@@ -74,6 +75,7 @@ def test_every_header_that_can_carry_the_address() -> None:
             ("Refresh", f"0;URL='{UP}/mcp/d'"),
             ("Refresh", "10"),
             ("Link", "<https://other.example/x>; rel=next"),
+            ("Link", f'<{UP}/mcp/e>; rel="next", <https://other.example/y>; title="a, <{UP}/q>", <{UP}/mcp/f>'),
             ("X-Other", f"{UP}/mcp/kept"),  # not a URL header of HTTP: not touched
         ]
     )
@@ -81,10 +83,16 @@ def test_every_header_that_can_carry_the_address() -> None:
     out = rewrite(fields, MCP)
     headers = CIMultiDict((n.decode(), v.decode()) for n, v in out)
     assert [n for n, _ in out] == [n for n, _ in fields]  # in place, in order
-    assert rewrite(fields[-2:], MCP) == fields[-2:]  # nothing to rewrite: the fields as they came
+    assert rewrite(fields[-1:], MCP) == fields[-1:]  # nothing to rewrite: the fields as they came
+    assert rewrite(fields[-3:-2], MCP) == fields[-3:-2]
     assert headers.getall("Location") == ["/mcp/a"]
     assert headers.getall("Content-Location") == ["/mcp/b"]
     assert headers.getall("Refresh") == ["5; url=/mcp/c", "0;URL='/mcp/d'", "10"]
+    # Each link's target, not what a quoted parameter says.
+    assert headers.getall("Link") == [
+        "<https://other.example/x>; rel=next",
+        f'</mcp/e>; rel="next", <https://other.example/y>; title="a, <{UP}/q>", </mcp/f>',
+    ]
     assert headers["X-Other"] == f"{UP}/mcp/kept"
 
 
@@ -100,3 +108,28 @@ def test_a_forwarded_url_maps_back_to_the_path_the_agent_called(r: Route, segmen
     if not r.matches(path):
         return
     assert public_reference(r.upstream_url(path, ""), r) == path
+
+
+def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
+    table = RouteTable(
+        (
+            RouteConfig(name="api", path_prefix="/api", upstream=f"{UP}/v2", strip_prefix=True),
+            RouteConfig(
+                name="files", path_prefix="/files", upstream="http://files.internal:8080/store", strip_prefix=True
+            ),
+            RouteConfig(
+                name="egress", host="files.internal:8081", path_prefix="/", upstream="http://files.internal:8081"
+            ),
+            RouteConfig(
+                name="tunnel", host="db.internal:5432", path_prefix="/", upstream="http://db.internal:5432", tunnel=True
+            ),
+        )
+    )
+    api = next(r for r in table.routes if r.name == "api")
+    assert public_reference("http://files.internal:8080/store/a?x=1#f", api) == "/files/a?x=1#f"
+    assert public_reference("http://FILES.internal:8080/elsewhere", api) == "/elsewhere"  # the origin goes
+    # A forward-proxy route is reached by that very host: its URL is the one the agent should follow.
+    assert public_reference("http://files.internal:8081/x", api) == "http://files.internal:8081/x"
+    assert public_reference("http://db.internal:5432/x", api) == "http://db.internal:5432/x"  # a tunnel: no URL
+    assert public_reference("https://login.example/a", api) == "https://login.example/a"  # no route's upstream
+    assert public_reference(f"{UP}/v2/y", api) == "/api/y"  # its own first
