@@ -165,11 +165,11 @@ def _field_name(pair: str) -> str:
     return name.split("[", 1)[0]
 
 
-def check_method_field(fields: str, problem: str | None) -> None:
-    """A `_method` field (any case, `&` or `;` separated) is refused exactly when present."""
+def check_method_field(fields: str, problem: str | None, wanted: str = "_method") -> None:
+    """A `_method` field (or `wanted`: any case, `&` or `;` separated) is refused exactly when present."""
     names = [_field_name(pair) for part in fields.split("&") for pair in part.split(";")]
-    expected = any(n.lower() == "_method" for n in names)
-    require((problem is not None) == expected, "a _method field refused exactly when present", fields, problem)
+    expected = any(n.lower() == wanted for n in names)
+    require((problem is not None) == expected, f"a {wanted} field refused exactly when present", fields, problem)
 
 
 def check_query(query: str, problem: str | None) -> None:

@@ -189,6 +189,11 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     subject = await identify(route)
     if isinstance(subject, IdentityRefusal):
         return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
+    # With `identity.jwt` (the subject has an `id`), a second bearer token in the query is refused: the upstream
+    # may act as its holder. (Form bodies: below, once read.)
+    bearer = "id" in subject
+    if bearer and query and (problem := integrity.bearer_token_field(query)):
+        return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
     credential = None
     source = setup.credentials.get(route.name)
     if source is not None:
@@ -210,6 +215,9 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         inspected = early
     if isinstance(inspected, Refused):
         return Refusal(inspected.reason, inspected.detail, route, upstream_url)
+    form = inspected.body if bearer and method == "POST" and dispatch.is_form(headers) else None
+    if form and (problem := integrity.bearer_token_field(form.decode("latin-1"))):
+        return Refusal(Reason.REQUEST_AMBIGUOUS, f"{problem} in the form body", route, upstream_url)
     tokens = resume = None
     replaced: tuple[tuple[str, str], ...] = ()
     if config.protocol == "mcp":

@@ -26,6 +26,8 @@ _DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
 _MAX_DECODES = 4
 # The form field Rails (Rack), Laravel, Symfony and Spring's HiddenHttpMethodFilter take as the method of a POST.
 _METHOD_FIELD = "_method"
+# RFC 6750's query parameter and form field for a bearer token (Rails' Doorkeeper and others read them by default).
+_BEARER_FIELD = "access_token"
 # How PHP reads a field name: leading spaces dropped, ` ` and `.` read as `_`, the name ends at `[` (an array).
 _PHP_NAME = str.maketrans(" .", "__")
 
@@ -138,12 +140,28 @@ def method_override_field(fields: str) -> str | None:
     """
     if "method" not in fields.lower() and "%" not in fields:
         return None
+    name = _field_named(fields, _METHOD_FIELD)
+    return f"method-override field {name[:64]!r}" if name is not None else None
+
+
+def bearer_token_field(fields: str) -> str | None:
+    """An `access_token` field (RFC 6750 2.2, 2.3: a bearer token in a form body or the query), read as
+    `method_override_field` reads `_method`. Where the PEP verifies the caller's token (`identity.jwt`), an
+    upstream that also takes tokens there could act as the holder of this one, not the subject decided on."""
+    if "token" not in fields.lower() and "%" not in fields:
+        return None
+    name = _field_named(fields, _BEARER_FIELD)
+    return f"a bearer token field {name[:64]!r} besides the verified identity" if name is not None else None
+
+
+def _field_named(fields: str, wanted: str) -> str | None:
+    """The first name (as sent) among `name=value` pairs that a framework reads as `wanted` (lower case)."""
     for pair in re.split("[&;]", fields):
         name = pair.partition("=")[0]
         decoded = unquote_to_bytes(name.replace("+", " ").encode("utf-8", "surrogatepass")).decode("latin-1")
         decoded = decoded.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
-        if decoded.lower() == _METHOD_FIELD:
-            return f"method-override field {name[:64]!r}"
+        if decoded.lower() == wanted:
+            return name
     return None
 
 

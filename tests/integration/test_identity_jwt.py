@@ -605,6 +605,62 @@ async def test_on_a_route_that_does_not_require_a_token(
     assert len(upstream.seen) == 3
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/tools/x?access_token=other",
+        "/tools/x?q=1&access_token=other",
+        "/tools/x?q=1;access_token=other",
+        "/tools/x?%61ccess_token=other",
+        "/tools/x?Access_Token=other",
+        "/tools/x?access.token=other",
+        "/tools/x?access_token[]=other",
+    ],
+)
+@pytest.mark.parametrize("with_token", [False, True], ids=["anonymous", "verified"])
+async def test_a_second_bearer_token_in_the_query_is_refused(
+    jwt_pep: RunningPep,
+    keys: Keys,
+    fault_pdp: FaultPdp,
+    upstream: RecordingUpstream,
+    client: aiohttp.ClientSession,
+    target: str,
+    with_token: bool,
+) -> None:
+    """RFC 6750 2.3: an upstream that also takes `access_token` from the query (Rails' Doorkeeper does by default)
+    would act as that token's holder, not as the subject the PDP decided on (the verified token is removed, or
+    there was none)."""
+    headers = bearer(keys.rsa.sign(claims(sub="u-1"))) if with_token else {}
+    answer = await call(client, jwt_pep.url + target, headers)
+    assert answer.status == 403, answer.body
+    assert_http_denial(answer, "request_ambiguous")
+    assert_untouched(fault_pdp, upstream)
+
+
+async def test_a_bearer_token_field_in_a_form_body_is_refused(
+    jwt_pep: RunningPep, keys: Keys, fault_pdp: FaultPdp, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    """RFC 6750 2.2: the same token as a field of an urlencoded POST body the PEP reads."""
+    form = {**bearer(keys.rsa.sign(claims(sub="u-1"))), "Content-Type": "application/x-www-form-urlencoded"}
+    async with client.post(jwt_pep.url + "/tools/x", headers=form, data=b"a=1&access_token=other") as r:
+        assert r.status == 403
+        assert r.headers["x-pep-reason"] == "request_ambiguous"
+    assert_untouched(fault_pdp, upstream)
+    async with client.post(jwt_pep.url + "/tools/x", headers=form, data=b"a=1&token_kind=access") as r:
+        assert r.status == 200  # a field that is not one
+    assert len(upstream.seen) == 1
+
+
+async def test_an_access_token_query_passes_without_identity_jwt(
+    make_pep: PepStarter, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    """Without `identity.jwt` the PEP verifies no token: a query token is the upstream's own business."""
+    pep = await make_pep(lambda raw: None)
+    answer = await call(client, pep.url + "/tools/x?access_token=upstream-key", {})
+    assert answer.status == 200
+    assert len(upstream.seen) == 1
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["stripped", "keep_caller_credentials"])
 async def test_a_custom_token_header(
     make_pep: PepStarter,

@@ -25,7 +25,14 @@ from fuzz.oracles import (
     examples,
 )
 from pep.authority import format_authority, resolve_authority, split_authority
-from pep.integrity import method_override_field, override_header, parameter_problem, path_problem, query_problem
+from pep.integrity import (
+    bearer_token_field,
+    method_override_field,
+    override_header,
+    parameter_problem,
+    path_problem,
+    query_problem,
+)
 
 PIECES = st.sampled_from(
     [
@@ -148,6 +155,23 @@ FIELD_PIECES = st.sampled_from(
 @example("_method%00x=PUT")
 def test_a_method_override_field_is_found_however_it_is_spelled(fields: str) -> None:
     check_method_field(fields, method_override_field(fields))
+
+
+TOKEN_PIECES = st.sampled_from(
+    ["access_token", "access", "_", "token", "%5F", "%61", "%74", "ACCESS", ".", "+", " ", "[", "]", "=", "&", ";", "a"]
+)
+
+
+@settings(max_examples=examples(500))
+@given(st.lists(TOKEN_PIECES, max_size=8).map("".join))
+@example("access_token=x")
+@example("a=1&%61ccess_token=x")
+@example("a=1;access_token=x")
+@example("access.token=x")
+@example("Access_Token[]=x")
+@example("token=x&access=y")
+def test_a_bearer_token_field_is_found_however_it_is_spelled(fields: str) -> None:
+    check_method_field(fields, bearer_token_field(fields), "access_token")
 
 
 AUTHORITY = st.lists(
