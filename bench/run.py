@@ -48,13 +48,15 @@ CASES: tuple[tuple[Workload, Target], ...] = (
     (GET, targets.PEP_CEDAR),
     (GET, targets.PEP_WORKERS2),
     (GET, targets.PEP_AUDIT),
+    (GET, targets.FLOOR),
     (MCP, targets.DIRECT),
     (MCP, targets.PEP),
     (MCP, targets.ENVOY),
+    (MCP, targets.FLOOR),
 )
 
 MODES: dict[str, dict[str, Any]] = {
-    # About 8.5 minutes on the 2-core machine: 3 x 8 runs of ~19 s, the allocation pass and the profile.
+    # About 11 minutes on the 2-core machine: 3 x 10 runs of ~19 s, allocation, profiles, layers and streaming.
     "full": {
         "repetitions": 3,
         "durations": Durations(warmup=1, closed=6, single=4, open=6.0, rate=OPEN_RATE),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -107,6 +108,9 @@ ENVOY = Target("envoy", "envoy", "ext_authz")
 PEP_CEDAR = Target("pep_cedar", "pep", "cedar")
 PEP_WORKERS2 = Target("pep_workers2", "pep", "opa", workers=2)
 PEP_AUDIT = Target("pep_audit", "pep", "opa", audit=True)
+# Not a product: the least a Python proxy costs for the same two exchanges (bench/floor.py), the reference that
+# says how much of the PEP's cost the interpreter itself sets.
+FLOOR = Target("floor", "floor", "opa")
 
 
 class Unsupported(Exception):
@@ -396,6 +400,9 @@ def start_target(target: Target, stubs: Stubs, work: Path, pep_bin: Path, envoy_
             "--log-level",
             "warn",
         ]
+    elif target.kind == "floor":
+        argv = [sys.executable, "-m", "bench.transport", "serve", "floor_task_pdp", "--port", str(port)]
+        argv += ["--upstream", str(stubs.upstream_port), "--pdp", str(stubs.pdp_port)]
     else:
         raise ValueError(target.kind)
     proc = procs.start(target.key, procs.pinned(target.cores, argv), run_dir / "output.log")
