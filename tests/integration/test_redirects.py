@@ -62,6 +62,11 @@ class RedirectingUpstream(LoopbackServer):
             await record(request)
             raise web.HTTPFound(f"{self.origin}/admin")
 
+        async def secure(request: web.Request) -> web.Response:
+            await record(request)
+            # An https-only app (Django's SECURE_SSL_REDIRECT): https on the Host it was sent, its own address.
+            raise web.HTTPMovedPermanently(f"https://{request.host}{request.path_qs.replace('secure', 'new')}")
+
         async def listing(request: web.Request) -> web.Response:
             await record(request)
             # RFC 8288 pagination, as GitHub-style APIs answer: clients follow rel="next" on their own.
@@ -75,6 +80,7 @@ class RedirectingUpstream(LoopbackServer):
         app.router.add_post("/v2/items", create)
         app.router.add_get("/v2/elsewhere", elsewhere)
         app.router.add_get("/v2/outside", outside)
+        app.router.add_get("/v2/secure", secure)
         await self.serve(web.AppRunner(app, access_log=None))
 
 
@@ -151,6 +157,18 @@ async def test_other_origins_are_left_and_the_upstreams_origin_never_shows(
     assert elsewhere.headers["location"] == "https://login.example/authorize?client=pep"
     assert outside.headers["location"] == "/admin"  # no PEP path leads there: the path alone, decided if followed
     assert_no_upstream_address(outside, redirecting)
+
+
+async def test_a_redirect_to_https_on_the_upstreams_own_host_names_the_pep(
+    pep: RunningPep, redirecting: RedirectingUpstream
+) -> None:
+    """The upstream's host and port under another scheme are still its address: a client that followed them would
+    reach the upstream's socket, not the PEP."""
+    async with httpx.AsyncClient(base_url=pep.url) as client:
+        moved = await client.get("/api/secure?x=1")
+    assert moved.status_code == 301
+    assert moved.headers["location"] == "/api/new?x=1"
+    assert_no_upstream_address(moved, redirecting)
 
 
 async def test_pagination_links_name_the_pep(pep: RunningPep, redirecting: RedirectingUpstream) -> None:

@@ -53,7 +53,15 @@ NESTED = route(f"{UP}/base", "/tools", False)
         (NESTED, "/base/y", "/y"),
         (NESTED, "/elsewhere", "/elsewhere"),
         # not the upstream: left as it is
-        (MCP, "https://127.0.0.1:9000/mcp/x", "https://127.0.0.1:9000/mcp/x"),  # another scheme
+        # the upstream's host and port under another scheme (an app redirecting to https on the Host it was sent)
+        (MCP, "https://127.0.0.1:9000/mcp/x", "/mcp/x"),
+        (MCP, "ws://127.0.0.1:9000/mcp/x", "/mcp/x"),
+        (route("http://svc.internal/api", "/api", True), "https://svc.internal/api/x", "/api/x"),  # both defaults
+        (route("http://svc.internal/api", "/api", True), "https://SVC.internal.:443/api/x", "/api/x"),
+        (route("http://bücher.internal/api", "/api", True), "https://xn--bcher-kva.internal/api/x", "/api/x"),
+        (route("http://svc.internal/api", "/api", True), "https://svc.internal:8443/x", "https://svc.internal:8443/x"),
+        (CRM, "http://crm.internal:8443/api/x", "/crm/x"),
+        (CRM, "http://crm.internal/api/x", "http://crm.internal/api/x"),  # port 80: not the upstream's
         (MCP, "http://127.0.0.1:9001/mcp/x", "http://127.0.0.1:9001/mcp/x"),
         (MCP, "https://login.example/authorize?x=1", "https://login.example/authorize?x=1"),
         (MCP, "next", "next"),
@@ -133,3 +141,17 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
     assert public_reference("http://db.internal:5432/x", api) == "http://db.internal:5432/x"  # a tunnel: no URL
     assert public_reference("https://login.example/a", api) == "https://login.example/a"  # no route's upstream
     assert public_reference(f"{UP}/v2/y", api) == "/api/y"  # its own first
+    # Another route's host and port under another scheme is that route's address all the same.
+    assert public_reference("https://files.internal:8080/store/b", api) == "/files/b"
+
+
+def test_an_origin_named_exactly_wins_over_one_named_by_address() -> None:
+    table = RouteTable(
+        (
+            RouteConfig(name="plain", path_prefix="/plain", upstream="http://svc.internal", strip_prefix=True),
+            RouteConfig(name="tls", path_prefix="/tls", upstream="https://svc.internal", strip_prefix=True),
+        )
+    )
+    plain = next(r for r in table.routes if r.name == "plain")
+    assert public_reference("https://svc.internal/x", plain) == "/tls/x"
+    assert public_reference("http://svc.internal/x", plain) == "/plain/x"
