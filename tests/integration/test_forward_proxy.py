@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
+from tests.support.raw_upstream import RawUpstream, Seen, ok
 from tests.support.upstream import RecordingUpstream
 
 MakePep = Callable[..., Any]
@@ -157,6 +158,28 @@ async def test_http_proxy_host_route_allowed_reaches_upstream(
     assert doc["route"]["upstream_url"] == f"{upstream.url}/v1/items?q=1"
     (entry,) = await pep.log_entries()
     assert (entry["route"], entry["decision"]) == ("egress-api", "allow")
+
+
+async def test_alt_svc_never_reaches_the_agent(make_pep: MakePep, fault_pdp: FaultPdp) -> None:
+    """`Alt-Svc: h3=":443"` tells a client that the origin it called also serves HTTP/3 on UDP 443: through
+    HTTP_PROXY, that origin is the upstream itself, and a client that takes up the offer talks QUIC to it
+    directly, around the PEP (a proxy of TCP connections cannot carry it); on a path route it names an endpoint
+    on the PEP's own host that the PEP does not serve."""
+
+    def answer(_seen: Seen) -> Any:
+        return ok(b"ok", b'Alt-Svc: h3=":443"; ma=86400, h2="api.example.test:8443"', b"X-Kept: 1")
+
+    up = RawUpstream(answer)
+    await up.start()
+    try:
+        route = {"name": "egress-api", "match": {"host": "api.example.test"}, "upstream": f"http://127.0.0.1:{up.port}"}
+        pep = await make_pep(add_routes(route))
+        async with httpx.AsyncClient(proxy=pep.url, timeout=10) as client:
+            r = await client.get("http://api.example.test/v1/items")
+    finally:
+        await up.stop()
+    assert (r.status_code, r.text, r.headers["x-kept"]) == (200, "ok", "1")
+    assert "alt-svc" not in r.headers
 
 
 async def test_http_proxy_host_route_denied(
