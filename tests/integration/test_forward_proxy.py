@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import yaml
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
@@ -399,3 +401,42 @@ async def test_connect_allowed_but_upstream_down_is_502(make_pep: MakePep, fault
     assert headers["x-pep-decision"] == "allow"
     assert await closes(reader)
     writer.close()
+
+
+def drop_route(source: str, name: str) -> None:
+    path = Path(source)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["routes"] = [r for r in cfg["routes"] if r["name"] != name]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def test_a_reload_that_takes_the_tunnel_route_away_closes_its_tunnels(
+    make_pep: MakePep, fault_pdp: FaultPdp, raw_server: RawServer
+) -> None:
+    """A tunnel was decided once, under its route: an operator who removes (or changes) that route to cut the
+    agent off from the host cuts the tunnels already open too, not only the next CONNECT. One whose route the
+    reload keeps as it was goes on."""
+    other = RawServer()
+    await other.start()
+    try:
+        pep = await make_pep(add_routes(tunnel_route(raw_server.port), tunnel_route(other.port, "kept")))
+        reader, writer, status, _, _ = await connect(pep, f"127.0.0.1:{raw_server.port}")
+        kept_reader, kept_writer, kept_status, _, _ = await connect(pep, f"127.0.0.1:{other.port}")
+        assert (status, kept_status) == (200, 200)
+        drop_route(pep.server.config.source, "tunnel")
+        assert await pep.server.reload_config()
+        assert await closes(reader)
+        assert await asyncio.wait_for(raw_server.peer_closed.wait(), WAIT) is True
+        kept_writer.write(b"still here")
+        await kept_writer.drain()
+        for _ in range(100):
+            if bytes(other.received) == b"still here":
+                break
+            await asyncio.sleep(0.02)
+        assert bytes(other.received) == b"still here"
+        assert not other.peer_closed.is_set()
+        writer.close()
+        kept_writer.close()
+        del kept_reader
+    finally:
+        await other.stop()
