@@ -14,6 +14,7 @@ they lead to goes through the PEP (or elsewhere) like any other request.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import SplitResult, urlsplit
 
@@ -51,7 +52,14 @@ def _host(host: str) -> str:
 
 
 def _upstream_origin(route: Route) -> Origin:
-    up = urlsplit(route.upstream)
+    return _origin_of(route.upstream)
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin_of(upstream: str) -> Origin:
+    """A configured upstream URL's origin, worked out once (answers name one often, and another route's every
+    time a peer is looked for)."""
+    up = urlsplit(upstream)
     return _origin(up.scheme, up.hostname, up.port)
 
 
@@ -162,12 +170,12 @@ def _peer_reference(value: str, ref: SplitResult, named: Origin, route: Route, o
     under another scheme: an app behind a TLS terminator (Django's `SECURE_SSL_REDIRECT`, a proxy fix that trusts
     `X-Forwarded-Proto` but not `X-Forwarded-Host`) redirects to `https://` + the Host it was sent, which is its
     own address, and a client told to follow that goes to the upstream's socket, around the PEP."""
-    others = [p for p in route.peers if p is not route and p.host is None]
-    peers = [p for p in others if _upstream_origin(p) == named]
+    others = [(p, _upstream_origin(p)) for p in route.peers if p is not route and p.host is None]
+    peers = [p for p, origin in others if origin == named]
     if not peers:
         if _same_address(named, own):
             return _own_reference(value, ref, route)
-        peers = [p for p in others if _same_address(named, _upstream_origin(p))]
+        peers = [p for p, origin in others if _same_address(named, origin)]
         if not peers:
             return value
     path = next((found for p in peers if (found := p.public_path(ref.path or "/"))), None)
