@@ -18,7 +18,7 @@ import functools
 import re
 from urllib.parse import SplitResult, urlsplit
 
-from pep.authority import DEFAULT_PORTS
+from pep.authority import DEFAULT_PORTS, format_host
 from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
@@ -163,14 +163,16 @@ def rewrite(fields: Fields, route: Route) -> Fields:
 
 def _peer_reference(value: str, ref: SplitResult, named: Origin, route: Route, own: Origin) -> str:
     """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a PEP
-    path for it; else the path alone), or as it is. Routes with `match.host` (forward-proxy mode) and tunnels are
-    not looked at: the agent reaches them by that very host, through the PEP, so their address is no secret.
+    path for it; else the path alone), or as it is. A route with `match.host` (forward-proxy mode) is reached by
+    that host through the PEP: a URL naming its upstream becomes `http://` + that host + its path, and one whose
+    upstream is that very host (tunnels always are) is not looked at: its address is no secret.
 
     An origin named exactly wins; then the route's own upstream, then another route's, named by its host and port
     under another scheme: an app behind a TLS terminator (Django's `SECURE_SSL_REDIRECT`, a proxy fix that trusts
     `X-Forwarded-Proto` but not `X-Forwarded-Host`) redirects to `https://` + the Host it was sent, which is its
     own address, and a client told to follow that goes to the upstream's socket, around the PEP."""
-    others = [(p, _upstream_origin(p)) for p in route.peers if p is not route and p.host is None]
+    others = [(p, _upstream_origin(p)) for p in route.peers if p is not route]
+    others = [(p, origin) for p, origin in others if _hidden(p, origin)]
     peers = [p for p, origin in others if origin == named]
     if not peers:
         if _same_address(named, own):
@@ -178,10 +180,20 @@ def _peer_reference(value: str, ref: SplitResult, named: Origin, route: Route, o
         peers = [p for p, origin in others if _same_address(named, origin)]
         if not peers:
             return value
-    path = next((found for p in peers if (found := p.public_path(ref.path or "/"))), None)
+    found = next(((p, path) for p in peers if (path := p.public_path(ref.path or "/"))), None)
+    peer, path = found if found is not None else (peers[0], ref.path or "/")
     query = f"?{ref.query}" if ref.query else ""
     fragment = f"#{ref.fragment}" if ref.fragment else ""
-    return f"{path or ref.path or '/'}{query}{fragment}"
+    if peer.host is not None:
+        port = f":{peer.port}" if peer.port is not None and peer.port != _DEFAULT_PORTS["http"] else ""
+        return f"http://{format_host(peer.host)}{port}{path}{query}{fragment}"
+    return f"{path}{query}{fragment}"
+
+
+def _hidden(peer: Route, upstream: Origin) -> bool:
+    """Whether the agent could learn `peer`'s upstream from a URL naming it: a path route's always, a
+    forward-proxy route's when it is another host than the one the agent reaches the route by."""
+    return peer.host is None or _host(peer.host) != upstream[1]
 
 
 def _same_address(named: Origin, upstream: Origin) -> bool:

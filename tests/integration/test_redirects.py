@@ -216,3 +216,34 @@ async def test_a_redirect_to_another_routes_upstream_names_that_route_on_the_pep
         assert [path for path, _ in other.seen] == ["/v2/new?x=2"]
     finally:
         await other.stop()
+
+
+async def test_a_redirect_to_a_forward_proxy_routes_upstream_names_the_host_the_agent_knows(
+    make_pep: PepStarter, redirecting: RedirectingUpstream
+) -> None:
+    """A forward-proxy route may send `api.example.test` to an address of its own (a gateway): a URL naming that
+    address becomes the route's host, which the agent reaches through the PEP as an HTTP proxy."""
+    gateway = RedirectingUpstream()
+    await gateway.start()
+    try:
+        routes = [
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "upstream": f"{redirecting.origin}/v2",
+                "strip_prefix": True,
+            },
+            {"name": "egress", "match": {"host": "api.example.test"}, "upstream": gateway.origin},
+        ]
+        pep = await make_pep(lambda c: c["routes"].extend(routes))
+        redirecting.elsewhere_to = f"{gateway.origin}/v2/new?x=3"
+        async with httpx.AsyncClient(base_url=pep.url) as client:
+            moved = await client.get("/api/elsewhere")
+        assert moved.headers["location"] == "http://api.example.test/v2/new?x=3"
+        assert_no_upstream_address(moved, gateway)
+        async with httpx.AsyncClient(proxy=pep.url) as client:
+            followed = await client.get(moved.headers["location"])
+        assert followed.json() == {"new": True}
+        assert [path for path, _ in gateway.seen] == ["/v2/new?x=3"]
+    finally:
+        await gateway.stop()

@@ -131,6 +131,9 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
             RouteConfig(
                 name="tunnel", host="db.internal:5432", path_prefix="/", upstream="http://db.internal:5432", tunnel=True
             ),
+            # forward-proxy routes to an address of their own: the agent knows them by their host alone
+            RouteConfig(name="gateway", host="api.example.test", path_prefix="/", upstream="http://gw.internal:8080"),
+            RouteConfig(name="v6", host="[::1]:8081", path_prefix="/v1", upstream="http://v6.internal/base"),
         )
     )
     api = next(r for r in table.routes if r.name == "api")
@@ -141,6 +144,11 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
     assert public_reference("http://db.internal:5432/x", api) == "http://db.internal:5432/x"  # a tunnel: no URL
     assert public_reference("https://login.example/a", api) == "https://login.example/a"  # no route's upstream
     assert public_reference(f"{UP}/v2/y", api) == "/api/y"  # its own first
+    # ... but one whose upstream is another address: the URL the agent reaches it by, through HTTP_PROXY.
+    assert public_reference("http://gw.internal:8080/v1/x?q#f", api) == "http://api.example.test/v1/x?q#f"
+    assert public_reference("https://gw.internal:8080/x", api) == "http://api.example.test/x"
+    assert public_reference("http://v6.internal/base/v1/y", api) == "http://[::1]:8081/v1/y"
+    assert public_reference("http://v6.internal/other", api) == "http://[::1]:8081/other"
     # Another route's host and port under another scheme is that route's address all the same.
     assert public_reference("https://files.internal:8080/store/b", api) == "/files/b"
 
