@@ -31,7 +31,10 @@ _URL_FIELD_INITIALS = frozenset(n[0] for n in _URL_FIELDS)
 _DEFAULT_PORTS = {**DEFAULT_PORTS, "ws": 80, "wss": 443}
 Origin = tuple[str, str, int | None]  # scheme, host (as compared), effective port
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
-_REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
+# Read as HTML's declarative refresh reads it (browsers, and clients that copy them): a delay of digits and dots,
+# then `;`, `,` or whitespace alone, an optional `url=`, an optional quote that need not be closed (what follows
+# a closing quote is not part of the URL).
+_REFRESH = re.compile(r"(?is)(\s*(?=[\d.])[\d.]*(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?)(['\"]?)(.*)\Z")
 
 
 def _origin(scheme: str, host: str | None, port: int | None) -> Origin:
@@ -138,8 +141,12 @@ def public_value(name: str, value: str, route: Route) -> str:
     m = _REFRESH.match(value)
     if m is None:
         return value
-    lead, quote, url, tail = m.groups()
-    return f"{lead}{quote}{public_reference(url, route)}{quote}{tail}"
+    lead, quote, url = m.groups()
+    tail = ""
+    if quote and quote in url:
+        url, rest = url.split(quote, 1)
+        tail = quote + rest
+    return f"{lead}{quote}{public_reference(url, route)}{tail}"
 
 
 def rewrite(fields: Fields, route: Route) -> Fields:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from pep.config import RouteConfig
-from pep.redirects import public_reference, rewrite
+from pep.redirects import public_reference, public_value, rewrite
 from pep.routing import Route, RouteTable
 
 UP = "http://127.0.0.1:9000"
@@ -163,3 +163,24 @@ def test_an_origin_named_exactly_wins_over_one_named_by_address() -> None:
     plain = next(r for r in table.routes if r.name == "plain")
     assert public_reference("https://svc.internal/x", plain) == "/tls/x"
     assert public_reference("http://svc.internal/x", plain) == "/plain/x"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"5; url={UP}/mcp/c", "5; url=/mcp/c"),
+        (f"0;URL='{UP}/mcp/d'", "0;URL='/mcp/d'"),
+        (f"0, {UP}/mcp/e", "0, /mcp/e"),
+        ("10", "10"),
+        # as browsers read it (HTML's declarative refresh): whitespace alone may separate the delay from the URL,
+        (f"0 url={UP}/mcp/f", "0 url=/mcp/f"),
+        (f"1.5\t{UP}/mcp/g", "1.5\t/mcp/g"),
+        # a quote need not be closed, and what follows a closing one is not part of the URL
+        (f'0; url="{UP}/mcp/h', '0; url="/mcp/h'),
+        (f"0; url='{UP}/mcp/i' ignored", "0; url='/mcp/i' ignored"),
+        (f"0;url = {UP}/mcp/j  ", "0;url = /mcp/j"),
+        ("0x; url=http://127.0.0.1:9000/mcp/k", "0x; url=http://127.0.0.1:9000/mcp/k"),  # not a refresh: ignored
+    ],
+)
+def test_refresh_urls_are_read_as_browsers_read_them(value: str, expected: str) -> None:
+    assert public_value("refresh", value, MCP) == expected
