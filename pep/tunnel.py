@@ -83,8 +83,11 @@ async def splice(exchange: Exchange, allow: Allow, route: Route, tunnels: Tunnel
         current = asyncio.current_task()
         if current is None or current.cancelling():
             raise
-        # `moving` alone was cancelled: a reload closed the tunnel (both sides aborted); the request ends here.
+        # `moving` alone was cancelled: a reload closed the tunnel; the request ends here.
     finally:
         if tunnels is not None:
             tunnels.remove(moving)
+        # Closed already unless `moving` was cancelled before it ran (a reload while the tunnel connected).
+        client.close(abort=True)
+        upstream.close(abort=True)
     return 200

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import yaml
 
+from pep import transport as pep_transport
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
 from tests.support.raw_upstream import RawUpstream, Seen, ok
@@ -440,3 +441,28 @@ async def test_a_reload_that_takes_the_tunnel_route_away_closes_its_tunnels(
         del kept_reader
     finally:
         await other.stop()
+
+
+async def test_a_tunnel_whose_route_a_reload_took_away_while_it_connected_is_closed(
+    make_pep: MakePep, fault_pdp: FaultPdp, raw_server: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload came after the allow and before the tunnel was open: it is closed as it opens, both sides."""
+    connecting, go_on = asyncio.Event(), asyncio.Event()
+    connect_upstream = pep_transport.connect
+
+    async def held(host: str, port: int, connect_s: float) -> Any:
+        connecting.set()
+        await go_on.wait()
+        return await connect_upstream(host, port, connect_s)
+
+    monkeypatch.setattr(pep_transport, "connect", held)
+    pep = await make_pep(add_routes(tunnel_route(raw_server.port)))
+    opening = asyncio.ensure_future(connect(pep, f"127.0.0.1:{raw_server.port}"))
+    await asyncio.wait_for(connecting.wait(), WAIT)
+    drop_route(pep.server.config.source, "tunnel")
+    assert await pep.server.reload_config()
+    go_on.set()
+    reader, writer, _status, _, _ = await opening
+    assert await closes(reader)
+    assert await asyncio.wait_for(raw_server.peer_closed.wait(), WAIT) is True
+    writer.close()
