@@ -120,7 +120,7 @@ class Admission:
 
 def split_target(facts: RequestFacts) -> tuple[str, str] | Refusal:
     """The raw path and query of an origin- or absolute-form target; an absolute form must name the host and
-    port of the Host header (default ports are the connection scheme's)."""
+    port of the Host header (default ports are the connection scheme's), and no user info."""
     target = facts.target
     if "#" in target:
         return Refusal(Reason.REQUEST_AMBIGUOUS, "fragment in the request target")
@@ -136,6 +136,9 @@ def split_target(facts: RequestFacts) -> tuple[str, str] | Refusal:
         absolute = False
     if not absolute or not _authority_matches(url.with_scheme(facts.scheme), facts.headers.get("Host")):
         return Refusal(Reason.REQUEST_AMBIGUOUS, "absolute-form target disagrees with Host")
+    if "@" in url.raw_authority:
+        # RFC 9110 4.2.4: an error, and the shape that leads a reader taking what precedes `@` for the host astray.
+        return Refusal(Reason.REQUEST_AMBIGUOUS, "user info in the request target")
     return url.raw_path, url.raw_query_string
 
 

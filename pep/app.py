@@ -408,6 +408,8 @@ class Server:
         new = await self._build(cfg, old)
         proxy.runtime = new  # one assignment: the next request sees all of the new config
         self.config = cfg
+        if closed := proxy.tunnels.revoke(new.routes):
+            say(f"failclosed-pep: closed {closed} tunnel(s) whose route the reload removed or changed")
         dropped_jit = any(source is not new.jit.get(name) for name, source in old.jit.items())
         if (
             new.engine is not old.engine

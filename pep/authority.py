@@ -43,4 +43,9 @@ def resolve_authority(text: str, default_port: int | None) -> tuple[str, int] | 
 
 
 def format_authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{format_host(host)}:{port}"
+
+
+def format_host(host: str) -> str:
+    """A host as an authority spells it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host

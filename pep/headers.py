@@ -174,8 +174,13 @@ def _names(names: Iterable[str]) -> frozenset[bytes]:
 
 
 HOP_BY_HOP_FIELDS = _names(HOP_BY_HOP)
-# What never crosses towards the caller: hop-by-hop fields, and the framing the writer sets for what it sends.
-ANSWER_DROP = HOP_BY_HOP_FIELDS | {b"content-length"}
+# The fields that say what the PEP did (pep/responses.py): on a relayed answer they would be the upstream's word.
+PEP_ANSWER_FIELDS = frozenset({b"x-pep-decision", b"x-pep-reason", b"x-pep-upstream-error", b"x-pep-decision-id"})
+# What never crosses towards the caller: hop-by-hop fields, the framing the writer sets for what it sends, the PEP's
+# own fields, and Alt-Svc (RFC 7838): the upstream's offer of another endpoint for the origin the caller called,
+# which through HTTP_PROXY is the upstream itself (HTTP/3 to it is QUIC, around the PEP) and otherwise one the PEP
+# does not serve.
+ANSWER_DROP = HOP_BY_HOP_FIELDS | PEP_ANSWER_FIELDS | {b"content-length", b"alt-svc"}
 
 
 def forward_drop_set(request_drop: frozenset[str]) -> frozenset[bytes]:

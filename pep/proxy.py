@@ -177,6 +177,7 @@ class Proxy:
         self._log = decision_log
         self._metrics = metrics
         self.in_flight = 0
+        self.tunnels = tunnel.Tunnels(runtime.routes)  # CONNECT tunnels open now (a reload may close them)
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
 
     async def handle(self, exchange: Exchange) -> None:
@@ -265,7 +266,7 @@ class Proxy:
         admission = case.admission
         if isinstance(decision, Allow) and admission is not None:
             if case.method == "CONNECT":
-                case.status = await tunnel.splice(exchange, decision, admission.route)
+                case.status = await tunnel.splice(exchange, decision, admission.route, self.tunnels)
                 return
             if admission.credential is None and admission.route.config.credential is not None:
                 # Never upstream without the route's credential (a just-in-time one comes from `_credential`):

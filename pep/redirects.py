@@ -14,10 +14,11 @@ they lead to goes through the PEP (or elsewhere) like any other request.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import SplitResult, urlsplit
 
-from pep.authority import DEFAULT_PORTS
+from pep.authority import DEFAULT_PORTS, format_host
 from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
@@ -26,17 +27,42 @@ _URL_FIELDS = frozenset({b"location", b"content-location", b"refresh", b"link"})
 # its initial.
 _URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
 _URL_FIELD_INITIALS = frozenset(n[0] for n in _URL_FIELDS)
+# The schemes of URLs that name a host and port a client connects to, with their default port (ws: RFC 6455).
+_DEFAULT_PORTS = {**DEFAULT_PORTS, "ws": 80, "wss": 443}
+Origin = tuple[str, str, int | None]  # scheme, host (as compared), effective port
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
-_REFRESH = re.compile(r"(?i)(\s*[\d.]+\s*[;,]\s*(?:url\s*=\s*)?)(['\"]?)(.*?)\2(\s*)\Z")
+# Read as HTML's declarative refresh reads it (browsers, and clients that copy them): a delay of digits and dots,
+# then `;`, `,` or whitespace alone, an optional `url=`, an optional quote that need not be closed (what follows
+# a closing quote is not part of the URL).
+_REFRESH = re.compile(r"(?is)(\s*(?=[\d.])[\d.]*(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?)(['\"]?)(.*)\Z")
 
 
-def _origin(scheme: str, host: str | None, port: int | None) -> tuple[str, str, int | None]:
+def _origin(scheme: str, host: str | None, port: int | None) -> Origin:
     scheme = scheme.lower()
-    return scheme, (host or "").lower(), port or DEFAULT_PORTS.get(scheme)
+    return scheme, _host(host or ""), port or _DEFAULT_PORTS.get(scheme)
 
 
-def _upstream_origin(route: Route) -> tuple[str, str, int | None]:
-    up = urlsplit(route.upstream)
+def _host(host: str) -> str:
+    """A host as the upstream is sent it, compared: lower-cased, a DNS name's trailing dot gone (the same name),
+    and a non-ASCII name in its IDNA form (the Host the PEP sends, which an app writes into its URLs)."""
+    host = host.lower().rstrip(".") or host
+    if not host.isascii():
+        try:
+            return host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return host
+    return host
+
+
+def _upstream_origin(route: Route) -> Origin:
+    return _origin_of(route.upstream)
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin_of(upstream: str) -> Origin:
+    """A configured upstream URL's origin, worked out once (answers name one often, and another route's every
+    time a peer is looked for)."""
+    up = urlsplit(upstream)
     return _origin(up.scheme, up.hostname, up.port)
 
 
@@ -46,15 +72,20 @@ def public_reference(value: str, route: Route) -> str:
     service redirecting to another behind the same PEP) gets that route's path the same way."""
     try:
         ref = urlsplit(value.strip())
-        up = urlsplit(route.upstream)
         if ref.netloc:
-            named = _origin(ref.scheme or up.scheme, ref.hostname, ref.port)
-            if named != _origin(up.scheme, up.hostname, up.port):
-                return _peer_reference(value, ref, named, route)
+            own = _upstream_origin(route)
+            named = _origin(ref.scheme or own[0], ref.hostname, ref.port)
+            if named != own:
+                return _peer_reference(value, ref, named, route, own)
         elif ref.scheme or not ref.path.startswith("/"):
             return value  # `mailto:…`, `urn:…`, or a relative path: nothing of the upstream's address in it
     except ValueError:  # an unparsable port or host: not recognisably the upstream's, and not a URL to follow
         return value
+    return _own_reference(value, ref, route)
+
+
+def _own_reference(value: str, ref: SplitResult, route: Route) -> str:
+    """A reference to the route's own upstream (a URL naming it, or a path on it) as the agent gets it."""
     path = route.public_path(ref.path or "/")
     if path is None:
         if not ref.netloc:
@@ -110,8 +141,12 @@ def public_value(name: str, value: str, route: Route) -> str:
     m = _REFRESH.match(value)
     if m is None:
         return value
-    lead, quote, url, tail = m.groups()
-    return f"{lead}{quote}{public_reference(url, route)}{quote}{tail}"
+    lead, quote, url = m.groups()
+    tail = ""
+    if quote and quote in url:
+        url, rest = url.split(quote, 1)
+        tail = quote + rest
+    return f"{lead}{quote}{public_reference(url, route)}{tail}"
 
 
 def rewrite(fields: Fields, route: Route) -> Fields:
@@ -133,14 +168,47 @@ def rewrite(fields: Fields, route: Route) -> Fields:
     return fields if out is None else out
 
 
-def _peer_reference(value: str, ref: SplitResult, named: tuple[str, str, int | None], route: Route) -> str:
+def _peer_reference(value: str, ref: SplitResult, named: Origin, route: Route, own: Origin) -> str:
     """An absolute URL of another origin: the path of the route whose upstream it names (the first that has a PEP
-    path for it; else the path alone), or as it is. Routes with `match.host` (forward-proxy mode) and tunnels are
-    not looked at: the agent reaches them by that very host, through the PEP, so their address is no secret."""
-    peers = [p for p in route.peers if p is not route and p.host is None and _upstream_origin(p) == named]
+    path for it; else the path alone), or as it is. A route with `match.host` (forward-proxy mode) is reached by
+    that host through the PEP: a URL naming its upstream becomes `http://` + that host + its path, and one whose
+    upstream is that very host (tunnels always are) is not looked at: its address is no secret.
+
+    An origin named exactly wins; then the route's own upstream, then another route's, named by its host and port
+    under another scheme: an app behind a TLS terminator (Django's `SECURE_SSL_REDIRECT`, a proxy fix that trusts
+    `X-Forwarded-Proto` but not `X-Forwarded-Host`) redirects to `https://` + the Host it was sent, which is its
+    own address, and a client told to follow that goes to the upstream's socket, around the PEP."""
+    others = [(p, _upstream_origin(p)) for p in route.peers if p is not route]
+    others = [(p, origin) for p, origin in others if _hidden(p, origin)]
+    peers = [p for p, origin in others if origin == named]
     if not peers:
-        return value
-    path = next((found for p in peers if (found := p.public_path(ref.path or "/"))), None)
+        if _same_address(named, own):
+            return _own_reference(value, ref, route)
+        peers = [p for p, origin in others if _same_address(named, origin)]
+        if not peers:
+            return value
+    found = next(((p, path) for p in peers if (path := p.public_path(ref.path or "/"))), None)
+    peer, path = found if found is not None else (peers[0], ref.path or "/")
     query = f"?{ref.query}" if ref.query else ""
     fragment = f"#{ref.fragment}" if ref.fragment else ""
-    return f"{path or ref.path or '/'}{query}{fragment}"
+    if peer.host is not None:
+        port = f":{peer.port}" if peer.port is not None and peer.port != _DEFAULT_PORTS["http"] else ""
+        return f"http://{format_host(peer.host)}{port}{path}{query}{fragment}"
+    return f"{path}{query}{fragment}"
+
+
+def _hidden(peer: Route, upstream: Origin) -> bool:
+    """Whether the agent could learn `peer`'s upstream from a URL naming it: a path route's always, a
+    forward-proxy route's when it is another host than the one the agent reaches the route by."""
+    return peer.host is None or _host(peer.host) != upstream[1]
+
+
+def _same_address(named: Origin, upstream: Origin) -> bool:
+    """`named` is the upstream's host and port whatever its scheme: the same port, or each scheme's own default
+    (`https://svc.internal/x` names `http://svc.internal`, which a framework writes from the Host it was sent)."""
+    scheme, host, port = named
+    if port is None or host != upstream[1]:
+        return False
+    return port == upstream[2] or (
+        port == _DEFAULT_PORTS.get(scheme) and upstream[2] == _DEFAULT_PORTS.get(upstream[0])
+    )

@@ -284,6 +284,11 @@ CORPUS: list[Case] = [
     denied("absolute-form-other-host", get("http://evil.example/tools/x"), "request_ambiguous"),
     denied("absolute-form-other-port", get("http://127.0.0.1:1/tools/x"), "request_ambiguous"),
     denied("absolute-form-userinfo", get("http://127.0.0.1:{port}@evil.example/tools/x"), "request_ambiguous"),
+    # RFC 9110 4.2.4: user info in a target URI is an error; a reader that takes it for the host is led elsewhere.
+    denied(
+        "absolute-form-userinfo-same-host", get("http://evil.example@127.0.0.1:{port}/tools/x"), "request_ambiguous"
+    ),
+    denied("absolute-form-empty-userinfo", get("http://@127.0.0.1:{port}/tools/x"), "request_ambiguous"),
     allowed("absolute-form-same-host", get("http://127.0.0.1:{port}/tools/x"), "GET", "/tools/x"),
     parser_400("duplicate-host", b"GET /tools/x HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n"),
     parser_400("absolute-form-without-host", b"GET http://127.0.0.1:{port}/tools/x HTTP/1.1\r\n\r\n"),

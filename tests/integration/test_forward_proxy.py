@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import yaml
 
+from pep import transport as pep_transport
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
+from tests.support.raw_upstream import RawUpstream, Seen, ok
 from tests.support.upstream import RecordingUpstream
 
 MakePep = Callable[..., Any]
@@ -157,6 +161,28 @@ async def test_http_proxy_host_route_allowed_reaches_upstream(
     assert doc["route"]["upstream_url"] == f"{upstream.url}/v1/items?q=1"
     (entry,) = await pep.log_entries()
     assert (entry["route"], entry["decision"]) == ("egress-api", "allow")
+
+
+async def test_alt_svc_never_reaches_the_agent(make_pep: MakePep, fault_pdp: FaultPdp) -> None:
+    """`Alt-Svc: h3=":443"` tells a client that the origin it called also serves HTTP/3 on UDP 443: through
+    HTTP_PROXY, that origin is the upstream itself, and a client that takes up the offer talks QUIC to it
+    directly, around the PEP (a proxy of TCP connections cannot carry it); on a path route it names an endpoint
+    on the PEP's own host that the PEP does not serve."""
+
+    def answer(_seen: Seen) -> Any:
+        return ok(b"ok", b'Alt-Svc: h3=":443"; ma=86400, h2="api.example.test:8443"', b"X-Kept: 1")
+
+    up = RawUpstream(answer)
+    await up.start()
+    try:
+        route = {"name": "egress-api", "match": {"host": "api.example.test"}, "upstream": f"http://127.0.0.1:{up.port}"}
+        pep = await make_pep(add_routes(route))
+        async with httpx.AsyncClient(proxy=pep.url, timeout=10) as client:
+            r = await client.get("http://api.example.test/v1/items")
+    finally:
+        await up.stop()
+    assert (r.status_code, r.text, r.headers["x-kept"]) == (200, "ok", "1")
+    assert "alt-svc" not in r.headers
 
 
 async def test_http_proxy_host_route_denied(
@@ -375,4 +401,68 @@ async def test_connect_allowed_but_upstream_down_is_502(make_pep: MakePep, fault
     assert status == 502
     assert headers["x-pep-decision"] == "allow"
     assert await closes(reader)
+    writer.close()
+
+
+def drop_route(source: str, name: str) -> None:
+    path = Path(source)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["routes"] = [r for r in cfg["routes"] if r["name"] != name]
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def test_a_reload_that_takes_the_tunnel_route_away_closes_its_tunnels(
+    make_pep: MakePep, fault_pdp: FaultPdp, raw_server: RawServer
+) -> None:
+    """A tunnel was decided once, under its route: an operator who removes (or changes) that route to cut the
+    agent off from the host cuts the tunnels already open too, not only the next CONNECT. One whose route the
+    reload keeps as it was goes on."""
+    other = RawServer()
+    await other.start()
+    try:
+        pep = await make_pep(add_routes(tunnel_route(raw_server.port), tunnel_route(other.port, "kept")))
+        reader, writer, status, _, _ = await connect(pep, f"127.0.0.1:{raw_server.port}")
+        kept_reader, kept_writer, kept_status, _, _ = await connect(pep, f"127.0.0.1:{other.port}")
+        assert (status, kept_status) == (200, 200)
+        drop_route(pep.server.config.source, "tunnel")
+        assert await pep.server.reload_config()
+        assert await closes(reader)
+        assert await asyncio.wait_for(raw_server.peer_closed.wait(), WAIT) is True
+        kept_writer.write(b"still here")
+        await kept_writer.drain()
+        for _ in range(100):
+            if bytes(other.received) == b"still here":
+                break
+            await asyncio.sleep(0.02)
+        assert bytes(other.received) == b"still here"
+        assert not other.peer_closed.is_set()
+        writer.close()
+        kept_writer.close()
+        del kept_reader
+    finally:
+        await other.stop()
+
+
+async def test_a_tunnel_whose_route_a_reload_took_away_while_it_connected_is_closed(
+    make_pep: MakePep, fault_pdp: FaultPdp, raw_server: RawServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload came after the allow and before the tunnel was open: it is closed as it opens, both sides."""
+    connecting, go_on = asyncio.Event(), asyncio.Event()
+    connect_upstream = pep_transport.connect
+
+    async def held(host: str, port: int, connect_s: float) -> Any:
+        connecting.set()
+        await go_on.wait()
+        return await connect_upstream(host, port, connect_s)
+
+    monkeypatch.setattr(pep_transport, "connect", held)
+    pep = await make_pep(add_routes(tunnel_route(raw_server.port)))
+    opening = asyncio.ensure_future(connect(pep, f"127.0.0.1:{raw_server.port}"))
+    await asyncio.wait_for(connecting.wait(), WAIT)
+    drop_route(pep.server.config.source, "tunnel")
+    assert await pep.server.reload_config()
+    go_on.set()
+    reader, writer, _status, _, _ = await opening
+    assert await closes(reader)
+    assert await asyncio.wait_for(raw_server.peer_closed.wait(), WAIT) is True
     writer.close()

@@ -25,6 +25,7 @@ from yarl import URL
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
 from tests.support.observe import metric
+from tests.support.raw_upstream import Action, RawUpstream
 from tests.support.upstream import RecordingUpstream
 
 Mutate = Callable[[dict[str, Any]], None]
@@ -699,6 +700,28 @@ async def test_upstream_error_status_is_passed_through(make_pep: MakePep) -> Non
     assert metric(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 3
     assert metric(text, "pep_decisions_total", decision="deny") == 0
     assert metric(text, "pep_upstream_request_duration_seconds_count", route="tools") == 3
+
+
+async def test_the_peps_own_answer_fields_never_come_from_the_upstream(make_pep: MakePep) -> None:
+    """`x-pep-decision`, `x-pep-reason` and `x-pep-upstream-error` say what the PEP did: an upstream (a third-party
+    API through HTTP_PROXY, an MCP server the PEP guards the agent from) that sends them would pass its own answer
+    off as a PEP denial or a failed connection, and an `x-pep-decision-id` as a decision the PEP never made."""
+    forged = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\nX-PEP-Decision: deny\r\n"
+        b"x-pep-reason: policy_denied\r\nX-Pep-Upstream-Error: connect\r\nX-PEP-Decision-ID: forged\r\n"
+        b"X-Kept: 1\r\n\r\nno"
+    )
+    up = RawUpstream(lambda _seen: Action(forged))
+    await up.start()
+    try:
+        pep: RunningPep = await make_pep(mutate=route_opts(upstream=f"http://127.0.0.1:{up.port}"))
+        async with httpx.AsyncClient(base_url=pep.url) as client:
+            r = await client.get("/tools/x")
+    finally:
+        await up.stop()
+    assert (r.status_code, r.text, r.headers["x-kept"]) == (503, "no", "1")
+    for name in ("x-pep-decision", "x-pep-reason", "x-pep-upstream-error", "x-pep-decision-id"):
+        assert name not in r.headers, name
 
 
 async def test_head_and_204_pass_through_and_keep_the_connection_usable(

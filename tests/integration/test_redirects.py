@@ -62,6 +62,11 @@ class RedirectingUpstream(LoopbackServer):
             await record(request)
             raise web.HTTPFound(f"{self.origin}/admin")
 
+        async def secure(request: web.Request) -> web.Response:
+            await record(request)
+            # An https-only app (Django's SECURE_SSL_REDIRECT): https on the Host it was sent, its own address.
+            raise web.HTTPMovedPermanently(f"https://{request.host}{request.path_qs.replace('secure', 'new')}")
+
         async def listing(request: web.Request) -> web.Response:
             await record(request)
             # RFC 8288 pagination, as GitHub-style APIs answer: clients follow rel="next" on their own.
@@ -75,6 +80,7 @@ class RedirectingUpstream(LoopbackServer):
         app.router.add_post("/v2/items", create)
         app.router.add_get("/v2/elsewhere", elsewhere)
         app.router.add_get("/v2/outside", outside)
+        app.router.add_get("/v2/secure", secure)
         await self.serve(web.AppRunner(app, access_log=None))
 
 
@@ -153,6 +159,18 @@ async def test_other_origins_are_left_and_the_upstreams_origin_never_shows(
     assert_no_upstream_address(outside, redirecting)
 
 
+async def test_a_redirect_to_https_on_the_upstreams_own_host_names_the_pep(
+    pep: RunningPep, redirecting: RedirectingUpstream
+) -> None:
+    """The upstream's host and port under another scheme are still its address: a client that followed them would
+    reach the upstream's socket, not the PEP."""
+    async with httpx.AsyncClient(base_url=pep.url) as client:
+        moved = await client.get("/api/secure?x=1")
+    assert moved.status_code == 301
+    assert moved.headers["location"] == "/api/new?x=1"
+    assert_no_upstream_address(moved, redirecting)
+
+
 async def test_pagination_links_name_the_pep(pep: RunningPep, redirecting: RedirectingUpstream) -> None:
     """A `Link` to the next page is followed by clients as a redirect is: it must not lead around the PEP."""
     async with httpx.AsyncClient(base_url=pep.url) as client:
@@ -198,3 +216,34 @@ async def test_a_redirect_to_another_routes_upstream_names_that_route_on_the_pep
         assert [path for path, _ in other.seen] == ["/v2/new?x=2"]
     finally:
         await other.stop()
+
+
+async def test_a_redirect_to_a_forward_proxy_routes_upstream_names_the_host_the_agent_knows(
+    make_pep: PepStarter, redirecting: RedirectingUpstream
+) -> None:
+    """A forward-proxy route may send `api.example.test` to an address of its own (a gateway): a URL naming that
+    address becomes the route's host, which the agent reaches through the PEP as an HTTP proxy."""
+    gateway = RedirectingUpstream()
+    await gateway.start()
+    try:
+        routes = [
+            {
+                "name": "api",
+                "match": {"path_prefix": "/api"},
+                "upstream": f"{redirecting.origin}/v2",
+                "strip_prefix": True,
+            },
+            {"name": "egress", "match": {"host": "api.example.test"}, "upstream": gateway.origin},
+        ]
+        pep = await make_pep(lambda c: c["routes"].extend(routes))
+        redirecting.elsewhere_to = f"{gateway.origin}/v2/new?x=3"
+        async with httpx.AsyncClient(base_url=pep.url) as client:
+            moved = await client.get("/api/elsewhere")
+        assert moved.headers["location"] == "http://api.example.test/v2/new?x=3"
+        assert_no_upstream_address(moved, gateway)
+        async with httpx.AsyncClient(proxy=pep.url) as client:
+            followed = await client.get(moved.headers["location"])
+        assert followed.json() == {"new": True}
+        assert [path for path, _ in gateway.seen] == ["/v2/new?x=3"]
+    finally:
+        await gateway.stop()

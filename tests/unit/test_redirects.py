@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from pep.config import RouteConfig
-from pep.redirects import public_reference, rewrite
+from pep.redirects import public_reference, public_value, rewrite
 from pep.routing import Route, RouteTable
 
 UP = "http://127.0.0.1:9000"
@@ -53,7 +53,15 @@ NESTED = route(f"{UP}/base", "/tools", False)
         (NESTED, "/base/y", "/y"),
         (NESTED, "/elsewhere", "/elsewhere"),
         # not the upstream: left as it is
-        (MCP, "https://127.0.0.1:9000/mcp/x", "https://127.0.0.1:9000/mcp/x"),  # another scheme
+        # the upstream's host and port under another scheme (an app redirecting to https on the Host it was sent)
+        (MCP, "https://127.0.0.1:9000/mcp/x", "/mcp/x"),
+        (MCP, "ws://127.0.0.1:9000/mcp/x", "/mcp/x"),
+        (route("http://svc.internal/api", "/api", True), "https://svc.internal/api/x", "/api/x"),  # both defaults
+        (route("http://svc.internal/api", "/api", True), "https://SVC.internal.:443/api/x", "/api/x"),
+        (route("http://bücher.internal/api", "/api", True), "https://xn--bcher-kva.internal/api/x", "/api/x"),
+        (route("http://svc.internal/api", "/api", True), "https://svc.internal:8443/x", "https://svc.internal:8443/x"),
+        (CRM, "http://crm.internal:8443/api/x", "/crm/x"),
+        (CRM, "http://crm.internal/api/x", "http://crm.internal/api/x"),  # port 80: not the upstream's
         (MCP, "http://127.0.0.1:9001/mcp/x", "http://127.0.0.1:9001/mcp/x"),
         (MCP, "https://login.example/authorize?x=1", "https://login.example/authorize?x=1"),
         (MCP, "next", "next"),
@@ -123,6 +131,9 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
             RouteConfig(
                 name="tunnel", host="db.internal:5432", path_prefix="/", upstream="http://db.internal:5432", tunnel=True
             ),
+            # forward-proxy routes to an address of their own: the agent knows them by their host alone
+            RouteConfig(name="gateway", host="api.example.test", path_prefix="/", upstream="http://gw.internal:8080"),
+            RouteConfig(name="v6", host="[::1]:8081", path_prefix="/v1", upstream="http://v6.internal/base"),
         )
     )
     api = next(r for r in table.routes if r.name == "api")
@@ -133,3 +144,43 @@ def test_a_url_naming_another_routes_upstream_gets_that_routes_path() -> None:
     assert public_reference("http://db.internal:5432/x", api) == "http://db.internal:5432/x"  # a tunnel: no URL
     assert public_reference("https://login.example/a", api) == "https://login.example/a"  # no route's upstream
     assert public_reference(f"{UP}/v2/y", api) == "/api/y"  # its own first
+    # ... but one whose upstream is another address: the URL the agent reaches it by, through HTTP_PROXY.
+    assert public_reference("http://gw.internal:8080/v1/x?q#f", api) == "http://api.example.test/v1/x?q#f"
+    assert public_reference("https://gw.internal:8080/x", api) == "http://api.example.test/x"
+    assert public_reference("http://v6.internal/base/v1/y", api) == "http://[::1]:8081/v1/y"
+    assert public_reference("http://v6.internal/other", api) == "http://[::1]:8081/other"
+    # Another route's host and port under another scheme is that route's address all the same.
+    assert public_reference("https://files.internal:8080/store/b", api) == "/files/b"
+
+
+def test_an_origin_named_exactly_wins_over_one_named_by_address() -> None:
+    table = RouteTable(
+        (
+            RouteConfig(name="plain", path_prefix="/plain", upstream="http://svc.internal", strip_prefix=True),
+            RouteConfig(name="tls", path_prefix="/tls", upstream="https://svc.internal", strip_prefix=True),
+        )
+    )
+    plain = next(r for r in table.routes if r.name == "plain")
+    assert public_reference("https://svc.internal/x", plain) == "/tls/x"
+    assert public_reference("http://svc.internal/x", plain) == "/plain/x"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"5; url={UP}/mcp/c", "5; url=/mcp/c"),
+        (f"0;URL='{UP}/mcp/d'", "0;URL='/mcp/d'"),
+        (f"0, {UP}/mcp/e", "0, /mcp/e"),
+        ("10", "10"),
+        # as browsers read it (HTML's declarative refresh): whitespace alone may separate the delay from the URL,
+        (f"0 url={UP}/mcp/f", "0 url=/mcp/f"),
+        (f"1.5\t{UP}/mcp/g", "1.5\t/mcp/g"),
+        # a quote need not be closed, and what follows a closing one is not part of the URL
+        (f'0; url="{UP}/mcp/h', '0; url="/mcp/h'),
+        (f"0; url='{UP}/mcp/i' ignored", "0; url='/mcp/i' ignored"),
+        (f"0;url = {UP}/mcp/j  ", "0;url = /mcp/j"),
+        ("0x; url=http://127.0.0.1:9000/mcp/k", "0x; url=http://127.0.0.1:9000/mcp/k"),  # not a refresh: ignored
+    ],
+)
+def test_refresh_urls_are_read_as_browsers_read_them(value: str, expected: str) -> None:
+    assert public_value("refresh", value, MCP) == expected
