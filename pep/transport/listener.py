@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
             waiter = self._body_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        if not self._read_paused and self.reader.buffered > self.options.read_high_water:
+        if not self._read_paused and len(self.reader.buf) > self.options.read_high_water:
             self._read_paused = True
             cast(asyncio.Transport, self.transport).pause_reading()
 
@@ -356,11 +356,11 @@ class _Connection(asyncio.Protocol):
     def _read_on(self) -> None:
         """Waiting for the next request: read from the socket again unless enough is buffered already (a
         pipelining client is held to `read_high_water`, as a body is), and take a pipelined request."""
-        if self.reader.buffered:
+        if self.reader.buf:
             self._next_request()  # a pipelined request (read only now, after the answer before it)
         state = self.state
         if self._read_paused and (
-            state is _WAITING or (state is _BUSY and self.reader.buffered <= self.options.read_high_water // 2)
+            state is _WAITING or (state is _BUSY and len(self.reader.buf) <= self.options.read_high_water // 2)
         ):
             self._read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -422,7 +422,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(BodyTimeout("no request body bytes within the deadline"))
 
     def body_taken(self) -> None:
-        if self._read_paused and self.reader.buffered <= self.options.read_high_water // 2:
+        if self._read_paused and len(self.reader.buf) <= self.options.read_high_water // 2:
             self._read_paused = False
             cast(asyncio.Transport, self.transport).resume_reading()
 
