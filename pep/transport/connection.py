@@ -217,6 +217,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.expires = expires
         self.writer = None
 
+    def repark(self, expires: float) -> bool:
+        """After an exchange: back in the pool until `expires` if the connection is `reusable` (True), else
+        nothing changed (False: the caller closes it). One call where the pool made two."""
+        if self.state is _ACTIVE and self.sent_whole and not self._eof and self.reader.reusable:
+            self.state = _IDLE
+            self.expires = expires
+            self.writer = None
+            return True
+        return False
+
     def open(self) -> bool:
         """Still usable for the exchange it was made or taken for: the server has not closed it."""
         transport = self.transport

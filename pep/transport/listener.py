@@ -341,7 +341,10 @@ class _Connection(asyncio.Protocol):
             self._linger()
             return
         self.state = _WAITING
-        self._arm(self.loop.time() + self.options.idle_s)
+        self._deadline = deadline = self.loop.time() + self.options.idle_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:  # else the timer comes earlier and moves on (`_arm`)
+            self._arm(deadline)
         if self.flow.paused:
             # The client has not taken the answers so far: a pipelined request is neither read nor answered
             # until it does (`resume_writing`), or the idle deadline cuts it off. Otherwise a client that sends
@@ -351,7 +354,8 @@ class _Connection(asyncio.Protocol):
                 self._read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        self._read_on()
+        if self._read_paused or self.reader.buf:  # else there is nothing for `_read_on` to do
+            self._read_on()
 
     def _read_on(self) -> None:
         """Waiting for the next request: read from the socket again unless enough is buffered already (a

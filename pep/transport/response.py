@@ -123,7 +123,8 @@ class Response:
             raise LocalProtocolError(f"send in state {self._state.name}")
         if status < 200:
             raise LocalProtocolError("a final answer needs a status of 200 or more")
-        _check_fields(fields)
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # `_check_fields` without its frame
+            _check_fields(fields)
         head = response_head(status, fields, reason or _REASONS.get(status, b""))
         # the framing lines are the writer's own, added to the checked head before its empty line
         if status in _NO_BODY_STATUS:
