@@ -21,7 +21,7 @@ import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from types import TracebackType
 from typing import NamedTuple
 
@@ -47,6 +47,7 @@ SWEEP_SLACK_S = 1.0  # idle connections past their time are closed together, at 
 _NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
+_LOWER = methodcaller("lower")
 
 
 class Origin(NamedTuple):
@@ -301,7 +302,9 @@ class Pool:
         `admit`, if given, is asked before a connection is taken or made, and again right before the request is
         written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
         made for the request goes back to the pool unused)."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
+            map(_LOWER, map(_NAME, fields))
+        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
             _refuse_reserved(fields)
         head = request_head(method, target, fields)
         if body is None:
@@ -346,7 +349,9 @@ class Pool:
         once, without a ClientResponse or a wait per chunk. `start`: the request line and fixed fields, checked
         once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
         the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
+            map(_LOWER, map(_NAME, fields))
+        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
             _refuse_reserved(fields)
         if not _RESERVED.isdisjoint(start.names):
             raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
