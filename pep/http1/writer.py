@@ -66,14 +66,19 @@ class RequestStart:
         return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
 
 
-def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
-    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
+def request_head(
+    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", *, length: int | None = None
+) -> bytes:
+    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include, or
+    for a `length` a Content-Length field after the others (in the same formatting step)."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(_KEEP_VISIBLE) != target:
         raise LocalProtocolError("request target is empty or holds a space or control character")
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
+    if length is not None:
+        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, _fields(fields), length)
     return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
 
 

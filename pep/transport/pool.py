@@ -306,16 +306,16 @@ class Pool:
             map(_LOWER, map(_NAME, fields))
         ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
             _refuse_reserved(fields)
-        head = request_head(method, target, fields)
-        if body is None:
+        if type(body) is bytes:
+            head = request_head(method, target, fields, length=len(body))
+        elif body is None:
+            head = request_head(method, target, fields)
             if length is not None:
                 raise LocalProtocolError("a length without a body")
-        elif type(body) is bytes:
-            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
         elif length is not None:
-            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % length
+            head = request_head(method, target, fields, length=length)
         else:
-            head = head[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+            head = request_head(method, target, fields)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
         slots, conn = self._ready(origin, admit)
         if conn is None:
             conn = await self._made(origin, slots, connect_s, pool_s, admit)
