@@ -81,9 +81,10 @@ _STATUSES = {b"%d" % status: status for status in range(100, 600)}
 
 
 # Status lines already checked, and what they gave: a server sends the same few again and again, and a lookup of
-# the whole line is a fifth of checking it (bounded: cleared when full).
+# the whole line is a fifth of checking it (bounded: lines up to 64 bytes, cleared when full).
 _GOOD_LINES: dict[bytes, tuple[bytes, int, bytes]] = {}
 _GOOD_LINES_MAX = 256
+_GOOD_LINE_BYTES = 64
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
@@ -96,9 +97,11 @@ def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     if version is not None and code is not None and line[12:13] in (b" ", b""):  # the usual line
         reason = line[13:]
         if reason.translate(KEEP_VALUE) == reason:
-            if len(_GOOD_LINES) >= _GOOD_LINES_MAX:
-                _GOOD_LINES.clear()
-            known = _GOOD_LINES[line] = (version, code, reason)
+            known = (version, code, reason)
+            if len(line) <= _GOOD_LINE_BYTES:
+                if len(_GOOD_LINES) >= _GOOD_LINES_MAX:
+                    _GOOD_LINES.clear()
+                _GOOD_LINES[line] = known
             return known
     if version is None:
         raise ProtocolError("not an HTTP/1.0 or HTTP/1.1 status line", 502)

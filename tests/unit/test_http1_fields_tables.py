@@ -77,3 +77,11 @@ def test_an_answer_after_a_cached_status_line_has_its_own_fields() -> None:
         assert head.headers == [(b"Content-Length", length), (b"X-N", length)]  # type: ignore[union-attr]
         reader.receive_data(b"ok!"[: int(length)])
         assert reader.take_body() == b"ok!"[: int(length)]
+
+
+def test_a_long_status_line_is_read_but_not_kept() -> None:
+    from pep.http1.response_reader import _GOOD_LINES
+
+    line = b"HTTP/1.1 200 " + b"x" * 80
+    assert _status_line(line) == (b"1.1", 200, b"x" * 80)
+    assert line not in _GOOD_LINES
