@@ -14,8 +14,8 @@ The first line is checked by the reader (`check_line`) before llhttp sees any of
 method error is classified from the whole line, whatever the reads; after that, every error is raised at the
 byte that causes it, so the outcome does not depend on how the bytes were cut into reads.
 
-A head that is whole in the buffer at the first look (nearly every one) takes `_whole`: the same steps in the
-same order, with no state kept between reads.
+A head that is whole in the buffer at the first look (nearly every one) is read in `scan` itself: the same
+steps as `_partial` in the same order, with no state kept between reads.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class FieldSink:
         self.fields: Fields = []
 
     def reset(self) -> None:
-        """A new head begins."""
+        """A new head begins (a reader also clears what it took from each head where it takes it, without a
+        call: `scan` expects an empty sink)."""
         self.fields = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -100,16 +101,15 @@ class HeadScanner(Generic[T]):
         self._spare: Parser | None = None  # a parser back at the start of a message (`recycle`)
 
     def scan(self, buf: bytearray) -> T | None:
-        if self._line_end < 0:
-            end = buf.find(b"\r\n\r\n", 0, self._limits.max_head_bytes)
-            if end >= 0:
-                return self._whole(buf, end)
-        return self._partial(buf)
-
-    def _whole(self, buf: bytearray, end: int) -> T:
-        """The usual case, a whole head in the buffer at the first look: what `_partial` would do with it, in
-        the same order (so the same error for the same bytes), without keeping any state between reads."""
+        """The usual case, a whole head in the buffer at the first look, is read here: what `_partial` would do
+        with it, in the same order (so the same error for the same bytes), without keeping any state between
+        reads. The sink is empty here: its reader takes (and clears) what it noted with each head."""
         limits = self._limits
+        if self._line_end >= 0:
+            return self._partial(buf)
+        end = buf.find(b"\r\n\r\n", 0, limits.max_head_bytes)
+        if end < 0:
+            return self._partial(buf)
         max_line = limits.max_line_bytes
         lf = buf.find(b"\n", 0, max_line + 2)
         if lf < 0:  # the first LF is further (the head's own end is in the buffer: more than max_line bytes)
@@ -117,7 +117,6 @@ class HeadScanner(Generic[T]):
         if lf == 0 or buf[lf - 1] != 0x0D:
             raise ProtocolError("a line ends in LF without CR", self._status(400))
         line = self._check_line(bytes(buf[: lf - 1]))
-        self.sink.reset()
         parser = self._spare
         if parser is None:
             parser = self._new_parser(self.sink)
@@ -174,7 +173,7 @@ class HeadScanner(Generic[T]):
             try:
                 parser.feed_data(buf[self._fed : upto])
             except httptools.HttpParserUpgrade:
-                pass  # as in _whole
+                pass  # as in scan
             except httptools.HttpParserInvalidMethodError as exc:
                 raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
             except httptools.HttpParserError as exc:

@@ -182,11 +182,13 @@ class _RequestFields(FieldSink):
 
 def _request(method: bytes, target: bytes, version: bytes, sink: _RequestFields, limits: Limits) -> Request:
     """The request a head makes (its syntax checked by llhttp), with the rules llhttp does not apply."""
-    fields = sink.fields
+    fields, host, hosts, length, coding = sink.fields, sink.host, sink.hosts, sink.length, sink.coding
+    connection, expect = sink.connection, sink.expect
+    sink.fields = []  # taken, and left empty for the next head (`HeadScanner.scan`)
+    sink.hosts = 0
+    sink.host = sink.length = sink.coding = sink.connection = sink.expect = None
     if len(fields) > limits.max_fields:
         raise ProtocolError(f"more than {limits.max_fields} header fields", 431)
-    host, hosts, length, coding = sink.host, sink.hosts, sink.length, sink.coding
-    connection, expect = sink.connection, sink.expect
     if hosts > 1:
         raise ProtocolError("more than one Host field")
     if host is None:
@@ -262,7 +264,7 @@ class RequestReader(MessageReader[RequestState]):
             return  # never read: the connection ends after the answer
         if state is _SWITCHED or state is _CLOSED:
             raise LocalProtocolError(f"data for a reader in state {state.name}")
-        self._buf += data
+        self.buf += data
 
     def next_event(self) -> Request | Data | EndOfMessage | ConnectionClosed | Signal:
         state = self._state
@@ -273,12 +275,12 @@ class RequestReader(MessageReader[RequestState]):
                 return self._read_head()
         except ProtocolError as exc:
             if state is not _BODY and not self._error_line:  # the line is still at the front of the buffer
-                buf = self._buf
+                buf = self.buf
                 end = buf.find(b"\r\n", 0, self._limits.max_line_bytes)
                 self._error_line = bytes(buf[: end if end >= 0 else self._limits.max_line_bytes])
             self._error = exc
             self._move(_ERROR)
-            self._buf.clear()
+            self.buf.clear()
             raise
         if state is _DONE or state is _MUST_CLOSE:
             return PAUSED
@@ -297,7 +299,7 @@ class RequestReader(MessageReader[RequestState]):
             self._state = _IDLE  # DONE -> IDLE
             return True
         self._move(_MUST_CLOSE)
-        self._buf.clear()
+        self.buf.clear()
         return False
 
     def switch(self) -> bytes:
@@ -305,12 +307,12 @@ class RequestReader(MessageReader[RequestState]):
         if self._state is not _DONE or self._method != _CONNECT:
             raise LocalProtocolError("switch() is for a complete CONNECT request")
         self._move(_SWITCHED)
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = bytes(self.buf)
+        self.buf.clear()
         return data
 
     def _read_head(self) -> Request | ConnectionClosed | Signal:
-        buf = self._buf
+        buf = self.buf
         if self._state is _IDLE:
             if buf[:1] == b"\r":
                 while buf[:2] == b"\r\n":  # empty lines before a request line (RFC 9112 2.2)

@@ -33,7 +33,7 @@ from pep.http1.events import (
     Response,
     Signal,
 )
-from pep.http1.fields import VALUE, persists
+from pep.http1.fields import KEEP_VALUE, VALUE, persists
 from pep.http1.head import FieldSink, HeadScanner
 from pep.http1.limits import DEFAULT_LIMITS, Limits
 from pep.http1.message_reader import MessageReader
@@ -80,14 +80,29 @@ _DIGITS = b"0123456789"
 _STATUSES = {b"%d" % status: status for status in range(100, 600)}
 
 
+# Status lines already checked, and what they gave: a server sends the same few again and again, and a lookup of
+# the whole line is a fifth of checking it (bounded: lines up to 64 bytes, cleared when full).
+_GOOD_LINES: dict[bytes, tuple[bytes, int, bytes]] = {}
+_GOOD_LINES_MAX = 256
+_GOOD_LINE_BYTES = 64
+
+
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
     """Version (b"1.1" or b"1.0"), status and reason phrase of a status line, checked before llhttp sees it."""
+    known = _GOOD_LINES.get(line)
+    if known is not None:
+        return known
     version = _VERSIONS.get(line[:9])
     code = _STATUSES.get(line[9:12])
     if version is not None and code is not None and line[12:13] in (b" ", b""):  # the usual line
         reason = line[13:]
-        if not reason or not reason.translate(None, VALUE):
-            return version, code, reason
+        if reason.translate(KEEP_VALUE) == reason:
+            known = (version, code, reason)
+            if len(line) <= _GOOD_LINE_BYTES:
+                if len(_GOOD_LINES) >= _GOOD_LINES_MAX:
+                    _GOOD_LINES.clear()
+                _GOOD_LINES[line] = known
+            return known
     if version is None:
         raise ProtocolError("not an HTTP/1.0 or HTTP/1.1 status line", 502)
     status = line[9:12]
@@ -165,7 +180,7 @@ class ResponseReader(MessageReader[ResponseState]):
     @property
     def reusable(self) -> bool:
         """The last answer was read to its end, may be followed by another, and nothing else has arrived."""
-        return self._state is _DONE and self._keep_alive and not self._eof and not self._buf
+        return self._state is _DONE and self._keep_alive and not self._eof and not self.buf
 
     def start(self, method: bytes, *, upgrade: bool = False) -> None:
         """A request with this method is (being) sent; `upgrade`: it asked for a protocol switch, so a 101 is an
@@ -175,7 +190,7 @@ class ResponseReader(MessageReader[ResponseState]):
             raise LocalProtocolError(f"start in state {state.name}")
         if self._eof:
             raise LocalProtocolError("start after the server closed the connection")
-        if self._buf:
+        if self.buf:
             self._fail(ProtocolError("bytes from the server before the request", 502))
         self._method = method
         self._upgrade = upgrade
@@ -192,14 +207,14 @@ class ResponseReader(MessageReader[ResponseState]):
             return
         if state is _SWITCHED or state is _CLOSED:
             raise LocalProtocolError(f"data for a reader in state {state.name}")
-        self._buf += data
+        self.buf += data
 
     def trailing_data(self) -> bytes:
         """After a switch (SWITCHED): the bytes received after the head, which belong to the new protocol."""
         if self._state is not _SWITCHED:
             raise LocalProtocolError("trailing_data is for a switched connection")
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = bytes(self.buf)
+        self.buf.clear()
         return data
 
     def next_event(self) -> InformationalResponse | Response | Data | EndOfMessage | ConnectionClosed | Signal:
@@ -210,7 +225,7 @@ class ResponseReader(MessageReader[ResponseState]):
             if state is _HEAD:
                 return self._read_head()
             if state is _IDLE or state is _DONE:
-                if self._buf:
+                if self.buf:
                     what = "after the answer" if state is _DONE else "nobody asked for"
                     raise ProtocolError(f"bytes {what}", 502)
                 if self._eof:
@@ -230,21 +245,23 @@ class ResponseReader(MessageReader[ResponseState]):
         self._error = exc
         if self._state is not _ERROR:
             self._move(_ERROR)
-        self._buf.clear()
+        self.buf.clear()
         raise exc
 
     def _read_head(self) -> InformationalResponse | Response | Signal:
-        line = self._head.scan(self._buf)
+        line = self._head.scan(self.buf)
         if line is None:
             if self._eof:
                 raise ProtocolError("the connection closed before a complete answer", 502)
             return NEED_DATA
         version, status, reason = line
-        sink = self._fields
-        fields = sink.fields
+        sink = self._fields  # taken, and left empty for the next head (`HeadScanner.scan`)
+        fields, length, coding = sink.fields, sink.length, sink.coding
+        connection, keep_alive_field = sink.connection, sink.keep_alive
+        sink.fields = []
+        sink.length = sink.coding = sink.connection = sink.keep_alive = None
         if len(fields) > self._limits.max_fields:
             raise ProtocolError(f"more than {self._limits.max_fields} header fields", 502)
-        length, coding, connection, keep_alive_field = sink.length, sink.coding, sink.connection, sink.keep_alive
         if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too
             raise ProtocolError("Transfer-Encoding other than chunked, or on HTTP/1.0", 502)
         if status < 200:

@@ -12,10 +12,11 @@ from operator import itemgetter
 
 from pep.http1.errors import LocalProtocolError
 from pep.http1.events import Fields, Framing
-from pep.http1.fields import TOKEN, VALUE, check_fields
+from pep.http1.fields import KEEP_VALUE, TOKEN, VALUE, check_fields, keeping
 
 LAST_CHUNK = b"0\r\n\r\n"
-_VISIBLE = bytes(range(0x21, 0x7F))
+_KEEP_VISIBLE = keeping(bytes(range(0x21, 0x7F)))
+_KEEP_LINES = keeping(VALUE + b"\r\n")  # field lines: values and the CRLFs that end them
 _VERSIONS = (b"1.1", b"1.0")
 # Names already checked to be tokens: a process writes the same few dozen again and again, and a set lookup per
 # name (in C, through map) is a fraction of checking it. Bounded: cleared when full.
@@ -28,8 +29,8 @@ _CRLF = b"\r\n"
 
 def _fields(fields: Fields) -> bytes:
     """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
-    for control characters: deleting every allowed byte must leave exactly the CRLFs the lines end with, so a
-    CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among them."""
+    for control characters: none but CR and LF, and exactly as many of each as there are lines, so a CR or LF
+    inside a field (which would start a line of the caller's choosing) cannot hide among the line ends."""
     if not fields:
         return b""
     if not _TOKENS.issuperset(map(_NAME, fields)):
@@ -38,7 +39,8 @@ def _fields(fields: Fields) -> bytes:
             _TOKENS.clear()
         _TOKENS.update(map(_NAME, fields))
     block = _CRLF.join(map(_FIELD, fields)) + _CRLF
-    if block.translate(None, VALUE) != _CRLF * len(fields):
+    count = len(fields)
+    if block.translate(_KEEP_LINES) != block or block.count(b"\r") != count or block.count(b"\n") != count:
         raise LocalProtocolError("a field value holds a control character")
     return block
 
@@ -64,14 +66,19 @@ class RequestStart:
         return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
 
 
-def request_head(method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1") -> bytes:
-    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include."""
+def request_head(
+    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", *, length: int | None = None
+) -> bytes:
+    """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include, or
+    for a `length` a Content-Length field after the others (in the same formatting step)."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
-    if not target or target.translate(None, _VISIBLE):
+    if not target or target.translate(_KEEP_VISIBLE) != target:
         raise LocalProtocolError("request target is empty or holds a space or control character")
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
+    if length is not None:
+        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, _fields(fields), length)
     return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
 
 
@@ -79,7 +86,7 @@ def response_head(status: int, fields: Fields, reason: bytes = b"", version: byt
     """`HTTP/x.y status reason`, the fields, and the empty line."""
     if not 100 <= status <= 599:
         raise LocalProtocolError(f"status {status}")
-    if reason.translate(None, VALUE):
+    if reason.translate(KEEP_VALUE) != reason:
         raise LocalProtocolError("reason phrase holds a control character")
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")

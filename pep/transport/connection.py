@@ -144,7 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._read_deadline = self._loop.time() + self._read_s  # neither answered nor closed for read_s
             self._gather()
             return
-        if not self._read_paused and reader.buffered > self._high:
+        if not self._read_paused and len(reader.buf) > self._high:
             self._read_paused = True  # read on when the caller takes the bytes (`_taken`)
             self.transport.pause_reading()  # type: ignore[union-attr]
         waiter = self._reader_waiter
@@ -216,6 +216,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _IDLE
         self.expires = expires
         self.writer = None
+
+    def repark(self, expires: float) -> bool:
+        """After an exchange: back in the pool until `expires` if the connection is `reusable` (True), else
+        nothing changed (False: the caller closes it). One call where the pool made two."""
+        if self.state is _ACTIVE and self.sent_whole and not self._eof and self.reader.reusable:
+            self.state = _IDLE
+            self.expires = expires
+            self.writer = None
+            return True
+        return False
 
     def open(self) -> bool:
         """Still usable for the exchange it was made or taken for: the server has not closed it."""
@@ -299,7 +309,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = self._loop.call_at(pending, self._on_timer)
 
     def _taken(self) -> None:
-        if self._read_paused and self.state is _ACTIVE and self.reader.buffered <= self._high // 2:
+        if self._read_paused and self.state is _ACTIVE and len(self.reader.buf) <= self._high // 2:
             self._read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
@@ -376,7 +386,7 @@ class UpstreamConnection(asyncio.Protocol):
         informational: list[InformationalResponse] = []
         reader = self.reader
         while True:
-            if not reader.buffered and self.state is _ACTIVE and not self._eof:
+            if not reader.buf and self.state is _ACTIVE and not self._eof:
                 await self.wait_read(read_s)  # nothing to parse yet (the usual case, just after sending)
                 if self.writer is not None:
                     self._raise_writer_failure()
@@ -426,7 +436,7 @@ class UpstreamConnection(asyncio.Protocol):
         timer = self._timer
         if (timer is None or timer.when() > deadline) and deadline != math.inf:
             self._arm(deadline)
-        if self.reader.buffered or self._eof:
+        if self.reader.buf or self._eof:
             self._gather()
         return fetch
 

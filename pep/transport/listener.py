@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
             waiter = self._body_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        if not self._read_paused and self.reader.buffered > self.options.read_high_water:
+        if not self._read_paused and len(self.reader.buf) > self.options.read_high_water:
             self._read_paused = True
             cast(asyncio.Transport, self.transport).pause_reading()
 
@@ -341,7 +341,10 @@ class _Connection(asyncio.Protocol):
             self._linger()
             return
         self.state = _WAITING
-        self._arm(self.loop.time() + self.options.idle_s)
+        self._deadline = deadline = self.loop.time() + self.options.idle_s
+        timer = self._timer
+        if timer is None or timer.when() > deadline:  # else the timer comes earlier and moves on (`_arm`)
+            self._arm(deadline)
         if self.flow.paused:
             # The client has not taken the answers so far: a pipelined request is neither read nor answered
             # until it does (`resume_writing`), or the idle deadline cuts it off. Otherwise a client that sends
@@ -351,16 +354,17 @@ class _Connection(asyncio.Protocol):
                 self._read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        self._read_on()
+        if self._read_paused or self.reader.buf:  # else there is nothing for `_read_on` to do
+            self._read_on()
 
     def _read_on(self) -> None:
         """Waiting for the next request: read from the socket again unless enough is buffered already (a
         pipelining client is held to `read_high_water`, as a body is), and take a pipelined request."""
-        if self.reader.buffered:
+        if self.reader.buf:
             self._next_request()  # a pipelined request (read only now, after the answer before it)
         state = self.state
         if self._read_paused and (
-            state is _WAITING or (state is _BUSY and self.reader.buffered <= self.options.read_high_water // 2)
+            state is _WAITING or (state is _BUSY and len(self.reader.buf) <= self.options.read_high_water // 2)
         ):
             self._read_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -422,7 +426,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(BodyTimeout("no request body bytes within the deadline"))
 
     def body_taken(self) -> None:
-        if self._read_paused and self.reader.buffered <= self.options.read_high_water // 2:
+        if self._read_paused and len(self.reader.buf) <= self.options.read_high_water // 2:
             self._read_paused = False
             cast(asyncio.Transport, self.transport).resume_reading()
 

@@ -21,7 +21,7 @@ import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from types import TracebackType
 from typing import NamedTuple
 
@@ -47,6 +47,7 @@ SWEEP_SLACK_S = 1.0  # idle connections past their time are closed together, at 
 _NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
+_LOWER = methodcaller("lower")
 
 
 class Origin(NamedTuple):
@@ -161,8 +162,10 @@ class ClientResponse:
         conn = self._conn
         if conn is None:
             return b""
-        body = self._take()
+        body = conn.take_body()  # the rest at once if it is all here (`_take`, without its frame)
         if body is not None:
+            self._conn = None
+            self._pool._release(self._slots, conn)
             return body
         try:
             while (chunk := conn.next_chunk()) is None:
@@ -193,8 +196,10 @@ class ClientResponse:
         conn = self._conn
         if conn is None:
             return b""
-        body = self._take()
+        body = conn.take_body()  # the rest at once if it is all here (`_take`, without its frame)
         if body is not None:
+            self._conn = None
+            self._pool._release(self._slots, conn)
             return body
         chunks: list[bytes] = []
         size = 0
@@ -297,19 +302,23 @@ class Pool:
         `admit`, if given, is asked before a connection is taken or made, and again right before the request is
         written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
         made for the request goes back to the pool unused)."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
+            map(_LOWER, map(_NAME, fields))
+        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
             _refuse_reserved(fields)
-        head = request_head(method, target, fields)
-        if body is None:
+        if type(body) is bytes:
+            head = request_head(method, target, fields, length=len(body))
+        elif body is None:
+            head = request_head(method, target, fields)
             if length is not None:
                 raise LocalProtocolError("a length without a body")
-        elif type(body) is bytes:
-            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % len(body)
         elif length is not None:
-            head = head[:-2] + b"Content-Length: %d\r\n\r\n" % length
+            head = request_head(method, target, fields, length=length)
         else:
-            head = head[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
-        slots, conn = await self._connection(origin, connect_s, pool_s, admit)
+            head = request_head(method, target, fields)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+        slots, conn = self._ready(origin, admit)
+        if conn is None:
+            conn = await self._made(origin, slots, connect_s, pool_s, admit)
         try:
             conn.send(method, head, body, length, read_s)
             response, informational = await conn.read_head(read_s)
@@ -340,12 +349,16 @@ class Pool:
         once, without a ClientResponse or a wait per chunk. `start`: the request line and fixed fields, checked
         once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
         the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most heads have none
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
+            map(_LOWER, map(_NAME, fields))
+        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
             _refuse_reserved(fields)
         if not _RESERVED.isdisjoint(start.names):
             raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
         head = start.head(fields, None if body is None else len(body))
-        slots, conn = await self._connection(origin, connect_s, pool_s, admit)
+        slots, conn = self._ready(origin, admit)
+        if conn is None:
+            conn = await self._made(origin, slots, connect_s, pool_s, admit)
         try:
             answer = await conn.fetch(start.method, head, body, limit, read_s)
         except BaseException:
@@ -354,12 +367,10 @@ class Pool:
         self._release(slots, conn)
         return answer
 
-    async def _connection(
-        self, origin: Origin, connect_s: float, pool_s: float | None, admit: Callable[[], bool] | None
-    ) -> tuple[_Slots, UpstreamConnection]:
-        """The origin's slots and a connection for one request (idle, or made within the bounds), with `admit`
-        asked before one is taken and again once it is there, nothing awaited between that and the caller's
-        first byte."""
+    def _ready(self, origin: Origin, admit: Callable[[], bool] | None) -> tuple[_Slots, UpstreamConnection | None]:
+        """The origin's slots and the warmest idle connection still usable, if any (the others are closed on the
+        way), with `admit` asked before one is taken and again once it is there. None: one is to be waited for
+        or made (`_made`). Not a coroutine: most requests find an idle connection, and await nothing here."""
         slots = self._origins.get(origin)
         if slots is None:
             _check(origin)
@@ -367,16 +378,37 @@ class Pool:
             self._loop = asyncio.get_running_loop()
         if admit is not None and not admit():
             raise NotAdmitted("not admitted before a connection was taken")
-        conn = self._idle(slots)
-        if conn is None:
-            conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
-            if not conn.open():  # closed by the server between the connect and now: nothing was sent on it
+        idle = slots.idle
+        if idle:
+            now = self._loop.time()
+            while idle:
+                conn = idle.pop()
+                if conn.expires > now and conn.unpark():
+                    if admit is not None and not admit():  # right before the first byte, as for a new one
+                        self._unused(slots, conn)
+                        raise NotAdmitted("not admitted when the request was about to be written")
+                    return slots, conn
                 conn.close()
-                raise ConnectFailed(f"{origin.host}:{origin.port}: closed by the server before the request")
+        return slots, None
+
+    async def _made(
+        self,
+        origin: Origin,
+        slots: _Slots,
+        connect_s: float,
+        pool_s: float | None,
+        admit: Callable[[], bool] | None,
+    ) -> UpstreamConnection:
+        """A connection for one request when none was idle (freed by another within `pool_s`, or made), with
+        `admit` asked again once it is there, nothing awaited between that and the caller's first byte."""
+        conn = await self._acquire(origin, slots, connect_s, connect_s if pool_s is None else pool_s)
+        if not conn.open():  # closed by the server between the connect and now: nothing was sent on it
+            conn.close()
+            raise ConnectFailed(f"{origin.host}:{origin.port}: closed by the server before the request")
         if admit is not None and not admit():  # right before the first byte: the circuit may have opened meanwhile
             self._unused(slots, conn)
             raise NotAdmitted("not admitted when the request was about to be written")
-        return slots, conn
+        return conn
 
     def _idle(self, slots: _Slots) -> UpstreamConnection | None:
         """The warmest idle connection still usable, if any (the others are closed on the way)."""
@@ -453,15 +485,14 @@ class Pool:
 
     def _release(self, slots: _Slots, conn: UpstreamConnection) -> None:
         """An exchange ended at the end of its answer: pooled if the connection may carry another."""
-        if self._closed or not conn.reusable:
+        if self._closed:
             conn.close()
             return
         loop_time = self._loop.time()
         keep = self.idle_s if conn.keep_alive_s is None else min(self.idle_s, conn.keep_alive_s)
-        if keep <= 0:
+        if keep <= 0 or not conn.repark(loop_time + keep):  # not reusable: closed
             conn.close()
             return
-        conn.park(loop_time + keep)
         idle = slots.idle
         idle.append(conn)
         while idle[0].expires <= loop_time:  # the coldest, past their time (never the one just parked)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import http
-from operator import itemgetter
+from operator import itemgetter, methodcaller
 from typing import Protocol
 
 from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, response_head
@@ -28,6 +28,7 @@ _CLOSE = (b"Connection", b"close")
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
 _CHUNKED = (b"Transfer-Encoding", b"chunked")
 _NAME = itemgetter(0)
+_LOWER = methodcaller("lower")
 _CLOSE_LINE = b"Connection: close\r\n\r\n"
 _KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n\r\n"
 
@@ -68,6 +69,8 @@ _NEW, _STREAMING, _DONE, _ABORTED = (
 
 def _check_fields(fields: Fields) -> None:
     if _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))):  # in C: most answers have none
+        return
+    if _RESERVED.isdisjoint(map(_LOWER, map(_NAME, fields))):  # in C: a name of one of the lengths, not reserved
         return
     for name, _ in fields:
         if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
@@ -123,7 +126,10 @@ class Response:
             raise LocalProtocolError(f"send in state {self._state.name}")
         if status < 200:
             raise LocalProtocolError("a final answer needs a status of 200 or more")
-        _check_fields(fields)
+        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
+            map(_LOWER, map(_NAME, fields))
+        ):  # `_check_fields`'s tests, without its frame
+            _check_fields(fields)
         head = response_head(status, fields, reason or _REASONS.get(status, b""))
         # the framing lines are the writer's own, added to the checked head before its empty line
         if status in _NO_BODY_STATUS:

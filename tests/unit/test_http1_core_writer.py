@@ -25,6 +25,9 @@ def test_heads_byte_for_byte() -> None:
         b"POST /v1/data/pep?x=1 HTTP/1.1\r\nHost: pdp:8181\r\nContent-Type: application/json\r\nX-Empty: \r\n\r\n"
     )
     assert request_head(b"GET", b"/", [], b"1.0") == b"GET / HTTP/1.0\r\n\r\n"
+    assert request_head(b"POST", b"/x", [(b"Host", b"h")], length=5) == (
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
+    )
     assert response_head(200, [(b"Content-Length", b"0")], b"OK") == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
     assert response_head(403, [], version=b"1.0") == b"HTTP/1.0 403 \r\n\r\n"
 
