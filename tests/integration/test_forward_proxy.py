@@ -22,6 +22,7 @@ import yaml
 from pep import transport as pep_transport
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
+from tests.support.loopback import refused_port
 from tests.support.raw_upstream import RawUpstream, Seen, ok
 from tests.support.upstream import RecordingUpstream
 
@@ -392,16 +393,13 @@ async def test_tunnel_idle_timeout_closes_both_sides(
 
 
 async def test_connect_allowed_but_upstream_down_is_502(make_pep: MakePep, fault_pdp: FaultPdp) -> None:
-    server = RawServer()
-    await server.start()
-    port = server.port
-    await server.stop()  # nothing listens there now
-    pep = await make_pep(add_routes(tunnel_route(port)))
-    reader, writer, status, headers, _ = await connect(pep, f"127.0.0.1:{port}")
-    assert status == 502
-    assert headers["x-pep-decision"] == "allow"
-    assert await closes(reader)
-    writer.close()
+    with refused_port() as port:
+        pep = await make_pep(add_routes(tunnel_route(port)))
+        reader, writer, status, headers, _ = await connect(pep, f"127.0.0.1:{port}")
+        assert status == 502
+        assert headers["x-pep-decision"] == "allow"
+        assert await closes(reader)
+        writer.close()
 
 
 def drop_route(source: str, name: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -24,6 +23,7 @@ from yarl import URL
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
+from tests.support.loopback import refused_port
 from tests.support.observe import metric
 from tests.support.raw_upstream import Action, RawUpstream
 from tests.support.upstream import RecordingUpstream
@@ -68,14 +68,6 @@ async def wait_for(predicate: Callable[[], bool], seconds: float = 2.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return predicate()
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def raw(url: str) -> URL:
@@ -590,19 +582,20 @@ async def test_upstream_connections_are_pooled(pep: RunningPep, upstream: Record
 
 
 async def test_upstream_down_is_502_connect(make_pep: MakePep) -> None:
-    pep: RunningPep = await make_pep(mutate=route_opts(upstream=f"http://127.0.0.1:{closed_port()}"))
-    async with aiohttp.ClientSession() as s, s.get(pep.url + "/tools/x", headers={"X-Request-ID": "down-1"}) as r:
-        assert r.status == 502
-        assert r.headers["x-pep-decision"] == "allow"
-        assert r.headers["x-pep-upstream-error"] == "connect"
-        assert r.headers["x-request-id"] == "down-1"
-        assert (await r.json())["error"]["code"] == "upstream_unavailable"
-    entries = await pep.log_entries()
-    assert r.headers["x-pep-decision-id"] == entries[-1]["decision_id"]
-    text = await scrape(pep)
-    assert metric(text, "pep_upstream_failures_total", route="tools", kind="connect") == 1
-    assert metric(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 1
-    assert metric(text, "pep_decisions_total", decision="deny") == 0
+    with refused_port() as port:  # refused for the whole test
+        pep: RunningPep = await make_pep(mutate=route_opts(upstream=f"http://127.0.0.1:{port}"))
+        async with aiohttp.ClientSession() as s, s.get(pep.url + "/tools/x", headers={"X-Request-ID": "down-1"}) as r:
+            assert r.status == 502
+            assert r.headers["x-pep-decision"] == "allow"
+            assert r.headers["x-pep-upstream-error"] == "connect"
+            assert r.headers["x-request-id"] == "down-1"
+            assert (await r.json())["error"]["code"] == "upstream_unavailable"
+        entries = await pep.log_entries()
+        assert r.headers["x-pep-decision-id"] == entries[-1]["decision_id"]
+        text = await scrape(pep)
+        assert metric(text, "pep_upstream_failures_total", route="tools", kind="connect") == 1
+        assert metric(text, "pep_decisions_total", route="tools", decision="allow", reason="allowed") == 1
+        assert metric(text, "pep_decisions_total", decision="deny") == 0
 
 
 async def test_upstream_timeout_is_504(make_pep: MakePep, upstream: RecordingUpstream) -> None:

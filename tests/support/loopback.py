@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
+
 from aiohttp import web
 
 from pep.admin import bound_address
@@ -29,3 +33,14 @@ class LoopbackServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port where every connection is refused while the context lasts: bound and never listening, so
+    no other listener can take it. (A port bound and released, or a stopped server's, can be taken by a server
+    of another test or process running beside this one, and a connection then succeeds.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port

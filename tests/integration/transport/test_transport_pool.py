@@ -32,6 +32,7 @@ from pep.transport import (
 )
 from pep.transport import pool as pool_module
 from pep.transport.connection import Body
+from tests.support.loopback import refused_port
 from tests.support.raw_upstream import Action, Answer, RawUpstream, Seen, ok
 
 HOST: Fields = [(b"Host", b"upstream.test")]
@@ -313,7 +314,7 @@ async def test_a_new_connection_the_server_closed_before_the_request_is_connect_
 
 
 async def test_a_refused_connection_is_connect(pool: Pool) -> None:
-    with socket_closed_port() as port, pytest.raises(ConnectFailed) as caught:
+    with refused_port() as port, pytest.raises(ConnectFailed) as caught:
         await pool.request(origin(port), b"GET", b"/", HOST)
     assert caught.value.kind == "connect"
     assert pool.open_count(origin(port)) == 0
@@ -554,22 +555,6 @@ async def test_an_https_origin_needs_a_context_and_only_it(pool: Pool) -> None:
         await pool.request(Origin("https", "127.0.0.1", 443), b"GET", b"/", HOST)
     with pytest.raises(ValueError):
         await pool.request(Origin("http", "127.0.0.1", 80, ssl.create_default_context()), b"GET", b"/", HOST)
-
-
-class socket_closed_port:
-    """A loopback port nothing listens on (bound, then closed)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = int(s.getsockname()[1])
-        s.close()
-        return self.port
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --- fetch and admit (the PDP client's way in) -------------------------------------------------------------------
