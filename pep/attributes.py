@@ -62,12 +62,15 @@ def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
 
 def query_map(query: str) -> dict[str, list[str]]:
     """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged): what
-    `parse_qs(query, keep_blank_values=True)` gives. A query with nothing to decode (no `%`, no `+`) is split
-    here, without parse_qs's per-field unquoting (most queries; tested against parse_qs)."""
+    `parse_qs(query, keep_blank_values=True, errors="strict")` gives. A query with nothing to decode (no `%`, no
+    `+`) is split here, without parse_qs's per-field unquoting (most queries; tested against parse_qs).
+
+    Raises UnicodeDecodeError for percent-encoded bytes that are not UTF-8: parse_qs's default would show each
+    as U+FFFD, so `%e9` and `%ff` would be one value to the policy and two (`é` and `ÿ` in Latin-1) upstream."""
     if not query:
         return {}
     if "%" in query or "+" in query:
-        return parse_qs(query, keep_blank_values=True)
+        return parse_qs(query, keep_blank_values=True, errors="strict")
     out: dict[str, list[str]] = {}
     for field in query.split("&"):
         if field:

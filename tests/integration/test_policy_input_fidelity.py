@@ -1,0 +1,55 @@
+"""The policy input shows what the upstream will act on, or the request is refused: caller data that two readers
+could take for different things never reaches the PDP as one of them (README, "The policy input document").
+
+Driven through a running PEP with raw request bytes (a client library would re-encode them), against the OPA-shaped
+test PDP, whose recorded inputs are what the policy saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningPep
+from tests.support.fault_pdp import FaultPdp
+from tests.support.upstream import RecordingUpstream
+
+PepFactory = Callable[..., Any]
+
+
+async def send(pep: RunningPep, target: bytes, extra: bytes = b"") -> tuple[int, str | None]:
+    """One GET with exactly this target and these extra header lines; the status and `x-pep-reason`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), headers.get("x-pep-reason")
+
+
+@pytest.mark.parametrize("query", [b"n=caf%e9", b"n=caf%ff", b"n=%c0%ae", b"%ff=1", b"a=1&n=%ED%A0%80"])
+async def test_a_query_byte_that_is_not_utf8_is_refused_not_replaced(
+    query: bytes, pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """Shown as U+FFFD, `caf%e9` and `caf%ff` were one value to the policy, while a Latin-1 upstream reads `café`
+    and `cafÿ`: a rule against one could not see it."""
+    assert await send(pep, b"/tools/x?" + query) == (403, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+    entries = await pep.log_entries()
+    assert entries[-1]["detail"] == "percent-encoded bytes in the query that are not UTF-8"
+
+
+async def test_a_query_in_utf8_is_decoded_for_the_policy(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    assert await send(pep, b"/tools/x?n=caf%C3%A9&m=a+b") == (200, None)
+    assert fault_pdp.requests[0].body["input"]["request"]["query"] == {"n": ["café"], "m": ["a b"]}
+    assert [u.target for u in upstream.seen] == ["/tools/x?n=caf%C3%A9&m=a+b"]
