@@ -244,6 +244,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     except UnicodeDecodeError:  # the query's percent-encoded bytes are not UTF-8 (`attributes.query_map`)
         detail = "percent-encoded bytes in the query that are not UTF-8"
         return Refusal(Reason.REQUEST_AMBIGUOUS, detail, route, upstream_url)
+    except attributes.RepeatedField as exc:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])
     more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
@@ -294,6 +296,10 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
     subject = await identify(route)
     if isinstance(subject, IdentityRefusal):
         return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
+    try:
+        policy_headers = attributes.policy_headers(headers, route.policy_hidden)
+    except attributes.RepeatedField as exc:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     document = attributes.document(
         request_id=facts.request_id,
         method="CONNECT",
@@ -301,7 +307,7 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
         host=target,
         path="",
         query="",
-        headers=attributes.policy_headers(headers, route.policy_hidden),
+        headers=policy_headers,
         body_bytes=None,
         route=route,
         upstream_url=upstream_url,

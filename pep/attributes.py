@@ -44,9 +44,41 @@ def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+# Request fields RFC 9110 and 9111 define as lists (and W3C Baggage): sent twice, they mean their values joined with
+# `, `, so the joined value the policy sees is what they say. Any other field sent twice is refused (RepeatedField).
+LIST_FIELDS: frozenset[str] = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "access-control-request-headers",
+        "baggage",
+        "cache-control",
+        "if-match",
+        "if-none-match",
+        "pragma",
+        "prefer",
+        "via",
+        "warning",
+    }
+)
+
+
+class RepeatedField(ValueError):
+    """A field the policy would see, sent more than once, that is no list: readers disagree on its value (Go's
+    `Header.Get`, Java's `getHeader` and Node for `user-agent` take the first; WSGI, Rack, PHP and Node for other
+    names join them), and joined with `, ` it is the same to the policy as one field holding that text. The
+    request is ambiguous: the PDP would decide on a value some upstream never acts on."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"header {name[:64]!r} sent more than once")
+
+
 def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
     """`header_map(end_to_end(headers, …))` in one pass: the fields that cross this hop and that the PDP may see
-    (`hidden`: a route's `policy_hidden`, the hop-by-hop names included), lower-cased, repeats joined."""
+    (`hidden`: a route's `policy_hidden`, the hop-by-hop names included), lower-cased, repeats of `LIST_FIELDS`
+    joined. Raises RepeatedField for a repeat of any other field."""
     named = connection_named(headers)
     if named and not named <= hidden:  # (`Connection: keep-alive` names a field hidden already)
         hidden = hidden | named
@@ -56,7 +88,12 @@ def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
         if key in hidden:
             continue
         prior = out.get(key)
-        out[key] = value if prior is None else f"{prior}, {value}"
+        if prior is None:
+            out[key] = value
+        elif key in LIST_FIELDS:
+            out[key] = f"{prior}, {value}"
+        else:
+            raise RepeatedField(key)
     return out
 
 

@@ -53,3 +53,50 @@ async def test_a_query_in_utf8_is_decoded_for_the_policy(
     assert await send(pep, b"/tools/x?n=caf%C3%A9&m=a+b") == (200, None)
     assert fault_pdp.requests[0].body["input"]["request"]["query"] == {"n": ["café"], "m": ["a b"]}
     assert [u.target for u in upstream.seen] == ["/tools/x?n=caf%C3%A9&m=a+b"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"X-Tenant: evil\r\nX-Tenant: acme\r\n",
+        b"X-Tenant: evil\r\nx-tenant: acme\r\n",  # one name to every reader, whatever its case
+        b"User-Agent: evil\r\nUser-Agent: acme\r\n",  # Node keeps the first user-agent, joins other names
+        b"Content-Type: text/plain\r\nContent-Type: application/json\r\n",
+        b"X-Tenant: acme\r\nX-Other: 1\r\nX-Tenant: \r\n",
+    ],
+)
+async def test_a_field_sent_twice_is_refused_not_joined(
+    fields: bytes, pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """Joined, `X-Tenant: evil` + `X-Tenant: acme` was `"evil, acme"` to the policy: a rule against `evil` did not
+    match it, while Go, Java and aiohttp upstreams read `evil`. And one field holding `evil, acme` looked the same."""
+    assert await send(pep, b"/tools/x", fields) == (403, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
+    entries = await pep.log_entries()
+    assert entries[-1]["detail"].endswith("sent more than once")
+
+
+async def test_a_list_field_sent_twice_is_joined_and_one_field_with_commas_passes(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    fields = b"Accept: text/html\r\nAccept: application/json\r\nX-Tenant: evil, acme\r\n"
+    assert await send(pep, b"/tools/x", fields) == (200, None)
+    headers = fault_pdp.requests[0].body["input"]["request"]["headers"]
+    assert headers["accept"] == "text/html, application/json"
+    assert headers["x-tenant"] == "evil, acme"
+    assert upstream.seen[0].headers.getall("Accept") == ["text/html", "application/json"]
+
+
+async def test_a_field_the_route_hides_from_the_policy_may_repeat(
+    make_pep: PepFactory, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """Cookies (caller credentials, never shown to the PDP) decide nothing: forwarded as sent."""
+
+    def hide(raw: dict[str, Any]) -> None:
+        raw["routes"][0]["keep_caller_credentials"] = True
+
+    pep = await make_pep(hide)
+    assert await send(pep, b"/tools/x", b"Cookie: a=1\r\nCookie: b=2\r\n") == (200, None)
+    assert "cookie" not in fault_pdp.requests[0].body["input"]["request"]["headers"]
+    assert upstream.seen[0].headers.getall("Cookie") == ["a=1", "b=2"]

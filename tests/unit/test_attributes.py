@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pep.attributes import header_map, policy_headers, query_map
+from pep.attributes import LIST_FIELDS, RepeatedField, header_map, policy_headers, query_map
 from pep.config import RouteConfig
 from pep.headers import end_to_end
 from pep.routing import Route
@@ -64,3 +64,27 @@ def test_policy_headers_are_the_end_to_end_header_map(pairs: list[tuple[str, str
     route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
     expected = header_map(end_to_end(headers, route.policy_drop))
     assert policy_headers(headers, route.policy_hidden) == expected
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("X-Tenant", "evil"), ("X-Tenant", "acme")],
+        [("X-Tenant", "evil"), ("x-tenant", "")],
+        [("User-Agent", "a"), ("Accept", "x"), ("user-agent", "b")],
+        [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
+    ],
+)
+def test_a_field_that_is_no_list_sent_twice_is_refused(pairs: list[tuple[str, str]]) -> None:
+    """Joined, two fields were the same to the policy as one holding `a, b`, and readers that take the first
+    field act on another value than the joined one."""
+    route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
+    with pytest.raises(RepeatedField, match="sent more than once"):
+        policy_headers(CIMultiDictProxy(CIMultiDict(pairs)), route.policy_hidden)
+
+
+@pytest.mark.parametrize("name", sorted(LIST_FIELDS))
+def test_a_list_field_sent_twice_is_joined(name: str) -> None:
+    route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
+    headers = CIMultiDictProxy(CIMultiDict([(name, "a"), (name.upper(), "b")]))
+    assert policy_headers(headers, route.policy_hidden) == {name: "a, b"}
