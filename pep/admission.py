@@ -244,7 +244,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     except UnicodeDecodeError:  # the query's percent-encoded bytes are not UTF-8 (`attributes.query_map`)
         detail = "percent-encoded bytes in the query that are not UTF-8"
         return Refusal(Reason.REQUEST_AMBIGUOUS, detail, route, upstream_url)
-    except attributes.RepeatedField as exc:
+    except attributes.AmbiguousField as exc:
         return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])
@@ -298,7 +298,7 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
         return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
     try:
         policy_headers = attributes.policy_headers(headers, route.policy_hidden)
-    except attributes.RepeatedField as exc:
+    except attributes.AmbiguousField as exc:
         return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     document = attributes.document(
         request_id=facts.request_id,

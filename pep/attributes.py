@@ -65,24 +65,38 @@ LIST_FIELDS: frozenset[str] = frozenset(
 )
 
 
-class RepeatedField(ValueError):
-    """A field the policy would see, sent more than once, that is no list: readers disagree on its value (Go's
-    `Header.Get`, Java's `getHeader` and Node for `user-agent` take the first; WSGI, Rack, PHP and Node for other
-    names join them), and joined with `, ` it is the same to the policy as one field holding that text. The
-    request is ambiguous: the PDP would decide on a value some upstream never acts on."""
+class AmbiguousField(ValueError):
+    """Fields the policy would see that upstreams read as one field with a value the policy does not show.
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"header {name[:64]!r} sent more than once")
+    A field sent more than once that is no list: readers disagree on its value (Go's `Header.Get`, Java's
+    `getHeader` and Node for `user-agent` take the first; WSGI, Rack, PHP and Node for other names join them), and
+    joined with `, ` it is the same to the policy as one field holding that text. Or two names that differ only in
+    `_` for `-` (`X-Tenant`, `X_Tenant`): the policy sees two fields, a CGI-style upstream (WSGI, Rack, PHP) one
+    variable, `HTTP_X_TENANT`, holding whichever came last or both. Either way the PDP would decide on a value some
+    upstream never acts on."""
+
+
+def _twins(names: Iterable[str]) -> str | None:
+    """Two of these lower-cased names that are one once `_` is read as `-`, as a message, or None."""
+    dashed: dict[str, str] = {}
+    for name in names:
+        key = name.replace("_", "-")
+        other = dashed.setdefault(key, name)
+        if other != name:
+            return f"headers {other[:64]!r} and {name[:64]!r} are one field to CGI-style upstreams"
+    return None
 
 
 def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
     """`header_map(end_to_end(headers, …))` in one pass: the fields that cross this hop and that the PDP may see
     (`hidden`: a route's `policy_hidden`, the hop-by-hop names included), lower-cased, repeats of `LIST_FIELDS`
-    joined. Raises RepeatedField for a repeat of any other field."""
+    joined. Raises AmbiguousField for a repeat of any other field, or for names spelled with `_` for `-` of
+    another one."""
     named = connection_named(headers)
     if named and not named <= hidden:  # (`Connection: keep-alive` names a field hidden already)
         hidden = hidden | named
     out: dict[str, str] = {}
+    underscored = False
     for name, value in headers.items():
         key = name.lower()
         if key in hidden:
@@ -90,10 +104,14 @@ def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
         prior = out.get(key)
         if prior is None:
             out[key] = value
+            if "_" in key:
+                underscored = True
         elif key in LIST_FIELDS:
             out[key] = f"{prior}, {value}"
         else:
-            raise RepeatedField(key)
+            raise AmbiguousField(f"header {key[:64]!r} sent more than once")
+    if underscored and (twins := _twins(out)):
+        raise AmbiguousField(twins)
     return out
 
 

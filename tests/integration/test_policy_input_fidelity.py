@@ -8,8 +8,10 @@ test PDP, whose recorded inputs are what the policy saw.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
@@ -100,3 +102,69 @@ async def test_a_field_the_route_hides_from_the_policy_may_repeat(
     assert await send(pep, b"/tools/x", b"Cookie: a=1\r\nCookie: b=2\r\n") == (200, None)
     assert "cookie" not in fault_pdp.requests[0].body["input"]["request"]["headers"]
     assert upstream.seen[0].headers.getall("Cookie") == ["a=1", "b=2"]
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def _cgi_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """Answers the one variable a CGI-style reader makes of `X-Tenant`, `X_Tenant` and `x_tenant` alike."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ.get("HTTP_X_TENANT", "").encode()]
+
+
+@pytest.fixture
+def cgi_upstream() -> Iterator[str]:
+    """The standard library's WSGI server (a real CGI-style reader), on a free loopback port."""
+    server: WSGIServer = make_server("127.0.0.1", 0, _cgi_app, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def fetch(pep: RunningPep, target: bytes, extra: bytes) -> tuple[int, bytes]:
+    """One GET; the status and the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"X-Tenant: acme\r\nX_Tenant: evil\r\n",
+        b"X_Tenant: evil\r\nX-Tenant: acme\r\n",
+        b"X-Tenant: acme\r\nx_tenant: evil\r\n",
+        b"X-Ten_ant: acme\r\nX_Ten-ant: evil\r\n",
+    ],
+)
+async def test_two_spellings_of_one_cgi_name_are_refused(
+    fields: bytes, make_pep: PepFactory, fault_pdp: FaultPdp, cgi_upstream: str
+) -> None:
+    """The policy saw `x-tenant: acme` (and an `x_tenant` it had no rule for); WSGI's reader made both one
+    `HTTP_X_TENANT`, here `acme,evil`: the upstream acted on a value the PDP was never asked about."""
+
+    def to_cgi(raw: dict[str, Any]) -> None:
+        raw["routes"][0]["upstream"] = cgi_upstream
+
+    pep = await make_pep(to_cgi)
+    assert await send(pep, b"/tools/x", fields) == (403, "request_ambiguous")
+    assert fault_pdp.requests == []
+    entries = await pep.log_entries()
+    assert "are one field to CGI-style upstreams" in entries[-1]["detail"]
+    # One spelling alone is what the policy sees, by its own name.
+    assert await fetch(pep, b"/tools/x", b"X-Tenant: acme\r\n") == (200, b"acme")
+    assert fault_pdp.requests[-1].body["input"]["request"]["headers"]["x-tenant"] == "acme"

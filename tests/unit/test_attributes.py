@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pep.attributes import LIST_FIELDS, RepeatedField, header_map, policy_headers, query_map
+from pep.attributes import LIST_FIELDS, AmbiguousField, header_map, policy_headers, query_map
 from pep.config import RouteConfig
 from pep.headers import end_to_end
 from pep.routing import Route
@@ -79,7 +79,7 @@ def test_a_field_that_is_no_list_sent_twice_is_refused(pairs: list[tuple[str, st
     """Joined, two fields were the same to the policy as one holding `a, b`, and readers that take the first
     field act on another value than the joined one."""
     route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
-    with pytest.raises(RepeatedField, match="sent more than once"):
+    with pytest.raises(AmbiguousField, match="sent more than once"):
         policy_headers(CIMultiDictProxy(CIMultiDict(pairs)), route.policy_hidden)
 
 
@@ -88,3 +88,23 @@ def test_a_list_field_sent_twice_is_joined(name: str) -> None:
     route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
     headers = CIMultiDictProxy(CIMultiDict([(name, "a"), (name.upper(), "b")]))
     assert policy_headers(headers, route.policy_hidden) == {name: "a, b"}
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("X-Tenant", "acme"), ("X_Tenant", "evil")],
+        [("x_tenant", "evil"), ("Accept", "x"), ("X-TENANT", "acme")],
+        [("X-Ten_ant", "acme"), ("X_Ten-ant", "evil")],
+    ],
+)
+def test_names_that_are_one_cgi_variable_are_refused(pairs: list[tuple[str, str]]) -> None:
+    route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
+    with pytest.raises(AmbiguousField, match="one field to CGI-style upstreams"):
+        policy_headers(CIMultiDictProxy(CIMultiDict(pairs)), route.policy_hidden)
+
+
+def test_an_underscore_name_alone_is_shown_by_its_own_name() -> None:
+    route = Route.build(RouteConfig(name="r", path_prefix="/", upstream="http://up"))
+    headers = CIMultiDictProxy(CIMultiDict([("X_Tenant", "evil"), ("X-Other", "1")]))
+    assert policy_headers(headers, route.policy_hidden) == {"x_tenant": "evil", "x-other": "1"}
