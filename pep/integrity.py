@@ -123,10 +123,15 @@ def _layers(segment: str) -> list[str]:
 
 
 def query_problem(query: str) -> str | None:
-    """The query is forwarded as sent; only characters that cannot be sent as they are are refused: outside
-    visible ASCII, and `#` (as `path_problem` checks them, without a regex)."""
+    """The query is forwarded as sent; refused are characters that cannot be sent as they are (outside visible
+    ASCII, and `#`, as `path_problem` checks them, without a regex), and a raw `;`: Rack 2 (Rails up to 7.0) and
+    Python before 3.9.2 split fields there, Go drops the field holding it, others keep it as data, so
+    `tenant=acme&x=1;tenant=evil` would be `tenant: [acme]` to the policy and `tenant=evil` to Rails. Clients
+    encode a literal one (`%3B`)."""
     if query and (not (query.isascii() and query.isprintable()) or " " in query or "#" in query):
         return "fragment, control or non-ASCII character in the query"
+    if ";" in query:
+        return "a ; in the query (some upstreams split fields there)"
     return None
 
 
