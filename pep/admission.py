@@ -244,7 +244,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     except UnicodeDecodeError:  # the query's percent-encoded bytes are not UTF-8 (`attributes.query_map`)
         detail = "percent-encoded bytes in the query that are not UTF-8"
         return Refusal(Reason.REQUEST_AMBIGUOUS, detail, route, upstream_url)
-    except attributes.AmbiguousField as exc:
+    except (attributes.AmbiguousField, attributes.AmbiguousQuery) as exc:
         return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])

@@ -115,26 +115,60 @@ def policy_headers(headers: Headers, hidden: frozenset[str]) -> dict[str, str]:
     return out
 
 
+class AmbiguousQuery(ValueError):
+    """Two query field names the policy sees apart that PHP, Rack or qs (Express 4) read as one variable: `tenant`
+    beside `tenant[]` or `tenant[0]` (one array there, `tenant: [acme, evil]` to qs, the last to PHP), `ten.ant`
+    beside `ten_ant` (PHP reads `.` and ` ` as `_`), or a name ending at a NUL for PHP (`tenant%00x`). A mapping or
+    rule on `tenant` would decide on one value while such an upstream acts on another."""
+
+
+# PHP reads a field name's leading spaces as nothing and ` ` and `.` as `_`; a NUL ends it (integrity.py reads
+# `_method` the same way).
+_PHP_NAME = str.maketrans(" .", "__")
+
+
+def _variable(name: str) -> str:
+    """The variable PHP, Rack or qs stores a query field under: its name up to a NUL, PHP's spelling, before `[`."""
+    return name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
+
+
+def _query_twins(names: Iterable[str]) -> str | None:
+    """Two names, not both bracketed (`a[x]`, `a[y]` are one object's keys everywhere), of one variable."""
+    seen: dict[str, str] = {}
+    for name in names:
+        variable = _variable(name)
+        other = seen.setdefault(variable, name)
+        if other != name and ("[" not in other or "[" not in name):
+            return f"query fields {other[:64]!r} and {name[:64]!r} are one variable to PHP, Rack or qs"
+    return None
+
+
 def query_map(query: str) -> dict[str, list[str]]:
     """The query decoded into name -> values, blank values kept (the raw query is forwarded unchanged): what
     `parse_qs(query, keep_blank_values=True, errors="strict")` gives. A query with nothing to decode (no `%`, no
     `+`) is split here, without parse_qs's per-field unquoting (most queries; tested against parse_qs).
 
     Raises UnicodeDecodeError for percent-encoded bytes that are not UTF-8: parse_qs's default would show each
-    as U+FFFD, so `%e9` and `%ff` would be one value to the policy and two (`é` and `ÿ` in Latin-1) upstream."""
+    as U+FFFD, so `%e9` and `%ff` would be one value to the policy and two (`é` and `ÿ` in Latin-1) upstream.
+    Raises AmbiguousQuery for names that are one variable to PHP, Rack or qs (looked at only when the query holds
+    `[`, `.` or an escape: what such a name needs)."""
     if not query:
         return {}
     if "%" in query or "+" in query:
-        return parse_qs(query, keep_blank_values=True, errors="strict")
-    out: dict[str, list[str]] = {}
-    for field in query.split("&"):
-        if field:
-            name, _, value = field.partition("=")
-            values = out.get(name)
-            if values is None:
-                out[name] = [value]
-            else:
-                values.append(value)
+        out = parse_qs(query, keep_blank_values=True, errors="strict")
+    else:
+        out = {}
+        for field in query.split("&"):
+            if field:
+                name, _, value = field.partition("=")
+                values = out.get(name)
+                if values is None:
+                    out[name] = [value]
+                else:
+                    values.append(value)
+    named = len(out) > 1 and ("[" in query or "." in query or "%" in query or "+" in query)
+    if named and (twins := _query_twins(out)):
+        raise AmbiguousQuery(twins)
     return out
 
 
