@@ -609,3 +609,24 @@ async def test_a_principal_that_is_also_the_resource(tmp_path: Path) -> None:
     text = 'permit(principal, action, resource) when { principal == resource && resource.workload == "tools" };'
     pdp = CedarPdp(write(tmp_path / "p.cedar", text), None, {"tools": mapping})
     assert (await verdict(pdp, pep_document(subject={"workload": "tools", "agent": None}))).allow is True
+
+
+DEMO_POLICY = str(Path(__file__).resolve().parents[2] / "config" / "policies" / "demo.cedar")
+
+
+@pytest.mark.parametrize(
+    ("tenants", "allowed"),
+    [
+        (["acme"], True),
+        (["acme", "acme"], True),
+        (["acme", "evil"], False),
+        (["evil", "acme"], False),
+        (["evil"], False),
+    ],
+)
+async def test_the_demo_policy_allows_only_the_agents_own_tenant_alone(tenants: list[str], allowed: bool) -> None:
+    """`contains` allowed `?tenant=acme&tenant=evil`, which an upstream reading the last value serves as evil."""
+    pdp = CedarPdp(DEMO_POLICY)
+    subject = {"workload": "spiffe://test/agent", "agent": None, "attributes": {"tenant": "acme"}}
+    doc = pep_document(path="/tools/lookup_order", query={"tenant": tenants}, subject=subject)
+    assert (await verdict(pdp, doc)).allow is allowed
