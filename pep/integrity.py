@@ -11,7 +11,15 @@ import re
 from collections.abc import Container, Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
-from pep.headers import CALLER_CREDENTIALS, FRAMING, HOP_BY_HOP, METHOD_OVERRIDE, PATH_OVERRIDE, PEP_OWNED
+from pep.headers import (
+    CALLER_CREDENTIALS,
+    FRAMING,
+    HOP_BY_HOP,
+    METHOD_OVERRIDE,
+    PATH_OVERRIDE,
+    PEP_OWNED,
+    PROXY_IDENTITY,
+)
 
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
@@ -179,6 +187,7 @@ def body_problem(method: str, has_body: bool) -> str | None:
 RESERVED_NAMES = (
     HOP_BY_HOP
     | PEP_OWNED
+    | PROXY_IDENTITY
     | FRAMING
     | CALLER_CREDENTIALS
     | METHOD_OVERRIDE

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pytest
 
 from tests.conftest import RunningPep
-from tests.support.fault_pdp import FaultPdp
+from tests.support.fault_pdp import FaultPdp, Mode
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -168,3 +168,46 @@ async def test_two_spellings_of_one_cgi_name_are_refused(
     # One spelling alone is what the policy sees, by its own name.
     assert await fetch(pep, b"/tools/x", b"X-Tenant: acme\r\n") == (200, b"acme")
     assert fault_pdp.requests[-1].body["input"]["request"]["headers"]["x-tenant"] == "acme"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"X-Forwarded-Ssl: on",  # Rack, trusting its loopback proxy, reads the request as https
+        b"X-Forwarded-Scheme: https",
+        b"X-Forwarded-Protocol: https",
+        b"X-Forwarded-User: admin",  # oauth2-proxy's pass_user_headers: the user the upstream acts for
+        b"X-Forwarded-Email: admin@acme.example",
+        b"X-Forwarded-Groups: admins",
+        b"X-Forwarded-Preferred-Username: admin",
+        b"X-Forwarded-Access-Token: forged",
+    ],
+)
+async def test_proxy_asserted_fields_from_the_caller_reach_neither_pdp_nor_upstream(
+    field: bytes, pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """The README promised every `x-forwarded-*` was the PEP's; these crossed, to an upstream that trusts them from
+    the proxy in front of it, while the PDP decided on the verified `subject`."""
+    assert await send(pep, b"/tools/x", field + b"\r\n") == (200, None)
+    name = field.split(b":")[0].decode().lower()
+    assert name not in fault_pdp.requests[0].body["input"]["request"]["headers"]
+    assert name not in upstream.seen[0].headers
+    assert upstream.seen[0].headers["X-Forwarded-Proto"] == "http"
+
+
+async def test_a_pdp_obligation_may_say_who_the_user_is(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    fault_pdp.set(Mode(body=b'{"result":{"allow":true,"headers":{"X-Forwarded-User":"alice"}}}'))
+    assert await send(pep, b"/tools/x", b"X-Forwarded-User: admin\r\n") == (200, None)
+    assert upstream.seen[0].headers.getall("X-Forwarded-User") == ["alice"]
+
+
+async def test_x_forwarded_method_is_a_method_override(
+    pep: RunningPep, fault_pdp: FaultPdp, upstream: RecordingUpstream
+) -> None:
+    """Traefik's forward auth tells an auth server the original method in it, as it tells the path in
+    X-Forwarded-Uri (refused already)."""
+    assert await send(pep, b"/tools/x", b"X-Forwarded-Method: DELETE\r\n") == (403, "request_ambiguous")
+    assert fault_pdp.requests == []
+    assert upstream.seen == []
