@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -132,8 +132,11 @@ def _variable(name: str) -> str:
     return name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
 
 
-def _query_twins(names: Iterable[str]) -> str | None:
+def _query_twins(names: Collection[str]) -> str | None:
     """Two names, not both bracketed (`a[x]`, `a[y]` are one object's keys everywhere), of one variable."""
+    joined = "".join(names)
+    if "[" not in joined and "." not in joined and " " not in joined and "\x00" not in joined:
+        return None  # every name is its own variable (the usual query): no two can be one
     seen: dict[str, str] = {}
     for name in names:
         variable = _variable(name)
