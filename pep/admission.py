@@ -238,19 +238,25 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         body_bytes: int | None = len(body)
     else:
         body_bytes = length if length is not None or facts.has_body else 0
-    document = attributes.document(
-        request_id=facts.request_id,
-        method=method,
-        scheme=facts.scheme,
-        host=headers.get("Host", ""),
-        path=path,
-        query=query,
-        headers=attributes.policy_headers(headers, route.policy_hidden),
-        body_bytes=body_bytes,
-        route=route,
-        upstream_url=upstream_url,
-        subject=subject,
-    )
+    try:
+        document = attributes.document(
+            request_id=facts.request_id,
+            method=method,
+            scheme=facts.scheme,
+            host=headers.get("Host", ""),
+            path=path,
+            query=query,
+            headers=attributes.policy_headers(headers, route.policy_hidden),
+            body_bytes=body_bytes,
+            route=route,
+            upstream_url=upstream_url,
+            subject=subject,
+        )
+    except UnicodeDecodeError:  # the query's percent-encoded bytes are not UTF-8 (`attributes.query_map`)
+        detail = "percent-encoded bytes in the query that are not UTF-8"
+        return Refusal(Reason.REQUEST_AMBIGUOUS, detail, route, upstream_url)
+    except (attributes.AmbiguousField, attributes.AmbiguousQuery) as exc:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
     first = attributes.with_facts(document, messages[0])
     more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
@@ -301,6 +307,10 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
     subject = await identify(route)
     if isinstance(subject, IdentityRefusal):
         return Refusal(subject.reason, subject.detail, route, upstream_url, subject.challenge, subject.drop_session)
+    try:
+        policy_headers = attributes.policy_headers(headers, route.policy_hidden)
+    except attributes.AmbiguousField as exc:
+        return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     document = attributes.document(
         request_id=facts.request_id,
         method="CONNECT",
@@ -308,7 +318,7 @@ async def _connect(facts: RequestFacts, setup: Setup, identify: Identify) -> Adm
         host=target,
         path="",
         query="",
-        headers=attributes.policy_headers(headers, route.policy_hidden),
+        headers=policy_headers,
         body_bytes=None,
         route=route,
         upstream_url=upstream_url,

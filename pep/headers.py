@@ -65,6 +65,12 @@ PEP_OWNED: frozenset[str] = CLIENT_CERTIFICATE | frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-forwarded-server",
+        # What Rack (trusting a loopback proxy), ingress-nginx and others read as the scheme the client used, beside
+        # the PEP's X-Forwarded-Proto: a caller's `X-Forwarded-Ssl: on` would make such an upstream believe https.
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-forwarded-protocol",
+        "x-forwarded-by",
         "x-real-ip",
         "forwarded",
         "traceparent",  # kept or started by the PEP (pep/trace.py), then set on the upstream request
@@ -73,10 +79,27 @@ PEP_OWNED: frozenset[str] = CLIENT_CERTIFICATE | frozenset(
     }
 )
 
+# Who the user is, as an authenticating proxy in front of an upstream tells it (oauth2-proxy's pass_user_headers,
+# and those that copy it): an upstream behind such a proxy takes them as the user it acts for. The PEP verifies no
+# such thing, so a caller's copy is an identity nobody checked, never forwarded and never shown to the PDP (which
+# decides on `subject`). A PDP obligation may set them: then they say what the PDP decided.
+PROXY_IDENTITY: frozenset[str] = frozenset(
+    {
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+    }
+)
+
 # Framing is the PEP's business: it is recomputed for whatever body is forwarded.
 FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
 
-METHOD_OVERRIDE: frozenset[str] = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# X-Forwarded-Method: the original method as Traefik's forward auth tells an auth server (beside X-Forwarded-Uri).
+METHOD_OVERRIDE: frozenset[str] = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-forwarded-method"}
+)
 # Headers that frameworks, middlewares and proxies behind the PEP take as the real path or URL: the upstream would
 # serve a path the policy never saw. X-Original-URL and X-Rewrite-URL: Symfony, Zend/Laminas, IIS URL Rewrite;
 # X-Original-URI: the nginx auth_request convention; X-Forwarded-Uri: Traefik (forward auth), read by auth
@@ -126,7 +149,7 @@ def request_drop_set(credential_header: str | None, keep_caller_credentials: boo
     Content-Length stays: the parser has checked it and the body is forwarded unchanged, so the upstream sees
     the same framing the caller chose (a chunked request stays chunked).
     """
-    drop = set(PEP_OWNED | FRAMING - {"content-length"})
+    drop = set(PEP_OWNED | PROXY_IDENTITY | FRAMING - {"content-length"})
     if not keep_caller_credentials:
         drop |= CALLER_CREDENTIALS
     if credential_header:
@@ -136,7 +159,7 @@ def request_drop_set(credential_header: str | None, keep_caller_credentials: boo
 
 def policy_drop_set(credential_header: str | None) -> frozenset[str]:
     """Headers never shown to the PDP: credentials (always) and what the PEP sets itself."""
-    drop = set(CALLER_CREDENTIALS | PEP_OWNED | FRAMING - {"host"})
+    drop = set(CALLER_CREDENTIALS | PEP_OWNED | PROXY_IDENTITY | FRAMING - {"host"})
     if credential_header:
         drop.add(credential_header.lower())
     return frozenset(drop)

@@ -11,7 +11,15 @@ import re
 from collections.abc import Container, Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
-from pep.headers import CALLER_CREDENTIALS, FRAMING, HOP_BY_HOP, METHOD_OVERRIDE, PATH_OVERRIDE, PEP_OWNED
+from pep.headers import (
+    CALLER_CREDENTIALS,
+    FRAMING,
+    HOP_BY_HOP,
+    METHOD_OVERRIDE,
+    PATH_OVERRIDE,
+    PEP_OWNED,
+    PROXY_IDENTITY,
+)
 
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
@@ -125,10 +133,15 @@ def _layers(segment: str) -> list[str]:
 
 
 def query_problem(query: str) -> str | None:
-    """The query is forwarded as sent; only characters that cannot be sent as they are are refused: outside
-    visible ASCII, and `#` (as `path_problem` checks them, without a regex)."""
+    """The query is forwarded as sent; refused are characters that cannot be sent as they are (outside visible
+    ASCII, and `#`, as `path_problem` checks them, without a regex), and a raw `;`: Rack 2 (Rails up to 7.0) and
+    Python before 3.9.2 split fields there, Go drops the field holding it, others keep it as data, so
+    `tenant=acme&x=1;tenant=evil` would be `tenant: [acme]` to the policy and `tenant=evil` to Rails. Clients
+    encode a literal one (`%3B`)."""
     if query and (not (query.isascii() and query.isprintable()) or " " in query or "#" in query):
         return "fragment, control or non-ASCII character in the query"
+    if ";" in query:
+        return "a ; in the query (some upstreams split fields there)"
     return None
 
 
@@ -192,6 +205,7 @@ def body_problem(method: str, has_body: bool) -> str | None:
 RESERVED_NAMES = (
     HOP_BY_HOP
     | PEP_OWNED
+    | PROXY_IDENTITY
     | FRAMING
     | CALLER_CREDENTIALS
     | METHOD_OVERRIDE

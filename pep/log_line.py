@@ -3,7 +3,10 @@
 An entry carries the caller's data (path, tool and model names, arguments, the agent header, the PDP's note), and
 a body may hold a 1 MiB tool name. Queued whole, a stalled log would pin megabytes per denied request, so every
 string is cut to `FIELD_MAX` characters and every top-level field to about `FIELD_BUDGET` characters of data;
-the top-level keys that were cut are listed in `truncated` (fixed names, never caller data).
+the top-level keys that were cut are listed in `truncated` (fixed names, never caller data). A string JSON cannot
+carry (a lone surrogate: a header byte that is not UTF-8, such as the agent header's, decoded with surrogateescape)
+is written with that character escaped as text (`\\udcff`), so the line is still written: without it the entry
+raised, the request was answered `internal_error`, and no line said what had been decided.
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ _OTHER = 8  # what a number, bool, null, key or container counts against the bud
 
 def encode(entry: dict[str, Any]) -> bytes:
     """One JSON line (newline included) of at most a few hundred KiB, whatever the entry holds."""
+    invalid = False
     try:
         line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        pass  # nested beyond orjson's limit: the bounded copy below is not
+        invalid = True  # nested beyond orjson's limit, or a string that is not UTF-8: the bounded copy is neither
     else:
         if len(line) <= FIELD_MAX:  # no string in it can be longer, no field over budget: nearly every line
             return line
     out: dict[str, Any] = {}
     truncated: list[str] = []
     for key, value in entry.items():
-        cap = _Cap()
+        cap = _Cap(invalid)
         out[key] = cap.value(value, 0)
         if cap.cut:
             truncated.append(key)
@@ -42,11 +46,12 @@ def encode(entry: dict[str, Any]) -> bytes:
 class _Cap:
     """A bounded copy of one field's value; `cut` says whether anything was shortened or left out."""
 
-    __slots__ = ("cut", "left")
+    __slots__ = ("cut", "left", "unicode")
 
-    def __init__(self) -> None:
+    def __init__(self, check_unicode: bool = False) -> None:
         self.left = FIELD_BUDGET
         self.cut = False
+        self.unicode = check_unicode  # strings may hold lone surrogates (see the module docstring)
 
     def text(self, s: str) -> str:
         limit = min(FIELD_MAX, max(self.left, 0))
@@ -54,6 +59,8 @@ class _Cap:
             s = s[:limit]
             self.cut = True
         self.left -= len(s)
+        if self.unicode and not s.isascii():
+            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
         return s
 
     def value(self, v: Any, depth: int) -> Any:

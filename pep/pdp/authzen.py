@@ -18,11 +18,11 @@ import orjson
 
 from pep.cache_control import ttl_of
 from pep.decision import Reason
-from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, Failure, Pdp, Verdict, admitted, ask_each, encode
+from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, UNSENT, Failure, Pdp, Verdict, admitted, ask_each, encode
 from pep.pdp.answer import malformed, read_object
 from pep.pdp.approval import authzen_approval
 from pep.pdp.credential import credential_narrowing
-from pep.pdp.mapping import CompiledMapping, MappingError, Parts, map_document
+from pep.pdp.mapping import AmbiguousMapping, CompiledMapping, MappingError, Parts, map_document
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
@@ -259,16 +259,18 @@ class AuthzenPdp(Pdp):
             self._endpoints = None  # never fall back to stale or default endpoints
         return result
 
-    def _parts(self, document: dict[str, Any]) -> Parts | Verdict:
+    def _parts(self, document: dict[str, Any]) -> Parts | Verdict | Failure:
         try:
             return map_document(document, self._mappings.get(document["route"]["name"]))
+        except AmbiguousMapping as exc:
+            return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"mapping: {exc}")
         except MappingError as exc:
             return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
         # Everything built from the caller's data first: what cannot be built is denied before the PDP is asked.
         parts = self._parts(document)
-        if isinstance(parts, Verdict):
+        if not isinstance(parts, Parts):
             return parts
         body = encode(_member(parts))
         if isinstance(body, Failure):
@@ -290,7 +292,7 @@ class AuthzenPdp(Pdp):
         mapped = [self._parts(d) for d in documents]
         todo = [(i, p) for i, p in enumerate(mapped) if isinstance(p, Parts)]
         results: list[Verdict | Failure] = [
-            p if isinstance(p, Verdict) else Verdict(False, Reason.PDP_UNDEFINED) for p in mapped
+            Verdict(False, Reason.PDP_UNDEFINED) if isinstance(p, Parts) else p for p in mapped
         ]
         if not todo:
             return results

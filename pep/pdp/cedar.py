@@ -22,9 +22,9 @@ import cedarpy
 import orjson
 
 from pep.decision import Reason
-from pep.pdp import ApprovalAsk, Failure, Pdp, Verdict
+from pep.pdp import UNSENT, ApprovalAsk, Failure, Pdp, Verdict
 from pep.pdp.approval import MAX_MESSAGE, approver_of, message_of
-from pep.pdp.mapping import CompiledMapping, MappingError, map_document
+from pep.pdp.mapping import AmbiguousMapping, CompiledMapping, MappingError, map_document
 
 _ESCAPES = frozenset({"__entity", "__extn", "__expr"})
 _I64 = 2**63
@@ -240,6 +240,8 @@ class CedarPdp(Pdp):
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
         try:
             parts = map_document(document, self._mappings.get(document["route"]["name"]))
+        except AmbiguousMapping as exc:
+            return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"mapping: {exc}")
         except MappingError as exc:
             return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
         principal = {"type": cedar_type(parts.subject["type"]), "id": str(parts.subject["id"])}

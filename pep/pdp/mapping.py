@@ -19,12 +19,22 @@ class MappingError(ValueError):
     """The document does not hold what the mapping needs (e.g. the resource id path is absent)."""
 
 
+class AmbiguousMapping(MappingError):
+    """The mapping picks one value of a query field the caller repeated (`tenant=acme&tenant=evil`): upstreams
+    disagree on which one counts (Flask and Go take the first, PHP and Rails the last, Express a list), so the PDP
+    would be asked about one while the upstream acts on another. The request is ambiguous, not the mapping."""
+
+
 @dataclass(frozen=True, slots=True)
 class Ref:
     """A mapping value: a literal string, or a dotted path into the document (`$request.headers.x-tenant`)."""
 
     literal: str | None
     path: tuple[str, ...] = ()
+    picks_query_value: bool = False  # `$request.query.NAME.N`: one of a field's values, by position
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "picks_query_value", self.path[:2] == ("request", "query") and len(self.path) > 3)
 
     @classmethod
     def parse(cls, text: str) -> Ref:
@@ -41,6 +51,8 @@ class Ref:
         for part in self.path:
             if isinstance(value, dict):
                 value = value.get(part, _MISSING)
+            elif isinstance(value, list) and self.picks_query_value and len(value) > 1:
+                raise AmbiguousMapping(f"query field {self.path[2]!r} is repeated; the mapping picks one value")
             elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
                 value = value[int(part)]
             else:

@@ -138,7 +138,6 @@ async def test_denied_tool_never_reaches_the_upstream(
         ("/orders?tenant=evil", "GET", False),
         ("/orders", "GET", False),  # no tenant: the property is absent
         ("/orders?tenant=", "GET", False),  # an empty tenant is no tenant
-        ("/orders?tenant=evil&tenant=acme", "GET", False),  # the first value is the one decided on
         ("/orders?tenant=ACME", "GET", False),  # case-sensitive
         ("/orders?tenant=acme", "POST", False),  # only GET is allowed
     ],
@@ -161,6 +160,19 @@ async def test_tenant_rule(
         assert_denied(answer, "policy_denied")
         assert upstream.seen == []
         assert (entry["decision"], entry["reason"]) == ("deny", "policy_denied")
+
+
+@pytest.mark.parametrize("query", ["tenant=acme&tenant=evil", "tenant=evil&tenant=acme"])
+async def test_a_repeated_tenant_is_ambiguous_whatever_its_order(
+    query: str, pep: RunningPep, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    """The mapping reads `tenant.0`: with `tenant=acme&tenant=evil` Cerbos would allow acme while a last-wins
+    upstream (PHP, Rails) serves evil's orders."""
+    answer = await call(client, pep, f"/orders?{query}", request_id="tenant-twice")
+    assert_denied(answer, "request_ambiguous")
+    assert upstream.seen == []
+    entry = await entry_for(pep, "tenant-twice")
+    assert (entry["decision"], entry["reason"]) == ("deny", "request_ambiguous")
 
 
 async def test_tenant_comes_from_configured_attributes_not_the_caller(

@@ -38,7 +38,7 @@ FORWARDED = [
     "/tools/.well-known/x",
     "/tools/a%25b",
     "/tools/a%3Fb",
-    "/tools/x?a=1;b=2",
+    "/tools/x?a=1%3Bb=2",
     "/tools/x?next=//admin/../x",
     "/api/admin",  # strip_prefix: /api/... is the upstream's /tools/...
     "/api/x/",

@@ -164,9 +164,7 @@ async def test_a_route_mapping_changes_what_the_pdp_sees(
         },
     }
     pep = await start(make_pep, az, route={"mapping": mapping})
-    status, _, _ = await get(
-        client, pep, "/tools/items?tenant=acme&tenant=beta", **{"x-tenant": "t-1", "x-agent-id": "bot"}
-    )
+    status, _, _ = await get(client, pep, "/tools/items?tenant=acme", **{"x-tenant": "t-1", "x-agent-id": "bot"})
     assert status == 200
     body = az.evaluations[0].body
     assert body["subject"] == {
@@ -191,6 +189,38 @@ async def test_a_mapping_whose_resource_id_is_absent_denies_undefined(
     entries = await pep.log_entries()
     assert entries[0]["reason"] == "pdp_undefined"
     assert entries[0]["detail"].startswith("mapping: resource.id")
+
+
+@pytest.mark.parametrize(
+    "query", ["tenant=acme&tenant=evil", "tenant=acme&x=1&tenant=acme", "%74enant=evil&tenant=acme"]
+)
+async def test_a_mapping_picking_one_of_repeated_query_values_is_ambiguous(
+    query: str, make_pep: PepFactory, az: AuthzenTestPdp, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    """The PDP is asked about `tenant.0`; a last-wins upstream (PHP, Rails) would act on the last one."""
+    pep = await start(
+        make_pep, az, route={"mapping": {"resource": {"type": "tenant", "id": "$request.query.tenant.0"}}}
+    )
+    status, reason, _ = await get(client, pep, f"/tools/items?{query}")
+    assert (status, reason) == (403, "request_ambiguous")
+    assert az.evaluations == []
+    assert upstream.seen == []
+    entries = await pep.log_entries()
+    assert entries[0]["reason"] == "request_ambiguous"
+    assert "repeated" in entries[0]["detail"]
+
+
+async def test_a_batch_item_picking_one_of_repeated_query_values_is_not_sent(az: AuthzenTestPdp) -> None:
+    from pep.config import RouteMapping
+    from pep.pdp.mapping import CompiledMapping
+
+    mapping = CompiledMapping.compile(RouteMapping(resource_id="$request.query.tenant.0"))
+    pdp = AuthzenPdp(az.url, HttpTransport(1 << 20, 4), {"tools": mapping})
+    try:
+        docs = [pep_document(query={"tenant": ["a"]}), pep_document(query={"tenant": ["a", "b"]})]
+        assert outcomes(await pdp.ask_many(docs, "b")) == ["allow", "request_ambiguous"]
+    finally:
+        await pdp.close()
 
 
 async def test_deny_is_policy_denied_with_the_pdp_reason_logged(

@@ -279,7 +279,9 @@ CORPUS: list[Case] = [
     allowed("param-on-a-route-that-accepts-them", get("/params/x;p=1/y"), "GET", "/params/x;p=1/y"),
     denied("dot-dot-param-on-a-route-that-accepts-them", get("/params/..;/admin"), "request_ambiguous"),
     denied("empty-param-on-a-route-that-accepts-them", get("/params/;x/admin"), "request_ambiguous"),
-    allowed("semicolon-in-the-query", get("/tools/x?a=1;b=2"), "GET", "/tools/x?a=1;b=2"),
+    denied("semicolon-in-the-query", get("/tools/x?a=1;b=2"), "request_ambiguous"),
+    denied("semicolon-hiding-a-second-field", get("/tools/x?tenant=acme&x=1;tenant=evil"), "request_ambiguous"),
+    allowed("encoded-semicolon-in-the-query", get("/tools/x?a=1%3Bb=2"), "GET", "/tools/x?a=1%3Bb=2"),
     # --- absolute form, Host, CONNECT, asterisk form ------------------------------------------------------------
     denied("absolute-form-other-host", get("http://evil.example/tools/x"), "request_ambiguous"),
     denied("absolute-form-other-port", get("http://127.0.0.1:1/tools/x"), "request_ambiguous"),

@@ -391,6 +391,17 @@ async def test_a_route_mapping_changes_principal_and_resource_types(tmp_path: Pa
     assert absent.note.startswith("mapping: resource.id")
 
 
+async def test_a_mapping_picking_one_of_repeated_query_values_is_ambiguous(tmp_path: Path) -> None:
+    """`tenant=acme&tenant=evil` is not asked about as `Tenant::"acme"`: a last-wins upstream would serve evil."""
+    text = 'permit(principal, action, resource == Tenant::"acme");'
+    mapping = CompiledMapping.compile(RouteMapping(resource_type="tenant", resource_id="$request.query.tenant.0"))
+    pdp = CedarPdp(write(tmp_path / "p.cedar", text), None, {"tools": mapping})
+    result = await ask(pdp, pep_document(query={"tenant": ["acme", "evil"]}))
+    assert isinstance(result, Failure)
+    assert result.reason is Reason.REQUEST_AMBIGUOUS
+    assert "repeated" in result.detail
+
+
 async def test_a_type_cedar_cannot_name_is_a_failure_not_an_exception(tmp_path: Path) -> None:
     """Entities Cedar cannot read are the request's problem (`request_ambiguous`), not an evaluation error."""
     mapping = CompiledMapping.compile(RouteMapping(resource_type="not a type"))
@@ -598,3 +609,24 @@ async def test_a_principal_that_is_also_the_resource(tmp_path: Path) -> None:
     text = 'permit(principal, action, resource) when { principal == resource && resource.workload == "tools" };'
     pdp = CedarPdp(write(tmp_path / "p.cedar", text), None, {"tools": mapping})
     assert (await verdict(pdp, pep_document(subject={"workload": "tools", "agent": None}))).allow is True
+
+
+DEMO_POLICY = str(Path(__file__).resolve().parents[2] / "config" / "policies" / "demo.cedar")
+
+
+@pytest.mark.parametrize(
+    ("tenants", "allowed"),
+    [
+        (["acme"], True),
+        (["acme", "acme"], True),
+        (["acme", "evil"], False),
+        (["evil", "acme"], False),
+        (["evil"], False),
+    ],
+)
+async def test_the_demo_policy_allows_only_the_agents_own_tenant_alone(tenants: list[str], allowed: bool) -> None:
+    """`contains` allowed `?tenant=acme&tenant=evil`, which an upstream reading the last value serves as evil."""
+    pdp = CedarPdp(DEMO_POLICY)
+    subject = {"workload": "spiffe://test/agent", "agent": None, "attributes": {"tenant": "acme"}}
+    doc = pep_document(path="/tools/lookup_order", query={"tenant": tenants}, subject=subject)
+    assert (await verdict(pdp, doc)).allow is allowed

@@ -85,3 +85,12 @@ def test_deep_nesting_is_cut_too() -> None:
     out = orjson.loads(encode(entry(arguments={"a": deep})))
     assert out["truncated"] == ["arguments"]
     assert "bottom" not in orjson.dumps(out).decode()
+
+
+def test_a_string_that_is_not_utf8_is_written_escaped() -> None:
+    """A header byte that is not UTF-8 (the agent header, decoded with surrogateescape) made `encode` raise."""
+    e = entry(subject={"workload": "spiffe://test/agent", "agent": "bot\udcff", "k\ud800": "é"})
+    line = encode(e)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert orjson.loads(line)["subject"] == {"workload": "spiffe://test/agent", "agent": "bot\\udcff", "k\\ud800": "é"}

@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 
 from pep.config import RouteMapping
-from pep.pdp.mapping import CompiledMapping, MappingError, Parts, Ref, default_parts, map_document, principal
+from pep.pdp.mapping import (
+    AmbiguousMapping,
+    CompiledMapping,
+    MappingError,
+    Parts,
+    Ref,
+    default_parts,
+    map_document,
+    principal,
+)
 from tests.support.documents import pep_document
 
 doc = pep_document
@@ -217,11 +226,10 @@ def test_the_document_is_not_changed() -> None:
         ("$request.method", "GET"),
         ("$request.headers.x-tenant", "acme"),
         ("$request.query.tenant.0", "acme"),
-        ("$request.query.tenant.1", "beta"),
-        ("$request.query.tenant.2", None),  # out of range
+        ("$request.query.tenant.1", None),  # out of range
         ("$request.query.tenant.x", None),  # not an index
         ("$request.query.tenant.-1", None),
-        ("$request.query.tenant", ["acme", "beta"]),
+        ("$request.query.tenant", ["acme"]),
         ("$request.nope", None),
         ("$request.method.more", None),  # through a string
         ("$$literal", "$literal"),
@@ -231,8 +239,21 @@ def test_the_document_is_not_changed() -> None:
     ],
 )
 def test_ref_resolves_literals_and_paths(text: str, expected: Any) -> None:
-    d = doc(query={"tenant": ["acme", "beta"]})
+    d = doc(query={"tenant": ["acme"]})
     assert Ref.parse(text).resolve(d) == expected
+
+
+@pytest.mark.parametrize("text", ["$request.query.tenant.0", "$request.query.tenant.1", "$request.query.tenant.5"])
+def test_picking_one_value_of_a_repeated_query_field_is_ambiguous(text: str) -> None:
+    """`tenant=acme&tenant=evil`: Flask and Go read acme, PHP and Rails evil; whichever value the mapping picks,
+    some upstream acts on the other one."""
+    with pytest.raises(AmbiguousMapping, match="'tenant' is repeated"):
+        Ref.parse(text).resolve(doc(query={"tenant": ["acme", "evil"]}))
+
+
+def test_a_repeated_query_field_taken_whole_is_not_ambiguous() -> None:
+    assert Ref.parse("$request.query.tenant").resolve(doc(query={"tenant": ["acme", "evil"]})) == ["acme", "evil"]
+    assert Ref.parse("$mcp.arguments.to.1").resolve({"mcp": {"arguments": {"to": ["a", "b"]}}}) == "b"
 
 
 # --- map_document ----------------------------------------------------------------------------------------------
