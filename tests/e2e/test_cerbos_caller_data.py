@@ -6,6 +6,11 @@ twice (resource properties and context): one 600 KB body, under the default `max
 request was a `pdp_error_status` counted as a breaker failure, so `failure_threshold` of them opened the circuit
 and every other caller was denied `circuit_open`. A 4xx answer (other than 408) is now the request's own denial:
 still `pdp_error_status`, but the breaker is not told.
+
+Cerbos also takes longer than the default 250 ms deadline to decide an input of a few hundred thousand small
+values: a `pdp_timeout`, which must count (a PDP that does not answer in time is failing), so five such requests
+opened the circuit too. An MCP body of more than the route's `max_json_values` is now `body_too_large`, refused
+before the PDP is asked.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def mcp_route(upstream_url: str) -> Callable[[dict[str, Any]], None]:
+def mcp_route(upstream_url: str, **settings: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(raw: dict[str, Any]) -> None:
         route = {"name": "mcp", "match": {"path_prefix": "/mcp"}, "upstream": upstream_url + "/mcp"}
-        raw["routes"].append({**route, "protocol": "mcp"})  # max_body_bytes: the default 1 MiB
+        raw["routes"].append({**route, "protocol": "mcp", **settings})  # max_body_bytes: the default 1 MiB
 
     return mutate
 
@@ -58,7 +63,8 @@ async def circuit(client: aiohttp.ClientSession, pep: RunningPep) -> tuple[float
 async def test_inputs_cerbos_refuses_are_denied_without_opening_the_circuit_for_everyone(
     make_cerbos_pep: CerbosPepFactory, upstream: RecordingUpstream, client: aiohttp.ClientSession
 ) -> None:
-    pep: RunningPep = await make_cerbos_pep(mcp_route(upstream.url))
+    # max_json_values raised (it would refuse this body before the PDP is asked): Cerbos's own refusal is tested
+    pep: RunningPep = await make_cerbos_pep(mcp_route(upstream.url, max_json_values=1_000_000))
     assert await tools_call(client, pep, "shoes") is None  # Cerbos allows search
     zeros = [0] * 300_000  # a 600 KB body; its policy input is over Cerbos's limit once read as protobuf
     for _ in range(THRESHOLD + 1):
@@ -66,3 +72,24 @@ async def test_inputs_cerbos_refuses_are_denied_without_opening_the_circuit_for_
     assert await circuit(client, pep) == (0, 0)
     assert await tools_call(client, pep, "shoes") is None  # everyone else is still decided
     assert len(upstream.seen) == 2
+
+
+def default_timeout(upstream_url: str) -> Callable[[dict[str, Any]], None]:
+    def mutate(raw: dict[str, Any]) -> None:
+        mcp_route(upstream_url)(raw)
+        raw["pdp"]["timeout_ms"] = 250  # the default
+        raw["pdp"]["retries"] = 0
+
+    return mutate
+
+
+async def test_arguments_slow_to_decide_are_refused_before_the_pdp_is_asked(
+    make_cerbos_pep: CerbosPepFactory, upstream: RecordingUpstream, client: aiohttp.ClientSession
+) -> None:
+    pep: RunningPep = await make_cerbos_pep(default_timeout(upstream.url))
+    assert await tools_call(client, pep, "shoes") is None
+    many = [{"k": 0}] * 60_000  # a 600 KB body of small values: Cerbos took longer than 250 ms to decide it
+    reasons = [await tools_call(client, pep, many) for _ in range(THRESHOLD + 1)]
+    assert reasons == ["body_too_large"] * (THRESHOLD + 1)
+    assert await circuit(client, pep) == (0, 0)
+    assert await tools_call(client, pep, "shoes") is None
