@@ -454,9 +454,18 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
             require(sent_name is None or _mirrored(sent_name) == named, "Mcp-Name agrees", item, sent_name)
 
 
+MAX_TOOLS = 1024  # tools and functions of one model call
+
+
 def check_openai(body: bytes, result: Inspected | Refused) -> None:
-    """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools, at
+    most MAX_TOOLS of them; only more is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            obj = reference_loads(body).value
+            declared = [obj.get(k) for k in ("tools", "functions")] if isinstance(obj, dict) else []
+            count = sum(len(t) for t in declared if isinstance(t, list))
+            require(count > MAX_TOOLS, "too large: more than MAX_TOOLS tools and functions", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body)

@@ -245,6 +245,14 @@ def test_the_oracle_takes_a_body_over_max_json_values_as_too_large(count: int) -
     check_mcp(body, CIMultiDict(), result)
 
 
+@pytest.mark.parametrize("count", [1024, 1025])
+def test_the_oracle_takes_a_call_over_max_tools_as_too_large(count: int) -> None:
+    body = json.dumps({"model": "m", "functions": [{"name": "f"}] * count}).encode()
+    result = openai.inspect(body)
+    assert isinstance(result, Refused) == (count > 1024)
+    check_openai(body, result)
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(bodies(MODEL_CALL))
 def test_openai_accepts_only_what_the_reference_reads(body: bytes) -> None:
