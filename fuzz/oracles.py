@@ -380,16 +380,28 @@ def _refusal(result: Inspected | Refused, allowed: frozenset[Reason]) -> bool:
 
 
 MAX_BATCH_MESSAGES = 16  # the route default
+MAX_JSON_VALUES = 10_000  # the route default
+
+
+def _values(value: Any) -> int:
+    """Object members and array elements at any depth (what `max_json_values` bounds), counted on its own."""
+    if isinstance(value, dict):
+        return len(value) + sum(_values(v) for v in value.values())
+    if isinstance(value, list):
+        return len(value) + sum(_values(v) for v in value)
+    return 0
 
 
 def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refused) -> None:
     """An accepted MCP body is one strict JSON-RPC 2.0 message, or a non-empty batch of at most
     MAX_BATCH_MESSAGES decided as one message per element, with facts taken from that element; mirrored headers
-    agree with the body. Only such an over-long batch is `body_too_large`."""
+    agree with the body. Only such an over-long batch, or a body of more than MAX_JSON_VALUES values, is
+    `body_too_large`."""
     if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
         if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
             value = reference_loads(body, MCP_MAX_DEPTH).value
-            require(isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES, "too large: a long batch", body)
+            long_batch = isinstance(value, list) and len(value) > MAX_BATCH_MESSAGES
+            require(long_batch or _values(value) > MAX_JSON_VALUES, "too large: a long batch or many values", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body, MCP_MAX_DEPTH)
@@ -442,9 +454,18 @@ def check_mcp(body: bytes, headers: CIMultiDict[str], result: Inspected | Refuse
             require(sent_name is None or _mirrored(sent_name) == named, "Mcp-Name agrees", item, sent_name)
 
 
+MAX_TOOLS = 1024  # tools and functions of one model call
+
+
 def check_openai(body: bytes, result: Inspected | Refused) -> None:
-    """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools."""
-    if _refusal(result, BODY_REFUSALS):
+    """An accepted model call is a strict JSON object with a non-empty model, a boolean stream, named tools, at
+    most MAX_TOOLS of them; only more is `body_too_large`."""
+    if _refusal(result, BODY_REFUSALS | {Reason.BODY_TOO_LARGE}):
+        if isinstance(result, Refused) and result.reason is Reason.BODY_TOO_LARGE:
+            obj = reference_loads(body).value
+            declared = [obj.get(k) for k in ("tools", "functions")] if isinstance(obj, dict) else []
+            count = sum(len(t) for t in declared if isinstance(t, list))
+            require(count > MAX_TOOLS, "too large: more than MAX_TOOLS tools and functions", body)
         return
     assert isinstance(result, Inspected)
     ref = reference_loads(body)

@@ -239,6 +239,10 @@ class ApprovalsConfig:
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
 # one body from becoming thousands of PDP calls under one deadline.
 DEFAULT_MAX_BATCH_MESSAGES = 16
+# Members and elements (at any depth) one MCP body may hold: a PDP's time grows with the values in its input (the
+# arguments are in it twice), and one caller's input that takes longer than the deadline to decide would count
+# against the breaker as a PDP timeout. Cerbos 0.55 took over 250 ms (the default deadline) for 240,000.
+DEFAULT_MAX_JSON_VALUES = 10_000
 MAX_BATCH_MESSAGES_LIMIT = 1000
 
 
@@ -264,6 +268,7 @@ class RouteConfig:
     decide_answer_tool_calls: bool = True  # openai routes: the tools a model answer calls are decided
     allow_path_parameters: bool = False  # `;` in a path segment is data to this upstream, not a parameter to drop
     max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES  # mcp routes: more messages in a batch are body_too_large
+    max_json_values: int = DEFAULT_MAX_JSON_VALUES  # mcp routes: a body with more JSON values is body_too_large
     approval: RouteApproval | None = None  # what approval_required means on this route (needs `approvals`)
 
 
@@ -736,6 +741,7 @@ _ROUTE_KEYS = {
     "decide_answer_tool_calls",
     "allow_path_parameters",
     "max_batch_messages",
+    "max_json_values",
     "approval",
 }
 
@@ -796,6 +802,9 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
     max_batch = r.integer(m, "max_batch_messages", path, DEFAULT_MAX_BATCH_MESSAGES, 1, MAX_BATCH_MESSAGES_LIMIT)
     if "max_batch_messages" in m and protocol != "mcp":
         r.error(f"{path}.max_batch_messages", "is only for protocol: mcp (JSON-RPC batches)")
+    max_values = r.integer(m, "max_json_values", path, DEFAULT_MAX_JSON_VALUES, 1, 10_000_000)
+    if "max_json_values" in m and protocol != "mcp":
+        r.error(f"{path}.max_json_values", "is only for protocol: mcp")
     tunnel = r.boolean(m, "tunnel", path, False)
     if tunnel and "match" in m and isinstance(m["match"], dict) and "host" not in m["match"]:
         r.error(f"{path}.tunnel", "needs match.host (CONNECT is matched on host:port)")
@@ -822,6 +831,7 @@ def _route(r: _Reader, value: Any, path: str) -> RouteConfig | None:
         decide_answer_tool_calls=r.boolean(m, "decide_answer_tool_calls", path, True),
         allow_path_parameters=r.boolean(m, "allow_path_parameters", path, False),
         max_batch_messages=max_batch,
+        max_json_values=max_values,
         approval=_route_approval(r, m["approval"], f"{path}.approval") if "approval" in m else None,
     )
     if route.approval is not None:

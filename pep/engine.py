@@ -133,10 +133,10 @@ class Engine:
         one failure, not one per message). The breaker hears only about calls it admitted as they went out
         (pep/pdp `GATE`, asked before connecting and again right before each request is written, so also for
         every exchange of a batch that waited for one of its slots): a failure if any message met a PDP failure,
-        a success if any got a well-formed answer. Anything else (a request that could not be built, a call
-        refused because the circuit opened while it waited, a deadline the PEP itself was too held up to notice
-        in time, an exception in the PEP, a caller gone) releases the permit: a caller can neither open the
-        circuit nor hold a probe.
+        a success if any got a well-formed answer. Anything else (a request that could not be built, a 4xx
+        refusal of this one request (`Failure.refused`), a call refused because the circuit opened while it
+        waited, a deadline the PEP itself was too held up to notice in time, an exception in the PEP, a caller
+        gone) releases the permit: a caller can neither open the circuit nor hold a probe.
 
         One coroutine, the attempts included: each level between the caller and the PDP's wait is resumed on
         every wake-up.
@@ -292,11 +292,14 @@ def _report(breaker: Breaker, permit: Permit, results: list[Verdict | Failure]) 
             if isinstance(r, Verdict):
                 breaker.success(permit)
                 return
-            if r.reason in PDP_FAILURES:
+            if r.reason in PDP_FAILURES and not r.refused:
                 breaker.failure(permit)
                 return
     elif permit.admitted and not any(r is _STALLED for r in results):
-        if any(isinstance(r, Failure) and r.reason in PDP_FAILURES and r.outcome != UNSENT for r in results):
+        if any(
+            isinstance(r, Failure) and r.reason in PDP_FAILURES and r.outcome != UNSENT and not r.refused
+            for r in results
+        ):
             breaker.failure(permit)
             return
         if any(isinstance(r, Verdict) for r in results):

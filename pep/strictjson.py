@@ -29,6 +29,10 @@ class FoldedKeys(JsonError):
     """Two keys of one object are equal under case folding: a case-insensitive reader sees one key there."""
 
 
+class TooManyValues(JsonError):
+    """More values (members and elements, at any depth) than the caller allowed: too costly to decide on."""
+
+
 def fold(key: str) -> str:
     """The key as a case-insensitive reader compares it: Unicode full case folding (`str.casefold`).
 
@@ -89,9 +93,10 @@ def _long_number(data: bytes) -> bool:
     return _NINETEEN_DIGITS in data.translate(_DIGITS)
 
 
-def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> Any:
+def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_values: int = 0) -> Any:
     """Parse one JSON value from `data`, refusing duplicate keys, trailing data and nesting over `max_depth`;
-    with `fold_keys`, also keys of one object equal under case folding (`FoldedKeys`)."""
+    with `fold_keys`, also keys of one object equal under case folding (`FoldedKeys`); with `max_values`, more
+    members and elements than that in all (`TooManyValues`, once the value is otherwise acceptable)."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -117,6 +122,8 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -> Any:
         _pairs_no_folded_duplicates(list(walked.folded.items()))
     if walked.exceeded:
         raise JsonError(f"nested deeper than {max_depth}")
+    if max_values and walked.values > max_values:
+        raise TooManyValues(f"{walked.values} values, over {max_values}")
     return value
 
 
@@ -154,31 +161,35 @@ def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes, colons: int) 
 class _Walked:
     """What one walk over orjson's value found."""
 
-    __slots__ = ("exceeded", "floats", "folded")
+    __slots__ = ("exceeded", "floats", "folded", "values")
 
-    def __init__(self, exceeded: bool, floats: bool, folded: dict[str, Any] | None) -> None:
+    def __init__(self, exceeded: bool, floats: bool, folded: dict[str, Any] | None, values: int) -> None:
         self.exceeded = exceeded  # nested deeper than the limit
         self.floats = floats  # a float somewhere inside (unknown once the limit stops the walk: True)
         self.folded = folded  # the first object found with keys equal under case folding
+        self.values = values  # members and elements of every container walked
 
 
 def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
     """One pass over the containers of `value`, level by level (a leaf costs no allocation): its depth against
     `limit` (0: none), whether it holds a float, and with `fold_keys`, an object whose keys are equal under case
-    folding. Without `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most 1024
-    deep), as the second pass's hook would see every object."""
+    folding, and how many members and elements its containers hold. Without `fold_keys` the walk stops at the
+    limit; with it, it goes on (orjson nests at most 1024 deep), as the second pass's hook would see every
+    object."""
     level = [value] if type(value) in _CONTAINERS else []
     depth = 1
     exceeded = floats = False
     folded: dict[str, Any] | None = None
+    values = 0
     while level:
         if limit and depth > limit:
             if not fold_keys:
-                return _Walked(True, True, None)
+                return _Walked(True, True, None, values)
             exceeded = True
         inner = []
         for item in level:
             children: Iterable[Any]
+            values += len(item)
             if type(item) is dict:
                 # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are
                 # all their own folding (`"".join(item)` is: casefold maps each character on its own, and a
@@ -199,7 +210,7 @@ def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
                     floats = True
         level = inner
         depth += 1
-    return _Walked(exceeded, floats, folded)
+    return _Walked(exceeded, floats, folded, values)
 
 
 _CONTAINERS = (dict, list)

@@ -90,6 +90,21 @@ def split(rendered: str, core_out: str, crds_out: str) -> int:
     return 0
 
 
+def _open_peer(peer: Any) -> bool:
+    """A NetworkPolicy peer that matches every address or every pod of the cluster: an empty peer, an ipBlock of
+    a zero-length prefix, or an empty namespaceSelector without a podSelector that narrows it."""
+    if not isinstance(peer, dict) or not peer:
+        return True
+    block = peer.get("ipBlock")
+    if block is not None:
+        try:
+            return ipaddress.ip_network(str(block.get("cidr")), strict=False).prefixlen == 0
+        except ValueError:
+            return True
+    namespaces, pods = peer.get("namespaceSelector"), peer.get("podSelector")
+    return namespaces is not None and not namespaces and not pods
+
+
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -283,6 +298,16 @@ def pod(rendered: str, outdir: str) -> int:
                 where,
                 f"{name_of(d)} admits ports {ingress_ports}: only the admin port should be reachable",
             )
+            # Kubernetes reads a missing or empty `from`/`to` as every peer and missing `ports` as every port:
+            # such a rule (or a peer that selects everything) would open the pod, the agent included.
+            for direction, peers in (("ingress", "from"), ("egress", "to")):
+                for i, rule in enumerate(d["spec"].get(direction) or []):
+                    at = f"{name_of(d)} {direction}[{i}]"
+                    p.check(bool(rule.get("ports")), where, f"{at} lists no ports: it allows every port")
+                    listed = rule.get(peers) or []
+                    p.check(bool(listed), where, f"{at} lists no {peers!r}: it allows every peer")
+                    for peer in listed:
+                        p.check(not _open_peer(peer), where, f"{at} has a peer that selects everything: {peer}")
 
     (out / "config.yaml").write_text(text, encoding="utf-8")
     if p.items:

@@ -260,8 +260,9 @@ class CibaClient:
         Counted against the OP: no answer, an error status, a malformed answer, and a well-formed answer that `read`
         finds unusable (a `Reply` read as `approval_unavailable`: a bad backchannel answer, an ID token that does not
         verify). Not counted: a timeout when the caller's budget was shorter than `timeout_s` (that is
-        `approval_timeout`: the request's own time ran out), or the caller going away (a probe still reports a
-        failure then, so the breaker cannot stay half-open)."""
+        `approval_timeout`: the request's own time ran out), or the caller going away. Either releases the permit
+        (a probe's place goes to the next request): counted as failures, a caller who took the half-open probe and
+        went away, once per `open_s`, kept the circuit open for everyone."""
         headers: dict[str, str] = {}
         try:
             self._auth.apply(form, headers, url)
@@ -291,8 +292,10 @@ class CibaClient:
         finally:
             if verdict == "success":
                 self.breaker.success(permit)
-            elif verdict == "failure" or permit.probe:
+            elif verdict == "failure":
                 self.breaker.failure(permit)
+            else:  # nothing learnt about the OP: a probe's place goes to the next request
+                self.breaker.release(permit)
 
     async def start(
         self, approver: str, binding_message: str, requested_expiry_s: int, budget_s: float | None = None

@@ -52,6 +52,9 @@ class Failure:
     outcome: str  # "error" | "unreachable" | "timeout" | "unsent"
     retryable: bool
     detail: str
+    # The PDP answered in time and refused this request (a 4xx other than 408): the request's problem, which the
+    # caller's data may have caused, so the breaker is not told (see `pep.pdp.answer.status_failure`).
+    refused: bool = False
 
 
 ALLOWED = Verdict(True, Reason.ALLOWED)

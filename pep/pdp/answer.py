@@ -34,8 +34,20 @@ def is_json_content_type(value: str) -> bool:
 
 
 def status_failure(status: int) -> Failure:
-    """A non-2xx answer (redirects included): an error, retryable only for 502/503/504."""
-    return Failure(Reason.PDP_ERROR_STATUS, "error", status in _RETRYABLE_STATUS, f"status {status}")
+    """A non-2xx answer (redirects included): an error, retryable only for 502/503/504.
+
+    A 4xx other than 408 is `refused`: the PDP is up, answered in time, and turned down this one request, often
+    for what the caller put in it (Cerbos answers 429 to an input whose protobuf form is over 4 MiB, which a
+    JSON array of small numbers reaches from a fraction of that, and 400 to values its schema rejects). Counted
+    as a breaker failure, a few such requests would open the circuit for every caller; a PDP that answers in
+    time needs no circuit to deny fast."""
+    return Failure(
+        Reason.PDP_ERROR_STATUS,
+        "error",
+        status in _RETRYABLE_STATUS,
+        f"status {status}",
+        400 <= status < 500 and status != 408,
+    )
 
 
 def malformed(detail: str) -> Failure:

@@ -106,7 +106,7 @@ def read_limit(route: RouteConfig) -> int:
 def parse(route: RouteConfig, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Inspected | Refused:
     """The messages of a body that `before_body` asked to read."""
     if route.protocol == "mcp":
-        return mcp.inspect(body, headers, route.max_batch_messages)
+        return mcp.inspect(body, headers, route.max_batch_messages, route.max_json_values)
     call = openai.classify(method, path) if route.protocol == "openai" else None
     if isinstance(call, Refused):
         return call

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pep import strictjson
-from pep.config import DEFAULT_MAX_BATCH_MESSAGES
+from pep.config import DEFAULT_MAX_BATCH_MESSAGES, DEFAULT_MAX_JSON_VALUES
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected, Message, Refused
 from pep.protocols.mcp_answer import CLIENT_TO_SERVER, id_key
@@ -175,12 +175,17 @@ def _completion(params: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
 
 
 def inspect(
-    body: bytes, headers: Mapping[str, str], max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+    body: bytes,
+    headers: Mapping[str, str],
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES,
+    max_json_values: int = DEFAULT_MAX_JSON_VALUES,
 ) -> Inspected | Refused:
     """The messages of one POST body, checked against the mirrored headers.
 
     A batch of more than `max_batch_messages` is `body_too_large`: each message is one PDP decision, and the
-    route decides at most that many for one body (like `max_body_bytes`, a bound on what one body may cost)."""
+    route decides at most that many for one body (like `max_body_bytes`, a bound on what one body may cost). So is
+    a body of more than `max_json_values` values: the PDP's time grows with them, and a decision one caller's
+    input makes the PDP too slow for would count against the breaker as the PDP's timeout."""
     getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
     if getall is not None:
         for name in _MIRRORED:  # (a loop: half the cost of any() over a generator)
@@ -189,9 +194,11 @@ def inspect(
                     Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header"
                 )
     try:
-        value = strictjson.loads(body, MAX_DEPTH, fold_keys=True)
+        value = strictjson.loads(body, MAX_DEPTH, fold_keys=True, max_values=max_json_values)
     except strictjson.FoldedKeys as exc:
         return Refused(Reason.REQUEST_AMBIGUOUS, f"MCP body: {exc}"[:200])
+    except strictjson.TooManyValues as exc:
+        return Refused(Reason.BODY_TOO_LARGE, f"MCP body: {exc}, max_json_values"[:200])
     except strictjson.JsonError as exc:
         # A duplicate key is unreadable too: the upstream might act on the value the PEP did not see.
         return Refused(Reason.BODY_UNREADABLE, f"MCP body: {exc}"[:200])

@@ -169,6 +169,13 @@ def unread_message(call: Call) -> Message:
     )
 
 
+# The most tools (and functions) one call may declare: each name goes into the policy input twice, and a 1 MiB body
+# of `{"name":"a"}` items held 80,000, which Cedar took 0.2 s to evaluate in the event loop (every other request of
+# the process waiting) and Cerbos 0.12 s, close to the default 250 ms deadline whose timeouts count against the
+# breaker. OpenAI's API accepts 128.
+MAX_TOOLS = 1024
+
+
 def _tool_names(tools: Any) -> list[str] | str:
     if tools is None:
         return []
@@ -250,6 +257,9 @@ def _json_facts(body: bytes) -> dict[str, Any] | Refused | str:
     functions = _tool_names(obj.get("functions"))  # chat completions' deprecated form, still accepted
     if isinstance(functions, str):
         return f"functions: {functions}"
+    if len(tools) + len(functions) > MAX_TOOLS:
+        detail = f"{len(tools) + len(functions)} tools and functions, over {MAX_TOOLS}"
+        return Refused(Reason.BODY_TOO_LARGE, detail)
     n = _count(obj.get("n"))
     if isinstance(n, str):
         return n

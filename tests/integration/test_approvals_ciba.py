@@ -255,3 +255,60 @@ async def test_a_short_budget_is_not_held_against_the_op(op: OpenIdProvider, end
         assert result == NotApproved(Reason.APPROVAL_TIMEOUT, "the time the request may wait ran out")
     assert client.breaker.failures == 0
     assert client.breaker.state is State.CLOSED
+
+
+class Monotonic:
+    """Monotonic time plus an offset the test bumps: the OP's `open_s` is skipped at once."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def state(client: CibaClient) -> State:
+    """The OP's circuit now (a call, so that each look is read anew)."""
+    return client.breaker.state
+
+
+async def half_open(op: OpenIdProvider, endpoint: Endpoint) -> tuple[CibaClient, Monotonic]:
+    """A client whose circuit a real outage opened, and whose `open_s` is over: the next exchange is the probe."""
+    clock = Monotonic()
+    client = CibaClient(config(op, breaker=(1, 30.0, 1)), endpoint, monotonic=clock, slow_down_s=0.3)
+    await op.stop()
+    assert isinstance(await client.start("alice", "x #AAAAAA", 60), NotApproved)
+    assert state(client) is State.OPEN
+    await op.restart()
+    clock.offset += 30.0
+    assert state(client) is State.HALF_OPEN
+    return client, clock
+
+
+async def test_a_probe_whose_caller_goes_away_leaves_the_circuit_half_open(
+    op: OpenIdProvider, endpoint: Endpoint
+) -> None:
+    """It counted as the OP's failure: a caller who took the probe and went away, once per `open_s`, kept
+    approvals `approval_unavailable` for everyone although the OP was up. The probe's place goes to the next."""
+    client, _ = await half_open(op, endpoint)
+    await op.fault("delay", delay_ms=2000, path="/backchannel", count=1)
+    probe = asyncio.get_running_loop().create_task(client.start("alice", "x #AAAAAA", 60))
+    await asyncio.sleep(0.1)  # the request is out; the OP has not answered
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert state(client) is State.HALF_OPEN
+    assert isinstance(await client.start("alice", "x #AAAAAA", 60), Started)  # the next request probes
+    assert state(client) is State.CLOSED
+
+
+async def test_a_probe_cut_short_by_its_callers_budget_leaves_the_circuit_half_open(
+    op: OpenIdProvider, endpoint: Endpoint
+) -> None:
+    client, _ = await half_open(op, endpoint)
+    await op.fault("delay", delay_ms=500, path="/backchannel", count=1)
+    result = await client.start("alice", "x #AAAAAA", 60, budget_s=0.05)
+    assert result == NotApproved(Reason.APPROVAL_TIMEOUT, "the time the request may wait ran out")
+    assert state(client) is State.HALF_OPEN
+    assert isinstance(await client.start("alice", "x #AAAAAA", 60), Started)
+    assert state(client) is State.CLOSED

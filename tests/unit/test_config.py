@@ -124,6 +124,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert route.keep_caller_credentials is False
     assert route.allow_path_parameters is False
     assert route.max_batch_messages == 16
+    assert route.max_json_values == 10_000
 
 
 @pytest.mark.parametrize("value", [1, 1000])
@@ -457,6 +458,12 @@ ERROR_CASES: list[tuple[str, Mutation, str]] = [
     ),
     ("filter-http", lambda c: route0(c).update(filter_tools_list=True), "routes[0].filter_tools_list: is only for"),
     ("batch-http", lambda c: route0(c).update(max_batch_messages=8), "routes[0].max_batch_messages: is only for"),
+    ("values-http", lambda c: route0(c).update(max_json_values=8), "routes[0].max_json_values: is only for"),
+    (
+        "values-zero",
+        lambda c: route0(c).update(protocol="mcp", max_json_values=0),
+        "routes[0].max_json_values: must be between 1 and 10000000, got 0",
+    ),
     (
         "batch-zero",
         lambda c: route0(c).update(protocol="mcp", max_batch_messages=0),

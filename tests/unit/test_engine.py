@@ -1038,3 +1038,79 @@ async def test_allow_is_immutable() -> None:
         allow.extra = 1
     assert allow.upstream_url == "http://up:9000/tools/search?q=1"
     assert "decision_id" in repr(allow)
+
+
+class RefusingPdp(FakePdp):
+    """Requests whose `request_id` starts with `bad` go out (the breaker admits them) and get `status` back: the
+    PDP refused that one request, as Cerbos refuses an input over its size limit or a value its schema rejects."""
+
+    def __init__(self, status: int, *script: Step) -> None:
+        super().__init__(*script)
+        self.status = status
+
+    async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
+        if request_id.startswith("bad"):
+            return status_failure(self.status) if admitted() else NOT_ADMITTED
+        return await super().ask(document, request_id)
+
+
+REFUSALS = [400, 401, 404, 413, 422, 429, 431]
+
+
+@pytest.mark.parametrize("status", REFUSALS)
+async def test_a_4xx_refusal_of_one_request_never_opens_the_circuit(status: int) -> None:
+    """It counted as a PDP failure: `failure_threshold` requests whose data the PDP refuses opened the circuit
+    for every caller. It is still that request's denial, and still observed as the PDP's error answer."""
+    pdp = RefusingPdp(status, ALLOWED)
+    engine = make_engine(pdp, retries=1, threshold=2)
+    for _ in range(5):
+        outcome = await engine.decide(check("bad-1"))
+        assert (denied(outcome).reason, outcome.attempts) == (Reason.PDP_ERROR_STATUS, 1)
+    assert circuit(engine) is State.CLOSED
+    assert breaker_of(engine).failures == 0
+    assert sample(engine, "pep_pdp_request_duration_seconds_count", {"outcome": "error"}) == 5
+    assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
+
+
+@pytest.mark.parametrize("status", [408, 500])
+async def test_a_timeout_or_server_error_status_still_counts(status: int) -> None:
+    engine = make_engine(RefusingPdp(status, ALLOWED), retries=0, threshold=2)
+    for _ in range(2):
+        await engine.decide(check("bad-1"))
+    assert circuit(engine) is State.OPEN
+
+
+@pytest.mark.parametrize("status", [400, 429])
+async def test_a_4xx_refusal_neither_closes_nor_reopens_a_half_open_circuit(status: int) -> None:
+    clock = FakeClock()
+    pdp = RefusingPdp(status, UNREACHABLE, UNREACHABLE, ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    for _ in range(5):
+        assert denied(await engine.decide(check("bad-1"))).reason is Reason.PDP_ERROR_STATUS
+        assert circuit(engine) is State.HALF_OPEN  # the probe's place goes to the next request
+    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
+    assert circuit(engine) is State.OPEN
+    clock.now += 1.0
+    assert denied(await engine.decide(check("bad-2"))).reason is Reason.PDP_ERROR_STATUS
+    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
+async def test_a_refused_batch_is_not_a_breaker_failure() -> None:
+    """Each message asked on its own (`ask_each`), each refused: as for one message, the breaker is not told."""
+    pdp = RefusingPdp(400, ALLOWED)
+    engine = make_engine(pdp, retries=0, threshold=1)
+    batch = Check(
+        document={"doc": 0},
+        request_id="bad-batch",
+        route="r",
+        method="POST",
+        upstream_url="http://u/",
+        obligation_forbidden=frozenset(),
+        more=({"doc": 1},),
+    )
+    assert denied(await engine.decide(batch)).reason is Reason.PDP_ERROR_STATUS
+    assert circuit(engine) is State.CLOSED
+    assert breaker_of(engine).failures == 0

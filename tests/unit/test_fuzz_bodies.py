@@ -234,6 +234,25 @@ def test_mcp_accepts_only_what_the_reference_reads_one_message_per_element(
     check_mcp(body, sent, result)
 
 
+@pytest.mark.parametrize("count", [9_993, 9_994])
+def test_the_oracle_takes_a_body_over_max_json_values_as_too_large(count: int) -> None:
+    """Members: jsonrpc, id, method, params; name, arguments; `a`: 7 before the array's elements."""
+    arguments = {"a": [0] * count}
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": arguments}}
+    body = json.dumps(call).encode()
+    result = mcp.inspect(body, CIMultiDict())
+    assert isinstance(result, Refused) == (count > 9_993)
+    check_mcp(body, CIMultiDict(), result)
+
+
+@pytest.mark.parametrize("count", [1024, 1025])
+def test_the_oracle_takes_a_call_over_max_tools_as_too_large(count: int) -> None:
+    body = json.dumps({"model": "m", "functions": [{"name": "f"}] * count}).encode()
+    result = openai.inspect(body)
+    assert isinstance(result, Refused) == (count > 1024)
+    check_openai(body, result)
+
+
 @settings(max_examples=examples(200), deadline=None)
 @given(bodies(MODEL_CALL))
 def test_openai_accepts_only_what_the_reference_reads(body: bytes) -> None:

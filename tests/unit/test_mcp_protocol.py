@@ -792,6 +792,38 @@ def test_dispatch_applies_the_routes_batch_bound() -> None:
     assert refused_3.reason is Reason.BODY_TOO_LARGE
 
 
+def call_with(arguments: Any) -> bytes:
+    return orjson.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "t", "arguments": arguments}}
+    )
+
+
+def test_a_body_holds_at_most_max_json_values() -> None:
+    """A PDP's time grows with the values of its input: one caller's body that takes the PDP longer than the
+    deadline would count against the breaker as a PDP timeout. Members and elements at any depth count."""
+    # the body's members: jsonrpc, id, method, params; params: name, arguments; arguments: "a"; then its elements
+    assert isinstance(mcp.inspect(call_with({"a": [0] * 93}), CIMultiDict(), max_json_values=100), Inspected)
+    overs: list[dict[str, Any]] = [{"a": [0] * 94}, {"a": [{}] * 94}, {"a": [[0]] * 47}]
+    for over in overs:
+        refused = mcp.inspect(call_with(over), CIMultiDict(), max_json_values=100)
+        assert isinstance(refused, Refused)
+        assert refused.reason is Reason.BODY_TOO_LARGE
+        assert "max_json_values" in refused.detail
+    big_string = mcp.inspect(call_with({"a": "x" * 500_000}), CIMultiDict(), max_json_values=10)
+    assert isinstance(big_string, Inspected)  # bytes are max_body_bytes' to bound
+    default = mcp.inspect(call_with({"a": [0] * 10_000}), CIMultiDict())
+    assert isinstance(default, Refused)
+    assert default.reason is Reason.BODY_TOO_LARGE
+
+
+def test_dispatch_applies_the_routes_value_bound() -> None:
+    route = RouteConfig(name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp", max_json_values=20)
+    assert isinstance(dispatch.parse(route, "POST", "/r", CIMultiDict(), call_with({"a": [0] * 10})), Inspected)
+    refused = dispatch.parse(route, "POST", "/r", CIMultiDict(), call_with({"a": [0] * 20}))
+    assert isinstance(refused, Refused)
+    assert refused.reason is Reason.BODY_TOO_LARGE
+
+
 # --- what the body's headers say about its bytes ---------------------------------------------------------------------
 
 MCP_ROUTE = RouteConfig(name="r", path_prefix="/r", upstream="http://127.0.0.1:9/", protocol="mcp")
