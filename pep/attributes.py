@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from pep.headers import connection_named
+from pep.integrity import field_variable
 from pep.protocols import Message
 from pep.routing import Route
 
@@ -122,16 +123,6 @@ class AmbiguousQuery(ValueError):
     rule on `tenant` would decide on one value while such an upstream acts on another."""
 
 
-# PHP reads a field name's leading spaces as nothing and ` ` and `.` as `_`; a NUL ends it (integrity.py reads
-# `_method` the same way).
-_PHP_NAME = str.maketrans(" .", "__")
-
-
-def _variable(name: str) -> str:
-    """The variable PHP, Rack or qs stores a query field under: its name up to a NUL, PHP's spelling, before `[`."""
-    return name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
-
-
 def _query_twins(names: Collection[str]) -> str | None:
     """Two names, not both bracketed (`a[x]`, `a[y]` are one object's keys everywhere), of one variable."""
     joined = "".join(names)
@@ -139,7 +130,7 @@ def _query_twins(names: Collection[str]) -> str | None:
         return None  # every name is its own variable (the usual query): no two can be one
     seen: dict[str, str] = {}
     for name in names:
-        variable = _variable(name)
+        variable = field_variable(name)
         other = seen.setdefault(variable, name)
         if other != name and ("[" not in other or "[" not in name):
             return f"query fields {other[:64]!r} and {name[:64]!r} are one variable to PHP, Rack or qs"

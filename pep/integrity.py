@@ -167,13 +167,18 @@ def bearer_token_field(fields: str) -> str | None:
     return f"a bearer token field {name[:64]!r} besides the verified identity" if name is not None else None
 
 
+def field_variable(name: str) -> str:
+    """The variable PHP, Rack or qs stores a (decoded) field under: its name up to a NUL, leading spaces dropped,
+    ` ` and `.` read as `_` (PHP), up to a `[` (an array or object)."""
+    return name.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
+
+
 def _field_named(fields: str, wanted: str) -> str | None:
     """The first name (as sent) among `name=value` pairs that a framework reads as `wanted` (lower case)."""
     for pair in re.split("[&;]", fields):
         name = pair.partition("=")[0]
         decoded = unquote_to_bytes(name.replace("+", " ").encode("utf-8", "surrogatepass")).decode("latin-1")
-        decoded = decoded.partition("\x00")[0].lstrip(" ").translate(_PHP_NAME).partition("[")[0]
-        if decoded.lower() == wanted:
+        if field_variable(decoded).lower() == wanted:
             return name
     return None
 
