@@ -157,6 +157,9 @@ async def test_an_optional_log_that_fails_still_forwards(make_pep: PepStarter, u
 def _with_routes(log: str, upstream: str, raw_port: int) -> Callable[[dict[str, Any]], None]:
     def mutate(cfg: dict[str, Any]) -> None:
         required_log(log)(cfg)
+        # The PDP must allow for the log to be what denies: a deadline a loaded CI machine cannot miss (250 ms
+        # did, once, for the batch's two asks: pdp_timeout instead of audit_unavailable).
+        cfg["pdp"]["timeout_ms"] = 5000
         cfg["routes"] += [
             # deny_status 403: every way answers the same status here (the JSON-RPC denial in a 200 is the default).
             {
