@@ -13,7 +13,6 @@ request. A request that cannot be built reaches neither the PDP nor the upstream
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from tests.conftest import RunningPep
 from tests.support.authzen_pdp import AuthzenTestPdp
 from tests.support.fault_pdp import FaultPdp
 from tests.support.observe import metric
+from tests.support.raw_client import raw_get
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
@@ -73,19 +73,7 @@ def clock() -> FakeClock:
 
 
 async def send(pep: RunningPep, extra: bytes = b"", target: bytes = b"/tools/x") -> tuple[int, str | None]:
-    """One GET with exactly these header bytes (a client library would refuse or re-encode them); `extra` may
-    replace the Host header."""
-    host = b"" if extra.lower().startswith(b"host:") else b"Host: 127.0.0.1\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\n" + host + extra + b"Connection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), headers.get("x-pep-reason")
+    return await raw_get(pep.port, target, extra)
 
 
 async def circuit(pep: RunningPep) -> tuple[float, float]:

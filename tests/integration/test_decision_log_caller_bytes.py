@@ -7,24 +7,14 @@ the decision. It is `request_ambiguous` (JSON cannot carry it to the PDP), and i
 
 from __future__ import annotations
 
-import asyncio
-
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp
+from tests.support.raw_client import raw_get
 from tests.support.upstream import RecordingUpstream
 
 
 async def send(pep: RunningPep, extra: bytes) -> tuple[int, str | None]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
-    try:
-        writer.write(b"GET /tools/x HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"Connection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), headers.get("x-pep-reason")
+    return await raw_get(pep.port, extra=extra)
 
 
 async def test_an_agent_header_that_is_not_utf8_is_denied_and_logged(

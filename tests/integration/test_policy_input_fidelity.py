@@ -17,23 +17,14 @@ import pytest
 
 from tests.conftest import RunningPep
 from tests.support.fault_pdp import FaultPdp, Mode
+from tests.support.raw_client import raw_get
 from tests.support.upstream import RecordingUpstream
 
 PepFactory = Callable[..., Any]
 
 
 async def send(pep: RunningPep, target: bytes, extra: bytes = b"") -> tuple[int, str | None]:
-    """One GET with exactly this target and these extra header lines; the status and `x-pep-reason`."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port)
-    try:
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + extra + b"Connection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in head[1:])
-    return int(head[0].split()[1]), headers.get("x-pep-reason")
+    return await raw_get(pep.port, target, extra)
 
 
 @pytest.mark.parametrize("query", [b"n=caf%e9", b"n=caf%ff", b"n=%c0%ae", b"%ff=1", b"a=1&n=%ED%A0%80"])

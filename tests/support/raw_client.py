@@ -85,3 +85,19 @@ def get(target: str = "/", *fields: str, version: str = "1.1") -> bytes:
 def post(target: str, body: bytes, *fields: str) -> bytes:
     lines = [f"POST {target} HTTP/1.1", "Host: pep.test", f"Content-Length: {len(body)}", *fields, "", ""]
     return "\r\n".join(lines).encode() + body
+
+
+async def raw_get(port: int, target: bytes = b"/tools/x", extra: bytes = b"") -> tuple[int, str | None]:
+    """One GET on a new connection with exactly this target and these extra header lines (bytes a client library
+    would refuse or re-encode; `extra` may bring its own Host): the status and `x-pep-reason`."""
+    host = b"" if extra.lower().startswith(b"host:") else b"Host: 127.0.0.1\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET " + target + b" HTTP/1.1\r\n" + host + extra + b"Connection: close\r\n\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), headers.get("x-pep-reason")
