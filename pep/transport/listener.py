@@ -357,8 +357,10 @@ class _Connection(asyncio.Protocol):
                 self._read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        if self._read_paused or self.reader.buf:  # else there is nothing for `_read_on` to do
+        if self._read_paused:
             self._read_on()
+        elif self.reader.buf:  # the next request came while this one was answered: `_read_on`'s first step
+            self._next_request()
 
     def _read_on(self) -> None:
         """Waiting for the next request: read from the socket again unless enough is buffered already (a
