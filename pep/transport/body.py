@@ -102,10 +102,18 @@ class RequestBody:
         if self.length is not None and self.length > limit:
             self._fail()
             raise BodyTooLarge(f"Content-Length {self.length} over {limit} bytes", 413)
-        if not self._pending and self._state is _OPEN:
-            body = self._take()
-            if body is not None:
-                return body  # within the limit: a Content-Length body, checked above
+        pending = self._pending
+        if not pending:
+            if self._state is _OPEN:
+                body = self._take()
+                if body is not None:
+                    return body  # within the limit: a Content-Length body, checked above
+        elif self._state is _DONE and len(pending) == 1:  # `settle` took the whole body: what the loop would give
+            chunk = pending.popleft()
+            if len(chunk) > limit:
+                self._fail()
+                raise BodyTooLarge(f"body over {limit} bytes", 413)
+            return chunk
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         chunks: list[bytes] = []

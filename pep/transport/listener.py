@@ -166,6 +166,7 @@ _LINGERING, _CLOSED = ConnState.LINGERING, ConnState.CLOSED
 _Request = Request
 _ANSWERED, _UNANSWERED = ResponseState.DONE, ResponseState.NEW
 _HEAD_STARTED = RequestState.HEAD
+_INF = math.inf
 
 
 class _Connection(asyncio.Protocol):
@@ -178,6 +179,7 @@ class _Connection(asyncio.Protocol):
         "_body_timer",
         "_body_waiter",
         "_deadline",
+        "_handler",
         "_held",
         "_listener",
         "_read_paused",
@@ -211,6 +213,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = math.inf
         self._held = False  # waiting for the client to take the answers so far before reading the next request
         self._backlog = math.inf  # answer bytes unsent at the last deadline (`_expire`)
+        self._handler = listener.handler
         self.closing = listener.closing  # the listener is shutting down: the next answer is the last (shutdown)
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------------------
@@ -296,19 +299,19 @@ class _Connection(asyncio.Protocol):
             self._protocol_error(exc)
             return
         if type(event) is _Request:
-            self._start(event)
+            # The handler's task: one per request, so that the client leaving cancels only its own request.
+            self.state = _BUSY
+            self._deadline = _INF
+            self.exchange = exchange = Exchange(self, event)
+            self.task = task = self.loop.create_task(self._handler(exchange))
+            # (bound anew each time: kept on the connection, the bound method would make the connection a reference
+            # cycle, freed only by the collector, and a TLS session is dropped only when its connection is freed)
+            task.add_done_callback(self._handler_done)
         elif event is NEED_DATA:
             if reader.state is _HEAD_STARTED and self._deadline - self.loop.time() > self.options.head_s:
                 self._arm(self.loop.time() + self.options.head_s)  # the head has begun: its own deadline
         elif type(event) is ConnectionClosed:
             self._close()
-
-    def _start(self, head: Request) -> None:
-        self.state = _BUSY
-        self._deadline = math.inf
-        self.exchange = exchange = Exchange(self, head)
-        self.task = task = self.loop.create_task(self._listener.handler(exchange))
-        task.add_done_callback(self._handler_done)
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         exchange = self.exchange
@@ -354,8 +357,10 @@ class _Connection(asyncio.Protocol):
                 self._read_paused = True
                 self.transport.pause_reading()  # type: ignore[union-attr]
             return
-        if self._read_paused or self.reader.buf:  # else there is nothing for `_read_on` to do
+        if self._read_paused:
             self._read_on()
+        elif self.reader.buf:  # the next request came while this one was answered: `_read_on`'s first step
+            self._next_request()
 
     def _read_on(self) -> None:
         """Waiting for the next request: read from the socket again unless enough is buffered already (a

@@ -15,12 +15,13 @@ from operator import itemgetter, methodcaller
 from typing import Protocol
 
 from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, response_head
-from pep.transport.body import RequestBody
+from pep.transport.body import BodyState, RequestBody
 from pep.transport.errors import ClientGone
 from pep.transport.flow import WriteFlow
 
 _NONE, _LENGTH, _CHUNKED_FRAMING, _CLOSE_FRAMING = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
 _REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
+_BODY_DONE = BodyState.DONE
 _NO_BODY_STATUS = frozenset({204, 304})
 _RESERVED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
@@ -140,16 +141,22 @@ class Response:
             framing = b"Content-Length: %d\r\n" % len(body)
             if self._head_only:
                 body = b""
-        closes = self._close or not self._keep_alive or self._sink.closing or not self._body.settle()
+        request_body = self._body
+        closes = (
+            self._close
+            or not self._keep_alive
+            or self._sink.closing
+            or (request_body._state is not _BODY_DONE and not request_body.settle())  # (settle: True once done)
+        )
         self.closes = closes
         if closes:
-            head = head[:-2] + framing + _CLOSE_LINE
+            end = _CLOSE_LINE
         elif self._version == b"1.0":
-            head = head[:-2] + framing + _KEEP_ALIVE_LINE
+            end = _KEEP_ALIVE_LINE
         else:
-            head = head[:-2] + framing + b"\r\n"
+            end = b"\r\n"
         self._state = _DONE
-        self._sink.write(head + body if body else head)
+        self._sink.write(b"".join((head[:-2], framing, end, body)))  # one write, one copy
 
     def start(self, status: int, fields: Fields, length: int | None = None, reason: bytes = b"") -> None:
         """Write the head of a streamed answer: `length` bytes will follow (Content-Length), or, with None, a
