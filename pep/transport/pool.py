@@ -49,9 +49,10 @@ _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
 # Names already found not to be one of those: a process sends the same few dozen again and again, and one set
 # look-up per name (in C, through map) is a fraction of lower-casing each (a new bytes object, hashed). Bounded:
-# cleared when full.
+# cleared when full, and only names up to _UNRESERVED_NAME_BYTES are kept (a caller's long names cost the check).
 _UNRESERVED: set[bytes] = set()
 _UNRESERVED_MAX = 1024
+_UNRESERVED_NAME_BYTES = 64
 
 
 class Origin(NamedTuple):
@@ -251,7 +252,7 @@ def _refuse_reserved(fields: Fields) -> None:
             raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
     if len(_UNRESERVED) >= _UNRESERVED_MAX:
         _UNRESERVED.clear()
-    _UNRESERVED.update(map(_NAME, fields))
+    _UNRESERVED.update([name for name, _ in fields if len(name) <= _UNRESERVED_NAME_BYTES])
 
 
 class Pool:
