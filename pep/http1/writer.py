@@ -30,14 +30,14 @@ _LINE_ENDS_MAX = 128
 _LINE_ENDS = [_CRLF * count for count in range(_LINE_ENDS_MAX)]
 
 
-def _fields(fields: Fields) -> bytes:
+def _fields(fields: Fields, names_checked: bool = False) -> bytes:
     """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
     for control characters: with every allowed byte deleted, what is left must be exactly one CRLF per line,
     so a CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among the line
     ends, and no other control character is there."""
     if not fields:
         return b""
-    if not _TOKENS.issuperset(map(_NAME, fields)):
+    if not names_checked and not _TOKENS.issuperset(map(_NAME, fields)):
         check_fields(fields)
         if len(_TOKENS) >= _TOKENS_MAX:
             _TOKENS.clear()
@@ -62,19 +62,27 @@ class RequestStart:
         self.data = request_head(method, target, fixed)[:-2]  # without the empty line that ends the head
         self.names = frozenset(name.lower() for name, _ in fixed)
 
-    def head(self, fields: Fields, length: int | None) -> bytes:
+    def head(self, fields: Fields, length: int | None, *, names_checked: bool = False) -> bytes:
         """The whole head: the start, `fields` (checked as `request_head` checks them) and, for a `length`, a
         Content-Length field, then the empty line."""
         if length is None:
-            return b"%s%s\r\n" % (self.data, _fields(fields))
-        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
+            return b"%s%s\r\n" % (self.data, _fields(fields, names_checked))
+        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields, names_checked), length)
 
 
 def request_head(
-    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", *, length: int | None = None
+    method: bytes,
+    target: bytes,
+    fields: Fields,
+    version: bytes = b"1.1",
+    *,
+    length: int | None = None,
+    names_checked: bool = False,
 ) -> bytes:
     """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include, or
-    for a `length` a Content-Length field after the others (in the same formatting step)."""
+    for a `length` a Content-Length field after the others (in the same formatting step). `names_checked`: the
+    caller knows every name to be a token (it saw this writer accept each before), so only the values are
+    checked."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(_KEEP_VISIBLE) != target:
@@ -82,8 +90,9 @@ def request_head(
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
     if length is not None:
-        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, _fields(fields), length)
-    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
+        block = _fields(fields, names_checked)
+        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, block, length)
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields, names_checked))
 
 
 def response_head(status: int, fields: Fields, reason: bytes = b"", version: bytes = b"1.1") -> bytes:
