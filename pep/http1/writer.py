@@ -16,7 +16,6 @@ from pep.http1.fields import KEEP_VALUE, TOKEN, VALUE, check_fields, keeping
 
 LAST_CHUNK = b"0\r\n\r\n"
 _KEEP_VISIBLE = keeping(bytes(range(0x21, 0x7F)))
-_KEEP_LINES = keeping(VALUE + b"\r\n")  # field lines: values and the CRLFs that end them
 _VERSIONS = (b"1.1", b"1.0")
 # Names already checked to be tokens: a process writes the same few dozen again and again, and a set lookup per
 # name (in C, through map) is a fraction of checking it. Bounded: cleared when full.
@@ -25,22 +24,27 @@ _TOKENS_MAX = 1024
 _NAME = itemgetter(0)
 _FIELD = b": ".join
 _CRLF = b"\r\n"
+# What a block of n field lines leaves once every allowed byte is deleted: its n line ends (made once, for the
+# usual sizes).
+_LINE_ENDS_MAX = 128
+_LINE_ENDS = [_CRLF * count for count in range(_LINE_ENDS_MAX)]
 
 
-def _fields(fields: Fields) -> bytes:
+def _fields(fields: Fields, names_checked: bool = False) -> bytes:
     """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
-    for control characters: none but CR and LF, and exactly as many of each as there are lines, so a CR or LF
-    inside a field (which would start a line of the caller's choosing) cannot hide among the line ends."""
+    for control characters: with every allowed byte deleted, what is left must be exactly one CRLF per line,
+    so a CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among the line
+    ends, and no other control character is there."""
     if not fields:
         return b""
-    if not _TOKENS.issuperset(map(_NAME, fields)):
+    if not names_checked and not _TOKENS.issuperset(map(_NAME, fields)):
         check_fields(fields)
         if len(_TOKENS) >= _TOKENS_MAX:
             _TOKENS.clear()
         _TOKENS.update(map(_NAME, fields))
     block = _CRLF.join(map(_FIELD, fields)) + _CRLF
     count = len(fields)
-    if block.translate(_KEEP_LINES) != block or block.count(b"\r") != count or block.count(b"\n") != count:
+    if block.translate(None, VALUE) != (_LINE_ENDS[count] if count < _LINE_ENDS_MAX else _CRLF * count):
         raise LocalProtocolError("a field value holds a control character")
     return block
 
@@ -58,19 +62,27 @@ class RequestStart:
         self.data = request_head(method, target, fixed)[:-2]  # without the empty line that ends the head
         self.names = frozenset(name.lower() for name, _ in fixed)
 
-    def head(self, fields: Fields, length: int | None) -> bytes:
+    def head(self, fields: Fields, length: int | None, *, names_checked: bool = False) -> bytes:
         """The whole head: the start, `fields` (checked as `request_head` checks them) and, for a `length`, a
         Content-Length field, then the empty line."""
         if length is None:
-            return b"%s%s\r\n" % (self.data, _fields(fields))
-        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields), length)
+            return b"%s%s\r\n" % (self.data, _fields(fields, names_checked))
+        return b"%s%sContent-Length: %d\r\n\r\n" % (self.data, _fields(fields, names_checked), length)
 
 
 def request_head(
-    method: bytes, target: bytes, fields: Fields, version: bytes = b"1.1", *, length: int | None = None
+    method: bytes,
+    target: bytes,
+    fields: Fields,
+    version: bytes = b"1.1",
+    *,
+    length: int | None = None,
+    names_checked: bool = False,
 ) -> bytes:
     """`METHOD target HTTP/x.y`, the fields, and the empty line. Framing fields are the caller's to include, or
-    for a `length` a Content-Length field after the others (in the same formatting step)."""
+    for a `length` a Content-Length field after the others (in the same formatting step). `names_checked`: the
+    caller knows every name to be a token (it saw this writer accept each before), so only the values are
+    checked."""
     if method not in _TOKENS and (not method or method.translate(None, TOKEN)):
         raise LocalProtocolError(f"method {method!r} is not a token")
     if not target or target.translate(_KEEP_VISIBLE) != target:
@@ -78,8 +90,9 @@ def request_head(
     if version not in _VERSIONS:
         raise LocalProtocolError(f"HTTP version {version!r}")
     if length is not None:
-        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, _fields(fields), length)
-    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields))
+        block = _fields(fields, names_checked)
+        return b"%s %s HTTP/%s\r\n%sContent-Length: %d\r\n\r\n" % (method, target, version, block, length)
+    return b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, _fields(fields, names_checked))
 
 
 def response_head(status: int, fields: Fields, reason: bytes = b"", version: bytes = b"1.1") -> bytes:

@@ -21,7 +21,7 @@ import math
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from operator import itemgetter, methodcaller
+from operator import itemgetter
 from types import TracebackType
 from typing import NamedTuple
 
@@ -47,7 +47,13 @@ SWEEP_SLACK_S = 1.0  # idle connections past their time are closed together, at 
 _NAME = itemgetter(0)
 _RESERVED = frozenset({b"content-length", b"transfer-encoding"})
 _RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
-_LOWER = methodcaller("lower")
+# Names already found to be tokens (the writer took them) and not one of those: a process sends the same few dozen
+# again and again, and one set look-up per name (in C, through map) is a fraction of lower-casing each (a new bytes
+# object, hashed), and spares the writer its own look-up of the names. Bounded: cleared when full, and only names
+# up to _UNRESERVED_NAME_BYTES are kept (a caller's long names cost the checks).
+_UNRESERVED: set[bytes] = set()
+_UNRESERVED_MAX = 1024
+_UNRESERVED_NAME_BYTES = 64
 
 
 class Origin(NamedTuple):
@@ -240,10 +246,17 @@ class ClientResponse:
 
 
 def _refuse_reserved(fields: Fields) -> None:
-    """Raise for the first field the pool writes itself (the caller checked that one may be there)."""
+    """Raise for the first field the pool writes itself (the caller found a name not in `_UNRESERVED`)."""
     for name, _ in fields:
         if len(name) in _RESERVED_LENGTHS and name.lower() in _RESERVED:
             raise LocalProtocolError(f"{name.decode()} is written by the pool, not the caller")
+
+
+def _remember(fields: Fields) -> None:
+    """The names of a head the writer accepted and `_refuse_reserved` let through: tokens, not reserved."""
+    if len(_UNRESERVED) >= _UNRESERVED_MAX:
+        _UNRESERVED.clear()
+    _UNRESERVED.update([name for name, _ in fields if len(name) <= _UNRESERVED_NAME_BYTES])
 
 
 class Pool:
@@ -302,20 +315,23 @@ class Pool:
         `admit`, if given, is asked before a connection is taken or made, and again right before the request is
         written, with nothing awaited in between: a no raises NotAdmitted (nothing sent; a connection taken or
         made for the request goes back to the pool unused)."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
-            map(_LOWER, map(_NAME, fields))
-        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
+        known = _UNRESERVED.issuperset(map(_NAME, fields))  # in C: names seen before are not looked at again
+        if not known:
             _refuse_reserved(fields)
         if type(body) is bytes:
-            head = request_head(method, target, fields, length=len(body))
+            head = request_head(method, target, fields, length=len(body), names_checked=known)
         elif body is None:
-            head = request_head(method, target, fields)
+            head = request_head(method, target, fields, names_checked=known)
             if length is not None:
                 raise LocalProtocolError("a length without a body")
         elif length is not None:
-            head = request_head(method, target, fields, length=length)
+            head = request_head(method, target, fields, length=length, names_checked=known)
         else:
-            head = request_head(method, target, fields)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+            head = (
+                request_head(method, target, fields, names_checked=known)[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+        if not known:
+            _remember(fields)
         slots, conn = self._ready(origin, admit)
         if conn is None:
             conn = await self._made(origin, slots, connect_s, pool_s, admit)
@@ -349,13 +365,14 @@ class Pool:
         once, without a ClientResponse or a wait per chunk. `start`: the request line and fixed fields, checked
         once by the caller; `fields`: this request's own. 1xx answers are dropped. Everything else as `request`:
         the bounds, `admit`, the errors, no resend, a cancellation closes the connection."""
-        if not _RESERVED_LENGTHS.isdisjoint(map(len, map(_NAME, fields))) and not _RESERVED.isdisjoint(
-            map(_LOWER, map(_NAME, fields))
-        ):  # in C: most heads have no name of these lengths, and a name of one (X-Forwarded-Proto) is not one
+        known = _UNRESERVED.issuperset(map(_NAME, fields))  # in C: names seen before are not looked at again
+        if not known:
             _refuse_reserved(fields)
         if not _RESERVED.isdisjoint(start.names):
             raise LocalProtocolError("Content-Length and Transfer-Encoding are written by the pool, not the caller")
-        head = start.head(fields, None if body is None else len(body))
+        head = start.head(fields, None if body is None else len(body), names_checked=known)
+        if not known:
+            _remember(fields)
         slots, conn = self._ready(origin, admit)
         if conn is None:
             conn = await self._made(origin, slots, connect_s, pool_s, admit)

@@ -45,6 +45,8 @@ def test_heads_byte_for_byte() -> None:
         [(b"X A", b"1")],
         [(b"", b"1")],
         [(b"X-A", b"ok"), (b"X:B", b"1")],
+        [(b"X-A", b"a\n"), (b"X-B", b"\rb")],  # a LF and a CR, each in its own field
+        [(b"X-A", b"a\x1fb"), (b"X-B", b"\x0b")],
     ],
 )
 def test_a_field_that_could_start_another_is_refused(fields: list[tuple[bytes, bytes]]) -> None:
@@ -52,6 +54,13 @@ def test_a_field_that_could_start_another_is_refused(fields: list[tuple[bytes, b
         request_head(b"GET", b"/", fields)
     with pytest.raises(LocalProtocolError):
         response_head(200, fields)
+
+
+def test_tabs_and_bytes_over_0x7f_are_field_value_bytes() -> None:
+    fields = [(b"X-A", b"a\tb"), (b"X-B", bytes(range(0x80, 0x100)))]
+    assert request_head(b"GET", b"/", fields) == b"GET / HTTP/1.1\r\nX-A: a\tb\r\nX-B: " + bytes(range(0x80, 0x100)) + (
+        b"\r\n\r\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,21 @@ def test_any_byte_survives_the_view_and_back() -> None:
     assert encode_fields(view.items()) == raw
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [(b"Host", b"a"), (b"X-Utf8", "café ☕".encode())],  # all UTF-8: the strict decode
+        [(b"X-Surrogate", b"\xed\xa0\x80"), (b"X-Ok", b"b")],  # an encoded surrogate is not UTF-8 either
+    ],
+)
+def test_the_view_decodes_as_surrogateescape_whichever_decode_ran(raw: Fields) -> None:
+    view = header_view(raw)
+    assert list(view.items()) == [
+        (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in raw
+    ]
+    assert encode_fields(view.items()) == raw
+
+
 # --- the answer's framing ----------------------------------------------------------------------------------------
 
 

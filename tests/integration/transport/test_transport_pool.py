@@ -613,3 +613,19 @@ async def test_fetch_refuses_framing_fields_from_the_caller(start: Start, pool: 
     with pytest.raises(LocalProtocolError):
         await pool.fetch(origin(up), line(b"POST", b"/"), [(b"X-A", b"1\r\nX-B: 2")], b"{}", limit=10)
     assert up.accepted == 0  # nothing was sent
+
+
+async def test_names_seen_before_never_let_a_framing_field_through(start: Start, pool: Pool) -> None:
+    """The pool remembers names it found not reserved: a head of those names plus a framing field, in any case,
+    is still refused, on `request` and `fetch` alike, and the error names the caller's field."""
+    up = await start(lambda seen: ok())
+    known = [*HOST, (b"X-Forwarded-Proto", b"http"), (b"X-Request-ID", b"1")]
+    assert (await pool.fetch(origin(up), line(b"GET", b"/"), known[1:], limit=10))[1] == b"ok"
+    response = await pool.request(origin(up), b"GET", b"/", known)
+    assert await response.read_all(10) == b"ok"
+    for name in (b"Content-Length", b"content-length", b"TRANSFER-ENCODING"):
+        with pytest.raises(LocalProtocolError, match=f"^{name.decode()} is written by the pool"):
+            await pool.request(origin(up), b"POST", b"/", [*known, (name, b"2")], b"{}")
+        with pytest.raises(LocalProtocolError, match=f"^{name.decode()} is written by the pool"):
+            await pool.fetch(origin(up), line(b"POST", b"/"), [*known[1:], (name, b"2")], b"{}", limit=10)
+    assert len(up.seen) == 2  # the refused requests never reached the upstream
