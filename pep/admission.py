@@ -177,7 +177,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     problem = integrity.request_problem(method, path, query, headers) or integrity.body_problem(method, facts.has_body)
     if problem:
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
-    route = setup.routes.match(path, headers.get("Host"), facts.scheme)
+    host = headers.get("Host")
+    route = setup.routes.match(path, host, facts.scheme)
     if route is None:
         return Refusal(Reason.NO_ROUTE, "no route matches the path")
     upstream_url = route.upstream_url(path, query)
@@ -243,7 +244,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
             request_id=facts.request_id,
             method=method,
             scheme=facts.scheme,
-            host=headers.get("Host", ""),
+            host="" if host is None else host,
             path=path,
             query=query,
             headers=attributes.policy_headers(headers, route.policy_hidden),
@@ -258,7 +259,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     except (attributes.AmbiguousField, attributes.AmbiguousQuery) as exc:
         return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
-    first = attributes.with_facts(document, messages[0])
+    message = messages[0]
+    first = document if message.key is None else attributes.with_facts(document, message)
     more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
     check = Check(
         first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,12 +179,17 @@ class Proxy:
         self.in_flight = 0
         self.tunnels = tunnel.Tunnels(runtime.routes)  # CONNECT tunnels open now (a reload may close them)
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
+        # What an MCP answer check reads of the config in force when it decides (a GET stream outlives a reload):
+        # the same two callables for every request.
+        self._engine_now: Callable[[], Engine] = lambda: self.runtime.engine
+        self._log_budget_now: Callable[[Outcome], float] = lambda outcome: _log_budget(self.runtime, outcome)
 
     async def handle(self, exchange: Exchange) -> None:
         """Decide, record, then forward or answer. One coroutine from the listener's task down to the engine and
         the forwarder: each level between them would be resumed on every wake-up of the PDP or upstream wait."""
         self.in_flight += 1
-        trace = from_headers(exchange.headers)
+        headers = exchange.headers
+        trace = from_headers(headers)
         spans = self.spans
         if spans is not None:
             spans.start(trace, exchange.method)
@@ -192,7 +197,7 @@ class Proxy:
         case = _Case(self.runtime, trace, exchange, self.listener_tls)
         try:
             started = time.perf_counter()
-            rid = request_id(exchange.headers.get("X-Request-ID"))
+            rid = request_id(headers.get("X-Request-ID"))
             body = exchange.body
             if not body.settle() and body.state is _BODY_FAILED:
                 # What has arrived of the body already breaks HTTP/1.1: refused as the reader refuses a head, before
@@ -208,7 +213,7 @@ class Proxy:
                 facts = RequestFacts(
                     case.method,
                     exchange.target,
-                    exchange.headers,
+                    headers,
                     exchange.connection.scheme,
                     head.content_length,
                     head.framing is not _NO_BODY,
@@ -223,11 +228,13 @@ class Proxy:
                     outcome = _early(found.reason, found.detail)
                 else:
                     case.admission = found
-                    outcome = found.settle(await rt.engine.decide(found.check))
-                    if approval_step.wanted(outcome, found):
+                    outcome = await rt.engine.decide(found.check)
+                    if found.check.method == "CONNECT":
+                        outcome = found.settle(outcome)
+                    if outcome.approval is not None and approval_step.wanted(outcome, found):
                         # Only the allow of the PDP asked again after the approval goes on, to the credential and
                         # upstream.
-                        tickets = exchange.headers.getall(TICKET_HEADER, ())
+                        tickets = headers.getall(TICKET_HEADER, ())
                         case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
                         outcome = case.approval.outcome
                     if rt.jit:  # (a route of this config has a just-in-time credential)
@@ -269,7 +276,12 @@ class Proxy:
                     log.error("request %s was allowed without its route's credential; denied", rid)
                     case.send(_denial(case, Reason.INTERNAL_ERROR, rid))
                     return
-                answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
+                # (A plain http route's answer is relayed as it is: neither check applies.)
+                answers = (
+                    None
+                    if admission.route.config.protocol == "http"
+                    else self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
+                )
                 case.status = await self._upstream.forward(
                     exchange, decision, admission.route, admission.credential, answers, admission.replaced
                 )
@@ -298,7 +310,7 @@ class Proxy:
             if exchange.response.started:
                 exchange.response.abort()  # an answer cut short: only a reset says so
             else:
-                case.send(deny(Reason.INTERNAL_ERROR, request_id(exchange.headers.get("X-Request-ID"))))
+                case.send(deny(Reason.INTERNAL_ERROR, request_id(headers.get("X-Request-ID"))))
         finally:
             CURRENT_TRACE.reset(token)
             self.in_flight -= 1
@@ -389,9 +401,9 @@ class Proxy:
         filters = route.list_filters
         assert filters <= LISTS.keys()
         context = AnswerContext(
-            engine=lambda: self.runtime.engine,
+            engine=self._engine_now,
             log=self._log,
-            log_budget=lambda outcome: _log_budget(self.runtime, outcome),
+            log_budget=self._log_budget_now,
             count_unreadable=self._metrics.upstream_failures[route.name, "unreadable"].inc,
             route=route,
             document=admission.document,
