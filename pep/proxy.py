@@ -383,11 +383,10 @@ class Proxy:
         resume = admission.resume
         method = admission.check.method
         if method == "POST" and inspected.messages:
-            pending = [
-                (m.rpc_id, m.facts["method"])
-                for m in inspected.messages
-                if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response"
-            ]
+            pending = []
+            for m in inspected.messages:  # (a loop: a comprehension is a call of its own)
+                if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response":
+                    pending.append((m.rpc_id, m.facts["method"]))
             stream = Stream(pending)
             version = inspected.messages[0].facts.get("protocol_version")
         elif method == "GET":

@@ -290,9 +290,9 @@ class Upstream:
         mode = "pass"
         types: list[str] = []
         if answers is not None:
-            types = _values(up.fields, b"content-type")
+            types, encodings = _media_values(up.fields)
             located = 300 <= status < 400 and bool(_values(fields, b"location"))  # as relayed
-            mode = answers.mode(status, types, _values(up.fields, b"content-encoding"), located)
+            mode = answers.mode(status, types, encodings, located)
         if mode == "whole":
             assert answers is not None
             try:
@@ -354,6 +354,20 @@ def _values(fields: Fields, name: bytes) -> list[str]:
     them: an answer's header view is not built for two lookups."""
     size = len(name)
     return [v.decode("utf-8", "surrogateescape") for n, v in fields if len(n) == size and n.lower() == name]
+
+
+def _media_values(fields: Fields) -> tuple[list[str], list[str]]:
+    """`_values` of Content-Type and of Content-Encoding, in one pass over the fields (a loop: a comprehension is a
+    call of its own)."""
+    types: list[str] = []
+    encodings: list[str] = []
+    for name, value in fields:
+        size = len(name)
+        if size == 12 and name.lower() == b"content-type":
+            types.append(value.decode("utf-8", "surrogateescape"))
+        elif size == 16 and name.lower() == b"content-encoding":
+            encodings.append(value.decode("utf-8", "surrogateescape"))
+    return types, encodings
 
 
 def _announced(up: ClientResponse, method: bytes) -> int | None:
