@@ -197,7 +197,8 @@ class Proxy:
         case = _Case(self.runtime, trace, exchange, self.listener_tls)
         try:
             started = time.perf_counter()
-            rid = request_id(headers.get("X-Request-ID"))
+            caller_id = headers.get("X-Request-ID")
+            rid = new_id() if caller_id is None else request_id(caller_id)  # (`request_id(None)` is a new id)
             body = exchange.body
             if not body.settle() and body.state is _BODY_FAILED:
                 # What has arrived of the body already breaks HTTP/1.1: refused as the reader refuses a head, before
