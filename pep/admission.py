@@ -174,7 +174,9 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         return split
     path, query = split
     method, headers = facts.method, facts.headers
-    problem = integrity.request_problem(method, path, query, headers) or integrity.body_problem(method, facts.has_body)
+    problem = integrity.request_problem(method, path, query, headers)
+    if problem is None and facts.has_body:  # (without a body, `body_problem` finds none)
+        problem = integrity.body_problem(method, True)
     if problem:
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
     host = headers.get("Host")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pep import redirects
 from pep.authority import DEFAULT_PORTS
 from pep.decision import Allow
-from pep.headers import ANSWER_DROP, Fields, end_to_end_fields, first_field
+from pep.headers import ANSWER_DROP, Fields, end_to_end_fields
 from pep.http1 import Framing, ProtocolError
 from pep.metrics import Metrics
 from pep.responses import Reply, unreadable_request, upstream_failure
@@ -334,8 +334,10 @@ def _whole_body_fits(method: bytes, up: ClientResponse) -> bool:
     length = up.content_length
     if length is None or length > WHOLE_BODY_LIMIT or method == b"HEAD":
         return False
-    media = first_field(up.fields, b"content-type")
-    return media is None or not media.lower().startswith(b"text/event-stream")
+    for name, value in up.fields:  # `first_field(up.fields, b"content-type")`, without its call
+        if len(name) == 12 and name.lower() == b"content-type":
+            return not value.lower().startswith(b"text/event-stream")
+    return True
 
 
 def _values(fields: Fields, name: bytes) -> list[str]:
