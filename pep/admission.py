@@ -174,17 +174,25 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
         return split
     path, query = split
     method, headers = facts.method, facts.headers
-    problem = integrity.request_problem(method, path, query, headers) or integrity.body_problem(method, facts.has_body)
+    problem = integrity.request_problem(method, path, query, headers)
+    if problem is None and facts.has_body:  # (without a body, `body_problem` finds none)
+        problem = integrity.body_problem(method, True)
     if problem:
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem)
-    route = setup.routes.match(path, headers.get("Host"), facts.scheme)
+    host = headers.get("Host")
+    route = setup.routes.match(path, host, facts.scheme)
     if route is None:
         return Refusal(Reason.NO_ROUTE, "no route matches the path")
     upstream_url = route.upstream_url(path, query)
     config = route.config
     if problem := integrity.alias_problem(headers, route.reserved_names):
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
-    if not config.allow_path_parameters and (problem := integrity.parameter_problem(path)):
+    # (`parameter_problem` finds none without a `;` or a `%` in the path: the usual path is not passed to it.)
+    if (
+        not config.allow_path_parameters
+        and ("%" in path or ";" in path)
+        and (problem := integrity.parameter_problem(path))
+    ):
         return Refusal(Reason.REQUEST_AMBIGUOUS, problem, route, upstream_url)
     length, limit = facts.content_length, config.max_body_bytes
     if limit is not None and length is not None and length > limit:
@@ -243,7 +251,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
             request_id=facts.request_id,
             method=method,
             scheme=facts.scheme,
-            host=headers.get("Host", ""),
+            host="" if host is None else host,
             path=path,
             query=query,
             headers=attributes.policy_headers(headers, route.policy_hidden),
@@ -258,7 +266,8 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     except (attributes.AmbiguousField, attributes.AmbiguousQuery) as exc:
         return Refusal(Reason.REQUEST_AMBIGUOUS, str(exc), route, upstream_url)
     messages = inspected.messages
-    first = attributes.with_facts(document, messages[0])
+    message = messages[0]
+    first = document if message.key is None else attributes.with_facts(document, message)
     more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
     check = Check(
         first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body

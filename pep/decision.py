@@ -111,23 +111,34 @@ class Allow:
     ) -> None:
         if not _is_mint_key(key):
             raise TypeError("an Allow can only be created by the decision engine")
-        # Set once here, through object's own setter; `__setattr__` refuses every later assignment (testing
-        # `hasattr` there instead cost an AttributeError per field of every allow).
-        init = object.__setattr__
-        init(self, "decision_id", decision_id)
-        init(self, "request_id", request_id)
-        init(self, "route", route)
-        init(self, "method", method)
-        init(self, "upstream_url", upstream_url)
-        init(self, "headers", headers)  # obligation headers the PDP asked for, already vetted
-        init(self, "body", body)  # on inspected routes, the exact bytes decided on and to be forwarded
-        init(self, "credential", credential)
+        # Set once here, through each slot's own descriptor; `__setattr__` refuses every later assignment (testing
+        # `hasattr` there instead cost an AttributeError per field of every allow, and `object.__setattr__` by name
+        # a lookup per field).
+        _set_decision_id(self, decision_id)
+        _set_request_id(self, request_id)
+        _set_route(self, route)
+        _set_method(self, method)
+        _set_upstream_url(self, upstream_url)
+        _set_headers(self, headers)  # obligation headers the PDP asked for, already vetted
+        _set_body(self, body)  # on inspected routes, the exact bytes decided on and to be forwarded
+        _set_credential(self, credential)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Allow is immutable")
 
     def __repr__(self) -> str:
         return f"Allow(decision_id={self.decision_id!r}, route={self.route!r}, method={self.method!r})"
+
+
+# The slots' setters, taken once: an Allow's fields are set by its constructor alone.
+_set_decision_id = Allow.__dict__["decision_id"].__set__
+_set_request_id = Allow.__dict__["request_id"].__set__
+_set_route = Allow.__dict__["route"].__set__
+_set_method = Allow.__dict__["method"].__set__
+_set_upstream_url = Allow.__dict__["upstream_url"].__set__
+_set_headers = Allow.__dict__["headers"].__set__
+_set_body = Allow.__dict__["body"].__set__
+_set_credential = Allow.__dict__["credential"].__set__
 
 
 @dataclass(frozen=True, slots=True)

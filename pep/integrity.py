@@ -8,7 +8,7 @@ and the headers and fields with which an upstream framework would serve another 
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterable
+from collections.abc import Collection, Container, Iterable
 from urllib.parse import unquote, unquote_to_bytes
 
 from pep.headers import (
@@ -21,6 +21,7 @@ from pep.headers import (
     PROXY_IDENTITY,
 )
 
+_OVERRIDES = METHOD_OVERRIDE | PATH_OVERRIDE
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
 _ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
 # Every `%` with what follows it: a well-formed escape has two hex digits.
@@ -183,7 +184,7 @@ def _field_named(fields: str, wanted: str) -> str | None:
     return None
 
 
-def request_problem(method: str, path: str, query: str, headers: Container[str]) -> str | None:
+def request_problem(method: str, path: str, query: str, headers: Collection[str]) -> str | None:
     """Every check that needs no route, in the order the proxy and `pep explain` apply them."""
     problem = path_problem(path) or query_problem(query) or override_header(headers)
     if problem is None and method == "POST":
@@ -231,8 +232,10 @@ def alias_problem(names: Iterable[str], reserved: Container[str] = RESERVED_NAME
     return None
 
 
-def override_header(names: Container[str]) -> str | None:
+def override_header(names: Collection[str]) -> str | None:
     """The first method- or path-override header present (`names` may be a case-insensitive header map)."""
+    if _OVERRIDES.isdisjoint(map(str.lower, names)):
+        return None  # (the usual request: one pass over its names, not a lookup per override name)
     for name in METHOD_OVERRIDE:
         if name in names:
             return f"method-override header {name!r}"

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,17 +179,130 @@ class Proxy:
         self.in_flight = 0
         self.tunnels = tunnel.Tunnels(runtime.routes)  # CONNECT tunnels open now (a reload may close them)
         metrics.requests_in_flight.set_function(lambda: self.in_flight)
+        # What an MCP answer check reads of the config in force when it decides (a GET stream outlives a reload):
+        # the same two callables for every request.
+        self._engine_now: Callable[[], Engine] = lambda: self.runtime.engine
+        self._log_budget_now: Callable[[Outcome], float] = lambda outcome: _log_budget(self.runtime, outcome)
 
     async def handle(self, exchange: Exchange) -> None:
+        """Decide, record, then forward or answer. One coroutine from the listener's task down to the engine and
+        the forwarder: each level between them would be resumed on every wake-up of the PDP or upstream wait."""
         self.in_flight += 1
-        trace = from_headers(exchange.headers)
+        headers = exchange.headers
+        trace = from_headers(headers)
         spans = self.spans
         if spans is not None:
             spans.start(trace, exchange.method)
         token = CURRENT_TRACE.set(trace)  # read by the PDP client and the forwarder (same task)
         case = _Case(self.runtime, trace, exchange, self.listener_tls)
         try:
-            await self._handle(exchange, case)
+            started = time.perf_counter()
+            caller_id = headers.get("X-Request-ID")
+            rid = new_id() if caller_id is None else request_id(caller_id)  # (`request_id(None)` is a new id)
+            body = exchange.body
+            if not body.settle() and body.state is _BODY_FAILED:
+                # What has arrived of the body already breaks HTTP/1.1: refused as the reader refuses a head, before
+                # anything is decided (and nothing is logged: no request was read).
+                try:
+                    await body.read()
+                except ProtocolError as exc:
+                    case.send(unreadable_request(exc.status_hint, exc.reason))
+                    return
+            try:
+                # The admission pipeline (pep/admission.py), then the PDP through the engine.
+                head = exchange.head
+                facts = RequestFacts(
+                    case.method,
+                    exchange.target,
+                    headers,
+                    exchange.connection.scheme,
+                    head.content_length,
+                    head.framing is not _NO_BODY,
+                    rid,
+                )
+                rt = case.rt
+                found = await admit(facts, rt, case.identify, case.read_body)
+                case.route = found.route
+                if isinstance(found, Refusal):
+                    case.challenge = found.challenge
+                    case.drop_session = found.drop_session
+                    outcome = _early(found.reason, found.detail)
+                else:
+                    case.admission = found
+                    outcome = await rt.engine.decide(found.check)
+                    if found.check.method == "CONNECT":
+                        outcome = found.settle(outcome)
+                    if outcome.approval is not None and approval_step.wanted(outcome, found):
+                        # Only the allow of the PDP asked again after the approval goes on, to the credential and
+                        # upstream.
+                        tickets = headers.getall(TICKET_HEADER, ())
+                        case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
+                        outcome = case.approval.outcome
+                    if rt.jit:  # (a route of this config has a just-in-time credential)
+                        outcome = await self._credential(case, found, outcome)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("internal error while deciding request %s", rid)
+                outcome = _early(Reason.INTERNAL_ERROR, f"{type(exc).__name__}")
+            route = case.route
+
+            decision = outcome.decision
+            route_name = route.name if route is not None else UNMATCHED
+            decision_log = self._log
+            if decision_log.enabled:  # (without a sink, no line is built: its time stamp and dict cost per request)
+                entry = self._entry(case, rid, route_name, outcome)
+                if isinstance(decision, Allow) and decision_log.required:
+                    # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this
+                    # returns.
+                    problem = await decision_log.commit(entry, _log_budget(case.rt, outcome))
+                    if problem is not None:
+                        decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
+                        decision_log.record(unaudited(entry, problem))
+                else:
+                    decision_log.record(entry)
+            case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
+            metrics = self._metrics
+            reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
+            metrics.decisions[route_name, reason].inc()
+            metrics.decision_duration[route_name].observe(time.perf_counter() - started)
+            admission = case.admission
+            if isinstance(decision, Allow) and admission is not None:
+                if case.method == "CONNECT":
+                    case.status = await tunnel.splice(exchange, decision, admission.route, self.tunnels)
+                    return
+                if admission.credential is None and admission.route.config.credential is not None:
+                    # Never upstream without the route's credential (a just-in-time one comes from `_credential`):
+                    # an allow that skipped it is a bug, and still a denial.
+                    log.error("request %s was allowed without its route's credential; denied", rid)
+                    case.send(_denial(case, Reason.INTERNAL_ERROR, rid))
+                    return
+                # (A plain http route's answer is relayed as it is: neither check applies.)
+                answers = (
+                    None
+                    if admission.route.config.protocol == "http"
+                    else self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
+                )
+                case.status = await self._upstream.forward(
+                    exchange, decision, admission.route, admission.credential, answers, admission.replaced
+                )
+                return
+            assert isinstance(decision, Deny)
+            reply = _denial(case, decision.reason, rid)
+            if case.challenge is not None:
+                reply.status = 401
+                reply.headers["www-authenticate"] = case.challenge
+            response = exchange.response
+            if decision.detail == BODY_DEADLINE or case.method == "CONNECT":
+                response.close_after()  # the rest of the body is not waited for: say so
+            if case.drop_session:
+                # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
+                # client's next connection makes a full handshake instead of resuming what no longer passes.
+                response.close_after()
+                case.send(reply)
+                response.abort()
+                return
+            case.send(reply)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -198,7 +311,7 @@ class Proxy:
             if exchange.response.started:
                 exchange.response.abort()  # an answer cut short: only a reset says so
             else:
-                case.send(deny(Reason.INTERNAL_ERROR, request_id(exchange.headers.get("X-Request-ID"))))
+                case.send(deny(Reason.INTERNAL_ERROR, request_id(headers.get("X-Request-ID"))))
         finally:
             CURRENT_TRACE.reset(token)
             self.in_flight -= 1
@@ -222,109 +335,6 @@ class Proxy:
         self._metrics.decisions[UNMATCHED, Reason.REQUEST_AMBIGUOUS].inc()
         reply = deny(Reason.REQUEST_AMBIGUOUS, rid, exc.status_hint)
         return reply.fields(), reply.body
-
-    async def _handle(self, exchange: Exchange, case: _Case) -> None:
-        started = time.perf_counter()
-        rid = request_id(exchange.headers.get("X-Request-ID"))
-        body = exchange.body
-        if not body.settle() and body.state is _BODY_FAILED:
-            # What has arrived of the body already breaks HTTP/1.1: refused as the reader refuses a head, before
-            # anything is decided (and nothing is logged: no request was read).
-            try:
-                await body.read()
-            except ProtocolError as exc:
-                case.send(unreadable_request(exc.status_hint, exc.reason))
-                return
-        try:
-            outcome = await self._decide(exchange, rid, case)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("internal error while deciding request %s", rid)
-            outcome = _early(Reason.INTERNAL_ERROR, f"{type(exc).__name__}")
-        route = case.route
-
-        decision = outcome.decision
-        route_name = route.name if route is not None else UNMATCHED
-        decision_log = self._log
-        if decision_log.enabled:  # (without a sink, no line is built: its time stamp and dict cost per request)
-            entry = self._entry(case, rid, route_name, outcome)
-            if isinstance(decision, Allow) and decision_log.required:
-                # Every way upstream (forward, tunnel, batch, forward-proxy) is below: none starts before this
-                # returns.
-                problem = await decision_log.commit(entry, _log_budget(case.rt, outcome))
-                if problem is not None:
-                    decision = Deny(Reason.AUDIT_UNAVAILABLE, decision.decision_id, problem)
-                    decision_log.record(unaudited(entry, problem))
-            else:
-                decision_log.record(entry)
-        case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
-        metrics = self._metrics
-        reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
-        metrics.decisions[route_name, reason].inc()
-        metrics.decision_duration[route_name].observe(time.perf_counter() - started)
-        admission = case.admission
-        if isinstance(decision, Allow) and admission is not None:
-            if case.method == "CONNECT":
-                case.status = await tunnel.splice(exchange, decision, admission.route, self.tunnels)
-                return
-            if admission.credential is None and admission.route.config.credential is not None:
-                # Never upstream without the route's credential (a just-in-time one comes from `_credential`):
-                # an allow that skipped it is a bug, and still a denial.
-                log.error("request %s was allowed without its route's credential; denied", rid)
-                case.send(_denial(case, Reason.INTERNAL_ERROR, rid))
-                return
-            answers = self._model_answers(case, admission, decision) or self._mcp_answers(case, admission, decision)
-            case.status = await self._upstream.forward(
-                exchange, decision, admission.route, admission.credential, answers, admission.replaced
-            )
-            return
-        assert isinstance(decision, Deny)
-        reply = _denial(case, decision.reason, rid)
-        if case.challenge is not None:
-            reply.status = 401
-            reply.headers["www-authenticate"] = case.challenge
-        response = exchange.response
-        if decision.detail == BODY_DEADLINE or case.method == "CONNECT":
-            response.close_after()  # the rest of the body is not waited for: say so
-        if case.drop_session:
-            # Answered, then aborted: without a TLS close_notify OpenSSL drops the session from its cache, so the
-            # client's next connection makes a full handshake instead of resuming what no longer passes.
-            response.close_after()
-            case.send(reply)
-            response.abort()
-            return
-        case.send(reply)
-
-    async def _decide(self, exchange: Exchange, rid: str, case: _Case) -> Outcome:
-        """The admission pipeline (pep/admission.py), then the PDP through the engine."""
-        head = exchange.head
-        facts = RequestFacts(
-            case.method,
-            exchange.target,
-            exchange.headers,
-            exchange.connection.scheme,
-            head.content_length,
-            head.framing is not _NO_BODY,
-            rid,
-        )
-        found = await admit(facts, case.rt, case.identify, case.read_body)
-        case.route = found.route
-        if isinstance(found, Refusal):
-            case.challenge = found.challenge
-            case.drop_session = found.drop_session
-            return _early(found.reason, found.detail)
-        case.admission = found
-        rt = case.rt
-        outcome = found.settle(await rt.engine.decide(found.check))
-        if approval_step.wanted(outcome, found):
-            # Only the allow of the PDP asked again after the approval goes on, to the credential and upstream.
-            tickets = exchange.headers.getall(TICKET_HEADER, ())
-            case.approval = await approval_step.settle(rt.approvals, rt.engine, found, outcome, tickets)
-            outcome = case.approval.outcome
-        if not rt.jit:  # (no route of this config has a just-in-time credential)
-            return outcome
-        return await self._credential(case, found, outcome)
 
     async def _credential(self, case: _Case, admission: Admission, outcome: Outcome) -> Outcome:
         """A route's just-in-time credential, obtained after the allow and before anything is sent: a refusal
@@ -374,11 +384,10 @@ class Proxy:
         resume = admission.resume
         method = admission.check.method
         if method == "POST" and inspected.messages:
-            pending = [
-                (m.rpc_id, m.facts["method"])
-                for m in inspected.messages
-                if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response"
-            ]
+            pending = []
+            for m in inspected.messages:  # (a loop: a comprehension is a call of its own)
+                if m.rpc_id is not NO_ID and m.facts.get("method") != "mcp/response":
+                    pending.append((m.rpc_id, m.facts["method"]))
             stream = Stream(pending)
             version = inspected.messages[0].facts.get("protocol_version")
         elif method == "GET":
@@ -392,9 +401,9 @@ class Proxy:
         filters = route.list_filters
         assert filters <= LISTS.keys()
         context = AnswerContext(
-            engine=lambda: self.runtime.engine,
+            engine=self._engine_now,
             log=self._log,
-            log_budget=lambda outcome: _log_budget(self.runtime, outcome),
+            log_budget=self._log_budget_now,
             count_unreadable=self._metrics.upstream_failures[route.name, "unreadable"].inc,
             route=route,
             document=admission.document,

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pep import redirects
 from pep.authority import DEFAULT_PORTS
 from pep.decision import Allow
-from pep.headers import ANSWER_DROP, Fields, end_to_end_fields, first_field
+from pep.headers import ANSWER_DROP, Fields, end_to_end_fields
 from pep.http1 import Framing, ProtocolError
 from pep.metrics import Metrics
 from pep.responses import Reply, unreadable_request, upstream_failure
@@ -200,7 +200,7 @@ class Upstream:
         WHOLE_ANSWER_LIMIT bytes), and what is unreadable is a 502 `unreadable`. `replaced` are caller headers
         sent with another value (a sealed `Last-Event-ID` opened, pep/protocols/mcp_tokens.py).
         """
-        target = self.target(route)
+        target = self._targets.get(route.upstream) or self.target(route)
         head = exchange.head
         connection = exchange.connection
         peer = connection.peer
@@ -261,7 +261,53 @@ class Upstream:
         else:
             metrics.upstream_duration[route.name].observe(time.perf_counter() - started)
             try:
-                return await self._answer(exchange, up, route, allow, answers)
+                # The upstream's answer, relayed (or decided, then relayed) to the caller: here, not in a coroutine
+                # of its own, which would be one more level resumed on every wake-up of its reads.
+                status = up.status
+                metrics.upstream_responses[route.name, _CLASSES[min(status // 100, 5)]].inc()
+                # Hop-by-hop fields and Content-Length dropped (the writer frames what is sent); the upstream's
+                # address never reaches the agent (pep/redirects.py).
+                fields = redirects.rewrite(end_to_end_fields(up.fields, ANSWER_DROP), route)
+                mode = "pass"
+                types: list[str] = []
+                if answers is not None:
+                    types, encodings = _media_values(up.fields)
+                    located = 300 <= status < 400 and bool(_values(fields, b"location"))  # as relayed
+                    mode = answers.mode(status, types, encodings, located)
+                if mode == "whole":
+                    assert answers is not None
+                    try:
+                        whole = await up.read_all(WHOLE_ANSWER_LIMIT)
+                    except ResponseTooLarge:
+                        whole = None
+                    except UpstreamError as exc:
+                        return self._failed(exchange, route, allow, exc.kind)
+                    result = await answers.whole(whole, types[0] if types else "") if whole is not None else None
+                    if isinstance(result, Reply):
+                        response.send(result.status, result.fields(), result.body)
+                        return result.status
+                    if result is not None:
+                        response.send(status, fields, result, up.reason)
+                        return status
+                if mode in ("whole", "unreadable"):
+                    up.close()
+                    return self._failed(exchange, route, allow, "unreadable")
+                gate = answers.gate if mode == "events" and answers is not None else None
+                method = exchange.head.method
+                if gate is None and _whole_body_fits(method, up):
+                    # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A cut here
+                    # is a clean 502 `reset`, since nothing has been sent to the caller yet.
+                    try:
+                        small = await up.read_all(WHOLE_BODY_LIMIT)
+                    except UpstreamError as exc:
+                        return self._failed(exchange, route, allow, exc.kind)
+                    response.send(status, fields, small, up.reason)
+                    return status
+                length = _announced(up, method) if gate is None else None
+                response.start(status, fields, length, up.reason)
+                if not await _relay(exchange, up, gate):
+                    metrics.upstream_failures[route.name, "reset"].inc()
+                return status
             finally:
                 up.close()  # a connection whose answer was not read to its end is closed, never reused
         metrics.upstream_failures[route.name, kind].inc()
@@ -270,63 +316,6 @@ class Upstream:
             response.close_after()
         response.send(reply.status, reply.fields(), reply.body)
         return reply.status
-
-    async def _answer(
-        self,
-        exchange: Exchange,
-        up: ClientResponse,
-        route: Route,
-        allow: Allow,
-        answers: AnswerCheck | None,
-    ) -> int:
-        """The upstream's answer, relayed (or decided, then relayed) to the caller."""
-        metrics = self._metrics
-        status = up.status
-        metrics.upstream_responses[route.name, _CLASSES[min(status // 100, 5)]].inc()
-        # Hop-by-hop fields and Content-Length dropped (the writer frames what is sent); the upstream's address
-        # never reaches the agent (pep/redirects.py).
-        fields = redirects.rewrite(end_to_end_fields(up.fields, ANSWER_DROP), route)
-        response = exchange.response
-        mode = "pass"
-        types: list[str] = []
-        if answers is not None:
-            types = _values(up.fields, b"content-type")
-            located = 300 <= status < 400 and bool(_values(fields, b"location"))  # as relayed
-            mode = answers.mode(status, types, _values(up.fields, b"content-encoding"), located)
-        if mode == "whole":
-            assert answers is not None
-            try:
-                whole = await up.read_all(WHOLE_ANSWER_LIMIT)
-            except ResponseTooLarge:
-                whole = None
-            except UpstreamError as exc:
-                return self._failed(exchange, route, allow, exc.kind)
-            result = await answers.whole(whole, types[0] if types else "") if whole is not None else None
-            if isinstance(result, Reply):
-                response.send(result.status, result.fields(), result.body)
-                return result.status
-            if result is not None:
-                response.send(status, fields, result, up.reason)
-                return status
-        if mode in ("whole", "unreadable"):
-            up.close()
-            return self._failed(exchange, route, allow, "unreadable")
-        gate = answers.gate if mode == "events" and answers is not None else None
-        method = exchange.head.method
-        if gate is None and _whole_body_fits(method, up):
-            # Small and announced: read it all, then answer in one write (no chunk-by-chunk relay). A cut here is
-            # a clean 502 `reset`, since nothing has been sent to the caller yet.
-            try:
-                small = await up.read_all(WHOLE_BODY_LIMIT)
-            except UpstreamError as exc:
-                return self._failed(exchange, route, allow, exc.kind)
-            response.send(status, fields, small, up.reason)
-            return status
-        length = _announced(up, method) if gate is None else None
-        response.start(status, fields, length, up.reason)
-        if not await _relay(exchange, up, gate):
-            metrics.upstream_failures[route.name, "reset"].inc()
-        return status
 
     def _failed(self, exchange: Exchange, route: Route, allow: Allow, kind: str) -> int:
         self._metrics.upstream_failures[route.name, kind].inc()
@@ -345,8 +334,10 @@ def _whole_body_fits(method: bytes, up: ClientResponse) -> bool:
     length = up.content_length
     if length is None or length > WHOLE_BODY_LIMIT or method == b"HEAD":
         return False
-    media = first_field(up.fields, b"content-type")
-    return media is None or not media.lower().startswith(b"text/event-stream")
+    for name, value in up.fields:  # `first_field(up.fields, b"content-type")`, without its call
+        if len(name) == 12 and name.lower() == b"content-type":
+            return not value.lower().startswith(b"text/event-stream")
+    return True
 
 
 def _values(fields: Fields, name: bytes) -> list[str]:
@@ -354,6 +345,20 @@ def _values(fields: Fields, name: bytes) -> list[str]:
     them: an answer's header view is not built for two lookups."""
     size = len(name)
     return [v.decode("utf-8", "surrogateescape") for n, v in fields if len(n) == size and n.lower() == name]
+
+
+def _media_values(fields: Fields) -> tuple[list[str], list[str]]:
+    """`_values` of Content-Type and of Content-Encoding, in one pass over the fields (a loop: a comprehension is a
+    call of its own)."""
+    types: list[str] = []
+    encodings: list[str] = []
+    for name, value in fields:
+        size = len(name)
+        if size == 12 and name.lower() == b"content-type":
+            types.append(value.decode("utf-8", "surrogateescape"))
+        elif size == 16 and name.lower() == b"content-encoding":
+            encodings.append(value.decode("utf-8", "surrogateescape"))
+    return types, encodings
 
 
 def _announced(up: ClientResponse, method: bytes) -> int | None:
