@@ -158,7 +158,7 @@ class HttpTransport:
         try:
             fields = [(b"X-Request-ID", request_id.encode("latin-1"))]
             if trace is not None:
-                fields += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in trace.headers().items()]
+                fields += trace.fields()  # ASCII by construction: no dict and no encode per field
             if value is not None:
                 fields.append((auth_header.encode("latin-1"), value.encode("latin-1")))
         except UnicodeEncodeError:
