@@ -102,14 +102,16 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
     kind = type(value)
-    # A duplicate needs two keys in one object, so at least two colons: the common PDP answer `{"result":true}`
-    # has one. Folded keys too (a single key cannot collide).
-    colons = data.count(b":") if kind is dict or kind is list else 0
-    repeats = colons > 1
-    walked = _walk(value, max_depth, fold_keys and repeats)
-    # orjson reads an integer beyond 64 bits as a float: without a float in the value, there is none.
-    numbers = walked.floats or kind is float
-    if (repeats and not _no_duplicates(value, data, colons)) or (numbers and _long_number(data)):
+    if kind is dict or kind is list:
+        # (A single key cannot collide, so folding only matters where an object has two keys: the walk looks at
+        # those alone.)
+        exceeded, floats, folded, values = _walk(value, max_depth, fold_keys)
+        # orjson reads an integer beyond 64 bits as a float: without a float in the value, there is none.
+        second = not _no_duplicates(value, data) or (floats and _long_number(data))
+    else:
+        exceeded, folded, values = False, None, 0
+        second = kind is float and _long_number(data)
+    if second:
         try:
             (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
@@ -118,12 +120,12 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
             raise JsonError(f"invalid JSON: {exc}") from None
     # Folded keys, found on orjson's objects: their keys are the text's, now that duplicates are ruled out (a
     # duplicate is reported first, as the second pass's hook reports it).
-    if walked.folded is not None:
-        _pairs_no_folded_duplicates(list(walked.folded.items()))
-    if walked.exceeded:
+    if folded is not None:
+        _pairs_no_folded_duplicates(list(folded.items()))
+    if exceeded:
         raise JsonError(f"nested deeper than {max_depth}")
-    if max_values and walked.values > max_values:
-        raise TooManyValues(f"{walked.values} values, over {max_values}")
+    if max_values and values > max_values:
+        raise TooManyValues(f"{values} values, over {max_values}")
     return value
 
 
@@ -140,43 +142,41 @@ def loads_object(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -
 _ESCAPED_COLON = b"\\u003"
 
 
-def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes, colons: int) -> bool:
+def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
     """True when orjson's `value` kept every pair of `data`; False when that is not proven (take the second pass).
 
-    In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:` inside a
-    string of `data` is one `:` inside a string of `value`, and orjson writes strings' colons unescaped, so
-    `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per pair
-    written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if no
-    pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
-    hide a dropped pair: such texts take the second pass. `colons`: `data.count(b":")`."""
-    if b"\\" in data and _ESCAPED_COLON in data:  # (a byte is found by memchr, faster than the 6-byte search)
-        return False
+    Most bodies are written as orjson writes them (compact, the SDKs' own writers): when `orjson.dumps(value)` is
+    `data` itself, `data` is the writing of a value whose objects cannot repeat a key. Otherwise colons are
+    counted. In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:`
+    inside a string of `data` is one `:` inside a string of `value`, and orjson writes strings' colons unescaped,
+    so `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per
+    pair written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if
+    no pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
+    hide a dropped pair: such texts take the second pass. A duplicate needs two keys in one object, so at least
+    two colons: the common PDP answer `{"result":true}` has one."""
     try:
         written = orjson.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254): the second pass decides
+        return data.count(b":") < 2
+    if written == data:
+        return True
+    colons = data.count(b":")
+    if colons < 2:
+        return True
+    if b"\\" in data and _ESCAPED_COLON in data:  # (a byte is found by memchr, faster than the 6-byte search)
         return False
     return written.count(b":") == colons
 
 
-class _Walked:
-    """What one walk over orjson's value found."""
-
-    __slots__ = ("exceeded", "floats", "folded", "values")
-
-    def __init__(self, exceeded: bool, floats: bool, folded: dict[str, Any] | None, values: int) -> None:
-        self.exceeded = exceeded  # nested deeper than the limit
-        self.floats = floats  # a float somewhere inside (unknown once the limit stops the walk: True)
-        self.folded = folded  # the first object found with keys equal under case folding
-        self.values = values  # members and elements of every container walked
-
-
-def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
-    """One pass over the containers of `value`, level by level (a leaf costs no allocation): its depth against
-    `limit` (0: none), whether it holds a float, and with `fold_keys`, an object whose keys are equal under case
-    folding, and how many members and elements its containers hold. Without `fold_keys` the walk stops at the
-    limit; with it, it goes on (orjson nests at most 1024 deep), as the second pass's hook would see every
-    object."""
-    level = [value] if type(value) in _CONTAINERS else []
+def _walk(
+    value: dict[str, Any] | list[Any], limit: int, fold_keys: bool
+) -> tuple[bool, bool, dict[str, Any] | None, int]:
+    """One pass over the containers of `value`, level by level (a leaf costs no allocation): whether it nests
+    deeper than `limit` (0: none), whether it holds a float (unknown once the limit stops the walk: True), with
+    `fold_keys` the first object whose keys are equal under case folding, and how many members and elements its
+    containers hold. Without `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most
+    1024 deep), as the second pass's hook would see every object."""
+    level: list[Any] = [value]
     depth = 1
     exceeded = floats = False
     folded: dict[str, Any] | None = None
@@ -184,7 +184,7 @@ def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
     while level:
         if limit and depth > limit:
             if not fold_keys:
-                return _Walked(True, True, None, values)
+                return True, True, None, values
             exceeded = True
         inner = []
         for item in level:
@@ -210,7 +210,4 @@ def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
                     floats = True
         level = inner
         depth += 1
-    return _Walked(exceeded, floats, folded, values)
-
-
-_CONTAINERS = (dict, list)
+    return exceeded, floats, folded, values
