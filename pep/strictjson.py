@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -102,7 +103,13 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
     kind = type(value)
-    if kind is dict or kind is list:
+    if (kind is dict or kind is list) and not fold_keys and not max_values and len(data) < 2 * max_depth + 2:
+        # Too short to nest deeper than the limit (each level takes an opening and a closing byte), and nothing
+        # else to count (PDP and most MCP answers): no walk. A run of 19 digits anywhere takes the second pass,
+        # as a float beside one would (it refuses only integers beyond 64 bits, which orjson read as floats).
+        exceeded, folded, values = False, None, 0
+        second = not _no_duplicates(value, data) or _long_number(data)
+    elif kind is dict or kind is list:
         # (A single key cannot collide, so folding only matters where an object has two keys: the walk looks at
         # those alone.)
         exceeded, floats, folded, values = _walk(value, max_depth, fold_keys)
@@ -171,35 +178,28 @@ def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
 def _walk(
     value: dict[str, Any] | list[Any], limit: int, fold_keys: bool
 ) -> tuple[bool, bool, dict[str, Any] | None, int]:
-    """One pass over the containers of `value`, level by level (a leaf costs no allocation): whether it nests
-    deeper than `limit` (0: none), whether it holds a float (unknown once the limit stops the walk: True), with
-    `fold_keys` the first object whose keys are equal under case folding, and how many members and elements its
-    containers hold. Without `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most
-    1024 deep), as the second pass's hook would see every object."""
+    """One pass over the containers of `value`, level by level: whether it nests deeper than `limit` (0: none),
+    whether it holds a float (unknown once the limit stops the walk: True), with `fold_keys` the first object
+    whose keys are equal under case folding, and how many members and elements its containers hold. Without
+    `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most 1024 deep), as the second
+    pass's hook would see every object."""
     level: list[Any] = [value]
     depth = 1
     exceeded = floats = False
-    folded: dict[str, Any] | None = None
     values = 0
+    objects: list[dict[str, Any]] = []  # with fold_keys: those with two keys or more, in the order walked
     while level:
         if limit and depth > limit:
             if not fold_keys:
                 return True, True, None, values
             exceeded = True
-        inner = []
+        inner: list[Any] = []
         for item in level:
-            children: Iterable[Any]
             values += len(item)
             if type(item) is dict:
-                # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are
-                # all their own folding (`"".join(item)` is: casefold maps each character on its own, and a
-                # character that folds to something else never folds to something starting with itself) cannot
-                # collide, so only other objects build the set of folded keys.
-                if fold_keys and folded is None and len(item) > 1:
-                    keys = "".join(item)
-                    if keys.casefold() != keys and len(set(map(str.casefold, item))) != len(item):
-                        folded = item
-                children = item.values()
+                if fold_keys and len(item) > 1:
+                    objects.append(item)
+                children: Iterable[Any] = item.values()
             else:
                 children = item
             for child in children:
@@ -210,4 +210,21 @@ def _walk(
                     floats = True
         level = inner
         depth += 1
-    return exceeded, floats, folded, values
+    return exceeded, floats, _folded(objects) if objects else None, values
+
+
+def _folded(objects: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first of `objects` with two keys equal under case folding, or None.
+
+    fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are all their own
+    folding (`"".join(keys)` is: casefold maps each character on its own, and a character that folds to something
+    else never folds to something starting with itself) cannot collide: one join of every object's keys rules
+    out most bodies at once, and only other objects build the set of their folded keys."""
+    every = "".join(chain.from_iterable(objects))
+    if every.casefold() == every:
+        return None
+    for item in objects:
+        keys = "".join(item)
+        if keys.casefold() != keys and len(set(map(str.casefold, item))) != len(item):
+            return item
+    return None
