@@ -156,8 +156,9 @@ def _message(obj: Any, version: str | None) -> Message | str:
         "arguments": arguments,
         "protocol_version": version,
         "direction": CLIENT_TO_SERVER,
-        **completion,
     }
+    if completion:
+        facts.update(completion)
     return Message("mcp", facts, rpc_id)
 
 
