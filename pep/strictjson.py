@@ -2,7 +2,8 @@
 
 orjson validates the grammar and UTF-8 fast, but, like every JSON library, keeps the last of duplicate keys
 silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so
-duplicates are refused. orjson's value proves their absence by counting (`_no_duplicates`): every pair of the
+duplicates are refused. orjson's value proves their absence (`_no_duplicates`): a text that is orjson's own
+writing of the value is a writing of objects without repeated keys; otherwise by counting: every pair of the
 text has one `:` outside strings, so when the text has exactly as many `:` as orjson's value written out again
 (its keys plus the colons inside its strings), no pair was dropped. Only when the counts differ (a duplicate, or
 a colon written as an escape) does a second pass with the standard library's pair hook run, which finds the
