@@ -99,7 +99,7 @@ class McpAnswers:
         self._c = context
         self._stream = stream
         self._inspected = inspected  # the POST's messages, to answer a refused JSON answer with their denial
-        self._reader = SseReader()
+        self._reader: SseReader | None = None  # made by the first event-stream chunk (most answers are JSON)
         self._allowed: set[bytes] = set()  # server message facts allowed earlier in this answer
         self.refused: Reason | str | None = None  # why the answer was stopped, for tests and logs
 
@@ -130,7 +130,10 @@ class McpAnswers:
     async def gate(self, chunk: bytes | None) -> tuple[bytes, bool]:
         problem: SseError | None = None
         try:
-            events = self._reader.feed(chunk) if chunk is not None else self._reader.finish()
+            reader = self._reader
+            if reader is None:
+                reader = self._reader = SseReader()
+            events = reader.feed(chunk) if chunk is not None else reader.finish()
         except SseError as exc:
             events, problem = exc.before, exc
         out: list[bytes] = []
@@ -199,7 +202,13 @@ class McpAnswers:
         kept: list[dict[str, Any]] = []
         changed = False
         for message in incoming:
-            out = await self._message(message)
+            if type(message) is Response:
+                # (Most answers: a response relayed as it came, decided without a coroutine.)
+                out = self._response_as_is(message)
+                if out is None:
+                    out = await self._response(message)
+            else:
+                out = await self._message(message)
             if out is not None:
                 kept.append(out)
             changed = changed or out is not message.message
@@ -219,6 +228,16 @@ class McpAnswers:
         if isinstance(incoming, Response):
             return await self._response(incoming)
         return await self._server_message(incoming)
+
+    def _response_as_is(self, response: Response) -> dict[str, Any] | None:
+        """The response's message when it is relayed as it came (an error, or a result neither filtered nor
+        asking for input), else None (`_response` decides it). Raises what `_response` would raise first."""
+        message = response.message
+        if "result" not in message:
+            return message
+        if response.answers in self._c.filters:
+            return None
+        return message if input_requests(message) is None else None
 
     async def _response(self, response: Response) -> dict[str, Any]:
         message = response.message

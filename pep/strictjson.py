@@ -2,7 +2,8 @@
 
 orjson validates the grammar and UTF-8 fast, but, like every JSON library, keeps the last of duplicate keys
 silently. Two readers of the same bytes may then disagree (the PDP answer we act on vs. the one it meant), so
-duplicates are refused. orjson's value proves their absence by counting (`_no_duplicates`): every pair of the
+duplicates are refused. orjson's value proves their absence (`_no_duplicates`): a text that is orjson's own
+writing of the value is a writing of objects without repeated keys; otherwise by counting: every pair of the
 text has one `:` outside strings, so when the text has exactly as many `:` as orjson's value written out again
 (its keys plus the colons inside its strings), no pair was dropped. Only when the counts differ (a duplicate, or
 a colon written as an escape) does a second pass with the standard library's pair hook run, which finds the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -102,14 +104,22 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
     kind = type(value)
-    # A duplicate needs two keys in one object, so at least two colons: the common PDP answer `{"result":true}`
-    # has one. Folded keys too (a single key cannot collide).
-    colons = data.count(b":") if kind is dict or kind is list else 0
-    repeats = colons > 1
-    walked = _walk(value, max_depth, fold_keys and repeats)
-    # orjson reads an integer beyond 64 bits as a float: without a float in the value, there is none.
-    numbers = walked.floats or kind is float
-    if (repeats and not _no_duplicates(value, data, colons)) or (numbers and _long_number(data)):
+    if (kind is dict or kind is list) and not fold_keys and not max_values and len(data) < 2 * max_depth + 2:
+        # Too short to nest deeper than the limit (each level takes an opening and a closing byte), and nothing
+        # else to count (PDP and most MCP answers): no walk. A run of 19 digits anywhere takes the second pass,
+        # as a float beside one would (it refuses only integers beyond 64 bits, which orjson read as floats).
+        exceeded, folded, values = False, None, 0
+        second = not _no_duplicates(value, data) or _long_number(data)
+    elif kind is dict or kind is list:
+        # (A single key cannot collide, so folding only matters where an object has two keys: the walk looks at
+        # those alone.)
+        exceeded, floats, folded, values = _walk(value, max_depth, fold_keys)
+        # orjson reads an integer beyond 64 bits as a float: without a float in the value, there is none.
+        second = not _no_duplicates(value, data) or (floats and _long_number(data))
+    else:
+        exceeded, folded, values = False, None, 0
+        second = kind is float and _long_number(data)
+    if second:
         try:
             (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
@@ -118,12 +128,12 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
             raise JsonError(f"invalid JSON: {exc}") from None
     # Folded keys, found on orjson's objects: their keys are the text's, now that duplicates are ruled out (a
     # duplicate is reported first, as the second pass's hook reports it).
-    if walked.folded is not None:
-        _pairs_no_folded_duplicates(list(walked.folded.items()))
-    if walked.exceeded:
+    if folded is not None:
+        _pairs_no_folded_duplicates(list(folded.items()))
+    if exceeded:
         raise JsonError(f"nested deeper than {max_depth}")
-    if max_values and walked.values > max_values:
-        raise TooManyValues(f"{walked.values} values, over {max_values}")
+    if max_values and values > max_values:
+        raise TooManyValues(f"{values} values, over {max_values}")
     return value
 
 
@@ -140,66 +150,57 @@ def loads_object(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -
 _ESCAPED_COLON = b"\\u003"
 
 
-def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes, colons: int) -> bool:
+def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:
     """True when orjson's `value` kept every pair of `data`; False when that is not proven (take the second pass).
 
-    In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:` inside a
-    string of `data` is one `:` inside a string of `value`, and orjson writes strings' colons unescaped, so
-    `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per pair
-    written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if no
-    pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
-    hide a dropped pair: such texts take the second pass. `colons`: `data.count(b":")`."""
-    if b"\\" in data and _ESCAPED_COLON in data:  # (a byte is found by memchr, faster than the 6-byte search)
-        return False
+    Most bodies are written as orjson writes them (compact, the SDKs' own writers): when `orjson.dumps(value)` is
+    `data` itself, `data` is the writing of a value whose objects cannot repeat a key. Otherwise colons are
+    counted. In JSON a `:` is either a pair's separator or inside a string. Without escaped colons, each `:`
+    inside a string of `data` is one `:` inside a string of `value`, and orjson writes strings' colons unescaped,
+    so `orjson.dumps(value)` has one `:` per pair kept plus one per colon in the strings kept. `data` has one per
+    pair written plus one per colon in every string written, the dropped pairs' too: the counts are equal only if
+    no pair was dropped, i.e. no object repeats a key. An escaped colon adds to `value`'s count only, so it could
+    hide a dropped pair: such texts take the second pass. A duplicate needs two keys in one object, so at least
+    two colons: the common PDP answer `{"result":true}` has one."""
     try:
         written = orjson.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (254): the second pass decides
+        return data.count(b":") < 2
+    if written == data:
+        return True
+    colons = data.count(b":")
+    if colons < 2:
+        return True
+    if b"\\" in data and _ESCAPED_COLON in data:  # (a byte is found by memchr, faster than the 6-byte search)
         return False
     return written.count(b":") == colons
 
 
-class _Walked:
-    """What one walk over orjson's value found."""
-
-    __slots__ = ("exceeded", "floats", "folded", "values")
-
-    def __init__(self, exceeded: bool, floats: bool, folded: dict[str, Any] | None, values: int) -> None:
-        self.exceeded = exceeded  # nested deeper than the limit
-        self.floats = floats  # a float somewhere inside (unknown once the limit stops the walk: True)
-        self.folded = folded  # the first object found with keys equal under case folding
-        self.values = values  # members and elements of every container walked
-
-
-def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
-    """One pass over the containers of `value`, level by level (a leaf costs no allocation): its depth against
-    `limit` (0: none), whether it holds a float, and with `fold_keys`, an object whose keys are equal under case
-    folding, and how many members and elements its containers hold. Without `fold_keys` the walk stops at the
-    limit; with it, it goes on (orjson nests at most 1024 deep), as the second pass's hook would see every
-    object."""
-    level = [value] if type(value) in _CONTAINERS else []
+def _walk(
+    value: dict[str, Any] | list[Any], limit: int, fold_keys: bool
+) -> tuple[bool, bool, dict[str, Any] | None, int]:
+    """One pass over the containers of `value`, level by level: whether it nests deeper than `limit` (0: none),
+    whether it holds a float (unknown once the limit stops the walk: True), with `fold_keys` the first object
+    whose keys are equal under case folding, and how many members and elements its containers hold. Without
+    `fold_keys` the walk stops at the limit; with it, it goes on (orjson nests at most 1024 deep), as the second
+    pass's hook would see every object."""
+    level: list[Any] = [value]
     depth = 1
     exceeded = floats = False
-    folded: dict[str, Any] | None = None
     values = 0
+    objects: list[dict[str, Any]] = []  # with fold_keys: those with two keys or more, in the order walked
     while level:
         if limit and depth > limit:
             if not fold_keys:
-                return _Walked(True, True, None, values)
+                return True, True, None, values
             exceeded = True
-        inner = []
+        inner: list[Any] = []
         for item in level:
-            children: Iterable[Any]
             values += len(item)
             if type(item) is dict:
-                # fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are
-                # all their own folding (`"".join(item)` is: casefold maps each character on its own, and a
-                # character that folds to something else never folds to something starting with itself) cannot
-                # collide, so only other objects build the set of folded keys.
-                if fold_keys and folded is None and len(item) > 1:
-                    keys = "".join(item)
-                    if keys.casefold() != keys and len(set(map(str.casefold, item))) != len(item):
-                        folded = item
-                children = item.values()
+                if fold_keys and len(item) > 1:
+                    objects.append(item)
+                children: Iterable[Any] = item.values()
             else:
                 children = item
             for child in children:
@@ -210,7 +211,21 @@ def _walk(value: Any, limit: int, fold_keys: bool) -> _Walked:
                     floats = True
         level = inner
         depth += 1
-    return _Walked(exceeded, floats, folded, values)
+    return exceeded, floats, _folded(objects) if objects else None, values
 
 
-_CONTAINERS = (dict, list)
+def _folded(objects: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first of `objects` with two keys equal under case folding, or None.
+
+    fold() is str.casefold (it lowers ASCII the same way): one C pass over the keys. Keys that are all their own
+    folding (`"".join(keys)` is: casefold maps each character on its own, and a character that folds to something
+    else never folds to something starting with itself) cannot collide: one join of every object's keys rules
+    out most bodies at once, and only other objects build the set of their folded keys."""
+    every = "".join(chain.from_iterable(objects))
+    if every.casefold() == every:
+        return None
+    for item in objects:
+        keys = "".join(item)
+        if keys.casefold() != keys and len(set(map(str.casefold, item))) != len(item):
+            return item
+    return None

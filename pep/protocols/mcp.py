@@ -41,7 +41,9 @@ _NAMED_BY = {
     "resources/unsubscribe": "uri",
 }
 _META_VERSION = "io.modelcontextprotocol/protocolVersion"
-_MIRRORED = ("MCP-Protocol-Version", "Mcp-Method", "Mcp-Name")
+# Type tests as tuples: a `str | int` written in a check builds a union object each time it runs.
+_ID_TYPES = (str, int, type(None))
+_PARAMS_TYPES = (dict, list)
 _HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
 # What the PEP reads from a message, its params and params._meta: each must be spelled exactly.
 _MESSAGE_KEYS = Spelling("jsonrpc", "id", "method", "params", "result", "error")
@@ -101,7 +103,7 @@ def _message(obj: Any, version: str | None) -> Message | str:
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
         return "not a JSON-RPC 2.0 message"
     rpc_id = obj.get("id", NO_ID)
-    if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, str | int | None)):
+    if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, _ID_TYPES)):
         return "a JSON-RPC id must be a string, a number or null"
     method = obj.get("method")
     if method is None:
@@ -122,7 +124,7 @@ def _message(obj: Any, version: str | None) -> Message | str:
         # "ping", "error": {...}}` as an error response to its request 1, which the PEP would have decided as a ping.
         return "a JSON-RPC request with a result or an error"
     params = obj.get("params")
-    if params is not None and not isinstance(params, dict | list):
+    if params is not None and not isinstance(params, _PARAMS_TYPES):
         return "params must be an object or an array"
     name: Any = None
     arguments: Any = None
@@ -154,8 +156,9 @@ def _message(obj: Any, version: str | None) -> Message | str:
         "arguments": arguments,
         "protocol_version": version,
         "direction": CLIENT_TO_SERVER,
-        **completion,
     }
+    if completion:
+        facts.update(completion)
     return Message("mcp", facts, rpc_id)
 
 
@@ -188,11 +191,19 @@ def inspect(
     input makes the PDP too slow for would count against the breaker as the PDP's timeout."""
     getall = getattr(headers, "getall", None)  # a repeated header: the upstream may read the copy not checked
     if getall is not None:
-        for name in _MIRRORED:  # (a loop: half the cost of any() over a generator)
-            if len(getall(name, ())) > 1:
-                return Refused(
-                    Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header"
-                )
+        # Each looked up once: its first value is what `headers.get` gives.
+        versions = getall("MCP-Protocol-Version", ())
+        sent_methods = getall("Mcp-Method", ())
+        sent_names = getall("Mcp-Name", ())
+        if len(versions) > 1 or len(sent_methods) > 1 or len(sent_names) > 1:
+            return Refused(Reason.REQUEST_AMBIGUOUS, "a repeated MCP-Protocol-Version, Mcp-Method or Mcp-Name header")
+        version = versions[0] if versions else None
+        sent_method = sent_methods[0] if sent_methods else None
+        sent_name = sent_names[0] if sent_names else None
+    else:
+        version = headers.get("MCP-Protocol-Version")
+        sent_method = headers.get("Mcp-Method")
+        sent_name = headers.get("Mcp-Name")
     try:
         value = strictjson.loads(body, MAX_DEPTH, fold_keys=True, max_values=max_json_values)
     except strictjson.FoldedKeys as exc:
@@ -202,14 +213,13 @@ def inspect(
     except strictjson.JsonError as exc:
         # A duplicate key is unreadable too: the upstream might act on the value the PEP did not see.
         return Refused(Reason.BODY_UNREADABLE, f"MCP body: {exc}"[:200])
-    version = headers.get("MCP-Protocol-Version")
     batch = isinstance(value, list)
     if batch:
         if version not in (None, BATCH_VERSION):
             return Refused(Reason.REQUEST_AMBIGUOUS, f"a JSON-RPC batch is not valid in MCP {version}")
         if not value:
             return Refused(Reason.BODY_UNREADABLE, "an empty JSON-RPC batch")
-        if "Mcp-Method" in headers or "Mcp-Name" in headers:
+        if sent_method is not None or sent_name is not None:
             return Refused(Reason.REQUEST_AMBIGUOUS, "mirrored MCP headers cannot describe a batch")
         if len(value) > max_batch_messages:
             detail = f"a JSON-RPC batch of {len(value)} messages, over max_batch_messages {max_batch_messages}"
@@ -233,23 +243,23 @@ def inspect(
         ids = [id_key(m.rpc_id) for m in messages if m.rpc_id is not NO_ID and m.facts["method"] != "mcp/response"]
         if len(set(ids)) != len(ids):
             return Refused(Reason.REQUEST_AMBIGUOUS, "two requests of a JSON-RPC batch share an id")
-    if not batch and (problem := _header_problem(messages[0], headers)):
+    if not batch and (problem := _header_problem(messages[0], sent_method, sent_name)):
         return Refused(Reason.REQUEST_AMBIGUOUS, problem)
     return Inspected(tuple(messages), body, batch, value)
 
 
-def _header_problem(message: Message, headers: Mapping[str, str]) -> str | None:
+def _header_problem(message: Message, sent_method: str | None, sent_name: str | None) -> str | None:
+    """A mirrored header (`Mcp-Method`, `Mcp-Name`: the first value of each) that disagrees with the body, or
+    one a 2026-07-28 request lacks."""
     facts = message.facts
     method = facts["method"]
     version = facts["protocol_version"]
     requires = version is not None and version >= HEADER_VERSION and method != "mcp/response"
-    sent_method = headers.get("Mcp-Method")
     if sent_method is None:
         if requires:
             return f"MCP {version} requires the Mcp-Method header"
     elif decode_header(sent_method) != method:
         return "Mcp-Method header disagrees with the body"
-    sent_name = headers.get("Mcp-Name")
     if sent_name is None:
         if requires and method in _NAMED_BY:
             return f"MCP {version} requires the Mcp-Name header for {method}"

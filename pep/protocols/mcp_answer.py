@@ -14,12 +14,12 @@ Keys the PEP reads are spelled exactly (a case-insensitive client would read `To
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pep import strictjson
 from pep.protocols import NO_ID
 from pep.protocols.spelling import Spelling
+from pep.records import record
 
 MAX_DEPTH = 128  # tool schemas and structured results nest deeper than requests
 SERVER_TO_CLIENT = "server_to_client"
@@ -38,6 +38,10 @@ _ITEM_KEYS = Spelling("name", "uri", "uriTemplate")
 _EMBEDDED_KEYS = Spelling("method", "params")
 _PARAMS_KEYS = Spelling("tools", "requestedSchema", "mode", "url")
 _SCHEMA_KEYS = Spelling("properties")
+# Type tests as tuples: a `str | int` written in a check builds a union object each time it runs.
+_SERVER_ID_TYPES = (str, int)
+_ID_TYPES = (str, int, type(None))
+_PARAMS_TYPES = (dict, list)
 
 
 class Unreadable(ValueError):
@@ -49,14 +53,14 @@ def id_key(rpc_id: Any) -> tuple[str, Any]:
     return type(rpc_id).__name__, rpc_id
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Response:
     rpc_id: Any
     answers: str  # the method of the request it answers
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServerMessage:
     method: str
     rpc_id: Any  # NO_ID for a notification
@@ -64,7 +68,7 @@ class ServerMessage:
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Stray:
     """A response on a stream that answers no request: never relayed."""
 
@@ -92,7 +96,7 @@ class Stream:
 
     def __init__(self, pending: list[tuple[Any, str]], get: bool = False) -> None:
         self.get = get
-        self._pending = {id_key(rpc_id): (rpc_id, method) for rpc_id, method in pending}
+        self._pending = {(type(rpc_id).__name__, rpc_id): (rpc_id, method) for rpc_id, method in pending}  # id_key
         self._claimed: set[tuple[str, Any]] = set()
 
     @property
@@ -131,19 +135,19 @@ class Stream:
             if "result" in item or "error" in item:
                 # A client SDK may read it as a response (the 2.x SDK does, with an `error`), to any call.
                 raise Unreadable("a JSON-RPC request with a result or an error")
-            if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, str | int)):
+            if rpc_id is not NO_ID and (isinstance(rpc_id, bool) or not isinstance(rpc_id, _SERVER_ID_TYPES)):
                 raise Unreadable("a server request id must be a string or a number")
             params = item.get("params")
-            if params is not None and not isinstance(params, dict | list):
+            if params is not None and not isinstance(params, _PARAMS_TYPES):
                 raise Unreadable("params must be an object or an array")
             return ServerMessage(method, rpc_id, params, item)
         if rpc_id is NO_ID or ("result" in item) == ("error" in item):
             raise Unreadable("a JSON-RPC response needs an id and exactly one of result and error")
-        if isinstance(rpc_id, bool) or not isinstance(rpc_id, str | int | None):
+        if isinstance(rpc_id, bool) or not isinstance(rpc_id, _ID_TYPES):
             raise Unreadable("a JSON-RPC id must be a string, a number or null")
         if rpc_id is None and "error" in item and not self.get:
             return Response(None, "", item)  # an error about a request the server could not read: answers nothing
-        key = id_key(rpc_id)
+        key = (type(rpc_id).__name__, rpc_id)  # id_key(rpc_id), inline
         answered = self._pending.get(key)
         if answered is not None and key not in self._claimed:
             self._claimed.add(key)

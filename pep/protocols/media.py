@@ -50,7 +50,10 @@ def _read(content_types: Sequence[str], encodings: Sequence[str]) -> tuple[str |
                 return f"content-encoding {', '.join(encodings)[:64]!r}", ""
     if not content_types:
         return None, ""
-    media_type, charset = parameters(content_types[0])
+    content_type = content_types[0]
+    if ";" not in content_type:  # no parameter, so no charset (most answers)
+        return None, content_type.strip().lower()
+    media_type, charset = parameters(content_type)
     if charset is not None and not utf8(charset):
         return f"charset {charset[:32]!r}", media_type
     return None, media_type
