@@ -395,18 +395,11 @@ class Pool:
             self._loop = asyncio.get_running_loop()
         if admit is not None and not admit():
             raise NotAdmitted("not admitted before a connection was taken")
-        idle = slots.idle
-        if idle:
-            now = self._loop.time()
-            while idle:
-                conn = idle.pop()
-                if conn.expires > now and conn.unpark():
-                    if admit is not None and not admit():  # right before the first byte, as for a new one
-                        self._unused(slots, conn)
-                        raise NotAdmitted("not admitted when the request was about to be written")
-                    return slots, conn
-                conn.close()
-        return slots, None
+        conn = self._idle(slots) if slots.idle else None
+        if conn is not None and admit is not None and not admit():  # right before the first byte, as for a new one
+            self._unused(slots, conn)
+            raise NotAdmitted("not admitted when the request was about to be written")
+        return slots, conn
 
     async def _made(
         self,
