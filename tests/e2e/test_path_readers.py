@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.conftest import PepStarter, RunningPep, base_config
-from tests.support.path_readers import KINDS, Reader, ReaderUnavailable, exchange
+from tests.support.path_readers import KINDS, Reader, exchange, serving
 from tests.support.policy_pdp import PolicyPdp
 
 # Forwarded as sent (the policy sees them as they are, and so does every server).
@@ -88,14 +88,7 @@ def reader(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """Each real server once per module. Missing is a failure, never a skip: `make test` installs them."""
     kind = KINDS[request.param]
     server = kind(tmp_path_factory.mktemp(request.param))
-    try:
-        server.start()
-    except ReaderUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving(server)
 
 
 class AllowAll(PolicyPdp):

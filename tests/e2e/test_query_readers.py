@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PepStarter, RunningPep, base_config
-from tests.support.path_readers import Express, Reader, ReaderUnavailable, exchange
+from tests.support.path_readers import Express, Reader, exchange, serving
 from tests.support.policy_pdp import PolicyPdp
 
 TWINS = [
@@ -40,14 +40,7 @@ FORWARDED = [
 def reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reader]:
     """Missing is a failure, never a skip: `make test` installs it."""
     server = Express(tmp_path_factory.mktemp("express"))
-    try:
-        server.start()
-    except ReaderUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving(server)
 
 
 @pytest.fixture

@@ -20,8 +20,11 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 READERS = Path(__file__).resolve().parent / "readers"
@@ -70,6 +73,19 @@ def _unchunk(data: bytes) -> bytes:
         if size == 0:
             return out
         out, data = out + data[:size], data[size + 2 :]
+
+
+def serving(server: Reader) -> Iterator[Reader]:
+    """A module fixture's body: `server` started, yielded, stopped. Missing is a failure, never a skip: `make test`
+    installs every reader."""
+    try:
+        server.start()
+    except ReaderUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Reader(ABC):

@@ -667,26 +667,34 @@ async def test_a_call_admitted_but_never_sent_is_denied_alone_and_not_the_breake
     assert isinstance((await engine.decide(check("good-1"))).decision, Allow)
 
 
+async def _half_open_left_to_the_next_request(pdp: FakePdp, reason: Reason) -> None:
+    """`pdp` answers the requests named `bad-*` with what denies them `reason` and counts for neither side of the
+    breaker, then fails, then allows: requests named `bad-*` in a half-open period deny alone and leave the probe
+    to the next request, which decides whether the circuit closes or opens again."""
+    clock = FakeClock()
+    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
+    await open_circuit(engine, pdp)
+    clock.now += 1.0
+    for _ in range(5):
+        assert denied(await engine.decide(check("bad-1"))).reason is reason
+        assert circuit(engine) is State.HALF_OPEN  # the probe's place goes to the next request
+    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
+    assert circuit(engine) is State.OPEN
+    clock.now += 1.0
+    assert denied(await engine.decide(check("bad-2"))).reason is reason
+    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
+    assert circuit(engine) is State.CLOSED
+
+
 @pytest.mark.parametrize("refusal", [AMBIGUOUS, UNFRAMED, MAPPED_TO_NOTHING], ids=lambda r: r.reason.value)
 async def test_requests_that_cannot_be_built_neither_close_nor_reopen_a_half_open_circuit(
     refusal: Verdict | Failure,
 ) -> None:
     """One per half-open period used to keep the circuit open (a failure) or close it on a dead PDP (a success):
     now such a request is denied alone and leaves the probe to the next request."""
-    clock = FakeClock()
-    pdp = UnbuildablePdp(refusal, UNREACHABLE, UNREACHABLE, ALLOWED)
-    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
-    await open_circuit(engine, pdp)
-    clock.now += 1.0
-    for _ in range(5):
-        assert denied(await engine.decide(check("bad-1"))).reason is refusal.reason
-        assert circuit(engine) is State.HALF_OPEN
-    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
-    assert circuit(engine) is State.OPEN
-    clock.now += 1.0
-    assert denied(await engine.decide(check("bad-2"))).reason is refusal.reason
-    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
-    assert circuit(engine) is State.CLOSED
+    await _half_open_left_to_the_next_request(
+        UnbuildablePdp(refusal, UNREACHABLE, UNREACHABLE, ALLOWED), refusal.reason
+    )
 
 
 def waiting(gate: asyncio.Event, answer: Answer) -> Callable[[], Awaitable[Answer]]:
@@ -1082,20 +1090,9 @@ async def test_a_timeout_or_server_error_status_still_counts(status: int) -> Non
 
 @pytest.mark.parametrize("status", [400, 429])
 async def test_a_4xx_refusal_neither_closes_nor_reopens_a_half_open_circuit(status: int) -> None:
-    clock = FakeClock()
-    pdp = RefusingPdp(status, UNREACHABLE, UNREACHABLE, ALLOWED)
-    engine = make_engine(pdp, retries=0, threshold=1, open_ms=1000, clock=clock)
-    await open_circuit(engine, pdp)
-    clock.now += 1.0
-    for _ in range(5):
-        assert denied(await engine.decide(check("bad-1"))).reason is Reason.PDP_ERROR_STATUS
-        assert circuit(engine) is State.HALF_OPEN  # the probe's place goes to the next request
-    assert denied(await engine.decide(check("good-1"))).reason is Reason.PDP_UNREACHABLE  # a real probe fails
-    assert circuit(engine) is State.OPEN
-    clock.now += 1.0
-    assert denied(await engine.decide(check("bad-2"))).reason is Reason.PDP_ERROR_STATUS
-    assert isinstance((await engine.decide(check("good-2"))).decision, Allow)
-    assert circuit(engine) is State.CLOSED
+    await _half_open_left_to_the_next_request(
+        RefusingPdp(status, UNREACHABLE, UNREACHABLE, ALLOWED), Reason.PDP_ERROR_STATUS
+    )
 
 
 async def test_a_refused_batch_is_not_a_breaker_failure() -> None:
