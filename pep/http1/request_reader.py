@@ -344,13 +344,7 @@ class RequestReader(MessageReader[RequestState]):
         else:
             self._remaining = request.content_length or 0
             if framing is _NO_BODY and request.keep_alive:
-                # llhttp has read this whole message: its parser can read the next head (`HeadScanner.recycle`,
-                # here without its frame)
-                head = self._head
-                parser = head._last
-                head._last = None
-                if parser is not None and parser.should_keep_alive():
-                    head._spare = parser
+                self._head.recycle()  # llhttp has read this whole message: its parser can read the next head
         self._read = 0
         self._state = _BODY  # HEAD -> BODY
         return request
