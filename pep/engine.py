@@ -241,10 +241,7 @@ class Engine:
             if token is not None:
                 GATE.reset(token)
             if breaker is not None:
-                if permit.admitted and len(results) == 1 and type(results[0]) is Verdict:
-                    breaker.success(permit)  # `_report`'s usual case, without its call
-                else:
-                    _report(breaker, permit, results if result is not None else [])
+                _report(breaker, permit, results if result is not None else [])
         assert result is not None
         pdp_s = clock() - start
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker

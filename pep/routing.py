@@ -155,12 +155,7 @@ class RouteTable:
         named: tuple[str, int] | None = None
         resolved = False  # the authority is resolved only for a route with `match.host` (most routes have none)
         for route in self.routes:
-            # `route.matches(path)`, without its call per route.
-            prefix = route.prefix
-            if not path.startswith(prefix):
-                continue
-            size = len(prefix)
-            if not (len(path) == size or path[size] == "/" or prefix.endswith("/")):
+            if not route.matches(path):
                 continue
             if route.host is None:
                 return route

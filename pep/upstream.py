@@ -200,7 +200,7 @@ class Upstream:
         WHOLE_ANSWER_LIMIT bytes), and what is unreadable is a 502 `unreadable`. `replaced` are caller headers
         sent with another value (a sealed `Last-Event-ID` opened, pep/protocols/mcp_tokens.py).
         """
-        target = self._targets.get(route.upstream) or self.target(route)
+        target = self.target(route)
         head = exchange.head
         connection = exchange.connection
         peer = connection.peer
