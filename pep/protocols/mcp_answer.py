@@ -96,7 +96,7 @@ class Stream:
 
     def __init__(self, pending: list[tuple[Any, str]], get: bool = False) -> None:
         self.get = get
-        self._pending = {(type(rpc_id).__name__, rpc_id): (rpc_id, method) for rpc_id, method in pending}  # id_key
+        self._pending = {id_key(rpc_id): (rpc_id, method) for rpc_id, method in pending}
         self._claimed: set[tuple[str, Any]] = set()
 
     @property
@@ -147,7 +147,7 @@ class Stream:
             raise Unreadable("a JSON-RPC id must be a string, a number or null")
         if rpc_id is None and "error" in item and not self.get:
             return Response(None, "", item)  # an error about a request the server could not read: answers nothing
-        key = (type(rpc_id).__name__, rpc_id)  # id_key(rpc_id), inline
+        key = id_key(rpc_id)
         answered = self._pending.get(key)
         if answered is not None and key not in self._claimed:
             self._claimed.add(key)
