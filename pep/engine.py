@@ -106,9 +106,12 @@ class Engine:
         self._retries = config.retries
         b = config.breaker
         # In-process PDPs (Cedar) cannot be unreachable or slow in the breaker's sense: no breaker for them.
+        # `remote` through Python's own lookup: compiled code reads a compiled class's slot, which a PDP class of
+        # Python (the tests', explain's) that sets `remote` in its class body leaves undefined.
+        remote: bool = getattr(pdp, "remote")  # noqa: B009
         self.breaker: Breaker | None = (
             Breaker(b.failure_threshold, b.open_ms / 1000, b.half_open_probes, clock, metrics.circuit_transition)
-            if pdp.remote
+            if remote
             else None
         )
         self.in_flight = 0
@@ -241,7 +244,7 @@ class Engine:
             if token is not None:
                 GATE.reset(token)
             if breaker is not None:
-                _report(breaker, permit, results if result is not None else [])
+                _report(breaker, permit, results)  # [] until an attempt ended: `results` and `result` go together
         assert result is not None
         pdp_s = clock() - start
         # The PDP not asked: no PDP time, except for a call that waited and was then refused by the breaker

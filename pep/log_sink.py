@@ -152,8 +152,8 @@ class Writer:
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pep-decision-log", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="pep-decision-log", daemon=True)
+        self._worker.start()
 
     def post(
         self, job: Callable[..., T], args: tuple[Any, ...], done: Callable[[T | None, BaseException | None], None]
@@ -170,8 +170,8 @@ class Writer:
     def stop(self, timeout: float) -> bool:
         """Ask the thread to end after its jobs; True if it did within `timeout` (False: a job is stuck)."""
         self._jobs.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
 
     def _run(self) -> None:
         get = self._jobs.get

@@ -145,8 +145,8 @@ class McpAnswers:
                     return b"".join(out), True  # every request answered: nothing after it is for the client
             if problem is not None:
                 raise Unreadable(str(problem))
-        except Unreadable as exc:
-            self._note_unreadable(str(exc))
+        except Unreadable as unreadable:
+            self._note_unreadable(str(unreadable))
             self._c.count_unreadable()
             return b"".join(out) + self._cut_events(UNREADABLE), True
         except _Cut as cut:

@@ -205,8 +205,8 @@ class Proxy:
                 # anything is decided (and nothing is logged: no request was read).
                 try:
                     await body.read()
-                except ProtocolError as exc:
-                    case.send(unreadable_request(exc.status_hint, exc.reason))
+                except ProtocolError as protocol_error:
+                    case.send(unreadable_request(protocol_error.status_hint, protocol_error.reason))
                     return
             try:
                 # The admission pipeline (pep/admission.py), then the PDP through the engine.

@@ -124,8 +124,8 @@ def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_valu
             (_FOLDING_DECODER if fold_keys else _DECODER).decode(data.decode("utf-8"))
         except RecursionError:
             raise JsonError("nested too deeply") from None
-        except json.JSONDecodeError as exc:  # pragma: no cover - orjson accepted it already
-            raise JsonError(f"invalid JSON: {exc}") from None
+        except json.JSONDecodeError as json_decode_error:  # pragma: no cover - orjson accepted it already
+            raise JsonError(f"invalid JSON: {json_decode_error}") from None
     # Folded keys, found on orjson's objects: their keys are the text's, now that duplicates are ruled out (a
     # duplicate is reported first, as the second pass's hook reports it).
     if folded is not None:

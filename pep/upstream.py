@@ -79,15 +79,33 @@ class _BodySource:
         self._body = body
         self._limit = limit
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        body, limit = self._body, self._limit
-        seen = 0
-        while chunk := await body.read():
-            if limit is not None:
-                seen += len(chunk)
-                if seen > limit:
-                    raise _BodyLimit(f"request body over {limit} bytes")
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _Chunks(self._body, self._limit)
+
+
+class _Chunks:
+    """`_BodySource.chunks`: an iterator class, not an async generator, which mypyc cannot compile."""
+
+    __slots__ = ("_body", "_limit", "_seen")
+
+    def __init__(self, body: RequestBody, limit: int | None) -> None:
+        self._body = body
+        self._limit = limit
+        self._seen = 0
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.read()
+        if not chunk:
+            raise StopAsyncIteration
+        limit = self._limit
+        if limit is not None:
+            self._seen += len(chunk)
+            if self._seen > limit:
+                raise _BodyLimit(f"request body over {limit} bytes")
+        return chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +268,9 @@ class Upstream:
             kind = "body_timeout"  # the caller stopped sending its body: the upstream request is aborted
         except _BodyLimit:
             kind = "body_limit"
-        except ProtocolError as exc:
+        except ProtocolError as protocol_error:
             # The caller's streamed body broke HTTP/1.1: the upstream request is aborted, the connection ends.
-            reply = unreadable_request(exc.status_hint, exc.reason)
+            reply = unreadable_request(protocol_error.status_hint, protocol_error.reason)
             response.send(reply.status, reply.fields(), reply.body)
             return reply.status
         except ClientGone:

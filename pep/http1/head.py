@@ -44,8 +44,14 @@ class FieldSink:
 
     __slots__ = ("fields",)
 
-    on_message_begin = on_url = on_status = on_headers_complete = None
-    on_body = on_message_complete = on_chunk_header = on_chunk_complete = None
+    on_message_begin = None
+    on_url = None
+    on_status = None
+    on_headers_complete = None
+    on_body = None
+    on_message_complete = None
+    on_chunk_header = None
+    on_chunk_complete = None
 
     def __init__(self) -> None:
         self.fields: Fields = []
@@ -129,8 +135,8 @@ class HeadScanner(Generic[T]):
             pass  # CONNECT or Upgrade: only ever at the end of the head, which is all llhttp is given
         except httptools.HttpParserInvalidMethodError as exc:
             raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
-        except httptools.HttpParserError as exc:
-            raise ProtocolError(f"malformed head: {exc}", self._status(400)) from None
+        except httptools.HttpParserError as http_parser_error:
+            raise ProtocolError(f"malformed head: {http_parser_error}", self._status(400)) from None
         else:
             self._last = parser
         if end - lf - 1 > limits.max_field_bytes:  # only a block longer than the bound can hold a longer line
@@ -176,8 +182,8 @@ class HeadScanner(Generic[T]):
                 pass  # as in scan
             except httptools.HttpParserInvalidMethodError as exc:
                 raise ProtocolError(f"method not implemented: {exc}", self._status(501)) from None
-            except httptools.HttpParserError as exc:
-                raise ProtocolError(f"malformed head: {exc}", self._status(400)) from None
+            except httptools.HttpParserError as http_parser_error:
+                raise ProtocolError(f"malformed head: {http_parser_error}", self._status(400)) from None
             self._fed = upto
         if end < 0:
             if len(buf) >= limits.max_head_bytes:

@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWKError, PyJWTError
+from mypy_extensions import mypyc_attr
 
 from pep.cache_control import ttl_of
 from pep.config import JwtConfig
@@ -128,6 +129,7 @@ class Lookup:
         self.problem = problem  # None with key None: no key fits the token (identity_invalid)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class KeySource(ABC):
     """Where keys come from. `lookup` never raises, and is asked for every token, remembered ones too: it is
     where a source notices that its keys changed (a file looked at again, a URL refetched once stale) or can no
@@ -173,8 +175,8 @@ class FileKeys(KeySource):
             self._fail(f"is larger than {MAX_JWKS_BYTES} bytes")
         try:
             keys = KeySet.parse(raw, self._algorithms, self._keys)
-        except KeysError as exc:
-            self._fail(str(exc))
+        except KeysError as keys_error:
+            self._fail(str(keys_error))
         self._stamp, self._keys, self._problem = stamp, keys, ""
 
     def _fail(self, problem: str) -> NoReturn:
@@ -267,8 +269,8 @@ class UrlKeys(KeySource):
             keys = KeySet.parse(raw, self._cfg.algorithms, self._keys)
         except KeysError as exc:
             self._problem = f"jwks_url {exc}"
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            self._problem = f"jwks_url could not be fetched ({type(exc).__name__})"
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as client_error:
+            self._problem = f"jwks_url could not be fetched ({type(client_error).__name__})"
         else:
             now = self._clock()
             ttl = ttl_of(cache_control, self._cfg.jwks_cache_ms / 1000)

@@ -106,7 +106,7 @@ class ListenerTls:
         bundle = _anchors(current)
         if self._bundle - bundle:  # a CA was removed: what it verified is no longer known to be trusted
             self._generation += 1
-            self._distrusted_at = math.floor(self._wall())
+            self._distrusted_at = float(math.floor(self._wall()))
         self._bundle = bundle
         self._generation_of[current] = self._generation
         self.current = current

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 from pep.decision import CredentialNarrowing, Reason
 
@@ -103,6 +104,7 @@ Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]
 BATCH_CONCURRENCY = 16
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # PDPs of the tests, and explain's recording PDP, subclass it
 class Pdp(abc.ABC):
     """One PDP kind: everything the engine and `pep explain` call on it. `ask` makes exactly one attempt;
     deadlines and retries belong to the engine.

@@ -264,8 +264,8 @@ class AuthzenPdp(Pdp):
             return map_document(document, self._mappings.get(document["route"]["name"]))
         except AmbiguousMapping as exc:
             return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"mapping: {exc}")
-        except MappingError as exc:
-            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
+        except MappingError as mapping_error:
+            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {mapping_error}")
 
     async def ask(self, document: dict[str, Any], request_id: str) -> Verdict | Failure:
         # Everything built from the caller's data first: what cannot be built is denied before the PDP is asked.

@@ -20,6 +20,7 @@ from typing import Any
 
 import cedarpy
 import orjson
+from mypy_extensions import mypyc_attr
 
 from pep.decision import Reason
 from pep.pdp import UNSENT, ApprovalAsk, Failure, Pdp, Verdict
@@ -84,7 +85,7 @@ def cedar_value(value: Any) -> Any:
 
 
 def _record(value: dict[Any, Any]) -> Any:
-    if _ESCAPES & value.keys():
+    if not _ESCAPES.isdisjoint(value):
         return json.dumps(value, sort_keys=True)
     return {str(k): cedar_value(v) for k, v in value.items() if v is not None}
 
@@ -111,8 +112,8 @@ def load_policies(path: str) -> cedarpy.PolicySet:
     for file in policy_files(Path(path)):
         try:
             texts.append(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CedarLoadError(f"pdp.policies: cannot read {str(file)!r}: {exc}") from None
+        except (OSError, UnicodeDecodeError) as os_error:
+            raise CedarLoadError(f"pdp.policies: cannot read {str(file)!r}: {os_error}") from None
     if Path(path).is_dir() and not texts:
         raise CedarLoadError(f"pdp.policies: no .cedar file in {path!r}")
     try:
@@ -175,6 +176,7 @@ def approval_of(determining: list[str], approvals: dict[str, ApprovalAsk]) -> Ap
     return ApprovalAsk(approvers.pop(), "; ".join(messages)[:MAX_MESSAGE] if messages else None)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CedarPdp(Pdp):
     """Evaluates in process. There is nothing remote to fail, so the engine gives it no circuit breaker."""
 
@@ -242,8 +244,8 @@ class CedarPdp(Pdp):
             parts = map_document(document, self._mappings.get(document["route"]["name"]))
         except AmbiguousMapping as exc:
             return Failure(Reason.REQUEST_AMBIGUOUS, UNSENT, False, f"mapping: {exc}")
-        except MappingError as exc:
-            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {exc}")
+        except MappingError as mapping_error:
+            return Verdict(False, Reason.PDP_UNDEFINED, note=f"mapping: {mapping_error}")
         principal = {"type": cedar_type(parts.subject["type"]), "id": str(parts.subject["id"])}
         resource = {"type": cedar_type(parts.resource["type"]), "id": str(parts.resource["id"])}
         generated = [
@@ -261,8 +263,8 @@ class CedarPdp(Pdp):
         }
         try:
             result = cedarpy.is_authorized(request, self._policies, self._entities(generated))
-        except (ValueError, TypeError) as exc:
-            return _cannot_take(str(exc))
+        except (ValueError, TypeError) as value_error:
+            return _cannot_take(str(value_error))
         errors = result.diagnostics.errors
         if errors and all(e.startswith(_BUILD_ERROR) for e in errors):
             return _cannot_take("; ".join(errors))

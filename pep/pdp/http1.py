@@ -119,9 +119,8 @@ def exchange_error(exc: LocalProtocolError | UpstreamError, headers: dict[str, s
     refused or failed connection the system's error, anything else after that an ExchangeError."""
     if isinstance(exc, LocalProtocolError):
         return unframed(headers)
-    cause = exc.__cause__
-    if isinstance(exc, ConnectFailed) and isinstance(cause, OSError):
-        return cause
+    if isinstance(exc, ConnectFailed) and exc.error is not None:
+        return exc.error
     return ExchangeError(str(exc))
 
 

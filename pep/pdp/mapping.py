@@ -121,7 +121,7 @@ def principal(doc: dict[str, Any]) -> tuple[str, str]:
     return ANONYMOUS, ANONYMOUS
 
 
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+def _drop_none(d: dict[Any, Any]) -> dict[Any, Any]:  # keys as given: a key that is not a string is refused later
     return {k: v for k, v in d.items() if v is not None}
 
 

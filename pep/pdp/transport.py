@@ -170,8 +170,8 @@ class HttpTransport:
             return _failure(unframed(headers))
         try:
             response, data = await client.send(target, fields, body, GATE.get())
-        except _SEND_ERRORS as exc:
-            return _send_failure(exc, lambda: _as_headers(fields))
+        except _SEND_ERRORS as send_error:
+            return _send_failure(send_error, lambda: _as_headers(fields))
         return parse(client.read(response, data))
 
     async def close(self) -> None:

@@ -208,11 +208,11 @@ def inspect(
         value = strictjson.loads(body, MAX_DEPTH, fold_keys=True, max_values=max_json_values)
     except strictjson.FoldedKeys as exc:
         return Refused(Reason.REQUEST_AMBIGUOUS, f"MCP body: {exc}"[:200])
-    except strictjson.TooManyValues as exc:
-        return Refused(Reason.BODY_TOO_LARGE, f"MCP body: {exc}, max_json_values"[:200])
-    except strictjson.JsonError as exc:
+    except strictjson.TooManyValues as too_many_values:
+        return Refused(Reason.BODY_TOO_LARGE, f"MCP body: {too_many_values}, max_json_values"[:200])
+    except strictjson.JsonError as json_error:
         # A duplicate key is unreadable too: the upstream might act on the value the PEP did not see.
-        return Refused(Reason.BODY_UNREADABLE, f"MCP body: {exc}"[:200])
+        return Refused(Reason.BODY_UNREADABLE, f"MCP body: {json_error}"[:200])
     batch = isinstance(value, list)
     if batch:
         if version not in (None, BATCH_VERSION):

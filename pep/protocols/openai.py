@@ -243,8 +243,8 @@ def _json_facts(body: bytes) -> dict[str, Any] | Refused | str:
         obj = strictjson.loads_object(body, fold_keys=True)
     except strictjson.FoldedKeys as exc:
         return Refused(Reason.REQUEST_AMBIGUOUS, f"model API body: {exc}"[:200])
-    except strictjson.JsonError as exc:
-        return f"model API body: {exc}"
+    except strictjson.JsonError as json_error:
+        return f"model API body: {json_error}"
     if (problem := _spelling_problem(obj)) is not None:
         return Refused(Reason.REQUEST_AMBIGUOUS, problem[:200])
     model = obj.get("model")

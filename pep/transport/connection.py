@@ -491,8 +491,8 @@ class UpstreamConnection(asyncio.Protocol):
                     raise UpstreamReset(f"unexpected {event!r} inside a body")
         except ProtocolError as exc:
             self._fetched(self._failed(exc))
-        except UpstreamReset as exc:
-            self._fetched(exc)
+        except UpstreamReset as upstream_reset:
+            self._fetched(upstream_reset)
 
     def _fetched(self, outcome: tuple[Response, bytes | None] | BaseException) -> None:
         fetch = self._fetch

@@ -36,9 +36,14 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    """No connection: refused, unreachable, unresolvable, or the TLS handshake failed. Nothing was sent."""
+    """No connection: refused, unreachable, unresolvable, or the TLS handshake failed. Nothing was sent.
+    `error`: the system's error, when there was one (carried here: compiled code drops `raise ... from`)."""
 
     kind = "connect"
+
+    def __init__(self, detail: str, error: OSError | None = None) -> None:
+        super().__init__(detail)
+        self.error = error
 
 
 class UpstreamTimeout(UpstreamError):

@@ -501,7 +501,7 @@ class _Connection(asyncio.Protocol):
             return
         self.state = _LINGERING
         if unsent < self._backlog:
-            self._backlog = unsent
+            self._backlog = float(unsent)
             self._timer = self.loop.call_later(self.options.linger_s, self._on_timer)
             return
         transport.abort()
@@ -617,9 +617,10 @@ async def serve(
         backlog=backlog,
         ssl_handshake_timeout=options.handshake_s if ssl is not None else None,
     )
-    if not server.sockets:
+    sockets = cast(Any, server).sockets  # uvloop's is a list, not the tuple of typeshed (compiled code checks it)
+    if not sockets:
         server.close()
         raise RuntimeError("the listener has no socket")
-    bound = server.sockets[0].getsockname()
+    bound = sockets[0].getsockname()
     listener._address = (str(bound[0]), int(bound[1]))
     return listener

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
+from mypy_extensions import mypyc_attr
 
 from pep.http1 import (
     DEFAULT_LIMITS,
@@ -259,6 +260,7 @@ def _remember(fields: Fields) -> None:
     _UNRESERVED.update([name for name, _ in fields if len(name) <= _UNRESERVED_NAME_BYTES])
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a test holds up its `_connect` in a subclass
 class Pool:
     """Keep-alive HTTP/1.1 connections per origin (see the module docstring)."""
 
@@ -351,7 +353,7 @@ class Pool:
         origin: Origin,
         start: RequestStart,
         fields: Fields,
-        body: bytes | None = None,
+        body: bytes | None,
         *,
         limit: int,
         connect_s: float = 10.0,
@@ -487,7 +489,7 @@ class Pool:
             raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} within {connect_s:g} s") from None
         except (OSError, ssl.SSLError, ssl.CertificateError) as exc:
             conn.close()
-            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}") from exc
+            raise ConnectFailed(f"{origin.host}:{origin.port}: {exc}", exc) from exc
         except BaseException:
             conn.close()
             raise
