@@ -19,7 +19,7 @@ CERBOS_DIR     := .pdp/cerbos
 CERBOS_BIN     := $(CURDIR)/$(CERBOS_DIR)/node_modules/@cerbos/cerbos-linux-x64/cerbos-linux-x64
 export CERBOS_BIN
 
-.PHONY: venv venv-mcp1 test lint typecheck unit demo clean cerbos cerbos-policies
+.PHONY: venv venv-mcp1 native test lint typecheck unit demo clean cerbos cerbos-policies
 
 venv: $(STAMP)
 
@@ -44,6 +44,26 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 	grep -v '^#' requirements/constraints-mcp1.txt | diff - $(MCP1_VENV)/freeze.txt \
 		|| { echo "$(MCP1_VENV) differs from requirements/constraints-mcp1.txt (above); pin every package" >&2; exit 1; }
 	touch $(MCP1_STAMP)
+
+# The request path compiled to C with mypyc, in place (pep/native.py: why, which modules, and why a build is used
+# only for the sources it was built from). Rebuilt when any source changes; pep/native.sum is its stamp.
+# A C compiler is taken from the distribution by name (gcc) when there is none; Python's headers must be there.
+NATIVE_SUMS := pep/native.sum
+native: $(NATIVE_SUMS)
+
+$(NATIVE_SUMS): $(STAMP) setup.py $(shell find pep -name '*.py')
+	@command -v cc >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "native: FAILED: no C compiler; as root: apt-get install gcc libc6-dev" >&2; exit 1; }; \
+		{ apt-cache show gcc >/dev/null 2>&1 || apt-get update -q; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev; }
+	@$(BIN)/python -c 'import os, sys, sysconfig; p = os.path.join(sysconfig.get_paths()["include"], "Python.h"); \
+		sys.exit(0 if os.path.exists(p) else "native: FAILED: no " + p + " (Debian: apt-get install python3-dev)")'
+	@rm -f $@
+	@mkdir -p build
+	@echo "native: compiling the request path with mypyc (build/native.log)"
+	@PEP_NATIVE=1 $(BIN)/python setup.py build_ext --inplace --parallel 2 > build/native.log 2>&1 \
+		|| { tail -40 build/native.log >&2; rm -f $@; echo "native: FAILED (build/native.log)" >&2; exit 1; }
+	@test -f $@
 
 lint: venv
 	$(BIN)/ruff check pep tests bench reliability fuzz
@@ -75,16 +95,18 @@ cerbos-policies: $(CERBOS_BIN)
 # readers: nginx, Tomcat and Express, the real upstreams of tests/e2e/test_path_readers.py.
 # go-deps: the Go toolchain the tests build tests/support/gojson/ with (Go's encoding/json as a reference reader).
 # op: oidc-provider, the real OpenID Provider of the approval and just-in-time credential tests.
-test: lint typecheck cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke readers go-deps op $(MCP1_STAMP)
+test: lint typecheck native cerbos-policies deploy-check bench-smoke reliability-smoke fuzz-smoke readers go-deps op $(MCP1_STAMP)
 	$(BIN)/pytest -q
 
 # PDP=cedar (default: embedded, nothing else to run), PDP=cerbos (the real Cerbos binary) or PDP=opa.
 PDP ?= cedar
-demo: venv $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
+demo: venv native $(if $(filter cerbos,$(PDP)),$(CERBOS_BIN))
 	$(BIN)/pep demo --pdp $(PDP)
 
 clean: deploy-clean reliability-clean readers-clean op-clean
 	rm -rf $(VENV) $(MCP1_VENV) .venv-bench bench/results .pdp .gotest .mypy_cache .pytest_cache .ruff_cache build *.egg-info
+	find pep -name '*.so' -delete
+	rm -f pep_native_*.so $(NATIVE_SUMS)
 
 include deploy/deploy.mk
 include bench/bench.mk

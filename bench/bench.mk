@@ -58,10 +58,10 @@ bench-deps:
 		|| { echo "bench: FAILED: wrk $$wrk_v is older than $(BENCH_WRK_MIN)" >&2; exit 1; }; \
 	echo "bench: using nginx $$nginx_v, wrk $$wrk_v, linux-perf $$(dpkg-query -W -f='$${Version}' linux-perf)"
 
-bench: venv $(BENCH_STAMP) bench-deps
+bench: venv native $(BENCH_STAMP) bench-deps
 	$(BIN)/python -m bench.run --mode full --envoy-venv $(BENCH_VENV) $(BENCH_ARGS)
 
-bench-smoke: venv $(BENCH_STAMP) bench-deps
+bench-smoke: venv native $(BENCH_STAMP) bench-deps
 	$(BIN)/python -m bench.run --mode smoke --envoy-venv $(BENCH_VENV) $(BENCH_ARGS)
 
 bench-lint: venv

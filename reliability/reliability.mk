@@ -13,10 +13,10 @@ RELIABILITY_ARGS ?=
 
 .PHONY: reliability reliability-smoke reliability-lint reliability-clean
 
-reliability: venv cerbos
+reliability: venv native cerbos
 	$(BIN)/python -m reliability --mode full $(RELIABILITY_ARGS)
 
-reliability-smoke: venv cerbos
+reliability-smoke: venv native cerbos
 	$(BIN)/python -m reliability --mode smoke $(RELIABILITY_ARGS)
 
 reliability-lint: venv

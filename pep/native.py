@@ -1,0 +1,182 @@
+"""The request path compiled to C with mypyc, and the rule that compiled code is used only while it is the source.
+
+Why compiled: after four rounds of work on the request path, what a request costs in the interpreter was spread
+thin over ~480 Python calls of ~1k instructions each, with no function above ~3% (bench/README, "The whole PEP").
+mypyc (part of mypy, which type-checks this code already) compiles the same typed modules to C extensions: calls
+between them become C calls and attribute reads struct reads, so the dispatch loop and the frames go away where
+they cost most. Nothing else changes: the modules below are the same source, and pure Python runs them too.
+
+`make native` (a step of `make test`, `make demo` and `make bench`) builds them in place, next to their sources,
+and writes SUMS: the digest of those sources. A compiled module is used only while SUMS matches the sources beside
+it; otherwise (a source edited since the build, a build from another checkout) `pep` runs every module from its
+source, all or none (compiled modules call each other directly, so a stale one cannot be replaced alone), and
+says so once on stderr. `PEP_PURE=1` asks for the sources regardless (the fuzzers, whose coverage is Python's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+PACKAGE = Path(__file__).resolve().parent
+SUMS = PACKAGE / "native.sum"  # written by setup.py as it builds
+
+# What `make native` compiles: every module a request passes through, and what they import. Not here: modules
+# mypyc cannot compile as they are (`records`: a decorator mypy reads as a dataclass transform; `decision`: its
+# immutable Allow sets slots through their descriptors; `transport/errors`: exceptions that subclass builtin
+# errors), and what runs once (config, cli, app, demo, explain) or off the request path (approvals, oauth, admin).
+MODULES: tuple[str, ...] = (
+    *(
+        f"pep/http1/{m}.py"
+        for m in (
+            "__init__",
+            "body",
+            "errors",
+            "events",
+            "fields",
+            "head",
+            "limits",
+            "message_reader",
+            "request_reader",
+            "response_reader",
+            "writer",
+        )
+    ),
+    *(
+        f"pep/transport/{m}.py"
+        for m in ("__init__", "body", "connection", "flow", "headers", "listener", "pool", "response", "tunnel")
+    ),
+    *(
+        f"pep/pdp/{m}.py"
+        for m in (
+            "__init__",
+            "answer",
+            "approval",
+            "authzen",
+            "cedar",
+            "credential",
+            "http1",
+            "mapping",
+            "opa",
+            "reachability",
+            "transport",
+        )
+    ),
+    *(f"pep/identity/{m}.py" for m in ("__init__", "keys", "spiffe", "subject", "tokens")),
+    *(
+        f"pep/protocols/{m}.py"
+        for m in (
+            "__init__",
+            "body",
+            "dispatch",
+            "mcp",
+            "mcp_answer",
+            "mcp_replies",
+            "mcp_tokens",
+            "media",
+            "model_answer",
+            "multipart",
+            "openai",
+            "sse",
+            "spelling",
+        )
+    ),
+    *(
+        f"pep/{m}.py"
+        for m in (
+            "admission",
+            "answers",
+            "approval_step",
+            "attributes",
+            "authority",
+            "breaker",
+            "cache_control",
+            "credentials",
+            "decision_log",
+            "engine",
+            "headers",
+            "ids",
+            "integrity",
+            "log_line",
+            "log_sink",
+            "mcp_answers",
+            "metrics",
+            "proxy",
+            "redirects",
+            "responses",
+            "routing",
+            "seal",
+            "strictjson",
+            "trace",
+            "upstream",
+        )
+    ),
+)
+
+
+def digest(root: Path = PACKAGE.parent, modules: Sequence[str] = MODULES) -> str:
+    """The digest of the compiled modules' sources, as SUMS holds it for a build."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update((root / name).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class _SourcesOnly(importlib.abc.MetaPathFinder):
+    """Finds `pep.*` modules as sources only, never as extension modules (a stale or unwanted build)."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not fullname.startswith("pep.") or path is None:
+            return None
+        name = fullname.rpartition(".")[2]
+        for entry in path:
+            package = os.path.join(entry, name)
+            init = os.path.join(package, "__init__.py")
+            if os.path.isfile(init):
+                return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[package])
+            module = package + ".py"
+            if os.path.isfile(module):
+                return importlib.util.spec_from_file_location(fullname, module)
+        return None
+
+
+def _built() -> bool:
+    return any(PACKAGE.glob("http1/__init__.*.so"))
+
+
+def choose() -> bool:
+    """Whether MODULES are loaded compiled: a build is present, it is of these sources, and PEP_PURE does not ask
+    for the sources. Otherwise the sources-only finder goes first. Called once, by the package as it is imported."""
+    if not _built():
+        return False
+    reason = None
+    if os.environ.get("PEP_PURE") == "1":
+        reason = ""
+    elif not SUMS.is_file():
+        reason = "no native.sum beside the compiled modules"
+    else:
+        try:
+            current = digest()
+        except OSError as exc:
+            reason = f"a source cannot be read ({exc})"
+        else:
+            if SUMS.read_text().strip() != current:
+                reason = "sources changed since the build (run `make native`)"
+    if reason is None:
+        return True
+    if reason:
+        sys.stderr.write(f"failclosed-pep: running pure Python, not the compiled modules: {reason}\n")
+    sys.meta_path.insert(0, _SourcesOnly())
+    return False

@@ -1,0 +1,35 @@
+"""Compiles the request path (pep.native.MODULES) to C extensions with mypyc, when PEP_NATIVE=1.
+
+`make native` builds them in place (`setup.py build_ext --inplace`); the Dockerfile builds a wheel with them.
+Without PEP_NATIVE=1 (`pip install -e .` in `make venv`) nothing is compiled and the package is pure Python.
+Three groups of modules, one C library each, so that two cores build at once; calls inside a group are direct.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ext_modules = []
+if os.environ.get("PEP_NATIVE") == "1":
+    from mypyc.build import mypycify
+
+    # pep/native.py by its path: importing the package here would choose between built modules and sources.
+    spec = importlib.util.spec_from_file_location("pep_native_modules", Path("pep") / "native.py")
+    assert spec is not None and spec.loader is not None
+    native = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(native)
+    modules: list[str] = list(native.MODULES)
+    io = [m for m in modules if m.startswith(("pep/http1/", "pep/transport/"))]
+    inspection = [m for m in modules if m.startswith("pep/protocols/") or m in ("pep/mcp_answers.py", "pep/answers.py")]
+    policy = [m for m in modules if m not in io and m not in inspection]
+    # The digest of what is compiled, beside it (in the wheel too): a build is used only for these sources.
+    native.SUMS.write_text(native.digest() + "\n")
+    ext_modules = mypycify(
+        modules, separate=[(io, "pep_native_io"), (policy, "pep_native_policy"), (inspection, "pep_native_inspection")]
+    )
+
+setup(ext_modules=ext_modules)
