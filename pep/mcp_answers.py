@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -56,7 +57,6 @@ from pep.protocols.mcp_answer import (
 )
 from pep.protocols.mcp_tokens import Tokens
 from pep.protocols.sse import SseError, SseEvent, SseReader, encode, field
-from pep.records import record
 from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp
 from pep.routing import Route
 
@@ -75,7 +75,7 @@ class _Cut(Exception):
         self.reason = reason
 
 
-@record
+@dataclass(frozen=True, slots=True)
 class AnswerContext:
     """What deciding one answer needs besides the answer itself."""
 
