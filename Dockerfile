@@ -18,20 +18,30 @@ ARG PYTHON_IMAGE=python:3.11.17-slim-bookworm
 
 # Build stage: a virtualenv at /opt/pep holding the project and exactly the versions of
 # requirements/constraints.txt (the same pins `make` uses). Every dependency ships a manylinux wheel for
-# CPython 3.11, so no compiler is needed.
+# CPython 3.11; the project's own wheel is built here with its request path compiled by mypyc (pep/native.py,
+# `make native`), which needs a C compiler in this stage only: the distribution's, by package name.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY requirements/constraints.txt requirements/constraints.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY pep/ pep/
-# pip and setuptools at the versions of the Makefile's PIP_PIN; the build backend is that setuptools. The otel extra
-# is included: `tracing` in the config then works without another image.
-RUN python -m venv /opt/pep \
+# pip and setuptools at the versions of the Makefile's PIP_PIN; the build backend is that setuptools, with mypy (the
+# compiler, pinned in the constraints) in a build venv of its own, so that the image's venv does not carry it. The
+# otel extra is included: `tracing` in the config then works without another image.
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir pip==26.3 setuptools==84.2.1 \
+    && /opt/build/bin/pip install --no-cache-dir -c requirements/constraints.txt mypy \
+    && PEP_NATIVE=1 /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels . \
+    && python -m venv /opt/pep \
     && /opt/pep/bin/pip install --no-cache-dir pip==26.3 setuptools==84.2.1 \
-    && /opt/pep/bin/pip install --no-cache-dir --no-build-isolation -c requirements/constraints.txt '.[otel]' \
+    && /opt/pep/bin/pip install --no-cache-dir -c requirements/constraints.txt "$(ls /wheels/*.whl)[otel]" \
     && /opt/pep/bin/pip uninstall --yes pip setuptools
 
 # Runtime stage: the same base (the venv's interpreter is /usr/local/bin/python3.11 in both), the venv, a

@@ -3,6 +3,10 @@
 `make native` builds them in place (`setup.py build_ext --inplace`); the Dockerfile builds a wheel with them.
 Without PEP_NATIVE=1 (`pip install -e .` in `make venv`) nothing is compiled and the package is pure Python.
 Three groups of modules, one C library each, so that two cores build at once; calls inside a group are direct.
+The libraries are top-level modules (`pep_native_*`): mypyc derives a compiled package's `__path__` from its
+library's place, so inside `pep/` a package's uncompiled modules could not be found. `make venv` puts the checkout
+on the venv's path (a .pth file) so that the checkout's libraries are found from anywhere; a wheel installs them
+beside the package.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import setup  # type: ignore[import-untyped]
 
 ext_modules = []
 if os.environ.get("PEP_NATIVE") == "1":
@@ -19,7 +23,8 @@ if os.environ.get("PEP_NATIVE") == "1":
 
     # pep/native.py by its path: importing the package here would choose between built modules and sources.
     spec = importlib.util.spec_from_file_location("pep_native_modules", Path("pep") / "native.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     native = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(native)
     modules: list[str] = list(native.MODULES)
@@ -28,8 +33,11 @@ if os.environ.get("PEP_NATIVE") == "1":
     policy = [m for m in modules if m not in io and m not in inspection]
     # The digest of what is compiled, beside it (in the wheel too): a build is used only for these sources.
     native.SUMS.write_text(native.digest() + "\n")
-    ext_modules = mypycify(
-        modules, separate=[(io, "pep_native_io"), (policy, "pep_native_policy"), (inspection, "pep_native_inspection")]
-    )
+    groups: list[tuple[list[str], str | None]] = [
+        (io, "pep_native_io"),
+        (policy, "pep_native_policy"),
+        (inspection, "pep_native_inspection"),
+    ]
+    ext_modules = mypycify(modules, separate=groups)
 
 setup(ext_modules=ext_modules)

@@ -29,9 +29,10 @@ PACKAGE = Path(__file__).resolve().parent
 SUMS = PACKAGE / "native.sum"  # written by setup.py as it builds
 
 # What `make native` compiles: every module a request passes through, and what they import. Not here: modules
-# mypyc cannot compile as they are (`records`: a decorator mypy reads as a dataclass transform; `decision`: its
-# immutable Allow sets slots through their descriptors; `transport/errors`: exceptions that subclass builtin
-# errors), and what runs once (config, cli, app, demo, explain) or off the request path (approvals, oauth, admin).
+# mypyc cannot compile as they are (`decision`: its immutable Allow sets slots through their descriptors;
+# `transport/errors`: exceptions that subclass builtin errors), and what runs once (config, cli, app, demo,
+# explain) or off the request path (approvals, oauth, admin). The per-request value classes are frozen slotted
+# dataclasses: mypyc compiles those to native classes (a decorator of the project's own would leave them Python's).
 MODULES: tuple[str, ...] = (
     *(
         f"pep/http1/{m}.py"

@@ -33,6 +33,16 @@ def test_a_build_of_these_sources_is_what_runs() -> None:
         assert module.__file__.endswith(".so")
 
 
+def test_the_installed_package_loads_the_build_from_anywhere(tmp_path: Path) -> None:
+    """`pep` from any directory (the console script, a deployment) loads what the checkout loads: mypyc's group
+    libraries live inside the package, not beside it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PEP_PURE")}
+    probe = "import pep, pep.proxy; print(pep.COMPILED)"
+    run = [sys.executable, "-P", "-c", probe]
+    out = subprocess.run(run, env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert (out.returncode, out.stdout.strip()) == (0, str(pep.COMPILED)), out.stderr
+
+
 def test_pure_and_stale_builds_load_every_module_from_its_source(tmp_path: Path) -> None:
     """PEP_PURE=1, or a digest that does not match the sources: all modules from source, none compiled."""
     probe = "import pep, pep.proxy, pep.http1.head; print(pep.COMPILED, pep.proxy.__file__, pep.http1.head.__file__)"
