@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -38,6 +37,7 @@ from pep.engine import Check, Outcome
 from pep.identity import Refusal as IdentityRefusal
 from pep.protocols import PLAIN, Inspected, Refused, dispatch, mcp_replies
 from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
+from pep.records import record
 from pep.routing import Route, RouteTable
 from pep.seal import Sealer
 
@@ -48,7 +48,7 @@ Identify = Callable[[Route], Awaitable[dict[str, Any] | IdentityRefusal]]
 ReadBody = Callable[[int], Awaitable[bytes | Refused]]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestFacts:
     """What the pipeline knows about a request before it reads anything: its head, as sent."""
 
@@ -74,7 +74,7 @@ class Setup(Protocol):
     def sealer(self) -> Sealer: ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Refusal:
     """The request ends before any PDP is asked. `route` and `upstream_url` once known; `challenge` the
     `WWW-Authenticate` of a 401; `drop_session`: the client certificate no longer passes (end its TLS session)."""
@@ -87,7 +87,7 @@ class Refusal:
     drop_session: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Admission:
     """Everything the PDP is asked about, and what an allow is bound to and forwarded with."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pep.breaker import Breaker, Permit, State
@@ -20,6 +19,7 @@ from pep.ids import new_id
 from pep.integrity import alias_problem
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, UNSENT, ApprovalAsk, Failure, Pdp, Verdict
+from pep.records import record
 
 _MINT = claim_mint_key()
 
@@ -41,7 +41,7 @@ MIN_RETRY_SHARE = 0.1
 BATCH_SHARE = 4
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Check:
     """What to decide: the document for the PDP, and the exact request an Allow would be bound to."""
 
@@ -70,7 +70,7 @@ def _obligation_alias(headers: tuple[tuple[str, str], ...], document: dict[str, 
     return alias_problem(sent, frozenset(name.lower() for name, _ in headers))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """A decision with the facts the decision log records about how it was reached."""
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -57,6 +56,7 @@ from pep.protocols.mcp_answer import (
 )
 from pep.protocols.mcp_tokens import Tokens
 from pep.protocols.sse import SseError, SseEvent, SseReader, encode, field
+from pep.records import record
 from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp
 from pep.routing import Route
 
@@ -75,7 +75,7 @@ class _Cut(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AnswerContext:
     """What deciding one answer needs besides the answer itself."""
 

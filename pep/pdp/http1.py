@@ -20,12 +20,12 @@ import math
 import ssl
 import zlib
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from pep.http1 import Fields, LocalProtocolError, RequestStart, Response
 from pep.http1.fields import VALUE
+from pep.records import record
 from pep.transport import ConnectFailed, NotAdmitted, Origin, Pool, UpstreamError
 
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
@@ -56,7 +56,7 @@ class RequestError(ValueError):
     that."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Answer:
     """A complete answer: status, the headers the PEP reads, the body (decoded), and what went wrong with it."""
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pep.decision import Reason
+from pep.records import record
 
 NO_ID: Any = object()  # a JSON-RPC message without an id (notification), distinct from an explicit null
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Message:
     """One thing to decide: `facts` become the document's `mcp` or `model` section (under `key`)."""
 
@@ -24,7 +25,7 @@ class Message:
     rpc_id: Any = NO_ID  # the JSON-RPC id to answer a denial with
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Inspected:
     messages: tuple[Message, ...]
     body: bytes | None  # the exact bytes to forward, or None when the body is streamed

@@ -14,12 +14,12 @@ Keys the PEP reads are spelled exactly (a case-insensitive client would read `To
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pep import strictjson
 from pep.protocols import NO_ID
 from pep.protocols.spelling import Spelling
+from pep.records import record
 
 MAX_DEPTH = 128  # tool schemas and structured results nest deeper than requests
 SERVER_TO_CLIENT = "server_to_client"
@@ -53,14 +53,14 @@ def id_key(rpc_id: Any) -> tuple[str, Any]:
     return type(rpc_id).__name__, rpc_id
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Response:
     rpc_id: Any
     answers: str  # the method of the request it answers
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServerMessage:
     method: str
     rpc_id: Any  # NO_ID for a notification
@@ -68,7 +68,7 @@ class ServerMessage:
     message: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Stray:
     """A response on a stream that answers no request: never relayed."""
 
