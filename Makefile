@@ -61,6 +61,7 @@ $(NATIVE_SUMS): $(STAMP) setup.py $(shell find pep -name '*.py')
 	@$(BIN)/python -c 'import os, sys, sysconfig; p = os.path.join(sysconfig.get_paths()["include"], "Python.h"); \
 		sys.exit(0 if os.path.exists(p) else "native: FAILED: no " + p + " (Debian: apt-get install python3-dev)")'
 	@rm -f $@
+	@find pep -name '*.so' -delete; rm -f pep_native_*.so  # a module no longer compiled must not load stale
 	@mkdir -p build
 	@echo "native: compiling the request path with mypyc (build/native.log)"
 	@PEP_NATIVE=1 $(BIN)/python setup.py build_ext --inplace --parallel 2 > build/native.log 2>&1 \

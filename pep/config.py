@@ -1323,9 +1323,9 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{source}: cannot read: {exc}"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+    except yaml.YAMLError as yaml_error:
+        mark = getattr(yaml_error, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(yaml_error, "problem", None) or str(yaml_error)
         raise ConfigError([f"{source}: {where}{problem}"]) from None
     return parse(data, source)

@@ -28,11 +28,12 @@ from types import ModuleType
 PACKAGE = Path(__file__).resolve().parent
 SUMS = PACKAGE / "native.sum"  # written by setup.py as it builds
 
-# What `make native` compiles: every module a request passes through, and what they import. Not here: modules
-# mypyc cannot compile as they are (`decision`: its immutable Allow sets slots through their descriptors;
-# `transport/errors`: exceptions that subclass builtin errors), and what runs once (config, cli, app, demo,
-# explain) or off the request path (approvals, oauth, admin). The per-request value classes are frozen slotted
-# dataclasses: mypyc compiles those to native classes (a decorator of the project's own would leave them Python's).
+# What `make native` compiles: every module a request passes through, and what they import. Not here:
+# `transport/errors` (exceptions that subclass builtin errors, which mypyc cannot compile), `records` and
+# `decision` (their classes stay Python's: a frozen dataclass compiled by mypyc keeps the `__init__` dataclasses
+# writes, one `object.__setattr__` per field, 2.6x the time of the plain slotted class `record` makes, measured),
+# and what runs once (cli, app, demo, explain) or off the request path (approvals, oauth, admin). `config` is here
+# for its classes, which every request reads.
 MODULES: tuple[str, ...] = (
     *(
         f"pep/http1/{m}.py"
@@ -99,6 +100,7 @@ MODULES: tuple[str, ...] = (
             "authority",
             "breaker",
             "cache_control",
+            "config",
             "credentials",
             "decision_log",
             "engine",
@@ -157,6 +159,13 @@ def _built() -> bool:
     return any(PACKAGE.glob("http1/__init__.*.so"))
 
 
+def _strays() -> list[str]:
+    """Compiled modules beside the package's sources that are not in MODULES (left from another build)."""
+    listed = set(MODULES)
+    found = (f"pep/{p.relative_to(PACKAGE).parent / p.name.split('.')[0]}.py" for p in PACKAGE.rglob("*.so"))
+    return sorted(m.replace("/./", "/") for m in found if m.replace("/./", "/") not in listed)
+
+
 def choose() -> bool:
     """Whether MODULES are loaded compiled: a build is present, it is of these sources, and PEP_PURE does not ask
     for the sources. Otherwise the sources-only finder goes first. Called once, by the package as it is imported."""
@@ -175,6 +184,8 @@ def choose() -> bool:
         else:
             if SUMS.read_text().strip() != current:
                 reason = "sources changed since the build (run `make native`)"
+            elif strays := _strays():
+                reason = f"compiled modules from another build: {', '.join(strays)} (run `make native`)"
     if reason is None:
         return True
     if reason:

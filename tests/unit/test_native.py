@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pep
 from pep import native, proxy
 from pep.transport import listener
@@ -104,3 +106,15 @@ def test_no_compiled_module_reads_an_exception_cause() -> None:
     attribute (ConnectFailed.error), never through `__cause__`."""
     found = [m for m in native.MODULES if "__cause__" in (ROOT / m).read_text()]
     assert found == []
+
+
+def test_a_compiled_module_left_from_another_build_is_a_stray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module dropped from MODULES keeps its old extension until it is deleted: it would load, stale, before its
+    source. `choose` then takes every module from its source."""
+    package = tmp_path / "pep"
+    (package / "http1").mkdir(parents=True)
+    for name in ("proxy", "http1/__init__", "gone"):
+        (package / f"{name}.cpython-311-x86_64-linux-gnu.so").write_text("")
+    monkeypatch.setattr(native, "PACKAGE", package)
+    monkeypatch.setattr(native, "MODULES", ("pep/proxy.py", "pep/http1/__init__.py"))
+    assert native._strays() == ["pep/gone.py"]
