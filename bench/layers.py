@@ -22,6 +22,7 @@ from bench.targets import Running, Workload
 # perf's shared-object names, as layers a reader recognizes (the first pattern that matches).
 LAYERS = (
     ("CPython interpreter", re.compile(r"^libpython|^python3")),
+    ("compiled request path (mypyc)", re.compile(r"^pep_native_")),
     ("kernel", re.compile(r"^\[kernel")),
     ("uvloop / libuv", re.compile(r"^loop\.cpython")),
     ("httptools / llhttp", re.compile(r"^parser\.cpython")),
