@@ -34,10 +34,13 @@ COPY pyproject.toml setup.py README.md ./
 COPY pep/ pep/
 # pip and setuptools at the versions of the Makefile's PIP_PIN; the build backend is that setuptools, with mypy (the
 # compiler, pinned in the constraints) in a build venv of its own, so that the image's venv does not carry it. The
-# otel extra is included: `tracing` in the config then works without another image.
+# compiler reads the types of the dependencies, so the build venv has them too (the project itself, uncompiled,
+# with the PyYAML stubs); without them the build fails rather than compile untyped code. The otel extra is
+# included: `tracing` in the config then works without another image.
 RUN python -m venv /opt/build \
     && /opt/build/bin/pip install --no-cache-dir pip==26.3 setuptools==84.2.1 \
-    && /opt/build/bin/pip install --no-cache-dir -c requirements/constraints.txt mypy \
+    && /opt/build/bin/pip install --no-cache-dir --no-build-isolation -c requirements/constraints.txt \
+        mypy types-PyYAML . \
     && PEP_NATIVE=1 /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/pep \
     && /opt/pep/bin/pip install --no-cache-dir pip==26.3 setuptools==84.2.1 \
