@@ -190,5 +190,9 @@ def choose() -> bool:
         return True
     if reason:
         sys.stderr.write(f"failclosed-pep: running pure Python, not the compiled modules: {reason}\n")
-    sys.meta_path.insert(0, _SourcesOnly())
+    # Just before the path finder, not first: an import hook ahead of it (atheris's, which instruments what it
+    # loads for coverage) still sees every module and loads it from the spec this finder gives.
+    finders = sys.meta_path
+    at = next((i for i, f in enumerate(finders) if f is importlib.machinery.PathFinder), len(finders))
+    finders.insert(at, _SourcesOnly())
     return False

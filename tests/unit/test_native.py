@@ -56,6 +56,34 @@ def test_pure_and_stale_builds_load_every_module_from_its_source(tmp_path: Path)
     assert out.stderr == ""  # asked for: nothing to warn about
 
 
+HOOKED = """
+import importlib.abc, sys
+seen = []
+class Hook(importlib.abc.MetaPathFinder):  # as atheris's: first in line, and asks the finders after it
+    def find_spec(self, name, path, target=None):
+        seen.append(name)
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1:]:
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return spec
+        return None
+sys.meta_path.insert(0, Hook())
+import pep.strictjson
+print(pep.strictjson.__file__, "pep.strictjson" in seen)
+"""
+
+
+def test_the_sources_are_found_through_an_import_hook_ahead_of_them() -> None:
+    """The fuzzers' coverage: atheris's import hook sits first and instruments what the finders after it find.
+    With PEP_PURE=1 the sources-only finder is one of those, so the hook still sees (and instruments) every
+    module, and the module comes from its source."""
+    env = {**os.environ, "PEP_PURE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", HOOKED], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    source, seen = out.stdout.split()
+    assert source.endswith("strictjson.py")
+    assert seen == "True"
+
+
 def test_the_sources_only_finder_finds_modules_and_packages(tmp_path: Path) -> None:
     package = tmp_path / "pep"
     (package / "sub").mkdir(parents=True)
