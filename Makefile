@@ -51,9 +51,11 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 # only for the sources it was built from). Rebuilt when any source changes; pep/native.sum is its stamp.
 # A C compiler is taken from the distribution by name (gcc) when there is none; Python's headers must be there.
 NATIVE_SUMS := pep/native.sum
+# The compiled modules' sources (pep/native.py's MODULES): an edit elsewhere (cli.py, tests) rebuilds nothing.
+NATIVE_SOURCES := $(shell $(PYTHON) -c 'import runpy; print(*runpy.run_path("pep/native.py")["MODULES"])')
 native: $(NATIVE_SUMS)
 
-$(NATIVE_SUMS): $(STAMP) setup.py $(shell find pep -name '*.py')
+$(NATIVE_SUMS): $(STAMP) setup.py pep/native.py $(NATIVE_SOURCES)
 	@command -v cc >/dev/null || { \
 		[ "$$(id -u)" = 0 ] || { echo "native: FAILED: no C compiler; as root: apt-get install gcc libc6-dev" >&2; exit 1; }; \
 		{ apt-cache show gcc >/dev/null 2>&1 || apt-get update -q; } && \

@@ -161,9 +161,9 @@ def _built() -> bool:
 
 def _strays() -> list[str]:
     """Compiled modules beside the package's sources that are not in MODULES (left from another build)."""
-    listed = set(MODULES)
-    found = (f"pep/{p.relative_to(PACKAGE).parent / p.name.split('.')[0]}.py" for p in PACKAGE.rglob("*.so"))
-    return sorted(m.replace("/./", "/") for m in found if m.replace("/./", "/") not in listed)
+    root = PACKAGE.parent
+    found = {str(p.relative_to(root).with_name(p.name.split(".")[0] + ".py")) for p in PACKAGE.rglob("*.so")}
+    return sorted(found - set(MODULES))
 
 
 def choose() -> bool:
