@@ -48,7 +48,7 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 	touch $(MCP1_STAMP)
 
 # The request path compiled to C with mypyc, in place (pep/native.py: why, which modules, and why a build is used
-# only for the sources it was built from). Rebuilt when any source changes; pep/native.sum is its stamp.
+# only for the sources it was built from). Rebuilt when a compiled source changes; pep/native.sum is its stamp.
 # A C compiler is taken from the distribution by name (gcc) when there is none; Python's headers must be there.
 NATIVE_SUMS := pep/native.sum
 # The compiled modules' sources (pep/native.py's MODULES): an edit elsewhere (cli.py, tests) rebuilds nothing.
