@@ -9,32 +9,31 @@ from __future__ import annotations
 
 import enum
 from operator import itemgetter
+from typing import Final
 
 from pep.http1.errors import LocalProtocolError
 from pep.http1.events import Fields, Framing
 from pep.http1.fields import KEEP_VALUE, TOKEN, VALUE, check_fields, keeping
 
-LAST_CHUNK = b"0\r\n\r\n"
-_KEEP_VISIBLE = keeping(bytes(range(0x21, 0x7F)))
-_VERSIONS = (b"1.1", b"1.0")
+LAST_CHUNK: Final = b"0\r\n\r\n"
+_KEEP_VISIBLE: Final = keeping(bytes(range(0x21, 0x7F)))
+_VERSIONS: Final = (b"1.1", b"1.0")
 # Names already checked to be tokens: a process writes the same few dozen again and again, and a set lookup per
 # name (in C, through map) is a fraction of checking it. Bounded: cleared when full.
-_TOKENS: set[bytes] = set()
-_TOKENS_MAX = 1024
-_NAME = itemgetter(0)
-_FIELD = b": ".join
-_CRLF = b"\r\n"
-# What a block of n field lines leaves once every allowed byte is deleted: its n line ends (made once, for the
-# usual sizes).
-_LINE_ENDS_MAX = 128
-_LINE_ENDS = [_CRLF * count for count in range(_LINE_ENDS_MAX)]
+_TOKENS: Final[set[bytes]] = set()
+_TOKENS_MAX: Final = 1024
+_NAME: Final = itemgetter(0)
+_FIELD: Final = b": ".join
+_CRLF: Final = b"\r\n"
+# A block of field lines: value bytes and line ends (the line ends are counted: exactly one CR and one LF per line).
+_KEEP_LINES: Final = keeping(VALUE + _CRLF)
 
 
 def _fields(fields: Fields, names_checked: bool = False) -> bytes:
     """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
-    for control characters: with every allowed byte deleted, what is left must be exactly one CRLF per line,
-    so a CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among the line
-    ends, and no other control character is there."""
+    for control characters: every byte must be a value byte, CR or LF (a fixed table: `fields.keeping`), and
+    the block must hold exactly one CR and one LF per line, the line ends joined in here, so a CR or LF inside a
+    field (which would start a line of the caller's choosing) cannot hide among the line ends."""
     if not fields:
         return b""
     if not names_checked and not _TOKENS.issuperset(map(_NAME, fields)):
@@ -44,7 +43,7 @@ def _fields(fields: Fields, names_checked: bool = False) -> bytes:
         _TOKENS.update(map(_NAME, fields))
     block = _CRLF.join(map(_FIELD, fields)) + _CRLF
     count = len(fields)
-    if block.translate(None, VALUE) != (_LINE_ENDS[count] if count < _LINE_ENDS_MAX else _CRLF * count):
+    if block.translate(_KEEP_LINES) != block or block.count(b"\r") != count or block.count(b"\n") != count:
         raise LocalProtocolError("a field value holds a control character")
     return block
 

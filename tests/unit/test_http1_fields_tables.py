@@ -36,6 +36,18 @@ def test_a_written_field_value_holds_no_control_character_but_a_tab(value: bytes
         assert request_head(b"GET", b"/", fields).count(b"\r\n") == 5
 
 
+@given(st.lists(st.binary(max_size=6), min_size=1, max_size=4))
+def test_written_fields_are_refused_exactly_when_a_value_holds_a_control_character(values: list[bytes]) -> None:
+    # The block check counts CRs and LFs instead of deleting the allowed bytes: a CR in one field and a LF in
+    # another (or any order of them) must still be refused, wherever they stand.
+    fields = [(b"X-%d" % i, value) for i, value in enumerate(values)]
+    if any(value.translate(None, VALUE) for value in values):
+        with pytest.raises(LocalProtocolError):
+            request_head(b"GET", b"/", fields)
+    else:
+        assert request_head(b"GET", b"/", fields).count(b"\r\n") == len(values) + 2
+
+
 @given(st.binary(max_size=8))
 def test_a_written_target_is_visible_ascii_only(target: bytes) -> None:
     visible = bool(target) and not target.translate(None, bytes(range(0x21, 0x7F)))
