@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -31,8 +31,8 @@ from pep.protocols.openai import ANSWER, TOOL_CALL
 from pep.responses import MESSAGES, Reply, deny_openai
 from pep.routing import Route
 
-log = logging.getLogger("pep.answers")
-_UNREADABLE = "upstream_unreadable"
+log: Final = logging.getLogger("pep.answers")
+_UNREADABLE: Final = "upstream_unreadable"
 
 
 def error_event(code: str, message: str) -> bytes:

@@ -24,7 +24,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -39,8 +39,8 @@ from pep.pdp import ApprovalAsk
 # MCP 2026-07-28 sends the client's capabilities with every request (`params._meta`): only there can the PEP know,
 # per request, that the client handles URL elicitations (-32042). Session protocols declare them once, in an
 # `initialize` the PEP keeps no state about: those clients get -32001 with the ticket in `data`.
-CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
-_AGAIN = "the policy asked for an approval again after one was granted"
+CLIENT_CAPABILITIES: Final = "io.modelcontextprotocol/clientCapabilities"
+_AGAIN: Final = "the policy asked for an approval again after one was granted"
 
 
 @dataclass(frozen=True, slots=True)

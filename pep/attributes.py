@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -14,11 +14,13 @@ from pep.integrity import field_variable
 from pep.protocols import Message
 from pep.routing import Route
 
-VERSION = "pep/v1"
+VERSION: Final = "pep/v1"
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, reused within that second
+_second: Final[list[Any]] = [-1, ""]  # the last whole second formatted, reused within that second
+# ".000Z" to ".999Z": the milliseconds looked up, not formatted per request.
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def rfc3339_now() -> str:
@@ -32,7 +34,8 @@ def rfc3339(now: float) -> str:
     cached = _second
     if cached[0] != sec:
         cached[0], cached[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{cached[1]}.{int((now - sec) * 1000):03d}Z"
+    day_second: str = cached[1]
+    return day_second + _MILLIS[int((now - sec) * 1000)]
 
 
 def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -47,7 +50,7 @@ def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 # Request fields RFC 9110 and 9111 define as lists (and W3C Baggage): sent twice, they mean their values joined with
 # `, `, so the joined value the policy sees is what they say. Any other field sent twice is refused (RepeatedField).
-LIST_FIELDS: frozenset[str] = frozenset(
+LIST_FIELDS: Final[frozenset[str]] = frozenset(
     {
         "accept",
         "accept-charset",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
-_AUTHORITY = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?\Z")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-CONNECT_DEFAULT_PORT = 443  # a host route without a port tunnels to 443 only
+_AUTHORITY: Final = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?\Z")
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+CONNECT_DEFAULT_PORT: Final = 443  # a host route without a port tunnels to 443 only
 
 
 def split_authority(text: str) -> tuple[str, int | None] | None:

@@ -12,22 +12,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import yaml
 
 from pep.authority import CONNECT_DEFAULT_PORT, DEFAULT_PORTS, split_authority
 
-ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
-ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+ROUTE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+ATTRIBUTE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Written by the PDP client on every decision request (pep/pdp/transport.py, pep/pdp/http1.py): not a credential's.
-_PDP_CLIENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-type", "x-request-id"})
-_PREFIX_OK = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
+_PDP_CLIENT_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding", "content-type", "x-request-id"})
+_PREFIX_OK: Final = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 
-NOT_YET = "is not supported by this version of failclosed-pep"
-MIB = 1024 * 1024
+NOT_YET: Final = "is not supported by this version of failclosed-pep"
+MIB: Final = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -58,8 +58,8 @@ class Address:
 
 # Asymmetric JWS algorithms only: `none` and the HMAC family are never accepted (an HMAC key is a shared secret,
 # and an HMAC "verified" with a public key is the classic algorithm-confusion forgery).
-DEFAULT_JWT_ALGORITHMS = ("RS256", "ES256", "EdDSA")
-JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+DEFAULT_JWT_ALGORITHMS: Final = ("RS256", "ES256", "EdDSA")
+JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,12 +238,12 @@ class ApprovalsConfig:
 
 # MCP routes: the most messages a JSON-RPC batch may hold. Each message is its own PDP decision, so the bound keeps
 # one body from becoming thousands of PDP calls under one deadline.
-DEFAULT_MAX_BATCH_MESSAGES = 16
+DEFAULT_MAX_BATCH_MESSAGES: Final = 16
 # Members and elements (at any depth) one MCP body may hold: a PDP's time grows with the values in its input (the
 # arguments are in it twice), and one caller's input that takes longer than the deadline to decide would count
 # against the breaker as a PDP timeout. Cerbos 0.55 took over 250 ms (the default deadline) for 240,000.
-DEFAULT_MAX_JSON_VALUES = 10_000
-MAX_BATCH_MESSAGES_LIMIT = 1000
+DEFAULT_MAX_JSON_VALUES: Final = 10_000
+MAX_BATCH_MESSAGES_LIMIT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +272,7 @@ class RouteConfig:
     approval: RouteApproval | None = None  # what approval_required means on this route (needs `approvals`)
 
 
-OTLP_ENDPOINT = "http://127.0.0.1:4318/v1/traces"
+OTLP_ENDPOINT: Final = "http://127.0.0.1:4318/v1/traces"
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,7 +521,7 @@ def _identity(r: _Reader, value: Any) -> Identity:
     )
 
 
-_JWT_KEYS = {
+_JWT_KEYS: Final = {
     "issuers",
     "audiences",
     "jwks_file",
@@ -604,7 +604,7 @@ def _jwt(r: _Reader, value: Any) -> JwtConfig | None:
     return cfg if issuers and audiences and (jwks_file or jwks_url) else None
 
 
-_PDP_KEYS = {
+_PDP_KEYS: Final = {
     "kind",
     "url",
     "timeout_ms",
@@ -617,7 +617,11 @@ _PDP_KEYS = {
     "policies",
     "entities",
 }
-_KIND_KEYS = {"opa": {"url", "tls", "auth"}, "authzen": {"url", "tls", "auth"}, "cedar": {"policies", "entities"}}
+_KIND_KEYS: Final = {
+    "opa": {"url", "tls", "auth"},
+    "authzen": {"url", "tls", "auth"},
+    "cedar": {"policies", "entities"},
+}
 
 
 def _pdp(r: _Reader, value: Any) -> PdpConfig | None:
@@ -721,7 +725,7 @@ def _decision_log(r: _Reader, value: Any) -> DecisionLogConfig:
     )
 
 
-_ROUTE_KEYS = {
+_ROUTE_KEYS: Final = {
     "name",
     "match",
     "upstream",
@@ -905,7 +909,7 @@ def _tunnel_upstream(r: _Reader, host: str, upstream: str, path: str) -> None:
         r.error(f"{path}.upstream", f"must name the tunnel's host and port {target[0]}:{target[1]} (tunnel: true)")
 
 
-_JIT_KEYS = {
+_JIT_KEYS: Final = {
     "kind",
     "token_endpoint",
     "client_id",
@@ -925,14 +929,14 @@ _JIT_KEYS = {
     "expiry_margin_ms",
     "breaker",
 }
-_CLIENT_AUTH = ("client_secret_basic", "client_secret_post", "private_key_jwt")
-CLIENT_KEY_ALGORITHMS = ("RS256", "PS256", "ES256", "ES384", "EdDSA")
-_TOKEN_TYPES = (
+_CLIENT_AUTH: Final = ("client_secret_basic", "client_secret_post", "private_key_jwt")
+CLIENT_KEY_ALGORITHMS: Final = ("RS256", "PS256", "ES256", "ES384", "EdDSA")
+_TOKEN_TYPES: Final = (
     "urn:ietf:params:oauth:token-type:jwt",
     "urn:ietf:params:oauth:token-type:access_token",
     "urn:ietf:params:oauth:token-type:id_token",
 )
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 3.3
+_SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 3.3
 
 
 def _credential(r: _Reader, value: Any, path: str) -> Credential | None:
@@ -1080,7 +1084,7 @@ def _jit_credential(r: _Reader, value: dict[str, Any], path: str) -> Credential 
     return Credential(header.lower(), fmt, jit=jit)
 
 
-_APPROVALS_KEYS = {
+_APPROVALS_KEYS: Final = {
     "issuer",
     "backchannel_authentication_endpoint",
     "token_endpoint",
@@ -1185,7 +1189,7 @@ def _mapping(r: _Reader, value: Any, path: str) -> RouteMapping | None:
     )
 
 
-_TOP_KEYS = {
+_TOP_KEYS: Final = {
     "version",
     "listen",
     "admin_listen",

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import Final
 
 from pep.config import Credential
 from pep.secret_file import FileSecret
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class CredentialSource:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Final
 
 from pep.config import DecisionLogConfig
 from pep.log_line import encode
@@ -21,11 +21,11 @@ from pep.metrics import Metrics
 
 __all__ = ["CLOSE_WAIT_S", "FLUSH_S", "STALL_S", "DecisionLog", "DecisionLogError", "unaudited"]
 
-FLUSH_S = 0.2
+FLUSH_S: Final = 0.2
 # A write under way for longer than this is stuck (a pipe nobody reads, a hung disk): allows are denied at once
 # instead of each waiting out its budget. Lines are meant to be written within a second.
 STALL_S = 1.0
-CLOSE_WAIT_S = 2.0  # at shutdown, how long the last writes are waited for
+CLOSE_WAIT_S: Final = 2.0  # at shutdown, how long the last writes are waited for
 
 
 class _Batch:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pep.breaker import Breaker, Permit, State
 from pep.config import PdpConfig
@@ -21,24 +21,24 @@ from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, UNSENT, ApprovalAsk, Failure, Pdp, Verdict
 from pep.records import record
 
-_MINT = claim_mint_key()
+_MINT: Final = claim_mint_key()
 
-_NO_BREAKER = Permit(False, 0)
-_TIMEOUT = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
+_NO_BREAKER: Final = Permit(False, 0)
+_TIMEOUT: Final = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed")
 # The deadline noticed this much of the whole deadline late (or later): the PEP itself was not running (a stalled
 # process or event loop), so what the PDP sent meanwhile may be unread. Still a denial (`pdp_timeout`: nothing
 # arrived in time that the PEP could read), but no failure of the PDP: the breaker is not told.
-STALL_SHARE = 0.5
-_STALLED = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed while the PEP was held up")
+STALL_SHARE: Final = 0.5
+_STALLED: Final = Failure(Reason.PDP_TIMEOUT, "timeout", False, "decision deadline passed while the PEP was held up")
 
 # A retry is tried only if at least this share of the whole deadline is left (and at least as long as the
 # failed attempt took), so a retry is never started just to time out.
-MIN_RETRY_SHARE = 0.1
+MIN_RETRY_SHARE: Final = 0.1
 
 # A decision about several documents (a JSON-RPC batch, a filtered tool list) has at most BATCH_CONCURRENCY PDP
 # exchanges open at once, and never more than 1/BATCH_SHARE of `max_in_flight`: the slots it takes are counted
 # against `max_in_flight`, so one caller's batch leaves the bulkhead and the PDP pool to the others.
-BATCH_SHARE = 4
+BATCH_SHARE: Final = 4
 
 
 @record

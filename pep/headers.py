@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 7.6.1 plus the legacy Proxy-Connection; Proxy-Authenticate/-Authorization are single-hop by definition.
-HOP_BY_HOP: frozenset[str] = frozenset(
+HOP_BY_HOP: Final[frozenset[str]] = frozenset(
     {
         "connection",
         "keep-alive",
@@ -26,13 +27,13 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 )
 
 # Credentials the caller may hold that never reach the PDP, and never the upstream unless a route keeps them.
-CALLER_CREDENTIALS: frozenset[str] = frozenset({"authorization", "cookie", "proxy-authorization"})
+CALLER_CREDENTIALS: Final[frozenset[str]] = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 # What a TLS-terminating proxy tells its upstream about the client's certificate, and RFC 9440 (3, 4) says such a
 # proxy must remove from its clients' requests: RFC 9440's own, Envoy's and Istio's XFCC, Traefik's, ingress-nginx's,
 # AWS ALB's and Azure App Service's. The PEP terminates the agents' TLS and sets none of them (the certificate it
 # verified is `subject.workload`), so a caller's copy is a claim to a certificate nobody verified.
-CLIENT_CERTIFICATE: frozenset[str] = frozenset(
+CLIENT_CERTIFICATE: Final[frozenset[str]] = frozenset(
     {
         "client-cert",
         "client-cert-chain",
@@ -55,7 +56,7 @@ CLIENT_CERTIFICATE: frozenset[str] = frozenset(
 
 # Set by the PEP alone: a caller's copy is dropped, and a PDP obligation may not set them either. The client
 # certificate fields are the PEP's alone to set, as the TLS terminator, though it sets none.
-PEP_OWNED: frozenset[str] = CLIENT_CERTIFICATE | frozenset(
+PEP_OWNED: Final[frozenset[str]] = CLIENT_CERTIFICATE | frozenset(
     {
         "x-request-id",
         "x-pep-decision-id",
@@ -83,7 +84,7 @@ PEP_OWNED: frozenset[str] = CLIENT_CERTIFICATE | frozenset(
 # and those that copy it): an upstream behind such a proxy takes them as the user it acts for. The PEP verifies no
 # such thing, so a caller's copy is an identity nobody checked, never forwarded and never shown to the PDP (which
 # decides on `subject`). A PDP obligation may set them: then they say what the PDP decided.
-PROXY_IDENTITY: frozenset[str] = frozenset(
+PROXY_IDENTITY: Final[frozenset[str]] = frozenset(
     {
         "x-forwarded-user",
         "x-forwarded-email",
@@ -94,10 +95,10 @@ PROXY_IDENTITY: frozenset[str] = frozenset(
 )
 
 # Framing is the PEP's business: it is recomputed for whatever body is forwarded.
-FRAMING: frozenset[str] = frozenset({"content-length", "host", "expect"})
+FRAMING: Final[frozenset[str]] = frozenset({"content-length", "host", "expect"})
 
 # X-Forwarded-Method: the original method as Traefik's forward auth tells an auth server (beside X-Forwarded-Uri).
-METHOD_OVERRIDE: frozenset[str] = frozenset(
+METHOD_OVERRIDE: Final[frozenset[str]] = frozenset(
     {"x-http-method-override", "x-http-method", "x-method-override", "x-forwarded-method"}
 )
 # Headers that frameworks, middlewares and proxies behind the PEP take as the real path or URL: the upstream would
@@ -106,7 +107,7 @@ METHOD_OVERRIDE: frozenset[str] = frozenset(
 # servers; X-Forwarded-Path and X-Forwarded-Url: other gateways' spellings; X-Envoy-Original-Path: Envoy;
 # X-Replaced-Path: Traefik's ReplacePath; X-Original-Path, X-Override-URL, X-HTTP-Path-Override: seen in
 # middlewares. (X-Forwarded-Prefix, which Spring prepends to the path, is the PEP's own: a caller's is dropped.)
-PATH_OVERRIDE: frozenset[str] = frozenset(
+PATH_OVERRIDE: Final[frozenset[str]] = frozenset(
     {
         "x-original-url",
         "x-rewrite-url",
@@ -122,8 +123,8 @@ PATH_OVERRIDE: frozenset[str] = frozenset(
     }
 )
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -188,22 +189,24 @@ def obligation_problem(pairs: Iterable[tuple[str, str]], forbidden: frozenset[st
 # The same hygiene on fields as the transport reads and writes them (bytes, in order): nothing is decoded, and
 # the field tuples that cross are the ones received, not copies.
 Fields = list[tuple[bytes, bytes]]
-_CONNECTION = b"connection"
-_NONE_NAMED: frozenset[bytes] = frozenset()
+_CONNECTION: Final = b"connection"
+_NONE_NAMED: Final[frozenset[bytes]] = frozenset()
 
 
 def _names(names: Iterable[str]) -> frozenset[bytes]:
     return frozenset(n.lower().encode("latin-1") for n in names)
 
 
-HOP_BY_HOP_FIELDS = _names(HOP_BY_HOP)
+HOP_BY_HOP_FIELDS: Final = _names(HOP_BY_HOP)
 # The fields that say what the PEP did (pep/responses.py): on a relayed answer they would be the upstream's word.
-PEP_ANSWER_FIELDS = frozenset({b"x-pep-decision", b"x-pep-reason", b"x-pep-upstream-error", b"x-pep-decision-id"})
+PEP_ANSWER_FIELDS: Final = frozenset(
+    {b"x-pep-decision", b"x-pep-reason", b"x-pep-upstream-error", b"x-pep-decision-id"}
+)
 # What never crosses towards the caller: hop-by-hop fields, the framing the writer sets for what it sends, the PEP's
 # own fields, and Alt-Svc (RFC 7838): the upstream's offer of another endpoint for the origin the caller called,
 # which through HTTP_PROXY is the upstream itself (HTTP/3 to it is QUIC, around the PEP) and otherwise one the PEP
 # does not serve.
-ANSWER_DROP = HOP_BY_HOP_FIELDS | PEP_ANSWER_FIELDS | {b"content-length", b"alt-svc"}
+ANSWER_DROP: Final = HOP_BY_HOP_FIELDS | PEP_ANSWER_FIELDS | {b"content-length", b"alt-svc"}
 
 
 def forward_drop_set(request_drop: frozenset[str]) -> frozenset[bytes]:

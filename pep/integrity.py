@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Container, Iterable
+from typing import Final
 from urllib.parse import unquote, unquote_to_bytes
 
 from pep.headers import (
@@ -21,24 +22,24 @@ from pep.headers import (
     PROXY_IDENTITY,
 )
 
-_OVERRIDES = METHOD_OVERRIDE | PATH_OVERRIDE
+_OVERRIDES: Final = METHOD_OVERRIDE | PATH_OVERRIDE
 # Percent-encodings of `.`, `/`, `\`, NUL and control characters, also behind encoded percents (`%252f`).
-_ENCODED = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+_ENCODED: Final = re.compile(r"%(?:25)*(2e|2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
 # Every `%` with what follows it: a well-formed escape has two hex digits.
-_ESCAPE = re.compile(r"%([0-9a-fA-F]{2})?")
+_ESCAPE: Final = re.compile(r"%([0-9a-fA-F]{2})?")
 # RFC 3986 2.3: encoding these changes nothing for a normalising server, but a `/%61dmin` would miss an
 # `/admin` route here and be served as /admin there. Well-behaved clients never encode them.
-_UNRESERVED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+_UNRESERVED: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
 # What a percent-decoded segment must not hold: separators and control characters.
-_DECODED_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
+_DECODED_BAD: Final = re.compile(r"[\x00-\x1f\x7f/\\]")
 # More layers of percent-encoding than this in one segment is refused outright.
-_MAX_DECODES = 4
+_MAX_DECODES: Final = 4
 # The form field Rails (Rack), Laravel, Symfony and Spring's HiddenHttpMethodFilter take as the method of a POST.
-_METHOD_FIELD = "_method"
+_METHOD_FIELD: Final = "_method"
 # RFC 6750's query parameter and form field for a bearer token (Rails' Doorkeeper and others read them by default).
-_BEARER_FIELD = "access_token"
+_BEARER_FIELD: Final = "access_token"
 # How PHP reads a field name: leading spaces dropped, ` ` and `.` read as `_`, the name ends at `[` (an array).
-_PHP_NAME = str.maketrans(" .", "__")
+_PHP_NAME: Final = str.maketrans(" .", "__")
 
 
 def path_problem(path: str) -> str | None:
@@ -195,7 +196,7 @@ def request_problem(method: str, path: str, query: str, headers: Collection[str]
 
 # Methods whose content has no defined semantics (RFC 9110 9.3.1, 9.3.2; TRACE must have none, 9.3.8): an upstream
 # may leave such a body unread and take its bytes for the next request on the connection, which then runs undecided.
-BODILESS_METHODS = frozenset({"GET", "HEAD", "TRACE"})
+BODILESS_METHODS: Final = frozenset({"GET", "HEAD", "TRACE"})
 
 
 def body_problem(method: str, has_body: bool) -> str | None:
@@ -208,7 +209,7 @@ def body_problem(method: str, has_body: bool) -> str | None:
 # Fields the PEP sets, drops, refuses or reads, whatever the route: with `_` for `-` in a name, a CGI-style upstream
 # (Rack, WSGI, PHP: `X_Forwarded_For` and `X-Forwarded-For` are both HTTP_X_FORWARDED_FOR there) would read the
 # caller's field as the one the PEP acted on.
-RESERVED_NAMES = (
+RESERVED_NAMES: Final = (
     HOP_BY_HOP
     | PEP_OWNED
     | PROXY_IDENTITY

@@ -11,14 +11,14 @@ raised, the request was answered `internal_error`, and no line said what had bee
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-FIELD_MAX = 1024  # characters of any one string (dict keys included)
-FIELD_BUDGET = 16384  # about this many characters per top-level field: strings by length, anything else as 8
-MAX_DEPTH = 16  # deeper objects and arrays are left out
-_OTHER = 8  # what a number, bool, null, key or container counts against the budget
+FIELD_MAX: Final = 1024  # characters of any one string (dict keys included)
+FIELD_BUDGET: Final = 16384  # about this many characters per top-level field: strings by length, anything else as 8
+MAX_DEPTH: Final = 16  # deeper objects and arrays are left out
+_OTHER: Final = 8  # what a number, bool, null, key or container counts against the budget
 
 
 def encode(entry: dict[str, Any]) -> bytes:

@@ -21,14 +21,14 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pep.config import DecisionLogConfig
 
 T = TypeVar("T")
 
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-_MODE = 0o640
+_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+_MODE: Final = 0o640
 
 
 class DecisionLogError(Exception):

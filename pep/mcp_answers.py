@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -60,11 +60,13 @@ from pep.records import record
 from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp
 from pep.routing import Route
 
-log = logging.getLogger("pep.mcp_answers")
-UNREADABLE = "upstream_unreadable"
-_UNREADABLE_MESSAGE = "The upstream's answer could not be read to be decided."
+log: Final = logging.getLogger("pep.mcp_answers")
+UNREADABLE: Final = "upstream_unreadable"
+_UNREADABLE_MESSAGE: Final = "The upstream's answer could not be read to be decided."
 # A tool the PDP answered about: allowed, or refused for itself (not "the PDP could not decide").
-_VERDICTS = frozenset({Reason.ALLOWED, Reason.POLICY_DENIED, Reason.PDP_UNDEFINED, Reason.OBLIGATION_UNSUPPORTED})
+_VERDICTS: Final = frozenset(
+    {Reason.ALLOWED, Reason.POLICY_DENIED, Reason.PDP_UNDEFINED, Reason.OBLIGATION_UNSUPPORTED}
+)
 
 
 class _Cut(Exception):

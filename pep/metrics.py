@@ -17,7 +17,7 @@ import abc
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, Protocol, TypeVar, cast
+from typing import Final, Generic, Protocol, TypeVar, cast
 
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -28,15 +28,15 @@ from pep import __version__
 from pep.breaker import State
 from pep.decision import DENY_REASONS, Reason
 
-UNMATCHED = "_unmatched"
-PDP_OUTCOMES = ("ok", "error", "timeout", "unreachable")
-UPSTREAM_FAILURES = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unreadable")
-CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-APPROVAL_RESULTS = ("requested", "granted", "denied", "timeout", "unavailable", "invalid")
-CREDENTIAL_FETCH_RESULTS = ("success", "refused", "error")  # refused: the server answered with an OAuth error
-_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_SLOW = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus-client writes `le` (untyped there)
+UNMATCHED: Final = "_unmatched"
+PDP_OUTCOMES: Final = ("ok", "error", "timeout", "unreachable")
+UPSTREAM_FAILURES: Final = ("connect", "timeout", "reset", "body_limit", "body_timeout", "unreadable")
+CODE_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+APPROVAL_RESULTS: Final = ("requested", "granted", "denied", "timeout", "unavailable", "invalid")
+CREDENTIAL_FETCH_RESULTS: Final = ("success", "refused", "error")  # refused: the server answered with an OAuth error
+_FAST: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SLOW: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_go_float: Final = cast(Callable[[float], str], floatToGoString)  # how prometheus-client writes `le` (untyped there)
 
 
 class Count:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pep import approval_step, attributes, tunnel
 from pep.admission import Admission, Refusal, RequestFacts, admit, target_path
@@ -47,9 +47,9 @@ from pep.trace import Spans, Trace, from_headers
 from pep.transport import BodyState, ConnectionInfo, ErrorAnswer, Exchange, RequestLine
 from pep.upstream import Upstream
 
-log = logging.getLogger("pep.proxy")
-_NO_BODY = Framing.NONE
-_BODY_FAILED = BodyState.FAILED
+log: Final = logging.getLogger("pep.proxy")
+_NO_BODY: Final = Framing.NONE
+_BODY_FAILED: Final = BodyState.FAILED
 
 
 def _early(reason: Reason, detail: str) -> Outcome:

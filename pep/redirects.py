@@ -16,25 +16,26 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Final
 from urllib.parse import SplitResult, urlsplit
 
 from pep.authority import DEFAULT_PORTS, format_host
 from pep.routing import Route
 
 Fields = list[tuple[bytes, bytes]]
-_URL_FIELDS = frozenset({b"location", b"content-location", b"refresh", b"link"})
+_URL_FIELDS: Final = frozenset({b"location", b"content-location", b"refresh", b"link"})
 # A cheap first look at each answer field, before any lower-casing: Date, Vary and ETag have Link's length, not
 # its initial.
-_URL_FIELD_LENGTHS = frozenset(len(n) for n in _URL_FIELDS)
-_URL_FIELD_INITIALS = frozenset(n[0] for n in _URL_FIELDS)
+_URL_FIELD_LENGTHS: Final = frozenset(len(n) for n in _URL_FIELDS)
+_URL_FIELD_INITIALS: Final = frozenset(n[0] for n in _URL_FIELDS)
 # The schemes of URLs that name a host and port a client connects to, with their default port (ws: RFC 6455).
-_DEFAULT_PORTS = {**DEFAULT_PORTS, "ws": 80, "wss": 443}
+_DEFAULT_PORTS: Final = {**DEFAULT_PORTS, "ws": 80, "wss": 443}
 Origin = tuple[str, str, int | None]  # scheme, host (as compared), effective port
 # `Refresh: 5; url=https://…` (a de facto standard that browsers and some clients follow like a redirect).
 # Read as HTML's declarative refresh reads it (browsers, and clients that copy them): a delay of digits and dots,
 # then `;`, `,` or whitespace alone, an optional `url=`, an optional quote that need not be closed (what follows
 # a closing quote is not part of the URL).
-_REFRESH = re.compile(r"(?is)(\s*(?=[\d.])[\d.]*(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?)(['\"]?)(.*)\Z")
+_REFRESH: Final = re.compile(r"(?is)(\s*(?=[\d.])[\d.]*(?:\s*[;,]\s*|\s+)(?:url\s*=\s*)?)(['\"]?)(.*)\Z")
 
 
 def _origin(scheme: str, host: str | None, port: int | None) -> Origin:

@@ -7,7 +7,7 @@ and then sent whole by the transport, which alone writes the framing fields.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -15,7 +15,7 @@ from pep.approvals.binding import ApprovalPending
 from pep.decision import Reason
 from pep.protocols import NO_ID, Inspected
 
-MESSAGES: dict[Reason, str] = {
+MESSAGES: Final[dict[Reason, str]] = {
     Reason.POLICY_DENIED: "The policy denied this request.",
     Reason.PDP_UNDEFINED: "The policy gave no decision for this request.",
     Reason.PDP_MALFORMED: "The policy decision point gave an answer that could not be read.",
@@ -42,7 +42,7 @@ MESSAGES: dict[Reason, str] = {
     Reason.INTERNAL_ERROR: "The proxy failed while deciding.",
 }
 
-_JSON = "application/json"
+_JSON: Final = "application/json"
 
 
 class Reply:
@@ -68,7 +68,7 @@ class Reply:
 
 
 # The PDP could not decide (JSON-RPC -32603, "internal") as opposed to a decision against the request (-32001).
-UNDECIDED: frozenset[Reason] = frozenset(
+UNDECIDED: Final[frozenset[Reason]] = frozenset(
     {
         Reason.PDP_UNDEFINED,
         Reason.PDP_MALFORMED,
@@ -83,9 +83,9 @@ UNDECIDED: frozenset[Reason] = frozenset(
         Reason.INTERNAL_ERROR,
     }
 )
-MCP_DENIED = -32001
-MCP_UNDECIDED = -32603
-MCP_URL_ELICITATION_REQUIRED = -32042  # MCP 2025-11-25: the client shows the user a URL, then retries
+MCP_DENIED: Final = -32001
+MCP_UNDECIDED: Final = -32603
+MCP_URL_ELICITATION_REQUIRED: Final = -32042  # MCP 2025-11-25: the client shows the user a URL, then retries
 
 
 def _deny_headers(reason: Reason, request_id: str) -> dict[str, str]:
@@ -184,7 +184,7 @@ def deny_openai(reason: Reason, request_id: str, approval: ApprovalPending | Non
     return Reply(403, headers, body)
 
 
-_UPSTREAM_FAILURES = {
+_UPSTREAM_FAILURES: Final = {
     "connect": (502, "upstream_unavailable", "The upstream could not be reached."),
     "reset": (502, "upstream_unavailable", "The upstream closed the connection without a response."),
     "timeout": (504, "upstream_timeout", "The upstream did not answer in time."),
@@ -208,7 +208,7 @@ def upstream_failure(kind: str, request_id: str, decision_id: str) -> Reply:
     return Reply(status, headers, body)
 
 
-_UNREADABLE_REQUESTS = {
+_UNREADABLE_REQUESTS: Final = {
     400: "bad_request",
     413: "body_too_large",
     414: "uri_too_long",

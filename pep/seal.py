@@ -25,20 +25,20 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PREFIX = "pt1."
-KEY_BYTES = 32
-KID_BYTES = 8
-NONCE_BYTES = 12
-TAG_BYTES = 16
-MAX_TICKET_CHARS = 4096  # a ticket longer than this is refused before any decoding
-_AAD = b"failclosed-pep/ticket/v1\x00"
-_KID_LABEL = b"failclosed-pep/ticket-key-id\x00"
+PREFIX: Final = "pt1."
+KEY_BYTES: Final = 32
+KID_BYTES: Final = 8
+NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
+MAX_TICKET_CHARS: Final = 4096  # a ticket longer than this is refused before any decoding
+_AAD: Final = b"failclosed-pep/ticket/v1\x00"
+_KID_LABEL: Final = b"failclosed-pep/ticket-key-id\x00"
 
 
 class SealKeyError(Exception):
@@ -117,7 +117,7 @@ def _b64decode(text: str) -> bytes | None:
         return None
 
 
-_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64URL: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 class Sealer:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from itertools import chain
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -78,16 +78,18 @@ def _int64(text: str) -> int:
     return value
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant, parse_int=_int64)
-_FOLDING_DECODER = json.JSONDecoder(
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_pairs_no_duplicates, parse_constant=_no_constant, parse_int=_int64
+)
+_FOLDING_DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_pairs_no_folded_duplicates, parse_constant=_no_constant, parse_int=_int64
 )
 # A number of 19 digits or more may lie outside i64/u64 (-2**63 has 19 digits): those take the second pass, which
 # checks the range; shorter ones are read exactly by orjson. A run of 19 digits is looked for in the text with
 # every digit mapped to `1` and every other byte to `0` (two C passes): the regex `[0-9]{19}` took 40-70 µs on a
 # 2 KB body, more than parsing it.
-_DIGITS = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
-_NINETEEN_DIGITS = b"1" * 19
+_DIGITS: Final = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
+_NINETEEN_DIGITS: Final = b"1" * 19
 
 
 def _long_number(data: bytes) -> bool:
@@ -147,7 +149,7 @@ def loads_object(data: bytes, max_depth: int = 64, *, fold_keys: bool = False) -
 
 # What every escape of a colon (`\\u003a`, `\\u003A`) starts with (and those of `0`-`9`, `;`-`?`, rare in keys
 # and values: they only cost the second pass).
-_ESCAPED_COLON = b"\\u003"
+_ESCAPED_COLON: Final = b"\\u003"
 
 
 def _no_duplicates(value: dict[str, Any] | list[Any], data: bytes) -> bool:

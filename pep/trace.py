@@ -18,22 +18,22 @@ import re
 from collections.abc import Iterable
 from contextvars import ContextVar
 from random import getrandbits
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from multidict import CIMultiDictProxy
 
-_HEX_LOWER = re.compile(r"[0-9a-f]+\Z")
-_INVALID_TRACE = "0" * 32
-_INVALID_SPAN = "0" * 16
-MAX_TRACESTATE = 512  # the spec's minimum a vendor must propagate; longer lists are truncated by members
-MAX_MEMBERS = 32
+_HEX_LOWER: Final = re.compile(r"[0-9a-f]+\Z")
+_INVALID_TRACE: Final = "0" * 32
+_INVALID_SPAN: Final = "0" * 16
+MAX_TRACESTATE: Final = 512  # the spec's minimum a vendor must propagate; longer lists are truncated by members
+MAX_MEMBERS: Final = 32
 # Trace Context level 1, 3.3.1.3: a key is a simple key or `tenant@system`; a value is printable ASCII without
 # `,` and `=`, at most 256 characters, not ending in a space. Nothing outside ASCII can pass, so a kept tracestate
 # always fits in a header (a caller's `é` or a byte that is not UTF-8 once made building the PDP request fail).
-_KEY = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})\Z")
-_VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z")
-_OWS = " \t"
-_LOWEST_BITS = 1 << 64 | 1  # of a new trace id (the top 128 of 192 random bits) and of its parent id (the rest)
+_KEY: Final = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})\Z")
+_VALUE: Final = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z")
+_OWS: Final = " \t"
+_LOWEST_BITS: Final = 1 << 64 | 1  # of a new trace id (the top 128 of 192 random bits) and of its parent id (the rest)
 
 
 class Trace:
@@ -68,7 +68,7 @@ class Trace:
         return out
 
 
-CURRENT: ContextVar[Trace | None] = ContextVar("pep_trace", default=None)
+CURRENT: Final[ContextVar[Trace | None]] = ContextVar("pep_trace", default=None)
 
 
 def parse_traceparent(value: str) -> tuple[str, str, str] | None:

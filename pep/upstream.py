@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 from pep import redirects
@@ -38,8 +38,8 @@ from pep.transport import (
 )
 
 WHOLE_ANSWER_LIMIT = 8 * 1048576  # the largest answer read whole to be decided (a JSON answer an AnswerCheck reads)
-WHOLE_BODY_LIMIT = 65536  # responses up to this size (with Content-Length) are read whole, then sent at once
-_NO_BODY = Framing.NONE
+WHOLE_BODY_LIMIT: Final = 65536  # responses up to this size (with Content-Length) are read whole, then sent at once
+_NO_BODY: Final = Framing.NONE
 
 # Reads a streamed answer as it arrives (None once it has ended): the bytes to relay now, and True when the stream
 # ends there (a refused event is never relayed: the gate returns an error event instead and ends the stream).
@@ -345,7 +345,7 @@ class Upstream:
         await self._pool.close()
 
 
-_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASSES: Final = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def _whole_body_fits(method: bytes, up: ClientResponse) -> bool:

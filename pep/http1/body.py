@@ -12,22 +12,25 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
+from typing import Final
 
 from pep.http1.errors import BodyTooLarge, ProtocolError
 from pep.http1.events import Data, EndOfMessage
 from pep.http1.fields import parse_fields
 from pep.http1.limits import Limits
 
-_HEX = b"0123456789abcdefABCDEF"
+_HEX: Final = b"0123456789abcdefABCDEF"
 # Fields the readers act on in a head: in a trailer section they are refused, since a later reader that merged
 # them into the head (RFC 9110 6.5.1 forbids it, some do) would frame or route the message differently.
-_HEAD_ONLY = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"})
-_MAX_SIZE_DIGITS = 16  # up to 2**64 - 1, llhttp's bound
+_HEAD_ONLY: Final = frozenset({b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect"})
+_MAX_SIZE_DIGITS: Final = 16  # up to 2**64 - 1, llhttp's bound
 # RFC 9112 7.1.1 chunk extensions after the size: `;name` or `;name=token` or `;name="quoted"`, whitespace
 # around `;` and `=` (BWS). Checked although nobody reads them: they are where parsers have disagreed before.
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_EXTENSIONS = re.compile(rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*")
+_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED: Final = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_EXTENSIONS: Final = re.compile(
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)
 
 
 class BodyReader(ABC):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -19,8 +20,8 @@ class Signal(enum.Enum):
     PAUSED = "paused"  # the message is complete: nothing more is read until the caller moves the reader on
 
 
-NEED_DATA = Signal.NEED_DATA
-PAUSED = Signal.PAUSED
+NEED_DATA: Final = Signal.NEED_DATA
+PAUSED: Final = Signal.PAUSED
 
 
 class Framing(enum.Enum):

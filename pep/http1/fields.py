@@ -9,15 +9,17 @@ at a third of the cost: the bytes are all allowed exactly when they come back un
 
 from __future__ import annotations
 
+from typing import Final
+
 from pep.http1.errors import LocalProtocolError, ProtocolError
 from pep.http1.events import Fields
 from pep.http1.limits import Limits
 
 # RFC 9110 5.6.2 tchar
-TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # RFC 9110 5.5 field-vchar, SP and HTAB: every byte but the controls (CR, LF and NUL among them) and DEL
-VALUE = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
-_OWS = b" \t"
+VALUE: Final = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
+_OWS: Final = b" \t"
 
 
 def keeping(allowed: bytes) -> bytes:
@@ -26,7 +28,7 @@ def keeping(allowed: bytes) -> bytes:
     return bytes(b if b in allowed else b ^ 1 for b in range(256))
 
 
-KEEP_VALUE = keeping(VALUE)
+KEEP_VALUE: Final = keeping(VALUE)
 
 
 def is_token(data: bytes) -> bool:

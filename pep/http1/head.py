@@ -21,7 +21,7 @@ steps as `_partial` in the same order, with no state kept between reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import httptools
 
@@ -32,7 +32,7 @@ from pep.http1.limits import Limits
 
 Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 T = TypeVar("T")
-_OWS = b" \t"
+_OWS: Final = b" \t"
 
 
 class FieldSink:

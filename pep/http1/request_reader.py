@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import Final
 
 import httptools
 
@@ -56,19 +57,19 @@ class RequestState(enum.Enum):
 
 
 # Module aliases: reading a member off an Enum class runs Python code on 3.11 (EnumType.__getattr__).
-_IDLE = RequestState.IDLE
-_HEAD = RequestState.HEAD
-_BODY = RequestState.BODY
-_DONE = RequestState.DONE
-_MUST_CLOSE = RequestState.MUST_CLOSE
-_SWITCHED = RequestState.SWITCHED
-_CLOSED = RequestState.CLOSED
-_ERROR = RequestState.ERROR
+_IDLE: Final = RequestState.IDLE
+_HEAD: Final = RequestState.HEAD
+_BODY: Final = RequestState.BODY
+_DONE: Final = RequestState.DONE
+_MUST_CLOSE: Final = RequestState.MUST_CLOSE
+_SWITCHED: Final = RequestState.SWITCHED
+_CLOSED: Final = RequestState.CLOSED
+_ERROR: Final = RequestState.ERROR
 _NO_BODY, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
 _ORIGIN_FORM, _ABSOLUTE_FORM = TargetForm.ORIGIN, TargetForm.ABSOLUTE
 _AUTHORITY_FORM, _ASTERISK_FORM = TargetForm.AUTHORITY, TargetForm.ASTERISK
 
-_NEXT: dict[RequestState, frozenset[RequestState]] = {
+_NEXT: Final[dict[RequestState, frozenset[RequestState]]] = {
     _IDLE: frozenset({_HEAD, _CLOSED, _ERROR}),
     _HEAD: frozenset({_BODY, _ERROR}),
     _BODY: frozenset({_DONE, _ERROR}),
@@ -79,22 +80,22 @@ _NEXT: dict[RequestState, frozenset[RequestState]] = {
     _ERROR: frozenset(),
 }
 
-_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
-_ANY_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_VERSIONS: Final = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
+_ANY_VERSION: Final = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # Tokens, and what most requests carry: `_request_line` takes them without a check of its own.
-_USUAL_METHODS = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS", b"CONNECT"})
+_USUAL_METHODS: Final = frozenset({b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS", b"CONNECT"})
 # RFC 3986 reg-name, IPv4 or IP-literal, then a port: a Host value (port optional and maybe empty) and
 # CONNECT's authority-form (port required).
-_HOST = rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)"
-_HOST_VALUE = re.compile(_HOST + rb"(?::[0-9]*)?")
-_AUTHORITY = re.compile(_HOST + rb":([0-9]{1,5})")
-_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
-_CONNECT = b"CONNECT"
+_HOST: Final = rb"(?:\[[0-9A-Za-z:.\-_~!$&'()*+,;=%]+\]|[0-9A-Za-z.\-_~!$&'()*+,;=%]*)"
+_HOST_VALUE: Final = re.compile(_HOST + rb"(?::[0-9]*)?")
+_AUTHORITY: Final = re.compile(_HOST + rb":([0-9]{1,5})")
+_SCHEME: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*://")
+_CONNECT: Final = b"CONNECT"
 # Host values already found well-formed: a client sends the same one on every request (bounded: cleared when full)
-_GOOD_HOSTS: set[bytes] = set()
-_GOOD_HOSTS_MAX = 256
-_OWS = b" \t"
-_FRAMING_NAME_LENGTHS = frozenset(
+_GOOD_HOSTS: Final[set[bytes]] = set()
+_GOOD_HOSTS_MAX: Final = 256
+_OWS: Final = b" \t"
+_FRAMING_NAME_LENGTHS: Final = frozenset(
     len(n) for n in (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect")
 )
 

@@ -16,6 +16,7 @@ call raises. Every error has status hint 502.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 import httptools
 
@@ -52,17 +53,17 @@ class ResponseState(enum.Enum):
 
 
 # Module aliases: reading a member off an Enum class runs Python code on 3.11 (EnumType.__getattr__).
-_IDLE = ResponseState.IDLE
-_HEAD = ResponseState.HEAD
-_BODY = ResponseState.BODY
-_DONE = ResponseState.DONE
-_SWITCHED = ResponseState.SWITCHED
-_CLOSED = ResponseState.CLOSED
-_ERROR = ResponseState.ERROR
+_IDLE: Final = ResponseState.IDLE
+_HEAD: Final = ResponseState.HEAD
+_BODY: Final = ResponseState.BODY
+_DONE: Final = ResponseState.DONE
+_SWITCHED: Final = ResponseState.SWITCHED
+_CLOSED: Final = ResponseState.CLOSED
+_ERROR: Final = ResponseState.ERROR
 _NO_BODY, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
 _CLOSE, _TUNNEL = Framing.CLOSE, Framing.TUNNEL
 
-_NEXT: dict[ResponseState, frozenset[ResponseState]] = {
+_NEXT: Final[dict[ResponseState, frozenset[ResponseState]]] = {
     _IDLE: frozenset({_HEAD, _CLOSED, _ERROR}),
     _HEAD: frozenset({_BODY, _SWITCHED, _ERROR}),
     _BODY: frozenset({_DONE, _ERROR}),
@@ -72,19 +73,19 @@ _NEXT: dict[ResponseState, frozenset[ResponseState]] = {
     _ERROR: frozenset(),
 }
 
-_OWS = b" \t"
-_FRAMING_NAME_LENGTHS = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
-_VERSIONS = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
-_DIGITS = b"0123456789"
+_OWS: Final = b" \t"
+_FRAMING_NAME_LENGTHS: Final = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
+_VERSIONS: Final = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
+_DIGITS: Final = b"0123456789"
 # Every status `_status_line` accepts, as its three digits: a lookup checks and converts it at once.
-_STATUSES = {b"%d" % status: status for status in range(100, 600)}
+_STATUSES: Final = {b"%d" % status: status for status in range(100, 600)}
 
 
 # Status lines already checked, and what they gave: a server sends the same few again and again, and a lookup of
 # the whole line is a fifth of checking it (bounded: lines up to 64 bytes, cleared when full).
-_GOOD_LINES: dict[bytes, tuple[bytes, int, bytes]] = {}
-_GOOD_LINES_MAX = 256
-_GOOD_LINE_BYTES = 64
+_GOOD_LINES: Final[dict[bytes, tuple[bytes, int, bytes]]] = {}
+_GOOD_LINES_MAX: Final = 256
+_GOOD_LINE_BYTES: Final = 64
 
 
 def _status_line(line: bytes) -> tuple[bytes, int, bytes]:

@@ -7,11 +7,11 @@ that is safe to log: it never holds the token or any part of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pep.decision import Reason
 
-REALM = "failclosed-pep"
+REALM: Final = "failclosed-pep"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import ssl
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import aiohttp
 import orjson
@@ -34,11 +34,11 @@ from pep.cache_control import ttl_of
 from pep.config import JwtConfig
 from pep.secret_file import Stamp, file_stamp
 
-MAX_JWKS_BYTES = 1 << 20
-CHECK_S = 1.0  # a jwks_file is looked at (one stat) at most this often
+MAX_JWKS_BYTES: Final = 1 << 20
+CHECK_S: Final = 1.0  # a jwks_file is looked at (one stat) at most this often
 
-_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+_EC_CURVES: Final = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
+_OKP_CURVES: Final = frozenset({"Ed25519", "Ed448"})
 
 
 class KeysError(Exception):

@@ -21,7 +21,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pep.config import MtlsConfig
 from pep.decision import Reason
@@ -30,8 +30,8 @@ from pep.secret_file import Stamp, file_stamp
 from pep.stderr import say
 
 # spiffe://<trust domain>/<path>: lower-case trust domain, path segments of [A-Za-z0-9._-], no dot segments.
-_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
-MAX_ID_BYTES = 2048
+_SPIFFE_ID: Final = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
+MAX_ID_BYTES: Final = 2048
 
 
 def server_context(cfg: MtlsConfig) -> ssl.SSLContext:
@@ -56,7 +56,7 @@ def stale(detail: str) -> Refusal:
     return Refusal(Reason.IDENTITY_INVALID, detail, "invalid_token", drop_session=True)
 
 
-CHECK_S = 1.0  # the certificate files are looked at (three stats) at most this often
+CHECK_S: Final = 1.0  # the certificate files are looked at (three stats) at most this often
 
 
 class ListenerTls:

@@ -20,7 +20,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from jwt import PyJWK
@@ -32,13 +32,13 @@ from pep.config import JWT_ALGORITHMS, JwtConfig
 from pep.identity import Refusal, Verified, invalid, unavailable
 from pep.identity.keys import KeySource
 
-_BEARER_HEADERS = frozenset({"authorization", "proxy-authorization"})
-_REQUIRED = ["exp", "iss", "aud", "sub"]
-_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
-MAX_TOKEN_BYTES = 16384
+_BEARER_HEADERS: Final = frozenset({"authorization", "proxy-authorization"})
+_REQUIRED: Final = ["exp", "iss", "aud", "sub"]
+_TOKEN_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+MAX_TOKEN_BYTES: Final = 16384
 
 # PyJWT's exceptions as fixed descriptions: its messages can quote parts of the token.
-_DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
+_DESCRIPTIONS: Final[tuple[tuple[type[Exception], str], ...]] = (
     (jwt.ExpiredSignatureError, "the token has expired"),
     (jwt.ImmatureSignatureError, "the token is not valid yet"),
     (jwt.InvalidAudienceError, "the token is not for this audience"),
@@ -98,7 +98,7 @@ def strict_parts(token: str) -> bool:
 
 # `typ` values (RFC 7515 4.1.9: case-insensitive, `application/` optional) a bearer access token may carry: RFC
 # 9068's `at+jwt`, and the generic `JWT` and `JOSE` most IdPs and JWT-SVIDs use.
-_ACCESS_TYPES = frozenset({"jwt", "jose", "at+jwt"})
+_ACCESS_TYPES: Final = frozenset({"jwt", "jose", "at+jwt"})
 
 
 def access_token_type(typ: object) -> bool:

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from mypy_extensions import mypyc_attr
@@ -58,23 +58,25 @@ class Failure:
     refused: bool = False
 
 
-ALLOWED = Verdict(True, Reason.ALLOWED)
-DENIED = Verdict(False, Reason.POLICY_DENIED)
-UNDEFINED = Verdict(False, Reason.PDP_UNDEFINED)
+ALLOWED: Final = Verdict(True, Reason.ALLOWED)
+DENIED: Final = Verdict(False, Reason.POLICY_DENIED)
+UNDEFINED: Final = Verdict(False, Reason.PDP_UNDEFINED)
 # The breaker no longer admitted the call when it was about to go out (see `admitted`).
-UNSENT = "unsent"  # a Failure's outcome when the PDP was not asked: never observed, never the breaker's
-NOT_ADMITTED = Failure(Reason.CIRCUIT_OPEN, UNSENT, False, "the circuit opened before the call went out")
+UNSENT: Final = "unsent"  # a Failure's outcome when the PDP was not asked: never observed, never the breaker's
+NOT_ADMITTED: Final = Failure(Reason.CIRCUIT_OPEN, UNSENT, False, "the circuit opened before the call went out")
 
 # The failures that are the PDP's own (README, "Only the PDP's own failures count": timeouts, transport errors,
 # error statuses, malformed answers).
 # Any other failure (the request could not be built, not admitted) says nothing about the PDP.
-PDP_FAILURES = frozenset({Reason.PDP_TIMEOUT, Reason.PDP_UNREACHABLE, Reason.PDP_ERROR_STATUS, Reason.PDP_MALFORMED})
+PDP_FAILURES: Final = frozenset(
+    {Reason.PDP_TIMEOUT, Reason.PDP_UNREACHABLE, Reason.PDP_ERROR_STATUS, Reason.PDP_MALFORMED}
+)
 
 # Set by the engine for each decision that has a breaker: a remote PDP calls `admitted()` right before a call's
 # first byte, with nothing awaited in between, and makes no call when it says no. A permit is only valid for an
 # immediate call; this is where a call that waited (for a connection, a discovery) learns that the circuit
 # opened meanwhile.
-GATE: ContextVar[Callable[[], bool] | None] = ContextVar("pep_pdp_gate", default=None)
+GATE: Final[ContextVar[Callable[[], bool] | None]] = ContextVar("pep_pdp_gate", default=None)
 
 
 def admitted() -> bool:
@@ -101,7 +103,7 @@ async def settled(result: Verdict | Failure) -> Verdict | Failure:
 Ask = Callable[[dict[str, Any], str], Awaitable[Verdict | Failure]]
 
 # The most PDP exchanges one decision about several documents keeps open at once (the engine may allow fewer).
-BATCH_CONCURRENCY = 16
+BATCH_CONCURRENCY: Final = 16
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # PDPs of the tests, and explain's recording PDP, subclass it

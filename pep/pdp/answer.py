@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pep import strictjson
 from pep.decision import Reason
 from pep.pdp import Failure
 from pep.pdp.transport import RawAnswer
 
-_RETRYABLE_STATUS = frozenset({502, 503, 504})
+_RETRYABLE_STATUS: Final = frozenset({502, 503, 504})
 
 
 # Content types already found to be JSON: a PDP sends the same one or two values on every answer, so one set
 # lookup in C replaces the split, strip and lower-casing. Bounded: short values only, cleared when full.
-_JSON_TYPES: set[str] = set()
-_JSON_TYPES_MAX = 64
+_JSON_TYPES: Final[set[str]] = set()
+_JSON_TYPES_MAX: Final = 64
 
 
 def is_json_content_type(value: str) -> bool:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 from pep.pdp import ApprovalAsk, Failure
 from pep.pdp.answer import malformed
 
-MAX_APPROVER = 256
-MAX_MESSAGE = 1024
+MAX_APPROVER: Final = 256
+MAX_MESSAGE: Final = 1024
 
 
 def _printable(text: str) -> bool:
@@ -41,7 +41,7 @@ def message_of(value: Any, where: str) -> str | Failure | None:
     return value
 
 
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z")
+_RFC3339: Final = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z")
 
 
 def rfc3339(value: Any, where: str) -> float | Failure:
@@ -55,7 +55,7 @@ def rfc3339(value: Any, where: str) -> float | Failure:
         return malformed(f"{where} is not an RFC 3339 date-time with seconds and an offset")
 
 
-_OPA_KEYS = frozenset({"approver", "message"})
+_OPA_KEYS: Final = frozenset({"approver", "message"})
 
 
 def opa_approval(value: Any) -> ApprovalAsk | Failure:

@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import orjson
@@ -26,11 +26,11 @@ from pep.pdp.mapping import AmbiguousMapping, CompiledMapping, MappingError, Par
 from pep.pdp.transport import HttpTransport, RawAnswer, request_headers
 from pep.secret_file import FileSecret
 
-WELL_KNOWN = "/.well-known/authzen-configuration"
-DEFAULT_TTL_S = 300.0  # metadata lifetime when the PDP sends no Cache-Control max-age
-DISCOVERY_TIMEOUT_S = 5.0  # one metadata fetch; callers still give up at their own decision deadline
-_NOTE_MAX = 256
-_REASON_KEYS = ("reason", "reason_admin", "reason_user")
+WELL_KNOWN: Final = "/.well-known/authzen-configuration"
+DEFAULT_TTL_S: Final = 300.0  # metadata lifetime when the PDP sends no Cache-Control max-age
+DISCOVERY_TIMEOUT_S: Final = 5.0  # one metadata fetch; callers still give up at their own decision deadline
+_NOTE_MAX: Final = 256
+_REASON_KEYS: Final = ("reason", "reason_admin", "reason_user")
 
 
 def metadata_url(base: str) -> str:
@@ -39,7 +39,7 @@ def metadata_url(base: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{WELL_KNOWN}{parts.path.rstrip('/')}"
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

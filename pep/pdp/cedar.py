@@ -16,7 +16,7 @@ import json
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import cedarpy
 import orjson
@@ -27,23 +27,23 @@ from pep.pdp import UNSENT, ApprovalAsk, Failure, Pdp, Verdict
 from pep.pdp.approval import MAX_MESSAGE, approver_of, message_of
 from pep.pdp.mapping import AmbiguousMapping, CompiledMapping, MappingError, map_document
 
-_ESCAPES = frozenset({"__entity", "__extn", "__expr"})
-_I64 = 2**63
-_DECIMAL_MAX = 922337203685477.5807
-_NOTE_MAX = 256
+_ESCAPES: Final = frozenset({"__entity", "__extn", "__expr"})
+_I64: Final = 2**63
+_DECIMAL_MAX: Final = 922337203685477.5807
+_NOTE_MAX: Final = 256
 # Parsed request entities kept for reuse, by their JSON text: Cedar's parse of the principal and resource costs
 # more than the evaluation, and most requests repeat one (same agent, route, path and arguments). Bounded in
 # entries and, through the largest text kept, in bytes; emptied by a reload. Each set kept holds its own copy of
 # the entities file's map (measured: about 180 bytes per entity), so a large file keeps fewer sets: at most
 # _ENTITY_SLOTS entities over all of them.
-_ENTITIES_CACHED = 256
-_ENTITIES_KEY_MAX = 4096
-_ENTITY_SLOTS = 16384
+_ENTITIES_CACHED: Final = 256
+_ENTITIES_KEY_MAX: Final = 4096
+_ENTITY_SLOTS: Final = 16384
 
 
 # How cedarpy reports a request it could not build (a principal type that is no Cedar name, a string that is not
 # valid Unicode in the context): in the diagnostics, not as an exception. Pinned by tests/unit/test_cedar.py.
-_BUILD_ERROR = "failed to build request"
+_BUILD_ERROR: Final = "failed to build request"
 
 
 def _cannot_take(detail: str) -> Failure:

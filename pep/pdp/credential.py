@@ -7,15 +7,15 @@ OPA `result.credential`, AuthZEN `context.credential`. The shape is checked here
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pep.decision import CredentialNarrowing
 from pep.pdp import Failure
 from pep.pdp.answer import malformed
 
-_KEYS = frozenset({"audience", "scopes"})
-MAX_SCOPES = 64
-MAX_TEXT = 256
+_KEYS: Final = frozenset({"audience", "scopes"})
+MAX_SCOPES: Final = 64
+MAX_TEXT: Final = 256
 
 
 def _token(value: Any) -> bool:

@@ -20,7 +20,7 @@ import math
 import ssl
 import zlib
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from pep.http1 import Fields, LocalProtocolError, RequestStart, Response
@@ -29,9 +29,9 @@ from pep.records import record
 from pep.transport import ConnectFailed, NotAdmitted, Origin, Pool, UpstreamError
 
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_WBITS: Final = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 # The answer's fields the PEP reads, by the length of their names (most fields are skipped without lower()).
-_READ_LENGTHS = frozenset({12, 13, 16})  # content-type and x-request-id, cache-control, content-encoding
+_READ_LENGTHS: Final = frozenset({12, 13, 16})  # content-type and x-request-id, cache-control, content-encoding
 
 __all__ = [
     "IDLE_S",

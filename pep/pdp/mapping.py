@@ -7,12 +7,12 @@ per-route changes are compiled once at start.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pep.config import RouteMapping
 
-_MISSING = object()
-_FACTS = ("route", "method", "host", "path", "query")
+_MISSING: Final = object()
+_FACTS: Final = ("route", "method", "host", "path", "query")
 
 
 class MappingError(ValueError):
@@ -99,9 +99,9 @@ class Parts:
     context: dict[str, Any]
 
 
-USER = "user"  # a verified token's `sub`
-AGENT = "agent"  # the workload behind the listener: the peer's SPIFFE ID (mTLS), else `identity.workload`
-ANONYMOUS = "anonymous"  # neither
+USER: Final = "user"  # a verified token's `sub`
+AGENT: Final = "agent"  # the workload behind the listener: the peer's SPIFFE ID (mTLS), else `identity.workload`
+ANONYMOUS: Final = "anonymous"  # neither
 
 
 def principal(doc: dict[str, Any]) -> tuple[str, str]:
@@ -178,9 +178,9 @@ def default_parts(doc: dict[str, Any]) -> Parts:
 
 
 # MCP facts that go into the properties as they are (absent ones are left out).
-_MCP_FACTS = ("direction", "replies_to", "fields", "tools", "ref_type", "argument")
-_KINDS = {"tools": "tool", "prompts": "prompt", "resources": "resource"}
-_REFS = {"ref/prompt": "prompt", "ref/resource": "resource"}
+_MCP_FACTS: Final = ("direction", "replies_to", "fields", "tools", "ref_type", "argument")
+_KINDS: Final = {"tools": "tool", "prompts": "prompt", "resources": "resource"}
+_REFS: Final = {"ref/prompt": "prompt", "ref/resource": "resource"}
 
 
 def _mcp_parts(mcp: dict[str, Any], route: str) -> tuple[str, dict[str, str]]:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from pep.decision import CredentialNarrowing, Reason
 from pep.pdp import ALLOWED, DENIED, UNDEFINED, Failure, Pdp, Verdict, encode, settled
@@ -16,11 +16,11 @@ from pep.pdp.credential import credential_narrowing
 from pep.pdp.transport import HttpTransport, RawAnswer
 from pep.secret_file import FileSecret
 
-_NOTE_MAX = 256
+_NOTE_MAX: Final = 256
 
 
 # The usual allow, byte for byte as OPA writes it: known without a parse (the same Verdict the parse gives).
-_ALLOWED_BODY = b'{"result":true}'
+_ALLOWED_BODY: Final = b'{"result":true}'
 
 
 def parse_answer(answer: RawAnswer) -> Verdict | Failure:

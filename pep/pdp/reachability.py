@@ -17,16 +17,17 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import urlsplit
 
 from pep.config import PdpConfig
 from pep.pdp.transport import tls_context
 
-PROBE_TIMEOUT_S = 2.0  # one connection attempt, handshake included
+PROBE_TIMEOUT_S: Final = 2.0  # one connection attempt, handshake included
 RETRY_S = 1.0  # between probes while the PDP cannot be reached
 INTERVAL_S = 5.0  # between probes while it can
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)

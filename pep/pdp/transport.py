@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from pep import __version__
 from pep.decision import Reason
@@ -32,12 +32,12 @@ T = TypeVar("T")
 RawAnswer = Answer
 
 # The one content type of every decision request: a fixed field of the decision endpoint's request head.
-_JSON: tuple[tuple[bytes, bytes], ...] = ((b"Content-Type", b"application/json"),)
+_JSON: Final[tuple[tuple[bytes, bytes], ...]] = ((b"Content-Type", b"application/json"),)
 # Names `request_headers` writes itself: an auth header of one of these names is merged into it (the general path).
-_WRITTEN = frozenset({"Content-Type", "X-Request-ID", "traceparent", "tracestate"})
+_WRITTEN: Final = frozenset({"Content-Type", "X-Request-ID", "traceparent", "tracestate"})
 # What a send raises instead of answering (see `_send_failure`).
-_SEND_ERRORS = (NotAdmitted, LocalProtocolError, UpstreamError, OSError, ValueError)
-_NO_AUTH = Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
+_SEND_ERRORS: Final = (NotAdmitted, LocalProtocolError, UpstreamError, OSError, ValueError)
+_NO_AUTH: Final = Failure(Reason.PDP_UNREACHABLE, "error", False, "pdp.auth.value_file is missing or empty")
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:

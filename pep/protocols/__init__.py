@@ -8,12 +8,12 @@ forwarded, so the decision covers exactly the body the upstream gets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pep.decision import Reason
 from pep.records import record
 
-NO_ID: Any = object()  # a JSON-RPC message without an id (notification), distinct from an explicit null
+NO_ID: Final[Any] = object()  # a JSON-RPC message without an id (notification), distinct from an explicit null
 
 
 @record
@@ -41,4 +41,4 @@ class Refused:
     detail: str
 
 
-PLAIN = Inspected((Message(),), None)
+PLAIN: Final = Inspected((Message(),), None)

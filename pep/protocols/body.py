@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from pep.decision import Reason
 from pep.http1 import BodyTooLarge, ProtocolError
 from pep.protocols import Refused
@@ -10,7 +12,7 @@ from pep.transport import BodyTimeout, ClientGone, RequestBody
 # How long a caller may take to send a body: the whole body on routes that read it (mcp, openai), each chunk on
 # routes that stream it (http). Read at each use (and by the listener when it starts), so tests can shrink it.
 BODY_READ_TIMEOUT_S = 10.0
-BODY_DEADLINE = "body read deadline"  # the detail of a denial for a body that stopped arriving
+BODY_DEADLINE: Final = "body read deadline"  # the detail of a denial for a body that stopped arriving
 
 
 async def read_body(body: RequestBody, limit: int) -> bytes | Refused:

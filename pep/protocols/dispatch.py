@@ -7,6 +7,7 @@ route's limit) and given to `parse`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from pep import integrity
 from pep.config import RouteConfig
@@ -15,7 +16,7 @@ from pep.protocols import PLAIN, Inspected, Refused, mcp, media, openai
 
 # The most a form body is read on a route without `max_body_bytes` (plain http routes): it is read whole, to find
 # a `_method` field, where the body of any other plain request is streamed.
-FORM_BODY_LIMIT = 1048576
+FORM_BODY_LIMIT: Final = 1048576
 
 
 def encoding_problem(headers: Mapping[str, str]) -> Refused | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from pep import strictjson
 from pep.config import DEFAULT_MAX_BATCH_MESSAGES, DEFAULT_MAX_JSON_VALUES
@@ -30,27 +30,32 @@ from pep.protocols import NO_ID, Inspected, Message, Refused
 from pep.protocols.mcp_answer import CLIENT_TO_SERVER, id_key
 from pep.protocols.spelling import Spelling
 
-BATCH_VERSION = "2025-03-26"  # the only version with JSON-RPC batches
-HEADER_VERSION = "2026-07-28"  # from this version on, Mcp-Method/Mcp-Name are required and mirror the body
-MAX_DEPTH = 64
-_NAMED_BY = {
+BATCH_VERSION: Final = "2025-03-26"  # the only version with JSON-RPC batches
+HEADER_VERSION: Final = "2026-07-28"  # from this version on, Mcp-Method/Mcp-Name are required and mirror the body
+MAX_DEPTH: Final = 64
+_NAMED_BY: Final = {
     "tools/call": "name",
     "prompts/get": "name",
     "resources/read": "uri",
     "resources/subscribe": "uri",
     "resources/unsubscribe": "uri",
 }
-_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_META_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
 # Type tests as tuples: a `str | int` written in a check builds a union object each time it runs.
-_ID_TYPES = (str, int, type(None))
-_PARAMS_TYPES = (dict, list)
-_HTTP_ACTIONS = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
+_ID_TYPES: Final = (str, int, type(None))
+_PARAMS_TYPES: Final = (dict, list)
+_HTTP_ACTIONS: Final = {"GET": "mcp/stream", "DELETE": "mcp/session/delete"}
 # What the PEP reads from a message, its params and params._meta: each must be spelled exactly.
-_MESSAGE_KEYS = Spelling("jsonrpc", "id", "method", "params", "result", "error")
-_PARAMS_KEYS = Spelling("name", "uri", "arguments", "_meta", "protocolVersion", "ref", "argument", "inputResponses")
-_META_KEYS = Spelling(_META_VERSION)
-_REF_KEYS = Spelling("type", "name", "uri")
-_COMPLETED = {"ref/prompt": "name", "ref/resource": "uri"}  # completion/complete: where params.ref names its target
+_MESSAGE_KEYS: Final = Spelling("jsonrpc", "id", "method", "params", "result", "error")
+_PARAMS_KEYS: Final = Spelling(
+    "name", "uri", "arguments", "_meta", "protocolVersion", "ref", "argument", "inputResponses"
+)
+_META_KEYS: Final = Spelling(_META_VERSION)
+_REF_KEYS: Final = Spelling("type", "name", "uri")
+_COMPLETED: Final = {
+    "ref/prompt": "name",
+    "ref/resource": "uri",
+}  # completion/complete: where params.ref names its target
 
 
 def http_action(method: str) -> Message:

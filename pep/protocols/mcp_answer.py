@@ -14,34 +14,34 @@ Keys the PEP reads are spelled exactly (a case-insensitive client would read `To
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pep import strictjson
 from pep.protocols import NO_ID
 from pep.protocols.spelling import Spelling
 from pep.records import record
 
-MAX_DEPTH = 128  # tool schemas and structured results nest deeper than requests
-SERVER_TO_CLIENT = "server_to_client"
-CLIENT_TO_SERVER = "client_to_server"
+MAX_DEPTH: Final = 128  # tool schemas and structured results nest deeper than requests
+SERVER_TO_CLIENT: Final = "server_to_client"
+CLIENT_TO_SERVER: Final = "client_to_server"
 # The list answers a route may filter: the result key holding the items, and the item key naming each one.
-LISTS: dict[str, tuple[str, str]] = {
+LISTS: Final[dict[str, tuple[str, str]]] = {
     "tools/list": ("tools", "name"),
     "prompts/list": ("prompts", "name"),
     "resources/list": ("resources", "uri"),
     "resources/templates/list": ("resourceTemplates", "uriTemplate"),
 }
-INPUT_REQUIRED = "input_required"  # 2026-07-28: `resultType` of a result that asks the client first
-_MESSAGE_KEYS = Spelling("jsonrpc", "id", "method", "params", "result", "error")
-_RESULT_KEYS = Spelling("resultType", "inputRequests", "cacheScope", *(key for key, _ in LISTS.values()))
-_ITEM_KEYS = Spelling("name", "uri", "uriTemplate")
-_EMBEDDED_KEYS = Spelling("method", "params")
-_PARAMS_KEYS = Spelling("tools", "requestedSchema", "mode", "url")
-_SCHEMA_KEYS = Spelling("properties")
+INPUT_REQUIRED: Final = "input_required"  # 2026-07-28: `resultType` of a result that asks the client first
+_MESSAGE_KEYS: Final = Spelling("jsonrpc", "id", "method", "params", "result", "error")
+_RESULT_KEYS: Final = Spelling("resultType", "inputRequests", "cacheScope", *(key for key, _ in LISTS.values()))
+_ITEM_KEYS: Final = Spelling("name", "uri", "uriTemplate")
+_EMBEDDED_KEYS: Final = Spelling("method", "params")
+_PARAMS_KEYS: Final = Spelling("tools", "requestedSchema", "mode", "url")
+_SCHEMA_KEYS: Final = Spelling("properties")
 # Type tests as tuples: a `str | int` written in a check builds a union object each time it runs.
-_SERVER_ID_TYPES = (str, int)
-_ID_TYPES = (str, int, type(None))
-_PARAMS_TYPES = (dict, list)
+_SERVER_ID_TYPES: Final = (str, int)
+_ID_TYPES: Final = (str, int, type(None))
+_PARAMS_TYPES: Final = (dict, list)
 
 
 class Unreadable(ValueError):

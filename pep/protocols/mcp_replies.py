@@ -20,7 +20,7 @@ covers exactly those bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -31,8 +31,8 @@ from pep.protocols.mcp_answer import CLIENT_TO_SERVER, visibility_facts
 from pep.protocols.mcp_tokens import Resumption, Tokens
 from pep.protocols.spelling import Spelling
 
-_RESULT_KEYS = Spelling("content")  # what a reply to elicitation or sampling is read by
-_BLOCK_KEYS = Spelling("type", "name")  # a sampling reply's content block: a `tool_use` and its tool
+_RESULT_KEYS: Final = Spelling("content")  # what a reply to elicitation or sampling is read by
+_BLOCK_KEYS: Final = Spelling("type", "name")  # a sampling reply's content block: a `tool_use` and its tool
 
 
 def prepare(

@@ -21,15 +21,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pep.pdp.mapping import principal
 from pep.seal import Sealer, Unsealed
 
-TOKEN_TTL_S = 86400.0  # how long a relayed id stays answerable (a server request waiting on a person, a resumption)
-_REQUEST = "mcp/request-id"
-_INPUT = "mcp/input-key"
-_EVENT = "mcp/event-id"
+TOKEN_TTL_S: Final = (
+    86400.0  # how long a relayed id stays answerable (a server request waiting on a person, a resumption)
+)
+_REQUEST: Final = "mcp/request-id"
+_INPUT: Final = "mcp/input-key"
+_EVENT: Final = "mcp/event-id"
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable, Sequence
+from typing import Final
 
 
 def parameters(content_type: str) -> tuple[str, str | None]:
@@ -64,7 +65,7 @@ def is_event_stream(content_type: str) -> bool:
 
 
 # The statuses httpx takes for a redirect when a Location comes with them: followed, or handed back unread.
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
+REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 
 def mcp_reads(status: int, located: bool) -> bool:

@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from pep import strictjson
 from pep.protocols.spelling import Spelling
 from pep.protocols.sse import MAX_EVENT, SseError, SseEvent, SseReader
 
-_NAMED_TYPES = frozenset({"function_call", "custom_tool_call", "mcp_call", "mcp_approval_request"})
-_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
+_NAMED_TYPES: Final = frozenset({"function_call", "custom_tool_call", "mcp_call", "mcp_approval_request"})
+_VERSION: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{4}|[0-9]{8}")
 # The keys a tool call is found by, which must be spelled exactly: a Go agent's client (encoding/json) binds
 # `Function` or `TOOL_CALLS` as `function` or `tool_calls`, where the PEP would have found no call.
-_HOLDERS = Spelling("tool_calls", "function_call")  # in any object
-_CALL_KEYS = Spelling("function", "custom", "name", "type")  # in a `tool_calls` item
-_NAME_KEYS = Spelling("name")  # in a function or custom object, or a legacy `function_call`
-_ITEM_KEYS = Spelling("type", "name")  # in a Responses item whose type is a tool call
-_ANSWER_KEYS = Spelling("model", "response")  # at the top of an answer or event
+_HOLDERS: Final = Spelling("tool_calls", "function_call")  # in any object
+_CALL_KEYS: Final = Spelling("function", "custom", "name", "type")  # in a `tool_calls` item
+_NAME_KEYS: Final = Spelling("name")  # in a function or custom object, or a legacy `function_call`
+_ITEM_KEYS: Final = Spelling("type", "name")  # in a Responses item whose type is a tool call
+_ANSWER_KEYS: Final = Spelling("model", "response")  # at the top of an answer or event
 
 
 class AnswerError(ValueError):

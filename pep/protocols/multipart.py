@@ -14,11 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
-_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_PARAM = re.compile(r';[ \t]*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)=("[^"\\\r\n]*"|[!#$%&\'*+\-.^_`|~0-9A-Za-z]+)[ \t]*')
-_MAX_PARTS = 1000
+_BOUNDARY: Final = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PARAM: Final = re.compile(
+    r';[ \t]*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)=("[^"\\\r\n]*"|[!#$%&\'*+\-.^_`|~0-9A-Za-z]+)[ \t]*'
+)
+_MAX_PARTS: Final = 1000
 
 
 class FormError(ValueError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 from pep import strictjson
@@ -27,9 +27,9 @@ from pep.decision import Reason
 from pep.protocols import Inspected, Message, Refused, multipart
 from pep.protocols.spelling import Spelling
 
-INVOKE = "model.invoke"
-TOOL_CALL = "model.tool_call"
-ANSWER = "model.answer"
+INVOKE: Final = "model.invoke"
+TOOL_CALL: Final = "model.tool_call"
+ANSWER: Final = "model.answer"
 
 # How a body names its model: "json", "form" (JSON or multipart/form-data), "multipart", or "unread".
 _JSON, _FORM, _MULTIPART, _UNREAD = "json", "form", "multipart", "unread"
@@ -47,7 +47,7 @@ class Endpoint:
 
 
 # Suffixes of the path (lower-cased segments; "*" is any one segment), longest first.
-_TABLE: tuple[tuple[tuple[str, ...], Endpoint], ...] = (
+_TABLE: Final[tuple[tuple[tuple[str, ...], Endpoint], ...]] = (
     (("threads", "*", "runs"), Endpoint("threads.runs", _JSON, False, True)),
     (("chat", "completions"), Endpoint("chat.completions", _JSON, True, True)),
     (("images", "generations"), Endpoint("images.generations", _FORM, False)),
@@ -70,18 +70,18 @@ _TABLE: tuple[tuple[tuple[str, ...], Endpoint], ...] = (
     (("uploads",), Endpoint("uploads", _UNREAD)),
     (("realtime",), Endpoint("realtime", _UNREAD)),
 )
-UNKNOWN = Endpoint("unknown", _UNREAD)
-CHAT = _TABLE[1][1]
-ANSWERING_KINDS = frozenset(e.kind for _, e in _TABLE if e.answers)
-ENDPOINT_KINDS = (*dict.fromkeys(e.kind for _, e in _TABLE), UNKNOWN.kind)
-_NAMING = ("deployments", "engines")  # `{naming}/{model}/<endpoint>`: the path names the model
+UNKNOWN: Final = Endpoint("unknown", _UNREAD)
+CHAT: Final = _TABLE[1][1]
+ANSWERING_KINDS: Final = frozenset(e.kind for _, e in _TABLE if e.answers)
+ENDPOINT_KINDS: Final = (*dict.fromkeys(e.kind for _, e in _TABLE), UNKNOWN.kind)
+_NAMING: Final = ("deployments", "engines")  # `{naming}/{model}/<endpoint>`: the path names the model
 # What the PEP reads from a JSON call, from each tool or function, and from a tool's function; from a form, its
 # fields. Each must be spelled exactly.
-_CALL_KEYS = Spelling("model", "stream", "tools", "functions", "n")
-_TOOL_KEYS = Spelling("type", "name", "function")
-_FUNCTION_KEYS = Spelling("name")
-_FORM_FIELDS = ("model", "stream", "n")
-_FORM_KEYS = Spelling(*_FORM_FIELDS)
+_CALL_KEYS: Final = Spelling("model", "stream", "tools", "functions", "n")
+_TOOL_KEYS: Final = Spelling("type", "name", "function")
+_FUNCTION_KEYS: Final = Spelling("name")
+_FORM_FIELDS: Final = ("model", "stream", "n")
+_FORM_KEYS: Final = Spelling(*_FORM_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +173,7 @@ def unread_message(call: Call) -> Message:
 # of `{"name":"a"}` items held 80,000, which Cedar took 0.2 s to evaluate in the event loop (every other request of
 # the process waiting) and Cerbos 0.12 s, close to the default 250 ms deadline whose timeouts count against the
 # breaker. OpenAI's API accepts 128.
-MAX_TOOLS = 1024
+MAX_TOOLS: Final = 1024
 
 
 def _tool_names(tools: Any) -> list[str] | str:
@@ -266,7 +266,7 @@ def _json_facts(body: bytes) -> dict[str, Any] | Refused | str:
     return {"model": model, "stream": stream, "tools": tools + functions, "n": n}
 
 
-_DIGITS = re.compile(r"[1-9][0-9]{0,8}")
+_DIGITS: Final = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def _form_facts(body: bytes, content_type: str) -> dict[str, Any] | Refused | str:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
-MAX_EVENT = 8 * 1048576  # the largest single event read; a larger one cannot be decided
-_LINE_END = re.compile(rb"[\r\n]")
-_BOM = b"\xef\xbb\xbf"
+MAX_EVENT: Final = 8 * 1048576  # the largest single event read; a larger one cannot be decided
+_LINE_END: Final = re.compile(rb"[\r\n]")
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 class SseError(ValueError):

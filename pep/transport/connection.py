@@ -23,7 +23,7 @@ import enum
 import math
 import re
 from collections.abc import AsyncIterable, Callable
-from typing import cast
+from typing import Final, cast
 
 from pep.http1 import (
     NEED_DATA,
@@ -41,8 +41,8 @@ from pep.http1 import (
 from pep.transport.errors import BadResponse, ResponseTooLarge, UpstreamReset, UpstreamTimeout
 
 Body = bytes | AsyncIterable[bytes] | None
-_COALESCE = 65536  # a bytes body up to this size goes out in the head's write
-_KEEP_ALIVE_TIMEOUT = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})", re.IGNORECASE)
+_COALESCE: Final = 65536  # a bytes body up to this size goes out in the head's write
+_KEEP_ALIVE_TIMEOUT: Final = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})", re.IGNORECASE)
 
 
 class LinkState(enum.Enum):

@@ -29,7 +29,7 @@ import math
 import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 from multidict import CIMultiDictProxy
 
@@ -53,10 +53,10 @@ from pep.transport.headers import header_view
 from pep.transport.response import Response, ResponseState
 from pep.transport.tunnel import Pipe
 
-log = logging.getLogger("pep.transport")
+log: Final = logging.getLogger("pep.transport")
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class ListenerOptions:
     max_connections: int | None = None  # open at once; one more is reset as it arrives (`on_refused` told)
 
 
-DEFAULT_OPTIONS = ListenerOptions()
+DEFAULT_OPTIONS: Final = ListenerOptions()
 
 
 class RequestLine(NamedTuple):
@@ -165,8 +165,8 @@ _WAITING, _BUSY, _SWITCHED = ConnState.WAITING, ConnState.BUSY, ConnState.SWITCH
 _LINGERING, _CLOSED = ConnState.LINGERING, ConnState.CLOSED
 _Request = Request
 _ANSWERED, _UNANSWERED = ResponseState.DONE, ResponseState.NEW
-_HEAD_STARTED = RequestState.HEAD
-_INF = math.inf
+_HEAD_STARTED: Final = RequestState.HEAD
+_INF: Final = math.inf
 
 
 class _Connection(asyncio.Protocol):

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from operator import itemgetter
 from types import TracebackType
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from multidict import CIMultiDictProxy
 from mypy_extensions import mypyc_attr
@@ -43,18 +43,18 @@ from pep.transport.connection import Body, UpstreamConnection
 from pep.transport.errors import ConnectFailed, ConnectTimeout, NotAdmitted, PoolTimeout, ResponseTooLarge
 from pep.transport.headers import header_view
 
-_NO_BODY = Framing.NONE
+_NO_BODY: Final = Framing.NONE
 SWEEP_SLACK_S = 1.0  # idle connections past their time are closed together, at most this late
-_NAME = itemgetter(0)
-_RESERVED = frozenset({b"content-length", b"transfer-encoding"})
-_RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
+_NAME: Final = itemgetter(0)
+_RESERVED: Final = frozenset({b"content-length", b"transfer-encoding"})
+_RESERVED_LENGTHS: Final = frozenset(len(n) for n in _RESERVED)
 # Names already found to be tokens (the writer took them) and not one of those: a process sends the same few dozen
 # again and again, and one set look-up per name (in C, through map) is a fraction of lower-casing each (a new bytes
 # object, hashed), and spares the writer its own look-up of the names. Bounded: cleared when full, and only names
 # up to _UNRESERVED_NAME_BYTES are kept (a caller's long names cost the checks).
-_UNRESERVED: set[bytes] = set()
-_UNRESERVED_MAX = 1024
-_UNRESERVED_NAME_BYTES = 64
+_UNRESERVED: Final[set[bytes]] = set()
+_UNRESERVED_MAX: Final = 1024
+_UNRESERVED_NAME_BYTES: Final = 64
 
 
 class Origin(NamedTuple):

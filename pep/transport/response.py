@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import http
 from operator import itemgetter, methodcaller
-from typing import Protocol
+from typing import Final, Protocol
 
 from pep.http1 import BodyWriter, Fields, Framing, LocalProtocolError, Request, response_head
 from pep.transport.body import BodyState, RequestBody
@@ -20,18 +20,18 @@ from pep.transport.errors import ClientGone
 from pep.transport.flow import WriteFlow
 
 _NONE, _LENGTH, _CHUNKED_FRAMING, _CLOSE_FRAMING = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
-_REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
-_BODY_DONE = BodyState.DONE
-_NO_BODY_STATUS = frozenset({204, 304})
-_RESERVED = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-_RESERVED_LENGTHS = frozenset(len(n) for n in _RESERVED)
-_CLOSE = (b"Connection", b"close")
-_KEEP_ALIVE = (b"Connection", b"keep-alive")
-_CHUNKED = (b"Transfer-Encoding", b"chunked")
-_NAME = itemgetter(0)
-_LOWER = methodcaller("lower")
-_CLOSE_LINE = b"Connection: close\r\n\r\n"
-_KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n\r\n"
+_REASONS: Final = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
+_BODY_DONE: Final = BodyState.DONE
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_RESERVED: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_RESERVED_LENGTHS: Final = frozenset(len(n) for n in _RESERVED)
+_CLOSE: Final = (b"Connection", b"close")
+_KEEP_ALIVE: Final = (b"Connection", b"keep-alive")
+_CHUNKED: Final = (b"Transfer-Encoding", b"chunked")
+_NAME: Final = itemgetter(0)
+_LOWER: Final = methodcaller("lower")
+_CLOSE_LINE: Final = b"Connection: close\r\n\r\n"
+_KEEP_ALIVE_LINE: Final = b"Connection: keep-alive\r\n\r\n"
 
 
 class Sink(Protocol):
