@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 
 class Reason(enum.StrEnum):
@@ -84,21 +85,17 @@ class Allow:
     """An explicit, in-time allow for one exact request: method, upstream URL and (on inspected routes) the
     body are bound at decision time. The forwarder sends what is stored here, so what is forwarded is what was
     decided. `credential` is the PDP's narrowing of the route's just-in-time credential, if any.
+
+    Immutable both ways it runs. Compiled (`make native`), its fields are `Final` slots of a native class: no
+    setter exists for them (not even `object.__setattr__` reaches one), and the constructor stores them directly.
+    Interpreted, `__setattr__` lets each slot be set once (by the constructor) and `__delattr__` refuses.
     """
 
     __slots__ = ("body", "credential", "decision_id", "headers", "method", "request_id", "route", "upstream_url")
-    decision_id: str
-    request_id: str
-    route: str
-    method: str
-    upstream_url: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes | None
-    credential: CredentialNarrowing | None
 
     def __init__(
         self,
-        key: _MintKey,
+        key: object,
         *,
         decision_id: str,
         request_id: str,
@@ -111,34 +108,25 @@ class Allow:
     ) -> None:
         if not _is_mint_key(key):
             raise TypeError("an Allow can only be created by the decision engine")
-        # Set once here, through each slot's own descriptor; `__setattr__` refuses every later assignment (testing
-        # `hasattr` there instead cost an AttributeError per field of every allow, and `object.__setattr__` by name
-        # a lookup per field).
-        _set_decision_id(self, decision_id)
-        _set_request_id(self, request_id)
-        _set_route(self, route)
-        _set_method(self, method)
-        _set_upstream_url(self, upstream_url)
-        _set_headers(self, headers)  # obligation headers the PDP asked for, already vetted
-        _set_body(self, body)  # on inspected routes, the exact bytes decided on and to be forwarded
-        _set_credential(self, credential)
+        self.decision_id: Final = decision_id
+        self.request_id: Final = request_id
+        self.route: Final = route
+        self.method: Final = method
+        self.upstream_url: Final = upstream_url
+        self.headers: Final = headers  # obligation headers the PDP asked for, already vetted
+        self.body: Final = body  # on inspected routes, the exact bytes decided on and to be forwarded
+        self.credential: Final = credential
 
     def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):  # interpreted only: compiled, the constructor's stores do not come here
+            raise AttributeError("Allow is immutable")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
         raise AttributeError("Allow is immutable")
 
     def __repr__(self) -> str:
         return f"Allow(decision_id={self.decision_id!r}, route={self.route!r}, method={self.method!r})"
-
-
-# The slots' setters, taken once: an Allow's fields are set by its constructor alone.
-_set_decision_id = Allow.__dict__["decision_id"].__set__
-_set_request_id = Allow.__dict__["request_id"].__set__
-_set_route = Allow.__dict__["route"].__set__
-_set_method = Allow.__dict__["method"].__set__
-_set_upstream_url = Allow.__dict__["upstream_url"].__set__
-_set_headers = Allow.__dict__["headers"].__set__
-_set_body = Allow.__dict__["body"].__set__
-_set_credential = Allow.__dict__["credential"].__set__
 
 
 @dataclass(frozen=True, slots=True)

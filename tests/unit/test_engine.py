@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import pep
 from pep import decision
 from pep.breaker import Breaker, State
 from pep.config import BreakerConfig, PdpConfig
@@ -892,7 +892,7 @@ class GatePdp(Pdp):
 
 def batch(count: int, hold: bool = True, request_id: str = "batch-1") -> Check:
     docs = [{**DOCUMENT, "hold": hold, "index": i} for i in range(count)]
-    return dataclasses.replace(check(request_id), document=docs[0], more=tuple(docs[1:]))
+    return check(request_id).with_documents(docs[0], tuple(docs[1:]))
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -935,10 +935,7 @@ async def test_a_batch_keeps_only_its_slots_open_and_others_are_served_meanwhile
 async def test_a_batch_over_the_free_slots_is_overloaded_at_once() -> None:
     pdp = GatePdp()
     engine = make_engine(pdp, max_in_flight=8, timeout_ms=5000)
-    held = [
-        asyncio.create_task(engine.decide(dataclasses.replace(check(f"h{i}"), document={"hold": True})))
-        for i in range(7)
-    ]
+    held = [asyncio.create_task(engine.decide(check(f"h{i}").with_documents({"hold": True}, ()))) for i in range(7)]
     await until(lambda: pdp.open == 7)
     outcome = await engine.decide(batch(4, hold=False))  # needs 2 slots, 1 is free
     assert isinstance(outcome.decision, Deny)
@@ -969,7 +966,7 @@ async def test_a_batch_exchange_that_waited_for_its_slot_while_the_circuit_opene
     pending = asyncio.create_task(engine.decide(batch(6)))  # 2 slots: documents 2-5 wait
     await until(lambda: pdp.open == 2)
     for i in range(2):
-        failing = dataclasses.replace(check(f"other-{i}"), document={"fail": True})
+        failing = check(f"other-{i}").with_documents({"fail": True}, ())
         assert denied(await engine.decide(failing)).reason is Reason.PDP_UNREACHABLE
     assert circuit(engine) is State.OPEN
     pdp.gate.set()
@@ -1022,9 +1019,9 @@ def test_allow_cannot_be_made_outside_the_engine() -> None:
         "headers": (),
     }
     with pytest.raises(TypeError, match="only be created by the decision engine"):
-        Allow(object(), **fields)  # type: ignore[arg-type]
+        Allow(object(), **fields)
     with pytest.raises(TypeError):
-        Allow(None, **fields)  # type: ignore[arg-type]
+        Allow(None, **fields)
     with pytest.raises(TypeError):
         Allow(decision._MintKey(), **fields)
 
@@ -1039,11 +1036,16 @@ async def test_allow_is_immutable() -> None:
     allow = outcome.decision
     assert isinstance(allow, Allow)
     with pytest.raises(AttributeError):
-        allow.upstream_url = "http://evil/"
+        allow.upstream_url = "http://evil/"  # type: ignore[misc]
     with pytest.raises(AttributeError):
-        allow.method = "DELETE"
+        allow.method = "DELETE"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         allow.extra = 1
+    with pytest.raises(AttributeError):
+        del allow.upstream_url
+    if pep.COMPILED:  # a native class's Final fields have no setter at all: not even object.__setattr__ reaches one
+        with pytest.raises((AttributeError, TypeError)):
+            object.__setattr__(allow, "upstream_url", "http://evil/")
     assert allow.upstream_url == "http://up:9000/tools/search?q=1"
     assert "decision_id" in repr(allow)
 
