@@ -22,9 +22,8 @@ forwarded (pep/credentials_oauth.py). `settle` is where an allow this admission 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -37,7 +36,6 @@ from pep.engine import Check, Outcome
 from pep.identity import Refusal as IdentityRefusal
 from pep.protocols import PLAIN, Inspected, Refused, dispatch, mcp_replies
 from pep.protocols.mcp_tokens import Resumption, Tokens, for_caller
-from pep.records import record
 from pep.routing import Route, RouteTable
 from pep.seal import Sealer
 
@@ -48,17 +46,34 @@ Identify = Callable[[Route], Awaitable[dict[str, Any] | IdentityRefusal]]
 ReadBody = Callable[[int], Awaitable[bytes | Refused]]
 
 
-@record
 class RequestFacts:
     """What the pipeline knows about a request before it reads anything: its head, as sent."""
 
-    method: str
-    target: str  # as sent: origin-form, absolute-form, authority-form (CONNECT) or `*`
-    headers: Headers
-    scheme: str  # the listener connection's: `https` on a TLS listener, else `http`
-    content_length: int | None  # the announced length (None: chunked, or no body)
-    has_body: bool  # the head announces a body (a Content-Length above 0, or chunked)
-    request_id: str
+    method: Final[str]
+    target: Final[str]  # as sent: origin-form, absolute-form, authority-form (CONNECT) or `*`
+    headers: Final[Headers]
+    scheme: Final[str]  # the listener connection's: `https` on a TLS listener, else `http`
+    content_length: Final[int | None]  # the announced length (None: chunked, or no body)
+    has_body: Final[bool]  # the head announces a body (a Content-Length above 0, or chunked)
+    request_id: Final[str]
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        scheme: str,
+        content_length: int | None,
+        has_body: bool,
+        request_id: str,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.scheme = scheme
+        self.content_length = content_length
+        self.has_body = has_body
+        self.request_id = request_id
 
 
 class Setup(Protocol):
@@ -74,34 +89,90 @@ class Setup(Protocol):
     def sealer(self) -> Sealer: ...
 
 
-@record
 class Refusal:
     """The request ends before any PDP is asked. `route` and `upstream_url` once known; `challenge` the
     `WWW-Authenticate` of a 401; `drop_session`: the client certificate no longer passes (end its TLS session)."""
 
-    reason: Reason
-    detail: str
-    route: Route | None = None
-    upstream_url: str | None = None
-    challenge: str | None = None
-    drop_session: bool = False
+    reason: Final[Reason]
+    detail: Final[str]
+    route: Final[Route | None]
+    upstream_url: Final[str | None]
+    challenge: Final[str | None]
+    drop_session: Final[bool]
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str,
+        route: Route | None = None,
+        upstream_url: str | None = None,
+        challenge: str | None = None,
+        drop_session: bool = False,
+    ) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.route = route
+        self.upstream_url = upstream_url
+        self.challenge = challenge
+        self.drop_session = drop_session
 
 
-@record
 class Admission:
     """Everything the PDP is asked about, and what an allow is bound to and forwarded with."""
 
-    route: Route
-    upstream_url: str
-    path: str  # raw, as sent (the document's `request.path`)
-    query: str  # raw, without `?`
-    subject: dict[str, Any]
-    inspected: Inspected  # the messages decided and the exact body bytes an allow forwards (None: streamed)
-    check: Check  # its documents are the policy input
-    credential: tuple[str, str] | None = None  # (header, value) the PEP sets upstream on an allow
-    tokens: Tokens | None = None  # MCP routes: the caller's sealed tokens for relayed server ids
-    resume: Resumption | None = None  # an MCP GET resuming a stream (its Last-Event-ID opened)
-    replaced: tuple[tuple[str, str], ...] = ()  # caller headers forwarded with another value
+    route: Final[Route]
+    upstream_url: Final[str]
+    path: Final[str]  # raw, as sent (the document's `request.path`)
+    query: Final[str]  # raw, without `?`
+    subject: Final[dict[str, Any]]
+    inspected: Final[Inspected]  # the messages decided and the exact body bytes an allow forwards (None: streamed)
+    check: Final[Check]  # its documents are the policy input
+    credential: Final[tuple[str, str] | None]  # (header, value) the PEP sets upstream on an allow
+    tokens: Final[Tokens | None]  # MCP routes: the caller's sealed tokens for relayed server ids
+    resume: Final[Resumption | None]  # an MCP GET resuming a stream (its Last-Event-ID opened)
+    replaced: Final[tuple[tuple[str, str], ...]]  # caller headers forwarded with another value
+
+    def __init__(
+        self,
+        route: Route,
+        upstream_url: str,
+        path: str,
+        query: str,
+        subject: dict[str, Any],
+        inspected: Inspected,
+        check: Check,
+        credential: tuple[str, str] | None = None,
+        tokens: Tokens | None = None,
+        resume: Resumption | None = None,
+        replaced: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.route = route
+        self.upstream_url = upstream_url
+        self.path = path
+        self.query = query
+        self.subject = subject
+        self.inspected = inspected
+        self.check = check
+        self.credential = credential
+        self.tokens = tokens
+        self.resume = resume
+        self.replaced = replaced
+
+    def with_credential(self, credential: tuple[str, str]) -> Admission:
+        """This admission with the credential obtained after the allow (a just-in-time token)."""
+        return Admission(
+            self.route,
+            self.upstream_url,
+            self.path,
+            self.query,
+            self.subject,
+            self.inspected,
+            self.check,
+            credential,
+            self.tokens,
+            self.resume,
+            self.replaced,
+        )
 
     @property
     def document(self) -> dict[str, Any]:
@@ -114,7 +185,7 @@ class Admission:
         if self.check.method == "CONNECT" and isinstance(allow, Allow) and allow.headers:
             detail = "header obligations cannot be applied to a tunnel"
             deny = Deny(Reason.OBLIGATION_UNSUPPORTED, allow.decision_id, detail)
-            return dataclasses.replace(outcome, decision=deny, note=detail, reasons=())
+            return outcome.overruled(deny, detail)
         return outcome
 
 
@@ -221,7 +292,7 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     elif config.approval is not None and isinstance(early, Inspected) and early.body is None and facts.has_body:
         # An approval is for the exact bytes forwarded (pep/approvals/binding.py): read whole, an allow carries them.
         read = await read_body(dispatch.read_limit(config))
-        inspected = read if isinstance(read, Refused) else dataclasses.replace(early, body=read)
+        inspected = read if isinstance(read, Refused) else Inspected(early.messages, read, early.batch, early.value)
     else:
         inspected = early
     if isinstance(inspected, Refused):
@@ -269,11 +340,10 @@ async def admit(facts: RequestFacts, setup: Setup, identify: Identify, read_body
     message = messages[0]
     first = document if message.key is None else attributes.with_facts(document, message)
     more = tuple(attributes.with_facts(document, m) for m in messages[1:]) if len(messages) > 1 else ()
+    narrowable = config.credential is not None and config.credential.jit is not None  # the PDP may narrow its token
     check = Check(
-        first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more=more, body=body
+        first, facts.request_id, route.name, method, upstream_url, route.obligation_forbidden, more, body, narrowable
     )
-    if config.credential is not None and config.credential.jit is not None:
-        check = dataclasses.replace(check, credential_narrowable=True)  # the PDP may narrow the route's token
     return Admission(route, upstream_url, path, query, subject, inspected, check, credential, tokens, resume, replaced)
 
 

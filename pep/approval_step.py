@@ -20,7 +20,6 @@ a server request keeps its id, the server's (the PEP's token opened): it says wh
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,18 +90,24 @@ async def settle(
         return _refused(outcome, result)
     assert isinstance(result, Granted)
     granted = result.approval.document()
-    again = dataclasses.replace(
-        check,
-        document={**check.document, "approval": granted},
-        more=tuple({**doc, "approval": granted} for doc in check.more),
+    again = check.with_documents(
+        {**check.document, "approval": granted}, tuple({**doc, "approval": granted} for doc in check.more)
     )
     second = admission.settle(await engine.decide(again))
-    second = dataclasses.replace(second, attempts=outcome.attempts + second.attempts, started=outcome.started)
+    # Both asks count, and the decision started with the first.
+    second = Outcome(
+        second.decision,
+        outcome.attempts + second.attempts,
+        second.pdp_ms,
+        second.note,
+        second.reasons,
+        second.approval,
+        outcome.started,
+    )
     decision = second.decision
     if isinstance(decision, Deny) and decision.reason is Reason.APPROVAL_REQUIRED:
-        second = dataclasses.replace(
-            second, decision=Deny(Reason.POLICY_DENIED, decision.decision_id, _AGAIN), note=_AGAIN, approval=None
-        )
+        deny = Deny(Reason.POLICY_DENIED, decision.decision_id, _AGAIN)
+        second = Outcome(deny, second.attempts, second.pdp_ms, _AGAIN, second.reasons, None, second.started)
     return Step(second, None, {**granted, "result": "granted"})
 
 
@@ -129,7 +134,7 @@ def _unnumbered(message: Any) -> Any:
 def _refused(outcome: Outcome, result: NotApproved) -> Step:
     assert isinstance(outcome.decision, Deny)
     deny = Deny(result.reason, outcome.decision.decision_id, result.detail)
-    refused = dataclasses.replace(outcome, decision=deny, note=result.detail, reasons=())
+    refused = outcome.overruled(deny, result.detail)
     return Step(refused, None, {"result": result.reason.value.removeprefix("approval_")})
 
 

@@ -19,7 +19,6 @@ from pep.ids import new_id
 from pep.integrity import alias_problem
 from pep.metrics import Metrics
 from pep.pdp import BATCH_CONCURRENCY, GATE, NOT_ADMITTED, PDP_FAILURES, UNSENT, ApprovalAsk, Failure, Pdp, Verdict
-from pep.records import record
 
 _MINT: Final = claim_mint_key()
 
@@ -41,23 +40,58 @@ MIN_RETRY_SHARE: Final = 0.1
 BATCH_SHARE: Final = 4
 
 
-@record
 class Check:
     """What to decide: the document for the PDP, and the exact request an Allow would be bound to."""
 
-    document: dict[str, Any]
-    request_id: str
-    route: str
-    method: str
-    upstream_url: str
-    obligation_forbidden: frozenset[str]
-    more: tuple[dict[str, Any], ...] = ()  # the other messages of a JSON-RPC batch: all must allow
-    body: bytes | None = None  # an inspected body, bound into the Allow
-    credential_narrowable: bool = False  # the route obtains a just-in-time credential the PDP may narrow
+    document: Final[dict[str, Any]]
+    request_id: Final[str]
+    route: Final[str]
+    method: Final[str]
+    upstream_url: Final[str]
+    obligation_forbidden: Final[frozenset[str]]
+    more: Final[tuple[dict[str, Any], ...]]  # the other messages of a JSON-RPC batch: all must allow
+    body: Final[bytes | None]  # an inspected body, bound into the Allow
+    credential_narrowable: Final[bool]  # the route obtains a just-in-time credential the PDP may narrow
+
+    def __init__(
+        self,
+        document: dict[str, Any],
+        request_id: str,
+        route: str,
+        method: str,
+        upstream_url: str,
+        obligation_forbidden: frozenset[str],
+        more: tuple[dict[str, Any], ...] = (),
+        body: bytes | None = None,
+        credential_narrowable: bool = False,
+    ) -> None:
+        self.document = document
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.upstream_url = upstream_url
+        self.obligation_forbidden = obligation_forbidden
+        self.more = more
+        self.body = body
+        self.credential_narrowable = credential_narrowable
 
     @property
     def documents(self) -> tuple[dict[str, Any], ...]:
         return (self.document, *self.more)
+
+    def with_documents(self, document: dict[str, Any], more: tuple[dict[str, Any], ...]) -> Check:
+        """The same request asked about with other documents (an approval added to each)."""
+        return Check(
+            document,
+            self.request_id,
+            self.route,
+            self.method,
+            self.upstream_url,
+            self.obligation_forbidden,
+            more,
+            self.body,
+            self.credential_narrowable,
+        )
 
 
 def _obligation_alias(headers: tuple[tuple[str, str], ...], document: dict[str, Any]) -> str | None:
@@ -70,19 +104,41 @@ def _obligation_alias(headers: tuple[tuple[str, str], ...], document: dict[str, 
     return alias_problem(sent, frozenset(name.lower() for name, _ in headers))
 
 
-@record
 class Outcome:
     """A decision with the facts the decision log records about how it was reached."""
 
-    decision: Allow | Deny
-    attempts: int
-    pdp_ms: float | None
-    note: str | None = None
-    reasons: tuple[Reason, ...] = ()  # per message, when several were decided together
-    approval: ApprovalAsk | None = None  # with a `approval_required` Deny: who is asked, and what to tell them
+    decision: Final[Allow | Deny]
+    attempts: Final[int]
+    pdp_ms: Final[float | None]
+    note: Final[str | None]
+    reasons: Final[tuple[Reason, ...]]  # per message, when several were decided together
+    approval: Final[ApprovalAsk | None]  # with a `approval_required` Deny: who is asked, and what to tell them
     # When the engine took the decision up (wall clock): the decision log's `time`. `pdp_ms` counts from the same
     # instant, so that the log shows when each PDP call could start and when its result was known.
-    started: float | None = None
+    started: Final[float | None]
+
+    def __init__(
+        self,
+        decision: Allow | Deny,
+        attempts: int,
+        pdp_ms: float | None,
+        note: str | None = None,
+        reasons: tuple[Reason, ...] = (),
+        approval: ApprovalAsk | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.decision = decision
+        self.attempts = attempts
+        self.pdp_ms = pdp_ms
+        self.note = note
+        self.reasons = reasons
+        self.approval = approval
+        self.started = started
+
+    def overruled(self, decision: Allow | Deny, note: str | None, reasons: tuple[Reason, ...] = ()) -> Outcome:
+        """This outcome with another decision (a refusal after the PDP answered: a credential, an audit, a tunnel's
+        obligations, an approval refused), its PDP facts kept."""
+        return Outcome(decision, self.attempts, self.pdp_ms, note, reasons, self.approval, self.started)
 
 
 class Engine:

@@ -11,7 +11,6 @@ proxy does, and nothing about the PDP's own credential is shown.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import secrets
@@ -289,7 +288,7 @@ async def explain(config: Config, request: Request, peer_id: str | None = None) 
     outcome = found.settle(outcome)
     jit = _jit_credential(found, outcome)
     if isinstance(jit, Deny):
-        outcome = dataclasses.replace(outcome, decision=jit, note=jit.detail, reasons=())
+        outcome = outcome.overruled(jit, jit.detail)
     batch = len(check.documents) > 1
     report: dict[str, Any] = {"document": check.document}
     if batch:

@@ -56,7 +56,6 @@ from pep.protocols.mcp_answer import (
 )
 from pep.protocols.mcp_tokens import Tokens
 from pep.protocols.sse import SseError, SseEvent, SseReader, encode, field
-from pep.records import record
 from pep.responses import MCP_DENIED, MCP_UNDECIDED, MESSAGES, UNDECIDED, Reply, deny_mcp
 from pep.routing import Route
 
@@ -77,21 +76,46 @@ class _Cut(Exception):
         self.reason = reason
 
 
-@record
 class AnswerContext:
     """What deciding one answer needs besides the answer itself."""
 
-    engine: Callable[[], Engine]  # the current runtime's engine (a GET stream outlives a reload)
-    log: DecisionLog
-    log_budget: Callable[[Outcome], float]
-    count_unreadable: Callable[[], None]
-    route: Route
-    document: dict[str, Any]  # the policy input of the request the answer belongs to
-    allow: Allow
-    tokens: Tokens
-    filters: frozenset[str]  # the list methods the route filters
-    version: str | None
-    trace_id: str | None = None
+    engine: Final[Callable[[], Engine]]  # the current runtime's engine (a GET stream outlives a reload)
+    log: Final[DecisionLog]
+    log_budget: Final[Callable[[Outcome], float]]
+    count_unreadable: Final[Callable[[], None]]
+    route: Final[Route]
+    document: Final[dict[str, Any]]  # the policy input of the request the answer belongs to
+    allow: Final[Allow]
+    tokens: Final[Tokens]
+    filters: Final[frozenset[str]]  # the list methods the route filters
+    version: Final[str | None]
+    trace_id: Final[str | None]
+
+    def __init__(
+        self,
+        engine: Callable[[], Engine],
+        log: DecisionLog,
+        log_budget: Callable[[Outcome], float],
+        count_unreadable: Callable[[], None],
+        route: Route,
+        document: dict[str, Any],
+        allow: Allow,
+        tokens: Tokens,
+        filters: frozenset[str],
+        version: str | None,
+        trace_id: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.log = log
+        self.log_budget = log_budget
+        self.count_unreadable = count_unreadable
+        self.route = route
+        self.document = document
+        self.allow = allow
+        self.tokens = tokens
+        self.filters = filters
+        self.version = version
+        self.trace_id = trace_id
 
 
 class McpAnswers:

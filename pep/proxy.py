@@ -10,7 +10,6 @@ turns the request into a Check or a refusal, the engine decides. Anything that g
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -261,7 +260,9 @@ class Proxy:
                         decision_log.record(unaudited(entry, problem))
                 else:
                     decision_log.record(entry)
-            case.outcome = outcome if decision is outcome.decision else dataclasses.replace(outcome, decision=decision)
+            case.outcome = (
+                outcome if decision is outcome.decision else outcome.overruled(decision, outcome.note, outcome.reasons)
+            )
             metrics = self._metrics
             reason = Reason.ALLOWED if isinstance(decision, Allow) else decision.reason
             metrics.decisions[route_name, reason].inc()
@@ -350,8 +351,8 @@ class Proxy:
         got = await source.obtain(subject_token, allow.credential, admission.route.config.timeout_ms / 1000)
         if isinstance(got, CredentialRefusal):
             deny = Deny(got.reason, allow.decision_id, got.detail)
-            return dataclasses.replace(outcome, decision=deny, note=got.detail, reasons=())
-        case.admission = dataclasses.replace(admission, credential=(got.header, got.value))
+            return outcome.overruled(deny, got.detail)
+        case.admission = admission.with_credential((got.header, got.value))
         return outcome
 
     def _model_answers(self, case: _Case, admission: Admission, allow: Allow) -> ModelAnswers | None:

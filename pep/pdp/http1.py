@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 from pep.http1 import Fields, LocalProtocolError, RequestStart, Response
 from pep.http1.fields import VALUE
-from pep.records import record
 from pep.transport import ConnectFailed, NotAdmitted, Origin, Pool, UpstreamError
 
 IDLE_S = 30.0  # an idle connection older than this is closed rather than reused
@@ -56,17 +55,34 @@ class RequestError(ValueError):
     that."""
 
 
-@record
 class Answer:
     """A complete answer: status, the headers the PEP reads, the body (decoded), and what went wrong with it."""
 
-    status: int
-    content_type: str
-    body: bytes
-    oversize: bool  # the answer was longer than the limit (on the wire or decoded); `body` is empty
-    undecodable: bool = False  # the body does not decode under its Content-Encoding; `body` is empty
-    request_id: str | None = None  # the X-Request-ID the PDP echoed, if any
-    cache_control: str | None = None
+    status: Final[int]
+    content_type: Final[str]
+    body: Final[bytes]
+    oversize: Final[bool]  # the answer was longer than the limit (on the wire or decoded); `body` is empty
+    undecodable: Final[bool]  # the body does not decode under its Content-Encoding; `body` is empty
+    request_id: Final[str | None]  # the X-Request-ID the PDP echoed, if any
+    cache_control: Final[str | None]
+
+    def __init__(
+        self,
+        status: int,
+        content_type: str,
+        body: bytes,
+        oversize: bool,
+        undecodable: bool = False,
+        request_id: str | None = None,
+        cache_control: str | None = None,
+    ) -> None:
+        self.status = status
+        self.content_type = content_type
+        self.body = body
+        self.oversize = oversize
+        self.undecodable = undecodable
+        self.request_id = request_id
+        self.cache_control = cache_control
 
 
 class Target:

@@ -7,30 +7,40 @@ forwarded, so the decision covers exactly the body the upstream gets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pep.decision import Reason
-from pep.records import record
 
 NO_ID: Final[Any] = object()  # a JSON-RPC message without an id (notification), distinct from an explicit null
 
 
-@record
 class Message:
     """One thing to decide: `facts` become the document's `mcp` or `model` section (under `key`)."""
 
-    key: str | None = None  # "mcp", "model", or None for plain HTTP
-    facts: dict[str, Any] = field(default_factory=dict)
-    rpc_id: Any = NO_ID  # the JSON-RPC id to answer a denial with
+    key: Final[str | None]  # "mcp", "model", or None for plain HTTP
+    facts: Final[dict[str, Any]]
+    rpc_id: Final[Any]  # the JSON-RPC id to answer a denial with
+
+    def __init__(self, key: str | None = None, facts: dict[str, Any] | None = None, rpc_id: Any = NO_ID) -> None:
+        self.key = key
+        self.facts = dict() if facts is None else facts
+        self.rpc_id = rpc_id
 
 
-@record
 class Inspected:
-    messages: tuple[Message, ...]
-    body: bytes | None  # the exact bytes to forward, or None when the body is streamed
-    batch: bool = False
-    value: Any = None  # the body as parsed (MCP), for what is read after the subject is known (mcp_replies)
+    messages: Final[tuple[Message, ...]]
+    body: Final[bytes | None]  # the exact bytes to forward, or None when the body is streamed
+    batch: Final[bool]
+    value: Final[Any]  # the body as parsed (MCP), for what is read after the subject is known (mcp_replies)
+
+    def __init__(
+        self, messages: tuple[Message, ...], body: bytes | None, batch: bool = False, value: Any = None
+    ) -> None:
+        self.messages = messages
+        self.body = body
+        self.batch = batch
+        self.value = value
 
 
 @dataclass(frozen=True, slots=True)

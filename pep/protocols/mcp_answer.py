@@ -19,7 +19,6 @@ from typing import Any, Final
 from pep import strictjson
 from pep.protocols import NO_ID
 from pep.protocols.spelling import Spelling
-from pep.records import record
 
 MAX_DEPTH: Final = 128  # tool schemas and structured results nest deeper than requests
 SERVER_TO_CLIENT: Final = "server_to_client"
@@ -53,27 +52,39 @@ def id_key(rpc_id: Any) -> tuple[str, Any]:
     return type(rpc_id).__name__, rpc_id
 
 
-@record
 class Response:
-    rpc_id: Any
-    answers: str  # the method of the request it answers
-    message: dict[str, Any]
+    rpc_id: Final[Any]
+    answers: Final[str]  # the method of the request it answers
+    message: Final[dict[str, Any]]
+
+    def __init__(self, rpc_id: Any, answers: str, message: dict[str, Any]) -> None:
+        self.rpc_id = rpc_id
+        self.answers = answers
+        self.message = message
 
 
-@record
 class ServerMessage:
-    method: str
-    rpc_id: Any  # NO_ID for a notification
-    params: Any
-    message: dict[str, Any]
+    method: Final[str]
+    rpc_id: Final[Any]  # NO_ID for a notification
+    params: Final[Any]
+    message: Final[dict[str, Any]]
+
+    def __init__(self, method: str, rpc_id: Any, params: Any, message: dict[str, Any]) -> None:
+        self.method = method
+        self.rpc_id = rpc_id
+        self.params = params
+        self.message = message
 
 
-@record
 class Stray:
     """A response on a stream that answers no request: never relayed."""
 
-    rpc_id: Any
-    message: dict[str, Any]
+    rpc_id: Final[Any]
+    message: Final[dict[str, Any]]
+
+    def __init__(self, rpc_id: Any, message: dict[str, Any]) -> None:
+        self.rpc_id = rpc_id
+        self.message = message
 
 
 Incoming = Response | ServerMessage | Stray
