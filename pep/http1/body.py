@@ -85,7 +85,10 @@ class ChunkState(enum.Enum):
     TRAILERS = "trailers"  # after the last chunk: trailer fields, then an empty line
 
 
-_SIZE, _DATA, _DATA_END, _TRAILERS = ChunkState.SIZE, ChunkState.DATA, ChunkState.DATA_END, ChunkState.TRAILERS
+_SIZE: Final = ChunkState.SIZE
+_DATA: Final = ChunkState.DATA
+_DATA_END: Final = ChunkState.DATA_END
+_TRAILERS: Final = ChunkState.TRAILERS
 
 
 class ChunkedBody(BodyReader):

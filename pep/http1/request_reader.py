@@ -65,9 +65,13 @@ _MUST_CLOSE: Final = RequestState.MUST_CLOSE
 _SWITCHED: Final = RequestState.SWITCHED
 _CLOSED: Final = RequestState.CLOSED
 _ERROR: Final = RequestState.ERROR
-_NO_BODY, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
-_ORIGIN_FORM, _ABSOLUTE_FORM = TargetForm.ORIGIN, TargetForm.ABSOLUTE
-_AUTHORITY_FORM, _ASTERISK_FORM = TargetForm.AUTHORITY, TargetForm.ASTERISK
+_NO_BODY: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED: Final = Framing.CHUNKED
+_ORIGIN_FORM: Final = TargetForm.ORIGIN
+_ABSOLUTE_FORM: Final = TargetForm.ABSOLUTE
+_AUTHORITY_FORM: Final = TargetForm.AUTHORITY
+_ASTERISK_FORM: Final = TargetForm.ASTERISK
 
 _NEXT: Final[dict[RequestState, frozenset[RequestState]]] = {
     _IDLE: frozenset({_HEAD, _CLOSED, _ERROR}),

@@ -60,8 +60,11 @@ _DONE: Final = ResponseState.DONE
 _SWITCHED: Final = ResponseState.SWITCHED
 _CLOSED: Final = ResponseState.CLOSED
 _ERROR: Final = ResponseState.ERROR
-_NO_BODY, _LENGTH, _CHUNKED = Framing.NONE, Framing.LENGTH, Framing.CHUNKED
-_CLOSE, _TUNNEL = Framing.CLOSE, Framing.TUNNEL
+_NO_BODY: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED: Final = Framing.CHUNKED
+_CLOSE: Final = Framing.CLOSE
+_TUNNEL: Final = Framing.TUNNEL
 
 _NEXT: Final[dict[ResponseState, frozenset[ResponseState]]] = {
     _IDLE: frozenset({_HEAD, _CLOSED, _ERROR}),

@@ -32,7 +32,10 @@ TOOL_CALL: Final = "model.tool_call"
 ANSWER: Final = "model.answer"
 
 # How a body names its model: "json", "form" (JSON or multipart/form-data), "multipart", or "unread".
-_JSON, _FORM, _MULTIPART, _UNREAD = "json", "form", "multipart", "unread"
+_JSON: Final = "json"
+_FORM: Final = "form"
+_MULTIPART: Final = "multipart"
+_UNREAD: Final = "unread"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 from pep.http1 import BodyTooLarge, Data, EndOfMessage, Fields, ProtocolError, Request, RequestReader
 from pep.transport.errors import BodyTimeout
@@ -39,8 +39,9 @@ class BodyState(enum.Enum):
     FAILED = "failed"  # a read raised: the body cannot be read on
 
 
-_OPEN, _DONE, _FAILED = BodyState.OPEN, BodyState.DONE, BodyState.FAILED
-_Data, _EndOfMessage = Data, EndOfMessage
+_OPEN: Final = BodyState.OPEN
+_DONE: Final = BodyState.DONE
+_FAILED: Final = BodyState.FAILED
 
 
 class RequestBody:
@@ -150,10 +151,10 @@ class RequestBody:
                 self._fail()
                 raise
             kind = type(event)
-            if kind is _Data:
+            if kind is Data:
                 source.body_taken()
                 return event.data  # type: ignore[union-attr]
-            if kind is _EndOfMessage:
+            if kind is EndOfMessage:
                 self._state = _DONE
                 self.trailers = event.trailers  # type: ignore[union-attr]
                 source.body_taken()
@@ -187,11 +188,11 @@ class RequestBody:
                 self._fail()
                 return False
             kind = type(event)
-            if kind is _Data:
+            if kind is Data:
                 if self._pending is None:
                     self._pending = deque()
                 self._pending.append(event.data)  # type: ignore[union-attr]
-            elif kind is _EndOfMessage:
+            elif kind is EndOfMessage:
                 self._state = _DONE
                 self.trailers = event.trailers  # type: ignore[union-attr]
                 self._source.body_taken()

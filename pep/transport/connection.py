@@ -53,9 +53,11 @@ class LinkState(enum.Enum):
     __hash__ = object.__hash__
 
 
-_IDLE, _ACTIVE, _CLOSED = LinkState.IDLE, LinkState.ACTIVE, LinkState.CLOSED
-_Data, _EndOfMessage, _Response = Data, EndOfMessage, Response
-_CHUNKED, _LENGTH = Framing.CHUNKED, Framing.LENGTH
+_IDLE: Final = LinkState.IDLE
+_ACTIVE: Final = LinkState.ACTIVE
+_CLOSED: Final = LinkState.CLOSED
+_CHUNKED: Final = Framing.CHUNKED
+_LENGTH: Final = Framing.LENGTH
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -394,7 +396,7 @@ class UpstreamConnection(asyncio.Protocol):
                 event = reader.next_event()
             except ProtocolError as exc:
                 raise self._failed(exc) from None
-            if type(event) is _Response:
+            if type(event) is Response:
                 writer = self.writer
                 if writer is not None and not writer.done() and event.status >= 400:
                     writer.cancel()  # refused before the whole body arrived: the rest is not sent
@@ -447,7 +449,7 @@ class UpstreamConnection(asyncio.Protocol):
             head = self._fetch_head
             while head is None:
                 event = reader.next_event()
-                if type(event) is _Response:
+                if type(event) is Response:
                     head = self._fetch_head = event
                     if event.keep_alive_field is not None:
                         self._keep_alive_hint(event)
@@ -473,7 +475,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             while True:
                 event = reader.next_event()
-                if type(event) is _Data:
+                if type(event) is Data:
                     data = event.data
                     self._fetch_size += len(data)
                     if self._fetch_size > self._fetch_limit:
@@ -481,7 +483,7 @@ class UpstreamConnection(asyncio.Protocol):
                         self._fetched((head, None))
                         return
                     self._fetch_chunks.append(data)
-                elif type(event) is _EndOfMessage:
+                elif type(event) is EndOfMessage:
                     self._fetched((head, b"".join(self._fetch_chunks)))
                     return
                 elif event is NEED_DATA:
@@ -532,11 +534,11 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as exc:
             raise self._failed(exc) from None
         kind = type(event)
-        if kind is _Data:
+        if kind is Data:
             if self._read_paused:
                 self._taken()
             return event.data  # type: ignore[union-attr]
-        if kind is _EndOfMessage:
+        if kind is EndOfMessage:
             if self._read_paused:
                 self._taken()
             writer = self.writer

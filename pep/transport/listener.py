@@ -161,10 +161,14 @@ class ConnState(enum.Enum):
     __hash__ = object.__hash__
 
 
-_WAITING, _BUSY, _SWITCHED = ConnState.WAITING, ConnState.BUSY, ConnState.SWITCHED
-_LINGERING, _CLOSED = ConnState.LINGERING, ConnState.CLOSED
+_WAITING: Final = ConnState.WAITING
+_BUSY: Final = ConnState.BUSY
+_SWITCHED: Final = ConnState.SWITCHED
+_LINGERING: Final = ConnState.LINGERING
+_CLOSED: Final = ConnState.CLOSED
 _Request = Request
-_ANSWERED, _UNANSWERED = ResponseState.DONE, ResponseState.NEW
+_ANSWERED: Final = ResponseState.DONE
+_UNANSWERED: Final = ResponseState.NEW
 _HEAD_STARTED: Final = RequestState.HEAD
 _INF: Final = math.inf
 

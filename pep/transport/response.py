@@ -19,7 +19,10 @@ from pep.transport.body import BodyState, RequestBody
 from pep.transport.errors import ClientGone
 from pep.transport.flow import WriteFlow
 
-_NONE, _LENGTH, _CHUNKED_FRAMING, _CLOSE_FRAMING = Framing.NONE, Framing.LENGTH, Framing.CHUNKED, Framing.CLOSE
+_NONE: Final = Framing.NONE
+_LENGTH: Final = Framing.LENGTH
+_CHUNKED_FRAMING: Final = Framing.CHUNKED
+_CLOSE_FRAMING: Final = Framing.CLOSE
 _REASONS: Final = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
 _BODY_DONE: Final = BodyState.DONE
 _NO_BODY_STATUS: Final = frozenset({204, 304})
@@ -60,12 +63,10 @@ class ResponseState(enum.Enum):
     ABORTED = "aborted"  # the connection was reset instead
 
 
-_NEW, _STREAMING, _DONE, _ABORTED = (
-    ResponseState.NEW,
-    ResponseState.STREAMING,
-    ResponseState.DONE,
-    ResponseState.ABORTED,
-)
+_NEW: Final = ResponseState.NEW
+_STREAMING: Final = ResponseState.STREAMING
+_DONE: Final = ResponseState.DONE
+_ABORTED: Final = ResponseState.ABORTED
 
 
 def _check_fields(fields: Fields) -> None:
