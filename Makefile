@@ -51,8 +51,8 @@ $(MCP1_STAMP): requirements/constraints-mcp1.txt
 # only for the sources it was built from). Rebuilt when a compiled source changes; pep/native.sum is its stamp.
 # A C compiler is taken from the distribution by name (gcc) when there is none; Python's headers must be there.
 NATIVE_SUMS := pep/native.sum
-# The compiled modules' sources (pep/native.py's MODULES): an edit elsewhere (cli.py, tests) rebuilds nothing.
-NATIVE_SOURCES := $(shell $(PYTHON) -c 'import runpy; print(*runpy.run_path("pep/native.py")["MODULES"])')
+# The compiled modules' sources (pep/native.py's MODULES and C_MODULES): an edit elsewhere (cli.py, tests) rebuilds nothing.
+NATIVE_SOURCES := $(shell $(PYTHON) -c 'import runpy; n = runpy.run_path("pep/native.py"); print(*n["MODULES"], *n["C_MODULES"])')
 native: $(NATIVE_SUMS)
 
 $(NATIVE_SUMS): $(STAMP) setup.py pep/native.py $(NATIVE_SOURCES)

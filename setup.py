@@ -1,4 +1,5 @@
-"""Compiles the request path (pep.native.MODULES) to C extensions with mypyc, when PEP_NATIVE=1.
+"""Compiles the request path (pep.native.MODULES) to C extensions with mypyc, when PEP_NATIVE=1, with the modules
+written in C (pep.native.C_MODULES).
 
 `make native` builds them in place (`setup.py build_ext --inplace`); the Dockerfile builds a wheel with them.
 Without PEP_NATIVE=1 (`pip install -e .` in `make venv`) nothing is compiled and the package is pure Python.
@@ -15,7 +16,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup  # type: ignore[import-untyped]
+from setuptools import Extension, setup  # type: ignore[import-untyped]
 
 ext_modules = []
 if os.environ.get("PEP_NATIVE") == "1":
@@ -39,5 +40,10 @@ if os.environ.get("PEP_NATIVE") == "1":
         (inspection, "pep_native_inspection"),
     ]
     ext_modules = mypycify(modules, separate=groups)
+    # And the modules written in C (pep/strictjson.py's scan), built with the same compiler.
+    ext_modules += [
+        Extension(path.removesuffix(".c").replace("/", "."), [path], extra_compile_args=["-O2"])
+        for path in native.C_MODULES
+    ]
 
 setup(ext_modules=ext_modules)

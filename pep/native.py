@@ -126,7 +126,12 @@ MODULES: tuple[str, ...] = (
 )
 
 
-def digest(root: Path = PACKAGE.parent, modules: Sequence[str] = MODULES) -> str:
+# Written in C where the profile asked for it (each says why), built with the compiled modules, and used only
+# with them: pure Python has its own way to the same answer (a property test compares the two).
+C_MODULES: tuple[str, ...] = ("pep/_jsonscan.c",)
+
+
+def digest(root: Path = PACKAGE.parent, modules: Sequence[str] = MODULES + C_MODULES) -> str:
     """The digest of the compiled modules' sources, as SUMS holds it for a build."""
     h = hashlib.sha256()
     for name in modules:
@@ -137,6 +142,9 @@ def digest(root: Path = PACKAGE.parent, modules: Sequence[str] = MODULES) -> str
     return h.hexdigest()
 
 
+_C_NAMES = frozenset(m.removesuffix(".c").replace("/", ".") for m in C_MODULES)
+
+
 class _SourcesOnly(importlib.abc.MetaPathFinder):
     """Finds `pep.*` modules as sources only, never as extension modules (a stale or unwanted build)."""
 
@@ -145,6 +153,8 @@ class _SourcesOnly(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if not fullname.startswith("pep.") or path is None:
             return None
+        if fullname in _C_NAMES:  # no source: not there, rather than the build's
+            raise ModuleNotFoundError(f"{fullname} is compiled only (pure Python runs without it)", name=fullname)
         name = fullname.rpartition(".")[2]
         for entry in path:
             package = os.path.join(entry, name)
@@ -164,8 +174,9 @@ def _built() -> bool:
 def _strays() -> list[str]:
     """Compiled modules beside the package's sources that are not in MODULES (left from another build)."""
     root = PACKAGE.parent
-    found = {str(p.relative_to(root).with_name(p.name.split(".")[0] + ".py")) for p in PACKAGE.rglob("*.so")}
-    return sorted(found - set(MODULES))
+    found = {str(p.relative_to(root).with_name(p.name.split(".")[0])) for p in PACKAGE.rglob("*.so")}
+    built = {m.rsplit(".", 1)[0] for m in MODULES + C_MODULES}
+    return sorted(f"{name}.py" for name in found - built)
 
 
 def choose() -> bool:

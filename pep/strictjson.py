@@ -16,7 +16,7 @@ refused too, since readers such as Go's encoding/json bind both to one field and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, Final
 
@@ -97,16 +97,45 @@ def _long_number(data: bytes) -> bool:
     return _NINETEEN_DIGITS in data.translate(_DIGITS)
 
 
+Scan = Callable[[bytes, dict[str, Any] | list[Any], bool], tuple[bool, int, int, list[dict[str, Any]]] | None]
+
+
+def _native_scan() -> Scan | None:
+    try:
+        from pep._jsonscan import scan  # optional: only `make native` builds it
+    except ImportError:  # pure Python (PEP_PURE=1, or no build or a stale one: pep/native.py): the walk below
+        return None
+    return scan
+
+
+# The scan in C when the request path is compiled: one pass over the bytes and one over orjson's value (the
+# profile of the 2 KB MCP call had the walk, orjson writing the value again and the digit search at 28k
+# instructions; the scan is a tenth of that). The same facts without it: `_walk`, `_no_duplicates`.
+_SCAN: Final = _native_scan()
+
+
 def loads(data: bytes, max_depth: int = 64, *, fold_keys: bool = False, max_values: int = 0) -> Any:
     """Parse one JSON value from `data`, refusing duplicate keys, trailing data and nesting over `max_depth`;
     with `fold_keys`, also keys of one object equal under case folding (`FoldedKeys`); with `max_values`, more
     members and elements than that in all (`TooManyValues`, once the value is otherwise acceptable)."""
+    return read(data, max_depth, fold_keys, max_values, _SCAN)
+
+
+def read(data: bytes, max_depth: int, fold_keys: bool, max_values: int, scan: Scan | None) -> Any:
+    """`loads`, with the C scan or (`scan` None) without it: the same answer either way (a property test holds
+    them to it)."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise JsonError(f"invalid JSON: {exc}") from None
     kind = type(value)
-    if (kind is dict or kind is list) and not fold_keys and not max_values and len(data) < 2 * max_depth + 2:
+    facts = scan(data, value, fold_keys) if scan is not None and (kind is dict or kind is list) else None
+    if facts is not None:
+        # (An integer beyond 64 bits is written with 19 bytes or more: the scan sends those to the second pass.)
+        second, depth, values, suspects = facts
+        exceeded = bool(max_depth) and depth > max_depth
+        folded = _folded(suspects) if suspects else None
+    elif (kind is dict or kind is list) and not fold_keys and not max_values and len(data) < 2 * max_depth + 2:
         # Too short to nest deeper than the limit (each level takes an opening and a closing byte), and nothing
         # else to count (PDP and most MCP answers): no walk. A run of 19 digits anywhere takes the second pass,
         # as a float beside one would (it refuses only integers beyond 64 bits, which orjson read as floats).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -9,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pep
+from pep import strictjson
 from pep.strictjson import FoldedKeys, JsonError, fold, loads, loads_object
 
 
@@ -315,3 +318,87 @@ def test_exact_duplicates_stay_duplicates_with_fold_keys() -> None:
 @pytest.mark.parametrize("key", ["name", "Method", "\u017fearch", "Stra\u00dfe", "\u212aey", "\u00e9t\u00e9"])
 def test_fold_is_casefold(key: str) -> None:
     assert fold(key) == key.casefold()
+
+
+# --- the scan in C (pep/_jsonscan.c) against the walk in Python ------------------------------------------------
+
+
+def test_the_scan_in_c_is_what_a_compiled_build_uses() -> None:
+    """With the request path compiled, `loads` takes its facts from the C scan (so the properties below compare
+    it with the walk); pure Python has no scan and needs none."""
+    assert (strictjson._SCAN is not None) == pep.COMPILED
+
+
+_KEYS = st.sampled_from(["a", "b", "id", "Id", "ID", "name", "Name", "s", "\u017f", "k", "\u212a", "x:y", 'q"', "\\"])
+_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.sampled_from('ab:"\\\u00e9 \n'), max_size=4)
+)
+_NESTED = st.recursive(
+    _LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=4),
+    max_leaves=25,
+)
+
+
+def _written(value: Any, style: int) -> bytes:
+    """`value` as different writers write it: compact, spaced, indented, and with non-ASCII escaped."""
+    if style == 0:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()  # as orjson writes
+    if style == 1:
+        return json.dumps(value).encode()  # ", " and ": ", non-ASCII escaped (\u017f: an escaped key)
+    if style == 2:
+        return json.dumps(value, indent=2, ensure_ascii=False).encode()
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _outcome(data: bytes, max_depth: int, fold_keys: bool, max_values: int, native: bool) -> Any:
+    try:
+        return strictjson.read(data, max_depth, fold_keys, max_values, strictjson._SCAN if native else None)
+    except FoldedKeys:
+        return "folded"  # which of several folded pairs is named first may differ: the refusal may not
+    except JsonError as error:
+        return (type(error).__name__, str(error))
+
+
+@given(_NESTED, st.integers(0, 3), st.data())
+def test_the_scan_in_c_decides_as_the_walk_does(value: Any, style: int, data: st.DataObject) -> None:
+    """For texts with repeated keys (as written, escaped, case-folded), long integers, colons and quotes in
+    strings, several writers' spacing, depth limits and value limits: the same value or the same refusal."""
+    text = _written(value, style)
+    if isinstance(value, dict) and value and data.draw(st.booleans()):  # repeat a key, maybe written otherwise
+        key = data.draw(st.sampled_from(sorted(value)))
+        spelled = data.draw(
+            st.sampled_from([json.dumps(key), json.dumps(key.upper()), json.dumps(key, ensure_ascii=False)])
+        )
+        text = text.rstrip()[:-1] + b"," + spelled.encode() + b":" + json.dumps(value[key]).encode() + b"}"
+    max_depth = data.draw(st.sampled_from([0, 1, 2, 3, 64]))
+    max_values = data.draw(st.sampled_from([0, 1, 5, 1000]))
+    for fold_keys in (False, True):
+        expected = _outcome(text, max_depth, fold_keys, max_values, native=False)
+        assert _outcome(text, max_depth, fold_keys, max_values, native=True) == expected, text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":"\\\\","a":1}',  # a string ending in an escaped backslash, then a duplicate
+        b'{"a":"\\"","b":"\\\\\\"","a":2}',  # escaped quotes inside strings
+        b'{"a":[{"b":1,"b":2}]}',
+        b'{"a":1,"\\u0061":2}',
+        b'[{"n":100000000000000000001}]',
+        b'{"n":-9223372036854775809}',
+        b"[" * 70 + b"]" * 70,
+        b'{"a":' * 70 + b"1" + b"}" * 70,
+        b'{"Name":1,"name":2}',
+        b'{"\\u017f":1,"s":2}',
+        b'{"\\u0053":1,"s":2}',  # an escaped upper-case S
+    ],
+)
+def test_the_scan_in_c_refuses_as_the_walk_does(data: bytes) -> None:
+    assert isinstance(_outcome(data, 64, True, 0, native=False), tuple | str)  # refused, on request at least
+    for fold_keys in (False, True):
+        assert _outcome(data, 64, fold_keys, 0, native=True) == _outcome(data, 64, fold_keys, 0, native=False)
