@@ -44,11 +44,12 @@ $(FUZZ_STAMP): pyproject.toml requirements/constraints-fuzz.txt requirements/con
 	touch $(FUZZ_STAMP)
 
 # PEP_PURE=1: the harnesses run the sources, not the compiled request path (make native): atheris's coverage is
-# Python's, and compiled modules would be blind spots to it. The test suite runs the compiled modules.
-fuzz: $(FUZZ_STAMP)
+# Python's, and compiled modules would be blind spots to it. The test suite runs the compiled modules. The build
+# is still a prerequisite: fuzz_bodies compares strictjson with and without the C scan it holds (pep/_jsonscan.c).
+fuzz: native $(FUZZ_STAMP)
 	PEP_PURE=1 $(FUZZ_BIN)/python -m fuzz.run --python $(FUZZ_BIN)/python --seconds $(FUZZ_SECONDS) --out $(FUZZ_OUT) $(FUZZ_ARGS)
 
-fuzz-smoke: fuzz-lint $(FUZZ_STAMP)
+fuzz-smoke: fuzz-lint native $(FUZZ_STAMP)
 	PEP_PURE=1 $(FUZZ_BIN)/python -m fuzz.run --python $(FUZZ_BIN)/python --seconds $(FUZZ_SMOKE_SECONDS) \
 		--out $(FUZZ_OUT)/smoke --fresh --seed 1 $(FUZZ_ARGS)
 

@@ -8,15 +8,20 @@ Input: three bytes that choose the request, then the body.
   4 Last-Event-ID, 5 a second Mcp-Method) and the path (bits 6-7);
 - byte 2: the header values (two bits each);
 - byte 0 bit 4 and byte 2 bit 1: strictjson's depth limit (0 for none, 1, 2 or 64);
+- byte 2 bit 0: strictjson's fold_keys, for the C scan's comparison;
 - the rest: the body, given to the route's reader, to each reader on its own, and to strictjson.
 Oracles (fuzz/oracles.py): an Inspected or a Refused with a reason from the closed set, never an exception; a body
 the protocol decides on is always read; what is accepted is what the standard library reads strictly from the
-same bytes (duplicate keys anywhere refused, same values and types); a JSON-RPC batch is one message per element,
+same bytes (duplicate keys anywhere refused, same values and types), and strictjson decides the same with the C
+scan of a compiled build as without it; a JSON-RPC batch is one message per element,
 each with that element's facts; mirrored MCP headers agree with the body.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from atheris.function_hooks import enabled_hooks
@@ -34,6 +39,23 @@ with instrument_imports(include=["pep"]):
     from pep.config import RouteConfig
     from pep.protocols import dispatch, mcp, openai
 
+
+def _c_scan() -> strictjson.Scan:
+    """The C scan of a compiled build (pep/_jsonscan.c), loaded by its path: PEP_PURE=1 runs every other module
+    from its source (atheris's coverage is Python's), and the C scan must still answer as the walk does."""
+    path = next(Path(strictjson.__file__).parent.glob("_jsonscan.*.so"), None)
+    if path is None:
+        raise SystemExit("fuzz_bodies: no pep/_jsonscan build (make native)")
+    loader = importlib.machinery.ExtensionFileLoader("pep._jsonscan", str(path))
+    spec = importlib.util.spec_from_file_location("pep._jsonscan", path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    scan: strictjson.Scan = module.scan
+    return scan
+
+
+C_SCAN = _c_scan()
 PROTOCOLS = ("mcp", "openai", "http", "mcp")
 METHODS = ("POST", "POST", "POST", "GET", "DELETE", "PUT", "PATCH", "OPTIONS")
 PATHS = ("/mcp", "/v1/chat/completions", "/v1/models", "/v1/chat;x/completions/")
@@ -97,6 +119,8 @@ def test_one_input(data: bytes) -> None:
     except strictjson.JsonError as exc:
         error = exc
     oracles.check_strict(body, depth, value, error)
+    fold = bool(c & 1)
+    oracles.check_scan(body, strictjson.read, depth, fold, C_SCAN)
 
 
 if __name__ == "__main__":

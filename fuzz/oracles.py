@@ -313,6 +313,22 @@ def check_strict(data: bytes, max_depth: int, outcome: Any, error: Exception | N
     require(same_json(outcome, ref.value), "strictjson and the reference read the same value", data, outcome)
 
 
+def _read_outcome(read: Callable[..., Any], data: bytes, depth: int, fold: bool, scan: Any) -> Any:
+    try:
+        return ("value", read(data, depth, fold, 1000, scan))
+    except ValueError as exc:
+        # Which of two folded pairs is named first may differ (the C scan lists objects inner first).
+        return (type(exc).__name__, "" if type(exc).__name__ == "FoldedKeys" else str(exc))
+
+
+def check_scan(data: bytes, read: Callable[..., Any], depth: int, fold: bool, scan: Any) -> None:
+    """`strictjson.read` with the C scan (`scan`) answers as without it: the same value, or the same refusal."""
+    native = _read_outcome(read, data, depth, fold, scan)
+    walked = _read_outcome(read, data, depth, fold, None)
+    same = same_json(native[1], walked[1]) if walked[0] == native[0] == "value" else native == walked
+    require(same, "the C scan decides as the walk does", data, (native, walked))
+
+
 # --- body readers (pep/protocols/dispatch.py, mcp.py, openai.py) ---------------------------------------------
 
 BODY_REFUSALS = frozenset({Reason.BODY_UNREADABLE, Reason.REQUEST_AMBIGUOUS})
