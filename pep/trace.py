@@ -122,8 +122,9 @@ def from_headers(headers: CIMultiDictProxy[str]) -> Trace:
     found = parse_traceparent(parents[0]) if len(parents) == 1 else None
     if found is None:
         # Random ids (W3C asks for randomness, not secrecy): the PRNG, seeded from the OS, costs no syscall. Both
-        # are drawn as one number, each id's lowest bit set (an id of zeros is invalid), and formatted once.
-        ids = f"{getrandbits(192) | _LOWEST_BITS:048x}"
+        # are drawn as one number, each id's lowest bit set (an id of zeros is invalid), and formatted once (as
+        # bytes to hex: compiled, a format spec goes through `str.format`, about three times slower).
+        ids = (getrandbits(192) | _LOWEST_BITS).to_bytes(24, "big").hex()
         return Trace(ids[:32], ids[32:], "00", None, False)
     trace_id, parent_id, flags = found
     return Trace(trace_id, parent_id, flags, parse_tracestate(headers.getall("tracestate", ())), remote=True)
