@@ -21,7 +21,7 @@
 #include <Python.h>
 #include <string.h>
 
-/* Deeper than orjson ever nests (1024): a text or value beyond it is left to the second pass. */
+/* Deeper than orjson ever nests (1024): beyond it, scan() answers None (the Python walk decides). */
 #define MAX_LEVELS 2048
 #define LONG_NUMBER 19
 #define IN_OBJECT 1

@@ -172,7 +172,8 @@ def _built() -> bool:
 
 
 def _strays() -> list[str]:
-    """Compiled modules beside the package's sources that are not in MODULES (left from another build)."""
+    """Compiled modules beside the package's sources that are in neither MODULES nor C_MODULES (left from
+    another build)."""
     root = PACKAGE.parent
     found = {str(p.relative_to(root).with_name(p.name.split(".")[0])) for p in PACKAGE.rglob("*.so")}
     built = {m.rsplit(".", 1)[0] for m in MODULES + C_MODULES}
