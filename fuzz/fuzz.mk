@@ -45,7 +45,9 @@ $(FUZZ_STAMP): pyproject.toml requirements/constraints-fuzz.txt requirements/con
 
 # PEP_PURE=1: the harnesses run the sources, not the compiled request path (make native): atheris's coverage is
 # Python's, and compiled modules would be blind spots to it. The test suite runs the compiled modules. The build
-# is still a prerequisite: fuzz_bodies compares strictjson with and without the C scan it holds (pep/_jsonscan.c).
+# is still a prerequisite for the modules written in C, which the harnesses load from it by path: fuzz_bodies
+# compares strictjson with and without its C scan (pep/_jsonscan.c), and fuzz_http1_core's readers find heads and
+# split field lines with pep/http1/_fieldlines.c, as `pep run` does.
 fuzz: native $(FUZZ_STAMP)
 	PEP_PURE=1 $(FUZZ_BIN)/python -m fuzz.run --python $(FUZZ_BIN)/python --seconds $(FUZZ_SECONDS) --out $(FUZZ_OUT) $(FUZZ_ARGS)
 

@@ -19,15 +19,13 @@ each with that element's facts; mirrored MCP headers agree with the body.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 from atheris.function_hooks import enabled_hooks
 from atheris.import_hook import instrument_imports
 
-from fuzz.harness import run
+from fuzz.harness import load_built, run
 
 enabled_hooks.add("RegEx")
 enabled_hooks.add("str")
@@ -41,17 +39,8 @@ with instrument_imports(include=["pep"]):
 
 
 def _c_scan() -> strictjson.Scan:
-    """The C scan of a compiled build (pep/_jsonscan.c), loaded by its path: PEP_PURE=1 runs every other module
-    from its source (atheris's coverage is Python's), and the C scan must still answer as the walk does."""
-    path = next(Path(strictjson.__file__).parent.glob("_jsonscan.*.so"), None)
-    if path is None:
-        raise SystemExit("fuzz_bodies: no pep/_jsonscan build (make native)")
-    loader = importlib.machinery.ExtensionFileLoader("pep._jsonscan", str(path))
-    spec = importlib.util.spec_from_file_location("pep._jsonscan", path, loader=loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    scan: strictjson.Scan = module.scan
+    """The C scan of a compiled build (pep/_jsonscan.c): it must answer as the walk does."""
+    scan: strictjson.Scan = load_built(Path(strictjson.__file__).parent, "pep._jsonscan").scan
     return scan
 
 

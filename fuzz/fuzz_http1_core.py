@@ -16,15 +16,23 @@ bytes after an answer are an error exactly when h11 sees some; a body limit is r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from atheris.function_hooks import enabled_hooks
 from atheris.import_hook import instrument_imports
 
-from fuzz.harness import run
+from fuzz.harness import load_built, run
 
 enabled_hooks.add("str")
 with instrument_imports(include=["pep"]):
     from fuzz import http1_oracles as oracles
-    from pep.http1 import Limits
+    from pep.http1 import Limits, head
+
+# The readers find heads and split field lines with the C of a compiled build (pep/http1/_fieldlines.c), as they
+# do in `pep run`: held to h11 here. The pure-Python twins are held to the C by tests/unit/test_http1_fieldlines.py.
+_FIELDLINES = load_built(Path(head.__file__).parent, "pep.http1._fieldlines")
+head.BOUNDS = _FIELDLINES.bounds
+head.SPLIT_LINES = _FIELDLINES.split
 
 METHODS = (b"GET", b"HEAD", b"POST", b"CONNECT")
 TINY = Limits(

@@ -14,6 +14,8 @@ fuzz/oracles.py at load time (that would load those modules uninstrumented).
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
@@ -21,8 +23,25 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import atheris
+
+
+def load_built(directory: Path, name: str) -> ModuleType:
+    """A module of pep/ written in C (pep/native.py C_MODULES), loaded from the build beside its source by path:
+    the harnesses run the sources (PEP_PURE=1: atheris's coverage is Python's), which leaves C modules out, and
+    the C must still be held to the oracles. `name` is the dotted name, e.g. "pep._jsonscan"."""
+    short = name.rpartition(".")[2]
+    path = next(directory.glob(f"{short}.*.so"), None)
+    if path is None:
+        raise SystemExit(f"no build of {name} in {directory} (make native)")
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def _inputs(paths: list[str]) -> list[Path]:

@@ -128,7 +128,7 @@ MODULES: tuple[str, ...] = (
 
 # Written in C where the profile asked for it (each says why), built with the compiled modules, and used only
 # with them: pure Python has its own way to the same answer (a property test compares the two).
-C_MODULES: tuple[str, ...] = ("pep/_jsonscan.c",)
+C_MODULES: tuple[str, ...] = ("pep/_jsonscan.c", "pep/http1/_fieldlines.c")
 
 
 def digest(root: Path = PACKAGE.parent, modules: Sequence[str] = MODULES + C_MODULES) -> str:

@@ -7,8 +7,8 @@ decided by the readers, where llhttp's own choices would be wrong for the PEP: i
 body as the upgraded protocol, cannot be told a response answers HEAD, and parses every pipelined message it is
 given at once.
 
-llhttp splits the fields for the readers, through `on_header` (its only callback into Python), into a
-FieldSink: the reader's own subclass notes the fields it acts on as they come.
+llhttp calls no Python code: it only checks. Once it has accepted a whole head, its field lines are split
+(`SPLIT_LINES`, in C when compiled) and handed to a FieldSink, whose reader subclass notes the fields it acts on.
 
 The first line is checked by the reader (`check_line`) before llhttp sees any of it, so that a version or
 method error is classified from the whole line, whatever the reads; after that, every error is raised at the
@@ -21,29 +21,30 @@ steps as `_partial` in the same order, with no state kept between reads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import httptools
 
 from pep.http1.errors import ProtocolError
 from pep.http1.events import Fields
-from pep.http1.fields import check_line_sizes
+from pep.http1.fields import BOUNDS, SPLIT_LINES, check_line_sizes
 from pep.http1.limits import Limits
 
 Parser = httptools.HttpRequestParser | httptools.HttpResponseParser
 T = TypeVar("T")
-_OWS: Final = b" \t"
 
 
 class FieldSink:
-    """llhttp's callbacks for one head: the fields as llhttp splits them (names as sent; llhttp drops the
-    whitespace before a value, `on_header` the whitespace after it). A reader subclasses it to note the fields it
-    acts on in the same call, so that no second pass over the fields is needed. The other callbacks are present
-    as None: httptools looks every one up when a parser is made, and a missing attribute costs an
-    AttributeError apiece."""
+    """The fields of one head (names as sent, values without the whitespace around them), handed over by `note`
+    once llhttp has accepted the head. A reader subclasses it to note the fields it acts on in the same pass.
+
+    It is also llhttp's protocol object, with every callback None: httptools looks each one up when a parser is
+    made (a missing attribute costs an AttributeError apiece), and with `on_header` None, llhttp calls into
+    Python once per field no more."""
 
     __slots__ = ("fields",)
 
+    on_header = None
     on_message_begin = None
     on_url = None
     on_status = None
@@ -56,13 +57,9 @@ class FieldSink:
     def __init__(self) -> None:
         self.fields: Fields = []
 
-    def reset(self) -> None:
-        """A new head begins (a reader also clears what it took from each head where it takes it, without a
-        call: `scan` expects an empty sink)."""
-        self.fields = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value.rstrip(_OWS)))
+    def note(self, fields: Fields) -> None:
+        """The head's fields, once llhttp has accepted all of it."""
+        self.fields = fields
 
 
 class HeadScanner(Generic[T]):
@@ -113,11 +110,11 @@ class HeadScanner(Generic[T]):
         limits = self._limits
         if self._line_end >= 0:
             return self._partial(buf)
-        end = buf.find(b"\r\n\r\n", 0, limits.max_head_bytes)
-        if end < 0:
-            return self._partial(buf)
         max_line = limits.max_line_bytes
-        lf = buf.find(b"\n", 0, max_line + 2)
+        found = BOUNDS(buf, limits.max_head_bytes, max_line)
+        if found is None:
+            return self._partial(buf)
+        end, lf = found
         if lf < 0:  # the first LF is further (the head's own end is in the buffer: more than max_line bytes)
             raise ProtocolError(f"first line over {max_line} bytes", self._status(414))
         if lf == 0 or buf[lf - 1] != 0x0D:
@@ -141,6 +138,7 @@ class HeadScanner(Generic[T]):
             self._last = parser
         if end - lf - 1 > limits.max_field_bytes:  # only a block longer than the bound can hold a longer line
             self._check_line_sizes(bytes(buf[lf + 1 : end]))
+        self.sink.note(SPLIT_LINES(buf, lf + 1, end))
         del buf[: end + 4]
         return line
 
@@ -167,7 +165,6 @@ class HeadScanner(Generic[T]):
                 raise ProtocolError("a line ends in LF without CR", self._status(400))
             self._line = self._check_line(bytes(buf[: lf - 1]))
             self._line_end = self._searched = line_end = lf + 1
-            self.sink.reset()
             self._parser = self._new_parser(self.sink)
             self._fed = 0
         # A head without fields ends right after its first line's CRLF: search from there.
@@ -194,6 +191,7 @@ class HeadScanner(Generic[T]):
         assert line is not None
         if end - line_end > limits.max_field_bytes:
             self._check_line_sizes(bytes(buf[line_end:end]))
+        self.sink.note(SPLIT_LINES(buf, line_end, end))
         del buf[: end + 4]
         self._parser = self._line = None
         self._line_end = -1

@@ -32,6 +32,7 @@ from pep.http1.events import (
     ConnectionClosed,
     Data,
     EndOfMessage,
+    Fields,
     Framing,
     Request,
     Signal,
@@ -98,7 +99,6 @@ _CONNECT: Final = b"CONNECT"
 # Host values already found well-formed: a client sends the same one on every request (bounded: cleared when full)
 _GOOD_HOSTS: Final[set[bytes]] = set()
 _GOOD_HOSTS_MAX: Final = 256
-_OWS: Final = b" \t"
 _FRAMING_NAME_LENGTHS: Final = frozenset(
     len(n) for n in (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect")
 )
@@ -147,51 +147,44 @@ def _form(method: bytes, target: bytes) -> TargetForm:
 
 
 class _RequestFields(FieldSink):
-    """A request's fields, and those the reader acts on, noted as llhttp hands them over (lists joined)."""
+    """A request's fields, and those the reader acts on (lists joined), noted as the head is handed over."""
 
     __slots__ = ("coding", "connection", "expect", "host", "hosts", "length")
 
     def __init__(self) -> None:
         super().__init__()
-        self.reset()
+        self.note([])
 
-    def reset(self) -> None:
-        self.fields = []
-        self.hosts = 0
-        self.host: bytes | None = None
-        self.length: bytes | None = None
-        self.coding: bytes | None = None
-        self.connection: bytes | None = None
-        self.expect: bytes | None = None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        value = value.rstrip(_OWS)
-        self.fields.append((name, value))
-        if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
-            key = name.lower()
-            if key == b"host":
-                self.hosts += 1
-                self.host = value
-            elif key == b"content-length":
-                self.length = value  # llhttp refused a second one, and anything but digits
-            elif key == b"transfer-encoding":
-                coding = self.coding
-                self.coding = value if coding is None else coding + b"," + value
-            elif key == b"connection":
-                connection = self.connection
-                self.connection = value if connection is None else connection + b"," + value
-            elif key == b"expect":
-                expect = self.expect
-                self.expect = value if expect is None else expect + b"," + value
+    def note(self, fields: Fields) -> None:
+        self.fields = fields
+        hosts = 0
+        host = length = coding = connection = expect = None
+        for name, value in fields:
+            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
+                key = name.lower()
+                if key == b"host":
+                    hosts += 1
+                    host = value
+                elif key == b"content-length":
+                    length = value  # llhttp refused a second one, and anything but digits
+                elif key == b"transfer-encoding":
+                    coding = value if coding is None else coding + b"," + value
+                elif key == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                elif key == b"expect":
+                    expect = value if expect is None else expect + b"," + value
+        self.hosts = hosts
+        self.host: bytes | None = host
+        self.length: bytes | None = length
+        self.coding: bytes | None = coding
+        self.connection: bytes | None = connection
+        self.expect: bytes | None = expect
 
 
 def _request(method: bytes, target: bytes, version: bytes, sink: _RequestFields, limits: Limits) -> Request:
     """The request a head makes (its syntax checked by llhttp), with the rules llhttp does not apply."""
     fields, host, hosts, length, coding = sink.fields, sink.host, sink.hosts, sink.length, sink.coding
     connection, expect = sink.connection, sink.expect
-    sink.fields = []  # taken, and left empty for the next head (`HeadScanner.scan`)
-    sink.hosts = 0
-    sink.host = sink.length = sink.coding = sink.connection = sink.expect = None
     if len(fields) > limits.max_fields:
         raise ProtocolError(f"more than {limits.max_fields} header fields", 431)
     if hosts > 1:

@@ -76,7 +76,6 @@ _NEXT: Final[dict[ResponseState, frozenset[ResponseState]]] = {
     _ERROR: frozenset(),
 }
 
-_OWS: Final = b" \t"
 _FRAMING_NAME_LENGTHS: Final = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
 _VERSIONS: Final = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
 _DIGITS: Final = b"0123456789"
@@ -119,37 +118,32 @@ def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
 
 class _ResponseFields(FieldSink):
     """An answer's fields, and its Content-Length, Transfer-Encoding, Connection and Keep-Alive (lists joined),
-    noted as llhttp hands them over."""
+    noted as the head is handed over."""
 
     __slots__ = ("coding", "connection", "keep_alive", "length")
 
     def __init__(self) -> None:
         super().__init__()
-        self.reset()
+        self.note([])
 
-    def reset(self) -> None:
-        self.fields = []
-        self.length: bytes | None = None
-        self.coding: bytes | None = None
-        self.connection: bytes | None = None
-        self.keep_alive: bytes | None = None
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        value = value.rstrip(_OWS)
-        self.fields.append((name, value))
-        if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
-            key = name.lower()
-            if key == b"content-length":
-                self.length = value  # llhttp refused a second one, and anything but digits
-            elif key == b"transfer-encoding":
-                coding = self.coding
-                self.coding = value if coding is None else coding + b"," + value
-            elif key == b"connection":
-                connection = self.connection
-                self.connection = value if connection is None else connection + b"," + value
-            elif key == b"keep-alive":
-                keep_alive = self.keep_alive
-                self.keep_alive = value if keep_alive is None else keep_alive + b"," + value
+    def note(self, fields: Fields) -> None:
+        self.fields = fields
+        length = coding = connection = keep_alive = None
+        for name, value in fields:
+            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
+                key = name.lower()
+                if key == b"content-length":
+                    length = value  # llhttp refused a second one, and anything but digits
+                elif key == b"transfer-encoding":
+                    coding = value if coding is None else coding + b"," + value
+                elif key == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                elif key == b"keep-alive":
+                    keep_alive = value if keep_alive is None else keep_alive + b"," + value
+        self.length: bytes | None = length
+        self.coding: bytes | None = coding
+        self.connection: bytes | None = connection
+        self.keep_alive: bytes | None = keep_alive
 
 
 class ResponseReader(MessageReader[ResponseState]):
@@ -259,11 +253,9 @@ class ResponseReader(MessageReader[ResponseState]):
                 raise ProtocolError("the connection closed before a complete answer", 502)
             return NEED_DATA
         version, status, reason = line
-        sink = self._fields  # taken, and left empty for the next head (`HeadScanner.scan`)
+        sink = self._fields
         fields, length, coding = sink.fields, sink.length, sink.coding
         connection, keep_alive_field = sink.connection, sink.keep_alive
-        sink.fields = []
-        sink.length = sink.coding = sink.connection = sink.keep_alive = None
         if len(fields) > self._limits.max_fields:
             raise ProtocolError(f"more than {self._limits.max_fields} header fields", 502)
         if coding is not None and (coding.lower() != b"chunked" or version == b"1.0"):  # on a 1xx too

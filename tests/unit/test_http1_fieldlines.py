@@ -1,0 +1,81 @@
+"""A head's bounds and its field lines: the C of a compiled build (pep/http1/_fieldlines.c) answers as the
+pure-Python twins in pep/http1/fields.py do, and the split is what llhttp itself hands over field by field
+(`on_header`, the way the readers took the fields before)."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pep
+from pep.http1 import fields
+from pep.http1.fields import TOKEN
+
+
+def test_the_c_is_what_a_compiled_build_uses() -> None:
+    """With the request path compiled, the readers use the C (so the properties below compare it with the
+    twins); pure Python uses the twins."""
+    assert (fields.BOUNDS is not fields.head_bounds) == pep.COMPILED
+    assert (fields.SPLIT_LINES is not fields.split_lines) == pep.COMPILED
+
+
+_PIECES = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b":", b" ", b"\n\r\n", b"\r\r\n"])
+
+
+@given(st.lists(_PIECES, max_size=24), st.integers(0, 80), st.integers(0, 80))
+def test_bounds_are_the_finds_they_replace(pieces: list[bytes], max_head: int, max_line: int) -> None:
+    buf = bytearray(b"".join(pieces))
+    assert fields.BOUNDS(buf, max_head, max_line) == fields.head_bounds(buf, max_head, max_line)
+    end = buf.find(b"\r\n\r\n", 0, max_head)
+    expected = None if end < 0 else (end, buf.find(b"\n", 0, max_line + 2))
+    assert fields.head_bounds(buf, max_head, max_line) == expected
+
+
+class _Llhttp:
+    """llhttp's own split of the fields, as the readers took them before: names as sent, the value without the
+    whitespace llhttp drops before it and the whitespace after it."""
+
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value.rstrip(b" \t")))
+
+
+_NAMES = st.text(alphabet=st.sampled_from(sorted(TOKEN.decode())), min_size=1, max_size=8).map(str.encode)
+_OWS = st.sampled_from([b"", b" ", b"\t", b"  ", b" \t "])
+_VALUE_BYTES = st.sampled_from([b"a", b"Z", b" ", b"\t", b":", b",", b"\x80", b"\xff", b'"', b"="])
+_VALUES = st.lists(_VALUE_BYTES, max_size=8).map(b"".join)
+
+
+@given(st.lists(st.tuples(_NAMES, _OWS, _VALUES, _OWS), max_size=8), st.binary(max_size=8))
+def test_the_split_of_an_accepted_head_is_llhttps(lines: list[tuple[bytes, bytes, bytes, bytes]], after: bytes) -> None:
+    block = b"".join(name + b":" + before + value + trail + b"\r\n" for name, before, value, trail in lines)
+    head = b"GET / HTTP/1.1\r\n" + block + b"\r\n"
+    llhttp = _Llhttp()
+    try:
+        httptools.HttpRequestParser(llhttp).feed_data(head)
+    except httptools.HttpParserError:
+        return  # not an accepted head: the split is never asked for one
+    buf = bytearray(head + after)
+    found = fields.BOUNDS(buf, len(buf), 100)
+    assert found is not None
+    end, lf = found
+    assert buf[: end + 4] == head
+    assert fields.SPLIT_LINES(buf, lf + 1, end) == fields.split_lines(buf, lf + 1, end) == llhttp.fields
+
+
+@pytest.mark.parametrize("split", [fields.SPLIT_LINES, fields.split_lines])
+def test_a_line_without_a_colon_is_an_error_not_a_field(split: fields.SplitLines) -> None:
+    with pytest.raises(ValueError, match="without a colon"):
+        split(bytearray(b"A: 1\r\nB"), 0, 7)
+
+
+@pytest.mark.parametrize("split", [fields.SPLIT_LINES, fields.split_lines])
+def test_the_split_stays_within_the_buffer(split: fields.SplitLines) -> None:
+    buf = bytearray(b"A: 1\r\nB:2")
+    assert split(buf, 0, 1000) == [(b"A", b"1"), (b"B", b"2")]
+    assert split(buf, 6, 2) == []
+
