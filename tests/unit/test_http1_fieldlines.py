@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pep
-from pep.http1 import fields
-from pep.http1.fields import TOKEN
+from pep.http1 import LocalProtocolError, fields, writer
+from pep.http1.fields import TOKEN, VALUE
 
 
 def test_the_c_is_what_a_compiled_build_uses() -> None:
@@ -79,3 +79,38 @@ def test_the_split_stays_within_the_buffer(split: fields.SplitLines) -> None:
     assert split(buf, 0, 1000) == [(b"A", b"1"), (b"B", b"2")]
     assert split(buf, 6, 2) == []
 
+
+# --- writing: the C join against the writer's own checks ---------------------------------------------------------
+
+_ANY_NAMES = st.one_of(_NAMES, st.binary(max_size=4), st.sampled_from([b"A B", b"A:", b"\xe9", b"A\r\n", b""]))
+_ANY_VALUES = st.one_of(_VALUES, st.binary(max_size=6), st.sampled_from([b"a\r\nX: y", b"\x00", b"\x7f", b"\t"]))
+
+
+def _written(lines: list[tuple[bytes, bytes]], names_checked: bool) -> bytes | str:
+    try:
+        return writer._fields(lines, names_checked)
+    except LocalProtocolError:
+        return "refused"
+
+
+@given(st.lists(st.tuples(_ANY_NAMES, _ANY_VALUES), max_size=6), st.booleans())
+def test_the_join_writes_what_the_writer_writes_and_refuses_nothing_it_accepts(
+    lines: list[tuple[bytes, bytes]], names_checked: bool
+) -> None:
+    """The writer's outcome is the one the careful checks give (`check_fields` and the marking of control
+    bytes), with or without the C join in front of them; and the join only ever gives way (None) to a field a
+    careful check would look at twice: a name that is not a token, or a value byte that is not allowed."""
+    try:
+        careful: bytes | str = writer._careful_fields(lines, names_checked)
+    except LocalProtocolError:
+        careful = "refused"
+    assert _written(lines, names_checked) == careful
+    if fields.JOIN_LINES is None:  # pure Python: the careful checks are the writer
+        return
+    joined = fields.JOIN_LINES(lines)
+    every_name_a_token = all(name and not name.translate(None, TOKEN) for name, _ in lines)
+    every_value_clean = all(not value.translate(None, VALUE) for _, value in lines)
+    if every_name_a_token and every_value_clean:
+        assert joined == careful
+    else:
+        assert joined is None
