@@ -11,6 +11,8 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from pep.http1.fields import KEEP_FIELDS, keep_fields
+
 # RFC 9110 7.6.1 plus the legacy Proxy-Connection; Proxy-Authenticate/-Authorization are single-hop by definition.
 HOP_BY_HOP: Final[frozenset[str]] = frozenset(
     {
@@ -228,26 +230,22 @@ def connection_named_fields(fields: Fields) -> frozenset[bytes]:
 
 def end_to_end_fields(fields: Fields, drop: frozenset[bytes]) -> Fields:
     """`end_to_end` on fields: those whose name is not in `drop` (which holds the hop-by-hop names already) nor
-    named in `Connection`, in order. One pass; the names a `Connection` field lists (it may come after them) are
-    taken out of what was kept in a second pass, only when one of them is not in `drop` already (the usual
-    `Connection: keep-alive` needs none: Keep-Alive is hop-by-hop)."""
-    out: Fields = []
-    named: set[bytes] | None = None
-    for field in fields:
-        name = field[0].lower()
-        if name == _CONNECTION:
-            if named is None:
-                named = set()
-            value = field[1]
-            if b"," in value:
-                named.update(t.strip().lower() for t in value.split(b",") if t.strip())
-            elif token := value.strip().lower():
-                named.add(token)
-        if name not in drop:
-            out.append(field)
+    named in `Connection`, in order. One pass (`KEEP_FIELDS`, in C when compiled); the names a `Connection` field
+    lists (it may come after them) are taken out of what was kept in a second pass, only when one of them is not
+    in `drop` already (the usual `Connection: keep-alive` needs none: Keep-Alive is hop-by-hop)."""
+    found = KEEP_FIELDS(fields, drop)
+    kept, connection = found if found is not None else keep_fields(fields, drop)
+    if not connection:
+        return kept
+    named: set[bytes] = set()
+    for value in connection:
+        if b"," in value:
+            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        elif token := value.strip().lower():
+            named.add(token)
     if named and not drop.issuperset(named):
-        out = [field for field in out if field[0].lower() not in named]
-    return out
+        kept = [field for field in kept if field[0].lower() not in named]
+    return kept
 
 
 def first_field(fields: Fields, name: bytes) -> bytes | None:

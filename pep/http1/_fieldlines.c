@@ -6,10 +6,18 @@
  *   lf: where the first LF is, if it is within the first `max_line + 2` bytes, else -1.
  *   The same as `buf.find(b"\r\n\r\n", 0, max_head)` and `buf.find(b"\n", 0, max_line + 2)`.
  *
- * split(buf, start, stop) -> [(name, value), ...]
+ * split(buf, start, stop, wanted) -> ([(name, value), ...], [(wanted name, value), ...])
  *   The field lines in buf[start:stop] (CR LF between them), each split at its first colon, the value without
  *   the spaces and tabs around it. Only for a block llhttp has accepted: every line is then a token, a colon and
  *   a value without CR, LF or other controls. A line without a colon (never in such a block) raises ValueError.
+ *   And the fields whose name is, in ASCII lower case, one of `wanted` (a tuple of lower-case names): that name
+ *   from `wanted`, and the value. A reader acts on a few fields of each head; it finds them without a pass of
+ *   its own.
+ *
+ * keep(fields, drop) -> (kept, connection) or None
+ *   The fields whose name, in ASCII lower case, is not in the frozenset `drop` (in order, the same pairs), and
+ *   the values of the Connection fields. None when `fields` is anything but a list of pairs of bytes, or `drop`
+ *   not a frozenset: pep/headers.py then takes its own path.
  *
  * join(fields) -> bytes or None
  *   The field lines of a head to be written: `name: value` and CR LF for each (name, value) pair of bytes, when
@@ -90,13 +98,53 @@ is_ows(char c)
     return c == ' ' || c == '\t';
 }
 
-/* One field line, p[0:n], appended to `fields` as (name, value). */
+static char
+ascii_lower(char c)
+{
+    return c >= 'A' && c <= 'Z' ? (char)(c + ('a' - 'A')) : c;
+}
+
+/* The name in `wanted` (lower case) that p[0:n] is in ASCII lower case, or NULL (borrowed). */
+static PyObject *
+wanted_name(PyObject *wanted, const char *p, Py_ssize_t n)
+{
+    Py_ssize_t i, j, count = PyTuple_GET_SIZE(wanted);
+    PyObject *name;
+    const char *w;
+
+    for (i = 0; i < count; i++) {
+        name = PyTuple_GET_ITEM(wanted, i);
+        if (PyBytes_GET_SIZE(name) != n)
+            continue;
+        w = PyBytes_AS_STRING(name);
+        for (j = 0; j < n && ascii_lower(p[j]) == w[j]; j++)
+            ;
+        if (j == n)
+            return name;
+    }
+    return NULL;
+}
+
 static int
-add_line(PyObject *fields, const char *p, Py_ssize_t n)
+append_pair(PyObject *list, PyObject *first, PyObject *second)
+{
+    PyObject *pair = PyTuple_Pack(2, first, second);
+    int failed;
+
+    if (pair == NULL)
+        return -1;
+    failed = PyList_Append(list, pair);
+    Py_DECREF(pair);
+    return failed;
+}
+
+/* One field line, p[0:n], appended to `fields` as (name, value), and to `picked` if `wanted` names it. */
+static int
+add_line(PyObject *fields, PyObject *picked, PyObject *wanted, const char *p, Py_ssize_t n)
 {
     const char *colon = memchr(p, ':', (size_t)n);
     Py_ssize_t from, to;
-    PyObject *name, *value, *pair;
+    PyObject *name, *value, *known;
     int failed;
 
     if (colon == NULL) {
@@ -117,13 +165,11 @@ add_line(PyObject *fields, const char *p, Py_ssize_t n)
         Py_DECREF(name);
         return -1;
     }
-    pair = PyTuple_Pack(2, name, value);
+    failed = append_pair(fields, name, value);
+    if (!failed && (known = wanted_name(wanted, p, colon - p)) != NULL)
+        failed = append_pair(picked, known, value);
     Py_DECREF(name);
     Py_DECREF(value);
-    if (pair == NULL)
-        return -1;
-    failed = PyList_Append(fields, pair);
-    Py_DECREF(pair);
     return failed;
 }
 
@@ -133,11 +179,19 @@ split(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     Py_ssize_t start, stop, at;
     const char *p, *cr;
-    PyObject *fields;
+    PyObject *fields, *picked, *wanted, *result;
+    Py_ssize_t i;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "split(buf, start, stop)");
+    if (nargs != 4 || !PyTuple_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "split(buf, start, stop, wanted: tuple[bytes, ...])");
         return NULL;
+    }
+    wanted = args[3];
+    for (i = 0; i < PyTuple_GET_SIZE(wanted); i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(wanted, i))) {
+            PyErr_SetString(PyExc_TypeError, "split: wanted names are bytes");
+            return NULL;
+        }
     }
     start = PyLong_AsSsize_t(args[1]);
     if (start == -1 && PyErr_Occurred())
@@ -146,10 +200,10 @@ split(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (stop == -1 && PyErr_Occurred())
         return NULL;
     fields = PyList_New(0);
-    if (fields == NULL)
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(fields);
+    picked = PyList_New(0);
+    if (fields == NULL || picked == NULL || PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        Py_XDECREF(fields);
+        Py_XDECREF(picked);
         return NULL;
     }
     p = view.buf;
@@ -160,15 +214,107 @@ split(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         cr = memchr(p + at, '\r', (size_t)(stop - at));
         /* The last line runs to `stop`; any other ends at its CR (the LF after it is skipped). */
         Py_ssize_t line_end = cr == NULL ? stop : cr - p;
-        if (add_line(fields, p + at, line_end - at) < 0) {
+        if (add_line(fields, picked, wanted, p + at, line_end - at) < 0) {
             PyBuffer_Release(&view);
             Py_DECREF(fields);
+            Py_DECREF(picked);
             return NULL;
         }
         at = line_end + 2;
     }
     PyBuffer_Release(&view);
-    return fields;
+    result = PyTuple_Pack(2, fields, picked);
+    Py_DECREF(fields);
+    Py_DECREF(picked);
+    return result;
+}
+
+/* A pair (name, value) of exact bytes, or NULL. */
+static PyObject *
+field_name(PyObject *pair)
+{
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 0))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 1)))
+        return NULL;
+    return PyTuple_GET_ITEM(pair, 0);
+}
+
+/* `name` in ASCII lower case: itself (a new reference) when it has no upper-case letter. */
+static PyObject *
+lowered(PyObject *name)
+{
+    Py_ssize_t i, n = PyBytes_GET_SIZE(name);
+    const char *p = PyBytes_AS_STRING(name);
+    PyObject *low;
+    char *out;
+
+    for (i = 0; i < n && !(p[i] >= 'A' && p[i] <= 'Z'); i++)
+        ;
+    if (i == n) {
+        Py_INCREF(name);
+        return name;
+    }
+    low = PyBytes_FromStringAndSize(NULL, n);
+    if (low == NULL)
+        return NULL;
+    out = PyBytes_AS_STRING(low);
+    for (i = 0; i < n; i++)
+        out[i] = ascii_lower(p[i]);
+    return low;
+}
+
+static PyObject *
+keep(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *fields, *drop, *kept, *connection, *pair, *low, *result;
+    Py_ssize_t i;
+    int dropped, failed;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "keep(fields, drop)");
+        return NULL;
+    }
+    fields = args[0];
+    drop = args[1];
+    if (!PyList_CheckExact(fields) || !PyFrozenSet_CheckExact(drop))
+        Py_RETURN_NONE;
+    kept = PyList_New(0);
+    connection = PyList_New(0);
+    if (kept == NULL || connection == NULL) {
+        Py_XDECREF(kept);
+        Py_XDECREF(connection);
+        return NULL;
+    }
+    /* The list's size is read again at each step, and each pair held while it is used: a set lookup could in
+     * principle run Python code (never with the names of bytes that pep/headers.py passes). */
+    for (i = 0; i < PyList_GET_SIZE(fields); i++) {
+        pair = PyList_GET_ITEM(fields, i);
+        if (field_name(pair) == NULL) {
+            Py_DECREF(kept);
+            Py_DECREF(connection);
+            Py_RETURN_NONE;
+        }
+        Py_INCREF(pair);
+        low = lowered(PyTuple_GET_ITEM(pair, 0));
+        failed = low == NULL;
+        if (!failed && PyBytes_GET_SIZE(low) == 10 && memcmp(PyBytes_AS_STRING(low), "connection", 10) == 0)
+            failed = PyList_Append(connection, PyTuple_GET_ITEM(pair, 1)) < 0;
+        if (!failed) {
+            dropped = PySet_Contains(drop, low);
+            failed = dropped < 0 || (!dropped && PyList_Append(kept, pair) < 0);
+        }
+        Py_XDECREF(low);
+        Py_DECREF(pair);
+        if (failed) {
+            Py_DECREF(kept);
+            Py_DECREF(connection);
+            return NULL;
+        }
+    }
+    result = PyTuple_Pack(2, kept, connection);
+    Py_DECREF(kept);
+    Py_DECREF(connection);
+    return result;
 }
 
 /* RFC 9110 5.6.2 tchar, and 5.5 field-vchar with SP and HTAB: 1 for the bytes allowed. */
@@ -245,7 +391,9 @@ static PyMethodDef methods[] = {
     {"bounds", (PyCFunction)(void (*)(void))bounds, METH_FASTCALL,
      "bounds(buf, max_head, max_line) -> (end, lf) or None: see pep/http1/_fieldlines.c."},
     {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL,
-     "split(buf, start, stop) -> [(name, value), ...]: see pep/http1/_fieldlines.c."},
+     "split(buf, start, stop, wanted) -> (fields, picked): see pep/http1/_fieldlines.c."},
+    {"keep", (PyCFunction)(void (*)(void))keep, METH_FASTCALL,
+     "keep(fields, drop) -> (kept, connection) or None: see pep/http1/_fieldlines.c."},
     {"join", (PyCFunction)join, METH_O, "join(fields) -> bytes or None: see pep/http1/_fieldlines.c."},
     {NULL, NULL, 0, NULL},
 };

@@ -69,23 +69,43 @@ def head_bounds(buf: bytearray, max_head: int, max_line: int) -> tuple[int, int]
     return end, buf.find(b"\n", 0, max_line + 2)
 
 
-def split_lines(buf: bytearray, start: int, stop: int) -> Fields:
+def split_lines(buf: bytearray, start: int, stop: int, wanted: tuple[bytes, ...]) -> tuple[Fields, Fields]:
     """The field lines of buf[start:stop], a block llhttp has accepted (each line a token, a colon and a value
-    without controls, CR LF between them): names as sent, values without the spaces and tabs around them."""
+    without controls, CR LF between them): names as sent, values without the spaces and tabs around them. And the
+    fields whose lower-cased name is one of `wanted` (lower case), as (that name, value): those a reader acts on."""
+    fields: Fields = []
+    picked: Fields = []
     if stop <= start:
-        return []
-    fields = []
+        return fields, picked
     for line in bytes(buf[start:stop]).split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon:
             raise ValueError("a field line without a colon")
-        fields.append((name, value.strip(_OWS)))
-    return fields
+        value = value.strip(_OWS)
+        fields.append((name, value))
+        key = name.lower()
+        if key in wanted:
+            picked.append((key, value))
+    return fields, picked
+
+
+def keep_fields(fields: Fields, drop: frozenset[bytes]) -> tuple[Fields, list[bytes]]:
+    """The fields whose lower-cased name is not in `drop`, in order, and the values of the Connection fields."""
+    kept: Fields = []
+    connection: list[bytes] = []
+    for field in fields:
+        name = field[0].lower()
+        if name == b"connection":
+            connection.append(field[1])
+        if name not in drop:
+            kept.append(field)
+    return kept, connection
 
 
 Bounds = Callable[[bytearray, int, int], "tuple[int, int] | None"]
-SplitLines = Callable[[bytearray, int, int], Fields]
+SplitLines = Callable[[bytearray, int, int, tuple[bytes, ...]], tuple[Fields, Fields]]
 JoinLines = Callable[[Fields], "bytes | None"]
+KeepFields = Callable[[Fields, frozenset[bytes]], "tuple[Fields, list[bytes]] | None"]
 
 
 def _native_bounds() -> Bounds:
@@ -112,14 +132,26 @@ def _native_join() -> JoinLines | None:
     return join
 
 
-# In C when the request path is compiled (pep/http1/_fieldlines.c). Through llhttp's `on_header` callback, one
-# call into Python per field, the fields of a GET's three heads (request, PDP answer, upstream answer) took 18k
-# instructions, and two `bytearray.find` per head 1.5k each.
+def _native_keep() -> KeepFields:
+    try:
+        from pep.http1._fieldlines import keep
+    except ImportError:  # as in _native_bounds
+        return keep_fields
+    return keep
+
+
+# In C when the request path is compiled (pep/http1/_fieldlines.c), where the profile of a GET and a 2 KB MCP
+# call (callgrind, instructions per request) asked for it:
+# - a head's bounds and its field lines: through llhttp's `on_header` callback, one call into Python per field,
+#   the three heads of a request (the request, the PDP's answer, the upstream's answer) took 18k, two
+#   `bytearray.find` per head 1.5k each, and the readers' loops over every field for the few they act on 10k;
 BOUNDS: Final = _native_bounds()
 SPLIT_LINES: Final = _native_split()
-# And the writer's field lines: a list of four pieces per field, one join and a marking pass over the block took
-# 24k instructions over the three heads an MCP call writes (PDP request, upstream request, answer).
+# - the writer's field lines: a list of four pieces per field, one join and a marking pass over the block took 24k
+#   over the three heads an MCP call writes (the PDP request, the upstream request, the answer);
 JOIN_LINES: Final = _native_join()
+# - the end-to-end fields of the upstream request and of the answer (pep/headers.py): 12k, a `lower()` per field.
+KEEP_FIELDS: Final = _native_keep()
 
 
 def check_fields(fields: Fields) -> None:

@@ -42,7 +42,7 @@ class FieldSink:
     made (a missing attribute costs an AttributeError apiece), and with `on_header` None, llhttp calls into
     Python once per field no more."""
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "wanted")
 
     on_header = None
     on_message_begin = None
@@ -54,11 +54,13 @@ class FieldSink:
     on_chunk_header = None
     on_chunk_complete = None
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: tuple[bytes, ...] = ()) -> None:
         self.fields: Fields = []
+        self.wanted = wanted  # the names (lower case) of the fields the reader acts on
 
-    def note(self, fields: Fields) -> None:
-        """The head's fields, once llhttp has accepted all of it."""
+    def note(self, fields: Fields, picked: Fields) -> None:
+        """The head's fields, once llhttp has accepted all of it, and those named in `wanted` (lower case), as
+        (that name, value)."""
         self.fields = fields
 
 
@@ -138,7 +140,8 @@ class HeadScanner(Generic[T]):
             self._last = parser
         if end - lf - 1 > limits.max_field_bytes:  # only a block longer than the bound can hold a longer line
             self._check_line_sizes(bytes(buf[lf + 1 : end]))
-        self.sink.note(SPLIT_LINES(buf, lf + 1, end))
+        fields, picked = SPLIT_LINES(buf, lf + 1, end, self.sink.wanted)
+        self.sink.note(fields, picked)
         del buf[: end + 4]
         return line
 
@@ -191,7 +194,8 @@ class HeadScanner(Generic[T]):
         assert line is not None
         if end - line_end > limits.max_field_bytes:
             self._check_line_sizes(bytes(buf[line_end:end]))
-        self.sink.note(SPLIT_LINES(buf, line_end, end))
+        fields, picked = SPLIT_LINES(buf, line_end, end, self.sink.wanted)
+        self.sink.note(fields, picked)
         del buf[: end + 4]
         self._parser = self._line = None
         self._line_end = -1

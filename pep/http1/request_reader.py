@@ -99,9 +99,7 @@ _CONNECT: Final = b"CONNECT"
 # Host values already found well-formed: a client sends the same one on every request (bounded: cleared when full)
 _GOOD_HOSTS: Final[set[bytes]] = set()
 _GOOD_HOSTS_MAX: Final = 256
-_FRAMING_NAME_LENGTHS: Final = frozenset(
-    len(n) for n in (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect")
-)
+_FRAMING_NAMES: Final[tuple[bytes, ...]] = (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect")
 
 
 def _request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -152,27 +150,25 @@ class _RequestFields(FieldSink):
     __slots__ = ("coding", "connection", "expect", "host", "hosts", "length")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.note([])
+        super().__init__(_FRAMING_NAMES)
+        self.note([], [])
 
-    def note(self, fields: Fields) -> None:
+    def note(self, fields: Fields, picked: Fields) -> None:
         self.fields = fields
         hosts = 0
         host = length = coding = connection = expect = None
-        for name, value in fields:
-            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
-                key = name.lower()
-                if key == b"host":
-                    hosts += 1
-                    host = value
-                elif key == b"content-length":
-                    length = value  # llhttp refused a second one, and anything but digits
-                elif key == b"transfer-encoding":
-                    coding = value if coding is None else coding + b"," + value
-                elif key == b"connection":
-                    connection = value if connection is None else connection + b"," + value
-                elif key == b"expect":
-                    expect = value if expect is None else expect + b"," + value
+        for key, value in picked:
+            if key == b"host":
+                hosts += 1
+                host = value
+            elif key == b"content-length":
+                length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            elif key == b"expect":
+                expect = value if expect is None else expect + b"," + value
         self.hosts = hosts
         self.host: bytes | None = host
         self.length: bytes | None = length

@@ -76,7 +76,7 @@ _NEXT: Final[dict[ResponseState, frozenset[ResponseState]]] = {
     _ERROR: frozenset(),
 }
 
-_FRAMING_NAME_LENGTHS: Final = frozenset({10, 14, 17})  # connection and keep-alive, content-length, transfer-encoding
+_FRAMING_NAMES: Final[tuple[bytes, ...]] = (b"content-length", b"transfer-encoding", b"connection", b"keep-alive")
 _VERSIONS: Final = {b"HTTP/1.1 ": b"1.1", b"HTTP/1.0 ": b"1.0"}
 _DIGITS: Final = b"0123456789"
 # Every status `_status_line` accepts, as its three digits: a lookup checks and converts it at once.
@@ -123,23 +123,21 @@ class _ResponseFields(FieldSink):
     __slots__ = ("coding", "connection", "keep_alive", "length")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.note([])
+        super().__init__(_FRAMING_NAMES)
+        self.note([], [])
 
-    def note(self, fields: Fields) -> None:
+    def note(self, fields: Fields, picked: Fields) -> None:
         self.fields = fields
         length = coding = connection = keep_alive = None
-        for name, value in fields:
-            if len(name) in _FRAMING_NAME_LENGTHS:  # most fields skip lower()
-                key = name.lower()
-                if key == b"content-length":
-                    length = value  # llhttp refused a second one, and anything but digits
-                elif key == b"transfer-encoding":
-                    coding = value if coding is None else coding + b"," + value
-                elif key == b"connection":
-                    connection = value if connection is None else connection + b"," + value
-                elif key == b"keep-alive":
-                    keep_alive = value if keep_alive is None else keep_alive + b"," + value
+        for key, value in picked:
+            if key == b"content-length":
+                length = value  # llhttp refused a second one, and anything but digits
+            elif key == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+            elif key == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            elif key == b"keep-alive":
+                keep_alive = value if keep_alive is None else keep_alive + b"," + value
         self.length: bytes | None = length
         self.coding: bytes | None = coding
         self.connection: bytes | None = connection

@@ -19,6 +19,8 @@ def test_the_c_is_what_a_compiled_build_uses() -> None:
     twins); pure Python uses the twins."""
     assert (fields.BOUNDS is not fields.head_bounds) == pep.COMPILED
     assert (fields.SPLIT_LINES is not fields.split_lines) == pep.COMPILED
+    assert (fields.JOIN_LINES is not None) == pep.COMPILED
+    assert (fields.KEEP_FIELDS is not fields.keep_fields) == pep.COMPILED
 
 
 _PIECES = st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b":", b" ", b"\n\r\n", b"\r\r\n"])
@@ -50,8 +52,13 @@ _VALUE_BYTES = st.sampled_from([b"a", b"Z", b" ", b"\t", b":", b",", b"\x80", b"
 _VALUES = st.lists(_VALUE_BYTES, max_size=8).map(b"".join)
 
 
-@given(st.lists(st.tuples(_NAMES, _OWS, _VALUES, _OWS), max_size=8), st.binary(max_size=8))
-def test_the_split_of_an_accepted_head_is_llhttps(lines: list[tuple[bytes, bytes, bytes, bytes]], after: bytes) -> None:
+_WANTED = st.lists(st.sampled_from([b"host", b"content-length", b"x", b"a-b", b"connection", b""]), max_size=4)
+
+
+@given(st.lists(st.tuples(_NAMES, _OWS, _VALUES, _OWS), max_size=8), st.binary(max_size=8), _WANTED)
+def test_the_split_of_an_accepted_head_is_llhttps(
+    lines: list[tuple[bytes, bytes, bytes, bytes]], after: bytes, wanted: list[bytes]
+) -> None:
     block = b"".join(name + b":" + before + value + trail + b"\r\n" for name, before, value, trail in lines)
     head = b"GET / HTTP/1.1\r\n" + block + b"\r\n"
     llhttp = _Llhttp()
@@ -64,20 +71,24 @@ def test_the_split_of_an_accepted_head_is_llhttps(lines: list[tuple[bytes, bytes
     assert found is not None
     end, lf = found
     assert buf[: end + 4] == head
-    assert fields.SPLIT_LINES(buf, lf + 1, end) == fields.split_lines(buf, lf + 1, end) == llhttp.fields
+    names = tuple(wanted)
+    split = fields.SPLIT_LINES(buf, lf + 1, end, names)
+    assert split == fields.split_lines(buf, lf + 1, end, names)
+    assert split[0] == llhttp.fields
+    assert split[1] == [(name.lower(), value) for name, value in llhttp.fields if name.lower() in names]
 
 
 @pytest.mark.parametrize("split", [fields.SPLIT_LINES, fields.split_lines])
 def test_a_line_without_a_colon_is_an_error_not_a_field(split: fields.SplitLines) -> None:
     with pytest.raises(ValueError, match="without a colon"):
-        split(bytearray(b"A: 1\r\nB"), 0, 7)
+        split(bytearray(b"A: 1\r\nB"), 0, 7, ())
 
 
 @pytest.mark.parametrize("split", [fields.SPLIT_LINES, fields.split_lines])
 def test_the_split_stays_within_the_buffer(split: fields.SplitLines) -> None:
     buf = bytearray(b"A: 1\r\nB:2")
-    assert split(buf, 0, 1000) == [(b"A", b"1"), (b"B", b"2")]
-    assert split(buf, 6, 2) == []
+    assert split(buf, 0, 1000, (b"b",)) == ([(b"A", b"1"), (b"B", b"2")], [(b"b", b"2")])
+    assert split(buf, 6, 2, (b"b",)) == ([], [])
 
 
 # --- writing: the C join against the writer's own checks ---------------------------------------------------------
@@ -114,3 +125,31 @@ def test_the_join_writes_what_the_writer_writes_and_refuses_nothing_it_accepts(
         assert joined == careful
     else:
         assert joined is None
+
+
+# --- the end-to-end fields: the C keep against the Python one ---------------------------------------------------
+
+_SOME_NAMES = st.sampled_from(
+    [b"Connection", b"connection", b"CONNECTION", b"Keep-Alive", b"X-A", b"x-a", b"Te", b"\xc9"]
+)
+_DROPS = st.frozensets(st.sampled_from([b"connection", b"keep-alive", b"x-a", b"te", b"X-A", b"\xe9"]), max_size=4)
+
+
+@given(st.lists(st.tuples(st.one_of(_SOME_NAMES, _NAMES), _VALUES), max_size=8), _DROPS)
+def test_keep_is_the_python_loop(lines: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> None:
+    """The same fields kept (the same pairs, in order) and the same Connection values: names compared in ASCII
+    lower case only, as `bytes.lower` does (a name with bytes beyond ASCII is never folded)."""
+    found = fields.KEEP_FIELDS(lines, drop)
+    assert found is not None
+    assert found == fields.keep_fields(lines, drop)
+    kept, connection = found
+    assert all(a is b for a, b in zip(kept, [f for f in lines if f[0].lower() not in drop], strict=True))
+    assert connection == [value for name, value in lines if name.lower() == b"connection"]
+
+
+def test_keep_gives_way_on_anything_but_pairs_of_bytes() -> None:
+    if fields.KEEP_FIELDS is fields.keep_fields:
+        return  # pure Python: the loop is all there is
+    assert fields.KEEP_FIELDS([(b"a", "b")], frozenset()) is None  # type: ignore[list-item]
+    assert fields.KEEP_FIELDS([(b"a", b"b", b"c")], frozenset()) is None  # type: ignore[list-item]
+    assert fields.KEEP_FIELDS([(b"a", b"b")], {b"a"}) is None  # type: ignore[arg-type]
