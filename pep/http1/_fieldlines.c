@@ -104,22 +104,27 @@ ascii_lower(char c)
     return c >= 'A' && c <= 'Z' ? (char)(c + ('a' - 'A')) : c;
 }
 
+/* Whether p[0:n] in ASCII lower case is `w` (w[0:n]). */
+static int
+lower_equals(const char *p, const char *w, Py_ssize_t n)
+{
+    Py_ssize_t j;
+
+    for (j = 0; j < n && ascii_lower(p[j]) == w[j]; j++)
+        ;
+    return j == n;
+}
+
 /* The name in `wanted` (lower case) that p[0:n] is in ASCII lower case, or NULL (borrowed). */
 static PyObject *
 wanted_name(PyObject *wanted, const char *p, Py_ssize_t n)
 {
-    Py_ssize_t i, j, count = PyTuple_GET_SIZE(wanted);
+    Py_ssize_t i, count = PyTuple_GET_SIZE(wanted);
     PyObject *name;
-    const char *w;
 
     for (i = 0; i < count; i++) {
         name = PyTuple_GET_ITEM(wanted, i);
-        if (PyBytes_GET_SIZE(name) != n)
-            continue;
-        w = PyBytes_AS_STRING(name);
-        for (j = 0; j < n && ascii_lower(p[j]) == w[j]; j++)
-            ;
-        if (j == n)
+        if (PyBytes_GET_SIZE(name) == n && lower_equals(p, PyBytes_AS_STRING(name), n))
             return name;
     }
     return NULL;
@@ -128,11 +133,15 @@ wanted_name(PyObject *wanted, const char *p, Py_ssize_t n)
 static int
 append_pair(PyObject *list, PyObject *first, PyObject *second)
 {
-    PyObject *pair = PyTuple_Pack(2, first, second);
+    PyObject *pair = PyTuple_New(2);
     int failed;
 
     if (pair == NULL)
         return -1;
+    Py_INCREF(first);
+    PyTuple_SET_ITEM(pair, 0, first);
+    Py_INCREF(second);
+    PyTuple_SET_ITEM(pair, 1, second);
     failed = PyList_Append(list, pair);
     Py_DECREF(pair);
     return failed;

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pep
+from pep.headers import end_to_end_fields
 from pep.http1 import LocalProtocolError, fields, writer
 from pep.http1.fields import TOKEN, VALUE
 
@@ -153,3 +154,12 @@ def test_keep_gives_way_on_anything_but_pairs_of_bytes() -> None:
     assert fields.KEEP_FIELDS([(b"a", "b")], frozenset()) is None  # type: ignore[list-item]
     assert fields.KEEP_FIELDS([(b"a", b"b", b"c")], frozenset()) is None  # type: ignore[list-item]
     assert fields.KEEP_FIELDS([(b"a", b"b")], {b"a"}) is None  # type: ignore[arg-type]
+
+
+def test_fields_a_connection_field_names_go_too_whatever_the_size_of_the_drop_set() -> None:
+    lines = [(b"X-1", b"a"), (b"Connection", b"x-2, close"), (b"x-2", b"b"), (b"X-3", b"c")]
+    for drop in (
+        frozenset({b"connection", b"x-1"}),
+        frozenset({b"connection", b"x-1"} | {b"y-%d" % i for i in range(80)}),
+    ):
+        assert end_to_end_fields(lines, drop) == [(b"X-3", b"c")]
