@@ -31,8 +31,7 @@ with instrument_imports(include=["pep"]):
 # The readers find heads and split field lines with the C of a compiled build (pep/http1/_fieldlines.c), as they
 # do in `pep run`: held to h11 here. The pure-Python twins are held to the C by tests/unit/test_http1_fieldlines.py.
 _FIELDLINES = load_built(Path(head.__file__).parent, "pep.http1._fieldlines")
-head.BOUNDS = _FIELDLINES.bounds
-head.SPLIT_LINES = _FIELDLINES.split
+head.__dict__.update(BOUNDS=_FIELDLINES.bounds, SPLIT_LINES=_FIELDLINES.split)  # (Final in the source: for pep run)
 
 METHODS = (b"GET", b"HEAD", b"POST", b"CONNECT")
 TINY = Limits(

@@ -1,5 +1,6 @@
-"""Field lines: checking an unchecked block, and the comma lists framing depends on (the readers split the blocks
-llhttp has checked themselves, in the loop that also finds the framing fields).
+"""Field lines: checking an unchecked block, the comma lists framing depends on, and the functions in C that find a
+head, split the field lines llhttp has checked, write a head's field lines and keep the end-to-end fields
+(pep/http1/_fieldlines.c), each beside the Python twin that pure Python uses.
 
 Checks use `bytes.translate`: one C pass per field, where a regular expression would cost about ten times as much
 per byte. Deleting the allowed bytes and looking at what is left builds a table on every call; on the hot paths a
