@@ -264,9 +264,30 @@ def _finite(text: str) -> float:
     return value
 
 
+def _lone_surrogate(value: Any) -> bool:
+    """A string (a key or a value) anywhere in `value` holding a lone surrogate: an escape like `\\ude70` that
+    RFC 8259's grammar allows and I-JSON (RFC 7493) forbids; no UTF-8 text can carry one."""
+    level = [value]
+    while level:
+        found: list[Any] = []
+        for v in level:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+            elif isinstance(v, dict):
+                found.extend(v.keys())
+                found.extend(v.values())
+            elif isinstance(v, list):
+                found.extend(v)
+        level = found
+    return False
+
+
 def reference_loads(data: bytes, max_depth: int = 64) -> Reference:
-    """Strict UTF-8, RFC 8259 grammar, no duplicate keys, no NaN/Infinity, integers exact and within 64 bits,
-    nesting limit."""
+    """Strict UTF-8, RFC 8259 grammar, no duplicate keys, no NaN/Infinity, integers exact and within 64 bits, no
+    lone surrogate (README: strict JSON refuses it), nesting limit."""
     try:
         text = data.decode("utf-8")
         value = json.loads(
@@ -276,6 +297,8 @@ def reference_loads(data: bytes, max_depth: int = 64) -> Reference:
         return Reference(None, f"duplicate key {exc}")
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return Reference(None, f"{type(exc).__name__}: {exc}"[:100])
+    if _lone_surrogate(value):
+        return Reference(None, "lone surrogate")
     if max_depth and container_depth(value) > max_depth:
         return Reference(None, "too deep")
     return Reference(value, None)

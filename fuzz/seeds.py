@@ -71,6 +71,9 @@ BODY_CONFIGS = [
 
 OPA = [
     b'{"result":true}',
+    # lone surrogate escapes (RFC 8259's grammar allows them, strict JSON refuses them): the first found by the fuzzer
+    b'{"0\\ude70x":{"reason_admin":{"en":"no"}}}',
+    b'{"result":true,"x":"\\ud800"}',
     b'{"result":false}',
     b'{"result":{"allow":true,"headers":{"x-tenant":"t"},"reason":"ok"}}',
     b'{"result":{"allow":"true"}}',

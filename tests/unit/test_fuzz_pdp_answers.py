@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from fuzz.oracles import (
     examples,
     opa_expected,
 )
+from pep.decision import Reason
 from pep.pdp import authzen, opa
 from pep.pdp.transport import RawAnswer
 
@@ -195,6 +197,22 @@ def answers(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> RawAnswer:
 @given(answers(OPA))
 def test_opa_allows_only_on_the_exact_shapes_whatever_the_bytes(answer: RawAnswer) -> None:
     event(f"expected {opa_expected(answer)}")
+    check_opa(answer, opa.parse_answer(answer))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"0\\ude70x":{"reason_admin":{"en":"no"}}}',  # found by the pdp_answers fuzzer (a lone low surrogate)
+        b'{"result":true,"x":"\\ud800"}',  # a lone high surrogate beside an allow
+        b'{"result":{"allow":true,"headers":{"x":"\\udfff"}}}',
+    ],
+)
+def test_an_answer_with_a_lone_surrogate_is_malformed_as_strict_json_refuses_it(body: bytes) -> None:
+    """RFC 8259's grammar allows a lone surrogate escape, I-JSON does not, and strict JSON (the README) refuses it:
+    the oracle's reference refuses it too, so the expected reason is `pdp_malformed`, whatever else is there."""
+    answer = RawAnswer(200, "application/json", body, False)
+    assert opa_expected(answer) is Reason.PDP_MALFORMED
     check_opa(answer, opa.parse_answer(answer))
 
 
