@@ -39,6 +39,17 @@ clamp(Py_ssize_t i, Py_ssize_t n)
     return i < 0 ? 0 : (i > n ? n : i);
 }
 
+/* args[1] and args[2] as sizes (0 or -1 with an exception set). */
+static int
+two_sizes(PyObject *const *args, Py_ssize_t *first, Py_ssize_t *second)
+{
+    *first = PyLong_AsSsize_t(args[1]);
+    if (*first == -1 && PyErr_Occurred())
+        return -1;
+    *second = PyLong_AsSsize_t(args[2]);
+    return *second == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *
 bounds(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -51,13 +62,7 @@ bounds(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "bounds(buf, max_head, max_line)");
         return NULL;
     }
-    max_head = PyLong_AsSsize_t(args[1]);
-    if (max_head == -1 && PyErr_Occurred())
-        return NULL;
-    max_line = PyLong_AsSsize_t(args[2]);
-    if (max_line == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (two_sizes(args, &max_head, &max_line) < 0 || PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     p = view.buf;
     limit = clamp(max_head, view.len);
@@ -202,11 +207,7 @@ split(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    start = PyLong_AsSsize_t(args[1]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    stop = PyLong_AsSsize_t(args[2]);
-    if (stop == -1 && PyErr_Occurred())
+    if (two_sizes(args, &start, &stop) < 0)
         return NULL;
     fields = PyList_New(0);
     picked = PyList_New(0);
