@@ -307,7 +307,7 @@ keep(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(pair);
         low = lowered(PyTuple_GET_ITEM(pair, 0));
         failed = low == NULL;
-        if (!failed && PyBytes_GET_SIZE(low) == 10 && memcmp(PyBytes_AS_STRING(low), "connection", 10) == 0)
+        if (!failed && PyBytes_GET_SIZE(low) == 10 && lower_equals(PyBytes_AS_STRING(low), "connection", 10))
             failed = PyList_Append(connection, PyTuple_GET_ITEM(pair, 1)) < 0;
         if (!failed) {
             dropped = PySet_Contains(drop, low);
@@ -356,12 +356,10 @@ join(PyObject *self, PyObject *fields)
     count = PyList_GET_SIZE(fields);
     for (i = 0; i < count; i++) {
         pair = PyList_GET_ITEM(fields, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2)
+        name = field_name(pair);
+        if (name == NULL)
             Py_RETURN_NONE;
-        name = PyTuple_GET_ITEM(pair, 0);
         value = PyTuple_GET_ITEM(pair, 1);
-        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value))
-            Py_RETURN_NONE;
         n = PyBytes_GET_SIZE(name);
         p = (const unsigned char *)PyBytes_AS_STRING(name);
         if (n == 0)

@@ -32,11 +32,8 @@ _MARK_OTHERS: Final = bytes(byte if byte in VALUE else 0 for byte in range(256))
 
 
 def _fields(fields: Fields, names_checked: bool = False) -> bytes:
-    """The field lines, each ending in CRLF. One pass over the serialized block checks every value (and name)
-    for control characters: with every byte that is not a value byte marked (a fixed table, one C pass), exactly
-    the line ends joined in here must be marked, two bytes per line, so a CR or LF inside a field (which would
-    start a line of the caller's choosing) cannot hide among the line ends, and no other control character is
-    there."""
+    """The field lines, each ending in CRLF, every name a token (unless `names_checked`) and every value free of
+    control characters: by the C join when compiled, else (or for anything it gives way on) `_careful_fields`."""
     if not fields:
         return b""
     if JOIN_LINES is not None:  # compiled: the C writes what needs no careful look, all but always
@@ -47,7 +44,11 @@ def _fields(fields: Fields, names_checked: bool = False) -> bytes:
 
 
 def _careful_fields(fields: Fields, names_checked: bool) -> bytes:
-    """`_fields` without the C: what it falls back to, and what a property test holds the C to."""
+    """`_fields` without the C: what it falls back to, and what a property test holds the C to. One pass over
+    the serialized block checks every value (and name) for control characters: with every byte that is not a
+    value byte marked (a fixed table, one C pass), exactly the line ends joined in here must be marked, two bytes
+    per line, so a CR or LF inside a field (which would start a line of the caller's choosing) cannot hide among
+    the line ends, and no other control character is there."""
     if not names_checked and not _TOKENS.issuperset(map(_NAME, fields)):
         check_fields(fields)
         if len(_TOKENS) >= _TOKENS_MAX:
