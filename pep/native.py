@@ -54,7 +54,18 @@ MODULES: tuple[str, ...] = (
     ),
     *(
         f"pep/transport/{m}.py"
-        for m in ("__init__", "body", "connection", "flow", "headers", "listener", "pool", "response", "tunnel")
+        for m in (
+            "__init__",
+            "body",
+            "connection",
+            "flow",
+            "headers",
+            "listener",
+            "outbox",
+            "pool",
+            "response",
+            "tunnel",
+        )
     ),
     *(
         f"pep/pdp/{m}.py"

@@ -1,7 +1,8 @@
 """One keep-alive connection to an upstream (or the PDP): one exchange at a time, read by the core's
 ResponseReader, with backpressure both ways and every wait bounded.
 
-An exchange writes a head (and a bytes body in the same write), then reads the answer's head (100 Continue is
+An exchange writes a head (and a bytes body with it, in one system call when the loop pass ends: `Outbox`),
+then reads the answer's head (100 Continue is
 consumed, other 1xx answers kept for the caller) and its body chunk by chunk. A body given as an async
 iterator is sent by a writer task while the answer is read, as aiohttp's client did: an upstream may answer
 before it has read the whole body (an error, or a full-duplex stream), and each write waits until the upstream
@@ -39,9 +40,9 @@ from pep.http1 import (
     ResponseReader,
 )
 from pep.transport.errors import BadResponse, ResponseTooLarge, UpstreamReset, UpstreamTimeout
+from pep.transport.outbox import Outbox
 
 Body = bytes | AsyncIterable[bytes] | None
-_COALESCE: Final = 65536  # a bytes body up to this size goes out in the head's write
 _KEEP_ALIVE_TIMEOUT: Final = re.compile(rb"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})", re.IGNORECASE)
 
 
@@ -89,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_writer_waiter",
         "expires",
         "keep_alive_s",
+        "outbox",
         "reader",
         "sent_whole",
         "state",
@@ -109,6 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._high = high_water
         self._on_close = on_close
         self.transport: asyncio.Transport | None = None
+        self.outbox: Outbox | None = None  # every write to the transport, held until the loop pass ends
         self.state = _ACTIVE  # made for an exchange
         self._reader_waiter: asyncio.Future[None] | None = None
         self._writer_waiter: asyncio.Future[None] | None = None
@@ -133,6 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.outbox = Outbox(self._loop, t)
         t.set_write_buffer_limits(self._high, self._high // 4)
 
     def data_received(self, data: bytes) -> None:
@@ -202,6 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
             writer.cancel()
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            cast(Outbox, self.outbox).drop()
             transport.abort()
         self._closed()
 
@@ -318,7 +323,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.state is not _ACTIVE or self._eof:
             raise UpstreamReset("the upstream closed the connection while the request was being sent")
-        self.transport.write(data)  # type: ignore[union-attr]
+        cast(Outbox, self.outbox).write(data)
 
     # --- the exchange ------------------------------------------------------------------------------------------------
 
@@ -331,11 +336,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.reader.start(method)
         self.sent_whole = False
         if body is None or type(body) is bytes:
-            if body and len(body) > _COALESCE:
-                self.transport.write(head)  # type: ignore[union-attr]
-                self.transport.write(body)  # type: ignore[union-attr]
-            else:
-                self.transport.write(head + body if body else head)  # type: ignore[union-attr]
+            outbox = cast(Outbox, self.outbox)
+            outbox.write(head)
+            if body:
+                outbox.write(body)  # with the head, in one writev at the end of the loop pass (or at once if large)
             self.sent_whole = True  # the transport sends what it holds while the answer is awaited
             return
         self._write(head)
@@ -359,6 +363,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.state = _CLOSED  # (a cancelled writer was stopped on purpose: the answer is still read)
             transport = self.transport
             if transport is not None and not transport.is_closing():
+                cast(Outbox, self.outbox).drop()
                 transport.abort()
         waiter, self._reader_waiter = self._reader_waiter, None
         _wake(waiter)

@@ -16,8 +16,9 @@ answer is not complete, so that its upstream call is cancelled too. An answer th
 with a lingering close: the write side is shut, what the client still sends is read and dropped for up to
 `linger_s`, so that an unread body does not turn the close into a reset that destroys the answer in flight.
 
-uvloop or asyncio: both set TCP_NODELAY on accepted sockets, and a write goes to the socket at once (one
-`transport.write` per answer or chunk), so a small answer is one segment and a streamed event is never held.
+uvloop or asyncio: both set TCP_NODELAY on accepted sockets. Every write goes through the connection's `Outbox`:
+held until the loop has run the callbacks ready now, then sent in one system call with whatever else this pass
+wrote to the connection, so a small answer is one segment and a streamed event is held for one loop pass at most.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from pep.transport.body import RequestBody
 from pep.transport.errors import BodyTimeout, ClientGone
 from pep.transport.flow import WriteFlow
 from pep.transport.headers import header_view
+from pep.transport.outbox import Outbox
 from pep.transport.response import Response, ResponseState
 from pep.transport.tunnel import Pipe
 
@@ -194,6 +196,7 @@ class _Connection(asyncio.Protocol):
         "info",
         "loop",
         "options",
+        "outbox",
         "reader",
         "state",
         "task",
@@ -208,6 +211,7 @@ class _Connection(asyncio.Protocol):
         self.state = _WAITING
         self.flow = WriteFlow()
         self.transport: asyncio.Transport | None = None
+        self.outbox: Outbox | None = None  # every write to the transport, held until the loop pass ends
         self.exchange: Exchange | None = None
         self.task: asyncio.Task[None] | None = None
         self._read_paused = False
@@ -224,6 +228,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.outbox = Outbox(self.loop, t)
         self.info = ConnectionInfo(t)
         options = self.options
         t.set_write_buffer_limits(options.write_high_water, options.write_low_water)
@@ -404,14 +409,15 @@ class _Connection(asyncio.Protocol):
     # --- what the body and the answer use ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and self.state is not _CLOSED:
-            transport.write(data)
+        outbox = self.outbox
+        if outbox is not None and self.state is not _CLOSED:
+            outbox.write(data)
 
     def abort(self) -> None:
         transport = self.transport
         if transport is not None and self.state is not _CLOSED:
             self.state = _LINGERING  # nothing more is read; connection_lost follows
+            cast(Outbox, self.outbox).flush()  # an answer written is sent before the reset (answer, then abort)
             transport.abort()
 
     async def wait_body(self, seconds: float) -> None:
@@ -454,6 +460,7 @@ class _Connection(asyncio.Protocol):
         self.state = _SWITCHED
         self._disarm()
         exchange.response.switched()
+        cast(Outbox, self.outbox).flush()  # the tunnel writes to the transport itself from now on
         transport.write(answer)
         pipe = Pipe(transport, self.options.read_high_water, on_lost=lambda: self._listener.forget(self))
         pipe.take_over(early, paused=self._read_paused)
@@ -499,7 +506,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.state is _CLOSED:
             return
-        unsent = transport.get_write_buffer_size()
+        unsent = transport.get_write_buffer_size() + cast(Outbox, self.outbox).held
         if not unsent:
             self._close()
             return
@@ -508,6 +515,7 @@ class _Connection(asyncio.Protocol):
             self._backlog = float(unsent)
             self._timer = self.loop.call_later(self.options.linger_s, self._on_timer)
             return
+        cast(Outbox, self.outbox).drop()  # as the transport's own unsent bytes are
         transport.abort()
 
     def _linger(self) -> None:
@@ -519,6 +527,7 @@ class _Connection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
+        cast(Outbox, self.outbox).flush()
         if self.info.ssl_object is None and transport.can_write_eof():
             transport.write_eof()  # sends what is buffered, then FIN: the answer is complete for the client
         else:
@@ -531,6 +540,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and self.state is not _CLOSED:
             self.state = _LINGERING
+            cast(Outbox, self.outbox).flush()
             transport.close()
 
     def shutdown(self) -> None:
@@ -592,6 +602,7 @@ class Listener:
                 conn.task.cancel()
             transport = conn.transport
             if transport is not None:
+                cast(Outbox, conn.outbox).flush()
                 transport.abort()
         if server is not None:
             await server.wait_closed()

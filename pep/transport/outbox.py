@@ -1,0 +1,80 @@
+"""A connection's outgoing bytes, held until the event loop has run every callback that is ready, then sent in
+one system call.
+
+Why: on loopback (a sidecar's PDP, tool and agent) a send runs the receiver's TCP input and wake-up inside the
+sender's system call, and waking a peer that sleeps on an idle core costs an inter-processor interrupt, most of a
+send's kernel time. A write sent the moment it is made wakes its peer once per message; held until the loop pass
+ends, the writes of every request decided in that pass reach their peers together, and a peer woken by the first
+finds the rest when it runs. Envoy does the same: its connections buffer a write and send it on the dispatcher's
+write event. Measured on the 2 KB MCP call under `make bench`'s load: 1.8 → 0.4 wake-up interrupts of the load core per
+request, 51 → 34 kernel µs per request (bench/README, "Writes sent once per loop pass").
+
+The bytes wait for one pass at most: the flush is queued with `call_soon`, so it runs after the callbacks that
+are ready now and before any made ready later. A write that brings what is held to `SEND_AT` bytes or more sends
+at once, so a streamed body meets the transport's own flow control (`pause_writing`) as it did. Order is kept:
+every write to the transport goes through its outbox, and whoever closes the transport first sends what is held
+(`flush`: an answer written before an abort still goes out first, as it did when writes were sent at once) or
+drops it (`drop`: an upstream exchange that failed or was cancelled sends nothing more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+SEND_AT: Final = 65536  # held bytes that are sent at once: a stream's chunk is not held, a message is
+
+
+class Outbox:
+    """The writes of one transport not yet handed to it; `flush` hands them over in one `write`/`writelines`."""
+
+    __slots__ = ("_chunks", "_loop", "_size", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport) -> None:
+        self._loop = loop
+        self.transport = transport
+        self._chunks: list[bytes] | None = None
+        self._size = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes written and not yet handed to the transport."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        """Hold `data` until the loop pass ends (or send it with what is held, once that reaches `SEND_AT`)."""
+        if not data:
+            return
+        chunks = self._chunks
+        if chunks is None:
+            if len(data) >= SEND_AT:
+                self.transport.write(data)
+                return
+            self._chunks = [data]
+            self._size = len(data)
+            self._loop.call_soon(self.flush)
+            return
+        chunks.append(data)
+        self._size += len(data)
+        if self._size >= SEND_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what is held to the transport now (nothing if it is closing: a lost connection sends nothing)."""
+        chunks = self._chunks
+        if chunks is None:
+            return
+        self._chunks = None
+        self._size = 0
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        else:
+            transport.writelines(chunks)  # uvloop: one writev, no join
+
+    def drop(self) -> None:
+        """Forget what is held: the connection is being aborted."""
+        self._chunks = None
+        self._size = 0
