@@ -14,14 +14,20 @@ from pep.transport.outbox import SEND_AT, Outbox
 
 
 class Recording:
-    """A transport that records what it is handed, and can be closing."""
+    """A transport that records what it is handed, and can be closing or fail."""
 
-    def __init__(self) -> None:
+    def __init__(self, fails: bool = False) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.closing = False
+        self.fails = fails
 
     def write(self, data: bytes) -> None:
+        if self.fails:
+            raise RuntimeError("cannot write")
         self.calls.append(("write", data))
+
+    def abort(self) -> None:
+        self.calls.append(("abort", None))
 
     def writelines(self, chunks: list[bytes]) -> None:
         self.calls.append(("writelines", list(chunks)))
@@ -42,7 +48,7 @@ async def test_writes_of_one_pass_are_handed_over_together_after_it_in_order() -
     outbox.write(b"body")
     assert transport.calls == [] and outbox.held == 23  # nothing goes out while the pass runs
     await asyncio.sleep(0)
-    assert transport.calls == [("writelines", [b"HTTP/1.1 200 OK\r\n\r\n", b"body"])]
+    assert transport.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nbody")]  # one call; small: joined
     assert outbox.held == 0
     outbox.write(b"next")  # a later pass: its own call
     await asyncio.sleep(0)
@@ -83,6 +89,16 @@ async def test_flush_sends_now_and_drop_forgets() -> None:
     outbox.drop()  # an aborted exchange: nothing more is sent
     await asyncio.sleep(0)
     assert transport.calls == [("write", b"answer")] and outbox.held == 0
+
+
+async def test_every_connection_of_a_pass_is_flushed_even_if_one_fails() -> None:
+    broken, first, second = Recording(fails=True), Recording(), Recording()
+    outboxes = [outbox_of(t) for t in (first, broken, second)]
+    for i, outbox in enumerate(outboxes):
+        outbox.write(b"%d" % i)
+    await asyncio.sleep(0)
+    assert first.calls == [("write", b"0")] and second.calls == [("write", b"2")]
+    assert broken.calls == [("abort", None)] and outboxes[1].held == 0  # its connection ends; the others go on
 
 
 async def test_a_closing_transport_is_handed_nothing() -> None:
