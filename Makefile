@@ -1,5 +1,13 @@
 # The two commands a new machine needs: `make demo` and `make test`. Both build .venv from nothing.
-PYTHON ?= python3
+# The interpreter: the distribution's python3 when it is 3.11 or later and can build (venv and Python.h; Debian 12:
+# 3.11, built with PGO and LTO, as the image's python:3.11 is), else the first python3 on PATH. A toolchain shim
+# first on PATH (pyenv) is often built without those optimisations: it cost 3-7% more CPU per proxied
+# request (bench/README). PYTHON=... chooses another.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell /usr/bin/python3 -c 'import ensurepip, os, sys, sysconfig; \
+	sys.exit(sys.version_info < (3, 11) or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
