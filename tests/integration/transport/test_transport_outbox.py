@@ -46,7 +46,8 @@ async def test_writes_of_one_pass_are_handed_over_together_after_it_in_order() -
     outbox.write(b"HTTP/1.1 200 OK\r\n\r\n")
     outbox.write(b"")  # nothing to send
     outbox.write(b"body")
-    assert transport.calls == [] and outbox.held == 23  # nothing goes out while the pass runs
+    assert transport.calls == []
+    assert outbox.held == 23
     await asyncio.sleep(0)
     assert transport.calls == [("write", b"HTTP/1.1 200 OK\r\n\r\nbody")]  # one call; small: joined
     assert outbox.held == 0
@@ -88,7 +89,8 @@ async def test_flush_sends_now_and_drop_forgets() -> None:
     outbox.write(b"request")
     outbox.drop()  # an aborted exchange: nothing more is sent
     await asyncio.sleep(0)
-    assert transport.calls == [("write", b"answer")] and outbox.held == 0
+    assert transport.calls == [("write", b"answer")]
+    assert outbox.held == 0
 
 
 async def test_every_connection_of_a_pass_is_flushed_even_if_one_fails() -> None:
@@ -97,8 +99,10 @@ async def test_every_connection_of_a_pass_is_flushed_even_if_one_fails() -> None
     for i, outbox in enumerate(outboxes):
         outbox.write(b"%d" % i)
     await asyncio.sleep(0)
-    assert first.calls == [("write", b"0")] and second.calls == [("write", b"2")]
-    assert broken.calls == [("abort", None)] and outboxes[1].held == 0  # its connection ends; the others go on
+    assert first.calls == [("write", b"0")]
+    assert second.calls == [("write", b"2")]
+    assert broken.calls == [("abort", None)]
+    assert outboxes[1].held == 0
 
 
 async def test_a_closing_transport_is_handed_nothing() -> None:
@@ -116,7 +120,7 @@ async def test_on_a_real_socket_the_bytes_arrive_after_the_pass_in_one_read() ->
     theirs.setblocking(False)
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
     try:
-        outbox = Outbox(loop, transport)  # type: ignore[arg-type]
+        outbox = Outbox(loop, transport)
         outbox.write(b"one ")
         outbox.write(b"two")
         with pytest.raises(BlockingIOError):
