@@ -118,6 +118,11 @@ def _own_cpu() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _wakeups(before: list[int], after: list[int]) -> float:
+    cores = [int(c) for c in LOAD_CORES.split(",")]
+    return float(sum(after[c] - before[c] for c in cores if c < min(len(before), len(after))))
+
+
 def measure(
     running: Running, workload: Workload, script: Path, work: Path, d: Durations, stubs: Stubs
 ) -> dict[str, Any]:
@@ -138,10 +143,12 @@ def measure(
     accepted_before = stubs.accepted()
     own_before = _own_cpu()
     cores_before = procs.cpu_times()
+    wakeups_before = procs.wakeup_interrupts()
     t0 = time.monotonic()
     closed = wrk(port, workload, script, d.connections, d.closed)
     wall = time.monotonic() - t0
     cores_after = procs.cpu_times()
+    wakeups_after = procs.wakeup_interrupts()
     accepted = stubs.accepted() - accepted_before - 1  # the status request itself
     cpu_s = procs.cpu_delta(cpu_before, procs.tree_cpu_seconds(pid)) if pid is not None else None
     kernel_s = procs.cpu_delta(kernel_before, procs.tree_kernel_seconds(pid)) if pid is not None else None
@@ -181,6 +188,8 @@ def measure(
         "cpu_us_per_request": (cpu_s * 1e6 / closed["requests"]) if cpu_s is not None else None,
         # The kernel's part of it (stime): system calls, and on loopback the peer's TCP input and wake-up.
         "kernel_cpu_us_per_request": (kernel_s * 1e6 / closed["requests"]) if kernel_s is not None else None,
+        # Wake-up interrupts the load core took per request (`procs.wakeup_interrupts`): the peers woken from sleep.
+        "load_core_wakeups_per_request": _wakeups(wakeups_before, wakeups_after) / closed["requests"],
         # Requests per second of the proxy's CPU time: throughput per core even where a core was not saturated.
         "requests_per_cpu_s": (closed["requests"] / cpu_s) if cpu_s else None,
         "proxy_cpu_s": cpu_s,

@@ -195,6 +195,20 @@ def cpu_times() -> list[tuple[int, int]]:
     return out
 
 
+def wakeup_interrupts() -> list[int]:
+    """Per CPU, the inter-processor interrupts that wake it for another core's work (/proc/interrupts `CAL`:
+    function calls, which a wake-up of a task sleeping on an idle core sends; `RES`: rescheduling). On loopback a
+    sender's system call wakes its peer: counted on the load core, they say how often the proxy woke a sleeping
+    nginx or wrk per request."""
+    counts: list[int] = []
+    for line in Path("/proc/interrupts").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("CAL:", "RES:"):
+            values = [int(v) for v in parts[1:] if v.isdigit()]
+            counts = [a + b for a, b in zip(counts, values, strict=False)] if counts else values
+    return counts
+
+
 def core_busy(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[float]:
     """Busy fraction per CPU between two `cpu_times` readings."""
     out: list[float] = []

@@ -21,6 +21,7 @@ MEDIAN_KEYS = (
     "open_send_lag_p99_us",
     "cpu_us_per_request",
     "kernel_cpu_us_per_request",
+    "load_core_wakeups_per_request",
     "requests_per_cpu_s",
     "peak_rss_kib",
     "foreign_cpu_cores",
@@ -317,13 +318,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['load_cores']}; loopback only. CPU/req and peak RSS are the proxy process's (direct: n/a); "
         "`other work`: CPU used by anything but the benchmark during the closed-loop run (should be ~0). "
         "`kernel µs/req`: the system's part of CPU/req (stime): system calls, and on loopback the receiving side "
-        "of every send (the peer's TCP input and its wake-up run in the sender's call).",
+        "of every send (the peer's TCP input and its wake-up run in the sender's call). `wake-ups/req`: "
+        "interrupts the load core took per request to wake a sleeping peer (/proc/interrupts CAL + RES; each is "
+        "kernel time in the proxy's send).",
         f"- Started {report['started']}, took {report['elapsed_s']:.0f} s.",
         "",
         "| workload | target | req/s c16 | p50 / p99 c16 ms | p50 / p99 c1 ms | added p50 c1 ms "
-        f"| open {s['open_rate']:g}/s p50 / p99 / p99.9 ms | CPU µs/req | kernel µs/req | peak RSS MiB "
-        "| other work, cores |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| open {s['open_rate']:g}/s p50 / p99 / p99.9 ms | CPU µs/req | kernel µs/req | wake-ups/req "
+        "| peak RSS MiB | other work, cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for workload, cases in report["results"].items():
         added = report["added_latency"].get(workload, {})
@@ -331,7 +334,7 @@ def markdown(report: dict[str, Any]) -> str:
             med = case.get("median")
             if not med:
                 what, _, why = case["status"].partition(": ")
-                lines.append(f"| {workload} | {key} | **{what.upper()}**: {why} | | | | | | | | |")
+                lines.append(f"| {workload} | {key} | **{what.upper()}**: {why} | | | | | | | | | |")
                 continue
             rss = med["peak_rss_kib"] / 1024 if med["peak_rss_kib"] is not None else None
             add = added.get(key, {}).get("added_p50_us")
@@ -341,6 +344,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_ms(med['c1_p50_us'])} / {_ms(med['c1_p99_us'])} | {_ms(add) if key != 'direct' else '-'} "
                 f"| {_ms(med['open_p50_us'])} / {_ms(med['open_p99_us'])} / {_ms(med['open_p999_us'])} "
                 f"| {_num(med['cpu_us_per_request'])} | {_num(med.get('kernel_cpu_us_per_request'))} "
+                f"| {_num(med.get('load_core_wakeups_per_request'), 2)} "
                 f"| {_num(rss, 1)} | {_num(med['foreign_cpu_cores'], 2)} |"
             )
     lines += [
