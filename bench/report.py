@@ -307,7 +307,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# failclosed-pep benchmark ({report['mode']})",
         "",
-        f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}",
+        f"- Machine: {m['cpu_model']}, {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']} "
+        f"({m.get('python_executable', 'n/a')})",
         f"- Versions: nginx {m['nginx']}, Envoy {m['envoy']}, wrk {m['wrk']}, curl {m.get('curl', 'n/a')}, "
         f"aiohttp {m['aiohttp']}, "
         f"failclosed-pep {m['pep']} (commit {m['commit']})",

@@ -107,6 +107,8 @@ def machine(envoy_bin: Path) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        # which build of it (the distribution's, a pyenv shim's): their speeds differ (bench/README, Caveats)
+        "python_executable": os.path.realpath(sys.executable),
         "nginx": _cmd(["dpkg-query", "-W", "-f=${Version}", "nginx"]),
         "nginx_binary": targets.nginx_version(),
         "envoy": envoy_build.split("/")[1] if envoy_build.count("/") >= 2 else envoy_build,
