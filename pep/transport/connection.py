@@ -2,11 +2,11 @@
 ResponseReader, with backpressure both ways and every wait bounded.
 
 An exchange writes a head (and a bytes body with it, in one system call when the loop pass ends: `Outbox`),
-then reads the answer's head (100 Continue is
-consumed, other 1xx answers kept for the caller) and its body chunk by chunk. A body given as an async
-iterator is sent by a writer task while the answer is read, as aiohttp's client did: an upstream may answer
-before it has read the whole body (an error, or a full-duplex stream), and each write waits until the upstream
-has taken enough of the ones before. An early final answer that refuses (4xx, 5xx) stops the sending.
+then reads the answer's head (100 Continue is consumed, other 1xx answers kept for the caller) and its body
+chunk by chunk. A body given as an async iterator is sent by a writer task while the answer is read, as
+aiohttp's client did: an upstream may answer before it has read the whole body (an error, or a full-duplex
+stream), and each write waits until the upstream has taken enough of the ones before. An early final answer
+that refuses (4xx, 5xx) stops the sending.
 
 The connection is reusable only when the request went out whole, the answer was read to its end, may be
 followed by another, and nothing else arrived; anything else (a failure, a cancellation, an early answer,
