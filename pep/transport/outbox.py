@@ -37,15 +37,18 @@ class _Pass:
     __slots__ = ("_boxes", "_loop", "_scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: `_PASSES` keeps this for as long as the loop lives, and a strong reference would keep it for ever.
+        self._loop = weakref.ref(loop)
         self._boxes: list[Outbox] = []
         self._scheduled = False
 
     def hold(self, box: Outbox) -> None:
         self._boxes.append(box)
         if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.run)
+            loop = self._loop()
+            if loop is not None:  # (a loop that is gone runs nothing more)
+                self._scheduled = True
+                loop.call_soon(self.run)
 
     def run(self) -> None:
         self._scheduled = False

@@ -5,10 +5,13 @@ On real sockets (uvloop and asyncio's loop) and on a transport that records its 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import weakref
 from typing import Any
 
 import pytest
+import uvloop
 
 from pep.transport.outbox import SEND_AT, Outbox
 
@@ -103,6 +106,17 @@ async def test_every_connection_of_a_pass_is_flushed_even_if_one_fails() -> None
     assert second.calls == [("write", b"2")]
     assert broken.calls == [("abort", None)]
     assert outboxes[1].held == 0
+
+
+def test_a_loop_that_is_gone_is_not_kept_alive_by_its_outboxes() -> None:
+    for make in (uvloop.new_event_loop, asyncio.new_event_loop):
+        loop = make()
+        Outbox(loop, Recording())  # type: ignore[arg-type]
+        ref = weakref.ref(loop)
+        loop.close()
+        del loop
+        gc.collect()
+        assert ref() is None  # (each uvloop loop holds a 256 KiB read buffer: a test suite makes thousands)
 
 
 async def test_a_closing_transport_is_handed_nothing() -> None:
